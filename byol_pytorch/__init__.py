@@ -1,0 +1,8 @@
+"""byol_pytorch: BYOL self-supervised pretraining for any image backbone."""
+
+from .augment import BYOLAugment
+from .byol import BYOL
+
+__version__ = "1.0.0"
+
+__all__ = ["BYOL", "BYOLAugment", "__version__"]

@@ -1,0 +1,401 @@
+"""BYOL: Bootstrap Your Own Latent (Grill et al. 2020, arXiv 2006.07733) around any backbone."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .augment import BYOLAugment
+from .ema import cosine_tau, ema_update_
+from .encoder import BackboneEncoder, HiddenLayer, infer_channels, probe_backbone
+from .heads import byol_mlp, simsiam_predictor, simsiam_projector
+from .losses import byol_loss
+
+__all__ = ["BYOL"]
+
+Augment = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _pair(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(image_size, bool):
+        raise TypeError("image_size must be an int or a (height, width) pair, got a bool")
+    if isinstance(image_size, int):
+        size = (image_size, image_size)
+    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2 and all(
+        isinstance(s, int) and not isinstance(s, bool) for s in image_size
+    ):
+        size = (int(image_size[0]), int(image_size[1]))
+    else:
+        raise TypeError(f"image_size must be an int or a (height, width) pair of ints, got {image_size!r}")
+    if min(size) <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return size
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class BYOL(nn.Module):
+    """Wrap a backbone into a BYOL learner; ``learner(images)`` returns the loss.
+
+    The user's ``net`` is trained in place: after training, save ``net.state_dict()``.
+
+    Args:
+        net: any image backbone (timm, torchvision, or a plain ``nn.Module``).
+        image_size: side (or (height, width)) of the augmented views fed to the net.
+        hidden_layer: the representation: a module name (``"avgpool"``), an index
+            into the net's direct children (``-2``), ``-1`` for the net's output, or
+            ``"auto"``: the input of the final classifier Linear, else the net's output.
+        projection_size: projector output width (paper: 256).
+        projection_hidden_size: hidden width of projector and predictor (paper: 4096).
+        augment_fn: view 1 augmentation, (B, C, H, W) -> (B, C, h, w); default
+            ``BYOLAugment(image_size, view=1)`` (paper Table 6).
+        augment_fn2: view 2 augmentation; default ``BYOLAugment(image_size, view=2)``
+            when ``augment_fn`` is not given, else ``augment_fn`` again.
+        moving_average_decay: tau of the target EMA (tau_base with a schedule).
+        use_momentum: False gives SimSiam (Chen & He 2020): no target network, the
+            stop-gradient projections of the online network are the targets, a
+            three-layer projector and a bottleneck predictor.
+        sync_batchnorm: BatchNorm of the heads synchronised across processes. None:
+            automatically, at the first training step, when a process group of more
+            than one CUDA process is initialised (also when Lightning or accelerate
+            create it after the learner was built). True: always; False: never.
+        moving_average_total_steps: K of the cosine schedule that raises tau from
+            ``moving_average_decay`` to 1 over K calls of ``update_moving_average()``
+            (paper Sec. 3.2); None keeps tau constant.
+        token_pool: pooling of a (B, N, D) token output: ``"mean"`` or ``"cls"``.
+        use_batchnorm: BatchNorm1d in the heads (paper); False uses LayerNorm, with no
+            batch statistics.
+        channels: input channels; by default those of the first convolution.
+
+    Raises:
+        TypeError: ``net`` is not an ``nn.Module``, or an argument has the wrong type.
+        ValueError: a bad size or decay, or a hidden layer that cannot be found.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        image_size: Union[int, Tuple[int, int]],
+        hidden_layer: HiddenLayer = "auto",
+        projection_size: int = 256,
+        projection_hidden_size: int = 4096,
+        augment_fn: Optional[Augment] = None,
+        augment_fn2: Optional[Augment] = None,
+        moving_average_decay: float = 0.99,
+        use_momentum: bool = True,
+        sync_batchnorm: Optional[bool] = None,
+        *,
+        moving_average_total_steps: Optional[int] = None,
+        token_pool: str = "mean",
+        use_batchnorm: bool = True,
+        channels: Optional[int] = None,
+    ):
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(
+                f"net must be a torch.nn.Module (the backbone to train), got {type(net).__name__}"
+            )
+        self.image_size = _pair(image_size)
+        for arg, value in (("projection_size", projection_size), ("projection_hidden_size", projection_hidden_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        if not 0.0 <= float(moving_average_decay) <= 1.0:
+            raise ValueError(f"moving_average_decay must be in [0, 1] (paper: 0.99-0.996), got {moving_average_decay}")
+        if token_pool not in ("mean", "cls"):
+            raise ValueError(f"token_pool must be 'mean' or 'cls', got {token_pool!r}")
+        if sync_batchnorm not in (None, True, False):
+            raise TypeError(f"sync_batchnorm must be None, True or False, got {sync_batchnorm!r}")
+        for arg, fn in (("augment_fn", augment_fn), ("augment_fn2", augment_fn2)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{arg} must be callable (e.g. an nn.Module), got {type(fn).__name__}")
+        self.channels = int(channels) if channels is not None else infer_channels(net)
+        if self.channels <= 0:
+            raise ValueError(f"channels must be positive, got {channels}")
+
+        info = probe_backbone(net, self.image_size, self.channels, hidden_layer, token_pool)
+        dim = info["dim"]
+        if use_momentum:
+            projector = byol_mlp(dim, projection_hidden_size, projection_size, use_batchnorm)
+            predictor = byol_mlp(projection_size, projection_hidden_size, projection_size, use_batchnorm)
+        else:
+            projector = simsiam_projector(dim, projection_hidden_size, projection_size, use_batchnorm)
+            predictor = simsiam_predictor(projection_size, use_batchnorm)
+        if sync_batchnorm:
+            projector = nn.SyncBatchNorm.convert_sync_batchnorm(projector)
+            predictor = nn.SyncBatchNorm.convert_sync_batchnorm(predictor)
+        device = next((p.device for p in net.parameters()), torch.device("cpu"))
+        self.online_encoder = BackboneEncoder(
+            net, info["name"], info["module"], info["use_input"], projector.to(device), token_pool
+        )
+        self.online_predictor = predictor.to(device)
+        self.register_module("target_encoder", None)
+
+        if augment_fn is None:
+            colour = {} if self.channels in (1, 3) else {"saturation": 0.0, "hue": 0.0, "grayscale_p": 0.0}
+            augment_fn = BYOLAugment(self.image_size, view=1, **colour)
+            augment_fn2 = augment_fn2 if augment_fn2 is not None else BYOLAugment(self.image_size, view=2, **colour)
+        self.augment1 = augment_fn
+        self.augment2 = augment_fn2 if augment_fn2 is not None else augment_fn
+
+        self.use_momentum = bool(use_momentum)
+        self.moving_average_decay = float(moving_average_decay)
+        self.moving_average_total_steps = moving_average_total_steps
+        self.sync_batchnorm = sync_batchnorm
+        self.hidden_layer = info["name"]  # with hidden_layer_is_input: the input of that layer
+        self.hidden_layer_is_input = bool(info["use_input"])
+        self.representation_size = dim
+        self.unused_parameter_names: List[str] = [f"online_encoder.net.{n}" for n in info["unused"]]
+        self._extra_ddp_ignore: List[str] = []
+        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
+        self._ema_count = 0  # host mirror of ema_step: reading a GPU buffer would sync
+        # Deferred non-finite detection off the CPU: [loss finite, input finite] of the
+        # last training step, read back without blocking (see _check_finite_deferred).
+        self.register_buffer("_finite", torch.ones(2, dtype=torch.bool), persistent=False)
+        self._pending_check: Optional[tuple] = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def net(self) -> nn.Module:
+        """The user's backbone (trained in place)."""
+        return self.online_encoder.net
+
+    @property
+    def current_decay(self) -> float:
+        """The tau the next ``update_moving_average()`` call will use."""
+        return cosine_tau(self.moving_average_decay, self._ema_count, self.moving_average_total_steps)
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> List[str]:
+        # Read by DistributedDataParallel when it wraps this module: the classifier
+        # after the hidden layer gets no gradient, and the target network is averaged
+        # (identically on every rank) rather than reduced; its BatchNorm statistics
+        # stay per rank, as in the paper.
+        names = list(self.unused_parameter_names) + list(self._extra_ddp_ignore)
+        if self.target_encoder is not None:
+            names += [f"target_encoder.{n}" for n, _ in self.target_encoder.named_parameters()]
+            names += [f"target_encoder.{n}" for n, _ in self.target_encoder.named_buffers()]
+        return names
+
+    def ddp_ignored_names(self, prefix: str = "") -> List[str]:
+        """Names DDP should ignore, for a wrapper that holds this learner as a child.
+
+        Args:
+            prefix: the learner's attribute path in the wrapped module, e.g. ``"learner."``.
+
+        Returns:
+            The parameter and buffer names of the classifier after the hidden layer and
+            of the target network, with ``prefix`` in front; assign them to the wrapper's
+            ``_ddp_params_and_buffers_to_ignore`` before DDP wraps it.
+        """
+        return [prefix + name for name in self._ddp_params_and_buffers_to_ignore]
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names: Sequence[str]) -> None:
+        self._extra_ddp_ignore = list(names)
+
+    # ------------------------------------------------------------------ target
+    def _get_target_encoder(self) -> BackboneEncoder:
+        if self.target_encoder is None:
+            target = copy.deepcopy(self.online_encoder)
+            for p in target.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+            self.target_encoder = target
+        return self.target_encoder
+
+    def reset_moving_average(self) -> None:
+        """Drop the target network; the next training step copies it from the online one.
+
+        The schedule's step count is kept: it measures training progress.
+        """
+        self.target_encoder = None
+
+    @torch.no_grad()
+    def update_moving_average(self) -> None:
+        """One EMA step of the target: ``target <- tau * target + (1 - tau) * online``.
+
+        Call it after each optimiser step. Only parameters are averaged; the target's
+        BatchNorm buffers come from its own forward passes (paper). Before the first
+        training step there is no target yet and the call does nothing.
+
+        Raises:
+            ValueError: with ``use_momentum=False`` (SimSiam has no target network).
+            FloatingPointError: when an earlier training step on an accelerator produced
+                a non-finite loss (detected without a per-step host sync).
+        """
+        if not self.use_momentum:
+            raise ValueError(
+                "update_moving_average() was called but use_momentum=False (SimSiam) has no "
+                "target network: remove the call, or build BYOL(..., use_momentum=True)"
+            )
+        self._check_finite_deferred()
+        if self.target_encoder is None:
+            return
+        tau = self.current_decay
+        ema_update_(list(self.target_encoder.parameters()), list(self.online_encoder.parameters()), tau)
+        self._ema_count += 1
+        self.ema_step.fill_(self._ema_count)
+
+    # ------------------------------------------------------------------ checks
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"BYOL expects a tensor of images (B, C, H, W), got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(
+                f"BYOL expects a 4D batch (B, C, H, W), got shape {tuple(x.shape)}; "
+                "add a batch dimension with x.unsqueeze(0) or stack your images"
+            )
+        if x.shape[0] == 0:
+            raise ValueError("BYOL got an empty batch (B = 0); pass at least 2 images")
+        if x.shape[1] != self.channels:
+            raise ValueError(
+                f"BYOL expects {self.channels} channels (the net's input), got {x.shape[1]} "
+                f"in a batch of shape {tuple(x.shape)}; convert the images (e.g. "
+                f"x.expand(-1, 3, -1, -1) for grayscale into a 3-channel net) or pass channels="
+            )
+        if not x.is_floating_point() and x.dtype != torch.uint8:
+            raise TypeError(f"BYOL expects float images or uint8 images, got dtype {x.dtype}; use x.float() or x.to(torch.uint8)")
+
+    def _check_finite_now(self, x: torch.Tensor) -> None:
+        # On the CPU a value check costs no device sync: fail at once, with the cause.
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                "the input batch contains NaN or Inf values; check the data pipeline "
+                "(e.g. a division by zero in a normalisation) before training on it"
+            )
+
+    def _check_finite_deferred(self) -> None:
+        """Raise if an earlier accelerator step was non-finite, without blocking on the device."""
+        flags = self._finite
+        if flags.device.type == "cpu":
+            if not bool(flags.all()):
+                self._raise_nonfinite(flags)
+            return
+        pending = self._pending_check
+        if pending is not None:
+            host, event = pending
+            if event is None or event.query():
+                self._pending_check = None
+                if not bool(host.all()):
+                    self._raise_nonfinite(host)
+        if self._pending_check is None and flags.device.type == "cuda":
+            host = torch.empty(2, dtype=torch.bool, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending_check = (host, event)
+
+    @staticmethod
+    def _raise_nonfinite(flags: torch.Tensor) -> None:
+        if not bool(flags[1]):
+            raise FloatingPointError(
+                "a training batch contained NaN or Inf values (the loss turned non-finite); "
+                "check the data pipeline"
+            )
+        raise FloatingPointError(
+            "the BYOL loss turned non-finite (NaN/Inf) although the input was finite: training "
+            "diverged; lower the learning rate, add warm-up, or use bf16 instead of fp16"
+        )
+
+    def _maybe_sync_batchnorm(self, x: torch.Tensor) -> None:
+        if self.sync_batchnorm is not None or not x.is_cuda or not _is_distributed():
+            return
+        self.online_encoder.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.online_encoder.projector)
+        self.online_predictor = nn.SyncBatchNorm.convert_sync_batchnorm(self.online_predictor)
+        if self.target_encoder is not None:
+            self.target_encoder.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.target_encoder.projector)
+        self.sync_batchnorm = True
+
+    # ------------------------------------------------------------------ forward
+    def _to_float(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.is_floating_point() else x.float().div_(255)
+
+    def _view(self, augment: Augment, x: torch.Tensor) -> torch.Tensor:
+        # Our own augmentation reads uint8 directly (cheaper: crop before converting).
+        view = augment(x) if isinstance(augment, BYOLAugment) else augment(self._to_float(x))
+        dtype = self.online_predictor[0].weight.dtype
+        # Views come out in float32; a net cast to float64 or bfloat16 wants its own dtype.
+        return view if view.dtype == dtype or torch.is_autocast_enabled(view.device.type) else view.to(dtype)
+
+    def forward(
+        self, x: torch.Tensor, return_embedding: bool = False, return_projection: bool = True
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Training loss, or the embedding of ``x``.
+
+        Args:
+            x: (B, C, H, W) images, float (any range) or uint8 (scaled to [0, 1]).
+            return_embedding: return ``(projection, embedding)`` of the online network
+                instead of the loss, without augmentation. Float input goes to the net
+                as it is; uint8 input is scaled to [0, 1] and normalised like the views.
+            return_projection: with ``return_embedding``, False returns the (B, D)
+                embedding alone.
+
+        Returns:
+            The scalar float32 loss (two directions summed, mean over the batch), or
+            the embedding output described above.
+
+        Raises:
+            TypeError: not a tensor, or an integer dtype other than uint8.
+            ValueError: not 4D, empty, wrong channel count, a training batch of one
+                image, or (on the CPU) NaN/Inf in the input.
+        """
+        self._check_input(x)
+        if return_embedding:
+            if not x.is_floating_point():
+                x = self._to_float(x)
+                if isinstance(self.augment1, BYOLAugment):
+                    x = self.augment1.normalize(x)
+            return self.online_encoder(x, return_projection=return_projection)
+
+        if self.training and x.shape[0] < 2:
+            raise ValueError(
+                f"a training batch needs at least 2 images (BatchNorm statistics and the loss "
+                f"are taken over the batch), got {x.shape[0]}; increase the batch size"
+            )
+        compiling = torch.compiler.is_compiling()
+        if x.device.type == "cpu" and not compiling:
+            self._check_finite_now(x)
+        if not compiling:
+            self._maybe_sync_batchnorm(x)
+
+        view_one = self._view(self.augment1, x)  # (B, C, h, w)
+        view_two = self._view(self.augment2, x)
+        projection_one, _ = self.online_encoder(view_one)
+        projection_two, _ = self.online_encoder(view_two)
+        prediction_one = self.online_predictor(projection_one)
+        prediction_two = self.online_predictor(projection_two)
+
+        if self.use_momentum:
+            with torch.no_grad():
+                target = self._get_target_encoder()
+                target_one, _ = target(view_one)
+                target_two, _ = target(view_two)
+        else:
+            # SimSiam: the stop-gradient targets are the online projections themselves.
+            target_one, target_two = projection_one.detach(), projection_two.detach()
+
+        loss = byol_loss(prediction_one, prediction_two, target_one, target_two)
+        # Recorded on the device, read back by update_moving_average() without a sync.
+        finite_input = torch.isfinite(x).all() if x.is_floating_point() else torch.ones((), dtype=torch.bool, device=x.device)
+        self._finite.copy_(torch.stack([torch.isfinite(loss.detach()), finite_input]))
+        return loss
+
+    # ------------------------------------------------------------------ state
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A checkpoint taken after the first step holds a target network: create ours
+        # so that its tensors load (the children are loaded after this method returns).
+        has_target = any(k.startswith(prefix + "target_encoder.") for k in state_dict)
+        if has_target and self.target_encoder is None and self.use_momentum:
+            self._get_target_encoder()
+        elif not has_target and self.target_encoder is not None:
+            self.target_encoder = None  # the checkpoint predates the target: copy it again
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        step = state_dict.get(prefix + "ema_step")
+        if step is not None:
+            self._ema_count = int(step)

@@ -1,0 +1,398 @@
+"""Image folders for pretraining and evaluation: scan, fast decode, broken-file skipping.
+
+Every image leaves here as a ``uint8`` tensor ``(C, S, S)``: the shorter side resized to
+``S`` and the centre cropped to a square. Augmentation happens later, batched on the
+device (``augment.py``), so the workers only decode and resize.
+
+A broken file (unreadable, truncated, empty, or not an image at all) never stops a run:
+the dataset hands out the next readable file instead and reports how many it passed
+over. Worker processes do not share memory, so that count travels with each sample and
+``collate_images`` sums it per batch; the training loop adds the batches up and warns.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BrokenImageError",
+    "scan_images",
+    "load_image",
+    "ImageFolder",
+    "LabelledImageFolder",
+    "collate_images",
+    "make_loader",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+)
+
+# What a damaged or mislabelled file makes Pillow raise: UnidentifiedImageError and
+# "image file is truncated" are OSErrors; some plugins raise SyntaxError, EOFError or
+# struct.error on garbage; DecompressionBombError guards against absurd sizes.
+_DECODE_ERRORS = (
+    OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError,
+)
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# Pillow's docs for Image.resize: "With reducing_gap greater or equal to 3.0, the result
+# is indistinguishable from fair resampling in most cases."
+_REDUCING_GAP = 3.0
+_EXIF_ORIENTATION = 0x0112
+
+
+class BrokenImageError(Exception):
+    """A file that cannot be decoded as an image; the datasets catch it and substitute.
+
+    Attributes:
+        path: the file.
+        reason: what Pillow reported.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _check_folder(root: Path) -> None:
+    if not root.exists():
+        raise ValueError(f"image folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise ValueError(f"{str(root)!r} is not a folder; pass the folder that holds the images")
+
+
+def _check_size(load_size: int, channels: int) -> None:
+    if load_size < 1:
+        raise ValueError(f"load_size must be a positive number of pixels, got {load_size}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+
+
+def scan_images(root: PathLike) -> list[Path]:
+    """All image files under ``root``, recursively, in a deterministic order.
+
+    Suffixes are matched case-insensitively against ``IMAGE_EXTENSIONS``. Files and
+    folders whose name starts with a dot are skipped. Symbolic links to folders are
+    followed once (a link cycle is not walked twice). Contents are not opened: a broken
+    file is found, and dealt with, when it is loaded.
+
+    Args:
+        root: the folder to search.
+
+    Returns:
+        Paths (``root`` joined with the relative path), sorted component by component.
+
+    Raises:
+        ValueError: ``root`` does not exist, is not a folder, or holds no image files.
+    """
+    root = Path(root)
+    _check_folder(root)
+    found: list[Path] = []
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:  # a symlink cycle, or two links to one folder
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+        for name in filenames:
+            if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath, name))
+    if not found:
+        raise ValueError(
+            f"no images found under {str(root)!r} (searched recursively for "
+            f"{', '.join(IMAGE_EXTENSIONS)} in any case; hidden files and folders are skipped)"
+        )
+    found.sort()
+    return found
+
+
+def _to_eight_bit(im: Image.Image) -> Image.Image:
+    """16-bit grayscale ("I;16*", or "I" holding 0..65535) scaled to "L", rounded."""
+    values = np.asarray(im).astype(np.int64)
+    values = np.clip(values, 0, 65535)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        im.mode in ("P", "L", "RGB") and "transparency" in im.info
+    )
+
+
+def _convert(im: Image.Image, mode: str) -> Image.Image:
+    """Convert any Pillow mode to "L" or "RGB"; transparency is composited over white.
+
+    White, not dropping alpha: the colour under a transparent pixel is arbitrary (often
+    black), while white is how such images (icons, product shots) are normally seen.
+    """
+    if im.mode in _SIXTEEN_BIT_MODES:
+        im = _to_eight_bit(im)
+    elif _has_alpha(im):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return im if im.mode == mode else im.convert(mode)
+
+
+def load_image(path: PathLike, load_size: int, channels: int = 3) -> torch.Tensor:
+    """Decode one image, resize its shorter side to ``load_size`` and centre-crop a square.
+
+    Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (``Image.draft``) while
+    the shorter side stays at least ``load_size``, so a 4000x3000 photo costs a fraction
+    of a full decode. The EXIF orientation is applied. Grayscale, palette, CMYK and
+    16-bit images are converted (16-bit values scaled by 255/65535, not clipped);
+    transparency is composited over white. The resize is antialiased bilinear.
+
+    Args:
+        path: the image file.
+        load_size: side ``S`` of the square output.
+        channels: 1 (grayscale "L") or 3 ("RGB").
+
+    Returns:
+        ``uint8`` tensor ``(channels, load_size, load_size)``.
+
+    Raises:
+        ValueError: ``load_size`` or ``channels`` is invalid.
+        BrokenImageError: the file is empty, truncated, corrupt or not an image.
+    """
+    _check_size(load_size, channels)
+    mode = "L" if channels == 1 else "RGB"
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            # Only JPEG acts on draft; the scale keeps both sides >= load_size.
+            im.draft(mode, (load_size, load_size))
+            im.load()  # decode now: a truncated file raises here
+            if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                im = ImageOps.exif_transpose(im)
+            im = _convert(im, mode)
+            width, height = im.size
+            side = min(width, height)
+            left, top = (width - side) / 2, (height - side) / 2
+            im = im.resize(
+                (load_size, load_size),
+                Image.Resampling.BILINEAR,
+                box=(left, top, left + side, top + side),
+                reducing_gap=_REDUCING_GAP,
+            )
+            pixels = np.array(im, dtype=np.uint8)  # (S, S) or (S, S, 3), a writable copy
+    except _DECODE_ERRORS as error:
+        raise BrokenImageError(path, f"{type(error).__name__}: {error}") from error
+    if pixels.ndim == 2:
+        return torch.from_numpy(pixels).unsqueeze(0)  # (1, S, S)
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, S, S)
+
+
+class _ImageFiles(Dataset):
+    """A list of image files loaded with ``load_image``; broken ones are substituted."""
+
+    def __init__(self, root: PathLike, paths: list[Path], load_size: int, channels: int) -> None:
+        _check_size(load_size, channels)
+        self.root = Path(root)
+        self.paths = paths
+        self.load_size = load_size
+        self.channels = channels
+        # Indices found broken in this process (each worker keeps its own): they are
+        # passed over without being decoded again, and still counted.
+        self._broken: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """Returns (image, index actually loaded, broken files passed over)."""
+        n = len(self.paths)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        last_error = None
+        for skipped in range(n):
+            j = (index + skipped) % n
+            if j in self._broken:
+                continue
+            try:
+                return load_image(self.paths[j], self.load_size, self.channels), j, skipped
+            except BrokenImageError as error:
+                self._broken.add(j)
+                last_error = error
+        raise RuntimeError(
+            f"none of the {n} image files under {str(self.root)!r} could be read"
+            + (f"; the last error: {last_error}" if last_error else "")
+        )
+
+
+class ImageFolder(_ImageFiles):
+    """Every image under a folder, without labels, for self-supervised pretraining.
+
+    Args:
+        root: folder searched recursively with ``scan_images``.
+        load_size: side ``S`` of the square images handed out.
+        channels: 1 or 3.
+
+    Raises:
+        ValueError: see ``scan_images``; or an invalid ``load_size``/``channels``.
+
+    ``dataset[i]`` returns ``(image, skipped)``: a ``uint8`` tensor ``(C, S, S)``, and how
+    many broken files were passed over to find it (0 when file ``i`` is readable; else
+    file ``i+1``, ``i+2``, ... wrapping around, is used). ``RuntimeError`` when no file
+    at all can be read.
+    """
+
+    def __init__(self, root: PathLike, load_size: int, channels: int = 3) -> None:
+        super().__init__(root, scan_images(root), load_size, channels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, _, skipped = self._load(index)
+        return image, skipped
+
+
+class LabelledImageFolder(_ImageFiles):
+    """Images in one sub-folder per class (``ROOT/CLASS_NAME/.../image.jpg``), for evaluation.
+
+    Class indices follow the sorted sub-folder names; hidden sub-folders and files lying
+    directly in ``root`` are ignored. A broken file is replaced like in ``ImageFolder``,
+    and the label is the substitute's own.
+
+    Args:
+        root: the folder holding the class sub-folders.
+        load_size: side ``S`` of the square images handed out.
+        channels: 1 or 3.
+
+    Raises:
+        ValueError: ``root`` is missing, has no class sub-folders, or a class sub-folder
+            has no images; or an invalid ``load_size``/``channels``.
+
+    Attributes:
+        classes: class names; ``classes[label]`` names a label.
+        targets: the label of every file, in ``paths`` order.
+
+    ``dataset[i]`` returns ``(image, label)``: a ``uint8`` tensor ``(C, S, S)`` and an int.
+    """
+
+    def __init__(self, root: PathLike, load_size: int, channels: int = 3) -> None:
+        root_path = Path(root)
+        _check_folder(root_path)
+        classes = sorted(
+            entry.name for entry in root_path.iterdir() if entry.is_dir() and not _is_hidden(entry.name)
+        )
+        if not classes:
+            raise ValueError(
+                f"{str(root_path)!r} has no class sub-folders; expected ROOT/CLASS_NAME/image.jpg"
+            )
+        paths: list[Path] = []
+        targets: list[int] = []
+        for label, name in enumerate(classes):
+            try:
+                found = scan_images(root_path / name)
+            except ValueError as error:
+                raise ValueError(f"class {name!r} is empty: {error}") from None
+            paths += found
+            targets += [label] * len(found)
+        super().__init__(root_path, paths, load_size, channels)
+        self.classes = classes
+        self.targets = targets
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, used, _ = self._load(index)
+        return image, self.targets[used]
+
+
+def collate_images(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:
+    """Stack ``ImageFolder`` samples into a batch and total their skip counts.
+
+    Args:
+        batch: ``(image (C, S, S) uint8, skipped)`` pairs.
+
+    Returns:
+        ``uint8`` tensor ``(B, C, S, S)`` and the number of broken files passed over.
+    """
+    images = torch.stack([image for image, _ in batch])  # (B, C, S, S)
+    return images, sum(skipped for _, skipped in batch)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # DataLoader already seeds torch in each worker with base_seed + worker_id; give
+    # Python's and NumPy's generators the same distinct seed for user transforms.
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    sampler: Optional[Sampler] = None,
+    seed: int = 0,
+    pin_memory: Optional[bool] = None,
+    collate_fn: Optional[Callable[[list], Any]] = None,
+) -> DataLoader:
+    """A ``DataLoader`` for these datasets: seeded shuffling, persistent workers, pinning.
+
+    Args:
+        dataset: usually an ``ImageFolder`` or ``LabelledImageFolder``.
+        batch_size: samples per batch.
+        workers: worker processes; 0 loads in the calling process.
+        shuffle: reshuffle every epoch (ignored when ``sampler`` is given).
+        drop_last: drop the last incomplete batch.
+        sampler: e.g. a ``DistributedSampler`` (it shuffles and is seeded itself; call
+            its ``set_epoch`` every epoch).
+        seed: seeds the shuffle order and, through the loader's base seed, every
+            worker's torch, NumPy and ``random`` generators (distinct per worker).
+        pin_memory: page-locked batches for faster host-to-GPU copies; ``None`` means
+            "when CUDA is available".
+        collate_fn: ``None`` picks ``collate_images`` for an ``ImageFolder`` and torch's
+            default collate (labels become an int64 tensor) for anything else.
+
+    Returns:
+        The loader; with ``collate_images`` it yields ``(uint8 (B, C, S, S), skipped)``.
+
+    Raises:
+        ValueError: invalid sizes, or ``drop_last`` would leave no batch at all.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers must be 0 or more, got {workers}")
+    samples = len(sampler) if sampler is not None else len(dataset)
+    if drop_last and samples < batch_size:
+        raise ValueError(
+            f"{samples} images but a batch size of {batch_size}: every batch would be "
+            "dropped; lower the batch size or add images"
+        )
+    if collate_fn is None:
+        collate_fn = collate_images if isinstance(dataset, ImageFolder) else default_collate
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+    )

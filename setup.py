@@ -1,0 +1,38 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="byol-pytorch",
+    version="1.0.0",
+    description="BYOL self-supervised pretraining for any image backbone, as a drop-in PyTorch wrapper",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["byol_pytorch", "byol_pytorch.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "timm>=0.9",
+        "einops>=0.6",
+        "safetensors>=0.4",
+        "pillow>=9.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.5"],
+        "plots": ["matplotlib>=3.5"],
+        "bench": ["kornia>=0.7", "matplotlib>=3.5"],
+        "examples": ["lightning>=2.0", "accelerate>=0.25", "matplotlib>=3.5"],
+        "tensorboard": ["tensorboard>=2.10"],
+    },
+    entry_points={"console_scripts": ["byol-pytorch=byol_pytorch.cli:main"]},
+    classifiers=[
+        "License :: OSI Approved :: MIT License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

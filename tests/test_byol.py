@@ -1,0 +1,438 @@
+"""BYOL: the drop-in API, the target network, state, precision, compile, errors."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.transforms import v2
+
+from byol_pytorch import BYOL, BYOLAugment
+from conftest import small_cnn
+
+SMALL = dict(projection_size=32, projection_hidden_size=64)
+
+
+def resnet18():
+    return torchvision.models.resnet18(weights=None)
+
+
+def train_steps(learner, x, steps, lr=1e-3):
+    opt = torch.optim.Adam(learner.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = learner(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if learner.use_momentum:
+            learner.update_moving_average()
+        losses.append(loss.item())
+    return losses
+
+
+# ---------------------------------------------------------------- lucidrains README, unchanged
+def test_readme_usage_loop_runs_unchanged():
+    resnet = resnet18()
+    learner = BYOL(resnet, image_size=64, hidden_layer="avgpool")
+    opt = torch.optim.Adam(learner.parameters(), lr=3e-4)
+
+    def sample_unlabelled_images():
+        return torch.randn(4, 3, 64, 64)
+
+    before = resnet.conv1.weight.clone()
+    for _ in range(2):
+        images = sample_unlabelled_images()
+        loss = learner(images)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        learner.update_moving_average()
+    buffer = io.BytesIO()
+    torch.save(resnet.state_dict(), buffer)
+    assert not torch.equal(before, resnet.conv1.weight), "the user's net is trained in place"
+    assert learner.net is resnet
+
+
+def test_readme_simsiam_runs_without_moving_average():
+    resnet = resnet18()
+    learner = BYOL(resnet, image_size=64, hidden_layer="avgpool", use_momentum=False)
+    opt = torch.optim.Adam(learner.parameters(), lr=3e-4)
+    loss = learner(torch.randn(4, 3, 64, 64))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert learner.use_momentum is False and learner.target_encoder is None
+
+
+def test_readme_advanced_arguments():
+    learner = BYOL(
+        resnet18(), image_size=64, hidden_layer="avgpool",
+        projection_size=256, projection_hidden_size=4096, moving_average_decay=0.99,
+    )
+    projection, embedding = learner(torch.randn(2, 3, 64, 64), return_embedding=True)
+    assert projection.shape == (2, 256) and embedding.shape == (2, 512)
+    assert learner.current_decay == 0.99
+
+
+def test_readme_custom_augment_fns():
+    # An nn.Module stands in for the README's kornia pipelines.
+    augment_fn = nn.Sequential(v2.RandomHorizontalFlip())
+    augment_fn2 = nn.Sequential(v2.RandomHorizontalFlip(), v2.GaussianBlur((3, 3), (1.5, 1.5)))
+    learner = BYOL(resnet18(), image_size=64, hidden_layer=-2, augment_fn=augment_fn)
+    assert learner.augment1 is augment_fn and learner.augment2 is augment_fn
+    learner = BYOL(resnet18(), image_size=64, hidden_layer=-2, augment_fn=augment_fn, augment_fn2=augment_fn2)
+    assert learner.augment2 is augment_fn2
+    loss = learner(torch.randn(4, 3, 64, 64))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_readme_embeddings():
+    learner = BYOL(resnet18(), image_size=64, hidden_layer="avgpool")
+    imgs = torch.randn(2, 3, 64, 64)
+    projection, embedding = learner(imgs, return_embedding=True)
+    assert projection.shape == (2, 256) and embedding.shape == (2, 512)
+    alone = learner(imgs, return_embedding=True, return_projection=False)
+    assert isinstance(alone, torch.Tensor) and alone.shape == (2, 512)
+    # Reference written differently: torchvision's own trunk without the fc.
+    trunk = nn.Sequential(*list(learner.net.children())[:-1])
+    learner.eval()
+    expected = trunk(imgs).flatten(1)
+    assert torch.allclose(learner(imgs, return_embedding=True, return_projection=False), expected, atol=1e-5)
+
+
+def test_default_views_are_the_papers_two_views():
+    learner = BYOL(small_cnn(), image_size=32)
+    assert isinstance(learner.augment1, BYOLAugment) and isinstance(learner.augment2, BYOLAugment)
+    assert learner.augment1 is not learner.augment2
+
+
+# ---------------------------------------------------------------- construction has no side effects
+def test_construction_leaves_every_tensor_of_the_net_bit_identical():
+    net = resnet18()
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    learner = BYOL(net, image_size=64)
+    after = net.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert all(m.training for m in net.modules()), "training flags restored"
+    assert learner.hidden_layer == "fc" and learner.hidden_layer_is_input
+
+
+def test_heads_are_parameters_before_first_forward_and_target_is_lazy():
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    ids = {id(p) for p in learner.parameters()}
+    heads = list(learner.online_encoder.projector.parameters()) + list(learner.online_predictor.parameters())
+    assert heads and all(id(p) in ids for p in heads)
+    assert learner.target_encoder is None
+    train_steps(learner, torch.rand(4, 3, 32, 32), 1)
+    target = learner.target_encoder
+    assert target is not None and target is not learner.online_encoder
+    online = dict(learner.online_encoder.named_parameters())
+    for name, p in target.named_parameters():
+        assert not p.requires_grad
+        assert p.data_ptr() != online[name].data_ptr(), "a separate copy"
+    # The target is not in the optimiser's view of trainable parameters.
+    assert all(id(p) in ids for p in learner.parameters() if p.requires_grad)
+
+
+def test_update_moving_average_equals_formula():
+    learner = BYOL(small_cnn(), image_size=32, moving_average_decay=0.9, **SMALL)
+    train_steps(learner, torch.rand(4, 3, 32, 32), 2)
+    target = {n: p.detach().double().clone() for n, p in learner.target_encoder.named_parameters()}
+    online = {n: p.detach().double().clone() for n, p in learner.online_encoder.named_parameters()}
+    tau = learner.current_decay
+    learner.update_moving_average()
+    for name, p in learner.target_encoder.named_parameters():
+        expected = tau * target[name] + (1 - tau) * online[name]
+        assert torch.allclose(p.double(), expected, rtol=1e-6, atol=1e-7), name
+    # Buffers are the target's own: not averaged.
+    bn_online = learner.online_encoder.net[1].running_mean
+    bn_target = learner.target_encoder.net[1].running_mean
+    assert not torch.allclose(bn_online, bn_target)
+
+
+def test_cosine_schedule_over_update_calls_and_state_dict():
+    import math
+
+    K, base = 8, 0.9
+    learner = BYOL(small_cnn(), image_size=32, moving_average_decay=base, moving_average_total_steps=K, **SMALL)
+    x = torch.rand(4, 3, 32, 32)
+    taus = []
+    opt = torch.optim.SGD(learner.parameters(), lr=0.01)
+    for _ in range(K + 1):
+        learner(x).backward()
+        opt.step()
+        opt.zero_grad()
+        taus.append(learner.current_decay)
+        learner.update_moving_average()
+    for k in (0, K // 2, K):
+        assert taus[k] == pytest.approx(base + (1 - base) * (1 - math.cos(math.pi * k / K)) / 2, abs=1e-12)
+    assert taus[K] == pytest.approx(1.0)
+    assert int(learner.state_dict()["ema_step"]) == K + 1
+    fresh = BYOL(small_cnn(), image_size=32, moving_average_decay=base, moving_average_total_steps=K, **SMALL)
+    fresh.load_state_dict(learner.state_dict())
+    assert fresh.current_decay == learner.current_decay == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- the loss
+def test_loss_matches_a_reference_composed_by_hand():
+    flip = v2.RandomHorizontalFlip(p=1.0)
+    learner = BYOL(small_cnn(), image_size=16, augment_fn=flip, augment_fn2=nn.Identity(), **SMALL)
+    learner.eval()  # BatchNorm in eval mode makes the reference independent of call order
+    x = torch.rand(6, 3, 16, 16)
+    loss = learner(x)
+    enc, pred, tgt = learner.online_encoder, learner.online_predictor, learner.target_encoder
+    v1, v2_ = torch.flip(x, dims=[3]), x
+
+    def unit(t):
+        return t / t.norm(dim=1, keepdim=True)
+
+    p1, p2 = pred(enc.projector(enc.embed(v1))), pred(enc.projector(enc.embed(v2_)))
+    z1, z2 = tgt.projector(tgt.embed(v1)), tgt.projector(tgt.embed(v2_))
+    reference = ((unit(p1) - unit(z2)) ** 2).sum(1).mean() + ((unit(p2) - unit(z1)) ** 2).sum(1).mean()
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+
+
+def test_loss_falls_over_30_steps_on_a_fixed_batch():
+    torch.manual_seed(0)
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    losses = train_steps(learner, torch.rand(8, 3, 32, 32), 30, lr=3e-3)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, losses
+
+
+def _blobs(n, size=32):
+    """Smooth random colour images: each one globally different, unlike pixel noise."""
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    return nn.functional.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def test_simsiam_learns_without_collapse():
+    torch.manual_seed(0)
+    learner = BYOL(small_cnn(), image_size=32, use_momentum=False, **SMALL)
+    x = _blobs(32)
+
+    def spread():
+        learner.eval()
+        z = nn.functional.normalize(learner(x, return_embedding=True, return_projection=False), dim=1)
+        learner.train()
+        return z.std(dim=0).mean().item()
+
+    initial = spread()
+    losses = train_steps(learner, x, 40, lr=3e-3)
+    assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
+    # Collapse would send every embedding to the same point (spread -> 0).
+    assert spread() > 0.5 * initial
+
+
+# ---------------------------------------------------------------- state, copies, precision
+def test_state_dict_round_trip_with_and_without_target():
+    a = BYOL(small_cnn(), image_size=32, **SMALL)
+    fresh = BYOL(small_cnn(), image_size=32, **SMALL)
+    fresh.load_state_dict(a.state_dict())  # no target yet on either side
+    assert fresh.target_encoder is None
+    train_steps(a, torch.rand(4, 3, 32, 32), 2)
+    sd = a.state_dict()
+    assert any(k.startswith("target_encoder.") for k in sd)
+    fresh = BYOL(small_cnn(), image_size=32, **SMALL)
+    fresh.load_state_dict(sd)  # strict: the target is created to receive its tensors
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    # A checkpoint without a target drops the stale one, so the next step copies it again.
+    before = BYOL(small_cnn(), image_size=32, **SMALL).state_dict()
+    fresh.load_state_dict(before)
+    assert fresh.target_encoder is None
+
+
+def test_deepcopy_and_pickle_keep_working_hooks():
+    learner = BYOL(small_cnn(), image_size=32, hidden_layer=6, **SMALL)  # the AdaptiveAvgPool2d
+    train_steps(learner, torch.rand(4, 3, 32, 32), 1)
+    learner.eval()
+    x = torch.rand(3, 3, 32, 32)
+    ref = learner(x, return_embedding=True, return_projection=False)
+    for clone in (copy.deepcopy(learner), pickle.loads(pickle.dumps(learner))):
+        assert torch.allclose(clone(x, return_embedding=True, return_projection=False), ref)
+        assert clone.target_encoder is not None
+    clone = copy.deepcopy(learner)
+    with torch.no_grad():
+        for p in learner.net.parameters():
+            p.zero_()
+    # The copy's hooks capture the copy's activations, not the original's.
+    assert torch.allclose(clone(x, return_embedding=True, return_projection=False), ref)
+
+
+def test_to_dtype_and_channels_last():
+    learner = BYOL(small_cnn(), image_size=32, **SMALL).to(torch.float64)
+    loss = learner(torch.rand(4, 3, 32, 32, dtype=torch.float64))
+    assert torch.isfinite(loss)
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    x = torch.rand(4, 3, 40, 40)
+    torch.manual_seed(1)
+    ref = learner(x)
+    learner = learner.to(memory_format=torch.channels_last)
+    learner.reset_moving_average()
+    torch.manual_seed(1)
+    out = learner(x.contiguous(memory_format=torch.channels_last))
+    assert out.item() == pytest.approx(ref.item(), abs=1e-4)
+
+
+def test_autocast_bf16_on_cpu():
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = learner(torch.rand(4, 3, 32, 32))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert learner.net[0].weight.grad is not None
+
+
+def test_uint8_input_trains_and_embeds():
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    x = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)
+    assert torch.isfinite(learner(x))
+    learner.eval()
+    emb = learner(x, return_embedding=True, return_projection=False)
+    manual = learner(learner.augment1.normalize(x.float() / 255), return_embedding=True, return_projection=False)
+    assert torch.allclose(emb, manual, atol=1e-6)
+
+
+def test_torch_compile_has_no_graph_breaks_after_first_step():
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    x = torch.rand(4, 3, 32, 32)
+    train_steps(learner, x, 1)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(learner)(x)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    compiled = torch.compile(learner, backend="eager")
+    torch.manual_seed(3)
+    expected = learner(x)
+    torch.manual_seed(3)
+    assert compiled(x).item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+# ---------------------------------------------------------------- non-finite input
+def test_nan_input_is_a_clear_error_on_cpu():
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    x = torch.rand(4, 3, 32, 32)
+    x[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        learner(x)
+
+
+def test_nan_under_compile_is_caught_at_the_next_update_without_a_graph_break():
+    # The deferred path (used on accelerators and under torch.compile) records the
+    # finiteness on the device and raises at update_moving_average().
+    learner = BYOL(small_cnn(), image_size=32, augment_fn=nn.Identity(), **SMALL)
+    compiled = torch.compile(learner, backend="eager")
+    x = torch.rand(4, 3, 32, 32)
+    compiled(x)
+    learner.update_moving_average()
+    x[0, 0, 0, 0] = float("inf")
+    loss = compiled(x)  # no error inside the compiled forward
+    assert not torch.isfinite(loss)
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        learner.update_moving_average()
+
+
+def test_diverged_loss_on_cpu_is_caught_at_the_update():
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    x = torch.rand(4, 3, 32, 32)
+    learner(x)
+    learner.update_moving_average()
+    with torch.no_grad():
+        learner.online_predictor[0].weight.fill_(float("nan"))
+    assert not torch.isfinite(learner(x))
+    with pytest.raises(FloatingPointError, match="diverged"):
+        learner.update_moving_average()
+    assert learner.ema_step.item() == 1, "the poisoned update was not applied"
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(hidden_layer="avgpol"), ValueError, "did you mean 'avgpool'"),
+        (dict(hidden_layer=42), ValueError, "out of range"),
+        (dict(hidden_layer=1.5), TypeError, "hidden_layer must be"),
+        (dict(image_size=0), ValueError, "image_size must be positive"),
+        (dict(image_size=-4), ValueError, "image_size must be positive"),
+        (dict(image_size="big"), TypeError, "image_size must be"),
+        (dict(moving_average_decay=1.5), ValueError, "moving_average_decay"),
+        (dict(projection_size=0), ValueError, "projection_size"),
+        (dict(augment_fn=3), TypeError, "augment_fn must be callable"),
+    ],
+)
+def test_bad_construction_arguments(kwargs, exc, match):
+    args = dict(image_size=64)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        BYOL(resnet18(), **args)
+
+
+def test_net_must_be_a_module():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        BYOL(lambda x: x, image_size=32)
+
+
+def test_probe_failure_names_the_shape():
+    with pytest.raises(ValueError, match="probe batch of shape"):
+        BYOL(nn.Sequential(nn.Flatten(), nn.Linear(10, 4)), image_size=32)
+
+
+@pytest.mark.parametrize(
+    "x, exc, match",
+    [
+        (torch.rand(1, 3, 32, 32), ValueError, "at least 2 images"),
+        (torch.rand(0, 3, 32, 32), ValueError, "empty batch"),
+        (torch.rand(4, 1, 32, 32), ValueError, "expects 3 channels"),
+        (torch.rand(3, 32, 32), ValueError, "4D batch"),
+        (torch.zeros(4, 3, 32, 32, dtype=torch.int32), TypeError, "uint8"),
+        ([1, 2, 3], TypeError, "tensor"),
+    ],
+)
+def test_bad_training_input(x, exc, match):
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    with pytest.raises(exc, match=match):
+        learner(x)
+
+
+def test_update_moving_average_with_simsiam_is_an_error():
+    learner = BYOL(small_cnn(), image_size=32, use_momentum=False, **SMALL)
+    with pytest.raises(ValueError, match="use_momentum=False"):
+        learner.update_moving_average()
+
+
+# ---------------------------------------------------------------- DDP: the classifier is ignored
+def test_ddp_ignores_the_classifier_and_the_target(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        learner = BYOL(small_cnn(), image_size=32, **SMALL)
+        assert learner.unused_parameter_names == ["online_encoder.net.8.weight", "online_encoder.net.8.bias"]
+        model = DDP(learner)  # no find_unused_parameters needed
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for _ in range(3):  # DDP reports unused parameters at the step after
+            loss = model(torch.rand(4, 3, 32, 32))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            learner.update_moving_average()
+        assert learner.net[8].weight.grad is None
+        assert learner.net[0].weight.grad is not None
+        # The same set-up without the ignore list trips DDP: the test can fail.
+        plain = BYOL(small_cnn(), image_size=32, **SMALL)
+        plain.unused_parameter_names = []
+        model = DDP(plain)
+        with pytest.raises(RuntimeError, match="did not receive grad|unused parameters|finished reduction"):
+            for _ in range(3):
+                model(torch.rand(4, 3, 32, 32)).backward()
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,201 @@
+"""The three examples in examples/ run end to end on a tiny image folder and train.
+
+Each example's ``main()`` is imported by file path and run with tiny sizes. The checks:
+the saved backbone loads strictly into a fresh timm model, its trained layers moved
+away from the initial weights while the classifier after the hidden layer (no gradient)
+did not, no temporary file is left behind, and the target network took exactly one EMA
+step per optimizer step, also with gradient accumulation (more batches than steps).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import byol_pytorch
+from byol_pytorch import BYOL
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+MODEL = "resnet10t"
+SEED = 0
+TINY = [
+    "--model", MODEL, "--image-size", "32", "--batch-size", "2", "--workers", "0",
+    "--projection-hidden-size", "64", "--seed", str(SEED),
+]
+
+
+def _load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"byol_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """8 small images, PNG and JPEG, RGB and grayscale, one nested: 4 batches of 2."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    (root / "nested").mkdir()
+    for i in range(8):
+        pixels = rng.integers(0, 256, (40 + i, 48, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        if i % 4 == 3:
+            image = image.convert("L")
+        if i % 2:
+            image.save(root / f"image_{i}.png")
+        else:
+            image.save(root / "nested" / f"image_{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two intra-op threads on a loaded 2-core machine spin against each other and make a
+    # step ~50x slower; one thread keeps these runs to seconds anywhere.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def forward_calls(monkeypatch) -> list:
+    """Counts BYOL training forwards (one per batch, whoever calls them)."""
+    calls: list = []
+    original = BYOL.forward
+
+    def counting(self, x, *args, **kwargs):
+        if not kwargs.get("return_embedding", False):
+            calls.append(x.shape[0])
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(BYOL, "forward", counting)
+    return calls
+
+
+def _assert_trained_backbone(path: Path) -> None:
+    """The file at `path` is a full state_dict of MODEL, trained but for its classifier."""
+    assert sorted(os.listdir(path.parent)) == [path.name], "a temporary file was left next to the output"
+    state = torch.load(path, weights_only=True)
+    fresh = timm.create_model(MODEL, pretrained=False)
+    fresh.load_state_dict(state, strict=True)
+
+    torch.manual_seed(SEED)  # the examples seed before building the net: same initial weights
+    initial = timm.create_model(MODEL, pretrained=False).state_dict()
+    prefix = fresh.pretrained_cfg["classifier"]  # "fc"
+    classifier_names = {f"{prefix}.{n}" for n, _ in fresh.get_classifier().named_parameters()}
+    assert classifier_names and classifier_names <= state.keys()
+    for name in classifier_names:  # after the hidden layer: no gradient, no weight decay
+        assert torch.equal(state[name], initial[name]), f"{name} changed"
+    trained = [n for n, p in fresh.named_parameters() if n not in classifier_names]
+    changed = [n for n in trained if not torch.equal(state[n], initial[n])]
+    assert len(changed) == len(trained), f"not trained: {sorted(set(trained) - set(changed))[:5]}"
+
+
+def test_own_training_loop(image_folder, tmp_path, forward_calls):
+    example = _load_example("own_training_loop")
+    out = tmp_path / "out" / "net.pt"
+    args = example.get_args_parser().parse_args(
+        ["--data", str(image_folder), "--steps", "3", "--log-every", "1", "--out", str(out), *TINY]
+    )
+    learner = example.main(args)
+
+    assert forward_calls == [2, 2, 2]
+    assert int(learner.ema_step) == 3
+    assert learner.moving_average_total_steps == 3
+    assert learner.current_decay == 1.0  # the cosine schedule ran to its end
+    _assert_trained_backbone(out)
+
+
+def test_own_training_loop_rejects_batch_of_one(image_folder, tmp_path):
+    example = _load_example("own_training_loop")
+    args = example.get_args_parser().parse_args(
+        ["--data", str(image_folder), "--steps", "1", "--out", str(tmp_path / "net.pt"), *TINY, "--batch-size", "1"]
+    )
+    with pytest.raises(ValueError, match="at least 2"):
+        example.main(args)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_lightning_module(image_folder, tmp_path, forward_calls, accumulate):
+    pytest.importorskip("lightning")
+    example = _load_example("lightning_module")
+    out = tmp_path / "out" / "net.pt"
+    args = example.get_args_parser().parse_args(
+        ["--data", str(image_folder), "--steps", "2", "--accumulate-grad-batches", str(accumulate),
+         "--accelerator", "cpu", "--devices", "1", "--out", str(out), *TINY]
+    )
+    module, trainer = example.main(
+        args, enable_progress_bar=False, logger=False, enable_checkpointing=False, enable_model_summary=False
+    )
+
+    learner = module.learner
+    assert len(forward_calls) == 2 * accumulate  # batches seen
+    assert trainer.global_step == 2  # optimizer steps
+    assert int(learner.ema_step) == 2, "the target must move once per optimizer step, not per batch"
+    assert learner.moving_average_total_steps == 2  # trainer.estimated_stepping_batches
+    _assert_trained_backbone(out)
+
+    # DDP wraps the LightningModule: the learner's ignore list is forwarded with its prefix,
+    # and names the classifier and every target tensor that exists.
+    ignored = set(module._ddp_params_and_buffers_to_ignore)
+    names = dict(module.named_parameters()) | dict(module.named_buffers())
+    assert ignored <= names.keys()
+    assert {f"learner.{n}" for n in learner.unused_parameter_names} <= ignored
+    assert {n for n in names if n.startswith("learner.target_encoder.")} <= ignored
+
+
+@pytest.mark.skipif(
+    os.environ.get("BYOL_TEST_DDP") != "1",
+    reason="two Lightning DDP processes on the CPU take ~20-60 s; set BYOL_TEST_DDP=1 to run",
+)
+def test_lightning_module_ddp_two_processes(image_folder, tmp_path):
+    # Without the forwarded ignore list, DDP (find_unused_parameters=False) stops at the
+    # second step: the classifier got no gradient.
+    pytest.importorskip("lightning")
+    out = tmp_path / "out" / "net.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(byol_pytorch.__file__).parents[1]))
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "lightning_module.py"), "--data", str(image_folder), "--steps", "2",
+         "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--out", str(out), *TINY],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_trained_backbone(out)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; leave none behind for later tests."""
+    state = pytest.importorskip("accelerate.state")
+    yield
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+    state.GradientState._reset_state()
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_accelerate_train(image_folder, tmp_path, forward_calls, fresh_accelerate_state, accumulate):
+    example = _load_example("accelerate_train")
+    out = tmp_path / "out" / "net.pt"
+    args = example.get_args_parser().parse_args(
+        ["--data", str(image_folder), "--steps", "2", "--gradient-accumulation-steps", str(accumulate),
+         "--out", str(out), *TINY]
+    )
+    learner = example.main(args)
+
+    assert isinstance(learner, BYOL)  # unwrapped
+    assert len(forward_calls) == 2 * accumulate  # batches seen
+    assert int(learner.ema_step) == 2, "the target must move once per optimizer step, not per batch"
+    assert learner.current_decay == 1.0
+    _assert_trained_backbone(out)
