@@ -19,7 +19,7 @@ setup(
         "timm>=0.9",
         "einops>=0.6",
         "safetensors>=0.4",
-        "pillow>=9.0",
+        "pillow>=9.1",
         "tqdm>=4.60",
     ],
     extras_require={

@@ -96,7 +96,7 @@ class BYOLModule(L.LightningModule):
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
         # Read by DistributedDataParallel when Lightning wraps this module (see the
         # module docstring): the learner's list, named from here.
-        return [f"learner.{name}" for name in self.learner._ddp_params_and_buffers_to_ignore]
+        return self.learner.ddp_ignored_names(prefix="learner.")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.learner.moving_average_total_steps is None:
