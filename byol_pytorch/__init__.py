@@ -2,7 +2,8 @@
 
 from .augment import BYOLAugment
 from .byol import BYOL
+from .trainer import BYOLTrainer, MockDataset
 
 __version__ = "1.0.0"
 
-__all__ = ["BYOL", "BYOLAugment", "__version__"]
+__all__ = ["BYOL", "BYOLAugment", "BYOLTrainer", "MockDataset", "__version__"]

@@ -176,7 +176,7 @@ class BYOL(nn.Module):
         # after the hidden layer gets no gradient, and the target network is averaged
         # (identically on every rank) rather than reduced; its BatchNorm statistics
         # stay per rank, as in the paper.
-        names = list(self.unused_parameter_names) + list(self._extra_ddp_ignore)
+        names = list(self.unused_parameter_names) + list(self._extra_ddp_ignore) + ["_finite"]
         if self.target_encoder is not None:
             names += [f"target_encoder.{n}" for n, _ in self.target_encoder.named_parameters()]
             names += [f"target_encoder.{n}" for n, _ in self.target_encoder.named_buffers()]
@@ -200,7 +200,16 @@ class BYOL(nn.Module):
         self._extra_ddp_ignore = list(names)
 
     # ------------------------------------------------------------------ target
-    def _get_target_encoder(self) -> BackboneEncoder:
+    @torch.compiler.disable
+    def init_target(self) -> BackboneEncoder:
+        """Create the target network now (a deep copy of the online encoder) if absent.
+
+        The first training forward does this by itself; call it first when you wrap the
+        learner in DDP or ``torch.compile`` so that the copy happens outside both.
+
+        Returns:
+            The target encoder (no gradients, the learner's training mode).
+        """
         if self.target_encoder is None:
             target = copy.deepcopy(self.online_encoder)
             for p in target.parameters():
@@ -208,6 +217,11 @@ class BYOL(nn.Module):
                 p.grad = None
             self.target_encoder = target
         return self.target_encoder
+
+    def _get_target_encoder(self) -> BackboneEncoder:
+        # The attribute check keeps compiled graphs free of the (disabled) copy after step 1.
+        target = self.target_encoder
+        return target if target is not None else self.init_target()
 
     def reset_moving_average(self) -> None:
         """Drop the target network; the next training step copies it from the online one.

@@ -1,0 +1,8 @@
+"""``python -m byol_pytorch ...`` runs the ``byol-pytorch`` command (also under torchrun)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Checkpoints: atomic writes, ``weights_only`` loading, RNG state, backbone export.
+
+A training checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` reads
+(no pickled classes, so loading a file cannot run code)::
+
+    format      "byol_pytorch"           (how we recognise our files)
+    version     1
+    step        optimizer steps done      epoch, batch_in_epoch: the data position
+    learner     BYOL state_dict: online net, projector, predictor, target, ema_step
+    optimizer   optimizer state_dict      scheduler, scaler: their state_dicts
+    rng         torch CPU/CUDA, numpy and python generator states (tensors and numbers)
+    args        the run's arguments, a plain dict of str/int/float/bool/None
+
+A file is written to a temporary file in the same folder, flushed to disk, then
+renamed over the old one (``os.replace`` is atomic on POSIX and Windows): a crash or a
+kill while saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "export_backbone",
+    "get_rng_state", "set_rng_state", "atomic_write",
+]
+
+FORMAT = "byol_pytorch"
+VERSION = 1
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(temp_path)``, fsync the file, then rename it to ``path``.
+
+    Args:
+        path: the final file; its folder is created when missing.
+        write: writes the content to the temporary path it is given.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(temp)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def save_checkpoint(path: PathLike, obj: Dict[str, Any]) -> Path:
+    """Write ``obj`` with ``torch.save`` atomically (temp file in the same folder + rename).
+
+    Args:
+        path: destination, e.g. ``RUNDIR/last.pt``.
+        obj: the checkpoint dict; ``format`` and ``version`` are added when missing.
+
+    Returns:
+        The path written.
+    """
+    obj = {"format": FORMAT, "version": VERSION, **obj}
+    return atomic_write(path, lambda temp: torch.save(obj, temp))
+
+
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Load one of our checkpoints with ``torch.load(..., weights_only=True)``.
+
+    Args:
+        path: the ``.pt`` file.
+        map_location: where tensors go (default the CPU).
+
+    Returns:
+        The checkpoint dict (see the module docstring).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a byol_pytorch checkpoint (not a torch file, holds
+            objects a weights-only load refuses, or a dict without our ``format``), or
+            comes from a newer version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError):
+        raise ValueError(
+            f"{str(path)!r} is not a byol_pytorch checkpoint (not a PyTorch file that loads with "
+            "weights_only=True); pass RUNDIR/last.pt written by 'byol-pytorch train'"
+        ) from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        what = "a dict without our 'format' key" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise ValueError(
+            f"{str(path)!r} is not a byol_pytorch checkpoint (it holds {what}); pass RUNDIR/last.pt "
+            "written by 'byol-pytorch train'"
+        )
+    if int(obj.get("version", 0)) > VERSION:
+        raise ValueError(
+            f"{str(path)!r} is a checkpoint of format version {obj['version']}, newer than this "
+            f"byol_pytorch reads ({VERSION}); upgrade byol-pytorch"
+        )
+    return obj
+
+
+# ---------------------------------------------------------------------- RNG state
+def get_rng_state() -> Dict[str, Any]:
+    """Every global generator's state in a form ``torch.load(weights_only=True)`` reads.
+
+    Returns:
+        ``{"torch": ByteTensor, "cuda": [ByteTensor per device], "numpy": {...}, "python": {...}}``.
+    """
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "name": str(np_name), "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss),
+        },
+        "python": {"version": int(py_version), "internal": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore the generators from ``get_rng_state()``'s dict (CUDA states when CUDA exists)."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda][: torch.cuda.device_count()])
+    np_state = state.get("numpy")
+    if np_state:
+        np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                             np_state["has_gauss"], np_state["gauss"]))
+    py_state = state.get("python")
+    if py_state:
+        random.setstate((py_state["version"], tuple(int(v) for v in py_state["internal"].tolist()),
+                         py_state["gauss"]))
+
+
+# ---------------------------------------------------------------------- export
+def export_backbone(checkpoint_path: PathLike, out_path: PathLike, which: str = "online") -> Path:
+    """Write the trained backbone, without its classifier, as a safetensors file.
+
+    The file loads with ``strict=True`` into ``timm.create_model(NAME, num_classes=0)``
+    (add ``in_chans=`` if you trained with other channels), or with
+    ``pretrained=True, pretrained_cfg_overlay=dict(file=PATH), num_classes=0``. For
+    ``torchvision:NAME`` the final classifier Linear is replaced by ``nn.Identity()``
+    (``model.fc = nn.Identity()`` for a ResNet); the file's metadata names it.
+
+    Args:
+        checkpoint_path: a checkpoint written by ``byol-pytorch train``.
+        out_path: the ``.safetensors`` file to write (atomically).
+        which: ``"online"`` (the paper keeps the online encoder) or ``"target"``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileNotFoundError, ValueError: see ``load_checkpoint``; a checkpoint without
+            the network, or ``which="target"`` before the first step.
+    """
+    from safetensors.torch import save_file
+
+    from .models import build_backbone, strip_classifier
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    args, learner_state = checkpoint.get("args"), checkpoint.get("learner")
+    if not isinstance(args, dict) or not isinstance(learner_state, dict) or "model" not in args:
+        raise ValueError(f"{str(checkpoint_path)!r} holds no trained network ('learner' and 'args' are missing)")
+    if which not in ("online", "target"):
+        raise ValueError(f"which must be 'online' or 'target', got {which!r}")
+    prefix = f"{which}_encoder.net."
+    state = {k[len(prefix):]: v for k, v in learner_state.items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{str(checkpoint_path)!r} has no {which} network yet (no training step was taken)")
+    net = build_backbone(args["model"], args.get("in_chans"), args.get("image_size"))
+    net.load_state_dict(state, strict=True)
+    net.eval()
+    strip_classifier(net, args["model"], int(args["image_size"]))
+    tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+    metadata = {"format": "pt", "byol_pytorch_model": str(args["model"]), "step": str(checkpoint.get("step")),
+                "in_chans": str(args.get("in_chans")), "which": which}
+    return atomic_write(out_path, lambda temp: save_file(tensors, temp, metadata=metadata))

@@ -1,0 +1,226 @@
+"""The ``byol-pytorch`` command (also ``python -m byol_pytorch``): train, export, eval, preview, demo.
+
+Usage::
+
+    byol-pytorch train --data DIR [--model resnet50] [--image-size 224] [--batch-size 256]
+                       [--epochs 100 | --max-steps N] [--out RUNDIR] [--resume [CHECKPOINT]] ...
+    torchrun --nproc_per_node=N -m byol_pytorch train --data DIR ...
+    byol-pytorch export RUNDIR/last.pt --out backbone.safetensors
+    byol-pytorch eval --data LABELLED_DIR --checkpoint RUNDIR/last.pt [--knn] [--linear]
+    byol-pytorch preview --data DIR --out views.png
+    byol-pytorch demo
+
+Bad input (a missing folder, an unknown model, a file that is not our checkpoint...)
+prints one line, ``byol-pytorch: error: ...``, and exits with status 1 (2 for a command
+line argparse cannot parse); never a traceback. A run stopped by SIGTERM/SIGINT saves
+its checkpoint and exits with 128 + the signal number (143, 130), so that job
+schedulers see it did not finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Dict, NoReturn, Optional, Sequence
+
+__all__ = ["UserError", "main", "build_parser"]
+
+PROG = "byol-pytorch"
+
+
+class UserError(Exception):
+    """Bad input from the user: ``main`` prints the message as one line and exits 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (usage stays in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import main as train_main
+
+    summary = train_main(args)
+    return int(summary.get("exit_code", 0))
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .checkpoint import export_backbone
+
+    try:
+        path = export_backbone(args.checkpoint, args.out, which=args.which)
+    except (FileNotFoundError, ValueError) as error:
+        raise UserError(str(error)) from None
+    print(f"byol-pytorch: wrote {path} (load it with strict=True into the backbone without its classifier)")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .evaluate import collapse_report, knn_accuracy, linear_probe
+    from .models import build_learner
+    from .monitor import KnnMonitor
+
+    if args.batch_size < 1 or args.workers < 0:
+        raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, ValueError) as error:
+        raise UserError(f"--checkpoint: {error}") from None
+    recipe = checkpoint.get("args") or {}
+    if "learner" not in checkpoint or "model" not in recipe:
+        raise UserError(f"--checkpoint: {args.checkpoint} holds no trained network")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    learner = build_learner(recipe).to(device)
+    learner.load_state_dict(checkpoint["learner"])
+    channels = 1 if learner.channels == 1 else 3
+    try:
+        data = KnnMonitor(args.data, int(recipe["image_size"]), channels, device, args.batch_size, args.workers)
+    except ValueError as error:
+        raise UserError(f"--data: {error}") from None
+    bank, bank_labels, queries, query_labels = data.features(learner)
+    print(f"byol-pytorch eval: {args.checkpoint} (step {checkpoint.get('step')}, {recipe['model']}), "
+          f"{len(bank)} labelled images to fit, {len(queries)} held out, {data.num_classes} classes")
+    if args.knn or not args.linear:
+        accuracy = knn_accuracy(bank, bank_labels, queries, query_labels, data.num_classes)
+        print(f"kNN accuracy (k=20, T=0.07): {accuracy:.4f}")
+    if args.linear or not args.knn:
+        accuracy = linear_probe(bank, bank_labels, queries, query_labels, data.num_classes)
+        print(f"linear probe accuracy: {accuracy:.4f}")
+    report = collapse_report(torch.cat([bank, queries]), warn=False)
+    verdict = ("COLLAPSED: the images map to nearly one vector; lower --lr, lengthen the warm-up, or raise "
+               "--tau-base" if report["collapsed"] else "not collapsed")
+    print(f"collapse report: std {report['std']:.4g} (1/sqrt(D) = {report['dim'] ** -0.5:.4g}), "
+          f"effective rank {report['effective_rank']:.2f} of {report['dim']}: {verdict}")
+    return 0
+
+
+def _run_preview(args: argparse.Namespace) -> int:
+    import torch
+
+    from .augment import BYOLAugment
+    from .data import ImageFolder
+
+    if args.image_size < 8 or args.count < 1:
+        raise UserError(f"--image-size must be >= 8 and --count >= 1, got {args.image_size} and {args.count}")
+    try:
+        dataset = ImageFolder(args.data, round(args.image_size * 256 / 224), 3)
+    except ValueError as error:
+        raise UserError(f"--data: {error}") from None
+    generator = torch.Generator().manual_seed(args.seed)
+    picks = torch.randperm(len(dataset), generator=generator)[: args.count].tolist()
+    try:
+        originals = torch.stack([dataset[i][0] for i in picks])  # (N, 3, S, S) uint8
+    except RuntimeError as error:
+        raise UserError(f"--data: {error}") from None
+    view_one, view_two = BYOLAugment(args.image_size, view=1), BYOLAugment(args.image_size, view=2)
+    torch.manual_seed(args.seed)
+    mean, std = view_one.resolve_mean_std(3)
+    try:
+        from .plots import plot_views
+
+        plot_views(originals, view_one(originals), view_two(originals), args.out, mean, std,
+                   max_images=len(picks))
+    except ImportError as error:
+        hint = "pip install matplotlib" if "matplotlib" in str(error) else "the plots module is missing"
+        raise UserError(f"preview cannot draw ({error}): {hint}") from None
+    print(f"byol-pytorch: wrote {args.out}: {len(picks)} images from {args.data}, each beside view 1 and view 2")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    try:
+        from .demo import run_demo
+    except ImportError as error:
+        raise UserError(f"the demo is not available in this installation ({error})") from None
+    try:
+        result = run_demo(args)
+    except FloatingPointError as error:
+        raise UserError(str(error)) from None
+    return result if isinstance(result, int) else 0
+
+
+def _add_demo(sub) -> None:
+    help_text = "pretrain a small backbone on Fashion-MNIST and show kNN accuracy before and after"
+    parser = sub.add_parser("demo", help=help_text, description=help_text)
+    try:
+        from .demo import add_demo_arguments
+    except ImportError:
+        return  # reported when the command runs
+    add_demo_arguments(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every sub-command."""
+    from .train import add_train_arguments
+
+    parser = _Parser(prog=PROG, description="BYOL self-supervised pretraining for any image backbone.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    train = sub.add_parser("train", help="pretrain a backbone on a folder of images",
+                           description="BYOL pretraining on a folder of images (torchrun for several GPUs).")
+    add_train_arguments(train)
+
+    export = sub.add_parser("export", help="write the trained backbone as safetensors",
+                            description="Write the backbone of a checkpoint, without its classifier, as "
+                            "safetensors: timm.create_model(NAME, num_classes=0) loads it with strict=True.")
+    export.add_argument("checkpoint", help="RUNDIR/last.pt")
+    export.add_argument("--out", required=True, help="the .safetensors file to write")
+    export.add_argument("--which", choices=["online", "target"], default="online",
+                        help="the online network (default; the paper keeps it) or the EMA target")
+
+    evaluate = sub.add_parser("eval", help="kNN / linear-probe accuracy of a checkpoint on labelled images",
+                              description="Accuracy of a checkpoint's frozen features on LABELLED_DIR "
+                              "(one sub-folder per class; ROOT/train + ROOT/val are used as given, "
+                              "else every fifth image of each class is held out), and a collapse report.")
+    evaluate.add_argument("--data", required=True, help="labelled folder: one sub-folder per class")
+    evaluate.add_argument("--checkpoint", required=True, help="RUNDIR/last.pt")
+    evaluate.add_argument("--knn", action="store_true", help="weighted kNN (k=20, T=0.07) accuracy")
+    evaluate.add_argument("--linear", action="store_true", help="linear probe accuracy")
+    evaluate.add_argument("--batch-size", type=int, default=256, help="images per forward (default: %(default)s)")
+    evaluate.add_argument("--workers", type=int, default=0, help="loader processes (default: %(default)s)")
+    evaluate.add_argument("--device", help="default: cuda when available, else cpu")
+
+    preview = sub.add_parser("preview", help="save originals beside their two augmented views",
+                             description="Save a picture of images from DIR beside BYOL's view 1 and view 2.")
+    preview.add_argument("--data", required=True, help="folder of images")
+    preview.add_argument("--out", default="views.png", help="the PNG to write (default: %(default)s)")
+    preview.add_argument("--image-size", type=int, default=224, help="view side (default: %(default)s)")
+    preview.add_argument("--count", type=int, default=8, help="images shown (default: %(default)s)")
+    preview.add_argument("--seed", type=int, default=0, help="seed of the views (default: %(default)s)")
+
+    _add_demo(sub)
+    return parser
+
+
+COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _run_train, "export": _run_export, "eval": _run_eval, "preview": _run_preview, "demo": _run_demo,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``byol-pytorch``; returns the exit status.
+
+    Args:
+        argv: the arguments after the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 1 for bad input (one line on stderr), 128 + signal for a run
+        stopped by a signal; argparse's own errors exit 2.
+    """
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as error:
+        message = " ".join(str(error).split())  # one line, whatever the message held
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130

@@ -1,0 +1,157 @@
+"""Backbones by name (timm or torchvision), the BYOL learner around them, and their export form.
+
+``byol-pytorch`` names a backbone the way users already do: any timm model name
+(``resnet50``, ``convnext_tiny``, ``vit_small_patch16_224``) or ``torchvision:NAME``
+(``torchvision:resnet18``). Models are always built with random weights
+(``pretrained=False`` / ``weights=None``): nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch.nn as nn
+
+from .byol import BYOL
+from .encoder import infer_channels, probe_backbone
+
+__all__ = [
+    "TORCHVISION_PREFIX", "build_backbone", "build_learner", "classifier_name",
+    "close_model_names", "strip_classifier",
+]
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def close_model_names(name: str, limit: int = 5) -> List[str]:
+    """Known model names that look like ``name`` (timm's and ``torchvision:`` ones)."""
+    import timm
+    import torchvision
+
+    if name.startswith(TORCHVISION_PREFIX):
+        names = [TORCHVISION_PREFIX + n for n in torchvision.models.list_models(module=torchvision.models)]
+    else:
+        names = list(timm.list_models())
+    return difflib.get_close_matches(name, names, n=limit, cutoff=0.6)
+
+
+def _unknown_model(name: str) -> ValueError:
+    close = close_model_names(name)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return ValueError(
+        f"unknown model {name!r}; {hint}use a timm name (see timm.list_models()) or "
+        "torchvision:NAME (see torchvision.models.list_models())"
+    )
+
+
+def build_backbone(name: str, in_chans: Optional[int] = None, image_size: Optional[int] = None) -> nn.Module:
+    """A randomly initialised backbone, with its classifier (BYOL ignores it).
+
+    Args:
+        name: a timm model name, or ``torchvision:NAME`` for a torchvision classifier.
+        in_chans: input channels (timm only; torchvision models take 3). None: the
+            model's default.
+        image_size: passed to timm models that take ``img_size`` (ViTs), so that their
+            position embeddings match the training views.
+
+    Returns:
+        The model, in train mode, on the CPU.
+
+    Raises:
+        ValueError: an unknown name (with close names), or channels a torchvision model
+            cannot take.
+    """
+    if name.startswith(TORCHVISION_PREFIX):
+        import torchvision
+
+        arch = name[len(TORCHVISION_PREFIX):]
+        if arch not in torchvision.models.list_models(module=torchvision.models):
+            raise _unknown_model(name)
+        if in_chans not in (None, 3):
+            raise ValueError(
+                f"torchvision models take 3 input channels, got in_chans={in_chans}; "
+                "use a timm model (they take any in_chans) or 3 channels"
+            )
+        return torchvision.models.get_model(arch, weights=None)
+
+    import timm
+
+    if not timm.is_model(name):
+        raise _unknown_model(name)
+    kwargs: Dict[str, Any] = {"pretrained": False}
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    if image_size is not None:
+        try:
+            return timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError:
+            pass  # a model without an img_size argument (convnets): any size works
+    return timm.create_model(name, **kwargs)
+
+
+def classifier_name(net: nn.Module, image_size: int, channels: Optional[int] = None) -> Optional[str]:
+    """Name of the final classifier ``nn.Linear`` (the module after BYOL's hidden layer).
+
+    Args:
+        net: the backbone.
+        image_size: a size the net accepts (one probe forward on zeros, in eval mode).
+        channels: input channels; default: those of the first convolution.
+
+    Returns:
+        The module name (``"fc"`` for a ResNet), or None when the net has no classifier.
+    """
+    channels = channels if channels is not None else infer_channels(net)
+    info = probe_backbone(net, (image_size, image_size), channels, "auto")
+    return str(info["name"]) if info["use_input"] else None
+
+
+def strip_classifier(net: nn.Module, name: str, image_size: int) -> nn.Module:
+    """Remove the classifier in place, the way users load a headless backbone.
+
+    timm models: ``reset_classifier(0)`` (the keys of ``timm.create_model(NAME,
+    num_classes=0)``). Others: the final classifier Linear becomes ``nn.Identity()``
+    (for a torchvision ResNet, ``net.fc = nn.Identity()``).
+
+    Args:
+        net: the backbone, weights loaded.
+        name: the model name it was built from.
+        image_size: a size the net accepts (to find the classifier of non-timm nets).
+
+    Returns:
+        ``net``, without classifier.
+    """
+    if not name.startswith(TORCHVISION_PREFIX) and hasattr(net, "reset_classifier"):
+        net.reset_classifier(0)
+        return net
+    layer = classifier_name(net, image_size)
+    if layer is not None:
+        parent_name, _, child = layer.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, child, nn.Identity())
+    return net
+
+
+def build_learner(recipe: Mapping[str, Any], net: Optional[nn.Module] = None) -> BYOL:
+    """The BYOL learner of a training recipe (a checkpoint's ``args``).
+
+    Args:
+        recipe: needs ``model``, ``image_size``, ``in_chans``, ``projection_size``,
+            ``projection_hidden_size``, ``tau_base``; ``use_batchnorm`` optional.
+        net: the backbone when already built; default ``build_backbone(recipe[...])``.
+
+    Returns:
+        ``BYOL(net, image_size, hidden_layer="auto", ...)`` with ``sync_batchnorm=None``
+        (SyncBatchNorm in the heads when a multi-GPU process group exists).
+    """
+    if net is None:
+        net = build_backbone(recipe["model"], recipe.get("in_chans"), recipe["image_size"])
+    return BYOL(
+        net,
+        image_size=int(recipe["image_size"]),
+        hidden_layer="auto",
+        projection_size=int(recipe["projection_size"]),
+        projection_hidden_size=int(recipe["projection_hidden_size"]),
+        moving_average_decay=float(recipe["tau_base"]),
+        use_batchnorm=bool(recipe.get("use_batchnorm", True)),
+    )

@@ -1,0 +1,217 @@
+"""Drop-in for the "Distributed Training" section of lucidrains/byol-pytorch.
+
+::
+
+    trainer = BYOLTrainer(
+        resnet, dataset=MockDataset(256, 10000), image_size=256, hidden_layer="avgpool",
+        learning_rate=3e-4, num_train_steps=100_000, batch_size=16, checkpoint_every=1000,
+    )
+    trainer()
+
+Same argument names and the same files (``checkpoint_folder/checkpoint.{n}.pt`` holding
+``net.state_dict()``), running on this package's loop (``loop.py``): one process, or
+``torchrun --nproc_per_node=N script.py`` for DDP (NCCL on GPUs, gloo on CPUs).
+Hugging Face accelerate is not needed; ``accelerator_kwargs`` is accepted and ignored,
+with a warning (use ``precision=`` and ``device=`` instead).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Type, Union
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from .byol import BYOL
+from .checkpoint import atomic_write
+from .loop import EpochSampler, OptimizerStep, setup_distributed
+
+__all__ = ["BYOLTrainer", "MockDataset"]
+
+
+class MockDataset(Dataset):
+    """Random images for trying the trainer out: item ``i`` is the same every time.
+
+    Args:
+        image_size: side of the square images.
+        length: number of images.
+
+    ``dataset[i]`` is a float tensor (3, image_size, image_size) in [0, 1).
+    """
+
+    def __init__(self, image_size: int, length: int):
+        if image_size < 1 or length < 1:
+            raise ValueError(f"image_size and length must be positive, got {image_size} and {length}")
+        self.image_size, self.length = int(image_size), int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not -self.length <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} images")
+        generator = torch.Generator().manual_seed(index % self.length)
+        return torch.rand(3, self.image_size, self.image_size, generator=generator)
+
+
+def _images_only(batch: list) -> torch.Tensor:
+    """Collate items that are images or (image, label, ...) tuples into an image batch."""
+    first = batch[0]
+    if isinstance(first, (tuple, list)):
+        batch = [item[0] for item in batch]
+    return default_collate(batch)
+
+
+class BYOLTrainer(nn.Module):
+    """Train ``net`` with BYOL on ``dataset``; call the trainer to run it.
+
+    Args:
+        net: the backbone, trained in place.
+        image_size: side of the augmented views.
+        hidden_layer: the representation layer (name, child index, or ``"auto"``).
+        learning_rate: the optimiser's constant learning rate.
+        dataset: items are images (C, H, W), float or uint8, or tuples starting with one.
+        num_train_steps: optimizer steps to take.
+        batch_size: images per step and process.
+        optimizer_klass: the optimiser class (default Adam, as the incumbent).
+        checkpoint_every: save ``net.state_dict()`` every this many steps.
+        checkpoint_folder: where ``checkpoint.{n}.pt`` files go (atomically written);
+            ``checkpoint.final.pt`` holds the net at the end.
+        byol_kwargs: more ``BYOL`` arguments.
+        optimizer_kwargs: more optimiser arguments.
+        accelerator_kwargs: accepted for compatibility and ignored.
+        num_workers: data loading processes.
+        device: default: this process's GPU, else the CPU.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        seed: seeds the data order and (plus the rank) the augmentations; None keeps
+            the global generator as it is (offset by the rank under DDP).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        image_size: int,
+        hidden_layer: Union[str, int],
+        learning_rate: float,
+        dataset: Dataset,
+        num_train_steps: int,
+        batch_size: int = 16,
+        optimizer_klass: Type[torch.optim.Optimizer] = torch.optim.Adam,
+        checkpoint_every: int = 1000,
+        checkpoint_folder: str = "./checkpoints",
+        byol_kwargs: Optional[Dict[str, Any]] = None,
+        optimizer_kwargs: Optional[Dict[str, Any]] = None,
+        accelerator_kwargs: Optional[Dict[str, Any]] = None,
+        num_workers: int = 0,
+        device: Optional[str] = None,
+        precision: str = "fp32",
+        seed: Optional[int] = None,
+    ):
+        super().__init__()
+        if num_train_steps < 1 or checkpoint_every < 1 or batch_size < 2:
+            raise ValueError(
+                f"num_train_steps and checkpoint_every must be >= 1 and batch_size >= 2, got "
+                f"{num_train_steps}, {checkpoint_every} and {batch_size}"
+            )
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+        if accelerator_kwargs:
+            warnings.warn("BYOLTrainer runs on byol_pytorch's own loop: accelerator_kwargs is ignored; "
+                          "use precision= and device=", stacklevel=2)
+        self.ctx = setup_distributed(device)
+        if self.ctx.distributed and self.ctx.device.type == "cuda":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        self.net = net
+        self.byol = BYOL(net, image_size=image_size, hidden_layer=hidden_layer, **(byol_kwargs or {}))
+        self.byol.to(self.ctx.device)
+        self.optimizer = optimizer_klass(self.byol.parameters(), lr=learning_rate, **(optimizer_kwargs or {}))
+        base_seed = seed if seed is not None else torch.initial_seed()
+        self.sampler = EpochSampler(len(dataset), batch_size, self.ctx.rank, self.ctx.world_size, base_seed)
+        self.dataloader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+                                     num_workers=num_workers, collate_fn=_images_only,
+                                     pin_memory=self.ctx.device.type == "cuda", persistent_workers=num_workers > 0)
+        self.num_train_steps, self.checkpoint_every = int(num_train_steps), int(checkpoint_every)
+        self.checkpoint_folder = Path(checkpoint_folder)
+        self.checkpoint_folder.mkdir(parents=True, exist_ok=True)
+        self.precision, self.seed = precision, seed
+        self.register_buffer("step", torch.tensor(0))
+
+    def print(self, message: str) -> None:
+        """Print on rank 0 only."""
+        if self.ctx.is_main:
+            print(message, flush=True)
+
+    def save(self, name: str) -> Path:
+        """Write ``net.state_dict()`` to ``checkpoint_folder/name`` atomically (rank 0)."""
+        path = self.checkpoint_folder / name
+        if self.ctx.is_main:
+            state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+            atomic_write(path, lambda temp: torch.save(state, temp))
+        self.ctx.barrier()
+        return path
+
+    def forward(self) -> Dict[str, float]:
+        """Train for ``num_train_steps`` steps.
+
+        Returns:
+            ``{"steps": ..., "loss": last logged mean loss}``.
+
+        Raises:
+            FloatingPointError: the loss turned non-finite (lower the learning rate).
+        """
+        from tqdm import tqdm
+
+        ctx = self.ctx
+        if self.seed is not None:
+            torch.manual_seed(self.seed + ctx.rank)
+        elif ctx.distributed:
+            torch.manual_seed(torch.initial_seed() + ctx.rank)
+        if self.byol.use_momentum and self.byol.target_encoder is None:
+            self.byol.init_target()  # before DDP wraps the learner (see train.py)
+        model: nn.Module = self.byol
+        if ctx.distributed:
+            model = DistributedDataParallel(self.byol, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        scaler = torch.amp.GradScaler(ctx.device.type) if self.precision == "fp16" else None
+        run_step = OptimizerStep(self.byol, model, self.optimizer, None, self.precision, ctx.device, scaler)
+        check_every = 1 if ctx.device.type == "cpu" else 10
+        progress = tqdm(total=self.num_train_steps, disable=not ctx.is_main, desc="byol", unit="step")
+        loss_sum, count, last_loss = torch.zeros((), device=ctx.device), 0, math.nan
+        epoch, done = 0, 0
+        while done < self.num_train_steps:
+            self.sampler.set_epoch(epoch)
+            for images in self.dataloader:
+                index = done  # 0-based index of this step, as the incumbent counts
+                loss, stepped = run_step([images.to(ctx.device, non_blocking=True)])
+                loss_sum += loss
+                count += 1
+                if not stepped:
+                    continue
+                done += 1
+                self.step.fill_(done)
+                progress.update(1)
+                if done % check_every == 0 or index % self.checkpoint_every == 0 or done == self.num_train_steps:
+                    last_loss = (loss_sum / count).item()
+                    loss_sum.zero_()
+                    count = 0
+                    if not math.isfinite(last_loss):
+                        progress.close()
+                        raise FloatingPointError(
+                            f"the BYOL loss turned non-finite ({last_loss}) by step {done}; lower the "
+                            "learning_rate or use precision='fp32'/'bf16'"
+                        )
+                    progress.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
+                if index % self.checkpoint_every == 0:
+                    self.save(f"checkpoint.{index // self.checkpoint_every}.pt")
+                if done == self.num_train_steps:
+                    break
+            epoch += 1
+        progress.close()
+        self.save("checkpoint.final.pt")
+        self.print("training complete")
+        return {"steps": done, "loss": last_loss}

@@ -1,0 +1,182 @@
+"""The byol-pytorch command: every bad input is one line and a non-zero exit; eval and preview work."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from byol_pytorch import cli
+from test_train import TINY, make_labelled, make_messy_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A one-step run on a messy folder, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("cli")
+    data = make_messy_folder(root / "images", good=8)
+    out = root / "run"
+    assert cli.main(["train", "--data", str(data), "--out", str(out), *TINY, "--max-steps", "1"]) == 0
+    return data, out
+
+
+def one_error_line(capsys, code, expected_code=1):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == expected_code, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("byol-pytorch: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+def test_train_without_data(capsys, tmp_path):
+    line = one_error_line(capsys, cli.main(["train", "--out", str(tmp_path / "r"), *TINY]))
+    assert "--data is required" in line
+
+
+def test_train_with_missing_data_folder(capsys, tmp_path):
+    line = one_error_line(capsys, cli.main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"),
+                                            *TINY]))
+    assert "does not exist" in line
+
+
+def test_train_with_empty_data_folder(capsys, tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    line = one_error_line(capsys, cli.main(["train", "--data", str(tmp_path / "empty"), "--out",
+                                            str(tmp_path / "r"), *TINY]))
+    assert "no images found" in line
+
+
+@pytest.mark.parametrize("name, suggestion", [("resnet5O", "resnet50"), ("torchvision:resnt18", "torchvision:resnet18")])
+def test_train_with_unknown_model_suggests_close_names(capsys, tmp_path, trained, name, suggestion):
+    data, _ = trained
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "r"), *TINY]
+    argv[argv.index("resnet10t")] = name
+    line = one_error_line(capsys, cli.main(argv))
+    assert f"unknown model {name!r}" in line and suggestion in line
+
+
+def test_resume_without_checkpoint(capsys, tmp_path, trained):
+    data, _ = trained
+    line = one_error_line(capsys, cli.main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--resume",
+                                            *TINY]))
+    assert "no checkpoint" in line
+
+
+def test_batch_size_one(capsys, tmp_path, trained):
+    data, _ = trained
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "r"), *TINY]
+    argv[argv.index("--batch-size") + 1] = "1"
+    line = one_error_line(capsys, cli.main(argv))
+    assert "--batch-size 1" in line and "at least 2" in line
+
+
+def test_a_new_run_does_not_overwrite_a_checkpoint(capsys, trained):
+    data, out = trained
+    line = one_error_line(capsys, cli.main(["train", "--data", str(data), "--out", str(out), *TINY]))
+    assert "already exists" in line and "--resume" in line
+
+
+def test_resume_keeps_the_recipe(capsys, trained):
+    _, out = trained
+    line = one_error_line(capsys, cli.main(["train", "--out", str(out), "--resume", "--optimizer", "adamw"]))
+    assert "--optimizer adamw differs from the checkpoint's lars" in line
+
+
+@pytest.mark.parametrize("command", ["resume", "export", "eval"])
+def test_a_checkpoint_that_is_not_ours(capsys, tmp_path, trained, command):
+    data, _ = trained
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
+    argv = {
+        "resume": ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--resume", str(foreign)],
+        "export": ["export", str(foreign), "--out", str(tmp_path / "x.safetensors")],
+        "eval": ["eval", "--data", str(make_labelled(tmp_path / "lab")), "--checkpoint", str(foreign)],
+    }[command]
+    line = one_error_line(capsys, cli.main(argv))
+    assert "is not a byol_pytorch checkpoint" in line
+
+
+def test_eval_folder_without_class_subfolders(capsys, tmp_path, trained):
+    data, out = trained
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(next(data.rglob("*.png")), flat / "a.png")
+    line = one_error_line(capsys, cli.main(["eval", "--data", str(flat), "--checkpoint", str(out / "last.pt")]))
+    assert "no class sub-folders" in line
+
+
+def test_argparse_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--no-such-flag"])
+    line = one_error_line(capsys, exit_info.value.code, expected_code=2)
+    assert "--no-such-flag" in line
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    script = shutil.which("byol-pytorch")
+    command = [script] if script else [sys.executable, "-m", "byol_pytorch"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([*command, "export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"byol-pytorch: error: checkpoint {str(tmp_path / 'missing.pt')!r} does not exist"]
+
+
+def test_eval_prints_accuracies_and_collapse_report(capsys, tmp_path, trained):
+    _, out = trained
+    labelled = make_labelled(tmp_path / "lab")
+    assert cli.main(["eval", "--data", str(labelled), "--checkpoint", str(out / "last.pt"), "--knn", "--linear"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    knn = next(line for line in lines if line.startswith("kNN accuracy"))
+    linear = next(line for line in lines if line.startswith("linear probe accuracy"))
+    assert 0.5 <= float(knn.split()[-1]) <= 1.0  # three colours: easy even for a barely trained net
+    assert 0.5 <= float(linear.split()[-1]) <= 1.0
+    assert any(line.startswith("collapse report:") and "not collapsed" in line for line in lines)
+
+
+def test_preview_writes_a_picture(tmp_path, trained):
+    pytest.importorskip("matplotlib")
+    data, _ = trained
+    out = tmp_path / "views.png"
+    assert cli.main(["preview", "--data", str(data), "--out", str(out), "--image-size", "32", "--count", "3"]) == 0
+    with Image.open(out) as image:
+        assert image.format == "PNG" and min(image.size) > 100
+        assert np.asarray(image.convert("L")).std() > 5  # not blank
+
+
+def test_python_dash_m_and_help():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "byol_pytorch", "train", "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--data", "--model", "--max-steps", "--resume", "--optimizer", "--precision", "--val-data"):
+        assert flag in proc.stdout
+    assert "paper" in proc.stdout
+
+
+def test_demo_is_wired(capsys):
+    demo = pytest.importorskip("byol_pytorch.demo")
+    assert hasattr(demo, "run_demo") and hasattr(demo, "add_demo_arguments")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    assert "demo" in capsys.readouterr().out
+
