@@ -29,6 +29,15 @@ def cnn() -> nn.Sequential:
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seeded, single-threaded tests.
+
+    CI and development boxes here have 2 shared cores: two intra-op threads spin
+    against each other and make small steps up to ~50x slower, so every test runs on
+    one thread (restored afterwards) and starts from the same seed.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)

@@ -17,12 +17,6 @@ RECIPE = dict(model="resnet10t", in_chans=3, image_size=32, projection_size=16, 
               tau_base=0.99)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -19,14 +19,6 @@ from byol_pytorch.evaluate import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The problems here are tiny: with more threads than free cores (a busy CI box),
-    OpenMP waits make each small op ~30x slower. Restored after every test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- kNN

@@ -59,14 +59,6 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two intra-op threads on a loaded 2-core machine spin against each other and make a
-    # step ~50x slower; one thread keeps these runs to seconds anywhere.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -156,10 +148,6 @@ def test_lightning_module(image_folder, tmp_path, forward_calls, accumulate):
     assert {n for n in names if n.startswith("learner.target_encoder.")} <= ignored
 
 
-@pytest.mark.skipif(
-    os.environ.get("BYOL_TEST_DDP") != "1",
-    reason="two Lightning DDP processes on the CPU take ~20-60 s; set BYOL_TEST_DDP=1 to run",
-)
 def test_lightning_module_ddp_two_processes(image_folder, tmp_path):
     # Without the forwarded ignore list, DDP (find_unused_parameters=False) stops at the
     # second step: the classifier got no gradient.

@@ -27,12 +27,6 @@ TINY = ["--model", "resnet10t", "--image-size", "32", "--batch-size", "4", "--pr
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box has 2 shared cores: more threads only contend
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_messy_folder(root: Path, good: int = 24) -> Path:

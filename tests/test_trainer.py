@@ -9,12 +9,6 @@ from byol_pytorch.trainer import BYOLTrainer, MockDataset
 from conftest import small_cnn
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_mock_dataset_is_random_images_stable_per_index():
