@@ -1,0 +1,441 @@
+"""``byol-pytorch demo``: BYOL learning Fashion-MNIST on a laptop CPU in a few minutes.
+
+The demo answers a newcomer's first question, "does it learn?", on real data and
+without a GPU. It
+
+1. reads Fashion-MNIST (Xiao et al. 2017) from the four IDX files found locally
+   (Debian package ``dataset-fashion-mnist``, or ``--data-dir``);
+2. measures weighted kNN accuracy (k=20, T=0.07; Wu et al. 2018) of a randomly
+   initialised backbone on the 10,000 test images, with a 10,000-image bank drawn from
+   the training split, and of the raw pixels for reference;
+3. pretrains the backbone with :class:`~byol_pytorch.BYOL` on the training images (no
+   labels), kept in memory as uint8 and augmented in batches inside the learner;
+4. measures the kNN accuracy again, writes ``OUT/curves.png`` (loss, kNN, lr, tau per
+   step), ``OUT/views.png`` (a few images beside their two views) and
+   ``OUT/metrics.jsonl``, and ends with the line
+   ``kNN accuracy: random init 0.XXXX -> BYOL 0.YYYY``.
+
+The backbone, its size and the recipe (crop scale for 28 px images, brightness and
+contrast only, AdamW, tau, batch size, steps, head widths) were chosen by measurement
+on a 2-core CPU: see ``benchmarks/results/demo.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .augment import BYOLAugment
+from .byol import BYOL
+from .cli import UserError
+from .evaluate import extract_features, knn_accuracy
+from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from .optim import build_optimizer, warmup_cosine_scheduler
+
+__all__ = ["DEMO_DEFAULTS", "QUICK_SETTINGS", "demo_cnn", "add_demo_arguments", "run_demo", "main"]
+
+# The recipe, chosen by measurement on a 2-core CPU (see benchmarks/results/demo.md).
+DEMO_DEFAULTS: Dict[str, Any] = {
+    "out": "runs/demo",
+    "model": "cnn",
+    "width": 16,
+    "steps": 2000,
+    "batch_size": 128,
+    "image_size": 28,
+    "train_images": 60000,
+    "bank_images": 10000,
+    "test_images": 10000,
+    "lr": 5e-3,
+    "weight_decay": 1e-6,  # the paper's LARS decay (1.5e-6) rounded; small nets barely need any
+    "warmup_steps": 0,
+    "tau": 0.96,
+    "tau_schedule": "constant",
+    "crop_scale": 0.3,
+    "projection_size": 128,
+    "projection_hidden_size": 512,
+    "knn_points": 3,
+    "seed": 0,
+    "threads": 2,
+}
+# --quick: the reduced demo of the test suite (seconds, not minutes).
+QUICK_SETTINGS: Dict[str, Any] = {
+    "steps": 20,
+    "batch_size": 64,
+    "train_images": 2000,
+    "bank_images": 2000,
+    "test_images": 1000,
+    "projection_size": 32,
+    "projection_hidden_size": 64,
+    "knn_points": 1,
+}
+KNN_K, KNN_TEMPERATURE = 20, 0.07  # Wu et al. 2018, as in the DINO and solo-learn monitors
+_VIEWS_SHOWN = 8
+_LOG_LINES = 10  # progress lines printed during training
+
+
+def demo_cnn(width: int = 16, in_chans: int = 1, num_classes: int = 10) -> nn.Sequential:
+    """The demo's backbone: four 3x3 conv-BN-ReLU blocks, global average pool, a classifier.
+
+    Widths ``w, 2w, 4w, 8w`` at strides ``1, 2, 2, 2`` (28 -> 28 -> 14 -> 7 -> 4 px);
+    the representation is the pooled ``8w`` vector (the classifier's input, which BYOL's
+    ``hidden_layer="auto"`` finds). With ``width=16`` it has 99k parameters and costs
+    3.1 M multiply-adds per 28 px image. Its random initialisation gives a real kNN baseline
+    (features vary with the image; see benchmarks/results/demo.md).
+
+    Args:
+        width: channels of the first block.
+        in_chans: input channels (1 for Fashion-MNIST).
+        num_classes: outputs of the classifier (unused by BYOL, kept so the net is a
+            complete classifier for fine-tuning).
+
+    Returns:
+        The network, in train mode.
+    """
+    layers: List[nn.Module] = []
+    channels = in_chans
+    for out, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
+        # No conv bias: the BatchNorm after it has one.
+        layers += [nn.Conv2d(channels, out, 3, stride, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        channels = out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the flags of ``byol-pytorch demo`` to ``parser`` and return it."""
+    d = DEMO_DEFAULTS
+    a = parser.add_argument
+    a("--data-dir", help="folder with the four Fashion-MNIST IDX files (.gz or not); default: "
+      "$BYOL_FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist "
+      "(apt-get install -y dataset-fashion-mnist)")
+    a("--out", default=d["out"], help="run folder for curves.png, views.png, metrics.jsonl (default: %(default)s)")
+    a("--steps", type=int, help=f"optimizer steps (default: {d['steps']}; fewer is faster, more is better)")
+    a("--batch-size", type=int, help=f"images per step (default: {d['batch_size']})")
+    a("--image-size", type=int, help=f"side of the views; the 28 px images are resized to it "
+      f"(default: {d['image_size']})")
+    a("--train-images", type=int, help=f"training images used for pretraining (default: {d['train_images']}, all)")
+    a("--bank-images", type=int, help=f"training images in the kNN bank (default: {d['bank_images']})")
+    a("--test-images", type=int, help=f"test images classified by kNN (default: {d['test_images']}, all)")
+    a("--model", help=f"'cnn' (the demo's small CNN) or a timm model name, built with in_chans=1 "
+      f"(default: {d['model']})")
+    a("--width", type=int, help=f"channels of the first block of the 'cnn' model (default: {d['width']})")
+    a("--lr", type=float, help=f"peak AdamW learning rate, cosine-decayed to 0 (default: {d['lr']:g})")
+    a("--tau", type=float, help=f"EMA decay of the target network (default: {d['tau']:g})")
+    a("--tau-schedule", choices=["constant", "cosine"], help="keep tau, or raise it to 1 with the paper's "
+      f"cosine schedule (default: {d['tau_schedule']})")
+    a("--crop-scale", type=float, help=f"smallest crop area of the views (default: {d['crop_scale']:g}; "
+      "the paper's 0.08 is meant for 224 px images)")
+    a("--projection-size", type=int, help=f"projector output (default: {d['projection_size']})")
+    a("--projection-hidden-size", type=int, help=f"hidden width of the heads (default: "
+      f"{d['projection_hidden_size']})")
+    a("--knn-points", type=int, help=f"kNN evaluations during training, besides the start and the end "
+      f"(default: {d['knn_points']})")
+    a("--seed", type=int, help=f"seed of the model, the data order and the views (default: {d['seed']})")
+    a("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    a("--threads", type=int, help=f"CPU threads of torch (default: {d['threads']}, a 2-core laptop)")
+    a("--quick", action="store_true", help="a reduced demo of a few seconds (the test suite's): "
+      + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK_SETTINGS.items()) + "; explicit flags win")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The demo's settings: explicit flags, else --quick's, else the defaults."""
+    settings = dict(DEMO_DEFAULTS)
+    if getattr(args, "quick", False):
+        settings.update(QUICK_SETTINGS)
+    for key in settings:
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    settings["data_dir"] = getattr(args, "data_dir", None)
+    settings["device"] = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    for key in ("steps", "batch_size", "image_size", "train_images", "bank_images", "test_images", "width",
+                "projection_size", "projection_hidden_size", "threads"):
+        if settings[key] <= 0:
+            raise UserError(f"--{key.replace('_', '-')} must be positive, got {settings[key]}")
+    for key in ("batch_size", "train_images"):
+        if settings[key] < 2:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 2 (BatchNorm and the loss need a "
+                            f"batch), got {settings[key]}")
+    if settings["knn_points"] < 0:
+        raise UserError(f"--knn-points must be 0 or more, got {settings['knn_points']}")
+    if not 0.0 <= settings["tau"] <= 1.0:
+        raise UserError(f"--tau must be in [0, 1] (the paper: 0.99-0.996), got {settings['tau']}")
+    if not 0.0 < settings["crop_scale"] <= 1.0:
+        raise UserError(f"--crop-scale must be in (0, 1], got {settings['crop_scale']}")
+    if not settings["lr"] > 0:
+        raise UserError(f"--lr must be positive, got {settings['lr']}")
+    return settings
+
+
+def _load(data_dir: Optional[str], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return load_fashion_mnist(data_dir, split)
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
+    except ValueError as error:  # a corrupt or truncated file
+        raise UserError(str(error)) from None
+
+
+def _subset(n_total: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``min(n, n_total)`` distinct indices, drawn once with ``generator``."""
+    return torch.randperm(n_total, generator=generator)[: min(n, n_total)]
+
+
+def _build_backbone(settings: Dict[str, Any]) -> nn.Module:
+    if settings["model"] == "cnn":
+        return demo_cnn(settings["width"])
+    from .models import build_backbone
+
+    try:
+        return build_backbone(settings["model"], in_chans=1)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def _views(settings: Dict[str, Any]) -> tuple[BYOLAugment, BYOLAugment]:
+    """The two views for 28 px grayscale clothes (``BYOLAugment`` with three overrides).
+
+    The paper's Table 6 (flip 0.5, jitter 0.8 with brightness and contrast 0.4, blur
+    1.0 / 0.1 with a 3 px kernel at 28 px, solarize 0.0 / 0.2), except: crops of at least
+    ``crop_scale`` of the area (0.08 leaves a few pixels of a 28 px image; 0.3 beat 0.2
+    and 0.5), and no saturation, hue or grayscale (no-ops on one channel). Blur and
+    solarisation each added about a point of kNN accuracy. Measured in
+    benchmarks/results/demo.md.
+    """
+    common = dict(crop_scale=(settings["crop_scale"], 1.0), saturation=0.0, hue=0.0, grayscale_p=0.0)
+    size = settings["image_size"]
+    return BYOLAugment(size, view=1, **common), BYOLAugment(size, view=2, **common)
+
+
+def _knn(learner: BYOL, prepare: Callable[[torch.Tensor], torch.Tensor], bank: torch.Tensor,
+         bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor, device: str) -> float:
+    """Weighted kNN accuracy of the learner's representation (the backbone's pooled features)."""
+    embed = functools.partial(learner, return_embedding=True, return_projection=False)
+    bank_features = extract_features(embed, bank, batch_size=500, device=device, transform=prepare)
+    query_features = extract_features(embed, queries, batch_size=500, device=device, transform=prepare)
+    return knn_accuracy(bank_features, bank_labels, query_features, query_labels,
+                        num_classes=len(FASHION_MNIST_CLASSES), k=KNN_K, temperature=KNN_TEMPERATURE)
+
+
+def _knn_steps(steps: int, points: int) -> List[int]:
+    """Steps after which the kNN monitor runs during training (evenly spaced, the end excluded)."""
+    return sorted({round(steps * i / (points + 1)) for i in range(1, points + 1)} - {0, steps})
+
+
+def _pretrain(learner: BYOL, images: torch.Tensor, settings: Dict[str, Any], evaluate: Callable[[], float]
+              ) -> tuple[List[Dict[str, Any]], float, float]:
+    """BYOL training: AdamW, cosine lr, one target update per step, shuffled epochs.
+
+    Args:
+        learner: the BYOL learner (trained in place).
+        images: uint8 (N, 1, 28, 28) training images, on the learner's device.
+        settings: the demo's settings (steps, batch_size, lr, weight_decay, warmup_steps,
+            knn_points).
+        evaluate: the kNN monitor, run ``knn_points`` times at evenly spaced steps.
+
+    Returns:
+        One record per step (``step``, ``loss``, ``lr``, ``tau``, and ``knn_acc`` where the
+        monitor ran), the training seconds and the monitor's seconds.
+
+    Raises:
+        UserError: the loss turned non-finite (a too-high --lr).
+    """
+    steps = settings["steps"]
+    optimizer = build_optimizer("adamw", learner, settings["lr"], settings["weight_decay"])
+    scheduler = warmup_cosine_scheduler(optimizer, steps, settings["warmup_steps"])
+    monitor_at = set(_knn_steps(steps, settings["knn_points"]))
+    log_every = max(1, steps // _LOG_LINES)
+    batch = min(settings["batch_size"], len(images))
+    order, cursor = torch.randperm(len(images), device=images.device), 0
+    metrics: List[Dict[str, Any]] = []
+    monitor_time = 0.0
+    learner.train()
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        if cursor + batch > len(order):  # a new epoch in a new order
+            order, cursor = torch.randperm(len(images), device=images.device), 0
+        batch_images = images[order[cursor:cursor + batch]]  # (B, 1, 28, 28) uint8
+        cursor += batch
+        record: Dict[str, Any] = {"step": step, "lr": optimizer.param_groups[0]["lr"], "tau": learner.current_decay}
+        loss = learner(batch_images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        learner.update_moving_average()
+        record["loss"] = loss.item()
+        if not math.isfinite(record["loss"]):
+            raise UserError(f"the BYOL loss turned {record['loss']} at step {step}: training diverged; "
+                            f"lower --lr (now {settings['lr']:g})")
+        if step in monitor_at:
+            tick = time.perf_counter()
+            record["knn_acc"] = evaluate()
+            monitor_time += time.perf_counter() - tick
+        metrics.append(record)
+        if step % log_every == 0 or step == steps or "knn_acc" in record:
+            knn_text = f"  kNN {record['knn_acc']:.4f}" if "knn_acc" in record else ""
+            print(f"step {step:>5}/{steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                  f"tau {record['tau']:.4f}  {time.perf_counter() - start - monitor_time:6.1f} s{knn_text}",
+                  flush=True)
+    return metrics, time.perf_counter() - start - monitor_time, monitor_time
+
+
+def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run the demo; prints progress and ends with ``kNN accuracy: random init A -> BYOL B``.
+
+    Args:
+        args: the parsed flags of :func:`add_demo_arguments` (missing ones take their
+            defaults, so ``argparse.Namespace(quick=True)`` works).
+
+    Returns:
+        ``knn_random_init``, ``knn_byol``, ``knn_raw_pixels`` (accuracies in [0, 1]),
+        ``knn_curve`` (``[(step, accuracy), ...]``), ``seconds`` (wall time per phase:
+        ``load``, ``eval_init``, ``train``, ``eval_final``, ``plots``, ``total``),
+        ``steps_per_second``, ``curves`` and ``views`` (paths of the figures, or None
+        without matplotlib), ``metrics`` (path of metrics.jsonl) and ``settings``.
+
+    Raises:
+        UserError: missing or corrupt dataset files, a bad flag, or a loss that turned
+            non-finite (the command prints it as one line).
+    """
+    start = time.perf_counter()
+    settings = _settings(args)
+    device = settings["device"]
+    out = Path(settings["out"])
+    seconds: Dict[str, float] = {}
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(settings["threads"])
+    try:
+        train_images, train_labels = _load(settings["data_dir"], "train")
+        test_images, test_labels = _load(settings["data_dir"], "test")
+        torch.manual_seed(settings["seed"])
+        picker = torch.Generator().manual_seed(settings["seed"])
+        pretrain = train_images[_subset(len(train_images), settings["train_images"], picker)].to(device)
+        bank_index = _subset(len(train_images), settings["bank_images"], picker)
+        bank, bank_labels = train_images[bank_index], train_labels[bank_index]  # (N, 1, 28, 28), (N,)
+        queries, query_labels = test_images[: settings["test_images"]], test_labels[: settings["test_images"]]
+        seconds["load"] = time.perf_counter() - start
+        print(f"Fashion-MNIST: {len(pretrain)} images for BYOL, kNN bank {len(bank)} train images, "
+              f"{len(queries)} test queries; device {device}, {settings['threads']} threads", flush=True)
+
+        phase = time.perf_counter()
+        raw = knn_accuracy(bank.flatten(1).float(), bank_labels, queries.flatten(1).float(), query_labels,
+                           num_classes=len(FASHION_MNIST_CLASSES), k=KNN_K, temperature=KNN_TEMPERATURE)
+        net = _build_backbone(settings).to(device)
+        view1, view2 = _views(settings)
+        size = settings["image_size"]
+
+        def prepare(x: torch.Tensor) -> torch.Tensor:  # uint8 (B, 1, 28, 28) -> normalised (B, 1, size, size)
+            x = x.float() / 255
+            if x.shape[-1] != size or x.shape[-2] != size:
+                x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp_(0, 1)
+            return view1.normalize(x)
+
+        steps = settings["steps"]
+        learner = BYOL(
+            net, size, projection_size=settings["projection_size"],
+            projection_hidden_size=settings["projection_hidden_size"], augment_fn=view1, augment_fn2=view2,
+            moving_average_decay=settings["tau"],
+            moving_average_total_steps=steps if settings["tau_schedule"] == "cosine" else None,
+        ).to(device)
+        init = _knn(learner, prepare, bank, bank_labels, queries, query_labels, device)
+        seconds["eval_init"] = time.perf_counter() - phase
+        print(f"kNN on raw pixels {raw:.4f}; random init {init:.4f} "
+              f"({seconds['eval_init']:.1f} s)", flush=True)
+
+        evaluate = functools.partial(_knn, learner, prepare, bank, bank_labels, queries, query_labels, device)
+        metrics, seconds["train"], seconds["monitor"] = _pretrain(learner, pretrain, settings, evaluate)
+        metrics.insert(0, {"step": 0, "knn_acc": init})
+
+        phase = time.perf_counter()
+        final = evaluate()
+        seconds["eval_final"] = time.perf_counter() - phase
+        metrics[-1]["knn_acc"] = final
+        curve = [(m["step"], m["knn_acc"]) for m in metrics if "knn_acc" in m]
+
+        phase = time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path = out / "metrics.jsonl"
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics), encoding="utf-8")
+        curves_path, views_path = _plots(out, metrics, view1, view2, bank, bank_labels, settings, init, final)
+        seconds["plots"] = time.perf_counter() - phase
+    finally:
+        torch.set_num_threads(threads_before)
+    seconds["total"] = time.perf_counter() - start
+
+    train_time = seconds["train"]
+    print(f"BYOL: {steps} steps in {train_time:.1f} s ({steps / train_time:.2f} steps/s), kNN monitor "
+          f"{seconds['monitor']:.1f} s; total {seconds['total']:.1f} s", flush=True)
+    written = [str(p) for p in (curves_path, views_path, metrics_path) if p is not None]
+    print(f"wrote {', '.join(written)}", flush=True)
+    print(f"kNN on raw pixels {raw:.4f} (reference)", flush=True)
+    print(f"kNN accuracy: random init {init:.4f} -> BYOL {final:.4f}", flush=True)
+    return {
+        "knn_random_init": init,
+        "knn_byol": final,
+        "knn_raw_pixels": raw,
+        "knn_curve": curve,
+        "seconds": seconds,
+        "steps_per_second": steps / train_time if train_time > 0 else float("nan"),
+        "curves": curves_path,
+        "views": views_path,
+        "metrics": metrics_path,
+        "settings": settings,
+    }
+
+
+def _plots(out: Path, metrics: List[Dict[str, Any]], view1: BYOLAugment, view2: BYOLAugment,
+           images: torch.Tensor, labels: torch.Tensor, settings: Dict[str, Any], init: float, final: float
+           ) -> tuple[Optional[Path], Optional[Path]]:
+    """Write curves.png and views.png; (None, None) with a note when matplotlib is missing.
+
+    views.png shows the first image of each of up to 8 classes beside its two views.
+    """
+    from .plots import plot_curves, plot_views
+
+    title = (f"BYOL on Fashion-MNIST: kNN {init:.4f} (random init) -> {final:.4f} "
+             f"after {settings['steps']} steps")
+    first_of_class = [int((labels == c).nonzero()[0]) for c in labels.unique().tolist()[:_VIEWS_SHOWN]]
+    originals = images[first_of_class].cpu()  # (8, 1, 28, 28) uint8
+    generator = torch.Generator().manual_seed(settings["seed"])
+    with torch.no_grad():
+        first, second = view1(originals, generator=generator), view2(originals, generator=generator)
+    mean, std = view1.resolve_mean_std(originals.shape[1])
+    try:
+        curves = plot_curves(metrics, out / "curves.png", title=title)
+        views = plot_views(originals, first, second, out / "views.png", mean=mean, std=std)
+    except ImportError as error:
+        print(f"no figures: {error}", flush=True)
+        return None, None
+    return curves, views
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m byol_pytorch.demo [flags]``: run the demo; returns the exit status.
+
+    Bad input (a missing dataset, a bad flag) prints one line and returns 1.
+    """
+    parser = argparse.ArgumentParser(prog="python -m byol_pytorch.demo", description=__doc__.splitlines()[0])
+    add_demo_arguments(parser)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        run_demo(args)
+    except UserError as error:
+        sys.stderr.write("byol-pytorch demo: error: " + " ".join(str(error).split()) + "\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Tests of ``byol_pytorch.demo``: a reduced demo on the real data, and its error paths."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from byol_pytorch import demo
+from byol_pytorch.cli import UserError
+from byol_pytorch.cli import main as cli_main
+from byol_pytorch.fashion_mnist import DEFAULT_DATA_DIR, ENV_VAR, load_fashion_mnist
+
+FINAL_LINE = re.compile(r"^kNN accuracy: random init (0\.\d{4}|1\.0000) -> BYOL (0\.\d{4}|1\.0000)$")
+
+
+def _data_available() -> bool:
+    try:
+        load_fashion_mnist(None, "test")
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+needs_data = pytest.mark.skipif(
+    not _data_available(),
+    reason=f"Fashion-MNIST not found ({DEFAULT_DATA_DIR} or ${ENV_VAR}): apt-get install -y dataset-fashion-mnist",
+)
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    demo.add_demo_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, after checking the signature and its CRC."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    assert struct.unpack(">I", data[29:33])[0] == zlib.crc32(data[12:29])
+    return struct.unpack(">II", data[16:24])
+
+
+def _non_blank(path: Path) -> bool:
+    """The decoded image has more than one colour (matplotlib reads its own PNGs)."""
+    from matplotlib.image import imread
+
+    pixels = torch.from_numpy(imread(path))
+    return bool((pixels.reshape(-1, pixels.shape[-1]).std(dim=0) > 0.01).any())
+
+
+@needs_data
+def test_quick_demo_learns_and_writes_figures(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    result = demo.run_demo(_args("--quick", "--out", str(tmp_path / "run"), "--threads", "2"))
+    lines = capsys.readouterr().out.strip().splitlines()
+
+    match = FINAL_LINE.match(lines[-1])
+    assert match, f"last line {lines[-1]!r} is not the kNN summary"
+    assert float(match.group(1)) == pytest.approx(result["knn_random_init"], abs=5e-5)
+    assert float(match.group(2)) == pytest.approx(result["knn_byol"], abs=5e-5)
+    for key in ("knn_random_init", "knn_byol", "knn_raw_pixels"):
+        assert 0.0 <= result[key] <= 1.0, key
+    # Ten classes: chance is 0.1. 20 steps on 2,000 images already give features far above it.
+    assert result["knn_byol"] > 0.3
+    assert result["knn_raw_pixels"] > 0.5  # the reference is sane (about 0.75 with this bank)
+    assert result["settings"]["steps"] == demo.QUICK_SETTINGS["steps"]
+    steps = [step for step, _ in result["knn_curve"]]
+    assert steps[0] == 0 and steps[-1] == demo.QUICK_SETTINGS["steps"] and steps == sorted(steps)
+    assert result["seconds"]["total"] > 0 and result["steps_per_second"] > 0
+
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == demo.QUICK_SETTINGS["steps"] + 1  # the start, then one record per step
+    for name, expected in (("curves.png", (1000, 700)), ("views.png", (600, 1600))):
+        path = tmp_path / "run" / name
+        assert result[name.split(".")[0]] == path
+        assert _png_size(path) == expected, name
+        assert _non_blank(path), name
+
+
+@needs_data
+def test_quick_demo_is_reproducible(tmp_path, capsys):
+    first = demo.run_demo(_args("--quick", "--steps", "3", "--knn-points", "0", "--out", str(tmp_path / "a")))
+    second = demo.run_demo(_args("--quick", "--steps", "3", "--knn-points", "0", "--out", str(tmp_path / "b")))
+    assert first["knn_byol"] == second["knn_byol"]
+    assert first["knn_random_init"] == second["knn_random_init"]
+
+
+def test_missing_dataset_is_one_line(tmp_path, capsys):
+    with pytest.raises(UserError, match="apt-get install -y dataset-fashion-mnist") as info:
+        demo.run_demo(_args("--quick", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")))
+    assert "--data-dir" in str(info.value)
+
+    # The command and `python -m byol_pytorch.demo`: one line on stderr, exit 1, no traceback.
+    for run in (lambda: cli_main(["demo", "--data-dir", str(tmp_path)]),
+                lambda: demo.main(["--data-dir", str(tmp_path)])):
+        assert run() == 1
+        captured = capsys.readouterr()
+        assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+        assert "apt-get install -y dataset-fashion-mnist" in captured.err and "--data-dir" in captured.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_flag_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="--steps must be positive"):
+        demo.run_demo(_args("--steps", "0", "--data-dir", str(tmp_path)))
+
+
+def test_knn_steps_are_evenly_spaced():
+    assert demo._knn_steps(1200, 3) == [300, 600, 900]
+    assert demo._knn_steps(20, 1) == [10]
+    assert demo._knn_steps(2, 5) == [1]
+    assert demo._knn_steps(100, 0) == []
+
+
+def test_demo_cnn_shapes():
+    net = demo.demo_cnn(width=8)
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert net[-1].in_features == 64
