@@ -19,9 +19,7 @@ gives the median per call (with a device synchronisation around each on a GPU).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -34,6 +32,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peer  # noqa: E402  (benchmarks/ is not a package)
+from _report import machine as _machine, markdown_table  # noqa: E402
 
 from byol_pytorch.ema import ema_update_  # noqa: E402
 
@@ -108,21 +107,8 @@ def time_alternating(calls: Dict[str, Callable[[], None]], device: torch.device,
     return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in calls}
 
 
-def machine() -> str:
-    """CPU model, core count, GPU and library versions, one line."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def markdown_table(header: List[str], rows: List[List[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
 
 
 def main(args: argparse.Namespace) -> str:
@@ -175,7 +161,7 @@ def main(args: argparse.Namespace) -> str:
     if args.out is not None:
         command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"# EMA update benchmark\n\nMachine: {machine()}\n\nCommand: `{command}`\n\n{table}\n")
+        args.out.write_text(f"# EMA update benchmark\n\nMachine: {_machine()}\n\nCommand: `{command}`\n\n{table}\n")
     return table
 
 

@@ -29,12 +29,10 @@ run it in the background. ``--max-steps`` cuts the budget, and the table then sa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -50,6 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peer  # noqa: E402  (benchmarks/ is not a package)
+from _report import machine as _machine  # noqa: E402
 
 from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
 from byol_pytorch.evaluate import extract_features, knn_accuracy  # noqa: E402
@@ -246,17 +245,6 @@ def _command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
-def machine() -> str:
-    """CPU model, core count, GPU and library versions, one line."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, timm {timm.__version__}, "
-            f"Python {platform.python_version()}")
 
 
 def report(results: List[Result], data: Data, args: argparse.Namespace, epochs: int, budget_steps: int,
@@ -357,7 +345,7 @@ def main(args: argparse.Namespace) -> str:
     print(table)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"# Quality benchmark\n\nMachine: {machine()}\n\nCommand: `{_command()}`\n\n{table}\n")
+        args.out.write_text(f"# Quality benchmark\n\nMachine: {_machine(timm)}\n\nCommand: `{_command()}`\n\n{table}\n")
     return table
 
 

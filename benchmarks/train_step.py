@@ -40,7 +40,6 @@ import copy
 import contextlib
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -56,6 +55,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peer  # noqa: E402  (benchmarks/ is not a package)
+from _report import machine as _machine, markdown_table  # noqa: E402
 
 from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
 from byol_pytorch.losses import byol_loss  # noqa: E402
@@ -330,22 +330,8 @@ def run_rounds(contenders: List[Contender], cfg: Config) -> None:
             c.cpu_times.append(time.process_time() - cpu_start)
 
 
-def machine() -> str:
-    """CPU model, core count, GPU and library versions, one line."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, torchvision "
-            f"{torchvision.__version__}, Python {platform.python_version()}")
 
 
-def markdown_table(header: List[str], rows: List[List[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
 
 
 def _ms(seconds: float) -> str:
@@ -469,7 +455,7 @@ def main(args: argparse.Namespace) -> str:
     if args.out is not None:
         command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        section = f"Machine: {machine()}\n\nCommand: `{command}`\n\n{table}\n"
+        section = f"Machine: {_machine(torchvision)}\n\nCommand: `{command}`\n\n{table}\n"
         if args.append and args.out.exists():
             args.out.write_text(args.out.read_text() + "\n---\n\n" + section)
         else:
