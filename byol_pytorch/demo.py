@@ -16,7 +16,8 @@ without a GPU. It
    ``kNN accuracy: random init 0.XXXX -> BYOL 0.YYYY``.
 
 The backbone, its size and the recipe (crop scale for 28 px images, brightness and
-contrast only, AdamW, tau, batch size, steps, head widths) were chosen by measurement
+contrast as the only colour ops, the paper's blur and solarize, AdamW, tau, batch size,
+steps, head widths) were chosen by measurement
 on a 2-core CPU: see ``benchmarks/results/demo.md``. There, with the defaults, the whole
 command took 143 s and printed ``kNN accuracy: random init 0.7307 -> BYOL 0.8131`` (raw
 pixels: 0.7981).
