@@ -34,11 +34,11 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch.nn as nn
 
-__all__ = ["PEER_DIR", "PEER_VERSION", "PeerUnavailable", "load_peer", "make_peer", "peer_version"]
+__all__ = ["PEER_DIR", "PEER_VERSION", "PeerUnavailable", "load_peer", "load_peer_or_skip", "make_peer", "peer_version"]
 
 REPO = Path(__file__).resolve().parents[1]
 PEER_DIR = REPO / ".bench" / "peer"
@@ -123,6 +123,26 @@ def load_peer(target: Path = PEER_DIR, install: bool = True) -> ModuleType:
         del sys.modules[MODULE_NAME]
         raise
     return module
+
+
+def load_peer_or_skip(what: str = "") -> Tuple[Optional[ModuleType], str]:
+    """The peer module and the note a results table prints about it, or None and why not.
+
+    Args:
+        what: words after the version in the note, e.g. ``"(vanilla)"``.
+
+    Returns:
+        ``(module, "Peer: ... loaded from ...")``, or ``(None, "Peer rows skipped: ...")``
+        (also printed to stderr) when it cannot be installed or loaded.
+    """
+    try:
+        peer = load_peer()
+    except PeerUnavailable as error:
+        note = f"Peer rows skipped: {error}"
+        print(note, file=sys.stderr)
+        return None, note
+    words = f" {what}" if what else ""
+    return peer, f"Peer: lucidrains/byol-pytorch {peer_version()}{words} loaded from `.bench/peer`."
 
 
 def make_peer(peer: ModuleType, net: nn.Module, image_size: int, variant: str = "vanilla", **kwargs) -> nn.Module:

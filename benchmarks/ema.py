@@ -118,12 +118,7 @@ def main(args: argparse.Namespace) -> str:
     arch = "resnet18" if args.smoke else args.arch
     peer, note = None, ""
     if not args.no_peer:
-        try:
-            peer = _peer.load_peer()
-            note = f"Peer: lucidrains/byol-pytorch {_peer.peer_version()} loaded from `.bench/peer`."
-        except _peer.PeerUnavailable as error:
-            note = f"Peer row skipped: {error}"
-            print(note, file=sys.stderr)
+        peer, note = _peer.load_peer_or_skip()
     rows, verdicts = [], []
     for name in devices.split(","):
         device = torch.device(name.strip())

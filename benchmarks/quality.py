@@ -311,13 +311,9 @@ def main(args: argparse.Namespace) -> str:
     data = load_data(args)
     peer, peer_note = None, ""
     if "peer" in names:
-        try:
-            peer = _peer.load_peer()
-            peer_note = f"Peer: lucidrains/byol-pytorch {_peer.peer_version()} (vanilla) loaded from `.bench/peer`."
-        except _peer.PeerUnavailable as error:
+        peer, peer_note = _peer.load_peer_or_skip("(vanilla)")
+        if peer is None:
             names.remove("peer")
-            peer_note = f"Peer row skipped: {error}"
-            print(peer_note, file=sys.stderr)
     if args.estimate:
         text = estimate(names, data, args, device, peer, epochs)
         print(text)

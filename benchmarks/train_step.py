@@ -426,12 +426,7 @@ def main(args: argparse.Namespace) -> str:
                            dtype=torch.uint8, device=cfg.device)
     peer, peer_note = None, ""
     if not args.no_peer:
-        try:
-            peer = _peer.load_peer()
-            peer_note = f"Peer: lucidrains/byol-pytorch {_peer.peer_version()} loaded from `.bench/peer`."
-        except _peer.PeerUnavailable as error:
-            peer_note = f"Peer rows skipped: {error}"
-            print(peer_note, file=sys.stderr)
+        peer, peer_note = _peer.load_peer_or_skip()
     contenders: List[Contender] = []
     for mode in cfg.modes:
         contenders += [build_floor(cfg, images, mode), build_ours(cfg, images, mode)]

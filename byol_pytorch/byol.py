@@ -373,7 +373,8 @@ class BYOL(nn.Module):
                 f"are taken over the batch), got {x.shape[0]}; increase the batch size"
             )
         compiling = torch.compiler.is_compiling()
-        if x.device.type == "cpu" and not compiling:
+        checked_now = x.device.type == "cpu" and not compiling
+        if checked_now:
             self._check_finite_now(x)
         if not compiling:
             self._maybe_sync_batchnorm(x)
@@ -395,8 +396,12 @@ class BYOL(nn.Module):
             target_one, target_two = projection_one.detach(), projection_two.detach()
 
         loss = byol_loss(prediction_one, prediction_two, target_one, target_two)
-        # Recorded on the device, read back by update_moving_average() without a sync.
-        finite_input = torch.isfinite(x).all() if x.is_floating_point() else torch.ones((), dtype=torch.bool, device=x.device)
+        # Recorded on the device, read back by update_moving_average() without a sync. The
+        # input was already checked above when that was free (CPU, eager): no second pass.
+        if checked_now or not x.is_floating_point():
+            finite_input = torch.ones((), dtype=torch.bool, device=x.device)
+        else:
+            finite_input = torch.isfinite(x).all()
         self._finite.copy_(torch.stack([torch.isfinite(loss.detach()), finite_input]))
         return loss
 

@@ -166,4 +166,5 @@ def _sync_bn_worker(rank: int, port: int) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="SyncBatchNorm is CUDA-only in PyTorch")
 def test_heads_use_sync_batchnorm_when_a_gpu_group_exists():
+    # The assertions run in each rank (_sync_bn_worker); mp.spawn re-raises a failed one here.
     mp.spawn(_sync_bn_worker, args=(_free_port(),), nprocs=WORLD, join=True)
