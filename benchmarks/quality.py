@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peer  # noqa: E402  (benchmarks/ is not a package)
-from _report import machine as _machine  # noqa: E402
+from _report import machine as _machine, markdown_table  # noqa: E402
 
 from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
 from byol_pytorch.evaluate import extract_features, knn_accuracy  # noqa: E402
@@ -113,6 +113,7 @@ class Result:
     loss: Optional[float] = None
     curve: List[Tuple[int, float]] = field(default_factory=list)  # (epoch, kNN accuracy)
     command: str = ""  # the command that produced it
+    seed: int = 0  # initial weights, data order and augmentation draws
 
 
 def prepare(images: torch.Tensor) -> torch.Tensor:
@@ -247,9 +248,70 @@ def _command() -> str:
 
 
 
+def _verdict(gain: float, goal: float) -> str:
+    return "**met**" if gain >= goal else "**not met**"
+
+
+def report_seeds(results: List[Result], data: Data, args: argparse.Namespace, epochs: int, budget_steps: int,
+                 device: torch.device, peer_note: str) -> str:
+    """Results of several seeds: one row per seed, the mean, and the goals judged on the means."""
+    seeds = sorted({r.seed for r in results})
+    by = {(r.seed, r.name): r for r in results}
+    names = [LABELS[n] for n in CONTENDERS if any(r.name == LABELS[n] for r in results)]
+    full = all(r.steps == budget_steps for r in results if r.name != "random init")
+    lines = [f"### kNN accuracy (k 20, T 0.07; bank {min(args.bank, len(data.train_x))} training images, "
+             f"{len(data.test_x)} test queries) after {epochs} epochs of {len(data.train_x)} {data.source} images, "
+             f"batch {args.batch_size}, Adam {args.lr:g}, {device.type}; seeds {', '.join(map(str, seeds))}", "",
+             "Each seed fixes the initial weights (the same for every contender), the data order and the "
+             "augmentation draws; kNN top-1 %.", ""]
+    if not full:
+        lines += [f"**REDUCED BUDGET**: the issue's budget is {budget_steps} steps per contender.", ""]
+    gaps = [("ours", "random init"), ("ours", "peer vanilla"), ("peer vanilla", "random init")]
+    gaps = [g for g in gaps if g[0] in names and g[1] in names]
+    header = ["seed", *names, *(f"{a} - {b}" for a, b in gaps)]
+    rows, columns = [], {h: [] for h in header[1:]}
+    for seed in seeds:
+        cells = []
+        for name in names:
+            r = by.get((seed, name))
+            cells.append(r.accuracy if r else None)
+        for a, b in gaps:
+            ra, rb = by.get((seed, a)), by.get((seed, b))
+            cells.append(ra.accuracy - rb.accuracy if ra and rb else None)
+        for h, v in zip(header[1:], cells):
+            if v is not None:
+                columns[h].append(v)
+        rows.append([str(seed)] + ["" if v is None else (f"{v:+.2f}" if i >= len(names) else f"{v:.2f}")
+                                   for i, v in enumerate(cells)])
+    mean = {h: statistics.mean(v) for h, v in columns.items() if v}
+    rows.append(["**mean**"] + [(f"{mean[h]:+.2f}" if i >= len(names) else f"{mean[h]:.2f}") if h in mean else ""
+                                for i, h in enumerate(header[1:])])
+    rows.append(["min / max"] + [f"{min(columns[h]):.2f} / {max(columns[h]):.2f}" if columns[h] else ""
+                                 for h in header[1:]])
+    lines.append(markdown_table(header, rows))
+    if peer_note:
+        lines += ["", peer_note]
+    commands = sorted({r.command for r in results if r.command})
+    if commands:
+        lines += ["", "Results trained by: " + "; ".join(f"`{c}`" for c in commands)]
+    lines += ["", "### Goals (on the mean over seeds)", ""]
+    budget = "" if full else " (at the REDUCED budget above, not the issue's)"
+    for (a, b), goal, what in ((("ours", "random init"), RANDOM_GOAL, "random init"),
+                               (("ours", "peer vanilla"), PEER_GOAL, "the peer")):
+        column = columns.get(f"{a} - {b}")
+        if column:
+            reached = sum(v >= goal for v in column)
+            lines.append(f"- Ours at least {goal:g} points above {what}{budget}: {_verdict(mean[f'{a} - {b}'], goal)} "
+                         f"(mean {mean[f'{a} - {b}']:+.2f} points over {len(column)} seeds; {reached} of "
+                         f"{len(column)} seeds at or above {goal:g}).")
+    return "\n".join(lines)
+
+
 def report(results: List[Result], data: Data, args: argparse.Namespace, epochs: int, budget_steps: int,
            device: torch.device, peer_note: str) -> str:
     """The Markdown table, the curve (if any) and where the goals stand."""
+    if len({r.seed for r in results}) > 1:
+        return report_seeds(results, data, args, epochs, budget_steps, device, peer_note)
     by = {r.name: r for r in results}
     full = all(r.steps == budget_steps for r in results if r.name != "random init")
     title = (f"### kNN accuracy (k 20, T 0.07; bank {min(args.bank, len(data.train_x))} training images, "
@@ -322,6 +384,11 @@ def main(args: argparse.Namespace) -> str:
     results = []
     if args.load_json:
         saved = [Result(**r) for path in args.load_json for r in json.loads(path.read_text())]
+        keys = [(r.seed, r.name) for r in saved]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"--load-json: more than one result for (seed, contender) {twice}; "
+                             "pass each contender's run of each seed once")
         order = [LABELS[n] for n in CONTENDERS]
         results = sorted(saved, key=lambda r: order.index(r.name))
         names = []
@@ -332,7 +399,7 @@ def main(args: argparse.Namespace) -> str:
         else:
             results.append(train(name, data, args, device, peer, epochs, args.max_steps, eval_every))
         r = results[-1]
-        r.command = _command()
+        r.command, r.seed = _command(), args.seed
         print(f"[{r.name}] done: {r.steps} steps, {r.seconds / 60:.1f} min, kNN {r.accuracy:.2f}%", flush=True)
     if args.save_json is not None:
         args.save_json.parent.mkdir(parents=True, exist_ok=True)

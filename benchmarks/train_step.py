@@ -8,6 +8,9 @@ EMA update of the target. The contenders see the same batch of B uint8 images:
   the backbone on the 2B images of both views concatenated (prepared once, untimed), one
   no-grad forward on them, and the optimizer's step. No augmentation, heads or EMA.
 * ``ours``: ``byol_pytorch.BYOL`` with its defaults; it takes the uint8 batch as it is.
+* ``ours, views in one batch``: ``BYOL(..., views_in_one_batch=True)``, the opt-in that
+  forwards both views as one batch of 2B (one pass per network, BatchNorm statistics over
+  both views, as the peer does) instead of the paper's one pass per view.
 * ``peer vanilla`` / ``peer defaults``: lucidrains/byol-pytorch 0.9.1 (see ``_peer.py``)
   with ``use_simplicial_embeddings=False`` / its defaults; it takes float input in [0, 1],
   so its step includes ``x.float() / 255``.
@@ -86,6 +89,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "is the work done). Default: cpu on the CPU, wall on a GPU; both are shown")
     parser.add_argument("--no-peer", action="store_true", help="leave the peer out")
     parser.add_argument("--no-parts", action="store_true", help="leave out the split of our overhead")
+    parser.add_argument("--no-one-batch", action="store_true",
+                        help="leave out ours with views_in_one_batch=True (the opt-in)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own, the core count); 1 is steadier "
                              "on a machine shared with other jobs")
@@ -200,9 +205,12 @@ def build_floor(cfg: Config, images: torch.Tensor, mode: str, per_view: bool = F
     return Contender("floor", step, mode=mode, modules=[net], optimizer=opt, inputs=[views])
 
 
-def build_ours(cfg: Config, images: torch.Tensor, mode: str) -> Contender:
-    """byol_pytorch.BYOL with its defaults, on the uint8 batch."""
-    learner = BYOL(make_net(cfg), cfg.image_size)
+ONE_BATCH = "ours, views in one batch"
+
+
+def build_ours(cfg: Config, images: torch.Tensor, mode: str, one_batch: bool = False) -> Contender:
+    """byol_pytorch.BYOL with its defaults (or `views_in_one_batch=True`), on the uint8 batch."""
+    learner = BYOL(make_net(cfg), cfg.image_size, views_in_one_batch=one_batch)
     with autocast(cfg):
         learner(images)  # creates the target network before any compilation
     run = torch.compile(learner) if mode == "compile" else learner
@@ -216,7 +224,8 @@ def build_ours(cfg: Config, images: torch.Tensor, mode: str) -> Contender:
         opt.step()
         learner.update_moving_average()
 
-    return Contender("ours", step, mode=mode, modules=[learner], optimizer=opt, inputs=[images])
+    return Contender(ONE_BATCH if one_batch else "ours", step, mode=mode, modules=[learner], optimizer=opt,
+                     inputs=[images])
 
 
 def build_peer(cfg: Config, images: torch.Tensor, mode: str, variant: str, peer) -> Contender:
@@ -409,6 +418,14 @@ def goals(med: Dict[tuple, float], cfg: Config) -> List[str]:
             tie = " (a tie: inside the run-to-run noise of a few %)" if 0.98 <= speed < 1.0 else ""
             lines.append(f"- Not slower than the peer on the CPU: {verdict(speed >= 1.0)}{tie} "
                          f"({speed:.3f}x the images/s of peer vanilla).")
+    together = best(ONE_BATCH)
+    if together and peer and cfg.device.type != "cuda":
+        speed = peer / together[0]
+        lines.append(f"- The opt-in `views_in_one_batch=True` (not the default): {speed:.3f}x the images/s of peer "
+                     f"vanilla, {together[0] / med[('floor', together[1])]:.2f}x the floor.")
+    elif together and peer:
+        lines.append(f"- The opt-in `views_in_one_batch=True` (not the default): {peer / together[0]:.2f}x the "
+                     f"images/s of peer vanilla eager, {together[0] / med[('floor', together[1])]:.2f}x the floor.")
     if cfg.device.type != "cuda":
         lines.append(f"- GPU goals (within {GPU_FLOOR_GOAL}x of the floor at 224 px, {GPU_PEER_GOAL}x the peer): "
                      "**not measurable here (no GPU in this run)**; run `python benchmarks/train_step.py "
@@ -430,6 +447,8 @@ def main(args: argparse.Namespace) -> str:
     contenders: List[Contender] = []
     for mode in cfg.modes:
         contenders += [build_floor(cfg, images, mode), build_ours(cfg, images, mode)]
+        if not args.no_one_batch:
+            contenders.append(build_ours(cfg, images, mode, one_batch=True))
         if peer is not None:
             for variant in _peer.VARIANTS:
                 try:

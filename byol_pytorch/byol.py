@@ -72,6 +72,11 @@ class BYOL(nn.Module):
         use_batchnorm: BatchNorm1d in the heads (paper); False uses LayerNorm, with no
             batch statistics.
         channels: input channels; by default those of the first convolution.
+        views_in_one_batch: forward both views as one batch of 2B (one pass of the
+            online network and one of the target, instead of one per view). Faster
+            where per-call overhead dominates (CPU threads, small batches); BatchNorm
+            statistics are then taken over both views together (as lucidrains/byol-pytorch
+            does) instead of per view (the paper's official code). Off by default.
 
     Raises:
         TypeError: ``net`` is not an ``nn.Module``, or an argument has the wrong type.
@@ -95,6 +100,7 @@ class BYOL(nn.Module):
         token_pool: str = "mean",
         use_batchnorm: bool = True,
         channels: Optional[int] = None,
+        views_in_one_batch: bool = False,
     ):
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -109,6 +115,8 @@ class BYOL(nn.Module):
             raise ValueError(f"moving_average_decay must be in [0, 1] (paper: 0.99-0.996), got {moving_average_decay}")
         if token_pool not in ("mean", "cls"):
             raise ValueError(f"token_pool must be 'mean' or 'cls', got {token_pool!r}")
+        if not isinstance(views_in_one_batch, bool):
+            raise TypeError(f"views_in_one_batch must be True or False, got {views_in_one_batch!r}")
         if sync_batchnorm not in (None, True, False):
             raise TypeError(f"sync_batchnorm must be None, True or False, got {sync_batchnorm!r}")
         for arg, fn in (("augment_fn", augment_fn), ("augment_fn2", augment_fn2)):
@@ -147,6 +155,7 @@ class BYOL(nn.Module):
         self.moving_average_decay = float(moving_average_decay)
         self.moving_average_total_steps = moving_average_total_steps
         self.sync_batchnorm = sync_batchnorm
+        self.views_in_one_batch = views_in_one_batch
         self.hidden_layer = info["name"]  # with hidden_layer_is_input: the input of that layer
         self.hidden_layer_is_input = bool(info["use_input"])
         self.representation_size = dim
@@ -381,16 +390,25 @@ class BYOL(nn.Module):
 
         view_one = self._view(self.augment1, x)  # (B, C, h, w)
         view_two = self._view(self.augment2, x)
-        projection_one, _ = self.online_encoder(view_one)
-        projection_two, _ = self.online_encoder(view_two)
-        prediction_one = self.online_predictor(projection_one)
-        prediction_two = self.online_predictor(projection_two)
+        if self.views_in_one_batch:
+            views = torch.cat([view_one, view_two])  # (2B, C, h, w): one pass per network
+            projections, _ = self.online_encoder(views)
+            prediction_one, prediction_two = self.online_predictor(projections).chunk(2)
+            projection_one, projection_two = projections.chunk(2)
+        else:  # the paper's: each view alone, BatchNorm statistics per view
+            projection_one, _ = self.online_encoder(view_one)
+            projection_two, _ = self.online_encoder(view_two)
+            prediction_one = self.online_predictor(projection_one)
+            prediction_two = self.online_predictor(projection_two)
 
         if self.use_momentum:
             with torch.no_grad():
                 target = self._get_target_encoder()
-                target_one, _ = target(view_one)
-                target_two, _ = target(view_two)
+                if self.views_in_one_batch:
+                    target_one, target_two = target(views)[0].chunk(2)
+                else:
+                    target_one, _ = target(view_one)
+                    target_two, _ = target(view_two)
         else:
             # SimSiam: the stop-gradient targets are the online projections themselves.
             target_one, target_two = projection_one.detach(), projection_two.detach()

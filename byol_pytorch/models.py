@@ -137,7 +137,7 @@ def build_learner(recipe: Mapping[str, Any], net: Optional[nn.Module] = None) ->
 
     Args:
         recipe: needs ``model``, ``image_size``, ``in_chans``, ``projection_size``,
-            ``projection_hidden_size``, ``tau_base``; ``use_batchnorm`` optional.
+            ``projection_hidden_size``, ``tau_base``; ``use_batchnorm`` and ``views_in_one_batch`` optional.
         net: the backbone when already built; default ``build_backbone(recipe[...])``.
 
     Returns:
@@ -154,4 +154,5 @@ def build_learner(recipe: Mapping[str, Any], net: Optional[nn.Module] = None) ->
         projection_hidden_size=int(recipe["projection_hidden_size"]),
         moving_average_decay=float(recipe["tau_base"]),
         use_batchnorm=bool(recipe.get("use_batchnorm", True)),
+        views_in_one_batch=bool(recipe.get("views_in_one_batch", False)),
     )

@@ -45,7 +45,7 @@ __all__ = ["get_args_parser", "add_train_arguments", "main", "train", "RECIPE_DE
 RECIPE_DEFAULTS: Dict[str, Any] = {
     "model": "resnet50", "in_chans": None, "image_size": 224, "batch_size": 256, "optimizer": "lars",
     "lr": None, "weight_decay": None, "warmup_epochs": None, "tau_base": 0.996, "accumulate": 1,
-    "seed": 0, "projection_size": 256, "projection_hidden_size": 4096,
+    "seed": 0, "projection_size": 256, "projection_hidden_size": 4096, "views_in_one_batch": False,
 }
 DEFAULT_EPOCHS = 100
 LOAD_RATIO = 256 / 224  # images are stored at 8/7 of the crop side, as in ImageNet's 256 -> 224
@@ -79,6 +79,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       "(default: 0.996, the paper's; its 100-epoch config uses 0.99)")
     a("--projection-size", type=int, help="projector output (default: 256, the paper's)")
     a("--projection-hidden-size", type=int, help="hidden width of projector and predictor (default: 4096)")
+    a("--views-in-one-batch", action="store_const", const=True, default=None,
+      help="forward both views as one batch of 2B: fewer, larger passes (faster on CPUs and small "
+      "batches), BatchNorm statistics over both views instead of the paper's per view")
     a("--accumulate", type=int, help="micro-batches per optimizer step (default: 1); --batch-size is split "
       "over them (BatchNorm sees the micro-batch)")
     a("--seed", type=int, help="seed of the model, the data order and the augmentations (default: 0)")

@@ -77,7 +77,8 @@ def test_train_step_smoke(peer_available, tmp_path):
     out = tmp_path / "train_step.md"
     table = script.main(script.get_args_parser().parse_args(["--smoke", "--out", str(out)]))
     rows = _rows(table, "contender", key_cells=2)
-    expected = ["floor/eager", "ours/eager"] + (["peer vanilla/eager", "peer defaults/eager"] if peer_available else [])
+    expected = ["floor/eager", "ours/eager", "ours, views in one batch/eager"] + (
+        ["peer vanilla/eager", "peer defaults/eager"] if peer_available else [])
     assert sorted(rows) == sorted(expected)
     for name in expected:
         wall_ms, cpu_ms, images_per_s, peak_mib = (float(v) for v in rows[name][2:6])
@@ -138,3 +139,24 @@ def test_quality_input_is_padded_three_channel():
     x = script.prepare(images)
     assert x.shape == (2, 3, 32, 32) and x.dtype == torch.uint8
     assert torch.equal(x[:, 1, 2:30, 2:30], images[:, 0]) and int(x[:, :, :2].max()) == 0
+
+
+def test_quality_several_seeds_are_tabled_with_their_mean(tmp_path):
+    import json
+
+    script = _load("quality")
+    saved = []
+    for seed in (0, 1):
+        path = tmp_path / f"seed{seed}.json"
+        script.main(script.get_args_parser().parse_args(
+            ["--smoke", "--threads", "1", "--seed", str(seed), "--contenders", "random,ours", "--save-json", str(path)]))
+        saved += json.loads(path.read_text())
+    table = script.main(script.get_args_parser().parse_args(
+        ["--smoke", "--load-json", str(tmp_path / "seed0.json"), str(tmp_path / "seed1.json")]))
+    rows = _rows(table, "seed")
+    assert sorted(rows) == ["**mean**", "0", "1", "min / max"]
+    accuracy = {(r["seed"], r["name"]): r["accuracy"] for r in saved}
+    gains = [accuracy[(s, "ours")] - accuracy[(s, "random init")] for s in (0, 1)]
+    assert float(rows["1"][2]) == pytest.approx(accuracy[(1, "ours")], abs=0.006)
+    assert float(rows["**mean**"][3]) == pytest.approx(sum(gains) / 2, abs=0.006)
+    assert f"over 2 seeds; {sum(g >= 8 for g in gains)} of 2 seeds" in table

@@ -199,6 +199,51 @@ def test_loss_matches_a_reference_composed_by_hand():
     assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
 
 
+def _unit(t):
+    return t / t.norm(dim=1, keepdim=True)
+
+
+def test_views_in_one_batch_equals_per_view_without_batch_statistics():
+    # In eval mode BatchNorm uses running statistics: how the views are batched cannot matter.
+    net = small_cnn()
+    x = torch.rand(6, 3, 16, 16)
+    losses, grads = [], []
+    for together in (False, True):
+        torch.manual_seed(0)
+        learner = BYOL(copy.deepcopy(net), image_size=16, views_in_one_batch=together, **SMALL).eval()
+        loss = learner(x)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(learner.online_predictor[0].weight.grad.clone())
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
+def test_views_in_one_batch_takes_batchnorm_statistics_over_both_views():
+    flip = v2.RandomHorizontalFlip(p=1.0)
+    x = torch.rand(6, 3, 16, 16)
+    learner = BYOL(small_cnn(), image_size=16, augment_fn=flip, augment_fn2=nn.Identity(),
+                   views_in_one_batch=True, **SMALL)
+    loss = learner(x)
+    enc, pred, tgt = learner.online_encoder, learner.online_predictor, learner.target_encoder
+    both = torch.cat([torch.flip(x, dims=[3]), x])  # view 1 (flipped) then view 2, one batch of 12
+    p1, p2 = pred(enc.projector(enc.embed(both))).split(6)
+    with torch.no_grad():
+        z1, z2 = tgt.projector(tgt.embed(both)).split(6)
+    reference = ((_unit(p1) - _unit(z2)) ** 2).sum(1).mean() + ((_unit(p2) - _unit(z1)) ** 2).sum(1).mean()
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    # Per view (the default), each view's BatchNorm statistics are its own: a different loss.
+    learner.views_in_one_batch = False
+    assert abs(learner(x).item() - loss.item()) > 1e-3
+
+
+def test_views_in_one_batch_trains():
+    torch.manual_seed(0)
+    learner = BYOL(small_cnn(), image_size=32, views_in_one_batch=True, **SMALL)
+    losses = train_steps(learner, torch.rand(8, 3, 32, 32), 30, lr=3e-3)
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+
+
 def test_loss_falls_over_30_steps_on_a_fixed_batch():
     torch.manual_seed(0)
     learner = BYOL(small_cnn(), image_size=32, **SMALL)
@@ -366,6 +411,7 @@ def test_diverged_loss_on_cpu_is_caught_at_the_update():
         (dict(moving_average_decay=1.5), ValueError, "moving_average_decay"),
         (dict(projection_size=0), ValueError, "projection_size"),
         (dict(augment_fn=3), TypeError, "augment_fn must be callable"),
+        (dict(views_in_one_batch="yes"), TypeError, "views_in_one_batch must be True or False"),
     ],
 )
 def test_bad_construction_arguments(kwargs, exc, match):

@@ -250,3 +250,21 @@ def test_val_data_runs_the_knn_monitor_and_draws_curves(messy, tmp_path):
     with Image.open(out / "curves.png") as image:
         assert image.format == "PNG" and min(image.size) > 200
         assert np.asarray(image.convert("L")).std() > 5
+
+
+def test_views_in_one_batch_flag_is_part_of_the_recipe(messy, tmp_path, monkeypatch, capsys):
+    import byol_pytorch.train as train_module
+
+    built = []
+    real_build = train_module.build_learner
+    monkeypatch.setattr(train_module, "build_learner", lambda recipe, net: built.append(real_build(recipe, net)) or built[-1])
+    out = tmp_path / "run"
+    run_train(["--data", str(messy), "--out", str(out), *TINY, "--max-steps", "2", "--views-in-one-batch"])
+    assert built[-1].views_in_one_batch is True
+    assert load_checkpoint(out / "last.pt")["args"]["views_in_one_batch"] is True
+    # A resumed run keeps it without the flag.
+    run_train(["--out", str(out), "--resume", "--max-steps", "3", "--workers", "0"])
+    assert built[-1].views_in_one_batch is True
+    # A new run without the flag forwards the views one by one (the paper's default).
+    run_train(["--data", str(messy), "--out", str(tmp_path / "plain"), *TINY, "--max-steps", "1"])
+    assert built[-1].views_in_one_batch is False
