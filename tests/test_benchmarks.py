@@ -160,3 +160,16 @@ def test_quality_several_seeds_are_tabled_with_their_mean(tmp_path):
     assert float(rows["1"][2]) == pytest.approx(accuracy[(1, "ours")], abs=0.006)
     assert float(rows["**mean**"][3]) == pytest.approx(sum(gains) / 2, abs=0.006)
     assert f"over 2 seeds; {sum(g >= 8 for g in gains)} of 2 seeds" in table
+
+
+def test_benchmarks_md_is_its_head_plus_the_results_files(tmp_path):
+    script = _load("assemble")
+    assert script.main(["--check"]) == 0, "run python benchmarks/assemble.py"
+    # On a small copy: the head is kept, each results file follows with its headings one level down.
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "BENCHMARKS.md").write_text("# Benchmarks\n\nhead\n\n---\n\nstale\n")
+    for name in script.SECTIONS:
+        (tmp_path / "benchmarks" / "results" / f"{name}.md").write_text(f"# {name}\n\n## Notes\n\ntext of {name}\n")
+    text = script.assemble(tmp_path)
+    assert text.startswith("# Benchmarks\n\nhead\n\n---\n\n## augment\n\n### Notes\n\ntext of augment\n\n---\n")
+    assert "stale" not in text and text.count("\n---\n") == len(script.SECTIONS)

@@ -1,0 +1,56 @@
+"""Rebuild BENCHMARKS.md from its hand-written head and the files in benchmarks/results/.
+
+BENCHMARKS.md is its head (everything before the first ``---`` line: the machine and
+where every goal stands, written by hand) followed by each results file, headings moved
+one level down, in the order of ``SECTIONS``. Edit a results file (or re-run its script
+with ``--out``), then run this so that the two never disagree; ``--check`` only reports
+whether they do (the test suite runs it).
+
+    python benchmarks/assemble.py           # rewrite BENCHMARKS.md
+    python benchmarks/assemble.py --check   # exit 1 if BENCHMARKS.md is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("augment", "data_loading", "train_step", "ema", "quality", "demo")
+RULE = "\n---\n"
+
+
+def assemble(root: Path = ROOT) -> str:
+    """The text BENCHMARKS.md should have."""
+    current = (root / "BENCHMARKS.md").read_text()
+    if RULE not in current:
+        raise ValueError("BENCHMARKS.md has no '---' line after its head; add one before the first section")
+    head = current.split(RULE, 1)[0]
+    sections = []
+    for name in SECTIONS:
+        text = (root / "benchmarks" / "results" / f"{name}.md").read_text()
+        sections.append(re.sub(r"^(#+) ", r"#\1 ", text, flags=re.M).strip() + "\n")
+    return head + RULE + "\n" + (RULE + "\n").join(sections)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="report whether BENCHMARKS.md is up to date; write nothing")
+    args = parser.parse_args(argv)
+    text, path = assemble(), ROOT / "BENCHMARKS.md"
+    if args.check:
+        if path.read_text() != text:
+            print("BENCHMARKS.md differs from its head + benchmarks/results/*.md; run python benchmarks/assemble.py",
+                  file=sys.stderr)
+            return 1
+        print("BENCHMARKS.md is up to date")
+        return 0
+    path.write_text(text)
+    print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
