@@ -24,6 +24,10 @@ run it in the background. ``--max-steps`` cuts the budget, and the table then sa
     nohup python benchmarks/quality.py --out benchmarks/results/quality.md > .bench/quality.log &
     python benchmarks/quality.py --long                   # GPU: 100 epochs, kNN curve every 10
     python benchmarks/quality.py --smoke                  # 128 images, 1 epoch: seconds
+
+Several seeds: run each contender with ``--seed N --save-json FILE`` and pass all the files
+to ``--load-json``; the table then has a row per seed, the mean, std and min/max, and the
+goals are judged on the means.
 """
 
 from __future__ import annotations
@@ -286,6 +290,8 @@ def report_seeds(results: List[Result], data: Data, args: argparse.Namespace, ep
     mean = {h: statistics.mean(v) for h, v in columns.items() if v}
     rows.append(["**mean**"] + [(f"{mean[h]:+.2f}" if i >= len(names) else f"{mean[h]:.2f}") if h in mean else ""
                                 for i, h in enumerate(header[1:])])
+    rows.append(["std"] + [f"{statistics.stdev(columns[h]):.2f}" if len(columns[h]) > 1 else ""
+                           for h in header[1:]])
     rows.append(["min / max"] + [f"{min(columns[h]):.2f} / {max(columns[h]):.2f}" if columns[h] else ""
                                  for h in header[1:]])
     lines.append(markdown_table(header, rows))

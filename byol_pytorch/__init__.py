@@ -4,6 +4,6 @@ from .augment import BYOLAugment
 from .byol import BYOL
 from .trainer import BYOLTrainer, MockDataset
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 __all__ = ["BYOL", "BYOLAugment", "BYOLTrainer", "MockDataset", "__version__"]

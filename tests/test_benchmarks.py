@@ -154,7 +154,7 @@ def test_quality_several_seeds_are_tabled_with_their_mean(tmp_path):
     table = script.main(script.get_args_parser().parse_args(
         ["--smoke", "--load-json", str(tmp_path / "seed0.json"), str(tmp_path / "seed1.json")]))
     rows = _rows(table, "seed")
-    assert sorted(rows) == ["**mean**", "0", "1", "min / max"]
+    assert sorted(rows) == ["**mean**", "0", "1", "min / max", "std"]
     accuracy = {(r["seed"], r["name"]): r["accuracy"] for r in saved}
     gains = [accuracy[(s, "ours")] - accuracy[(s, "random init")] for s in (0, 1)]
     assert float(rows["1"][2]) == pytest.approx(accuracy[(1, "ours")], abs=0.006)
