@@ -354,12 +354,12 @@ def report(results: List[Result], data: Data, args: argparse.Namespace, epochs: 
     if ours and rand:
         gain = ours.accuracy - rand.accuracy
         lines.append(f"- Ours at least {RANDOM_GOAL:g} points above random init{budget}: "
-                     f"{'**met**' if gain >= RANDOM_GOAL else '**not met**'} ({gain:+.2f} points: "
+                     f"{_verdict(gain, RANDOM_GOAL)} ({gain:+.2f} points: "
                      f"{ours.accuracy:.2f}% vs {rand.accuracy:.2f}%).")
     if ours and peer:
         gain = ours.accuracy - peer.accuracy
         lines.append(f"- Ours at least {PEER_GOAL:g} points above the peer{budget}: "
-                     f"{'**met**' if gain >= PEER_GOAL else '**not met**'} ({gain:+.2f} points: "
+                     f"{_verdict(gain, PEER_GOAL)} ({gain:+.2f} points: "
                      f"{ours.accuracy:.2f}% vs {peer.accuracy:.2f}%).")
     return "\n".join(lines)
 

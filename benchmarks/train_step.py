@@ -418,14 +418,11 @@ def goals(med: Dict[tuple, float], cfg: Config) -> List[str]:
             tie = " (a tie: inside the run-to-run noise of a few %)" if 0.98 <= speed < 1.0 else ""
             lines.append(f"- Not slower than the peer on the CPU: {verdict(speed >= 1.0)}{tie} "
                          f"({speed:.3f}x the images/s of peer vanilla).")
-    together = best(ONE_BATCH)
-    if together and peer and cfg.device.type != "cuda":
-        speed = peer / together[0]
-        lines.append(f"- The opt-in `views_in_one_batch=True` (not the default): {speed:.3f}x the images/s of peer "
-                     f"vanilla, {together[0] / med[('floor', together[1])]:.2f}x the floor.")
-    elif together and peer:
-        lines.append(f"- The opt-in `views_in_one_batch=True` (not the default): {peer / together[0]:.2f}x the "
-                     f"images/s of peer vanilla eager, {together[0] / med[('floor', together[1])]:.2f}x the floor.")
+    together = best(ONE_BATCH)  # the opt-in, reported against the same goals but not judged
+    if together and peer:
+        lines.append(f"- The opt-in `views_in_one_batch=True` (not the default), {together[1]}: "
+                     f"{peer / together[0]:.3f}x the images/s of peer vanilla eager, "
+                     f"{together[0] / med[('floor', together[1])]:.2f}x the floor.")
     if cfg.device.type != "cuda":
         lines.append(f"- GPU goals (within {GPU_FLOOR_GOAL}x of the floor at 224 px, {GPU_PEER_GOAL}x the peer): "
                      "**not measurable here (no GPU in this run)**; run `python benchmarks/train_step.py "
