@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -34,7 +33,10 @@ from PIL import Image, features
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from byol_pytorch.data import ImageFolder, make_loader
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import command_line  # noqa: E402  (benchmarks/ is not a package)
+
+from byol_pytorch.data import ImageFolder, make_loader  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -204,7 +206,7 @@ def main(args: argparse.Namespace) -> None:
     for case in SMOKE if args.smoke else FULL:
         results.append(run_case(case, args))
         print(table(results[-1:], args.workers).splitlines()[-1], flush=True)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    command = command_line()
     report = "\n".join([
         "# Data loading: byol_pytorch ImageFolder vs torchvision ImageFolder",
         "",

@@ -19,8 +19,6 @@ gives the median per call (with a device synchronisation around each on a GPU).
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import statistics
 import sys
 import time
@@ -32,7 +30,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peer  # noqa: E402  (benchmarks/ is not a package)
-from _report import machine as _machine, markdown_table  # noqa: E402
+from _report import machine as _machine, markdown_table, write_results  # noqa: E402
 
 from byol_pytorch.ema import ema_update_  # noqa: E402
 
@@ -62,8 +60,8 @@ def inplace_loop(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor],
             t.mul_(tau).add_(o, alpha=1 - tau)
 
 
-def contenders_for(device: torch.device, arch: str, peer) -> Dict[str, Callable[[], None]]:
-    """The EMA calls to time on `device`, each on its own pair of networks."""
+def contenders_for(device: torch.device, arch: str, peer) -> Tuple[Dict[str, Callable[[], None]], int]:
+    """The EMA calls to time on `device`, each on its own pair of networks, and the values averaged per call."""
     calls: Dict[str, Callable[[], None]] = {}
 
     def pair():
@@ -83,7 +81,7 @@ def contenders_for(device: torch.device, arch: str, peer) -> Dict[str, Callable[
     l_target, l_online = pair()
     l_t, l_o = list(l_target.parameters()), list(l_online.parameters())
     calls["in-place loop"] = lambda: inplace_loop(l_t, l_o, TAU)
-    return calls
+    return calls, sum(p.numel() for p in t_params)
 
 
 def time_alternating(calls: Dict[str, Callable[[], None]], device: torch.device,
@@ -107,10 +105,6 @@ def time_alternating(calls: Dict[str, Callable[[], None]], device: torch.device,
     return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in calls}
 
 
-
-
-
-
 def main(args: argparse.Namespace) -> str:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -124,8 +118,7 @@ def main(args: argparse.Namespace) -> str:
         device = torch.device(name.strip())
         repeats = args.repeats or (3 if args.smoke else 200 if device.type == "cuda" else 30)
         warmup = 1 if args.smoke else args.warmup
-        calls = contenders_for(device, arch, peer)
-        numel = sum(p.numel() for p in getattr(torchvision.models, arch)().parameters())
+        calls, numel = contenders_for(device, arch, peer)
         both = time_alternating(calls, device, warmup, repeats)
         # On the CPU the process's CPU time is what the ratios use: other jobs on a shared
         # machine stretch the wall clock but barely the CPU time. On a GPU: the wall clock.
@@ -154,9 +147,7 @@ def main(args: argparse.Namespace) -> str:
         *([""] + [note] if note else []), "", "### Goals", "", *verdicts])
     print(table)
     if args.out is not None:
-        command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"# EMA update benchmark\n\nMachine: {_machine()}\n\nCommand: `{command}`\n\n{table}\n")
+        write_results(args.out, "EMA update benchmark", _machine(), table)
     return table
 
 

@@ -36,8 +36,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import shlex
 import statistics
 import sys
 import time
@@ -52,7 +50,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peer  # noqa: E402  (benchmarks/ is not a package)
-from _report import machine as _machine, markdown_table  # noqa: E402
+from _report import command_line as _command, machine as _machine, markdown_table, write_results  # noqa: E402
 
 from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
 from byol_pytorch.evaluate import extract_features, knn_accuracy  # noqa: E402
@@ -247,11 +245,11 @@ def estimate(names: List[str], data: Data, args: argparse.Namespace, device: tor
                       f"Total: {total / 60:.1f} minutes of training (plus a few minutes of feature extraction)."])
 
 
-def _command() -> str:
-    """This process's command line, from the repository root."""
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
-
-
+def _title(data: Data, args: argparse.Namespace, epochs: int) -> str:
+    """The table's heading up to the seed and device: evaluation and training budget."""
+    return (f"### kNN accuracy (k 20, T 0.07; bank {min(args.bank, len(data.train_x))} training images, "
+            f"{len(data.test_x)} test queries) after {epochs} epochs of {len(data.train_x)} {data.source} "
+            f"images, batch {args.batch_size}, Adam {args.lr:g}")
 
 
 def _verdict(gain: float, goal: float) -> str:
@@ -265,9 +263,7 @@ def report_seeds(results: List[Result], data: Data, args: argparse.Namespace, ep
     by = {(r.seed, r.name): r for r in results}
     names = [LABELS[n] for n in CONTENDERS if any(r.name == LABELS[n] for r in results)]
     full = all(r.steps == budget_steps for r in results if r.name != "random init")
-    lines = [f"### kNN accuracy (k 20, T 0.07; bank {min(args.bank, len(data.train_x))} training images, "
-             f"{len(data.test_x)} test queries) after {epochs} epochs of {len(data.train_x)} {data.source} images, "
-             f"batch {args.batch_size}, Adam {args.lr:g}, {device.type}; seeds {', '.join(map(str, seeds))}", "",
+    lines = [f"{_title(data, args, epochs)}, {device.type}; seeds {', '.join(map(str, seeds))}", "",
              "Each seed fixes the initial weights (the same for every contender), the data order and the "
              "augmentation draws; kNN top-1 %.", ""]
     if not full:
@@ -330,10 +326,8 @@ def report(results: List[Result], data: Data, args: argparse.Namespace, epochs: 
         return report_seeds(results, data, args, epochs, budget_steps, device, peer_note)
     by = {r.name: r for r in results}
     full = all(r.steps == budget_steps for r in results if r.name != "random init")
-    title = (f"### kNN accuracy (k 20, T 0.07; bank {min(args.bank, len(data.train_x))} training images, "
-             f"{len(data.test_x)} test queries) after {epochs} epochs of {len(data.train_x)} {data.source} "
-             f"images, batch {args.batch_size}, Adam {args.lr:g}, seed {args.seed}, {device.type}")
-    lines = [title, ""]
+    seed = results[0].seed if results else args.seed  # loaded results carry their own
+    lines = [f"{_title(data, args, epochs)}, seed {seed}, {device.type}", ""]
     if not full:
         lines += [f"**REDUCED BUDGET**: the issue's budget is {budget_steps} steps per contender; the trained "
                   "contenders ran the steps in the table (see `--max-steps`).", ""]
@@ -423,8 +417,7 @@ def main(args: argparse.Namespace) -> str:
     table = report(results, data, args, epochs, budget_steps, device, peer_note)
     print(table)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"# Quality benchmark\n\nMachine: {_machine(timm)}\n\nCommand: `{_command()}`\n\n{table}\n")
+        write_results(args.out, "Quality benchmark", _machine(timm), table)
     return table
 
 

@@ -42,8 +42,6 @@ import argparse
 import copy
 import contextlib
 import json
-import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -58,7 +56,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peer  # noqa: E402  (benchmarks/ is not a package)
-from _report import machine as _machine, markdown_table  # noqa: E402
+from _report import machine as _machine, markdown_table, write_results  # noqa: E402
 
 from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
 from byol_pytorch.losses import byol_loss  # noqa: E402
@@ -339,10 +337,6 @@ def run_rounds(contenders: List[Contender], cfg: Config) -> None:
             c.cpu_times.append(time.process_time() - cpu_start)
 
 
-
-
-
-
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
@@ -464,13 +458,7 @@ def main(args: argparse.Namespace) -> str:
     table = report(contenders, cfg, peer_note)
     print(table)
     if args.out is not None:
-        command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        section = f"Machine: {_machine(torchvision)}\n\nCommand: `{command}`\n\n{table}\n"
-        if args.append and args.out.exists():
-            args.out.write_text(args.out.read_text() + "\n---\n\n" + section)
-        else:
-            args.out.write_text("# Training step benchmark\n\n" + section)
+        write_results(args.out, "Training step benchmark", _machine(torchvision), table, append=args.append)
     return table
 
 

@@ -111,7 +111,7 @@ def test_ema_contenders_compute_the_same_average(peer_available):
     """The three timed updates are the same arithmetic (checked on a small net)."""
     script = _load("ema")
     torch.manual_seed(0)
-    calls = script.contenders_for(torch.device("cpu"), "resnet18", sys.modules.get("peer_byol") if peer_available else None)
+    calls, _ = script.contenders_for(torch.device("cpu"), "resnet18", sys.modules.get("peer_byol") if peer_available else None)
     assert set(calls) >= {"ours (foreach lerp)", "in-place loop"}
     target, online = [torch.randn(5, 3)], [torch.randn(5, 3)]
     expected = 0.99 * target[0] + 0.01 * online[0]

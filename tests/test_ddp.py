@@ -4,6 +4,7 @@ Also the command line under torchrun, and SyncBatchNorm in the heads on GPUs (sk
 without two CUDA devices).
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -140,7 +141,8 @@ def test_train_command_under_torchrun(tmp_path):
     assert len(lines) == 3  # rank 0 alone writes
 
 
-def _sync_bn_worker(rank: int, port: int) -> None:
+def _sync_bn_worker(rank: int, port: int, out: str) -> None:
+    """One rank: build the learner, create the group, take a step; record what the modules became."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -148,7 +150,7 @@ def _sync_bn_worker(rank: int, port: int) -> None:
     device = torch.device("cuda", rank % gpus)
     torch.cuda.set_device(device)
     learner = _bn_learner().to(device)  # built before the group exists (as under Lightning/accelerate)
-    assert not any(isinstance(m, nn.SyncBatchNorm) for m in learner.modules())
+    seen = {"sync_before_group": any(isinstance(m, nn.SyncBatchNorm) for m in learner.modules())}
     # NCCL needs one GPU per rank; on a one-GPU box gloo holds the group (the conversion is the same).
     dist.init_process_group("nccl" if gpus >= WORLD else "gloo", rank=rank, world_size=WORLD)
     images = torch.rand(4, 3, 16, 16, device=device)
@@ -157,14 +159,22 @@ def _sync_bn_worker(rank: int, port: int) -> None:
     else:
         learner.eval()  # eval-mode BatchNorm: no collective needed on the shared GPU
         learner(images)
-    assert any(isinstance(m, nn.SyncBatchNorm) for m in learner.online_encoder.projector.modules())
-    assert any(isinstance(m, nn.SyncBatchNorm) for m in learner.online_predictor.modules())
-    assert not any(type(m) is nn.BatchNorm1d for m in learner.online_predictor.modules())
-    assert any(type(m) is nn.BatchNorm2d for m in learner.net.modules())  # the backbone only on request
+    seen.update(
+        sync_projector=any(isinstance(m, nn.SyncBatchNorm) for m in learner.online_encoder.projector.modules()),
+        sync_predictor=any(isinstance(m, nn.SyncBatchNorm) for m in learner.online_predictor.modules()),
+        plain_bn_predictor=any(type(m) is nn.BatchNorm1d for m in learner.online_predictor.modules()),
+        plain_bn_backbone=any(type(m) is nn.BatchNorm2d for m in learner.net.modules()),
+    )
+    Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
     dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="SyncBatchNorm is CUDA-only in PyTorch")
-def test_heads_use_sync_batchnorm_when_a_gpu_group_exists():
-    # The assertions run in each rank (_sync_bn_worker); mp.spawn re-raises a failed one here.
-    mp.spawn(_sync_bn_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+def test_heads_use_sync_batchnorm_when_a_gpu_group_exists(tmp_path):
+    mp.spawn(_sync_bn_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert not seen["sync_before_group"], seen
+        assert seen["sync_projector"] and seen["sync_predictor"], seen
+        assert not seen["plain_bn_predictor"], seen
+        assert seen["plain_bn_backbone"], seen  # the backbone only on request

@@ -257,7 +257,12 @@ def test_views_in_one_batch_flag_is_part_of_the_recipe(messy, tmp_path, monkeypa
 
     built = []
     real_build = train_module.build_learner
-    monkeypatch.setattr(train_module, "build_learner", lambda recipe, net: built.append(real_build(recipe, net)) or built[-1])
+
+    def recording_build(recipe, net):  # the learners the runs build, in order
+        built.append(real_build(recipe, net))
+        return built[-1]
+
+    monkeypatch.setattr(train_module, "build_learner", recording_build)
     out = tmp_path / "run"
     run_train(["--data", str(messy), "--out", str(out), *TINY, "--max-steps", "2", "--views-in-one-batch"])
     assert built[-1].views_in_one_batch is True
