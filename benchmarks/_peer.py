@@ -34,7 +34,6 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Optional, Tuple
 
 import torch.nn as nn
 
@@ -52,23 +51,34 @@ class PeerUnavailable(RuntimeError):
 
 
 def _pip(args: list, what: str) -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
-           "--quiet", "--no-input", "--retries", "0", "--timeout", "15", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--no-input",
+        "--retries",
+        "0",
+        "--timeout",
+        "15",
+        *args,
+    ]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise PeerUnavailable(f"could not install {what}: {error}") from error
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise PeerUnavailable(
-            f"could not install {what} with `{' '.join(cmd)}` (no network?): {' | '.join(tail)}"
-        )
+        raise PeerUnavailable(f"could not install {what} with `{' '.join(cmd)}` (no network?): {' | '.join(tail)}")
 
 
-def peer_version(target: Path = PEER_DIR) -> Optional[str]:
+def peer_version(target: Path = PEER_DIR) -> str | None:
     """The installed peer's version from its dist-info folder, or None when absent."""
     infos = sorted(target.glob("byol_pytorch-*.dist-info"))
-    return infos[-1].name[len("byol_pytorch-"):-len(".dist-info")] if infos else None
+    return infos[-1].name[len("byol_pytorch-") : -len(".dist-info")] if infos else None
 
 
 def install_peer(target: Path = PEER_DIR, version: str = PEER_VERSION) -> Path:
@@ -125,7 +135,7 @@ def load_peer(target: Path = PEER_DIR, install: bool = True) -> ModuleType:
     return module
 
 
-def load_peer_or_skip(what: str = "") -> Tuple[Optional[ModuleType], str]:
+def load_peer_or_skip(what: str = "") -> tuple[ModuleType | None, str]:
     """The peer module and the note a results table prints about it, or None and why not.
 
     Args:

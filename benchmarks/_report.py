@@ -9,7 +9,6 @@ import shlex
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import List
 
 import torch
 
@@ -29,7 +28,7 @@ def machine(*libraries: ModuleType) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}; {versions}, Python {platform.python_version()}"
 
 
-def markdown_table(header: List[str], rows: List[List[object]]) -> str:
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     """A Markdown table from a header and rows of printable values."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])

@@ -37,13 +37,17 @@ def assemble(root: Path = ROOT) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="report whether BENCHMARKS.md is up to date; write nothing")
+    parser.add_argument(
+        "--check", action="store_true", help="report whether BENCHMARKS.md is up to date; write nothing"
+    )
     args = parser.parse_args(argv)
     text, path = assemble(), ROOT / "BENCHMARKS.md"
     if args.check:
         if path.read_text() != text:
-            print("BENCHMARKS.md differs from its head + benchmarks/results/*.md; run python benchmarks/assemble.py",
-                  file=sys.stderr)
+            print(
+                "BENCHMARKS.md differs from its head + benchmarks/results/*.md; run python benchmarks/assemble.py",
+                file=sys.stderr,
+            )
             return 1
         print("BENCHMARKS.md is up to date")
         return 0

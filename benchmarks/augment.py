@@ -9,6 +9,7 @@ the medians reported; "images/s" counts input images, each turned into both view
     python benchmarks/augment.py              # CPU rows (64 px from 72 px), GPU rows if CUDA is available
     python benchmarks/augment.py --smoke      # tiny sizes, a few seconds
 """
+
 import argparse
 import os
 import platform
@@ -37,32 +38,46 @@ def make_kornia(size: int, kernel: int):
 
     # kornia's ColorJitter has torchvision's semantics (ColorJiggle does not); it draws one random
     # order per call for the whole batch, where ours and torchvision draw one per image.
-    views = [K.AugmentationSequential(
-        K.RandomResizedCrop((size, size), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), resample="BICUBIC",
-                            align_corners=False),
-        K.RandomHorizontalFlip(p=0.5),
-        K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
-        K.RandomGrayscale(p=0.2),
-        K.RandomGaussianBlur((kernel, kernel), (0.1, 2.0), p=blur_p),
-        K.RandomSolarize(thresholds=0.0, additions=0.0, p=solarize_p),  # threshold exactly 0.5
-        K.Normalize(mean=torch.tensor(MEAN), std=torch.tensor(STD)),
-    ) for blur_p, solarize_p in VIEWS]
+    views = [
+        K.AugmentationSequential(
+            K.RandomResizedCrop(
+                (size, size), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), resample="BICUBIC", align_corners=False
+            ),
+            K.RandomHorizontalFlip(p=0.5),
+            K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
+            K.RandomGrayscale(p=0.2),
+            K.RandomGaussianBlur((kernel, kernel), (0.1, 2.0), p=blur_p),
+            K.RandomSolarize(thresholds=0.0, additions=0.0, p=solarize_p),  # threshold exactly 0.5
+            K.Normalize(mean=torch.tensor(MEAN), std=torch.tensor(STD)),
+        )
+        for blur_p, solarize_p in VIEWS
+    ]
     return lambda x: [v(x) for v in views]
 
 
 def make_torchvision(size: int, kernel: int):
     import torchvision.transforms.v2 as T
 
-    views = [T.Compose([
-        T.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                            interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.RandomHorizontalFlip(0.5),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        T.RandomGrayscale(0.2),
-        T.RandomApply([T.GaussianBlur(kernel, (0.1, 2.0))], p=blur_p),
-        T.RandomSolarize(0.5, p=solarize_p),
-        T.Normalize(MEAN, STD),
-    ]) for blur_p, solarize_p in VIEWS]
+    views = [
+        T.Compose(
+            [
+                T.RandomResizedCrop(
+                    size,
+                    scale=(0.08, 1.0),
+                    ratio=(3 / 4, 4 / 3),
+                    interpolation=T.InterpolationMode.BICUBIC,
+                    antialias=True,
+                ),
+                T.RandomHorizontalFlip(0.5),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                T.RandomGrayscale(0.2),
+                T.RandomApply([T.GaussianBlur(kernel, (0.1, 2.0))], p=blur_p),
+                T.RandomSolarize(0.5, p=solarize_p),
+                T.Normalize(MEAN, STD),
+            ]
+        )
+        for blur_p, solarize_p in VIEWS
+    ]
     return lambda x: [torch.stack([v(image) for image in x]) for v in views]
 
 
@@ -77,8 +92,11 @@ def cpu_model() -> str:
 def bench(device: str, batch: int, in_size: int, out_size: int, repeats: int) -> list:
     kernel = 2 * int(0.1 * out_size / 2) + 1  # 10% of the side, odd: 23 at 224
     x = torch.rand(batch, 3, in_size, in_size, device=device)
-    contenders = {"ours": make_ours(out_size), "kornia": make_kornia(out_size, kernel),
-                  "torchvision": make_torchvision(out_size, kernel)}
+    contenders = {
+        "ours": make_ours(out_size),
+        "kornia": make_kornia(out_size, kernel),
+        "torchvision": make_torchvision(out_size, kernel),
+    }
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = {name: [] for name in contenders}
     with torch.no_grad():
@@ -95,8 +113,17 @@ def bench(device: str, batch: int, in_size: int, out_size: int, repeats: int) ->
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows.append((f"{device} {out_size}px from {in_size}px", name, med * 1e3, min(ts) * 1e3, max(ts) * 1e3,
-                     batch / med, med / ours))
+        rows.append(
+            (
+                f"{device} {out_size}px from {in_size}px",
+                name,
+                med * 1e3,
+                min(ts) * 1e3,
+                max(ts) * 1e3,
+                batch / med,
+                med / ours,
+            )
+        )
     return rows
 
 
@@ -105,17 +132,23 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and 2 repeats, to check the script runs")
     parser.add_argument("--batch", type=int, default=256, help="images per batch (each gets both views)")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per contender, alternating")
-    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
-                        help="'all' runs CPU rows, and GPU rows when CUDA is available")
+    parser.add_argument(
+        "--device",
+        choices=("all", "cpu", "cuda"),
+        default="all",
+        help="'all' runs CPU rows, and GPU rows when CUDA is available",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     sizes = {"cpu": (72, 64), "cuda": (256, 224)}
     batch, repeats = (8, 2) if args.smoke else (args.batch, args.repeats)
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
-          + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"))
+    print(
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+        + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
+    )
     print(f"batch {batch}, both views, median of {repeats} alternating rounds\n")
     print("| setting | contender | median ms | min ms | max ms | images/s | time / ours |")
     print("|---|---|---:|---:|---:|---:|---:|")

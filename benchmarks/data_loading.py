@@ -60,11 +60,19 @@ SMOKE = [Case(8, 800, 600, 64, 4), Case(32, 64, 64, 32, 8)]
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=2,
-                        help="DataLoader workers for both contenders (default 2: this machine's cores)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="DataLoader workers for both contenders (default 2: this machine's cores)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed epochs per contender and case")
-    parser.add_argument("--cache", type=Path, default=REPO / ".bench" / "data_loading",
-                        help="where the generated JPEGs are kept between runs (git-ignored .bench/)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=REPO / ".bench" / "data_loading",
+        help="where the generated JPEGs are kept between runs (git-ignored .bench/)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny images and counts; runs in seconds")
     parser.add_argument("--output", type=Path, default=None, help="also write the table as Markdown here")
     return parser
@@ -99,11 +107,13 @@ def ensure_images(cache: Path, case: Case) -> Path:
 
 
 def torchvision_loader(root: Path, case: Case, workers: int) -> DataLoader:
-    transform = transforms.Compose([
-        transforms.Resize(case.load_size),
-        transforms.CenterCrop(case.load_size),
-        transforms.PILToTensor(),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(case.load_size),
+            transforms.CenterCrop(case.load_size),
+            transforms.PILToTensor(),
+        ]
+    )
     return DataLoader(
         datasets.ImageFolder(str(root), transform=transform),
         batch_size=case.batch_size,
@@ -115,8 +125,9 @@ def torchvision_loader(root: Path, case: Case, workers: int) -> DataLoader:
 
 
 def ours_loader(root: Path, case: Case, workers: int) -> DataLoader:
-    return make_loader(ImageFolder(root, case.load_size), case.batch_size, workers,
-                       shuffle=False, drop_last=False, pin_memory=False)
+    return make_loader(
+        ImageFolder(root, case.load_size), case.batch_size, workers, shuffle=False, drop_last=False, pin_memory=False
+    )
 
 
 def epoch_seconds(loader: DataLoader, expected: int) -> float:
@@ -145,7 +156,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
     }
     difference = mean_abs_difference(loaders)
     times: dict[str, list[float]] = {name: [] for name in loaders}
-    for name, loader in loaders.items():
+    for loader in loaders.values():
         epoch_seconds(loader, case.count)  # warm-up, untimed
     for repeat in range(args.repeats):
         order = list(loaders) if repeat % 2 == 0 else list(loaders)[::-1]
@@ -179,7 +190,8 @@ def _rate(images_per_second: float) -> str:
 
 def table(results: list[dict], workers: int) -> str:
     lines = [
-        "| images | load size | batch | workers | ours img/s (min-max) | torchvision img/s (min-max) | ours / torchvision | mean abs diff (0-255) |",
+        "| images | load size | batch | workers | ours img/s (min-max) | torchvision img/s (min-max) "
+        "| ours / torchvision | mean abs diff (0-255) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
@@ -189,8 +201,10 @@ def table(results: list[dict], workers: int) -> str:
             str(case.load_size),
             str(case.batch_size),
             str(workers),
-            *(f"{_rate(rates[name])} ({_rate(spread[name][0])}-{_rate(spread[name][1])})"
-              for name in ("ours", "torchvision")),
+            *(
+                f"{_rate(rates[name])} ({_rate(spread[name][0])}-{_rate(spread[name][1])})"
+                for name in ("ours", "torchvision")
+            ),
             f"{rates['ours'] / rates['torchvision']:.2f}x",
             f"{result['difference']:.2f}",
         ]
@@ -207,26 +221,28 @@ def main(args: argparse.Namespace) -> None:
         results.append(run_case(case, args))
         print(table(results[-1:], args.workers).splitlines()[-1], flush=True)
     command = command_line()
-    report = "\n".join([
-        "# Data loading: byol_pytorch ImageFolder vs torchvision ImageFolder",
-        "",
-        f"Command (from the repository root): `{command}`",
-        "",
-        f"Machine: {machine()}",
-        "",
-        f"Medians of {args.repeats} timed epochs per contender (alternating, after one untimed "
-        "warm-up epoch each); min-max in brackets. 1-minute load average "
-        f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after the run: the cores are "
-        "shared, so expect noise of tens of percent between runs.",
-        "",
-        table(results, args.workers),
-        "",
-        "Both contenders hand out the same uint8 (B, 3, S, S) batches (shorter side resized to S "
-        "with antialiased bilinear, centre crop). \"mean abs diff\" compares their first batch: "
-        "ours decodes a JPEG at 1/2, 1/4 or 1/8 scale in libjpeg (`Image.draft`) when the shorter "
-        "side stays >= S, so its pixels differ slightly from a full decode; 0 means no reduced "
-        "decode was possible and the outputs are identical.",
-    ])
+    report = "\n".join(
+        [
+            "# Data loading: byol_pytorch ImageFolder vs torchvision ImageFolder",
+            "",
+            f"Command (from the repository root): `{command}`",
+            "",
+            f"Machine: {machine()}",
+            "",
+            f"Medians of {args.repeats} timed epochs per contender (alternating, after one untimed "
+            "warm-up epoch each); min-max in brackets. 1-minute load average "
+            f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after the run: the cores are "
+            "shared, so expect noise of tens of percent between runs.",
+            "",
+            table(results, args.workers),
+            "",
+            "Both contenders hand out the same uint8 (B, 3, S, S) batches (shorter side resized to S "
+            'with antialiased bilinear, centre crop). "mean abs diff" compares their first batch: '
+            "ours decodes a JPEG at 1/2, 1/4 or 1/8 scale in libjpeg (`Image.draft`) when the shorter "
+            "side stays >= S, so its pixels differ slightly from a full decode; 0 means no reduced "
+            "decode was possible and the outputs are identical.",
+        ]
+    )
     print("\n" + report)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -22,15 +22,16 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peer  # noqa: E402  (benchmarks/ is not a package)
-from _report import machine as _machine, markdown_table, write_results  # noqa: E402
+from _report import machine as _machine  # noqa: E402
+from _report import markdown_table, write_results
 
 from byol_pytorch.ema import ema_update_  # noqa: E402
 
@@ -40,13 +41,18 @@ TAU = 0.99
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--devices", default=None,
-                        help="comma list of cpu,cuda (default: cpu, plus cuda when available)")
+    parser.add_argument(
+        "--devices", default=None, help="comma list of cpu,cuda (default: cpu, plus cuda when available)"
+    )
     parser.add_argument("--arch", default="resnet50", help="torchvision model whose parameters are averaged")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per contender (default 30 CPU, 200 GPU)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per contender first")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: torch's own); 1 is steadier on a shared machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's own); 1 is steadier on a shared machine",
+    )
     parser.add_argument("--no-peer", action="store_true", help="leave the peer out")
     parser.add_argument("--smoke", action="store_true", help="resnet18, 3 calls: runs in seconds")
     parser.add_argument("--out", type=Path, default=None, help="also write the table, machine and command here")
@@ -60,9 +66,9 @@ def inplace_loop(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor],
             t.mul_(tau).add_(o, alpha=1 - tau)
 
 
-def contenders_for(device: torch.device, arch: str, peer) -> Tuple[Dict[str, Callable[[], None]], int]:
+def contenders_for(device: torch.device, arch: str, peer) -> tuple[dict[str, Callable[[], None]], int]:
     """The EMA calls to time on `device`, each on its own pair of networks, and the values averaged per call."""
-    calls: Dict[str, Callable[[], None]] = {}
+    calls: dict[str, Callable[[], None]] = {}
 
     def pair():
         online = getattr(torchvision.models, arch)().to(device)
@@ -84,16 +90,17 @@ def contenders_for(device: torch.device, arch: str, peer) -> Tuple[Dict[str, Cal
     return calls, sum(p.numel() for p in t_params)
 
 
-def time_alternating(calls: Dict[str, Callable[[], None]], device: torch.device,
-                     warmup: int, repeats: int) -> Dict[str, Tuple[float, float]]:
+def time_alternating(
+    calls: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, tuple[float, float]]:
     """Median (wall-clock, process CPU) seconds per call, calls alternated A B C A B C ..."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for call in calls.values():
         for _ in range(warmup):
             call()
     sync()
-    wall: Dict[str, List[float]] = {name: [] for name in calls}
-    cpu: Dict[str, List[float]] = {name: [] for name in calls}
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
             sync()
@@ -126,25 +133,50 @@ def main(args: argparse.Namespace) -> str:
         ours = med["ours (foreach lerp)"]
         for contender, (w, c) in both.items():
             seconds = med[contender]
-            rows.append([device.type, contender, f"{w * 1e3:.2f}", f"{c * 1e3:.2f}",
-                         f"{numel * 4 * 3 / seconds / 1e9:.1f}", f"{seconds / ours:.2f}x"])
+            rows.append(
+                [
+                    device.type,
+                    contender,
+                    f"{w * 1e3:.2f}",
+                    f"{c * 1e3:.2f}",
+                    f"{numel * 4 * 3 / seconds / 1e9:.1f}",
+                    f"{seconds / ours:.2f}x",
+                ]
+            )
         if "peer loop" in med:
             speedup = med["peer loop"] / ours
             if device.type == "cuda":
                 ok = "**met**" if speedup >= GPU_GOAL else "**not met**"
-                verdicts.append(f"- At least {GPU_GOAL}x faster than the peer's loop on the GPU: {ok} ({speedup:.2f}x).")
+                verdicts.append(
+                    f"- At least {GPU_GOAL}x faster than the peer's loop on the GPU: {ok} ({speedup:.2f}x)."
+                )
             else:
-                verdicts.append(f"- CPU figure (reported, no goal): ours is {speedup:.2f}x faster than the peer's loop "
-                                f"and {med['in-place loop'] / ours:.2f}x faster than the in-place loop.")
+                verdicts.append(
+                    f"- CPU figure (reported, no goal): ours is {speedup:.2f}x faster than the peer's loop "
+                    f"and {med['in-place loop'] / ours:.2f}x faster than the in-place loop."
+                )
     if "cuda" not in devices:
-        verdicts.append(f"- GPU goal (at least {GPU_GOAL}x the peer's loop): **not measurable here (no GPU in this "
-                        "run)**; run `python benchmarks/ema.py` on a machine with CUDA.")
-    table = "\n".join([
-        f"### EMA update of {arch} parameters ({numel / 1e6:.1f} M values, tau {TAU}), median per call",
-        "", f"GB/s and ratios use the CPU time on the CPU ({torch.get_num_threads()} threads) and the wall clock on a GPU.",
-        "", markdown_table(["device", "contender", "wall ms", "CPU ms", "GB/s (3 x 4 B per value)", "time vs ours"],
-                           rows),
-        *([""] + [note] if note else []), "", "### Goals", "", *verdicts])
+        verdicts.append(
+            f"- GPU goal (at least {GPU_GOAL}x the peer's loop): **not measurable here (no GPU in this "
+            "run)**; run `python benchmarks/ema.py` on a machine with CUDA."
+        )
+    table = "\n".join(
+        [
+            f"### EMA update of {arch} parameters ({numel / 1e6:.1f} M values, tau {TAU}), median per call",
+            "",
+            f"GB/s and ratios use the CPU time on the CPU ({torch.get_num_threads()} threads) "
+            "and the wall clock on a GPU.",
+            "",
+            markdown_table(
+                ["device", "contender", "wall ms", "CPU ms", "GB/s (3 x 4 B per value)", "time vs ours"], rows
+            ),
+            *([""] + [note] if note else []),
+            "",
+            "### Goals",
+            "",
+            *verdicts,
+        ]
+    )
     print(table)
     if args.out is not None:
         write_results(args.out, "EMA update benchmark", _machine(), table)

@@ -39,9 +39,9 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
 
 import timm
 import torch
@@ -50,7 +50,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peer  # noqa: E402  (benchmarks/ is not a package)
-from _report import command_line as _command, machine as _machine, markdown_table, write_results  # noqa: E402
+from _report import command_line as _command  # noqa: E402
+from _report import machine as _machine
+from _report import markdown_table, write_results
 
 from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
 from byol_pytorch.evaluate import extract_features, knn_accuracy  # noqa: E402
@@ -65,32 +67,63 @@ SMOKE_TRAIN, SMOKE_TEST, SMOKE_BATCH = 128, 64, 32
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="Fashion-MNIST IDX files (default: byol_pytorch's search path)")
-    parser.add_argument("--epochs", type=int, default=None, help="passes over the 60,000 images (default 3; --long 100)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="Fashion-MNIST IDX files (default: byol_pytorch's search path)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="passes over the 60,000 images (default 3; --long 100)"
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and data order of every contender")
     parser.add_argument("--bank", type=int, default=10_000, help="kNN bank: the first N training images")
-    parser.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS),
-                        help=f"comma list of {', '.join(CONTENDERS)} (default: %(default)s; ours1b is "
-                             "BYOL(..., views_in_one_batch=True))")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="stop each contender after this many steps (a reduced budget, labelled as such)")
-    parser.add_argument("--eval-every", type=int, default=None,
-                        help="also evaluate kNN every N epochs, for a curve (default: at the end; --long: 10)")
-    parser.add_argument("--estimate", type=int, default=0, metavar="N",
-                        help="time N steps of each contender, print the projected total, and stop")
+    parser.add_argument(
+        "--contenders",
+        default=",".join(DEFAULT_CONTENDERS),
+        help=f"comma list of {', '.join(CONTENDERS)} (default: %(default)s; ours1b is "
+        "BYOL(..., views_in_one_batch=True))",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop each contender after this many steps (a reduced budget, labelled as such)",
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="also evaluate kNN every N epochs, for a curve (default: at the end; --long: 10)",
+    )
+    parser.add_argument(
+        "--estimate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time N steps of each contender, print the projected total, and stop",
+    )
     parser.add_argument("--long", action="store_true", help="the GPU long run: 100 epochs, kNN every 10 epochs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--log-every", type=int, default=20, help="print progress every N steps")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"{SMOKE_TRAIN} training images, {SMOKE_TEST} queries, batch {SMOKE_BATCH}, 1 epoch: seconds")
-    parser.add_argument("--save-json", type=Path, default=None,
-                        help="also save the results as JSON (to run contenders in separate processes)")
-    parser.add_argument("--load-json", type=Path, nargs="+", default=None,
-                        help="train nothing: build the table from results saved with --save-json")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"{SMOKE_TRAIN} training images, {SMOKE_TEST} queries, batch {SMOKE_BATCH}, 1 epoch: seconds",
+    )
+    parser.add_argument(
+        "--save-json",
+        type=Path,
+        default=None,
+        help="also save the results as JSON (to run contenders in separate processes)",
+    )
+    parser.add_argument(
+        "--load-json",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="train nothing: build the table from results saved with --save-json",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the table, machine and command here")
     return parser
 
@@ -114,8 +147,8 @@ class Result:
     accuracy: float
     steps: int
     seconds: float
-    loss: Optional[float] = None
-    curve: List[Tuple[int, float]] = field(default_factory=list)  # (epoch, kNN accuracy)
+    loss: float | None = None
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, kNN accuracy)
     command: str = ""  # the command that produced it
     seed: int = 0  # initial weights, data order and augmentation draws
 
@@ -141,7 +174,12 @@ def load_data(args: argparse.Namespace) -> Data:
         train_y, test_y = torch.arange(SMOKE_TRAIN) % 10, torch.arange(SMOKE_TEST) % 10
         source = "random images (smoke)"
     if args.smoke:
-        train_x, train_y, test_x, test_y = train_x[:SMOKE_TRAIN], train_y[:SMOKE_TRAIN], test_x[:SMOKE_TEST], test_y[:SMOKE_TEST]
+        train_x, train_y, test_x, test_y = (
+            train_x[:SMOKE_TRAIN],
+            train_y[:SMOKE_TRAIN],
+            test_x[:SMOKE_TEST],
+            test_y[:SMOKE_TEST],
+        )
     return Data(prepare(train_x), train_y.long(), prepare(test_x), test_y.long(), source)
 
 
@@ -151,7 +189,7 @@ def make_net(seed: int) -> nn.Module:
     return timm.create_model("resnet10t", num_classes=0)
 
 
-def make_learner(name: str, net: nn.Module, peer) -> Tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+def make_learner(name: str, net: nn.Module, peer) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """The learner around `net` and how it takes a uint8 batch."""
     if name in ("ours", "ours1b"):
         return BYOL(net, 32, views_in_one_batch=name == "ours1b"), lambda x: x
@@ -163,11 +201,21 @@ def knn(net: nn.Module, data: Data, bank: int, device: torch.device) -> float:
     normalize = BYOLAugment(32).normalize  # uint8 -> [0, 1] -> ImageNet mean/std
     bank_f = extract_features(net, data.train_x[:bank], batch_size=512, device=device, transform=normalize)
     test_f = extract_features(net, data.test_x, batch_size=512, device=device, transform=normalize)
-    return 100.0 * knn_accuracy(bank_f, data.train_y[:bank], test_f, data.test_y, num_classes=10, k=20, temperature=0.07)
+    return 100.0 * knn_accuracy(
+        bank_f, data.train_y[:bank], test_f, data.test_y, num_classes=10, k=20, temperature=0.07
+    )
 
 
-def train(name: str, data: Data, args: argparse.Namespace, device: torch.device, peer,
-          epochs: int, max_steps: Optional[int], eval_every: Optional[int]) -> Result:
+def train(
+    name: str,
+    data: Data,
+    args: argparse.Namespace,
+    device: torch.device,
+    peer,
+    epochs: int,
+    max_steps: int | None,
+    eval_every: int | None,
+) -> Result:
     """BYOL-train one contender on the whole training set; returns its kNN accuracy."""
     net = make_net(args.seed).to(device)
     learner, feed = make_learner(name, net, peer)
@@ -185,7 +233,7 @@ def train(name: str, data: Data, args: argparse.Namespace, device: torch.device,
         for first in range(0, len(images), args.batch_size):
             if result.steps >= total:
                 break
-            batch = images[perm[first:first + args.batch_size]]
+            batch = images[perm[first : first + args.batch_size]]
             if len(batch) < 2:
                 continue  # BatchNorm needs two images
             loss = learner(feed(batch))
@@ -197,9 +245,12 @@ def train(name: str, data: Data, args: argparse.Namespace, device: torch.device,
             if result.steps % args.log_every == 0 or result.steps == total:
                 elapsed = time.perf_counter() - start
                 result.loss = float(loss.detach())
-                print(f"[{result.name}] step {result.steps}/{total} epoch {epoch} loss {result.loss:.4f} "
-                      f"{elapsed / result.steps:.2f} s/step, ETA {(total - result.steps) * elapsed / result.steps / 60:.1f} min",
-                      flush=True)
+                print(
+                    f"[{result.name}] step {result.steps}/{total} epoch {epoch} loss {result.loss:.4f} "
+                    f"{elapsed / result.steps:.2f} s/step, "
+                    f"ETA {(total - result.steps) * elapsed / result.steps / 60:.1f} min",
+                    flush=True,
+                )
         if eval_every and epoch % eval_every == 0 and result.steps <= total:
             result.curve.append((epoch, knn(net, data, args.bank, device)))
             print(f"[{result.name}] epoch {epoch}: kNN {result.curve[-1][1]:.2f}%", flush=True)
@@ -207,13 +258,13 @@ def train(name: str, data: Data, args: argparse.Namespace, device: torch.device,
             break
     result.seconds = time.perf_counter() - start
     result.loss = float(loss.detach())
-    result.accuracy = result.curve[-1][1] if result.curve and result.curve[-1][0] == epoch else knn(
-        net, data, args.bank, device)
+    result.accuracy = (
+        result.curve[-1][1] if result.curve and result.curve[-1][0] == epoch else knn(net, data, args.bank, device)
+    )
     return result
 
 
-def estimate(names: List[str], data: Data, args: argparse.Namespace, device: torch.device, peer,
-             epochs: int) -> str:
+def estimate(names: list[str], data: Data, args: argparse.Namespace, device: torch.device, peer, epochs: int) -> str:
     """Time a few steps of each trained contender and project the full budget."""
     steps_total = epochs * math.ceil(len(data.train_x) / args.batch_size)
     rows, total = [], 0.0
@@ -223,7 +274,7 @@ def estimate(names: List[str], data: Data, args: argparse.Namespace, device: tor
         net = make_net(args.seed).to(device)
         learner, feed = make_learner(name, net, peer)
         opt = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=args.lr)
-        batch = data.train_x[:args.batch_size].to(device)
+        batch = data.train_x[: args.batch_size].to(device)
         times = []
         for i in range(args.estimate + 1):  # the first step is a warm-up
             start = time.perf_counter()
@@ -239,37 +290,62 @@ def estimate(names: List[str], data: Data, args: argparse.Namespace, device: tor
         per_step = statistics.median(times)
         total += per_step * steps_total
         rows.append(f"| {LABELS[name]} | {per_step:.2f} | {steps_total} | {per_step * steps_total / 60:.1f} |")
-    return "\n".join([f"### Projected training time ({epochs} epochs, batch {args.batch_size}, {device.type}, "
-                      f"{torch.get_num_threads()} threads, median of {args.estimate} steps)", "",
-                      "| contender | s/step | steps | minutes |", "|---|---|---|---|", *rows, "",
-                      f"Total: {total / 60:.1f} minutes of training (plus a few minutes of feature extraction)."])
+    return "\n".join(
+        [
+            f"### Projected training time ({epochs} epochs, batch {args.batch_size}, {device.type}, "
+            f"{torch.get_num_threads()} threads, median of {args.estimate} steps)",
+            "",
+            "| contender | s/step | steps | minutes |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"Total: {total / 60:.1f} minutes of training (plus a few minutes of feature extraction).",
+        ]
+    )
 
 
 def _title(data: Data, args: argparse.Namespace, epochs: int) -> str:
     """The table's heading up to the seed and device: evaluation and training budget."""
-    return (f"### kNN accuracy (k 20, T 0.07; bank {min(args.bank, len(data.train_x))} training images, "
-            f"{len(data.test_x)} test queries) after {epochs} epochs of {len(data.train_x)} {data.source} "
-            f"images, batch {args.batch_size}, Adam {args.lr:g}")
+    return (
+        f"### kNN accuracy (k 20, T 0.07; bank {min(args.bank, len(data.train_x))} training images, "
+        f"{len(data.test_x)} test queries) after {epochs} epochs of {len(data.train_x)} {data.source} "
+        f"images, batch {args.batch_size}, Adam {args.lr:g}"
+    )
 
 
 def _verdict(gain: float, goal: float) -> str:
     return "**met**" if gain >= goal else "**not met**"
 
 
-def report_seeds(results: List[Result], data: Data, args: argparse.Namespace, epochs: int, budget_steps: int,
-                 device: torch.device, peer_note: str) -> str:
+def report_seeds(
+    results: list[Result],
+    data: Data,
+    args: argparse.Namespace,
+    epochs: int,
+    budget_steps: int,
+    device: torch.device,
+    peer_note: str,
+) -> str:
     """Results of several seeds: one row per seed, the mean, and the goals judged on the means."""
     seeds = sorted({r.seed for r in results})
     by = {(r.seed, r.name): r for r in results}
     names = [LABELS[n] for n in CONTENDERS if any(r.name == LABELS[n] for r in results)]
     full = all(r.steps == budget_steps for r in results if r.name != "random init")
-    lines = [f"{_title(data, args, epochs)}, {device.type}; seeds {', '.join(map(str, seeds))}", "",
-             "Each seed fixes the initial weights (the same for every contender), the data order and the "
-             "augmentation draws; kNN top-1 %.", ""]
+    lines = [
+        f"{_title(data, args, epochs)}, {device.type}; seeds {', '.join(map(str, seeds))}",
+        "",
+        "Each seed fixes the initial weights (the same for every contender), the data order and the "
+        "augmentation draws; kNN top-1 %.",
+        "",
+    ]
     if not full:
         lines += [f"**REDUCED BUDGET**: the issue's budget is {budget_steps} steps per contender.", ""]
-    gaps = [("ours", "random init"), ("ours", "peer vanilla"), ("peer vanilla", "random init"),
-            ("ours, views in one batch", "ours")]
+    gaps = [
+        ("ours", "random init"),
+        ("ours", "peer vanilla"),
+        ("peer vanilla", "random init"),
+        ("ours, views in one batch", "ours"),
+    ]
     gaps = [g for g in gaps if g[0] in names and g[1] in names]
     header = ["seed", *names, *(f"{a} - {b}" for a, b in gaps)]
     rows, columns = [], {h: [] for h in header[1:]}
@@ -284,8 +360,10 @@ def report_seeds(results: List[Result], data: Data, args: argparse.Namespace, ep
         for h, v in zip(header[1:], cells):
             if v is not None:
                 columns[h].append(v)
-        rows.append([str(seed)] + ["" if v is None else (f"{v:+.2f}" if i >= len(names) else f"{v:.2f}")
-                                   for i, v in enumerate(cells)])
+        rows.append(
+            [str(seed)]
+            + ["" if v is None else (f"{v:+.2f}" if i >= len(names) else f"{v:.2f}") for i, v in enumerate(cells)]
+        )
     mean = {h: statistics.mean(v) for h, v in columns.items() if v}
 
     def mean_cell(i: int, h: str) -> str:
@@ -296,10 +374,10 @@ def report_seeds(results: List[Result], data: Data, args: argparse.Namespace, ep
         return text if n == len(seeds) else f"{text} ({n} seed{'' if n == 1 else 's'})"
 
     rows.append(["**mean**"] + [mean_cell(i, h) for i, h in enumerate(header[1:])])
-    rows.append(["std"] + [f"{statistics.stdev(columns[h]):.2f}" if len(columns[h]) > 1 else ""
-                           for h in header[1:]])
-    rows.append(["min / max"] + [f"{min(columns[h]):.2f} / {max(columns[h]):.2f}" if columns[h] else ""
-                                 for h in header[1:]])
+    rows.append(["std"] + [f"{statistics.stdev(columns[h]):.2f}" if len(columns[h]) > 1 else "" for h in header[1:]])
+    rows.append(
+        ["min / max"] + [f"{min(columns[h]):.2f} / {max(columns[h]):.2f}" if columns[h] else "" for h in header[1:]]
+    )
     lines.append(markdown_table(header, rows))
     if peer_note:
         lines += ["", peer_note]
@@ -308,19 +386,30 @@ def report_seeds(results: List[Result], data: Data, args: argparse.Namespace, ep
         lines += ["", "Results trained by: " + "; ".join(f"`{c}`" for c in commands)]
     lines += ["", "### Goals (on the mean over seeds)", ""]
     budget = "" if full else " (at the REDUCED budget above, not the issue's)"
-    for (a, b), goal, what in ((("ours", "random init"), RANDOM_GOAL, "random init"),
-                               (("ours", "peer vanilla"), PEER_GOAL, "the peer")):
+    for (a, b), goal, what in (
+        (("ours", "random init"), RANDOM_GOAL, "random init"),
+        (("ours", "peer vanilla"), PEER_GOAL, "the peer"),
+    ):
         column = columns.get(f"{a} - {b}")
         if column:
             reached = sum(v >= goal for v in column)
-            lines.append(f"- Ours at least {goal:g} points above {what}{budget}: {_verdict(mean[f'{a} - {b}'], goal)} "
-                         f"(mean {mean[f'{a} - {b}']:+.2f} points over {len(column)} seeds; {reached} of "
-                         f"{len(column)} seeds at or above {goal:g}).")
+            lines.append(
+                f"- Ours at least {goal:g} points above {what}{budget}: {_verdict(mean[f'{a} - {b}'], goal)} "
+                f"(mean {mean[f'{a} - {b}']:+.2f} points over {len(column)} seeds; {reached} of "
+                f"{len(column)} seeds at or above {goal:g})."
+            )
     return "\n".join(lines)
 
 
-def report(results: List[Result], data: Data, args: argparse.Namespace, epochs: int, budget_steps: int,
-           device: torch.device, peer_note: str) -> str:
+def report(
+    results: list[Result],
+    data: Data,
+    args: argparse.Namespace,
+    epochs: int,
+    budget_steps: int,
+    device: torch.device,
+    peer_note: str,
+) -> str:
     """The Markdown table, the curve (if any) and where the goals stand."""
     if len({r.seed for r in results}) > 1:
         return report_seeds(results, data, args, epochs, budget_steps, device, peer_note)
@@ -329,21 +418,33 @@ def report(results: List[Result], data: Data, args: argparse.Namespace, epochs: 
     seed = results[0].seed if results else args.seed  # loaded results carry their own
     lines = [f"{_title(data, args, epochs)}, seed {seed}, {device.type}", ""]
     if not full:
-        lines += [f"**REDUCED BUDGET**: the issue's budget is {budget_steps} steps per contender; the trained "
-                  "contenders ran the steps in the table (see `--max-steps`).", ""]
-    lines += ["| contender | steps | train minutes | final loss | kNN top-1 % | vs random init | vs peer |",
-              "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**REDUCED BUDGET**: the issue's budget is {budget_steps} steps per contender; the trained "
+            "contenders ran the steps in the table (see `--max-steps`).",
+            "",
+        ]
+    lines += [
+        "| contender | steps | train minutes | final loss | kNN top-1 % | vs random init | vs peer |",
+        "|---|---|---|---|---|---|---|",
+    ]
     rand, peer = by.get("random init"), by.get("peer vanilla")
     for r in results:
         loss = "" if r.loss is None else f"{r.loss:.3f}"
         vs_rand = f"{r.accuracy - rand.accuracy:+.2f}" if rand and r is not rand else ""
         vs_peer = f"{r.accuracy - peer.accuracy:+.2f}" if peer and r is not peer and r is not rand else ""
-        lines.append(f"| {r.name} | {r.steps} | {r.seconds / 60:.1f} | {loss} | {r.accuracy:.2f} | {vs_rand} | {vs_peer} |")
+        lines.append(
+            f"| {r.name} | {r.steps} | {r.seconds / 60:.1f} | {loss} | {r.accuracy:.2f} | {vs_rand} | {vs_peer} |"
+        )
     curves = [r for r in results if r.curve]
     if curves:
         epochs_seen = sorted({e for r in curves for e, _ in r.curve})
-        lines += ["", "### kNN curve (%)", "", "| epoch | " + " | ".join(r.name for r in curves) + " |",
-                  "|---|" + "---|" * len(curves)]
+        lines += [
+            "",
+            "### kNN curve (%)",
+            "",
+            "| epoch | " + " | ".join(r.name for r in curves) + " |",
+            "|---|" + "---|" * len(curves),
+        ]
         for e in epochs_seen:
             cells = [next((f"{a:.2f}" for ep, a in r.curve if ep == e), "") for r in curves]
             lines.append(f"| {e} | " + " | ".join(cells) + " |")
@@ -357,14 +458,18 @@ def report(results: List[Result], data: Data, args: argparse.Namespace, epochs: 
     budget = "" if full else " (at the REDUCED budget above, not the issue's)"
     if ours and rand:
         gain = ours.accuracy - rand.accuracy
-        lines.append(f"- Ours at least {RANDOM_GOAL:g} points above random init{budget}: "
-                     f"{_verdict(gain, RANDOM_GOAL)} ({gain:+.2f} points: "
-                     f"{ours.accuracy:.2f}% vs {rand.accuracy:.2f}%).")
+        lines.append(
+            f"- Ours at least {RANDOM_GOAL:g} points above random init{budget}: "
+            f"{_verdict(gain, RANDOM_GOAL)} ({gain:+.2f} points: "
+            f"{ours.accuracy:.2f}% vs {rand.accuracy:.2f}%)."
+        )
     if ours and peer:
         gain = ours.accuracy - peer.accuracy
-        lines.append(f"- Ours at least {PEER_GOAL:g} points above the peer{budget}: "
-                     f"{_verdict(gain, PEER_GOAL)} ({gain:+.2f} points: "
-                     f"{ours.accuracy:.2f}% vs {peer.accuracy:.2f}%).")
+        lines.append(
+            f"- Ours at least {PEER_GOAL:g} points above the peer{budget}: "
+            f"{_verdict(gain, PEER_GOAL)} ({gain:+.2f} points: "
+            f"{ours.accuracy:.2f}% vs {peer.accuracy:.2f}%)."
+        )
     return "\n".join(lines)
 
 
@@ -397,8 +502,10 @@ def main(args: argparse.Namespace) -> str:
         keys = [(r.seed, r.name) for r in saved]
         twice = sorted({k for k in keys if keys.count(k) > 1})
         if twice:
-            raise ValueError(f"--load-json: more than one result for (seed, contender) {twice}; "
-                             "pass each contender's run of each seed once")
+            raise ValueError(
+                f"--load-json: more than one result for (seed, contender) {twice}; "
+                "pass each contender's run of each seed once"
+            )
         order = [LABELS[n] for n in CONTENDERS]
         results = sorted(saved, key=lambda r: order.index(r.name))
         names = []

@@ -39,16 +39,16 @@ by ``torch.profiler(profile_memory=True)`` on the CPU.
 from __future__ import annotations
 
 import argparse
-import copy
 import contextlib
+import copy
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -56,7 +56,8 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peer  # noqa: E402  (benchmarks/ is not a package)
-from _report import machine as _machine, markdown_table, write_results  # noqa: E402
+from _report import machine as _machine  # noqa: E402
+from _report import markdown_table, write_results
 
 from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
 from byol_pytorch.losses import byol_loss  # noqa: E402
@@ -67,34 +68,57 @@ CPU_FLOOR_GOAL, GPU_FLOOR_GOAL, GPU_PEER_GOAL = 1.15, 1.08, 1.3
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda when available); picks the preset below")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda when available); picks the preset below",
+    )
     parser.add_argument("--arch", default=None, help="torchvision model (preset: resnet18 on CPU, resnet50 on GPU)")
     parser.add_argument("--image-size", type=int, default=None, help="view side in pixels (preset: 64 CPU, 224 GPU)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (preset: 32 CPU, 256 GPU)")
-    parser.add_argument("--amp", choices=["none", "bf16"], default=None,
-                        help="autocast dtype (preset: none on CPU, bf16 on GPU)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="channels_last memory format (preset: off on CPU, on on GPU)")
-    parser.add_argument("--modes", default=None,
-                        help="comma list of eager,compile (preset: eager on CPU, eager,compile on GPU)")
+    parser.add_argument(
+        "--amp", choices=["none", "bf16"], default=None, help="autocast dtype (preset: none on CPU, bf16 on GPU)"
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format (preset: off on CPU, on on GPU)",
+    )
+    parser.add_argument(
+        "--modes", default=None, help="comma list of eager,compile (preset: eager on CPU, eager,compile on GPU)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per contender (preset: 15 CPU, 30 GPU)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed steps per contender first (preset: 2 CPU, 5 GPU; compile happens here)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default=None,
-                        help="the time that images/s, ratios and goals use: wall clock, or the process's CPU "
-                             "time, which other jobs on a shared machine barely disturb (with --threads 1 it "
-                             "is the work done). Default: cpu on the CPU, wall on a GPU; both are shown")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps per contender first (preset: 2 CPU, 5 GPU; compile happens here)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default=None,
+        help="the time that images/s, ratios and goals use: wall clock, or the process's CPU "
+        "time, which other jobs on a shared machine barely disturb (with --threads 1 it "
+        "is the work done). Default: cpu on the CPU, wall on a GPU; both are shown",
+    )
     parser.add_argument("--no-peer", action="store_true", help="leave the peer out")
     parser.add_argument("--no-parts", action="store_true", help="leave out the split of our overhead")
-    parser.add_argument("--no-one-batch", action="store_true",
-                        help="leave out ours with views_in_one_batch=True (the opt-in)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: torch's own, the core count); 1 is steadier "
-                             "on a machine shared with other jobs")
+    parser.add_argument(
+        "--no-one-batch", action="store_true", help="leave out ours with views_in_one_batch=True (the opt-in)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's own, the core count); 1 is steadier "
+        "on a machine shared with other jobs",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true",
-                        help="resnet18, 32 px, batch 4, 2 steps, 1 thread: runs in seconds")
+    parser.add_argument(
+        "--smoke", action="store_true", help="resnet18, 32 px, batch 4, 2 steps, 1 thread: runs in seconds"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the tables, machine and command here")
     parser.add_argument("--append", action="store_true", help="add to --out instead of replacing it")
     return parser
@@ -108,9 +132,9 @@ class Config:
     arch: str
     image_size: int
     batch_size: int
-    amp: Optional[torch.dtype]
+    amp: torch.dtype | None
     channels_last: bool
-    modes: List[str]
+    modes: list[str]
     steps: int
     warmup: int
     clock: str
@@ -121,21 +145,54 @@ def resolve_config(args: argparse.Namespace) -> Config:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if args.smoke:
-        preset = dict(arch="resnet18", image_size=32, batch_size=4, amp="none", channels_last=False,
-                      modes="eager", steps=2, warmup=1)
+        preset = dict(
+            arch="resnet18",
+            image_size=32,
+            batch_size=4,
+            amp="none",
+            channels_last=False,
+            modes="eager",
+            steps=2,
+            warmup=1,
+        )
     elif gpu:
-        preset = dict(arch="resnet50", image_size=224, batch_size=256, amp="bf16", channels_last=True,
-                      modes="eager,compile", steps=30, warmup=5)
+        preset = dict(
+            arch="resnet50",
+            image_size=224,
+            batch_size=256,
+            amp="bf16",
+            channels_last=True,
+            modes="eager,compile",
+            steps=30,
+            warmup=5,
+        )
     else:
-        preset = dict(arch="resnet18", image_size=64, batch_size=32, amp="none", channels_last=False,
-                      modes="eager", steps=15, warmup=2)
+        preset = dict(
+            arch="resnet18",
+            image_size=64,
+            batch_size=32,
+            amp="none",
+            channels_last=False,
+            modes="eager",
+            steps=15,
+            warmup=2,
+        )
     value = {k: preset[k] if getattr(args, k) is None else getattr(args, k) for k in preset}
     modes = [m.strip() for m in value["modes"].split(",") if m.strip()]
     if not modes or any(m not in ("eager", "compile") for m in modes):
         raise ValueError(f"--modes must be a comma list of eager and compile, got {value['modes']!r}")
-    return Config(device, value["arch"], value["image_size"], value["batch_size"],
-                  torch.bfloat16 if value["amp"] == "bf16" else None, bool(value["channels_last"]),
-                  modes, value["steps"], value["warmup"], args.clock or ("wall" if gpu else "cpu"))
+    return Config(
+        device,
+        value["arch"],
+        value["image_size"],
+        value["batch_size"],
+        torch.bfloat16 if value["amp"] == "bf16" else None,
+        bool(value["channels_last"]),
+        modes,
+        value["steps"],
+        value["warmup"],
+        args.clock or ("wall" if gpu else "cpu"),
+    )
 
 
 @dataclass
@@ -146,12 +203,12 @@ class Contender:
     step: Callable[[], None]
     kind: str = "step"  # "step" (a row of the main table) or "part" (a row of the split)
     mode: str = "eager"
-    modules: List[nn.Module] = field(default_factory=list)
-    optimizer: Optional[torch.optim.Optimizer] = None
-    inputs: List[torch.Tensor] = field(default_factory=list)
-    times: List[float] = field(default_factory=list)  # wall-clock seconds per step
-    cpu_times: List[float] = field(default_factory=list)  # process CPU seconds per step
-    peak_bytes: Optional[int] = None
+    modules: list[nn.Module] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # wall-clock seconds per step
+    cpu_times: list[float] = field(default_factory=list)  # process CPU seconds per step
+    peak_bytes: int | None = None
     note: str = ""
 
 
@@ -222,8 +279,9 @@ def build_ours(cfg: Config, images: torch.Tensor, mode: str, one_batch: bool = F
         opt.step()
         learner.update_moving_average()
 
-    return Contender(ONE_BATCH if one_batch else "ours", step, mode=mode, modules=[learner], optimizer=opt,
-                     inputs=[images])
+    return Contender(
+        ONE_BATCH if one_batch else "ours", step, mode=mode, modules=[learner], optimizer=opt, inputs=[images]
+    )
 
 
 def build_peer(cfg: Config, images: torch.Tensor, mode: str, variant: str, peer) -> Contender:
@@ -244,7 +302,7 @@ def build_peer(cfg: Config, images: torch.Tensor, mode: str, variant: str, peer)
     return Contender(f"peer {variant}", step, mode=mode, modules=[learner], optimizer=opt, inputs=[images])
 
 
-def build_parts(cfg: Config, images: torch.Tensor) -> List[Contender]:
+def build_parts(cfg: Config, images: torch.Tensor) -> list[Contender]:
     """Our overhead over the floor, each part alone: views, heads, EMA (eager)."""
     learner = BYOL(make_net(cfg), cfg.image_size)
     with autocast(cfg):
@@ -274,8 +332,12 @@ def build_parts(cfg: Config, images: torch.Tensor) -> List[Contender]:
         loss.backward()
         head_opt.step()
 
-    return [build_floor(cfg, images, "eager", per_view=True), Contender("views", views, kind="part"),
-            Contender("heads", heads, kind="part"), Contender("ema", learner.update_moving_average, kind="part")]
+    return [
+        build_floor(cfg, images, "eager", per_view=True),
+        Contender("views", views, kind="part"),
+        Contender("heads", heads, kind="part"),
+        Contender("ema", learner.update_moving_average, kind="part"),
+    ]
 
 
 def _sync(device: torch.device) -> None:
@@ -313,15 +375,18 @@ def measure_peak(c: Contender, device: torch.device) -> int:
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
     # The CPU allocator reports its running total of bytes allocated while profiling.
-    totals = [(e["args"]["Total Allocated"], e["args"]["Bytes"]) for e in events
-              if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    totals = [
+        (e["args"]["Total Allocated"], e["args"]["Bytes"])
+        for e in events
+        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
+    ]
     if not totals:
         return state
     baseline = totals[0][0] - totals[0][1]
     return state + max(0, max(t for t, _ in totals) - baseline)
 
 
-def run_rounds(contenders: List[Contender], cfg: Config) -> None:
+def run_rounds(contenders: list[Contender], cfg: Config) -> None:
     """Warm up each contender, then time steps round-robin: A B C ... A B C ..."""
     for c in contenders:
         for _ in range(cfg.warmup):
@@ -341,7 +406,7 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
 
-def report(contenders: List[Contender], cfg: Config, peer_note: str) -> str:
+def report(contenders: list[Contender], cfg: Config, peer_note: str) -> str:
     """The Markdown tables and where the goals stand."""
     wall = {(c.name, c.mode): statistics.median(c.times) for c in contenders}
     cpu = {(c.name, c.mode): statistics.median(c.cpu_times) for c in contenders}
@@ -352,19 +417,44 @@ def report(contenders: List[Contender], cfg: Config, peer_note: str) -> str:
     amp = "fp32" if cfg.amp is None else "bf16 autocast"
     fmt = "channels_last" if cfg.channels_last else "contiguous"
     threads = f", {torch.get_num_threads()} threads" if cfg.device.type == "cpu" else ""
-    out = [f"### Training step: {cfg.arch}, {cfg.image_size} px, batch {cfg.batch_size}, {cfg.device.type}{threads}, "
-           f"{amp}, {fmt}, Adam; median of {cfg.steps} alternated steps after {cfg.warmup} warm-up", "",
-           f"images/s and the ratios use the {clock} medians; images/s counts source images (B per step).", ""]
+    out = [
+        f"### Training step: {cfg.arch}, {cfg.image_size} px, batch {cfg.batch_size}, {cfg.device.type}{threads}, "
+        f"{amp}, {fmt}, Adam; median of {cfg.steps} alternated steps after {cfg.warmup} warm-up",
+        "",
+        f"images/s and the ratios use the {clock} medians; images/s counts source images (B per step).",
+        "",
+    ]
     rows = []
     for c in steps:
         key = (c.name, c.mode)
         floor = med.get(("floor", c.mode))
-        rows.append([c.name, c.mode, _ms(wall[key]), _ms(cpu[key]), f"{cfg.batch_size / med[key]:.1f}",
-                     "n/a" if c.peak_bytes is None else f"{c.peak_bytes / 2**20:.0f}",
-                     f"{med[key] / floor:.2f}x" if floor else "n/a",
-                     f"{med[peer_key] / med[key]:.2f}x" if peer_key else "n/a"])
-    out.append(markdown_table(["contender", "mode", "wall ms/step", "CPU ms/step", "images/s", "peak MiB",
-                               "time vs floor", "images/s vs peer vanilla eager"], rows))
+        rows.append(
+            [
+                c.name,
+                c.mode,
+                _ms(wall[key]),
+                _ms(cpu[key]),
+                f"{cfg.batch_size / med[key]:.1f}",
+                "n/a" if c.peak_bytes is None else f"{c.peak_bytes / 2**20:.0f}",
+                f"{med[key] / floor:.2f}x" if floor else "n/a",
+                f"{med[peer_key] / med[key]:.2f}x" if peer_key else "n/a",
+            ]
+        )
+    out.append(
+        markdown_table(
+            [
+                "contender",
+                "mode",
+                "wall ms/step",
+                "CPU ms/step",
+                "images/s",
+                "peak MiB",
+                "time vs floor",
+                "images/s vs peer vanilla eager",
+            ],
+            rows,
+        )
+    )
     if peer_note:
         out += ["", peer_note]
     parts = [c for c in contenders if c.kind == "part"]
@@ -378,20 +468,24 @@ def report(contenders: List[Contender], cfg: Config, peer_note: str) -> str:
         rest = ours - floor - sum(cost.values())
         rows.append(["rest (ours - floor - parts)", _ms(rest), f"{100 * rest / floor:.1f}%"])
         rows.append(["ours", _ms(ours), f"{100 * ours / floor:.1f}%"])
-        out += ["", f"### Split of our overhead (eager, {clock} ms), each part timed alone in the same rounds", "",
-                markdown_table(["part", "ms/step", "% of floor"], rows)]
+        out += [
+            "",
+            f"### Split of our overhead (eager, {clock} ms), each part timed alone in the same rounds",
+            "",
+            markdown_table(["part", "ms/step", "% of floor"], rows),
+        ]
     out += ["", "### Goals", ""] + goals(med, cfg)
     return "\n".join(out)
 
 
-def goals(med: Dict[tuple, float], cfg: Config) -> List[str]:
+def goals(med: dict[tuple, float], cfg: Config) -> list[str]:
     """Where the training-step goals of issue 6 stand, from the measured medians."""
     lines = []
 
     def verdict(ok: bool) -> str:
         return "**met**" if ok else "**not met**"
 
-    def best(name: str) -> Optional[tuple]:
+    def best(name: str) -> tuple | None:
         found = [(med[(name, m)], m) for m in cfg.modes if (name, m) in med]
         return min(found) if found else None
 
@@ -401,26 +495,36 @@ def goals(med: Dict[tuple, float], cfg: Config) -> List[str]:
     limit = GPU_FLOOR_GOAL if cfg.device.type == "cuda" else CPU_FLOOR_GOAL
     if ours and ("floor", ours[1]) in med:
         ratio = ours[0] / med[("floor", ours[1])]
-        lines.append(f"- Our step within {limit}x of the floor on the {where}: {verdict(ratio <= limit)} "
-                     f"({ratio:.2f}x, ours {ours[1]} {_ms(ours[0])} ms vs floor {_ms(med[('floor', ours[1])])} ms).")
+        lines.append(
+            f"- Our step within {limit}x of the floor on the {where}: {verdict(ratio <= limit)} "
+            f"({ratio:.2f}x, ours {ours[1]} {_ms(ours[0])} ms vs floor {_ms(med[('floor', ours[1])])} ms)."
+        )
     if ours and peer:
         speed = peer / ours[0]
         if cfg.device.type == "cuda":
-            lines.append(f"- At least {GPU_PEER_GOAL}x the peer's images/s on the GPU: "
-                         f"{verdict(speed >= GPU_PEER_GOAL)} ({speed:.2f}x vs peer vanilla eager).")
+            lines.append(
+                f"- At least {GPU_PEER_GOAL}x the peer's images/s on the GPU: "
+                f"{verdict(speed >= GPU_PEER_GOAL)} ({speed:.2f}x vs peer vanilla eager)."
+            )
         else:
             tie = " (a tie: inside the run-to-run noise of a few %)" if 0.98 <= speed < 1.0 else ""
-            lines.append(f"- Not slower than the peer on the CPU: {verdict(speed >= 1.0)}{tie} "
-                         f"({speed:.3f}x the images/s of peer vanilla).")
+            lines.append(
+                f"- Not slower than the peer on the CPU: {verdict(speed >= 1.0)}{tie} "
+                f"({speed:.3f}x the images/s of peer vanilla)."
+            )
     together = best(ONE_BATCH)  # the opt-in, reported against the same goals but not judged
     if together and peer:
-        lines.append(f"- The opt-in `views_in_one_batch=True` (not the default), {together[1]}: "
-                     f"{peer / together[0]:.3f}x the images/s of peer vanilla eager, "
-                     f"{together[0] / med[('floor', together[1])]:.2f}x the floor.")
+        lines.append(
+            f"- The opt-in `views_in_one_batch=True` (not the default), {together[1]}: "
+            f"{peer / together[0]:.3f}x the images/s of peer vanilla eager, "
+            f"{together[0] / med[('floor', together[1])]:.2f}x the floor."
+        )
     if cfg.device.type != "cuda":
-        lines.append(f"- GPU goals (within {GPU_FLOOR_GOAL}x of the floor at 224 px, {GPU_PEER_GOAL}x the peer): "
-                     "**not measurable here (no GPU in this run)**; run `python benchmarks/train_step.py "
-                     "--device cuda` on one.")
+        lines.append(
+            f"- GPU goals (within {GPU_FLOOR_GOAL}x of the floor at 224 px, {GPU_PEER_GOAL}x the peer): "
+            "**not measurable here (no GPU in this run)**; run `python benchmarks/train_step.py "
+            "--device cuda` on one."
+        )
     return lines
 
 
@@ -430,12 +534,13 @@ def main(args: argparse.Namespace) -> str:
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
-    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size),
-                           dtype=torch.uint8, device=cfg.device)
+    images = torch.randint(
+        0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=cfg.device
+    )
     peer, peer_note = None, ""
     if not args.no_peer:
         peer, peer_note = _peer.load_peer_or_skip()
-    contenders: List[Contender] = []
+    contenders: list[Contender] = []
     for mode in cfg.modes:
         contenders += [build_floor(cfg, images, mode), build_ours(cfg, images, mode)]
         if not args.no_one_batch:

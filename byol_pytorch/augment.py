@@ -17,27 +17,49 @@ Design notes:
       left-aligned into 3 more: 6 cheap blends and 1 hue round trip instead of 4.
     * Gaussian blur is separable: two matmuls by per-sample matrices with reflect padding folded in.
 """
+
 from __future__ import annotations
 
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AugmentParams", "BYOLAugment", "adjust_brightness", "adjust_contrast", "adjust_hue",
-           "adjust_saturation", "color_jitter", "gaussian_blur", "resized_crop", "rgb_to_grayscale",
-           "sample_crop_boxes", "solarize"]
+__all__ = [
+    "AugmentParams",
+    "BYOLAugment",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
+    "color_jitter",
+    "gaussian_blur",
+    "resized_crop",
+    "rgb_to_grayscale",
+    "sample_crop_boxes",
+    "solarize",
+]
 
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, the weights torchvision uses
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _DEFAULTS = dict(  # Grill et al. 2020, Table 6 (identical for both views)
-    crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter_p=0.8, brightness=0.4,
-    contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2, blur_sigma=(0.1, 2.0),
-    blur_kernel_frac=0.1, mean=None, std=None, normalize=True,
+    crop_scale=(0.08, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    flip_p=0.5,
+    jitter_p=0.8,
+    brightness=0.4,
+    contrast=0.4,
+    saturation=0.2,
+    hue=0.1,
+    grayscale_p=0.2,
+    blur_sigma=(0.1, 2.0),
+    blur_kernel_frac=0.1,
+    mean=None,
+    std=None,
+    normalize=True,
 )
 _VIEW_DEFAULTS = {1: dict(blur_p=1.0, solarize_p=0.0), 2: dict(blur_p=0.1, solarize_p=0.2)}  # Table 6
 
@@ -110,8 +132,13 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
 
 
 def color_jitter(
-    x: Tensor, order: Tensor, brightness: Optional[Tensor], contrast: Optional[Tensor],
-    saturation: Optional[Tensor], hue: Optional[Tensor], active: Optional[Tensor] = None,
+    x: Tensor,
+    order: Tensor,
+    brightness: Tensor | None,
+    contrast: Tensor | None,
+    saturation: Tensor | None,
+    hue: Tensor | None,
+    active: Tensor | None = None,
 ) -> Tensor:
     """torchvision's ColorJitter with per-sample factors and a per-sample random order.
 
@@ -167,7 +194,7 @@ def _gaussian_matrix(sigma: Tensor, kernel_size: int, n: int) -> Tensor:
     return bands @ (source[:, None] == i[None, :]).to(torch.float32)  # (B, n, n)
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: Union[int, Tuple[int, int]]) -> Tensor:
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int | tuple[int, int]) -> Tensor:
     """Separable Gaussian blur with per-sample `sigma` (B,), reflect padding, odd `kernel_size` (kh, kw)."""
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
     batch, channels, height, width = x.shape
@@ -179,7 +206,7 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: Union[int, Tuple[int, i
     return rows.unsqueeze(1) @ y.view(batch, channels, height, width)
 
 
-def solarize(x: Tensor, active: Optional[Tensor] = None) -> Tensor:
+def solarize(x: Tensor, active: Tensor | None = None) -> Tensor:
     """The paper's ``x < 0.5 ? x : 1 - x`` as ``min(x, 1 - x)``, for samples where `active` (B,) is set."""
     one = 1.0 if active is None else _col(torch.where(active, 1.0, math.inf))  # min(x, inf - x) = x
     return (one - x).clamp_max_(x)  # (B, C, H, W), exactly torchvision's where(x >= 0.5, 1 - x, x)
@@ -193,7 +220,7 @@ def _cubic(u: Tensor) -> Tensor:
     return torch.where(v < 1, near, torch.where(v < 2, far, 0.0))
 
 
-def _resize_matrix(start: Tensor, length: Tensor, n_in: int, n_out: int, flip: Optional[Tensor]) -> Tensor:
+def _resize_matrix(start: Tensor, length: Tensor, n_in: int, n_out: int, flip: Tensor | None) -> Tensor:
     """(B, n_out, n_in) weights resampling pixels [start, start + length) of each sample to n_out."""
     scale = length / n_out  # (B,) input pixels per output pixel
     stretch = scale.clamp(min=1.0)[:, None, None]  # antialias: widen the kernel when shrinking
@@ -210,7 +237,7 @@ def _resize_matrix(start: Tensor, length: Tensor, n_in: int, n_out: int, flip: O
     return torch.zeros(len(start), n_out, n_in, device=start.device).scatter_(2, j.long(), w)
 
 
-def resized_crop(x: Tensor, boxes: Tensor, size: Tuple[int, int], flip: Optional[Tensor] = None) -> Tensor:
+def resized_crop(x: Tensor, boxes: Tensor, size: tuple[int, int], flip: Tensor | None = None) -> Tensor:
     """Crop each sample to its box, resize to `size` with antialiased bicubic, optionally mirror.
 
     Args:
@@ -236,9 +263,14 @@ def resized_crop(x: Tensor, boxes: Tensor, size: Tuple[int, int], flip: Optional
 
 
 def sample_crop_boxes(
-    batch: int, height: int, width: int, scale: Tuple[float, float] = (0.08, 1.0),
-    ratio: Tuple[float, float] = (3 / 4, 4 / 3), device: Optional[torch.device] = None,
-    generator: Optional[torch.Generator] = None, tries: int = 10,
+    batch: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    device: torch.device | None = None,
+    generator: torch.Generator | None = None,
+    tries: int = 10,
 ) -> Tensor:
     """torchvision's RandomResizedCrop boxes, vectorised: `tries` candidates per sample, the first that fits.
 
@@ -284,17 +316,20 @@ class AugmentParams:
     solarize: Tensor  # (B,) bool
 
 
-def _pair(name: str, value, low: float, high: float, center: Optional[float] = None) -> Tuple[float, float]:
+def _pair(name: str, value, low: float, high: float, center: float | None = None) -> tuple[float, float]:
     if isinstance(value, (int, float)):  # a strength s -> [center - s, center + s]; else a fixed value
-        value = (value, value) if center is None else (max(center - value, low) if value >= 0 else math.nan,
-                                                       center + value)
+        value = (
+            (value, value) if center is None else (max(center - value, low) if value >= 0 else math.nan, center + value)
+        )
     if not (isinstance(value, (tuple, list)) and len(value) == 2 and low <= value[0] <= value[1] <= high):
-        raise ValueError(f"{name}={value!r} must be a (low, high) pair with {low} <= low <= high <= {high}"
-                         + ("" if center is None else " or a strength >= 0"))
+        raise ValueError(
+            f"{name}={value!r} must be a (low, high) pair with {low} <= low <= high <= {high}"
+            + ("" if center is None else " or a strength >= 0")
+        )
     return float(value[0]), float(value[1])
 
 
-def _as_tuple(v) -> Tuple[float, ...]:
+def _as_tuple(v) -> tuple[float, ...]:
     return (float(v),) if isinstance(v, (int, float)) else tuple(float(e) for e in v)
 
 
@@ -317,8 +352,9 @@ class BYOLAugment(nn.Module):
         ValueError: bad image_size, view or override value. TypeError: unknown override name.
     """
 
-    def __init__(self, image_size: Union[int, Tuple[int, int]], view: int = 1, *,
-                 generator: Optional[torch.Generator] = None, **overrides) -> None:
+    def __init__(
+        self, image_size: int | tuple[int, int], view: int = 1, *, generator: torch.Generator | None = None, **overrides
+    ) -> None:
         super().__init__()
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
@@ -355,7 +391,7 @@ class BYOLAugment(nn.Module):
     def extra_repr(self) -> str:
         return f"image_size={self.size}, view={self.view}, blur_p={self.blur_p}, solarize_p={self.solarize_p}"
 
-    def resolve_mean_std(self, channels: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    def resolve_mean_std(self, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The (mean, std) used for `channels`: given values, else ImageNet's for 3 channels, else 0.5 / 0.5.
 
         Raises:
@@ -368,8 +404,10 @@ class BYOLAugment(nn.Module):
             if len(values) == 1:
                 values = values * channels
             if len(values) != channels:
-                raise ValueError(f"{name} has {len(values)} values but the images have {channels} channels; "
-                                 f"pass {channels} values or one")
+                raise ValueError(
+                    f"{name} has {len(values)} values but the images have {channels} channels; "
+                    f"pass {channels} values or one"
+                )
             out.append(values)
         return out[0], out[1]
 
@@ -394,19 +432,36 @@ class BYOLAugment(nn.Module):
             hint = " (add a batch dimension with x.unsqueeze(0))" if x.dim() == 3 else ""
             raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(x.shape)}{hint}")
         if x.dtype != torch.uint8 and not x.is_floating_point():
-            raise TypeError(f"expected a float or uint8 image batch, got {x.dtype}; convert with x.float() / 255 "
-                            "for 0-255 values or x.to(torch.uint8)")
+            raise TypeError(
+                f"expected a float or uint8 image batch, got {x.dtype}; convert with x.float() / 255 "
+                "for 0-255 values or x.to(torch.uint8)"
+            )
         if 0 in x.shape:
             raise ValueError(f"empty batch or image: shape {tuple(x.shape)}; every dimension must be non-zero")
         jitter, channels = self.jitter_p > 0, x.shape[1]
-        active = [n for n, on in (("saturation", jitter and self.saturation != (1.0, 1.0)), ("grayscale_p",
-                                  self.grayscale_p > 0), ("hue", jitter and self.hue != (0.0, 0.0))) if on]
+        active = [
+            n
+            for n, on in (
+                ("saturation", jitter and self.saturation != (1.0, 1.0)),
+                ("grayscale_p", self.grayscale_p > 0),
+                ("hue", jitter and self.hue != (0.0, 0.0)),
+            )
+            if on
+        ]
         if channels not in (1, 3) and active:
-            raise ValueError(f"{', '.join(active)} need 1 or 3 channels, got {channels}; set saturation=0, "
-                             "hue=0, grayscale_p=0 or convert the images to 3 channels")
+            raise ValueError(
+                f"{', '.join(active)} need 1 or 3 channels, got {channels}; set saturation=0, "
+                "hue=0, grayscale_p=0 or convert the images to 3 channels"
+            )
 
-    def sample_params(self, batch: int, height: int, width: int, device: Optional[torch.device] = None,
-                      generator: Optional[torch.Generator] = None) -> AugmentParams:
+    def sample_params(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        device: torch.device | None = None,
+        generator: torch.Generator | None = None,
+    ) -> AugmentParams:
         """Draw every random parameter for `batch` images of `height` x `width` on `device`."""
         gen = self.generator if generator is None else generator
 
@@ -415,12 +470,17 @@ class BYOLAugment(nn.Module):
 
         return AugmentParams(
             boxes=sample_crop_boxes(batch, height, width, self.crop_scale, self.crop_ratio, device, gen),
-            flip=uniform(0, 1) < self.flip_p, jitter=uniform(0, 1) < self.jitter_p,
+            flip=uniform(0, 1) < self.flip_p,
+            jitter=uniform(0, 1) < self.jitter_p,
             order=uniform(0, 1, batch, 4).argsort(1),  # a uniformly random permutation per sample
-            brightness=uniform(*self.brightness), contrast=uniform(*self.contrast),
-            saturation=uniform(*self.saturation), hue=uniform(*self.hue),
-            grayscale=uniform(0, 1) < self.grayscale_p, blur=uniform(0, 1) < self.blur_p,
-            sigma=uniform(*self.blur_sigma), solarize=uniform(0, 1) < self.solarize_p,
+            brightness=uniform(*self.brightness),
+            contrast=uniform(*self.contrast),
+            saturation=uniform(*self.saturation),
+            hue=uniform(*self.hue),
+            grayscale=uniform(0, 1) < self.grayscale_p,
+            blur=uniform(0, 1) < self.blur_p,
+            sigma=uniform(*self.blur_sigma),
+            solarize=uniform(0, 1) < self.solarize_p,
         )
 
     def apply(self, x: Tensor, params: AugmentParams) -> Tensor:
@@ -430,9 +490,15 @@ class BYOLAugment(nn.Module):
         with torch.autocast(x.device.type, enabled=False):  # colour math in float32
             y = resized_crop(x, params.boxes, self.size, params.flip)  # (B, C, h, w)
             if self.jitter_p > 0:
-                on = [None if r == (c, c) else getattr(params, n) for n, r, c in (
-                    ("brightness", self.brightness, 1.0), ("contrast", self.contrast, 1.0),
-                    ("saturation", self.saturation, 1.0), ("hue", self.hue, 0.0))]
+                on = [
+                    None if r == (c, c) else getattr(params, n)
+                    for n, r, c in (
+                        ("brightness", self.brightness, 1.0),
+                        ("contrast", self.contrast, 1.0),
+                        ("saturation", self.saturation, 1.0),
+                        ("hue", self.hue, 0.0),
+                    )
+                ]
                 if any(f is not None for f in on):
                     y = color_jitter(y, params.order, *on, active=params.jitter)
             if self.grayscale_p > 0 and channels == 3:
@@ -443,7 +509,7 @@ class BYOLAugment(nn.Module):
                 y = solarize(y, params.solarize)
             return self.normalize(y)
 
-    def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Augment a (B, C, H, W) batch into (B, C, h, w) float32 views.
 
         Args:
@@ -457,6 +523,8 @@ class BYOLAugment(nn.Module):
         self._check_input(x)
         gen = self.generator if generator is None else generator
         if gen is not None and gen.device.type != x.device.type:
-            raise ValueError(f"the generator is on {gen.device} but the batch is on {x.device}; "
-                             f"pass torch.Generator(device={str(x.device)!r})")
+            raise ValueError(
+                f"the generator is on {gen.device} but the batch is on {x.device}; "
+                f"pass torch.Generator(device={str(x.device)!r})"
+            )
         return self.apply(x, self.sample_params(x.shape[0], x.shape[2], x.shape[3], x.device, gen))

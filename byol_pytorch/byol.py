@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,13 +20,15 @@ __all__ = ["BYOL"]
 Augment = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _pair(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+def _pair(image_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(image_size, bool):
         raise TypeError("image_size must be an int or a (height, width) pair, got a bool")
     if isinstance(image_size, int):
         size = (image_size, image_size)
-    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2 and all(
-        isinstance(s, int) and not isinstance(s, bool) for s in image_size
+    elif (
+        isinstance(image_size, (tuple, list))
+        and len(image_size) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in image_size)
     ):
         size = (int(image_size[0]), int(image_size[1]))
     else:
@@ -86,27 +88,25 @@ class BYOL(nn.Module):
     def __init__(
         self,
         net: nn.Module,
-        image_size: Union[int, Tuple[int, int]],
+        image_size: int | tuple[int, int],
         hidden_layer: HiddenLayer = "auto",
         projection_size: int = 256,
         projection_hidden_size: int = 4096,
-        augment_fn: Optional[Augment] = None,
-        augment_fn2: Optional[Augment] = None,
+        augment_fn: Augment | None = None,
+        augment_fn2: Augment | None = None,
         moving_average_decay: float = 0.99,
         use_momentum: bool = True,
-        sync_batchnorm: Optional[bool] = None,
+        sync_batchnorm: bool | None = None,
         *,
-        moving_average_total_steps: Optional[int] = None,
+        moving_average_total_steps: int | None = None,
         token_pool: str = "mean",
         use_batchnorm: bool = True,
-        channels: Optional[int] = None,
+        channels: int | None = None,
         views_in_one_batch: bool = False,
     ):
         super().__init__()
         if not isinstance(net, nn.Module):
-            raise TypeError(
-                f"net must be a torch.nn.Module (the backbone to train), got {type(net).__name__}"
-            )
+            raise TypeError(f"net must be a torch.nn.Module (the backbone to train), got {type(net).__name__}")
         self.image_size = _pair(image_size)
         for arg, value in (("projection_size", projection_size), ("projection_hidden_size", projection_hidden_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -159,14 +159,14 @@ class BYOL(nn.Module):
         self.hidden_layer = info["name"]  # with hidden_layer_is_input: the input of that layer
         self.hidden_layer_is_input = bool(info["use_input"])
         self.representation_size = dim
-        self.unused_parameter_names: List[str] = [f"online_encoder.net.{n}" for n in info["unused"]]
-        self._extra_ddp_ignore: List[str] = []
+        self.unused_parameter_names: list[str] = [f"online_encoder.net.{n}" for n in info["unused"]]
+        self._extra_ddp_ignore: list[str] = []
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
         self._ema_count = 0  # host mirror of ema_step: reading a GPU buffer would sync
         # Deferred non-finite detection off the CPU: [loss finite, input finite] of the
         # last training step, read back without blocking (see _check_finite_deferred).
         self.register_buffer("_finite", torch.ones(2, dtype=torch.bool), persistent=False)
-        self._pending_check: Optional[tuple] = None
+        self._pending_check: tuple | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -180,7 +180,7 @@ class BYOL(nn.Module):
         return cosine_tau(self.moving_average_decay, self._ema_count, self.moving_average_total_steps)
 
     @property
-    def _ddp_params_and_buffers_to_ignore(self) -> List[str]:
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
         # Read by DistributedDataParallel when it wraps this module: the classifier
         # after the hidden layer gets no gradient, and the target network is averaged
         # (identically on every rank) rather than reduced; its BatchNorm statistics
@@ -191,7 +191,7 @@ class BYOL(nn.Module):
             names += [f"target_encoder.{n}" for n, _ in self.target_encoder.named_buffers()]
         return names
 
-    def ddp_ignored_names(self, prefix: str = "") -> List[str]:
+    def ddp_ignored_names(self, prefix: str = "") -> list[str]:
         """Names DDP should ignore, for a wrapper that holds this learner as a child.
 
         Args:
@@ -283,7 +283,9 @@ class BYOL(nn.Module):
                 f"x.expand(-1, 3, -1, -1) for grayscale into a 3-channel net) or pass channels="
             )
         if not x.is_floating_point() and x.dtype != torch.uint8:
-            raise TypeError(f"BYOL expects float images or uint8 images, got dtype {x.dtype}; use x.float() or x.to(torch.uint8)")
+            raise TypeError(
+                f"BYOL expects float images or uint8 images, got dtype {x.dtype}; use x.float() or x.to(torch.uint8)"
+            )
 
     def _check_finite_now(self, x: torch.Tensor) -> None:
         # On the CPU a value check costs no device sync: fail at once, with the cause.
@@ -318,8 +320,7 @@ class BYOL(nn.Module):
     def _raise_nonfinite(flags: torch.Tensor) -> None:
         if not bool(flags[1]):
             raise FloatingPointError(
-                "a training batch contained NaN or Inf values (the loss turned non-finite); "
-                "check the data pipeline"
+                "a training batch contained NaN or Inf values (the loss turned non-finite); check the data pipeline"
             )
         raise FloatingPointError(
             "the BYOL loss turned non-finite (NaN/Inf) although the input was finite: training "
@@ -348,7 +349,7 @@ class BYOL(nn.Module):
 
     def forward(
         self, x: torch.Tensor, return_embedding: bool = False, return_projection: bool = True
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Training loss, or the embedding of ``x``.
 
         Args:
@@ -424,7 +425,9 @@ class BYOL(nn.Module):
         return loss
 
     # ------------------------------------------------------------------ state
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # A checkpoint taken after the first step holds a target network: create ours
         # so that its tensors load (the children are loaded after this method returns).
         has_target = any(k.startswith(prefix + "target_encoder.") for k in state_dict)
@@ -432,7 +435,9 @@ class BYOL(nn.Module):
             self._get_target_encoder()
         elif not has_target and self.target_encoder is not None:
             self.target_encoder = None  # the checkpoint predates the target: copy it again
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         step = state_dict.get(prefix + "ema_step")
         if step is not None:
             self._ema_count = int(step)

@@ -23,15 +23,22 @@ import pickle
 import random
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
 
 __all__ = [
-    "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "export_backbone",
-    "get_rng_state", "set_rng_state", "atomic_write",
+    "FORMAT",
+    "VERSION",
+    "save_checkpoint",
+    "load_checkpoint",
+    "export_backbone",
+    "get_rng_state",
+    "set_rng_state",
+    "atomic_write",
 ]
 
 FORMAT = "byol_pytorch"
@@ -71,7 +78,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def save_checkpoint(path: PathLike, obj: Dict[str, Any]) -> Path:
+def save_checkpoint(path: PathLike, obj: dict[str, Any]) -> Path:
     """Write ``obj`` with ``torch.save`` atomically (temp file in the same folder + rename).
 
     Args:
@@ -85,7 +92,7 @@ def save_checkpoint(path: PathLike, obj: Dict[str, Any]) -> Path:
     return atomic_write(path, lambda temp: torch.save(obj, temp))
 
 
-def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load one of our checkpoints with ``torch.load(..., weights_only=True)``.
 
     Args:
@@ -126,7 +133,7 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
 
 
 # ---------------------------------------------------------------------- RNG state
-def get_rng_state() -> Dict[str, Any]:
+def get_rng_state() -> dict[str, Any]:
     """Every global generator's state in a form ``torch.load(weights_only=True)`` reads.
 
     Returns:
@@ -138,15 +145,21 @@ def get_rng_state() -> Dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": {
-            "name": str(np_name), "keys": torch.from_numpy(np_keys.astype(np.int64)),
-            "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss),
+            "name": str(np_name),
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
         },
-        "python": {"version": int(py_version), "internal": torch.tensor(py_internal, dtype=torch.int64),
-                   "gauss": py_gauss},
+        "python": {
+            "version": int(py_version),
+            "internal": torch.tensor(py_internal, dtype=torch.int64),
+            "gauss": py_gauss,
+        },
     }
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     """Restore the generators from ``get_rng_state()``'s dict (CUDA states when CUDA exists)."""
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda") or []
@@ -154,12 +167,18 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda][: torch.cuda.device_count()])
     np_state = state.get("numpy")
     if np_state:
-        np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                             np_state["has_gauss"], np_state["gauss"]))
+        np.random.set_state(
+            (
+                np_state["name"],
+                np_state["keys"].numpy().astype(np.uint32),
+                np_state["pos"],
+                np_state["has_gauss"],
+                np_state["gauss"],
+            )
+        )
     py_state = state.get("python")
     if py_state:
-        random.setstate((py_state["version"], tuple(int(v) for v in py_state["internal"].tolist()),
-                         py_state["gauss"]))
+        random.setstate((py_state["version"], tuple(int(v) for v in py_state["internal"].tolist()), py_state["gauss"]))
 
 
 # ---------------------------------------------------------------------- export
@@ -195,7 +214,7 @@ def export_backbone(checkpoint_path: PathLike, out_path: PathLike, which: str = 
     if which not in ("online", "target"):
         raise ValueError(f"which must be 'online' or 'target', got {which!r}")
     prefix = f"{which}_encoder.net."
-    state = {k[len(prefix):]: v for k, v in learner_state.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in learner_state.items() if k.startswith(prefix)}
     if not state:
         raise ValueError(f"{str(checkpoint_path)!r} has no {which} network yet (no training step was taken)")
     net = build_backbone(args["model"], args.get("in_chans"), args.get("image_size"))
@@ -203,6 +222,11 @@ def export_backbone(checkpoint_path: PathLike, out_path: PathLike, which: str = 
     net.eval()
     strip_classifier(net, args["model"], int(args["image_size"]))
     tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
-    metadata = {"format": "pt", "byol_pytorch_model": str(args["model"]), "step": str(checkpoint.get("step")),
-                "in_chans": str(args.get("in_chans")), "which": which}
+    metadata = {
+        "format": "pt",
+        "byol_pytorch_model": str(args["model"]),
+        "step": str(checkpoint.get("step")),
+        "in_chans": str(args.get("in_chans")),
+        "which": which,
+    }
     return atomic_write(out_path, lambda temp: save_file(tensors, temp, metadata=metadata))

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Dict, NoReturn, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 __all__ = ["UserError", "main", "build_parser"]
 
@@ -84,8 +85,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UserError(f"--data: {error}") from None
     bank, bank_labels, queries, query_labels = data.features(learner)
-    print(f"byol-pytorch eval: {args.checkpoint} (step {checkpoint.get('step')}, {recipe['model']}), "
-          f"{len(bank)} labelled images to fit, {len(queries)} held out, {data.num_classes} classes")
+    print(
+        f"byol-pytorch eval: {args.checkpoint} (step {checkpoint.get('step')}, {recipe['model']}), "
+        f"{len(bank)} labelled images to fit, {len(queries)} held out, {data.num_classes} classes"
+    )
     if args.knn or not args.linear:
         accuracy = knn_accuracy(bank, bank_labels, queries, query_labels, data.num_classes)
         print(f"kNN accuracy (k=20, T=0.07): {accuracy:.4f}")
@@ -93,10 +96,15 @@ def _run_eval(args: argparse.Namespace) -> int:
         accuracy = linear_probe(bank, bank_labels, queries, query_labels, data.num_classes)
         print(f"linear probe accuracy: {accuracy:.4f}")
     report = collapse_report(torch.cat([bank, queries]), warn=False)
-    verdict = ("COLLAPSED: the images map to nearly one vector; lower --lr, lengthen the warm-up, or raise "
-               "--tau-base" if report["collapsed"] else "not collapsed")
-    print(f"collapse report: std {report['std']:.4g} (1/sqrt(D) = {report['dim'] ** -0.5:.4g}), "
-          f"effective rank {report['effective_rank']:.2f} of {report['dim']}: {verdict}")
+    verdict = (
+        "COLLAPSED: the images map to nearly one vector; lower --lr, lengthen the warm-up, or raise --tau-base"
+        if report["collapsed"]
+        else "not collapsed"
+    )
+    print(
+        f"collapse report: std {report['std']:.4g} (1/sqrt(D) = {report['dim'] ** -0.5:.4g}), "
+        f"effective rank {report['effective_rank']:.2f} of {report['dim']}: {verdict}"
+    )
     return 0
 
 
@@ -124,8 +132,7 @@ def _run_preview(args: argparse.Namespace) -> int:
     try:
         from .plots import plot_views
 
-        plot_views(originals, view_one(originals), view_two(originals), args.out, mean, std,
-                   max_images=len(picks))
+        plot_views(originals, view_one(originals), view_two(originals), args.out, mean, std, max_images=len(picks))
     except ImportError as error:
         hint = "pip install matplotlib" if "matplotlib" in str(error) else "the plots module is missing"
         raise UserError(f"preview cannot draw ({error}): {hint}") from None
@@ -163,22 +170,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    train = sub.add_parser("train", help="pretrain a backbone on a folder of images",
-                           description="BYOL pretraining on a folder of images (torchrun for several GPUs).")
+    train = sub.add_parser(
+        "train",
+        help="pretrain a backbone on a folder of images",
+        description="BYOL pretraining on a folder of images (torchrun for several GPUs).",
+    )
     add_train_arguments(train)
 
-    export = sub.add_parser("export", help="write the trained backbone as safetensors",
-                            description="Write the backbone of a checkpoint, without its classifier, as "
-                            "safetensors: timm.create_model(NAME, num_classes=0) loads it with strict=True.")
+    export = sub.add_parser(
+        "export",
+        help="write the trained backbone as safetensors",
+        description="Write the backbone of a checkpoint, without its classifier, as "
+        "safetensors: timm.create_model(NAME, num_classes=0) loads it with strict=True.",
+    )
     export.add_argument("checkpoint", help="RUNDIR/last.pt")
     export.add_argument("--out", required=True, help="the .safetensors file to write")
-    export.add_argument("--which", choices=["online", "target"], default="online",
-                        help="the online network (default; the paper keeps it) or the EMA target")
+    export.add_argument(
+        "--which",
+        choices=["online", "target"],
+        default="online",
+        help="the online network (default; the paper keeps it) or the EMA target",
+    )
 
-    evaluate = sub.add_parser("eval", help="kNN / linear-probe accuracy of a checkpoint on labelled images",
-                              description="Accuracy of a checkpoint's frozen features on LABELLED_DIR "
-                              "(one sub-folder per class; ROOT/train + ROOT/val are used as given, "
-                              "else every fifth image of each class is held out), and a collapse report.")
+    evaluate = sub.add_parser(
+        "eval",
+        help="kNN / linear-probe accuracy of a checkpoint on labelled images",
+        description="Accuracy of a checkpoint's frozen features on LABELLED_DIR "
+        "(one sub-folder per class; ROOT/train + ROOT/val are used as given, "
+        "else every fifth image of each class is held out), and a collapse report.",
+    )
     evaluate.add_argument("--data", required=True, help="labelled folder: one sub-folder per class")
     evaluate.add_argument("--checkpoint", required=True, help="RUNDIR/last.pt")
     evaluate.add_argument("--knn", action="store_true", help="weighted kNN (k=20, T=0.07) accuracy")
@@ -187,8 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=0, help="loader processes (default: %(default)s)")
     evaluate.add_argument("--device", help="default: cuda when available, else cpu")
 
-    preview = sub.add_parser("preview", help="save originals beside their two augmented views",
-                             description="Save a picture of images from DIR beside BYOL's view 1 and view 2.")
+    preview = sub.add_parser(
+        "preview",
+        help="save originals beside their two augmented views",
+        description="Save a picture of images from DIR beside BYOL's view 1 and view 2.",
+    )
     preview.add_argument("--data", required=True, help="folder of images")
     preview.add_argument("--out", default="views.png", help="the PNG to write (default: %(default)s)")
     preview.add_argument("--image-size", type=int, default=224, help="view side (default: %(default)s)")
@@ -199,12 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": _run_train, "export": _run_export, "eval": _run_eval, "preview": _run_preview, "demo": _run_demo,
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _run_train,
+    "export": _run_export,
+    "eval": _run_eval,
+    "preview": _run_preview,
+    "demo": _run_demo,
 }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run ``byol-pytorch``; returns the exit status.
 
     Args:

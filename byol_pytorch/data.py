@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import random
 import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -37,14 +38,28 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
 )
 
 # What a damaged or mislabelled file makes Pillow raise: UnidentifiedImageError and
 # "image file is truncated" are OSErrors; some plugins raise SyntaxError, EOFError or
 # struct.error on garbage; DecompressionBombError guards against absurd sizes.
 _DECODE_ERRORS = (
-    OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
 )
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 # Pillow's docs for Image.resize: "With reducing_gap greater or equal to 3.0, the result
@@ -133,9 +148,7 @@ def _to_eight_bit(im: Image.Image) -> Image.Image:
 
 
 def _has_alpha(im: Image.Image) -> bool:
-    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        im.mode in ("P", "L", "RGB") and "transparency" in im.info
-    )
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info)
 
 
 def _convert(im: Image.Image, mode: str) -> Image.Image:
@@ -289,13 +302,9 @@ class LabelledImageFolder(_ImageFiles):
     def __init__(self, root: PathLike, load_size: int, channels: int = 3) -> None:
         root_path = Path(root)
         _check_folder(root_path)
-        classes = sorted(
-            entry.name for entry in root_path.iterdir() if entry.is_dir() and not _is_hidden(entry.name)
-        )
+        classes = sorted(entry.name for entry in root_path.iterdir() if entry.is_dir() and not _is_hidden(entry.name))
         if not classes:
-            raise ValueError(
-                f"{str(root_path)!r} has no class sub-folders; expected ROOT/CLASS_NAME/image.jpg"
-            )
+            raise ValueError(f"{str(root_path)!r} has no class sub-folders; expected ROOT/CLASS_NAME/image.jpg")
         paths: list[Path] = []
         targets: list[int] = []
         for label, name in enumerate(classes):
@@ -341,10 +350,10 @@ def make_loader(
     workers: int,
     shuffle: bool = True,
     drop_last: bool = True,
-    sampler: Optional[Sampler] = None,
+    sampler: Sampler | None = None,
     seed: int = 0,
-    pin_memory: Optional[bool] = None,
-    collate_fn: Optional[Callable[[list], Any]] = None,
+    pin_memory: bool | None = None,
+    collate_fn: Callable[[list], Any] | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` for these datasets: seeded shuffling, persistent workers, pinning.
 

@@ -31,8 +31,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -48,7 +49,7 @@ from .optim import build_optimizer, warmup_cosine_scheduler
 __all__ = ["DEMO_DEFAULTS", "QUICK_SETTINGS", "demo_cnn", "add_demo_arguments", "run_demo", "main"]
 
 # The recipe, chosen by measurement on a 2-core CPU (see benchmarks/results/demo.md).
-DEMO_DEFAULTS: Dict[str, Any] = {
+DEMO_DEFAULTS: dict[str, Any] = {
     "out": "runs/demo",
     "model": "cnn",  # gained more kNN per CPU second than width 32, resnet10t or a 6-layer CNN
     "width": 16,
@@ -71,7 +72,7 @@ DEMO_DEFAULTS: Dict[str, Any] = {
     "threads": 2,
 }
 # --quick: the reduced demo of the test suite (seconds, not minutes).
-QUICK_SETTINGS: Dict[str, Any] = {
+QUICK_SETTINGS: dict[str, Any] = {
     "steps": 20,
     "batch_size": 64,
     "train_images": 2000,
@@ -104,7 +105,7 @@ def demo_cnn(width: int = 16, in_chans: int = 1, num_classes: int = 10) -> nn.Se
     Returns:
         The network, in train mode.
     """
-    layers: List[nn.Module] = []
+    layers: list[nn.Module] = []
     channels = in_chans
     for out, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
         # No conv bias: the BatchNorm after it has one.
@@ -118,42 +119,68 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """Add the flags of ``byol-pytorch demo`` to ``parser`` and return it."""
     d = DEMO_DEFAULTS
     a = parser.add_argument
-    a("--data-dir", help="folder with the four Fashion-MNIST IDX files (.gz or not); default: "
-      "$BYOL_FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist "
-      "(apt-get install -y dataset-fashion-mnist)")
+    a(
+        "--data-dir",
+        help="folder with the four Fashion-MNIST IDX files (.gz or not); default: "
+        "$BYOL_FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist "
+        "(apt-get install -y dataset-fashion-mnist)",
+    )
     a("--out", default=d["out"], help="run folder for curves.png, views.png, metrics.jsonl (default: %(default)s)")
     a("--steps", type=int, help=f"optimizer steps (default: {d['steps']}; fewer is faster, more is better)")
     a("--batch-size", type=int, help=f"images per step (default: {d['batch_size']})")
-    a("--image-size", type=int, help=f"side of the views; the 28 px images are resized to it "
-      f"(default: {d['image_size']})")
+    a(
+        "--image-size",
+        type=int,
+        help=f"side of the views; the 28 px images are resized to it (default: {d['image_size']})",
+    )
     a("--train-images", type=int, help=f"training images used for pretraining (default: {d['train_images']}, all)")
     a("--bank-images", type=int, help=f"training images in the kNN bank (default: {d['bank_images']})")
     a("--test-images", type=int, help=f"test images classified by kNN (default: {d['test_images']}, all)")
-    a("--model", help=f"'cnn' (the demo's small CNN) or a timm model name, built with in_chans=1 "
-      f"(default: {d['model']})")
+    a(
+        "--model",
+        help=f"'cnn' (the demo's small CNN) or a timm model name, built with in_chans=1 (default: {d['model']})",
+    )
     a("--width", type=int, help=f"channels of the first block of the 'cnn' model (default: {d['width']})")
     a("--lr", type=float, help=f"peak AdamW learning rate, cosine-decayed to 0 (default: {d['lr']:g})")
     a("--tau", type=float, help=f"EMA decay of the target network (default: {d['tau']:g})")
-    a("--tau-schedule", choices=["constant", "cosine"], help="keep tau, or raise it to 1 with the paper's "
-      f"cosine schedule (default: {d['tau_schedule']})")
-    a("--crop-scale", type=float, help=f"smallest crop area of the views (default: {d['crop_scale']:g}; "
-      "the paper's 0.08 is meant for 224 px images)")
+    a(
+        "--tau-schedule",
+        choices=["constant", "cosine"],
+        help=f"keep tau, or raise it to 1 with the paper's cosine schedule (default: {d['tau_schedule']})",
+    )
+    a(
+        "--crop-scale",
+        type=float,
+        help=f"smallest crop area of the views (default: {d['crop_scale']:g}; "
+        "the paper's 0.08 is meant for 224 px images)",
+    )
     a("--projection-size", type=int, help=f"projector output (default: {d['projection_size']})")
-    a("--projection-hidden-size", type=int, help=f"hidden width of the heads (default: "
-      f"{d['projection_hidden_size']})")
-    a("--knn-points", type=int, help=f"kNN evaluations during training, besides the start and the end "
-      f"(default: {d['knn_points']})")
+    a("--projection-hidden-size", type=int, help=f"hidden width of the heads (default: {d['projection_hidden_size']})")
+    a(
+        "--knn-points",
+        type=int,
+        help=f"kNN evaluations during training, besides the start and the end (default: {d['knn_points']})",
+    )
     a("--seed", type=int, help=f"seed of the model, the data order and the views (default: {d['seed']})")
     a("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
-    a("--threads", type=int, help=f"CPU threads of torch (default: {d['threads']}, a 2-core laptop; on a "
-      "machine busy with other jobs, 1 thread, or OMP_WAIT_POLICY=PASSIVE in the environment, avoids "
-      "threads waiting for each other)")
-    a("--quick", action="store_true", help="a reduced demo of a few seconds (the test suite's): "
-      + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK_SETTINGS.items()) + "; explicit flags win")
+    a(
+        "--threads",
+        type=int,
+        help=f"CPU threads of torch (default: {d['threads']}, a 2-core laptop; on a "
+        "machine busy with other jobs, 1 thread, or OMP_WAIT_POLICY=PASSIVE in the environment, avoids "
+        "threads waiting for each other)",
+    )
+    a(
+        "--quick",
+        action="store_true",
+        help="a reduced demo of a few seconds (the test suite's): "
+        + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK_SETTINGS.items())
+        + "; explicit flags win",
+    )
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Dict[str, Any]:
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """The demo's settings: explicit flags, else --quick's, else the defaults."""
     settings = dict(DEMO_DEFAULTS)
     if getattr(args, "quick", False):
@@ -164,14 +191,26 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
             settings[key] = value
     settings["data_dir"] = getattr(args, "data_dir", None)
     settings["device"] = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    for key in ("steps", "batch_size", "image_size", "train_images", "bank_images", "test_images", "width",
-                "projection_size", "projection_hidden_size", "threads"):
+    for key in (
+        "steps",
+        "batch_size",
+        "image_size",
+        "train_images",
+        "bank_images",
+        "test_images",
+        "width",
+        "projection_size",
+        "projection_hidden_size",
+        "threads",
+    ):
         if settings[key] <= 0:
             raise UserError(f"--{key.replace('_', '-')} must be positive, got {settings[key]}")
     for key in ("batch_size", "train_images"):
         if settings[key] < 2:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 2 (BatchNorm and the loss need a "
-                            f"batch), got {settings[key]}")
+            raise UserError(
+                f"--{key.replace('_', '-')} must be at least 2 (BatchNorm and the loss need a "
+                f"batch), got {settings[key]}"
+            )
     if settings["knn_points"] < 0:
         raise UserError(f"--knn-points must be 0 or more, got {settings['knn_points']}")
     if not 0.0 <= settings["tau"] <= 1.0:
@@ -183,7 +222,7 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
     return settings
 
 
-def _load(data_dir: Optional[str], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _load(data_dir: str | None, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         return load_fashion_mnist(data_dir, split)
     except (FileNotFoundError, ValueError) as error:  # missing, or a corrupt or truncated file
@@ -195,7 +234,7 @@ def _subset(n_total: int, n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randperm(n_total, generator=generator)[: min(n, n_total)]
 
 
-def _build_backbone(settings: Dict[str, Any]) -> nn.Module:
+def _build_backbone(settings: dict[str, Any]) -> nn.Module:
     if settings["model"] == "cnn":
         return demo_cnn(settings["width"])
     from .models import build_backbone
@@ -206,7 +245,7 @@ def _build_backbone(settings: Dict[str, Any]) -> nn.Module:
         raise UserError(str(error)) from None
 
 
-def _views(settings: Dict[str, Any]) -> tuple[BYOLAugment, BYOLAugment]:
+def _views(settings: dict[str, Any]) -> tuple[BYOLAugment, BYOLAugment]:
     """The two views for 28 px grayscale clothes (``BYOLAugment`` with a few overrides).
 
     The paper's Table 6 (flip 0.5, jitter 0.8 with brightness and contrast 0.4, blur
@@ -221,23 +260,38 @@ def _views(settings: Dict[str, Any]) -> tuple[BYOLAugment, BYOLAugment]:
     return BYOLAugment(size, view=1, **common), BYOLAugment(size, view=2, **common)
 
 
-def _knn(learner: BYOL, prepare: Callable[[torch.Tensor], torch.Tensor], bank: torch.Tensor,
-         bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor, device: str) -> float:
+def _knn(
+    learner: BYOL,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    device: str,
+) -> float:
     """Weighted kNN accuracy of the learner's representation (the backbone's pooled features)."""
     embed = functools.partial(learner, return_embedding=True, return_projection=False)
     bank_features = extract_features(embed, bank, batch_size=500, device=device, transform=prepare)
     query_features = extract_features(embed, queries, batch_size=500, device=device, transform=prepare)
-    return knn_accuracy(bank_features, bank_labels, query_features, query_labels,
-                        num_classes=len(FASHION_MNIST_CLASSES), k=KNN_K, temperature=KNN_TEMPERATURE)
+    return knn_accuracy(
+        bank_features,
+        bank_labels,
+        query_features,
+        query_labels,
+        num_classes=len(FASHION_MNIST_CLASSES),
+        k=KNN_K,
+        temperature=KNN_TEMPERATURE,
+    )
 
 
-def _knn_steps(steps: int, points: int) -> List[int]:
+def _knn_steps(steps: int, points: int) -> list[int]:
     """Steps after which the kNN monitor runs during training (evenly spaced, the end excluded)."""
     return sorted({round(steps * i / (points + 1)) for i in range(1, points + 1)} - {0, steps})
 
 
-def _pretrain(learner: BYOL, images: torch.Tensor, settings: Dict[str, Any], evaluate: Callable[[], float]
-              ) -> tuple[List[Dict[str, Any]], float, float]:
+def _pretrain(
+    learner: BYOL, images: torch.Tensor, settings: dict[str, Any], evaluate: Callable[[], float]
+) -> tuple[list[dict[str, Any]], float, float]:
     """BYOL training: AdamW, cosine lr, one target update per step, shuffled epochs.
 
     Args:
@@ -261,16 +315,16 @@ def _pretrain(learner: BYOL, images: torch.Tensor, settings: Dict[str, Any], eva
     log_every = max(1, steps // _LOG_LINES)
     batch = min(settings["batch_size"], len(images))
     order, cursor = torch.randperm(len(images), device=images.device), 0
-    metrics: List[Dict[str, Any]] = []
+    metrics: list[dict[str, Any]] = []
     monitor_time = 0.0
     learner.train()
     start = time.perf_counter()
     for step in range(1, steps + 1):
         if cursor + batch > len(order):  # a new epoch in a new order
             order, cursor = torch.randperm(len(images), device=images.device), 0
-        batch_images = images[order[cursor:cursor + batch]]  # (B, 1, 28, 28) uint8
+        batch_images = images[order[cursor : cursor + batch]]  # (B, 1, 28, 28) uint8
         cursor += batch
-        record: Dict[str, Any] = {"step": step, "lr": optimizer.param_groups[0]["lr"], "tau": learner.current_decay}
+        record: dict[str, Any] = {"step": step, "lr": optimizer.param_groups[0]["lr"], "tau": learner.current_decay}
         loss = learner(batch_images)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -279,8 +333,10 @@ def _pretrain(learner: BYOL, images: torch.Tensor, settings: Dict[str, Any], eva
         learner.update_moving_average()
         record["loss"] = loss.item()
         if not math.isfinite(record["loss"]):
-            raise UserError(f"the BYOL loss turned {record['loss']} at step {step}: training diverged; "
-                            f"lower --lr (now {settings['lr']:g})")
+            raise UserError(
+                f"the BYOL loss turned {record['loss']} at step {step}: training diverged; "
+                f"lower --lr (now {settings['lr']:g})"
+            )
         if step in monitor_at:
             tick = time.perf_counter()
             record["knn_acc"] = evaluate()
@@ -288,13 +344,15 @@ def _pretrain(learner: BYOL, images: torch.Tensor, settings: Dict[str, Any], eva
         metrics.append(record)
         if step % log_every == 0 or step == steps or "knn_acc" in record:
             knn_text = f"  kNN {record['knn_acc']:.4f}" if "knn_acc" in record else ""
-            print(f"step {step:>5}/{steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                  f"tau {record['tau']:.4f}  {time.perf_counter() - start - monitor_time:6.1f} s{knn_text}",
-                  flush=True)
+            print(
+                f"step {step:>5}/{steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"tau {record['tau']:.4f}  {time.perf_counter() - start - monitor_time:6.1f} s{knn_text}",
+                flush=True,
+            )
     return metrics, time.perf_counter() - start - monitor_time, monitor_time
 
 
-def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo; prints progress and ends with ``kNN accuracy: random init A -> BYOL B``.
 
     Args:
@@ -316,7 +374,7 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     settings = _settings(args)
     device = settings["device"]
     out = Path(settings["out"])
-    seconds: Dict[str, float] = {}
+    seconds: dict[str, float] = {}
     threads_before = torch.get_num_threads()
     torch.set_num_threads(settings["threads"])
     try:
@@ -329,12 +387,22 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
         bank, bank_labels = train_images[bank_index], train_labels[bank_index]  # (N, 1, 28, 28), (N,)
         queries, query_labels = test_images[: settings["test_images"]], test_labels[: settings["test_images"]]
         seconds["load"] = time.perf_counter() - start
-        print(f"Fashion-MNIST: {len(pretrain)} images for BYOL, kNN bank {len(bank)} train images, "
-              f"{len(queries)} test queries; device {device}, {settings['threads']} threads", flush=True)
+        print(
+            f"Fashion-MNIST: {len(pretrain)} images for BYOL, kNN bank {len(bank)} train images, "
+            f"{len(queries)} test queries; device {device}, {settings['threads']} threads",
+            flush=True,
+        )
 
         phase = time.perf_counter()
-        raw = knn_accuracy(bank.flatten(1).float(), bank_labels, queries.flatten(1).float(), query_labels,
-                           num_classes=len(FASHION_MNIST_CLASSES), k=KNN_K, temperature=KNN_TEMPERATURE)
+        raw = knn_accuracy(
+            bank.flatten(1).float(),
+            bank_labels,
+            queries.flatten(1).float(),
+            query_labels,
+            num_classes=len(FASHION_MNIST_CLASSES),
+            k=KNN_K,
+            temperature=KNN_TEMPERATURE,
+        )
         net = _build_backbone(settings).to(device)
         view1, view2 = _views(settings)
         size = settings["image_size"]
@@ -347,15 +415,18 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
 
         steps = settings["steps"]
         learner = BYOL(
-            net, size, projection_size=settings["projection_size"],
-            projection_hidden_size=settings["projection_hidden_size"], augment_fn=view1, augment_fn2=view2,
+            net,
+            size,
+            projection_size=settings["projection_size"],
+            projection_hidden_size=settings["projection_hidden_size"],
+            augment_fn=view1,
+            augment_fn2=view2,
             moving_average_decay=settings["tau"],
             moving_average_total_steps=steps if settings["tau_schedule"] == "cosine" else None,
         ).to(device)
         init = _knn(learner, prepare, bank, bank_labels, queries, query_labels, device)
         seconds["eval_init"] = time.perf_counter() - phase
-        print(f"kNN on raw pixels {raw:.4f}; random init {init:.4f} "
-              f"({seconds['eval_init']:.1f} s)", flush=True)
+        print(f"kNN on raw pixels {raw:.4f}; random init {init:.4f} ({seconds['eval_init']:.1f} s)", flush=True)
 
         evaluate = functools.partial(_knn, learner, prepare, bank, bank_labels, queries, query_labels, device)
         metrics, seconds["train"], seconds["monitor"] = _pretrain(learner, pretrain, settings, evaluate)
@@ -378,9 +449,11 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     seconds["total"] = time.perf_counter() - start
 
     train_time = seconds["train"]
-    print(f"BYOL: {steps} steps in {train_time:.1f} s ({steps / train_time:.2f} steps/s); total "
-          f"{seconds['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items() if k != "total")
-          + ")", flush=True)
+    print(
+        f"BYOL: {steps} steps in {train_time:.1f} s ({steps / train_time:.2f} steps/s); total "
+        f"{seconds['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items() if k != "total") + ")",
+        flush=True,
+    )
     written = [str(p) for p in (curves_path, views_path, metrics_path) if p is not None]
     print(f"wrote {', '.join(written)}", flush=True)
     print(f"kNN on raw pixels {raw:.4f} (reference)", flush=True)
@@ -399,17 +472,24 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
-def _plots(out: Path, metrics: List[Dict[str, Any]], view1: BYOLAugment, view2: BYOLAugment,
-           images: torch.Tensor, labels: torch.Tensor, settings: Dict[str, Any], init: float, final: float
-           ) -> tuple[Optional[Path], Optional[Path]]:
+def _plots(
+    out: Path,
+    metrics: list[dict[str, Any]],
+    view1: BYOLAugment,
+    view2: BYOLAugment,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    settings: dict[str, Any],
+    init: float,
+    final: float,
+) -> tuple[Path | None, Path | None]:
     """Write curves.png and views.png; (None, None) with a note when matplotlib is missing.
 
     views.png shows the first image of each of up to 8 classes beside its two views.
     """
     from .plots import plot_curves, plot_views
 
-    title = (f"BYOL on Fashion-MNIST: kNN {init:.4f} (random init) -> {final:.4f} "
-             f"after {settings['steps']} steps")
+    title = f"BYOL on Fashion-MNIST: kNN {init:.4f} (random init) -> {final:.4f} after {settings['steps']} steps"
     first_of_class = [int((labels == c).nonzero()[0]) for c in labels.unique().tolist()[:_VIEWS_SHOWN]]
     originals = images[first_of_class].cpu()  # (8, 1, 28, 28) uint8
     generator = torch.Generator().manual_seed(settings["seed"])
@@ -425,7 +505,7 @@ def _plots(out: Path, metrics: List[Dict[str, Any]], view1: BYOLAugment, view2: 
     return curves, views
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m byol_pytorch.demo [flags]``: run the demo; returns the exit status.
 
     Bad input (a missing dataset, a bad flag) prints one line and returns 1.

@@ -10,14 +10,14 @@ statistics of its own forward passes, as in the official implementation.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 __all__ = ["ema_update_", "cosine_tau"]
 
 
-def cosine_tau(base: float, step: int, total_steps: Optional[int]) -> float:
+def cosine_tau(base: float, step: int, total_steps: int | None) -> float:
     """The decay tau to use at a given update.
 
     Args:
@@ -37,9 +37,7 @@ def cosine_tau(base: float, step: int, total_steps: Optional[int]) -> float:
 
 
 @torch.no_grad()
-def ema_update_(
-    target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], tau: float
-) -> None:
+def ema_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], tau: float) -> None:
     """In place: ``target <- tau * target + (1 - tau) * online``, for every pair.
 
     One fused multi-tensor call (``torch._foreach_lerp_``) instead of a Python loop

@@ -23,14 +23,13 @@ afterwards: the user's net (weights, BatchNorm statistics, RNG) is left untouche
 from __future__ import annotations
 
 import difflib
-from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 __all__ = ["BackboneEncoder", "HiddenLayer", "pool_hidden", "probe_backbone"]
 
-HiddenLayer = Union[str, int, None]
+HiddenLayer = str | int | None
 _OUTPUT = "<output>"
 
 
@@ -46,7 +45,7 @@ class _Capture:
     def __init__(self, use_input: bool):
         self.use_input = use_input
         self.armed = False
-        self.value: Optional[torch.Tensor] = None
+        self.value: torch.Tensor | None = None
 
     def __call__(self, module: nn.Module, args: tuple, output: object = None) -> None:
         if self.armed:
@@ -85,7 +84,7 @@ def pool_hidden(hidden: object, token_pool: str = "mean", layer: str = "hidden l
     )
 
 
-def _first_param_like(net: nn.Module) -> Tuple[torch.device, torch.dtype]:
+def _first_param_like(net: nn.Module) -> tuple[torch.device, torch.dtype]:
     for t in list(net.parameters()) + list(net.buffers()):
         if t.is_floating_point():
             return t.device, t.dtype
@@ -101,7 +100,7 @@ def infer_channels(net: nn.Module) -> int:
     return 3
 
 
-def _resolve_layer(net: nn.Module, hidden_layer: HiddenLayer) -> Tuple[str, Optional[nn.Module]]:
+def _resolve_layer(net: nn.Module, hidden_layer: HiddenLayer) -> tuple[str, nn.Module | None]:
     """Map a user's hidden_layer to (name, module); module None means the net's output."""
     if hidden_layer is None or hidden_layer == "auto":
         return "auto", None
@@ -138,11 +137,11 @@ def _resolve_layer(net: nn.Module, hidden_layer: HiddenLayer) -> Tuple[str, Opti
 
 def probe_backbone(
     net: nn.Module,
-    image_size: Tuple[int, int],
+    image_size: tuple[int, int],
     channels: int,
     hidden_layer: HiddenLayer,
     token_pool: str = "mean",
-) -> Dict[str, object]:
+) -> dict[str, object]:
     """Run the net once on zeros to find the hidden layer, its width and the unused tail.
 
     Eval mode, ``torch.no_grad()``, every module's training flag restored afterwards;
@@ -168,9 +167,9 @@ def probe_backbone(
     module_names = {m: n for n, m in net.named_modules()}
     device, dtype = _first_param_like(net)
     modes = {m: m.training for m in net.modules()}
-    events: List[Tuple[str, nn.Module]] = []  # ("start" | "end", module) in execution order
-    seen_inputs: Dict[nn.Module, object] = {}  # last input of each Linear (auto) or of the layer
-    seen_outputs: Dict[nn.Module, object] = {}  # last output of each Linear or of the layer
+    events: list[tuple[str, nn.Module]] = []  # ("start" | "end", module) in execution order
+    seen_inputs: dict[nn.Module, object] = {}  # last input of each Linear (auto) or of the layer
+    seen_outputs: dict[nn.Module, object] = {}  # last output of each Linear or of the layer
     handles = []
 
     def on_start(mod: nn.Module, args: tuple) -> None:
@@ -208,8 +207,10 @@ def probe_backbone(
         # The final classifier: the last Linear to run, when its output is the net's output.
         linears = [m for kind, m in events if kind == "end" and isinstance(m, nn.Linear)]
         last = seen_outputs.get(linears[-1]) if linears else None
-        if isinstance(out, torch.Tensor) and isinstance(last, torch.Tensor) and (
-            last is out or (last.shape == out.shape and torch.equal(last, out))
+        if (
+            isinstance(out, torch.Tensor)
+            and isinstance(last, torch.Tensor)
+            and (last is out or (last.shape == out.shape and torch.equal(last, out)))
         ):
             name, module, use_input = module_names[linears[-1]], linears[-1], True
         else:
@@ -231,12 +232,14 @@ def probe_backbone(
 
     # Parameters of modules whose first call starts after the capture point get no
     # gradient from BYOL: DDP must be told to ignore them.
-    first_start: Dict[nn.Module, int] = {}
+    first_start: dict[nn.Module, int] = {}
     for i, (kind, m) in enumerate(events):
         if kind == "start":
             first_start.setdefault(m, i)
     dead_modules = [m for m, i in first_start.items() if i >= capture_index or (use_input and m is module)]
-    live: Set[int] = {id(p) for m, i in first_start.items() if m not in dead_modules for p in m.parameters(recurse=False)}
+    live: set[int] = {
+        id(p) for m, i in first_start.items() if m not in dead_modules for p in m.parameters(recurse=False)
+    }
     unused = [
         f"{module_names[m]}.{pn}" if module_names[m] else pn
         for m in dead_modules
@@ -262,7 +265,7 @@ class BackboneEncoder(nn.Module):
         self,
         net: nn.Module,
         layer_name: str,
-        layer: Optional[nn.Module],
+        layer: nn.Module | None,
         use_input: bool,
         projector: nn.Module,
         token_pool: str = "mean",
@@ -272,7 +275,7 @@ class BackboneEncoder(nn.Module):
         self.projector = projector
         self.layer_name = layer_name
         self.token_pool = token_pool
-        self._capture: Optional[_Capture] = None
+        self._capture: _Capture | None = None
         if layer is not None:
             self._capture = _Capture(use_input)
             if use_input:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,7 @@ def _check_features(x: Any, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(x).__name__}")
     if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}; "
-                         "flatten or pool the features first")
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}; flatten or pool the features first")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     if not x.is_floating_point():
@@ -58,8 +58,7 @@ def _check_labels(y: Any, n: int, name: str) -> None:
 def _check_label_range(y: torch.Tensor, num_classes: int, name: str) -> None:
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= num_classes:
-        raise ValueError(f"{name} must lie in [0, num_classes={num_classes}), "
-                         f"found values in [{low}, {high}]")
+        raise ValueError(f"{name} must lie in [0, num_classes={num_classes}), found values in [{low}, {high}]")
 
 
 def _check_positive_int(value: Any, name: str) -> None:
@@ -74,7 +73,7 @@ def _infer_num_classes(*labels: torch.Tensor) -> int:
 # --------------------------------------------------------------------------- features
 
 
-def _owning_module(model: Callable) -> Optional[nn.Module]:
+def _owning_module(model: Callable) -> nn.Module | None:
     """The module whose train/eval modes a callable depends on, if one can be found."""
     if isinstance(model, nn.Module):
         return model
@@ -84,7 +83,7 @@ def _owning_module(model: Callable) -> Optional[nn.Module]:
     return owner if isinstance(owner, nn.Module) else None
 
 
-def _module_device(module: Optional[nn.Module]) -> Optional[torch.device]:
+def _module_device(module: nn.Module | None) -> torch.device | None:
     """The device of the first parameter (or buffer); None when there is none."""
     if module is not None:
         for tensor in module.parameters():
@@ -103,17 +102,17 @@ def _iter_batches(data: Any, batch_size: int) -> Iterator[torch.Tensor]:
         if data.ndim == 0 or data.shape[0] == 0:
             raise ValueError(f"data holds no images (shape {tuple(data.shape)})")
         for start in range(0, data.shape[0], batch_size):
-            yield data[start:start + batch_size]
+            yield data[start : start + batch_size]
         return
     if not isinstance(data, Iterable):
-        raise TypeError("data must be a tensor (N, C, H, W) or an iterable of batches, "
-                        f"got {type(data).__name__}")
+        raise TypeError(f"data must be a tensor (N, C, H, W) or an iterable of batches, got {type(data).__name__}")
     for item in data:
         if isinstance(item, (tuple, list)) and item:
             item = item[0]  # (images, labels) or (images, skipped)
         if not isinstance(item, torch.Tensor):
-            raise TypeError(f"data yielded a {type(item).__name__}; expected a tensor of images "
-                            "or an (images, label) pair")
+            raise TypeError(
+                f"data yielded a {type(item).__name__}; expected a tensor of images or an (images, label) pair"
+            )
         yield item
 
 
@@ -122,7 +121,8 @@ def _pool_output(out: Any, batch: int) -> torch.Tensor:
         raise TypeError(
             f"the model returned a {type(out).__name__}, not one tensor; pass a callable that "
             "returns (B, D) features, e.g. functools.partial(learner, return_embedding=True, "
-            "return_projection=False) for a BYOL learner")
+            "return_projection=False) for a BYOL learner"
+        )
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the model returned a {type(out).__name__}; expected a tensor")
     if out.ndim == 4:
@@ -130,8 +130,7 @@ def _pool_output(out: Any, batch: int) -> torch.Tensor:
     elif out.ndim == 3:
         out = out.mean(dim=1)  # (B, T, D) -> (B, D): mean over tokens
     elif out.ndim != 2:
-        raise ValueError(f"the model returned shape {tuple(out.shape)}; expected (B, D), "
-                         "(B, C, H, W) or (B, T, D)")
+        raise ValueError(f"the model returned shape {tuple(out.shape)}; expected (B, D), (B, C, H, W) or (B, T, D)")
     if out.shape[0] != batch:
         raise ValueError(f"the model returned {out.shape[0]} rows for a batch of {batch}")
     return out
@@ -139,10 +138,10 @@ def _pool_output(out: Any, batch: int) -> torch.Tensor:
 
 def extract_features(
     model: Callable[[torch.Tensor], torch.Tensor],
-    data: Union[torch.Tensor, Iterable[Any]],
+    data: torch.Tensor | Iterable[Any],
     batch_size: int = 256,
-    device: Optional[Union[str, torch.device]] = None,
-    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    device: str | torch.device | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Runs ``model`` over images without gradients and stacks its outputs.
 
@@ -181,8 +180,9 @@ def extract_features(
         device = model_device if model_device is not None else torch.device("cpu")
     device = torch.device(device)
     if model_device is not None and not _same_device(device, model_device):
-        raise ValueError(f"the model is on {model_device} but device={device}; move it first "
-                         f"with model.to({str(device)!r})")
+        raise ValueError(
+            f"the model is on {model_device} but device={device}; move it first with model.to({str(device)!r})"
+        )
 
     modes = {module: module.training for module in owner.modules()} if owner is not None else {}
     chunks = []
@@ -274,8 +274,9 @@ def knn_predict(
     _check_features(test_features, "test_features")
     _check_labels(train_labels, train_features.shape[0], "train_labels")
     if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"train_features have {train_features.shape[1]} dimensions but "
-                         f"test_features have {test_features.shape[1]}")
+        raise ValueError(
+            f"train_features have {train_features.shape[1]} dimensions but test_features have {test_features.shape[1]}"
+        )
     _check_positive_int(num_classes, "num_classes")
     _check_positive_int(k, "k")
     _check_positive_int(batch_size, "batch_size")
@@ -289,7 +290,7 @@ def knn_predict(
     k = min(k, bank.shape[0])
     predictions = []
     for start in range(0, test_features.shape[0], batch_size):
-        queries = F.normalize(test_features[start:start + batch_size].to(device).float(), dim=1)
+        queries = F.normalize(test_features[start : start + batch_size].to(device).float(), dim=1)
         sim = queries @ bank.T  # (B, N)
         top_sim, top_idx = _top_k(sim, k)  # (B, k), (B, k); descending
         weights = ((top_sim - top_sim[:, :1]) / temperature).exp()  # (B, k), in (0, 1]
@@ -304,7 +305,7 @@ def knn_accuracy(
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     k: int = 20,
     temperature: float = 0.07,
 ) -> float:
@@ -331,8 +332,7 @@ def knn_accuracy(
     _check_labels(test_labels, test_features.shape[0], "test_labels")
     if num_classes is None:
         num_classes = _infer_num_classes(train_labels, test_labels)
-    predictions = knn_predict(train_features, train_labels, test_features, num_classes, k=k,
-                              temperature=temperature)
+    predictions = knn_predict(train_features, train_labels, test_features, num_classes, k=k, temperature=temperature)
     return (predictions == test_labels.to(predictions.device)).float().mean().item()
 
 
@@ -344,11 +344,11 @@ def linear_probe(
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     epochs: int = 100,
     lr: float = 1.0,
     weight_decay: float = 1e-4,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
     seed: int = 0,
 ) -> float:
     """Test accuracy of a linear classifier trained on frozen features.
@@ -392,8 +392,9 @@ def linear_probe(
     _check_labels(train_labels, train_features.shape[0], "train_labels")
     _check_labels(test_labels, test_features.shape[0], "test_labels")
     if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"train_features have {train_features.shape[1]} dimensions but "
-                         f"test_features have {test_features.shape[1]}")
+        raise ValueError(
+            f"train_features have {train_features.shape[1]} dimensions but test_features have {test_features.shape[1]}"
+        )
     _check_positive_int(epochs, "epochs")
     if batch_size is not None:
         _check_positive_int(batch_size, "batch_size")
@@ -424,15 +425,16 @@ def linear_probe(
     with torch.no_grad():
         linear.weight.copy_(0.01 * torch.randn(num_classes, dim, generator=generator))
         linear.bias.zero_()
-    optimizer = torch.optim.LBFGS(linear.parameters(), lr=lr, max_iter=epochs, history_size=10,
-                                  line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        linear.parameters(), lr=lr, max_iter=epochs, history_size=10, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         total = torch.zeros((), device=device)
         for start in range(0, n, chunk):
-            logits = linear(x_train[start:start + chunk])  # (b, C)
-            loss = F.cross_entropy(logits, y_train[start:start + chunk], reduction="sum") / n
+            logits = linear(x_train[start : start + chunk])  # (b, C)
+            loss = F.cross_entropy(logits, y_train[start : start + chunk], reduction="sum") / n
             if start == 0:
                 loss = loss + 0.5 * weight_decay * linear.weight.pow(2).sum()
             loss.backward()
@@ -442,9 +444,10 @@ def linear_probe(
     with torch.enable_grad():
         optimizer.step(closure)
     with torch.no_grad():
-        correct = sum(int((linear(x_test[start:start + chunk]).argmax(dim=1)
-                           == y_test[start:start + chunk]).sum())
-                      for start in range(0, x_test.shape[0], chunk))
+        correct = sum(
+            int((linear(x_test[start : start + chunk]).argmax(dim=1) == y_test[start : start + chunk]).sum())
+            for start in range(0, x_test.shape[0], chunk)
+        )
     return correct / x_test.shape[0]
 
 

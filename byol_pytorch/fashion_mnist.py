@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -21,8 +20,16 @@ __all__ = ["FASHION_MNIST_CLASSES", "DEFAULT_DATA_DIR", "ENV_VAR", "load_fashion
 
 # Label order of the dataset's README.
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 # Where the Debian package dataset-fashion-mnist installs the files.
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -33,7 +40,7 @@ _IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions (N, rows, cols)
 _LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension (N,)
 
 
-def _find(directory: Path, name: str) -> Optional[Path]:
+def _find(directory: Path, name: str) -> Path | None:
     for candidate in (directory / f"{name}.gz", directory / name):
         if candidate.is_file():
             return candidate
@@ -48,25 +55,22 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
         raise ValueError(f"{path}: cannot read ({error})") from error
     found = int.from_bytes(data[:4], "big")
     if found != magic:
-        raise ValueError(
-            f"{path}: not the expected IDX file (magic number 0x{found:08x}, expected 0x{magic:08x})"
-        )
+        raise ValueError(f"{path}: not the expected IDX file (magic number 0x{found:08x}, expected 0x{magic:08x})")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
         raise ValueError(f"{path}: {len(data)} bytes, shorter than its IDX header")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(shape))
     if len(data) != expected:
         raise ValueError(
-            f"{path}: {len(data)} bytes but its header {shape} needs {expected}; "
-            "the file is truncated or corrupt"
+            f"{path}: {len(data)} bytes but its header {shape} needs {expected}; the file is truncated or corrupt"
         )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def load_fashion_mnist(
-    data_dir: Optional[Union[str, "os.PathLike[str]"]] = None, split: str = "train"
+    data_dir: str | os.PathLike[str] | None = None, split: str = "train"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read one split of Fashion-MNIST.
 

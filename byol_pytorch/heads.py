@@ -8,8 +8,6 @@ predictor whose hidden width is a quarter of its output (2048 -> 512 -> 2048).
 
 from __future__ import annotations
 
-from typing import List
-
 import torch.nn as nn
 
 __all__ = ["MLP", "byol_mlp", "simsiam_projector", "simsiam_predictor"]
@@ -31,10 +29,10 @@ class MLP(nn.Sequential):
         norm_last: add a norm (without ReLU) after the last Linear (SimSiam projector).
     """
 
-    def __init__(self, widths: List[int], use_batchnorm: bool = True, norm_last: bool = False):
+    def __init__(self, widths: list[int], use_batchnorm: bool = True, norm_last: bool = False):
         if len(widths) < 2 or any(int(w) <= 0 for w in widths):
             raise ValueError(f"MLP widths must be >= 2 positive integers, got {widths}")
-        layers: List[nn.Module] = []
+        layers: list[nn.Module] = []
         for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
             last = i == len(widths) - 2
             # A Linear followed by a norm needs no bias of its own.

@@ -20,8 +20,8 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,8 +29,15 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 
 __all__ = [
-    "EpochSampler", "DistContext", "setup_distributed", "OptimizerStep", "StopSignals", "autocast_for",
-    "step_batches", "match_channels", "ignore_signals_in_worker",
+    "EpochSampler",
+    "DistContext",
+    "setup_distributed",
+    "OptimizerStep",
+    "StopSignals",
+    "autocast_for",
+    "step_batches",
+    "match_channels",
+    "ignore_signals_in_worker",
 ]
 
 
@@ -55,8 +62,9 @@ class EpochSampler(Sampler[int]):
         ValueError: fewer samples than one step needs.
     """
 
-    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 multiple_of: int = 1):
+    def __init__(
+        self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, multiple_of: int = 1
+    ):
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
         self.seed, self.multiple_of = int(seed), multiple_of
         per_rank = size // world_size
@@ -84,15 +92,16 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         used = self.batches_per_epoch * self.batch_size * self.world_size
-        mine = self.permutation(self.epoch)[:used][self.rank::self.world_size]  # (batches * batch,)
-        return iter(mine[self.start_batch * self.batch_size:].tolist())
+        mine = self.permutation(self.epoch)[:used][self.rank :: self.world_size]  # (batches * batch,)
+        return iter(mine[self.start_batch * self.batch_size :].tolist())
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
-def step_batches(loader: DataLoader, sampler: EpochSampler, epoch: int, position: int,
-                 accumulate: int) -> Iterator[Tuple[list, int, int]]:
+def step_batches(
+    loader: DataLoader, sampler: EpochSampler, epoch: int, position: int, accumulate: int
+) -> Iterator[tuple[list, int, int]]:
     """Endless ``(micro_batches, epoch, batches_done_in_epoch)`` from a data position on.
 
     Args:
@@ -159,7 +168,7 @@ class DistContext:
             self.owns_group = False
 
 
-def setup_distributed(device: Optional[str] = None) -> DistContext:
+def setup_distributed(device: str | None = None) -> DistContext:
     """Join the ``torchrun`` process group, or run as a single process.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the group is initialised
@@ -222,9 +231,16 @@ class OptimizerStep:
         steps: optimizer steps really taken; skipped: fp16 steps the scaler skipped.
     """
 
-    def __init__(self, learner: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Optional[torch.optim.lr_scheduler.LRScheduler], precision: str,
-                 device: torch.device, scaler: Optional[torch.amp.GradScaler] = None):
+    def __init__(
+        self,
+        learner: nn.Module,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        precision: str,
+        device: torch.device,
+        scaler: torch.amp.GradScaler | None = None,
+    ):
         self.learner, self.model, self.optimizer, self.scheduler = learner, model, optimizer, scheduler
         self.precision, self.device, self.scaler = precision, device, scaler
         self.steps, self.skipped = 0, 0
@@ -281,8 +297,8 @@ class StopSignals:
     """
 
     def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._previous: List[tuple] = []
+        self.signum: int | None = None
+        self._previous: list[tuple] = []
 
     @property
     def requested(self) -> bool:
@@ -293,7 +309,7 @@ class StopSignals:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous.append((sig, signal.signal(sig, self._handle)))

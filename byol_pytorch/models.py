@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Dict, List, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch.nn as nn
 
@@ -17,14 +18,18 @@ from .byol import BYOL
 from .encoder import infer_channels, probe_backbone
 
 __all__ = [
-    "TORCHVISION_PREFIX", "build_backbone", "build_learner", "classifier_name",
-    "close_model_names", "strip_classifier",
+    "TORCHVISION_PREFIX",
+    "build_backbone",
+    "build_learner",
+    "classifier_name",
+    "close_model_names",
+    "strip_classifier",
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
 
 
-def close_model_names(name: str, limit: int = 5) -> List[str]:
+def close_model_names(name: str, limit: int = 5) -> list[str]:
     """Known model names that look like ``name`` (timm's and ``torchvision:`` ones)."""
     import timm
     import torchvision
@@ -45,7 +50,7 @@ def _unknown_model(name: str) -> ValueError:
     )
 
 
-def build_backbone(name: str, in_chans: Optional[int] = None, image_size: Optional[int] = None) -> nn.Module:
+def build_backbone(name: str, in_chans: int | None = None, image_size: int | None = None) -> nn.Module:
     """A randomly initialised backbone, with its classifier (BYOL ignores it).
 
     Args:
@@ -65,7 +70,7 @@ def build_backbone(name: str, in_chans: Optional[int] = None, image_size: Option
     if name.startswith(TORCHVISION_PREFIX):
         import torchvision
 
-        arch = name[len(TORCHVISION_PREFIX):]
+        arch = name[len(TORCHVISION_PREFIX) :]
         if arch not in torchvision.models.list_models(module=torchvision.models):
             raise _unknown_model(name)
         if in_chans not in (None, 3):
@@ -79,7 +84,7 @@ def build_backbone(name: str, in_chans: Optional[int] = None, image_size: Option
 
     if not timm.is_model(name):
         raise _unknown_model(name)
-    kwargs: Dict[str, Any] = {"pretrained": False}
+    kwargs: dict[str, Any] = {"pretrained": False}
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
     if image_size is not None:
@@ -90,7 +95,7 @@ def build_backbone(name: str, in_chans: Optional[int] = None, image_size: Option
     return timm.create_model(name, **kwargs)
 
 
-def classifier_name(net: nn.Module, image_size: int, channels: Optional[int] = None) -> Optional[str]:
+def classifier_name(net: nn.Module, image_size: int, channels: int | None = None) -> str | None:
     """Name of the final classifier ``nn.Linear`` (the module after BYOL's hidden layer).
 
     Args:
@@ -132,7 +137,7 @@ def strip_classifier(net: nn.Module, name: str, image_size: int) -> nn.Module:
     return net
 
 
-def build_learner(recipe: Mapping[str, Any], net: Optional[nn.Module] = None) -> BYOL:
+def build_learner(recipe: Mapping[str, Any], net: nn.Module | None = None) -> BYOL:
     """The BYOL learner of a training recipe (a checkpoint's ``args``).
 
     Args:

@@ -13,7 +13,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -54,14 +54,13 @@ class MetricsLog:
         ValueError: TensorBoard was asked for but is not installed.
     """
 
-    def __init__(self, run_dir: Path, resume_step: Optional[int] = None, tensorboard: bool = False,
-                 enabled: bool = True):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = False, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
         if not enabled:
             return
-        kept: List[str] = []
+        kept: list[str] = []
         if resume_step is not None and self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -78,12 +77,14 @@ class MetricsLog:
                 raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
 
-    def write(self, row: Dict[str, Any]) -> None:
+    def write(self, row: dict[str, Any]) -> None:
         """Append one row (numbers rounded for reading; non-finite values as strings)."""
         if not self.enabled:
             return
-        clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else
-                     (str(v) if isinstance(v, float) else v)) for k, v in row.items()}
+        clean = {
+            k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else (str(v) if isinstance(v, float) else v))
+            for k, v in row.items()
+        }
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(clean) + "\n")
         if self.writer is not None:
@@ -98,7 +99,7 @@ class MetricsLog:
             self.writer = None
 
 
-def split_labelled(root: str, load_size: int, channels: int) -> Tuple[Any, Any]:
+def split_labelled(root: str, load_size: int, channels: int) -> tuple[Any, Any]:
     """A labelled folder as (bank, queries) for the kNN monitor.
 
     ``ROOT/train`` + ``ROOT/val`` (or ``ROOT/test``), each with class sub-folders, are
@@ -122,10 +123,12 @@ def split_labelled(root: str, load_size: int, channels: int) -> Tuple[Any, Any]:
     names = {p.name for p in base.iterdir() if p.is_dir()} if base.is_dir() else set()
     held_out = "val" if "val" in names else ("test" if "test" in names else None)
     if "train" in names and held_out is not None:
-        return (LabelledImageFolder(base / "train", load_size, channels),
-                LabelledImageFolder(base / held_out, load_size, channels))
+        return (
+            LabelledImageFolder(base / "train", load_size, channels),
+            LabelledImageFolder(base / held_out, load_size, channels),
+        )
     full = LabelledImageFolder(root, load_size, channels)
-    seen: Dict[int, int] = {}
+    seen: dict[int, int] = {}
     bank, queries = [], []
     for index, label in enumerate(full.targets):
         seen[label] = seen.get(label, 0) + 1
@@ -157,8 +160,9 @@ class KnnMonitor:
         workers: loader processes.
     """
 
-    def __init__(self, root: str, load_size: int, channels: int, device: torch.device,
-                 batch_size: int = 256, workers: int = 0):
+    def __init__(
+        self, root: str, load_size: int, channels: int, device: torch.device, batch_size: int = 256, workers: int = 0
+    ):
         self.bank, self.queries = split_labelled(root, load_size, channels)
         self.bank_labels, self.query_labels = _labels(self.bank), _labels(self.queries)
         self.num_classes = int(max(self.bank_labels.max(), self.query_labels.max())) + 1
@@ -176,10 +180,14 @@ class KnnMonitor:
         embed = functools.partial(learner, return_embedding=True, return_projection=False)
         return extract_features(embed, loader, device=self.device, transform=to_channels)  # (N, D)
 
-    def features(self, learner: nn.Module) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def features(self, learner: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(bank_features, bank_labels, query_features, query_labels)`` of the learner's backbone."""
-        return (self._features(learner, self.bank), self.bank_labels,
-                self._features(learner, self.queries), self.query_labels)
+        return (
+            self._features(learner, self.bank),
+            self.bank_labels,
+            self._features(learner, self.queries),
+            self.query_labels,
+        )
 
     def __call__(self, learner: nn.Module) -> float:
         """The kNN top-1 accuracy in [0, 1] of the queries against the bank."""

@@ -12,19 +12,28 @@ command composes them, and they are tested alone against hand-computed values.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
 __all__ = [
-    "LARS", "OPTIMIZERS", "build_optimizer", "default_lr", "default_weight_decay", "lr_help",
-    "param_groups", "resync_lr", "warmup_cosine", "warmup_cosine_scheduler",
+    "LARS",
+    "OPTIMIZERS",
+    "build_optimizer",
+    "default_lr",
+    "default_weight_decay",
+    "lr_help",
+    "param_groups",
+    "resync_lr",
+    "warmup_cosine",
+    "warmup_cosine_scheduler",
 ]
 
 # The recipes behind the per-optimiser defaults: lr per 256 images and weight decay.
-OPTIMIZERS: Dict[str, Dict[str, Any]] = {
+OPTIMIZERS: dict[str, dict[str, Any]] = {
     # Grill et al. 2020, Appendix C: lr 0.2 x batch/256, weight decay 1.5e-6 (1000 epochs).
     "lars": {"lr_per_256": 0.2, "weight_decay": 1.5e-6, "source": "BYOL paper, App. C"},
     # Caron et al. 2021 (DINO), ViT recipe: lr 5e-4 x batch/256, weight decay 0.04.
@@ -68,12 +77,17 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         trust_coefficient: float = 1e-3,
     ):
-        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
-                            ("trust_coefficient", trust_coefficient)):
+        for name, value in (
+            ("lr", lr),
+            ("momentum", momentum),
+            ("weight_decay", weight_decay),
+            ("trust_coefficient", trust_coefficient),
+        ):
             if not value >= 0.0:
                 raise ValueError(f"LARS {name} must be >= 0, got {value}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, lars_exclude=False)
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, lars_exclude=False
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -109,7 +123,7 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Split trainable parameters into a decayed group and an excluded one.
 
     Biases and normalisation parameters - every parameter with fewer than two

@@ -11,22 +11,22 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Union
 
 import torch
 
 __all__ = ["plot_curves", "plot_views"]
 
-_MISSING_MATPLOTLIB = ("matplotlib is needed for plots: pip install matplotlib "
-                       "(or pip install 'byol-pytorch[plots]')")
+_MISSING_MATPLOTLIB = "matplotlib is needed for plots: pip install matplotlib (or pip install 'byol-pytorch[plots]')"
 _DPI = 100
 _CURVES_SIZE = (10.0, 7.0)  # inches: 1000 x 700 px at 100 dpi
 _VIEW_CELL = 2.0  # inches per image: 200 x 200 px at 100 dpi
 _SMOOTHING = 0.9  # EMA factor of the smoothed loss line (TensorBoard's default slider)
 
 PathLike = Union[str, "os.PathLike[str]"]
-Number = Union[int, float]
+Number = int | float
 
 
 def _new_figure(size: tuple[float, float]) -> Any:
@@ -65,8 +65,9 @@ def _read_jsonl(path: Path) -> list[Any]:
         except json.JSONDecodeError as err:
             if number == len(lines):  # a run still writing its last line
                 break
-            raise ValueError(f"{path}:{number} is not valid JSON ({err.msg}); "
-                             "metrics files hold one JSON object per line") from err
+            raise ValueError(
+                f"{path}:{number} is not valid JSON ({err.msg}); metrics files hold one JSON object per line"
+            ) from err
     return records
 
 
@@ -87,21 +88,20 @@ def _ema(values: Sequence[float], factor: float) -> list[float]:
     smoothed, average = [], 0.0
     for count, value in enumerate(values, start=1):
         average = factor * average + (1 - factor) * value
-        smoothed.append(average / (1 - factor ** count))  # bias-corrected as in Adam
+        smoothed.append(average / (1 - factor**count))  # bias-corrected as in Adam
     return smoothed
 
 
 def _empty_panel(ax: Any, message: str) -> None:
-    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes,
-            fontsize=12, color="0.4")
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.4")
     ax.set_xticks([])
     ax.set_yticks([])
 
 
 def plot_curves(
-    metrics: Union[PathLike, Iterable[Mapping[str, Any]]],
+    metrics: PathLike | Iterable[Mapping[str, Any]],
     out_path: PathLike,
-    title: Optional[str] = None,
+    title: str | None = None,
 ) -> Path:
     """Draws the training curves of a run in a 2 x 2 grid.
 
@@ -135,8 +135,10 @@ def plot_curves(
         records = list(metrics)
     for index, record in enumerate(records):
         if not isinstance(record, Mapping):
-            raise TypeError(f"metrics record {index} is a {type(record).__name__}; "
-                            "expected a dict such as {'step': 10, 'loss': 0.5}")
+            raise TypeError(
+                f"metrics record {index} is a {type(record).__name__}; "
+                "expected a dict such as {'step': 10, 'loss': 0.5}"
+            )
     if not any(record.get("step") is not None for record in records):
         raise ValueError("no metrics record has a 'step'; nothing to plot")
 
@@ -147,8 +149,7 @@ def plot_curves(
     if loss:
         if len(loss) >= 20:
             ax_loss.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=1, label="raw")
-            ax_loss.plot(steps, _ema(loss, _SMOOTHING), color="tab:blue", linewidth=2,
-                         label="smoothed")
+            ax_loss.plot(steps, _ema(loss, _SMOOTHING), color="tab:blue", linewidth=2, label="smoothed")
             ax_loss.legend(loc="upper right")
         else:
             ax_loss.plot(steps, loss, color="tab:blue", linewidth=1.5, marker=".")
@@ -165,8 +166,10 @@ def plot_curves(
         _empty_panel(ax_knn, "no kNN monitor")
     ax_knn.set_title("kNN accuracy")
 
-    for ax, key, label, color in ((ax_lr, "lr", "learning rate", "tab:orange"),
-                                  (ax_tau, "tau", "target decay tau", "tab:purple")):
+    for ax, key, label, color in (
+        (ax_lr, "lr", "learning rate", "tab:orange"),
+        (ax_tau, "tau", "target decay tau", "tab:purple"),
+    ):
         steps, values = _series(records, key)
         if values:
             ax.plot(steps, values, color=color, linewidth=1.5)
@@ -195,13 +198,13 @@ def _as_images(x: Any, name: str) -> torch.Tensor:
     if x.ndim != 4 or x.shape[0] == 0:
         raise ValueError(f"{name} must be (B, C, H, W) with B >= 1, got shape {tuple(x.shape)}")
     if x.shape[1] not in (1, 3):
-        raise ValueError(f"{name} must have 1 or 3 channels, got {x.shape[1]} "
-                         f"(shape {tuple(x.shape)}; channels first)")
+        raise ValueError(f"{name} must have 1 or 3 channels, got {x.shape[1]} (shape {tuple(x.shape)}; channels first)")
     return x.detach().cpu()
 
 
-def _per_channel(values: Optional[Union[Number, Sequence[Number], torch.Tensor]],
-                 channels: int, name: str) -> Optional[torch.Tensor]:
+def _per_channel(
+    values: Number | Sequence[Number] | torch.Tensor | None, channels: int, name: str
+) -> torch.Tensor | None:
     if values is None:
         return None
     out = torch.as_tensor(values, dtype=torch.float32).flatten()
@@ -210,7 +213,7 @@ def _per_channel(values: Optional[Union[Number, Sequence[Number], torch.Tensor]]
     return out.expand(channels).reshape(channels, 1, 1)  # (C, 1, 1)
 
 
-def _displayable(images: torch.Tensor, mean: Optional[Any], std: Optional[Any]) -> torch.Tensor:
+def _displayable(images: torch.Tensor, mean: Any | None, std: Any | None) -> torch.Tensor:
     """Images (B, C, H, W) in [0, 1]: integers scaled by 1/255, floats un-normalised."""
     if not images.is_floating_point():
         return images.float().div(255).clamp(0, 1)
@@ -229,8 +232,8 @@ def plot_views(
     view1: torch.Tensor,
     view2: torch.Tensor,
     out_path: PathLike,
-    mean: Optional[Union[float, Sequence[float], torch.Tensor]] = None,
-    std: Optional[Union[float, Sequence[float], torch.Tensor]] = None,
+    mean: float | Sequence[float] | torch.Tensor | None = None,
+    std: float | Sequence[float] | torch.Tensor | None = None,
     max_images: int = 8,
 ) -> Path:
     """Draws images next to their two augmented views, one row per image.
@@ -262,8 +265,7 @@ def plot_views(
     """
     if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images <= 0:
         raise ValueError(f"max_images must be a positive integer, got {max_images!r}")
-    batches = [_as_images(originals, "originals"), _as_images(view1, "view1"),
-               _as_images(view2, "view2")]
+    batches = [_as_images(originals, "originals"), _as_images(view1, "view1"), _as_images(view2, "view2")]
     sizes = [batch.shape[0] for batch in batches]
     if len(set(sizes)) != 1:
         raise ValueError(f"originals, view1 and view2 hold {sizes} images; they must match")

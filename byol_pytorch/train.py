@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,13 @@ from .cli import UserError
 from .data import ImageFolder, collate_images
 from .encoder import infer_channels
 from .loop import (
-    DistContext, EpochSampler, OptimizerStep, StopSignals, ignore_signals_in_worker, match_channels, setup_distributed,
+    DistContext,
+    EpochSampler,
+    OptimizerStep,
+    StopSignals,
+    ignore_signals_in_worker,
+    match_channels,
+    setup_distributed,
     step_batches,
 )
 from .models import build_backbone, build_learner
@@ -42,10 +48,21 @@ from .optim import build_optimizer, default_lr, default_weight_decay, lr_help, r
 __all__ = ["get_args_parser", "add_train_arguments", "main", "train", "RECIPE_DEFAULTS"]
 
 # The recipe: fixed for the life of a run (a resumed run takes them from its checkpoint).
-RECIPE_DEFAULTS: Dict[str, Any] = {
-    "model": "resnet50", "in_chans": None, "image_size": 224, "batch_size": 256, "optimizer": "lars",
-    "lr": None, "weight_decay": None, "warmup_epochs": None, "tau_base": 0.996, "accumulate": 1,
-    "seed": 0, "projection_size": 256, "projection_hidden_size": 4096, "views_in_one_batch": False,
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "model": "resnet50",
+    "in_chans": None,
+    "image_size": 224,
+    "batch_size": 256,
+    "optimizer": "lars",
+    "lr": None,
+    "weight_decay": None,
+    "warmup_epochs": None,
+    "tau_base": 0.996,
+    "accumulate": 1,
+    "seed": 0,
+    "projection_size": 256,
+    "projection_hidden_size": 4096,
+    "views_in_one_batch": False,
 }
 DEFAULT_EPOCHS = 100
 LOAD_RATIO = 256 / 224  # images are stored at 8/7 of the crop side, as in ImageNet's 256 -> 224
@@ -54,59 +71,111 @@ LOAD_RATIO = 256 / 224  # images are stored at 8/7 of the crop side, as in Image
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the flags of ``byol-pytorch train`` to ``parser`` and return it."""
     a = parser.add_argument
-    a("--data", help="folder of images, searched recursively (unreadable files are skipped and counted); "
-      "with --resume, defaults to the run's folder")
+    a(
+        "--data",
+        help="folder of images, searched recursively (unreadable files are skipped and counted); "
+        "with --resume, defaults to the run's folder",
+    )
     a("--out", default="runs/byol", help="run folder: last.pt, metrics.jsonl, curves.png (default: %(default)s)")
-    a("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-      help="continue the run in --out from OUT/last.pt (or from CHECKPOINT): model, optimiser, schedules, "
-      "data position and random generators; --max-steps/--epochs set a new total")
-    a("--model", help="timm model name or torchvision:NAME, built with random weights "
-      "(default: resnet50, the paper's backbone)")
-    a("--in-chans", type=int, help="input channels of the model (default: the model's, 3); images are "
-      "converted to them")
+    a(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue the run in --out from OUT/last.pt (or from CHECKPOINT): model, optimiser, schedules, "
+        "data position and random generators; --max-steps/--epochs set a new total",
+    )
+    a(
+        "--model",
+        help="timm model name or torchvision:NAME, built with random weights (default: resnet50, the paper's backbone)",
+    )
+    a(
+        "--in-chans",
+        type=int,
+        help="input channels of the model (default: the model's, 3); images are converted to them",
+    )
     a("--image-size", type=int, help="side of the augmented views (default: 224, the paper's)")
-    a("--batch-size", type=int, help="images per optimizer step over all processes and accumulation "
-      "steps (default: 256; the paper uses 4096)")
+    a(
+        "--batch-size",
+        type=int,
+        help="images per optimizer step over all processes and accumulation steps (default: 256; the paper uses 4096)",
+    )
     a("--epochs", type=int, help=f"epochs to train (default: {DEFAULT_EPOCHS}; the paper's longest run is 1000)")
     a("--max-steps", type=int, help="total optimizer steps; overrides --epochs")
-    a("--optimizer", choices=["lars", "adamw", "sgd"], help="default: lars (the paper's, momentum 0.9, "
-      "trust coefficient 1e-3, biases and norms excluded from decay and adaptation)")
+    a(
+        "--optimizer",
+        choices=["lars", "adamw", "sgd"],
+        help="default: lars (the paper's, momentum 0.9, "
+        "trust coefficient 1e-3, biases and norms excluded from decay and adaptation)",
+    )
     a("--lr", type=float, help=f"peak learning rate; default per optimizer: {lr_help()}")
     a("--weight-decay", type=float, help="default per optimizer, see --lr (the paper: 1.5e-6 with LARS)")
-    a("--warmup-epochs", type=float, help="linear warm-up before the cosine decay (default: 10 epochs as in "
-      "the paper, at most 10%% of the run)")
-    a("--tau-base", type=float, help="EMA decay of the target at step 0, raised to 1 by a cosine schedule "
-      "(default: 0.996, the paper's; its 100-epoch config uses 0.99)")
+    a(
+        "--warmup-epochs",
+        type=float,
+        help="linear warm-up before the cosine decay (default: 10 epochs as in the paper, at most 10%% of the run)",
+    )
+    a(
+        "--tau-base",
+        type=float,
+        help="EMA decay of the target at step 0, raised to 1 by a cosine schedule "
+        "(default: 0.996, the paper's; its 100-epoch config uses 0.99)",
+    )
     a("--projection-size", type=int, help="projector output (default: 256, the paper's)")
     a("--projection-hidden-size", type=int, help="hidden width of projector and predictor (default: 4096)")
-    a("--views-in-one-batch", action="store_const", const=True, default=None,
-      help="forward both views as one batch of 2B: fewer, larger passes (faster on CPUs and small "
-      "batches), BatchNorm statistics over both views instead of the paper's per view")
-    a("--accumulate", type=int, help="micro-batches per optimizer step (default: 1); --batch-size is split "
-      "over them (BatchNorm sees the micro-batch)")
+    a(
+        "--views-in-one-batch",
+        action="store_const",
+        const=True,
+        default=None,
+        help="forward both views as one batch of 2B: fewer, larger passes (faster on CPUs and small "
+        "batches), BatchNorm statistics over both views instead of the paper's per view",
+    )
+    a(
+        "--accumulate",
+        type=int,
+        help="micro-batches per optimizer step (default: 1); --batch-size is split "
+        "over them (BatchNorm sees the micro-batch)",
+    )
     a("--seed", type=int, help="seed of the model, the data order and the augmentations (default: 0)")
-    a("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default: bf16 on GPUs that "
-      "support it, fp32 otherwise; fp16 uses a GradScaler)")
+    a(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        help="autocast precision (default: bf16 on GPUs that support it, fp32 otherwise; fp16 uses a GradScaler)",
+    )
     a("--workers", type=int, help="data loading processes per training process (default: min(8, CPUs))")
     a("--device", help="cpu, cuda, cuda:1, mps (default: this process's GPU when there is one, else cpu)")
-    a("--checkpoint-every", type=int, default=1000, help="save OUT/last.pt every N steps (default: %(default)s; "
-      "also at the end and on SIGTERM/SIGINT)")
+    a(
+        "--checkpoint-every",
+        type=int,
+        default=1000,
+        help="save OUT/last.pt every N steps (default: %(default)s; also at the end and on SIGTERM/SIGINT)",
+    )
     a("--log-every", type=int, default=10, help="write metrics every N steps (default: %(default)s)")
     a("--val-data", help="labelled folder (one sub-folder per class) for a kNN accuracy monitor")
-    a("--val-every", type=int, default=5, help="run the kNN monitor every N epochs and at the end "
-      "(default: %(default)s)")
+    a(
+        "--val-every",
+        type=int,
+        default=5,
+        help="run the kNN monitor every N epochs and at the end (default: %(default)s)",
+    )
     a("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
     a("--channels-last", action="store_true", help="channels_last memory format (faster convnets on GPUs)")
     a("--compile", action="store_true", help="torch.compile the learner (slow first steps, faster after)")
-    a("--sync-bn-backbone", action="store_true", help="SyncBatchNorm in the backbone too, on several GPUs "
-      "(the heads always use it there)")
+    a(
+        "--sync-bn-backbone",
+        action="store_true",
+        help="SyncBatchNorm in the backbone too, on several GPUs (the heads always use it there)",
+    )
     return parser
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The argument parser of ``byol-pytorch train``."""
-    parser = argparse.ArgumentParser("byol-pytorch train", add_help=add_help,
-                                     description="BYOL pretraining on a folder of images.")
+    parser = argparse.ArgumentParser(
+        "byol-pytorch train", add_help=add_help, description="BYOL pretraining on a folder of images."
+    )
     return add_train_arguments(parser)
 
 
@@ -115,9 +184,9 @@ def _plain(value: Any) -> Any:
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
-def _resolve_recipe(args: argparse.Namespace, saved: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def _resolve_recipe(args: argparse.Namespace, saved: dict[str, Any] | None) -> dict[str, Any]:
     """The run's recipe: the flags with defaults filled in, or the checkpoint's when resuming."""
-    recipe: Dict[str, Any] = {}
+    recipe: dict[str, Any] = {}
     for key, default in RECIPE_DEFAULTS.items():
         given = getattr(args, key, None)
         if saved is not None and key in saved:
@@ -137,7 +206,7 @@ def _resolve_recipe(args: argparse.Namespace, saved: Optional[Dict[str, Any]]) -
     return recipe
 
 
-def _check_sizes(recipe: Dict[str, Any], ctx: DistContext) -> int:
+def _check_sizes(recipe: dict[str, Any], ctx: DistContext) -> int:
     """Validate sizes, tau and the batch split; returns the per-process micro-batch."""
     batch, accumulate = recipe["batch_size"], recipe["accumulate"]
     if recipe["image_size"] < 8:
@@ -156,11 +225,12 @@ def _check_sizes(recipe: Dict[str, Any], ctx: DistContext) -> int:
     return batch // parts
 
 
-def _resume_path(args: argparse.Namespace, out: Path) -> Optional[Path]:
+def _resume_path(args: argparse.Namespace, out: Path) -> Path | None:
     if args.resume is None or args.resume is False:
         if (out / "last.pt").exists():
-            raise UserError(f"{out / 'last.pt'} already exists; pass --resume to continue that run, "
-                            "or choose another --out")
+            raise UserError(
+                f"{out / 'last.pt'} already exists; pass --resume to continue that run, or choose another --out"
+            )
         return None
     path = out / "last.pt" if args.resume is True else Path(args.resume)
     if not path.is_file():
@@ -168,7 +238,7 @@ def _resume_path(args: argparse.Namespace, out: Path) -> Optional[Path]:
     return path
 
 
-def _open_folder(data: Optional[str], load_size: int, channels: int) -> ImageFolder:
+def _open_folder(data: str | None, load_size: int, channels: int) -> ImageFolder:
     if not data:
         raise UserError("--data is required: the folder of training images")
     try:
@@ -179,17 +249,17 @@ def _open_folder(data: Optional[str], load_size: int, channels: int) -> ImageFol
     return dataset
 
 
-def _gather_rng(ctx: DistContext) -> List[Dict[str, Any]]:
+def _gather_rng(ctx: DistContext) -> list[dict[str, Any]]:
     state = get_rng_state()
     if not ctx.distributed:
         return [state]
-    states: List[Any] = [None] * ctx.world_size
+    states: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(states, state)
     return states
 
 
 # ---------------------------------------------------------------------- main
-def main(args: argparse.Namespace) -> Dict[str, Any]:
+def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train; returns a summary (``step``, ``checkpoint``, ``exit_code``, ...).
 
     Raises:
@@ -206,7 +276,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         ctx.close()
 
 
-def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:  # noqa: C901 - read top to bottom
+def train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:  # noqa: C901 - read top to bottom
     """The training run of ``main`` in an existing process context (see ``main``)."""
     # 1. Run folder; the checkpoint to resume from, and the recipe.
     out = Path(args.out)
@@ -244,14 +314,23 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:  # noqa
     load_size = max(recipe["image_size"], round(recipe["image_size"] * LOAD_RATIO))
     dataset = _open_folder(data, load_size, channels)
     try:
-        sampler = EpochSampler(len(dataset), micro_batch, ctx.rank, ctx.world_size, recipe["seed"],
-                               multiple_of=recipe["accumulate"])
+        sampler = EpochSampler(
+            len(dataset), micro_batch, ctx.rank, ctx.world_size, recipe["seed"], multiple_of=recipe["accumulate"]
+        )
     except ValueError as error:
         raise UserError(f"--data: {error}") from None
-    loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=workers, drop_last=True,
-                        collate_fn=collate_images, pin_memory=ctx.device.type == "cuda",
-                        persistent_workers=workers > 0, worker_init_fn=ignore_signals_in_worker if workers > 0 else None,
-                        generator=torch.Generator().manual_seed(recipe["seed"] * 1000 + ctx.rank))
+    loader = DataLoader(
+        dataset,
+        batch_size=micro_batch,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        collate_fn=collate_images,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=workers > 0,
+        worker_init_fn=ignore_signals_in_worker if workers > 0 else None,
+        generator=torch.Generator().manual_seed(recipe["seed"] * 1000 + ctx.rank),
+    )
     steps_per_epoch = sampler.batches_per_epoch // recipe["accumulate"]
 
     # 3. Length of the run (a new total when --max-steps/--epochs come with --resume).
@@ -291,8 +370,10 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:  # noqa
         step, epoch, position = int(checkpoint["step"]), int(checkpoint["epoch"]), int(checkpoint["batch_in_epoch"])
         if checkpoint.get("dataset_size") != len(dataset) or checkpoint.get("world_size") != ctx.world_size:
             if ctx.is_main:
-                warn(f"the data ({len(dataset)} images) or process count ({ctx.world_size}) changed since the "
-                     "checkpoint; training goes on, with a data order unlike an uninterrupted run's")
+                warn(
+                    f"the data ({len(dataset)} images) or process count ({ctx.world_size}) changed since the "
+                    "checkpoint; training goes on, with a data order unlike an uninterrupted run's"
+                )
             position = min(position, sampler.batches_per_epoch) // recipe["accumulate"] * recipe["accumulate"]
         rng = checkpoint["rng"]
         set_rng_state(rng[ctx.rank] if len(rng) == ctx.world_size else rng[0])
@@ -302,8 +383,10 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:  # noqa
         torch.manual_seed(recipe["seed"] + ctx.rank)  # the augmentations' generator, per rank
     if step >= total:
         if ctx.is_main:
-            print(f"byol-pytorch: the checkpoint is at step {step}, the run's total is {total}: nothing to do "
-                  "(pass a larger --max-steps or --epochs to train further)")
+            print(
+                f"byol-pytorch: the checkpoint is at step {step}, the run's total is {total}: nothing to do "
+                "(pass a larger --max-steps or --epochs to train further)"
+            )
         return {"step": step, "total": total, "checkpoint": str(resume_from), "exit_code": 0, "stopped_by": None}
     if learner.use_momentum and learner.target_encoder is None:
         # Copy the target now rather than inside the first (DDP-wrapped, maybe compiled)
@@ -320,43 +403,68 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:  # noqa
     out.mkdir(parents=True, exist_ok=True)
     try:
         metrics = MetricsLog(out, step if checkpoint else None, args.tensorboard, enabled=ctx.is_main)
-        monitor = (KnnMonitor(args.val_data, recipe["image_size"], 1 if channels == 1 else 3, ctx.device,
-                              workers=min(workers, 4)) if args.val_data and ctx.is_main else None)
+        monitor = (
+            KnnMonitor(
+                args.val_data, recipe["image_size"], 1 if channels == 1 else 3, ctx.device, workers=min(workers, 4)
+            )
+            if args.val_data and ctx.is_main
+            else None
+        )
     except ValueError as error:
         raise UserError(str(error)) from None
     run_args = {k: _plain(v) for k, v in vars(args).items()}
     run_args.update(recipe, data=str(data), precision=precision)
     if ctx.is_main:
-        print(f"byol-pytorch: {recipe['model']} on {len(dataset)} images ({channels} channels) in {data}, "
-              f"{ctx.world_size} process(es) on {ctx.device.type}, batch {recipe['batch_size']}, "
-              f"{recipe['optimizer']} lr {recipe['lr']:.4g}, warm-up {warmup} steps, "
-              f"{steps_per_epoch} steps/epoch, steps {step} -> {total}, {precision}, run folder {out}", flush=True)
+        print(
+            f"byol-pytorch: {recipe['model']} on {len(dataset)} images ({channels} channels) in {data}, "
+            f"{ctx.world_size} process(es) on {ctx.device.type}, batch {recipe['batch_size']}, "
+            f"{recipe['optimizer']} lr {recipe['lr']:.4g}, warm-up {warmup} steps, "
+            f"{steps_per_epoch} steps/epoch, steps {step} -> {total}, {precision}, run folder {out}",
+            flush=True,
+        )
 
     def save(path: Path = out / "last.pt") -> Path:
         rng_states = _gather_rng(ctx)  # a collective: every rank calls save()
         if ctx.is_main:
-            save_checkpoint(path, {
-                "step": step, "epoch": epoch, "batch_in_epoch": position, "total_steps": total,
-                "dataset_size": len(dataset), "world_size": ctx.world_size,
-                "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-                "rng": rng_states, "args": run_args,
-            })
+            save_checkpoint(
+                path,
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "batch_in_epoch": position,
+                    "total_steps": total,
+                    "dataset_size": len(dataset),
+                    "world_size": ctx.world_size,
+                    "learner": learner.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else {},
+                    "rng": rng_states,
+                    "args": run_args,
+                },
+            )
         ctx.barrier()
         return path
 
     # 6. The loop.
     from tqdm import tqdm
 
-    progress = tqdm(total=total, initial=step, disable=not ctx.is_main, dynamic_ncols=True, desc="byol",
-                    unit="step", file=sys.stderr)
+    progress = tqdm(
+        total=total,
+        initial=step,
+        disable=not ctx.is_main,
+        dynamic_ncols=True,
+        desc="byol",
+        unit="step",
+        file=sys.stderr,
+    )
     check_every = 1 if ctx.device.type == "cpu" else min(10, args.log_every)
     images_per_step = micro_batch * ctx.world_size * recipe["accumulate"]
     loss_sum = torch.zeros((), device=ctx.device)
     interval_steps, skipped_files, saved_step, last_knn = 0, 0, step if checkpoint else -1, None
     skip_warned = False
     start = tick = time.perf_counter()
-    stopped_by: Optional[int] = None
+    stopped_by: int | None = None
     with StopSignals() as signals:
         for micro, batch_epoch, batch_position in step_batches(loader, sampler, epoch, position, recipe["accumulate"]):
             lr, tau = optimizer.param_groups[0]["lr"], learner.current_decay
@@ -367,7 +475,9 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:  # noqa
             except FloatingPointError as error:  # BYOL's deferred check on accelerators
                 progress.close()
                 raise UserError(_diverged_message(str(error), step + 1, saved_step, out)) from None
-            epoch, position = (batch_epoch + 1, 0) if batch_position == sampler.batches_per_epoch else (batch_epoch, batch_position)
+            epoch, position = (
+                (batch_epoch + 1, 0) if batch_position == sampler.batches_per_epoch else (batch_epoch, batch_position)
+            )
             loss_sum += loss
             interval_steps += 1
             if stepped:
@@ -376,13 +486,19 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:  # noqa
             epoch_done = position == 0
             log_now = stepped and (step % args.log_every == 0 or step == total)
             save_now = stepped and (step % args.checkpoint_every == 0 or step == total)
-            val_now = bool(args.val_data) and ((epoch_done and epoch % args.val_every == 0)
-                                               or (stepped and step == total))
+            val_now = bool(args.val_data) and (
+                (epoch_done and epoch % args.val_every == 0) or (stepped and step == total)
+            )
             if not (log_now or save_now or val_now or epoch_done or (stepped and step % check_every == 0)):
                 continue
             # One read-back (and one all-reduce) for the loss, a stop signal and skipped files.
-            status = torch.stack([loss_sum, torch.tensor(float(signals.requested), device=ctx.device),
-                                  torch.tensor(float(skipped_files), device=ctx.device)])
+            status = torch.stack(
+                [
+                    loss_sum,
+                    torch.tensor(float(signals.requested), device=ctx.device),
+                    torch.tensor(float(skipped_files), device=ctx.device),
+                ]
+            )
             if ctx.distributed:
                 dist.all_reduce(status)
             loss_total, stop_votes, skipped_all = status.tolist()
@@ -391,8 +507,10 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:  # noqa
                 progress.close()
                 raise UserError(_diverged_message(f"the loss is {mean_loss}", step, saved_step, out))
             if epoch_done and skipped_all and not skip_warned and ctx.is_main:
-                warn(f"{int(skipped_all)} unreadable, empty or corrupt image files were passed over so far; "
-                     "training goes on (metrics.jsonl counts them in skipped_files)")
+                warn(
+                    f"{int(skipped_all)} unreadable, empty or corrupt image files were passed over so far; "
+                    "training goes on (metrics.jsonl counts them in skipped_files)"
+                )
                 skip_warned = True
             if val_now:
                 if monitor is not None:
@@ -400,14 +518,27 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:  # noqa
                 ctx.barrier()
             if log_now or stop_votes > 0 or (epoch_done and last_knn is not None):
                 now = time.perf_counter()
-                row = {"step": step, "epoch": epoch + position / sampler.batches_per_epoch, "loss": mean_loss,
-                       "lr": lr, "tau": tau, "img_per_s": interval_steps * images_per_step / max(now - tick, 1e-9),
-                       "time_s": now - start, "skipped_files": int(skipped_all)}
+                row = {
+                    "step": step,
+                    "epoch": epoch + position / sampler.batches_per_epoch,
+                    "loss": mean_loss,
+                    "lr": lr,
+                    "tau": tau,
+                    "img_per_s": interval_steps * images_per_step / max(now - tick, 1e-9),
+                    "time_s": now - start,
+                    "skipped_files": int(skipped_all),
+                }
                 if last_knn is not None:
                     row["knn_acc"] = last_knn
                 metrics.write(row)
-                progress.set_postfix({k: (f"{row[k]:.4f}" if k != "img_per_s" else f"{row[k]:.1f}")
-                                      for k in ("loss", "img_per_s", "knn_acc") if k in row}, refresh=False)
+                progress.set_postfix(
+                    {
+                        k: (f"{row[k]:.4f}" if k != "img_per_s" else f"{row[k]:.1f}")
+                        for k in ("loss", "img_per_s", "knn_acc")
+                        if k in row
+                    },
+                    refresh=False,
+                )
                 last_knn, tick = None, now
                 loss_sum.zero_()
                 interval_steps = 0
@@ -426,19 +557,32 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:  # noqa
     if ctx.is_main and stopped_by is None:
         plot_curves_or_warn(metrics.path, out / "curves.png")
         if skipped_files and not skip_warned:
-            warn(f"{skipped_files} unreadable, empty or corrupt image files were passed over so far; "
-                 "training went on")
+            warn(f"{skipped_files} unreadable, empty or corrupt image files were passed over so far; training went on")
     if stopped_by is not None and ctx.is_main:
         name = signal.Signals(stopped_by).name
-        print(f"byol-pytorch: stopped by {name} at step {step}; checkpoint saved to {out / 'last.pt'}; "
-              "continue with --resume", file=sys.stderr, flush=True)
-    return {"step": step, "total": total, "epoch": epoch, "checkpoint": str(out / "last.pt"),
-            "stopped_by": None if stopped_by is None else signal.Signals(stopped_by).name,
-            "exit_code": 0 if stopped_by is None else 128 + int(stopped_by)}
+        print(
+            f"byol-pytorch: stopped by {name} at step {step}; checkpoint saved to {out / 'last.pt'}; "
+            "continue with --resume",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {
+        "step": step,
+        "total": total,
+        "epoch": epoch,
+        "checkpoint": str(out / "last.pt"),
+        "stopped_by": None if stopped_by is None else signal.Signals(stopped_by).name,
+        "exit_code": 0 if stopped_by is None else 128 + int(stopped_by),
+    }
 
 
 def _diverged_message(reason: str, step: int, saved_step: int, out: Path) -> str:
-    kept = (f"the last good checkpoint {out / 'last.pt'} (step {saved_step}) is left as it was"
-            if saved_step >= 0 else "no checkpoint had been written yet")
-    return (f"training diverged at step {step}: {reason}; {kept}. Lower --lr, lengthen --warmup-epochs, "
-            "or use --precision fp32/bf16 instead of fp16")
+    kept = (
+        f"the last good checkpoint {out / 'last.pt'} (step {saved_step}) is left as it was"
+        if saved_step >= 0
+        else "no checkpoint had been written yet"
+    )
+    return (
+        f"training diverged at step {step}: {reason}; {kept}. Lower --lr, lengthen --warmup-epochs, "
+        "or use --precision fp32/bf16 instead of fp16"
+    )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Type, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -97,21 +97,21 @@ class BYOLTrainer(nn.Module):
         net: nn.Module,
         *,
         image_size: int,
-        hidden_layer: Union[str, int],
+        hidden_layer: str | int,
         learning_rate: float,
         dataset: Dataset,
         num_train_steps: int,
         batch_size: int = 16,
-        optimizer_klass: Type[torch.optim.Optimizer] = torch.optim.Adam,
+        optimizer_klass: type[torch.optim.Optimizer] = torch.optim.Adam,
         checkpoint_every: int = 1000,
         checkpoint_folder: str = "./checkpoints",
-        byol_kwargs: Optional[Dict[str, Any]] = None,
-        optimizer_kwargs: Optional[Dict[str, Any]] = None,
-        accelerator_kwargs: Optional[Dict[str, Any]] = None,
+        byol_kwargs: dict[str, Any] | None = None,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        accelerator_kwargs: dict[str, Any] | None = None,
         num_workers: int = 0,
-        device: Optional[str] = None,
+        device: str | None = None,
         precision: str = "fp32",
-        seed: Optional[int] = None,
+        seed: int | None = None,
     ):
         super().__init__()
         if num_train_steps < 1 or checkpoint_every < 1 or batch_size < 2:
@@ -122,8 +122,11 @@ class BYOLTrainer(nn.Module):
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
         if accelerator_kwargs:
-            warnings.warn("BYOLTrainer runs on byol_pytorch's own loop: accelerator_kwargs is ignored; "
-                          "use precision= and device=", stacklevel=2)
+            warnings.warn(
+                "BYOLTrainer runs on byol_pytorch's own loop: accelerator_kwargs is ignored; "
+                "use precision= and device=",
+                stacklevel=2,
+            )
         self.ctx = setup_distributed(device)
         if self.ctx.distributed and self.ctx.device.type == "cuda":
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -133,9 +136,16 @@ class BYOLTrainer(nn.Module):
         self.optimizer = optimizer_klass(self.byol.parameters(), lr=learning_rate, **(optimizer_kwargs or {}))
         base_seed = seed if seed is not None else torch.initial_seed()
         self.sampler = EpochSampler(len(dataset), batch_size, self.ctx.rank, self.ctx.world_size, base_seed)
-        self.dataloader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                     num_workers=num_workers, collate_fn=_images_only,
-                                     pin_memory=self.ctx.device.type == "cuda", persistent_workers=num_workers > 0)
+        self.dataloader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=num_workers,
+            collate_fn=_images_only,
+            pin_memory=self.ctx.device.type == "cuda",
+            persistent_workers=num_workers > 0,
+        )
         self.num_train_steps, self.checkpoint_every = int(num_train_steps), int(checkpoint_every)
         self.checkpoint_folder = Path(checkpoint_folder)
         self.checkpoint_folder.mkdir(parents=True, exist_ok=True)
@@ -156,7 +166,7 @@ class BYOLTrainer(nn.Module):
         self.ctx.barrier()
         return path
 
-    def forward(self) -> Dict[str, float]:
+    def forward(self) -> dict[str, float]:
         """Train for ``num_train_steps`` steps.
 
         Returns:
@@ -176,7 +186,9 @@ class BYOLTrainer(nn.Module):
             self.byol.init_target()  # before DDP wraps the learner (see train.py)
         model: nn.Module = self.byol
         if ctx.distributed:
-            model = DistributedDataParallel(self.byol, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            model = DistributedDataParallel(
+                self.byol, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+            )
         scaler = torch.amp.GradScaler(ctx.device.type) if self.precision == "fp16" else None
         run_step = OptimizerStep(self.byol, model, self.optimizer, None, self.precision, ctx.device, scaler)
         check_every = 1 if ctx.device.type == "cpu" else 10

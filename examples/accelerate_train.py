@@ -32,8 +32,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import timm
 import torch
@@ -54,17 +54,33 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="resnet18", help="any timm model name, built with pretrained=False")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (the loader cycles over epochs)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch and process; at least 2")
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1,
-                        help="batches whose gradients are summed per optimizer step")
-    parser.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
-                        help="autocast precision; default: accelerate's config or environment")
+    parser.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=1,
+        help="batches whose gradients are summed per optimizer step",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="autocast precision; default: accelerate's config or environment",
+    )
     parser.add_argument("--image-size", type=int, default=96, help="side of the augmented views fed to the net")
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay")
-    parser.add_argument("--tau", type=float, default=0.996,
-                        help="initial EMA decay of the target, raised to 1 by a cosine (paper Sec. 3.2)")
-    parser.add_argument("--projection-hidden-size", type=int, default=4096,
-                        help="hidden width of projector and predictor (paper: 4096); smaller for quick tests")
+    parser.add_argument(
+        "--tau",
+        type=float,
+        default=0.996,
+        help="initial EMA decay of the target, raised to 1 by a cosine (paper Sec. 3.2)",
+    )
+    parser.add_argument(
+        "--projection-hidden-size",
+        type=int,
+        default=4096,
+        help="hidden width of projector and predictor (paper: 4096); smaller for quick tests",
+    )
     parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per process")
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights, the shuffle and the augmentations")
     parser.add_argument("--log-every", type=int, default=10, help="print the loss every N optimizer steps")

@@ -37,8 +37,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import lightning as L
 import timm
@@ -73,7 +74,7 @@ class BYOLModule(L.LightningModule):
         lr: float = 3e-4,
         weight_decay: float = 1e-6,
         moving_average_decay: float = 0.996,
-        moving_average_total_steps: Optional[int] = None,
+        moving_average_total_steps: int | None = None,
         **byol_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -119,7 +120,7 @@ class BYOLModule(L.LightningModule):
         epoch: int,
         batch_idx: int,
         optimizer: Any,
-        optimizer_closure: Optional[Callable[[], Any]] = None,
+        optimizer_closure: Callable[[], Any] | None = None,
     ) -> None:
         # Called once per optimizer step (never during gradient accumulation); the
         # closure runs training_step and backward for the last batch before stepping.
@@ -145,13 +146,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="resnet18", help="any timm model name, built with pretrained=False")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (Trainer max_steps)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch and device; at least 2")
-    parser.add_argument("--accumulate-grad-batches", type=int, default=1,
-                        help="batches whose gradients are summed per optimizer step")
+    parser.add_argument(
+        "--accumulate-grad-batches", type=int, default=1, help="batches whose gradients are summed per optimizer step"
+    )
     parser.add_argument("--image-size", type=int, default=96, help="side of the augmented views fed to the net")
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay")
-    parser.add_argument("--projection-hidden-size", type=int, default=4096,
-                        help="hidden width of projector and predictor (paper: 4096); smaller for quick tests")
+    parser.add_argument(
+        "--projection-hidden-size",
+        type=int,
+        default=4096,
+        help="hidden width of projector and predictor (paper: 4096); smaller for quick tests",
+    )
     parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per device")
     parser.add_argument("--accelerator", default="auto", help="Trainer accelerator: cpu, gpu, auto, ...")
     parser.add_argument("--devices", default="auto", help="Trainer devices: a count, -1 for all, or auto")
@@ -174,7 +180,10 @@ def main(args: argparse.Namespace, **trainer_overrides: Any) -> tuple[BYOLModule
     L.seed_everything(args.seed, workers=True, verbose=False)
     net = timm.create_model(args.model, pretrained=False)
     module = BYOLModule(
-        net, args.image_size, lr=args.lr, weight_decay=args.weight_decay,
+        net,
+        args.image_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
         projection_hidden_size=args.projection_hidden_size,
     )
     dataset = ImageFolder(args.data, load_size=math.ceil(args.image_size * 256 / 224), channels=module.learner.channels)

@@ -30,8 +30,8 @@ import argparse
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import timm
 import torch
@@ -49,18 +49,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="folder of images, searched recursively; no labels needed")
     parser.add_argument("--model", default="resnet18", help="any timm model name, built with pretrained=False")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (the loader cycles over epochs)")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="images per step; BYOL needs at least 2 (BatchNorm statistics in the heads)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per step; BYOL needs at least 2 (BatchNorm statistics in the heads)",
+    )
     parser.add_argument("--image-size", type=int, default=96, help="side of the augmented views fed to the net")
-    parser.add_argument("--load-size", type=int, default=None,
-                        help="side the images are resized to when loaded; default image-size * 256/224, "
-                             "the usual margin above the crop size")
+    parser.add_argument(
+        "--load-size",
+        type=int,
+        default=None,
+        help="side the images are resized to when loaded; default image-size * 256/224, "
+        "the usual margin above the crop size",
+    )
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate; try lower if the loss jumps")
     parser.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay")
-    parser.add_argument("--tau", type=float, default=0.996,
-                        help="initial EMA decay of the target, raised to 1 by a cosine (paper Sec. 3.2)")
-    parser.add_argument("--projection-hidden-size", type=int, default=4096,
-                        help="hidden width of projector and predictor (paper: 4096); smaller for quick tests")
+    parser.add_argument(
+        "--tau",
+        type=float,
+        default=0.996,
+        help="initial EMA decay of the target, raised to 1 by a cosine (paper Sec. 3.2)",
+    )
+    parser.add_argument(
+        "--projection-hidden-size",
+        type=int,
+        default=4096,
+        help="hidden width of projector and predictor (paper: 4096); smaller for quick tests",
+    )
     parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (0: load in this process)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="training device")
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights, the shuffle and the augmentations")
@@ -145,9 +161,7 @@ def main(args: argparse.Namespace) -> BYOL:
         if step % args.log_every == 0 or step == args.steps:
             value = loss.item()
             if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"the loss is {value} at step {step}; lower --lr, or check the images"
-                )
+                raise FloatingPointError(f"the loss is {value} at step {step}; lower --lr, or check the images")
             rate = step * args.batch_size / (time.perf_counter() - start)
             print(f"step {step}/{args.steps}  loss {value:.4f}  tau {learner.current_decay:.5f}  {rate:.1f} img/s")
 

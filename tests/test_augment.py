@@ -1,5 +1,6 @@
 """Tests for byol_pytorch/augment.py: each op against torchvision v2 image by image, the sampling
 statistics, devices, dtypes, compile-friendliness and input validation."""
+
 import copy
 import itertools
 import math
@@ -14,8 +15,18 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
 from byol_pytorch.augment import (
-    AugmentParams, BYOLAugment, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation,
-    color_jitter, gaussian_blur, resized_crop, rgb_to_grayscale, sample_crop_boxes, solarize,
+    AugmentParams,
+    BYOLAugment,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    color_jitter,
+    gaussian_blur,
+    resized_crop,
+    rgb_to_grayscale,
+    sample_crop_boxes,
+    solarize,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,6 +58,7 @@ def assert_within_3se(hits: torch.Tensor, p: float) -> None:
 
 # ---------------------------------------------------------------- each op against torchvision
 
+
 @pytest.mark.parametrize("size", [(16, 16), (12, 30)])
 def test_resized_crop_matches_torchvision_bicubic_antialias(size):
     # Boxes larger and smaller than the output, so both shrinking (antialiased) and enlarging are covered.
@@ -75,10 +87,15 @@ def test_resized_crop_uint8_is_scaled_then_clamped():
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("ours, index, low, high", [
-    (adjust_brightness, 0, 0.6, 1.4), (adjust_contrast, 1, 0.0, 2.0),
-    (adjust_saturation, 2, 0.0, 2.0), (adjust_hue, 3, -0.5, 0.5),
-])
+@pytest.mark.parametrize(
+    "ours, index, low, high",
+    [
+        (adjust_brightness, 0, 0.6, 1.4),
+        (adjust_contrast, 1, 0.0, 2.0),
+        (adjust_saturation, 2, 0.0, 2.0),
+        (adjust_hue, 3, -0.5, 0.5),
+    ],
+)
 def test_colour_op_matches_torchvision(ours, index, low, high, channels):
     x = images(16, c=channels, seed=3)
     factor = uniform(16, low, high, seed=4)
@@ -105,8 +122,12 @@ def test_color_jitter_follows_each_samples_order(channels, with_hue):
     orders = torch.tensor(list(itertools.permutations(range(4))) * 2)  # all 24 orders, twice
     n = len(orders)
     x = images(n, c=channels, h=9, w=11, seed=7)
-    factors = [uniform(n, 0.6, 1.4, 8), uniform(n, 0.6, 1.4, 9), uniform(n, 0.8, 1.2, 10),
-               uniform(n, -0.1, 0.1, 11) if with_hue else None]
+    factors = [
+        uniform(n, 0.6, 1.4, 8),
+        uniform(n, 0.6, 1.4, 9),
+        uniform(n, 0.8, 1.2, 10),
+        uniform(n, -0.1, 0.1, 11) if with_hue else None,
+    ]
     active = torch.rand(n, generator=gen(12)) < 0.8
     out = color_jitter(x, orders, *factors, active=active)
     for i in range(n):
@@ -162,29 +183,43 @@ def test_normalize_matches_torchvision_and_can_be_off():
 
 # ---------------------------------------------------------------- statistics over 4096 samples
 
+
 @pytest.mark.parametrize("view", [1, 2])
 def test_sampled_probabilities_and_ranges(view):
     aug = BYOLAugment(8, view=view)
     p = aug.sample_params(N_STAT, 8, 8, generator=gen(20 + view))
     blur_p, solarize_p = (1.0, 0.0) if view == 1 else (0.1, 0.2)
-    for hits, setting in [(p.flip, 0.5), (p.jitter, 0.8), (p.grayscale, 0.2), (p.blur, blur_p),
-                          (p.solarize, solarize_p)]:
+    for hits, setting in [
+        (p.flip, 0.5),
+        (p.jitter, 0.8),
+        (p.grayscale, 0.2),
+        (p.blur, blur_p),
+        (p.solarize, solarize_p),
+    ]:
         assert_within_3se(hits, setting)
-    for values, (low, high) in [(p.brightness, (0.6, 1.4)), (p.contrast, (0.6, 1.4)),
-                                (p.saturation, (0.8, 1.2)), (p.hue, (-0.1, 0.1)), (p.sigma, (0.1, 2.0))]:
+    for values, (low, high) in [
+        (p.brightness, (0.6, 1.4)),
+        (p.contrast, (0.6, 1.4)),
+        (p.saturation, (0.8, 1.2)),
+        (p.hue, (-0.1, 0.1)),
+        (p.sigma, (0.1, 2.0)),
+    ]:
         assert low <= values.min() < low + 0.01 and high - 0.01 < values.max() <= high
     assert torch.equal(p.order.sort(1).values, torch.arange(4).expand(N_STAT, 4))
     for position in range(4):  # hue is equally likely at each position
         assert_within_3se(p.order[:, position] == 3, 0.25)
 
 
-@pytest.mark.parametrize("override, changed, prob", [
-    (dict(flip_p=0.5), "flip", 0.5),
-    (dict(jitter_p=0.8, contrast=0, saturation=0, hue=0), "any", 0.8),
-    (dict(grayscale_p=0.2), "gray", 0.2),
-    (dict(blur_p=0.1, blur_sigma=(1.0, 2.0), blur_kernel_frac=0.5), "any", 0.1),
-    (dict(solarize_p=0.2), "any", 0.2),
-])
+@pytest.mark.parametrize(
+    "override, changed, prob",
+    [
+        (dict(flip_p=0.5), "flip", 0.5),
+        (dict(jitter_p=0.8, contrast=0, saturation=0, hue=0), "any", 0.8),
+        (dict(grayscale_p=0.2), "gray", 0.2),
+        (dict(blur_p=0.1, blur_sigma=(1.0, 2.0), blur_kernel_frac=0.5), "any", 0.1),
+        (dict(solarize_p=0.2), "any", 0.2),
+    ],
+)
 def test_applied_frequencies_match_probabilities(override, changed, prob):
     # Whole-image crops of one asymmetric image, every other op off: each view shows whether the op ran.
     off = dict(flip_p=0, jitter_p=0, grayscale_p=0, blur_p=0, solarize_p=0)
@@ -205,15 +240,17 @@ def test_crop_boxes_in_range_and_distributed_like_torchvision():
     boxes = sample_crop_boxes(N_STAT, 224, 224, generator=gen(40)).double()
     top, left, h, w = boxes.unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 224).all() and (left + w <= 224).all()
-    area, log_ratio = h * w / 224 ** 2, torch.log(w / h)
+    area, log_ratio = h * w / 224**2, torch.log(w / h)
     slack = 0.02  # w and h are rounded to whole pixels (>= 55 px here)
     assert area.min() >= 0.08 * (1 - slack) and area.max() <= 1
     assert log_ratio.abs().max() <= math.log(4 / 3) + slack
     make = T.RandomResizedCrop(224).make_params  # torchvision's own sampler, one box at a time
     torch.manual_seed(41)
-    ref = torch.tensor([[b["height"], b["width"]] for b in (make([torch.empty(3, 224, 224)]) for _ in range(N_STAT))],
-                       dtype=torch.float64)
-    ref_area, ref_log_ratio = ref.prod(1) / 224 ** 2, torch.log(ref[:, 1] / ref[:, 0])
+    ref = torch.tensor(
+        [[b["height"], b["width"]] for b in (make([torch.empty(3, 224, 224)]) for _ in range(N_STAT))],
+        dtype=torch.float64,
+    )
+    ref_area, ref_log_ratio = ref.prod(1) / 224**2, torch.log(ref[:, 1] / ref[:, 0])
     for ours, theirs in [(area, ref_area), (log_ratio, ref_log_ratio)]:
         se = math.sqrt((ours.var() + theirs.var()).item() / N_STAT)
         assert abs((ours.mean() - theirs.mean()).item()) <= 3 * se
@@ -234,6 +271,7 @@ def test_identical_images_give_distinct_views():
 
 
 # ---------------------------------------------------------------- devices, dtypes, reproducibility
+
 
 def test_reproducible_with_seed_and_generator():
     aug, x = BYOLAugment(16, view=2), images(8, seed=60)
@@ -302,29 +340,36 @@ def test_deepcopy_pickle_and_compile_without_graph_breaks():
 
 # ---------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("x, error, match", [
-    (torch.rand(3, 8, 8), ValueError, "unsqueeze"),
-    (torch.rand(0, 3, 8, 8), ValueError, "empty"),
-    (torch.rand(2, 2, 8, 8), ValueError, "saturation=0, hue=0, grayscale_p=0"),
-    (torch.rand(2, 4, 8, 8), ValueError, "3 channels"),
-    (torch.zeros(2, 3, 8, 8, dtype=torch.int64), TypeError, "uint8"),
-    ([[0.0]], TypeError, "Tensor"),
-])
+
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        (torch.rand(3, 8, 8), ValueError, "unsqueeze"),
+        (torch.rand(0, 3, 8, 8), ValueError, "empty"),
+        (torch.rand(2, 2, 8, 8), ValueError, "saturation=0, hue=0, grayscale_p=0"),
+        (torch.rand(2, 4, 8, 8), ValueError, "3 channels"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.int64), TypeError, "uint8"),
+        ([[0.0]], TypeError, "Tensor"),
+    ],
+)
 def test_bad_input_raises_with_fix(x, error, match):
     with pytest.raises(error, match=match):
         BYOLAugment(8)(x)
 
 
-@pytest.mark.parametrize("args, kwargs, error, match", [
-    ((0,), {}, ValueError, "image_size"),
-    (((8, -1),), {}, ValueError, "image_size"),
-    ((8, 3), {}, ValueError, "view"),
-    ((8,), dict(flip_prob=0.5), TypeError, "flip_p"),
-    ((8,), dict(solarize_p=1.5), ValueError, "solarize_p"),
-    ((8,), dict(hue=0.7), ValueError, "hue"),
-    ((8,), dict(crop_scale=(0.5, 0.1)), ValueError, "crop_scale"),
-    ((8,), dict(std=(0.0,)), ValueError, "std"),
-])
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((0,), {}, ValueError, "image_size"),
+        (((8, -1),), {}, ValueError, "image_size"),
+        ((8, 3), {}, ValueError, "view"),
+        ((8,), dict(flip_prob=0.5), TypeError, "flip_p"),
+        ((8,), dict(solarize_p=1.5), ValueError, "solarize_p"),
+        ((8,), dict(hue=0.7), ValueError, "hue"),
+        ((8,), dict(crop_scale=(0.5, 0.1)), ValueError, "crop_scale"),
+        ((8,), dict(std=(0.0,)), ValueError, "std"),
+    ],
+)
 def test_bad_settings_raise(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         BYOLAugment(*args, **kwargs)
@@ -337,10 +382,15 @@ def test_mean_std_length_must_match_channels():
 
 # ---------------------------------------------------------------- benchmark script
 
+
 def test_benchmark_smoke_runs():
     pytest.importorskip("kornia")
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "augment.py"), "--smoke"],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "augment.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     for name in ("ours", "kornia", "torchvision"):
         assert name in run.stdout

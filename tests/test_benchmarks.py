@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, List
 
 import pytest
 import torch
@@ -30,12 +29,12 @@ def _load(name: str) -> ModuleType:
     return module
 
 
-def _rows(table: str, header_start: str, key_cells: int = 1) -> Dict[str, List[str]]:
+def _rows(table: str, header_start: str, key_cells: int = 1) -> dict[str, list[str]]:
     """Rows of the Markdown table whose header starts with `header_start`, keyed by their first cells joined by '/'."""
     lines = table.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"| {header_start} |"))
     rows = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -78,7 +77,8 @@ def test_train_step_smoke(peer_available, tmp_path):
     table = script.main(script.get_args_parser().parse_args(["--smoke", "--out", str(out)]))
     rows = _rows(table, "contender", key_cells=2)
     expected = ["floor/eager", "ours/eager", "ours, views in one batch/eager"] + (
-        ["peer vanilla/eager", "peer defaults/eager"] if peer_available else [])
+        ["peer vanilla/eager", "peer defaults/eager"] if peer_available else []
+    )
     assert sorted(rows) == sorted(expected)
     for name in expected:
         wall_ms, cpu_ms, images_per_s, peak_mib = (float(v) for v in rows[name][2:6])
@@ -111,7 +111,9 @@ def test_ema_contenders_compute_the_same_average(peer_available):
     """The three timed updates are the same arithmetic (checked on a small net)."""
     script = _load("ema")
     torch.manual_seed(0)
-    calls, _ = script.contenders_for(torch.device("cpu"), "resnet18", sys.modules.get("peer_byol") if peer_available else None)
+    calls, _ = script.contenders_for(
+        torch.device("cpu"), "resnet18", sys.modules.get("peer_byol") if peer_available else None
+    )
     assert set(calls) >= {"ours (foreach lerp)", "in-place loop"}
     target, online = [torch.randn(5, 3)], [torch.randn(5, 3)]
     expected = 0.99 * target[0] + 0.01 * online[0]
@@ -148,11 +150,17 @@ def test_quality_several_seeds_are_tabled_with_their_mean(tmp_path):
     saved = []
     for seed, contenders in ((0, "random,ours,ours1b"), (1, "random,ours")):  # the opt-in on seed 0 only
         path = tmp_path / f"seed{seed}.json"
-        script.main(script.get_args_parser().parse_args(
-            ["--smoke", "--threads", "1", "--seed", str(seed), "--contenders", contenders, "--save-json", str(path)]))
+        script.main(
+            script.get_args_parser().parse_args(
+                ["--smoke", "--threads", "1", "--seed", str(seed), "--contenders", contenders, "--save-json", str(path)]
+            )
+        )
         saved += json.loads(path.read_text())
-    table = script.main(script.get_args_parser().parse_args(
-        ["--smoke", "--load-json", str(tmp_path / "seed0.json"), str(tmp_path / "seed1.json")]))
+    table = script.main(
+        script.get_args_parser().parse_args(
+            ["--smoke", "--load-json", str(tmp_path / "seed0.json"), str(tmp_path / "seed1.json")]
+        )
+    )
     rows = _rows(table, "seed")
     assert sorted(rows) == ["**mean**", "0", "1", "min / max", "std"]
     header = next(line for line in table.splitlines() if line.startswith("| seed |")).strip("| ").split(" | ")

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from conftest import small_cnn
 from torchvision.transforms import v2
 
 from byol_pytorch import BYOL, BYOLAugment
-from conftest import small_cnn
 
 SMALL = dict(projection_size=32, projection_hidden_size=64)
 
@@ -70,8 +70,12 @@ def test_readme_simsiam_runs_without_moving_average():
 
 def test_readme_advanced_arguments():
     learner = BYOL(
-        resnet18(), image_size=64, hidden_layer="avgpool",
-        projection_size=256, projection_hidden_size=4096, moving_average_decay=0.99,
+        resnet18(),
+        image_size=64,
+        hidden_layer="avgpool",
+        projection_size=256,
+        projection_hidden_size=4096,
+        moving_average_decay=0.99,
     )
     projection, embedding = learner(torch.randn(2, 3, 64, 64), return_embedding=True)
     assert projection.shape == (2, 256) and embedding.shape == (2, 512)
@@ -222,8 +226,9 @@ def test_views_in_one_batch_equals_per_view_without_batch_statistics():
 def test_views_in_one_batch_takes_batchnorm_statistics_over_both_views():
     flip = v2.RandomHorizontalFlip(p=1.0)
     x = torch.rand(6, 3, 16, 16)
-    learner = BYOL(small_cnn(), image_size=16, augment_fn=flip, augment_fn2=nn.Identity(),
-                   views_in_one_batch=True, **SMALL)
+    learner = BYOL(
+        small_cnn(), image_size=16, augment_fn=flip, augment_fn2=nn.Identity(), views_in_one_batch=True, **SMALL
+    )
     loss = learner(x)
     enc, pred, tgt = learner.online_encoder, learner.online_predictor, learner.target_encoder
     both = torch.cat([torch.flip(x, dims=[3]), x])  # view 1 (flipped) then view 2, one batch of 12

@@ -9,14 +9,18 @@ import torch
 import torch.nn as nn
 
 from byol_pytorch.checkpoint import (
-    FORMAT, export_backbone, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state,
+    FORMAT,
+    export_backbone,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
 )
 from byol_pytorch.models import build_learner
 
-RECIPE = dict(model="resnet10t", in_chans=3, image_size=32, projection_size=16, projection_hidden_size=32,
-              tau_base=0.99)
-
-
+RECIPE = dict(
+    model="resnet10t", in_chans=3, image_size=32, projection_size=16, projection_hidden_size=32, tau_base=0.99
+)
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -109,8 +113,7 @@ def test_export_timm_loads_strictly_and_via_pretrained_cfg_overlay(tmp_path, mon
     torch.testing.assert_close(model.conv1[0].weight, learner.net.conv1[0].weight)  # the trained weights
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a download attempt would fail loudly
-    via_cfg = timm.create_model("resnet10t", pretrained=True, num_classes=0,
-                                pretrained_cfg_overlay=dict(file=str(out)))
+    via_cfg = timm.create_model("resnet10t", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(out)))
     for name, value in via_cfg.state_dict().items():
         torch.testing.assert_close(value, tensors[name])
     x = torch.randn(2, 3, 32, 32)

@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from byol_pytorch import cli
 from test_train import TINY, make_labelled, make_messy_folder
 
+from byol_pytorch import cli
+
 REPO = Path(__file__).resolve().parents[1]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +42,24 @@ def test_train_without_data(capsys, tmp_path):
 
 
 def test_train_with_missing_data_folder(capsys, tmp_path):
-    line = one_error_line(capsys, cli.main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"),
-                                            *TINY]))
+    line = one_error_line(
+        capsys, cli.main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), *TINY])
+    )
     assert "does not exist" in line
 
 
 def test_train_with_empty_data_folder(capsys, tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    line = one_error_line(capsys, cli.main(["train", "--data", str(tmp_path / "empty"), "--out",
-                                            str(tmp_path / "r"), *TINY]))
+    line = one_error_line(
+        capsys, cli.main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), *TINY])
+    )
     assert "no images found" in line
 
 
-@pytest.mark.parametrize("name, suggestion", [("resnet5O", "resnet50"), ("torchvision:resnt18", "torchvision:resnet18")])
+@pytest.mark.parametrize(
+    "name, suggestion", [("resnet5O", "resnet50"), ("torchvision:resnt18", "torchvision:resnet18")]
+)
 def test_train_with_unknown_model_suggests_close_names(capsys, tmp_path, trained, name, suggestion):
     data, _ = trained
     argv = ["train", "--data", str(data), "--out", str(tmp_path / "r"), *TINY]
@@ -68,8 +70,9 @@ def test_train_with_unknown_model_suggests_close_names(capsys, tmp_path, trained
 
 def test_resume_without_checkpoint(capsys, tmp_path, trained):
     data, _ = trained
-    line = one_error_line(capsys, cli.main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--resume",
-                                            *TINY]))
+    line = one_error_line(
+        capsys, cli.main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--resume", *TINY])
+    )
     assert "no checkpoint" in line
 
 
@@ -127,11 +130,17 @@ def test_console_script_prints_no_traceback(tmp_path):
     script = shutil.which("byol-pytorch")
     command = [script] if script else [sys.executable, "-m", "byol_pytorch"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([*command, "export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [*command, "export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        f"byol-pytorch: error: checkpoint {str(tmp_path / 'missing.pt')!r} does not exist"]
+        f"byol-pytorch: error: checkpoint {str(tmp_path / 'missing.pt')!r} does not exist"
+    ]
 
 
 def test_eval_prints_accuracies_and_collapse_report(capsys, tmp_path, trained):
@@ -158,8 +167,9 @@ def test_preview_writes_a_picture(tmp_path, trained):
 
 def test_python_dash_m_and_help():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "byol_pytorch", "train", "--help"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "byol_pytorch", "train", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0
     for flag in ("--data", "--model", "--max-steps", "--resume", "--optimizer", "--precision", "--val-data"):
         assert flag in proc.stdout
@@ -173,4 +183,3 @@ def test_demo_is_wired(capsys):
         cli.main(["demo", "--help"])
     assert exit_info.value.code == 0
     assert "demo" in capsys.readouterr().out
-

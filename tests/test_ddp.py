@@ -32,18 +32,37 @@ def _free_port() -> int:
 
 def _bn_learner() -> BYOL:
     torch.manual_seed(0)  # the same initial weights on every rank
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
     return BYOL(net, image_size=16, projection_size=8, projection_hidden_size=16)
 
 
 def _stats_free_learner() -> BYOL:
     """GroupNorm backbone, LayerNorm heads, deterministic views: no batch statistics anywhere."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
-    return BYOL(net, image_size=16, projection_size=8, projection_hidden_size=16, use_batchnorm=False,
-                augment_fn=nn.Identity(), augment_fn2=lambda x: x.flip(-1))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(2, 8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+    return BYOL(
+        net,
+        image_size=16,
+        projection_size=8,
+        projection_hidden_size=16,
+        use_batchnorm=False,
+        augment_fn=nn.Identity(),
+        augment_fn2=lambda x: x.flip(-1),
+    )
 
 
 def _union_batch() -> torch.Tensor:
@@ -58,8 +77,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     from byol_pytorch.optim import LARS, param_groups
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
     ctx = setup_distributed("cpu")
     assert ctx.distributed and dist.get_backend() == "gloo"
 
@@ -73,7 +93,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     step = OptimizerStep(learner, model, opt, None, "fp32", ctx.device)
     indices = list(sampler)
     for k in range(STEPS):
-        step([data[indices[4 * k:4 * k + 4]]])
+        step([data[indices[4 * k : 4 * k + 4]]])
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in learner.modules())  # CPU: plain BatchNorm
     torch.save({k: v.clone() for k, v in learner.state_dict().items()}, f"{out}/state{rank}.pt")
     torch.save(indices, f"{out}/indices{rank}.pt")
@@ -81,7 +101,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     # 2. One backward of the shard through DDP: the gradients are the all-reduced mean.
     learner = _stats_free_learner()
     model = DistributedDataParallel(learner)
-    shard = _union_batch()[rank * 4:(rank + 1) * 4]
+    shard = _union_batch()[rank * 4 : (rank + 1) * 4]
     model(shard).backward()
     grads = {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
     torch.save(grads, f"{out}/grads{rank}.pt")
@@ -129,9 +149,27 @@ def test_train_command_under_torchrun(tmp_path):
     data = make_messy_folder(tmp_path / "images")
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "byol_pytorch", "train", "--data", str(data), "--out", str(out), *TINY,
-           "--max-steps", "3", "--log-every", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "byol_pytorch",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *TINY,
+        "--max-steps",
+        "3",
+        "--log-every",
+        "1",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     checkpoint = load_checkpoint(out / "last.pt")

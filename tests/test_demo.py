@@ -102,8 +102,10 @@ def test_missing_dataset_is_one_line(tmp_path, capsys):
     assert "--data-dir" in str(info.value)
 
     # The command and `python -m byol_pytorch.demo`: one line on stderr, exit 1, no traceback.
-    for run in (lambda: cli_main(["demo", "--data-dir", str(tmp_path)]),
-                lambda: demo.main(["--data-dir", str(tmp_path)])):
+    for run in (
+        lambda: cli_main(["demo", "--data-dir", str(tmp_path)]),
+        lambda: demo.main(["--data-dir", str(tmp_path)]),
+    ):
         assert run() == 1
         captured = capsys.readouterr()
         assert captured.err.count("\n") == 1 and "Traceback" not in captured.err

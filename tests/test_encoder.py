@@ -5,10 +5,10 @@ import timm
 import torch
 import torch.nn as nn
 import torchvision
+from conftest import small_cnn
 
 from byol_pytorch import BYOL
 from byol_pytorch.encoder import pool_hidden
-from conftest import small_cnn
 
 SMALL = dict(projection_size=16, projection_hidden_size=32)
 
@@ -27,7 +27,12 @@ BACKBONES = {
     "timm_convnext_atto": (lambda: timm.create_model("convnext_atto", pretrained=False), 32, "head.fc", 320),
     "timm_vit_tiny_dynamic": (_vit_tiny, 32, "head", 192),
     "timm_resnet10t_in_chans1": (lambda: timm.create_model("resnet10t", pretrained=False, in_chans=1), 32, "fc", 512),
-    "timm_no_classifier": (lambda: timm.create_model("resnet10t", pretrained=False, num_classes=0), 32, "<output>", 512),
+    "timm_no_classifier": (
+        lambda: timm.create_model("resnet10t", pretrained=False, num_classes=0),
+        32,
+        "<output>",
+        512,
+    ),
     "user_sequential_cnn": (small_cnn, 32, "8", 32),
 }
 

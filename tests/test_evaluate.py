@@ -18,14 +18,12 @@ from byol_pytorch.evaluate import (
     linear_probe,
 )
 
-
-
-
 # --------------------------------------------------------------------------- kNN
 
 
 def reference_knn(train, labels, test, num_classes, k, temperature):
     """Brute force: Python loops, float64, a stable sort, ties to the lower index/class."""
+
     def unit(v):
         v = [float(a) for a in v]
         norm = math.sqrt(sum(a * a for a in v))
@@ -74,8 +72,7 @@ def test_knn_ties_keep_lower_bank_index_then_lower_class():
     # k=3: classes 2, 1, 0 tie -> 0
     assert knn_predict(train, labels, query, 3, k=3).tolist() == [0]
     for k in (1, 2, 3):
-        assert knn_predict(train, labels, query, 3, k=k).tolist() == reference_knn(
-            train, labels, query, 3, k, 0.07)
+        assert knn_predict(train, labels, query, 3, k=k).tolist() == reference_knn(train, labels, query, 3, k, 0.07)
 
 
 def test_knn_many_exact_ties_match_reference():
@@ -103,8 +100,9 @@ def test_knn_k_larger_than_a_class_and_temperature():
     # large T: nearly a majority vote, 3 of 5 for class 1
     assert knn_predict(train, labels, query, 2, k=5, temperature=100.0).tolist() == [1]
     for temperature in (0.07, 100.0):
-        assert knn_predict(train, labels, query, 2, k=5, temperature=temperature).tolist() == \
-            reference_knn(train, labels, query, 2, 5, temperature)
+        assert knn_predict(train, labels, query, 2, k=5, temperature=temperature).tolist() == reference_knn(
+            train, labels, query, 2, 5, temperature
+        )
 
 
 def test_knn_k_larger_than_bank_is_clipped():
@@ -137,21 +135,24 @@ def test_knn_accuracy_on_clusters_and_inferred_classes():
     assert knn_accuracy(train, train_y, test, wrong, num_classes=5) == 0.0
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda f, y: knn_predict(f, y[:5], f, 3), ValueError, "10 rows"),
-    (lambda f, y: knn_predict(f[:0], y[:0], f, 3), ValueError, "empty"),
-    (lambda f, y: knn_predict(f[:, :, None], y, f, 3), ValueError, "2-D"),
-    (lambda f, y: knn_predict(f, y, f[:, :3], 3), ValueError, "dimensions"),
-    (lambda f, y: knn_predict(f, y, f, 3, k=0), ValueError, "k must be a positive"),
-    (lambda f, y: knn_predict(f, y, f, 3, k=-2), ValueError, "k must be a positive"),
-    (lambda f, y: knn_predict(f, y, f, 3, temperature=0.0), ValueError, "temperature"),
-    (lambda f, y: knn_predict(f, y, f, 3, temperature=-1.0), ValueError, "temperature"),
-    (lambda f, y: knn_predict(f, y, f, 2), ValueError, r"\[0, num_classes=2\)"),
-    (lambda f, y: knn_predict(f, y.float(), f, 3), TypeError, "integer class"),
-    (lambda f, y: knn_predict(f.tolist(), y, f, 3), TypeError, "torch.Tensor"),
-    (lambda f, y: knn_predict(f * float("nan"), y, f, 3), ValueError, "NaN"),
-    (lambda f, y: knn_accuracy(f, y, f, y[:4]), ValueError, "4 entries"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda f, y: knn_predict(f, y[:5], f, 3), ValueError, "10 rows"),
+        (lambda f, y: knn_predict(f[:0], y[:0], f, 3), ValueError, "empty"),
+        (lambda f, y: knn_predict(f[:, :, None], y, f, 3), ValueError, "2-D"),
+        (lambda f, y: knn_predict(f, y, f[:, :3], 3), ValueError, "dimensions"),
+        (lambda f, y: knn_predict(f, y, f, 3, k=0), ValueError, "k must be a positive"),
+        (lambda f, y: knn_predict(f, y, f, 3, k=-2), ValueError, "k must be a positive"),
+        (lambda f, y: knn_predict(f, y, f, 3, temperature=0.0), ValueError, "temperature"),
+        (lambda f, y: knn_predict(f, y, f, 3, temperature=-1.0), ValueError, "temperature"),
+        (lambda f, y: knn_predict(f, y, f, 2), ValueError, r"\[0, num_classes=2\)"),
+        (lambda f, y: knn_predict(f, y.float(), f, 3), TypeError, "integer class"),
+        (lambda f, y: knn_predict(f.tolist(), y, f, 3), TypeError, "torch.Tensor"),
+        (lambda f, y: knn_predict(f * float("nan"), y, f, 3), ValueError, "NaN"),
+        (lambda f, y: knn_accuracy(f, y, f, y[:4]), ValueError, "4 entries"),
+    ],
+)
 def test_knn_errors(call, error, match):
     features = torch.randn(10, 4)
     labels = torch.arange(10) % 3
@@ -200,20 +201,23 @@ def test_linear_probe_is_deterministic_and_leaves_global_rng_alone():
 def test_linear_probe_handles_constant_dimensions():
     g = torch.Generator().manual_seed(3)
     train_y, test_y = torch.arange(200) % 2, torch.arange(100) % 2
-    train = torch.cat([train_y[:, None] * 4.0 + torch.randn(200, 1, generator=g),
-                       torch.full((200, 3), 7.0)], dim=1)
-    test = torch.cat([test_y[:, None] * 4.0 + torch.randn(100, 1, generator=g),
-                      torch.full((100, 3), 7.5)], dim=1)  # differs from the training constant
+    train = torch.cat([train_y[:, None] * 4.0 + torch.randn(200, 1, generator=g), torch.full((200, 3), 7.0)], dim=1)
+    test = torch.cat(
+        [test_y[:, None] * 4.0 + torch.randn(100, 1, generator=g), torch.full((100, 3), 7.5)], dim=1
+    )  # differs from the training constant
     assert linear_probe(train, train_y, test, test_y) > 0.95
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"epochs": 0}, ValueError, "epochs"),
-    ({"batch_size": 0}, ValueError, "batch_size"),
-    ({"lr": 0.0}, ValueError, "lr"),
-    ({"weight_decay": -1.0}, ValueError, "weight_decay"),
-    ({"num_classes": 2}, ValueError, "num_classes=2"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"epochs": 0}, ValueError, "epochs"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"lr": 0.0}, ValueError, "lr"),
+        ({"weight_decay": -1.0}, ValueError, "weight_decay"),
+        ({"num_classes": 2}, ValueError, "num_classes=2"),
+    ],
+)
 def test_linear_probe_errors(kwargs, error, match):
     features, labels = torch.randn(12, 3), torch.arange(12) % 3
     with pytest.raises(error, match=match):
@@ -278,23 +282,24 @@ def test_random_init_resnet_features_are_not_collapsed():
     net.fc = nn.Identity()
     g = torch.Generator().manual_seed(0)
     # smooth random images: low-resolution noise upsampled
-    images = nn.functional.interpolate(torch.rand(64, 3, 8, 8, generator=g), size=32,
-                                       mode="bilinear")
-    features = extract_features(net, images, batch_size=32,
-                                transform=lambda x: (x - 0.45) / 0.225)
+    images = nn.functional.interpolate(torch.rand(64, 3, 8, 8, generator=g), size=32, mode="bilinear")
+    features = extract_features(net, images, batch_size=32, transform=lambda x: (x - 0.45) / 0.225)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         report = collapse_report(features)
     assert report["collapsed"] is False and report["dim"] == 512
 
 
-@pytest.mark.parametrize("z, error, match", [
-    (torch.randn(1, 8), ValueError, "at least 2"),
-    (torch.randn(8), ValueError, "2-D"),
-    (torch.zeros(0, 8), ValueError, "empty"),
-    (torch.full((4, 8), float("inf")), ValueError, "NaN or inf"),
-    (torch.ones(4, 8, dtype=torch.long), TypeError, "floating-point"),
-])
+@pytest.mark.parametrize(
+    "z, error, match",
+    [
+        (torch.randn(1, 8), ValueError, "at least 2"),
+        (torch.randn(8), ValueError, "2-D"),
+        (torch.zeros(0, 8), ValueError, "empty"),
+        (torch.full((4, 8), float("inf")), ValueError, "NaN or inf"),
+        (torch.ones(4, 8, dtype=torch.long), TypeError, "floating-point"),
+    ],
+)
 def test_collapse_report_errors(z, error, match):
     with pytest.raises(error, match=match):
         collapse_report(z)
@@ -367,8 +372,7 @@ def test_extract_features_partial_and_bound_method_find_the_module():
 def test_extract_features_loader_pairs_transform_and_token_pooling():
     tokens = nn.Linear(4, 6)  # (B, T, 4) -> (B, T, 6)
     data = torch.randint(0, 256, (9, 7, 4), dtype=torch.uint8)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(data, torch.arange(9)), batch_size=4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data, torch.arange(9)), batch_size=4)
     features = extract_features(tokens, loader, transform=lambda x: x.float() / 255)
     with torch.no_grad():
         expected = tokens(data.float() / 255).mean(dim=1)  # mean over the 7 tokens

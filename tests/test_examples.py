@@ -29,8 +29,18 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MODEL = "resnet10t"
 SEED = 0
 TINY = [
-    "--model", MODEL, "--image-size", "32", "--batch-size", "2", "--workers", "0",
-    "--projection-hidden-size", "64", "--seed", str(SEED),
+    "--model",
+    MODEL,
+    "--image-size",
+    "32",
+    "--batch-size",
+    "2",
+    "--workers",
+    "0",
+    "--projection-hidden-size",
+    "64",
+    "--seed",
+    str(SEED),
 ]
 
 
@@ -57,8 +67,6 @@ def image_folder(tmp_path_factory) -> Path:
         else:
             image.save(root / "nested" / f"image_{i}.jpg", quality=90)
     return root
-
-
 
 
 @pytest.fixture
@@ -125,8 +133,21 @@ def test_lightning_module(image_folder, tmp_path, forward_calls, accumulate):
     example = _load_example("lightning_module")
     out = tmp_path / "out" / "net.pt"
     args = example.get_args_parser().parse_args(
-        ["--data", str(image_folder), "--steps", "2", "--accumulate-grad-batches", str(accumulate),
-         "--accelerator", "cpu", "--devices", "1", "--out", str(out), *TINY]
+        [
+            "--data",
+            str(image_folder),
+            "--steps",
+            "2",
+            "--accumulate-grad-batches",
+            str(accumulate),
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "1",
+            "--out",
+            str(out),
+            *TINY,
+        ]
     )
     module, trainer = example.main(
         args, enable_progress_bar=False, logger=False, enable_checkpointing=False, enable_model_summary=False
@@ -155,9 +176,27 @@ def test_lightning_module_ddp_two_processes(image_folder, tmp_path):
     out = tmp_path / "out" / "net.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(byol_pytorch.__file__).parents[1]))
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "lightning_module.py"), "--data", str(image_folder), "--steps", "2",
-         "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--out", str(out), *TINY],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(EXAMPLES / "lightning_module.py"),
+            "--data",
+            str(image_folder),
+            "--steps",
+            "2",
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "2",
+            "--strategy",
+            "ddp",
+            "--out",
+            str(out),
+            *TINY,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_trained_backbone(out)
@@ -177,8 +216,17 @@ def test_accelerate_train(image_folder, tmp_path, forward_calls, fresh_accelerat
     example = _load_example("accelerate_train")
     out = tmp_path / "out" / "net.pt"
     args = example.get_args_parser().parse_args(
-        ["--data", str(image_folder), "--steps", "2", "--gradient-accumulation-steps", str(accumulate),
-         "--out", str(out), *TINY]
+        [
+            "--data",
+            str(image_folder),
+            "--steps",
+            "2",
+            "--gradient-accumulation-steps",
+            str(accumulate),
+            "--out",
+            str(out),
+            *TINY,
+        ]
     )
     learner = example.main(args)
 

@@ -7,22 +7,29 @@ import torch
 import torch.nn as nn
 
 from byol_pytorch.optim import (
-    LARS, build_optimizer, default_lr, param_groups, resync_lr, warmup_cosine, warmup_cosine_scheduler,
+    LARS,
+    build_optimizer,
+    default_lr,
+    param_groups,
+    resync_lr,
+    warmup_cosine,
+    warmup_cosine_scheduler,
 )
 
 
-
-
 # ---------------------------------------------------------------- warmup_cosine
-@pytest.mark.parametrize("step, expected", [
-    (0, 0.1),      # (0 + 1) / 10
-    (4, 0.5),      # (4 + 1) / 10
-    (9, 1.0),      # the last warm-up step reaches the peak
-    (10, 1.0),     # cosine starts at the peak: cos(0) = 1
-    (55, 0.5),     # half-way through the 90 cosine steps: (1 + cos(pi / 2)) / 2
-    (100, 0.0),    # past the end
-    (250, 0.0),
-])
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        (0, 0.1),  # (0 + 1) / 10
+        (4, 0.5),  # (4 + 1) / 10
+        (9, 1.0),  # the last warm-up step reaches the peak
+        (10, 1.0),  # cosine starts at the peak: cos(0) = 1
+        (55, 0.5),  # half-way through the 90 cosine steps: (1 + cos(pi / 2)) / 2
+        (100, 0.0),  # past the end
+        (250, 0.0),
+    ],
+)
 def test_warmup_cosine_hand_values(step, expected):
     assert warmup_cosine(step, total=100, warmup=10, base_lr=1.0) == pytest.approx(expected, abs=1e-12)
 
@@ -71,8 +78,9 @@ def test_param_groups_exclude_biases_norms_and_frozen():
     assert no_decay["weight_decay"] == 0.0 and no_decay["lars_exclude"]
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     assert ids(decay["params"]) == ids([model[0].weight, model[3].weight])
-    assert ids(no_decay["params"]) == ids([model[0].bias, model[1].weight, model[1].bias, model[3].bias,
-                                          model[4].weight, model[4].bias])
+    assert ids(no_decay["params"]) == ids(
+        [model[0].bias, model[1].weight, model[1].bias, model[3].bias, model[4].weight, model[4].bias]
+    )
 
 
 # ---------------------------------------------------------------- LARS
@@ -136,8 +144,9 @@ def test_lars_matches_a_reference_loop_on_a_model():
     reference = [p.detach().clone() for p in model.parameters()]
     groups = param_groups(model, 1e-2)
     opt = LARS(groups, lr=0.3)
-    ref_groups = [[reference[i] for i, p in enumerate(model.parameters()) if any(p is q for q in g["params"])]
-                  for g in groups]
+    ref_groups = [
+        [reference[i] for i, p in enumerate(model.parameters()) if any(p is q for q in g["params"])] for g in groups
+    ]
     states = [{}, {}]
     for _ in range(3):
         x = torch.randn(8, 5)

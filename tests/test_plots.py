@@ -21,8 +21,12 @@ STD = (0.229, 0.224, 0.225)
 def run_records(steps=120, knn=True):
     records = []
     for step in range(0, steps * 10, 10):
-        record = {"step": step, "loss": 2.0 * math.exp(-step / 300) + 0.05,
-                  "lr": 0.1 * min(1.0, step / 100), "tau": 0.996 + 0.004 * step / (steps * 10)}
+        record = {
+            "step": step,
+            "loss": 2.0 * math.exp(-step / 300) + 0.05,
+            "lr": 0.1 * min(1.0, step / 100),
+            "tau": 0.996 + 0.004 * step / (steps * 10),
+        }
         if knn and step % 200 == 0:
             record["knn_acc"] = 0.3 + 0.4 * step / (steps * 10)
         records.append(record)
@@ -68,8 +72,7 @@ def test_plot_curves_without_knn_says_so(tmp_path):
     top_right = (slice(40, 330), slice(560, 990))  # the kNN panel's plotting area
     assert ink(without[top_right]) < ink(with_knn[top_right])
     # only a loss: the other three panels are empty but the figure keeps its size
-    size, _ = pixels(plot_curves([{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}],
-                                 tmp_path / "c.png"))
+    size, _ = pixels(plot_curves([{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}], tmp_path / "c.png"))
     assert size == (1000, 700)
 
 
@@ -96,8 +99,7 @@ def test_plot_views_rgb_size_and_unnormalisation(tmp_path):
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     view1 = (grey - mean) / std  # normalised mid-grey
     view2 = (torch.rand(5, 3, 32, 32, generator=g) - mean) / std
-    out = plot_views(originals, view1, view2, tmp_path / "views.png", mean=MEAN, std=STD,
-                     max_images=3)
+    out = plot_views(originals, view1, view2, tmp_path / "views.png", mean=MEAN, std=STD, max_images=3)
     size, array = pixels(out)
     assert size == (600, 600)  # 3 columns x 200 px, 3 rows x 200 px
     assert_not_blank(array)
@@ -109,8 +111,7 @@ def test_plot_views_grayscale_and_float_originals(tmp_path):
     g = torch.Generator().manual_seed(1)
     originals = torch.rand(2, 1, 28, 28, generator=g)
     views = (torch.rand(2, 1, 24, 24, generator=g) - 0.5) / 0.25
-    size, array = pixels(plot_views(originals, views, views.flip(-1), tmp_path / "g.png",
-                                    mean=0.5, std=0.25))
+    size, array = pixels(plot_views(originals, views, views.flip(-1), tmp_path / "g.png", mean=0.5, std=0.25))
     assert size == (600, 400)
     assert_not_blank(array)
     # one (C, H, W) image is one row
@@ -118,17 +119,24 @@ def test_plot_views_grayscale_and_float_originals(tmp_path):
     assert size == (600, 200)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"view2": torch.rand(3, 3, 8, 8)}, ValueError, r"\[4, 4, 3\] images"),
-    ({"originals": torch.rand(4, 2, 8, 8)}, ValueError, "1 or 3 channels"),
-    ({"view1": torch.rand(8, 8)}, ValueError, r"\(B, C, H, W\)"),
-    ({"view1": np.zeros((4, 3, 8, 8))}, TypeError, "must be a tensor"),
-    ({"mean": (0.5, 0.5)}, ValueError, "mean has 2 values"),
-    ({"max_images": 0}, ValueError, "max_images"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"view2": torch.rand(3, 3, 8, 8)}, ValueError, r"\[4, 4, 3\] images"),
+        ({"originals": torch.rand(4, 2, 8, 8)}, ValueError, "1 or 3 channels"),
+        ({"view1": torch.rand(8, 8)}, ValueError, r"\(B, C, H, W\)"),
+        ({"view1": np.zeros((4, 3, 8, 8))}, TypeError, "must be a tensor"),
+        ({"mean": (0.5, 0.5)}, ValueError, "mean has 2 values"),
+        ({"max_images": 0}, ValueError, "max_images"),
+    ],
+)
 def test_plot_views_errors(tmp_path, kwargs, error, match):
-    args = {"originals": torch.rand(4, 3, 8, 8), "view1": torch.rand(4, 3, 8, 8),
-            "view2": torch.rand(4, 3, 8, 8), "out_path": tmp_path / "v.png"}
+    args = {
+        "originals": torch.rand(4, 3, 8, 8),
+        "view1": torch.rand(4, 3, 8, 8),
+        "view2": torch.rand(4, 3, 8, 8),
+        "out_path": tmp_path / "v.png",
+    }
     args.update(kwargs)
     with pytest.raises(error, match=match):
         plot_views(**args)
@@ -139,13 +147,14 @@ def test_plot_views_errors(tmp_path, kwargs, error, match):
 
 def test_missing_matplotlib_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    hint = (r"matplotlib is needed for plots: pip install matplotlib "
-            r"\(or pip install 'byol-pytorch\[plots\]'\)")
+    hint = (
+        r"matplotlib is needed for plots: pip install matplotlib "
+        r"\(or pip install 'byol-pytorch\[plots\]'\)"
+    )
     with pytest.raises(ImportError, match=hint):
         plot_curves(run_records(), tmp_path / "c.png")
     with pytest.raises(ImportError, match=hint):
-        plot_views(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8),
-                   tmp_path / "v.png")
+        plot_views(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), tmp_path / "v.png")
     assert not (tmp_path / "c.png").exists()
 
 
@@ -159,6 +168,5 @@ def test_plots_leave_pyplot_and_the_backend_alone(tmp_path):
         f"plot_curves([{{'step': 1, 'loss': 1.0}}], {str(tmp_path / 'c.png')!r})\n"
         "print('matplotlib.pyplot' in sys.modules, backend() is before)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "True"]

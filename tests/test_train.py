@@ -14,19 +14,28 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from byol_pytorch import BYOL
-from byol_pytorch import cli
+from byol_pytorch import BYOL, cli
 from byol_pytorch.checkpoint import load_checkpoint
 from byol_pytorch.loop import OptimizerStep
 from byol_pytorch.optim import warmup_cosine_scheduler
 from byol_pytorch.train import get_args_parser
 from byol_pytorch.train import main as train_main
 
-TINY = ["--model", "resnet10t", "--image-size", "32", "--batch-size", "4", "--projection-size", "32",
-        "--projection-hidden-size", "64", "--workers", "0"]
+TINY = [
+    "--model",
+    "resnet10t",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--projection-size",
+    "32",
+    "--projection-hidden-size",
+    "64",
+    "--workers",
+    "0",
+]
 REPO = Path(__file__).resolve().parents[1]
-
-
 
 
 def make_messy_folder(root: Path, good: int = 24) -> Path:
@@ -81,15 +90,21 @@ def test_end_to_end_train_resume_export_on_messy_folder(messy, tmp_path, capsys)
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    assert cli.main(["train", "--data", str(messy), "--out", str(out), "--max-steps", "6", "--log-every", "1",
-                     *TINY[:-1], "2"]) == 0  # two loader workers; 6 steps = one epoch
+    assert (
+        cli.main(
+            ["train", "--data", str(messy), "--out", str(out), "--max-steps", "6", "--log-every", "1", *TINY[:-1], "2"]
+        )
+        == 0
+    )  # two loader workers; 6 steps = one epoch
     first = load_checkpoint(out / "last.pt")
     assert first["step"] == 6 and first["args"]["model"] == "resnet10t" and first["args"]["in_chans"] == 3
     # The corrupt and the empty file were passed over, counted, and training went on.
     assert "unreadable, empty or corrupt image files were passed over so far" in capsys.readouterr().err
 
-    assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "8", "--log-every", "1",
-                     "--workers", "0"]) == 0
+    assert (
+        cli.main(["train", "--out", str(out), "--resume", "--max-steps", "8", "--log-every", "1", "--workers", "0"])
+        == 0
+    )
     resumed = load_checkpoint(out / "last.pt")
     assert resumed["step"] == 8 and resumed["total_steps"] == 8
     assert int(resumed["learner"]["ema_step"]) == 8  # one EMA update per optimizer step
@@ -145,9 +160,27 @@ def test_sigterm_in_a_subprocess_saves_and_exits_143(messy, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "byol_pytorch", "train", "--data", str(messy), "--out", str(out), *TINY,
-         "--max-steps", "100000", "--log-every", "1", "--checkpoint-every", "100000"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "byol_pytorch",
+            "train",
+            "--data",
+            str(messy),
+            "--out",
+            str(out),
+            *TINY,
+            "--max-steps",
+            "100000",
+            "--log-every",
+            "1",
+            "--checkpoint-every",
+            "100000",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
@@ -173,8 +206,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(messy, tmp_pat
         return original(self, x, *args, **kwargs) * float("nan")
 
     monkeypatch.setattr(BYOL, "forward", exploding)
-    code = cli.main(["train", "--out", str(out), "--resume", "--max-steps", "6", "--checkpoint-every", "1",
-                     "--workers", "0"])
+    code = cli.main(
+        ["train", "--out", str(out), "--resume", "--max-steps", "6", "--checkpoint-every", "1", "--workers", "0"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert err[-1].startswith("byol-pytorch: error: training diverged at step 3: the loss is nan")
@@ -185,10 +219,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(messy, tmp_pat
 # ---------------------------------------------------------------- accumulation and skipped steps
 def _tiny_learner():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
-    return BYOL(net, image_size=16, projection_size=8, projection_hidden_size=16, use_batchnorm=False,
-                augment_fn=nn.Identity(), augment_fn2=lambda x: x.flip(-1))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(2, 8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+    return BYOL(
+        net,
+        image_size=16,
+        projection_size=8,
+        projection_hidden_size=16,
+        use_batchnorm=False,
+        augment_fn=nn.Identity(),
+        augment_fn2=lambda x: x.flip(-1),
+    )
 
 
 def test_accumulation_steps_once_and_matches_the_full_batch_gradient():
@@ -199,8 +246,11 @@ def test_accumulation_steps_once_and_matches_the_full_batch_gradient():
         opt = torch.optim.SGD(learner.parameters(), lr=0.0)  # lr 0: keep the weights, read gradients
         sched = warmup_cosine_scheduler(opt, total=10, warmup=0)
         seen = {}
-        opt.register_step_pre_hook(lambda *_: seen.update(
-            {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}))
+        opt.register_step_pre_hook(
+            lambda *_, seen=seen, learner=learner: seen.update(
+                {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
+            )
+        )
         step = OptimizerStep(learner, learner, opt, sched, "fp32", torch.device("cpu"))
         _, stepped = step(list(images.chunk(chunks)))
         assert stepped and step.steps == 1 and int(learner.ema_step) == 1 and sched.last_epoch == 1
@@ -229,8 +279,19 @@ def test_a_scaler_skipped_step_advances_neither_ema_nor_lr_schedule():
 
 def test_accumulate_flag_counts_optimizer_steps(messy, tmp_path):
     out = tmp_path / "run"
-    argv = ["--data", str(messy), "--out", str(out), *TINY, "--batch-size", "8", "--accumulate", "2",
-            "--max-steps", "3"]
+    argv = [
+        "--data",
+        str(messy),
+        "--out",
+        str(out),
+        *TINY,
+        "--batch-size",
+        "8",
+        "--accumulate",
+        "2",
+        "--max-steps",
+        "3",
+    ]
     assert run_train(argv)["step"] == 3
     checkpoint = load_checkpoint(out / "last.pt")
     assert int(checkpoint["learner"]["ema_step"]) == 3 and checkpoint["scheduler"]["last_epoch"] == 3
@@ -240,8 +301,23 @@ def test_accumulate_flag_counts_optimizer_steps(messy, tmp_path):
 def test_val_data_runs_the_knn_monitor_and_draws_curves(messy, tmp_path):
     labelled = make_labelled(tmp_path / "labelled", per_class=5)
     out = tmp_path / "run"
-    run_train(["--data", str(messy), "--out", str(out), *TINY, "--max-steps", "8", "--log-every", "4",
-               "--val-data", str(labelled), "--val-every", "1"])
+    run_train(
+        [
+            "--data",
+            str(messy),
+            "--out",
+            str(out),
+            *TINY,
+            "--max-steps",
+            "8",
+            "--log-every",
+            "4",
+            "--val-data",
+            str(labelled),
+            "--val-every",
+            "1",
+        ]
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     with_knn = [r for r in rows if "knn_acc" in r]
     assert [r["step"] for r in with_knn] == [6, 8]  # the end of epoch 1, and the end of the run

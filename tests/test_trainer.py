@@ -4,11 +4,9 @@ import inspect
 
 import pytest
 import torch
-
-from byol_pytorch.trainer import BYOLTrainer, MockDataset
 from conftest import small_cnn
 
-
+from byol_pytorch.trainer import BYOLTrainer, MockDataset
 
 
 def test_mock_dataset_is_random_images_stable_per_index():
@@ -24,9 +22,21 @@ def test_mock_dataset_is_random_images_stable_per_index():
 
 def test_signature_keeps_the_incumbent_argument_names():
     names = inspect.signature(BYOLTrainer).parameters
-    for name in ("net", "image_size", "hidden_layer", "learning_rate", "dataset", "num_train_steps", "batch_size",
-                 "optimizer_klass", "checkpoint_every", "checkpoint_folder", "byol_kwargs", "optimizer_kwargs",
-                 "accelerator_kwargs"):
+    for name in (
+        "net",
+        "image_size",
+        "hidden_layer",
+        "learning_rate",
+        "dataset",
+        "num_train_steps",
+        "batch_size",
+        "optimizer_klass",
+        "checkpoint_every",
+        "checkpoint_folder",
+        "byol_kwargs",
+        "optimizer_kwargs",
+        "accelerator_kwargs",
+    ):
         assert name in names
     assert names["batch_size"].default == 16 and names["checkpoint_every"].default == 1000
     assert names["checkpoint_folder"].default == "./checkpoints"
@@ -36,16 +46,28 @@ def test_trainer_trains_and_checkpoints_the_net(tmp_path):
     net = small_cnn()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     trainer = BYOLTrainer(
-        net, dataset=MockDataset(16, 12), image_size=16, hidden_layer=-2, learning_rate=1e-2,
-        num_train_steps=5, batch_size=4, checkpoint_every=2, checkpoint_folder=str(tmp_path / "ckpt"),
-        byol_kwargs=dict(projection_size=16, projection_hidden_size=32), seed=0,
+        net,
+        dataset=MockDataset(16, 12),
+        image_size=16,
+        hidden_layer=-2,
+        learning_rate=1e-2,
+        num_train_steps=5,
+        batch_size=4,
+        checkpoint_every=2,
+        checkpoint_folder=str(tmp_path / "ckpt"),
+        byol_kwargs=dict(projection_size=16, projection_hidden_size=32),
+        seed=0,
     )
     result = trainer()
     assert result["steps"] == 5 and 0 <= result["loss"] <= 8
     assert int(trainer.step) == 5 and int(trainer.byol.ema_step) == 5  # one EMA update per optimizer step
     # As the incumbent: after step indices 0, 2, 4 -> checkpoint.0/1/2.pt; ours adds checkpoint.final.pt.
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
-        "checkpoint.0.pt", "checkpoint.1.pt", "checkpoint.2.pt", "checkpoint.final.pt"]
+        "checkpoint.0.pt",
+        "checkpoint.1.pt",
+        "checkpoint.2.pt",
+        "checkpoint.final.pt",
+    ]
     final = torch.load(tmp_path / "ckpt" / "checkpoint.final.pt", weights_only=True)
     fresh = small_cnn()
     fresh.load_state_dict(final, strict=True)
@@ -61,14 +83,30 @@ def test_trainer_accepts_tuples_and_warns_on_accelerator_kwargs(tmp_path):
 
     with pytest.warns(UserWarning, match="accelerator_kwargs is ignored"):
         trainer = BYOLTrainer(
-            small_cnn(), dataset=Labelled(16, 8), image_size=16, hidden_layer="auto", learning_rate=1e-3,
-            num_train_steps=2, batch_size=4, checkpoint_every=1000, checkpoint_folder=str(tmp_path),
-            byol_kwargs=dict(projection_size=16, projection_hidden_size=32), accelerator_kwargs=dict(cpu=True),
+            small_cnn(),
+            dataset=Labelled(16, 8),
+            image_size=16,
+            hidden_layer="auto",
+            learning_rate=1e-3,
+            num_train_steps=2,
+            batch_size=4,
+            checkpoint_every=1000,
+            checkpoint_folder=str(tmp_path),
+            byol_kwargs=dict(projection_size=16, projection_hidden_size=32),
+            accelerator_kwargs=dict(cpu=True),
         )
     assert trainer()["steps"] == 2
 
 
 def test_trainer_rejects_a_batch_of_one(tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
-        BYOLTrainer(small_cnn(), dataset=MockDataset(16, 8), image_size=16, hidden_layer=-2, learning_rate=1e-3,
-                    num_train_steps=2, batch_size=1, checkpoint_folder=str(tmp_path))
+        BYOLTrainer(
+            small_cnn(),
+            dataset=MockDataset(16, 8),
+            image_size=16,
+            hidden_layer=-2,
+            learning_rate=1e-3,
+            num_train_steps=2,
+            batch_size=1,
+            checkpoint_folder=str(tmp_path),
+        )
