@@ -29,7 +29,7 @@ setup(
         "examples": ["lightning>=2.0", "accelerate>=0.25", "matplotlib>=3.5"],
         "tensorboard": ["tensorboard>=2.10"],
     },
-    entry_points={"console_scripts": ["byol-pytorch=byol_pytorch.cli:main"]},
+    entry_points={"console_scripts": ["byol-pytorch=byol_pytorch.app.cli:main"]},
     classifiers=[
         "License :: OSI Approved :: MIT License",
         "Programming Language :: Python :: 3",

@@ -55,8 +55,8 @@ from _report import machine as _machine
 from _report import markdown_table, write_results
 
 from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
+from byol_pytorch.app.fashion_mnist import load_fashion_mnist  # noqa: E402
 from byol_pytorch.evaluate import extract_features, knn_accuracy  # noqa: E402
-from byol_pytorch.fashion_mnist import load_fashion_mnist  # noqa: E402
 
 RANDOM_GOAL, PEER_GOAL = 8.0, 5.0  # issue 6: kNN points above random init / above the peer
 CONTENDERS = ("random", "ours", "ours1b", "peer")  # "ours1b" (an extra, not in the default run): the opt-in

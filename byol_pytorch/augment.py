@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +176,7 @@ def color_jitter(
     gamma = torch.where(valid & (op == 2), 1 - alpha, 0.0)  # saturation: blend with the luma
     for s in range(6 if with_hue else 3):
         if s == 3:
+            assert hue is not None  # with_hue
             x = _select(x, adjust_hue(x, hue), on)
         x = _blend(x, alpha[:, s], beta[:, s], gamma[:, s])
     return x
@@ -352,23 +354,37 @@ class BYOLAugment(nn.Module):
         ValueError: bad image_size, view or override value. TypeError: unknown override name.
     """
 
+    size: tuple[int, int]
+    blur_kernel: tuple[int, int]
+    flip_p: float
+    jitter_p: float
+    grayscale_p: float
+    blur_p: float
+    solarize_p: float
+    blur_kernel_frac: float
+
     def __init__(
-        self, image_size: int | tuple[int, int], view: int = 1, *, generator: torch.Generator | None = None, **overrides
+        self,
+        image_size: int | tuple[int, int],
+        view: int = 1,
+        *,
+        generator: torch.Generator | None = None,
+        **overrides: Any,
     ) -> None:
         super().__init__()
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        size: tuple[int, ...] = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
             raise ValueError(f"image_size must be a positive int or (h, w) pair of them, got {image_size!r}")
         if view not in _VIEW_DEFAULTS:
             raise ValueError(f"view must be 1 or 2 (the paper's two views), got {view!r}")
-        settings = {**_DEFAULTS, **_VIEW_DEFAULTS[view]}
+        settings: dict[str, Any] = {**_DEFAULTS, **_VIEW_DEFAULTS[view]}
         for name in overrides:
             if name not in settings:
                 close = difflib.get_close_matches(name, settings, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise TypeError(f"unknown override {name!r}.{hint} Valid names: {', '.join(sorted(settings))}")
         settings.update(overrides)
-        self.size, self.view, self.generator = size, view, generator
+        self.size, self.view, self.generator = (size[0], size[1]), view, generator
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "blur_kernel_frac"):
             if not 0.0 <= settings[name] <= 1.0:  # probabilities, and the kernel's fraction of the side
                 raise ValueError(f"{name} must lie in [0, 1], got {settings[name]!r}")
@@ -384,9 +400,13 @@ class BYOLAugment(nn.Module):
             raise ValueError(f"normalize must be True or False, got {settings['normalize']!r}")
         self.normalize_output = settings["normalize"]
         self.mean, self.std = settings["mean"], settings["std"]
-        self.blur_kernel = tuple(2 * math.floor(self.blur_kernel_frac * s / 2) + 1 for s in size)  # 23 at 224
+        self.blur_kernel = (self._kernel(size[0]), self._kernel(size[1]))  # 23 at 224
         if self.std is not None and min(_as_tuple(self.std)) <= 0:
             raise ValueError(f"std must be positive, got {self.std!r}")
+
+    def _kernel(self, side: int) -> int:
+        """Odd Gaussian kernel size of ``blur_kernel_frac`` of the side (the paper: 10%, 23 px at 224)."""
+        return 2 * math.floor(self.blur_kernel_frac * side / 2) + 1
 
     def extra_repr(self) -> str:
         return f"image_size={self.size}, view={self.view}, blur_p={self.blur_p}, solarize_p={self.solarize_p}"
@@ -483,7 +503,7 @@ class BYOLAugment(nn.Module):
             solarize=uniform(0, 1) < self.solarize_p,
         )
 
-    def apply(self, x: Tensor, params: AugmentParams) -> Tensor:
+    def apply_params(self, x: Tensor, params: AugmentParams) -> Tensor:
         """The view of `x` (B, C, H, W) for fixed `params`; returns (B, C, h, w) float32."""
         self._check_input(x)
         channels = x.shape[1]
@@ -500,7 +520,7 @@ class BYOLAugment(nn.Module):
                     )
                 ]
                 if any(f is not None for f in on):
-                    y = color_jitter(y, params.order, *on, active=params.jitter)
+                    y = color_jitter(y, params.order, on[0], on[1], on[2], on[3], active=params.jitter)
             if self.grayscale_p > 0 and channels == 3:
                 y = _select(y, rgb_to_grayscale(y), params.grayscale)
             if self.blur_p > 0 and max(self.blur_kernel) > 1:
@@ -527,4 +547,4 @@ class BYOLAugment(nn.Module):
                 f"the generator is on {gen.device} but the batch is on {x.device}; "
                 f"pass torch.Generator(device={str(x.device)!r})"
             )
-        return self.apply(x, self.sample_params(x.shape[0], x.shape[2], x.shape[3], x.device, gen))
+        return self.apply_params(x, self.sample_params(x.shape[0], x.shape[2], x.shape[3], x.device, gen))

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, ``weights_only`` loading, RNG state, backbone export.
+"""Checkpoints: atomic writes, ``weights_only`` loading, RNG state.
 
 A training checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` reads
 (no pickled classes, so loading a file cannot run code)::
@@ -25,17 +25,18 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
+
+from ._modules import PathLike
 
 __all__ = [
     "FORMAT",
     "VERSION",
     "save_checkpoint",
     "load_checkpoint",
-    "export_backbone",
     "get_rng_state",
     "set_rng_state",
     "atomic_write",
@@ -43,7 +44,6 @@ __all__ = [
 
 FORMAT = "byol_pytorch"
 VERSION = 1
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
@@ -146,7 +146,7 @@ def get_rng_state() -> dict[str, Any]:
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": {
             "name": str(np_name),
-            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "keys": torch.from_numpy(np.asarray(np_keys).astype(np.int64)),
             "pos": int(np_pos),
             "has_gauss": int(np_has_gauss),
             "gauss": float(np_gauss),
@@ -179,54 +179,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     py_state = state.get("python")
     if py_state:
         random.setstate((py_state["version"], tuple(int(v) for v in py_state["internal"].tolist()), py_state["gauss"]))
-
-
-# ---------------------------------------------------------------------- export
-def export_backbone(checkpoint_path: PathLike, out_path: PathLike, which: str = "online") -> Path:
-    """Write the trained backbone, without its classifier, as a safetensors file.
-
-    The file loads with ``strict=True`` into ``timm.create_model(NAME, num_classes=0)``
-    (add ``in_chans=`` if you trained with other channels), or with
-    ``pretrained=True, pretrained_cfg_overlay=dict(file=PATH), num_classes=0``. For
-    ``torchvision:NAME`` the final classifier Linear is replaced by ``nn.Identity()``
-    (``model.fc = nn.Identity()`` for a ResNet); the file's metadata names it.
-
-    Args:
-        checkpoint_path: a checkpoint written by ``byol-pytorch train``.
-        out_path: the ``.safetensors`` file to write (atomically).
-        which: ``"online"`` (the paper keeps the online encoder) or ``"target"``.
-
-    Returns:
-        The path written.
-
-    Raises:
-        FileNotFoundError, ValueError: see ``load_checkpoint``; a checkpoint without
-            the network, or ``which="target"`` before the first step.
-    """
-    from safetensors.torch import save_file
-
-    from .models import build_backbone, strip_classifier
-
-    checkpoint = load_checkpoint(checkpoint_path)
-    args, learner_state = checkpoint.get("args"), checkpoint.get("learner")
-    if not isinstance(args, dict) or not isinstance(learner_state, dict) or "model" not in args:
-        raise ValueError(f"{str(checkpoint_path)!r} holds no trained network ('learner' and 'args' are missing)")
-    if which not in ("online", "target"):
-        raise ValueError(f"which must be 'online' or 'target', got {which!r}")
-    prefix = f"{which}_encoder.net."
-    state = {k[len(prefix) :]: v for k, v in learner_state.items() if k.startswith(prefix)}
-    if not state:
-        raise ValueError(f"{str(checkpoint_path)!r} has no {which} network yet (no training step was taken)")
-    net = build_backbone(args["model"], args.get("in_chans"), args.get("image_size"))
-    net.load_state_dict(state, strict=True)
-    net.eval()
-    strip_classifier(net, args["model"], int(args["image_size"]))
-    tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
-    metadata = {
-        "format": "pt",
-        "byol_pytorch_model": str(args["model"]),
-        "step": str(checkpoint.get("step")),
-        "in_chans": str(args.get("in_chans")),
-        "which": which,
-    }
-    return atomic_write(out_path, lambda temp: save_file(tensors, temp, metadata=metadata))

@@ -17,12 +17,14 @@ import random
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from ._modules import PathLike
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -33,9 +35,12 @@ __all__ = [
     "LabelledImageFolder",
     "collate_images",
     "make_loader",
+    "load_size_for",
+    "match_channels",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
+LOAD_RATIO = 256 / 224
+"""Images are loaded at 8/7 of the crop side, as ImageNet's 256 px -> 224 px crops."""
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -382,7 +387,7 @@ def make_loader(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, got {workers}")
-    samples = len(sampler) if sampler is not None else len(dataset)
+    samples = len(sampler) if sampler is not None else len(dataset)  # type: ignore[arg-type]
     if drop_last and samples < batch_size:
         raise ValueError(
             f"{samples} images but a batch size of {batch_size}: every batch would be "
@@ -405,3 +410,25 @@ def make_loader(
         worker_init_fn=_seed_worker,
         generator=generator,
     )
+
+
+def load_size_for(image_size: int) -> int:
+    """The side images are loaded at for views of ``image_size``: ``image_size * 256 / 224``, rounded.
+
+    Examples:
+        >>> load_size_for(224), load_size_for(32), load_size_for(8)
+        (256, 37, 9)
+    """
+    return max(image_size, round(image_size * LOAD_RATIO))
+
+
+def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, C, H, W) images with ``channels`` channels: the first (gray) replicated when C differs.
+
+    Examples:
+        >>> match_channels(torch.zeros(2, 1, 4, 4), 3).shape
+        torch.Size([2, 3, 4, 4])
+    """
+    if images.shape[1] == channels:
+        return images
+    return images[:, :1].expand(-1, channels, -1, -1)

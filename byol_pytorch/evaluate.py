@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+
+from ._modules import module_device, saved_modes
 
 __all__ = ["extract_features", "knn_predict", "knn_accuracy", "linear_probe", "collapse_report"]
 
@@ -81,16 +83,6 @@ def _owning_module(model: Callable) -> nn.Module | None:
         return _owning_module(model.func)
     owner = getattr(model, "__self__", None)  # a bound method such as net.forward_features
     return owner if isinstance(owner, nn.Module) else None
-
-
-def _module_device(module: nn.Module | None) -> torch.device | None:
-    """The device of the first parameter (or buffer); None when there is none."""
-    if module is not None:
-        for tensor in module.parameters():
-            return tensor.device
-        for tensor in module.buffers():
-            return tensor.device
-    return None
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -175,7 +167,7 @@ def extract_features(
     """
     _check_positive_int(batch_size, "batch_size")
     owner = _owning_module(model)
-    model_device = _module_device(owner)
+    model_device = module_device(owner)
     if device is None:
         device = model_device if model_device is not None else torch.device("cpu")
     device = torch.device(device)
@@ -184,29 +176,22 @@ def extract_features(
             f"the model is on {model_device} but device={device}; move it first with model.to({str(device)!r})"
         )
 
-    modes = {module: module.training for module in owner.modules()} if owner is not None else {}
     chunks = []
-    try:
-        if owner is not None:
-            owner.eval()
-        with torch.no_grad():
-            for batch in _iter_batches(data, batch_size):
-                x = batch.to(device, non_blocking=True)
-                if transform is not None:
-                    x = transform(x)
-                try:
-                    out = model(x)
-                except RuntimeError as err:
-                    if x.is_floating_point():
-                        raise
-                    raise RuntimeError(
-                        f"{err}\nHint: the batch reached the model as {x.dtype}; a bare backbone "
-                        "needs float input: pass transform=lambda x: normalize(x.float() / 255)"
-                    ) from err
-                chunks.append(_pool_output(out, x.shape[0]).float().cpu())
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
+    with saved_modes(owner), torch.no_grad():
+        for batch in _iter_batches(data, batch_size):
+            x = batch.to(device, non_blocking=True)
+            if transform is not None:
+                x = transform(x)
+            try:
+                out = model(x)
+            except RuntimeError as err:
+                if x.is_floating_point():
+                    raise
+                raise RuntimeError(
+                    f"{err}\nHint: the batch reached the model as {x.dtype}; a bare backbone "
+                    "needs float input: pass transform=lambda x: normalize(x.float() / 255)"
+                ) from err
+            chunks.append(_pool_output(out, x.shape[0]).float().cpu())
     if not chunks:
         raise ValueError("data yielded no batches")
     return torch.cat(chunks)  # (N, D)
@@ -340,11 +325,12 @@ def knn_accuracy(
 
 
 def linear_probe(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
     num_classes: int | None = None,
+    *,
     epochs: int = 100,
     lr: float = 1.0,
     weight_decay: float = 1e-4,
@@ -366,10 +352,8 @@ def linear_probe(
     samples; CLIP sweeps it, do so when numbers matter.
 
     Args:
-        train_features: training features (N, D).
-        train_labels: training class indices (N,).
-        test_features: test features (M, D).
-        test_labels: test class indices (M,).
+        train_features, train_labels: the training set, features (N, D) and class indices (N,).
+        test_features, test_labels: the test set, features (M, D) and class indices (M,).
         num_classes: number of classes; default: the largest label seen plus one.
         epochs: maximum L-BFGS iterations; each costs one or more full passes, and the
             solver stops earlier once the gradient or the loss stops changing.

@@ -1,4 +1,4 @@
-"""Backbones by name (timm or torchvision), the BYOL learner around them, and their export form.
+"""Backbones by name (timm or torchvision), the BYOL learner around them, and their export.
 
 ``byol-pytorch`` names a backbone the way users already do: any timm model name
 (``resnet50``, ``convnext_tiny``, ``vit_small_patch16_224``) or ``torchvision:NAME``
@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
+from ._modules import PathLike
 from .byol import BYOL
+from .checkpoint import atomic_write, load_checkpoint
 from .encoder import infer_channels, probe_backbone
 
 __all__ = [
@@ -23,6 +26,7 @@ __all__ = [
     "build_learner",
     "classifier_name",
     "close_model_names",
+    "export_backbone",
     "strip_classifier",
 ]
 
@@ -127,7 +131,7 @@ def strip_classifier(net: nn.Module, name: str, image_size: int) -> nn.Module:
         ``net``, without classifier.
     """
     if not name.startswith(TORCHVISION_PREFIX) and hasattr(net, "reset_classifier"):
-        net.reset_classifier(0)
+        net.reset_classifier(0)  # type: ignore[operator]
         return net
     layer = classifier_name(net, image_size)
     if layer is not None:
@@ -161,3 +165,51 @@ def build_learner(recipe: Mapping[str, Any], net: nn.Module | None = None) -> BY
         use_batchnorm=bool(recipe.get("use_batchnorm", True)),
         views_in_one_batch=bool(recipe.get("views_in_one_batch", False)),
     )
+
+
+def export_backbone(checkpoint_path: PathLike, out_path: PathLike, which: str = "online") -> Path:
+    """Write the trained backbone, without its classifier, as a safetensors file.
+
+    The file loads with ``strict=True`` into ``timm.create_model(NAME, num_classes=0)``
+    (add ``in_chans=`` if you trained with other channels), or with
+    ``pretrained=True, pretrained_cfg_overlay=dict(file=PATH), num_classes=0``. For
+    ``torchvision:NAME`` the final classifier Linear is replaced by ``nn.Identity()``
+    (``model.fc = nn.Identity()`` for a ResNet); the file's metadata names it.
+
+    Args:
+        checkpoint_path: a checkpoint written by ``byol-pytorch train``.
+        out_path: the ``.safetensors`` file to write (atomically).
+        which: ``"online"`` (the paper keeps the online encoder) or ``"target"``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileNotFoundError, ValueError: see ``load_checkpoint``; a checkpoint without
+            the network, or ``which="target"`` before the first step.
+    """
+    from safetensors.torch import save_file
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    args, learner_state = checkpoint.get("args"), checkpoint.get("learner")
+    if not isinstance(args, dict) or not isinstance(learner_state, dict) or "model" not in args:
+        raise ValueError(f"{str(checkpoint_path)!r} holds no trained network ('learner' and 'args' are missing)")
+    if which not in ("online", "target"):
+        raise ValueError(f"which must be 'online' or 'target', got {which!r}")
+    prefix = f"{which}_encoder.net."
+    state = {k[len(prefix) :]: v for k, v in learner_state.items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{str(checkpoint_path)!r} has no {which} network yet (no training step was taken)")
+    net = build_backbone(args["model"], args.get("in_chans"), args.get("image_size"))
+    net.load_state_dict(state, strict=True)
+    net.eval()
+    strip_classifier(net, args["model"], int(args["image_size"]))
+    tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+    metadata = {
+        "format": "pt",
+        "byol_pytorch_model": str(args["model"]),
+        "step": str(checkpoint.get("step")),
+        "in_chans": str(args.get("in_chans")),
+        "which": which,
+    }
+    return atomic_write(out_path, lambda temp: save_file(tensors, temp, metadata=metadata))

@@ -25,7 +25,6 @@ __all__ = [
     "build_optimizer",
     "default_lr",
     "default_weight_decay",
-    "lr_help",
     "param_groups",
     "resync_lr",
     "warmup_cosine",
@@ -100,7 +99,7 @@ class LARS(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
+            grads: Any = [p.grad for p in params]
             if not group["lars_exclude"]:
                 if group["weight_decay"] != 0:
                     grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
@@ -140,7 +139,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         ``named_parameters()`` order (empty groups are kept, so a state_dict always has
         two groups).
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -239,11 +239,3 @@ def default_lr(name: str, batch_size: int) -> float:
 def default_weight_decay(name: str) -> float:
     """The recipe's weight decay for an optimiser name (see ``OPTIMIZERS``)."""
     return OPTIMIZERS[name]["weight_decay"]
-
-
-def lr_help() -> str:
-    """One line per optimiser naming its default lr and weight decay and their source."""
-    return "; ".join(
-        f"{name}: {spec['lr_per_256']:g} x batch/256, wd {spec['weight_decay']:g} ({spec['source']})"
-        for name, spec in OPTIMIZERS.items()
-    )

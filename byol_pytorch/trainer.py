@@ -9,7 +9,7 @@
     trainer()
 
 Same argument names and the same files (``checkpoint_folder/checkpoint.{n}.pt`` holding
-``net.state_dict()``), running on this package's loop (``loop.py``): one process, or
+``net.state_dict()``), running on this package's engine (``engine.py``): one process, or
 ``torchrun --nproc_per_node=N script.py`` for DDP (NCCL on GPUs, gloo on CPUs).
 Hugging Face accelerate is not needed; ``accelerator_kwargs`` is accepted and ignored,
 with a warning (use ``precision=`` and ``device=`` instead).
@@ -17,19 +17,19 @@ with a warning (use ``precision=`` and ``device=`` instead).
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .byol import BYOL
 from .checkpoint import atomic_write
-from .loop import EpochSampler, OptimizerStep, setup_distributed
+from .distributed import setup_distributed
+from .engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState, prepare_model
+from .sampling import EpochSampler, step_batches
 
 __all__ = ["BYOLTrainer", "MockDataset"]
 
@@ -92,6 +92,8 @@ class BYOLTrainer(nn.Module):
             the global generator as it is (offset by the rank under DDP).
     """
 
+    step: torch.Tensor  # optimizer steps taken (a buffer, as in the incumbent)
+
     def __init__(
         self,
         net: nn.Module,
@@ -133,9 +135,17 @@ class BYOLTrainer(nn.Module):
         self.net = net
         self.byol = BYOL(net, image_size=image_size, hidden_layer=hidden_layer, **(byol_kwargs or {}))
         self.byol.to(self.ctx.device)
-        self.optimizer = optimizer_klass(self.byol.parameters(), lr=learning_rate, **(optimizer_kwargs or {}))
+        self.optimizer = optimizer_klass(  # type: ignore[call-arg]
+            self.byol.parameters(), lr=learning_rate, **(optimizer_kwargs or {})
+        )
         base_seed = seed if seed is not None else torch.initial_seed()
-        self.sampler = EpochSampler(len(dataset), batch_size, self.ctx.rank, self.ctx.world_size, base_seed)
+        self.sampler = EpochSampler(
+            len(dataset),  # type: ignore[arg-type]
+            batch_size,
+            self.ctx.rank,
+            self.ctx.world_size,
+            base_seed,
+        )
         self.dataloader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -175,55 +185,34 @@ class BYOLTrainer(nn.Module):
         Raises:
             FloatingPointError: the loss turned non-finite (lower the learning rate).
         """
-        from tqdm import tqdm
-
         ctx = self.ctx
         if self.seed is not None:
             torch.manual_seed(self.seed + ctx.rank)
         elif ctx.distributed:
             torch.manual_seed(torch.initial_seed() + ctx.rank)
-        if self.byol.use_momentum and self.byol.target_encoder is None:
-            self.byol.init_target()  # before DDP wraps the learner (see train.py)
-        model: nn.Module = self.byol
-        if ctx.distributed:
-            model = DistributedDataParallel(
-                self.byol, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
-            )
+        model = prepare_model(self.byol, ctx)
         scaler = torch.amp.GradScaler(ctx.device.type) if self.precision == "fp16" else None
-        run_step = OptimizerStep(self.byol, model, self.optimizer, None, self.precision, ctx.device, scaler)
-        check_every = 1 if ctx.device.type == "cpu" else 10
-        progress = tqdm(total=self.num_train_steps, disable=not ctx.is_main, desc="byol", unit="step")
-        loss_sum, count, last_loss = torch.zeros((), device=ctx.device), 0, math.nan
-        epoch, done = 0, 0
-        while done < self.num_train_steps:
-            self.sampler.set_epoch(epoch)
-            for images in self.dataloader:
-                index = done  # 0-based index of this step, as the incumbent counts
-                loss, stepped = run_step([images.to(ctx.device, non_blocking=True)])
-                loss_sum += loss
-                count += 1
-                if not stepped:
-                    continue
-                done += 1
-                self.step.fill_(done)
-                progress.update(1)
-                if done % check_every == 0 or index % self.checkpoint_every == 0 or done == self.num_train_steps:
-                    last_loss = (loss_sum / count).item()
-                    loss_sum.zero_()
-                    count = 0
-                    if not math.isfinite(last_loss):
-                        progress.close()
-                        raise FloatingPointError(
-                            f"the BYOL loss turned non-finite ({last_loss}) by step {done}; lower the "
-                            "learning_rate or use precision='fp32'/'bf16'"
-                        )
-                    progress.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
-                if index % self.checkpoint_every == 0:
-                    self.save(f"checkpoint.{index // self.checkpoint_every}.pt")
-                if done == self.num_train_steps:
-                    break
-            epoch += 1
-        progress.close()
+        engine = Engine(OptimizerStep(self.byol, model, self.optimizer, None, self.precision, ctx.device, scaler), ctx)
+        state = TrainState(total=self.num_train_steps)
+        every = self.checkpoint_every
+
+        def checkpoint(s: TrainState) -> None:
+            self.step.fill_(s.step)
+            self.save(f"checkpoint.{(s.step - 1) // every}.pt")
+
+        hooks = [
+            # the loss reported: the mean since the last read-back
+            Periodic(TrainState.take_interval, every=engine.check_every, at_end=True),
+            # checkpoint.{n}.pt after the steps whose 0-based index is a multiple of
+            # checkpoint_every (1, every + 1, ...), as the incumbent counts
+            Periodic(checkpoint, when=lambda s: s.stepped and (s.step - 1) % every == 0),
+        ]
+        batches = step_batches(self.dataloader, self.sampler, 0, 0, 1)
+        try:
+            engine.run(batches, state, hooks)
+        except DivergedError as error:
+            raise FloatingPointError(f"{error}; lower the learning_rate or use precision='fp32'/'bf16'") from None
+        self.step.fill_(state.step)
         self.save("checkpoint.final.pt")
         self.print("training complete")
-        return {"steps": done, "loss": last_loss}
+        return {"steps": state.step, "loss": state.loss}

@@ -142,7 +142,7 @@ def test_module_matches_torchvision_composition_with_its_params():
     aug = BYOLAugment((16, 20), view=2, blur_p=0.5, solarize_p=0.5, blur_kernel_frac=0.3)
     x = images(32, h=24, w=28, seed=13)
     p = aug.sample_params(32, 24, 28, generator=gen(14))
-    out = aug.apply(x, p)
+    out = aug.apply_params(x, p)
     mean, std = aug.resolve_mean_std(3)
     kh, kw = aug.blur_kernel
     assert (kh, kw) == (5, 7)
@@ -165,7 +165,7 @@ def test_blur_off_leaves_sample_exactly_unchanged():
     x = images(16, seed=15)
     p = aug.sample_params(16, 20, 24, generator=gen(16))
     crop = resized_crop(x, p.boxes, (16, 16), p.flip)
-    out = aug.apply(x, p)
+    out = aug.apply_params(x, p)
     assert p.blur.any() and not p.blur.all()
     assert torch.equal(out[~p.blur], crop[~p.blur])
     assert not torch.allclose(out[p.blur], crop[p.blur])
@@ -292,7 +292,7 @@ def test_autocast_uint8_and_any_float_input():
     torch.testing.assert_close(out, aug(x, generator=gen(3)), **TOL)
     x8 = (x * 255).round().to(torch.uint8)
     p = aug.sample_params(8, 20, 24, generator=gen(4))
-    from_uint8, from_float = aug.apply(x8, p), aug.apply(x, p)
+    from_uint8, from_float = aug.apply_params(x8, p), aug.apply_params(x, p)
     assert from_uint8.dtype == torch.float32 and from_uint8.shape == (8, 3, 16, 16)
     torch.testing.assert_close(from_uint8, from_float, atol=1e-4, rtol=0)
     for x_any in (torch.randn(4, 3, 12, 12) * 3, torch.rand(4, 3, 12, 12, dtype=torch.float64).half()):
@@ -313,8 +313,8 @@ def test_one_channel_and_four_channel_inputs():
 def test_cuda_matches_cpu_and_draws_on_device():
     aug, x = BYOLAugment(16, view=2), images(32, seed=70)
     p = aug.sample_params(32, 20, 24, generator=gen(71))
-    cpu = aug.apply(x, p)
-    gpu = aug.apply(x.cuda(), AugmentParams(**{k: v.cuda() for k, v in vars(p).items()}))
+    cpu = aug.apply_params(x, p)
+    gpu = aug.apply_params(x.cuda(), AugmentParams(**{k: v.cuda() for k, v in vars(p).items()}))
     assert gpu.is_cuda and ((gpu.cpu() - cpu).abs() > 1e-4).float().mean() < 1e-3
     g = torch.Generator("cuda")
     torch.cuda.set_sync_debug_mode("error")  # any host-device sync in the forward raises

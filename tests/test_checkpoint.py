@@ -10,13 +10,12 @@ import torch.nn as nn
 
 from byol_pytorch.checkpoint import (
     FORMAT,
-    export_backbone,
     get_rng_state,
     load_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
-from byol_pytorch.models import build_learner
+from byol_pytorch.models import build_learner, export_backbone
 
 RECIPE = dict(
     model="resnet10t", in_chans=3, image_size=32, projection_size=16, projection_hidden_size=32, tau_base=0.99

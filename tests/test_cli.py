@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from test_train import TINY, make_labelled, make_messy_folder
 
-from byol_pytorch import cli
+from byol_pytorch.app import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,7 +177,7 @@ def test_python_dash_m_and_help():
 
 
 def test_demo_is_wired(capsys):
-    demo = pytest.importorskip("byol_pytorch.demo")
+    demo = pytest.importorskip("byol_pytorch.app.demo")
     assert hasattr(demo, "run_demo") and hasattr(demo, "add_demo_arguments")
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["demo", "--help"])

@@ -73,8 +73,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from byol_pytorch.loop import EpochSampler, OptimizerStep, setup_distributed
+    from byol_pytorch.distributed import setup_distributed
+    from byol_pytorch.engine import OptimizerStep
     from byol_pytorch.optim import LARS, param_groups
+    from byol_pytorch.sampling import EpochSampler
 
     torch.set_num_threads(1)
     os.environ.update(

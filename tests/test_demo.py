@@ -1,4 +1,4 @@
-"""Tests of ``byol_pytorch.demo``: a reduced demo on the real data, and its error paths."""
+"""Tests of ``byol_pytorch.app.demo``: a reduced demo on the real data, and its error paths."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from byol_pytorch import demo
-from byol_pytorch.cli import UserError
-from byol_pytorch.cli import main as cli_main
-from byol_pytorch.fashion_mnist import DEFAULT_DATA_DIR, ENV_VAR, load_fashion_mnist
+from byol_pytorch.app import demo
+from byol_pytorch.app.cli import main as cli_main
+from byol_pytorch.app.errors import UserError
+from byol_pytorch.app.fashion_mnist import DEFAULT_DATA_DIR, ENV_VAR, load_fashion_mnist
 
 FINAL_LINE = re.compile(r"^kNN accuracy: random init (0\.\d{4}|1\.0000) -> BYOL (0\.\d{4}|1\.0000)$")
 
@@ -101,7 +101,7 @@ def test_missing_dataset_is_one_line(tmp_path, capsys):
         demo.run_demo(_args("--quick", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")))
     assert "--data-dir" in str(info.value)
 
-    # The command and `python -m byol_pytorch.demo`: one line on stderr, exit 1, no traceback.
+    # The command and `python -m byol_pytorch.app.demo`: one line on stderr, exit 1, no traceback.
     for run in (
         lambda: cli_main(["demo", "--data-dir", str(tmp_path)]),
         lambda: demo.main(["--data-dir", str(tmp_path)]),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from byol_pytorch.fashion_mnist import (
+from byol_pytorch.app.fashion_mnist import (
     DEFAULT_DATA_DIR,
     ENV_VAR,
     FASHION_MNIST_CLASSES,

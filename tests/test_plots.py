@@ -1,4 +1,4 @@
-"""Tests of byol_pytorch.plots: valid images of the documented size that show something."""
+"""Tests of byol_pytorch.app.plots: valid images of the documented size that show something."""
 
 import json
 import math
@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("matplotlib")
 Image = pytest.importorskip("PIL.Image")
 
-from byol_pytorch.plots import plot_curves, plot_views  # noqa: E402
+from byol_pytorch.app.plots import plot_curves, plot_views  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -162,7 +162,7 @@ def test_plots_leave_pyplot_and_the_backend_alone(tmp_path):
     # a fresh interpreter: pytest or other tests may have imported pyplot already
     code = (
         "import sys, matplotlib\n"
-        "from byol_pytorch.plots import plot_curves\n"
+        "from byol_pytorch.app.plots import plot_curves\n"
         "backend = lambda: dict.__getitem__(matplotlib.rcParams, 'backend')\n"
         "before = backend()\n"
         f"plot_curves([{{'step': 1, 'loss': 1.0}}], {str(tmp_path / 'c.png')!r})\n"

@@ -14,12 +14,13 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from byol_pytorch import BYOL, cli
+from byol_pytorch import BYOL
+from byol_pytorch.app import cli
+from byol_pytorch.app.train import get_args_parser
+from byol_pytorch.app.train import main as train_main
 from byol_pytorch.checkpoint import load_checkpoint
-from byol_pytorch.loop import OptimizerStep
+from byol_pytorch.engine import OptimizerStep
 from byol_pytorch.optim import warmup_cosine_scheduler
-from byol_pytorch.train import get_args_parser
-from byol_pytorch.train import main as train_main
 
 TINY = [
     "--model",
@@ -329,7 +330,7 @@ def test_val_data_runs_the_knn_monitor_and_draws_curves(messy, tmp_path):
 
 
 def test_views_in_one_batch_flag_is_part_of_the_recipe(messy, tmp_path, monkeypatch, capsys):
-    import byol_pytorch.train as train_module
+    import byol_pytorch.app.train as train_module
 
     built = []
     real_build = train_module.build_learner

@@ -28,10 +28,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +38,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import BYOLAugment
-from .byol import BYOL
-from .cli import UserError
-from .evaluate import extract_features, knn_accuracy
+from ..augment import BYOLAugment
+from ..byol import BYOL
+from ..distributed import DistContext
+from ..engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState
+from ..evaluate import extract_features, knn_accuracy
+from ..optim import build_optimizer, warmup_cosine_scheduler
+from ..sampling import StepBatch
+from .errors import UserError, one_line
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
-from .optim import build_optimizer, warmup_cosine_scheduler
 
 __all__ = ["DEMO_DEFAULTS", "QUICK_SETTINGS", "demo_cnn", "add_demo_arguments", "run_demo", "main"]
 
@@ -115,6 +117,22 @@ def demo_cnn(width: int = 16, in_chans: int = 1, num_classes: int = 10) -> nn.Se
     return nn.Sequential(*layers)
 
 
+# The integer flags that set one of DEMO_DEFAULTS, with their help ("{}": the default).
+_COUNT_FLAGS: tuple[tuple[str, str], ...] = (
+    ("steps", "optimizer steps (default: {}; fewer is faster, more is better)"),
+    ("batch_size", "images per step (default: {})"),
+    ("image_size", "side of the views; the 28 px images are resized to it (default: {})"),
+    ("train_images", "training images used for pretraining (default: {}, all)"),
+    ("bank_images", "training images in the kNN bank (default: {})"),
+    ("test_images", "test images classified by kNN (default: {}, all)"),
+    ("width", "channels of the first block of the 'cnn' model (default: {})"),
+    ("projection_size", "projector output (default: {})"),
+    ("projection_hidden_size", "hidden width of the heads (default: {})"),
+    ("knn_points", "kNN evaluations during training, besides the start and the end (default: {})"),
+    ("seed", "seed of the model, the data order and the views (default: {})"),
+)
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the flags of ``byol-pytorch demo`` to ``parser`` and return it."""
     d = DEMO_DEFAULTS
@@ -122,60 +140,41 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a(
         "--data-dir",
         help="folder with the four Fashion-MNIST IDX files (.gz or not); default: "
-        "$BYOL_FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist "
-        "(apt-get install -y dataset-fashion-mnist)",
+        "$BYOL_FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist (apt-get install -y dataset-fashion-mnist)",
     )
     a("--out", default=d["out"], help="run folder for curves.png, views.png, metrics.jsonl (default: %(default)s)")
-    a("--steps", type=int, help=f"optimizer steps (default: {d['steps']}; fewer is faster, more is better)")
-    a("--batch-size", type=int, help=f"images per step (default: {d['batch_size']})")
-    a(
-        "--image-size",
-        type=int,
-        help=f"side of the views; the 28 px images are resized to it (default: {d['image_size']})",
-    )
-    a("--train-images", type=int, help=f"training images used for pretraining (default: {d['train_images']}, all)")
-    a("--bank-images", type=int, help=f"training images in the kNN bank (default: {d['bank_images']})")
-    a("--test-images", type=int, help=f"test images classified by kNN (default: {d['test_images']}, all)")
+    for name, text in _COUNT_FLAGS:
+        a("--" + name.replace("_", "-"), type=int, help=text.format(d[name]))
     a(
         "--model",
         help=f"'cnn' (the demo's small CNN) or a timm model name, built with in_chans=1 (default: {d['model']})",
     )
-    a("--width", type=int, help=f"channels of the first block of the 'cnn' model (default: {d['width']})")
     a("--lr", type=float, help=f"peak AdamW learning rate, cosine-decayed to 0 (default: {d['lr']:g})")
     a("--tau", type=float, help=f"EMA decay of the target network (default: {d['tau']:g})")
+    a(
+        "--crop-scale",
+        type=float,
+        help=f"smallest crop area of the views (default: {d['crop_scale']:g}; the paper's "
+        "0.08 is meant for 224 px images)",
+    )
+    a(
+        "--threads",
+        type=int,
+        help=f"CPU threads of torch (default: {d['threads']}, a 2-core laptop; on a machine busy "
+        "with other jobs, 1 thread, or OMP_WAIT_POLICY=PASSIVE in the environment, avoids threads "
+        "waiting for each other)",
+    )
     a(
         "--tau-schedule",
         choices=["constant", "cosine"],
         help=f"keep tau, or raise it to 1 with the paper's cosine schedule (default: {d['tau_schedule']})",
     )
-    a(
-        "--crop-scale",
-        type=float,
-        help=f"smallest crop area of the views (default: {d['crop_scale']:g}; "
-        "the paper's 0.08 is meant for 224 px images)",
-    )
-    a("--projection-size", type=int, help=f"projector output (default: {d['projection_size']})")
-    a("--projection-hidden-size", type=int, help=f"hidden width of the heads (default: {d['projection_hidden_size']})")
-    a(
-        "--knn-points",
-        type=int,
-        help=f"kNN evaluations during training, besides the start and the end (default: {d['knn_points']})",
-    )
-    a("--seed", type=int, help=f"seed of the model, the data order and the views (default: {d['seed']})")
     a("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
-    a(
-        "--threads",
-        type=int,
-        help=f"CPU threads of torch (default: {d['threads']}, a 2-core laptop; on a "
-        "machine busy with other jobs, 1 thread, or OMP_WAIT_POLICY=PASSIVE in the environment, avoids "
-        "threads waiting for each other)",
-    )
+    quick = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK_SETTINGS.items())
     a(
         "--quick",
         action="store_true",
-        help="a reduced demo of a few seconds (the test suite's): "
-        + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK_SETTINGS.items())
-        + "; explicit flags win",
+        help=f"a reduced demo of a few seconds (the test suite's): {quick}; explicit flags win",
     )
     return parser
 
@@ -237,7 +236,7 @@ def _subset(n_total: int, n: int, generator: torch.Generator) -> torch.Tensor:
 def _build_backbone(settings: dict[str, Any]) -> nn.Module:
     if settings["model"] == "cnn":
         return demo_cnn(settings["width"])
-    from .models import build_backbone
+    from ..models import build_backbone
 
     try:
         return build_backbone(settings["model"], in_chans=1)
@@ -255,9 +254,24 @@ def _views(settings: dict[str, Any]) -> tuple[BYOLAugment, BYOLAugment]:
     solarisation each added about a point of kNN accuracy. Measured in
     benchmarks/results/demo.md.
     """
-    common = dict(crop_scale=(settings["crop_scale"], 1.0), saturation=0.0, hue=0.0, grayscale_p=0.0)
+    common: dict[str, Any] = dict(crop_scale=(settings["crop_scale"], 1.0), saturation=0.0, hue=0.0, grayscale_p=0.0)
     size = settings["image_size"]
     return BYOLAugment(size, view=1, **common), BYOLAugment(size, view=2, **common)
+
+
+def _knn_of_features(
+    bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor
+) -> float:
+    """Weighted kNN accuracy (k=20, T=0.07) of query features against bank features."""
+    return knn_accuracy(
+        bank,
+        bank_labels,
+        queries,
+        query_labels,
+        num_classes=len(FASHION_MNIST_CLASSES),
+        k=KNN_K,
+        temperature=KNN_TEMPERATURE,
+    )
 
 
 def _knn(
@@ -273,15 +287,7 @@ def _knn(
     embed = functools.partial(learner, return_embedding=True, return_projection=False)
     bank_features = extract_features(embed, bank, batch_size=500, device=device, transform=prepare)
     query_features = extract_features(embed, queries, batch_size=500, device=device, transform=prepare)
-    return knn_accuracy(
-        bank_features,
-        bank_labels,
-        query_features,
-        query_labels,
-        num_classes=len(FASHION_MNIST_CLASSES),
-        k=KNN_K,
-        temperature=KNN_TEMPERATURE,
-    )
+    return _knn_of_features(bank_features, bank_labels, query_features, query_labels)
 
 
 def _knn_steps(steps: int, points: int) -> list[int]:
@@ -289,10 +295,21 @@ def _knn_steps(steps: int, points: int) -> list[int]:
     return sorted({round(steps * i / (points + 1)) for i in range(1, points + 1)} - {0, steps})
 
 
+def _in_memory_batches(images: torch.Tensor, batch: int) -> Iterator[StepBatch]:
+    """Endless shuffled batches of in-memory images: a new ``randperm`` each epoch (global generator)."""
+    per_epoch, epoch = len(images) // batch, 0
+    while True:
+        order = torch.randperm(len(images), device=images.device)
+        for position in range(1, per_epoch + 1):
+            chosen = order[(position - 1) * batch : position * batch]
+            yield StepBatch([images[chosen]], 0, epoch, position, per_epoch)  # (B, 1, 28, 28) uint8
+        epoch += 1
+
+
 def _pretrain(
     learner: BYOL, images: torch.Tensor, settings: dict[str, Any], evaluate: Callable[[], float]
 ) -> tuple[list[dict[str, Any]], float, float]:
-    """BYOL training: AdamW, cosine lr, one target update per step, shuffled epochs.
+    """BYOL training on the engine: AdamW, cosine lr, one target update per step, shuffled epochs.
 
     Args:
         learner: the BYOL learner (trained in place).
@@ -313,43 +330,43 @@ def _pretrain(
     scheduler = warmup_cosine_scheduler(optimizer, steps, settings["warmup_steps"])
     monitor_at = set(_knn_steps(steps, settings["knn_points"]))
     log_every = max(1, steps // _LOG_LINES)
-    batch = min(settings["batch_size"], len(images))
-    order, cursor = torch.randperm(len(images), device=images.device), 0
     metrics: list[dict[str, Any]] = []
-    monitor_time = 0.0
+    monitor_time = [0.0]
+
+    def record(s: TrainState) -> None:  # every step: the step's own loss
+        metrics.append({"step": s.step, "lr": s.lr, "tau": s.tau, "loss": s.take_interval()["loss"]})
+
+    def monitor(s: TrainState) -> None:
+        tick = time.perf_counter()
+        metrics[-1]["knn_acc"] = evaluate()
+        monitor_time[0] += time.perf_counter() - tick
+
+    def show(s: TrainState) -> None:
+        row = metrics[-1]
+        knn_text = f"  kNN {row['knn_acc']:.4f}" if "knn_acc" in row else ""
+        print(
+            f"step {s.step:>5}/{steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+            f"tau {row['tau']:.4f}  {time.perf_counter() - s.start - monitor_time[0]:6.1f} s{knn_text}",
+            flush=True,
+        )
+
+    device = images.device
+    ctx = DistContext(device=device)  # the demo runs in one process
+    engine = Engine(
+        OptimizerStep(learner, learner, optimizer, scheduler, "fp32", device), ctx, check_every=1, progress=False
+    )
+    hooks = [
+        Periodic(record, every=1),
+        Periodic(monitor, when=lambda s: s.stepped and s.step in monitor_at),
+        Periodic(show, every=log_every, at_end=True, when=lambda s: s.stepped and s.step in monitor_at),
+    ]
     learner.train()
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        if cursor + batch > len(order):  # a new epoch in a new order
-            order, cursor = torch.randperm(len(images), device=images.device), 0
-        batch_images = images[order[cursor : cursor + batch]]  # (B, 1, 28, 28) uint8
-        cursor += batch
-        record: dict[str, Any] = {"step": step, "lr": optimizer.param_groups[0]["lr"], "tau": learner.current_decay}
-        loss = learner(batch_images)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        learner.update_moving_average()
-        record["loss"] = loss.item()
-        if not math.isfinite(record["loss"]):
-            raise UserError(
-                f"the BYOL loss turned {record['loss']} at step {step}: training diverged; "
-                f"lower --lr (now {settings['lr']:g})"
-            )
-        if step in monitor_at:
-            tick = time.perf_counter()
-            record["knn_acc"] = evaluate()
-            monitor_time += time.perf_counter() - tick
-        metrics.append(record)
-        if step % log_every == 0 or step == steps or "knn_acc" in record:
-            knn_text = f"  kNN {record['knn_acc']:.4f}" if "knn_acc" in record else ""
-            print(
-                f"step {step:>5}/{steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                f"tau {record['tau']:.4f}  {time.perf_counter() - start - monitor_time:6.1f} s{knn_text}",
-                flush=True,
-            )
-    return metrics, time.perf_counter() - start - monitor_time, monitor_time
+    state = TrainState(total=steps)
+    try:
+        engine.run(_in_memory_batches(images, min(settings["batch_size"], len(images))), state, hooks)
+    except DivergedError as error:
+        raise UserError(f"{error}; lower --lr (now {settings['lr']:g})") from None
+    return metrics, time.perf_counter() - state.start - monitor_time[0], monitor_time[0]
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -372,73 +389,32 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """
     start = time.perf_counter()
     settings = _settings(args)
-    device = settings["device"]
-    out = Path(settings["out"])
     seconds: dict[str, float] = {}
     threads_before = torch.get_num_threads()
     torch.set_num_threads(settings["threads"])
     try:
-        train_images, train_labels = _load(settings["data_dir"], "train")
-        test_images, test_labels = _load(settings["data_dir"], "test")
-        torch.manual_seed(settings["seed"])
-        picker = torch.Generator().manual_seed(settings["seed"])
-        pretrain = train_images[_subset(len(train_images), settings["train_images"], picker)].to(device)
-        bank_index = _subset(len(train_images), settings["bank_images"], picker)
-        bank, bank_labels = train_images[bank_index], train_labels[bank_index]  # (N, 1, 28, 28), (N,)
-        queries, query_labels = test_images[: settings["test_images"]], test_labels[: settings["test_images"]]
+        pretrain, bank, bank_labels, queries, query_labels = _demo_data(settings)
         seconds["load"] = time.perf_counter() - start
-        print(
-            f"Fashion-MNIST: {len(pretrain)} images for BYOL, kNN bank {len(bank)} train images, "
-            f"{len(queries)} test queries; device {device}, {settings['threads']} threads",
-            flush=True,
-        )
 
         phase = time.perf_counter()
-        raw = knn_accuracy(
-            bank.flatten(1).float(),
-            bank_labels,
-            queries.flatten(1).float(),
-            query_labels,
-            num_classes=len(FASHION_MNIST_CLASSES),
-            k=KNN_K,
-            temperature=KNN_TEMPERATURE,
+        raw = _knn_of_features(bank.flatten(1).float(), bank_labels, queries.flatten(1).float(), query_labels)
+        learner, view1, view2, prepare = _demo_learner(settings)
+        evaluate = functools.partial(
+            _knn, learner, prepare, bank, bank_labels, queries, query_labels, settings["device"]
         )
-        net = _build_backbone(settings).to(device)
-        view1, view2 = _views(settings)
-        size = settings["image_size"]
-
-        def prepare(x: torch.Tensor) -> torch.Tensor:  # uint8 (B, 1, 28, 28) -> normalised (B, 1, size, size)
-            x = x.float() / 255
-            if x.shape[-1] != size or x.shape[-2] != size:
-                x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp_(0, 1)
-            return view1.normalize(x)
-
-        steps = settings["steps"]
-        learner = BYOL(
-            net,
-            size,
-            projection_size=settings["projection_size"],
-            projection_hidden_size=settings["projection_hidden_size"],
-            augment_fn=view1,
-            augment_fn2=view2,
-            moving_average_decay=settings["tau"],
-            moving_average_total_steps=steps if settings["tau_schedule"] == "cosine" else None,
-        ).to(device)
-        init = _knn(learner, prepare, bank, bank_labels, queries, query_labels, device)
+        init = evaluate()
         seconds["eval_init"] = time.perf_counter() - phase
         print(f"kNN on raw pixels {raw:.4f}; random init {init:.4f} ({seconds['eval_init']:.1f} s)", flush=True)
 
-        evaluate = functools.partial(_knn, learner, prepare, bank, bank_labels, queries, query_labels, device)
         metrics, seconds["train"], seconds["monitor"] = _pretrain(learner, pretrain, settings, evaluate)
         metrics.insert(0, {"step": 0, "knn_acc": init})
 
         phase = time.perf_counter()
-        final = evaluate()
+        final = metrics[-1]["knn_acc"] = evaluate()
         seconds["eval_final"] = time.perf_counter() - phase
-        metrics[-1]["knn_acc"] = final
-        curve = [(m["step"], m["knn_acc"]) for m in metrics if "knn_acc" in m]
 
         phase = time.perf_counter()
+        out = Path(settings["out"])
         out.mkdir(parents=True, exist_ok=True)
         metrics_path = out / "metrics.jsonl"
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics), encoding="utf-8")
@@ -447,29 +423,82 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads_before)
     seconds["total"] = time.perf_counter() - start
-
+    _print_summary(settings["steps"], seconds, [curves_path, views_path, metrics_path], raw, init, final)
     train_time = seconds["train"]
-    print(
-        f"BYOL: {steps} steps in {train_time:.1f} s ({steps / train_time:.2f} steps/s); total "
-        f"{seconds['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items() if k != "total") + ")",
-        flush=True,
-    )
-    written = [str(p) for p in (curves_path, views_path, metrics_path) if p is not None]
-    print(f"wrote {', '.join(written)}", flush=True)
-    print(f"kNN on raw pixels {raw:.4f} (reference)", flush=True)
-    print(f"kNN accuracy: random init {init:.4f} -> BYOL {final:.4f}", flush=True)
     return {
         "knn_random_init": init,
         "knn_byol": final,
         "knn_raw_pixels": raw,
-        "knn_curve": curve,
+        "knn_curve": [(m["step"], m["knn_acc"]) for m in metrics if "knn_acc" in m],
         "seconds": seconds,
-        "steps_per_second": steps / train_time if train_time > 0 else float("nan"),
+        "steps_per_second": settings["steps"] / train_time if train_time > 0 else float("nan"),
         "curves": curves_path,
         "views": views_path,
         "metrics": metrics_path,
         "settings": settings,
     }
+
+
+def _demo_data(settings: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """``(pretrain, bank, bank_labels, queries, query_labels)``: uint8 (N, 1, 28, 28) images and labels.
+
+    The pretraining images (on the demo's device) and the kNN bank are drawn from the
+    training split with a generator seeded by ``--seed``; the queries are the first test images.
+    """
+    train_images, train_labels = _load(settings["data_dir"], "train")
+    test_images, test_labels = _load(settings["data_dir"], "test")
+    torch.manual_seed(settings["seed"])
+    picker = torch.Generator().manual_seed(settings["seed"])
+    pretrain = train_images[_subset(len(train_images), settings["train_images"], picker)].to(settings["device"])
+    bank_index = _subset(len(train_images), settings["bank_images"], picker)
+    bank, bank_labels = train_images[bank_index], train_labels[bank_index]  # (N, 1, 28, 28), (N,)
+    queries, query_labels = test_images[: settings["test_images"]], test_labels[: settings["test_images"]]
+    print(
+        f"Fashion-MNIST: {len(pretrain)} images for BYOL, kNN bank {len(bank)} train images, "
+        f"{len(queries)} test queries; device {settings['device']}, {settings['threads']} threads",
+        flush=True,
+    )
+    return pretrain, bank, bank_labels, queries, query_labels
+
+
+def _demo_learner(settings: dict[str, Any]) -> tuple[BYOL, BYOLAugment, BYOLAugment, Callable[..., torch.Tensor]]:
+    """The learner around the demo's backbone, its two views, and the evaluation transform."""
+    net = _build_backbone(settings).to(settings["device"])
+    view1, view2 = _views(settings)
+    size = settings["image_size"]
+
+    def prepare(x: torch.Tensor) -> torch.Tensor:  # uint8 (B, 1, 28, 28) -> normalised (B, 1, size, size)
+        x = x.float() / 255
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp_(0, 1)
+        return view1.normalize(x)
+
+    learner = BYOL(
+        net,
+        size,
+        projection_size=settings["projection_size"],
+        projection_hidden_size=settings["projection_hidden_size"],
+        augment_fn=view1,
+        augment_fn2=view2,
+        moving_average_decay=settings["tau"],
+        moving_average_total_steps=settings["steps"] if settings["tau_schedule"] == "cosine" else None,
+    ).to(settings["device"])
+    return learner, view1, view2, prepare
+
+
+def _print_summary(
+    steps: int, seconds: dict[str, float], written: list[Path | None], raw: float, init: float, final: float
+) -> None:
+    train_time = seconds["train"]
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items() if k != "total")
+    print(
+        f"BYOL: {steps} steps in {train_time:.1f} s ({steps / train_time:.2f} steps/s); total "
+        f"{seconds['total']:.1f} s ({phases})",
+        flush=True,
+    )
+    print(f"wrote {', '.join(str(p) for p in written if p is not None)}", flush=True)
+    print(f"kNN on raw pixels {raw:.4f} (reference)", flush=True)
+    print(f"kNN accuracy: random init {init:.4f} -> BYOL {final:.4f}", flush=True)
 
 
 def _plots(
@@ -506,17 +535,17 @@ def _plots(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m byol_pytorch.demo [flags]``: run the demo; returns the exit status.
+    """``python -m byol_pytorch.app.demo [flags]``: run the demo; returns the exit status.
 
     Bad input (a missing dataset, a bad flag) prints one line and returns 1.
     """
-    parser = argparse.ArgumentParser(prog="python -m byol_pytorch.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m byol_pytorch.app.demo", description=__doc__.splitlines()[0])
     add_demo_arguments(parser)
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         run_demo(args)
     except UserError as error:
-        sys.stderr.write("byol-pytorch demo: error: " + " ".join(str(error).split()) + "\n")
+        sys.stderr.write(f"byol-pytorch demo: error: {one_line(error)}\n")
         return 1
     return 0
 

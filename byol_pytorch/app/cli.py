@@ -24,13 +24,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from .errors import PROG, UserError, one_line
+
 __all__ = ["UserError", "main", "build_parser"]
-
-PROG = "byol-pytorch"
-
-
-class UserError(Exception):
-    """Bad input from the user: ``main`` prints the message as one line and exits 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +45,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .checkpoint import export_backbone
+    from ..models import export_backbone
 
     try:
         path = export_backbone(args.checkpoint, args.out, which=args.which)
@@ -62,10 +58,10 @@ def _run_export(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .evaluate import collapse_report, knn_accuracy, linear_probe
-    from .models import build_learner
-    from .monitor import KnnMonitor
+    from ..checkpoint import load_checkpoint
+    from ..evaluate import collapse_report, knn_accuracy, linear_probe
+    from ..models import build_learner
+    from ..validation import KnnMonitor
 
     if args.batch_size < 1 or args.workers < 0:
         raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
@@ -111,13 +107,13 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _run_preview(args: argparse.Namespace) -> int:
     import torch
 
-    from .augment import BYOLAugment
-    from .data import ImageFolder
+    from ..augment import BYOLAugment
+    from ..data import ImageFolder, load_size_for
 
     if args.image_size < 8 or args.count < 1:
         raise UserError(f"--image-size must be >= 8 and --count >= 1, got {args.image_size} and {args.count}")
     try:
-        dataset = ImageFolder(args.data, round(args.image_size * 256 / 224), 3)
+        dataset = ImageFolder(args.data, load_size_for(args.image_size), 3)
     except ValueError as error:
         raise UserError(f"--data: {error}") from None
     generator = torch.Generator().manual_seed(args.seed)
@@ -245,8 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as error:
-        message = " ".join(str(error).split())  # one line, whatever the message held
-        sys.stderr.write(f"{PROG}: error: {message}\n")
+        sys.stderr.write(f"{PROG}: error: {one_line(error)}\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")

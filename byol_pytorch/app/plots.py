@@ -13,9 +13,11 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
+
+from .._modules import PathLike
 
 __all__ = ["plot_curves", "plot_views"]
 
@@ -25,7 +27,6 @@ _CURVES_SIZE = (10.0, 7.0)  # inches: 1000 x 700 px at 100 dpi
 _VIEW_CELL = 2.0  # inches per image: 200 x 200 px at 100 dpi
 _SMOOTHING = 0.9  # EMA factor of the smoothed loss line (TensorBoard's default slider)
 
-PathLike = Union[str, "os.PathLike[str]"]
 Number = int | float
 
 

@@ -1,0 +1,85 @@
+"""Small facts about ``nn.Module`` objects that several parts of the package need.
+
+* ``module_device``: where a module's tensors live;
+* ``saved_modes``: a context that gives every submodule its own ``training`` flag back;
+* ``PathLike``: what the package accepts as a file or folder name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+__all__ = ["PathLike", "module_device", "module_device_dtype", "saved_modes"]
+
+PathLike = str | os.PathLike
+"""A file or folder name: ``str`` or ``pathlib.Path``."""
+
+
+def module_device(module: nn.Module | None) -> torch.device | None:
+    """The device of the first parameter (else buffer) of ``module``; None when it holds none.
+
+    Args:
+        module: any module, or None.
+
+    Returns:
+        The device, or None for a module without tensors (or None).
+
+    Examples:
+        >>> module_device(nn.Linear(2, 2))
+        device(type='cpu')
+    """
+    if module is not None:
+        for tensor in [*module.parameters(), *module.buffers()][:1]:
+            return tensor.device
+    return None
+
+
+def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of the first floating parameter or buffer (CPU, float32 when none).
+
+    Args:
+        module: any module.
+
+    Returns:
+        ``(device, dtype)`` an input for ``module`` should have.
+    """
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
+@contextlib.contextmanager
+def saved_modes(module: nn.Module | None, eval_mode: bool = True) -> Iterator[None]:
+    """Put ``module`` in eval mode (optionally) and restore every submodule's flag after.
+
+    ``module.train(mode)`` sets one flag for the whole tree; a user's net may mix them
+    (a frozen BatchNorm in eval mode inside a training net). This context records each
+    submodule's flag and writes it back on exit, also when the body raises.
+
+    Args:
+        module: the module (None: nothing to do).
+        eval_mode: call ``module.eval()`` on entry.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> _ = net[1].eval()
+        >>> with saved_modes(net):
+        ...     net[0].training
+        False
+        >>> net.training, net[1].training
+        (True, False)
+    """
+    modes = {m: m.training for m in module.modules()} if module is not None else {}
+    try:
+        if module is not None and eval_mode:
+            module.eval()
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode

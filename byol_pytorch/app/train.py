@@ -1,0 +1,451 @@
+"""``byol-pytorch train``: BYOL pretraining on a folder of images, one process or many (torchrun).
+
+Read ``train`` from top to bottom: ``prepare_run`` (run folder and resume, recipe, data,
+learner and optimiser, state restored from the checkpoint), ``run`` (the engine with
+this command's hooks: skipped-file warning, kNN monitor, metrics, checkpoints) and
+``finish`` (curves, a summary).
+
+Reproducibility: the model is initialised from ``--seed``; the augmentations draw from
+the global torch generator seeded with ``seed + rank``; the data order of an epoch is
+a pure function of (seed, epoch) (``EpochSampler``). A checkpoint stores the
+generators of every rank and the position in the epoch, so a run stopped at step k and
+resumed ends with the same weights as an uninterrupted one (tested bitwise on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from ..byol import BYOL
+from ..checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from ..data import ImageFolder, collate_images, load_size_for, match_channels
+from ..distributed import DistContext, gather_objects, setup_distributed
+from ..encoder import infer_channels
+from ..engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState, prepare_model
+from ..models import build_backbone, build_learner
+from ..optim import build_optimizer, resync_lr, warmup_cosine_scheduler
+from ..sampling import EpochSampler, ignore_signals_in_worker, step_batches
+from ..validation import KnnMonitor
+from .errors import UserError, warn
+from .metrics import MetricsLog, plot_curves_or_warn
+from .recipe import add_train_arguments, check_sizes, get_args_parser, plain, resolve_recipe, run_length
+
+__all__ = ["Run", "add_train_arguments", "finish", "get_args_parser", "main", "prepare_run", "run", "train"]
+
+
+@dataclass
+class Run:
+    """A prepared training run: what ``run`` and ``finish`` work with."""
+
+    args: argparse.Namespace
+    ctx: DistContext
+    out: Path
+    recipe: dict[str, Any]
+    run_args: dict[str, Any]  # saved in every checkpoint
+    dataset: ImageFolder
+    sampler: EpochSampler
+    loader: DataLoader
+    learner: BYOL
+    model: nn.Module  # the learner, maybe wrapped in DDP / torch.compile
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    precision: str
+    state: TrainState
+    workers: int
+    resumed_from: Path | None
+    saved_step: int = -1  # step of the last checkpoint written or resumed from; -1: none yet
+    skip_warned: bool = False  # the skipped-files warning was given
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train; returns a summary (``step``, ``checkpoint``, ``exit_code``, ...).
+
+    Raises:
+        UserError: bad input (missing data, unknown model, batch size, resume without a
+            checkpoint, a file that is not our checkpoint) or a non-finite loss.
+    """
+    try:
+        ctx = setup_distributed(args.device)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    try:
+        return train(args, ctx)
+    finally:
+        ctx.close()
+
+
+def train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
+    """The training run of ``main`` in an existing process context (see ``main``)."""
+    prepared = prepare_run(args, ctx)
+    state = prepared.state
+    if state.step >= state.total:
+        if ctx.is_main:
+            print(
+                f"byol-pytorch: the checkpoint is at step {state.step}, the run's total is {state.total}: nothing to "
+                "do (pass a larger --max-steps or --epochs to train further)"
+            )
+        return {
+            "step": state.step,
+            "total": state.total,
+            "checkpoint": str(prepared.resumed_from),
+            "exit_code": 0,
+            "stopped_by": None,
+        }
+    return finish(prepared, run(prepared))
+
+
+# ---------------------------------------------------------------------- prepare
+def _resume_path(args: argparse.Namespace, out: Path) -> Path | None:
+    if args.resume is None or args.resume is False:
+        if (out / "last.pt").exists():
+            raise UserError(
+                f"{out / 'last.pt'} already exists; pass --resume to continue that run, or choose another --out"
+            )
+        return None
+    path = out / "last.pt" if args.resume is True else Path(args.resume)
+    if not path.is_file():
+        raise UserError(f"--resume: no checkpoint at {path}; train without --resume to start a new run")
+    return path
+
+
+def _load_resumed(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise UserError(f"--resume: {error}") from None
+
+
+def _runtime_options(args: argparse.Namespace, ctx: DistContext) -> tuple[str, int]:
+    """``(precision, workers)``; the reporting intervals checked."""
+    cuda_bf16 = ctx.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    precision = args.precision or ("bf16" if cuda_bf16 else "fp32")
+    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    if workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {workers}")
+    for flag in ("checkpoint_every", "log_every", "val_every"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    return precision, workers
+
+
+def _build_net(recipe: dict[str, Any], args: argparse.Namespace, ctx: DistContext) -> nn.Module:
+    """The backbone, seeded (identical on every rank); ``recipe["in_chans"]`` set to its channels."""
+    torch.manual_seed(recipe["seed"])
+    try:
+        net = build_backbone(recipe["model"], recipe["in_chans"], recipe["image_size"])
+    except ValueError as error:
+        raise UserError(f"--model: {error}") from None
+    recipe["in_chans"] = infer_channels(net)
+    if args.sync_bn_backbone:
+        if ctx.distributed and ctx.device.type == "cuda":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        elif ctx.is_main:
+            warn("--sync-bn-backbone needs several CUDA processes; ignored")
+    return net
+
+
+def _build_data(
+    data: str | None, recipe: dict[str, Any], micro_batch: int, workers: int, ctx: DistContext
+) -> tuple[ImageFolder, EpochSampler, DataLoader]:
+    """The image folder in the net's channel count, its resumable order, the loader."""
+    if not data:
+        raise UserError("--data is required: the folder of training images")
+    channels = 1 if recipe["in_chans"] == 1 else 3
+    try:
+        dataset = ImageFolder(data, load_size_for(recipe["image_size"]), channels)
+        dataset[0]  # fails now, not in a worker, when no file at all can be read
+        sampler = EpochSampler(
+            len(dataset), micro_batch, ctx.rank, ctx.world_size, recipe["seed"], multiple_of=recipe["accumulate"]
+        )
+    except (ValueError, RuntimeError) as error:
+        raise UserError(f"--data: {error}") from None
+    loader = DataLoader(
+        dataset,
+        batch_size=micro_batch,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        collate_fn=collate_images,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=workers > 0,
+        worker_init_fn=ignore_signals_in_worker if workers > 0 else None,
+        generator=torch.Generator().manual_seed(recipe["seed"] * 1000 + ctx.rank),
+    )
+    return dataset, sampler, loader
+
+
+def _build_learner(
+    recipe: dict[str, Any],
+    net: nn.Module,
+    total: int,
+    warmup: int,
+    precision: str,
+    args: argparse.Namespace,
+    ctx: DistContext,
+) -> tuple[BYOL, Any, Any, Any]:
+    """``(learner, optimizer, scheduler, scaler)`` of the recipe; tau follows the paper's cosine over the run."""
+    try:
+        learner = build_learner(recipe, net).to(ctx.device)
+        optimizer = build_optimizer(recipe["optimizer"], learner, recipe["lr"], recipe["weight_decay"])
+    except ValueError as error:  # a tau, head size or lr out of range; a net that cannot take the views
+        raise UserError(str(error)) from None
+    learner.moving_average_total_steps = total  # cosine tau over the run (paper Sec. 3.2)
+    if args.channels_last:
+        learner = learner.to(memory_format=torch.channels_last)
+    scheduler = warmup_cosine_scheduler(optimizer, total, warmup)
+    scaler = torch.amp.GradScaler(ctx.device.type) if precision == "fp16" else None
+    return learner, optimizer, scheduler, scaler
+
+
+def _restore(checkpoint: dict[str, Any] | None, run: Run) -> None:
+    """Model, optimiser, schedules, data position and generators from the checkpoint (or a fresh start)."""
+    ctx, state, accumulate = run.ctx, run.state, run.recipe["accumulate"]
+    if checkpoint is None:
+        torch.manual_seed(run.recipe["seed"] + ctx.rank)  # the augmentations' generator, per rank
+        return
+    run.learner.load_state_dict(checkpoint["learner"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    resync_lr(run.scheduler)  # the lr of the current step under the (possibly new) total
+    if run.scaler is not None and checkpoint.get("scaler"):
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    state.step, state.epoch = int(checkpoint["step"]), int(checkpoint["epoch"])
+    state.position = int(checkpoint["batch_in_epoch"])
+    if checkpoint.get("dataset_size") != len(run.dataset) or checkpoint.get("world_size") != ctx.world_size:
+        if ctx.is_main:
+            warn(
+                f"the data ({len(run.dataset)} images) or process count ({ctx.world_size}) changed since the "
+                "checkpoint; training goes on, with a data order unlike an uninterrupted run's"
+            )
+        state.position = min(state.position, run.sampler.batches_per_epoch) // accumulate * accumulate
+    rng = checkpoint["rng"]
+    set_rng_state(rng[ctx.rank] if len(rng) == ctx.world_size else rng[0])
+    if len(rng) != ctx.world_size:
+        torch.manual_seed(run.recipe["seed"] + ctx.rank + state.step)
+    run.saved_step = state.step
+
+
+def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
+    """Everything before the first step: folder, recipe, data, learner, state (restored on resume)."""
+    out = Path(args.out)
+    resumed_from = _resume_path(args, out)
+    checkpoint = _load_resumed(resumed_from)
+    saved_args = checkpoint["args"] if checkpoint else None
+    recipe = resolve_recipe(args, saved_args)
+    micro_batch = check_sizes(recipe, ctx)
+    data = args.data or (saved_args or {}).get("data")
+    precision, workers = _runtime_options(args, ctx)
+    net = _build_net(recipe, args, ctx)
+    dataset, sampler, loader = _build_data(data, recipe, micro_batch, workers, ctx)
+    steps_per_epoch = sampler.batches_per_epoch // recipe["accumulate"]
+    total, warmup = run_length(args, recipe, steps_per_epoch, int(checkpoint["total_steps"]) if checkpoint else None)
+    learner, optimizer, scheduler, scaler = _build_learner(recipe, net, total, warmup, precision, args, ctx)
+    run_args = {k: plain(v) for k, v in vars(args).items()}
+    run_args.update(recipe, data=str(data), precision=precision)
+    prepared = Run(
+        args,
+        ctx,
+        out,
+        recipe,
+        run_args,
+        dataset,
+        sampler,
+        loader,
+        learner,
+        learner,
+        optimizer,
+        scheduler,
+        scaler,
+        precision,
+        TrainState(total=total),
+        workers,
+        resumed_from,
+    )
+    _restore(checkpoint, prepared)
+    if prepared.state.step < total:
+        prepared.model = prepare_model(learner, ctx, compile=args.compile)
+        if ctx.is_main:
+            print(
+                f"byol-pytorch: {recipe['model']} on {len(dataset)} images ({recipe['in_chans']} channels) in "
+                f"{data}, {ctx.world_size} process(es) on {ctx.device.type}, batch {recipe['batch_size']}, "
+                f"{recipe['optimizer']} lr {recipe['lr']:.4g}, warm-up {warmup} steps, {steps_per_epoch} "
+                f"steps/epoch, steps {prepared.state.step} -> {total}, {precision}, run folder {out}",
+                flush=True,
+            )
+    return prepared
+
+
+# ---------------------------------------------------------------------- run
+class Checkpointer:
+    """Writes ``OUT/last.pt`` (rank 0, atomically) with every rank's generators; a collective."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def __call__(self, state: TrainState) -> None:
+        run = self.run
+        rng_states = gather_objects(run.ctx, get_rng_state())  # every rank calls the hook
+        if run.ctx.is_main:
+            save_checkpoint(
+                run.out / "last.pt",
+                {
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    "batch_in_epoch": state.position,
+                    "total_steps": state.total,
+                    "dataset_size": len(run.dataset),
+                    "world_size": run.ctx.world_size,
+                    "learner": run.learner.state_dict(),
+                    "optimizer": run.optimizer.state_dict(),
+                    "scheduler": run.scheduler.state_dict(),
+                    "scaler": run.scaler.state_dict() if run.scaler else {},
+                    "rng": rng_states,
+                    "args": run.run_args,
+                },
+            )
+        run.ctx.barrier()
+        run.saved_step = state.step
+
+
+def _hooks(prepared: Run, metrics: MetricsLog, monitor: KnnMonitor | None) -> list[Periodic]:
+    """This command's hooks, in the order they run after a step: warn, validate, log, save."""
+    args, ctx = prepared.args, prepared.ctx
+
+    def warn_skipped(s: TrainState) -> None:
+        if s.skipped_files and not prepared.skip_warned and ctx.is_main:
+            warn(
+                f"{s.skipped_files} unreadable, empty or corrupt image files were passed over so far; "
+                "training goes on (metrics.jsonl counts them in skipped_files)"
+            )
+            prepared.skip_warned = True
+
+    def validate(s: TrainState) -> None:
+        if monitor is not None:
+            s.pending["knn_acc"] = monitor(prepared.learner)
+        ctx.barrier()
+
+    def log(s: TrainState) -> None:
+        row = {
+            "step": s.step,
+            "epoch": s.epoch + s.position / s.batches_per_epoch,
+            "loss": s.loss,
+            "lr": s.lr,
+            "tau": s.tau,
+        }
+        row.update(s.take_interval(), skipped_files=s.skipped_files, **s.pending)
+        metrics.write(row)
+        s.shown = {
+            k: f"{row[k]:.1f}" if k == "img_per_s" else f"{row[k]:.4f}"
+            for k in ("loss", "img_per_s", "knn_acc")
+            if k in row
+        }
+        s.pending.clear()
+
+    hooks = [Periodic(warn_skipped, when=lambda s: s.epoch_done)]
+    if args.val_data:
+        hooks.append(Periodic(validate, every_epochs=args.val_every, at_end=True))
+    hooks.append(
+        Periodic(log, every=args.log_every, at_end=True, on_stop=True, when=lambda s: s.epoch_done and bool(s.pending))
+    )
+    hooks.append(Periodic(Checkpointer(prepared), every=args.checkpoint_every, at_end=True, on_stop=True))
+    return hooks
+
+
+def run(prepared: Run) -> TrainState:
+    """The loop: the engine with this command's hooks, until the total or a stop signal.
+
+    Raises:
+        UserError: the loss turned non-finite (the last good checkpoint is kept).
+    """
+    args, ctx, state, recipe = prepared.args, prepared.ctx, prepared.state, prepared.recipe
+    prepared.out.mkdir(parents=True, exist_ok=True)
+    try:
+        metrics = MetricsLog(
+            prepared.out, state.step if prepared.saved_step >= 0 else None, args.tensorboard, enabled=ctx.is_main
+        )
+        monitor = (
+            KnnMonitor(
+                args.val_data,
+                recipe["image_size"],
+                1 if recipe["in_chans"] == 1 else 3,
+                ctx.device,
+                workers=min(prepared.workers, 4),
+            )
+            if args.val_data and ctx.is_main
+            else None
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    step = OptimizerStep(
+        prepared.learner,
+        prepared.model,
+        prepared.optimizer,
+        prepared.scheduler,
+        prepared.precision,
+        ctx.device,
+        prepared.scaler,
+    )
+    channels = recipe["in_chans"]
+    engine = Engine(
+        step,
+        ctx,
+        prepare=lambda x: match_channels(x, channels),
+        check_every=None if ctx.device.type == "cpu" else min(10, args.log_every),
+    )
+    batches = step_batches(prepared.loader, prepared.sampler, state.epoch, state.position, recipe["accumulate"])
+    try:
+        engine.run(batches, state, _hooks(prepared, metrics, monitor))
+    except DivergedError as error:
+        kept = (
+            f"the last good checkpoint {prepared.out / 'last.pt'} (step {prepared.saved_step}) is left as it was"
+            if prepared.saved_step >= 0
+            else "no checkpoint had been written yet"
+        )
+        raise UserError(
+            f"{error}; {kept}. Lower --lr, lengthen --warmup-epochs, or use --precision fp32/bf16 instead of fp16"
+        ) from None
+    finally:
+        metrics.close()
+    return state
+
+
+# ---------------------------------------------------------------------- finish
+def finish(prepared: Run, state: TrainState) -> dict[str, Any]:
+    """Curves and warnings on rank 0, a line for a stopped run; returns the summary."""
+    out, ctx = prepared.out, prepared.ctx
+    stopped = state.stop_signal
+    if ctx.is_main and stopped is None:
+        plot_curves_or_warn(out / "metrics.jsonl", out / "curves.png")
+        if state.skipped_files and not prepared.skip_warned:
+            warn(
+                f"{state.skipped_files} unreadable, empty or corrupt image files were passed over so far; "
+                "training went on"
+            )
+    if stopped is not None and ctx.is_main:
+        print(
+            f"byol-pytorch: stopped by {signal.Signals(stopped).name} at step {state.step}; checkpoint saved to "
+            f"{out / 'last.pt'}; continue with --resume",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {
+        "step": state.step,
+        "total": state.total,
+        "epoch": state.epoch,
+        "checkpoint": str(out / "last.pt"),
+        "stopped_by": None if stopped is None else signal.Signals(stopped).name,
+        "exit_code": 0 if stopped is None else 128 + int(stopped),
+    }

@@ -1,0 +1,122 @@
+"""The package's layering: the core never imports the application, and no import circle exists.
+
+Every ``import`` statement of every module is read from the source (module level and
+inside functions alike, since a lazy import is still a dependency), resolved to a
+module of the package, and checked against the rule in docs/DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "byol_pytorch"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules that ``name`` imports (``from . import x`` resolved to ``pkg.x``)."""
+    is_package = path.name == "__init__.py"
+    package = name if is_package else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:  # a name inside a module -> the module
+                target = target.rpartition(".")[0]
+            if target and target != name and not _is_parent_package(target, name):
+                found.add(target)
+    return found
+
+
+def _is_parent_package(target: str, name: str) -> bool:
+    """``byol_pytorch`` or ``byol_pytorch.app`` imported implicitly as parents of ``name``."""
+    return name.startswith(target + ".")
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    return {name: _imports(name, path, known) for name, path in modules.items()}
+
+
+def _is_app(name: str) -> bool:
+    return name == "byol_pytorch.app" or name.startswith("byol_pytorch.app.")
+
+
+def test_the_graph_is_read():
+    """A guard for the checks below: the reader sees the package's known edges."""
+    graph = _graph()
+    assert "byol_pytorch.encoder" in graph["byol_pytorch.byol"]
+    assert "byol_pytorch.engine" in graph["byol_pytorch.app.train"]
+    assert "byol_pytorch.app.errors" in graph["byol_pytorch.app.cli"]
+    assert "byol_pytorch.app.train" in graph["byol_pytorch.app.cli"]  # a lazy import, inside a function
+
+
+def test_the_core_never_imports_the_application():
+    graph = _graph()
+    offenders = {name: sorted(filter(_is_app, deps)) for name, deps in graph.items() if not _is_app(name)}
+    offenders = {name: deps for name, deps in offenders.items() if deps and name != "byol_pytorch.__main__"}
+    assert offenders == {}, f"core modules importing the application: {offenders}"
+
+
+def test_the_errors_module_imports_nothing_of_ours():
+    assert _graph()["byol_pytorch.app.errors"] == set()
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep) :] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_circle():
+    assert _find_cycle(_graph()) is None
+
+
+@pytest.mark.parametrize(
+    "graph, expected",
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, None),
+    ],
+)
+def test_the_cycle_finder_finds_a_circle(graph, expected):
+    assert _find_cycle(graph) == expected
