@@ -1,10 +1,35 @@
-"""Shared fixtures: small backbones built without downloading weights."""
+"""Shared fixtures: small backbones built without downloading weights, and tiny data folders.
+
+Test files take what they share from here as fixtures (``cnn``, ``make_cnn``,
+``tiny_flags``, ``messy``, ``make_messy_folder``, ``make_labelled``); no test file
+imports another.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
+
+# The smallest `byol-pytorch train` recipe that still runs a real timm ResNet.
+TINY_FLAGS = (
+    "--model",
+    "resnet10t",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--projection-size",
+    "32",
+    "--projection-hidden-size",
+    "64",
+    "--workers",
+    "0",
+)
 
 
 def small_cnn(channels: int = 3, num_classes: int = 10) -> nn.Sequential:
@@ -22,10 +47,75 @@ def small_cnn(channels: int = 3, num_classes: int = 10) -> nn.Sequential:
     )
 
 
+def build_messy_folder(root: Path, good: int = 24) -> Path:
+    """Nested folders of JPEG/PNG, grayscale and RGBA images, plus corrupt, empty and text files."""
+    rng = np.random.default_rng(0)
+    (root / "a" / "deeper").mkdir(parents=True)
+    (root / "b").mkdir()
+    for i in range(good):
+        kind = i % 4
+        size = (36 + i % 5, 44)
+        if kind == 0:
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / "a" / f"{i}.jpg")
+        elif kind == 1:
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / "a" / "deeper" / f"{i}.png")
+        elif kind == 2:
+            Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8), "L").save(root / "b" / f"{i}_gray.png")
+        else:
+            Image.fromarray(rng.integers(0, 256, (*size, 4), dtype=np.uint8), "RGBA").save(root / "b" / f"{i}_rgba.png")
+    (root / "b" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 20)
+    (root / "b" / "empty.png").write_bytes(b"")
+    (root / "b" / "readme.txt").write_text("not an image")
+    return root
+
+
+def build_labelled(root: Path, classes: int = 3, per_class: int = 10) -> Path:
+    """``ROOT/class_C/I.png``: class C is a noisy plain colour (red, green, blue, red, ...)."""
+    rng = np.random.default_rng(1)
+    for c in range(classes):
+        (root / f"class_{c}").mkdir(parents=True)
+        colour = np.zeros(3)
+        colour[c % 3] = 200
+        for i in range(per_class):
+            pixels = np.clip(colour + rng.normal(0, 25, (36, 36, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i}.png")
+    return root
+
+
 @pytest.fixture
 def cnn() -> nn.Sequential:
     torch.manual_seed(0)
     return small_cnn()
+
+
+@pytest.fixture(scope="session")
+def make_cnn():
+    """``small_cnn(channels=3, num_classes=10)``, the builder itself."""
+    return small_cnn
+
+
+@pytest.fixture(scope="session")
+def tiny_flags() -> tuple[str, ...]:
+    """Flags of a tiny `byol-pytorch train` run (resnet10t, 32 px, batch 4, no loader workers)."""
+    return TINY_FLAGS
+
+
+@pytest.fixture(scope="session")
+def make_messy_folder():
+    """``make_messy_folder(root, good=24) -> root``: see ``build_messy_folder``."""
+    return build_messy_folder
+
+
+@pytest.fixture(scope="session")
+def make_labelled():
+    """``make_labelled(root, classes=3, per_class=10) -> root``: see ``build_labelled``."""
+    return build_labelled
+
+
+@pytest.fixture
+def messy(tmp_path) -> Path:
+    """A messy folder of 24 good images and 3 bad files under ``tmp_path / "images"``."""
+    return build_messy_folder(tmp_path / "images")
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ import inspect
 
 import pytest
 import torch
-from conftest import small_cnn
 
 from byol_pytorch.trainer import BYOLTrainer, MockDataset
 
@@ -42,8 +41,8 @@ def test_signature_keeps_the_incumbent_argument_names():
     assert names["checkpoint_folder"].default == "./checkpoints"
 
 
-def test_trainer_trains_and_checkpoints_the_net(tmp_path):
-    net = small_cnn()
+def test_trainer_trains_and_checkpoints_the_net(tmp_path, make_cnn):
+    net = make_cnn()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     trainer = BYOLTrainer(
         net,
@@ -69,21 +68,21 @@ def test_trainer_trains_and_checkpoints_the_net(tmp_path):
         "checkpoint.final.pt",
     ]
     final = torch.load(tmp_path / "ckpt" / "checkpoint.final.pt", weights_only=True)
-    fresh = small_cnn()
+    fresh = make_cnn()
     fresh.load_state_dict(final, strict=True)
     for name, value in net.state_dict().items():
         assert torch.equal(final[name], value)
     assert not torch.equal(final["0.weight"], before["0.weight"])  # the user's net was trained in place
 
 
-def test_trainer_accepts_tuples_and_warns_on_accelerator_kwargs(tmp_path):
+def test_trainer_accepts_tuples_and_warns_on_accelerator_kwargs(tmp_path, make_cnn):
     class Labelled(MockDataset):
         def __getitem__(self, index):
             return super().__getitem__(index), index % 2
 
     with pytest.warns(UserWarning, match="accelerator_kwargs is ignored"):
         trainer = BYOLTrainer(
-            small_cnn(),
+            make_cnn(),
             dataset=Labelled(16, 8),
             image_size=16,
             hidden_layer="auto",
@@ -98,10 +97,10 @@ def test_trainer_accepts_tuples_and_warns_on_accelerator_kwargs(tmp_path):
     assert trainer()["steps"] == 2
 
 
-def test_trainer_rejects_a_batch_of_one(tmp_path):
+def test_trainer_rejects_a_batch_of_one(tmp_path, make_cnn):
     with pytest.raises(ValueError, match="batch_size"):
         BYOLTrainer(
-            small_cnn(),
+            make_cnn(),
             dataset=MockDataset(16, 8),
             image_size=16,
             hidden_layer=-2,

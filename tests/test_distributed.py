@@ -1,4 +1,4 @@
-"""Two-process DDP on the CPU (gloo): identical weights on every rank, and the gradient of the union.
+"""distributed.py and DDP: two processes on the CPU (gloo) hold identical weights and the gradient of the union.
 
 Also the command line under torchrun, and SyncBatchNorm in the heads on GPUs (skipped
 without two CUDA devices).
@@ -145,9 +145,7 @@ def test_ddp_gradient_equals_single_process_gradient_of_the_union(ddp_run):
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_train_command_under_torchrun(tmp_path):
-    from test_train import TINY, make_messy_folder
-
+def test_train_command_under_torchrun(tmp_path, tiny_flags, make_messy_folder):
     data = make_messy_folder(tmp_path / "images")
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -166,7 +164,7 @@ def test_train_command_under_torchrun(tmp_path):
         str(data),
         "--out",
         str(out),
-        *TINY,
+        *tiny_flags,
         "--max-steps",
         "3",
         "--log-every",
@@ -218,3 +216,31 @@ def test_heads_use_sync_batchnorm_when_a_gpu_group_exists(tmp_path):
         assert seen["sync_projector"] and seen["sync_predictor"], seen
         assert not seen["plain_bn_predictor"], seen
         assert seen["plain_bn_backbone"], seen  # the backbone only on request
+
+
+# ---------------------------------------------------------------- one process
+def test_setup_distributed_without_torchrun_runs_alone_on_the_cpu(monkeypatch):
+    import torch.distributed as dist
+
+    from byol_pytorch.distributed import gather_objects, setup_distributed
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert not dist.is_initialized()
+    ctx = setup_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.device) == (0, 1, 0, torch.device("cpu"))
+    assert not ctx.distributed and ctx.is_main and not ctx.owns_group
+    ctx.barrier()  # no group: nothing to wait for
+    ctx.close()
+    assert not dist.is_initialized()
+    assert gather_objects(ctx, {"knn": 0.5}) == [{"knn": 0.5}]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert setup_distributed(None).device == torch.device("cpu")  # the default without a GPU
+
+
+def test_setup_distributed_asked_for_cuda_without_cuda(monkeypatch):
+    from byol_pytorch.distributed import setup_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda was given but CUDA is not available; use --device cpu"):
+        setup_distributed("cuda")

@@ -1,4 +1,4 @@
-"""`byol-pytorch train`: end to end on a messy folder, resume, equivalence, signals, divergence, accumulation."""
+"""`byol-pytorch train`: end to end on a messy folder, resume, equivalence, signals, divergence, accumulation flag."""
 
 import json
 import os
@@ -9,9 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-import torch.nn as nn
 from PIL import Image
 
 from byol_pytorch import BYOL
@@ -19,63 +17,8 @@ from byol_pytorch.app import cli
 from byol_pytorch.app.train import get_args_parser
 from byol_pytorch.app.train import main as train_main
 from byol_pytorch.checkpoint import load_checkpoint
-from byol_pytorch.engine import OptimizerStep
-from byol_pytorch.optim import warmup_cosine_scheduler
 
-TINY = [
-    "--model",
-    "resnet10t",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "4",
-    "--projection-size",
-    "32",
-    "--projection-hidden-size",
-    "64",
-    "--workers",
-    "0",
-]
-REPO = Path(__file__).resolve().parents[1]
-
-
-def make_messy_folder(root: Path, good: int = 24) -> Path:
-    """Nested folders of JPEG/PNG, grayscale and RGBA images, plus corrupt, empty and text files."""
-    rng = np.random.default_rng(0)
-    (root / "a" / "deeper").mkdir(parents=True)
-    (root / "b").mkdir()
-    for i in range(good):
-        kind = i % 4
-        size = (36 + i % 5, 44)
-        if kind == 0:
-            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / "a" / f"{i}.jpg")
-        elif kind == 1:
-            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / "a" / "deeper" / f"{i}.png")
-        elif kind == 2:
-            Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8), "L").save(root / "b" / f"{i}_gray.png")
-        else:
-            Image.fromarray(rng.integers(0, 256, (*size, 4), dtype=np.uint8), "RGBA").save(root / "b" / f"{i}_rgba.png")
-    (root / "b" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 20)
-    (root / "b" / "empty.png").write_bytes(b"")
-    (root / "b" / "readme.txt").write_text("not an image")
-    return root
-
-
-def make_labelled(root: Path, classes: int = 3, per_class: int = 10) -> Path:
-    rng = np.random.default_rng(1)
-    for c in range(classes):
-        (root / f"class_{c}").mkdir(parents=True)
-        colour = np.zeros(3)
-        colour[c % 3] = 200
-        for i in range(per_class):
-            pixels = np.clip(colour + rng.normal(0, 25, (36, 36, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i}.png")
-    return root
-
-
-@pytest.fixture
-def messy(tmp_path):
-    return make_messy_folder(tmp_path / "images")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_train(argv):
@@ -86,17 +29,13 @@ def learner_tensors(path):
     return load_checkpoint(path)["learner"]
 
 
-def test_end_to_end_train_resume_export_on_messy_folder(messy, tmp_path, capsys):
+def test_end_to_end_train_resume_export_on_messy_folder(messy, tmp_path, capsys, tiny_flags):
     import timm
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    assert (
-        cli.main(
-            ["train", "--data", str(messy), "--out", str(out), "--max-steps", "6", "--log-every", "1", *TINY[:-1], "2"]
-        )
-        == 0
-    )  # two loader workers; 6 steps = one epoch
+    argv = ["train", "--data", str(messy), "--out", str(out), "--max-steps", "6", "--log-every", "1"]
+    assert cli.main([*argv, *tiny_flags[:-1], "2"]) == 0  # two loader workers; 6 steps = one epoch
     first = load_checkpoint(out / "last.pt")
     assert first["step"] == 6 and first["args"]["model"] == "resnet10t" and first["args"]["in_chans"] == 3
     # The corrupt and the empty file were passed over, counted, and training went on.
@@ -137,8 +76,8 @@ def _raise_sigterm_at(monkeypatch, at_step):
     monkeypatch.setattr(BYOL, "update_moving_average", update)
 
 
-def test_resume_equivalence_is_bitwise(messy, tmp_path, monkeypatch):
-    common = ["--data", str(messy), *TINY, "--max-steps", "8", "--log-every", "4"]
+def test_resume_equivalence_is_bitwise(messy, tmp_path, monkeypatch, tiny_flags):
+    common = ["--data", str(messy), *tiny_flags, "--max-steps", "8", "--log-every", "4"]
     assert run_train([*common, "--out", str(tmp_path / "full")])["exit_code"] == 0
 
     with monkeypatch.context() as patch:
@@ -157,7 +96,7 @@ def test_resume_equivalence_is_bitwise(messy, tmp_path, monkeypatch):
     assert steps == [3, 4, 8]
 
 
-def test_sigterm_in_a_subprocess_saves_and_exits_143(messy, tmp_path):
+def test_sigterm_in_a_subprocess_saves_and_exits_143(messy, tmp_path, tiny_flags):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
@@ -170,7 +109,7 @@ def test_sigterm_in_a_subprocess_saves_and_exits_143(messy, tmp_path):
             str(messy),
             "--out",
             str(out),
-            *TINY,
+            *tiny_flags,
             "--max-steps",
             "100000",
             "--log-every",
@@ -197,9 +136,9 @@ def test_sigterm_in_a_subprocess_saves_and_exits_143(messy, tmp_path):
     assert checkpoint["step"] >= 2 and checkpoint["total_steps"] == 100000
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(messy, tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(messy, tmp_path, monkeypatch, capsys, tiny_flags):
     out = tmp_path / "run"
-    assert run_train(["--data", str(messy), "--out", str(out), *TINY, "--max-steps", "2"])["step"] == 2
+    assert run_train(["--data", str(messy), "--out", str(out), *tiny_flags, "--max-steps", "2"])["step"] == 2
     before = (out / "last.pt").read_bytes()
     original = BYOL.forward
 
@@ -217,75 +156,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(messy, tmp_pat
     assert (out / "last.pt").read_bytes() == before
 
 
-# ---------------------------------------------------------------- accumulation and skipped steps
-def _tiny_learner():
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.GroupNorm(2, 8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 5),
-    )
-    return BYOL(
-        net,
-        image_size=16,
-        projection_size=8,
-        projection_hidden_size=16,
-        use_batchnorm=False,
-        augment_fn=nn.Identity(),
-        augment_fn2=lambda x: x.flip(-1),
-    )
-
-
-def test_accumulation_steps_once_and_matches_the_full_batch_gradient():
-    images = torch.rand(8, 3, 16, 16)
-    grads = []
-    for chunks in (1, 2):
-        learner = _tiny_learner()
-        opt = torch.optim.SGD(learner.parameters(), lr=0.0)  # lr 0: keep the weights, read gradients
-        sched = warmup_cosine_scheduler(opt, total=10, warmup=0)
-        seen = {}
-        opt.register_step_pre_hook(
-            lambda *_, seen=seen, learner=learner: seen.update(
-                {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
-            )
-        )
-        step = OptimizerStep(learner, learner, opt, sched, "fp32", torch.device("cpu"))
-        _, stepped = step(list(images.chunk(chunks)))
-        assert stepped and step.steps == 1 and int(learner.ema_step) == 1 and sched.last_epoch == 1
-        grads.append(seen)
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
-
-
-def test_a_scaler_skipped_step_advances_neither_ema_nor_lr_schedule():
-    learner = _tiny_learner()
-    opt = torch.optim.SGD(learner.parameters(), lr=0.1)
-    sched = warmup_cosine_scheduler(opt, total=10, warmup=2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # the scaled loss overflows to inf
-    step = OptimizerStep(learner, learner, opt, sched, "fp32", torch.device("cpu"), scaler)
-    before = [p.detach().clone() for p in learner.parameters()]
-    lr_before = opt.param_groups[0]["lr"]
-    _, stepped = step([torch.rand(4, 3, 16, 16)])
-    assert not stepped and step.skipped == 1 and step.steps == 0
-    assert int(learner.ema_step) == 0 and sched.last_epoch == 0 and opt.param_groups[0]["lr"] == lr_before
-    assert all(torch.equal(a, b) for a, b in zip(before, learner.parameters()))
-    scaler.update(2.0**8)  # a sane scale: the next step is real
-    _, stepped = step([torch.rand(4, 3, 16, 16)])
-    assert stepped and step.steps == 1 and int(learner.ema_step) == 1 and sched.last_epoch == 1
-
-
-def test_accumulate_flag_counts_optimizer_steps(messy, tmp_path):
+def test_accumulate_flag_counts_optimizer_steps(messy, tmp_path, tiny_flags):
     out = tmp_path / "run"
     argv = [
         "--data",
         str(messy),
         "--out",
         str(out),
-        *TINY,
+        *tiny_flags,
         "--batch-size",
         "8",
         "--accumulate",
@@ -299,7 +177,7 @@ def test_accumulate_flag_counts_optimizer_steps(messy, tmp_path):
     assert checkpoint["batch_in_epoch"] == 0 and checkpoint["epoch"] == 1  # 24 images = 6 micro-batches of 4
 
 
-def test_val_data_runs_the_knn_monitor_and_draws_curves(messy, tmp_path):
+def test_val_data_runs_the_knn_monitor_and_draws_curves(messy, tmp_path, tiny_flags, make_labelled):
     labelled = make_labelled(tmp_path / "labelled", per_class=5)
     out = tmp_path / "run"
     run_train(
@@ -308,7 +186,7 @@ def test_val_data_runs_the_knn_monitor_and_draws_curves(messy, tmp_path):
             str(messy),
             "--out",
             str(out),
-            *TINY,
+            *tiny_flags,
             "--max-steps",
             "8",
             "--log-every",
@@ -329,7 +207,7 @@ def test_val_data_runs_the_knn_monitor_and_draws_curves(messy, tmp_path):
         assert np.asarray(image.convert("L")).std() > 5
 
 
-def test_views_in_one_batch_flag_is_part_of_the_recipe(messy, tmp_path, monkeypatch, capsys):
+def test_views_in_one_batch_flag_is_part_of_the_recipe(messy, tmp_path, monkeypatch, capsys, tiny_flags):
     import byol_pytorch.app.train as train_module
 
     built = []
@@ -341,12 +219,12 @@ def test_views_in_one_batch_flag_is_part_of_the_recipe(messy, tmp_path, monkeypa
 
     monkeypatch.setattr(train_module, "build_learner", recording_build)
     out = tmp_path / "run"
-    run_train(["--data", str(messy), "--out", str(out), *TINY, "--max-steps", "2", "--views-in-one-batch"])
+    run_train(["--data", str(messy), "--out", str(out), *tiny_flags, "--max-steps", "2", "--views-in-one-batch"])
     assert built[-1].views_in_one_batch is True
     assert load_checkpoint(out / "last.pt")["args"]["views_in_one_batch"] is True
     # A resumed run keeps it without the flag.
     run_train(["--out", str(out), "--resume", "--max-steps", "3", "--workers", "0"])
     assert built[-1].views_in_one_batch is True
     # A new run without the flag forwards the views one by one (the paper's default).
-    run_train(["--data", str(messy), "--out", str(tmp_path / "plain"), *TINY, "--max-steps", "1"])
+    run_train(["--data", str(messy), "--out", str(tmp_path / "plain"), *tiny_flags, "--max-steps", "1"])
     assert built[-1].views_in_one_batch is False

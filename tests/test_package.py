@@ -1,8 +1,10 @@
-"""The package's layering: the core never imports the application, and no import circle exists.
+"""The package's shape: layering, import circles, function length, public surface.
 
 Every ``import`` statement of every module is read from the source (module level and
 inside functions alike, since a lazy import is still a dependency), resolved to a
-module of the package, and checked against the rule in docs/DESIGN.md.
+module of the package, and checked against the rule in docs/DESIGN.md: the core never
+imports the application, and no import circle exists. Functions fit on a screen (at
+most 80 lines without their docstring), and every module declares ``__all__``.
 """
 
 from __future__ import annotations
@@ -120,3 +122,51 @@ def test_no_import_circle():
 )
 def test_the_cycle_finder_finds_a_circle(graph, expected):
     assert _find_cycle(graph) == expected
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def _function_lengths(path: Path) -> list[tuple[str, int]]:
+    """``(name, lines)`` of every function in ``path``, its docstring not counted."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            has_doc = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant)
+            first = body[1].lineno if has_doc and len(body) > 1 else body[0].lineno
+            found.append((node.name, (node.end_lineno or first) - first + 1))
+    return found
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = {
+        f"{name}:{function}": lines
+        for name, path in _modules().items()
+        for function, lines in _function_lengths(path)
+        if lines > MAX_FUNCTION_LINES
+    }
+    assert long == {}, f"functions over {MAX_FUNCTION_LINES} lines (docstring excluded): {long}"
+
+
+def test_the_length_counter_skips_the_docstring(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text(
+        'def f():\n    """Doc.\n\n    More.\n    """\n    a = 1\n    return a\n\n\ndef g():\n    return 2\n'
+    )
+    assert _function_lengths(source) == [("f", 2), ("g", 1)]
+
+
+def test_every_module_declares_its_public_names():
+    exempt = {"byol_pytorch.__main__", "byol_pytorch.app"}  # an entry point; a package with no names
+    missing = [
+        name
+        for name, path in _modules().items()
+        if name not in exempt and "__all__" not in path.read_text(encoding="utf-8")
+    ]
+    assert missing == []
+
+
+def test_no_complexity_waivers():
+    waived = [name for name, path in _modules().items() if "noqa: C901" in path.read_text(encoding="utf-8")]
+    assert waived == []

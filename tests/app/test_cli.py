@@ -10,20 +10,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import TINY, make_labelled, make_messy_folder
 
 from byol_pytorch.app import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_flags, make_messy_folder):
     """A one-step run on a messy folder, shared by the tests of this module."""
     root = tmp_path_factory.mktemp("cli")
     data = make_messy_folder(root / "images", good=8)
     out = root / "run"
-    assert cli.main(["train", "--data", str(data), "--out", str(out), *TINY, "--max-steps", "1"]) == 0
+    assert cli.main(["train", "--data", str(data), "--out", str(out), *tiny_flags, "--max-steps", "1"]) == 0
     return data, out
 
 
@@ -36,23 +35,23 @@ def one_error_line(capsys, code, expected_code=1):
     return lines[0]
 
 
-def test_train_without_data(capsys, tmp_path):
-    line = one_error_line(capsys, cli.main(["train", "--out", str(tmp_path / "r"), *TINY]))
+def test_train_without_data(capsys, tmp_path, tiny_flags):
+    line = one_error_line(capsys, cli.main(["train", "--out", str(tmp_path / "r"), *tiny_flags]))
     assert "--data is required" in line
 
 
-def test_train_with_missing_data_folder(capsys, tmp_path):
+def test_train_with_missing_data_folder(capsys, tmp_path, tiny_flags):
     line = one_error_line(
-        capsys, cli.main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), *TINY])
+        capsys, cli.main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), *tiny_flags])
     )
     assert "does not exist" in line
 
 
-def test_train_with_empty_data_folder(capsys, tmp_path):
+def test_train_with_empty_data_folder(capsys, tmp_path, tiny_flags):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     line = one_error_line(
-        capsys, cli.main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), *TINY])
+        capsys, cli.main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), *tiny_flags])
     )
     assert "no images found" in line
 
@@ -60,33 +59,33 @@ def test_train_with_empty_data_folder(capsys, tmp_path):
 @pytest.mark.parametrize(
     "name, suggestion", [("resnet5O", "resnet50"), ("torchvision:resnt18", "torchvision:resnet18")]
 )
-def test_train_with_unknown_model_suggests_close_names(capsys, tmp_path, trained, name, suggestion):
+def test_train_with_unknown_model_suggests_close_names(capsys, tmp_path, trained, name, suggestion, tiny_flags):
     data, _ = trained
-    argv = ["train", "--data", str(data), "--out", str(tmp_path / "r"), *TINY]
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "r"), *tiny_flags]
     argv[argv.index("resnet10t")] = name
     line = one_error_line(capsys, cli.main(argv))
     assert f"unknown model {name!r}" in line and suggestion in line
 
 
-def test_resume_without_checkpoint(capsys, tmp_path, trained):
+def test_resume_without_checkpoint(capsys, tmp_path, trained, tiny_flags):
     data, _ = trained
     line = one_error_line(
-        capsys, cli.main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--resume", *TINY])
+        capsys, cli.main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--resume", *tiny_flags])
     )
     assert "no checkpoint" in line
 
 
-def test_batch_size_one(capsys, tmp_path, trained):
+def test_batch_size_one(capsys, tmp_path, trained, tiny_flags):
     data, _ = trained
-    argv = ["train", "--data", str(data), "--out", str(tmp_path / "r"), *TINY]
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "r"), *tiny_flags]
     argv[argv.index("--batch-size") + 1] = "1"
     line = one_error_line(capsys, cli.main(argv))
     assert "--batch-size 1" in line and "at least 2" in line
 
 
-def test_a_new_run_does_not_overwrite_a_checkpoint(capsys, trained):
+def test_a_new_run_does_not_overwrite_a_checkpoint(capsys, trained, tiny_flags):
     data, out = trained
-    line = one_error_line(capsys, cli.main(["train", "--data", str(data), "--out", str(out), *TINY]))
+    line = one_error_line(capsys, cli.main(["train", "--data", str(data), "--out", str(out), *tiny_flags]))
     assert "already exists" in line and "--resume" in line
 
 
@@ -97,7 +96,7 @@ def test_resume_keeps_the_recipe(capsys, trained):
 
 
 @pytest.mark.parametrize("command", ["resume", "export", "eval"])
-def test_a_checkpoint_that_is_not_ours(capsys, tmp_path, trained, command):
+def test_a_checkpoint_that_is_not_ours(capsys, tmp_path, trained, command, make_labelled):
     data, _ = trained
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
@@ -143,7 +142,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     ]
 
 
-def test_eval_prints_accuracies_and_collapse_report(capsys, tmp_path, trained):
+def test_eval_prints_accuracies_and_collapse_report(capsys, tmp_path, trained, make_labelled):
     _, out = trained
     labelled = make_labelled(tmp_path / "lab")
     assert cli.main(["eval", "--data", str(labelled), "--checkpoint", str(out / "last.pt"), "--knn", "--linear"]) == 0
