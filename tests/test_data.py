@@ -17,7 +17,9 @@ from byol_pytorch.data import (
     LabelledImageFolder,
     collate_images,
     load_image,
+    load_size_for,
     make_loader,
+    match_channels,
     scan_images,
 )
 
@@ -286,3 +288,20 @@ def test_labelled_folder_layout_errors(tmp_path):
         LabelledImageFolder(tmp_path, 8)
     with pytest.raises(ValueError, match="does not exist"):
         LabelledImageFolder(tmp_path / "missing", 8)
+
+
+@pytest.mark.parametrize("image_size, expected", [(224, 256), (32, 37), (96, 110), (8, 9), (1, 1)])
+def test_load_size_for_is_the_imagenet_ratio_rounded(image_size, expected):
+    # 256/224 = 8/7: ImageNet's 256 px loads for 224 px crops, rounded half up, never below the crop.
+    assert load_size_for(image_size) == expected == max(image_size, int(image_size * 8 / 7 + 0.5))
+
+
+def test_match_channels_replicates_gray_and_keeps_matching_batches():
+    gray = torch.arange(2 * 4 * 4, dtype=torch.uint8).reshape(2, 1, 4, 4)
+    rgb = match_channels(gray, 3)
+    assert rgb.shape == (2, 3, 4, 4) and rgb.dtype == torch.uint8
+    for c in range(3):
+        assert torch.equal(rgb[:, c], gray[:, 0])
+    colour = torch.rand(2, 3, 4, 4)
+    assert match_channels(colour, 3) is colour  # nothing to do: the same tensor
+    assert torch.equal(match_channels(colour, 1), colour[:, :1])  # the first channel stands for gray

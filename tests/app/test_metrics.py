@@ -1,0 +1,72 @@
+"""app/metrics.py: metrics.jsonl rows, resumption, rank-0-only writing, TensorBoard, curves.png."""
+
+import json
+import sys
+
+import pytest
+
+from byol_pytorch.app.metrics import MetricsLog, plot_curves_or_warn
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_rows_are_written_rounded_with_non_finite_values_as_strings(tmp_path):
+    log = MetricsLog(tmp_path / "run")
+    log.write({"step": 1, "epoch": 0, "loss": 0.123456789, "lr": float("nan"), "tau": float("inf"), "name": "x"})
+    log.write({"step": 2, "loss": -float("inf"), "skipped_files": 3})
+    log.close()
+    assert _rows(tmp_path / "run" / "metrics.jsonl") == [
+        {"step": 1, "epoch": 0, "loss": 0.123457, "lr": "nan", "tau": "inf", "name": "x"},
+        {"step": 2, "loss": "-inf", "skipped_files": 3},
+    ]
+
+
+def test_resume_keeps_rows_up_to_the_step_and_drops_a_cut_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": step, "loss": 1.0 / step}) for step in range(1, 6)]
+    path.write_text("\n".join(lines) + '\n{"step": 6, "lo')  # a crash cut the last line
+    MetricsLog(tmp_path, resume_step=3).write({"step": 4, "loss": 0.5})
+    assert [(r["step"], r["loss"]) for r in _rows(path)] == [
+        (1, 1.0),
+        (2, 0.5),
+        (3, 1 / 3),
+        (4, 0.5),
+    ]  # kept rows verbatim
+
+    path.write_text("\n".join(lines) + '\n{"step": 6, "lo')
+    MetricsLog(tmp_path, resume_step=10)
+    assert [r["step"] for r in _rows(path)] == [1, 2, 3, 4, 5]
+
+    MetricsLog(tmp_path)  # a new run starts a new file
+    assert path.read_text() == ""
+
+
+def test_a_disabled_log_writes_nothing(tmp_path):
+    log = MetricsLog(tmp_path / "run", resume_step=3, tensorboard=True, enabled=False)
+    log.write({"step": 1, "loss": 0.1})
+    log.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_without_the_package_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(ValueError, match="--tensorboard needs the tensorboard package: pip install tensorboard"):
+        MetricsLog(tmp_path, tensorboard=True)
+
+
+def test_tensorboard_writes_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    log = MetricsLog(tmp_path, tensorboard=True)
+    log.write({"step": 1, "loss": 0.5})
+    log.close()
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+
+
+def test_curves_that_cannot_be_drawn_are_one_warning(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    plot_curves_or_warn(tmp_path / "missing.jsonl", tmp_path / "curves.png")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("byol-pytorch: warning: curves.png skipped: ")
+    assert not (tmp_path / "curves.png").exists()
