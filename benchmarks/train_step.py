@@ -11,6 +11,9 @@ EMA update of the target. The contenders see the same batch of B uint8 images:
 * ``ours, views in one batch``: ``BYOL(..., views_in_one_batch=True)``, the opt-in that
   forwards both views as one batch of 2B (one pass per network, BatchNorm statistics over
   both views, as the peer does) instead of the paper's one pass per view.
+* ``ours, engine (the CLI's step)``: ours driven by ``byol_pytorch.engine`` as ``byol-pytorch
+  train`` drives it (``OptimizerStep`` + ``Engine.run`` with hooks, the loss read back each
+  step on the CPU): what the command's loop costs around the learner.
 * ``peer vanilla`` / ``peer defaults``: lucidrains/byol-pytorch 0.9.1 (see ``_peer.py``)
   with ``use_simplicial_embeddings=False`` / its defaults; it takes float input in [0, 1],
   so its step includes ``x.float() / 255``.
@@ -60,7 +63,10 @@ from _report import machine as _machine  # noqa: E402
 from _report import markdown_table, write_results
 
 from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
+from byol_pytorch.distributed import DistContext  # noqa: E402
+from byol_pytorch.engine import Engine, OptimizerStep, Periodic, TrainState, prepare_model  # noqa: E402
 from byol_pytorch.losses import byol_loss  # noqa: E402
+from byol_pytorch.sampling import StepBatch  # noqa: E402
 
 # Goals of issue 6 (time per step relative to the floor; images/s relative to the peer).
 CPU_FLOOR_GOAL, GPU_FLOOR_GOAL, GPU_PEER_GOAL = 1.15, 1.08, 1.3
@@ -108,6 +114,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-one-batch", action="store_true", help="leave out ours with views_in_one_batch=True (the opt-in)"
     )
+    parser.add_argument("--no-engine", action="store_true", help="leave out ours driven by the CLI's engine")
     parser.add_argument(
         "--threads",
         type=int,
@@ -282,6 +289,34 @@ def build_ours(cfg: Config, images: torch.Tensor, mode: str, one_batch: bool = F
     return Contender(
         ONE_BATCH if one_batch else "ours", step, mode=mode, modules=[learner], optimizer=opt, inputs=[images]
     )
+
+
+ENGINE = "ours, engine (the CLI's step)"
+
+
+def build_ours_engine(cfg: Config, images: torch.Tensor, mode: str) -> Contender:
+    """The step of ``byol-pytorch train``: the same learner driven by ``Engine`` + ``OptimizerStep``.
+
+    One ``Engine.run`` per timed step over a one-batch stream, with the command's hooks
+    (log, checkpoint) present but not due, so the step pays what the CLI's loop pays around
+    the learner: the hook checks, the per-step loss read-back (CPU), the stop-signal handlers.
+    """
+    learner = BYOL(make_net(cfg), cfg.image_size)
+    model = prepare_model(learner, DistContext(device=cfg.device), compile=mode == "compile")
+    opt = make_optimizer(learner.parameters(), cfg)
+    precision = "fp32" if cfg.amp is None else ("bf16" if cfg.amp == torch.bfloat16 else "fp16")
+    engine = Engine(
+        OptimizerStep(learner, model, opt, None, precision, cfg.device), DistContext(device=cfg.device), progress=False
+    )
+    state = TrainState(total=0)
+    never = 10**9
+    hooks = [Periodic(lambda s: s.take_interval(), every=never), Periodic(lambda s: None, every=never)]
+
+    def step() -> None:
+        state.total = state.step + 1
+        engine.run(iter([StepBatch([images], 0, 0, state.step + 1, never)]), state, hooks)
+
+    return Contender(ENGINE, step, mode=mode, modules=[learner], optimizer=opt, inputs=[images])
 
 
 def build_peer(cfg: Config, images: torch.Tensor, mode: str, variant: str, peer) -> Contender:
@@ -545,6 +580,8 @@ def main(args: argparse.Namespace) -> str:
         contenders += [build_floor(cfg, images, mode), build_ours(cfg, images, mode)]
         if not args.no_one_batch:
             contenders.append(build_ours(cfg, images, mode, one_batch=True))
+        if not args.no_engine:
+            contenders.append(build_ours_engine(cfg, images, mode))
         if peer is not None:
             for variant in _peer.VARIANTS:
                 try:

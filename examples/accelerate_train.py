@@ -41,7 +41,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from byol_pytorch import BYOL
-from byol_pytorch.data import ImageFolder, make_loader
+from byol_pytorch.data import ImageFolder, load_size_for, make_loader
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -118,7 +118,7 @@ def main(args: argparse.Namespace) -> BYOL:
         moving_average_decay=args.tau,
         moving_average_total_steps=args.steps,  # counts update_moving_average() calls
     )
-    dataset = ImageFolder(args.data, load_size=math.ceil(args.image_size * 256 / 224), channels=learner.channels)
+    dataset = ImageFolder(args.data, load_size=load_size_for(args.image_size), channels=learner.channels)
     loader = make_loader(dataset, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
     optimizer = torch.optim.AdamW(
         [p for p in learner.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 
 from byol_pytorch import BYOL
-from byol_pytorch.data import ImageFolder, make_loader
+from byol_pytorch.data import ImageFolder, load_size_for, make_loader
 
 
 class BYOLModule(L.LightningModule):
@@ -186,7 +186,7 @@ def main(args: argparse.Namespace, **trainer_overrides: Any) -> tuple[BYOLModule
         weight_decay=args.weight_decay,
         projection_hidden_size=args.projection_hidden_size,
     )
-    dataset = ImageFolder(args.data, load_size=math.ceil(args.image_size * 256 / 224), channels=module.learner.channels)
+    dataset = ImageFolder(args.data, load_size=load_size_for(args.image_size), channels=module.learner.channels)
     # Lightning adds a DistributedSampler itself under DDP (each rank its own shard).
     loader = make_loader(dataset, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
 

@@ -37,7 +37,7 @@ import timm
 import torch
 
 from byol_pytorch import BYOL
-from byol_pytorch.data import ImageFolder, make_loader
+from byol_pytorch.data import ImageFolder, load_size_for, make_loader
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--load-size",
         type=int,
         default=None,
-        help="side the images are resized to when loaded; default image-size * 256/224, "
+        help="side the images are resized to when loaded; default image-size * 256/224 (rounded), "
         "the usual margin above the crop size",
     )
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate; try lower if the loss jumps")
@@ -131,7 +131,7 @@ def main(args: argparse.Namespace) -> BYOL:
     )
 
     # 2. Data: uint8 (B, C, S, S) batches, resized once; broken files are skipped and counted.
-    load_size = args.load_size or math.ceil(args.image_size * 256 / 224)
+    load_size = args.load_size or load_size_for(args.image_size)
     dataset = ImageFolder(args.data, load_size=load_size, channels=learner.channels)
     loader = make_loader(dataset, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
 
