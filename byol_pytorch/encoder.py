@@ -298,12 +298,12 @@ class _Trace:
         self.net = net
         self.names = {m: n for n, m in net.named_modules()}
         self.events: list[tuple[str, nn.Module]] = []  # ("start" | "end", module) in execution order
-        self.inputs: dict[nn.Module, object] = {}  # last input of each Linear
+        self.inputs: dict[nn.Module, object] = {}  # last input of each Linear and Conv2d
         self.outputs: dict[nn.Module, object] = {}  # last output of each module
 
     def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.events.append(("start", module))
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
             self.inputs[module] = args[0] if args else next(iter(kwargs.values()), None)
 
     def _end(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -347,16 +347,33 @@ class _Trace:
         return found
 
 
+def _classifier_like(module: nn.Module, output: object) -> bool:
+    """A Linear, or a 1x1 convolution over 1x1 maps (a classifier written as a conv, e.g. DLA's)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and isinstance(output, torch.Tensor)
+        and output.ndim == 4
+        and output.shape[2:] == (1, 1)
+    )
+
+
 def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bool] | None:
-    """(module, use_input) of the representation the final classifier Linear(s) read."""
-    linears = [m for kind, m in trace.events if kind == "end" and isinstance(m, nn.Linear)]
-    if not linears:
-        return None
-    last = trace.outputs.get(linears[-1])
+    """(module, use_input) of the representation the final classifier Linear(s) read.
+
+    The output is a classifier's when it equals (up to a flatten) the output of the last
+    Linear or 1x1 convolution over 1x1 maps to run; several Linear heads are handled
+    below.
+    """
+    single = [m for kind, m in trace.events if kind == "end" and _classifier_like(m, trace.outputs.get(m))]
+    last = trace.outputs.get(single[-1]) if single else None
     if isinstance(last, torch.Tensor) and (
-        last is target or (last.shape == target.shape and torch.equal(last, target))
+        last is target or (last.numel() == target.numel() and torch.equal(last.reshape(target.shape), target))
     ):
-        return linears[-1], True
+        return single[-1], True
+    linears = [m for kind, m in trace.events if kind == "end" and isinstance(m, nn.Linear)]
     heads: list[nn.Module] = []  # the last Linears to run with the output's shape, last first
     for m in reversed(linears):
         out = trace.outputs.get(m)

@@ -36,6 +36,8 @@ BACKBONES = {
         512,
     ),
     "user_sequential_cnn": (small_cnn, 32, "8", 32),
+    # DLA's classifier is a 1x1 convolution over the pooled 1x1 maps, flattened.
+    "timm_dla46x_c_conv_classifier": (lambda: timm.create_model("dla46x_c", pretrained=False), 32, "fc", 256),
 }
 
 
