@@ -242,9 +242,13 @@ class Worker:
         self.proc.wait()
 
 
-def run(names: list[str], results_path: Path, timeout: float, recycle: int = 25) -> dict[str, dict]:
-    """Run the names not yet in the JSON file, saving it after every model."""
+def run(
+    names: list[str], results_path: Path, timeout: float, rerun_failures: bool = False, recycle: int = 25
+) -> dict[str, dict]:
+    """Run the names not yet in the JSON file (or failed there, with ``rerun_failures``), saving after each."""
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if rerun_failures:
+        results = {n: r for n, r in results.items() if r["status"] != "fail" or n not in names}
     todo = [n for n in names if n not in results]
     print(f"{len(names) - len(todo)} of {len(names)} already done; running {len(todo)}", flush=True)
     current: Worker | None = None
@@ -319,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
     parser.add_argument("--report-only", action="store_true", help="write the table from the JSON, run nothing")
+    parser.add_argument("--rerun-failures", action="store_true", help="run the models that failed before again")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -334,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         results = json.loads(args.results.read_text()) if args.results.exists() else {}
     else:
-        results = run(names, args.results, args.timeout)
+        results = run(names, args.results, args.timeout, args.rerun_failures)
     command = f"OMP_NUM_THREADS=1 python benchmarks/backbones.py --out {args.out or '...'}"
     text = report(results, total, command)
     if args.out is not None:
