@@ -380,3 +380,17 @@ def test_probe_returns_a_frozen_dataclass():
     assert probe.unused == ("fc.weight", "fc.bias") and probe.output_key is None and probe.input_name is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         probe.dim = 3  # type: ignore[misc]
+
+
+def test_output_index_minus_one_reads_the_representation_entry():
+    net = DictClassifier()
+    learner = BYOL(net, image_size=16, hidden_layer=-1, **SMALL)  # no logits rule for an explicit -1
+    assert learner.hidden_layer == "<output>.pooler_output" and learner.representation_size == 20
+    assert learner.unused_parameter_names == [
+        "online_encoder.net.classifier.weight",
+        "online_encoder.net.classifier.bias",
+    ]
+    x = torch.rand(2, 3, 16, 16)
+    learner.eval()
+    with torch.no_grad():
+        assert torch.allclose(learner(x, return_embedding=True)[1], net(x)["pooler_output"], atol=1e-6)
