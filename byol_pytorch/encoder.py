@@ -382,7 +382,10 @@ def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bo
         if not isinstance(out, torch.Tensor) or out.shape != target.shape:
             break
         heads.append(m)
-    if len(heads) < 2 or not all(id(h.weight) in _graph_leaves(target) for h in heads):
+    if len(heads) < 2:
+        return None
+    reached = _graph_leaves(target)  # the output must depend on every head
+    if not all(id(h.weight) in reached for h in heads):
         return None
     heads.reverse()
     inputs = [trace.inputs.get(h) for h in heads]
