@@ -52,7 +52,9 @@ class BYOL(nn.Module):
         image_size: side (or (height, width)) of the augmented views fed to the net.
         hidden_layer: the representation: a module name (``"avgpool"``), an index
             into the net's direct children (``-2``), ``-1`` for the net's output, or
-            ``"auto"``: the input of the final classifier Linear, else the net's output.
+            ``"auto"``: the input of the final classifier Linear(s), else the net's output
+            (of a mapping / ``transformers`` output: ``pooler_output``, else
+            ``last_hidden_state``, else its first tensor); see ``byol_pytorch.encoder``.
         projection_size: projector output width (paper: 256).
         projection_hidden_size: hidden width of projector and predictor (paper: 4096).
         augment_fn: view 1 augmentation, (B, C, H, W) -> (B, C, h, w); default
@@ -79,6 +81,9 @@ class BYOL(nn.Module):
             where per-call overhead dominates (CPU threads, small batches); BatchNorm
             statistics are then taken over both views together (as lucidrains/byol-pytorch
             does) instead of per view (the paper's official code). Off by default.
+        input_name: call the net as ``net(**{input_name: images})``. None: detected
+            from ``net.forward``'s signature (``pixel_values`` for Hugging Face models, or
+            the first keyword of a keyword-only forward), else ``net(images)``.
 
     Raises:
         TypeError: ``net`` is not an ``nn.Module``, or an argument has the wrong type.
@@ -103,6 +108,7 @@ class BYOL(nn.Module):
         use_batchnorm: bool = True,
         channels: int | None = None,
         views_in_one_batch: bool = False,
+        input_name: str | None = None,
     ):
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -126,8 +132,8 @@ class BYOL(nn.Module):
         if self.channels <= 0:
             raise ValueError(f"channels must be positive, got {channels}")
 
-        info = probe_backbone(net, self.image_size, self.channels, hidden_layer, token_pool)
-        dim = info["dim"]
+        probe = probe_backbone(net, self.image_size, self.channels, hidden_layer, token_pool, input_name)
+        dim = probe.dim
         if use_momentum:
             projector = byol_mlp(dim, projection_hidden_size, projection_size, use_batchnorm)
             predictor = byol_mlp(projection_size, projection_hidden_size, projection_size, use_batchnorm)
@@ -138,9 +144,7 @@ class BYOL(nn.Module):
             projector = nn.SyncBatchNorm.convert_sync_batchnorm(projector)
             predictor = nn.SyncBatchNorm.convert_sync_batchnorm(predictor)
         device = next((p.device for p in net.parameters()), torch.device("cpu"))
-        self.online_encoder = BackboneEncoder(
-            net, info["name"], info["module"], info["use_input"], projector.to(device), token_pool
-        )
+        self.online_encoder = BackboneEncoder.from_probe(net, probe, projector.to(device), token_pool)
         self.online_predictor = predictor.to(device)
         self.register_module("target_encoder", None)
 
@@ -156,10 +160,10 @@ class BYOL(nn.Module):
         self.moving_average_total_steps = moving_average_total_steps
         self.sync_batchnorm = sync_batchnorm
         self.views_in_one_batch = views_in_one_batch
-        self.hidden_layer = info["name"]  # with hidden_layer_is_input: the input of that layer
-        self.hidden_layer_is_input = bool(info["use_input"])
+        self.hidden_layer = probe.name  # with hidden_layer_is_input: the input of that layer
+        self.hidden_layer_is_input = probe.use_input
         self.representation_size = dim
-        self.unused_parameter_names: list[str] = [f"online_encoder.net.{n}" for n in info["unused"]]
+        self.unused_parameter_names: list[str] = [f"online_encoder.net.{n}" for n in probe.unused]
         self._extra_ddp_ignore: list[str] = []
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
         self._ema_count = 0  # host mirror of ema_step: reading a GPU buffer would sync

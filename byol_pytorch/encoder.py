@@ -3,34 +3,104 @@
 The hidden layer can be named three ways, as in lucidrains/byol-pytorch:
 
 * a module name from ``net.named_modules()`` (``"avgpool"``, ``"head.global_pool"``):
-  its output is captured with a forward hook;
+  its output is captured with a forward hook; it must be a tensor;
 * an integer: an index into ``list(net.children())`` (``-2`` is resnet's avgpool), and
   ``-1`` for the net's own output;
-* ``"auto"`` (the default): the input of the final classifier ``nn.Linear`` (a forward
-  pre-hook), or the net's output when the net has no classifier
-  (``timm.create_model(..., num_classes=0)``).
+* ``"auto"`` (the default): the representation a practitioner would take, found from
+  what the net returns:
 
-Whatever is captured is reduced to (B, D): 4D maps (B, C, H, W) are average-pooled
-over H and W; token sequences (B, N, D) are mean-pooled over the tokens by default
-(``token_pool="mean"`` works with and without a class token) or reduced to their first
-token (``token_pool="cls"``); nothing is ever flattened into a huge vector.
+  - a tensor: the input of the final classifier ``nn.Linear`` (a forward pre-hook) when
+    the output is that Linear's output; else the output itself (``num_classes=0``);
+  - a mapping or a ``transformers`` ``ModelOutput`` (duck-typed: a ``Mapping``, a
+    dataclass, or anything with ``.to_tuple()``): with a classifier (its ``logits``
+    entry is a Linear's output), the input of that classifier; else ``pooler_output``
+    (the model's own pooled vector: CLIP's post-layernormed class token, ViT's
+    dense + tanh pooler, which BYOL then trains too, ResNet's (B, C, 1, 1) average),
+    else ``last_hidden_state``, else the first tensor entry;
+  - a tuple or list: the same, on its first tensor;
+  - several classifier Linears combined, e.g. distillation heads averaged,
+    ``(head(x) + head_dist(x)) / 2``: when the last Linears to run all have the
+    output's shape and the output depends on each of them, their shared input; when
+    their inputs differ (``head(x[:, 0])``, ``head_dist(x[:, 1])``), the last tensor a
+    module produced before the heads started whose pooled width is theirs (the final
+    norm's tokens).
 
-The layer is found by one probe forward at construction, in eval mode under
-``torch.no_grad()`` on a zero image, with every module's training flag restored
-afterwards: the user's net (weights, BatchNorm statistics, RNG) is left untouched.
+  A net whose output has none of these gets an error listing the layers that would
+  work, last first, with a ``hidden_layer="..."`` call.
+
+Whatever is captured is reduced to (B, D) by :func:`pool_hidden`: 4D maps (B, C, H, W)
+are average-pooled over H and W; token sequences (B, N, D) are mean-pooled over the
+tokens by default (``token_pool="mean"`` works with and without a class token) or
+reduced to their first token (``token_pool="cls"``); nothing is ever flattened.
+
+The net is called as ``net(x)``, or as ``net(pixel_values=x)`` when its ``forward``
+names its first positional parameter ``pixel_values`` or takes the image only by
+keyword (see :func:`detect_input_name`); ``input_name`` forces a keyword. Probe and
+training call the net the same way.
+
+The layer is found by one probe forward at construction, on a deep copy of the net in
+eval mode, on a fixed image drawn without the RNG: the user's net (weights, BatchNorm
+statistics, caches, training flags) and the RNG stream are left untouched. The probe
+keeps autograd on, so that the parameters the representation does not depend on (the
+classifier, an unused pooler, a mask token) are read off its graph: DDP is told to
+ignore exactly those.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-__all__ = ["BackboneEncoder", "HiddenLayer", "pool_hidden", "probe_backbone"]
+__all__ = [
+    "BackboneEncoder",
+    "BackboneProbe",
+    "HiddenLayer",
+    "call_net",
+    "detect_input_name",
+    "pool_hidden",
+    "probe_backbone",
+    "select_output",
+]
 
 HiddenLayer = str | int | None
+OutputKey = str | int | None
 _OUTPUT = "<output>"
+_PROBE_BATCH = 2
+_CANDIDATES = 5
+
+
+@dataclass(frozen=True)
+class BackboneProbe:
+    """What the probe forward found: where the representation is and what it costs.
+
+    Attributes:
+        name: the resolved layer name, ``"<output>"`` for the net's output, or
+            ``"<output>.pooler_output"`` / ``"<output>[0]"`` for an entry of it.
+        module: the hooked module, or None when the representation is (an entry of)
+            the net's output.
+        use_input: capture the module's input (forward pre-hook) instead of its output.
+        dim: the pooled width D of the representation.
+        unused: names of the trainable parameters the representation does not depend
+            on (the classifier, an unused pooler), relative to the net.
+        output_key: with ``module`` None, the entry of the net's output: a key or an
+            attribute name (str), an index (int), or None for the output itself.
+        input_name: the keyword the net takes the image by, or None for ``net(x)``.
+    """
+
+    name: str
+    module: nn.Module | None
+    use_input: bool
+    dim: int
+    unused: tuple[str, ...] = ()
+    output_key: OutputKey = None
+    input_name: str | None = None
 
 
 class _Capture:
@@ -45,20 +115,23 @@ class _Capture:
     def __init__(self, use_input: bool):
         self.use_input = use_input
         self.armed = False
-        self.value: torch.Tensor | None = None
+        self.value: object = None
 
     def __call__(self, module: nn.Module, args: tuple, output: object = None) -> None:
         if self.armed:
-            self.value = args[0] if self.use_input else output
+            self.value = (args[0] if args else None) if self.use_input else output
 
 
-def pool_hidden(hidden: object, token_pool: str = "mean", layer: str = "hidden layer") -> torch.Tensor:
+def pool_hidden(
+    hidden: object, token_pool: str = "mean", layer: str = "hidden layer", advice: str | None = None
+) -> torch.Tensor:
     """Reduce a captured activation to (B, D).
 
     Args:
         hidden: the captured activation: (B, D), (B, N, D) tokens or (B, C, H, W) maps.
         token_pool: ``"mean"`` over tokens or ``"cls"`` (the first token) for 3D input.
-        layer: the layer's name, for error messages.
+        layer: what produced it, the subject of error messages (``"hidden layer 'fc'"``).
+        advice: the remedy the error messages end with; default: pick another hidden_layer.
 
     Returns:
         (B, D) tensor.
@@ -69,8 +142,8 @@ def pool_hidden(hidden: object, token_pool: str = "mean", layer: str = "hidden l
     """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(
-            f"{layer} produced a {type(hidden).__name__}, not a tensor; pick a hidden_layer "
-            "whose output is a tensor (see net.named_modules())"
+            f"{layer} produced a {type(hidden).__name__}, not a tensor; "
+            + (advice or "pick a hidden_layer whose output is a tensor (see net.named_modules())")
         )
     if hidden.ndim == 2:
         return hidden
@@ -80,7 +153,313 @@ def pool_hidden(hidden: object, token_pool: str = "mean", layer: str = "hidden l
         return hidden[:, 0] if token_pool == "cls" else hidden.mean(dim=1)  # (B, N, D) -> (B, D)
     raise ValueError(
         f"{layer} produced a tensor of shape {tuple(hidden.shape)}; expected (B, D), (B, N, D) "
-        "or (B, C, H, W). Pick another hidden_layer"
+        "or (B, C, H, W). " + (advice or "Pick another hidden_layer")
+    )
+
+
+def _pooled_width(value: object, batch: int) -> int | None:
+    """D of a tensor :func:`pool_hidden` takes, for a batch of ``batch``; None otherwise."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.ndim not in (2, 3, 4):
+        return None
+    if value.shape[0] != batch:
+        return None
+    return int(value.shape[1] if value.ndim == 4 else value.shape[-1])
+
+
+# ----------------------------------------------------------------------------- calling the net
+def detect_input_name(net: nn.Module) -> str | None:
+    """The keyword ``net.forward`` takes the image by, or None to pass it positionally.
+
+    ``pixel_values`` when that is the name of the first positional parameter (Hugging
+    Face ``transformers`` models); when ``forward`` takes no positional parameter, its
+    keyword-only ``pixel_values`` if present, else its first keyword-only parameter.
+
+    Args:
+        net: the backbone.
+
+    Returns:
+        The keyword, or None (``net(x)``).
+    """
+    try:
+        params = list(inspect.signature(net.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = inspect.Parameter
+    for p in params:
+        if p.kind in (kinds.POSITIONAL_ONLY, kinds.VAR_POSITIONAL):
+            return None
+        if p.kind is kinds.POSITIONAL_OR_KEYWORD:
+            return p.name if p.name == "pixel_values" else None
+    keyword = [p.name for p in params if p.kind is kinds.KEYWORD_ONLY]
+    if "pixel_values" in keyword:
+        return "pixel_values"
+    return keyword[0] if keyword else None
+
+
+def call_net(net: nn.Module, x: torch.Tensor, input_name: str | None = None) -> object:
+    """``net(x)``, or ``net(**{input_name: x})`` for a net that takes the image by keyword."""
+    return net(x) if input_name is None else net(**{input_name: x})
+
+
+def _entries(out: object) -> list[tuple[str | int, object]] | None:
+    """The (key, value) entries of a structured output; None for anything else (a tensor)."""
+    if isinstance(out, Mapping):
+        return [(k, v) for k, v in out.items() if isinstance(k, str)]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [(f.name, getattr(out, f.name, None)) for f in dataclasses.fields(out)]
+    if isinstance(out, (tuple, list)):
+        return list(enumerate(out))
+    to_tuple = getattr(out, "to_tuple", None)
+    if callable(to_tuple):
+        values = to_tuple()
+        if isinstance(values, (tuple, list)):
+            return list(enumerate(values))
+    return None
+
+
+def select_output(out: object, key: OutputKey) -> object:
+    """The entry ``key`` of a net's output (see :class:`BackboneProbe`), or the output for None."""
+    if key is None:
+        return out
+    if isinstance(key, str):
+        return out[key] if isinstance(out, Mapping) else getattr(out, key)
+    if isinstance(out, (tuple, list)):
+        return out[key]
+    return out.to_tuple()[key]  # type: ignore[attr-defined]
+
+
+def _key_name(key: OutputKey) -> str:
+    if key is None:
+        return _OUTPUT
+    return f"{_OUTPUT}.{key}" if isinstance(key, str) else f"{_OUTPUT}[{key}]"
+
+
+def _first_tensor(entries: list[tuple[str | int, object]]) -> OutputKey:
+    return next((k for k, v in entries if isinstance(v, torch.Tensor)), None)
+
+
+def _classifier_target(out: object) -> torch.Tensor | None:
+    """What a final classifier would have produced: the output, its ``logits``, a tuple's first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    entries = _entries(out)
+    if entries is None:
+        return None
+    values = dict(entries)
+    if isinstance(values.get("logits"), torch.Tensor):
+        return values["logits"]  # type: ignore[return-value]
+    if isinstance(out, (tuple, list)):
+        key = _first_tensor(entries)
+        return None if key is None else values[key]  # type: ignore[return-value]
+    return None
+
+
+def _representation_key(out: object) -> OutputKey:
+    """Without a classifier: ``pooler_output``, ``last_hidden_state``, the first tensor."""
+    entries = _entries(out)
+    if entries is None:
+        return None
+    values = dict(entries)
+    for key in ("pooler_output", "last_hidden_state"):
+        if isinstance(values.get(key), torch.Tensor):
+            return key
+    return _first_tensor(entries)
+
+
+def _graph_leaves(tensor: object) -> set[int]:
+    """ids of the leaf tensors (parameters) the autograd graph of ``tensor`` reaches."""
+    grad_fn = getattr(tensor, "grad_fn", None)
+    seen: set[object] = set()
+    stack, leaves = [grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            leaves.add(id(variable))
+        stack.extend(f for f, _ in fn.next_functions)
+    return leaves
+
+
+def _same_tensor(a: object, b: object) -> bool:
+    """The same tensor (object or memory view), not merely equal values."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    return a is b or (a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())
+
+
+# ----------------------------------------------------------------------------- the probe
+class _Trace:
+    """Hooks on every module of a net recording one forward: call order, Linear inputs, outputs."""
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+        self.names = {m: n for n, m in net.named_modules()}
+        self.events: list[tuple[str, nn.Module]] = []  # ("start" | "end", module) in execution order
+        self.inputs: dict[nn.Module, object] = {}  # last input of each Linear and Conv2d
+        self.outputs: dict[nn.Module, object] = {}  # last output of each module
+
+    def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.events.append(("start", module))
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            self.inputs[module] = args[0] if args else next(iter(kwargs.values()), None)
+
+    def _end(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.events.append(("end", module))
+        self.outputs[module] = output
+
+    def run(self, x: torch.Tensor, input_name: str | None) -> object:
+        """One forward in eval mode with autograd on; training flags restored, hooks removed."""
+        modes = {m: m.training for m in self.net.modules()}
+        handles = []
+        for m in self.net.modules():
+            handles.append(m.register_forward_pre_hook(self._start, with_kwargs=True))
+            handles.append(m.register_forward_hook(self._end))
+        try:
+            self.net.eval()
+            with torch.enable_grad():
+                return call_net(self.net, x, input_name)
+        finally:
+            for h in handles:
+                h.remove()
+            for m, mode in modes.items():  # parents first; train() runs a module's own override
+                if m.training != mode:
+                    m.train(mode)
+
+    def ran(self, module: nn.Module, kind: str) -> bool:
+        return any(k == kind and m is module for k, m in self.events)
+
+    def candidates(self, batch: int, limit: int = _CANDIDATES) -> list[tuple[str, int]]:
+        """(name, pooled width) of the modules whose output pool_hidden takes, last to run first."""
+        found: list[tuple[str, int]] = []
+        seen: set[nn.Module] = set()
+        for kind, m in reversed(self.events):
+            if kind != "end" or m is self.net or m in seen:
+                continue
+            seen.add(m)
+            width = _pooled_width(self.outputs.get(m), batch)
+            if width is not None:
+                found.append((self.names[m], width))
+            if len(found) == limit:
+                break
+        return found
+
+
+def _classifier_like(module: nn.Module, output: object) -> bool:
+    """A Linear, or a 1x1 convolution over 1x1 maps (a classifier written as a conv, e.g. DLA's)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and isinstance(output, torch.Tensor)
+        and output.ndim == 4
+        and output.shape[2:] == (1, 1)
+    )
+
+
+def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bool] | None:
+    """(module, use_input) of the representation the final classifier Linear(s) read.
+
+    The output is a classifier's when it equals (up to a flatten) the output of the last
+    Linear or 1x1 convolution over 1x1 maps to run; several Linear heads are handled
+    below.
+    """
+    single = [m for kind, m in trace.events if kind == "end" and _classifier_like(m, trace.outputs.get(m))]
+    last = trace.outputs.get(single[-1]) if single else None
+    if isinstance(last, torch.Tensor) and (
+        last is target or (last.numel() == target.numel() and torch.equal(last.reshape(target.shape), target))
+    ):
+        return single[-1], True
+    linears = [m for kind, m in trace.events if kind == "end" and isinstance(m, nn.Linear)]
+    heads: list[nn.Module] = []  # the last Linears to run with the output's shape, last first
+    for m in reversed(linears):
+        out = trace.outputs.get(m)
+        if m in heads:
+            continue
+        if not isinstance(out, torch.Tensor) or out.shape != target.shape:
+            break
+        heads.append(m)
+    if len(heads) < 2:
+        return None
+    reached = _graph_leaves(target)  # the output must depend on every head
+    if not all(id(h.weight) in reached for h in heads):
+        return None
+    heads.reverse()
+    inputs = [trace.inputs.get(h) for h in heads]
+    if all(_same_tensor(inputs[0], other) for other in inputs[1:]):
+        return heads[0], True
+    return _before_heads(trace, heads)
+
+
+def _before_heads(trace: _Trace, heads: list[nn.Module]) -> tuple[nn.Module, bool] | None:
+    """The last module output before the heads' branches started whose pooled width is theirs.
+
+    A head's branch is its highest ancestor that holds no other head (``classifier`` for
+    ``classifier.linear`` after ``classifier.norm``).
+    """
+    head_names = [trace.names[h] for h in heads]
+    starts = []
+    for name in head_names:
+        root = name
+        while "." in root:
+            parent = root.rsplit(".", 1)[0]
+            if any(other != name and other.startswith(parent + ".") for other in head_names):
+                break
+            root = parent
+        module = trace.net.get_submodule(root)
+        starts.append(max(i for i, (k, m) in enumerate(trace.events) if k == "start" and m is module))
+    width = getattr(heads[0], "in_features", None)
+    for kind, m in reversed(trace.events[: min(starts)]):
+        if kind == "end" and m is not trace.net and _pooled_width(trace.outputs.get(m), _PROBE_BATCH) == width:
+            return m, False
+    return None
+
+
+def _run_probe(trace: _Trace, x: torch.Tensor, input_name: str | None) -> object:
+    try:
+        return trace.run(x, input_name)
+    except Exception as err:
+        call = f"net({input_name}=x)" if input_name else "net(x)"
+        hint = (
+            " If the net takes the image by keyword, pass input_name='...' to BYOL"
+            if isinstance(err, TypeError) and input_name is None
+            else ""
+        )
+        raise ValueError(
+            f"could not run {type(trace.net).__name__} as {call} on a probe batch of shape {tuple(x.shape)}: "
+            f"{err}. Check image_size and the channel count (pass channels=... if the net does not start "
+            f"with a convolution).{hint}"
+        ) from err
+
+
+def _auto_choice(trace: _Trace, out: object) -> tuple[str, nn.Module | None, bool, OutputKey]:
+    """(name, module, use_input, output_key) of the automatic hidden layer; see the module docstring."""
+    target = _classifier_target(out)
+    found = _find_classifier(trace, target) if target is not None else None
+    if found is not None:
+        module, use_input = found
+        return trace.names[module], module, use_input, None
+    key = _representation_key(out)
+    return _key_name(key), None, False, key
+
+
+def _with_candidates(trace: _Trace, problem: str, image_size: tuple[int, int], input_name: str | None) -> str:
+    """``problem`` followed by the layers that would work and a call that uses the first."""
+    found = trace.candidates(_PROBE_BATCH)
+    if not found:
+        return (
+            f"{problem}. No module of {type(trace.net).__name__} produces a (B, D), (B, N, D) or "
+            "(B, C, H, W) tensor either: wrap the net in a module that returns one"
+        )
+    listing = ", ".join(f"{name!r} (D={width})" for name, width in found)
+    size = image_size[0] if image_size[0] == image_size[1] else image_size
+    extra = f", input_name={input_name!r}" if input_name else ""
+    return (
+        f"{problem}. Layers whose output works, last to run first: {listing}; "
+        f'e.g. BYOL(net, image_size={size}, hidden_layer="{found[0][0]}"{extra})'
     )
 
 
@@ -124,8 +503,8 @@ def _resolve_layer(net: nn.Module, hidden_layer: HiddenLayer) -> tuple[str, nn.M
     modules = dict(net.named_modules())
     if hidden_layer in modules and hidden_layer != "":
         return hidden_layer, modules[hidden_layer]
-    names = [n for n in modules if n]
-    close = difflib.get_close_matches(hidden_layer, names, n=5, cutoff=0.5)
+    module_names = [n for n in modules if n]
+    close = difflib.get_close_matches(hidden_layer, module_names, n=5, cutoff=0.5)
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
     top = ", ".join(repr(n) for n, _ in net.named_children())
     raise ValueError(
@@ -135,17 +514,39 @@ def _resolve_layer(net: nn.Module, hidden_layer: HiddenLayer) -> tuple[str, nn.M
     )
 
 
+def _probe_image(channels: int, image_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A fixed, non-constant probe batch in [-0.5, 0.5), drawn without the RNG.
+
+    A zero image makes layer-normed tokens vanish and distinct heads produce equal
+    logits; a golden-ratio sequence is deterministic and has no such ties.
+    """
+    count = _PROBE_BATCH * channels * image_size[0] * image_size[1]
+    values = torch.arange(count, dtype=torch.float64).mul_(0.6180339887498949).remainder_(1.0).sub_(0.5)
+    return values.reshape(_PROBE_BATCH, channels, *image_size).to(device=device, dtype=dtype)
+
+
+def _probe_copy(net: nn.Module) -> nn.Module:
+    """The net the probe runs: a deep copy, so that not even a cache in the user's net changes."""
+    try:
+        return copy.deepcopy(net)
+    except Exception:  # a net that cannot be copied is probed in place (flags restored)
+        return net
+
+
 def probe_backbone(
     net: nn.Module,
     image_size: tuple[int, int],
     channels: int,
     hidden_layer: HiddenLayer,
     token_pool: str = "mean",
-) -> dict[str, object]:
-    """Run the net once on zeros to find the hidden layer, its width and the unused tail.
+    input_name: str | None = None,
+) -> BackboneProbe:
+    """Run the net once to find the hidden layer, its width and the unused parameters.
 
-    Eval mode, ``torch.no_grad()``, every module's training flag restored afterwards;
-    no random number is drawn, so the user's RNG stream is untouched too.
+    The forward runs on a deep copy of the net, in eval mode, with autograd on (the
+    parameters the representation depends on are read off its graph), on a fixed image;
+    no random number is drawn: the user's net, its buffers, caches and training flags
+    and the RNG stream are untouched.
 
     Args:
         net: the backbone.
@@ -153,100 +554,55 @@ def probe_backbone(
         channels: input channels.
         hidden_layer: see the module docstring.
         token_pool: pooling of token sequences.
+        input_name: the keyword the net takes the image by; None detects it
+            (:func:`detect_input_name`).
 
     Returns:
-        dict with ``name`` (resolved layer name or ``"<output>"``), ``module`` (the
-        hooked module or None), ``use_input`` (pre-hook), ``dim`` (pooled width) and
-        ``unused`` (names of parameters of modules that run after the capture point).
+        The :class:`BackboneProbe`; its ``module`` is the user's (not the copy's).
 
     Raises:
-        ValueError: the layer is not found, never runs, or the probe forward fails.
+        ValueError: the layer is not found, never runs, the probe forward fails, or
+            the representation has a shape that cannot be pooled (with the layers that
+            would work).
+        TypeError: the representation is not a tensor (with the layers that would work),
+            or ``input_name`` is not a str.
     """
+    if input_name is not None and not isinstance(input_name, str):
+        raise TypeError(f"input_name must be None or a str such as 'pixel_values', got {type(input_name).__name__}")
+    if input_name is not None and not input_name.isidentifier():
+        raise ValueError(f"input_name must be a keyword name such as 'pixel_values', got {input_name!r}")
     name, module = _resolve_layer(net, hidden_layer)
-    auto = name == "auto"
-    module_names = {m: n for n, m in net.named_modules()}
+    call_name = input_name if input_name is not None else detect_input_name(net)
     device, dtype = _first_param_like(net)
-    modes = {m: m.training for m in net.modules()}
-    events: list[tuple[str, nn.Module]] = []  # ("start" | "end", module) in execution order
-    seen_inputs: dict[nn.Module, object] = {}  # last input of each Linear (auto) or of the layer
-    seen_outputs: dict[nn.Module, object] = {}  # last output of each Linear or of the layer
-    handles = []
-
-    def on_start(mod: nn.Module, args: tuple) -> None:
-        events.append(("start", mod))
-        if isinstance(mod, nn.Linear) and args:
-            seen_inputs[mod] = args[0]
-
-    def on_end(mod: nn.Module, args: tuple, out: object) -> None:
-        events.append(("end", mod))
-        if isinstance(mod, nn.Linear) or mod is module:
-            seen_outputs[mod] = out
-
-    for m in net.modules():
-        handles.append(m.register_forward_pre_hook(on_start))
-        handles.append(m.register_forward_hook(on_end))
-    x = torch.zeros(2, channels, *image_size, device=device, dtype=dtype)
-    try:
-        net.eval()
-        with torch.no_grad():
-            out = net(x)
-    except Exception as err:
-        raise ValueError(
-            f"could not run {type(net).__name__} on a probe batch of shape {tuple(x.shape)}: {err}. "
-            "Check image_size and the channel count (pass channels=... if the net does not start "
-            "with a convolution)"
-        ) from err
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
-
-    use_input = False
-    if auto:
-        # The final classifier: the last Linear to run, when its output is the net's output.
-        linears = [m for kind, m in events if kind == "end" and isinstance(m, nn.Linear)]
-        last = seen_outputs.get(linears[-1]) if linears else None
-        if (
-            isinstance(out, torch.Tensor)
-            and isinstance(last, torch.Tensor)
-            and (last is out or (last.shape == out.shape and torch.equal(last, out)))
-        ):
-            name, module, use_input = module_names[linears[-1]], linears[-1], True
-        else:
-            name, module = _OUTPUT, None
-
-    if module is None:
-        hidden, capture_index = out, len(events)
+    copied = _probe_copy(net)
+    trace = _Trace(copied)
+    out = _run_probe(trace, _probe_image(channels, image_size, device, dtype), call_name)
+    use_input, key = False, None
+    if name == "auto":
+        name, module, use_input, key = _auto_choice(trace, out)
+    elif module is None:  # -1: the net's output, or its representation entry
+        key = _representation_key(out)
+        name = _key_name(key)
     else:
-        kind = "start" if use_input else "end"
-        positions = [i for i, (k, m) in enumerate(events) if k == kind and m is module]
-        if not positions:
-            raise ValueError(
-                f"hidden layer {name!r} exists but never ran during the forward pass of "
-                f"{type(net).__name__}; pick a layer on the forward path"
-            )
-        capture_index = positions[-1]
-        hidden = seen_inputs[module] if use_input else seen_outputs[module]
-    dim = pool_hidden(hidden, token_pool, layer=f"hidden layer {name!r}").shape[-1]
-
-    # Parameters of modules whose first call starts after the capture point get no
-    # gradient from BYOL: DDP must be told to ignore them.
-    first_start: dict[nn.Module, int] = {}
-    for i, (kind, m) in enumerate(events):
-        if kind == "start":
-            first_start.setdefault(m, i)
-    dead_modules = [m for m, i in first_start.items() if i >= capture_index or (use_input and m is module)]
-    live: set[int] = {
-        id(p) for m, i in first_start.items() if m not in dead_modules for p in m.parameters(recurse=False)
-    }
-    unused = [
-        f"{module_names[m]}.{pn}" if module_names[m] else pn
-        for m in dead_modules
-        for pn, p in m.named_parameters(recurse=False)
-        if id(p) not in live and p.requires_grad
-    ]
-    return {"name": name, "module": module, "use_input": use_input, "dim": int(dim), "unused": unused}
+        module = copied.get_submodule(name)
+    if module is None:
+        hidden = select_output(out, key)
+    elif trace.ran(module, "start" if use_input else "end"):
+        hidden = trace.inputs[module] if use_input else trace.outputs[module]
+    else:
+        raise ValueError(
+            f"hidden layer {name!r} exists but never ran during the forward pass of "
+            f"{type(net).__name__}; pick a layer on the forward path"
+        )
+    try:
+        dim = pool_hidden(hidden, token_pool, layer=f"hidden layer {name!r}", advice="").shape[-1]
+    except (TypeError, ValueError) as err:
+        message = _with_candidates(trace, str(err).rstrip(". ;"), image_size, input_name)
+        raise type(err)(message) from None
+    used = _graph_leaves(hidden)
+    unused = tuple(n for n, p in copied.named_parameters() if p.requires_grad and id(p) not in used)
+    original = None if module is None else net.get_submodule(trace.names[module])
+    return BackboneProbe(name, original, use_input, int(dim), unused, key, call_name)
 
 
 class BackboneEncoder(nn.Module):
@@ -255,10 +611,13 @@ class BackboneEncoder(nn.Module):
     Args:
         net: the backbone, trained in place.
         layer_name: the resolved hidden layer name (``"<output>"`` for the net's output).
-        layer: the module to hook, or None to use the net's output.
+        layer: the module to hook, or None to use (an entry of) the net's output.
         use_input: capture the layer's input (forward pre-hook) instead of its output.
         projector: the projection head, (B, D) -> (B, P).
         token_pool: ``"mean"`` or ``"cls"`` pooling for token sequences.
+        output_key: with ``layer`` None, the entry of the net's output to use (see
+            :class:`BackboneProbe`); None for the output itself.
+        input_name: the keyword the net takes the image by; None calls ``net(x)``.
     """
 
     def __init__(
@@ -269,12 +628,17 @@ class BackboneEncoder(nn.Module):
         use_input: bool,
         projector: nn.Module,
         token_pool: str = "mean",
+        *,
+        output_key: OutputKey = None,
+        input_name: str | None = None,
     ):
         super().__init__()
         self.net = net
         self.projector = projector
         self.layer_name = layer_name
         self.token_pool = token_pool
+        self.output_key = output_key
+        self.input_name = input_name
         self._capture: _Capture | None = None
         if layer is not None:
             self._capture = _Capture(use_input)
@@ -283,15 +647,39 @@ class BackboneEncoder(nn.Module):
             else:
                 layer.register_forward_hook(self._capture)
 
+    @classmethod
+    def from_probe(cls, net: nn.Module, probe: BackboneProbe, projector: nn.Module, token_pool: str = "mean"):
+        """The encoder capturing what :func:`probe_backbone` found.
+
+        Args:
+            net: the probed backbone.
+            probe: its probe result.
+            projector: the projection head.
+            token_pool: ``"mean"`` or ``"cls"``.
+
+        Returns:
+            A :class:`BackboneEncoder`.
+        """
+        return cls(
+            net,
+            probe.name,
+            probe.module,
+            probe.use_input,
+            projector,
+            token_pool,
+            output_key=probe.output_key,
+            input_name=probe.input_name,
+        )
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled hidden representation, (B, D)."""
         capture = self._capture
         if capture is None:
-            hidden = self.net(x)
+            hidden = select_output(call_net(self.net, x, self.input_name), self.output_key)
         else:
             capture.armed = True
             try:
-                self.net(x)
+                call_net(self.net, x, self.input_name)
             finally:
                 capture.armed = False
             hidden, capture.value = capture.value, None

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from ._modules import module_device, saved_modes
 
+from .encoder import pool_hidden
+
 __all__ = ["extract_features", "knn_predict", "knn_accuracy", "linear_probe", "collapse_report"]
 
 # Collapsed if std < 0.005 / sqrt(D) (healthy: ~1 / sqrt(D)); measured in collapse_report.
@@ -117,12 +119,8 @@ def _pool_output(out: Any, batch: int) -> torch.Tensor:
         )
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the model returned a {type(out).__name__}; expected a tensor")
-    if out.ndim == 4:
-        out = out.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C): global average pooling
-    elif out.ndim == 3:
-        out = out.mean(dim=1)  # (B, T, D) -> (B, D): mean over tokens
-    elif out.ndim != 2:
-        raise ValueError(f"the model returned shape {tuple(out.shape)}; expected (B, D), (B, C, H, W) or (B, T, D)")
+    # (B, C, H, W) average-pooled over H, W; (B, T, D) averaged over all tokens.
+    out = pool_hidden(out, "mean", layer="the model", advice="Return (B, D) features")
     if out.shape[0] != batch:
         raise ValueError(f"the model returned {out.shape[0]} rows for a batch of {batch}")
     return out

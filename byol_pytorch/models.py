@@ -111,8 +111,8 @@ def classifier_name(net: nn.Module, image_size: int, channels: int | None = None
         The module name (``"fc"`` for a ResNet), or None when the net has no classifier.
     """
     channels = channels if channels is not None else infer_channels(net)
-    info = probe_backbone(net, (image_size, image_size), channels, "auto")
-    return str(info["name"]) if info["use_input"] else None
+    probe = probe_backbone(net, (image_size, image_size), channels, "auto")
+    return probe.name if probe.use_input else None
 
 
 def strip_classifier(net: nn.Module, name: str, image_size: int) -> nn.Module:

@@ -1,5 +1,7 @@
 """Hidden-layer discovery, capture and pooling across timm, torchvision and user backbones."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -34,6 +36,8 @@ BACKBONES = {
         512,
     ),
     "user_sequential_cnn": (small_cnn, 32, "8", 32),
+    # DLA's classifier is a 1x1 convolution over the pooled 1x1 maps, flattened.
+    "timm_dla46x_c_conv_classifier": (lambda: timm.create_model("dla46x_c", pretrained=False), 32, "fc", 256),
 }
 
 
@@ -123,3 +127,270 @@ def test_layer_that_never_runs_is_an_error():
 
     with pytest.raises(ValueError, match="never ran"):
         BYOL(WithSpare(), 32, hidden_layer="spare", **SMALL)
+
+
+# ----------------------------------------------------------------------------- structured outputs, keywords, heads
+class _Body(nn.Module):
+    """A small conv body: (B, 3, H, W) -> maps (B, 16, H/2, W/2), pooled (B, 16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.bn(self.stem(x))))
+
+
+class DictNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _Body()
+        self.pool_proj = nn.Linear(16, 24)  # the net's own pooler, as pooler_output
+
+    def forward(self, x):
+        maps = self.body(x)
+        return {"last_hidden_state": maps, "pooler_output": self.pool_proj(maps.mean((2, 3)))}
+
+
+class DictNoPooler(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _Body()
+
+    def forward(self, x):
+        return {"hidden_states": [x], "last_hidden_state": self.body(x)}
+
+
+class DictClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _Body()
+        self.pooler = nn.Linear(16, 20)  # runs, but the classifier does not read it
+        self.classifier = nn.Linear(16, 5)
+
+    def forward(self, x):
+        feats = self.body(x).mean((2, 3))
+        return {"pooler_output": self.pooler(feats), "logits": self.classifier(feats)}
+
+
+class TupleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _Body()
+
+    def forward(self, x):
+        maps = self.body(x)
+        return "not a tensor", maps, maps.mean((2, 3))
+
+
+class KeywordNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _Body()
+        self.fc = nn.Linear(16, 7)
+
+    def forward(self, *, pixel_values):
+        return self.fc(self.body(pixel_values).mean((2, 3)))
+
+
+class DistilledHeads(nn.Module):
+    """Distillation heads averaged at inference, as timm's efficientformer does."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _Body()
+        self.head = nn.Linear(16, 10)
+        self.head_dist = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.body(x).mean((2, 3))
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+class OpaqueOutput(nn.Module):
+    """Returns an object auto cannot read a representation from."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _Body()
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return {"summary": "done", "size": self.norm(self.body(x).mean((2, 3))).shape}
+
+
+def _body_maps(net, x):
+    return net.body(x)
+
+
+# (net class, expected hidden layer, reference embedding from the net's own parts, unused parameter names)
+PLAIN = {
+    "dict_pooler": (DictNet, "<output>.pooler_output", lambda n, x: n.pool_proj(n.body(x).mean((2, 3))), []),
+    "dict_tokens": (DictNoPooler, "<output>.last_hidden_state", lambda n, x: n.body(x).mean((2, 3)), []),
+    "dict_classifier": (
+        DictClassifier,
+        "classifier",
+        lambda n, x: n.body(x).mean((2, 3)),
+        ["pooler.weight", "pooler.bias", "classifier.weight", "classifier.bias"],
+    ),
+    "tuple": (TupleNet, "<output>[1]", lambda n, x: n.body(x).mean((2, 3)), []),
+    "keyword_only": (KeywordNet, "fc", lambda n, x: n.body(x).mean((2, 3)), ["fc.weight", "fc.bias"]),
+    "distilled_heads": (
+        DistilledHeads,
+        "head",
+        lambda n, x: n.body(x).mean((2, 3)),
+        ["head.weight", "head.bias", "head_dist.weight", "head_dist.bias"],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(PLAIN))
+def test_structured_outputs_keywords_and_heads(kind):
+    cls, layer, reference, unused = PLAIN[kind]
+    torch.manual_seed(0)
+    net = cls()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    learner = BYOL(net, image_size=16, **SMALL)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert all(m.training for m in net.modules())
+    assert learner.hidden_layer == layer
+    assert sorted(learner.unused_parameter_names) == sorted(f"online_encoder.net.{n}" for n in unused)
+
+    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    learner(torch.rand(4, 3, 16, 16)).backward()
+    assert net.body.stem.weight.grad is not None and net.body.stem.weight.grad.abs().sum() > 0
+    for name, p in net.named_parameters():
+        assert (p.grad is None) == (name in unused), name
+    optimizer.step()
+    learner.update_moving_average()
+
+    learner.eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        projection, embedding = learner(x, return_embedding=True)
+        expected = reference(net.eval(), x)
+    assert projection.shape == (2, 16)
+    assert torch.allclose(embedding, expected, atol=1e-5)
+    copied = copy.deepcopy(learner)
+    assert torch.equal(copied(x, return_embedding=True, return_projection=False), embedding)
+
+
+def test_keyword_only_net_detected_and_forced():
+    from byol_pytorch.encoder import detect_input_name
+
+    assert detect_input_name(KeywordNet()) == "pixel_values"
+    assert detect_input_name(DictNet()) is None
+    learner = BYOL(KeywordNet(), image_size=16, input_name="pixel_values", **SMALL)
+    assert learner.online_encoder.input_name == "pixel_values"
+    with pytest.raises(ValueError, match=r"could not run DictNet as net\(pixel_values=x\).*pixel_values"):
+        BYOL(DictNet(), image_size=16, input_name="pixel_values", **SMALL)
+
+
+def test_a_keyword_net_called_positionally_gets_the_input_name_advice():
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, **inputs):  # no signature to read the keyword from
+            return self.fc(inputs["images"].mean((2, 3)))
+
+    with pytest.raises(ValueError, match="input_name="):
+        BYOL(Kw(), image_size=8, channels=3, **SMALL)
+    learner = BYOL(Kw(), image_size=8, channels=3, input_name="images", **SMALL)
+    assert learner.hidden_layer == "fc" and learner.representation_size == 3
+
+
+@pytest.mark.parametrize(
+    "name, size, width",
+    [("efficientformer_l1", 224, 448), ("deit_tiny_distilled_patch16_224", 32, 192)],
+)
+def test_timm_distilled_heads_give_the_pooled_features(name, size, width):
+    kwargs = {} if name.startswith("efficientformer") else {"img_size": size}
+    net = timm.create_model(name, pretrained=False, **kwargs)
+    assert net.num_features == width  # timm's own pooled width
+    learner = BYOL(net, image_size=size, **SMALL)
+    assert learner.representation_size == width
+    assert {"online_encoder.net.head.weight", "online_encoder.net.head_dist.weight"} <= set(
+        learner.unused_parameter_names
+    )
+    x = torch.rand(2, 3, size, size)
+    learner(x).backward()
+    assert net.head.weight.grad is None and net.head_dist.weight.grad is None
+    learner.eval()
+    with torch.no_grad():
+        embedding = learner(x, return_embedding=True, return_projection=False)
+        net.eval()
+        pooled = net.forward_head(net.forward_features(x), pre_logits=True)
+    assert embedding.shape == (2, width)
+    if name.startswith("efficientformer"):  # the heads read the pooled features themselves
+        assert torch.allclose(embedding, pooled, atol=1e-5)
+
+
+def test_auto_that_cannot_decide_names_a_layer_that_works():
+    net = OpaqueOutput()
+    with pytest.raises(TypeError) as err:
+        BYOL(net, image_size=16, **SMALL)
+    message = str(err.value)
+    assert "produced a dict, not a tensor" in message
+    assert "'norm' (D=16)" in message and "'body' (D=16)" in message
+    suggestion = message.split("e.g. ", 1)[1]
+    assert suggestion == 'BYOL(net, image_size=16, hidden_layer="norm")'
+    learner = eval(suggestion, {"BYOL": BYOL, "net": net})  # the suggested call works as written
+    assert learner.hidden_layer == "norm" and learner.representation_size == 16
+    assert torch.isfinite(learner(torch.rand(2, 3, 16, 16)))
+
+
+def test_named_layer_with_a_non_tensor_output_lists_candidates():
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = DictNet()
+
+        def forward(self, x):
+            return self.inner(x)["pooler_output"]
+
+    with pytest.raises(TypeError, match=r"hidden layer 'inner' produced a dict.*'inner.pool_proj' \(D=24\)"):
+        BYOL(Wrapped(), image_size=16, hidden_layer="inner", **SMALL)
+
+    class Score(nn.Module):
+        def forward(self, x):
+            return x.mean((1, 2, 3))  # (B,): nothing to pool
+
+    net = nn.Sequential(_Body(), Score())
+    with pytest.raises(ValueError) as err:
+        BYOL(net, image_size=16, hidden_layer="1", **SMALL)
+    message = str(err.value)
+    assert "hidden layer '1' produced a tensor of shape (2,)" in message
+    assert message.endswith('e.g. BYOL(net, image_size=16, hidden_layer="0")')
+    assert BYOL(net, image_size=16, hidden_layer="0", **SMALL).representation_size == 16
+
+
+def test_probe_returns_a_frozen_dataclass():
+    import dataclasses
+
+    from byol_pytorch.encoder import BackboneProbe, probe_backbone
+
+    net = torchvision.models.resnet18(weights=None)
+    probe = probe_backbone(net, (32, 32), 3, "auto")
+    assert isinstance(probe, BackboneProbe)
+    assert (probe.name, probe.module, probe.use_input, probe.dim) == ("fc", net.fc, True, 512)
+    assert probe.unused == ("fc.weight", "fc.bias") and probe.output_key is None and probe.input_name is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        probe.dim = 3  # type: ignore[misc]
+
+
+def test_output_index_minus_one_reads_the_representation_entry():
+    net = DictClassifier()
+    learner = BYOL(net, image_size=16, hidden_layer=-1, **SMALL)  # no logits rule for an explicit -1
+    assert learner.hidden_layer == "<output>.pooler_output" and learner.representation_size == 20
+    assert learner.unused_parameter_names == [
+        "online_encoder.net.classifier.weight",
+        "online_encoder.net.classifier.bias",
+    ]
+    x = torch.rand(2, 3, 16, 16)
+    learner.eval()
+    with torch.no_grad():
+        assert torch.allclose(learner(x, return_embedding=True)[1], net(x)["pooler_output"], atol=1e-6)
