@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -90,6 +91,10 @@ class BYOL(nn.Module):
         ValueError: a bad size or decay, or a hidden layer that cannot be found.
     """
 
+    target_encoder: BackboneEncoder | None
+    ema_step: torch.Tensor
+    _finite: torch.Tensor
+
     def __init__(
         self,
         net: nn.Module,
@@ -149,7 +154,9 @@ class BYOL(nn.Module):
         self.register_module("target_encoder", None)
 
         if augment_fn is None:
-            colour = {} if self.channels in (1, 3) else {"saturation": 0.0, "hue": 0.0, "grayscale_p": 0.0}
+            colour: dict[str, Any] = (
+                {} if self.channels in (1, 3) else {"saturation": 0.0, "hue": 0.0, "grayscale_p": 0.0}
+            )
             augment_fn = BYOLAugment(self.image_size, view=1, **colour)
             augment_fn2 = augment_fn2 if augment_fn2 is not None else BYOLAugment(self.image_size, view=2, **colour)
         self.augment1 = augment_fn
@@ -195,6 +202,10 @@ class BYOL(nn.Module):
             names += [f"target_encoder.{n}" for n, _ in self.target_encoder.named_buffers()]
         return names
 
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names: Sequence[str]) -> None:
+        self._extra_ddp_ignore = list(names)
+
     def ddp_ignored_names(self, prefix: str = "") -> list[str]:
         """Names DDP should ignore, for a wrapper that holds this learner as a child.
 
@@ -207,10 +218,6 @@ class BYOL(nn.Module):
             ``_ddp_params_and_buffers_to_ignore`` before DDP wraps it.
         """
         return [prefix + name for name in self._ddp_params_and_buffers_to_ignore]
-
-    @_ddp_params_and_buffers_to_ignore.setter
-    def _ddp_params_and_buffers_to_ignore(self, names: Sequence[str]) -> None:
-        self._extra_ddp_ignore = list(names)
 
     # ------------------------------------------------------------------ target
     @torch.compiler.disable
@@ -347,7 +354,7 @@ class BYOL(nn.Module):
     def _view(self, augment: Augment, x: torch.Tensor) -> torch.Tensor:
         # Our own augmentation reads uint8 directly (cheaper: crop before converting).
         view = augment(x) if isinstance(augment, BYOLAugment) else augment(self._to_float(x))
-        dtype = self.online_predictor[0].weight.dtype
+        dtype = next(self.online_predictor.parameters()).dtype
         # Views come out in float32; a net cast to float64 or bfloat16 wants its own dtype.
         return view if view.dtype == dtype or torch.is_autocast_enabled(view.device.type) else view.to(dtype)
 

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._modules import module_device, saved_modes
-
 from .encoder import pool_hidden
 
 __all__ = ["extract_features", "knn_predict", "knn_accuracy", "linear_probe", "collapse_report"]
