@@ -15,7 +15,7 @@ def test_mock_dataset_is_random_images_stable_per_index():
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32
     assert 0 <= image.min() and image.max() < 1 and image.std() > 0.2
     assert torch.equal(image, dataset[2]) and not torch.equal(image, dataset[3])
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="index 5 out of range for 5 images"):
         dataset[5]
 
 

@@ -175,10 +175,26 @@ def test_python_dash_m_and_help():
     assert "paper" in proc.stdout
 
 
-def test_demo_is_wired(capsys):
+def test_demo_is_wired(capsys, tmp_path, monkeypatch):
+    import argparse
+
     demo = pytest.importorskip("byol_pytorch.app.demo")
-    assert hasattr(demo, "run_demo") and hasattr(demo, "add_demo_arguments")
+    runs = []
+    monkeypatch.setattr(demo, "run_demo", lambda args: runs.append(args) or 0)
+    argv = ["--out", str(tmp_path / "demo"), "--lr", "0.01", "--quick"]
+    assert cli.main(["demo", *argv]) == 0
+    expected = demo.add_demo_arguments(argparse.ArgumentParser()).parse_args(argv)  # the demo's own flags
+    assert len(runs) == 1 and {k: v for k, v in vars(runs[0]).items() if k != "command"} == vars(expected)
+
+    def diverging(args):
+        raise FloatingPointError("training diverged at step 3: the loss is nan")
+
+    monkeypatch.setattr(demo, "run_demo", diverging)
+    line = one_error_line(capsys, cli.main(["demo", *argv]))
+    assert line == "byol-pytorch: error: training diverged at step 3: the loss is nan"
+
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["demo", "--help"])
     assert exit_info.value.code == 0
-    assert "demo" in capsys.readouterr().out
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "kNN accuracy before and after" in help_text and "--quick" in help_text and "--data-dir" in help_text
