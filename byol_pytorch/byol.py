@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ._modules import module_device
 from .augment import BYOLAugment
 from .ema import cosine_tau, ema_update_
 from .encoder import BackboneEncoder, HiddenLayer, infer_channels, probe_backbone
@@ -148,7 +149,7 @@ class BYOL(nn.Module):
         if sync_batchnorm:
             projector = nn.SyncBatchNorm.convert_sync_batchnorm(projector)
             predictor = nn.SyncBatchNorm.convert_sync_batchnorm(predictor)
-        device = next((p.device for p in net.parameters()), torch.device("cpu"))
+        device = module_device(net) or torch.device("cpu")
         self.online_encoder = BackboneEncoder.from_probe(net, probe, projector.to(device), token_pool)
         self.online_predictor = predictor.to(device)
         self.register_module("target_encoder", None)

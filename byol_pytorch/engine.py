@@ -147,10 +147,15 @@ class StopSignals:
     SIGINT (Ctrl-C twice) raises ``KeyboardInterrupt`` at once. Outside the main thread
     (signals cannot be caught there) it does nothing. The previous handlers are restored
     on exit.
+
+    Args:
+        enabled: False leaves the signals' handlers alone (a loop that has nothing to
+            save: Ctrl-C interrupts it at once, as usual).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.signum: int | None = None
+        self.enabled = enabled
         self._previous: list[tuple] = []
 
     @property
@@ -163,7 +168,7 @@ class StopSignals:
         self.signum = signum
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous.append((sig, signal.signal(sig, self._handle)))
         return self
@@ -289,6 +294,9 @@ class Engine:
         check_every: read the loss back every this many steps (default: 1 on the CPU,
             where the read costs nothing, 10 on accelerators).
         progress: show a progress bar on rank 0 (stderr).
+        catch_signals: SIGTERM/SIGINT end the run after the current step, with the
+            ``on_stop`` hooks (a checkpoint); False leaves them to the caller (Ctrl-C
+            raises ``KeyboardInterrupt`` at once).
     """
 
     def __init__(
@@ -298,8 +306,9 @@ class Engine:
         prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
         check_every: int | None = None,
         progress: bool = True,
+        catch_signals: bool = True,
     ):
-        self.step_fn, self.ctx, self.prepare = step, ctx, prepare
+        self.step_fn, self.ctx, self.prepare, self.catch_signals = step, ctx, prepare, catch_signals
         self.check_every = check_every or (1 if ctx.device.type == "cpu" else 10)
         self.progress = progress and ctx.is_main
 
@@ -324,7 +333,7 @@ class Engine:
         skipped = 0
         state.interval_start = state.start = time.perf_counter()
         try:
-            with StopSignals() as signals:
+            with StopSignals(self.catch_signals) as signals:
                 for batch in batches:
                     skipped += batch.skipped
                     loss_sum += self._step(batch, state)

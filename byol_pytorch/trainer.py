@@ -192,7 +192,8 @@ class BYOLTrainer(nn.Module):
             torch.manual_seed(torch.initial_seed() + ctx.rank)
         model = prepare_model(self.byol, ctx)
         scaler = torch.amp.GradScaler(ctx.device.type) if self.precision == "fp16" else None
-        engine = Engine(OptimizerStep(self.byol, model, self.optimizer, None, self.precision, ctx.device, scaler), ctx)
+        step = OptimizerStep(self.byol, model, self.optimizer, None, self.precision, ctx.device, scaler)
+        engine = Engine(step, ctx, catch_signals=False)  # Ctrl-C interrupts, as in the incumbent
         state = TrainState(total=self.num_train_steps)
         every = self.checkpoint_every
 

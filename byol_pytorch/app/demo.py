@@ -353,7 +353,11 @@ def _pretrain(
     device = images.device
     ctx = DistContext(device=device)  # the demo runs in one process
     engine = Engine(
-        OptimizerStep(learner, learner, optimizer, scheduler, "fp32", device), ctx, check_every=1, progress=False
+        OptimizerStep(learner, learner, optimizer, scheduler, "fp32", device),
+        ctx,
+        check_every=1,
+        progress=False,
+        catch_signals=False,
     )
     hooks = [
         Periodic(record, every=1),
