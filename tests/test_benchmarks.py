@@ -76,9 +76,12 @@ def test_train_step_smoke(peer_available, tmp_path):
     out = tmp_path / "train_step.md"
     table = script.main(script.get_args_parser().parse_args(["--smoke", "--out", str(out)]))
     rows = _rows(table, "contender", key_cells=2)
-    expected = ["floor/eager", "ours/eager", "ours, views in one batch/eager"] + (
-        ["peer vanilla/eager", "peer defaults/eager"] if peer_available else []
-    )
+    expected = [
+        "floor/eager",
+        "ours/eager",
+        "ours, views in one batch/eager",
+        "ours, engine (the CLI's step)/eager",
+    ] + (["peer vanilla/eager", "peer defaults/eager"] if peer_available else [])
     assert sorted(rows) == sorted(expected)
     for name in expected:
         wall_ms, cpu_ms, images_per_s, peak_mib = (float(v) for v in rows[name][2:6])
