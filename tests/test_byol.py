@@ -61,11 +61,15 @@ def test_readme_simsiam_runs_without_moving_average():
     resnet = resnet18()
     learner = BYOL(resnet, image_size=64, hidden_layer="avgpool", use_momentum=False)
     opt = torch.optim.Adam(learner.parameters(), lr=3e-4)
+    before = resnet.conv1.weight.detach().clone()
     loss = learner(torch.randn(4, 3, 64, 64))
     opt.zero_grad()
     loss.backward()
+    assert resnet.conv1.weight.grad is not None and resnet.conv1.weight.grad.abs().sum() > 0
     opt.step()
+    assert not torch.equal(before, resnet.conv1.weight)  # the user's net is trained in place
     assert learner.use_momentum is False and learner.target_encoder is None
+    assert not any(k.startswith("target_encoder.") for k in learner.state_dict())
 
 
 def test_readme_advanced_arguments():
@@ -266,20 +270,31 @@ def _blobs(n, size=32):
 
 def test_simsiam_learns_without_collapse():
     torch.manual_seed(0)
-    learner = BYOL(small_cnn(), image_size=32, use_momentum=False, **SMALL)
+    net = small_cnn()
+    learner = BYOL(net, image_size=32, use_momentum=False, **SMALL)
     x = _blobs(32)
 
-    def spread():
+    def spread():  # per-dimension std of the l2-normalised embeddings; collapse sends it to 0
         learner.eval()
-        z = nn.functional.normalize(learner(x, return_embedding=True, return_projection=False), dim=1)
+        with torch.no_grad():
+            z = nn.functional.normalize(learner(x, return_embedding=True, return_projection=False), dim=1)
         learner.train()
         return z.std(dim=0).mean().item()
 
     initial = spread()
-    losses = train_steps(learner, x, 40, lr=3e-3)
-    assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
-    # Collapse would send every embedding to the same point (spread -> 0).
-    assert spread() > 0.5 * initial
+    # SimSiam's own optimiser (SGD, momentum 0.9): the loss falls on every one of 8 seeds tried,
+    # where Adam at 3e-3 met the bar on 3 of 5.
+    opt = torch.optim.SGD(learner.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(40):
+        loss = learner(x)
+        opt.zero_grad()
+        loss.backward()
+        assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0  # the gradient reaches the net
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < 0.85 * sum(losses[:5]), losses  # the loss falls clearly
+    assert spread() > 0.5 * initial  # ... and not by collapsing to one point
 
 
 # ---------------------------------------------------------------- state, copies, precision

@@ -70,8 +70,9 @@ def test_quick_demo_learns_and_writes_figures(tmp_path, capsys):
     assert float(match.group(2)) == pytest.approx(result["knn_byol"], abs=5e-5)
     for key in ("knn_random_init", "knn_byol", "knn_raw_pixels"):
         assert 0.0 <= result[key] <= 1.0, key
-    # Ten classes: chance is 0.1. 20 steps on 2,000 images already give features far above it.
-    assert result["knn_byol"] > 0.3
+    # The reduced demo's setting is one where BYOL beats its own random-init kNN on every seed
+    # measured (seeds 0-3: +6.3 / +5.5 / +1.5 / +3.2 points, benchmarks/results/demo.md).
+    assert result["knn_byol"] > result["knn_random_init"] + 0.01
     assert result["knn_raw_pixels"] > 0.5  # the reference is sane (about 0.75 with this bank)
     assert result["settings"]["steps"] == demo.QUICK_SETTINGS["steps"]
     steps = [step for step, _ in result["knn_curve"]]
