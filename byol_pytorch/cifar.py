@@ -90,6 +90,10 @@ def _numpy_global(name: str) -> Any:
     return np.ndarray if name == "ndarray" else np.dtype
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle named something outside the allowed globals."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler for the CIFAR batches: dicts, lists, bytes, str, numbers and numpy arrays only.
 
@@ -102,12 +106,12 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return _numpy_global(name)
-        raise pickle.UnpicklingError(
+        raise _Refused(
             f"refused to load the global {module}.{name}: a CIFAR batch holds only dicts, lists and numpy arrays"
         )
 
     def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("refused a persistent id: not a CIFAR batch")
+        raise _Refused("refused a persistent id: not a CIFAR batch")
 
 
 def load_pickle(path: PathLike) -> Any:
@@ -119,9 +123,18 @@ def load_pickle(path: PathLike) -> Any:
     data = Path(path).read_bytes()
     try:
         return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except pickle.UnpicklingError as error:
+    except _Refused as error:
         raise ValueError(f"{str(path)!r}: {error}") from None
-    except (EOFError, AttributeError, ImportError, IndexError, KeyError, TypeError, ValueError) as error:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        KeyError,
+        TypeError,
+        ValueError,
+    ) as error:
         raise ValueError(f"{str(path)!r} is not a CIFAR batch ({type(error).__name__}: {error})") from None
 
 
