@@ -23,7 +23,15 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.5", "ruff>=0.6", "mypy>=1.10", "transformers>=4.40", "wandb>=0.16"],
+        "test": [
+            "pytest>=7",
+            "pytest-timeout>=2",
+            "matplotlib>=3.5",
+            "ruff>=0.6",
+            "mypy>=1.10",
+            "transformers>=4.40",
+            "wandb>=0.16",
+        ],
         "plots": ["matplotlib>=3.5"],
         "bench": ["kornia>=0.7", "matplotlib>=3.5"],
         "examples": ["lightning>=2.0", "accelerate>=0.25", "matplotlib>=3.5"],
