@@ -244,7 +244,10 @@ def _add_runtime_flags(a: Any) -> None:
         help="save OUT/last.pt every N steps (default: %(default)s; also at the end and on SIGTERM/SIGINT)",
     )
     a("--log-every", type=int, default=10, help="write metrics every N steps (default: %(default)s)")
-    a("--val-data", help="labelled folder (one sub-folder per class) for a kNN accuracy monitor")
+    a(
+        "--val-data",
+        help="labelled folder (one sub-folder per class), or cifar10:ROOT / cifar100:ROOT, for a kNN accuracy monitor",
+    )
     a(
         "--val-every",
         type=int,
