@@ -23,11 +23,20 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.5", "ruff>=0.6", "mypy>=1.10", "transformers>=4.40"],
+        "test": [
+            "pytest>=7",
+            "pytest-timeout>=2",
+            "matplotlib>=3.5",
+            "ruff>=0.6",
+            "mypy>=1.10",
+            "transformers>=4.40",
+            "wandb>=0.16",
+        ],
         "plots": ["matplotlib>=3.5"],
         "bench": ["kornia>=0.7", "matplotlib>=3.5"],
         "examples": ["lightning>=2.0", "accelerate>=0.25", "matplotlib>=3.5"],
         "tensorboard": ["tensorboard>=2.10"],
+        "wandb": ["wandb>=0.16"],
     },
     entry_points={"console_scripts": ["byol-pytorch=byol_pytorch.app.cli:main"]},
     classifiers=[

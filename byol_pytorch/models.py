@@ -16,12 +16,15 @@ from typing import Any
 import torch.nn as nn
 
 from ._modules import PathLike
+from .augment import BYOLAugment
 from .byol import BYOL
 from .checkpoint import atomic_write, load_checkpoint
 from .encoder import infer_channels, probe_backbone
 
 __all__ = [
+    "CIFAR_MODELS",
     "TORCHVISION_PREFIX",
+    "VIEW_DEFAULTS",
     "build_backbone",
     "build_learner",
     "classifier_name",
@@ -31,6 +34,16 @@ __all__ = [
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
+CIFAR_MODELS = {"cifar_resnet18": "resnet18", "cifar_resnet34": "resnet34", "cifar_resnet50": "resnet50"}
+# Optional recipe keys for the views, with the paper's values (Table 6): what a recipe (or an
+# older checkpoint) without them gets.
+VIEW_DEFAULTS: dict[str, float] = {
+    "crop_scale_min": 0.08,
+    "blur_p1": 1.0,
+    "blur_p2": 0.1,
+    "solarize_p1": 0.0,
+    "solarize_p2": 0.2,
+}
 
 
 def close_model_names(name: str, limit: int = 5) -> list[str]:
@@ -41,7 +54,7 @@ def close_model_names(name: str, limit: int = 5) -> list[str]:
     if name.startswith(TORCHVISION_PREFIX):
         names = [TORCHVISION_PREFIX + n for n in torchvision.models.list_models(module=torchvision.models)]
     else:
-        names = list(timm.list_models())
+        names = list(timm.list_models()) + list(CIFAR_MODELS)
     return difflib.get_close_matches(name, names, n=limit, cutoff=0.6)
 
 
@@ -54,13 +67,25 @@ def _unknown_model(name: str) -> ValueError:
     )
 
 
+def _cifar_resnet(name: str, in_chans: int | None) -> nn.Module:
+    """torchvision's ResNet with the CIFAR stem: conv 3x3 stride 1 (padding 2, as solo-learn), no max-pool."""
+    import torchvision
+
+    net = torchvision.models.get_model(CIFAR_MODELS[name], weights=None)
+    net.conv1 = nn.Conv2d(in_chans or 3, 64, kernel_size=3, stride=1, padding=2, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+    net.maxpool = nn.Identity()
+    return net
+
+
 def build_backbone(name: str, in_chans: int | None = None, image_size: int | None = None) -> nn.Module:
     """A randomly initialised backbone, with its classifier (BYOL ignores it).
 
     Args:
-        name: a timm model name, or ``torchvision:NAME`` for a torchvision classifier.
-        in_chans: input channels (timm only; torchvision models take 3). None: the
-            model's default.
+        name: a timm model name, ``torchvision:NAME`` for a torchvision classifier, or
+            ``cifar_resnet18`` / ``cifar_resnet34`` / ``cifar_resnet50`` (CIFAR stem).
+        in_chans: input channels (timm and cifar_ models; torchvision models take 3).
+            None: the model's default.
         image_size: passed to timm models that take ``img_size`` (ViTs), so that their
             position embeddings match the training views.
 
@@ -71,6 +96,8 @@ def build_backbone(name: str, in_chans: int | None = None, image_size: int | Non
         ValueError: an unknown name (with close names), or channels a torchvision model
             cannot take.
     """
+    if name in CIFAR_MODELS:
+        return _cifar_resnet(name, in_chans)
     if name.startswith(TORCHVISION_PREFIX):
         import torchvision
 
@@ -146,7 +173,9 @@ def build_learner(recipe: Mapping[str, Any], net: nn.Module | None = None) -> BY
 
     Args:
         recipe: needs ``model``, ``image_size``, ``in_chans``, ``projection_size``,
-            ``projection_hidden_size``, ``tau_base``; ``use_batchnorm`` and ``views_in_one_batch`` optional.
+            ``projection_hidden_size``, ``tau_base``; ``use_batchnorm`` and ``views_in_one_batch`` optional,
+            and the views' ``crop_scale_min``, ``blur_p1``, ``blur_p2``, ``solarize_p1``,
+            ``solarize_p2`` (absent: the paper's values, ``VIEW_DEFAULTS``).
         net: the backbone when already built; default ``build_backbone(recipe[...])``.
 
     Returns:
@@ -155,6 +184,7 @@ def build_learner(recipe: Mapping[str, Any], net: nn.Module | None = None) -> BY
     """
     if net is None:
         net = build_backbone(recipe["model"], recipe.get("in_chans"), recipe["image_size"])
+    view_one, view_two = _recipe_views(recipe, net)
     return BYOL(
         net,
         image_size=int(recipe["image_size"]),
@@ -164,7 +194,31 @@ def build_learner(recipe: Mapping[str, Any], net: nn.Module | None = None) -> BY
         moving_average_decay=float(recipe["tau_base"]),
         use_batchnorm=bool(recipe.get("use_batchnorm", True)),
         views_in_one_batch=bool(recipe.get("views_in_one_batch", False)),
+        augment_fn=view_one,
+        augment_fn2=view_two,
     )
+
+
+def _recipe_views(recipe: Mapping[str, Any], net: nn.Module) -> tuple[BYOLAugment | None, BYOLAugment | None]:
+    """The two views of a recipe whose view keys differ from the paper's; ``(None, None)`` otherwise.
+
+    None lets ``BYOL`` build its default views, so that recipes without these keys (older
+    checkpoints) give exactly the learner they gave before.
+    """
+    values = {key: float(v if recipe.get(key) is None else recipe[key]) for key, v in VIEW_DEFAULTS.items()}
+    if values == VIEW_DEFAULTS:
+        return None, None
+    channels = infer_channels(net)
+    colour: dict[str, Any] = {} if channels in (1, 3) else {"saturation": 0.0, "hue": 0.0, "grayscale_p": 0.0}
+    size = int(recipe["image_size"])
+    crop = (values["crop_scale_min"], 1.0)
+    views = [
+        BYOLAugment(
+            size, view=v, crop_scale=crop, blur_p=values[f"blur_p{v}"], solarize_p=values[f"solarize_p{v}"], **colour
+        )
+        for v in (1, 2)
+    ]
+    return views[0], views[1]
 
 
 def export_backbone(checkpoint_path: PathLike, out_path: PathLike, which: str = "online") -> Path:

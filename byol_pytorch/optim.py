@@ -63,6 +63,9 @@ class LARS(torch.optim.Optimizer):
         momentum: momentum (paper: 0.9).
         weight_decay: L2 weight decay added to the gradient before the adaptation.
         trust_coefficient: eta of the trust ratio (paper: 1e-3).
+        clip_lr: cap the trust ratio at 1 / lr, so that a layer's step is
+            ``min(trust_coefficient * ||p|| / ||g||, lr) * v`` per unit of gradient
+            (LARC's clipping, solo-learn's ``clip_lars_lr``; default off, as the paper).
 
     Raises:
         ValueError: a negative lr, momentum, weight decay or trust coefficient.
@@ -75,6 +78,7 @@ class LARS(torch.optim.Optimizer):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         trust_coefficient: float = 1e-3,
+        clip_lr: bool = False,
     ):
         for name, value in (
             ("lr", lr),
@@ -85,7 +89,12 @@ class LARS(torch.optim.Optimizer):
             if not value >= 0.0:
                 raise ValueError(f"LARS {name} must be >= 0, got {value}")
         defaults = dict(
-            lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, lars_exclude=False
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            clip_lr=bool(clip_lr),
+            lars_exclude=False,
         )
         super().__init__(params, defaults)
 
@@ -105,9 +114,13 @@ class LARS(torch.optim.Optimizer):
                     grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
                 param_norms = torch._foreach_norm(params)
                 grad_norms = torch._foreach_norm(grads)
+                eta, clip = group["trust_coefficient"], group.get("clip_lr", False)
+                if clip:  # min(eta ||p|| / ||g|| / lr, 1); at lr 0, 1
+                    eta = eta / group["lr"] if group["lr"] > 0 else math.inf
+                ratios = [eta * pn / gn for pn, gn in zip(param_norms, grad_norms)]
                 trust = [
-                    torch.where((pn > 0) & (gn > 0), group["trust_coefficient"] * pn / gn, torch.ones_like(pn))
-                    for pn, gn in zip(param_norms, grad_norms)
+                    torch.where((pn > 0) & (gn > 0), r.clamp(max=1.0) if clip else r, torch.ones_like(pn))
+                    for r, pn, gn in zip(ratios, param_norms, grad_norms)
                 ]
                 grads = torch._foreach_mul(grads, trust)
             buffers = []
@@ -204,7 +217,13 @@ def resync_lr(scheduler: LambdaLR) -> None:
 
 
 def build_optimizer(
-    name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9
+    name: str,
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    trust_coefficient: float = 1e-3,
+    clip_lr: bool = False,
 ) -> torch.optim.Optimizer:
     """The optimiser of ``byol-pytorch train --optimizer``, on ``param_groups(model, ...)``.
 
@@ -214,6 +233,7 @@ def build_optimizer(
         lr: peak learning rate.
         weight_decay: decay of weights (never of biases and norms).
         momentum: LARS and SGD momentum (paper: 0.9).
+        trust_coefficient, clip_lr: LARS only, see ``LARS``.
 
     Returns:
         The optimiser.
@@ -223,7 +243,7 @@ def build_optimizer(
     """
     groups = param_groups(model, weight_decay)
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum)
+        return LARS(groups, lr=lr, momentum=momentum, trust_coefficient=trust_coefficient, clip_lr=clip_lr)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .cifar import CifarDataset, parse_cifar_spec
 from .data import LabelledImageFolder, match_channels
 from .evaluate import extract_features, knn_accuracy
 
@@ -28,6 +29,8 @@ def split_labelled(root: str, load_size: int, channels: int) -> tuple[Any, Any]:
     ``ROOT/train`` + ``ROOT/val`` (or ``ROOT/test``), each with class sub-folders, are
     used as they are. Otherwise ``ROOT/CLASS/...`` is split per class: every fifth image
     (in file order) is a query, the others form the bank - the same split every time.
+    ``cifar10:ROOT`` / ``cifar100:ROOT``: the training batches are the bank, the test
+    batch the queries.
 
     Args:
         root: the labelled folder.
@@ -40,6 +43,13 @@ def split_labelled(root: str, load_size: int, channels: int) -> tuple[Any, Any]:
     Raises:
         ValueError: no class sub-folders, or a class with too few images to split.
     """
+    cifar = parse_cifar_spec(root)
+    if cifar is not None:
+        kind, folder = cifar
+        return (
+            CifarDataset(kind, folder, "train", labelled=True, size=load_size, channels=channels),
+            CifarDataset(kind, folder, "test", labelled=True, size=load_size, channels=channels),
+        )
     base = Path(root)
     names = {p.name for p in base.iterdir() if p.is_dir()} if base.is_dir() else set()
     held_out = "val" if "val" in names else ("test" if "test" in names else None)

@@ -162,3 +162,38 @@ def test_build_learner_follows_the_recipe():
     assert not any(isinstance(m, nn.BatchNorm1d) for m in gray.online_encoder.projector.modules())
     own = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     assert build_learner(RECIPE, own).net is own  # a backbone given is used as it is
+
+
+def test_cifar_resnet18_has_the_cifar_stem_and_exports_without_classifier(tmp_path):
+    import torchvision
+    from safetensors.torch import load_file
+
+    net = build_backbone("cifar_resnet18")
+    assert (net.conv1.kernel_size, net.conv1.stride, net.conv1.padding) == ((3, 3), (1, 1), (2, 2))
+    assert isinstance(net.maxpool, nn.Identity) and net.conv1.bias is None
+    assert build_backbone("cifar_resnet18", in_chans=1).conv1.in_channels == 1
+    recipe = dict(RECIPE, model="cifar_resnet18", image_size=16)
+    path, learner = _trained_checkpoint(tmp_path, recipe)
+    tensors = load_file(export_backbone(path, tmp_path / "backbone.safetensors"))
+    assert not any(k.startswith("fc.") for k in tensors)
+    # The file loads strictly into torchvision's resnet18 with the same stem and no classifier.
+    model = torchvision.models.resnet18(weights=None)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 2, bias=False)
+    model.maxpool, model.fc = nn.Identity(), nn.Identity()
+    model.load_state_dict(tensors, strict=True)
+    model.eval()
+    learner.eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), learner(x, return_embedding=True, return_projection=False))
+
+
+def test_build_learner_views_from_the_recipe_keys():
+    paper = build_learner(RECIPE)  # no view keys, as an older checkpoint: the paper's views
+    assert (paper.augment1.blur_p, paper.augment2.blur_p, paper.augment2.solarize_p) == (1.0, 0.1, 0.2)
+    same = build_learner(dict(RECIPE, crop_scale_min=0.08, blur_p1=1.0, blur_p2=0.1, solarize_p1=0.0, solarize_p2=0.2))
+    assert same.augment1.crop_scale == (0.08, 1.0) and same.augment2.blur_p == 0.1
+    cifar = build_learner(dict(RECIPE, crop_scale_min=0.2, blur_p1=0.0, blur_p2=0.0, solarize_p2=0.3))
+    one, two = cifar.augment1, cifar.augment2
+    assert (one.blur_p, two.blur_p, one.solarize_p, two.solarize_p) == (0.0, 0.0, 0.0, 0.3)
+    assert one.crop_scale == two.crop_scale == (0.2, 1.0) and one.size == (32, 32)

@@ -175,3 +175,16 @@ def test_build_optimizer_names():
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[1]["weight_decay"] == 0.0
     with pytest.raises(ValueError, match="lars, adamw, sgd"):
         build_optimizer("adam", model, 0.1, 0.0)
+
+
+def test_lars_clip_lr_caps_the_trust_ratio_at_one_over_lr():
+    """solo-learn's clip_lr: the step is min(eta ||p|| / ||g||, lr) times the gradient."""
+    for lr, grad, expected in ((1.0, 1e-4, 1e-4), (1.0, 10.0, 0.02 * 4 / 40 * 10), (0.0, 1e-4, 0.0)):
+        p = nn.Parameter(torch.ones(4, 4))
+        p.grad = torch.full((4, 4), grad)  # ||p|| = 4, ||g|| = 4 grad
+        LARS([p], lr=lr, momentum=0.0, trust_coefficient=0.02, clip_lr=True).step()
+        torch.testing.assert_close(p.detach(), torch.full((4, 4), 1.0 - expected))
+    p = nn.Parameter(torch.ones(4, 4))
+    p.grad = torch.full((4, 4), 1e-4)
+    LARS([p], lr=1.0, momentum=0.0, trust_coefficient=0.02).step()  # unclipped: ratio 200 times the gradient
+    torch.testing.assert_close(p.detach(), torch.full((4, 4), 1.0 - 0.02 * 1e4 * 1e-4))

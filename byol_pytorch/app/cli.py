@@ -195,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(one sub-folder per class; ROOT/train + ROOT/val are used as given, "
         "else every fifth image of each class is held out), and a collapse report.",
     )
-    evaluate.add_argument("--data", required=True, help="labelled folder: one sub-folder per class")
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        help="labelled folder: one sub-folder per class; or cifar10:ROOT / cifar100:ROOT (train batches -> test batch)",
+    )
     evaluate.add_argument("--checkpoint", required=True, help="RUNDIR/last.pt")
     evaluate.add_argument("--knn", action="store_true", help="weighted kNN (k=20, T=0.07) accuracy")
     evaluate.add_argument("--linear", action="store_true", help="linear probe accuracy")

@@ -1,21 +1,34 @@
-"""What a training run records: metrics.jsonl, TensorBoard, curves.png at the end.
+"""What a training run records: metrics.jsonl, TensorBoard, Weights & Biases, curves.png at the end.
 
 ``RUNDIR/metrics.jsonl`` gets one JSON object per logged step (``step``, ``epoch``,
 ``loss``, ``lr``, ``tau``, ``img_per_s``, ``time_s``, ``skipped_files``, and ``knn_acc``
 when the monitor ran). Only rank 0 writes. A resumed run keeps the rows up to the
 checkpoint's step and appends after them.
+
+With ``--wandb`` the same rows go to a W&B run (its config: the run's recipe and flags);
+``close`` adds curves.png and views.png. The run's id is kept in ``RUNDIR/wandb_run_id``,
+so that a resumed training run continues the same W&B run (``resume="allow"``). W&B's
+files go to ``RUNDIR/wandb`` unless ``WANDB_DIR`` is set; ``WANDB_MODE=offline`` needs
+no network (``wandb sync`` uploads later).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import warn
 
-__all__ = ["MetricsLog", "plot_curves_or_warn"]
+__all__ = ["WANDB_ID_FILE", "MetricsLog", "draw_views_or_warn", "plot_curves_or_warn", "wandb_options"]
+
+WANDB_ID_FILE = "wandb_run_id"
+_WANDB_MISSING = "--wandb needs the wandb package: pip install 'byol-pytorch[wandb]'"
 
 
 def plot_curves_or_warn(metrics_path: Path, out_path: Path) -> None:
@@ -31,6 +44,70 @@ def plot_curves_or_warn(metrics_path: Path, out_path: Path) -> None:
         warn(f"curves.png skipped: {error}")
 
 
+def wandb_options(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The W&B settings of ``--wandb`` (project, run name, config), or None without the flag."""
+    if not getattr(args, "wandb", False):
+        return None
+    name = Path(str(getattr(args, "out", "run"))).resolve().name
+    return {"project": getattr(args, "wandb_project", None) or "byol-pytorch", "name": name, "config": dict(config)}
+
+
+def draw_views_or_warn(dataset: Any, learner: Any, out_path: Path, count: int = 8) -> Path:
+    """``views.png``: the first ``count`` training images beside the learner's two views; warns on failure.
+
+    The views are drawn under a forked generator, so the run's random state is untouched.
+    """
+    import torch
+
+    try:
+        from .plots import plot_views
+
+        count = min(count, len(dataset))
+        originals = torch.stack([dataset[i][0] for i in range(count)]).to(next(learner.parameters()).device)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            one, two = learner.augment1(originals), learner.augment2(originals)
+        mean, std = learner.augment1.resolve_mean_std(originals.shape[1])
+        plot_views(originals.cpu(), one.cpu(), two.cpu(), str(out_path), mean, std, max_images=count)
+    except (ImportError, OSError, ValueError, AttributeError, TypeError, RuntimeError) as error:
+        warn(f"views.png skipped: {error}")
+    return out_path
+
+
+class _WandbSink:
+    """One W&B run: rows as history at their step, pictures at the end."""
+
+    def __init__(self, run_dir: Path, options: dict[str, Any], resuming: bool):
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError(_WANDB_MISSING) from None
+        self.wandb = wandb
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text(encoding="utf-8").strip() if resuming and id_file.is_file() else ""
+        if not run_id:
+            run_id = uuid.uuid4().hex[:8]  # W&B's id alphabet: lower-case letters and digits
+            id_file.write_text(run_id + "\n", encoding="utf-8")
+        self.run = wandb.init(
+            project=options["project"],
+            name=options.get("name"),
+            id=run_id,
+            resume="allow",
+            config=options.get("config") or {},
+            dir=os.environ.get("WANDB_DIR") or str(run_dir),
+        )
+
+    def log(self, row: dict[str, Any]) -> None:
+        values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        self.run.log(values, step=int(row["step"]))
+
+    def close(self, pictures: Sequence[Path]) -> None:
+        images = {p.stem: self.wandb.Image(str(p)) for p in pictures if Path(p).is_file()}
+        if images:
+            self.run.log(images)
+        self.run.finish()
+
+
 class MetricsLog:
     """Appends metric rows to ``RUNDIR/metrics.jsonl`` and, optionally, TensorBoard.
 
@@ -40,15 +117,25 @@ class MetricsLog:
             a new file).
         tensorboard: also write TensorBoard scalars under ``RUNDIR/tensorboard``.
         enabled: False on ranks other than 0 (nothing is written).
+        wandb: W&B settings from ``wandb_options`` (``project``, ``name``, ``config``), or
+            None for no W&B run.
 
     Raises:
-        ValueError: TensorBoard was asked for but is not installed.
+        ValueError: TensorBoard or W&B was asked for but is not installed.
     """
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = False, enabled: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int | None = None,
+        tensorboard: bool = False,
+        enabled: bool = True,
+        wandb: dict[str, Any] | None = None,
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
+        self.wandb_run: _WandbSink | None = None
         if not enabled:
             return
         kept: list[str] = []
@@ -67,6 +154,8 @@ class MetricsLog:
             except ImportError:
                 raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
+        if wandb is not None:
+            self.wandb_run = _WandbSink(self.path.parent, wandb, resuming=resume_step is not None)
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one row (numbers rounded for reading; non-finite values as strings)."""
@@ -83,8 +172,14 @@ class MetricsLog:
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"train/{key}", value, global_step=int(row["step"]))
             self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(row)
 
-    def close(self) -> None:
+    def close(self, pictures: Sequence[Path] = ()) -> None:
+        """Close TensorBoard; give W&B the ``pictures`` that exist (curves.png, views.png) and finish its run."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb_run is not None:
+            sink, self.wandb_run = self.wandb_run, None
+            sink.close(pictures)

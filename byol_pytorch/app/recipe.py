@@ -1,9 +1,14 @@
 """The flags of ``byol-pytorch train`` and the run's recipe they resolve to.
 
-The recipe (``RECIPE_DEFAULTS``: model, sizes, optimiser, schedules, seed) is fixed for
-the life of a run: a resumed run takes it from its checkpoint, and a flag that
+The recipe (``RECIPE_DEFAULTS``: model, sizes, optimiser, schedules, views, seed) is fixed
+for the life of a run: a resumed run takes it from its checkpoint, and a flag that
 contradicts it is an error. The other flags (where, how fast, how often to report) may
 change between a run and its resumption.
+
+``--recipe`` picks the defaults of the flags not given: ``paper`` (Grill et al. 2020,
+ImageNet) or ``cifar`` (solo-learn's BYOL CIFAR config, ``PRESETS["cifar"]``, each value
+with its source). Without ``--recipe``, ``--data cifar10:ROOT`` / ``cifar100:ROOT`` gets
+``cifar`` and any other data ``paper``. A flag given explicitly always wins.
 """
 
 from __future__ import annotations
@@ -11,18 +16,22 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..cifar import is_cifar_spec
 from ..distributed import DistContext
+from ..models import VIEW_DEFAULTS
 from ..optim import OPTIMIZERS, default_lr, default_weight_decay
 from .errors import UserError
 
 __all__ = [
     "DEFAULT_EPOCHS",
+    "PRESETS",
     "RECIPE_DEFAULTS",
     "add_train_arguments",
     "check_sizes",
     "get_args_parser",
     "lr_help",
     "plain",
+    "preset_name",
     "resolve_recipe",
     "run_length",
 ]
@@ -42,8 +51,61 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "projection_size": 256,
     "projection_hidden_size": 4096,
     "views_in_one_batch": False,
+    "recipe": "paper",
+    **VIEW_DEFAULTS,  # crop_scale_min 0.08, blur_p1/2 1.0/0.1, solarize_p1/2 0.0/0.2: the paper's Table 6
+    "lars_trust": 1e-3,
+    "lars_clip": False,
 }
 DEFAULT_EPOCHS = 100
+# Keys added after the first checkpoints were written: a checkpoint without them ran with these values.
+_LEGACY = {"recipe": "paper", **VIEW_DEFAULTS, "lars_trust": 1e-3, "lars_clip": False}
+
+_SOLO = "solo-learn scripts/pretrain/cifar/byol.yaml"
+_SOLO_VIEWS = "solo-learn scripts/pretrain/cifar/augmentations/asymmetric.yaml"
+# Each recipe: the defaults it changes, the lr per 256 images and weight decay of its
+# optimiser, its length, and the source of each value (README "CIFAR-10" shows them).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"values": {}, "optimizer": {}, "epochs": DEFAULT_EPOCHS, "sources": {}},
+    "cifar": {
+        "values": {
+            "model": "cifar_resnet18",
+            "image_size": 32,
+            "batch_size": 256,
+            "optimizer": "lars",
+            "tau_base": 0.99,
+            "projection_size": 256,
+            "projection_hidden_size": 4096,
+            "crop_scale_min": 0.08,
+            "blur_p1": 0.0,
+            "blur_p2": 0.0,
+            "solarize_p1": 0.0,
+            "solarize_p2": 0.2,
+            "lars_trust": 0.02,
+            "lars_clip": True,
+        },
+        "optimizer": {"lars": {"lr_per_256": 1.0, "weight_decay": 1e-5}},
+        "epochs": 1000,
+        "sources": {
+            "model": f"{_SOLO}: resnet18; CIFAR stem (3x3 conv stride 1, no max-pool) of solo-learn's backbones",
+            "image_size": f"{_SOLO_VIEWS}: crop_size 32",
+            "batch_size": f"{_SOLO}: optimizer.batch_size 256",
+            "optimizer": f"{_SOLO}: lars, exclude_bias_n_norm",
+            "lr": f"{_SOLO}: optimizer.lr 1.0 at batch 256 (here scaled by batch/256)",
+            "weight_decay": f"{_SOLO}: optimizer.weight_decay 1e-5",
+            "lars_trust": f"{_SOLO}: optimizer.kwargs.eta 0.02",
+            "lars_clip": f"{_SOLO}: optimizer.kwargs.clip_lr True",
+            "tau_base": f"{_SOLO}: momentum.base_tau 0.99, final_tau 1.0",
+            "projection_size": f"{_SOLO}: proj_output_dim 256",
+            "projection_hidden_size": f"{_SOLO}: proj_hidden_dim 4096, pred_hidden_dim 4096",
+            "crop_scale_min": f"{_SOLO_VIEWS}: rrc.crop_min_scale 0.08 (max 1.0), both views",
+            "blur_p1": f"{_SOLO_VIEWS}: gaussian_blur.prob 0.0, both views",
+            "blur_p2": f"{_SOLO_VIEWS}: gaussian_blur.prob 0.0, both views",
+            "solarize_p1": f"{_SOLO_VIEWS}: solarization.prob 0.0 (view 1)",
+            "solarize_p2": f"{_SOLO_VIEWS}: solarization.prob 0.2 (view 2)",
+            "epochs": f"{_SOLO}: max_epochs 1000",
+        },
+    },
+}
 
 
 def lr_help() -> str:
@@ -58,8 +120,9 @@ def _add_run_flags(a: Any) -> None:
     """Where the run reads and writes: data, run folder, resumption."""
     a(
         "--data",
-        help="folder of images, searched recursively (unreadable files are skipped and counted); "
-        "with --resume, defaults to the run's folder",
+        help="folder of images, searched recursively (unreadable files are skipped and counted), or "
+        "cifar10:ROOT / cifar100:ROOT for the official CIFAR python batches (ROOT holds cifar-10-batches-py "
+        "or is it; never downloaded); with --resume, defaults to the run's data",
     )
     a("--out", default="runs/byol", help="run folder: last.pt, metrics.jsonl, curves.png (default: %(default)s)")
     a(
@@ -76,8 +139,16 @@ def _add_run_flags(a: Any) -> None:
 def _add_recipe_flags(a: Any) -> None:
     """The recipe: model, sizes, optimiser, schedules, heads, seed."""
     a(
+        "--recipe",
+        choices=sorted(PRESETS),
+        help="defaults of the flags below that are not given: paper (Grill et al. 2020) or cifar (solo-learn's "
+        "BYOL CIFAR config: cifar_resnet18, 32 px, LARS lr 1.0, wd 1e-5, tau 0.99, no blur, 1000 epochs); "
+        "default: cifar for --data cifar10:/cifar100:, else paper",
+    )
+    a(
         "--model",
-        help="timm model name or torchvision:NAME, built with random weights (default: resnet50, the paper's backbone)",
+        help="timm model name, torchvision:NAME or cifar_resnet18 (CIFAR stem), built with random weights "
+        "(default: resnet50, the paper's backbone; cifar_resnet18 with --recipe cifar)",
     )
     a(
         "--in-chans",
@@ -90,7 +161,11 @@ def _add_recipe_flags(a: Any) -> None:
         type=int,
         help="images per optimizer step over all processes and accumulation steps (default: 256; the paper uses 4096)",
     )
-    a("--epochs", type=int, help=f"epochs to train (default: {DEFAULT_EPOCHS}; the paper's longest run is 1000)")
+    a(
+        "--epochs",
+        type=int,
+        help=f"epochs to train (default: {DEFAULT_EPOCHS}, 1000 with --recipe cifar; the paper's longest run is 1000)",
+    )
     a("--max-steps", type=int, help="total optimizer steps; overrides --epochs")
     a(
         "--optimizer",
@@ -128,6 +203,29 @@ def _add_recipe_flags(a: Any) -> None:
         "over them (BatchNorm sees the micro-batch)",
     )
     a("--seed", type=int, help="seed of the model, the data order and the augmentations (default: 0)")
+    _add_view_flags(a)
+
+
+def _add_view_flags(a: Any) -> None:
+    """The views' crop scale, blur and solarize probabilities, LARS' trust ratio."""
+    a("--crop-scale-min", type=float, help="smallest crop area, as a fraction of the image (default: 0.08, both)")
+    for name, what, paper, cifar in (
+        ("blur", "Gaussian blur", "1.0/0.1", "0/0"),
+        ("solarize", "solarize", "0/0.2", "0/0.2"),
+    ):
+        for view in (1, 2):
+            a(
+                f"--{name}-p{view}",
+                type=float,
+                help=f"{what} probability of view {view} (default: paper {paper}, cifar {cifar} for views 1/2)",
+            )
+    a("--lars-trust", type=float, help="LARS trust coefficient eta (default: paper 1e-3, cifar 0.02)")
+    a(
+        "--lars-clip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cap LARS' trust ratio at 1/lr, solo-learn's clip_lr (default: off; on with --recipe cifar)",
+    )
 
 
 def _add_runtime_flags(a: Any) -> None:
@@ -146,7 +244,10 @@ def _add_runtime_flags(a: Any) -> None:
         help="save OUT/last.pt every N steps (default: %(default)s; also at the end and on SIGTERM/SIGINT)",
     )
     a("--log-every", type=int, default=10, help="write metrics every N steps (default: %(default)s)")
-    a("--val-data", help="labelled folder (one sub-folder per class) for a kNN accuracy monitor")
+    a(
+        "--val-data",
+        help="labelled folder (one sub-folder per class), or cifar10:ROOT / cifar100:ROOT, for a kNN accuracy monitor",
+    )
     a(
         "--val-every",
         type=int,
@@ -154,6 +255,13 @@ def _add_runtime_flags(a: Any) -> None:
         help="run the kNN monitor every N epochs and at the end (default: %(default)s)",
     )
     a("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
+    a(
+        "--wandb",
+        action="store_true",
+        help="also log to Weights & Biases (pip install 'byol-pytorch[wandb]'): the metrics, the recipe, curves "
+        "and views at the end; a resumed run continues its W&B run; WANDB_MODE=offline works without network",
+    )
+    a("--wandb-project", default="byol-pytorch", help="W&B project (default: %(default)s)")
     a("--channels-last", action="store_true", help="channels_last memory format (faster convnets on GPUs)")
     a("--compile", action="store_true", help="torch.compile the learner (slow first steps, faster after)")
     a(
@@ -183,10 +291,29 @@ def plain(value: Any) -> Any:
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
+def preset_name(args: argparse.Namespace, saved: dict[str, Any] | None) -> str:
+    """The run's ``--recipe``: the checkpoint's, the flag, or ``cifar`` for CIFAR data, else ``paper``."""
+    if saved is not None:
+        return str({**_LEGACY, **saved}["recipe"])
+    given = getattr(args, "recipe", None)
+    if given is not None:
+        return str(given)
+    return "cifar" if is_cifar_spec(getattr(args, "data", None)) else "paper"
+
+
 def resolve_recipe(args: argparse.Namespace, saved: dict[str, Any] | None) -> dict[str, Any]:
-    """The run's recipe: the flags with defaults filled in, or the checkpoint's when resuming."""
+    """The run's recipe: the flags, else the ``--recipe`` preset's, else the defaults; the checkpoint's when resuming.
+
+    Keys a checkpoint lacks (written before they existed) take the values that run used.
+    """
+    name = preset_name(args, saved)
+    if name not in PRESETS:
+        raise UserError(f"unknown recipe {name!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    defaults = {**RECIPE_DEFAULTS, **preset["values"], "recipe": name}
+    saved = None if saved is None else {**_LEGACY, **saved}
     recipe: dict[str, Any] = {}
-    for key, default in RECIPE_DEFAULTS.items():
+    for key, default in defaults.items():
         given = getattr(args, key, None)
         if saved is not None and key in saved:
             if given is not None and given != saved[key]:
@@ -198,10 +325,12 @@ def resolve_recipe(args: argparse.Namespace, saved: dict[str, Any] | None) -> di
             recipe[key] = saved[key]
         else:
             recipe[key] = given if given is not None else default
+    own = preset["optimizer"].get(recipe["optimizer"])  # the recipe's lr and decay for its own optimiser
     if recipe["lr"] is None:
-        recipe["lr"] = default_lr(recipe["optimizer"], recipe["batch_size"])
+        lr = own["lr_per_256"] * recipe["batch_size"] / 256 if own else None
+        recipe["lr"] = lr if lr is not None else default_lr(recipe["optimizer"], recipe["batch_size"])
     if recipe["weight_decay"] is None:
-        recipe["weight_decay"] = default_weight_decay(recipe["optimizer"])
+        recipe["weight_decay"] = own["weight_decay"] if own else default_weight_decay(recipe["optimizer"])
     return recipe
 
 
@@ -214,6 +343,13 @@ def check_sizes(recipe: dict[str, Any], ctx: DistContext) -> int:
         raise UserError(f"--accumulate must be at least 1, got {accumulate}")
     if not 0.0 <= recipe["tau_base"] <= 1.0:
         raise UserError(f"--tau-base must be in [0, 1] (the paper: 0.996), got {recipe['tau_base']}")
+    for key in ("blur_p1", "blur_p2", "solarize_p1", "solarize_p2"):
+        if not 0.0 <= recipe[key] <= 1.0:
+            raise UserError(f"--{key.replace('_', '-')} is a probability in [0, 1], got {recipe[key]}")
+    if not 0.0 < recipe["crop_scale_min"] <= 1.0:
+        raise UserError(f"--crop-scale-min must be in (0, 1] (the paper: 0.08), got {recipe['crop_scale_min']}")
+    if not recipe["lars_trust"] >= 0.0:
+        raise UserError(f"--lars-trust must be >= 0 (the paper: 1e-3), got {recipe['lars_trust']}")
     parts = ctx.world_size * accumulate
     if batch < 2 or batch % parts or batch // parts < 2:
         raise UserError(
@@ -238,7 +374,7 @@ def run_length(
     elif saved_total is not None:
         total = saved_total
     else:
-        total = DEFAULT_EPOCHS * steps_per_epoch
+        total = PRESETS.get(recipe.get("recipe", "paper"), PRESETS["paper"])["epochs"] * steps_per_epoch
     if total < 1:
         raise UserError(f"the run would have {total} steps; pass --max-steps or --epochs of at least 1")
     warmup_epochs = recipe["warmup_epochs"] if recipe["warmup_epochs"] is not None else 10.0

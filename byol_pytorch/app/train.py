@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from ..byol import BYOL
 from ..checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from ..cifar import CifarDataset, parse_cifar_spec
 from ..data import ImageFolder, collate_images, load_size_for, match_channels
 from ..distributed import DistContext, gather_objects, setup_distributed
 from ..encoder import infer_channels
@@ -37,7 +38,7 @@ from ..optim import build_optimizer, resync_lr, warmup_cosine_scheduler
 from ..sampling import EpochSampler, ignore_signals_in_worker, step_batches
 from ..validation import KnnMonitor
 from .errors import UserError, warn
-from .metrics import MetricsLog, plot_curves_or_warn
+from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
 from .recipe import add_train_arguments, check_sizes, get_args_parser, plain, resolve_recipe, run_length
 
 __all__ = ["Run", "add_train_arguments", "finish", "get_args_parser", "main", "prepare_run", "run", "train"]
@@ -52,7 +53,7 @@ class Run:
     out: Path
     recipe: dict[str, Any]
     run_args: dict[str, Any]  # saved in every checkpoint
-    dataset: ImageFolder
+    dataset: ImageFolder | CifarDataset
     sampler: EpochSampler
     loader: DataLoader
     learner: BYOL
@@ -66,6 +67,7 @@ class Run:
     resumed_from: Path | None
     saved_step: int = -1  # step of the last checkpoint written or resumed from; -1: none yet
     skip_warned: bool = False  # the skipped-files warning was given
+    metrics: MetricsLog | None = None  # open from ``run`` until ``finish`` (W&B gets the pictures there)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,15 +159,28 @@ def _build_net(recipe: dict[str, Any], args: argparse.Namespace, ctx: DistContex
     return net
 
 
+def _open_cifar(data: str, channels: int) -> CifarDataset | None:
+    """The training batches of ``cifar10:ROOT`` / ``cifar100:ROOT`` (None for a folder of images)."""
+    cifar = parse_cifar_spec(data)
+    if cifar is None:
+        return None
+    try:
+        return CifarDataset(cifar[0], cifar[1], "train", channels=channels)
+    except ValueError as error:
+        raise UserError(f"--data: {error}") from None
+
+
 def _build_data(
     data: str | None, recipe: dict[str, Any], micro_batch: int, workers: int, ctx: DistContext
-) -> tuple[ImageFolder, EpochSampler, DataLoader]:
-    """The image folder in the net's channel count, its resumable order, the loader."""
+) -> tuple[ImageFolder | CifarDataset, EpochSampler, DataLoader]:
+    """The image folder (or CIFAR batches) in the net's channel count, its resumable order, the loader."""
     if not data:
         raise UserError("--data is required: the folder of training images")
     channels = 1 if recipe["in_chans"] == 1 else 3
+    dataset: ImageFolder | CifarDataset | None = _open_cifar(data, channels)
     try:
-        dataset = ImageFolder(data, load_size_for(recipe["image_size"]), channels)
+        if dataset is None:
+            dataset = ImageFolder(data, load_size_for(recipe["image_size"]), channels)
         dataset[0]  # fails now, not in a worker, when no file at all can be read
         sampler = EpochSampler(
             len(dataset), micro_batch, ctx.rank, ctx.world_size, recipe["seed"], multiple_of=recipe["accumulate"]
@@ -199,7 +214,14 @@ def _build_learner(
     """``(learner, optimizer, scheduler, scaler)`` of the recipe; tau follows the paper's cosine over the run."""
     try:
         learner = build_learner(recipe, net).to(ctx.device)
-        optimizer = build_optimizer(recipe["optimizer"], learner, recipe["lr"], recipe["weight_decay"])
+        optimizer = build_optimizer(
+            recipe["optimizer"],
+            learner,
+            recipe["lr"],
+            recipe["weight_decay"],
+            trust_coefficient=float(recipe.get("lars_trust", 1e-3)),
+            clip_lr=bool(recipe.get("lars_clip", False)),
+        )
     except ValueError as error:  # a tau, head size or lr out of range; a net that cannot take the views
         raise UserError(str(error)) from None
     learner.moving_average_total_steps = total  # cosine tau over the run (paper Sec. 3.2)
@@ -282,7 +304,8 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
                 f"byol-pytorch: {recipe['model']} on {len(dataset)} images ({recipe['in_chans']} channels) in "
                 f"{data}, {ctx.world_size} process(es) on {ctx.device.type}, batch {recipe['batch_size']}, "
                 f"{recipe['optimizer']} lr {recipe['lr']:.4g}, warm-up {warmup} steps, {steps_per_epoch} "
-                f"steps/epoch, steps {prepared.state.step} -> {total}, {precision}, run folder {out}",
+                f"steps/epoch, steps {prepared.state.step} -> {total}, {precision}, run folder {out}"
+                f" (recipe {recipe['recipe']})",
                 flush=True,
             )
     return prepared
@@ -374,7 +397,11 @@ def run(prepared: Run) -> TrainState:
     prepared.out.mkdir(parents=True, exist_ok=True)
     try:
         metrics = MetricsLog(
-            prepared.out, state.step if prepared.saved_step >= 0 else None, args.tensorboard, enabled=ctx.is_main
+            prepared.out,
+            state.step if prepared.saved_step >= 0 else None,
+            args.tensorboard,
+            enabled=ctx.is_main,
+            wandb=wandb_options(args, prepared.run_args),
         )
         monitor = (
             KnnMonitor(
@@ -406,8 +433,10 @@ def run(prepared: Run) -> TrainState:
         check_every=None if ctx.device.type == "cpu" else min(10, args.log_every),
     )
     batches = step_batches(prepared.loader, prepared.sampler, state.epoch, state.position, recipe["accumulate"])
+    completed = False
     try:
         engine.run(batches, state, _hooks(prepared, metrics, monitor))
+        completed = True
     except DivergedError as error:
         kept = (
             f"the last good checkpoint {prepared.out / 'last.pt'} (step {prepared.saved_step}) is left as it was"
@@ -418,7 +447,9 @@ def run(prepared: Run) -> TrainState:
             f"{error}; {kept}. Lower --lr, lengthen --warmup-epochs, or use --precision fp32/bf16 instead of fp16"
         ) from None
     finally:
-        metrics.close()
+        if not completed:
+            metrics.close()
+    prepared.metrics = metrics  # closed by ``finish``, after W&B gets the pictures
     return state
 
 
@@ -434,6 +465,11 @@ def finish(prepared: Run, state: TrainState) -> dict[str, Any]:
                 f"{state.skipped_files} unreadable, empty or corrupt image files were passed over so far; "
                 "training went on"
             )
+    if prepared.metrics is not None:
+        pictures = [out / "curves.png"]
+        if ctx.is_main and stopped is None and prepared.metrics.wandb_run is not None:
+            pictures.append(draw_views_or_warn(prepared.dataset, prepared.learner, out / "views.png"))
+        prepared.metrics.close(pictures)
     if stopped is not None and ctx.is_main:
         print(
             f"byol-pytorch: stopped by {signal.Signals(stopped).name} at step {state.step}; checkpoint saved to "

@@ -94,3 +94,46 @@ def test_lr_help_names_every_optimizer_with_its_defaults():
     assert [part.split(":")[0] for part in parts] == ["lars", "adamw", "sgd"]
     assert "lars: 0.2 x batch/256, wd 1.5e-06 (BYOL paper, App. C)" in parts
     assert "sgd: 0.05 x batch/256, wd 0.0001" in text and "adamw: 0.0005 x batch/256, wd 0.04" in text
+
+
+def test_cifar_data_gets_the_cifar_recipe_unless_told_otherwise():
+    from byol_pytorch.app.recipe import PRESETS
+
+    recipe = resolve(parse("--data", "cifar10:/data"), None)
+    assert recipe["recipe"] == "cifar" and recipe["model"] == "cifar_resnet18" and recipe["image_size"] == 32
+    assert recipe["lr"] == pytest.approx(1.0) and recipe["weight_decay"] == 1e-5 and recipe["tau_base"] == 0.99
+    assert (recipe["blur_p1"], recipe["blur_p2"], recipe["solarize_p1"], recipe["solarize_p2"]) == (0, 0, 0, 0.2)
+    assert recipe["crop_scale_min"] == 0.08 and recipe["lars_trust"] == 0.02 and recipe["lars_clip"] is True
+    assert set(PRESETS["cifar"]["values"]) <= set(PRESETS["cifar"]["sources"])  # every value has its source
+    assert run_length(parse(), recipe, 10, None)[0] == 1000 * 10  # solo-learn's 1000 epochs
+    # Explicit flags win; the lr scales with the batch; another optimiser gets its own defaults.
+    given = resolve(parse("--data", "cifar100:/d", "--batch-size", "512", "--blur-p1", "0.5", "--no-lars-clip"), None)
+    assert given["lr"] == pytest.approx(2.0) and given["blur_p1"] == 0.5 and given["lars_clip"] is False
+    adamw = resolve(parse("--recipe", "cifar", "--optimizer", "adamw"), None)
+    assert adamw["lr"] == pytest.approx(5e-4) and adamw["weight_decay"] == 0.04 and adamw["model"] == "cifar_resnet18"
+    paper = resolve(parse("--data", "cifar10:/data", "--recipe", "paper"), None)
+    assert paper["model"] == "resnet50" and paper["blur_p1"] == 1.0 and paper["lars_trust"] == 1e-3
+    assert resolve(parse("--data", "/images"), None)["recipe"] == "paper"
+
+
+def test_a_checkpoint_from_before_the_recipes_resumes_with_the_papers_views():
+    saved = resolve(parse("--model", "resnet18"), None)
+    older = {k: v for k, v in saved.items() if k not in ("recipe", "crop_scale_min", "blur_p1", "lars_trust")}
+    assert resolve(parse("--data", "cifar10:/data"), older) == saved  # not the cifar recipe, even for CIFAR data
+    with pytest.raises(UserError, match="--blur-p1 0.0 differs from the checkpoint's 1.0"):
+        resolve(parse("--blur-p1", "0"), older)
+    with pytest.raises(UserError, match="--recipe cifar differs from the checkpoint's paper"):
+        resolve(parse("--recipe", "cifar"), older)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(blur_p2=1.5), r"--blur-p2 is a probability in \[0, 1\], got 1.5"),
+        (dict(crop_scale_min=0.0), r"--crop-scale-min must be in \(0, 1\]"),
+        (dict(lars_trust=-1.0), "--lars-trust must be >= 0"),
+    ],
+)
+def test_check_sizes_rejects_bad_view_and_lars_values(changes, message):
+    with pytest.raises(UserError, match=message):
+        check_sizes(_recipe(**changes), DistContext())
