@@ -161,12 +161,12 @@ def _add_recipe_flags(a: Any) -> None:
         type=int,
         help="images per optimizer step over all processes and accumulation steps (default: 256; the paper uses 4096)",
     )
+    a("--max-steps", type=int, help="total optimizer steps; overrides --epochs")
     a(
         "--epochs",
         type=int,
         help=f"epochs to train (default: {DEFAULT_EPOCHS}, 1000 with --recipe cifar; the paper's longest run is 1000)",
     )
-    a("--max-steps", type=int, help="total optimizer steps; overrides --epochs")
     a(
         "--optimizer",
         choices=["lars", "adamw", "sgd"],
