@@ -9,6 +9,7 @@ each; the payloads are ``wandb_internal_pb2.Record`` messages). Nothing is sent 
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,10 +51,24 @@ def _records(path: Path, block: int = 32768):
 
 
 def _offline_run(folder: Path, run_id: str):
-    """``(history rows, config)`` of the offline run ``run_id`` under ``folder`` (one or more sessions)."""
+    """``(files, history rows, config)`` of the offline run ``run_id`` under ``folder`` (one or more sessions).
+
+    W&B's service process writes the log file; on a loaded machine its last records can land
+    a moment after ``finish()`` returned, so the files are read until each holds its session's
+    ``exit`` record (written last, at ``finish()``), for 20 s at most.
+    """
+    for _ in range(40):
+        files, history, config, finished = _read_offline_run(folder, run_id)
+        if finished == len(files):
+            break
+        time.sleep(0.5)
+    return files, history, config
+
+
+def _read_offline_run(folder: Path, run_id: str):
     files = sorted(folder.rglob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert files, f"no offline run {run_id} under {folder}"
-    history, config = [], {}
+    history, config, finished = [], {}, 0
     for path in files:
         for record in _records(path):
             kind = record.WhichOneof("record_type")
@@ -63,7 +78,9 @@ def _offline_run(folder: Path, run_id: str):
                 config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
             elif kind == "config":
                 config.update({i.key: json.loads(i.value_json) for i in record.config.update})
-    return files, history, config
+            elif kind == "exit":
+                finished += 1
+    return files, history, config, finished
 
 
 def _options(**config):
@@ -98,6 +115,9 @@ def test_a_resumed_log_continues_the_same_run_and_a_new_one_starts_another(offli
     first.write({"step": 1, "loss": 2.0})
     first.close()
     run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
+    # W&B names an offline run's folder by the second it started: a resumption within the same
+    # second would reuse the first folder, which no real resume does.
+    time.sleep(1.1)
     resumed = MetricsLog(run_dir, resume_step=1, wandb=_options())
     resumed.write({"step": 2, "loss": 1.5})
     resumed.close()
