@@ -27,11 +27,14 @@ Thresholds (provisional, until the robustness matrix of issue 12 measures health
 collapsing runs across backbones): the alarm fires when the std stays below
 ``0.1 / sqrt(D)`` (a tenth of the healthy figure) for ``window = 50`` steps in a row. Why
 so low: the projections come out of the projector's BatchNorm, which rescales any
-variation the backbone still has, so healthy and even poor-but-learning runs sit near
-1/sqrt(D) (an untrained net: 0.4-0.9 / sqrt(D)); a tenth of it is a near-total collapse
-(about a constant plus 10% noise), which no useful run reaches, and 50 steps in a row
-rule out a transient dip. Milder, dimensional collapse is not alarmed: read the
-effective rank in :meth:`CollapseMonitor.status` (``byol-pytorch train`` logs both).
+variation the backbone still has, so healthy runs sit near 1/sqrt(D) (measured: 0.78 /
+sqrt(D) for untrained timm resnet18 and mobilenetv3_small_050 at 32 px, 0.7 / sqrt(D)
+through a healthy small-CNN run); a tenth of it is a near-total collapse (about a
+constant plus 10% noise), which no useful run reaches, and 50 steps in a row rule out a
+transient dip. Milder, dimensional collapse is not alarmed (mobilenetv3_small_050
+under Adam at 3e-3 on noise images: std 0.79 -> 0.22 / sqrt(D), effective rank 27 ->
+2.2 in 150 steps): read the effective rank in :meth:`CollapseMonitor.status`
+(``byol-pytorch train`` logs both).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import small_cnn
+from conftest import small_cnn, train_steps
 from torch.overrides import TorchFunctionMode
 
 import byol_pytorch
@@ -32,17 +32,9 @@ def force_constant_projections(learner):
     last.weight.requires_grad_(False)
 
 
-def train(learner, steps, lr=1e-3):
+def train(learner, steps):
     torch.manual_seed(1)
-    x = torch.rand(8, 3, 16, 16)
-    opt = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        loss = learner(x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if learner.use_momentum:
-            learner.update_moving_average()
+    train_steps(learner, torch.rand(8, 3, 16, 16), steps)
 
 
 def test_exported_and_a_user_warning():
