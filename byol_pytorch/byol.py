@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ._modules import module_device
 from .augment import BYOLAugment
+from .collapse import CollapseMonitor
 from .ema import cosine_tau, ema_update_
 from .encoder import BackboneEncoder, HiddenLayer, infer_channels, probe_backbone
 from .heads import byol_mlp, simsiam_predictor, simsiam_projector
@@ -86,6 +87,10 @@ class BYOL(nn.Module):
         input_name: call the net as ``net(**{input_name: images})``. None: detected
             from ``net.forward``'s signature (``pixel_values`` for Hugging Face models, or
             the first keyword of a keyword-only forward), else ``net(images)``.
+        collapse_alarm: measure the spread of the online projections every training
+            step (on the device, no host sync) and warn with a ``CollapseWarning`` when
+            they collapse to one vector (``byol_pytorch.collapse``); the figures are in
+            ``learner.collapse_monitor.status()``. False: no monitor (``None``).
 
     Raises:
         TypeError: ``net`` is not an ``nn.Module``, or an argument has the wrong type.
@@ -93,6 +98,7 @@ class BYOL(nn.Module):
     """
 
     target_encoder: BackboneEncoder | None
+    collapse_monitor: CollapseMonitor | None
     ema_step: torch.Tensor
     _finite: torch.Tensor
 
@@ -115,6 +121,7 @@ class BYOL(nn.Module):
         channels: int | None = None,
         views_in_one_batch: bool = False,
         input_name: str | None = None,
+        collapse_alarm: bool = True,
     ):
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -179,6 +186,10 @@ class BYOL(nn.Module):
         # last training step, read back without blocking (see _check_finite_deferred).
         self.register_buffer("_finite", torch.ones(2, dtype=torch.bool), persistent=False)
         self._pending_check: tuple | None = None
+        if not isinstance(collapse_alarm, bool):
+            raise TypeError(f"collapse_alarm must be True or False, got {collapse_alarm!r}")
+        monitor = CollapseMonitor(projection_size).to(device) if collapse_alarm else None
+        self.register_module("collapse_monitor", monitor)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -198,6 +209,8 @@ class BYOL(nn.Module):
         # (identically on every rank) rather than reduced; its BatchNorm statistics
         # stay per rank, as in the paper.
         names = list(self.unused_parameter_names) + list(self._extra_ddp_ignore) + ["_finite"]
+        if self.collapse_monitor is not None:
+            names += [f"collapse_monitor.{n}" for n, _ in self.collapse_monitor.named_buffers()]
         if self.target_encoder is not None:
             names += [f"target_encoder.{n}" for n, _ in self.target_encoder.named_parameters()]
             names += [f"target_encoder.{n}" for n, _ in self.target_encoder.named_buffers()]
@@ -270,6 +283,8 @@ class BYOL(nn.Module):
                 "target network: remove the call, or build BYOL(..., use_momentum=True)"
             )
         self._check_finite_deferred()
+        if self.collapse_monitor is not None:
+            self.collapse_monitor.poll()  # non-blocking, like the finite check
         if self.target_encoder is None:
             return
         tau = self.current_decay
@@ -413,6 +428,10 @@ class BYOL(nn.Module):
             projection_two, _ = self.online_encoder(view_two)
             prediction_one = self.online_predictor(projection_one)
             prediction_two = self.online_predictor(projection_two)
+        if self.collapse_monitor is not None and self.training:
+            self.collapse_monitor.observe(projection_one, projection_two)  # device-side
+            if not self.use_momentum and not compiling:
+                self.collapse_monitor.poll()  # SimSiam: no update_moving_average() to read it
 
         if self.use_momentum:
             with torch.no_grad():

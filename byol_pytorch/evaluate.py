@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._modules import module_device, saved_modes
+from .collapse import effective_rank as rank_of
+from .collapse import embedding_std
 from .encoder import pool_hidden
 
 __all__ = ["extract_features", "knn_predict", "knn_accuracy", "linear_probe", "collapse_report"]
@@ -491,19 +493,9 @@ def collapse_report(embeddings: torch.Tensor, warn: bool = True) -> dict[str, An
     n, dim = embeddings.shape
     if n < 2:
         raise ValueError(f"collapse_report needs at least 2 embeddings, got {n}")
-    z = F.normalize(embeddings.double(), dim=1)  # (N, D)
-    std = z.std(dim=0, unbiased=False).mean().item()
-
-    gram = z.T @ z if dim <= n else z @ z.T  # (m, m), m = min(N, D)
-    singular = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()  # (m,)
-    # eigvalsh on a Gram matrix leaves singular values ~sqrt(eps) * max: drop those
-    tolerance = singular.max() * math.sqrt(max(n, dim) * torch.finfo(z.dtype).eps)
-    singular = singular[singular > tolerance]
-    if singular.numel() == 0:  # all-zero embeddings
-        effective_rank = 0.0
-    else:
-        p = singular / singular.sum()  # (r,)
-        effective_rank = math.exp(-(p * p.log()).sum().item())
+    z = embeddings.double()
+    std = embedding_std(z).item()
+    effective_rank = rank_of(z).item()
 
     std_bound = _COLLAPSE_STD_FACTOR / math.sqrt(dim)
     collapsed = std < std_bound

@@ -47,6 +47,21 @@ def small_cnn(channels: int = 3, num_classes: int = 10) -> nn.Sequential:
     )
 
 
+def train_steps(learner, x, steps, lr=1e-3):
+    """The README's loop (Adam, update_moving_average() with momentum); the losses."""
+    opt = torch.optim.Adam(learner.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = learner(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if learner.use_momentum:
+            learner.update_moving_average()
+        losses.append(loss.item())
+    return losses
+
+
 def build_messy_folder(root: Path, good: int = 24) -> Path:
     """Nested folders of JPEG/PNG, grayscale and RGBA images, plus corrupt, empty and text files."""
     rng = np.random.default_rng(0)

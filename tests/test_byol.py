@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from conftest import small_cnn
+from conftest import small_cnn, train_steps
 from torchvision.transforms import v2
 
 from byol_pytorch import BYOL, BYOLAugment
@@ -18,20 +18,6 @@ SMALL = dict(projection_size=32, projection_hidden_size=64)
 
 def resnet18():
     return torchvision.models.resnet18(weights=None)
-
-
-def train_steps(learner, x, steps, lr=1e-3):
-    opt = torch.optim.Adam(learner.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = learner(x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if learner.use_momentum:
-            learner.update_moving_average()
-        losses.append(loss.item())
-    return losses
 
 
 # ---------------------------------------------------------------- lucidrains README, unchanged

@@ -99,6 +99,19 @@ def _empty_panel(ax: Any, message: str) -> None:
     ax.set_yticks([])
 
 
+def _plot_projection_std(ax: Any, records: Sequence[Mapping[str, Any]]) -> None:
+    """``proj_std`` (the collapse alarm's figure), if logged, on a log axis right of the loss."""
+    steps, values = _series(records, "proj_std")
+    if not values:
+        return
+    right = ax.twinx()
+    right.plot(steps, values, color="tab:red", linewidth=1.2, linestyle="--")
+    if min(values) > 0:
+        right.set_yscale("log")
+    right.set_ylabel("projection std (collapse: falls towards 0)", color="tab:red")
+    right.tick_params(axis="y", colors="tab:red")
+
+
 def plot_curves(
     metrics: PathLike | Iterable[Mapping[str, Any]],
     out_path: PathLike,
@@ -109,13 +122,15 @@ def plot_curves(
     Panels: loss (log scale when all positive and spanning at least a decade; raw in
     light colour with a smoothed line on top once there are 20 points), kNN accuracy
     (points and line, or "no kNN monitor"), learning rate, and the target decay tau.
+    When logged, ``proj_std`` (the collapse alarm's per-dimension std of the online
+    projections) is drawn dashed on a log axis right of the loss.
     Records without a ``step`` and values that are missing, non-numeric or non-finite
     are skipped; points are drawn in file order. The image is 1000 x 700 px (10 x 7 in
     at 100 dpi).
 
     Args:
         metrics: path to a ``metrics.jsonl`` (one JSON object per line with ``step`` and
-            some of ``loss``, ``lr``, ``tau``, ``knn_acc``; an unfinished last line is
+            some of ``loss``, ``lr``, ``tau``, ``knn_acc``, ``proj_std``; an unfinished last line is
             ignored), or the records themselves as dicts.
         out_path: image file to write (format from the suffix, e.g. ``.png``); parent
             folders are created.
@@ -159,6 +174,7 @@ def plot_curves(
     else:
         _empty_panel(ax_loss, "no loss logged")
     ax_loss.set_title("loss")
+    _plot_projection_std(ax_loss, records)
 
     steps, knn = _series(records, "knn_acc")
     if knn:

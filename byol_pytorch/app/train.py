@@ -369,6 +369,10 @@ def _hooks(prepared: Run, metrics: MetricsLog, monitor: KnnMonitor | None) -> li
             "tau": s.tau,
         }
         row.update(s.take_interval(), skipped_files=s.skipped_files, **s.pending)
+        collapse = prepared.learner.collapse_monitor
+        if collapse is not None:  # the collapse alarm's figures (a read, like the loss's)
+            figures = collapse.status()
+            row.update(proj_std=figures["std"], proj_rank=figures["effective_rank"])
         metrics.write(row)
         s.shown = {
             k: f"{row[k]:.1f}" if k == "img_per_s" else f"{row[k]:.4f}"

@@ -76,6 +76,17 @@ def test_plot_curves_without_knn_says_so(tmp_path):
     assert size == (1000, 700)
 
 
+def test_plot_curves_draws_the_projection_std_right_of_the_loss(tmp_path):
+    records = run_records()
+    _, without = pixels(plot_curves(records, tmp_path / "a.png"))
+    for step, record in enumerate(records):
+        record["proj_std"] = 0.06 * math.exp(-step / 40) + 1e-4
+    _, with_std = pixels(plot_curves(records, tmp_path / "b.png"))
+    red = (with_std[..., 0] > 180) & (with_std[..., 1] < 90) & (with_std[..., 2] < 90)
+    assert red[:350, :500].sum() > 200  # a red dashed line and axis in the loss panel
+    assert not ((without[..., 0] > 180) & (without[..., 1] < 90) & (without[..., 2] < 90)).any()
+
+
 def test_plot_curves_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         plot_curves(tmp_path / "missing.jsonl", tmp_path / "x.png")

@@ -54,7 +54,8 @@ def test_end_to_end_train_resume_export_on_messy_folder(messy, tmp_path, capsys,
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert rows[-1]["skipped_files"] + rows[5]["skipped_files"] > 0
     for row in rows:
-        assert {"step", "epoch", "loss", "lr", "tau", "img_per_s"} <= row.keys()
+        assert {"step", "epoch", "loss", "lr", "tau", "img_per_s", "proj_std", "proj_rank"} <= row.keys()
+        assert 0 < row["proj_std"] <= 1 and row["proj_rank"] >= 1  # the collapse alarm's figures
         assert 0 <= row["loss"] <= 8 and row["img_per_s"] > 0 and 0.996 <= row["tau"] <= 1
     assert rows[-1]["tau"] > rows[0]["tau"]  # cosine tau rises towards 1
 
