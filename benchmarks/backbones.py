@@ -275,6 +275,22 @@ def run(
     return results
 
 
+# Why the failures left fail (fnmatch pattern -> the cause, found by reading the model).
+NOTES = {
+    "tresnet*": "the first convolution reads a space-to-depth input (48 = 3 x 4 x 4 channels), so the default "
+    "channel count (that convolution's in_channels) is wrong; `channels=3` works",
+    "efficientnet_b3_pruned": "with its random init the features are constant (std ~1e-13): the gradient vanishes "
+    "before the stem; nothing BYOL can change",
+    "resnet*_clip*": "the net's output is its attention pool's projection of the class token (the 512-wide CLIP "
+    "embedding, `num_classes=512`), no classifier Linear follows: auto takes it, timm's pre-logits is the 2048 "
+    "tokens before the projection",
+    "efficientvim*_dist": "four heads (and four distillation heads) each read another stage's pooled features; "
+    "timm's pre-logits is their concatenation, which no single layer holds: pass a hidden_layer",
+    "torchvision:squeezenet*": "the classifier is a 1x1 convolution over 13x13 maps followed by ReLU and average "
+    "pooling: auto takes the 1000 logits; pass `hidden_layer='features'`",
+}
+
+
 def report(results: dict[str, dict], total: int, command: str) -> str:
     """The Markdown section: N of M pass, each failure with its reason, what was not run."""
     import timm
@@ -310,6 +326,9 @@ def report(results: dict[str, dict], total: int, command: str) -> str:
     ]
     if failed:
         lines.append(markdown_table(["model", "reason"], [[r["name"], r["reason"].replace("|", "/")] for r in failed]))
+        notes = [(p, why) for p, why in NOTES.items() if any(fnmatch.fnmatch(r["name"], p) for r in failed)]
+        if notes:
+            lines += ["", "Why:", ""] + [f"- `{pattern}`: {why}." for pattern, why in notes]
     else:
         lines.append("None.")
     return "\n".join(lines) + "\n"
