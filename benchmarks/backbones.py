@@ -284,7 +284,7 @@ NOTES = {
     "resnet*_clip*": "the net's output is its attention pool's projection of the class token (the 512-wide CLIP "
     "embedding, `num_classes=512`), no classifier Linear follows: auto takes it, timm's pre-logits is the 2048 "
     "tokens before the projection",
-    "efficientvim*_dist": "four heads (and four distillation heads) each read another stage's pooled features; "
+    "efficientvim*": "four heads (and, distilled, four distillation heads) each read another stage's pooled features; "
     "timm's pre-logits is their concatenation, which no single layer holds: pass a hidden_layer",
     "torchvision:squeezenet*": "the classifier is a 1x1 convolution over 13x13 maps followed by ReLU and average "
     "pooling: auto takes the 1000 logits; pass `hidden_layer='features'`",
