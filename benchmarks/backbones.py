@@ -286,6 +286,13 @@ NOTES = {
     "tokens before the projection",
     "efficientvim*": "four heads (and, distilled, four distillation heads) each read another stage's pooled features; "
     "timm's pre-logits is their concatenation, which no single layer holds: pass a hidden_layer",
+    "crossvit*": "two branches of different widths, each with its own head on its own class token; timm's "
+    "pre-logits is their concatenation, which no single layer holds: pass a hidden_layer",
+    "convformer*": "the classifier is an MLP head (Linear 768 -> 3072 -> classes): auto takes the input of its final "
+    "Linear (3072) as for torchvision's VGG, timm's pre-logits is the head's input (768); "
+    "`hidden_layer='head.norm'` gives that",
+    "caformer*": "as convformer: an MLP classifier head, auto takes the input of its final Linear",
+    "davit_base_fl": "not a failure of BYOL: over the time cap on this shared, loaded 2-core machine",
     "torchvision:squeezenet*": "the classifier is a 1x1 convolution over 13x13 maps followed by ReLU and average "
     "pooling: auto takes the 1000 logits; pass `hidden_layer='features'`",
 }
@@ -312,7 +319,12 @@ def report(results: dict[str, dict], total: int, command: str) -> str:
         f"**{len(passed)} of {len(ran)} pass** (architectures under 100 M parameters that were run). "
         f"Of {total} names (`timm.list_models()` and torchvision classification builders), "
         f"{len(results)} were examined: {len(skipped)} have 100 M parameters or more and are out of scope; "
-        + (f"**{not_run} were not run yet** (the run is resumable)." if not_run else "all were run."),
+        + (
+            f"**{not_run} were not run yet** (the run is resumable; models run in a seeded shuffled order, so "
+            "those run are a sample across families)."
+            if not_run
+            else "all were run."
+        ),
         "",
         'Per model: `BYOL(net, image_size)` with `hidden_layer="auto"` (state_dict bit-identical after it), '
         "one Adam step on a batch of 2 (finite loss, non-zero stem gradient), `update_moving_average()` "
