@@ -47,7 +47,10 @@ def _count_params(name: str) -> int:
     """Parameter count from a build on the meta device (no memory, no init)."""
     import torch
 
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            net = _create(name, None)
+    except Exception:  # an initialiser that reads values: count on a real build
         net = _create(name, None)
     return sum(p.numel() for p in net.parameters())
 
@@ -272,6 +275,29 @@ def run(
     return results
 
 
+# Why the failures left fail (fnmatch pattern -> the cause, found by reading the model).
+NOTES = {
+    "tresnet*": "the first convolution reads a space-to-depth input (48 = 3 x 4 x 4 channels), so the default "
+    "channel count (that convolution's in_channels) is wrong; `channels=3` works",
+    "efficientnet_b3_pruned": "with its random init the features are constant (std ~1e-13): the gradient vanishes "
+    "before the stem; nothing BYOL can change",
+    "resnet*_clip*": "the net's output is its attention pool's projection of the class token (the 512-wide CLIP "
+    "embedding, `num_classes=512`), no classifier Linear follows: auto takes it, timm's pre-logits is the 2048 "
+    "tokens before the projection",
+    "efficientvim*": "four heads (and, distilled, four distillation heads) each read another stage's pooled features; "
+    "timm's pre-logits is their concatenation, which no single layer holds: pass a hidden_layer",
+    "crossvit*": "two branches of different widths, each with its own head on its own class token; timm's "
+    "pre-logits is their concatenation, which no single layer holds: pass a hidden_layer",
+    "convformer*": "the classifier is an MLP head (Linear 768 -> 3072 -> classes): auto takes the input of its final "
+    "Linear (3072) as for torchvision's VGG, timm's pre-logits is the head's input (768); "
+    "`hidden_layer='head.norm'` gives that",
+    "caformer*": "as convformer: an MLP classifier head, auto takes the input of its final Linear",
+    "davit_base_fl": "not a failure of BYOL: over the time cap on this shared, loaded 2-core machine",
+    "torchvision:squeezenet*": "the classifier is a 1x1 convolution over 13x13 maps followed by ReLU and average "
+    "pooling: auto takes the 1000 logits; pass `hidden_layer='features'`",
+}
+
+
 def report(results: dict[str, dict], total: int, command: str) -> str:
     """The Markdown section: N of M pass, each failure with its reason, what was not run."""
     import timm
@@ -293,7 +319,12 @@ def report(results: dict[str, dict], total: int, command: str) -> str:
         f"**{len(passed)} of {len(ran)} pass** (architectures under 100 M parameters that were run). "
         f"Of {total} names (`timm.list_models()` and torchvision classification builders), "
         f"{len(results)} were examined: {len(skipped)} have 100 M parameters or more and are out of scope; "
-        + (f"**{not_run} were not run yet** (the run is resumable)." if not_run else "all were run."),
+        + (
+            f"**{not_run} were not run yet** (the run is resumable; models run in a seeded shuffled order, so "
+            "those run are a sample across families)."
+            if not_run
+            else "all were run."
+        ),
         "",
         'Per model: `BYOL(net, image_size)` with `hidden_layer="auto"` (state_dict bit-identical after it), '
         "one Adam step on a batch of 2 (finite loss, non-zero stem gradient), `update_moving_average()` "
@@ -307,6 +338,9 @@ def report(results: dict[str, dict], total: int, command: str) -> str:
     ]
     if failed:
         lines.append(markdown_table(["model", "reason"], [[r["name"], r["reason"].replace("|", "/")] for r in failed]))
+        notes = [(p, why) for p, why in NOTES.items() if any(fnmatch.fnmatch(r["name"], p) for r in failed)]
+        if notes:
+            lines += ["", "Why:", ""] + [f"- `{pattern}`: {why}." for pattern, why in notes]
     else:
         lines.append("None.")
     return "\n".join(lines) + "\n"

@@ -20,7 +20,7 @@ The hidden layer can be named three ways, as in lucidrains/byol-pytorch:
   - a tuple or list: the same, on its first tensor;
   - several classifier Linears combined, e.g. distillation heads averaged,
     ``(head(x) + head_dist(x)) / 2``: when the last Linears to run all have the
-    output's shape and the output depends on each of them, their shared input; when
+    output's width and the output depends on each of them, their shared input; when
     their inputs differ (``head(x[:, 0])``, ``head_dist(x[:, 1])``), the last tensor a
     module produced before the heads started whose pooled width is theirs (the final
     norm's tokens).
@@ -364,8 +364,10 @@ def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bo
     """(module, use_input) of the representation the final classifier Linear(s) read.
 
     The output is a classifier's when it equals (up to a flatten) the output of the last
-    Linear or 1x1 convolution over 1x1 maps to run; several Linear heads are handled
-    below.
+    Linear or 1x1 convolution over 1x1 maps to run. Otherwise, when the last Linears to
+    run (two or more) all have the output's batch and width (per token too: VOLO's
+    token head, max-reduced) and the output depends on each, they are heads combined:
+    their shared input, else what :func:`_before_heads` finds.
     """
     single = [m for kind, m in trace.events if kind == "end" and _classifier_like(m, trace.outputs.get(m))]
     last = trace.outputs.get(single[-1]) if single else None
@@ -374,12 +376,12 @@ def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bo
     ):
         return single[-1], True
     linears = [m for kind, m in trace.events if kind == "end" and isinstance(m, nn.Linear)]
-    heads: list[nn.Module] = []  # the last Linears to run with the output's shape, last first
+    heads: list[nn.Module] = []  # the last Linears to run with the output's width, last first
     for m in reversed(linears):
         out = trace.outputs.get(m)
         if m in heads:
             continue
-        if not isinstance(out, torch.Tensor) or out.shape != target.shape:
+        if not isinstance(out, torch.Tensor) or out.shape[:1] + out.shape[-1:] != target.shape[:1] + target.shape[-1:]:
             break
         heads.append(m)
     if len(heads) < 2:

@@ -209,6 +209,21 @@ class DistilledHeads(nn.Module):
         return (self.head(x) + self.head_dist(x)) / 2
 
 
+class TokenAuxHeads(nn.Module):
+    """VOLO's inference head: the class token's logits plus half the max of per-token logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _Body()
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 10)
+        self.aux_head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = self.norm(self.body(x).flatten(2).transpose(1, 2))  # (B, N, 16)
+        return self.head(tokens[:, 0]) + 0.5 * self.aux_head(tokens[:, 1:]).max(1)[0]
+
+
 class OpaqueOutput(nn.Module):
     """Returns an object auto cannot read a representation from."""
 
@@ -242,6 +257,12 @@ PLAIN = {
         "head",
         lambda n, x: n.body(x).mean((2, 3)),
         ["head.weight", "head.bias", "head_dist.weight", "head_dist.bias"],
+    ),
+    "token_aux_heads": (
+        TokenAuxHeads,
+        "norm",  # the heads read different tokens: the tokens before them, mean-pooled
+        lambda n, x: n.norm(n.body(x).flatten(2).transpose(1, 2)).mean(1),
+        ["head.weight", "head.bias", "aux_head.weight", "aux_head.bias"],
     ),
 }
 
