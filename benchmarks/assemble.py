@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("augment", "data_loading", "train_step", "ema", "quality", "demo")
+SECTIONS = ("augment", "data_loading", "train_step", "ema", "quality", "demo", "backbones")
 RULE = "\n---\n"
 
 

@@ -60,7 +60,8 @@ def saved_modes(module: nn.Module | None, eval_mode: bool = True) -> Iterator[No
 
     ``module.train(mode)`` sets one flag for the whole tree; a user's net may mix them
     (a frozen BatchNorm in eval mode inside a training net). This context records each
-    submodule's flag and writes it back on exit, also when the body raises.
+    submodule's flag and gives it back on exit, also when the body raises, through the
+    module's own ``train()`` where the flag differs (some models override it).
 
     Args:
         module: the module (None: nothing to do).
@@ -75,11 +76,12 @@ def saved_modes(module: nn.Module | None, eval_mode: bool = True) -> Iterator[No
         >>> net.training, net[1].training
         (True, False)
     """
-    modes = {m: m.training for m in module.modules()} if module is not None else {}
+    modes = [(m, m.training) for m in module.modules()] if module is not None else []  # parents first
     try:
         if module is not None and eval_mode:
             module.eval()
         yield
     finally:
-        for m, mode in modes.items():
-            m.training = mode
+        for m, mode in modes:  # train() runs a module's own override; children are set after parents
+            if m.training != mode:
+                m.train(mode)

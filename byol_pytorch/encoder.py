@@ -58,6 +58,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ._modules import module_device_dtype, saved_modes
+
 __all__ = [
     "BackboneEncoder",
     "BackboneProbe",
@@ -312,21 +314,16 @@ class _Trace:
 
     def run(self, x: torch.Tensor, input_name: str | None) -> object:
         """One forward in eval mode with autograd on; training flags restored, hooks removed."""
-        modes = {m: m.training for m in self.net.modules()}
         handles = []
         for m in self.net.modules():
             handles.append(m.register_forward_pre_hook(self._start, with_kwargs=True))
             handles.append(m.register_forward_hook(self._end))
         try:
-            self.net.eval()
-            with torch.enable_grad():
+            with saved_modes(self.net), torch.enable_grad():
                 return call_net(self.net, x, input_name)
         finally:
             for h in handles:
                 h.remove()
-            for m, mode in modes.items():  # parents first; train() runs a module's own override
-                if m.training != mode:
-                    m.train(mode)
 
     def ran(self, module: nn.Module, kind: str) -> bool:
         return any(k == kind and m is module for k, m in self.events)
@@ -465,15 +462,21 @@ def _with_candidates(trace: _Trace, problem: str, image_size: tuple[int, int], i
     )
 
 
-def _first_param_like(net: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for t in list(net.parameters()) + list(net.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return torch.device("cpu"), torch.float32
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def infer_channels(net: nn.Module) -> int:
-    """The input channel count of the first convolution (3 when there is none)."""
+    """The input channels the net declares, else those of its first convolution (3 when there is none).
+
+    Declared: timm models keep their constructor's ``in_chans``, Hugging Face models their
+    ``config.num_channels``. They win over the first convolution, which can follow a
+    rearrangement of the input (TResNet's space-to-depth stem sees 16x the channels).
+    """
+    declared = _positive_int(getattr(net, "in_chans", None))
+    declared = declared or _positive_int(getattr(getattr(net, "config", None), "num_channels", None))
+    if declared:
+        return declared
     for module in net.modules():
         channels = getattr(module, "in_channels", None)
         if isinstance(module, nn.modules.conv._ConvNd) and isinstance(channels, int):
@@ -575,7 +578,7 @@ def probe_backbone(
         raise ValueError(f"input_name must be a keyword name such as 'pixel_values', got {input_name!r}")
     name, module = _resolve_layer(net, hidden_layer)
     call_name = input_name if input_name is not None else detect_input_name(net)
-    device, dtype = _first_param_like(net)
+    device, dtype = module_device_dtype(net)
     copied = _probe_copy(net)
     trace = _Trace(copied)
     out = _run_probe(trace, _probe_image(channels, image_size, device, dtype), call_name)

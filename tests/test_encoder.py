@@ -415,3 +415,28 @@ def test_output_index_minus_one_reads_the_representation_entry():
     learner.eval()
     with torch.no_grad():
         assert torch.allclose(learner(x, return_embedding=True)[1], net(x)["pooler_output"], atol=1e-6)
+
+
+class _SpaceToDepthNet(nn.Module):
+    """A stem that rearranges the image before its first convolution (as TResNet's), declaring in_chans."""
+
+    def __init__(self, in_chans: int = 3):
+        super().__init__()
+        self.in_chans = in_chans
+        self.conv = nn.Conv2d(in_chans * 16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.nn.functional.pixel_unshuffle(x, 4)  # (B, 16C, H/4, W/4)
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_declared_input_channels_win_over_the_first_convolution(in_chans):
+    from byol_pytorch.encoder import infer_channels
+
+    net = _SpaceToDepthNet(in_chans)
+    assert infer_channels(net) == in_chans  # the first convolution alone would say 16 * in_chans
+    learner = BYOL(net, image_size=16, projection_size=8, projection_hidden_size=16)
+    assert learner.channels == in_chans and learner.representation_size == 8
+    assert learner(torch.rand(2, in_chans, 20, 20)).ndim == 0
