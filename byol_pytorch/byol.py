@@ -59,6 +59,40 @@ def _pair(image_size: int | Sequence[int]) -> tuple[int, int]:
     return size
 
 
+def _check_arguments(
+    projection_size: object,
+    projection_hidden_size: object,
+    moving_average_decay: object,
+    moving_average_total_steps: object,
+    token_pool: object,
+    views_in_one_batch: object,
+    sync_batchnorm: object,
+    augments: dict[str, object],
+) -> None:
+    """The constructor's argument checks that need no network (see ``BYOL`` for the errors)."""
+    _check_int("projection_size", projection_size, MAX_HEAD_WIDTH)
+    _check_int("projection_hidden_size", projection_hidden_size, MAX_HEAD_WIDTH)
+    try:
+        decay = float(moving_average_decay)  # type: ignore[arg-type]  # anything float() takes
+    except (TypeError, ValueError, RuntimeError):
+        decay = None
+    if decay is None or isinstance(moving_average_decay, (bool, str)):
+        raise TypeError(f"moving_average_decay must be a float, got {type(moving_average_decay).__name__}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"moving_average_decay must be in [0, 1] (paper: 0.99-0.996), got {moving_average_decay}")
+    if moving_average_total_steps is not None:
+        _check_int("moving_average_total_steps", moving_average_total_steps, 2**62)
+    if not isinstance(token_pool, str) or token_pool not in ("mean", "cls"):
+        raise ValueError(f"token_pool must be 'mean' or 'cls', got {token_pool!r}")
+    if not isinstance(views_in_one_batch, bool):
+        raise TypeError(f"views_in_one_batch must be True or False, got {views_in_one_batch!r}")
+    if sync_batchnorm not in (None, True, False):
+        raise TypeError(f"sync_batchnorm must be None, True or False, got {sync_batchnorm!r}")
+    for arg, fn in augments.items():
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{arg} must be callable (e.g. an nn.Module), got {type(fn).__name__}")
+
+
 def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -141,27 +175,16 @@ class BYOL(nn.Module):
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module (the backbone to train), got {type(net).__name__}")
         self.image_size = _pair(image_size)
-        _check_int("projection_size", projection_size, MAX_HEAD_WIDTH)
-        _check_int("projection_hidden_size", projection_hidden_size, MAX_HEAD_WIDTH)
-        try:
-            decay = float(moving_average_decay)
-        except (TypeError, ValueError, RuntimeError):
-            decay = None
-        if decay is None or isinstance(moving_average_decay, (bool, str)):
-            raise TypeError(f"moving_average_decay must be a float, got {type(moving_average_decay).__name__}")
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"moving_average_decay must be in [0, 1] (paper: 0.99-0.996), got {moving_average_decay}")
-        if moving_average_total_steps is not None:
-            _check_int("moving_average_total_steps", moving_average_total_steps, 2**62)
-        if not isinstance(token_pool, str) or token_pool not in ("mean", "cls"):
-            raise ValueError(f"token_pool must be 'mean' or 'cls', got {token_pool!r}")
-        if not isinstance(views_in_one_batch, bool):
-            raise TypeError(f"views_in_one_batch must be True or False, got {views_in_one_batch!r}")
-        if sync_batchnorm not in (None, True, False):
-            raise TypeError(f"sync_batchnorm must be None, True or False, got {sync_batchnorm!r}")
-        for arg, fn in (("augment_fn", augment_fn), ("augment_fn2", augment_fn2)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{arg} must be callable (e.g. an nn.Module), got {type(fn).__name__}")
+        _check_arguments(
+            projection_size,
+            projection_hidden_size,
+            moving_average_decay,
+            moving_average_total_steps,
+            token_pool,
+            views_in_one_batch,
+            sync_batchnorm,
+            {"augment_fn": augment_fn, "augment_fn2": augment_fn2},
+        )
         self.channels = _check_int("channels", channels, MAX_CHANNELS) if channels is not None else infer_channels(net)
         if self.channels * self.image_size[0] * self.image_size[1] > MAX_PROBE_ELEMENTS:
             raise ValueError(
