@@ -156,7 +156,15 @@ def _torch_save(obj: Any, temp: str) -> None:
     # Through a Python file object, so that a full disk raises OSError(ENOSPC) rather
     # than torch's "[enforce fail at inline_container.cc] unexpected pos" RuntimeError.
     with open(temp, "wb") as handle:
-        torch.save(obj, handle)
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as error:  # the zip writer's own check masks the OSError
+            cause: BaseException | None = error
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
 
 def save_checkpoint(path: PathLike, obj: dict[str, Any]) -> Path:

@@ -22,6 +22,7 @@ schedulers see it did not finish.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -248,6 +249,10 @@ def _report(error: BaseException, message: str, debug: bool) -> None:
     if debug:
         error.__suppress_context__ = False
         traceback.print_exception(error)
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:  # under torchrun: which rank, on a line of its own
+        message = f"process {os.environ.get('RANK', '?')} of {world}: {message}"
+        sys.stderr.write("\n")
     sys.stderr.write(f"{PROG}: error: {one_line(message)}\n")
     sys.stderr.flush()
 

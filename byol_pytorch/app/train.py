@@ -93,8 +93,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if not (ctx.distributed and _is_peer_failure(error)):
             raise
         raise UserError(
-            f"process {ctx.rank} of {ctx.world_size}: another process of this run stopped ({_last_line(error)}); "
-            "its own error says why (fix that, then continue with --resume: the last checkpoint is kept)"
+            f"lost the connection to another process of this run ({type(error).__name__}): it failed or was killed, "
+            "and its own error says why; fix that, then continue with --resume (the last checkpoint is kept)"
         ) from error
     finally:
         ctx.close()
