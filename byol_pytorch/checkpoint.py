@@ -139,9 +139,11 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
             os.fsync(handle.fileno())
         os.chmod(temp, 0o666 & ~_current_umask())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temp):
             os.remove(temp)
+        if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error  # name the file
         raise
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)

@@ -696,3 +696,37 @@ def test_fuzz_forward_raises_only_type_value_floating_point_errors(
         learner.train()
     assert isinstance(out, (torch.Tensor, tuple))
     record("fuzz: learner(x, ...) inputs", 1, "returned")
+
+
+@pytest.mark.parametrize(
+    "number, needle",
+    [
+        ("ENOSPC", "no space left"),
+        ("EROFS", "read-only file system"),
+        ("EACCES", "permission denied"),
+        ("EEXIST", "already exists"),
+        ("ENOTDIR", "is a file, not a folder"),
+        ("EDQUOT", "quota"),
+        ("EIO", "input/output error"),
+        ("ELOOP", "check the path"),
+    ],
+)
+def test_every_os_error_is_one_line_naming_the_path(number, needle):
+    import errno
+
+    from byol_pytorch.app.errors import describe_os_error
+
+    code = getattr(errno, number)
+    line = describe_os_error(OSError(code, os.strerror(code), "/runs/x/last.pt"))
+    assert needle in line and "'/runs/x/last.pt'" in line and "\n" not in line
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_flag_shows_the_traceback(tmp_path, images, capsys, where):
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    argv = train_argv(images, target, "--max-steps", 1)
+    argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
+    code, err = run_cli(argv, capsys)
+    assert code == 1 and "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1].startswith("byol-pytorch: error: --out")
