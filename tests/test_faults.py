@@ -670,7 +670,10 @@ _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.ui
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
-    shape=st.lists(st.integers(0, 5), min_size=0, max_size=5),
+    shape=st.one_of(
+        st.tuples(st.integers(0, 4), st.just(3), st.integers(0, 9), st.integers(0, 9)).map(list),  # nearly valid
+        st.lists(st.integers(0, 5), min_size=0, max_size=5),
+    ),
     dtype=st.sampled_from([*_DTYPES, torch.complex64]),
     other=st.sampled_from([None, None, None, None, 3, "images", np.zeros((2, 3, 8, 8))]),
     poison=st.sampled_from([None, float("nan"), float("inf")]),
