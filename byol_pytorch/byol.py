@@ -22,6 +22,22 @@ __all__ = ["BYOL"]
 
 Augment = Callable[[torch.Tensor], torch.Tensor]
 
+# Sane bounds, checked before anything is allocated: beyond them a size is a mistake
+# (e.g. 2**31) that would otherwise end in an allocation or overflow RuntimeError.
+MAX_IMAGE_SIDE = 16384
+MAX_CHANNELS = 4096
+MAX_PROBE_ELEMENTS = 2**28  # channels * height * width of the one probe image (1 GiB in fp32)
+MAX_HEAD_WIDTH = 2**20
+MAX_HEAD_PARAMETERS = 2**31  # projector + predictor weights (8 GiB in fp32)
+
+
+def _check_int(arg: str, value: object, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{arg} must be an int, got {type(value).__name__} {value!r}")
+    if not 0 < value <= limit:
+        raise ValueError(f"{arg} must be in [1, {limit}], got {value}; pass a sensible size")
+    return value
+
 
 def _pair(image_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(image_size, bool):
@@ -38,7 +54,45 @@ def _pair(image_size: int | Sequence[int]) -> tuple[int, int]:
         raise TypeError(f"image_size must be an int or a (height, width) pair of ints, got {image_size!r}")
     if min(size) <= 0:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
+    if max(size) > MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"image_size must be at most {MAX_IMAGE_SIDE} per side, got {image_size!r}; pass a smaller size"
+        )
     return size
+
+
+def _check_arguments(
+    projection_size: object,
+    projection_hidden_size: object,
+    moving_average_decay: object,
+    moving_average_total_steps: object,
+    token_pool: object,
+    views_in_one_batch: object,
+    sync_batchnorm: object,
+    augments: dict[str, object],
+) -> None:
+    """The constructor's argument checks that need no network (see ``BYOL`` for the errors)."""
+    _check_int("projection_size", projection_size, MAX_HEAD_WIDTH)
+    _check_int("projection_hidden_size", projection_hidden_size, MAX_HEAD_WIDTH)
+    try:
+        decay = float(moving_average_decay)  # type: ignore[arg-type]  # anything float() takes
+    except (TypeError, ValueError, RuntimeError):
+        decay = None
+    if decay is None or isinstance(moving_average_decay, (bool, str)):
+        raise TypeError(f"moving_average_decay must be a float, got {type(moving_average_decay).__name__}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"moving_average_decay must be in [0, 1] (paper: 0.99-0.996), got {moving_average_decay}")
+    if moving_average_total_steps is not None:
+        _check_int("moving_average_total_steps", moving_average_total_steps, 2**62)
+    if not isinstance(token_pool, str) or token_pool not in ("mean", "cls"):
+        raise ValueError(f"token_pool must be 'mean' or 'cls', got {token_pool!r}")
+    if not isinstance(views_in_one_batch, bool):
+        raise TypeError(f"views_in_one_batch must be True or False, got {views_in_one_batch!r}")
+    if sync_batchnorm not in (None, True, False):
+        raise TypeError(f"sync_batchnorm must be None, True or False, got {sync_batchnorm!r}")
+    for arg, fn in augments.items():
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{arg} must be callable (e.g. an nn.Module), got {type(fn).__name__}")
 
 
 def _is_distributed() -> bool:
@@ -94,7 +148,9 @@ class BYOL(nn.Module):
 
     Raises:
         TypeError: ``net`` is not an ``nn.Module``, or an argument has the wrong type.
-        ValueError: a bad size or decay, or a hidden layer that cannot be found.
+        ValueError: a bad size or decay, a size above its sane bound (``MAX_IMAGE_SIDE``,
+            ``MAX_CHANNELS``, ``MAX_PROBE_ELEMENTS``, ``MAX_HEAD_WIDTH``,
+            ``MAX_HEAD_PARAMETERS``), or a hidden layer that cannot be found.
     """
 
     target_encoder: BackboneEncoder | None
@@ -127,26 +183,32 @@ class BYOL(nn.Module):
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module (the backbone to train), got {type(net).__name__}")
         self.image_size = _pair(image_size)
-        for arg, value in (("projection_size", projection_size), ("projection_hidden_size", projection_hidden_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
-        if not 0.0 <= float(moving_average_decay) <= 1.0:
-            raise ValueError(f"moving_average_decay must be in [0, 1] (paper: 0.99-0.996), got {moving_average_decay}")
-        if token_pool not in ("mean", "cls"):
-            raise ValueError(f"token_pool must be 'mean' or 'cls', got {token_pool!r}")
-        if not isinstance(views_in_one_batch, bool):
-            raise TypeError(f"views_in_one_batch must be True or False, got {views_in_one_batch!r}")
-        if sync_batchnorm not in (None, True, False):
-            raise TypeError(f"sync_batchnorm must be None, True or False, got {sync_batchnorm!r}")
-        for arg, fn in (("augment_fn", augment_fn), ("augment_fn2", augment_fn2)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{arg} must be callable (e.g. an nn.Module), got {type(fn).__name__}")
-        self.channels = int(channels) if channels is not None else infer_channels(net)
-        if self.channels <= 0:
-            raise ValueError(f"channels must be positive, got {channels}")
+        _check_arguments(
+            projection_size,
+            projection_hidden_size,
+            moving_average_decay,
+            moving_average_total_steps,
+            token_pool,
+            views_in_one_batch,
+            sync_batchnorm,
+            {"augment_fn": augment_fn, "augment_fn2": augment_fn2},
+        )
+        self.channels = _check_int("channels", channels, MAX_CHANNELS) if channels is not None else infer_channels(net)
+        if self.channels * self.image_size[0] * self.image_size[1] > MAX_PROBE_ELEMENTS:
+            raise ValueError(
+                f"channels x height x width = {self.channels} x {self.image_size[0]} x {self.image_size[1]} is above "
+                f"{MAX_PROBE_ELEMENTS} values per image; pass a smaller image_size or fewer channels"
+            )
 
         probe = probe_backbone(net, self.image_size, self.channels, hidden_layer, token_pool, input_name)
         dim = probe.dim
+        head_parameters = projection_hidden_size * (dim + 3 * projection_size)
+        if head_parameters > MAX_HEAD_PARAMETERS:
+            raise ValueError(
+                f"projector and predictor would hold about {head_parameters} weights (representation {dim}, "
+                f"projection_hidden_size {projection_hidden_size}, projection_size {projection_size}), above "
+                f"{MAX_HEAD_PARAMETERS}; pass smaller head sizes (paper: 4096 and 256)"
+            )
         if use_momentum:
             projector = byol_mlp(dim, projection_hidden_size, projection_size, use_batchnorm)
             predictor = byol_mlp(projection_size, projection_hidden_size, projection_size, use_batchnorm)
@@ -303,6 +365,8 @@ class BYOL(nn.Module):
             )
         if x.shape[0] == 0:
             raise ValueError("BYOL got an empty batch (B = 0); pass at least 2 images")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"BYOL got empty images (H x W = {x.shape[2]} x {x.shape[3]}); pass images with pixels")
         if x.shape[1] != self.channels:
             raise ValueError(
                 f"BYOL expects {self.channels} channels (the net's input), got {x.shape[1]} "
@@ -370,9 +434,22 @@ class BYOL(nn.Module):
     def _view(self, augment: Augment, x: torch.Tensor) -> torch.Tensor:
         # Our own augmentation reads uint8 directly (cheaper: crop before converting).
         view = augment(x) if isinstance(augment, BYOLAugment) else augment(self._to_float(x))
+        self._check_view(augment, view, x)
         dtype = next(self.online_predictor.parameters()).dtype
         # Views come out in float32; a net cast to float64 or bfloat16 wants its own dtype.
         return view if view.dtype == dtype or torch.is_autocast_enabled(view.device.type) else view.to(dtype)
+
+    def _check_view(self, augment: Augment, view: object, x: torch.Tensor) -> None:
+        name = "augment_fn2" if augment is self.augment2 and augment is not self.augment1 else "augment_fn"
+        if not isinstance(view, torch.Tensor):
+            raise TypeError(f"{name} must return a tensor (B, C, h, w), it returned {type(view).__name__}")
+        if view.ndim != 4 or view.shape[0] != x.shape[0] or view.shape[1] != self.channels:
+            raise ValueError(
+                f"{name} must return a batch (B, C, h, w) with B = {x.shape[0]} (the input's) and C = "
+                f"{self.channels} (the net's channels), it returned shape {tuple(view.shape)}"
+            )
+        if not view.is_floating_point() or min(view.shape[2:]) == 0:
+            raise ValueError(f"{name} must return non-empty float images, it returned {view.dtype} {tuple(view.shape)}")
 
     def forward(
         self, x: torch.Tensor, return_embedding: bool = False, return_projection: bool = True
@@ -380,10 +457,12 @@ class BYOL(nn.Module):
         """Training loss, or the embedding of ``x``.
 
         Args:
-            x: (B, C, H, W) images, float (any range) or uint8 (scaled to [0, 1]).
+            x: (B, C, H, W) images, float (any range, any float dtype) or uint8 (scaled
+                to [0, 1]).
             return_embedding: return ``(projection, embedding)`` of the online network
                 instead of the loss, without augmentation. Float input goes to the net
-                as it is; uint8 input is scaled to [0, 1] and normalised like the views.
+                as it is (cast to the net's dtype); uint8 input is scaled to [0, 1] and
+                normalised like the views.
             return_projection: with ``return_embedding``, False returns the (B, D)
                 embedding alone.
 
@@ -392,9 +471,12 @@ class BYOL(nn.Module):
             the embedding output described above.
 
         Raises:
-            TypeError: not a tensor, or an integer dtype other than uint8.
-            ValueError: not 4D, empty, wrong channel count, a training batch of one
-                image, or (on the CPU) NaN/Inf in the input.
+            TypeError: not a tensor, an integer dtype other than uint8, or an
+                ``augment_fn`` that returns no tensor.
+            ValueError: not 4D, empty (B, H or W = 0), wrong channel count, a training
+                batch of one image, (on the CPU) NaN/Inf in the input, or an
+                ``augment_fn`` result that is not (B, C, h, w) float with the input's B and
+                the net's C.
         """
         self._check_input(x)
         if return_embedding:
@@ -402,6 +484,9 @@ class BYOL(nn.Module):
                 x = self._to_float(x)
                 if isinstance(self.augment1, BYOLAugment):
                     x = self.augment1.normalize(x)
+            dtype = next(self.online_predictor.parameters()).dtype
+            if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+                x = x.to(dtype)  # float64/16/bfloat16 input into the net's own dtype
             return self.online_encoder(x, return_projection=return_projection)
 
         if self.training and x.shape[0] < 2:

@@ -18,12 +18,14 @@ kill while saving leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import random
 import tempfile
+import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +42,87 @@ __all__ = [
     "get_rng_state",
     "set_rng_state",
     "atomic_write",
+    "remove_stale_temps",
+    "load_state",
+    "require_entries",
+    "TRAINING_KEYS",
+    "STALE_TEMP_SECONDS",
 ]
 
 FORMAT = "byol_pytorch"
 VERSION = 1
 
 
+STALE_TEMP_SECONDS = 3600.0
+"""A temp file without a recognisable writer older than this is removed as stale."""
+
+
+def _current_umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, for a moment, for every thread)
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temps(path: PathLike) -> list[Path]:
+    """Remove the temp files an interrupted ``atomic_write`` of ``path`` left behind.
+
+    Temp files are named ``.{name}.{pid}.{random}.tmp``: one whose writer process is gone
+    (killed during a save) is removed; one of a live process is kept (it may be writing
+    right now). Older names without a pid are removed after ``STALE_TEMP_SECONDS``.
+
+    Args:
+        path: the final file whose stale temp files to remove.
+
+    Returns:
+        The files removed.
+    """
+    path = Path(path)
+    removed: list[Path] = []
+    try:
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    except OSError:
+        return removed
+    for temp in candidates:
+        middle = temp.name[len(path.name) + 2 : -len(".tmp")]
+        pid_text = middle.split(".", 1)[0]
+        try:
+            if pid_text.isdigit() and "." in middle:
+                stale = not _pid_alive(int(pid_text))
+            else:
+                stale = time.time() - temp.lstat().st_mtime > STALE_TEMP_SECONDS
+            if stale and temp.is_file():
+                temp.unlink()
+                removed.append(temp)
+        except OSError:
+            continue  # gone already, or not ours to remove
+    return removed
+
+
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(temp_path)``, fsync the file, then rename it to ``path``.
+
+    The temp file (``.{name}.{pid}.XXXX.tmp`` in the same folder) gets the mode a plain
+    ``open`` would give (``0o666`` minus the umask) before the rename; temp files of
+    earlier writes that were killed mid-save are removed first (``remove_stale_temps``).
 
     Args:
         path: the final file; its folder is created when missing.
@@ -55,19 +130,27 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
 
     Returns:
         ``path`` as a ``Path``.
+
+    Raises:
+        OSError: the folder cannot be created or written (full disk, read-only file
+            system, permissions); ``path`` is then left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(temp)
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(temp, 0o666 & ~_current_umask())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temp):
             os.remove(temp)
+        if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error  # name the file
         raise
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -76,6 +159,21 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
         finally:
             os.close(dir_fd)
     return path
+
+
+def _torch_save(obj: Any, temp: str) -> None:
+    # Through a Python file object, so that a full disk raises OSError(ENOSPC) rather
+    # than torch's "[enforce fail at inline_container.cc] unexpected pos" RuntimeError.
+    with open(temp, "wb") as handle:
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as error:  # the zip writer's own check masks the OSError
+            cause: BaseException | None = error
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
 
 def save_checkpoint(path: PathLike, obj: dict[str, Any]) -> Path:
@@ -87,9 +185,13 @@ def save_checkpoint(path: PathLike, obj: dict[str, Any]) -> Path:
 
     Returns:
         The path written.
+
+    Raises:
+        OSError: the file cannot be written (e.g. ``ENOSPC``, ``EROFS``); an earlier
+            file at ``path`` is left intact.
     """
     obj = {"format": FORMAT, "version": VERSION, **obj}
-    return atomic_write(path, lambda temp: torch.save(obj, temp))
+    return atomic_write(path, lambda temp: _torch_save(obj, temp))
 
 
 def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -130,6 +232,59 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
             f"byol_pytorch reads ({VERSION}); upgrade byol-pytorch"
         )
     return obj
+
+
+TRAINING_KEYS = ("step", "epoch", "batch_in_epoch", "total_steps", "learner", "optimizer", "scheduler", "rng", "args")
+"""The entries a checkpoint needs to resume training from it."""
+
+
+def require_entries(checkpoint: Mapping[str, Any], keys: Sequence[str], path: PathLike) -> None:
+    """Check that ``checkpoint`` holds every entry of ``keys``.
+
+    Args:
+        checkpoint: a dict from ``load_checkpoint``.
+        keys: the entries needed (e.g. ``TRAINING_KEYS``).
+        path: the file, named in the message.
+
+    Raises:
+        ValueError: naming the missing entries.
+    """
+    missing = [key for key in keys if checkpoint.get(key) is None]
+    if missing:
+        raise ValueError(
+            f"{str(path)!r} has no {', '.join(repr(k) for k in missing)} entr{'y' if len(missing) == 1 else 'ies'} "
+            "(a truncated, edited or foreign checkpoint); pass RUNDIR/last.pt written by 'byol-pytorch train', "
+            "or start a new run without --resume"
+        )
+
+
+def load_state(target: Any, checkpoint: Mapping[str, Any], key: str, path: PathLike) -> None:
+    """``target.load_state_dict(checkpoint[key])``, with a ``ValueError`` when they do not fit.
+
+    The one place where a checkpoint's learner, optimiser or scheduler state is loaded:
+    a missing entry, tensors of other sizes or missing/unexpected keys become one
+    message naming the file and what to do.
+
+    Args:
+        target: an ``nn.Module``, optimiser, scheduler or grad scaler.
+        checkpoint: a dict from ``load_checkpoint``.
+        key: its entry to load (``"learner"``, ``"optimizer"``...).
+        path: the file, named in the message.
+
+    Raises:
+        ValueError: the entry is missing or does not fit ``target``.
+    """
+    require_entries(checkpoint, [key], path)
+    try:
+        target.load_state_dict(checkpoint[key])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
+        detail = " ".join(str(error).split())
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise ValueError(
+            f"{str(path)!r}: its {key!r} state does not fit the model its own recipe builds ({type(error).__name__}: "
+            f"{detail}); the file was edited or written by another version: use another checkpoint, or start a "
+            "new run without --resume"
+        ) from error
 
 
 # ---------------------------------------------------------------------- RNG state

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ from ._modules import PathLike
 __all__ = [
     "IMAGE_EXTENSIONS",
     "BrokenImageError",
+    "ImageList",
+    "NoReadableImagesError",
     "scan_images",
     "load_image",
     "ImageFolder",
@@ -73,6 +76,10 @@ _REDUCING_GAP = 3.0
 _EXIF_ORIENTATION = 0x0112
 
 
+class NoReadableImagesError(RuntimeError):
+    """Not one file of a dataset can be read (e.g. the folder was removed during a run)."""
+
+
 class BrokenImageError(Exception):
     """A file that cannot be decoded as an image; the datasets catch it and substitute.
 
@@ -105,26 +112,48 @@ def _check_size(load_size: int, channels: int) -> None:
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
 
 
-def scan_images(root: PathLike) -> list[Path]:
+class ImageList(list[Path]):
+    """The image files ``scan_images`` found (a list of paths) and what it passed over.
+
+    Attributes:
+        passed_over: entries with an image suffix that are not regular files after
+            following links (FIFOs, sockets, devices, folders, broken or looping links):
+            opening them could block forever or fail, so they are never read.
+    """
+
+    passed_over: int = 0
+
+
+def _is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)  # follows links; a broken one raises
+    except (OSError, ValueError):
+        return False
+
+
+def scan_images(root: PathLike) -> ImageList:
     """All image files under ``root``, recursively, in a deterministic order.
 
     Suffixes are matched case-insensitively against ``IMAGE_EXTENSIONS``. Files and
     folders whose name starts with a dot are skipped. Symbolic links to folders are
-    followed once (a link cycle is not walked twice). Contents are not opened: a broken
-    file is found, and dealt with, when it is loaded.
+    followed once (a link cycle is not walked twice). Only regular files (after
+    following links) are kept: FIFOs, sockets, devices and broken links are passed over
+    and counted in the result's ``passed_over``. Contents are not opened: a broken file
+    is found, and dealt with, when it is loaded.
 
     Args:
         root: the folder to search.
 
     Returns:
-        Paths (``root`` joined with the relative path), sorted component by component.
+        An ``ImageList`` of paths (``root`` joined with the relative path), sorted
+        component by component.
 
     Raises:
         ValueError: ``root`` does not exist, is not a folder, or holds no image files.
     """
     root = Path(root)
     _check_folder(root)
-    found: list[Path] = []
+    found = ImageList()
     seen_dirs: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -135,11 +164,16 @@ def scan_images(root: PathLike) -> list[Path]:
         dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
         for name in filenames:
             if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath, name))
+                if _is_regular(os.path.join(dirpath, name)):
+                    found.append(Path(dirpath, name))
+                else:
+                    found.passed_over += 1
     if not found:
+        special = f"; {found.passed_over} entries were not regular files (FIFOs, sockets, broken links)"
         raise ValueError(
             f"no images found under {str(root)!r} (searched recursively for "
-            f"{', '.join(IMAGE_EXTENSIONS)} in any case; hidden files and folders are skipped)"
+            f"{', '.join(IMAGE_EXTENSIONS)} in any case; hidden files and folders are skipped"
+            f"{special if found.passed_over else ''})"
         )
     found.sort()
     return found
@@ -194,6 +228,8 @@ def load_image(path: PathLike, load_size: int, channels: int = 3) -> torch.Tenso
     _check_size(load_size, channels)
     mode = "L" if channels == 1 else "RGB"
     path = Path(path)
+    if not _is_regular(str(path)):  # a FIFO would block open() forever; a device never ends
+        raise BrokenImageError(path, "not a regular file (missing, a FIFO, socket, device or broken link)")
     try:
         with Image.open(path) as im:
             # Only JPEG acts on draft; the scale keeps both sides >= load_size.
@@ -250,7 +286,7 @@ class _ImageFiles(Dataset):
             except BrokenImageError as error:
                 self._broken.add(j)
                 last_error = error
-        raise RuntimeError(
+        raise NoReadableImagesError(
             f"none of the {n} image files under {str(self.root)!r} could be read"
             + (f"; the last error: {last_error}" if last_error else "")
         )
@@ -269,12 +305,18 @@ class ImageFolder(_ImageFiles):
 
     ``dataset[i]`` returns ``(image, skipped)``: a ``uint8`` tensor ``(C, S, S)``, and how
     many broken files were passed over to find it (0 when file ``i`` is readable; else
-    file ``i+1``, ``i+2``, ... wrapping around, is used). ``RuntimeError`` when no file
-    at all can be read.
+    file ``i+1``, ``i+2``, ... wrapping around, is used). ``NoReadableImagesError`` (a
+    ``RuntimeError``) when no file at all can be read.
+
+    Attributes:
+        passed_over: entries the scan did not keep because they are not regular files
+            (FIFOs, sockets, devices, broken links); see ``ImageList``.
     """
 
     def __init__(self, root: PathLike, load_size: int, channels: int = 3) -> None:
-        super().__init__(root, scan_images(root), load_size, channels)
+        paths = scan_images(root)
+        super().__init__(root, paths, load_size, channels)
+        self.passed_over = paths.passed_over
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, _, skipped = self._load(index)

@@ -255,7 +255,13 @@ def export_backbone(checkpoint_path: PathLike, out_path: PathLike, which: str = 
     if not state:
         raise ValueError(f"{str(checkpoint_path)!r} has no {which} network yet (no training step was taken)")
     net = build_backbone(args["model"], args.get("in_chans"), args.get("image_size"))
-    net.load_state_dict(state, strict=True)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{str(checkpoint_path)!r}: its {which} network does not fit the {args['model']!r} its recipe builds "
+            f"({' '.join(str(error).split())[:300]}); the file was edited or written by another version"
+        ) from None
     net.eval()
     strip_classifier(net, args["model"], int(args["image_size"]))
     tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}

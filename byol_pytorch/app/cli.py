@@ -10,9 +10,11 @@ Usage::
     byol-pytorch preview --data DIR --out views.png
     byol-pytorch demo
 
-Bad input (a missing folder, an unknown model, a file that is not our checkpoint...)
-prints one line, ``byol-pytorch: error: ...``, and exits with status 1 (2 for a command
-line argparse cannot parse); never a traceback. A run stopped by SIGTERM/SIGINT saves
+Bad input (a missing folder, an unknown model, a file that is not our checkpoint...) and
+a failing environment (a full disk, a read-only file system, permissions, a dead peer
+process under torchrun) print one line, ``byol-pytorch: error: ...``, and exit with
+status 1 (2 for a command line argparse cannot parse); never a traceback, unless
+``--debug`` or ``BYOL_PYTORCH_DEBUG=1`` asks for it. A run stopped by SIGTERM/SIGINT saves
 its checkpoint and exits with 128 + the signal number (143, 130), so that job
 schedulers see it did not finish.
 """
@@ -20,11 +22,13 @@ schedulers see it did not finish.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from .errors import PROG, UserError, one_line
+from .errors import PROG, UserError, debug_enabled, describe_os_error, one_line
 
 __all__ = ["UserError", "main", "build_parser"]
 
@@ -50,15 +54,24 @@ def _run_export(args: argparse.Namespace) -> int:
     try:
         path = export_backbone(args.checkpoint, args.out, which=args.which)
     except (FileNotFoundError, ValueError) as error:
-        raise UserError(str(error)) from None
+        raise UserError(str(error)) from error
     print(f"byol-pytorch: wrote {path} (load it with strict=True into the backbone without its classifier)")
     return 0
+
+
+def _eval_device(name: str | None):
+    import torch
+
+    try:
+        return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise UserError(f"--device {name}: {error}; use cpu, cuda or cuda:N") from None
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint, load_state
     from ..evaluate import collapse_report, knn_accuracy, linear_probe
     from ..models import build_learner
     from ..validation import KnnMonitor
@@ -67,14 +80,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
     try:
         checkpoint = load_checkpoint(args.checkpoint)
-    except (FileNotFoundError, ValueError) as error:
-        raise UserError(f"--checkpoint: {error}") from None
-    recipe = checkpoint.get("args") or {}
-    if "learner" not in checkpoint or "model" not in recipe:
-        raise UserError(f"--checkpoint: {args.checkpoint} holds no trained network")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    learner = build_learner(recipe).to(device)
-    learner.load_state_dict(checkpoint["learner"])
+        recipe = checkpoint.get("args") or {}
+        if not isinstance(recipe, dict) or "learner" not in checkpoint or "model" not in recipe:
+            raise ValueError(f"{args.checkpoint} holds no trained network")
+        device = _eval_device(args.device)
+        learner = build_learner(recipe).to(device)
+        load_state(learner, checkpoint, "learner", args.checkpoint)
+    except (FileNotFoundError, ValueError, TypeError, KeyError) as error:
+        raise UserError(f"--checkpoint: {error}") from error
     channels = 1 if learner.channels == 1 else 3
     try:
         data = KnnMonitor(args.data, int(recipe["image_size"]), channels, device, args.batch_size, args.workers)
@@ -219,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--seed", type=int, default=0, help="seed of the views (default: %(default)s)")
 
     _add_demo(sub)
+    debug_help = "show the traceback of an error (also BYOL_PYTORCH_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    for command in sub.choices.values():  # also after the command: byol-pytorch train ... --debug
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
@@ -231,21 +248,43 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _report(error: BaseException, message: str, debug: bool) -> None:
+    """The one error line; with debugging, the traceback (and its cause) first."""
+    if debug:
+        error.__suppress_context__ = False
+        traceback.print_exception(error)
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:  # under torchrun: which rank, on a line of its own
+        message = f"process {os.environ.get('RANK', '?')} of {world}: {message}"
+        sys.stderr.write("\n")
+    sys.stderr.write(f"{PROG}: error: {one_line(message)}\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``byol-pytorch``; returns the exit status.
+
+    Errors of the user's input or environment become one line on stderr: ``UserError``
+    and every ``OSError`` (a full disk, a read-only file system, permissions, a path
+    that is a file...), named with the path and the fix. ``--debug`` or
+    ``BYOL_PYTORCH_DEBUG=1`` prints the traceback too.
 
     Args:
         argv: the arguments after the program name (default ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 1 for bad input (one line on stderr), 128 + signal for a run
-        stopped by a signal; argparse's own errors exit 2.
+        0 on success, 1 for bad input or a failing environment (one line on stderr),
+        128 + signal for a run stopped by a signal; argparse's own errors exit 2.
     """
     args = build_parser().parse_args(list(argv) if argv is not None else None)
+    debug = debug_enabled(getattr(args, "debug", False))
     try:
         return COMMANDS[args.command](args)
     except UserError as error:
-        sys.stderr.write(f"{PROG}: error: {one_line(error)}\n")
+        _report(error, str(error), debug)
+        return 1
+    except OSError as error:
+        _report(error, describe_os_error(error), debug)
         return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")

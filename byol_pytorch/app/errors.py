@@ -6,9 +6,11 @@ pulling in the others (and without import circles).
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 
-__all__ = ["PROG", "UserError", "one_line", "warn"]
+__all__ = ["PROG", "UserError", "debug_enabled", "describe_os_error", "one_line", "warn"]
 
 PROG = "byol-pytorch"
 
@@ -25,3 +27,48 @@ def one_line(message: object) -> str:
 def warn(message: str) -> None:
     """One warning line on stderr, prefixed like the command's errors."""
     print(f"{PROG}: warning: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+DEBUG_ENV = "BYOL_PYTORCH_DEBUG"
+
+# errno -> (what happened, what to do); "{path}" is the file or folder the call named.
+_OS_ERRORS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space left on the device holding {path}", "free space there or choose another --out"),
+    errno.EDQUOT: ("the disk quota is exhausted for {path}", "free space there or choose another --out"),
+    errno.EROFS: ("{path} is on a read-only file system", "choose a writable --out (or remount it read-write)"),
+    errno.EACCES: ("permission denied for {path}", "fix its permissions or choose another location"),
+    errno.EPERM: ("operation not permitted on {path}", "fix its permissions or choose another location"),
+    errno.EEXIST: ("{path} already exists and is not a folder", "remove it or choose another --out"),
+    errno.ENOTDIR: ("a part of {path} is a file, not a folder", "choose a path whose parents are folders"),
+    errno.EISDIR: ("{path} is a folder where a file was expected", "pass a file"),
+    errno.ENOENT: ("{path} does not exist", "check the path"),
+    errno.EIO: ("an input/output error on {path}", "check the disk or network file system, then retry"),
+    errno.EMFILE: ("too many open files (at {path})", "lower --workers or raise 'ulimit -n'"),
+    errno.ENFILE: ("too many open files on the system (at {path})", "lower --workers or close other programs"),
+    errno.ENAMETOOLONG: ("the name {path} is too long", "choose a shorter path"),
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an ``OSError``: the problem, the path it concerns, and the fix.
+
+    Args:
+        error: e.g. ``OSError(ENOSPC)`` from a checkpoint save.
+
+    Returns:
+        The message (without the ``byol-pytorch: error:`` prefix). Files saved before
+        the error are said to be intact: every write of ours is atomic.
+    """
+    path = error.filename if error.filename is not None else "a file"
+    path = repr(os.fspath(path)) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+    known = _OS_ERRORS.get(error.errno) if error.errno is not None else None
+    if known is None:
+        reason = error.strerror or str(error) or type(error).__name__
+        return one_line(f"{reason} ({path}); check the path and the file system (files saved earlier are intact)")
+    what, fix = known
+    return one_line(f"{what.format(path=path)}: {fix} (files saved earlier are intact)")
+
+
+def debug_enabled(flag: bool = False) -> bool:
+    """Whether errors show their traceback: ``--debug`` or ``BYOL_PYTORCH_DEBUG=1``."""
+    return bool(flag) or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")

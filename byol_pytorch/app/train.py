@@ -27,9 +27,17 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ..byol import BYOL
-from ..checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from ..checkpoint import (
+    TRAINING_KEYS,
+    get_rng_state,
+    load_checkpoint,
+    load_state,
+    require_entries,
+    save_checkpoint,
+    set_rng_state,
+)
 from ..cifar import CifarDataset, parse_cifar_spec
-from ..data import ImageFolder, collate_images, load_size_for, match_channels
+from ..data import ImageFolder, NoReadableImagesError, collate_images, load_size_for, match_channels
 from ..distributed import DistContext, gather_objects, setup_distributed
 from ..encoder import infer_channels
 from ..engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState, prepare_model
@@ -83,8 +91,31 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(str(error)) from None
     try:
         return train(args, ctx)
+    except RuntimeError as error:
+        if not (ctx.distributed and _is_peer_failure(error)):
+            raise
+        raise UserError(
+            f"lost the connection to another process of this run ({type(error).__name__}): it failed or was killed, "
+            "and its own error says why; fix that, then continue with --resume (the last checkpoint is kept)"
+        ) from error
     finally:
         ctx.close()
+
+
+def _last_line(error: BaseException) -> str:
+    """The message of ``error`` without a worker's or a collective's traceback text."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1] == type(error).__name__ else last
+
+
+def _is_peer_failure(error: RuntimeError) -> bool:
+    """A collective failed because another rank died (gloo/NCCL connection closed, timeout)."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error).lower()
+    return any(k in text for k in ("connection closed by peer", "connection reset by peer", "broken pipe", "gloo"))
 
 
 def train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
@@ -109,6 +140,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- prepare
 def _resume_path(args: argparse.Namespace, out: Path) -> Path | None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose another --out (the run folder to write to)")
     if args.resume is None or args.resume is False:
         if (out / "last.pt").exists():
             raise UserError(
@@ -125,9 +158,13 @@ def _load_resumed(path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
     try:
-        return load_checkpoint(path)
+        checkpoint = load_checkpoint(path)
+        require_entries(checkpoint, TRAINING_KEYS, path)
     except (FileNotFoundError, ValueError) as error:
         raise UserError(f"--resume: {error}") from None
+    if not isinstance(checkpoint["args"], dict) or "model" not in checkpoint["args"]:
+        raise UserError(f"--resume: {path} holds no recipe ('args' without 'model'); start a new run without --resume")
+    return checkpoint
 
 
 def _runtime_options(args: argparse.Namespace, ctx: DistContext) -> tuple[str, int]:
@@ -238,14 +275,18 @@ def _restore(checkpoint: dict[str, Any] | None, run: Run) -> None:
     if checkpoint is None:
         torch.manual_seed(run.recipe["seed"] + ctx.rank)  # the augmentations' generator, per rank
         return
-    run.learner.load_state_dict(checkpoint["learner"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    path = run.resumed_from or run.out / "last.pt"
+    try:
+        load_state(run.learner, checkpoint, "learner", path)
+        load_state(run.optimizer, checkpoint, "optimizer", path)
+        load_state(run.scheduler, checkpoint, "scheduler", path)
+        if run.scaler is not None and checkpoint.get("scaler"):
+            load_state(run.scaler, checkpoint, "scaler", path)
+        state.step, state.epoch = int(checkpoint["step"]), int(checkpoint["epoch"])
+        state.position = int(checkpoint["batch_in_epoch"])
+    except (ValueError, TypeError) as error:
+        raise UserError(f"--resume: {error}") from None
     resync_lr(run.scheduler)  # the lr of the current step under the (possibly new) total
-    if run.scaler is not None and checkpoint.get("scaler"):
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    state.step, state.epoch = int(checkpoint["step"]), int(checkpoint["epoch"])
-    state.position = int(checkpoint["batch_in_epoch"])
     if checkpoint.get("dataset_size") != len(run.dataset) or checkpoint.get("world_size") != ctx.world_size:
         if ctx.is_main:
             warn(
@@ -308,6 +349,12 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
                 f" (recipe {recipe['recipe']})",
                 flush=True,
             )
+    passed_over = getattr(dataset, "passed_over", 0)  # an image folder's special files (CIFAR has none)
+    if ctx.is_main and passed_over:
+        warn(
+            f"{passed_over} entries under {data} with an image suffix are not regular files (FIFOs, "
+            "sockets, devices, broken links) and were passed over"
+        )
     return prepared
 
 
@@ -441,6 +488,11 @@ def run(prepared: Run) -> TrainState:
     try:
         engine.run(batches, state, _hooks(prepared, metrics, monitor))
         completed = True
+    except NoReadableImagesError as error:
+        raise UserError(
+            f"--data: {_last_line(error)} (was the folder moved or removed during the run?); restore it and continue "
+            f"with --resume: {'the last checkpoint is kept' if prepared.saved_step >= 0 else 'no checkpoint yet'}"
+        ) from error
     except DivergedError as error:
         kept = (
             f"the last good checkpoint {prepared.out / 'last.pt'} (step {prepared.saved_step}) is left as it was"
