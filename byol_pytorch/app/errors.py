@@ -32,19 +32,22 @@ def warn(message: str) -> None:
 DEBUG_ENV = "BYOL_PYTORCH_DEBUG"
 
 # errno -> (what happened, what to do); "{path}" is the file or folder the call named.
+_FREE_SPACE = "free space there or choose another --out"
+_PERMISSIONS = "fix its permissions or choose another location"
+_FEWER_FILES = "lower --workers, or raise the limit ('ulimit -n') or close other programs"
 _OS_ERRORS: dict[int, tuple[str, str]] = {
-    errno.ENOSPC: ("no space left on the device holding {path}", "free space there or choose another --out"),
-    errno.EDQUOT: ("the disk quota is exhausted for {path}", "free space there or choose another --out"),
+    errno.ENOSPC: ("no space left on the device holding {path}", _FREE_SPACE),
+    errno.EDQUOT: ("the disk quota is exhausted for {path}", _FREE_SPACE),
     errno.EROFS: ("{path} is on a read-only file system", "choose a writable --out (or remount it read-write)"),
-    errno.EACCES: ("permission denied for {path}", "fix its permissions or choose another location"),
-    errno.EPERM: ("operation not permitted on {path}", "fix its permissions or choose another location"),
+    errno.EACCES: ("permission denied for {path}", _PERMISSIONS),
+    errno.EPERM: ("operation not permitted on {path}", _PERMISSIONS),
     errno.EEXIST: ("{path} already exists and is not a folder", "remove it or choose another --out"),
     errno.ENOTDIR: ("a part of {path} is a file, not a folder", "choose a path whose parents are folders"),
     errno.EISDIR: ("{path} is a folder where a file was expected", "pass a file"),
     errno.ENOENT: ("{path} does not exist", "check the path"),
     errno.EIO: ("an input/output error on {path}", "check the disk or network file system, then retry"),
-    errno.EMFILE: ("too many open files (at {path})", "lower --workers or raise 'ulimit -n'"),
-    errno.ENFILE: ("too many open files on the system (at {path})", "lower --workers or close other programs"),
+    errno.EMFILE: ("too many open files in this process (at {path})", _FEWER_FILES),
+    errno.ENFILE: ("too many open files on the system (at {path})", _FEWER_FILES),
     errno.ENAMETOOLONG: ("the name {path} is too long", "choose a shorter path"),
 }
 
