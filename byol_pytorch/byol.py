@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ._modules import module_device
+from ._modules import module_device_dtype
 from .augment import BYOLAugment
 from .collapse import CollapseMonitor
 from .ema import cosine_tau, ema_update_
@@ -31,9 +32,21 @@ MAX_HEAD_WIDTH = 2**20
 MAX_HEAD_PARAMETERS = 2**31  # projector + predictor weights (8 GiB in fp32)
 
 
+def _as_int(value: object) -> int | None:
+    """``value`` as an int when it is an integer (``int``, numpy or 0-d torch integers), not a bool."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def _check_int(arg: str, value: object, limit: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    number = _as_int(value)
+    if number is None:
         raise TypeError(f"{arg} must be an int, got {type(value).__name__} {value!r}")
+    value = number
     if not 0 < value <= limit:
         raise ValueError(f"{arg} must be in [1, {limit}], got {value}; pass a sensible size")
     return value
@@ -42,14 +55,15 @@ def _check_int(arg: str, value: object, limit: int) -> int:
 def _pair(image_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(image_size, bool):
         raise TypeError("image_size must be an int or a (height, width) pair, got a bool")
-    if isinstance(image_size, int):
-        size = (image_size, image_size)
+    side = _as_int(image_size)
+    if side is not None:
+        size = (side, side)
     elif (
         isinstance(image_size, (tuple, list))
         and len(image_size) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) for s in image_size)
+        and all(_as_int(s) is not None for s in image_size)
     ):
-        size = (int(image_size[0]), int(image_size[1]))
+        size = (_as_int(image_size[0]) or 0, _as_int(image_size[1]) or 0)
     else:
         raise TypeError(f"image_size must be an int or a (height, width) pair of ints, got {image_size!r}")
     if min(size) <= 0:
@@ -218,9 +232,9 @@ class BYOL(nn.Module):
         if sync_batchnorm:
             projector = nn.SyncBatchNorm.convert_sync_batchnorm(projector)
             predictor = nn.SyncBatchNorm.convert_sync_batchnorm(predictor)
-        device = module_device(net) or torch.device("cpu")
-        self.online_encoder = BackboneEncoder.from_probe(net, probe, projector.to(device), token_pool)
-        self.online_predictor = predictor.to(device)
+        device, dtype = module_device_dtype(net)  # heads in the net's dtype: a bfloat16 or float64 net
+        self.online_encoder = BackboneEncoder.from_probe(net, probe, projector.to(device, dtype), token_pool)
+        self.online_predictor = predictor.to(device, dtype)
         self.register_module("target_encoder", None)
 
         if augment_fn is None:
@@ -418,14 +432,31 @@ class BYOL(nn.Module):
             "diverged; lower the learning rate, add warm-up, or use bf16 instead of fp16"
         )
 
-    def _maybe_sync_batchnorm(self, x: torch.Tensor) -> None:
-        if self.sync_batchnorm is not None or not x.is_cuda or not _is_distributed():
-            return
+    def resolve_sync_batchnorm(self, device: torch.device | str) -> bool:
+        """With ``sync_batchnorm=None``: switch the heads to SyncBatchNorm now if a CUDA process group exists.
+
+        The first training forward does this by itself; call it before ``torch.compile``
+        (which skips it inside compiled graphs), as ``engine.prepare_model`` does.
+
+        Args:
+            device: where the learner trains.
+
+        Returns:
+            Whether the heads' BatchNorm is synchronised across processes.
+        """
+        if self.sync_batchnorm is not None or torch.device(device).type != "cuda" or not _is_distributed():
+            return bool(self.sync_batchnorm)
         self.online_encoder.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.online_encoder.projector)
         self.online_predictor = nn.SyncBatchNorm.convert_sync_batchnorm(self.online_predictor)
         if self.target_encoder is not None:
             self.target_encoder.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.target_encoder.projector)
         self.sync_batchnorm = True
+        return True
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)  # a copy: the live learner keeps its pending check
+        state["_pending_check"] = None  # a CUDA event cannot be copied or pickled; the next step re-arms it
+        return state
 
     # ------------------------------------------------------------------ forward
     def _to_float(self, x: torch.Tensor) -> torch.Tensor:
@@ -499,7 +530,7 @@ class BYOL(nn.Module):
         if checked_now:
             self._check_finite_now(x)
         if not compiling:
-            self._maybe_sync_batchnorm(x)
+            self.resolve_sync_batchnorm(x.device)
 
         view_one = self._view(self.augment1, x)  # (B, C, h, w)
         view_two = self._view(self.augment2, x)

@@ -54,6 +54,7 @@ VERSION = 1
 
 
 STALE_TEMP_SECONDS = 3600.0
+_CAN_PROBE_PIDS = os.name != "nt"  # on Windows signal 0 is CTRL_C_EVENT: it would interrupt, not probe
 """A temp file without a recognisable writer older than this is removed as stale."""
 
 
@@ -70,9 +71,12 @@ def _current_umask() -> int:
     return mask
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` runs on this machine; None where that cannot be asked (Windows)."""
     if pid == os.getpid():
         return True
+    if not _CAN_PROBE_PIDS:
+        return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -87,7 +91,8 @@ def remove_stale_temps(path: PathLike) -> list[Path]:
 
     Temp files are named ``.{name}.{pid}.{random}.tmp``: one whose writer process is gone
     (killed during a save) is removed; one of a live process is kept (it may be writing
-    right now). Older names without a pid are removed after ``STALE_TEMP_SECONDS``.
+    right now). Older names without a pid, and every temp file where a process cannot be
+    asked about (Windows), are removed after ``STALE_TEMP_SECONDS``.
 
     Args:
         path: the final file whose stale temp files to remove.
@@ -105,10 +110,11 @@ def remove_stale_temps(path: PathLike) -> list[Path]:
         middle = temp.name[len(path.name) + 2 : -len(".tmp")]
         pid_text = middle.split(".", 1)[0]
         try:
-            if pid_text.isdigit() and "." in middle:
-                stale = not _pid_alive(int(pid_text))
-            else:
+            alive = _pid_alive(int(pid_text)) if pid_text.isdigit() and "." in middle else None
+            if alive is None:  # no pid in the name, or no way to ask: by age
                 stale = time.time() - temp.lstat().st_mtime > STALE_TEMP_SECONDS
+            else:
+                stale = not alive
             if stale and temp.is_file():
                 temp.unlink()
                 removed.append(temp)

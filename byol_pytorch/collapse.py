@@ -206,7 +206,8 @@ class CollapseMonitor(nn.Module):
         """
         values = self.stats.tolist()
         rows = int(values[_ROWS])
-        rank = float(effective_rank(self.sample[:rows].double())) if rows >= 2 else 0.0
+        sample = self.sample[:rows].detach().to("cpu", torch.float64)  # 64 rows; MPS has no float64
+        rank = float(effective_rank(sample)) if rows >= 2 else 0.0
         return {
             "std": values[_STD],
             "healthy_std": self.healthy_std,
@@ -215,6 +216,12 @@ class CollapseMonitor(nn.Module):
             "steps": values[_STEPS],
             "effective_rank": rank,
         }
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CollapseMonitor:
+        super()._apply(fn, recurse)
+        # The figures stay float32 whatever the learner is cast to (a bfloat16 step counter stops at 256).
+        self.stats, self.sample = self.stats.float(), self.sample.float()
+        return self
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -196,6 +196,9 @@ def prepare_model(learner: nn.Module, ctx: DistContext, compile: bool = False) -
     """
     if getattr(learner, "use_momentum", False) and getattr(learner, "target_encoder", None) is None:
         learner.init_target()  # type: ignore[operator]
+    resolve = getattr(learner, "resolve_sync_batchnorm", None)
+    if resolve is not None:  # before the wrappers: a compiled forward skips it
+        resolve(ctx.device)
     model: nn.Module = learner
     if ctx.distributed:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None

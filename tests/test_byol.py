@@ -488,3 +488,43 @@ def test_ddp_ignores_the_classifier_and_the_target(tmp_path):
                 model(torch.rand(4, 3, 32, 32)).backward()
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- review fixes: dtypes, integers, copies
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_net_in_another_dtype_trains_and_embeds(dtype):
+    net = small_cnn().to(dtype)
+    learner = BYOL(net, image_size=16, **SMALL)
+    assert next(learner.online_predictor.parameters()).dtype == dtype  # the heads follow the net
+    loss = learner(torch.rand(4, 3, 16, 16))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert net[0].weight.grad is not None and net[0].weight.grad.dtype == dtype
+    learner.update_moving_average()
+    projection, embedding = learner(torch.rand(2, 3, 16, 16), return_embedding=True)
+    assert embedding.shape == (2, 32) and embedding.dtype == dtype and projection.shape == (2, 32)
+
+
+def test_numpy_and_tensor_integers_are_sizes():
+    import numpy as np
+
+    learner = BYOL(small_cnn(), image_size=np.int64(16), projection_size=np.int32(8), projection_hidden_size=16)
+    assert learner.image_size == (16, 16) and learner.online_predictor[-1].out_features == 8
+    assert BYOL(small_cnn(), image_size=(torch.tensor(16), np.int16(12)), **SMALL).image_size == (16, 12)
+    with pytest.raises(TypeError, match="image_size"):
+        BYOL(small_cnn(), image_size=16.0, **SMALL)
+
+
+def test_a_pending_accelerator_check_does_not_stop_copies_or_pickling():
+    import threading
+
+    learner = BYOL(small_cnn(), image_size=16, **SMALL)
+    learner(torch.rand(4, 3, 16, 16)).backward()
+    pending = (torch.zeros(2), threading.Lock())  # stands in for (pinned copy, CUDA event): neither pickles
+    learner._pending_check = pending
+    copied = copy.deepcopy(learner)
+    restored = pickle.loads(pickle.dumps(learner))
+    assert copied._pending_check is None and restored._pending_check is None
+    assert learner._pending_check is pending  # the live learner keeps its check
+    for name, tensor in learner.state_dict().items():
+        assert torch.equal(tensor, restored.state_dict()[name]), name

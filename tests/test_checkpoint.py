@@ -78,3 +78,21 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     torch.testing.assert_close(first[0], second[0])
     np.testing.assert_array_equal(first[1], second[1])
     assert first[2] == second[2] and first[3] == second[3]
+
+
+def test_where_processes_cannot_be_asked_stale_temps_go_by_age(tmp_path, monkeypatch):
+    import time
+
+    from byol_pytorch import checkpoint
+
+    target = tmp_path / "last.pt"
+    fresh = tmp_path / f".last.pt.{os.getpid() + 1}.abcd.tmp"
+    old = tmp_path / f".last.pt.{os.getpid() + 2}.efgh.tmp"
+    for temp in (fresh, old):
+        temp.write_bytes(b"partial")
+    hour_ago = time.time() - checkpoint.STALE_TEMP_SECONDS - 5
+    os.utime(old, (hour_ago, hour_ago))
+    monkeypatch.setattr(checkpoint, "_CAN_PROBE_PIDS", False)  # as on Windows, where signal 0 would interrupt
+    assert checkpoint._pid_alive(os.getpid() + 1) is None
+    assert checkpoint.remove_stale_temps(target) == [old]
+    assert fresh.exists() and not old.exists()

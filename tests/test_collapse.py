@@ -218,3 +218,12 @@ def test_state_dict_deepcopy_pickle():
         assert clone.collapse_monitor.status()["steps"] == 2
         train(clone, 1)
         assert clone.collapse_monitor.status()["steps"] == 3
+
+
+def test_the_figures_stay_float32_when_the_learner_is_cast():
+    learner = BYOL(small_cnn(), image_size=16, projection_size=8, projection_hidden_size=16).to(torch.bfloat16)
+    monitor = learner.collapse_monitor
+    assert monitor.stats.dtype == torch.float32 and monitor.sample.dtype == torch.float32
+    for _ in range(300):  # a bfloat16 counter would stop at 256
+        monitor.stats[3] += 1
+    assert monitor.status()["steps"] == 300

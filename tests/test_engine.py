@@ -228,3 +228,17 @@ def test_prepare_model_creates_the_target_before_wrapping():
 
     simsiam = _tiny_learner(use_momentum=False)
     assert prepare_model(simsiam, DistContext()) is simsiam and simsiam.target_encoder is None
+
+
+def test_prepare_model_resolves_sync_batchnorm_before_wrapping():
+    learner = BYOL(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        image_size=8,
+        projection_size=4,
+        projection_hidden_size=8,
+    )
+    calls = []
+    learner.resolve_sync_batchnorm = lambda device: calls.append(device) or False
+    model = prepare_model(learner, DistContext(device=torch.device("cpu")))
+    assert model is learner and calls == [torch.device("cpu")] and learner.target_encoder is not None
+    assert BYOL.resolve_sync_batchnorm(learner, "cpu") is False  # no CUDA process group: nothing to do

@@ -88,14 +88,20 @@ class _WandbSink:
         if not run_id:
             run_id = uuid.uuid4().hex[:8]  # W&B's id alphabet: lower-case letters and digits
             id_file.write_text(run_id + "\n", encoding="utf-8")
-        self.run = wandb.init(
-            project=options["project"],
-            name=options.get("name"),
-            id=run_id,
-            resume="allow",
-            config=options.get("config") or {},
-            dir=os.environ.get("WANDB_DIR") or str(run_dir),
-        )
+        try:
+            self.run = wandb.init(
+                project=options["project"],
+                name=options.get("name"),
+                id=run_id,
+                resume="allow",
+                config=options.get("config") or {},
+                dir=os.environ.get("WANDB_DIR") or str(run_dir),
+            )
+        except Exception as error:  # wandb's own errors (no login, no network) are not ours to show as a traceback
+            raise ValueError(
+                f"--wandb: W&B could not start ({type(error).__name__}: {error}); run 'wandb login', or set "
+                "WANDB_MODE=offline to log locally and 'wandb sync' later"
+            ) from error
 
     def log(self, row: dict[str, Any]) -> None:
         values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}

@@ -428,11 +428,15 @@ def _hooks(prepared: Run, metrics: MetricsLog, monitor: KnnMonitor | None) -> li
         }
         s.pending.clear()
 
+    def validation_epoch(s: TrainState) -> bool:
+        return bool(args.val_data) and s.epoch_done and s.epoch % args.val_every == 0
+
     hooks = [Periodic(warn_skipped, when=lambda s: s.epoch_done)]
     if args.val_data:
         hooks.append(Periodic(validate, every_epochs=args.val_every, at_end=True))
     hooks.append(
-        Periodic(log, every=args.log_every, at_end=True, on_stop=True, when=lambda s: s.epoch_done and bool(s.pending))
+        # also at each validation epoch, on every rank alike (the kNN figure itself exists on rank 0 only)
+        Periodic(log, every=args.log_every, at_end=True, on_stop=True, when=validation_epoch)
     )
     hooks.append(Periodic(Checkpointer(prepared), every=args.checkpoint_every, at_end=True, on_stop=True))
     return hooks

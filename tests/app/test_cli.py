@@ -184,7 +184,9 @@ def test_demo_is_wired(capsys, tmp_path, monkeypatch):
     argv = ["--out", str(tmp_path / "demo"), "--lr", "0.01", "--quick"]
     assert cli.main(["demo", *argv]) == 0
     expected = demo.add_demo_arguments(argparse.ArgumentParser()).parse_args(argv)  # the demo's own flags
-    assert len(runs) == 1 and {k: v for k, v in vars(runs[0]).items() if k != "command"} == vars(expected)
+    assert len(runs) == 1 and {k: v for k, v in vars(runs[0]).items() if k not in ("command", "debug")} == vars(
+        expected
+    )
 
     def diverging(args):
         raise FloatingPointError("training diverged at step 3: the loss is nan")

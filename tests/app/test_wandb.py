@@ -156,3 +156,14 @@ def test_wandb_missing_is_a_one_line_error(tmp_path, monkeypatch, make_cifar10, 
     assert capsys.readouterr().err == (
         "byol-pytorch: error: --wandb needs the wandb package: pip install 'byol-pytorch[wandb]'\n"
     )
+
+
+def test_a_wandb_that_cannot_start_is_a_value_error_naming_the_fix(offline, tmp_path, monkeypatch):
+    import wandb
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.raises(ValueError, match="wandb login.*WANDB_MODE=offline"):
+        MetricsLog(tmp_path / "run", wandb=_options())
