@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from byol_pytorch import BYOL
+
 # The smallest `byol-pytorch train` recipe that still runs a real timm ResNet.
 TINY_FLAGS = (
     "--model",
@@ -60,6 +62,29 @@ def train_steps(learner, x, steps, lr=1e-3):
             learner.update_moving_average()
         losses.append(loss.item())
     return losses
+
+
+def stats_free_learner(**kwargs) -> BYOL:
+    """GroupNorm backbone, LayerNorm heads, deterministic views: no batch statistics anywhere."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(2, 8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+    return BYOL(
+        net,
+        image_size=16,
+        projection_size=8,
+        projection_hidden_size=16,
+        use_batchnorm=False,
+        augment_fn=nn.Identity(),
+        augment_fn2=lambda x: x.flip(-1),
+        **kwargs,
+    )
 
 
 def build_messy_folder(root: Path, good: int = 24) -> Path:

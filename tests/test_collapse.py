@@ -196,13 +196,15 @@ def test_no_cuda_sync_in_the_step_or_the_poll():
     learner(x).backward()  # the first step creates the target
     learner.update_moving_average()
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # a host sync in the step or the read-back raises
     try:
         for _ in range(3):
             learner(x).backward()
+            learner.update_moving_average()  # BYOL's own non-blocking read-back
             learner.collapse_monitor.poll()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert learner.collapse_monitor.status()["steps"] == 4  # every step was observed
 
 
 # ---------------------------------------------------------------- state

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
+from conftest import stats_free_learner
 
 from byol_pytorch import BYOL
 from byol_pytorch.checkpoint import load_checkpoint
@@ -41,28 +42,6 @@ def _bn_learner() -> BYOL:
         nn.Linear(8, 5),
     )
     return BYOL(net, image_size=16, projection_size=8, projection_hidden_size=16)
-
-
-def _stats_free_learner() -> BYOL:
-    """GroupNorm backbone, LayerNorm heads, deterministic views: no batch statistics anywhere."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.GroupNorm(2, 8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 5),
-    )
-    return BYOL(
-        net,
-        image_size=16,
-        projection_size=8,
-        projection_hidden_size=16,
-        use_batchnorm=False,
-        augment_fn=nn.Identity(),
-        augment_fn2=lambda x: x.flip(-1),
-    )
 
 
 def _union_batch() -> torch.Tensor:
@@ -101,7 +80,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.save(indices, f"{out}/indices{rank}.pt")
 
     # 2. One backward of the shard through DDP: the gradients are the all-reduced mean.
-    learner = _stats_free_learner()
+    learner = stats_free_learner()
     model = DistributedDataParallel(learner)
     shard = _union_batch()[rank * 4 : (rank + 1) * 4]
     model(shard).backward()
@@ -135,7 +114,7 @@ def test_ranks_hold_identical_online_and_target_parameters(ddp_run):
 
 
 def test_ddp_gradient_equals_single_process_gradient_of_the_union(ddp_run):
-    learner = _stats_free_learner()
+    learner = stats_free_learner()
     learner(_union_batch()).backward()
     single = {n: p.grad for n, p in learner.named_parameters() if p.grad is not None}
     for rank in range(WORLD):

@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 import torch.nn as nn
+from conftest import stats_free_learner
 from torch.utils.data import DataLoader
 
 from byol_pytorch import BYOL
@@ -16,34 +17,12 @@ from byol_pytorch.optim import warmup_cosine_scheduler
 from byol_pytorch.sampling import EpochSampler, step_batches
 
 
-def _tiny_learner(**kwargs):
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.GroupNorm(2, 8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 5),
-    )
-    return BYOL(
-        net,
-        image_size=16,
-        projection_size=8,
-        projection_hidden_size=16,
-        use_batchnorm=False,
-        augment_fn=nn.Identity(),
-        augment_fn2=lambda x: x.flip(-1),
-        **kwargs,
-    )
-
-
 # ---------------------------------------------------------------- accumulation and skipped steps
 def test_accumulation_steps_once_and_matches_the_full_batch_gradient():
     images = torch.rand(8, 3, 16, 16)
     grads = []
     for chunks in (1, 2):
-        learner = _tiny_learner()
+        learner = stats_free_learner()
         opt = torch.optim.SGD(learner.parameters(), lr=0.0)  # lr 0: keep the weights, read gradients
         sched = warmup_cosine_scheduler(opt, total=10, warmup=0)
         seen = {}
@@ -62,7 +41,7 @@ def test_accumulation_steps_once_and_matches_the_full_batch_gradient():
 
 
 def test_a_scaler_skipped_step_advances_neither_ema_nor_lr_schedule():
-    learner = _tiny_learner()
+    learner = stats_free_learner()
     opt = torch.optim.SGD(learner.parameters(), lr=0.1)
     sched = warmup_cosine_scheduler(opt, total=10, warmup=2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # the scaled loss overflows to inf
@@ -79,7 +58,7 @@ def test_a_scaler_skipped_step_advances_neither_ema_nor_lr_schedule():
 
 
 def test_optimizer_step_returns_the_mean_loss_of_its_micro_batches():
-    learner = _tiny_learner()
+    learner = stats_free_learner()
     images = torch.rand(8, 3, 16, 16)
     with torch.no_grad():
         expected = (learner(images[:4]) + learner(images[4:])) / 2  # weights unchanged: lr 0
@@ -138,7 +117,7 @@ class _Recorder(nn.Module):
 
 def _engine(total, nan_from=None, images=24, lr=0.05):
     """An engine over ``images`` random images (batch 4: 6 batches per epoch) for ``total`` steps."""
-    learner = _tiny_learner()
+    learner = stats_free_learner()
     model = _Recorder(prepare_model(learner, DistContext()), nan_from)
     opt = torch.optim.SGD(learner.parameters(), lr=lr)
     ctx = DistContext()
@@ -217,7 +196,7 @@ def test_a_stop_signal_ends_the_run_after_the_step_and_calls_on_stop_hooks():
 
 
 def test_prepare_model_creates_the_target_before_wrapping():
-    learner = _tiny_learner()
+    learner = stats_free_learner()
     assert learner.target_encoder is None
     model = prepare_model(learner, DistContext())
     assert model is learner  # one process, no compile: nothing to wrap
@@ -226,7 +205,7 @@ def test_prepare_model_creates_the_target_before_wrapping():
     for name, value in learner.target_encoder.named_parameters():
         assert torch.equal(value, online[name]) and not value.requires_grad, name
 
-    simsiam = _tiny_learner(use_momentum=False)
+    simsiam = stats_free_learner(use_momentum=False)
     assert prepare_model(simsiam, DistContext()) is simsiam and simsiam.target_encoder is None
 
 
