@@ -417,7 +417,7 @@ def _hooks(prepared: Run, metrics: MetricsLog, monitor: KnnMonitor | None) -> li
         }
         row.update(s.take_interval(), skipped_files=s.skipped_files, **s.pending)
         collapse = prepared.learner.collapse_monitor
-        if collapse is not None:  # the collapse alarm's figures (a read, like the loss's)
+        if collapse is not None and ctx.is_main:  # the collapse alarm's figures (a read, like the loss's)
             figures = collapse.status()
             row.update(proj_std=figures["std"], proj_rank=figures["effective_rank"])
         metrics.write(row)
