@@ -26,6 +26,7 @@ setup(
         "test": [
             "pytest>=7",
             "pytest-timeout>=2",
+            "hypothesis>=6",
             "matplotlib>=3.5",
             "ruff>=0.6",
             "mypy>=1.10",
