@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +110,7 @@ def _images_and_skipped(item: Any) -> tuple[torch.Tensor, int]:
 
 def step_batches(
     loader: Iterable[Any], sampler: EpochSampler, epoch: int, position: int, accumulate: int
-) -> Iterator[StepBatch]:
+) -> Generator[StepBatch, None, None]:
     """Endless ``StepBatch`` es from a data position on.
 
     Args:

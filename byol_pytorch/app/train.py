@@ -507,10 +507,25 @@ def run(prepared: Run) -> TrainState:
             f"{error}; {kept}. Lower --lr, lengthen --warmup-epochs, or use --precision fp32/bf16 instead of fp16"
         ) from None
     finally:
+        batches.close()
+        _release_workers(prepared.loader)
         if not completed:
             metrics.close()
     prepared.metrics = metrics  # closed by ``finish``, after W&B gets the pictures
     return state
+
+
+def _release_workers(loader: DataLoader) -> None:
+    """Stop the loader's worker processes now.
+
+    Persistent workers outlive the loop (the loader keeps its iterator), and ours ignore
+    SIGTERM (``ignore_signals_in_worker``): an interpreter that exits with them alive would
+    wait for them forever (a test process, or a script calling ``main`` twice).
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
 
 
 # ---------------------------------------------------------------------- finish
