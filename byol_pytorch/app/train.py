@@ -167,6 +167,31 @@ def _load_resumed(path: Path | None) -> dict[str, Any] | None:
     return checkpoint
 
 
+def _same_checkpoint_everywhere(
+    args: argparse.Namespace, out: Path, ctx: DistContext, checkpoint: dict[str, Any] | None
+) -> None:
+    """Every process must find the same checkpoint (or none): one error on all of them otherwise.
+
+    A collective. Processes on several machines see one ``--out`` only on a shared file
+    system; without one, the nodes other than rank 0's find no checkpoint (or an older one)
+    and would fail alone, with advice that does not fit, or resume from another step.
+    """
+    if not ctx.distributed:
+        return
+    path = Path(args.resume) if isinstance(args.resume, str) else out / "last.pt"
+    if checkpoint is not None:
+        seen = f"step {int(checkpoint['step'])}"
+    else:
+        seen = "a checkpoint" if path.is_file() else "no checkpoint"
+    views = gather_objects(ctx, seen)
+    if len(set(views)) > 1:
+        found = ", ".join(f"process {rank} sees {view}" for rank, view in enumerate(views))
+        raise UserError(
+            f"the processes of this run do not find the same checkpoint at {path} ({found}): on several machines, "
+            "--out (and a --resume path) must be on a file system they all share"
+        )
+
+
 def _runtime_options(args: argparse.Namespace, ctx: DistContext) -> tuple[str, int]:
     """``(precision, workers)``; the reporting intervals checked."""
     cuda_bf16 = ctx.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -304,8 +329,13 @@ def _restore(checkpoint: dict[str, Any] | None, run: Run) -> None:
 def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     """Everything before the first step: folder, recipe, data, learner, state (restored on resume)."""
     out = Path(args.out)
-    resumed_from = _resume_path(args, out)
-    checkpoint = _load_resumed(resumed_from)
+    try:
+        resumed_from = _resume_path(args, out)
+        checkpoint = _load_resumed(resumed_from)
+    except UserError:
+        _same_checkpoint_everywhere(args, out, ctx, None)
+        raise
+    _same_checkpoint_everywhere(args, out, ctx, checkpoint)
     saved_args = checkpoint["args"] if checkpoint else None
     recipe = resolve_recipe(args, saved_args)
     micro_batch = check_sizes(recipe, ctx)
