@@ -12,6 +12,7 @@ over. Worker processes do not share memory, so that count travels with each samp
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import stat
@@ -34,6 +35,7 @@ __all__ = [
     "NoReadableImagesError",
     "scan_images",
     "load_image",
+    "decode_image",
     "ImageFolder",
     "LabelledImageFolder",
     "collate_images",
@@ -226,12 +228,45 @@ def load_image(path: PathLike, load_size: int, channels: int = 3) -> torch.Tenso
         BrokenImageError: the file is empty, truncated, corrupt or not an image.
     """
     _check_size(load_size, channels)
-    mode = "L" if channels == 1 else "RGB"
     path = Path(path)
     if not _is_regular(str(path)):  # a FIFO would block open() forever; a device never ends
         raise BrokenImageError(path, "not a regular file (missing, a FIFO, socket, device or broken link)")
+    return _decode(path, path, load_size, channels)
+
+
+def decode_image(data: bytes, load_size: int, channels: int = 3, name: str = "<bytes>") -> torch.Tensor:
+    """``load_image`` for an image held in memory (a tar member, a dataset's bytes column).
+
+    Args:
+        data: the encoded image (JPEG, PNG, ...).
+        load_size: side ``S`` of the square output.
+        channels: 1 (grayscale "L") or 3 ("RGB").
+        name: what a ``BrokenImageError`` calls the image (e.g. ``shard.tar:key``).
+
+    Returns:
+        ``uint8`` tensor ``(channels, load_size, load_size)``, exactly what ``load_image``
+        returns for a file holding ``data``.
+
+    Raises:
+        ValueError: ``load_size`` or ``channels`` is invalid.
+        BrokenImageError: the bytes are empty, truncated, corrupt or not an image.
+
+    Examples:
+        >>> import io
+        >>> buffer = io.BytesIO()
+        >>> Image.new("RGB", (40, 30), "red").save(buffer, format="PNG")
+        >>> decode_image(buffer.getvalue(), 8).shape
+        torch.Size([3, 8, 8])
+    """
+    _check_size(load_size, channels)
+    return _decode(io.BytesIO(data), Path(name), load_size, channels)
+
+
+def _decode(source: Path | io.BytesIO, path: Path, load_size: int, channels: int) -> torch.Tensor:
+    """The decode, orientation, conversion, resize and crop of ``load_image`` / ``decode_image``."""
+    mode = "L" if channels == 1 else "RGB"
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             # Only JPEG acts on draft; the scale keeps both sides >= load_size.
             im.draft(mode, (load_size, load_size))
             im.load()  # decode now: a truncated file raises here

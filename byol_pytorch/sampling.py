@@ -14,12 +14,20 @@ from __future__ import annotations
 import signal
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["EpochSampler", "StepBatch", "step_batches", "ignore_signals_in_worker"]
+__all__ = ["DataOrder", "EpochSampler", "StepBatch", "step_batches", "ignore_signals_in_worker"]
+
+
+class DataOrder(Protocol):
+    """What ``step_batches`` needs of a data order: an ``EpochSampler``, or a ``ShardDataset`` (it orders itself)."""
+
+    batches_per_epoch: int
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
 
 
 class EpochSampler(Sampler[int]):
@@ -109,14 +117,15 @@ def _images_and_skipped(item: Any) -> tuple[torch.Tensor, int]:
 
 
 def step_batches(
-    loader: Iterable[Any], sampler: EpochSampler, epoch: int, position: int, accumulate: int
+    loader: Iterable[Any], sampler: DataOrder, epoch: int, position: int, accumulate: int
 ) -> Generator[StepBatch, None, None]:
     """Endless ``StepBatch`` es from a data position on.
 
     Args:
         loader: a loader drawing from ``sampler``; it yields image tensors or
             ``(images, skipped)`` pairs (``collate_images``).
-        sampler: its ``set_epoch`` is called at each epoch start.
+        sampler: its ``set_epoch`` is called at each epoch start (an ``EpochSampler``, or a
+            ``ShardDataset``, which orders its own samples).
         epoch: the epoch to start in.
         position: batches of that epoch already consumed (0 unless resuming).
         accumulate: micro-batches per optimizer step.

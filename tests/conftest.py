@@ -1,8 +1,8 @@
 """Shared fixtures: small backbones built without downloading weights, and tiny data folders.
 
 Test files take what they share from here as fixtures (``cnn``, ``make_cnn``,
-``tiny_flags``, ``messy``, ``make_messy_folder``, ``make_labelled``); no test file
-imports another.
+``tiny_flags``, ``messy``, ``make_messy_folder``, ``make_labelled``, ``make_shards``,
+``make_hf_saved``); no test file imports another.
 """
 
 from __future__ import annotations
@@ -157,6 +157,75 @@ def build_cifar10(root: Path, per_batch: int = 8, test: int = 10) -> Path:
     meta = {b"num_cases_per_batch": per_batch, b"label_names": names, b"num_vis": 3072}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=3))
     return root
+
+
+def sample_png(sample_id: int, rng: np.random.Generator) -> bytes:
+    """A PNG whose red channel is ``sample_id`` everywhere (it survives the resize): its identity."""
+    import io
+
+    pixels = rng.integers(0, 256, (40, 36 + sample_id % 5, 3), dtype=np.uint8)
+    pixels[:, :, 0] = sample_id
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def build_shards(root: Path, shards: int = 4, per_shard: int = 6, broken: bool = True) -> str:
+    """``ROOT/train-{0000..N-1}.tar`` in webdataset's layout; returns that brace pattern.
+
+    Sample ``i`` of shard ``k`` has id ``k * per_shard + i + 1`` (its red channel, see
+    ``sample_png``) and a ``.cls`` file. With ``broken``, shard 1's second sample holds
+    garbage bytes and shard 2's third sample has no image file at all.
+    """
+    import webdataset
+
+    rng = np.random.default_rng(3)
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(shards):
+        with webdataset.TarWriter(str(root / f"train-{k:04d}.tar")) as sink:
+            for i in range(per_shard):
+                sample_id, sample = k * per_shard + i + 1, {"__key__": f"s{k:02d}_{i:03d}"}
+                if broken and (k, i) == (1, 1):
+                    sample["png"] = b"\x89PNG garbage, not an image"
+                elif not (broken and (k, i) == (2, 2)):
+                    sample["png"] = sample_png(sample_id, rng)
+                sample["cls"] = sample_id
+                sink.write(sample)
+    return str(root / f"train-{{0000..{shards - 1:04d}}}.tar")
+
+
+def build_hf_saved(root: Path, rows: int = 24, broken: int | None = 5, extra_image: bool = False) -> Path:
+    """A ``datasets.Dataset`` saved with ``save_to_disk``: an ``image`` column (ids 1..rows, see
+    ``sample_png``), a ``label`` column, row ``broken`` holding garbage bytes; with
+    ``extra_image`` a second image column ``mask``."""
+    import datasets
+
+    rng = np.random.default_rng(4)
+    images = [{"bytes": sample_png(i + 1, rng), "path": None} for i in range(rows)]
+    if broken is not None:
+        images[broken] = {"bytes": b"garbage, not an image", "path": None}
+    columns: dict = {"image": images, "label": [i % 3 for i in range(rows)]}
+    features = {"image": datasets.Image(), "label": datasets.Value("int64")}
+    if extra_image:
+        columns["mask"] = images
+        features["mask"] = datasets.Image()
+    data = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    data.save_to_disk(str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def make_shards():
+    """``make_shards(root, shards=4, per_shard=6, broken=True) -> pattern``: see ``build_shards``."""
+    pytest.importorskip("webdataset")
+    return build_shards
+
+
+@pytest.fixture(scope="session")
+def make_hf_saved():
+    """``make_hf_saved(root, rows=24, broken=5, extra_image=False) -> root``: see ``build_hf_saved``."""
+    pytest.importorskip("datasets")
+    return build_hf_saved
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_EPOCHS",
     "PRESETS",
     "RECIPE_DEFAULTS",
+    "SHUFFLE_BUFFER",
     "add_train_arguments",
     "check_sizes",
     "get_args_parser",
@@ -57,6 +58,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "lars_clip": False,
 }
 DEFAULT_EPOCHS = 100
+SHUFFLE_BUFFER = 1000  # as webdataset's examples; held as header positions, so memory is no concern
 # Keys added after the first checkpoints were written: a checkpoint without them ran with these values.
 _LEGACY = {"recipe": "paper", **VIEW_DEFAULTS, "lars_trust": 1e-3, "lars_clip": False}
 
@@ -120,9 +122,29 @@ def _add_run_flags(a: Any) -> None:
     """Where the run reads and writes: data, run folder, resumption."""
     a(
         "--data",
-        help="folder of images, searched recursively (unreadable files are skipped and counted), or "
+        help="folder of images, searched recursively (unreadable files are skipped and counted); "
         "cifar10:ROOT / cifar100:ROOT for the official CIFAR python batches (ROOT holds cifar-10-batches-py "
-        "or is it; never downloaded); with --resume, defaults to the run's data",
+        "or is it; never downloaded); tar shards in webdataset's layout: a brace pattern "
+        "'shards/train-{0000..0099}.tar', one .tar, or a folder holding only .tar files (pip install "
+        "'byol-pytorch[shards]'); hf:PATH for a local Hugging Face dataset: a save_to_disk folder, parquet "
+        "file(s) or an imagefolder folder (pip install 'byol-pytorch[datasets]'; never the Hub); with --resume, "
+        "defaults to the run's data",
+    )
+    a(
+        "--shuffle-buffer",
+        type=int,
+        help="tar shards: samples in each shard's shuffle buffer, which holds tar header positions, not images "
+        f"(default: {SHUFFLE_BUFFER}, or the resumed run's; 0: tar order; the shard order is shuffled every epoch)",
+    )
+    a(
+        "--image-column",
+        help="hf: data: the image column (default: the resumed run's, else the one column whose feature is "
+        "datasets.Image)",
+    )
+    a(
+        "--hf-split",
+        help="hf: data with splits (a DatasetDict, an imagefolder with train/test folders): the split to train on "
+        "(default: the resumed run's, else train)",
     )
     a("--out", default="runs/byol", help="run folder: last.pt, metrics.jsonl, curves.png (default: %(default)s)")
     a(

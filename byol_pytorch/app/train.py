@@ -1,5 +1,8 @@
 """``byol-pytorch train``: BYOL pretraining on a folder of images, one process or many (torchrun).
 
+The data may also be CIFAR batches, a local Hugging Face dataset (``hf:PATH``) or tar
+shards: ``DATA_SOURCES`` maps each ``--data`` form to the core dataset that reads it.
+
 Read ``train`` from top to bottom: ``prepare_run`` (run folder and resume, recipe, data,
 learner and optimiser, state restored from the checkpoint), ``run`` (the engine with
 this command's hooks: skipped-file warning, kNN monitor, metrics, checkpoints) and
@@ -7,7 +10,8 @@ this command's hooks: skipped-file warning, kNN monitor, metrics, checkpoints) a
 
 Reproducibility: the model is initialised from ``--seed``; the augmentations draw from
 the global torch generator seeded with ``seed + rank``; the data order of an epoch is
-a pure function of (seed, epoch) (``EpochSampler``). A checkpoint stores the
+a pure function of (seed, epoch) (``EpochSampler``; tar shards order themselves,
+``ShardDataset``). A checkpoint stores the
 generators of every rank and the position in the epoch, so a run stopped at step k and
 resumed ends with the same weights as an uninterrupted one (tested bitwise on the CPU).
 """
@@ -18,6 +22,7 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,20 +41,32 @@ from ..checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ..cifar import CifarDataset, parse_cifar_spec
+from ..cifar import CifarDataset, is_cifar_spec, parse_cifar_spec
 from ..data import ImageFolder, NoReadableImagesError, collate_images, load_size_for, match_channels
 from ..distributed import DistContext, gather_objects, setup_distributed
 from ..encoder import infer_channels
 from ..engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState, prepare_model
+from ..hf_data import HFImageDataset, is_hf_spec, parse_hf_spec
 from ..models import build_backbone, build_learner
 from ..optim import build_optimizer, resync_lr, warmup_cosine_scheduler
-from ..sampling import EpochSampler, ignore_signals_in_worker, step_batches
+from ..sampling import DataOrder, EpochSampler, ignore_signals_in_worker, step_batches
+from ..shards import ShardDataset, is_shard_spec, make_shard_loader
 from ..validation import KnnMonitor
 from .errors import UserError, warn
 from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
-from .recipe import add_train_arguments, check_sizes, get_args_parser, plain, resolve_recipe, run_length
+from .recipe import SHUFFLE_BUFFER, add_train_arguments, check_sizes, get_args_parser, plain, resolve_recipe, run_length
 
-__all__ = ["Run", "add_train_arguments", "finish", "get_args_parser", "main", "prepare_run", "run", "train"]
+__all__ = [
+    "DATA_SOURCES",
+    "Run",
+    "add_train_arguments",
+    "finish",
+    "get_args_parser",
+    "main",
+    "prepare_run",
+    "run",
+    "train",
+]
 
 
 @dataclass
@@ -61,8 +78,8 @@ class Run:
     out: Path
     recipe: dict[str, Any]
     run_args: dict[str, Any]  # saved in every checkpoint
-    dataset: ImageFolder | CifarDataset
-    sampler: EpochSampler
+    dataset: Any  # ImageFolder, CifarDataset, HFImageDataset or ShardDataset (see DATA_SOURCES)
+    sampler: DataOrder  # the EpochSampler, or the ShardDataset itself
     loader: DataLoader
     learner: BYOL
     model: nn.Module  # the learner, maybe wrapped in DDP / torch.compile
@@ -221,32 +238,94 @@ def _build_net(recipe: dict[str, Any], args: argparse.Namespace, ctx: DistContex
     return net
 
 
-def _open_cifar(data: str, channels: int) -> CifarDataset | None:
-    """The training batches of ``cifar10:ROOT`` / ``cifar100:ROOT`` (None for a folder of images)."""
-    cifar = parse_cifar_spec(data)
-    if cifar is None:
-        return None
-    try:
-        return CifarDataset(cifar[0], cifar[1], "train", channels=channels)
-    except ValueError as error:
-        raise UserError(f"--data: {error}") from None
+@dataclass
+class _DataOptions:
+    """What the data sources need besides the ``--data`` string."""
+
+    args: argparse.Namespace
+    recipe: dict[str, Any]
+    micro_batch: int
+    workers: int
+    ctx: DistContext
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.recipe["in_chans"] == 1 else 3
+
+    @property
+    def load_size(self) -> int:
+        return load_size_for(self.recipe["image_size"])
+
+
+def _open_cifar(data: str, o: _DataOptions) -> CifarDataset:
+    """The training batches of ``cifar10:ROOT`` / ``cifar100:ROOT``."""
+    kind, root = parse_cifar_spec(data) or ("", "")
+    return CifarDataset(kind, root, "train", channels=o.channels)
+
+
+def _open_hf(data: str, o: _DataOptions) -> HFImageDataset:
+    """``hf:PATH``: a local Hugging Face dataset (save_to_disk folder, parquet, imagefolder)."""
+    path = parse_hf_spec(data) or ""
+    column, split = getattr(o.args, "image_column", None), getattr(o.args, "hf_split", None)
+    return HFImageDataset(path, o.load_size, o.channels, column, split)
+
+
+def _open_shards(data: str, o: _DataOptions) -> ShardDataset:
+    """Tar shards: a brace pattern, a ``.tar`` or a folder of ``.tar`` files; each worker its own shards."""
+    buffer = SHUFFLE_BUFFER if getattr(o.args, "shuffle_buffer", None) is None else o.args.shuffle_buffer
+    if buffer < 0:
+        raise ValueError(f"--shuffle-buffer must be 0 or more, got {buffer}")
+    return ShardDataset(
+        data,
+        o.load_size,
+        o.micro_batch,
+        o.channels,
+        o.ctx.rank,
+        o.ctx.world_size,
+        o.workers,
+        o.recipe["seed"],
+        buffer,
+        multiple_of=o.recipe["accumulate"],
+    )
+
+
+def _open_folder(data: str, o: _DataOptions) -> ImageFolder:
+    """A folder of images, searched recursively."""
+    return ImageFolder(data, o.load_size, o.channels)
+
+
+# The --data forms, tried in order: the first whose test matches opens the data.
+DATA_SOURCES: tuple[tuple[str, Callable[[str], bool], Callable[[str, _DataOptions], Any]], ...] = (
+    ("cifar", is_cifar_spec, _open_cifar),
+    ("hf", is_hf_spec, _open_hf),
+    ("shards", is_shard_spec, _open_shards),
+    ("folder", lambda spec: True, _open_folder),
+)
 
 
 def _build_data(
-    data: str | None, recipe: dict[str, Any], micro_batch: int, workers: int, ctx: DistContext
-) -> tuple[ImageFolder | CifarDataset, EpochSampler, DataLoader]:
-    """The image folder (or CIFAR batches) in the net's channel count, its resumable order, the loader."""
+    data: str | None,
+    recipe: dict[str, Any],
+    micro_batch: int,
+    workers: int,
+    ctx: DistContext,
+    args: argparse.Namespace,
+) -> tuple[Any, DataOrder, DataLoader]:
+    """The data in the net's channel count (``DATA_SOURCES``), its resumable order, the loader."""
     if not data:
-        raise UserError("--data is required: the folder of training images")
-    channels = 1 if recipe["in_chans"] == 1 else 3
-    dataset: ImageFolder | CifarDataset | None = _open_cifar(data, channels)
+        raise UserError("--data is required: the folder of training images (or cifar10:, hf:, tar shards)")
+    options = _DataOptions(args, recipe, micro_batch, workers, ctx)
+    opener = next(open_ for _, matches, open_ in DATA_SOURCES if matches(data))
     try:
-        if dataset is None:
-            dataset = ImageFolder(data, load_size_for(recipe["image_size"]), channels)
+        dataset = opener(data, options)
+        if isinstance(dataset, ShardDataset):  # it orders and batches itself, in its workers
+            return dataset, dataset, make_shard_loader(dataset, pin_memory=ctx.device.type == "cuda")
         dataset[0]  # fails now, not in a worker, when no file at all can be read
         sampler = EpochSampler(
             len(dataset), micro_batch, ctx.rank, ctx.world_size, recipe["seed"], multiple_of=recipe["accumulate"]
         )
+    except ImportError as error:  # an optional extra (webdataset, datasets) is missing
+        raise UserError(f"--data {data}: {error}") from None
     except (ValueError, RuntimeError) as error:
         raise UserError(f"--data: {error}") from None
     loader = DataLoader(
@@ -296,7 +375,7 @@ def _build_learner(
 
 def _restore(checkpoint: dict[str, Any] | None, run: Run) -> None:
     """Model, optimiser, schedules, data position and generators from the checkpoint (or a fresh start)."""
-    ctx, state, accumulate = run.ctx, run.state, run.recipe["accumulate"]
+    ctx, state = run.ctx, run.state
     if checkpoint is None:
         torch.manual_seed(run.recipe["seed"] + ctx.rank)  # the augmentations' generator, per rank
         return
@@ -312,18 +391,35 @@ def _restore(checkpoint: dict[str, Any] | None, run: Run) -> None:
     except (ValueError, TypeError) as error:
         raise UserError(f"--resume: {error}") from None
     resync_lr(run.scheduler)  # the lr of the current step under the (possibly new) total
-    if checkpoint.get("dataset_size") != len(run.dataset) or checkpoint.get("world_size") != ctx.world_size:
-        if ctx.is_main:
-            warn(
-                f"the data ({len(run.dataset)} images) or process count ({ctx.world_size}) changed since the "
-                "checkpoint; training goes on, with a data order unlike an uninterrupted run's"
-            )
-        state.position = min(state.position, run.sampler.batches_per_epoch) // accumulate * accumulate
+    shards = isinstance(run.dataset, ShardDataset)
+    if (
+        checkpoint.get("dataset_size") != len(run.dataset)
+        or checkpoint.get("world_size") != ctx.world_size
+        or (shards and checkpoint["args"].get("shard_readers") != run.dataset.per_rank)
+        or (shards and checkpoint["args"].get("shuffle_buffer") != run.dataset.shuffle_buffer)
+    ):
+        _data_changed(run, shards)
     rng = checkpoint["rng"]
     set_rng_state(rng[ctx.rank] if len(rng) == ctx.world_size else rng[0])
     if len(rng) != ctx.world_size:
         torch.manual_seed(run.recipe["seed"] + ctx.rank + state.step)
     run.saved_step = state.step
+
+
+def _data_changed(run: Run, shards: bool) -> None:
+    """The data, the process count or (shards) the workers changed since the checkpoint: go on, warn."""
+    state, accumulate = run.state, run.recipe["accumulate"]
+    if shards and state.position:  # the readers' shards differ now: finish no shard twice, skip the epoch's rest
+        state.epoch, state.position = state.epoch + 1, 0
+        what = f"the rest of epoch {state.epoch - 1} is skipped (no shard is read twice); epoch {state.epoch} starts"
+    else:
+        state.position = min(state.position, run.sampler.batches_per_epoch) // accumulate * accumulate
+        what = "training goes on, with a data order unlike an uninterrupted run's"
+    if run.ctx.is_main:
+        warn(
+            f"the data ({len(run.dataset)} images), the process count ({run.ctx.world_size}), or for shards the "
+            f"readers per process (--workers) or --shuffle-buffer changed since the checkpoint; {what}"
+        )
 
 
 def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
@@ -340,14 +436,20 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     recipe = resolve_recipe(args, saved_args)
     micro_batch = check_sizes(recipe, ctx)
     data = args.data or (saved_args or {}).get("data")
+    for key in ("shuffle_buffer", "image_column", "hf_split"):  # how the data is read: the run's, unless given
+        if getattr(args, key, None) is None:
+            setattr(args, key, (saved_args or {}).get(key))
     precision, workers = _runtime_options(args, ctx)
     net = _build_net(recipe, args, ctx)
-    dataset, sampler, loader = _build_data(data, recipe, micro_batch, workers, ctx)
+    dataset, sampler, loader = _build_data(data, recipe, micro_batch, workers, ctx, args)
     steps_per_epoch = sampler.batches_per_epoch // recipe["accumulate"]
     total, warmup = run_length(args, recipe, steps_per_epoch, int(checkpoint["total_steps"]) if checkpoint else None)
     learner, optimizer, scheduler, scaler = _build_learner(recipe, net, total, warmup, precision, args, ctx)
     run_args = {k: plain(v) for k, v in vars(args).items()}
     run_args.update(recipe, data=str(data), precision=precision)
+    if isinstance(dataset, ShardDataset):
+        # readers per process and the buffer: a resumed epoch continues exactly only with the same
+        run_args.update(shard_readers=dataset.per_rank, shuffle_buffer=dataset.shuffle_buffer)
     prepared = Run(
         args,
         ctx,

@@ -1,0 +1,123 @@
+"""`byol-pytorch train` on tar shards and local Hugging Face datasets: end to end, broken samples, resume, errors."""
+
+import json
+import signal
+import sys
+
+import pytest
+import torch
+
+from byol_pytorch import BYOL
+from byol_pytorch.app import cli
+from byol_pytorch.app.train import get_args_parser
+from byol_pytorch.app.train import main as train_main
+from byol_pytorch.checkpoint import load_checkpoint
+
+
+def run_train(argv):
+    return train_main(get_args_parser().parse_args(argv))
+
+
+def rows_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def stop_at(monkeypatch, at_step):
+    """SIGTERM right after optimizer step ``at_step``: the run saves and stops there."""
+    original = BYOL.update_moving_average
+
+    def update(self):
+        original(self)
+        if self._ema_count == at_step:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(BYOL, "update_moving_average", update)
+
+
+def assert_same_learner(a, b):
+    full, split = load_checkpoint(a)["learner"], load_checkpoint(b)["learner"]
+    assert full.keys() == split.keys()
+    for name in full:
+        assert torch.equal(full[name], split[name]), name
+
+
+def test_shards_end_to_end_counts_broken_samples(tmp_path, make_shards, tiny_flags, capsys):
+    pattern = make_shards(tmp_path / "shards")  # 4 x 6 samples, one undecodable, one without an image
+    out = tmp_path / "run"
+    argv = ["train", "--data", pattern, "--out", str(out), *tiny_flags, "--max-steps", "6", "--log-every", "1"]
+    assert cli.main(argv) == 0  # 24 samples / batch 4: one epoch
+    err = capsys.readouterr().err
+    assert "2 unreadable, empty or corrupt image files were passed over so far" in err
+    checkpoint = load_checkpoint(out / "last.pt")
+    assert checkpoint["step"] == 6 and checkpoint["dataset_size"] == 24 and checkpoint["args"]["data"] == pattern
+    rows = rows_of(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["skipped_files"] == 2
+    assert rows[-1]["epoch"] == 1.0 and all(0 <= r["loss"] <= 8 for r in rows)
+
+
+def test_shards_resume_is_bitwise_with_workers(tmp_path, make_shards, tiny_flags, monkeypatch, capsys):
+    pattern = make_shards(tmp_path / "shards")
+    common = ["--data", pattern, *tiny_flags[:-1], "2", "--max-steps", "8", "--log-every", "4", "--shuffle-buffer", "3"]
+    assert run_train([*common, "--out", str(tmp_path / "full")])["exit_code"] == 0
+    with monkeypatch.context() as patch:
+        stop_at(patch, 3)  # mid-epoch (6 batches per epoch): each worker is inside a shard
+        assert run_train([*common, "--out", str(tmp_path / "split")])["step"] == 3
+    resumed = run_train(
+        ["--out", str(tmp_path / "split"), "--resume", "--workers", "2", "--log-every", "4"]
+    )  # buffer 3
+    assert resumed["step"] == 8 and resumed["epoch"] == 1
+    assert_same_learner(tmp_path / "full" / "last.pt", tmp_path / "split" / "last.pt")
+
+
+def test_shards_resume_with_other_workers_skips_the_rest_of_the_epoch(
+    tmp_path, make_shards, tiny_flags, monkeypatch, capsys
+):
+    """Another worker count splits the shards differently: the rest of the epoch is skipped, none is read twice."""
+    common = ["--data", make_shards(tmp_path / "shards"), *tiny_flags[:-1], "2", "--max-steps", "8"]
+    with monkeypatch.context() as patch:
+        stop_at(patch, 3)
+        run_train([*common, "--out", str(tmp_path / "other")])
+    capsys.readouterr()
+    summary = run_train(["--out", str(tmp_path / "other"), "--resume", "--workers", "0", "--log-every", "1"])
+    assert "the rest of epoch 0 is skipped (no shard is read twice); epoch 1 starts" in capsys.readouterr().err
+    assert summary["step"] == 8 and rows_of(tmp_path / "other")[1]["epoch"] == pytest.approx(1 + 1 / 6)
+
+
+def test_hf_resume_is_bitwise(tmp_path, make_hf_saved, tiny_flags, monkeypatch, capsys):
+    data = "hf:" + str(make_hf_saved(tmp_path / "saved"))  # 24 rows, row 5 broken
+    common = ["--data", data, *tiny_flags, "--max-steps", "8", "--log-every", "4"]
+    assert run_train([*common, "--out", str(tmp_path / "full")])["exit_code"] == 0
+    assert "passed over so far" in capsys.readouterr().err  # the broken row, in the first epoch
+    with monkeypatch.context() as patch:
+        stop_at(patch, 3)
+        assert run_train([*common, "--out", str(tmp_path / "split")])["step"] == 3
+    assert run_train(["--out", str(tmp_path / "split"), "--resume", "--workers", "0", "--log-every", "4"])["step"] == 8
+    assert_same_learner(tmp_path / "full" / "last.pt", tmp_path / "split" / "last.pt")
+
+
+def one_error_line(capsys):
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("byol-pytorch: error: ") and "Traceback" not in lines[0]
+    return lines[0]
+
+
+def test_data_errors_are_one_line(tmp_path, make_hf_saved, make_shards, tiny_flags, monkeypatch, capsys):
+    base = ["train", "--out", str(tmp_path / "run"), *tiny_flags]
+    two = "hf:" + str(make_hf_saved(tmp_path / "two", rows=8, broken=None, extra_image=True))
+    pattern = make_shards(tmp_path / "shards", shards=2, broken=False)
+    capsys.readouterr()  # the builders' progress bars
+    assert cli.main([*base, "--data", two]) == 1
+    assert "several image columns: image, mask; choose one (--image-column NAME)" in one_error_line(capsys)
+    assert cli.main([*base, "--data", "hf:someone/cats"]) == 1
+    assert "only local paths are supported" in one_error_line(capsys)
+    assert cli.main([*base[:-1], "4", "--data", pattern]) == 1
+    assert "2 shards cannot be split between 1 process(es) x 4 loader worker(s)" in one_error_line(capsys)
+    assert cli.main([*base, "--data", pattern, "--shuffle-buffer", "-1"]) == 1
+    assert "--shuffle-buffer must be 0 or more" in one_error_line(capsys)
+
+    monkeypatch.setitem(sys.modules, "webdataset", None)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    assert cli.main([*base, "--data", pattern]) == 1
+    assert 'need the webdataset package: pip install "byol-pytorch[shards]"' in one_error_line(capsys)
+    assert cli.main([*base, "--data", two]) == 1
+    assert 'needs the datasets package: pip install "byol-pytorch[datasets]"' in one_error_line(capsys)
