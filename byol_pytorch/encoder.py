@@ -302,6 +302,7 @@ class _Trace:
         self.events: list[tuple[str, nn.Module]] = []  # ("start" | "end", module) in execution order
         self.inputs: dict[nn.Module, object] = {}  # last input of each Linear and Conv2d
         self.outputs: dict[nn.Module, object] = {}  # last output of each module
+        self.versions: dict[nn.Module, int] = {}  # its in-place version counter when the module returned it
 
     def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.events.append(("start", module))
@@ -311,6 +312,13 @@ class _Trace:
     def _end(self, module: nn.Module, args: tuple, output: object) -> None:
         self.events.append(("end", module))
         self.outputs[module] = output
+        if isinstance(output, torch.Tensor):
+            self.versions[module] = output._version
+
+    def modified_later(self, module: nn.Module) -> bool:
+        """Whether ``module``'s output was changed in place after it returned (an in-place activation)."""
+        out = self.outputs.get(module)
+        return isinstance(out, torch.Tensor) and out._version != self.versions.get(module)
 
     def run(self, x: torch.Tensor, input_name: str | None) -> object:
         """One forward in eval mode with autograd on; training flags restored, hooks removed."""
@@ -361,15 +369,18 @@ def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bo
     """(module, use_input) of the representation the final classifier Linear(s) read.
 
     The output is a classifier's when it equals (up to a flatten) the output of the last
-    Linear or 1x1 convolution over 1x1 maps to run. Otherwise, when the last Linears to
+    Linear or 1x1 convolution over 1x1 maps to run, not changed in place after it (a conv
+    head followed by an in-place activation is part of the representation). Otherwise, when the last Linears to
     run (two or more) all have the output's batch and width (per token too: VOLO's
     token head, max-reduced) and the output depends on each, they are heads combined:
     their shared input, else what :func:`_before_heads` finds.
     """
     single = [m for kind, m in trace.events if kind == "end" and _classifier_like(m, trace.outputs.get(m))]
     last = trace.outputs.get(single[-1]) if single else None
-    if isinstance(last, torch.Tensor) and (
-        last is target or (last.numel() == target.numel() and torch.equal(last.reshape(target.shape), target))
+    if (
+        isinstance(last, torch.Tensor)
+        and not trace.modified_later(single[-1])  # a 1x1 conv head + in-place activation is not a classifier
+        and (last is target or (last.numel() == target.numel() and torch.equal(last.reshape(target.shape), target)))
     ):
         return single[-1], True
     linears = [m for kind, m in trace.events if kind == "end" and isinstance(m, nn.Linear)]

@@ -35,6 +35,20 @@ BACKBONES = {
         "<output>",
         512,
     ),
+    # A 1x1 conv head after the pool, then an in-place activation: the representation is
+    # the activated output (the conv is not a classifier; issue 12's collapsed mobile nets).
+    "timm_mobilenetv3_no_classifier": (
+        lambda: timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=0),
+        32,
+        "<output>",
+        1024,
+    ),
+    "timm_ghostnet_no_classifier": (
+        lambda: timm.create_model("ghostnet_050", pretrained=False, num_classes=0),
+        32,
+        "<output>",
+        1280,
+    ),
     "user_sequential_cnn": (small_cnn, 32, "8", 32),
     # DLA's classifier is a 1x1 convolution over the pooled 1x1 maps, flattened.
     "timm_dla46x_c_conv_classifier": (lambda: timm.create_model("dla46x_c", pretrained=False), 32, "fc", 256),
@@ -440,3 +454,25 @@ def test_declared_input_channels_win_over_the_first_convolution(in_chans):
     learner = BYOL(net, image_size=16, projection_size=8, projection_hidden_size=16)
     assert learner.channels == in_chans and learner.representation_size == 8
     assert learner(torch.rand(2, in_chans, 20, 20)).ndim == 0
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_conv_head_with_an_activation_after_the_pool_is_part_of_the_representation(inplace):
+    # The 1x1 conv runs on pooled 1x1 maps like a conv classifier would; an activation
+    # after it (in place or not) makes the net's output the features, not logits.
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Conv2d(8, 16, 1),
+        nn.Hardswish(inplace=inplace),
+        nn.Flatten(),
+    )
+    learner = BYOL(net, 16, **SMALL)
+    x = torch.randn(4, 3, 16, 16)
+    net.eval()
+    with torch.no_grad():
+        expected = net(x.clone())
+        got = learner.online_encoder.embed(x)
+    assert learner.online_encoder.layer_name == "<output>"
+    torch.testing.assert_close(got, expected)

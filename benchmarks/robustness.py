@@ -1,0 +1,395 @@
+"""Robustness matrix: does BYOL, run the way users run it, beat the backbone's random init?
+
+Issue 12. Fashion-MNIST as in ``quality.py`` (32 px, three channels, batch 256, the same kNN
+evaluation), a set of timm backbones across families, and two user loops with a constant
+learning rate (``adam``: Adam 1e-3; ``sgd``: SGD 0.05, momentum 0.9), each calling
+``update_moving_average()`` (or its equivalent) after every step. Contenders:
+
+* ``random``: the same initial weights, untrained (the bar to clear);
+* ``ours``: ``byol_pytorch.BYOL(net, 32)`` with its defaults; ``ours:KEY=VALUE,...`` passes
+  keyword arguments (a candidate default, measured before it becomes one);
+* ``peer``: lucidrains/byol-pytorch 0.9.1, vanilla (``use_simplicial_embeddings=False``);
+* ``lightly``: lightly's BYOL as its documentation runs it: ``BYOLProjectionHead`` /
+  ``BYOLPredictionHead`` (4096 hidden, 256 out), ``update_momentum`` with
+  ``cosine_schedule`` from 0.996 to 1 (per step over the run), ``BYOLTransform`` views
+  made on the CPU in a DataLoader (blur off at 32 px, as its CIFAR examples do), the
+  symmetric negative-cosine loss.
+
+Every cell (backbone x loop x contender x seed) is one process writing one JSON file under
+``benchmarks/results/robustness/``; cells already there are not run again, so the matrix
+can be filled across sessions and machines. On a 2-core CPU run two 1-thread cells at a time:
+
+    python benchmarks/robustness.py --plan                 # the missing cells' commands
+    python benchmarks/robustness.py --run --jobs 2         # run the missing cells
+    python benchmarks/robustness.py --cell resnet10t adam ours --seed 0   # one cell
+    python benchmarks/robustness.py --table --out benchmarks/results/robustness.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _peer  # noqa: E402  (benchmarks/ is not a package)
+import quality  # noqa: E402
+from _report import machine as _machine  # noqa: E402
+from _report import markdown_table  # noqa: E402
+
+from byol_pytorch import BYOL  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "robustness"
+BACKBONES = (
+    "resnet10t",
+    "regnetx_002",
+    "efficientnet_b0",
+    "mobilenetv2_050",
+    "mobilenetv3_small_100",
+    "ghostnet_100",
+    "convnext_atto",
+)
+BACKBONE_KWARGS: dict[str, dict[str, Any]] = {}
+LOOPS = {"adam": ("Adam", 1e-3), "sgd": ("SGD", 0.05)}
+CONTENDERS = ("random", "ours", "peer", "lightly")
+PLAN_CONTENDERS = {"adam": CONTENDERS, "sgd": ("random", "ours", "peer")}
+
+
+def make_net(name: str, seed: int) -> nn.Module:
+    """The timm backbone without classifier (pooled features), initialised from `seed`."""
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, num_classes=0, **BACKBONE_KWARGS.get(name, {}))
+
+
+def make_optimizer(loop: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    kind, lr = LOOPS[loop]
+    if kind == "Adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def parse_contender(spec: str) -> tuple[str, dict[str, Any]]:
+    """``ours:key=value,key=value`` -> ("ours", {key: value}) with values read as JSON when they parse."""
+    name, _, rest = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    if name not in CONTENDERS:
+        raise SystemExit(f"robustness.py: error: contender {name!r} is not one of {', '.join(CONTENDERS)}")
+    return name, kwargs
+
+
+class _Lightly(nn.Module):
+    """lightly's BYOL model as its documentation writes it, around our backbone."""
+
+    def __init__(self, backbone: nn.Module, dim: int) -> None:
+        super().__init__()
+        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        self.backbone = backbone
+        self.projection_head = BYOLProjectionHead(dim, 4096, 256)
+        self.prediction_head = BYOLPredictionHead(256, 4096, 256)
+        self.backbone_momentum = copy.deepcopy(backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prediction_head(self.projection_head(self.backbone(x).flatten(start_dim=1)))
+
+    def forward_momentum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
+
+
+def _lightly_loader(data: quality.Data, batch_size: int, seed: int):
+    """Batches of two BYOLTransform views from PIL images, the way lightly's examples feed them."""
+    from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+    from PIL import Image
+
+    transform = BYOLTransform(
+        view_1_transform=BYOLView1Transform(input_size=32, gaussian_blur=0.0),
+        view_2_transform=BYOLView2Transform(input_size=32, gaussian_blur=0.0),
+    )
+
+    class Views(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(data.train_x)
+
+        def __getitem__(self, i: int):
+            image = Image.fromarray(data.train_x[i].permute(1, 2, 0).numpy())
+            return transform(image)
+
+    return torch.utils.data.DataLoader(
+        Views(), batch_size=batch_size, shuffle=True, drop_last=False, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def train_lightly(net: nn.Module, data: quality.Data, args: argparse.Namespace) -> dict[str, Any]:
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.utils import update_momentum
+    from lightly.utils.scheduler import cosine_schedule
+
+    dim = net(torch.zeros(2, 3, 32, 32)).flatten(1).shape[1]
+    model = _Lightly(net, dim)
+    criterion = NegativeCosineSimilarity()
+    opt = make_optimizer(args.loop, [p for p in model.parameters() if p.requires_grad])
+    steps, losses, start = 0, [], time.perf_counter()
+    while steps < args.steps:
+        for x0, x1 in _lightly_loader(data, args.batch_size, args.seed + steps):
+            if len(x0) < 2:
+                continue
+            momentum = cosine_schedule(steps, args.steps, 0.996, 1)
+            update_momentum(model.backbone, model.backbone_momentum, m=momentum)
+            update_momentum(model.projection_head, model.projection_head_momentum, m=momentum)
+            p0, p1 = model(x0), model(x1)
+            z0, z1 = model.forward_momentum(x0), model.forward_momentum(x1)
+            loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            losses.append(float(loss.detach()))
+            _progress(args, steps, start, losses)
+            if steps >= args.steps:
+                break
+    return {"seconds": time.perf_counter() - start, "losses": losses}
+
+
+def _progress(args: argparse.Namespace, steps: int, start: float, losses: list[float]) -> None:
+    if steps % 50 == 0 or steps == args.steps:
+        per = (time.perf_counter() - start) / steps
+        print(
+            f"[{args.backbone} {args.loop} {args.contender}] step {steps}/{args.steps} loss {losses[-1]:.4f} "
+            f"{per:.2f} s/step",
+            flush=True,
+        )
+
+
+def train_byol(name: str, kwargs: dict[str, Any], net: nn.Module, data: quality.Data, args: argparse.Namespace):
+    """Ours or the peer in the README's loop: forward, backward, step, update_moving_average."""
+    if name == "ours":
+        learner, feed = BYOL(net, 32, **kwargs), (lambda x: x)
+    else:
+        learner, feed = _peer.make_peer(_peer.load_peer(), net, 32, "vanilla", **kwargs), (lambda x: x.float() / 255)
+    opt = make_optimizer(args.loop, [p for p in learner.parameters() if p.requires_grad])
+    order = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    steps, losses, start, warnings_seen, curve = 0, [], time.perf_counter(), [], []
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        while steps < args.steps:
+            perm = torch.randperm(len(data.train_x), generator=order)
+            for first in range(0, len(perm), args.batch_size):
+                batch = data.train_x[perm[first : first + args.batch_size]]
+                if len(batch) < 2:
+                    continue
+                loss = learner(feed(batch))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                learner.update_moving_average()
+                steps += 1
+                losses.append(float(loss.detach()))
+                _progress(args, steps, start, losses)
+                _curve(args, steps, net, data, curve)
+                if steps >= args.steps:
+                    break
+        warnings_seen = [f"{w.category.__name__}: {w.message}" for w in caught if "Collapse" in w.category.__name__]
+    seconds = time.perf_counter() - start - sum(c[2] for c in curve)
+    return {"seconds": seconds, "losses": losses, "warnings": warnings_seen, "curve": [c[:2] for c in curve]}
+
+
+def _curve(args: argparse.Namespace, steps: int, net: nn.Module, data: quality.Data, curve: list) -> None:
+    """kNN at the `--curve-every` steps before the last (the last is the cell's result)."""
+    if args.curve_every and steps % args.curve_every == 0 and steps < args.steps:
+        start = time.perf_counter()
+        acc = quality.knn(net, data, 10_000, torch.device("cpu"))
+        curve.append((steps, acc, time.perf_counter() - start))
+        print(f"[{args.backbone} {args.loop} {args.contender}] step {steps}: kNN {acc:.2f}%", flush=True)
+
+
+def cell_path(backbone: str, loop: str, contender: str, seed: int, steps: int) -> Path:
+    safe = contender.replace(":", "--").replace("=", "-").replace(",", "_").replace("/", "_")
+    return RESULTS / f"{backbone}__{loop}__{safe}__s{seed}__n{steps}.json"
+
+
+def run_cell(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    data = quality.load_data(argparse.Namespace(data_dir=None, smoke=False))
+    name, kwargs = parse_contender(args.contender)
+    net = make_net(args.backbone, args.seed)
+    result: dict[str, Any] = {
+        "backbone": args.backbone,
+        "loop": args.loop if name != "random" else "-",
+        "contender": args.contender,
+        "seed": args.seed,
+        "steps": args.steps if name != "random" else 0,
+        "batch_size": args.batch_size,
+        "machine": _machine(timm),
+        "threads": args.threads,
+    }
+    if name == "lightly":
+        result.update(train_lightly(net, data, args))
+    elif name in ("ours", "peer"):
+        result.update(train_byol(name, kwargs, net, data, args))
+    if name != "random":
+        result["images_per_s"] = args.steps * args.batch_size / result["seconds"]
+    result["knn"] = quality.knn(net, data, 10_000, torch.device("cpu"))
+    print(f"[{args.backbone} {args.loop} {args.contender}] kNN {result['knn']:.2f}%", flush=True)
+    return result
+
+
+def planned(args: argparse.Namespace) -> list[list[str]]:
+    """Argument lists of the cells not yet in RESULTS."""
+    cells = []
+    for seed in args.seeds:
+        for backbone in args.backbones:
+            if not cell_path(backbone, "-", "random", seed, 0).exists():
+                cells.append([backbone, "adam", "random", str(seed)])
+            for loop in args.loops:
+                for contender in args.contenders or PLAN_CONTENDERS[loop]:
+                    if contender == "random" or (contender == "lightly" and loop != "adam" and not args.contenders):
+                        continue
+                    if not cell_path(backbone, loop, contender, seed, args.steps).exists():
+                        cells.append([backbone, loop, contender, str(seed)])
+    return cells
+
+
+def _cell_command(cell: list[str], steps: int) -> list[str]:
+    backbone, loop, contender, seed = cell
+    return [sys.executable, __file__, "--cell", backbone, loop, contender, "--seed", seed, "--steps", str(steps)]
+
+
+def run_missing(args: argparse.Namespace) -> None:
+    """Run the missing cells `--jobs` at a time, each a 1-thread process with its own log."""
+    todo = planned(args)
+    running: list[subprocess.Popen] = []
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    log_dir = RESULTS.parents[2] / ".bench" / "robustness_logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    while todo or running:
+        running = [p for p in running if p.poll() is None]
+        while todo and len(running) < args.jobs:
+            cell = todo.pop(0)
+            log = (log_dir / ("_".join(cell).replace(":", "-") + ".log")).open("w")
+            print("start", " ".join(cell), flush=True)
+            running.append(
+                subprocess.Popen(_cell_command(cell, args.steps), stdout=log, stderr=subprocess.STDOUT, env=env)
+            )
+        time.sleep(5)
+
+
+def load_cells() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} (n {len(values)})"
+
+
+def table(args: argparse.Namespace) -> str:
+    """One row per backbone x loop: random init, each contender's kNN, its gain, images/s; collapses named."""
+    cells = [c for c in load_cells() if c["steps"] in (0, args.steps)]
+    contenders = sorted({c["contender"] for c in cells if c["contender"] != "random"}, key=_contender_order)
+    header = ["backbone", "loop", "random init", *contenders]
+    rows, collapsed = [], []
+    for backbone in BACKBONES:
+        rand = [c["knn"] for c in cells if c["backbone"] == backbone and c["contender"] == "random"]
+        base = statistics.mean(rand) if rand else math.nan
+        for loop in LOOPS:
+            row: list[object] = [backbone, loop, _fmt(rand)]
+            for contender in contenders:
+                got = [c for c in cells if (c["backbone"], c["loop"], c["contender"]) == (backbone, loop, contender)]
+                if not got:
+                    row.append("-")
+                    continue
+                acc = [c["knn"] for c in got]
+                gain = statistics.mean(acc) - base
+                speed = statistics.median(c["images_per_s"] for c in got)
+                mark = " **collapsed**" if gain < 0 else ""
+                if gain < 0:
+                    collapsed.append(f"{backbone} / {loop} / {contender} ({gain:+.1f})")
+                row.append(f"{_fmt(acc)} ({gain:+.1f}){mark}; {speed:.0f} img/s")
+            rows.append(row)
+    machines = sorted({c["machine"] for c in cells})
+    lines = [
+        f"### kNN top-1 % after {args.steps} steps (batch 256, constant lr), gain over random init, images/s",
+        "",
+        markdown_table(header, rows),
+        "",
+        "Collapsed (below random init): " + ("; ".join(collapsed) if collapsed else "none"),
+        "",
+        "Machines: " + "; ".join(machines),
+    ]
+    return "\n".join(lines)
+
+
+def _contender_order(name: str) -> tuple[int, str]:
+    base = name.split(":")[0]
+    return (CONTENDERS.index(base) if base in CONTENDERS else 9, name)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cell", nargs=3, metavar=("BACKBONE", "LOOP", "CONTENDER"), help="run one cell")
+    parser.add_argument("--plan", action="store_true", help="print the missing cells' commands")
+    parser.add_argument("--run", action="store_true", help="run the missing cells")
+    parser.add_argument("--table", action="store_true", help="print the table of the cells found")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    parser.add_argument("--loops", nargs="+", default=list(LOOPS))
+    parser.add_argument("--contenders", nargs="+", default=None, help="override the planned contenders")
+    parser.add_argument("--curve-every", type=int, default=100, help="also kNN every N steps (0: only at the end)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.cell:
+        args.backbone, args.loop, args.contender = args.cell
+        result = run_cell(args)
+        path = cell_path(args.backbone, result["loop"], args.contender, args.seed, result["steps"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+    elif args.plan:
+        for cell in planned(args):
+            print(" ".join(_cell_command(cell, args.steps)[1:]))
+    elif args.run:
+        run_missing(args)
+    elif args.table:
+        text = table(args)
+        print(text)
+        if args.out:
+            args.out.write_text("# Robustness matrix (issue 12)\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
