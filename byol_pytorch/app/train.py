@@ -10,6 +10,11 @@ the global torch generator seeded with ``seed + rank``; the data order of an epo
 a pure function of (seed, epoch) (``EpochSampler``). A checkpoint stores the
 generators of every rank and the position in the epoch, so a run stopped at step k and
 resumed ends with the same weights as an uninterrupted one (tested bitwise on the CPU).
+It also records the digest of the image folder's file list: a resumed run whose folder
+holds other names (even as many) is warned that its data order differs.
+
+The folder's index is scanned by rank 0 only, cached in the run folder
+(``file_index.npz``, see ``file_index.load_or_scan``) and sent to the other ranks.
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ from ..checkpoint import (
 )
 from ..cifar import CifarDataset, parse_cifar_spec
 from ..data import ImageFolder, NoReadableImagesError, collate_images, load_size_for, match_channels
-from ..distributed import DistContext, gather_objects, setup_distributed
+from ..distributed import DistContext, broadcast_from_main, gather_objects, setup_distributed
 from ..encoder import infer_channels
 from ..engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState, prepare_model
+from ..file_index import INDEX_CACHE_NAME, load_or_scan
 from ..models import build_backbone, build_learner
 from ..optim import build_optimizer, resync_lr, warmup_cosine_scheduler
 from ..sampling import EpochSampler, ignore_signals_in_worker, step_batches
@@ -76,6 +82,7 @@ class Run:
     saved_step: int = -1  # step of the last checkpoint written or resumed from; -1: none yet
     skip_warned: bool = False  # the skipped-files warning was given
     metrics: MetricsLog | None = None  # open from ``run`` until ``finish`` (W&B gets the pictures there)
+    dataset_digest: str | None = None  # an image folder's file list (``FileIndex.digest``), in checkpoints
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -208,16 +215,21 @@ def _open_cifar(data: str, channels: int) -> CifarDataset | None:
 
 
 def _build_data(
-    data: str | None, recipe: dict[str, Any], micro_batch: int, workers: int, ctx: DistContext
+    data: str | None, recipe: dict[str, Any], micro_batch: int, workers: int, ctx: DistContext, out: Path
 ) -> tuple[ImageFolder | CifarDataset, EpochSampler, DataLoader]:
-    """The image folder (or CIFAR batches) in the net's channel count, its resumable order, the loader."""
+    """The image folder (or CIFAR batches) in the net's channel count, its resumable order, the loader.
+
+    Rank 0 alone scans the folder, or reuses the index cached in the run folder
+    (``OUT/file_index.npz``) while the folder is unchanged, and sends it to the other ranks.
+    """
     if not data:
         raise UserError("--data is required: the folder of training images")
     channels = 1 if recipe["in_chans"] == 1 else 3
     dataset: ImageFolder | CifarDataset | None = _open_cifar(data, channels)
     try:
         if dataset is None:
-            dataset = ImageFolder(data, load_size_for(recipe["image_size"]), channels)
+            index = broadcast_from_main(ctx, lambda: load_or_scan(data, out / INDEX_CACHE_NAME))
+            dataset = ImageFolder(data, load_size_for(recipe["image_size"]), channels, index=index)
         dataset[0]  # fails now, not in a worker, when no file at all can be read
         sampler = EpochSampler(
             len(dataset), micro_batch, ctx.rank, ctx.world_size, recipe["seed"], multiple_of=recipe["accumulate"]
@@ -294,6 +306,11 @@ def _restore(checkpoint: dict[str, Any] | None, run: Run) -> None:
                 "checkpoint; training goes on, with a data order unlike an uninterrupted run's"
             )
         state.position = min(state.position, run.sampler.batches_per_epoch) // accumulate * accumulate
+    elif checkpoint.get("dataset_digest") not in (None, run.dataset_digest) and ctx.is_main:
+        warn(
+            f"the file list of the data changed since the checkpoint (still {len(run.dataset)} images, but other "
+            "names); training goes on, with a data order unlike an uninterrupted run's"
+        )
     rng = checkpoint["rng"]
     set_rng_state(rng[ctx.rank] if len(rng) == ctx.world_size else rng[0])
     if len(rng) != ctx.world_size:
@@ -312,7 +329,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     data = args.data or (saved_args or {}).get("data")
     precision, workers = _runtime_options(args, ctx)
     net = _build_net(recipe, args, ctx)
-    dataset, sampler, loader = _build_data(data, recipe, micro_batch, workers, ctx)
+    dataset, sampler, loader = _build_data(data, recipe, micro_batch, workers, ctx, out)
     steps_per_epoch = sampler.batches_per_epoch // recipe["accumulate"]
     total, warmup = run_length(args, recipe, steps_per_epoch, int(checkpoint["total_steps"]) if checkpoint else None)
     learner, optimizer, scheduler, scaler = _build_learner(recipe, net, total, warmup, precision, args, ctx)
@@ -337,6 +354,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         workers,
         resumed_from,
     )
+    prepared.dataset_digest = dataset.paths.digest() if isinstance(dataset, ImageFolder) else None
     _restore(checkpoint, prepared)
     if prepared.state.step < total:
         prepared.model = prepare_model(learner, ctx, compile=args.compile)
@@ -377,6 +395,7 @@ class Checkpointer:
                     "batch_in_epoch": state.position,
                     "total_steps": state.total,
                     "dataset_size": len(run.dataset),
+                    "dataset_digest": run.dataset_digest,
                     "world_size": run.ctx.world_size,
                     "learner": run.learner.state_dict(),
                     "optimizer": run.optimizer.state_dict(),
