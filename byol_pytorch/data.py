@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ._modules import PathLike
+from .file_index import IMAGE_EXTENSIONS, FileIndex, check_folder, index_images
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -34,6 +35,8 @@ __all__ = [
     "ImageList",
     "NoReadableImagesError",
     "scan_images",
+    "FileIndex",
+    "index_images",
     "load_image",
     "decode_image",
     "ImageFolder",
@@ -47,18 +50,6 @@ __all__ = [
 LOAD_RATIO = 256 / 224
 """Images are loaded at 8/7 of the crop side, as ImageNet's 256 px -> 224 px crops."""
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".pgm",
-)
 
 # What a damaged or mislabelled file makes Pillow raise: UnidentifiedImageError and
 # "image file is truncated" are OSErrors; some plugins raise SyntaxError, EOFError or
@@ -100,13 +91,6 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _check_folder(root: Path) -> None:
-    if not root.exists():
-        raise ValueError(f"image folder {str(root)!r} does not exist")
-    if not root.is_dir():
-        raise ValueError(f"{str(root)!r} is not a folder; pass the folder that holds the images")
-
-
 def _check_size(load_size: int, channels: int) -> None:
     if load_size < 1:
         raise ValueError(f"load_size must be a positive number of pixels, got {load_size}")
@@ -134,7 +118,11 @@ def _is_regular(path: str) -> bool:
 
 
 def scan_images(root: PathLike) -> ImageList:
-    """All image files under ``root``, recursively, in a deterministic order.
+    """All image files under ``root``, recursively, in a deterministic order, as a list.
+
+    The list form of ``index_images`` (same files, order, rules and errors), for code that
+    wants ``Path`` objects; the datasets keep the compact ``FileIndex`` instead (a list of
+    paths costs about 350 bytes per image, and more in every DataLoader worker).
 
     Suffixes are matched case-insensitively against ``IMAGE_EXTENSIONS``. Files and
     folders whose name starts with a dot are skipped. Symbolic links to folders are
@@ -153,31 +141,9 @@ def scan_images(root: PathLike) -> ImageList:
     Raises:
         ValueError: ``root`` does not exist, is not a folder, or holds no image files.
     """
-    root = Path(root)
-    _check_folder(root)
-    found = ImageList()
-    seen_dirs: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs:  # a symlink cycle, or two links to one folder
-            dirnames[:] = []
-            continue
-        seen_dirs.add(real)
-        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
-        for name in filenames:
-            if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                if _is_regular(os.path.join(dirpath, name)):
-                    found.append(Path(dirpath, name))
-                else:
-                    found.passed_over += 1
-    if not found:
-        special = f"; {found.passed_over} entries were not regular files (FIFOs, sockets, broken links)"
-        raise ValueError(
-            f"no images found under {str(root)!r} (searched recursively for "
-            f"{', '.join(IMAGE_EXTENSIONS)} in any case; hidden files and folders are skipped"
-            f"{special if found.passed_over else ''})"
-        )
-    found.sort()
+    index = index_images(root)
+    found = ImageList(index)
+    found.passed_over = index.passed_over
     return found
 
 
@@ -291,9 +257,13 @@ def _decode(source: Path | io.BytesIO, path: Path, load_size: int, channels: int
 
 
 class _ImageFiles(Dataset):
-    """A list of image files loaded with ``load_image``; broken ones are substituted."""
+    """The files of a ``FileIndex`` loaded with ``load_image``; broken ones are substituted.
 
-    def __init__(self, root: PathLike, paths: list[Path], load_size: int, channels: int) -> None:
+    ``paths`` is the index itself (``paths[i]`` is a ``Path``), never a list: its two
+    numpy arrays are shared by DataLoader workers instead of copied into each.
+    """
+
+    def __init__(self, root: PathLike, paths: FileIndex, load_size: int, channels: int) -> None:
         _check_size(load_size, channels)
         self.root = Path(root)
         self.paths = paths
@@ -331,12 +301,14 @@ class ImageFolder(_ImageFiles):
     """Every image under a folder, without labels, for self-supervised pretraining.
 
     Args:
-        root: folder searched recursively with ``scan_images``.
+        root: folder searched recursively with ``index_images``.
         load_size: side ``S`` of the square images handed out.
         channels: 1 or 3.
+        index: the folder's index when it is already known (from ``load_or_scan``, or
+            sent by another rank); None scans ``root``.
 
     Raises:
-        ValueError: see ``scan_images``; or an invalid ``load_size``/``channels``.
+        ValueError: see ``index_images``; or an invalid ``load_size``/``channels``.
 
     ``dataset[i]`` returns ``(image, skipped)``: a ``uint8`` tensor ``(C, S, S)``, and how
     many broken files were passed over to find it (0 when file ``i`` is readable; else
@@ -344,14 +316,20 @@ class ImageFolder(_ImageFiles):
     ``RuntimeError``) when no file at all can be read.
 
     Attributes:
+        paths: the ``FileIndex`` of the files; ``paths[i]`` is file ``i``'s ``Path``.
         passed_over: entries the scan did not keep because they are not regular files
             (FIFOs, sockets, devices, broken links); see ``ImageList``.
     """
 
-    def __init__(self, root: PathLike, load_size: int, channels: int = 3) -> None:
-        paths = scan_images(root)
-        super().__init__(root, paths, load_size, channels)
-        self.passed_over = paths.passed_over
+    def __init__(self, root: PathLike, load_size: int, channels: int = 3, index: FileIndex | None = None) -> None:
+        if index is None:
+            index = index_images(root)
+        elif not isinstance(index, FileIndex):
+            raise TypeError(
+                f"index must be a FileIndex (from index_images or load_or_scan), got {type(index).__name__}"
+            )
+        super().__init__(root, index, load_size, channels)
+        self.passed_over = index.passed_over
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, _, skipped = self._load(index)
@@ -383,26 +361,29 @@ class LabelledImageFolder(_ImageFiles):
 
     def __init__(self, root: PathLike, load_size: int, channels: int = 3) -> None:
         root_path = Path(root)
-        _check_folder(root_path)
+        check_folder(root_path)
         classes = sorted(entry.name for entry in root_path.iterdir() if entry.is_dir() and not _is_hidden(entry.name))
         if not classes:
             raise ValueError(f"{str(root_path)!r} has no class sub-folders; expected ROOT/CLASS_NAME/image.jpg")
-        paths: list[Path] = []
-        targets: list[int] = []
-        for label, name in enumerate(classes):
+        parts: list[tuple[str, FileIndex]] = []
+        for name in classes:
             try:
-                found = scan_images(root_path / name)
+                parts.append((name, index_images(root_path / name)))
             except ValueError as error:
                 raise ValueError(f"class {name!r} is empty: {error}") from None
-            paths += found
-            targets += [label] * len(found)
-        super().__init__(root_path, paths, load_size, channels)
+        super().__init__(root_path, FileIndex.concat(root_path, parts), load_size, channels)
         self.classes = classes
-        self.targets = targets
+        # int32 labels in one array (not a list of ints: workers would copy it, see FileIndex)
+        self._labels = np.repeat(np.arange(len(classes), dtype=np.int32), [len(part) for _, part in parts])
+
+    @property
+    def targets(self) -> list[int]:
+        """The label of every file, in ``paths`` order (a new list)."""
+        return self._labels.tolist()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, used, _ = self._load(index)
-        return image, self.targets[used]
+        return image, int(self._labels[used])
 
 
 def collate_images(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:

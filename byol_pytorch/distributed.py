@@ -3,18 +3,26 @@
 ``setup_distributed`` joins the group of ``torchrun`` (``env://``; NCCL on CUDA, gloo on
 the CPU) or reuses one that Lightning, accelerate or a test created; without one the
 process runs alone. ``DistContext`` carries rank, world size and device to the engine.
+``broadcast_from_main`` runs a piece of work (e.g. scanning the image folder) on rank 0
+only and hands its result, or its error, to every rank.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "gather_objects", "setup_distributed"]
+__all__ = ["DistContext", "broadcast_from_main", "gather_objects", "setup_distributed"]
+
+T = TypeVar("T")
+# Errors that reach the other ranks as themselves (their type and message); others as RuntimeError.
+# The most specific first: an error is sent as the first of these it is an instance of.
+_SENT_ERRORS = (FileNotFoundError, PermissionError, OSError, ValueError, TypeError, RuntimeError)
 
 
 @dataclass
@@ -92,3 +100,46 @@ def gather_objects(ctx: DistContext, obj: Any) -> list[Any]:
     objects: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(objects, obj)
     return objects
+
+
+def broadcast_from_main(ctx: DistContext, make: Callable[[], T]) -> T:
+    """``make()`` run on rank 0 only, its result sent to every rank (a collective).
+
+    The result travels pickled (``broadcast_object_list``; gloo or NCCL), so it must be
+    picklable; numpy arrays travel as their bytes. When ``make`` raises, rank 0 raises the
+    error and every other rank raises one of its type (the first of ``FileNotFoundError``,
+    ``PermissionError``, ``OSError``, ``ValueError``, ``TypeError``, ``RuntimeError`` that it
+    is an instance of; ``RuntimeError`` otherwise) with the same message, so that no rank
+    waits for a result that never comes.
+
+    Args:
+        ctx: this process's context; without a group ``make()`` is simply called.
+        make: the work, e.g. ``lambda: load_or_scan(folder, cache)``.
+
+    Returns:
+        Rank 0's result, on every rank.
+
+    Examples:
+        >>> broadcast_from_main(DistContext(), lambda: 6 * 7)
+        42
+    """
+    if not ctx.distributed:
+        return make()
+    payload: list[Any] = [None]
+    failure: Exception | None = None
+    if ctx.is_main:
+        try:
+            payload[0] = (True, make())
+        except Exception as error:  # sent on, then raised here too
+            failure = error
+            kind = next((k for k in _SENT_ERRORS if isinstance(error, k)), RuntimeError)
+            payload[0] = (False, (kind.__name__, str(error)))
+    dist.broadcast_object_list(payload, src=0)
+    if failure is not None:
+        raise failure
+    ok, value = payload[0]
+    if not ok:
+        name, message = value
+        kind = next((k for k in _SENT_ERRORS if k.__name__ == name), RuntimeError)
+        raise kind(message)
+    return value

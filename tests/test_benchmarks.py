@@ -192,3 +192,31 @@ def test_benchmarks_md_is_its_head_plus_the_results_files(tmp_path):
     text = script.assemble(tmp_path)
     assert text.startswith("# Benchmarks\n\nhead\n\n---\n\n## augment\n\n### Notes\n\ntext of augment\n\n---\n")
     assert "stale" not in text and text.count("\n---\n") == len(script.SECTIONS)
+
+
+def test_data_index_contenders_list_the_same_files(tmp_path):
+    """The three file lists the benchmark measures hold the same files, the cached start does not scan."""
+    script = _load("data_index")
+    folder = script.make_tree(tmp_path / "n300", 300, 100)
+    assert sorted(p.name for p in folder.iterdir()) == [".complete", "c00000", "c00001", "c00002"]
+    before = script.child("before", "start", folder, 2)
+    after = script.child("after", "memory", folder, 2)  # forks two workers that read every entry
+    cached = script.child("after", "cached", folder, 2)
+    torchvision_ = script.child("torchvision", "start", folder, 2)
+    assert before["count"] == after["count"] == cached["count"] == torchvision_["count"] == 300
+    assert len(after["worker_bytes"]) == 2 and all(r["seconds"] > 0 for r in (before, after, cached))
+    old = script.old_scan_images(folder)
+    new = script._build("after", "cached", folder)  # raises if it had to scan
+    assert list(new) == old and [Path(p) for p, _ in script._build("torchvision", "start", folder).samples] == old
+    (folder / "c00001" / "extra.jpg").touch()
+    with pytest.raises(RuntimeError, match="the cached start scanned"):
+        script._build("after", "cached", folder)
+
+
+def test_data_index_goals_say_met_or_not():
+    script = _load("data_index")
+    after = {"start": [30.0, 70.0, 50.0], "cached": [1.0], "main": 27.0, "cached_main": 28.0, "workers": [2.0, 101.0]}
+    goals = "\n".join(script._goals(10**6, after))
+    assert "main process at 1,000,000 files: met (27; 28 from the cache)" in goals
+    assert "each worker: NOT met (at most 101)" in goals
+    assert "start-up <= 60 s: met (50.00 s, median)" in goals and "cached start <= 5 s: met (1.00 s" in goals

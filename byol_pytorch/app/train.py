@@ -14,6 +14,11 @@ a pure function of (seed, epoch) (``EpochSampler``; tar shards order themselves,
 ``ShardDataset``). A checkpoint stores the
 generators of every rank and the position in the epoch, so a run stopped at step k and
 resumed ends with the same weights as an uninterrupted one (tested bitwise on the CPU).
+It also records the digest of the image folder's file list: a resumed run whose folder
+holds other names (even as many) is warned that its data order differs.
+
+The folder's index is scanned by rank 0 only, cached in the run folder
+(``file_index.npz``, see ``file_index.load_or_scan``) and sent to the other ranks.
 """
 
 from __future__ import annotations
@@ -43,9 +48,10 @@ from ..checkpoint import (
 )
 from ..cifar import CifarDataset, is_cifar_spec, parse_cifar_spec
 from ..data import ImageFolder, NoReadableImagesError, collate_images, load_size_for, match_channels
-from ..distributed import DistContext, gather_objects, setup_distributed
+from ..distributed import DistContext, broadcast_from_main, gather_objects, setup_distributed
 from ..encoder import infer_channels
 from ..engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState, prepare_model
+from ..file_index import INDEX_CACHE_NAME, load_or_scan
 from ..hf_data import HFImageDataset, is_hf_spec, parse_hf_spec
 from ..models import build_backbone, build_learner
 from ..optim import build_optimizer, resync_lr, warmup_cosine_scheduler
@@ -93,6 +99,7 @@ class Run:
     saved_step: int = -1  # step of the last checkpoint written or resumed from; -1: none yet
     skip_warned: bool = False  # the skipped-files warning was given
     metrics: MetricsLog | None = None  # open from ``run`` until ``finish`` (W&B gets the pictures there)
+    dataset_digest: str | None = None  # an image folder's file list (``FileIndex.digest``), in checkpoints
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -247,6 +254,7 @@ class _DataOptions:
     micro_batch: int
     workers: int
     ctx: DistContext
+    out: Path  # the run folder: an image folder's index is cached there
 
     @property
     def channels(self) -> int:
@@ -290,8 +298,9 @@ def _open_shards(data: str, o: _DataOptions) -> ShardDataset:
 
 
 def _open_folder(data: str, o: _DataOptions) -> ImageFolder:
-    """A folder of images, searched recursively."""
-    return ImageFolder(data, o.load_size, o.channels)
+    """A folder of images, searched recursively by rank 0 (or its cached index reused) and sent to the others."""
+    index = broadcast_from_main(o.ctx, lambda: load_or_scan(data, o.out / INDEX_CACHE_NAME))
+    return ImageFolder(data, o.load_size, o.channels, index=index)
 
 
 # The --data forms, tried in order: the first whose test matches opens the data.
@@ -310,11 +319,16 @@ def _build_data(
     workers: int,
     ctx: DistContext,
     args: argparse.Namespace,
+    out: Path,
 ) -> tuple[Any, DataOrder, DataLoader]:
-    """The data in the net's channel count (``DATA_SOURCES``), its resumable order, the loader."""
+    """The data in the net's channel count (``DATA_SOURCES``), its resumable order, the loader.
+
+    An image folder is scanned by rank 0 alone, or its index reused from the run folder
+    (``OUT/file_index.npz``) while the folder is unchanged, and sent to the other ranks.
+    """
     if not data:
         raise UserError("--data is required: the folder of training images (or cifar10:, hf:, tar shards)")
-    options = _DataOptions(args, recipe, micro_batch, workers, ctx)
+    options = _DataOptions(args, recipe, micro_batch, workers, ctx, out)
     opener = next(open_ for _, matches, open_ in DATA_SOURCES if matches(data))
     try:
         dataset = opener(data, options)
@@ -399,6 +413,11 @@ def _restore(checkpoint: dict[str, Any] | None, run: Run) -> None:
         or (shards and checkpoint["args"].get("shuffle_buffer") != run.dataset.shuffle_buffer)
     ):
         _data_changed(run, shards)
+    elif checkpoint.get("dataset_digest") not in (None, run.dataset_digest) and ctx.is_main:
+        warn(
+            f"the file list of the data changed since the checkpoint (still {len(run.dataset)} images, but other "
+            "names); training goes on, with a data order unlike an uninterrupted run's"
+        )
     rng = checkpoint["rng"]
     set_rng_state(rng[ctx.rank] if len(rng) == ctx.world_size else rng[0])
     if len(rng) != ctx.world_size:
@@ -441,7 +460,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
             setattr(args, key, (saved_args or {}).get(key))
     precision, workers = _runtime_options(args, ctx)
     net = _build_net(recipe, args, ctx)
-    dataset, sampler, loader = _build_data(data, recipe, micro_batch, workers, ctx, args)
+    dataset, sampler, loader = _build_data(data, recipe, micro_batch, workers, ctx, args, out)
     steps_per_epoch = sampler.batches_per_epoch // recipe["accumulate"]
     total, warmup = run_length(args, recipe, steps_per_epoch, int(checkpoint["total_steps"]) if checkpoint else None)
     learner, optimizer, scheduler, scaler = _build_learner(recipe, net, total, warmup, precision, args, ctx)
@@ -469,6 +488,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         workers,
         resumed_from,
     )
+    prepared.dataset_digest = dataset.paths.digest() if isinstance(dataset, ImageFolder) else None
     _restore(checkpoint, prepared)
     if prepared.state.step < total:
         prepared.model = prepare_model(learner, ctx, compile=args.compile)
@@ -509,6 +529,7 @@ class Checkpointer:
                     "batch_in_epoch": state.position,
                     "total_steps": state.total,
                     "dataset_size": len(run.dataset),
+                    "dataset_digest": run.dataset_digest,
                     "world_size": run.ctx.world_size,
                     "learner": run.learner.state_dict(),
                     "optimizer": run.optimizer.state_dict(),

@@ -229,3 +229,29 @@ def test_views_in_one_batch_flag_is_part_of_the_recipe(messy, tmp_path, monkeypa
     # A new run without the flag forwards the views one by one (the paper's default).
     run_train(["--data", str(messy), "--out", str(tmp_path / "plain"), *tiny_flags, "--max-steps", "1"])
     assert built[-1].views_in_one_batch is False
+
+
+def test_resume_reuses_the_cached_index_and_warns_when_names_changed(messy, tmp_path, tiny_flags, monkeypatch, capsys):
+    from byol_pytorch import file_index
+
+    past = time.time() - 3600  # folders older than the cache's racy window
+    for dirpath, _, _ in os.walk(messy):
+        os.utime(dirpath, (past, past))
+    out = tmp_path / "run"
+    assert run_train(["--data", str(messy), "--out", str(out), *tiny_flags, "--max-steps", "2"])["exit_code"] == 0
+    index = file_index.load_cached_index(out / file_index.INDEX_CACHE_NAME, messy)
+    assert index is not None and len(index) == 26  # 24 good, a corrupt and an empty file
+    assert load_checkpoint(out / "last.pt")["dataset_digest"] == index.digest()
+
+    walks: list[str] = []
+    original = file_index._walk
+    monkeypatch.setattr(file_index, "_walk", lambda root: walks.append(root) or original(root))
+    resume = ["--out", str(out), "--resume", "--workers", "0", "--max-steps"]
+    assert run_train([*resume, "3"])["step"] == 3
+    assert walks == [] and "file list" not in capsys.readouterr().err  # the cached index, unchanged
+
+    (messy / "b" / "corrupt.jpg").rename(messy / "b" / "zz_corrupt.jpg")  # as many files, another name
+    assert run_train([*resume, "4"])["step"] == 4
+    assert walks == [str(messy)]
+    assert "the file list of the data changed since the checkpoint (still 26 images" in capsys.readouterr().err
+    assert load_checkpoint(out / "last.pt")["dataset_digest"] != index.digest()
