@@ -39,6 +39,7 @@ __all__ = [
     "index_images",
     "load_image",
     "decode_image",
+    "read_or_next",
     "ImageFolder",
     "LabelledImageFolder",
     "collate_images",
@@ -256,6 +257,37 @@ def _decode(source: Path | io.BytesIO, path: Path, load_size: int, channels: int
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, S, S)
 
 
+def read_or_next(
+    index: int, n: int, read: Callable[[int], torch.Tensor], broken: set[int], what: str
+) -> tuple[torch.Tensor, int, int]:
+    """Item ``index`` of ``n``, or the next readable one when it is broken: the substitution rule.
+
+    Items ``index``, ``index + 1``, ... (wrapping around) are read with ``read`` until one
+    does not raise ``BrokenImageError``; each broken one is added to ``broken`` (kept per
+    process, so it is passed over without another read, and still counted).
+
+    Returns:
+        ``(image, index actually read, broken items passed over)``.
+
+    Raises:
+        IndexError: ``index`` outside ``[-n, n)``.
+        NoReadableImagesError: no item at all can be read (``"none of the {n} " + what``).
+    """
+    if not -n <= index < n:
+        raise IndexError(f"index {index} out of range for {n} items")
+    last_error = None
+    for skipped in range(n):
+        j = (index + skipped) % n
+        if j in broken:
+            continue
+        try:
+            return read(j), j, skipped
+        except BrokenImageError as error:
+            broken.add(j)
+            last_error = error
+    raise NoReadableImagesError(f"none of the {n} {what}" + (f"; the last error: {last_error}" if last_error else ""))
+
+
 class _ImageFiles(Dataset):
     """The files of a ``FileIndex`` loaded with ``load_image``; broken ones are substituted.
 
@@ -278,22 +310,12 @@ class _ImageFiles(Dataset):
 
     def _load(self, index: int) -> tuple[torch.Tensor, int, int]:
         """Returns (image, index actually loaded, broken files passed over)."""
-        n = len(self.paths)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} images")
-        last_error = None
-        for skipped in range(n):
-            j = (index + skipped) % n
-            if j in self._broken:
-                continue
-            try:
-                return load_image(self.paths[j], self.load_size, self.channels), j, skipped
-            except BrokenImageError as error:
-                self._broken.add(j)
-                last_error = error
-        raise NoReadableImagesError(
-            f"none of the {n} image files under {str(self.root)!r} could be read"
-            + (f"; the last error: {last_error}" if last_error else "")
+        return read_or_next(
+            index,
+            len(self.paths),
+            lambda j: load_image(self.paths[j], self.load_size, self.channels),
+            self._broken,
+            f"image files under {str(self.root)!r} could be read",
         )
 
 

@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ._modules import PathLike
-from .data import BrokenImageError, NoReadableImagesError, decode_image, load_image
+from .data import BrokenImageError, decode_image, load_image, read_or_next
 
 __all__ = ["HF_MISSING", "HFImageDataset", "image_column", "is_hf_spec", "load_local_dataset", "parse_hf_spec"]
 
@@ -196,20 +196,7 @@ class HFImageDataset(Dataset):
         raise BrokenImageError(Path(name), "the row holds no image (no bytes, no path)")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        n = len(self.rows)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} rows")
-        last_error = None
-        for skipped in range(n):
-            j = (index + skipped) % n
-            if j in self._broken:
-                continue
-            try:
-                return self._read(j), skipped
-            except BrokenImageError as error:
-                self._broken.add(j)
-                last_error = error
-        raise NoReadableImagesError(
-            f"none of the {n} rows of {self.source} holds a readable image"
-            + (f"; the last error: {last_error}" if last_error else "")
+        image, _, skipped = read_or_next(
+            index, len(self.rows), self._read, self._broken, f"rows of {self.source} holds a readable image"
         )
+        return image, skipped
