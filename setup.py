@@ -36,7 +36,7 @@ setup(
             "datasets>=2.14",
         ],
         "plots": ["matplotlib>=3.5"],
-        "bench": ["kornia>=0.7", "matplotlib>=3.5", "psutil>=5.8"],
+        "bench": ["kornia>=0.7", "matplotlib>=3.5", "psutil>=5.8", "lightly>=1.5"],
         "examples": ["lightning>=2.0", "accelerate>=0.25", "matplotlib>=3.5"],
         "tensorboard": ["tensorboard>=2.10"],
         "wandb": ["wandb>=0.16"],

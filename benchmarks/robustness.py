@@ -53,6 +53,7 @@ from _report import markdown_table  # noqa: E402
 from byol_pytorch import BYOL  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "robustness"
+BANK = 10_000  # kNN bank: the first N training images (quality.py's)
 BACKBONES = (
     "resnet10t",
     "regnetx_002",
@@ -222,7 +223,7 @@ def _curve(args: argparse.Namespace, steps: int, net: nn.Module, data: quality.D
     """kNN at the `--curve-every` steps before the last (the last is the cell's result)."""
     if args.curve_every and steps % args.curve_every == 0 and steps < args.steps:
         start = time.perf_counter()
-        acc = quality.knn(net, data, 10_000, torch.device("cpu"))
+        acc = quality.knn(net, data, BANK, torch.device("cpu"))
         curve.append((steps, acc, time.perf_counter() - start))
         print(f"[{args.backbone} {args.loop} {args.contender}] step {steps}: kNN {acc:.2f}%", flush=True)
 
@@ -234,7 +235,7 @@ def cell_path(backbone: str, loop: str, contender: str, seed: int, steps: int) -
 
 def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    data = quality.load_data(argparse.Namespace(data_dir=None, smoke=False))
+    data = quality.load_data(argparse.Namespace(data_dir=None, smoke=args.smoke))
     name, kwargs = parse_contender(args.contender)
     net = make_net(args.backbone, args.seed)
     result: dict[str, Any] = {
@@ -253,7 +254,7 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         result.update(train_byol(name, kwargs, net, data, args))
     if name != "random":
         result["images_per_s"] = args.steps * args.batch_size / result["seconds"]
-    result["knn"] = quality.knn(net, data, 10_000, torch.device("cpu"))
+    result["knn"] = quality.knn(net, data, BANK, torch.device("cpu"))
     print(f"[{args.backbone} {args.loop} {args.contender}] kNN {result['knn']:.2f}%", flush=True)
     return result
 
@@ -276,7 +277,20 @@ def planned(args: argparse.Namespace) -> list[list[str]]:
 
 def _cell_command(cell: list[str], steps: int) -> list[str]:
     backbone, loop, contender, seed = cell
-    return [sys.executable, __file__, "--cell", backbone, loop, contender, "--seed", seed, "--steps", str(steps)]
+    return [
+        sys.executable,
+        __file__,
+        "--cell",
+        backbone,
+        loop,
+        contender,
+        "--seed",
+        seed,
+        "--steps",
+        str(steps),
+        "--results",
+        str(RESULTS),
+    ]
 
 
 def run_missing(args: argparse.Namespace) -> None:
@@ -284,7 +298,7 @@ def run_missing(args: argparse.Namespace) -> None:
     todo = planned(args)
     running: list[subprocess.Popen] = []
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    log_dir = RESULTS.parents[2] / ".bench" / "robustness_logs"
+    log_dir = Path(__file__).resolve().parents[1] / ".bench" / "robustness_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     while todo or running:
         running = [p for p in running if p.poll() is None]
@@ -358,7 +372,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true", help="print the missing cells' commands")
     parser.add_argument("--run", action="store_true", help="run the missing cells")
     parser.add_argument("--table", action="store_true", help="print the table of the cells found")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=200, help="the budget (collapse shows by 100 steps)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -369,10 +383,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the folder of cell JSON files")
+    parser.add_argument(
+        "--smoke", action="store_true", help="quality.py's smoke data (128 images), batch 32: seconds, for the tests"
+    )
     return parser
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> str | None:
+    global RESULTS
+    RESULTS = args.results
+    if args.smoke:
+        args.batch_size = quality.SMOKE_BATCH
     if args.cell:
         args.backbone, args.loop, args.contender = args.cell
         result = run_cell(args)
@@ -389,6 +411,8 @@ def main(args: argparse.Namespace) -> None:
         print(text)
         if args.out:
             args.out.write_text("# Robustness matrix (issue 12)\n\n" + text + "\n")
+        return text
+    return None
 
 
 if __name__ == "__main__":

@@ -220,3 +220,31 @@ def test_data_index_goals_say_met_or_not():
     assert "main process at 1,000,000 files: met (27; 28 from the cache)" in goals
     assert "each worker: NOT met (at most 101)" in goals
     assert "start-up <= 60 s: met (50.00 s, median)" in goals and "cached start <= 5 s: met (1.00 s" in goals
+
+
+def test_robustness_cells_and_table(peer_available, tmp_path):
+    import json
+
+    script = _load("robustness")
+    contenders = ["random", "ours", "ours:moving_average_decay=0.996"] + (["peer"] if peer_available else [])
+    contenders += ["lightly"] if importlib.util.find_spec("lightly") else []  # the bench extra
+    base = ["--smoke", "--results", str(tmp_path), "--steps", "2", "--curve-every", "0"]
+    for contender in contenders:
+        script.main(script.get_args_parser().parse_args(["--cell", "mobilenetv3_small_100", "adam", contender, *base]))
+    cells = {c["contender"]: c for c in (json.loads(p.read_text()) for p in tmp_path.glob("*.json"))}
+    assert sorted(cells) == sorted(contenders)
+    for name, cell in cells.items():
+        assert 0 < cell["knn"] <= 100 and cell["steps"] == (0 if name == "random" else 2)
+        if name != "random":
+            assert len(cell["losses"]) == 2 and cell["images_per_s"] > 0
+    # Every cell is planned as done now; the table's gain is the cell's kNN minus random init's.
+    plan = ["--results", str(tmp_path), "--steps", "2", "--backbones", "mobilenetv3_small_100", "--loops", "adam"]
+    assert script.planned(script.get_args_parser().parse_args([*plan, "--contenders", *contenders])) == []
+    table = script.main(script.get_args_parser().parse_args(["--table", "--results", str(tmp_path), "--steps", "2"]))
+    row = _rows(table, "backbone", key_cells=2)["mobilenetv3_small_100/adam"]
+    header = next(line for line in table.splitlines() if line.startswith("| backbone |")).strip("| ").split(" | ")
+    cell = row[header.index("ours")]
+    gain = cells["ours"]["knn"] - cells["random"]["knn"]
+    assert cell.startswith(f"{cells['ours']['knn']:.1f} ({gain:+.1f})")
+    assert ("**collapsed**" in cell) == (gain < 0)
+    assert (f"mobilenetv3_small_100 / adam / ours ({gain:+.1f})" in table) == (gain < 0)
