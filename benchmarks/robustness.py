@@ -50,7 +50,8 @@ import quality  # noqa: E402
 from _report import machine as _machine  # noqa: E402
 from _report import markdown_table  # noqa: E402
 
-from byol_pytorch import BYOL  # noqa: E402
+from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
+from byol_pytorch._modules import saved_modes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "robustness"
 BANK = 10_000  # kNN bank: the first N training images (quality.py's)
@@ -65,8 +66,33 @@ BACKBONES = (
 )
 BACKBONE_KWARGS: dict[str, dict[str, Any]] = {}
 LOOPS = {"adam": ("Adam", 1e-3), "sgd": ("SGD", 0.05)}
-CONTENDERS = ("random", "ours", "peer", "lightly")
-PLAN_CONTENDERS = {"adam": CONTENDERS, "sgd": ("random", "ours", "peer")}
+CONTENDERS = ("random", "random-bn", "ours", "peer", "lightly")
+PLAN_CONTENDERS = {"adam": CONTENDERS, "sgd": ("random", "random-bn", "ours", "peer")}
+BASELINES = ("random", "random-bn")  # untrained: one cell per backbone and seed, no loop
+
+
+def calibrate_batchnorm(net: nn.Module, data: quality.Data, batches: int, batch_size: int) -> None:
+    """Set the BatchNorm running statistics to the average over ``batches`` batches of BYOL views.
+
+    The weights are untouched: this is the random-init net with the statistics that
+    training in train mode would give it (running statistics start at mean 0, variance 1,
+    which makes every BatchNorm of an untrained net in eval mode nearly the identity).
+    """
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    views = BYOLAugment(32)
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(0)
+    with torch.no_grad(), saved_modes(net):
+        net.train()
+        for i in range(batches):
+            net(views(data.train_x[i * batch_size : (i + 1) * batch_size]))
+    torch.set_rng_state(generator_state)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
 
 
 def make_net(name: str, seed: int) -> nn.Module:
@@ -240,19 +266,21 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     net = make_net(args.backbone, args.seed)
     result: dict[str, Any] = {
         "backbone": args.backbone,
-        "loop": args.loop if name != "random" else "-",
+        "loop": args.loop if name not in BASELINES else "-",
         "contender": args.contender,
         "seed": args.seed,
-        "steps": args.steps if name != "random" else 0,
+        "steps": args.steps if name not in BASELINES else 0,
         "batch_size": args.batch_size,
         "machine": _machine(timm),
         "threads": args.threads,
     }
-    if name == "lightly":
+    if name == "random-bn":
+        calibrate_batchnorm(net, data, batches=20 if not args.smoke else 2, batch_size=args.batch_size)
+    elif name == "lightly":
         result.update(train_lightly(net, data, args))
     elif name in ("ours", "peer"):
         result.update(train_byol(name, kwargs, net, data, args))
-    if name != "random":
+    if name not in BASELINES:
         result["images_per_s"] = args.steps * args.batch_size / result["seconds"]
     result["knn"] = quality.knn(net, data, BANK, torch.device("cpu"))
     print(f"[{args.backbone} {args.loop} {args.contender}] kNN {result['knn']:.2f}%", flush=True)
@@ -262,13 +290,15 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
 def planned(args: argparse.Namespace) -> list[list[str]]:
     """Argument lists of the cells not yet in RESULTS."""
     cells = []
+    wanted = args.contenders or CONTENDERS
     for seed in args.seeds:
         for backbone in args.backbones:
-            if not cell_path(backbone, "-", "random", seed, 0).exists():
-                cells.append([backbone, "adam", "random", str(seed)])
+            for baseline in BASELINES:
+                if baseline in wanted and not cell_path(backbone, "-", baseline, seed, 0).exists():
+                    cells.append([backbone, "adam", baseline, str(seed)])
             for loop in args.loops:
                 for contender in args.contenders or PLAN_CONTENDERS[loop]:
-                    if contender == "random" or (contender == "lightly" and loop != "adam" and not args.contenders):
+                    if contender in BASELINES or (contender == "lightly" and loop != "adam" and not args.contenders):
                         continue
                     if not cell_path(backbone, loop, contender, seed, args.steps).exists():
                         cells.append([backbone, loop, contender, str(seed)])
@@ -325,36 +355,45 @@ def _fmt(values: list[float]) -> str:
 
 
 def table(args: argparse.Namespace) -> str:
-    """One row per backbone x loop: random init, each contender's kNN, its gain, images/s; collapses named."""
+    """One row per backbone x loop: both baselines, each contender's kNN, its gains, images/s; collapses named."""
     cells = [c for c in load_cells() if c["steps"] in (0, args.steps)]
-    contenders = sorted({c["contender"] for c in cells if c["contender"] != "random"}, key=_contender_order)
-    header = ["backbone", "loop", "random init", *contenders]
-    rows, collapsed = [], []
+    contenders = sorted({c["contender"] for c in cells if c["contender"] not in BASELINES}, key=_contender_order)
+    header = ["backbone", "loop", "random init", "random init, BN statistics of the views", *contenders]
+    rows, collapsed, below_bn = [], [], []
     for backbone in BACKBONES:
-        rand = [c["knn"] for c in cells if c["backbone"] == backbone and c["contender"] == "random"]
-        base = statistics.mean(rand) if rand else math.nan
+        base = {b: [c["knn"] for c in cells if (c["backbone"], c["contender"]) == (backbone, b)] for b in BASELINES}
+        mean = {b: statistics.mean(v) if v else math.nan for b, v in base.items()}
         for loop in LOOPS:
-            row: list[object] = [backbone, loop, _fmt(rand)]
+            row: list[object] = [backbone, loop, _fmt(base["random"]), _fmt(base["random-bn"])]
             for contender in contenders:
                 got = [c for c in cells if (c["backbone"], c["loop"], c["contender"]) == (backbone, loop, contender)]
                 if not got:
                     row.append("-")
                     continue
-                acc = [c["knn"] for c in got]
-                gain = statistics.mean(acc) - base
+                acc = statistics.mean(c["knn"] for c in got)
+                gain, gain_bn = acc - mean["random"], acc - mean["random-bn"]
                 speed = statistics.median(c["images_per_s"] for c in got)
-                mark = " **collapsed**" if gain < 0 else ""
+                where = f"{backbone} / {loop} / {contender}"
                 if gain < 0:
-                    collapsed.append(f"{backbone} / {loop} / {contender} ({gain:+.1f})")
-                row.append(f"{_fmt(acc)} ({gain:+.1f}){mark}; {speed:.0f} img/s")
+                    collapsed.append(f"{where} ({gain:+.1f})")
+                if gain_bn < 0:
+                    below_bn.append(f"{where} ({gain_bn:+.1f})")
+                mark = " **below random init**" if gain < 0 else ""
+                row.append(
+                    f"{_fmt([c['knn'] for c in got])} ({gain:+.1f}; {gain_bn:+.1f} vs BN-calibrated){mark}; "
+                    f"{speed:.0f} img/s"
+                )
             rows.append(row)
     machines = sorted({c["machine"] for c in cells})
     lines = [
-        f"### kNN top-1 % after {args.steps} steps (batch 256, constant lr), gain over random init, images/s",
+        f"### kNN top-1 % after {args.steps} steps (batch 256, constant lr); gain over random init and over the "
+        "BN-calibrated random net; images/s",
         "",
         markdown_table(header, rows),
         "",
-        "Collapsed (below random init): " + ("; ".join(collapsed) if collapsed else "none"),
+        "Below random init: " + ("; ".join(collapsed) if collapsed else "none"),
+        "",
+        "Below the BN-calibrated random net: " + ("; ".join(below_bn) if below_bn else "none"),
         "",
         "Machines: " + "; ".join(machines),
     ]

@@ -226,7 +226,8 @@ def test_robustness_cells_and_table(peer_available, tmp_path):
     import json
 
     script = _load("robustness")
-    contenders = ["random", "ours", "ours:moving_average_decay=0.996"] + (["peer"] if peer_available else [])
+    contenders = ["random", "random-bn", "ours", "ours:moving_average_decay=0.996"]
+    contenders += ["peer"] if peer_available else []
     contenders += ["lightly"] if importlib.util.find_spec("lightly") else []  # the bench extra
     base = ["--smoke", "--results", str(tmp_path), "--steps", "2", "--curve-every", "0"]
     for contender in contenders:
@@ -234,8 +235,8 @@ def test_robustness_cells_and_table(peer_available, tmp_path):
     cells = {c["contender"]: c for c in (json.loads(p.read_text()) for p in tmp_path.glob("*.json"))}
     assert sorted(cells) == sorted(contenders)
     for name, cell in cells.items():
-        assert 0 < cell["knn"] <= 100 and cell["steps"] == (0 if name == "random" else 2)
-        if name != "random":
+        assert 0 < cell["knn"] <= 100 and cell["steps"] == (0 if name.startswith("random") else 2)
+        if not name.startswith("random"):
             assert len(cell["losses"]) == 2 and cell["images_per_s"] > 0
     # Every cell is planned as done now; the table's gain is the cell's kNN minus random init's.
     plan = ["--results", str(tmp_path), "--steps", "2", "--backbones", "mobilenetv3_small_100", "--loops", "adam"]
@@ -245,6 +246,26 @@ def test_robustness_cells_and_table(peer_available, tmp_path):
     header = next(line for line in table.splitlines() if line.startswith("| backbone |")).strip("| ").split(" | ")
     cell = row[header.index("ours")]
     gain = cells["ours"]["knn"] - cells["random"]["knn"]
-    assert cell.startswith(f"{cells['ours']['knn']:.1f} ({gain:+.1f})")
-    assert ("**collapsed**" in cell) == (gain < 0)
+    gain_bn = cells["ours"]["knn"] - cells["random-bn"]["knn"]
+    assert cell.startswith(f"{cells['ours']['knn']:.1f} ({gain:+.1f}; {gain_bn:+.1f} vs BN-calibrated)")
+    assert ("**below random init**" in cell) == (gain < 0)
     assert (f"mobilenetv3_small_100 / adam / ours ({gain:+.1f})" in table) == (gain < 0)
+
+
+def test_robustness_batchnorm_calibration_is_the_mean_of_the_views_statistics():
+    script = _load("robustness")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    weights = [p.detach().clone() for p in net.parameters()]
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    data = script.quality.Data(images, torch.zeros(12), images, torch.zeros(12), "test")
+    seen = []
+    hook = net[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    script.calibrate_batchnorm(net, data, batches=3, batch_size=4)
+    hook.remove()
+    assert len(seen) == 3 and net.training and net[1].momentum == 0.1
+    means = torch.stack([x.mean((0, 2, 3)) for x in seen]).mean(0)  # a cumulative average of batch means
+    variances = torch.stack([x.var((0, 2, 3), unbiased=True) for x in seen]).mean(0)
+    torch.testing.assert_close(net[1].running_mean, means)
+    torch.testing.assert_close(net[1].running_var, variances)
+    assert all(torch.equal(a, b) for a, b in zip(weights, net.parameters()))
