@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("augment", "data_loading", "data_index", "train_step", "ema", "quality", "demo", "backbones")
+SECTIONS = ("augment", "data_loading", "data_index", "train_step", "ema", "quality", "robustness", "demo", "backbones")
 RULE = "\n---\n"
 
 
