@@ -180,6 +180,8 @@ class HFImageDataset(Dataset):
             data = load_local_dataset(data, split)
         self.column = image_column(data, column)
         self.rows = data.select_columns([self.column]).cast_column(self.column, datasets.Image(decode=False))
+        if len(self.rows) == 0:
+            raise ValueError(f"{self.source} has no rows; pass a dataset (or split: --hf-split) that holds images")
         self.load_size, self.channels = load_size, channels
         self._broken: set[int] = set()  # rows found broken in this process: passed over, still counted
 

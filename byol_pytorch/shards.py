@@ -166,6 +166,8 @@ def _samples(path: Path) -> list[_Sample]:
                 samples[-1][1][suffix.lower()] = (member.offset_data, member.size)
     except tarfile.TarError as error:
         raise ValueError(f"{str(path)!r} is not an uncompressed tar file ({error}); shards are plain .tar") from None
+    except OSError as error:
+        raise ValueError(f"cannot read the shard {str(path)!r}: {error.strerror or error}") from None
     return samples
 
 

@@ -72,7 +72,8 @@ def split_labelled(root: str, load_size: int, channels: int) -> tuple[Any, Any]:
 
 def _labels(dataset: Dataset) -> torch.Tensor:
     if isinstance(dataset, Subset):
-        return torch.tensor([dataset.dataset.targets[i] for i in dataset.indices])  # type: ignore[attr-defined]
+        targets = dataset.dataset.targets  # type: ignore[attr-defined]  # read once: it may build a list
+        return torch.tensor([targets[i] for i in dataset.indices])
     return torch.tensor(dataset.targets)  # type: ignore[attr-defined]
 
 

@@ -93,3 +93,9 @@ def test_missing_datasets_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match=r'pip install "byol-pytorch\[datasets\]"'):
         HFImageDataset("anything", 9)
+
+
+def test_a_dataset_without_rows_is_a_value_error():
+    empty = datasets.Dataset.from_dict({"image": []}, features=datasets.Features({"image": datasets.Image()}))
+    with pytest.raises(ValueError, match="has no rows"):
+        HFImageDataset(empty, 32, 3)

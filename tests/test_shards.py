@@ -119,3 +119,10 @@ def test_a_shard_shrunk_during_the_run_is_a_clear_error(tmp_path, make_shards):
             pass  # emptied after the samples were counted
     with pytest.raises(shards_module.NoReadableImagesError, match="fewer samples than counted at the start"):
         next(iter(make_shard_loader(data)))
+
+
+def test_a_shard_that_cannot_be_read_is_a_value_error(tmp_path):
+    folder = tmp_path / "shard.tar"
+    folder.mkdir()  # opening it raises IsADirectoryError, an OSError
+    with pytest.raises(ValueError, match="cannot read the shard"):
+        shard_samples(folder)

@@ -75,3 +75,21 @@ def test_knn_monitor_scores_separable_colours_and_restores_modes(tmp_path, make_
     with torch.no_grad():
         blind.net[0].weight.zero_()  # every image embeds to the same point
     assert 0.0 <= monitor(blind) <= 0.5
+
+
+def test_subset_labels_read_the_targets_once():
+    # LabelledImageFolder.targets builds a new list each time: one read per index was O(N^2).
+    from torch.utils.data import Subset
+
+    from byol_pytorch.validation import _labels
+
+    class Counted:
+        reads = 0
+
+        @property
+        def targets(self):
+            Counted.reads += 1
+            return [i % 3 for i in range(30)]
+
+    labels = _labels(Subset(Counted(), [4, 5, 29]))
+    assert labels.tolist() == [1, 2, 2] and Counted.reads == 1
