@@ -19,7 +19,7 @@ measures, per contender:
 Every measurement runs in its own single-threaded subprocess; contenders alternate;
 times are medians over ``--reps``; memory is measured once per contender.
 
-    python benchmarks/data_index.py --root /work/.bench/data_index --out benchmarks/results/data_index.md
+    python benchmarks/data_index.py --out benchmarks/results/data_index.md   # trees kept in .bench/data_index
     python benchmarks/data_index.py --smoke --root /tmp/idx    # tiny sizes, seconds
 """
 

@@ -172,8 +172,8 @@ class FileIndex:
     def digest(self) -> str:
         """SHA-256 of the file list (names and order, not contents), as hex."""
         sha = hashlib.sha256()
-        sha.update(self.offsets.tobytes())
-        sha.update(self.blob.tobytes())
+        sha.update(self.offsets.data)  # the arrays' buffers, not copies of them
+        sha.update(self.blob.data)
         return sha.hexdigest()
 
     def same_files(self, other: FileIndex) -> bool:

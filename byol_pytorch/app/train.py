@@ -163,6 +163,11 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- prepare
+def _checkpoint_path(args: argparse.Namespace, out: Path) -> Path:
+    """Where a resumed run reads its checkpoint: ``--resume PATH``, else ``OUT/last.pt``."""
+    return out / "last.pt" if args.resume is None or isinstance(args.resume, bool) else Path(args.resume)
+
+
 def _resume_path(args: argparse.Namespace, out: Path) -> Path | None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; choose another --out (the run folder to write to)")
@@ -172,7 +177,7 @@ def _resume_path(args: argparse.Namespace, out: Path) -> Path | None:
                 f"{out / 'last.pt'} already exists; pass --resume to continue that run, or choose another --out"
             )
         return None
-    path = out / "last.pt" if args.resume is True else Path(args.resume)
+    path = _checkpoint_path(args, out)
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}; train without --resume to start a new run")
     return path
@@ -202,7 +207,7 @@ def _same_checkpoint_everywhere(
     """
     if not ctx.distributed:
         return
-    path = Path(args.resume) if isinstance(args.resume, str) else out / "last.pt"
+    path = _checkpoint_path(args, out)
     if checkpoint is not None:
         seen = f"step {int(checkpoint['step'])}"
     else:
