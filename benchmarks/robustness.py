@@ -3,7 +3,10 @@
 Issue 12. Fashion-MNIST as in ``quality.py`` (32 px, three channels, batch 256, the same kNN
 evaluation), a set of timm backbones across families, and two user loops with a constant
 learning rate (``adam``: Adam 1e-3; ``sgd``: SGD 0.05, momentum 0.9), each calling
-``update_moving_average()`` (or its equivalent) after every step. Contenders:
+``update_moving_average()`` (or its equivalent) after every step, and ``cli``: the recipe
+``byol-pytorch train`` runs by default (``build_learner`` of its recipe, LARS 0.2 x batch/256
+with weight decay 1.5e-6, a warm-up over the first tenth of the run then cosine decay, the
+EMA decay from 0.996 to 1 on the paper's cosine over the run; ours only). Contenders:
 
 * ``random``: the same initial weights, untrained (the bar to clear);
 * ``ours``: ``byol_pytorch.BYOL(net, 32)`` with its defaults; ``ours:KEY=VALUE,...`` passes
@@ -52,9 +55,12 @@ from _report import markdown_table  # noqa: E402
 
 from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
 from byol_pytorch._modules import saved_modes  # noqa: E402
+from byol_pytorch.collapse import effective_rank  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "robustness"
 BANK = 10_000  # kNN bank: the first N training images (quality.py's)
+RANK_ROWS = 512  # clean test images whose eval-mode features give the representation's effective rank
+MONITOR_EVERY = 10  # steps between reads of ours' collapse-alarm figures (a host read: on the CPU, free)
 BACKBONES = (
     "resnet10t",
     "regnetx_002",
@@ -65,9 +71,13 @@ BACKBONES = (
     "convnext_atto",
 )
 BACKBONE_KWARGS: dict[str, dict[str, Any]] = {}
-LOOPS = {"adam": ("Adam", 1e-3), "sgd": ("SGD", 0.05)}
+LOOPS = {"adam": ("Adam", 1e-3), "sgd": ("SGD", 0.05), "cli": ("the CLI's recipe", None)}
 CONTENDERS = ("random", "random-bn", "ours", "peer", "lightly")
-PLAN_CONTENDERS = {"adam": CONTENDERS, "sgd": ("random", "random-bn", "ours", "peer")}
+PLAN_CONTENDERS = {
+    "adam": CONTENDERS,
+    "sgd": ("random", "random-bn", "ours", "peer"),
+    "cli": ("random", "random-bn", "ours"),
+}
 BASELINES = ("random", "random-bn")  # untrained: one cell per backbone and seed, no loop
 
 
@@ -210,16 +220,53 @@ def _progress(args: argparse.Namespace, steps: int, start: float, losses: list[f
         )
 
 
+def cli_recipe(net: nn.Module, steps: int, kwargs: dict[str, Any]):
+    """``(learner, optimizer, scheduler)`` as ``byol-pytorch train --image-size 32 --batch-size 256`` builds them.
+
+    The recipe comes from the CLI's own parser and resolver, so the cell follows the CLI's
+    defaults; ``kwargs`` are further flags (``ours:optimizer=adamw,tau_base=0.99``).
+    """
+    from byol_pytorch.app.recipe import get_args_parser as cli_parser
+    from byol_pytorch.app.recipe import resolve_recipe
+    from byol_pytorch.models import build_learner
+    from byol_pytorch.optim import build_optimizer, warmup_cosine_scheduler
+
+    flags = ["--data", "unused", "--image-size", "32", "--batch-size", "256", "--max-steps", str(steps)]
+    for key, value in kwargs.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    args = cli_parser().parse_args(flags)
+    recipe = resolve_recipe(args, None)
+    learner = build_learner(recipe, net)
+    learner.moving_average_total_steps = steps  # the CLI's cosine EMA decay over the run
+    optimizer = build_optimizer(
+        recipe["optimizer"],
+        learner,
+        recipe["lr"],
+        recipe["weight_decay"],
+        trust_coefficient=float(recipe["lars_trust"]),
+        clip_lr=bool(recipe["lars_clip"]),
+    )
+    # run_length's warm-up: 10 epochs, at most a tenth of the run; at this budget always the tenth.
+    return learner, optimizer, warmup_cosine_scheduler(optimizer, steps, steps // 10)
+
+
 def train_byol(name: str, kwargs: dict[str, Any], net: nn.Module, data: quality.Data, args: argparse.Namespace):
     """Ours or the peer in the README's loop: forward, backward, step, update_moving_average."""
-    if name == "ours":
+    scheduler = None
+    if args.loop == "cli":
+        if name != "ours":
+            raise SystemExit("robustness.py: error: the cli loop is ours only (the CLI's recipe)")
+        (learner, opt, scheduler), feed = cli_recipe(net, args.steps, kwargs), (lambda x: x)
+    elif name == "ours":
         learner, feed = BYOL(net, 32, **kwargs), (lambda x: x)
     else:
         learner, feed = _peer.make_peer(_peer.load_peer(), net, 32, "vanilla", **kwargs), (lambda x: x.float() / 255)
-    opt = make_optimizer(args.loop, [p for p in learner.parameters() if p.requires_grad])
+    if scheduler is None:
+        opt = make_optimizer(args.loop, [p for p in learner.parameters() if p.requires_grad])
     order = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     steps, losses, start, warnings_seen, curve = 0, [], time.perf_counter(), [], []
+    monitor: list[list[float]] = []
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -233,16 +280,39 @@ def train_byol(name: str, kwargs: dict[str, Any], net: nn.Module, data: quality.
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if scheduler is not None:
+                    scheduler.step()
                 learner.update_moving_average()
                 steps += 1
                 losses.append(float(loss.detach()))
+                _monitor(learner, steps, monitor)
                 _progress(args, steps, start, losses)
                 _curve(args, steps, net, data, curve)
                 if steps >= args.steps:
                     break
         warnings_seen = [f"{w.category.__name__}: {w.message}" for w in caught if "Collapse" in w.category.__name__]
     seconds = time.perf_counter() - start - sum(c[2] for c in curve)
-    return {"seconds": seconds, "losses": losses, "warnings": warnings_seen, "curve": [c[:2] for c in curve]}
+    result = {"seconds": seconds, "losses": losses, "warnings": warnings_seen, "curve": [c[:2] for c in curve]}
+    if monitor:
+        result["monitor"] = monitor  # [step, std * sqrt(D), effective rank of the projections' sample]
+    result["curve_rank"] = [c[3] for c in curve]
+    return result
+
+
+def _monitor(learner: nn.Module, steps: int, monitor: list[list[float]]) -> None:
+    """Ours: the collapse alarm's own figures every MONITOR_EVERY steps (what thresholds are set from)."""
+    watch = getattr(learner, "collapse_monitor", None)
+    if watch is not None and steps % MONITOR_EVERY == 0:
+        status = watch.status()
+        monitor.append([steps, status["std"] / status["healthy_std"], status["effective_rank"]])
+
+
+def representation_rank(net: nn.Module, data: quality.Data) -> float:
+    """Effective rank of the eval-mode features of the first RANK_ROWS clean test images."""
+    with torch.no_grad(), saved_modes(net):
+        net.eval()
+        features = net(BYOLAugment(32).normalize(data.test_x[:RANK_ROWS])).flatten(1)
+    return float(effective_rank(features.double()))
 
 
 def _curve(args: argparse.Namespace, steps: int, net: nn.Module, data: quality.Data, curve: list) -> None:
@@ -250,7 +320,8 @@ def _curve(args: argparse.Namespace, steps: int, net: nn.Module, data: quality.D
     if args.curve_every and steps % args.curve_every == 0 and steps < args.steps:
         start = time.perf_counter()
         acc = quality.knn(net, data, BANK, torch.device("cpu"))
-        curve.append((steps, acc, time.perf_counter() - start))
+        rank = representation_rank(net, data)
+        curve.append((steps, acc, time.perf_counter() - start, rank))
         print(f"[{args.backbone} {args.loop} {args.contender}] step {steps}: kNN {acc:.2f}%", flush=True)
 
 
@@ -283,8 +354,21 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     if name not in BASELINES:
         result["images_per_s"] = args.steps * args.batch_size / result["seconds"]
     result["knn"] = quality.knn(net, data, BANK, torch.device("cpu"))
+    result["representation_rank"] = representation_rank(net, data)
     print(f"[{args.backbone} {args.loop} {args.contender}] kNN {result['knn']:.2f}%", flush=True)
     return result
+
+
+def fill_ranks(args: argparse.Namespace) -> None:
+    """Random-init cells from before the rank was recorded: the same net (seeded), its feature rank added."""
+    torch.set_num_threads(args.threads)
+    data = quality.load_data(argparse.Namespace(data_dir=None, smoke=args.smoke))
+    for path in sorted(RESULTS.glob("*__random__*.json")):
+        cell = json.loads(path.read_text())
+        if "representation_rank" not in cell:
+            cell["representation_rank"] = representation_rank(make_net(cell["backbone"], cell["seed"]), data)
+            path.write_text(json.dumps(cell, indent=1))
+            print(path.name, f"feature rank {cell['representation_rank']:.1f}", flush=True)
 
 
 def planned(args: argparse.Namespace) -> list[list[str]]:
@@ -386,8 +470,8 @@ def table(args: argparse.Namespace) -> str:
             rows.append(row)
     machines = sorted({c["machine"] for c in cells})
     lines = [
-        f"### kNN top-1 % after {args.steps} steps (batch 256, constant lr); gain over random init and over the "
-        "BN-calibrated random net; images/s",
+        f"### kNN top-1 % after {args.steps} steps (batch 256; adam, sgd: constant lr; cli: the CLI's recipe); "
+        "gain over random init and over the BN-calibrated random net; images/s",
         "",
         markdown_table(header, rows),
         "",
@@ -396,8 +480,57 @@ def table(args: argparse.Namespace) -> str:
         "Below the BN-calibrated random net: " + ("; ".join(below_bn) if below_bn else "none"),
         "",
         "Machines: " + "; ".join(machines),
+        "",
+        alarm_table(cells),
     ]
     return "\n".join(lines)
+
+
+def alarm_table(cells: list[dict[str, Any]]) -> str:
+    """The collapse alarm's figures in the cells of ours that recorded them, beside the kNN verdict.
+
+    Per cell: the lowest and the last projection std over the run in units of 1/sqrt(D)
+    (the alarm fires below 0.1 for 50 steps in a row), the effective rank of the last
+    sample of projections, the effective rank of the eval-mode features of 512 test
+    images (and the random net's), and the warnings raised.
+    """
+    rank0 = {c["backbone"]: c.get("representation_rank") for c in cells if c["contender"] == "random"}
+    random_knn = {c["backbone"]: c["knn"] for c in cells if c["contender"] == "random"}
+    rows = []
+    for c in cells:
+        if "monitor" not in c:
+            continue
+        stds = [m[1] for m in c["monitor"]]
+        before = rank0.get(c["backbone"])
+        bar = random_knn.get(c["backbone"])
+        verdict = "no random cell" if bar is None else "below random init" if c["knn"] < bar else "above random init"
+        rows.append(
+            [
+                c["backbone"],
+                c["loop"],
+                c["contender"],
+                f"{min(stds):.2f}",
+                f"{stds[-1]:.2f}",
+                f"{c['monitor'][-1][2]:.1f}",
+                f"{c['representation_rank']:.1f}" + (f" (random {before:.1f})" if before is not None else ""),
+                f"{c['knn']:.1f} ({verdict})",
+                "; ".join(c.get("warnings", [])) or "none",
+            ]
+        )
+    if not rows:
+        return ""
+    header = [
+        "backbone",
+        "loop",
+        "contender",
+        "min std x sqrt(D)",
+        "last std x sqrt(D)",
+        "projection rank (64 rows)",
+        "feature rank (512 test images)",
+        "kNN",
+        "CollapseWarning",
+    ]
+    return "### The collapse alarm's figures (ours)\n\n" + markdown_table(header, rows)
 
 
 def _contender_order(name: str) -> tuple[int, str]:
@@ -411,6 +544,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true", help="print the missing cells' commands")
     parser.add_argument("--run", action="store_true", help="run the missing cells")
     parser.add_argument("--table", action="store_true", help="print the table of the cells found")
+    parser.add_argument(
+        "--fill-ranks", action="store_true", help="add the feature rank to random-init cells written without it"
+    )
     parser.add_argument("--steps", type=int, default=200, help="the budget (collapse shows by 100 steps)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -440,6 +576,8 @@ def main(args: argparse.Namespace) -> str | None:
         path = cell_path(args.backbone, result["loop"], args.contender, args.seed, result["steps"])
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
+    elif args.fill_ranks:
+        fill_ranks(args)
     elif args.plan:
         for cell in planned(args):
             print(" ".join(_cell_command(cell, args.steps)[1:]))

@@ -269,3 +269,55 @@ def test_robustness_batchnorm_calibration_is_the_mean_of_the_views_statistics():
     torch.testing.assert_close(net[1].running_mean, means)
     torch.testing.assert_close(net[1].running_var, variances)
     assert all(torch.equal(a, b) for a, b in zip(weights, net.parameters()))
+
+
+def test_robustness_cli_loop_builds_what_the_cli_builds():
+    """The `cli` loop: the learner, optimiser and schedules `byol-pytorch train` resolves at 32 px, batch 256."""
+    import timm
+
+    from byol_pytorch.app.recipe import RECIPE_DEFAULTS
+    from byol_pytorch.optim import LARS, OPTIMIZERS
+
+    script = _load("robustness")
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    learner, optimizer, scheduler = script.cli_recipe(net, 100, {})
+    assert isinstance(optimizer, LARS) and learner.net is net
+    assert learner.moving_average_decay == RECIPE_DEFAULTS["tau_base"] == 0.996
+    assert learner.moving_average_total_steps == 100
+    peak = OPTIMIZERS["lars"]["lr_per_256"]  # x 256 / 256
+    decays = {g["weight_decay"] for g in optimizer.param_groups}
+    assert decays == {0.0, OPTIMIZERS["lars"]["weight_decay"]}  # biases and norms are not decayed
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # Linear warm-up over the first tenth of the run, then a cosine down to 0.
+    assert lrs[:10] == pytest.approx([peak * (i + 1) / 10 for i in range(10)])
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01 * peak
+    assert lrs[55] == pytest.approx(peak * 0.5, rel=0.05)
+    # A flag passed as a keyword changes the recipe the way the CLI's flag does.
+    _, adamw, _ = script.cli_recipe(net, 100, {"optimizer": "adamw"})
+    assert isinstance(adamw, torch.optim.AdamW)
+    with pytest.raises(SystemExit):
+        script.cli_recipe(net, 100, {"no_such_flag": 1})
+
+
+def test_robustness_cell_records_the_alarm_figures(tmp_path):
+    import json
+
+    script = _load("robustness")
+    base = ["--smoke", "--results", str(tmp_path), "--steps", "10", "--curve-every", "5"]
+    for contender in ("random", "ours"):
+        script.main(script.get_args_parser().parse_args(["--cell", "resnet10t", "cli", contender, *base]))
+    cell = json.loads(next(tmp_path.glob("*__cli__ours__*.json")).read_text())
+    assert [m[0] for m in cell["monitor"]] == [10]  # every MONITOR_EVERY steps
+    std, rank = cell["monitor"][0][1:]
+    assert 0.05 < std < 1.5 and 1 <= rank <= 32  # std in units of 1/sqrt(D); 32 smoke rows at most
+    assert len(cell["curve"]) == len(cell["curve_rank"]) == 1 and 1 <= cell["representation_rank"] <= 512
+    table = script.main(script.get_args_parser().parse_args(["--table", "--results", str(tmp_path), "--steps", "10"]))
+    random_cell = json.loads(next(tmp_path.glob("*__random__*.json")).read_text())
+    alarm = _rows(table.split("The collapse alarm's figures")[1], "backbone", key_cells=3)["resnet10t/cli/ours"]
+    verdict = "below" if cell["knn"] < random_cell["knn"] else "above"
+    assert alarm[3] == f"{std:.2f}" and alarm[7] == f"{cell['knn']:.1f} ({verdict} random init)" and alarm[8] == "none"
+    assert f"(random {random_cell['representation_rank']:.1f})" in alarm[6]
