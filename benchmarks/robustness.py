@@ -494,21 +494,22 @@ def alarm_table(cells: list[dict[str, Any]]) -> str:
     sample of projections, the effective rank of the eval-mode features of 512 test
     images (and the random net's), and the warnings raised.
     """
-    rank0 = {c["backbone"]: c.get("representation_rank") for c in cells if c["contender"] == "random"}
-    random_knn = {c["backbone"]: c["knn"] for c in cells if c["contender"] == "random"}
+    rank0 = {(c["backbone"], c["seed"]): c.get("representation_rank") for c in cells if c["contender"] == "random"}
+    random_knn = {(c["backbone"], c["seed"]): c["knn"] for c in cells if c["contender"] == "random"}
     rows = []
     for c in cells:
         if "monitor" not in c:
             continue
         stds = [m[1] for m in c["monitor"]]
-        before = rank0.get(c["backbone"])
-        bar = random_knn.get(c["backbone"])
+        before = rank0.get((c["backbone"], c["seed"]))
+        bar = random_knn.get((c["backbone"], c["seed"]))  # the same seed's random init
         verdict = "no random cell" if bar is None else "below random init" if c["knn"] < bar else "above random init"
         rows.append(
             [
                 c["backbone"],
                 c["loop"],
                 c["contender"],
+                c["seed"],
                 f"{min(stds):.2f}",
                 f"{stds[-1]:.2f}",
                 f"{c['monitor'][-1][2]:.1f}",
@@ -523,6 +524,7 @@ def alarm_table(cells: list[dict[str, Any]]) -> str:
         "backbone",
         "loop",
         "contender",
+        "seed",
         "min std x sqrt(D)",
         "last std x sqrt(D)",
         "projection rank (64 rows)",

@@ -319,5 +319,5 @@ def test_robustness_cell_records_the_alarm_figures(tmp_path):
     random_cell = json.loads(next(tmp_path.glob("*__random__*.json")).read_text())
     alarm = _rows(table.split("The collapse alarm's figures")[1], "backbone", key_cells=3)["resnet10t/cli/ours"]
     verdict = "below" if cell["knn"] < random_cell["knn"] else "above"
-    assert alarm[3] == f"{std:.2f}" and alarm[7] == f"{cell['knn']:.1f} ({verdict} random init)" and alarm[8] == "none"
-    assert f"(random {random_cell['representation_rank']:.1f})" in alarm[6]
+    assert alarm[4] == f"{std:.2f}" and alarm[8] == f"{cell['knn']:.1f} ({verdict} random init)" and alarm[9] == "none"
+    assert f"(random {random_cell['representation_rank']:.1f})" in alarm[7]
