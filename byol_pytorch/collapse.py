@@ -23,8 +23,8 @@ The figures, shared with :func:`byol_pytorch.evaluate.collapse_report`:
   the rank is computed from it when the figures are read (:meth:`CollapseMonitor.status`,
   or the warning).
 
-Thresholds (provisional, until the robustness matrix of issue 12 measures healthy and
-collapsing runs across backbones): the alarm fires when the std stays below
+Thresholds (kept after the robustness matrix of issue 12, where no run collapsed its
+projections; benchmarks/results/robustness.md): the alarm fires when the std stays below
 ``0.1 / sqrt(D)`` (a tenth of the healthy figure) for ``window = 50`` steps in a row. Why
 so low: the projections come out of the projector's BatchNorm, which rescales any
 variation the backbone still has, so healthy runs sit near 1/sqrt(D) (measured: 0.78 /
@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 __all__ = ["CollapseWarning", "CollapseMonitor", "embedding_std", "effective_rank"]
 
-# Alarm when std < STD_FACTOR / sqrt(D) for WINDOW steps in a row (provisional, see above).
+# Alarm when std < STD_FACTOR / sqrt(D) for WINDOW steps in a row (see above).
 STD_FACTOR = 0.1
 WINDOW = 50
 SAMPLE_ROWS = 64  # rows of the last batch kept for the effective rank
