@@ -220,34 +220,30 @@ def _progress(args: argparse.Namespace, steps: int, start: float, losses: list[f
         )
 
 
-def cli_recipe(net: nn.Module, steps: int, kwargs: dict[str, Any]):
+def cli_recipe(net: nn.Module, steps: int, kwargs: dict[str, Any], images: int = 60_000):
     """``(learner, optimizer, scheduler)`` as ``byol-pytorch train --image-size 32 --batch-size 256`` builds them.
 
-    The recipe comes from the CLI's own parser and resolver, so the cell follows the CLI's
-    defaults; ``kwargs`` are further flags (``ours:optimizer=adamw,tau_base=0.99``).
+    The recipe, optimiser and warm-up come from the CLI's own parser, resolver and builders,
+    so the cell follows the CLI's defaults; ``kwargs`` are further flags
+    (``ours:optimizer=adamw,tau_base=0.99``); ``images`` makes the epoch of the warm-up rule
+    (Fashion-MNIST's 60,000 by default).
     """
     from byol_pytorch.app.recipe import get_args_parser as cli_parser
-    from byol_pytorch.app.recipe import resolve_recipe
+    from byol_pytorch.app.recipe import resolve_recipe, run_length
+    from byol_pytorch.app.train import build_recipe_optimizer
     from byol_pytorch.models import build_learner
-    from byol_pytorch.optim import build_optimizer, warmup_cosine_scheduler
+    from byol_pytorch.optim import warmup_cosine_scheduler
 
     flags = ["--data", "unused", "--image-size", "32", "--batch-size", "256", "--max-steps", str(steps)]
     for key, value in kwargs.items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
     args = cli_parser().parse_args(flags)
     recipe = resolve_recipe(args, None)
+    total, warmup = run_length(args, recipe, math.ceil(images / recipe["batch_size"]), None)
     learner = build_learner(recipe, net)
-    learner.moving_average_total_steps = steps  # the CLI's cosine EMA decay over the run
-    optimizer = build_optimizer(
-        recipe["optimizer"],
-        learner,
-        recipe["lr"],
-        recipe["weight_decay"],
-        trust_coefficient=float(recipe["lars_trust"]),
-        clip_lr=bool(recipe["lars_clip"]),
-    )
-    # run_length's warm-up: 10 epochs, at most a tenth of the run; at this budget always the tenth.
-    return learner, optimizer, warmup_cosine_scheduler(optimizer, steps, steps // 10)
+    learner.moving_average_total_steps = total  # the CLI's cosine EMA decay over the run
+    optimizer = build_recipe_optimizer(recipe, learner)
+    return learner, optimizer, warmup_cosine_scheduler(optimizer, total, warmup)
 
 
 def train_byol(name: str, kwargs: dict[str, Any], net: nn.Module, data: quality.Data, args: argparse.Namespace):
@@ -256,12 +252,13 @@ def train_byol(name: str, kwargs: dict[str, Any], net: nn.Module, data: quality.
     if args.loop == "cli":
         if name != "ours":
             raise SystemExit("robustness.py: error: the cli loop is ours only (the CLI's recipe)")
-        (learner, opt, scheduler), feed = cli_recipe(net, args.steps, kwargs), (lambda x: x)
-    elif name == "ours":
-        learner, feed = BYOL(net, 32, **kwargs), (lambda x: x)
+        (learner, opt, scheduler), feed = cli_recipe(net, args.steps, kwargs, len(data.train_x)), (lambda x: x)
     else:
-        learner, feed = _peer.make_peer(_peer.load_peer(), net, 32, "vanilla", **kwargs), (lambda x: x.float() / 255)
-    if scheduler is None:
+        if name == "ours":
+            learner, feed = BYOL(net, 32, **kwargs), (lambda x: x)
+        else:
+            peer = _peer.make_peer(_peer.load_peer(), net, 32, "vanilla", **kwargs)
+            learner, feed = peer, (lambda x: x.float() / 255)
         opt = make_optimizer(args.loop, [p for p in learner.parameters() if p.requires_grad])
     order = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
@@ -494,15 +491,15 @@ def alarm_table(cells: list[dict[str, Any]]) -> str:
     sample of projections, the effective rank of the eval-mode features of 512 test
     images (and the random net's), and the warnings raised.
     """
-    rank0 = {(c["backbone"], c["seed"]): c.get("representation_rank") for c in cells if c["contender"] == "random"}
-    random_knn = {(c["backbone"], c["seed"]): c["knn"] for c in cells if c["contender"] == "random"}
+    randoms = {(c["backbone"], c["seed"]): c for c in cells if c["contender"] == "random"}
     rows = []
     for c in cells:
         if "monitor" not in c:
             continue
         stds = [m[1] for m in c["monitor"]]
-        before = rank0.get((c["backbone"], c["seed"]))
-        bar = random_knn.get((c["backbone"], c["seed"]))  # the same seed's random init
+        random = randoms.get((c["backbone"], c["seed"]), {})  # the same seed's random init
+        before = random.get("representation_rank")
+        bar = random.get("knn")
         verdict = "no random cell" if bar is None else "below random init" if c["knn"] < bar else "above random init"
         rows.append(
             [

@@ -362,6 +362,18 @@ def _build_data(
     return dataset, sampler, loader
 
 
+def build_recipe_optimizer(recipe: dict[str, Any], learner: nn.Module) -> torch.optim.Optimizer:
+    """The optimiser a run's recipe names, with its lr, weight decay and LARS settings."""
+    return build_optimizer(
+        recipe["optimizer"],
+        learner,
+        recipe["lr"],
+        recipe["weight_decay"],
+        trust_coefficient=float(recipe.get("lars_trust", 1e-3)),
+        clip_lr=bool(recipe.get("lars_clip", False)),
+    )
+
+
 def _build_learner(
     recipe: dict[str, Any],
     net: nn.Module,
@@ -374,14 +386,7 @@ def _build_learner(
     """``(learner, optimizer, scheduler, scaler)`` of the recipe; tau follows the paper's cosine over the run."""
     try:
         learner = build_learner(recipe, net).to(ctx.device)
-        optimizer = build_optimizer(
-            recipe["optimizer"],
-            learner,
-            recipe["lr"],
-            recipe["weight_decay"],
-            trust_coefficient=float(recipe.get("lars_trust", 1e-3)),
-            clip_lr=bool(recipe.get("lars_clip", False)),
-        )
+        optimizer = build_recipe_optimizer(recipe, learner)
     except ValueError as error:  # a tau, head size or lr out of range; a net that cannot take the views
         raise UserError(str(error)) from None
     learner.moving_average_total_steps = total  # cosine tau over the run (paper Sec. 3.2)
