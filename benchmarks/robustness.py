@@ -437,7 +437,8 @@ def _fmt(values: list[float]) -> str:
 
 def table(args: argparse.Namespace) -> str:
     """One row per backbone x loop: both baselines, each contender's kNN, its gains, images/s; collapses named."""
-    cells = [c for c in load_cells() if c["steps"] in (0, args.steps)]
+    every = load_cells()
+    cells = [c for c in every if c["steps"] in (0, args.steps)]
     contenders = sorted({c["contender"] for c in cells if c["contender"] not in BASELINES}, key=_contender_order)
     header = ["backbone", "loop", "random init", "random init, BN statistics of the views", *contenders]
     rows, collapsed, below_bn = [], [], []
@@ -480,7 +481,39 @@ def table(args: argparse.Namespace) -> str:
         "",
         alarm_table(cells),
     ]
-    return "\n".join(lines)
+    longer = longer_runs_table(every, args.steps)
+    return "\n".join(lines + (["", longer] if longer else []))
+
+
+def longer_runs_table(cells: list[dict[str, Any]], steps: int) -> str:
+    """Cells trained past the matrix's budget: their kNN along the run against the same seed's random init."""
+    randoms = {(c["backbone"], c["seed"]): c["knn"] for c in cells if c["contender"] == "random"}
+    rows = []
+    for c in sorted(cells, key=lambda c: (c["backbone"], c["loop"], c["contender"], c["seed"], c["steps"])):
+        if c["steps"] <= steps:
+            continue
+        points = [*c.get("curve", []), [c["steps"], c["knn"]]]
+        bar = randoms.get((c["backbone"], c["seed"]))
+        above = [s for s, acc in points if bar is not None and acc >= bar]
+        first = "never" if bar is None or not above else f"step {above[0]}"
+        rows.append(
+            [
+                c["backbone"],
+                c["loop"],
+                c["contender"],
+                c["seed"],
+                "; ".join(f"{s}: {acc:.1f}" for s, acc in points),
+                "-" if bar is None else f"{bar:.1f}",
+                first,
+                f"{c['images_per_s']:.0f}",
+            ]
+        )
+    if not rows:
+        return ""
+    header = ["backbone", "loop", "contender", "seed", "kNN at step", "random init", "first at or above it", "img/s"]
+    return f"### Past the budget: kNN along longer runs (the matrix stops at {steps} steps)\n\n" + markdown_table(
+        header, rows
+    )
 
 
 def alarm_table(cells: list[dict[str, Any]]) -> str:

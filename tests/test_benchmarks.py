@@ -321,3 +321,12 @@ def test_robustness_cell_records_the_alarm_figures(tmp_path):
     verdict = "below" if cell["knn"] < random_cell["knn"] else "above"
     assert alarm[4] == f"{std:.2f}" and alarm[8] == f"{cell['knn']:.1f} ({verdict} random init)" and alarm[9] == "none"
     assert f"(random {random_cell['representation_rank']:.1f})" in alarm[7]
+    # Read with a shorter budget, the 10-step cell is a longer run: its kNN along the run, and where it
+    # first reaches the random net's.
+    assert "Past the budget" not in table
+    shorter = script.main(script.get_args_parser().parse_args(["--table", "--results", str(tmp_path), "--steps", "5"]))
+    longer = _rows(shorter.split("Past the budget")[1], "backbone", key_cells=3)["resnet10t/cli/ours"]
+    (step, mid), bar = cell["curve"][0], random_cell["knn"]
+    assert step == 5 and longer[4] == f"5: {mid:.1f}; 10: {cell['knn']:.1f}" and longer[5] == f"{bar:.1f}"
+    reached = [s for s, acc in ((5, mid), (10, cell["knn"])) if acc >= bar]
+    assert longer[6] == (f"step {reached[0]}" if reached else "never")
