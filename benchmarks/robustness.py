@@ -439,6 +439,9 @@ def table(args: argparse.Namespace) -> str:
     """One row per backbone x loop: both baselines, each contender's kNN, its gains, images/s; collapses named."""
     every = load_cells()
     cells = [c for c in every if c["steps"] in (0, args.steps)]
+    # Variants (``ours:key=value``) are probes, tabled on their own below, not contenders.
+    variants = [c for c in cells if ":" in c["contender"]]
+    cells = [c for c in cells if ":" not in c["contender"]]
     contenders = sorted({c["contender"] for c in cells if c["contender"] not in BASELINES}, key=_contender_order)
     header = ["backbone", "loop", "random init", "random init, BN statistics of the views", *contenders]
     rows, collapsed, below_bn = [], [], []
@@ -481,8 +484,41 @@ def table(args: argparse.Namespace) -> str:
         "",
         alarm_table(cells),
     ]
+    if variants:
+        lines += ["", variants_table(variants, cells)]
     longer = longer_runs_table(every, args.steps)
     return "\n".join(lines + (["", longer] if longer else []))
+
+
+def variants_table(variants: list[dict[str, Any]], cells: list[dict[str, Any]]) -> str:
+    """Probes of a default (``ours:key=value``) beside the same cell of plain ours and the same seed's random init."""
+
+    def knn(backbone: str, loop: str, contender: str, seed: int) -> float | None:
+        found = [
+            c["knn"]
+            for c in cells
+            if (c["backbone"], c["loop"], c["contender"], c["seed"]) == (backbone, loop, contender, seed)
+        ]
+        return found[0] if found else None
+
+    rows = []
+    for c in sorted(variants, key=lambda c: (c["backbone"], c["loop"], c["contender"], c["seed"])):
+        ours = knn(c["backbone"], c["loop"], "ours", c["seed"])
+        random = knn(c["backbone"], "-", "random", c["seed"])
+        rows.append(
+            [
+                c["backbone"],
+                c["loop"],
+                c["contender"].partition(":")[2],
+                c["seed"],
+                f"{c['knn']:.1f}",
+                "-" if ours is None else f"{ours:.1f} ({c['knn'] - ours:+.1f})",
+                "-" if random is None else f"{random:.1f}",
+                f"{c['images_per_s']:.0f}",
+            ]
+        )
+    header = ["backbone", "loop", "ours with", "seed", "kNN", "ours, defaults (difference)", "random init", "img/s"]
+    return "### Defaults probed: ours with one argument changed, same cell and seed\n\n" + markdown_table(header, rows)
 
 
 def longer_runs_table(cells: list[dict[str, Any]], steps: int) -> str:

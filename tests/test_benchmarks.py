@@ -250,6 +250,13 @@ def test_robustness_cells_and_table(peer_available, tmp_path):
     assert cell.startswith(f"{cells['ours']['knn']:.1f} ({gain:+.1f}; {gain_bn:+.1f} vs BN-calibrated)")
     assert ("**below random init**" in cell) == (gain < 0)
     assert (f"mobilenetv3_small_100 / adam / ours ({gain:+.1f})" in table) == (gain < 0)
+    # A variant of ours is a probe: not a contender's column, but a row beside plain ours.
+    assert "ours:moving_average_decay=0.996" not in header and "/ ours:" not in table
+    probe = _rows(table.split("Defaults probed")[1], "backbone", key_cells=3)[
+        "mobilenetv3_small_100/adam/moving_average_decay=0.996"
+    ]
+    variant, plain = cells["ours:moving_average_decay=0.996"]["knn"], cells["ours"]["knn"]
+    assert probe[4:7] == [f"{variant:.1f}", f"{plain:.1f} ({variant - plain:+.1f})", f"{cells['random']['knn']:.1f}"]
 
 
 def test_robustness_batchnorm_calibration_is_the_mean_of_the_views_statistics():
