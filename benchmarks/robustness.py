@@ -531,7 +531,7 @@ def longer_runs_table(cells: list[dict[str, Any]], steps: int) -> str:
         points = [*c.get("curve", []), [c["steps"], c["knn"]]]
         bar = randoms.get((c["backbone"], c["seed"]))
         above = [s for s, acc in points if bar is not None and acc >= bar]
-        first = "never" if bar is None or not above else f"step {above[0]}"
+        first = "-" if bar is None else f"step {above[0]}" if above else "never"  # "-": no random cell
         rows.append(
             [
                 c["backbone"],
