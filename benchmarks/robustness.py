@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -490,21 +491,18 @@ def table(args: argparse.Namespace) -> str:
     return "\n".join(lines + (["", longer] if longer else []))
 
 
+def _index(cells: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str, int], dict[str, Any]]:
+    """Cells by (backbone, loop, contender, seed); an untrained cell's loop is "-"."""
+    return {(c["backbone"], c["loop"], c["contender"], c["seed"]): c for c in cells}
+
+
 def variants_table(variants: list[dict[str, Any]], cells: list[dict[str, Any]]) -> str:
     """Probes of a default (``ours:key=value``) beside the same cell of plain ours and the same seed's random init."""
-
-    def knn(backbone: str, loop: str, contender: str, seed: int) -> float | None:
-        found = [
-            c["knn"]
-            for c in cells
-            if (c["backbone"], c["loop"], c["contender"], c["seed"]) == (backbone, loop, contender, seed)
-        ]
-        return found[0] if found else None
-
+    found = _index(cells)
     rows = []
     for c in sorted(variants, key=lambda c: (c["backbone"], c["loop"], c["contender"], c["seed"])):
-        ours = knn(c["backbone"], c["loop"], "ours", c["seed"])
-        random = knn(c["backbone"], "-", "random", c["seed"])
+        ours = found.get((c["backbone"], c["loop"], "ours", c["seed"]), {}).get("knn")
+        random = found.get((c["backbone"], "-", "random", c["seed"]), {}).get("knn")
         rows.append(
             [
                 c["backbone"],
@@ -523,13 +521,13 @@ def variants_table(variants: list[dict[str, Any]], cells: list[dict[str, Any]]) 
 
 def longer_runs_table(cells: list[dict[str, Any]], steps: int) -> str:
     """Cells trained past the matrix's budget: their kNN along the run against the same seed's random init."""
-    randoms = {(c["backbone"], c["seed"]): c["knn"] for c in cells if c["contender"] == "random"}
+    randoms = _index(c for c in cells if c["contender"] == "random")  # one per backbone and seed
     rows = []
     for c in sorted(cells, key=lambda c: (c["backbone"], c["loop"], c["contender"], c["seed"], c["steps"])):
         if c["steps"] <= steps:
             continue
         points = [*c.get("curve", []), [c["steps"], c["knn"]]]
-        bar = randoms.get((c["backbone"], c["seed"]))
+        bar = randoms.get((c["backbone"], "-", "random", c["seed"]), {}).get("knn")
         above = [s for s, acc in points if bar is not None and acc >= bar]
         first = "-" if bar is None else f"step {above[0]}" if above else "never"  # "-": no random cell
         rows.append(
@@ -560,13 +558,13 @@ def alarm_table(cells: list[dict[str, Any]]) -> str:
     sample of projections, the effective rank of the eval-mode features of 512 test
     images (and the random net's), and the warnings raised.
     """
-    randoms = {(c["backbone"], c["seed"]): c for c in cells if c["contender"] == "random"}
+    found = _index(cells)
     rows = []
     for c in cells:
         if "monitor" not in c:
             continue
         stds = [m[1] for m in c["monitor"]]
-        random = randoms.get((c["backbone"], c["seed"]), {})  # the same seed's random init
+        random = found.get((c["backbone"], "-", "random", c["seed"]), {})  # the same seed's random init
         before = random.get("representation_rank")
         bar = random.get("knn")
         verdict = "no random cell" if bar is None else "below random init" if c["knn"] < bar else "above random init"
