@@ -56,10 +56,12 @@ from _report import markdown_table  # noqa: E402
 
 from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
 from byol_pytorch._modules import saved_modes  # noqa: E402
+from byol_pytorch.batchnorm import batchnorm_layers, recalibrate_batchnorm  # noqa: E402
 from byol_pytorch.collapse import effective_rank  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "robustness"
 BANK = 10_000  # kNN bank: the first N training images (quality.py's)
+CLEAN_IMAGES = 512  # un-augmented training images whose BatchNorm statistics replace the views'
 RANK_ROWS = 512  # clean test images whose eval-mode features give the representation's effective rank
 MONITOR_EVERY = 10  # steps between reads of ours' collapse-alarm figures (a host read: on the CPU, free)
 BACKBONES = (
@@ -82,6 +84,28 @@ PLAN_CONTENDERS = {
 BASELINES = ("random", "random-bn")  # untrained: one cell per backbone and seed, no loop
 
 
+def scale_data(data: quality.Data, size: int) -> quality.Data:
+    """The 32 px images upscaled to ``size`` (bilinear, rounded to uint8): the same content, more pixels."""
+    if size == data.train_x.shape[-1]:
+        return data
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        out = [
+            torch.nn.functional.interpolate(c.float(), size=(size, size), mode="bilinear", align_corners=False)
+            .round_()
+            .clamp_(0, 255)
+            .to(torch.uint8)
+            for c in x.split(4096)
+        ]
+        return torch.cat(out)
+
+    return quality.Data(up(data.train_x), data.train_y, up(data.test_x), data.test_y, f"{data.source}, {size} px")
+
+
+def load_data(args: argparse.Namespace) -> quality.Data:
+    return scale_data(quality.load_data(argparse.Namespace(data_dir=None, smoke=args.smoke)), args.image_size)
+
+
 def calibrate_batchnorm(net: nn.Module, data: quality.Data, batches: int, batch_size: int) -> None:
     """Set the BatchNorm running statistics to the average over ``batches`` batches of BYOL views.
 
@@ -94,7 +118,7 @@ def calibrate_batchnorm(net: nn.Module, data: quality.Data, batches: int, batch_
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average
-    views = BYOLAugment(32)
+    views = BYOLAugment(data.train_x.shape[-1])
     generator_state = torch.get_rng_state()
     torch.manual_seed(0)
     with torch.no_grad(), saved_modes(net):
@@ -162,9 +186,10 @@ def _lightly_loader(data: quality.Data, batch_size: int, seed: int):
     from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
     from PIL import Image
 
+    size = data.train_x.shape[-1]
     transform = BYOLTransform(
-        view_1_transform=BYOLView1Transform(input_size=32, gaussian_blur=0.0),
-        view_2_transform=BYOLView2Transform(input_size=32, gaussian_blur=0.0),
+        view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=0.0),
+        view_2_transform=BYOLView2Transform(input_size=size, gaussian_blur=0.0),
     )
 
     class Views(torch.utils.data.Dataset):
@@ -185,7 +210,8 @@ def train_lightly(net: nn.Module, data: quality.Data, args: argparse.Namespace) 
     from lightly.models.utils import update_momentum
     from lightly.utils.scheduler import cosine_schedule
 
-    dim = net(torch.zeros(2, 3, 32, 32)).flatten(1).shape[1]
+    size = data.train_x.shape[-1]
+    dim = net(torch.zeros(2, 3, size, size)).flatten(1).shape[1]
     model = _Lightly(net, dim)
     criterion = NegativeCosineSimilarity()
     opt = make_optimizer(args.loop, [p for p in model.parameters() if p.requires_grad])
@@ -208,7 +234,7 @@ def train_lightly(net: nn.Module, data: quality.Data, args: argparse.Namespace) 
             _progress(args, steps, start, losses)
             if steps >= args.steps:
                 break
-    return {"seconds": time.perf_counter() - start, "losses": losses}
+    return {"seconds": time.perf_counter() - start, "losses": losses, "_target": model.backbone_momentum}
 
 
 def _progress(args: argparse.Namespace, steps: int, start: float, losses: list[float]) -> None:
@@ -221,7 +247,7 @@ def _progress(args: argparse.Namespace, steps: int, start: float, losses: list[f
         )
 
 
-def cli_recipe(net: nn.Module, steps: int, kwargs: dict[str, Any], images: int = 60_000):
+def cli_recipe(net: nn.Module, steps: int, kwargs: dict[str, Any], images: int = 60_000, size: int = 32):
     """``(learner, optimizer, scheduler)`` as ``byol-pytorch train --image-size 32 --batch-size 256`` builds them.
 
     The recipe, optimiser and warm-up come from the CLI's own parser, resolver and builders,
@@ -235,7 +261,7 @@ def cli_recipe(net: nn.Module, steps: int, kwargs: dict[str, Any], images: int =
     from byol_pytorch.models import build_learner
     from byol_pytorch.optim import warmup_cosine_scheduler
 
-    flags = ["--data", "unused", "--image-size", "32", "--batch-size", "256", "--max-steps", str(steps)]
+    flags = ["--data", "unused", "--image-size", str(size), "--batch-size", "256", "--max-steps", str(steps)]
     for key, value in kwargs.items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
     args = cli_parser().parse_args(flags)
@@ -253,12 +279,15 @@ def train_byol(name: str, kwargs: dict[str, Any], net: nn.Module, data: quality.
     if args.loop == "cli":
         if name != "ours":
             raise SystemExit("robustness.py: error: the cli loop is ours only (the CLI's recipe)")
-        (learner, opt, scheduler), feed = cli_recipe(net, args.steps, kwargs, len(data.train_x)), (lambda x: x)
+        (learner, opt, scheduler), feed = (
+            cli_recipe(net, args.steps, kwargs, len(data.train_x), args.image_size),
+            (lambda x: x),
+        )
     else:
         if name == "ours":
-            learner, feed = BYOL(net, 32, **kwargs), (lambda x: x)
+            learner, feed = BYOL(net, args.image_size, **kwargs), (lambda x: x)
         else:
-            peer = _peer.make_peer(_peer.load_peer(), net, 32, "vanilla", **kwargs)
+            peer = _peer.make_peer(_peer.load_peer(), net, args.image_size, "vanilla", **kwargs)
             learner, feed = peer, (lambda x: x.float() / 255)
         opt = make_optimizer(args.loop, [p for p in learner.parameters() if p.requires_grad])
     order = torch.Generator().manual_seed(args.seed)
@@ -294,6 +323,7 @@ def train_byol(name: str, kwargs: dict[str, Any], net: nn.Module, data: quality.
     if monitor:
         result["monitor"] = monitor  # [step, std * sqrt(D), effective rank of the projections' sample]
     result["curve_rank"] = [c[3] for c in curve]
+    result["_target"] = learner.target_encoder.net if getattr(learner, "target_encoder", None) is not None else None
     return result
 
 
@@ -323,14 +353,39 @@ def _curve(args: argparse.Namespace, steps: int, net: nn.Module, data: quality.D
         print(f"[{args.backbone} {args.loop} {args.contender}] step {steps}: kNN {acc:.2f}%", flush=True)
 
 
-def cell_path(backbone: str, loop: str, contender: str, seed: int, steps: int) -> Path:
+def cell_path(backbone: str, loop: str, contender: str, seed: int, steps: int, size: int = 32) -> Path:
     safe = contender.replace(":", "--").replace("=", "-").replace(",", "_").replace("/", "_")
-    return RESULTS / f"{backbone}__{loop}__{safe}__s{seed}__n{steps}.json"
+    pixels = "" if size == 32 else f"__p{size}"
+    return RESULTS / f"{backbone}__{loop}__{safe}__s{seed}__n{steps}{pixels}.json"
+
+
+def clean_statistics(net: nn.Module, data: quality.Data) -> nn.Module | None:
+    """A copy of `net` with BatchNorm statistics of CLEAN_IMAGES un-augmented training images; None without BN."""
+    if not batchnorm_layers(net):
+        return None
+    clean = copy.deepcopy(net)
+    normalize = BYOLAugment(data.train_x.shape[-1]).normalize
+    recalibrate_batchnorm(clean, data.train_x[:CLEAN_IMAGES], transform=normalize, max_images=CLEAN_IMAGES)
+    return clean
+
+
+def what_leaves_training(net: nn.Module, target: nn.Module | None, data: quality.Data) -> dict[str, float]:
+    """kNN of the online net with clean BatchNorm statistics, and of the target (EMA) net as trained and clean."""
+    out: dict[str, float] = {}
+    nets = {"knn_clean_bn": clean_statistics(net, data)}
+    if target is not None:
+        nets["knn_target"] = target
+        nets["knn_target_clean_bn"] = clean_statistics(target, data)
+    for key, model in nets.items():
+        if model is not None:
+            out[key] = quality.knn(model, data, BANK, torch.device("cpu"))
+            print(f"  {key}: {out[key]:.2f}%", flush=True)
+    return out
 
 
 def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    data = quality.load_data(argparse.Namespace(data_dir=None, smoke=args.smoke))
+    data = load_data(args)
     name, kwargs = parse_contender(args.contender)
     net = make_net(args.backbone, args.seed)
     result: dict[str, Any] = {
@@ -340,6 +395,7 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "steps": args.steps if name not in BASELINES else 0,
         "batch_size": args.batch_size,
+        "image_size": args.image_size,
         "machine": _machine(timm),
         "threads": args.threads,
     }
@@ -351,16 +407,19 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         result.update(train_byol(name, kwargs, net, data, args))
     if name not in BASELINES:
         result["images_per_s"] = args.steps * args.batch_size / result["seconds"]
+    target = result.pop("_target", None)
     result["knn"] = quality.knn(net, data, BANK, torch.device("cpu"))
     result["representation_rank"] = representation_rank(net, data)
     print(f"[{args.backbone} {args.loop} {args.contender}] kNN {result['knn']:.2f}%", flush=True)
+    if name not in BASELINES or name == "random":
+        result.update(what_leaves_training(net, target, data))
     return result
 
 
 def fill_ranks(args: argparse.Namespace) -> None:
     """Random-init cells from before the rank was recorded: the same net (seeded), its feature rank added."""
     torch.set_num_threads(args.threads)
-    data = quality.load_data(argparse.Namespace(data_dir=None, smoke=args.smoke))
+    data = load_data(args)
     for path in sorted(RESULTS.glob("*__random__*.json")):
         cell = json.loads(path.read_text())
         if "representation_rank" not in cell:
@@ -376,18 +435,18 @@ def planned(args: argparse.Namespace) -> list[list[str]]:
     for seed in args.seeds:
         for backbone in args.backbones:
             for baseline in BASELINES:
-                if baseline in wanted and not cell_path(backbone, "-", baseline, seed, 0).exists():
+                if baseline in wanted and not cell_path(backbone, "-", baseline, seed, 0, args.image_size).exists():
                     cells.append([backbone, "adam", baseline, str(seed)])
             for loop in args.loops:
                 for contender in args.contenders or PLAN_CONTENDERS[loop]:
                     if contender in BASELINES or (contender == "lightly" and loop != "adam" and not args.contenders):
                         continue
-                    if not cell_path(backbone, loop, contender, seed, args.steps).exists():
+                    if not cell_path(backbone, loop, contender, seed, args.steps, args.image_size).exists():
                         cells.append([backbone, loop, contender, str(seed)])
     return cells
 
 
-def _cell_command(cell: list[str], steps: int) -> list[str]:
+def _cell_command(cell: list[str], steps: int, size: int = 32) -> list[str]:
     backbone, loop, contender, seed = cell
     return [
         sys.executable,
@@ -402,6 +461,7 @@ def _cell_command(cell: list[str], steps: int) -> list[str]:
         str(steps),
         "--results",
         str(RESULTS),
+        *(["--image-size", str(size)] if size != 32 else []),
     ]
 
 
@@ -419,7 +479,9 @@ def run_missing(args: argparse.Namespace) -> None:
             log = (log_dir / ("_".join(cell).replace(":", "-") + ".log")).open("w")
             print("start", " ".join(cell), flush=True)
             running.append(
-                subprocess.Popen(_cell_command(cell, args.steps), stdout=log, stderr=subprocess.STDOUT, env=env)
+                subprocess.Popen(
+                    _cell_command(cell, args.steps, args.image_size), stdout=log, stderr=subprocess.STDOUT, env=env
+                )
             )
         time.sleep(5)
 
@@ -615,6 +677,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--steps", type=int, default=200, help="the budget (collapse shows by 100 steps)")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=32, help="side of the images and views (upscaled from 32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
@@ -639,14 +702,14 @@ def main(args: argparse.Namespace) -> str | None:
     if args.cell:
         args.backbone, args.loop, args.contender = args.cell
         result = run_cell(args)
-        path = cell_path(args.backbone, result["loop"], args.contender, args.seed, result["steps"])
+        path = cell_path(args.backbone, result["loop"], args.contender, args.seed, result["steps"], args.image_size)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
     elif args.fill_ranks:
         fill_ranks(args)
     elif args.plan:
         for cell in planned(args):
-            print(" ".join(_cell_command(cell, args.steps)[1:]))
+            print(" ".join(_cell_command(cell, args.steps, args.image_size)[1:]))
     elif args.run:
         run_missing(args)
     elif args.table:
