@@ -6,7 +6,7 @@ HERE = Path(__file__).parent
 
 setup(
     name="byol-pytorch",
-    version="1.1.0",
+    version="1.2.0",
     description="BYOL self-supervised pretraining for any image backbone, as a drop-in PyTorch wrapper",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

@@ -6,8 +6,8 @@ one level down, in the order of ``SECTIONS``. Edit a results file (or re-run its
 with ``--out``), then run this so that the two never disagree; ``--check`` only reports
 whether they do (the test suite runs it).
 
-    python benchmarks/assemble.py           # rewrite BENCHMARKS.md
-    python benchmarks/assemble.py --check   # exit 1 if BENCHMARKS.md is out of date
+    python -m benchmarks.assemble           # rewrite BENCHMARKS.md
+    python -m benchmarks.assemble --check   # exit 1 if BENCHMARKS.md is out of date
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO as ROOT
+
 SECTIONS = ("augment", "data_loading", "data_index", "train_step", "ema", "quality", "robustness", "demo", "backbones")
 RULE = "\n---\n"
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     if args.check:
         if path.read_text() != text:
             print(
-                "BENCHMARKS.md differs from its head + benchmarks/results/*.md; run python benchmarks/assemble.py",
+                "BENCHMARKS.md differs from its head + benchmarks/results/*.md; run python -m benchmarks.assemble",
                 file=sys.stderr,
             )
             return 1

@@ -6,15 +6,14 @@ blur 1.0 / 0.1 (kernel 10% of the side), solarize 0.0 / 0.2, ImageNet normalisat
 float batch in [0, 1] already on the device. Contenders are timed in alternation (A B C A B C ...) and
 the medians reported; "images/s" counts input images, each turned into both views.
 
-    python benchmarks/augment.py              # CPU rows (64 px from 72 px), GPU rows if CUDA is available
-    python benchmarks/augment.py --smoke      # tiny sizes, a few seconds
+    python -m benchmarks.augment              # CPU rows (64 px from 72 px), GPU rows if CUDA is available
+    python -m benchmarks.augment --smoke      # tiny sizes, a few seconds
 """
+
+from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import time
 
 # On a shared, oversubscribed CPU, OpenMP's default spin-waiting makes every parallel op wait for
 # descheduled threads; passive waiting (set before torch loads) cuts that noise for all contenders.
@@ -22,7 +21,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from byol_pytorch.augment import BYOLAugment  # noqa: E402
+from benchmarks.common.machine import load_average, machine  # noqa: E402
+from benchmarks.common.runner import device_sync, time_alternating  # noqa: E402
+from byol_pytorch import BYOLAugment  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VIEWS = ((1.0, 0.0), (0.1, 0.2))  # (blur_p, solarize_p) of view 1 and view 2
@@ -81,15 +82,8 @@ def make_torchvision(size: int, kernel: int):
     return lambda x: [torch.stack([v(image) for image in x]) for v in views]
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
 def bench(device: str, batch: int, in_size: int, out_size: int, repeats: int) -> list:
+    """One row per contender: setting, name, median / min / max ms, images/s, time / ours."""
     kernel = 2 * int(0.1 * out_size / 2) + 1  # 10% of the side, odd: 23 at 224
     x = torch.rand(batch, 3, in_size, in_size, device=device)
     contenders = {
@@ -97,37 +91,19 @@ def bench(device: str, batch: int, in_size: int, out_size: int, repeats: int) ->
         "kornia": make_kornia(out_size, kernel),
         "torchvision": make_torchvision(out_size, kernel),
     }
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = {name: [] for name in contenders}
-    with torch.no_grad():
-        for fn in contenders.values():  # warm-up
-            fn(x)
-        for _ in range(repeats):
-            for name, fn in contenders.items():
-                sync()
-                start = time.perf_counter()
-                fn(x)
-                sync()
-                times[name].append(time.perf_counter() - start)
-    ours = statistics.median(times["ours"])
+    with torch.no_grad():  # one warm-up call each, then rounds of one call each
+        calls = [lambda fn=fn: fn(x) for fn in contenders.values()]
+        timings = time_alternating(calls, 1, repeats, device_sync(device))
+    ours = timings[0].median()
     rows = []
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rows.append(
-            (
-                f"{device} {out_size}px from {in_size}px",
-                name,
-                med * 1e3,
-                min(ts) * 1e3,
-                max(ts) * 1e3,
-                batch / med,
-                med / ours,
-            )
-        )
+    for name, t in zip(contenders, timings):
+        med = t.median()
+        setting = f"{device} {out_size}px from {in_size}px"
+        rows.append((setting, name, med * 1e3, min(t.wall) * 1e3, max(t.wall) * 1e3, batch / med, med / ours))
     return rows
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and 2 repeats, to check the script runs")
     parser.add_argument("--batch", type=int, default=256, help="images per batch (each gets both views)")
@@ -138,28 +114,34 @@ def main() -> None:
         default="all",
         help="'all' runs CPU rows, and GPU rows when CUDA is available",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> str:
+    """Print (and return) the machine, the table, row by row, and the load average around the run."""
     torch.manual_seed(0)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     sizes = {"cpu": (72, 64), "cuda": (256, 224)}
     batch, repeats = (8, 2) if args.smoke else (args.batch, args.repeats)
-    print(
-        f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
-        + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
-    )
-    print(f"batch {batch}, both views, median of {repeats} alternating rounds\n")
-    print("| setting | contender | median ms | min ms | max ms | images/s | time / ours |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    printed: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        printed.append(text)
+
+    say(f"machine: {machine()}; {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+    say(f"batch {batch}, both views, median of {repeats} alternating rounds\n")
+    say("| setting | contender | median ms | min ms | max ms | images/s | time / ours |")
+    say("|---|---|---:|---:|---:|---:|---:|")
+    load = load_average()
     for device in devices:
         in_size, out_size = (20, 16) if args.smoke else sizes[device]
         for row in bench(device, batch, in_size, out_size, repeats):
-            print("| {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.0f} | {:.2f}x |".format(*row), flush=True)
-    end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\n1-minute load average {load:.1f} before, {end:.1f} after (other processes share the CPU)")
+            say("| {} | {} | {:.1f} | {:.1f} | {:.1f} | {:.0f} | {:.2f}x |".format(*row))
+    say(f"\n1-minute load average {load:.1f} before, {load_average():.1f} after (other processes share the CPU)")
+    return "\n".join(printed)
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

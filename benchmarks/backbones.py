@@ -13,9 +13,9 @@ own pooled width (timm: ``head_hidden_size`` or ``num_features``; torchvision: t
 Each model runs in a worker process with a time cap; results go to a JSON file after
 every model, so an interrupted run resumes where it stopped:
 
-    OMP_NUM_THREADS=1 python benchmarks/backbones.py --out benchmarks/results/backbones.md
-    python benchmarks/backbones.py --filter 'resnet*' --limit 5
-    python benchmarks/backbones.py --report-only --out benchmarks/results/backbones.md
+    OMP_NUM_THREADS=1 python -m benchmarks.backbones --out benchmarks/results/backbones.md
+    python -m benchmarks.backbones --filter 'resnet*' --limit 5
+    python -m benchmarks.backbones --report-only --out benchmarks/results/backbones.md
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import time
 import traceback
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+from benchmarks.common import REPO
+from benchmarks.common.runner import spawn_module
 
+MODULE = "benchmarks.backbones"
 MAX_PARAMS = 100_000_000
 SMALL_SIDE = 64  # image size for models whose constructor takes img_size
 TV = "torchvision:"
@@ -204,15 +204,14 @@ class Worker:
     """A worker process fed one name at a time; killed and replaced when a model runs too long."""
 
     def __init__(self) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker"],
+        self.proc = spawn_module(  # OpenMP threads: OMP_NUM_THREADS where set, else 1
+            MODULE,
+            "--worker",
+            threads=os.environ.get("OMP_NUM_THREADS", "1"),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-            env=env,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -302,7 +301,9 @@ def report(results: dict[str, dict], total: int, command: str) -> str:
     """The Markdown section: N of M pass, each failure with its reason, what was not run."""
     import timm
     import torchvision
-    from _report import machine, markdown_table
+
+    from benchmarks.common.machine import machine
+    from benchmarks.common.report import markdown_table
 
     ran = [r for r in results.values() if r["status"] != "skipped"]
     passed = [r for r in ran if r["status"] == "pass"]
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per model")
     parser.add_argument("--seed", type=int, default=0, help="order of the run: a shuffle, so a partial run samples all")
     parser.add_argument(
-        "--results", type=Path, default=HERE.parent / ".bench" / "backbones.json", help="the resumable JSON results"
+        "--results", type=Path, default=REPO / ".bench" / "backbones.json", help="the resumable JSON results"
     )
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
     parser.add_argument("--report-only", action="store_true", help="write the table from the JSON, run nothing")
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.results.read_text()) if args.results.exists() else {}
     else:
         results = run(names, args.results, args.timeout, args.rerun_failures)
-    command = f"OMP_NUM_THREADS=1 python benchmarks/backbones.py --out {args.out or '...'}"
+    command = f"OMP_NUM_THREADS=1 python -m benchmarks.backbones --out {args.out or '...'}"
     text = report(results, total, command)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

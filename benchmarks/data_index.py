@@ -9,7 +9,9 @@ measures, per contender:
   ``os.scandir`` + writing the cache file, what ``byol-pytorch train`` does on a first
   start); torchvision is ``datasets.ImageFolder`` (one class per sub-folder).
 * cached start ("after" only): ``load_or_scan`` when the cache file is valid (a ``stat``
-  per folder, then reading the arrays), what a resumed run does.
+  per folder, then reading the arrays), what a resumed run does: its two steps,
+  ``check_folder`` and ``load_cached_index``, so that a cache found invalid is an error
+  rather than a scan timed as a cached start.
 * main bytes/image: the private memory (USS) the file list adds to the process.
 * worker bytes/image: the private memory each of W forked DataLoader workers gains by
   reading every entry the way its dataset's ``__getitem__`` does before opening a file
@@ -19,8 +21,8 @@ measures, per contender:
 Every measurement runs in its own single-threaded subprocess; contenders alternate;
 times are medians over ``--reps``; memory is measured once per contender.
 
-    python benchmarks/data_index.py --out benchmarks/results/data_index.md   # trees kept in .bench/data_index
-    python benchmarks/data_index.py --smoke --root /tmp/idx    # tiny sizes, seconds
+    python -m benchmarks.data_index --out benchmarks/results/data_index.md   # trees kept in .bench/data_index
+    python -m benchmarks.data_index --smoke --root /tmp/idx    # tiny sizes, seconds
 """
 
 from __future__ import annotations
@@ -30,16 +32,16 @@ import gc
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, markdown_table, write_results  # noqa: E402  (benchmarks/ is not a package)
+from benchmarks.common import REPO
+from benchmarks.common.machine import load_average, machine
+from benchmarks.common.report import markdown_table, write_results
+from benchmarks.common.runner import run_module
 
-REPO = Path(__file__).resolve().parents[1]
+MODULE = "benchmarks.data_index"
 CONTENDERS = ("before", "after", "torchvision")
 GOAL_BYTES, GOAL_START_S, GOAL_CACHED_S = 100, 60.0, 5.0
 
@@ -116,28 +118,23 @@ def _has_image_suffix(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _refuse_walk(root: str) -> Any:
-    raise RuntimeError(f"the cached start scanned {root}: the cache was not valid")
-
-
 def _build(contender: str, mode: str, folder: Path) -> Any:
     """The dataset-side file list of ``contender``: the object a DataLoader worker reads."""
     if contender == "before":
         return old_scan_images(folder)
     if contender == "after":
-        from byol_pytorch import file_index
+        from byol_pytorch.data import file_index
 
         cache = _cache_path(folder)
-        if mode != "cached" and cache.exists():
-            cache.unlink()  # a first start: scan and write the cache
         if mode != "cached":
+            cache.unlink(missing_ok=True)  # a first start: scan and write the cache
             return file_index.load_or_scan(folder, cache)
-        walk = file_index._walk
-        file_index._walk = _refuse_walk  # type: ignore[assignment]  # a cached start that scanned: a wrong figure
-        try:
-            return file_index.load_or_scan(folder, cache)
-        finally:
-            file_index._walk = walk
+        # load_or_scan's path when the cache is valid; an invalid one would scan: a wrong figure.
+        file_index.check_folder(folder)
+        index = file_index.load_cached_index(cache, folder)
+        if index is None:
+            raise RuntimeError(f"the cached start scanned {folder}: the cache was not valid")
+        return index
     from torchvision import datasets
 
     return datasets.ImageFolder(str(folder), is_valid_file=_has_image_suffix)  # never opens a file here
@@ -183,8 +180,8 @@ def child(contender: str, mode: str, folder: Path, workers: int) -> dict[str, An
     import torchvision.datasets  # noqa: F401  (imported before the measurements, as the next two)
     from torch.utils.data import DataLoader
 
-    import byol_pytorch.data
-    import byol_pytorch.file_index  # noqa: F401
+    import byol_pytorch.data.file_index
+    import byol_pytorch.data.folder  # noqa: F401
 
     torch.set_num_threads(1)
     gc.collect()
@@ -210,10 +207,9 @@ def child(contender: str, mode: str, folder: Path, workers: int) -> dict[str, An
 
 # ------------------------------------------------------------------ the parent
 def _run_child(contender: str, mode: str, folder: Path, workers: int) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    command = [sys.executable, __file__, "--child", contender, mode, str(folder), "--workers", str(workers)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+    """One measurement in a fresh 1-thread ``python -m benchmarks.data_index --child ...``."""
+    args = ["--child", contender, mode, str(folder.resolve()), "--workers", str(workers)]
+    proc = run_module(MODULE, *args, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"{contender} {mode} on {folder} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -291,7 +287,7 @@ def main(args: argparse.Namespace) -> str:
 
     if args.smoke:
         args.sizes, args.per_folder, args.reps, args.workers = [1200], 100, 1, 2
-    load_before = os.getloadavg()
+    load_before = load_average()
     rows, goals = [], []
     for size in args.sizes:
         folder = make_tree(args.root / f"n{size}", size, args.per_folder)
@@ -299,14 +295,14 @@ def main(args: argparse.Namespace) -> str:
         rows += _rows(size, results)
         if size == max(args.sizes):
             goals = _goals(size, results["after"])
-    load_after = os.getloadavg()
+    load_after = load_average()
     header = ["files", "contender", "start-up s", "cached start s", "main bytes/image", "each worker bytes/image"]
     table = markdown_table(header, rows)
     notes = (
         f"Times: median (min-max) of {args.reps} runs, warm file-system cache, one thread per process. "
         "Bytes/image: private memory (USS, psutil) the file list adds to the main process, and that each of "
         f"{args.workers} forked DataLoader workers gains by reading every entry (one figure per worker). "
-        f"1-minute load average {load_before[0]:.2f} before and {load_after[0]:.2f} after "
+        f"1-minute load average {load_before:.2f} before and {load_after:.2f} after "
         f"({os.cpu_count()} cores, shared)."
     )
     text = f"{table}\n\n{notes}\n\n### Goals (issue 14, at the largest size)\n\n" + "\n".join(goals)

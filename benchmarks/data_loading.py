@@ -9,36 +9,30 @@ Test images (random smooth multi-scale texture, JPEG quality 90) are generated o
 a cache folder. Each loader runs one untimed warm-up epoch (worker start, page cache),
 then timed epochs alternate between the contenders, and medians are reported.
 
-    python benchmarks/data_loading.py                   # full run, prints a table
-    python benchmarks/data_loading.py --smoke           # tiny sizes, seconds
-    python benchmarks/data_loading.py --output benchmarks/results/data_loading.md
+    python -m benchmarks.data_loading                   # full run, prints a table
+    python -m benchmarks.data_loading --smoke           # tiny sizes, seconds
+    python -m benchmarks.data_loading --output benchmarks/results/data_loading.md
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import PIL
-import torch
 import torchvision
 from PIL import Image, features
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import command_line  # noqa: E402  (benchmarks/ is not a package)
-
-from byol_pytorch.data import ImageFolder, make_loader  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO
+from benchmarks.common.machine import load_average, machine
+from benchmarks.common.report import command_line, markdown_table
+from benchmarks.common.runner import time_alternating
+from byol_pytorch.data import ImageFolder, make_loader
 
 
 @dataclass(frozen=True)
@@ -130,15 +124,13 @@ def ours_loader(root: Path, case: Case, workers: int) -> DataLoader:
     )
 
 
-def epoch_seconds(loader: DataLoader, expected: int) -> float:
-    start = time.perf_counter()
+def epoch(loader: DataLoader, expected: int) -> None:
+    """One pass over the loader; it must hand out `expected` images."""
     seen = 0
     for images, _ in loader:
         seen += len(images)
-    elapsed = time.perf_counter() - start
     if seen != expected:
         raise RuntimeError(f"loader gave {seen} images, expected {expected}")
-    return elapsed
 
 
 def mean_abs_difference(loaders: dict[str, DataLoader], count: int = 8) -> float:
@@ -155,33 +147,14 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
         "torchvision": torchvision_loader(root, case, args.workers),
     }
     difference = mean_abs_difference(loaders)
-    times: dict[str, list[float]] = {name: [] for name in loaders}
-    for loader in loaders.values():
-        epoch_seconds(loader, case.count)  # warm-up, untimed
-    for repeat in range(args.repeats):
-        order = list(loaders) if repeat % 2 == 0 else list(loaders)[::-1]
-        for name in order:
-            times[name].append(epoch_seconds(loaders[name], case.count))
+    # One untimed warm-up epoch each, then timed epochs: ours, torchvision; torchvision, ours; ...
+    calls = [lambda loader=loader: epoch(loader, case.count) for loader in loaders.values()]
+    timed = time_alternating(calls, 1, args.repeats, reverse_odd_rounds=True)
+    times = {name: t.wall for name, t in zip(loaders, timed)}
     rates = {name: case.count / statistics.median(t) for name, t in times.items()}
     spread = {name: (case.count / max(t), case.count / min(t)) for name, t in times.items()}
     kilobytes = statistics.mean(p.stat().st_size for p in (root / "images").iterdir()) / 1000
     return {"case": case, "rates": rates, "spread": spread, "difference": difference, "kilobytes": kilobytes}
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{model}, {os.cpu_count()} logical cores; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, Pillow {PIL.__version__} "
-        f"(libjpeg-turbo {features.version('jpg')})"
-    )
 
 
 def _rate(images_per_second: float) -> str:
@@ -189,11 +162,17 @@ def _rate(images_per_second: float) -> str:
 
 
 def table(results: list[dict], workers: int) -> str:
-    lines = [
-        "| images | load size | batch | workers | ours img/s (min-max) | torchvision img/s (min-max) "
-        "| ours / torchvision | mean abs diff (0-255) |",
-        "|---|---|---|---|---|---|---|---|",
+    header = [
+        "images",
+        "load size",
+        "batch",
+        "workers",
+        "ours img/s (min-max)",
+        "torchvision img/s (min-max)",
+        "ours / torchvision",
+        "mean abs diff (0-255)",
     ]
+    rows = []
     for result in results:
         case, rates, spread = result["case"], result["rates"], result["spread"]
         cells = [
@@ -208,30 +187,30 @@ def table(results: list[dict], workers: int) -> str:
             f"{rates['ours'] / rates['torchvision']:.2f}x",
             f"{result['difference']:.2f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(header, rows)
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> str:
     if args.smoke:
         args.repeats = min(args.repeats, 2)
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     results = []
     for case in SMOKE if args.smoke else FULL:
         results.append(run_case(case, args))
         print(table(results[-1:], args.workers).splitlines()[-1], flush=True)
-    command = command_line()
+    command, jpeg = command_line(), f"libjpeg-turbo {features.version('jpg')}"
     report = "\n".join(
         [
             "# Data loading: byol_pytorch ImageFolder vs torchvision ImageFolder",
             "",
             f"Command (from the repository root): `{command}`",
             "",
-            f"Machine: {machine()}",
+            f"Machine: {machine(torchvision, PIL, extra=jpeg)}",
             "",
             f"Medians of {args.repeats} timed epochs per contender (alternating, after one untimed "
             "warm-up epoch each); min-max in brackets. 1-minute load average "
-            f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after the run: the cores are "
+            f"{load_before:.1f} before and {load_average():.1f} after the run: the cores are "
             "shared, so expect noise of tens of percent between runs.",
             "",
             table(results, args.workers),
@@ -248,6 +227,7 @@ def main(args: argparse.Namespace) -> None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(report + "\n", encoding="utf-8")
         print(f"\nwrote {args.output}")
+    return report
 
 
 if __name__ == "__main__":

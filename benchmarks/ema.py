@@ -11,29 +11,25 @@ values) of two torchvision resnet50 copies:
 Calls alternate between the contenders (A B C A B C ...) after warm-up calls; the table
 gives the median per call (with a device synchronisation around each on a GPU).
 
-    python benchmarks/ema.py                  # CPU, and the GPU too when there is one
-    python benchmarks/ema.py --smoke          # resnet18, a few calls: seconds
-    python benchmarks/ema.py --out benchmarks/results/ema.md
+    python -m benchmarks.ema                  # CPU, and the GPU too when there is one
+    python -m benchmarks.ema --smoke          # resnet18, a few calls: seconds
+    python -m benchmarks.ema --out benchmarks/results/ema.md
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _peer  # noqa: E402  (benchmarks/ is not a package)
-from _report import machine as _machine  # noqa: E402
-from _report import markdown_table, write_results
-
-from byol_pytorch.ema import ema_update_  # noqa: E402
+from benchmarks.common.machine import machine
+from benchmarks.common.peer import load_peer_or_skip
+from benchmarks.common.report import markdown_table, verdict, write_results
+from benchmarks.common.runner import device_sync, time_alternating
+from byol_pytorch.ema import ema_update_
 
 GPU_GOAL = 5.0  # issue 6: at least 5x faster than the peer's loop on a GPU
 TAU = 0.99
@@ -90,26 +86,12 @@ def contenders_for(device: torch.device, arch: str, peer) -> tuple[dict[str, Cal
     return calls, sum(p.numel() for p in t_params)
 
 
-def time_alternating(
+def medians(
     calls: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
 ) -> dict[str, tuple[float, float]]:
     """Median (wall-clock, process CPU) seconds per call, calls alternated A B C A B C ..."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    sync()
-    wall: dict[str, list[float]] = {name: [] for name in calls}
-    cpu: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            sync()
-            start, cpu_start = time.perf_counter(), time.process_time()
-            call()
-            sync()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - cpu_start)
-    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in calls}
+    timings = time_alternating(list(calls.values()), warmup, repeats, device_sync(device))
+    return {name: (t.median("wall"), t.median("cpu")) for name, t in zip(calls, timings)}
 
 
 def main(args: argparse.Namespace) -> str:
@@ -119,14 +101,14 @@ def main(args: argparse.Namespace) -> str:
     arch = "resnet18" if args.smoke else args.arch
     peer, note = None, ""
     if not args.no_peer:
-        peer, note = _peer.load_peer_or_skip()
+        peer, note = load_peer_or_skip()
     rows, verdicts = [], []
     for name in devices.split(","):
         device = torch.device(name.strip())
         repeats = args.repeats or (3 if args.smoke else 200 if device.type == "cuda" else 30)
         warmup = 1 if args.smoke else args.warmup
         calls, numel = contenders_for(device, arch, peer)
-        both = time_alternating(calls, device, warmup, repeats)
+        both = medians(calls, device, warmup, repeats)
         # On the CPU the process's CPU time is what the ratios use: other jobs on a shared
         # machine stretch the wall clock but barely the CPU time. On a GPU: the wall clock.
         med = {k: (w if device.type == "cuda" else c) for k, (w, c) in both.items()}
@@ -146,9 +128,9 @@ def main(args: argparse.Namespace) -> str:
         if "peer loop" in med:
             speedup = med["peer loop"] / ours
             if device.type == "cuda":
-                ok = "**met**" if speedup >= GPU_GOAL else "**not met**"
                 verdicts.append(
-                    f"- At least {GPU_GOAL}x faster than the peer's loop on the GPU: {ok} ({speedup:.2f}x)."
+                    f"- At least {GPU_GOAL}x faster than the peer's loop on the GPU: "
+                    f"{verdict(speedup >= GPU_GOAL)} ({speedup:.2f}x)."
                 )
             else:
                 verdicts.append(
@@ -158,7 +140,7 @@ def main(args: argparse.Namespace) -> str:
     if "cuda" not in devices:
         verdicts.append(
             f"- GPU goal (at least {GPU_GOAL}x the peer's loop): **not measurable here (no GPU in this "
-            "run)**; run `python benchmarks/ema.py` on a machine with CUDA."
+            "run)**; run `python -m benchmarks.ema` on a machine with CUDA."
         )
     table = "\n".join(
         [
@@ -179,7 +161,7 @@ def main(args: argparse.Namespace) -> str:
     )
     print(table)
     if args.out is not None:
-        write_results(args.out, "EMA update benchmark", _machine(), table)
+        write_results(args.out, "EMA update benchmark", machine(), table)
     return table
 
 

@@ -4,8 +4,8 @@ Each test of the suite appends what it injected and what held to the file named 
 ``BYOL_FAULTS_REPORT``; this script runs pytest with that set, then groups the rows by
 fault (fuzz rows are summed and their outcomes counted). The numbers come from the run.
 
-    python benchmarks/faults_summary.py                       # 150 fuzz examples per property
-    python benchmarks/faults_summary.py --examples 2000 --out docs/FAULTS.md
+    python -m benchmarks.faults_summary                       # 150 fuzz examples per property
+    python -m benchmarks.faults_summary --examples 2000 --out docs/FAULTS.md
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO as ROOT
+from benchmarks.common.runner import child_env, module_command
 
 __all__ = ["main", "summarise"]
 
@@ -32,7 +33,7 @@ and checks what must hold: a run finishes bitwise equal to an uninterrupted one,
 with one line `byol-pytorch: error: ...` (naming the problem and the fix), a non-zero exit,
 no traceback (`--debug` or `BYOL_PYTORCH_DEBUG=1` shows it) and nothing saved lost. The
 Python API raises only `TypeError`, `ValueError` or `FloatingPointError`. CI runs the suite
-with every other test; this table is written by `python benchmarks/faults_summary.py`
+with every other test; this table is written by `python -m benchmarks.faults_summary`
 from a real run of it (the numbers below are that run's).
 """
 
@@ -71,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "faults.jsonl"
-        env = dict(os.environ, BYOL_FAULTS_REPORT=str(report), BYOL_FAULTS_EXAMPLES=str(args.examples))
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_faults.py"]
+        env = dict(child_env(threads=None), BYOL_FAULTS_REPORT=str(report), BYOL_FAULTS_EXAMPLES=str(args.examples))
+        cmd = module_command("pytest", "-q", "-p", "no:cacheprovider", "tests/test_faults.py")
         started = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         elapsed = time.time() - started

@@ -20,10 +20,10 @@ and the 10,000 test images as queries.
 On a 2-core CPU one contender takes a long time; time it first with ``--estimate`` and
 run it in the background. ``--max-steps`` cuts the budget, and the table then says so.
 
-    python benchmarks/quality.py --estimate 3             # seconds per step, projected total
-    nohup python benchmarks/quality.py --out benchmarks/results/quality.md > .bench/quality.log &
-    python benchmarks/quality.py --long                   # GPU: 100 epochs, kNN curve every 10
-    python benchmarks/quality.py --smoke                  # 128 images, 1 epoch: seconds
+    python -m benchmarks.quality --estimate 3             # seconds per step, projected total
+    nohup python -m benchmarks.quality --out benchmarks/results/quality.md > .bench/quality.log &
+    python -m benchmarks.quality --long                   # GPU: 100 epochs, kNN curve every 10
+    python -m benchmarks.quality --smoke                  # 128 images, 1 epoch: seconds
 
 Several seeds: run each contender with ``--seed N --save-json FILE`` and pass all the files
 to ``--load-json``; the table then has a row per seed, the mean, std and min/max, and the
@@ -37,32 +37,26 @@ import dataclasses
 import json
 import math
 import statistics
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _peer  # noqa: E402  (benchmarks/ is not a package)
-from _report import command_line as _command  # noqa: E402
-from _report import machine as _machine
-from _report import markdown_table, write_results
-
-from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
-from byol_pytorch.app.fashion_mnist import load_fashion_mnist  # noqa: E402
-from byol_pytorch.evaluate import extract_features, knn_accuracy  # noqa: E402
+from benchmarks.common import data as bench_data
+from benchmarks.common.contenders import byol_step, make_learner, timm_backbone
+from benchmarks.common.data import Data, knn
+from benchmarks.common.machine import machine
+from benchmarks.common.peer import load_peer_or_skip
+from benchmarks.common.report import command_line, markdown_table, verdict, write_results
 
 RANDOM_GOAL, PEER_GOAL = 8.0, 5.0  # issue 6: kNN points above random init / above the peer
 CONTENDERS = ("random", "ours", "ours1b", "peer")  # "ours1b" (an extra, not in the default run): the opt-in
 DEFAULT_CONTENDERS = ("random", "ours", "peer")
 LABELS = {"random": "random init", "ours": "ours", "ours1b": "ours, views in one batch", "peer": "peer vanilla"}
-SMOKE_TRAIN, SMOKE_TEST, SMOKE_BATCH = 128, 64, 32
+GOALS = ((("ours", "random init"), RANDOM_GOAL, "random init"), (("ours", "peer vanilla"), PEER_GOAL, "the peer"))
+GAPS = (("ours", "random init"), ("ours", "peer vanilla"), ("peer vanilla", "random init"), (LABELS["ours1b"], "ours"))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -109,7 +103,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help=f"{SMOKE_TRAIN} training images, {SMOKE_TEST} queries, batch {SMOKE_BATCH}, 1 epoch: seconds",
+        help=f"{bench_data.SMOKE_TRAIN} training images, {bench_data.SMOKE_TEST} queries, "
+        f"batch {bench_data.SMOKE_BATCH}, 1 epoch: seconds",
     )
     parser.add_argument(
         "--save-json",
@@ -129,17 +124,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 @dataclass
-class Data:
-    """Padded, three-channel uint8 images and their labels."""
-
-    train_x: torch.Tensor  # (N, 3, 32, 32) uint8
-    train_y: torch.Tensor  # (N,) int64
-    test_x: torch.Tensor  # (M, 3, 32, 32) uint8
-    test_y: torch.Tensor  # (M,) int64
-    source: str
-
-
-@dataclass
 class Result:
     """One contender's outcome."""
 
@@ -153,378 +137,307 @@ class Result:
     seed: int = 0  # initial weights, data order and augmentation draws
 
 
-def prepare(images: torch.Tensor) -> torch.Tensor:
-    """(N, 1, 28, 28) uint8 -> (N, 3, 32, 32) uint8: 2 black pixels per side, grey repeated to RGB."""
-    return F.pad(images, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()
+@dataclass
+class Budget:
+    """What every trained contender runs: the epochs, the steps they make, and the device."""
+
+    epochs: int
+    steps: int  # the issue's budget: every batch of every epoch
+    device: torch.device
+    max_steps: int | None = None
+    eval_every: int | None = None
+
+    @property
+    def total(self) -> int:
+        return self.steps if self.max_steps is None else min(self.max_steps, self.steps)
 
 
-def load_data(args: argparse.Namespace) -> Data:
-    """Fashion-MNIST (or, for --smoke without the files, random images, said in `source`)."""
-    try:
-        train_x, train_y = load_fashion_mnist(args.data_dir, split="train")
-        test_x, test_y = load_fashion_mnist(args.data_dir, split="test")
-        source = "Fashion-MNIST"
-    except (FileNotFoundError, ValueError) as error:
-        if not args.smoke:
-            raise
-        print(f"Fashion-MNIST not found ({error}); the smoke run uses random images", file=sys.stderr)
-        g = torch.Generator().manual_seed(0)
-        train_x = torch.randint(0, 256, (SMOKE_TRAIN, 1, 28, 28), dtype=torch.uint8, generator=g)
-        test_x = torch.randint(0, 256, (SMOKE_TEST, 1, 28, 28), dtype=torch.uint8, generator=g)
-        train_y, test_y = torch.arange(SMOKE_TRAIN) % 10, torch.arange(SMOKE_TEST) % 10
-        source = "random images (smoke)"
-    if args.smoke:
-        train_x, train_y, test_x, test_y = (
-            train_x[:SMOKE_TRAIN],
-            train_y[:SMOKE_TRAIN],
-            test_x[:SMOKE_TEST],
-            test_y[:SMOKE_TEST],
-        )
-    return Data(prepare(train_x), train_y.long(), prepare(test_x), test_y.long(), source)
+def _learner(name: str, args: argparse.Namespace, device: torch.device, peer):
+    """The seeded resnet10t on the device, the learner around it, how it is fed, and its Adam."""
+    net = timm_backbone("resnet10t", args.seed).to(device)
+    learner, feed = make_learner(name, net, 32, peer)
+    learner.to(device)
+    opt = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=args.lr)
+    return net, learner, feed, opt
 
 
-def make_net(seed: int) -> nn.Module:
-    """timm resnet10t without classifier, initialised from `seed` (identical for every contender)."""
-    torch.manual_seed(seed)
-    return timm.create_model("resnet10t", num_classes=0)
-
-
-def make_learner(name: str, net: nn.Module, peer) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
-    """The learner around `net` and how it takes a uint8 batch."""
-    if name in ("ours", "ours1b"):
-        return BYOL(net, 32, views_in_one_batch=name == "ours1b"), lambda x: x
-    return _peer.make_peer(peer, net, 32, "vanilla"), lambda x: x.float().div_(255)
-
-
-def knn(net: nn.Module, data: Data, bank: int, device: torch.device) -> float:
-    """Weighted kNN accuracy (k 20, T 0.07) of the net's pooled features, as a percentage."""
-    normalize = BYOLAugment(32).normalize  # uint8 -> [0, 1] -> ImageNet mean/std
-    bank_f = extract_features(net, data.train_x[:bank], batch_size=512, device=device, transform=normalize)
-    test_f = extract_features(net, data.test_x, batch_size=512, device=device, transform=normalize)
-    return 100.0 * knn_accuracy(
-        bank_f, data.train_y[:bank], test_f, data.test_y, num_classes=10, k=20, temperature=0.07
+def _log_step(result: Result, total: int, epoch: int, elapsed: float) -> None:
+    print(
+        f"[{result.name}] step {result.steps}/{total} epoch {epoch} loss {result.loss:.4f} "
+        f"{elapsed / result.steps:.2f} s/step, "
+        f"ETA {(total - result.steps) * elapsed / result.steps / 60:.1f} min",
+        flush=True,
     )
 
 
-def train(
-    name: str,
-    data: Data,
-    args: argparse.Namespace,
-    device: torch.device,
-    peer,
-    epochs: int,
-    max_steps: int | None,
-    eval_every: int | None,
-) -> Result:
+def train(name: str, data: Data, args: argparse.Namespace, budget: Budget, peer) -> Result:
     """BYOL-train one contender on the whole training set; returns its kNN accuracy."""
-    net = make_net(args.seed).to(device)
-    learner, feed = make_learner(name, net, peer)
-    learner.to(device)
-    opt = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=args.lr)
-    images = data.train_x.to(device)
+    net, learner, feed, opt = _learner(name, args, budget.device, peer)
+    images = data.train_x.to(budget.device)
     order = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # the augmentations' draws
-    steps_per_epoch = math.ceil(len(images) / args.batch_size)
-    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    total = budget.total
     result = Result(LABELS[name], math.nan, 0, 0.0)
     start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        perm = torch.randperm(len(images), generator=order).to(device)
+    for epoch in range(1, budget.epochs + 1):
+        perm = torch.randperm(len(images), generator=order).to(budget.device)
         for first in range(0, len(images), args.batch_size):
             if result.steps >= total:
                 break
             batch = images[perm[first : first + args.batch_size]]
             if len(batch) < 2:
                 continue  # BatchNorm needs two images
-            loss = learner(feed(batch))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            learner.update_moving_average()
+            loss = byol_step(learner, feed, opt, batch)
             result.steps += 1
             if result.steps % args.log_every == 0 or result.steps == total:
-                elapsed = time.perf_counter() - start
                 result.loss = float(loss.detach())
-                print(
-                    f"[{result.name}] step {result.steps}/{total} epoch {epoch} loss {result.loss:.4f} "
-                    f"{elapsed / result.steps:.2f} s/step, "
-                    f"ETA {(total - result.steps) * elapsed / result.steps / 60:.1f} min",
-                    flush=True,
-                )
-        if eval_every and epoch % eval_every == 0 and result.steps <= total:
-            result.curve.append((epoch, knn(net, data, args.bank, device)))
+                _log_step(result, total, epoch, time.perf_counter() - start)
+        if budget.eval_every and epoch % budget.eval_every == 0 and result.steps <= total:
+            result.curve.append((epoch, knn(net, data, args.bank, budget.device)))
             print(f"[{result.name}] epoch {epoch}: kNN {result.curve[-1][1]:.2f}%", flush=True)
         if result.steps >= total:
             break
     result.seconds = time.perf_counter() - start
     result.loss = float(loss.detach())
-    result.accuracy = (
-        result.curve[-1][1] if result.curve and result.curve[-1][0] == epoch else knn(net, data, args.bank, device)
-    )
+    ended_on_curve = result.curve and result.curve[-1][0] == epoch
+    result.accuracy = result.curve[-1][1] if ended_on_curve else knn(net, data, args.bank, budget.device)
     return result
 
 
-def estimate(names: list[str], data: Data, args: argparse.Namespace, device: torch.device, peer, epochs: int) -> str:
+def estimate(names: list[str], data: Data, args: argparse.Namespace, budget: Budget, peer) -> str:
     """Time a few steps of each trained contender and project the full budget."""
-    steps_total = epochs * math.ceil(len(data.train_x) / args.batch_size)
     rows, total = [], 0.0
     for name in names:
         if name == "random":
             continue
-        net = make_net(args.seed).to(device)
-        learner, feed = make_learner(name, net, peer)
-        opt = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=args.lr)
-        batch = data.train_x[: args.batch_size].to(device)
+        _, learner, feed, opt = _learner(name, args, budget.device, peer)
+        batch = data.train_x[: args.batch_size].to(budget.device)
         times = []
         for i in range(args.estimate + 1):  # the first step is a warm-up
             start = time.perf_counter()
-            loss = learner(feed(batch))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            learner.update_moving_average()
-            if device.type == "cuda":
+            byol_step(learner, feed, opt, batch)
+            if budget.device.type == "cuda":
                 torch.cuda.synchronize()
             if i:
                 times.append(time.perf_counter() - start)
         per_step = statistics.median(times)
-        total += per_step * steps_total
-        rows.append(f"| {LABELS[name]} | {per_step:.2f} | {steps_total} | {per_step * steps_total / 60:.1f} |")
+        total += per_step * budget.steps
+        rows.append([LABELS[name], f"{per_step:.2f}", budget.steps, f"{per_step * budget.steps / 60:.1f}"])
     return "\n".join(
         [
-            f"### Projected training time ({epochs} epochs, batch {args.batch_size}, {device.type}, "
+            f"### Projected training time ({budget.epochs} epochs, batch {args.batch_size}, {budget.device.type}, "
             f"{torch.get_num_threads()} threads, median of {args.estimate} steps)",
             "",
-            "| contender | s/step | steps | minutes |",
-            "|---|---|---|---|",
-            *rows,
+            markdown_table(["contender", "s/step", "steps", "minutes"], rows),
             "",
             f"Total: {total / 60:.1f} minutes of training (plus a few minutes of feature extraction).",
         ]
     )
 
 
-def _title(data: Data, args: argparse.Namespace, epochs: int) -> str:
+def _title(data: Data, args: argparse.Namespace, budget: Budget) -> str:
     """The table's heading up to the seed and device: evaluation and training budget."""
     return (
         f"### kNN accuracy (k 20, T 0.07; bank {min(args.bank, len(data.train_x))} training images, "
-        f"{len(data.test_x)} test queries) after {epochs} epochs of {len(data.train_x)} {data.source} "
+        f"{len(data.test_x)} test queries) after {budget.epochs} epochs of {len(data.train_x)} {data.source} "
         f"images, batch {args.batch_size}, Adam {args.lr:g}"
     )
 
 
-def _verdict(gain: float, goal: float) -> str:
-    return "**met**" if gain >= goal else "**not met**"
+def _full_budget(results: list[Result], budget: Budget) -> bool:
+    return all(r.steps == budget.steps for r in results if r.name != "random init")
 
 
-def report_seeds(
-    results: list[Result],
-    data: Data,
-    args: argparse.Namespace,
-    epochs: int,
-    budget_steps: int,
-    device: torch.device,
-    peer_note: str,
-) -> str:
-    """Results of several seeds: one row per seed, the mean, and the goals judged on the means."""
-    seeds = sorted({r.seed for r in results})
+def _goal(goal: float, what: str, full: bool, gain: float, detail: str) -> str:
+    """A goal's line: ours at least `goal` points above `what`."""
+    reduced = "" if full else " (at the REDUCED budget above, not the issue's)"
+    return f"- Ours at least {goal:g} points above {what}{reduced}: {verdict(gain >= goal)} ({detail})."
+
+
+def _notes(peer_note: str, commands: list[str]) -> list[str]:
+    """The peer's note and the commands that trained the results, as lines after a table."""
+    lines = ["", peer_note] if peer_note else []
+    if commands:
+        lines += ["", "Results trained by: " + "; ".join(f"`{c}`" for c in commands)]
+    return lines
+
+
+def _seed_columns(results: list[Result], names: list[str], gaps: list[tuple[str, str]], seeds: list[int]):
+    """One row per seed (accuracies, then the gaps) and each column's values over the seeds."""
     by = {(r.seed, r.name): r for r in results}
-    names = [LABELS[n] for n in CONTENDERS if any(r.name == LABELS[n] for r in results)]
-    full = all(r.steps == budget_steps for r in results if r.name != "random init")
-    lines = [
-        f"{_title(data, args, epochs)}, {device.type}; seeds {', '.join(map(str, seeds))}",
-        "",
-        "Each seed fixes the initial weights (the same for every contender), the data order and the "
-        "augmentation draws; kNN top-1 %.",
-        "",
-    ]
-    if not full:
-        lines += [f"**REDUCED BUDGET**: the issue's budget is {budget_steps} steps per contender.", ""]
-    gaps = [
-        ("ours", "random init"),
-        ("ours", "peer vanilla"),
-        ("peer vanilla", "random init"),
-        ("ours, views in one batch", "ours"),
-    ]
-    gaps = [g for g in gaps if g[0] in names and g[1] in names]
-    header = ["seed", *names, *(f"{a} - {b}" for a, b in gaps)]
-    rows, columns = [], {h: [] for h in header[1:]}
+    header = [*names, *(f"{a} - {b}" for a, b in gaps)]
+    rows, columns = [], {h: [] for h in header}
     for seed in seeds:
-        cells = []
-        for name in names:
-            r = by.get((seed, name))
-            cells.append(r.accuracy if r else None)
+        cells = [by[(seed, n)].accuracy if (seed, n) in by else None for n in names]
         for a, b in gaps:
-            ra, rb = by.get((seed, a)), by.get((seed, b))
-            cells.append(ra.accuracy - rb.accuracy if ra and rb else None)
-        for h, v in zip(header[1:], cells):
+            both = (seed, a) in by and (seed, b) in by
+            cells.append(by[(seed, a)].accuracy - by[(seed, b)].accuracy if both else None)
+        for h, v in zip(header, cells):
             if v is not None:
                 columns[h].append(v)
         rows.append(
             [str(seed)]
             + ["" if v is None else (f"{v:+.2f}" if i >= len(names) else f"{v:.2f}") for i, v in enumerate(cells)]
         )
-    mean = {h: statistics.mean(v) for h, v in columns.items() if v}
+    return header, rows, columns
 
-    def mean_cell(i: int, h: str) -> str:
-        if h not in mean:
+
+def _summary_rows(columns: dict[str, list[float]], names: list[str], seeds: int) -> list[list[str]]:
+    """The mean (with how many seeds when fewer than all), std and min / max of each column."""
+
+    def mean_cell(i: int, values: list[float]) -> str:
+        if not values:
             return ""
-        text = f"{mean[h]:+.2f}" if i >= len(names) else f"{mean[h]:.2f}"
-        n = len(columns[h])
-        return text if n == len(seeds) else f"{text} ({n} seed{'' if n == 1 else 's'})"
+        mean = statistics.mean(values)
+        text = f"{mean:+.2f}" if i >= len(names) else f"{mean:.2f}"
+        n = len(values)
+        return text if n == seeds else f"{text} ({n} seed{'' if n == 1 else 's'})"
 
-    rows.append(["**mean**"] + [mean_cell(i, h) for i, h in enumerate(header[1:])])
-    rows.append(["std"] + [f"{statistics.stdev(columns[h]):.2f}" if len(columns[h]) > 1 else "" for h in header[1:]])
-    rows.append(
-        ["min / max"] + [f"{min(columns[h]):.2f} / {max(columns[h]):.2f}" if columns[h] else "" for h in header[1:]]
-    )
-    lines.append(markdown_table(header, rows))
-    if peer_note:
-        lines += ["", peer_note]
-    commands = sorted({r.command for r in results if r.command})
-    if commands:
-        lines += ["", "Results trained by: " + "; ".join(f"`{c}`" for c in commands)]
+    values = list(columns.values())
+    return [
+        ["**mean**"] + [mean_cell(i, v) for i, v in enumerate(values)],
+        ["std"] + [f"{statistics.stdev(v):.2f}" if len(v) > 1 else "" for v in values],
+        ["min / max"] + [f"{min(v):.2f} / {max(v):.2f}" if v else "" for v in values],
+    ]
+
+
+def report_seeds(results: list[Result], data: Data, args: argparse.Namespace, budget: Budget, peer_note: str) -> str:
+    """Results of several seeds: one row per seed, the mean, and the goals judged on the means."""
+    seeds = sorted({r.seed for r in results})
+    names = [LABELS[n] for n in CONTENDERS if any(r.name == LABELS[n] for r in results)]
+    full = _full_budget(results, budget)
+    lines = [
+        f"{_title(data, args, budget)}, {budget.device.type}; seeds {', '.join(map(str, seeds))}",
+        "",
+        "Each seed fixes the initial weights (the same for every contender), the data order and the "
+        "augmentation draws; kNN top-1 %.",
+        "",
+    ]
+    if not full:
+        lines += [f"**REDUCED BUDGET**: the issue's budget is {budget.steps} steps per contender.", ""]
+    gaps = [g for g in GAPS if g[0] in names and g[1] in names]
+    header, rows, columns = _seed_columns(results, names, gaps, seeds)
+    lines.append(markdown_table(["seed", *header], rows + _summary_rows(columns, names, len(seeds))))
+    lines += _notes(peer_note, sorted({r.command for r in results if r.command}))
     lines += ["", "### Goals (on the mean over seeds)", ""]
-    budget = "" if full else " (at the REDUCED budget above, not the issue's)"
-    for (a, b), goal, what in (
-        (("ours", "random init"), RANDOM_GOAL, "random init"),
-        (("ours", "peer vanilla"), PEER_GOAL, "the peer"),
-    ):
+    for (a, b), goal, what in GOALS:
         column = columns.get(f"{a} - {b}")
         if column:
+            mean, n = statistics.mean(column), len(column)
             reached = sum(v >= goal for v in column)
-            lines.append(
-                f"- Ours at least {goal:g} points above {what}{budget}: {_verdict(mean[f'{a} - {b}'], goal)} "
-                f"(mean {mean[f'{a} - {b}']:+.2f} points over {len(column)} seeds; {reached} of "
-                f"{len(column)} seeds at or above {goal:g})."
-            )
+            detail = f"mean {mean:+.2f} points over {n} seeds; {reached} of {n} seeds at or above {goal:g}"
+            lines.append(_goal(goal, what, full, mean, detail))
     return "\n".join(lines)
 
 
-def report(
-    results: list[Result],
-    data: Data,
-    args: argparse.Namespace,
-    epochs: int,
-    budget_steps: int,
-    device: torch.device,
-    peer_note: str,
-) -> str:
+def _curve_table(curves: list[Result]) -> list[str]:
+    epochs_seen = sorted({e for r in curves for e, _ in r.curve})
+    rows = [[e] + [next((f"{a:.2f}" for ep, a in r.curve if ep == e), "") for r in curves] for e in epochs_seen]
+    return ["", "### kNN curve (%)", "", markdown_table(["epoch", *(r.name for r in curves)], rows)]
+
+
+def report(results: list[Result], data: Data, args: argparse.Namespace, budget: Budget, peer_note: str) -> str:
     """The Markdown table, the curve (if any) and where the goals stand."""
     if len({r.seed for r in results}) > 1:
-        return report_seeds(results, data, args, epochs, budget_steps, device, peer_note)
+        return report_seeds(results, data, args, budget, peer_note)
     by = {r.name: r for r in results}
-    full = all(r.steps == budget_steps for r in results if r.name != "random init")
+    full = _full_budget(results, budget)
     seed = results[0].seed if results else args.seed  # loaded results carry their own
-    lines = [f"{_title(data, args, epochs)}, seed {seed}, {device.type}", ""]
+    lines = [f"{_title(data, args, budget)}, seed {seed}, {budget.device.type}", ""]
     if not full:
         lines += [
-            f"**REDUCED BUDGET**: the issue's budget is {budget_steps} steps per contender; the trained "
+            f"**REDUCED BUDGET**: the issue's budget is {budget.steps} steps per contender; the trained "
             "contenders ran the steps in the table (see `--max-steps`).",
             "",
         ]
-    lines += [
-        "| contender | steps | train minutes | final loss | kNN top-1 % | vs random init | vs peer |",
-        "|---|---|---|---|---|---|---|",
-    ]
     rand, peer = by.get("random init"), by.get("peer vanilla")
+    rows = []
     for r in results:
         loss = "" if r.loss is None else f"{r.loss:.3f}"
         vs_rand = f"{r.accuracy - rand.accuracy:+.2f}" if rand and r is not rand else ""
         vs_peer = f"{r.accuracy - peer.accuracy:+.2f}" if peer and r is not peer and r is not rand else ""
-        lines.append(
-            f"| {r.name} | {r.steps} | {r.seconds / 60:.1f} | {loss} | {r.accuracy:.2f} | {vs_rand} | {vs_peer} |"
-        )
+        rows.append([r.name, r.steps, f"{r.seconds / 60:.1f}", loss, f"{r.accuracy:.2f}", vs_rand, vs_peer])
+    header = ["contender", "steps", "train minutes", "final loss", "kNN top-1 %", "vs random init", "vs peer"]
+    lines.append(markdown_table(header, rows))
     curves = [r for r in results if r.curve]
     if curves:
-        epochs_seen = sorted({e for r in curves for e, _ in r.curve})
-        lines += [
-            "",
-            "### kNN curve (%)",
-            "",
-            "| epoch | " + " | ".join(r.name for r in curves) + " |",
-            "|---|" + "---|" * len(curves),
-        ]
-        for e in epochs_seen:
-            cells = [next((f"{a:.2f}" for ep, a in r.curve if ep == e), "") for r in curves]
-            lines.append(f"| {e} | " + " | ".join(cells) + " |")
-    if peer_note:
-        lines += ["", peer_note]
+        lines += _curve_table(curves)
     commands = sorted({r.command for r in results if r.command})
-    if len(commands) > 1 or (commands and commands[0] != _command()):
-        lines += ["", "Results trained by: " + "; ".join(f"`{c}`" for c in commands)]
-    ours = by.get("ours")
+    lines += _notes(peer_note, commands if len(commands) > 1 or commands[:1] != [command_line()] else [])
     lines += ["", "### Goals", ""]
-    budget = "" if full else " (at the REDUCED budget above, not the issue's)"
-    if ours and rand:
-        gain = ours.accuracy - rand.accuracy
-        lines.append(
-            f"- Ours at least {RANDOM_GOAL:g} points above random init{budget}: "
-            f"{_verdict(gain, RANDOM_GOAL)} ({gain:+.2f} points: "
-            f"{ours.accuracy:.2f}% vs {rand.accuracy:.2f}%)."
-        )
-    if ours and peer:
-        gain = ours.accuracy - peer.accuracy
-        lines.append(
-            f"- Ours at least {PEER_GOAL:g} points above the peer{budget}: "
-            f"{_verdict(gain, PEER_GOAL)} ({gain:+.2f} points: "
-            f"{ours.accuracy:.2f}% vs {peer.accuracy:.2f}%)."
-        )
+    for (a, b), goal, what in GOALS:
+        ours, other = by.get(a), by.get(b)
+        if ours and other:
+            gain = ours.accuracy - other.accuracy
+            detail = f"{gain:+.2f} points: {ours.accuracy:.2f}% vs {other.accuracy:.2f}%"
+            lines.append(_goal(goal, what, full, gain, detail))
     return "\n".join(lines)
+
+
+def load_results(paths: list[Path]) -> list[Result]:
+    """Results saved with --save-json, in the contenders' order; one per (seed, contender) at most."""
+    saved = [Result(**r) for path in paths for r in json.loads(path.read_text())]
+    keys = [(r.seed, r.name) for r in saved]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(
+            f"--load-json: more than one result for (seed, contender) {twice}; "
+            "pass each contender's run of each seed once"
+        )
+    order = [LABELS[n] for n in CONTENDERS]
+    return sorted(saved, key=lambda r: order.index(r.name))
+
+
+def run_contenders(names: list[str], data: Data, args: argparse.Namespace, budget: Budget, peer) -> list[Result]:
+    """Evaluate random init and train the others, one after the other."""
+    results = []
+    for name in names:
+        if name == "random":
+            net = timm_backbone("resnet10t", args.seed).to(budget.device)
+            results.append(Result(LABELS[name], knn(net, data, args.bank, budget.device), 0, 0.0))
+        else:
+            results.append(train(name, data, args, budget, peer))
+        r = results[-1]
+        r.command, r.seed = command_line(), args.seed
+        print(f"[{r.name}] done: {r.steps} steps, {r.seconds / 60:.1f} min, kNN {r.accuracy:.2f}%", flush=True)
+    return results
 
 
 def main(args: argparse.Namespace) -> str:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.smoke:
-        args.batch_size, args.bank, args.log_every = SMOKE_BATCH, SMOKE_TRAIN, 1_000_000
-    device = torch.device(args.device)
-    epochs = args.epochs or (100 if args.long else 1 if args.smoke else 3)
-    eval_every = args.eval_every or (10 if args.long else None)
+        args.batch_size, args.bank, args.log_every = bench_data.SMOKE_BATCH, bench_data.SMOKE_TRAIN, 1_000_000
     names = [n.strip() for n in args.contenders.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
         raise ValueError(f"unknown contenders {unknown}; choose from {', '.join(CONTENDERS)}")
-    data = load_data(args)
+    data = bench_data.load_data(args.data_dir, args.smoke)
+    epochs = args.epochs or (100 if args.long else 1 if args.smoke else 3)
+    budget = Budget(
+        epochs,
+        epochs * math.ceil(len(data.train_x) / args.batch_size),
+        torch.device(args.device),
+        args.max_steps,
+        args.eval_every or (10 if args.long else None),
+    )
     peer, peer_note = None, ""
     if "peer" in names:
-        peer, peer_note = _peer.load_peer_or_skip("(vanilla)")
+        peer, peer_note = load_peer_or_skip("(vanilla)")
         if peer is None:
             names.remove("peer")
     if args.estimate:
-        text = estimate(names, data, args, device, peer, epochs)
+        text = estimate(names, data, args, budget, peer)
         print(text)
         return text
-    budget_steps = epochs * math.ceil(len(data.train_x) / args.batch_size)
-    results = []
-    if args.load_json:
-        saved = [Result(**r) for path in args.load_json for r in json.loads(path.read_text())]
-        keys = [(r.seed, r.name) for r in saved]
-        twice = sorted({k for k in keys if keys.count(k) > 1})
-        if twice:
-            raise ValueError(
-                f"--load-json: more than one result for (seed, contender) {twice}; "
-                "pass each contender's run of each seed once"
-            )
-        order = [LABELS[n] for n in CONTENDERS]
-        results = sorted(saved, key=lambda r: order.index(r.name))
-        names = []
-    for name in names:
-        if name == "random":
-            net = make_net(args.seed).to(device)
-            results.append(Result(LABELS[name], knn(net, data, args.bank, device), 0, 0.0))
-        else:
-            results.append(train(name, data, args, device, peer, epochs, args.max_steps, eval_every))
-        r = results[-1]
-        r.command, r.seed = _command(), args.seed
-        print(f"[{r.name}] done: {r.steps} steps, {r.seconds / 60:.1f} min, kNN {r.accuracy:.2f}%", flush=True)
+    results = load_results(args.load_json) if args.load_json else run_contenders(names, data, args, budget, peer)
     if args.save_json is not None:
         args.save_json.parent.mkdir(parents=True, exist_ok=True)
         args.save_json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
-    table = report(results, data, args, epochs, budget_steps, device, peer_note)
+    table = report(results, data, args, budget, peer_note)
     print(table)
     if args.out is not None:
-        write_results(args.out, "Quality benchmark", _machine(timm), table)
+        write_results(args.out, "Quality benchmark", machine(timm), table)
     return table
 
 

@@ -9,6 +9,7 @@ with weight decay 1.5e-6, a warm-up over the first tenth of the run then cosine 
 EMA decay from 0.996 to 1 on the paper's cosine over the run; ours only). Contenders:
 
 * ``random``: the same initial weights, untrained (the bar to clear);
+* ``random-bn``: the same untrained weights with the BatchNorm statistics of 20 batches of views;
 * ``ours``: ``byol_pytorch.BYOL(net, 32)`` with its defaults; ``ours:KEY=VALUE,...`` passes
   keyword arguments (a candidate default, measured before it becomes one);
 * ``peer``: lucidrains/byol-pytorch 0.9.1, vanilla (``use_simplicial_embeddings=False``);
@@ -22,10 +23,10 @@ Every cell (backbone x loop x contender x seed) is one process writing one JSON 
 ``benchmarks/results/robustness/``; cells already there are not run again, so the matrix
 can be filled across sessions and machines. On a 2-core CPU run two 1-thread cells at a time:
 
-    python benchmarks/robustness.py --plan                 # the missing cells' commands
-    python benchmarks/robustness.py --run --jobs 2         # run the missing cells
-    python benchmarks/robustness.py --cell resnet10t adam ours --seed 0   # one cell
-    python benchmarks/robustness.py --table --out benchmarks/results/robustness.md
+    python -m benchmarks.robustness --plan                 # the missing cells' commands
+    python -m benchmarks.robustness --run --jobs 2         # run the missing cells
+    python -m benchmarks.robustness --cell resnet10t adam ours --seed 0   # one cell
+    python -m benchmarks.robustness --table --out benchmarks/results/robustness.md
 """
 
 from __future__ import annotations
@@ -34,10 +35,9 @@ import argparse
 import copy
 import json
 import math
-import os
+import shlex
 import statistics
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterable
@@ -48,18 +48,27 @@ import timm
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _peer  # noqa: E402  (benchmarks/ is not a package)
-import quality  # noqa: E402
-from _report import machine as _machine  # noqa: E402
-from _report import markdown_table  # noqa: E402
+from benchmarks.common import REPO
+from benchmarks.common import data as bench_data
+from benchmarks.common.contenders import (
+    LightlyBYOL,
+    byol_step,
+    kept_modes,
+    lightly_views,
+    make_learner,
+    timm_backbone,
+)
+from benchmarks.common.data import Data, knn, scale_data
+from benchmarks.common.machine import machine
+from benchmarks.common.peer import load_peer
+from benchmarks.common.report import markdown_table
+from benchmarks.common.runner import module_command, spawn_module
+from byol_pytorch import BYOLAugment
+from byol_pytorch.batchnorm import batchnorm_layers, recalibrate_batchnorm
+from byol_pytorch.collapse import effective_rank
 
-from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
-from byol_pytorch._modules import saved_modes  # noqa: E402
-from byol_pytorch.batchnorm import batchnorm_layers, recalibrate_batchnorm  # noqa: E402
-from byol_pytorch.collapse import effective_rank  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results" / "robustness"
+MODULE = "benchmarks.robustness"
+RESULTS = REPO / "benchmarks" / "results" / "robustness"
 BANK = 10_000  # kNN bank: the first N training images (quality.py's)
 CLEAN_IMAGES = 512  # un-augmented training images whose BatchNorm statistics replace the views'
 RANK_ROWS = 512  # clean test images whose eval-mode features give the representation's effective rank
@@ -82,38 +91,22 @@ PLAN_CONTENDERS = {
     "cli": ("random", "random-bn", "ours"),
 }
 BASELINES = ("random", "random-bn")  # untrained: one cell per backbone and seed, no loop
+CPU = torch.device("cpu")
 
 
-def scale_data(data: quality.Data, size: int) -> quality.Data:
-    """The 32 px images upscaled to ``size`` (bilinear, rounded to uint8): the same content, more pixels."""
-    if size == data.train_x.shape[-1]:
-        return data
-
-    def up(x: torch.Tensor) -> torch.Tensor:
-        out = [
-            torch.nn.functional.interpolate(c.float(), size=(size, size), mode="bilinear", align_corners=False)
-            .round_()
-            .clamp_(0, 255)
-            .to(torch.uint8)
-            for c in x.split(4096)
-        ]
-        return torch.cat(out)
-
-    return quality.Data(up(data.train_x), data.train_y, up(data.test_x), data.test_y, f"{data.source}, {size} px")
+def load_data(args: argparse.Namespace) -> Data:
+    """Fashion-MNIST as quality.py reads it (its smoke images with --smoke), upscaled to --image-size."""
+    return scale_data(bench_data.load_data(None, args.smoke), args.image_size)
 
 
-def load_data(args: argparse.Namespace) -> quality.Data:
-    return scale_data(quality.load_data(argparse.Namespace(data_dir=None, smoke=args.smoke)), args.image_size)
-
-
-def calibrate_batchnorm(net: nn.Module, data: quality.Data, batches: int, batch_size: int) -> None:
+def calibrate_batchnorm(net: nn.Module, data: Data, batches: int, batch_size: int) -> None:
     """Set the BatchNorm running statistics to the average over ``batches`` batches of BYOL views.
 
     The weights are untouched: this is the random-init net with the statistics that
     training in train mode would give it (running statistics start at mean 0, variance 1,
     which makes every BatchNorm of an untrained net in eval mode nearly the identity).
     """
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorm_layers(net)
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
@@ -121,7 +114,7 @@ def calibrate_batchnorm(net: nn.Module, data: quality.Data, batches: int, batch_
     views = BYOLAugment(data.train_x.shape[-1])
     generator_state = torch.get_rng_state()
     torch.manual_seed(0)
-    with torch.no_grad(), saved_modes(net):
+    with torch.no_grad(), kept_modes(net):
         net.train()
         for i in range(batches):
             net(views(data.train_x[i * batch_size : (i + 1) * batch_size]))
@@ -132,8 +125,7 @@ def calibrate_batchnorm(net: nn.Module, data: quality.Data, batches: int, batch_
 
 def make_net(name: str, seed: int) -> nn.Module:
     """The timm backbone without classifier (pooled features), initialised from `seed`."""
-    torch.manual_seed(seed)
-    return timm.create_model(name, pretrained=False, num_classes=0, **BACKBONE_KWARGS.get(name, {}))
+    return timm_backbone(name, seed, **BACKBONE_KWARGS.get(name, {}))
 
 
 def make_optimizer(loop: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -158,66 +150,19 @@ def parse_contender(spec: str) -> tuple[str, dict[str, Any]]:
     return name, kwargs
 
 
-class _Lightly(nn.Module):
-    """lightly's BYOL model as its documentation writes it, around our backbone."""
-
-    def __init__(self, backbone: nn.Module, dim: int) -> None:
-        super().__init__()
-        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-        from lightly.models.utils import deactivate_requires_grad
-
-        self.backbone = backbone
-        self.projection_head = BYOLProjectionHead(dim, 4096, 256)
-        self.prediction_head = BYOLPredictionHead(256, 4096, 256)
-        self.backbone_momentum = copy.deepcopy(backbone)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.backbone_momentum)
-        deactivate_requires_grad(self.projection_head_momentum)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.prediction_head(self.projection_head(self.backbone(x).flatten(start_dim=1)))
-
-    def forward_momentum(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
-
-
-def _lightly_loader(data: quality.Data, batch_size: int, seed: int):
-    """Batches of two BYOLTransform views from PIL images, the way lightly's examples feed them."""
-    from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
-    from PIL import Image
-
-    size = data.train_x.shape[-1]
-    transform = BYOLTransform(
-        view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=0.0),
-        view_2_transform=BYOLView2Transform(input_size=size, gaussian_blur=0.0),
-    )
-
-    class Views(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(data.train_x)
-
-        def __getitem__(self, i: int):
-            image = Image.fromarray(data.train_x[i].permute(1, 2, 0).numpy())
-            return transform(image)
-
-    return torch.utils.data.DataLoader(
-        Views(), batch_size=batch_size, shuffle=True, drop_last=False, generator=torch.Generator().manual_seed(seed)
-    )
-
-
-def train_lightly(net: nn.Module, data: quality.Data, args: argparse.Namespace) -> dict[str, Any]:
+def train_lightly(net: nn.Module, data: Data, args: argparse.Namespace) -> dict[str, Any]:
     from lightly.loss import NegativeCosineSimilarity
     from lightly.models.utils import update_momentum
     from lightly.utils.scheduler import cosine_schedule
 
     size = data.train_x.shape[-1]
     dim = net(torch.zeros(2, 3, size, size)).flatten(1).shape[1]
-    model = _Lightly(net, dim)
+    model = LightlyBYOL(net, dim)
     criterion = NegativeCosineSimilarity()
     opt = make_optimizer(args.loop, [p for p in model.parameters() if p.requires_grad])
     steps, losses, start = 0, [], time.perf_counter()
     while steps < args.steps:
-        for x0, x1 in _lightly_loader(data, args.batch_size, args.seed + steps):
+        for x0, x1 in lightly_views(data, args.batch_size, args.seed + steps):
             if len(x0) < 2:
                 continue
             momentum = cosine_schedule(steps, args.steps, 0.996, 1)
@@ -257,39 +202,35 @@ def cli_recipe(net: nn.Module, steps: int, kwargs: dict[str, Any], images: int =
     """
     from byol_pytorch.app.recipe import get_args_parser as cli_parser
     from byol_pytorch.app.recipe import resolve_recipe, run_length
-    from byol_pytorch.app.train import build_recipe_optimizer
-    from byol_pytorch.models import build_learner
-    from byol_pytorch.optim import warmup_cosine_scheduler
+    from byol_pytorch.training.models import build_learner
+    from byol_pytorch.training.optim import build_recipe_optimizer, warmup_cosine_scheduler
 
     flags = ["--data", "unused", "--image-size", str(size), "--batch-size", "256", "--max-steps", str(steps)]
     for key, value in kwargs.items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
     args = cli_parser().parse_args(flags)
     recipe = resolve_recipe(args, None)
-    total, warmup = run_length(args, recipe, math.ceil(images / recipe["batch_size"]), None)
+    total, warmup = run_length(args, recipe, math.ceil(images / recipe.batch_size), None)
     learner = build_learner(recipe, net)
     learner.moving_average_total_steps = total  # the CLI's cosine EMA decay over the run
     optimizer = build_recipe_optimizer(recipe, learner)
     return learner, optimizer, warmup_cosine_scheduler(optimizer, total, warmup)
 
 
-def train_byol(name: str, kwargs: dict[str, Any], net: nn.Module, data: quality.Data, args: argparse.Namespace):
-    """Ours or the peer in the README's loop: forward, backward, step, update_moving_average."""
-    scheduler = None
+def _byol_learner(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data, args: argparse.Namespace):
+    """``(learner, feed, optimizer, scheduler)`` of ours or the peer in the cell's loop."""
     if args.loop == "cli":
         if name != "ours":
             raise SystemExit("robustness.py: error: the cli loop is ours only (the CLI's recipe)")
-        (learner, opt, scheduler), feed = (
-            cli_recipe(net, args.steps, kwargs, len(data.train_x), args.image_size),
-            (lambda x: x),
-        )
-    else:
-        if name == "ours":
-            learner, feed = BYOL(net, args.image_size, **kwargs), (lambda x: x)
-        else:
-            peer = _peer.make_peer(_peer.load_peer(), net, args.image_size, "vanilla", **kwargs)
-            learner, feed = peer, (lambda x: x.float() / 255)
-        opt = make_optimizer(args.loop, [p for p in learner.parameters() if p.requires_grad])
+        learner, opt, scheduler = cli_recipe(net, args.steps, kwargs, len(data.train_x), args.image_size)
+        return learner, (lambda x: x), opt, scheduler
+    learner, feed = make_learner(name, net, args.image_size, load_peer() if name == "peer" else None, **kwargs)
+    return learner, feed, make_optimizer(args.loop, [p for p in learner.parameters() if p.requires_grad]), None
+
+
+def train_byol(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data, args: argparse.Namespace):
+    """Ours or the peer in the README's loop: forward, backward, step, update_moving_average."""
+    learner, feed, opt, scheduler = _byol_learner(name, kwargs, net, data, args)
     order = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     steps, losses, start, warnings_seen, curve = 0, [], time.perf_counter(), [], []
@@ -303,13 +244,7 @@ def train_byol(name: str, kwargs: dict[str, Any], net: nn.Module, data: quality.
                 batch = data.train_x[perm[first : first + args.batch_size]]
                 if len(batch) < 2:
                     continue
-                loss = learner(feed(batch))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if scheduler is not None:
-                    scheduler.step()
-                learner.update_moving_average()
+                loss = byol_step(learner, feed, opt, batch, scheduler)
                 steps += 1
                 losses.append(float(loss.detach()))
                 _monitor(learner, steps, monitor)
@@ -335,31 +270,32 @@ def _monitor(learner: nn.Module, steps: int, monitor: list[list[float]]) -> None
         monitor.append([steps, status["std"] / status["healthy_std"], status["effective_rank"]])
 
 
-def representation_rank(net: nn.Module, data: quality.Data) -> float:
+def representation_rank(net: nn.Module, data: Data) -> float:
     """Effective rank of the eval-mode features of the first RANK_ROWS clean test images."""
-    with torch.no_grad(), saved_modes(net):
+    with torch.no_grad(), kept_modes(net):
         net.eval()
         features = net(BYOLAugment(32).normalize(data.test_x[:RANK_ROWS])).flatten(1)
     return float(effective_rank(features.double()))
 
 
-def _curve(args: argparse.Namespace, steps: int, net: nn.Module, data: quality.Data, curve: list) -> None:
+def _curve(args: argparse.Namespace, steps: int, net: nn.Module, data: Data, curve: list) -> None:
     """kNN at the `--curve-every` steps before the last (the last is the cell's result)."""
     if args.curve_every and steps % args.curve_every == 0 and steps < args.steps:
         start = time.perf_counter()
-        acc = quality.knn(net, data, BANK, torch.device("cpu"))
+        acc = knn(net, data, BANK, CPU)
         rank = representation_rank(net, data)
         curve.append((steps, acc, time.perf_counter() - start, rank))
         print(f"[{args.backbone} {args.loop} {args.contender}] step {steps}: kNN {acc:.2f}%", flush=True)
 
 
-def cell_path(backbone: str, loop: str, contender: str, seed: int, steps: int, size: int = 32) -> Path:
+def cell_path(results: Path, backbone: str, loop: str, contender: str, seed: int, steps: int, size: int = 32) -> Path:
+    """The cell's JSON file in the folder `results`."""
     safe = contender.replace(":", "--").replace("=", "-").replace(",", "_").replace("/", "_")
     pixels = "" if size == 32 else f"__p{size}"
-    return RESULTS / f"{backbone}__{loop}__{safe}__s{seed}__n{steps}{pixels}.json"
+    return results / f"{backbone}__{loop}__{safe}__s{seed}__n{steps}{pixels}.json"
 
 
-def clean_statistics(net: nn.Module, data: quality.Data) -> nn.Module | None:
+def clean_statistics(net: nn.Module, data: Data) -> nn.Module | None:
     """A copy of `net` with BatchNorm statistics of CLEAN_IMAGES un-augmented training images; None without BN."""
     if not batchnorm_layers(net):
         return None
@@ -369,7 +305,7 @@ def clean_statistics(net: nn.Module, data: quality.Data) -> nn.Module | None:
     return clean
 
 
-def what_leaves_training(net: nn.Module, target: nn.Module | None, data: quality.Data) -> dict[str, float]:
+def what_leaves_training(net: nn.Module, target: nn.Module | None, data: Data) -> dict[str, float]:
     """kNN of the online net with clean BatchNorm statistics, and of the target (EMA) net as trained and clean."""
     out: dict[str, float] = {}
     nets = {"knn_clean_bn": clean_statistics(net, data)}
@@ -378,7 +314,7 @@ def what_leaves_training(net: nn.Module, target: nn.Module | None, data: quality
         nets["knn_target_clean_bn"] = clean_statistics(target, data)
     for key, model in nets.items():
         if model is not None:
-            out[key] = quality.knn(model, data, BANK, torch.device("cpu"))
+            out[key] = knn(model, data, BANK, CPU)
             print(f"  {key}: {out[key]:.2f}%", flush=True)
     return out
 
@@ -396,7 +332,7 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps if name not in BASELINES else 0,
         "batch_size": args.batch_size,
         "image_size": args.image_size,
-        "machine": _machine(timm),
+        "machine": machine(timm),
         "threads": args.threads,
     }
     if name == "random-bn":
@@ -408,7 +344,7 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     if name not in BASELINES:
         result["images_per_s"] = args.steps * args.batch_size / result["seconds"]
     target = result.pop("_target", None)
-    result["knn"] = quality.knn(net, data, BANK, torch.device("cpu"))
+    result["knn"] = knn(net, data, BANK, CPU)
     result["representation_rank"] = representation_rank(net, data)
     print(f"[{args.backbone} {args.loop} {args.contender}] kNN {result['knn']:.2f}%", flush=True)
     if name not in BASELINES or name == "random":
@@ -420,7 +356,7 @@ def fill_ranks(args: argparse.Namespace) -> None:
     """Random-init cells from before the rank was recorded: the same net (seeded), its feature rank added."""
     torch.set_num_threads(args.threads)
     data = load_data(args)
-    for path in sorted(RESULTS.glob("*__random__*.json")):
+    for path in sorted(args.results.glob("*__random__*.json")):
         cell = json.loads(path.read_text())
         if "representation_rank" not in cell:
             cell["representation_rank"] = representation_rank(make_net(cell["backbone"], cell["seed"]), data)
@@ -429,48 +365,39 @@ def fill_ranks(args: argparse.Namespace) -> None:
 
 
 def planned(args: argparse.Namespace) -> list[list[str]]:
-    """Argument lists of the cells not yet in RESULTS."""
+    """Argument lists of the cells not yet in the folder ``--results``."""
     cells = []
     wanted = args.contenders or CONTENDERS
     for seed in args.seeds:
         for backbone in args.backbones:
             for baseline in BASELINES:
-                if baseline in wanted and not cell_path(backbone, "-", baseline, seed, 0, args.image_size).exists():
+                done = cell_path(args.results, backbone, "-", baseline, seed, 0, args.image_size).exists()
+                if baseline in wanted and not done:
                     cells.append([backbone, "adam", baseline, str(seed)])
             for loop in args.loops:
                 for contender in args.contenders or PLAN_CONTENDERS[loop]:
                     if contender in BASELINES or (contender == "lightly" and loop != "adam" and not args.contenders):
                         continue
-                    if not cell_path(backbone, loop, contender, seed, args.steps, args.image_size).exists():
+                    if not cell_path(
+                        args.results, backbone, loop, contender, seed, args.steps, args.image_size
+                    ).exists():
                         cells.append([backbone, loop, contender, str(seed)])
     return cells
 
 
-def _cell_command(cell: list[str], steps: int, size: int = 32) -> list[str]:
+def _cell_args(cell: list[str], args: argparse.Namespace) -> list[str]:
+    """The command-line arguments of one cell's process."""
     backbone, loop, contender, seed = cell
-    return [
-        sys.executable,
-        __file__,
-        "--cell",
-        backbone,
-        loop,
-        contender,
-        "--seed",
-        seed,
-        "--steps",
-        str(steps),
-        "--results",
-        str(RESULTS),
-        *(["--image-size", str(size)] if size != 32 else []),
-    ]
+    size = ["--image-size", str(args.image_size)] if args.image_size != 32 else []
+    steps, results = str(args.steps), str(args.results.resolve())
+    return ["--cell", backbone, loop, contender, "--seed", seed, "--steps", steps, "--results", results, *size]
 
 
 def run_missing(args: argparse.Namespace) -> None:
-    """Run the missing cells `--jobs` at a time, each a 1-thread process with its own log."""
+    """Run the missing cells `--jobs` at a time, each a 1-thread ``python -m benchmarks.robustness``, its own log."""
     todo = planned(args)
     running: list[subprocess.Popen] = []
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    log_dir = Path(__file__).resolve().parents[1] / ".bench" / "robustness_logs"
+    log_dir = REPO / ".bench" / "robustness_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     while todo or running:
         running = [p for p in running if p.poll() is None]
@@ -478,16 +405,12 @@ def run_missing(args: argparse.Namespace) -> None:
             cell = todo.pop(0)
             log = (log_dir / ("_".join(cell).replace(":", "-") + ".log")).open("w")
             print("start", " ".join(cell), flush=True)
-            running.append(
-                subprocess.Popen(
-                    _cell_command(cell, args.steps, args.image_size), stdout=log, stderr=subprocess.STDOUT, env=env
-                )
-            )
+            running.append(spawn_module(MODULE, *_cell_args(cell, args), stdout=log, stderr=subprocess.STDOUT))
         time.sleep(5)
 
 
-def load_cells() -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+def load_cells(results: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
 
 
 def _fmt(values: list[float]) -> str:
@@ -500,7 +423,7 @@ def _fmt(values: list[float]) -> str:
 
 def table(args: argparse.Namespace) -> str:
     """One row per backbone x loop: both baselines, each contender's kNN, its gains, images/s; collapses named."""
-    every = load_cells()
+    every = load_cells(args.results)
     cells = [c for c in every if c["steps"] in (0, args.steps)]
     # Variants (``ours:key=value``) are probes, tabled on their own below, not contenders.
     variants = [c for c in cells if ":" in c["contender"]]
@@ -695,21 +618,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> str | None:
-    global RESULTS
-    RESULTS = args.results
     if args.smoke:
-        args.batch_size = quality.SMOKE_BATCH
+        args.batch_size = bench_data.SMOKE_BATCH
     if args.cell:
         args.backbone, args.loop, args.contender = args.cell
         result = run_cell(args)
-        path = cell_path(args.backbone, result["loop"], args.contender, args.seed, result["steps"], args.image_size)
+        path = cell_path(
+            args.results, args.backbone, result["loop"], args.contender, args.seed, result["steps"], args.image_size
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
     elif args.fill_ranks:
         fill_ranks(args)
     elif args.plan:
         for cell in planned(args):
-            print(" ".join(_cell_command(cell, args.steps, args.image_size)[1:]))
+            print(shlex.join(["python", *module_command(MODULE, *_cell_args(cell, args))[1:]]))
     elif args.run:
         run_missing(args)
     elif args.table:

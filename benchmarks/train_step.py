@@ -11,10 +11,10 @@ EMA update of the target. The contenders see the same batch of B uint8 images:
 * ``ours, views in one batch``: ``BYOL(..., views_in_one_batch=True)``, the opt-in that
   forwards both views as one batch of 2B (one pass per network, BatchNorm statistics over
   both views, as the peer does) instead of the paper's one pass per view.
-* ``ours, engine (the CLI's step)``: ours driven by ``byol_pytorch.engine`` as ``byol-pytorch
+* ``ours, engine (the CLI's step)``: ours driven by ``byol_pytorch.training.engine`` as ``byol-pytorch
   train`` drives it (``OptimizerStep`` + ``Engine.run`` with hooks, the loss read back each
   step on the CPU): what the command's loop costs around the learner.
-* ``peer vanilla`` / ``peer defaults``: lucidrains/byol-pytorch 0.9.1 (see ``_peer.py``)
+* ``peer vanilla`` / ``peer defaults``: lucidrains/byol-pytorch 0.9.1 (see ``benchmarks/common/peer.py``)
   with ``use_simplicial_embeddings=False`` / its defaults; it takes float input in [0, 1],
   so its step includes ``x.float() / 255``.
 
@@ -32,11 +32,11 @@ giving two views). Peak memory is the contender's resident state at the step's s
 bytes: ``torch.cuda.max_memory_allocated`` on a GPU, the allocator's running total recorded
 by ``torch.profiler(profile_memory=True)`` on the CPU.
 
-    python benchmarks/train_step.py                     # CPU: resnet18, 64 px, batch 32
-    python benchmarks/train_step.py --device cuda       # GPU: resnet50, 224 px, batch 256, bf16,
+    python -m benchmarks.train_step                     # CPU: resnet18, 64 px, batch 32
+    python -m benchmarks.train_step --device cuda       # GPU: resnet50, 224 px, batch 256, bf16,
                                                         # channels_last, eager and torch.compile
-    python benchmarks/train_step.py --smoke             # tiny sizes, seconds
-    python benchmarks/train_step.py --out benchmarks/results/train_step.md
+    python -m benchmarks.train_step --smoke             # tiny sizes, seconds
+    python -m benchmarks.train_step --out benchmarks/results/train_step.md
 """
 
 from __future__ import annotations
@@ -45,10 +45,7 @@ import argparse
 import contextlib
 import copy
 import json
-import statistics
-import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,19 +54,27 @@ import torch
 import torch.nn as nn
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _peer  # noqa: E402  (benchmarks/ is not a package)
-from _report import machine as _machine  # noqa: E402
-from _report import markdown_table, write_results
-
-from byol_pytorch import BYOL, BYOLAugment  # noqa: E402
-from byol_pytorch.distributed import DistContext  # noqa: E402
-from byol_pytorch.engine import Engine, OptimizerStep, Periodic, TrainState, prepare_model  # noqa: E402
-from byol_pytorch.losses import byol_loss  # noqa: E402
-from byol_pytorch.sampling import StepBatch  # noqa: E402
+from benchmarks.common import peer as bench_peer
+from benchmarks.common.contenders import unit_float
+from benchmarks.common.data import random_images
+from benchmarks.common.machine import machine
+from benchmarks.common.report import markdown_table, ms, verdict, write_results
+from benchmarks.common.runner import Timings, device_sync, time_alternating
+from byol_pytorch import BYOL, BYOLAugment
+from byol_pytorch.data.sampling import StepBatch
+from byol_pytorch.losses import byol_loss
+from byol_pytorch.training.distributed import DistContext
+from byol_pytorch.training.engine import Engine, OptimizerStep, Periodic, TrainState, prepare_model
 
 # Goals of issue 6 (time per step relative to the floor; images/s relative to the peer).
 CPU_FLOOR_GOAL, GPU_FLOOR_GOAL, GPU_PEER_GOAL = 1.15, 1.08, 1.3
+# The flags left unset take their value from a preset: the smoke sizes, the GPU's or the CPU's.
+PRESET_FIELDS = ("arch", "image_size", "batch_size", "amp", "channels_last", "modes", "steps", "warmup")
+PRESETS = {
+    "smoke": ("resnet18", 32, 4, "none", False, "eager", 2, 1),
+    "gpu": ("resnet50", 224, 256, "bf16", True, "eager,compile", 30, 5),
+    "cpu": ("resnet18", 64, 32, "none", False, "eager", 15, 2),
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -151,39 +156,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     """Fill the flags left unset from the CPU / GPU preset (or the smoke sizes)."""
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    if args.smoke:
-        preset = dict(
-            arch="resnet18",
-            image_size=32,
-            batch_size=4,
-            amp="none",
-            channels_last=False,
-            modes="eager",
-            steps=2,
-            warmup=1,
-        )
-    elif gpu:
-        preset = dict(
-            arch="resnet50",
-            image_size=224,
-            batch_size=256,
-            amp="bf16",
-            channels_last=True,
-            modes="eager,compile",
-            steps=30,
-            warmup=5,
-        )
-    else:
-        preset = dict(
-            arch="resnet18",
-            image_size=64,
-            batch_size=32,
-            amp="none",
-            channels_last=False,
-            modes="eager",
-            steps=15,
-            warmup=2,
-        )
+    preset = dict(zip(PRESET_FIELDS, PRESETS["smoke" if args.smoke else "gpu" if gpu else "cpu"]))
     value = {k: preset[k] if getattr(args, k) is None else getattr(args, k) for k in preset}
     modes = [m.strip() for m in value["modes"].split(",") if m.strip()]
     if not modes or any(m not in ("eager", "compile") for m in modes):
@@ -213,8 +186,7 @@ class Contender:
     modules: list[nn.Module] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
     inputs: list[torch.Tensor] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)  # wall-clock seconds per step
-    cpu_times: list[float] = field(default_factory=list)  # process CPU seconds per step
+    timings: Timings = field(default_factory=Timings)  # wall-clock and process CPU seconds per step
     peak_bytes: int | None = None
     note: str = ""
 
@@ -321,13 +293,13 @@ def build_ours_engine(cfg: Config, images: torch.Tensor, mode: str) -> Contender
 
 def build_peer(cfg: Config, images: torch.Tensor, mode: str, variant: str, peer) -> Contender:
     """lucidrains/byol-pytorch's BYOL (vanilla or its defaults) on the batch as float in [0, 1]."""
-    learner = _peer.make_peer(peer, make_net(cfg), cfg.image_size, variant)
+    learner = bench_peer.make_peer(peer, make_net(cfg), cfg.image_size, variant)
     run = torch.compile(learner) if mode == "compile" else learner
     opt = make_optimizer(learner.parameters(), cfg)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        x = images.float().div_(255)  # the peer's augmentation wants float images in [0, 1]
+        x = unit_float(images)  # the peer's augmentation wants float images in [0, 1]
         with autocast(cfg):
             loss = run(x)
         loss.backward()
@@ -375,11 +347,6 @@ def build_parts(cfg: Config, images: torch.Tensor) -> list[Contender]:
     ]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _state_bytes(c: Contender) -> int:
     """Bytes of the distinct storages a contender keeps between steps (grads are None then)."""
     tensors = [t for m in c.modules for t in list(m.parameters()) + list(m.buffers())] + list(c.inputs)
@@ -395,11 +362,12 @@ def measure_peak(c: Contender, device: torch.device) -> int:
         c.optimizer.zero_grad(set_to_none=True)
     state = _state_bytes(c)
     if device.type == "cuda":
-        _sync(device)
+        sync = device_sync(device)
+        sync()
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         c.step()
-        _sync(device)
+        sync()
         return state + torch.cuda.max_memory_allocated(device) - before
     from torch.profiler import ProfilerActivity, profile
 
@@ -423,28 +391,15 @@ def measure_peak(c: Contender, device: torch.device) -> int:
 
 def run_rounds(contenders: list[Contender], cfg: Config) -> None:
     """Warm up each contender, then time steps round-robin: A B C ... A B C ..."""
-    for c in contenders:
-        for _ in range(cfg.warmup):
-            c.step()
-        _sync(cfg.device)
-    for _ in range(cfg.steps):
-        for c in contenders:
-            _sync(cfg.device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            c.step()
-            _sync(cfg.device)
-            c.times.append(time.perf_counter() - start)
-            c.cpu_times.append(time.process_time() - cpu_start)
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f}"
+    steps = [c.step for c in contenders]
+    for c, timings in zip(contenders, time_alternating(steps, cfg.warmup, cfg.steps, device_sync(cfg.device))):
+        c.timings = timings
 
 
 def report(contenders: list[Contender], cfg: Config, peer_note: str) -> str:
     """The Markdown tables and where the goals stand."""
-    wall = {(c.name, c.mode): statistics.median(c.times) for c in contenders}
-    cpu = {(c.name, c.mode): statistics.median(c.cpu_times) for c in contenders}
+    wall = {(c.name, c.mode): c.timings.median("wall") for c in contenders}
+    cpu = {(c.name, c.mode): c.timings.median("cpu") for c in contenders}
     med = cpu if cfg.clock == "cpu" else wall
     clock = "CPU-time" if cfg.clock == "cpu" else "wall-clock"
     steps = [c for c in contenders if c.kind == "step"]
@@ -467,8 +422,8 @@ def report(contenders: list[Contender], cfg: Config, peer_note: str) -> str:
             [
                 c.name,
                 c.mode,
-                _ms(wall[key]),
-                _ms(cpu[key]),
+                ms(wall[key]),
+                ms(cpu[key]),
                 f"{cfg.batch_size / med[key]:.1f}",
                 "n/a" if c.peak_bytes is None else f"{c.peak_bytes / 2**20:.0f}",
                 f"{med[key] / floor:.2f}x" if floor else "n/a",
@@ -498,11 +453,11 @@ def report(contenders: list[Contender], cfg: Config, peer_note: str) -> str:
         cost = {c.name: med[(c.name, c.mode)] for c in parts}
         if "floor per view" in cost:  # what forwarding each view alone adds to the floor
             cost["per-view forwards (floor per view - floor)"] = cost.pop("floor per view") - floor
-        rows = [["floor (bare backbone)", _ms(floor), "100%"]]
-        rows += [[name, _ms(t), f"{100 * t / floor:.1f}%"] for name, t in cost.items()]
+        rows = [["floor (bare backbone)", ms(floor), "100%"]]
+        rows += [[name, ms(t), f"{100 * t / floor:.1f}%"] for name, t in cost.items()]
         rest = ours - floor - sum(cost.values())
-        rows.append(["rest (ours - floor - parts)", _ms(rest), f"{100 * rest / floor:.1f}%"])
-        rows.append(["ours", _ms(ours), f"{100 * ours / floor:.1f}%"])
+        rows.append(["rest (ours - floor - parts)", ms(rest), f"{100 * rest / floor:.1f}%"])
+        rows.append(["ours", ms(ours), f"{100 * ours / floor:.1f}%"])
         out += [
             "",
             f"### Split of our overhead (eager, {clock} ms), each part timed alone in the same rounds",
@@ -517,9 +472,6 @@ def goals(med: dict[tuple, float], cfg: Config) -> list[str]:
     """Where the training-step goals of issue 6 stand, from the measured medians."""
     lines = []
 
-    def verdict(ok: bool) -> str:
-        return "**met**" if ok else "**not met**"
-
     def best(name: str) -> tuple | None:
         found = [(med[(name, m)], m) for m in cfg.modes if (name, m) in med]
         return min(found) if found else None
@@ -532,7 +484,7 @@ def goals(med: dict[tuple, float], cfg: Config) -> list[str]:
         ratio = ours[0] / med[("floor", ours[1])]
         lines.append(
             f"- Our step within {limit}x of the floor on the {where}: {verdict(ratio <= limit)} "
-            f"({ratio:.2f}x, ours {ours[1]} {_ms(ours[0])} ms vs floor {_ms(med[('floor', ours[1])])} ms)."
+            f"({ratio:.2f}x, ours {ours[1]} {ms(ours[0])} ms vs floor {ms(med[('floor', ours[1])])} ms)."
         )
     if ours and peer:
         speed = peer / ours[0]
@@ -557,7 +509,7 @@ def goals(med: dict[tuple, float], cfg: Config) -> list[str]:
     if cfg.device.type != "cuda":
         lines.append(
             f"- GPU goals (within {GPU_FLOOR_GOAL}x of the floor at 224 px, {GPU_PEER_GOAL}x the peer): "
-            "**not measurable here (no GPU in this run)**; run `python benchmarks/train_step.py "
+            "**not measurable here (no GPU in this run)**; run `python -m benchmarks.train_step "
             "--device cuda` on one."
         )
     return lines
@@ -569,12 +521,10 @@ def main(args: argparse.Namespace) -> str:
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
-    images = torch.randint(
-        0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=cfg.device
-    )
+    images = random_images(cfg.batch_size, cfg.image_size, device=cfg.device)
     peer, peer_note = None, ""
     if not args.no_peer:
-        peer, peer_note = _peer.load_peer_or_skip()
+        peer, peer_note = bench_peer.load_peer_or_skip()
     contenders: list[Contender] = []
     for mode in cfg.modes:
         contenders += [build_floor(cfg, images, mode), build_ours(cfg, images, mode)]
@@ -583,7 +533,7 @@ def main(args: argparse.Namespace) -> str:
         if not args.no_engine:
             contenders.append(build_ours_engine(cfg, images, mode))
         if peer is not None:
-            for variant in _peer.VARIANTS:
+            for variant in bench_peer.VARIANTS:
                 try:
                     c = build_peer(cfg, images, mode, variant, peer)
                     if mode == "compile":
@@ -600,7 +550,7 @@ def main(args: argparse.Namespace) -> str:
     table = report(contenders, cfg, peer_note)
     print(table)
     if args.out is not None:
-        write_results(args.out, "Training step benchmark", _machine(torchvision), table, append=args.append)
+        write_results(args.out, "Training step benchmark", machine(torchvision), table, append=args.append)
     return table
 
 

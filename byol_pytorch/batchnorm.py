@@ -29,6 +29,20 @@ def batchnorm_layers(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     ]
 
 
+def _stats(m: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    """Running mean, variance and batch count of one layer, as one float64 vector (a copy to restore)."""
+    assert m.running_mean is not None and m.running_var is not None and m.num_batches_tracked is not None
+    return torch.cat([m.running_mean.double(), m.running_var.double(), m.num_batches_tracked.double().reshape(1)])
+
+
+def _restore_stats(m: nn.modules.batchnorm._BatchNorm, saved: Tensor) -> None:
+    assert m.running_mean is not None and m.running_var is not None and m.num_batches_tracked is not None
+    n = m.running_mean.numel()
+    m.running_mean.copy_(saved[:n])
+    m.running_var.copy_(saved[n : 2 * n])
+    m.num_batches_tracked.fill_(int(saved[-1]))
+
+
 def _batches(images: Tensor | Iterable, batch_size: int) -> Iterable:
     if isinstance(images, Tensor):
         return images.split(batch_size)
@@ -82,7 +96,7 @@ def recalibrate_batchnorm(
     if not layers:
         return 0
     momenta = [m.momentum for m in layers]
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
+    saved = [_stats(m).clone() for m in layers]
     device, dtype = module_device_dtype(net)
     seen = 0
     try:
@@ -107,10 +121,8 @@ def recalibrate_batchnorm(
         if seen == 0:
             raise ValueError("recalibrate_batchnorm got no images: pass a non-empty tensor or iterable of batches")
     except BaseException:
-        for m, (mean, var, count) in zip(layers, saved):  # a failed pass leaves the statistics as they were
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(count)
+        for m, before in zip(layers, saved):  # a failed pass leaves the statistics as they were
+            _restore_stats(m, before)
         raise
     finally:
         for m, momentum in zip(layers, momenta):

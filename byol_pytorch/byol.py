@@ -11,15 +11,18 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ._discovery import infer_channels, probe_backbone
+from ._hidden import HiddenLayer
+from ._host_read import DeferredRead
 from ._modules import module_device_dtype
 from .augment import BYOLAugment
 from .collapse import CollapseMonitor
 from .ema import cosine_tau, ema_update_
-from .encoder import BackboneEncoder, HiddenLayer, infer_channels, probe_backbone
+from .encoder import BackboneEncoder
 from .heads import byol_mlp, simsiam_predictor, simsiam_projector
 from .losses import byol_loss
 
-__all__ = ["BYOL"]
+__all__ = ["BYOL", "nonfinite_error"]
 
 Augment = Callable[[torch.Tensor], torch.Tensor]
 
@@ -111,6 +114,25 @@ def _check_arguments(
 
 def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def nonfinite_error(loss_finite: bool, input_finite: bool = True) -> FloatingPointError:
+    """The error for a training step whose loss (or input) was not finite: the one wording for every loop.
+
+    Args:
+        loss_finite: the step's loss was finite.
+        input_finite: its input batch was finite.
+    """
+    if not input_finite:
+        return FloatingPointError(
+            "a training batch contained NaN or Inf values (the loss turned non-finite); check the data pipeline"
+        )
+    if loss_finite:
+        raise ValueError("nonfinite_error needs a non-finite loss or input")
+    return FloatingPointError(
+        "the BYOL loss turned non-finite (NaN/Inf) although the input was finite: training "
+        "diverged; lower the learning rate, add warm-up, or use bf16 instead of fp16"
+    )
 
 
 class BYOL(nn.Module):
@@ -261,7 +283,8 @@ class BYOL(nn.Module):
         # Deferred non-finite detection off the CPU: [loss finite, input finite] of the
         # last training step, read back without blocking (see _check_finite_deferred).
         self.register_buffer("_finite", torch.ones(2, dtype=torch.bool), persistent=False)
-        self._pending_check: tuple | None = None
+        self._finite_reader = DeferredRead()
+        self.finite_check = True  # update_moving_average() raises on an earlier non-finite step
         if not isinstance(collapse_alarm, bool):
             raise TypeError(f"collapse_alarm must be True or False, got {collapse_alarm!r}")
         monitor = CollapseMonitor(projection_size).to(device) if collapse_alarm else None
@@ -401,36 +424,23 @@ class BYOL(nn.Module):
             )
 
     def _check_finite_deferred(self) -> None:
-        """Raise if an earlier accelerator step was non-finite, without blocking on the device."""
-        flags = self._finite
-        if flags.device.type == "cpu":
-            if not bool(flags.all()):
-                self._raise_nonfinite(flags)
+        """Raise if an earlier step's flags were non-finite, without blocking on the device (``_host_read``)."""
+        if not self.finite_check:
             return
-        pending = self._pending_check
-        if pending is not None:
-            host, event = pending
-            if event is None or event.query():
-                self._pending_check = None
-                if not bool(host.all()):
-                    self._raise_nonfinite(host)
-        if self._pending_check is None and flags.device.type == "cuda":
-            host = torch.empty(2, dtype=torch.bool, pin_memory=True)
-            host.copy_(flags, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending_check = (host, event)
+        flags = self._finite_reader.poll(self._finite)
+        if flags is not None and not all(flags):
+            raise nonfinite_error(*flags)
 
-    @staticmethod
-    def _raise_nonfinite(flags: torch.Tensor) -> None:
-        if not bool(flags[1]):
-            raise FloatingPointError(
-                "a training batch contained NaN or Inf values (the loss turned non-finite); check the data pipeline"
-            )
-        raise FloatingPointError(
-            "the BYOL loss turned non-finite (NaN/Inf) although the input was finite: training "
-            "diverged; lower the learning rate, add warm-up, or use bf16 instead of fp16"
-        )
+    def take_finite_flags(self) -> torch.Tensor:
+        """``[loss finite, input finite]`` over the steps since the last call (a device tensor, no read), reset.
+
+        For a training loop that checks them itself with ``finite_check=False`` (``engine.Engine``
+        reads them with its loss, in one all-reduce across processes, so that every rank stops
+        together); turn them into the error with ``nonfinite_error``.
+        """
+        flags = self._finite.clone()
+        self._finite.fill_(True)
+        return flags
 
     def resolve_sync_batchnorm(self, device: torch.device | str) -> bool:
         """With ``sync_batchnorm=None``: switch the heads to SyncBatchNorm now if a CUDA process group exists.
@@ -452,11 +462,6 @@ class BYOL(nn.Module):
             self.target_encoder.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.target_encoder.projector)
         self.sync_batchnorm = True
         return True
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)  # a copy: the live learner keeps its pending check
-        state["_pending_check"] = None  # a CUDA event cannot be copied or pickled; the next step re-arms it
-        return state
 
     # ------------------------------------------------------------------ forward
     def _to_float(self, x: torch.Tensor) -> torch.Tensor:
@@ -568,7 +573,8 @@ class BYOL(nn.Module):
             finite_input = torch.ones((), dtype=torch.bool, device=x.device)
         else:
             finite_input = torch.isfinite(x).all()
-        self._finite.copy_(torch.stack([torch.isfinite(loss.detach()), finite_input]))
+        # Sticky until read by a loop that checks them itself (``finite_check=False``): a bad step stays seen.
+        self._finite.logical_and_(torch.stack([torch.isfinite(loss.detach()), finite_input]))
         return loss
 
     # ------------------------------------------------------------------ state

@@ -11,7 +11,7 @@ once on the CPU, else from a pinned copy of an earlier step once its CUDA event 
 completed, never by blocking. A lasting near-total collapse raises one
 :class:`CollapseWarning` per learner (again only after a recovery).
 
-The figures, shared with :func:`byol_pytorch.evaluate.collapse_report`:
+The figures, shared with :func:`byol_pytorch.training.evaluate.collapse_report`:
 
 * :func:`embedding_std`: per-dimension std of the L2-normalised rows, averaged over the
   dimensions (SimSiam, Chen & He 2021, Sec. 4.1): about 1/sqrt(D) for unit vectors spread
@@ -23,18 +23,12 @@ The figures, shared with :func:`byol_pytorch.evaluate.collapse_report`:
   the rank is computed from it when the figures are read (:meth:`CollapseMonitor.status`,
   or the warning).
 
-Thresholds (kept after the robustness matrix of issue 12, where no run collapsed its
-projections; benchmarks/results/robustness.md): the alarm fires when the std stays below
-``0.1 / sqrt(D)`` (a tenth of the healthy figure) for ``window = 50`` steps in a row. Why
-so low: the projections come out of the projector's BatchNorm, which rescales any
-variation the backbone still has, so healthy runs sit near 1/sqrt(D) (measured: 0.78 /
-sqrt(D) for untrained timm resnet18 and mobilenetv3_small_050 at 32 px, 0.7 / sqrt(D)
-through a healthy small-CNN run); a tenth of it is a near-total collapse (about a
-constant plus 10% noise), which no useful run reaches, and 50 steps in a row rule out a
-transient dip. Milder, dimensional collapse is not alarmed (mobilenetv3_small_050
-under Adam at 3e-3 on noise images: std 0.79 -> 0.22 / sqrt(D), effective rank 27 ->
-2.2 in 150 steps): read the effective rank in :meth:`CollapseMonitor.status`
-(``byol-pytorch train`` logs both).
+Thresholds: the alarm fires when the std stays below ``0.1 / sqrt(D)`` (a tenth of the
+healthy figure) for ``window = 50`` steps in a row: a near-total collapse (about a constant
+plus 10% noise), which no useful run reaches, lasting long enough to rule out a dip. Milder,
+dimensional collapse is not alarmed: read the effective rank in :meth:`CollapseMonitor.status`
+(``byol-pytorch train`` logs both). The measurements behind the bound are in docs/DESIGN.md
+("A live collapse alarm") and benchmarks/results/robustness.md.
 """
 
 from __future__ import annotations
@@ -46,6 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._host_read import DeferredRead
 
 __all__ = ["CollapseWarning", "CollapseMonitor", "embedding_std", "effective_rank"]
 
@@ -132,7 +128,7 @@ class CollapseMonitor(nn.Module):
         # steps, training steps observed, rows in ``sample``]
         self.register_buffer("stats", torch.zeros(5), persistent=False)
         self.register_buffer("sample", torch.zeros(SAMPLE_ROWS, self.dim), persistent=False)
-        self._in_flight: tuple[Tensor, Any] | None = None  # (pinned copy, CUDA event)
+        self._reader = DeferredRead()
         self._alarmed = False
         self.last: dict[str, float] | None = None  # the figures last read by ``poll``
 
@@ -158,22 +154,12 @@ class CollapseMonitor(nn.Module):
     def poll(self) -> None:
         """Judge the figures of an earlier step where that needs no wait; may warn.
 
-        On the CPU the current figures are read (free). On CUDA the previous pinned copy
-        is judged once its event has completed, and a new copy is started; elsewhere
-        nothing is read (use ``status()``).
+        On the CPU the current figures are read (free); on CUDA an earlier step's, once their
+        copy has landed (``_host_read.DeferredRead``); elsewhere nothing is read (use ``status()``).
         """
-        if self.stats.device.type == "cpu":
-            self._judge(self.stats.tolist())
-            return
-        if self._in_flight is not None and self._in_flight[1].query():
-            copied, self._in_flight = self._in_flight[0], None
-            self._judge(copied.tolist())
-        if self._in_flight is None and self.stats.device.type == "cuda":
-            pinned = torch.empty(self.stats.shape, dtype=self.stats.dtype, pin_memory=True)
-            pinned.copy_(self.stats, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            self._in_flight = (pinned, done)
+        values = self._reader.poll(self.stats)
+        if values is not None:
+            self._judge(values)
 
     def _judge(self, values: list[float]) -> None:
         std, low_steps, low_peak, steps = values[_STD], values[_LOW_STEPS], values[_LOW_PEAK], values[_STEPS]
@@ -222,8 +208,3 @@ class CollapseMonitor(nn.Module):
         # The figures stay float32 whatever the learner is cast to (a bfloat16 step counter stops at 256).
         self.stats, self.sample = self.stats.float(), self.sample.float()
         return self
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_in_flight"] = None  # a CUDA event neither copies nor pickles
-        return state

@@ -6,8 +6,6 @@ import itertools
 import math
 import pathlib
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -381,16 +379,3 @@ def test_mean_std_length_must_match_channels():
 
 
 # ---------------------------------------------------------------- benchmark script
-
-
-def test_benchmark_smoke_runs():
-    pytest.importorskip("kornia")
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "augment.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
-    for name in ("ours", "kornia", "torchvision"):
-        assert name in run.stdout

@@ -4,11 +4,15 @@ The scripts are benchmarks, not tests (their numbers live in benchmarks/results/
 they run with tiny sizes and the tables are checked for their rows and for positive
 measurements. The peer (lucidrains/byol-pytorch) is installed into .bench/peer on first
 use; without it and without network its rows must be skipped with a message, not fail.
+benchmarks/ is a package run from the repository root (``python -m benchmarks.NAME``).
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,16 +21,15 @@ from types import ModuleType
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
 
 
 def _load(name: str) -> ModuleType:
-    """A benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """``benchmarks.NAME``, imported from the repository root (as ``python -m benchmarks.NAME`` runs it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(REPO))  # `pytest` alone does not put the root on the path; `python -m pytest` does
+        return importlib.import_module(f"benchmarks.{name}")
 
 
 def _rows(table: str, header_start: str, key_cells: int = 1) -> dict[str, list[str]]:
@@ -44,26 +47,84 @@ def _rows(table: str, header_start: str, key_cells: int = 1) -> dict[str, list[s
 
 @pytest.fixture(scope="module")
 def peer_available() -> bool:
-    sys.path.insert(0, str(BENCHMARKS))
-    import _peer
-
+    peer = _load("common.peer")
     try:
-        _peer.load_peer()
-    except _peer.PeerUnavailable as error:
+        peer.load_peer()
+    except peer.PeerUnavailable as error:
         print(f"peer unavailable, its rows must be skipped: {error}")
         return False
     return True
+
+
+def _sources() -> dict[str, str]:
+    return {str(p.relative_to(REPO)): p.read_text() for p in sorted(BENCHMARKS.rglob("*.py"))}
+
+
+def test_benchmarks_edit_no_import_path_and_import_no_private_name():
+    """A package run with -m: no sys.path edits (bar the peer's own dependencies), no byol_pytorch._private."""
+    sources = _sources()
+    assert "benchmarks/__init__.py" in sources and "benchmarks/common/__init__.py" in sources
+    edits = {
+        (path, line.strip())
+        for path, text in sources.items()
+        for line in text.splitlines()
+        if re.search(r"sys\.path\.(insert|append)|sys\.path\s*(\+?=|\[)", line)
+    }
+    # The one exception: the peer's isolated dependencies (einops), appended after everything else.
+    assert {path for path, _ in edits} <= {"benchmarks/common/peer.py"}, edits
+    assert all(line.startswith("sys.path.append(str(deps))  # peer deps") for _, line in edits), edits
+    private = []
+    for path, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("byol_pytorch"):
+                names = [node.module, *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("byol_pytorch")]
+            else:
+                continue
+            if any(part.startswith("_") for name in names for part in name.split(".")):
+                private.append(f"{path}:{node.lineno}")
+        private += [f"{path}: byol_pytorch._" for _ in re.findall(r"byol_pytorch\._", text)]
+    assert not private, private
+
+
+def test_benchmark_functions_are_at_most_80_lines():
+    """Thin scripts over shared pieces: no function body longer than 80 lines (its docstring not counted)."""
+    long = []
+    for path, text in _sources().items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+                if body and body[-1].end_lineno - body[0].lineno + 1 > 80:
+                    long.append(f"{path}:{node.lineno} {node.name}")
+    assert not long, long
+
+
+def test_readme_lists_every_script_with_its_module_command():
+    readme = (BENCHMARKS / "README.md").read_text()
+    scripts = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem != "__init__")
+    assert len(scripts) >= 10
+    for name in scripts:
+        assert f"python -m benchmarks.{name}" in readme, name
+        assert f"`{name}.py`" in readme, name
+    assert not re.search(r"^(nohup |OMP_NUM_THREADS=1 )?python benchmarks/", readme, re.M)  # no command by path
+
+
+def test_command_line_is_the_module_form(monkeypatch):
+    report = _load("common.report")
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / "quality.py"), "--smoke", "--out", "a b.md"])
+    assert report.command_line() == "python -m benchmarks.quality --smoke --out 'a b.md'"
 
 
 def test_peer_is_loaded_beside_our_package(peer_available):
     if not peer_available:
         pytest.skip("lucidrains/byol-pytorch is not installed in .bench/peer and pip could not install it")
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import _peer; peer = _peer.load_peer(install=False); "
+        "import sys; from benchmarks.common.peer import load_peer; peer = load_peer(install=False); "
         "import byol_pytorch; print(peer.__file__); print(byol_pytorch.__file__); "
         "print('accelerate' in sys.modules, hasattr(peer, 'BYOL'), hasattr(byol_pytorch, 'BYOLAugment'))"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     peer_file, ours_file, flags = result.stdout.split("\n")[:3]
     assert Path(peer_file).parts[-4:] == (".bench", "peer", "byol_pytorch", "byol_pytorch.py")
@@ -139,7 +200,7 @@ def test_quality_smoke(peer_available, tmp_path):
 
 
 def test_quality_input_is_padded_three_channel():
-    script = _load("quality")
+    script = _load("common.data")
     images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     x = script.prepare(images)
     assert x.shape == (2, 3, 32, 32) and x.dtype == torch.uint8
@@ -183,7 +244,7 @@ def test_quality_several_seeds_are_tabled_with_their_mean(tmp_path):
 
 def test_benchmarks_md_is_its_head_plus_the_results_files(tmp_path):
     script = _load("assemble")
-    assert script.main(["--check"]) == 0, "run python benchmarks/assemble.py"
+    assert script.main(["--check"]) == 0, "run python -m benchmarks.assemble"
     # On a small copy: the head is kept, each results file follows with its headings one level down.
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "BENCHMARKS.md").write_text("# Benchmarks\n\nhead\n\n---\n\nstale\n")
@@ -208,6 +269,8 @@ def test_data_index_contenders_list_the_same_files(tmp_path):
     old = script.old_scan_images(folder)
     new = script._build("after", "cached", folder)  # raises if it had to scan
     assert list(new) == old and [Path(p) for p, _ in script._build("torchvision", "start", folder).samples] == old
+    # The parent measures in fresh 1-thread `python -m benchmarks.data_index --child ...` processes.
+    assert script._run_child("after", "cached", folder, 2)["count"] == 300
     (folder / "c00001" / "extra.jpg").touch()
     with pytest.raises(RuntimeError, match="the cached start scanned"):
         script._build("after", "cached", folder)
@@ -265,7 +328,7 @@ def test_robustness_batchnorm_calibration_is_the_mean_of_the_views_statistics():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
     weights = [p.detach().clone() for p in net.parameters()]
     images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
-    data = script.quality.Data(images, torch.zeros(12), images, torch.zeros(12), "test")
+    data = _load("common.data").Data(images, torch.zeros(12), images, torch.zeros(12), "test")
     seen = []
     hook = net[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     script.calibrate_batchnorm(net, data, batches=3, batch_size=4)
@@ -283,7 +346,7 @@ def test_robustness_cli_loop_builds_what_the_cli_builds():
     import timm
 
     from byol_pytorch.app.recipe import RECIPE_DEFAULTS
-    from byol_pytorch.optim import LARS, OPTIMIZERS
+    from byol_pytorch.training.optim import LARS, OPTIMIZERS
 
     script = _load("robustness")
     net = timm.create_model("resnet10t", pretrained=False, num_classes=0)
@@ -337,3 +400,67 @@ def test_robustness_cell_records_the_alarm_figures(tmp_path):
     assert step == 5 and longer[4] == f"5: {mid:.1f}; 10: {cell['knn']:.1f}" and longer[5] == f"{bar:.1f}"
     reached = [s for s, acc in ((5, mid), (10, cell["knn"])) if acc >= bar]
     assert longer[6] == (f"step {reached[0]}" if reached else "never")
+
+
+def test_robustness_plan_prints_module_commands(tmp_path, capsys):
+    script = _load("robustness")
+    plan = ["--plan", "--results", str(tmp_path), "--backbones", "resnet10t", "--loops", "sgd", "--image-size", "64"]
+    script.main(script.get_args_parser().parse_args(plan))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "python -m benchmarks.robustness --cell resnet10t adam random --seed 0 --steps 200 " + (
+        f"--results {tmp_path.resolve()} --image-size 64"
+    )
+    assert [line.split()[4:7] for line in lines] == [
+        ["resnet10t", "adam", "random"],
+        ["resnet10t", "adam", "random-bn"],
+        ["resnet10t", "sgd", "ours"],
+        ["resnet10t", "sgd", "peer"],
+    ]
+
+
+def test_augment_smoke():
+    pytest.importorskip("kornia")
+    script = _load("augment")
+    text = script.main(script.get_args_parser().parse_args(["--smoke", "--device", "cpu"]))
+    rows = _rows(text, "setting", key_cells=2)
+    assert sorted(rows) == ["cpu 16px from 20px/kornia", "cpu 16px from 20px/ours", "cpu 16px from 20px/torchvision"]
+    assert all(float(rows[name][5]) > 0 for name in rows) and rows["cpu 16px from 20px/ours"][6] == "1.00x"
+    assert text.startswith("machine: ") and "1-minute load average" in text
+
+
+def test_data_loading_smoke(tmp_path):
+    script = _load("data_loading")
+    out = tmp_path / "data_loading.md"
+    args = ["--smoke", "--workers", "0", "--cache", str(tmp_path / "cache"), "--output", str(out)]
+    text = script.main(script.get_args_parser().parse_args(args))
+    rows = _rows(text, "images")
+    assert len(rows) == 2 and all(float(r[6].rstrip("x")) > 0 for r in rows.values())
+    assert out.read_text() == text + "\n" and "Machine: " in text and "libjpeg-turbo" in text
+
+
+def test_backbones_runs_a_model_in_a_worker_process(tmp_path):
+    """The parent feeds names to `python -m benchmarks.backbones --worker` and tables what comes back."""
+    script = _load("backbones")
+    results, out = tmp_path / "backbones.json", tmp_path / "backbones.md"
+    argv = ["--filter", "resnet10t", "--limit", "1", "--results", str(results), "--out", str(out)]
+    assert script.main(argv) == 0
+    import json
+
+    record = json.loads(results.read_text())["resnet10t"]
+    assert record["status"] == "pass", record
+    assert "**1 of 1 pass**" in out.read_text() and "python -m benchmarks.backbones" in out.read_text()
+
+
+def test_faults_summary_groups_the_suites_rows():
+    script = _load("faults_summary")
+    rows = [
+        {"fault": "kill", "injected": 1, "held": "resumed bitwise", "seconds": 2.0},
+        {"fault": "kill", "injected": 2, "held": "resumed bitwise", "seconds": 3.5},
+        {"fault": "fuzz: flags", "injected": 5, "held": "ValueError", "seconds": None},
+        {"fault": "fuzz: flags", "injected": 5, "held": "ok"},
+        {"fault": "fuzz: flags", "injected": 5, "held": "ValueError"},
+    ]
+    assert script.summarise(rows) == [
+        ("kill", 3, "resumed bitwise", "3.5"),
+        ("fuzz: flags", 15, "only TypeError/ValueError/FloatingPointError escaped (2 ValueError, 1 ok)", ""),
+    ]

@@ -521,10 +521,10 @@ def test_a_pending_accelerator_check_does_not_stop_copies_or_pickling():
     learner = BYOL(small_cnn(), image_size=16, **SMALL)
     learner(torch.rand(4, 3, 16, 16)).backward()
     pending = (torch.zeros(2), threading.Lock())  # stands in for (pinned copy, CUDA event): neither pickles
-    learner._pending_check = pending
+    learner._finite_reader._in_flight = pending
     copied = copy.deepcopy(learner)
     restored = pickle.loads(pickle.dumps(learner))
-    assert copied._pending_check is None and restored._pending_check is None
-    assert learner._pending_check is pending  # the live learner keeps its check
+    assert copied._finite_reader._in_flight is None and restored._finite_reader._in_flight is None
+    assert learner._finite_reader._in_flight is pending  # the live learner keeps its check
     for name, tensor in learner.state_dict().items():
         assert torch.equal(tensor, restored.state_dict()[name]), name

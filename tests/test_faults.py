@@ -35,8 +35,9 @@ from PIL import Image
 
 from byol_pytorch import BYOL
 from byol_pytorch.app import cli
-from byol_pytorch.checkpoint import load_checkpoint, save_checkpoint
-from byol_pytorch.data import ImageFolder, scan_images
+from byol_pytorch.data.file_index import index_images
+from byol_pytorch.data.folder import ImageFolder
+from byol_pytorch.training.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = int(os.environ.get("BYOL_FAULTS_EXAMPLES", "150"))
@@ -262,7 +263,7 @@ def build_hostile_folder(root: Path) -> dict[str, set[str]]:
 
 def test_scan_passes_over_special_files_and_counts_them(tmp_path):
     expected = build_hostile_folder(tmp_path / "hostile")
-    found = scan_images(tmp_path / "hostile")
+    found = index_images(tmp_path / "hostile")
     assert found.passed_over == len(expected["passed_over"])  # before any open: a FIFO would block it
     assert {p.name for p in found} == expected["good"] | expected["broken"]
 
@@ -402,7 +403,7 @@ NAMESPACE_SCRIPT = r"""
 import contextlib, io, json, os, subprocess, sys, traceback
 from pathlib import Path
 from byol_pytorch.app.cli import main
-from byol_pytorch.checkpoint import load_checkpoint
+from byol_pytorch.training.checkpoint import load_checkpoint
 
 work, data, flags = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 size = int(sys.argv[4])

@@ -1,9 +1,12 @@
-"""The package's shape: layering, import circles, function length, public surface.
+"""The package's shape: layering, import circles, function length, public surface, moved paths.
 
 Every ``import`` statement of every module is read from the source (module level and
 inside functions alike, since a lazy import is still a dependency), resolved to a
-module of the package, and checked against the rule in docs/DESIGN.md: the core never
-imports the application, and no import circle exists. Functions fit on a screen (at
+module of the package, and checked against the layers of docs/DESIGN.md: the method
+(the flat modules at the top) imports neither the data layer (``byol_pytorch.data``) nor
+the training runtime (``byol_pytorch.training``) nor the application (``byol_pytorch.app``);
+the data layer imports neither the runtime nor the application; nothing below the
+application imports it; and no import circle exists. Functions fit on a screen (at
 most 80 lines without their docstring), and every module declares ``__all__``.
 """
 
@@ -67,13 +70,56 @@ def _is_app(name: str) -> bool:
     return name == "byol_pytorch.app" or name.startswith("byol_pytorch.app.")
 
 
+def _layer(name: str) -> str:
+    """``app``, ``training``, ``data`` or ``method`` (the flat modules), by the module's folder."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[1] in ("app", "training", "data"):
+        return parts[1]
+    return "entry" if name in ("byol_pytorch", "byol_pytorch.__main__", "byol_pytorch._compat") else "method"
+
+
+# what each layer may import (besides itself): the rule of docs/DESIGN.md
+ALLOWED = {
+    "method": {"method"},
+    "data": {"data", "method"},
+    "training": {"training", "data", "method"},
+    "app": {"app", "training", "data", "method"},
+}
+
+
 def test_the_graph_is_read():
     """A guard for the checks below: the reader sees the package's known edges."""
     graph = _graph()
     assert "byol_pytorch.encoder" in graph["byol_pytorch.byol"]
-    assert "byol_pytorch.engine" in graph["byol_pytorch.app.train"]
+    assert "byol_pytorch.training.engine" in graph["byol_pytorch.app.train"]
+    assert "byol_pytorch.data.folder" in graph["byol_pytorch.data.shards"]
     assert "byol_pytorch.app.errors" in graph["byol_pytorch.app.cli"]
     assert "byol_pytorch.app.train" in graph["byol_pytorch.app.cli"]  # a lazy import, inside a function
+
+
+def test_the_layers_import_only_downwards():
+    offenders = {
+        name: sorted(
+            dep for dep in deps if _layer(dep) not in ALLOWED[_layer(name)] | {"entry"} or dep == "byol_pytorch"
+        )
+        for name, deps in _graph().items()
+        if _layer(name) in ALLOWED
+    }
+    assert {name: deps for name, deps in offenders.items() if deps} == {}
+
+
+def test_the_layer_rule_catches_a_data_module_importing_the_runtime():
+    assert _layer("byol_pytorch.data.sources") == "data" and _layer("byol_pytorch.byol") == "method"
+    assert "training" not in ALLOWED["data"] and "data" not in ALLOWED["method"] and "app" not in ALLOWED["training"]
+
+
+def test_the_method_layer_is_the_flat_top():
+    """The folders show the design: the method's modules at the top, data and runtime in their own folders."""
+    flat = {p.stem for p in PACKAGE.glob("*.py")}
+    assert {"byol", "encoder", "heads", "losses", "ema", "augment", "collapse"} <= flat
+    assert not flat & {"data", "shards", "hf_data", "cifar", "sampling", "file_index", "engine", "optim", "checkpoint"}
+    assert {p.stem for p in (PACKAGE / "data").glob("*.py")} >= {"folder", "file_index", "shards", "hf", "cifar"}
+    assert {p.stem for p in (PACKAGE / "training").glob("*.py")} >= {"engine", "optim", "checkpoint", "recipe"}
 
 
 def test_the_core_never_imports_the_application():
@@ -170,3 +216,62 @@ def test_every_module_declares_its_public_names():
 def test_no_complexity_waivers():
     waived = [name for name, path in _modules().items() if "noqa: C901" in path.read_text(encoding="utf-8")]
     assert waived == []
+
+
+# Module paths of 1.1.0 (its byol_pytorch/*.py) and a name each exported.
+RELEASED_1_1_0 = {
+    "checkpoint": ["save_checkpoint", "load_checkpoint", "export_backbone", "atomic_write", "FORMAT"],
+    "cli": ["main", "build_parser", "UserError"],
+    "data": ["ImageFolder", "LabelledImageFolder", "load_image", "collate_images", "make_loader", "IMAGE_EXTENSIONS"],
+    "demo": ["run_demo", "add_demo_arguments"],
+    "evaluate": ["extract_features", "knn_accuracy", "linear_probe", "collapse_report"],
+    "fashion_mnist": ["load_fashion_mnist"],
+    "loop": ["EpochSampler", "DistContext", "setup_distributed", "OptimizerStep", "step_batches", "match_channels"],
+    "models": ["build_backbone", "build_learner", "strip_classifier", "TORCHVISION_PREFIX"],
+    "monitor": ["MetricsLog", "KnnMonitor", "split_labelled", "plot_curves_or_warn"],
+    "optim": ["LARS", "build_optimizer", "lr_help", "warmup_cosine_scheduler"],
+    "plots": ["plot_curves", "plot_views"],
+    "train": ["get_args_parser", "main", "train"],
+    "trainer": ["BYOLTrainer", "MockDataset"],
+    "encoder": ["BackboneEncoder", "pool_hidden", "probe_backbone"],
+    "augment": ["BYOLAugment"],
+    "byol": ["BYOL"],
+    "ema": ["ema_update_", "cosine_tau"],
+    "heads": ["byol_mlp"],
+    "losses": ["byol_loss"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(RELEASED_1_1_0))
+def test_every_1_1_0_module_path_still_imports(module):
+    """Moved paths work for one release, with a DeprecationWarning naming the new place; the rest as before."""
+    import importlib
+    import sys
+    import warnings
+
+    name = f"byol_pytorch.{module}"
+    sys.modules.pop(name, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        imported = importlib.import_module(name)
+    moved = (PACKAGE / f"{module}.py").exists() is False and not (PACKAGE / module).is_dir()
+    deprecations = [w for w in caught if issubclass(w.category, DeprecationWarning) and name in str(w.message)]
+    assert bool(deprecations) == moved, [str(w.message) for w in caught]
+    if moved:
+        assert "1.3.0" in str(deprecations[0].message)
+        assert deprecations[0].filename == __file__  # attributed to the importing line, not to importlib
+    for attribute in RELEASED_1_1_0[module]:
+        assert getattr(imported, attribute) is not None, f"{name}.{attribute}"
+
+
+def test_a_moved_path_is_the_new_module_itself():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from byol_pytorch import cli as old_cli  # noqa: F401
+        from byol_pytorch.checkpoint import export_backbone
+    from byol_pytorch.app import cli as new_cli
+    from byol_pytorch.training.models import export_backbone as new_export
+
+    assert old_cli is new_cli and export_backbone is new_export

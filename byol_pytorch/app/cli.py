@@ -1,4 +1,4 @@
-"""The ``byol-pytorch`` command (also ``python -m byol_pytorch``): train, export, eval, preview, demo.
+"""The ``byol-pytorch`` command (also ``python -m byol_pytorch``): train, export, eval, embed, preview, demo.
 
 Usage::
 
@@ -7,6 +7,7 @@ Usage::
     torchrun --nproc_per_node=N -m byol_pytorch train --data DIR ...
     byol-pytorch export RUNDIR/last.pt --out backbone.safetensors
     byol-pytorch eval --data LABELLED_DIR --checkpoint RUNDIR/last.pt [--knn] [--linear]
+    byol-pytorch embed --data DIR --checkpoint RUNDIR/last.pt --out EMBEDDINGS_DIR
     byol-pytorch preview --data DIR --out views.png
     byol-pytorch demo
 
@@ -49,7 +50,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from ..models import export_backbone
+    from ..training.models import export_backbone
 
     try:
         path = export_backbone(args.checkpoint, args.out, which=args.which)
@@ -71,10 +72,10 @@ def _eval_device(name: str | None):
 def _run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import load_checkpoint, load_state
-    from ..evaluate import collapse_report, knn_accuracy, linear_probe
-    from ..models import build_learner
-    from ..validation import KnnMonitor
+    from ..training.checkpoint import load_checkpoint, load_state
+    from ..training.evaluate import collapse_report, knn_accuracy, linear_probe
+    from ..training.models import build_learner
+    from ..training.validation import KnnMonitor
 
     if args.batch_size < 1 or args.workers < 0:
         raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
@@ -121,19 +122,20 @@ def _run_preview(args: argparse.Namespace) -> int:
     import torch
 
     from ..augment import BYOLAugment
-    from ..data import ImageFolder, load_size_for
+    from ..data import first_items, load_size_for, open_unlabelled
 
     if args.image_size < 8 or args.count < 1:
         raise UserError(f"--image-size must be >= 8 and --count >= 1, got {args.image_size} and {args.count}")
-    try:
-        dataset = ImageFolder(args.data, load_size_for(args.image_size), 3)
-    except ValueError as error:
-        raise UserError(f"--data: {error}") from None
     generator = torch.Generator().manual_seed(args.seed)
-    picks = torch.randperm(len(dataset), generator=generator)[: args.count].tolist()
     try:
-        originals = torch.stack([dataset[i][0] for i in picks])  # (N, 3, S, S) uint8
-    except RuntimeError as error:
+        dataset = open_unlabelled(args.data, load_size_for(args.image_size), 3, split=args.hf_split)
+        items = first_items(
+            dataset, args.count, pick=lambda n: torch.randperm(n, generator=generator)[: args.count].tolist()
+        )
+        originals = torch.stack([item[0] for item in items])  # (N, 3, S, S) uint8
+    except ImportError as error:
+        raise UserError(f"--data {args.data}: {error}") from None
+    except (ValueError, RuntimeError) as error:
         raise UserError(f"--data: {error}") from None
     view_one, view_two = BYOLAugment(args.image_size, view=1), BYOLAugment(args.image_size, view=2)
     torch.manual_seed(args.seed)
@@ -141,12 +143,18 @@ def _run_preview(args: argparse.Namespace) -> int:
     try:
         from .plots import plot_views
 
-        plot_views(originals, view_one(originals), view_two(originals), args.out, mean, std, max_images=len(picks))
+        plot_views(originals, view_one(originals), view_two(originals), args.out, mean, std, max_images=len(items))
     except ImportError as error:
         hint = "pip install matplotlib" if "matplotlib" in str(error) else "the plots module is missing"
         raise UserError(f"preview cannot draw ({error}): {hint}") from None
-    print(f"byol-pytorch: wrote {args.out}: {len(picks)} images from {args.data}, each beside view 1 and view 2")
+    print(f"byol-pytorch: wrote {args.out}: {len(items)} images from {args.data}, each beside view 1 and view 2")
     return 0
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from .embed import run_embed
+
+    return run_embed(args)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -225,11 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="save originals beside their two augmented views",
         description="Save a picture of images from DIR beside BYOL's view 1 and view 2.",
     )
-    preview.add_argument("--data", required=True, help="folder of images")
+    preview.add_argument("--data", required=True, help="the images: a folder, cifar10:ROOT, hf:PATH or tar shards")
+    preview.add_argument("--hf-split", help="hf: data with splits: the split (default: train); CIFAR: train or test")
     preview.add_argument("--out", default="views.png", help="the PNG to write (default: %(default)s)")
     preview.add_argument("--image-size", type=int, default=224, help="view side (default: %(default)s)")
     preview.add_argument("--count", type=int, default=8, help="images shown (default: %(default)s)")
     preview.add_argument("--seed", type=int, default=0, help="seed of the views (default: %(default)s)")
+
+    from .embed import add_embed_arguments
+
+    embed = sub.add_parser(
+        "embed",
+        help="write the representation of every image to disk (embeddings.npy, ids.txt)",
+        description="The representation of every image of --data under a checkpoint's backbone, streamed to "
+        "OUT/embeddings.npy (memory-mappable), with the sample ids (OUT/ids.txt) and labels where the data has them.",
+    )
+    add_embed_arguments(embed)
 
     _add_demo(sub)
     debug_help = "show the traceback of an error (also BYOL_PYTORCH_DEBUG=1)"
@@ -244,6 +263,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": _run_export,
     "eval": _run_eval,
     "preview": _run_preview,
+    "embed": _run_embed,
     "demo": _run_demo,
 }
 

@@ -16,11 +16,9 @@ without a GPU. It
    ``kNN accuracy: random init 0.XXXX -> BYOL 0.YYYY``.
 
 The backbone, its size and the recipe (crop scale for 28 px images, brightness and
-contrast as the only colour ops, the paper's blur and solarize, AdamW, tau, batch size,
-steps, head widths) were chosen by measurement
-on a 2-core CPU: see ``benchmarks/results/demo.md``. There, with the defaults, the whole
-command took 143 s and printed ``kNN accuracy: random init 0.7307 -> BYOL 0.8131`` (raw
-pixels: 0.7981).
+contrast as the only colour ops, blur and solarize, AdamW, tau, batch size, steps, head
+widths) were chosen by measurement on a 2-core CPU: ``benchmarks/results/demo.md`` has the
+measurements and the figures the command prints there.
 """
 
 from __future__ import annotations
@@ -40,11 +38,11 @@ import torch.nn.functional as F
 
 from ..augment import BYOLAugment
 from ..byol import BYOL
-from ..distributed import DistContext
-from ..engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState
-from ..evaluate import extract_features, knn_accuracy
-from ..optim import build_optimizer, warmup_cosine_scheduler
-from ..sampling import StepBatch
+from ..data.sampling import StepBatch
+from ..training.distributed import DistContext
+from ..training.engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState
+from ..training.evaluate import extract_features, knn_accuracy
+from ..training.optim import build_optimizer, warmup_cosine_scheduler
 from .errors import UserError, one_line
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 
@@ -239,7 +237,7 @@ def _subset(n_total: int, n: int, generator: torch.Generator) -> torch.Tensor:
 def _build_backbone(settings: dict[str, Any]) -> nn.Module:
     if settings["model"] == "cnn":
         return demo_cnn(settings["width"])
-    from ..models import build_backbone
+    from ..training.models import build_backbone
 
     try:
         return build_backbone(settings["model"], in_chans=1)
@@ -252,10 +250,9 @@ def _views(settings: dict[str, Any]) -> tuple[BYOLAugment, BYOLAugment]:
 
     The paper's Table 6 (flip 0.5, jitter 0.8 with brightness and contrast 0.4, blur
     1.0 / 0.1 with a 3 px kernel at 28 px, solarize 0.0 / 0.2), except: crops of at least
-    ``crop_scale`` of the area (0.08 leaves a few pixels of a 28 px image; 0.3 beat 0.2
-    and 0.5), and no saturation, hue or grayscale (no-ops on one channel). Blur and
-    solarisation each added about a point of kNN accuracy. Measured in
-    benchmarks/results/demo.md.
+    ``crop_scale`` of the area (0.08 leaves a few pixels of a 28 px image), and no
+    saturation, hue or grayscale (no-ops on one channel). benchmarks/results/demo.md has the
+    measurements that chose each value.
     """
     common: dict[str, Any] = dict(crop_scale=(settings["crop_scale"], 1.0), saturation=0.0, hue=0.0, grayscale_p=0.0)
     size = settings["image_size"]

@@ -1,8 +1,9 @@
 """The flags of ``byol-pytorch train`` and the run's recipe they resolve to.
 
-The recipe (``RECIPE_DEFAULTS``: model, sizes, optimiser, schedules, views, seed) is fixed
-for the life of a run: a resumed run takes it from its checkpoint, and a flag that
-contradicts it is an error. The other flags (where, how fast, how often to report) may
+The recipe (``training.recipe.Recipe``: model, sizes, optimiser, schedules, views, seed) is
+fixed for the life of a run: a resumed run takes it from its checkpoint, and a flag that
+contradicts it is an error. The ``argparse.Namespace`` stays here, at the command's edge.
+The other flags (where, how fast, how often to report) may
 change between a run and its resumption.
 
 ``--recipe`` picks the defaults of the flags not given: ``paper`` (Grill et al. 2020,
@@ -14,12 +15,13 @@ with its source). Without ``--recipe``, ``--data cifar10:ROOT`` / ``cifar100:ROO
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
-from ..cifar import is_cifar_spec
-from ..distributed import DistContext
-from ..models import VIEW_DEFAULTS
-from ..optim import OPTIMIZERS, default_lr, default_weight_decay
+from ..data.cifar import is_cifar_spec
+from ..training.distributed import DistContext
+from ..training.optim import OPTIMIZERS, default_lr, default_weight_decay
+from ..training.recipe import Recipe
 from .errors import UserError
 
 __all__ = [
@@ -37,30 +39,9 @@ __all__ = [
     "run_length",
 ]
 
-RECIPE_DEFAULTS: dict[str, Any] = {
-    "model": "resnet50",
-    "in_chans": None,
-    "image_size": 224,
-    "batch_size": 256,
-    "optimizer": "lars",
-    "lr": None,
-    "weight_decay": None,
-    "warmup_epochs": None,
-    "tau_base": 0.996,
-    "accumulate": 1,
-    "seed": 0,
-    "projection_size": 256,
-    "projection_hidden_size": 4096,
-    "views_in_one_batch": False,
-    "recipe": "paper",
-    **VIEW_DEFAULTS,  # crop_scale_min 0.08, blur_p1/2 1.0/0.1, solarize_p1/2 0.0/0.2: the paper's Table 6
-    "lars_trust": 1e-3,
-    "lars_clip": False,
-}
+RECIPE_DEFAULTS: dict[str, Any] = Recipe().to_dict()  # the paper's: resnet50, 224 px, LARS, Table 6 views
 DEFAULT_EPOCHS = 100
 SHUFFLE_BUFFER = 1000  # as webdataset's examples; held as header positions, so memory is no concern
-# Keys added after the first checkpoints were written: a checkpoint without them ran with these values.
-_LEGACY = {"recipe": "paper", **VIEW_DEFAULTS, "lars_trust": 1e-3, "lars_clip": False}
 
 _SOLO = "solo-learn scripts/pretrain/cifar/byol.yaml"
 _SOLO_VIEWS = "solo-learn scripts/pretrain/cifar/augmentations/asymmetric.yaml"
@@ -313,65 +294,73 @@ def plain(value: Any) -> Any:
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
-def preset_name(args: argparse.Namespace, saved: dict[str, Any] | None) -> str:
+def preset_name(args: argparse.Namespace, saved: Recipe | None) -> str:
     """The run's ``--recipe``: the checkpoint's, the flag, or ``cifar`` for CIFAR data, else ``paper``."""
     if saved is not None:
-        return str({**_LEGACY, **saved}["recipe"])
+        return saved.recipe
     given = getattr(args, "recipe", None)
     if given is not None:
         return str(given)
     return "cifar" if is_cifar_spec(getattr(args, "data", None)) else "paper"
 
 
-def resolve_recipe(args: argparse.Namespace, saved: dict[str, Any] | None) -> dict[str, Any]:
+def resolve_recipe(args: argparse.Namespace, saved: Recipe | Mapping[str, Any] | None) -> Recipe:
     """The run's recipe: the flags, else the ``--recipe`` preset's, else the defaults; the checkpoint's when resuming.
 
-    Keys a checkpoint lacks (written before they existed) take the values that run used.
+    Args:
+        args: the flags of ``byol-pytorch train``.
+        saved: the resumed checkpoint's recipe, or its ``args`` (read by ``Recipe.from_dict``:
+            keys it lacks are the values that version ran with), or None.
+
+    Raises:
+        UserError: an unknown preset, or a flag that contradicts the resumed run's recipe.
     """
+    if saved is not None and not isinstance(saved, Recipe):
+        saved = Recipe.from_dict(saved)
     name = preset_name(args, saved)
     if name not in PRESETS:
         raise UserError(f"unknown recipe {name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
-    defaults = {**RECIPE_DEFAULTS, **preset["values"], "recipe": name}
-    saved = None if saved is None else {**_LEGACY, **saved}
-    recipe: dict[str, Any] = {}
-    for key, default in defaults.items():
-        given = getattr(args, key, None)
-        if saved is not None and key in saved:
-            if given is not None and given != saved[key]:
+    if saved is not None:
+        for key, value in saved.to_dict().items():
+            given = getattr(args, key, None)
+            if given is not None and given != value:
                 flag = "--" + key.replace("_", "-")
                 raise UserError(
-                    f"{flag} {given} differs from the checkpoint's {saved[key]}: a resumed run keeps its "
+                    f"{flag} {given} differs from the checkpoint's {value}: a resumed run keeps its "
                     f"recipe; drop {flag}, or start a new run with another --out"
                 )
-            recipe[key] = saved[key]
-        else:
-            recipe[key] = given if given is not None else default
-    own = preset["optimizer"].get(recipe["optimizer"])  # the recipe's lr and decay for its own optimiser
-    if recipe["lr"] is None:
-        lr = own["lr_per_256"] * recipe["batch_size"] / 256 if own else None
-        recipe["lr"] = lr if lr is not None else default_lr(recipe["optimizer"], recipe["batch_size"])
-    if recipe["weight_decay"] is None:
-        recipe["weight_decay"] = own["weight_decay"] if own else default_weight_decay(recipe["optimizer"])
-    return recipe
+        return saved
+    values = {**RECIPE_DEFAULTS, **preset["values"], "recipe": name}
+    for key in values:
+        given = getattr(args, key, None)
+        if given is not None:
+            values[key] = given
+    own = preset["optimizer"].get(values["optimizer"])  # the recipe's lr and decay for its own optimiser
+    if values["lr"] is None:
+        lr = own["lr_per_256"] * values["batch_size"] / 256 if own else None
+        values["lr"] = lr if lr is not None else default_lr(values["optimizer"], values["batch_size"])
+    if values["weight_decay"] is None:
+        values["weight_decay"] = own["weight_decay"] if own else default_weight_decay(values["optimizer"])
+    return Recipe(**values)
 
 
-def check_sizes(recipe: dict[str, Any], ctx: DistContext) -> int:
+def check_sizes(recipe: Recipe, ctx: DistContext) -> int:
     """Validate sizes, tau and the batch split; returns the per-process micro-batch."""
-    batch, accumulate = recipe["batch_size"], recipe["accumulate"]
-    if recipe["image_size"] < 8:
-        raise UserError(f"--image-size must be at least 8 pixels, got {recipe['image_size']}")
+    batch, accumulate = recipe.batch_size, recipe.accumulate
+    if recipe.image_size < 8:
+        raise UserError(f"--image-size must be at least 8 pixels, got {recipe.image_size}")
     if accumulate < 1:
         raise UserError(f"--accumulate must be at least 1, got {accumulate}")
-    if not 0.0 <= recipe["tau_base"] <= 1.0:
-        raise UserError(f"--tau-base must be in [0, 1] (the paper: 0.996), got {recipe['tau_base']}")
+    if not 0.0 <= recipe.tau_base <= 1.0:
+        raise UserError(f"--tau-base must be in [0, 1] (the paper: 0.996), got {recipe.tau_base}")
     for key in ("blur_p1", "blur_p2", "solarize_p1", "solarize_p2"):
-        if not 0.0 <= recipe[key] <= 1.0:
-            raise UserError(f"--{key.replace('_', '-')} is a probability in [0, 1], got {recipe[key]}")
-    if not 0.0 < recipe["crop_scale_min"] <= 1.0:
-        raise UserError(f"--crop-scale-min must be in (0, 1] (the paper: 0.08), got {recipe['crop_scale_min']}")
-    if not recipe["lars_trust"] >= 0.0:
-        raise UserError(f"--lars-trust must be >= 0 (the paper: 1e-3), got {recipe['lars_trust']}")
+        if not 0.0 <= getattr(recipe, key) <= 1.0:
+            raise UserError(f"--{key.replace('_', '-')} is a probability in [0, 1], got {getattr(recipe, key)}")
+    if not 0.0 < recipe.crop_scale_min <= 1.0:
+        raise UserError(f"--crop-scale-min must be in (0, 1] (the paper: 0.08), got {recipe.crop_scale_min}")
+    if not recipe.lars_trust >= 0.0:
+        raise UserError(f"--lars-trust must be >= 0 (the paper: 1e-3), got {recipe.lars_trust}")
     parts = ctx.world_size * accumulate
     if batch < 2 or batch % parts or batch // parts < 2:
         raise UserError(
@@ -383,7 +372,7 @@ def check_sizes(recipe: dict[str, Any], ctx: DistContext) -> int:
 
 
 def run_length(
-    args: argparse.Namespace, recipe: dict[str, Any], steps_per_epoch: int, saved_total: int | None
+    args: argparse.Namespace, recipe: Recipe, steps_per_epoch: int, saved_total: int | None
 ) -> tuple[int, int]:
     """``(total, warmup)`` optimizer steps: a new total when --max-steps/--epochs come with --resume.
 
@@ -396,10 +385,10 @@ def run_length(
     elif saved_total is not None:
         total = saved_total
     else:
-        total = PRESETS.get(recipe.get("recipe", "paper"), PRESETS["paper"])["epochs"] * steps_per_epoch
+        total = PRESETS.get(recipe.recipe, PRESETS["paper"])["epochs"] * steps_per_epoch
     if total < 1:
         raise UserError(f"the run would have {total} steps; pass --max-steps or --epochs of at least 1")
-    warmup_epochs = recipe["warmup_epochs"] if recipe["warmup_epochs"] is not None else 10.0
+    warmup_epochs = recipe.warmup_epochs if recipe.warmup_epochs is not None else 10.0
     warmup = round(warmup_epochs * steps_per_epoch)
-    warmup = min(warmup, total // 10) if recipe["warmup_epochs"] is None else min(warmup, total)
+    warmup = min(warmup, total // 10) if recipe.warmup_epochs is None else min(warmup, total)
     return total, warmup

@@ -1,7 +1,7 @@
 """``byol-pytorch train``: BYOL pretraining on a folder of images, one process or many (torchrun).
 
 The data may also be CIFAR batches, a local Hugging Face dataset (``hf:PATH``) or tar
-shards: ``DATA_SOURCES`` maps each ``--data`` form to the core dataset that reads it.
+shards: ``data.open_unlabelled`` opens each ``--data`` form.
 
 Read ``train`` from top to bottom: ``prepare_run`` (run folder and resume, recipe, data,
 learner and optimiser, state restored from the checkpoint), ``run`` (the engine with
@@ -27,7 +27,6 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,14 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from .._discovery import infer_channels
 from ..byol import BYOL
-from ..checkpoint import (
+from ..data import DATA_FORMS, ShardReading, data_kind, load_size_for, make_loader, match_channels, open_unlabelled
+from ..data.file_index import INDEX_CACHE_NAME, load_or_scan
+from ..data.folder import ImageFolder, NoReadableImagesError
+from ..data.sampling import DataOrder, EpochSampler, step_batches
+from ..data.shards import ShardDataset, make_shard_loader
+from ..training.checkpoint import (
     TRAINING_KEYS,
     get_rng_state,
     load_checkpoint,
@@ -46,24 +51,17 @@ from ..checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ..cifar import CifarDataset, is_cifar_spec, parse_cifar_spec
-from ..data import ImageFolder, NoReadableImagesError, collate_images, load_size_for, match_channels
-from ..distributed import DistContext, broadcast_from_main, gather_objects, setup_distributed
-from ..encoder import infer_channels
-from ..engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState, prepare_model
-from ..file_index import INDEX_CACHE_NAME, load_or_scan
-from ..hf_data import HFImageDataset, is_hf_spec, parse_hf_spec
-from ..models import build_backbone, build_learner
-from ..optim import build_optimizer, resync_lr, warmup_cosine_scheduler
-from ..sampling import DataOrder, EpochSampler, ignore_signals_in_worker, step_batches
-from ..shards import ShardDataset, is_shard_spec, make_shard_loader
-from ..validation import KnnMonitor
+from ..training.distributed import DistContext, broadcast_from_main, gather_objects, setup_distributed
+from ..training.engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState, prepare_model
+from ..training.models import build_backbone, build_learner
+from ..training.optim import build_recipe_optimizer, resync_lr, warmup_cosine_scheduler
+from ..training.recipe import Recipe
+from ..training.validation import KnnMonitor
 from .errors import UserError, warn
 from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
 from .recipe import SHUFFLE_BUFFER, add_train_arguments, check_sizes, get_args_parser, plain, resolve_recipe, run_length
 
 __all__ = [
-    "DATA_SOURCES",
     "Run",
     "add_train_arguments",
     "finish",
@@ -82,9 +80,9 @@ class Run:
     args: argparse.Namespace
     ctx: DistContext
     out: Path
-    recipe: dict[str, Any]
+    recipe: Recipe
     run_args: dict[str, Any]  # saved in every checkpoint
-    dataset: Any  # ImageFolder, CifarDataset, HFImageDataset or ShardDataset (see DATA_SOURCES)
+    dataset: Any  # ImageFolder, CifarDataset, HFImageDataset or ShardDataset (data.open_unlabelled)
     sampler: DataOrder  # the EpochSampler, or the ShardDataset itself
     loader: DataLoader
     learner: BYOL
@@ -234,148 +232,85 @@ def _runtime_options(args: argparse.Namespace, ctx: DistContext) -> tuple[str, i
     return precision, workers
 
 
-def _build_net(recipe: dict[str, Any], args: argparse.Namespace, ctx: DistContext) -> nn.Module:
-    """The backbone, seeded (identical on every rank); ``recipe["in_chans"]`` set to its channels."""
-    torch.manual_seed(recipe["seed"])
+def _build_net(recipe: Recipe, args: argparse.Namespace, ctx: DistContext) -> tuple[nn.Module, Recipe]:
+    """The backbone, seeded (identical on every rank), and the recipe with the net's input channels."""
+    torch.manual_seed(recipe.seed)
     try:
-        net = build_backbone(recipe["model"], recipe["in_chans"], recipe["image_size"])
+        net = build_backbone(recipe.model, recipe.in_chans, recipe.image_size)
     except ValueError as error:
         raise UserError(f"--model: {error}") from None
-    recipe["in_chans"] = infer_channels(net)
+    recipe = recipe.replace(in_chans=infer_channels(net))
     if args.sync_bn_backbone:
         if ctx.distributed and ctx.device.type == "cuda":
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         elif ctx.is_main:
             warn("--sync-bn-backbone needs several CUDA processes; ignored")
-    return net
-
-
-@dataclass
-class _DataOptions:
-    """What the data sources need besides the ``--data`` string."""
-
-    args: argparse.Namespace
-    recipe: dict[str, Any]
-    micro_batch: int
-    workers: int
-    ctx: DistContext
-    out: Path  # the run folder: an image folder's index is cached there
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.recipe["in_chans"] == 1 else 3
-
-    @property
-    def load_size(self) -> int:
-        return load_size_for(self.recipe["image_size"])
-
-
-def _open_cifar(data: str, o: _DataOptions) -> CifarDataset:
-    """The training batches of ``cifar10:ROOT`` / ``cifar100:ROOT``."""
-    kind, root = parse_cifar_spec(data) or ("", "")
-    return CifarDataset(kind, root, "train", channels=o.channels)
-
-
-def _open_hf(data: str, o: _DataOptions) -> HFImageDataset:
-    """``hf:PATH``: a local Hugging Face dataset (save_to_disk folder, parquet, imagefolder)."""
-    path = parse_hf_spec(data) or ""
-    column, split = getattr(o.args, "image_column", None), getattr(o.args, "hf_split", None)
-    return HFImageDataset(path, o.load_size, o.channels, column, split)
-
-
-def _open_shards(data: str, o: _DataOptions) -> ShardDataset:
-    """Tar shards: a brace pattern, a ``.tar`` or a folder of ``.tar`` files; each worker its own shards."""
-    buffer = SHUFFLE_BUFFER if getattr(o.args, "shuffle_buffer", None) is None else o.args.shuffle_buffer
-    if buffer < 0:
-        raise ValueError(f"--shuffle-buffer must be 0 or more, got {buffer}")
-    return ShardDataset(
-        data,
-        o.load_size,
-        o.micro_batch,
-        o.channels,
-        o.ctx.rank,
-        o.ctx.world_size,
-        o.workers,
-        o.recipe["seed"],
-        buffer,
-        multiple_of=o.recipe["accumulate"],
-    )
-
-
-def _open_folder(data: str, o: _DataOptions) -> ImageFolder:
-    """A folder of images, searched recursively by rank 0 (or its cached index reused) and sent to the others."""
-    index = broadcast_from_main(o.ctx, lambda: load_or_scan(data, o.out / INDEX_CACHE_NAME))
-    return ImageFolder(data, o.load_size, o.channels, index=index)
-
-
-# The --data forms, tried in order: the first whose test matches opens the data.
-DATA_SOURCES: tuple[tuple[str, Callable[[str], bool], Callable[[str, _DataOptions], Any]], ...] = (
-    ("cifar", is_cifar_spec, _open_cifar),
-    ("hf", is_hf_spec, _open_hf),
-    ("shards", is_shard_spec, _open_shards),
-    ("folder", lambda spec: True, _open_folder),
-)
+    return net, recipe
 
 
 def _build_data(
     data: str | None,
-    recipe: dict[str, Any],
+    recipe: Recipe,
     micro_batch: int,
     workers: int,
     ctx: DistContext,
     args: argparse.Namespace,
     out: Path,
 ) -> tuple[Any, DataOrder, DataLoader]:
-    """The data in the net's channel count (``DATA_SOURCES``), its resumable order, the loader.
+    """The data in the net's channel count (``data.open_unlabelled``), its resumable order, the loader.
 
     An image folder is scanned by rank 0 alone, or its index reused from the run folder
     (``OUT/file_index.npz``) while the folder is unchanged, and sent to the other ranks.
     """
     if not data:
-        raise UserError("--data is required: the folder of training images (or cifar10:, hf:, tar shards)")
-    options = _DataOptions(args, recipe, micro_batch, workers, ctx, out)
-    opener = next(open_ for _, matches, open_ in DATA_SOURCES if matches(data))
+        raise UserError(f"--data is required: {DATA_FORMS}")
     try:
-        dataset = opener(data, options)
+        kind = data_kind(data)
+        index = None
+        if kind == "folder":
+            index = broadcast_from_main(ctx, lambda: load_or_scan(data, out / INDEX_CACHE_NAME))
+        buffer = SHUFFLE_BUFFER if getattr(args, "shuffle_buffer", None) is None else args.shuffle_buffer
+        if buffer < 0:
+            raise ValueError(f"--shuffle-buffer must be 0 or more, got {buffer}")
+        reading = ShardReading(micro_batch, ctx.rank, ctx.world_size, workers, recipe.seed, buffer, recipe.accumulate)
+        dataset = open_unlabelled(
+            data,
+            None if kind == "cifar" else load_size_for(recipe.image_size),  # CIFAR as stored: the views resize
+            recipe.channels,
+            image_column=getattr(args, "image_column", None),
+            split=getattr(args, "hf_split", None),
+            index=index,
+            shards=reading,
+        )
         if isinstance(dataset, ShardDataset):  # it orders and batches itself, in its workers
             return dataset, dataset, make_shard_loader(dataset, pin_memory=ctx.device.type == "cuda")
         dataset[0]  # fails now, not in a worker, when no file at all can be read
         sampler = EpochSampler(
-            len(dataset), micro_batch, ctx.rank, ctx.world_size, recipe["seed"], multiple_of=recipe["accumulate"]
+            len(dataset),  # type: ignore[arg-type]
+            micro_batch,
+            ctx.rank,
+            ctx.world_size,
+            recipe.seed,
+            multiple_of=recipe.accumulate,
         )
     except ImportError as error:  # an optional extra (webdataset, datasets) is missing
         raise UserError(f"--data {data}: {error}") from None
     except (ValueError, RuntimeError) as error:
         raise UserError(f"--data: {error}") from None
-    loader = DataLoader(
+    loader = make_loader(
         dataset,
-        batch_size=micro_batch,
+        micro_batch,
+        workers,
         sampler=sampler,
-        num_workers=workers,
         drop_last=True,
-        collate_fn=collate_images,
+        seed=recipe.seed * 1000 + ctx.rank,
         pin_memory=ctx.device.type == "cuda",
-        persistent_workers=workers > 0,
-        worker_init_fn=ignore_signals_in_worker if workers > 0 else None,
-        generator=torch.Generator().manual_seed(recipe["seed"] * 1000 + ctx.rank),
     )
     return dataset, sampler, loader
 
 
-def build_recipe_optimizer(recipe: dict[str, Any], learner: nn.Module) -> torch.optim.Optimizer:
-    """The optimiser a run's recipe names, with its lr, weight decay and LARS settings."""
-    return build_optimizer(
-        recipe["optimizer"],
-        learner,
-        recipe["lr"],
-        recipe["weight_decay"],
-        trust_coefficient=float(recipe.get("lars_trust", 1e-3)),
-        clip_lr=bool(recipe.get("lars_clip", False)),
-    )
-
-
 def _build_learner(
-    recipe: dict[str, Any],
+    recipe: Recipe,
     net: nn.Module,
     total: int,
     warmup: int,
@@ -401,7 +336,7 @@ def _restore(checkpoint: dict[str, Any] | None, run: Run) -> None:
     """Model, optimiser, schedules, data position and generators from the checkpoint (or a fresh start)."""
     ctx, state = run.ctx, run.state
     if checkpoint is None:
-        torch.manual_seed(run.recipe["seed"] + ctx.rank)  # the augmentations' generator, per rank
+        torch.manual_seed(run.recipe.seed + ctx.rank)  # the augmentations' generator, per rank
         return
     path = run.resumed_from or run.out / "last.pt"
     try:
@@ -431,13 +366,13 @@ def _restore(checkpoint: dict[str, Any] | None, run: Run) -> None:
     rng = checkpoint["rng"]
     set_rng_state(rng[ctx.rank] if len(rng) == ctx.world_size else rng[0])
     if len(rng) != ctx.world_size:
-        torch.manual_seed(run.recipe["seed"] + ctx.rank + state.step)
+        torch.manual_seed(run.recipe.seed + ctx.rank + state.step)
     run.saved_step = state.step
 
 
 def _data_changed(run: Run, shards: bool) -> None:
     """The data, the process count or (shards) the workers changed since the checkpoint: go on, warn."""
-    state, accumulate = run.state, run.recipe["accumulate"]
+    state, accumulate = run.state, run.recipe.accumulate
     if shards and state.position:  # the readers' shards differ now: finish no shard twice, skip the epoch's rest
         state.epoch, state.position = state.epoch + 1, 0
         what = f"the rest of epoch {state.epoch - 1} is skipped (no shard is read twice); epoch {state.epoch} starts"
@@ -462,41 +397,41 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         raise
     _same_checkpoint_everywhere(args, out, ctx, checkpoint)
     saved_args = checkpoint["args"] if checkpoint else None
-    recipe = resolve_recipe(args, saved_args)
+    recipe = resolve_recipe(args, Recipe.from_dict(saved_args) if saved_args else None)
     micro_batch = check_sizes(recipe, ctx)
     data = args.data or (saved_args or {}).get("data")
     for key in ("shuffle_buffer", "image_column", "hf_split"):  # how the data is read: the run's, unless given
         if getattr(args, key, None) is None:
             setattr(args, key, (saved_args or {}).get(key))
     precision, workers = _runtime_options(args, ctx)
-    net = _build_net(recipe, args, ctx)
+    net, recipe = _build_net(recipe, args, ctx)
     dataset, sampler, loader = _build_data(data, recipe, micro_batch, workers, ctx, args, out)
-    steps_per_epoch = sampler.batches_per_epoch // recipe["accumulate"]
+    steps_per_epoch = sampler.batches_per_epoch // recipe.accumulate
     total, warmup = run_length(args, recipe, steps_per_epoch, int(checkpoint["total_steps"]) if checkpoint else None)
     learner, optimizer, scheduler, scaler = _build_learner(recipe, net, total, warmup, precision, args, ctx)
     run_args = {k: plain(v) for k, v in vars(args).items()}
-    run_args.update(recipe, data=str(data), precision=precision)
+    run_args.update(recipe.to_dict(), data=str(data), precision=precision)
     if isinstance(dataset, ShardDataset):
         # readers per process and the buffer: a resumed epoch continues exactly only with the same
         run_args.update(shard_readers=dataset.per_rank, shuffle_buffer=dataset.shuffle_buffer)
     prepared = Run(
-        args,
-        ctx,
-        out,
-        recipe,
-        run_args,
-        dataset,
-        sampler,
-        loader,
-        learner,
-        learner,
-        optimizer,
-        scheduler,
-        scaler,
-        precision,
-        TrainState(total=total),
-        workers,
-        resumed_from,
+        args=args,
+        ctx=ctx,
+        out=out,
+        recipe=recipe,
+        run_args=run_args,
+        dataset=dataset,
+        sampler=sampler,
+        loader=loader,
+        learner=learner,
+        model=learner,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        precision=precision,
+        state=TrainState(total=total),
+        workers=workers,
+        resumed_from=resumed_from,
     )
     prepared.dataset_digest = dataset.paths.digest() if isinstance(dataset, ImageFolder) else None
     _restore(checkpoint, prepared)
@@ -504,11 +439,11 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         prepared.model = prepare_model(learner, ctx, compile=args.compile)
         if ctx.is_main:
             print(
-                f"byol-pytorch: {recipe['model']} on {len(dataset)} images ({recipe['in_chans']} channels) in "
-                f"{data}, {ctx.world_size} process(es) on {ctx.device.type}, batch {recipe['batch_size']}, "
-                f"{recipe['optimizer']} lr {recipe['lr']:.4g}, warm-up {warmup} steps, {steps_per_epoch} "
+                f"byol-pytorch: {recipe.model} on {len(dataset)} images ({recipe.in_chans} channels) in "
+                f"{data}, {ctx.world_size} process(es) on {ctx.device.type}, batch {recipe.batch_size}, "
+                f"{recipe.optimizer} lr {recipe.lr:.4g}, warm-up {warmup} steps, {steps_per_epoch} "
                 f"steps/epoch, steps {prepared.state.step} -> {total}, {precision}, run folder {out}"
-                f" (recipe {recipe['recipe']})",
+                f" (recipe {recipe.recipe})",
                 flush=True,
             )
     passed_over = getattr(dataset, "passed_over", 0)  # an image folder's special files (CIFAR has none)
@@ -624,8 +559,8 @@ def run(prepared: Run) -> TrainState:
         monitor = (
             KnnMonitor(
                 args.val_data,
-                recipe["image_size"],
-                1 if recipe["in_chans"] == 1 else 3,
+                recipe.image_size,
+                1 if recipe.in_chans == 1 else 3,
                 ctx.device,
                 workers=min(prepared.workers, 4),
             )
@@ -643,14 +578,14 @@ def run(prepared: Run) -> TrainState:
         ctx.device,
         prepared.scaler,
     )
-    channels = recipe["in_chans"]
+    channels = recipe.in_chans or 3  # resolved from the net in _build_net
     engine = Engine(
         step,
         ctx,
         prepare=lambda x: match_channels(x, channels),
         check_every=None if ctx.device.type == "cpu" else min(10, args.log_every),
     )
-    batches = step_batches(prepared.loader, prepared.sampler, state.epoch, state.position, recipe["accumulate"])
+    batches = step_batches(prepared.loader, prepared.sampler, state.epoch, state.position, recipe.accumulate)
     completed = False
     try:
         engine.run(batches, state, _hooks(prepared, metrics, monitor))

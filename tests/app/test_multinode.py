@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from byol_pytorch.checkpoint import load_checkpoint, save_checkpoint
+from byol_pytorch.training.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TOTAL = 6  # optimizer steps of the run

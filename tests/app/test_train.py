@@ -16,7 +16,7 @@ from byol_pytorch import BYOL
 from byol_pytorch.app import cli
 from byol_pytorch.app.train import get_args_parser
 from byol_pytorch.app.train import main as train_main
-from byol_pytorch.checkpoint import load_checkpoint
+from byol_pytorch.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -232,7 +232,7 @@ def test_views_in_one_batch_flag_is_part_of_the_recipe(messy, tmp_path, monkeypa
 
 
 def test_resume_reuses_the_cached_index_and_warns_when_names_changed(messy, tmp_path, tiny_flags, monkeypatch, capsys):
-    from byol_pytorch import file_index
+    from byol_pytorch.data import file_index
 
     past = time.time() - 3600  # folders older than the cache's racy window
     for dirpath, _, _ in os.walk(messy):

@@ -3,7 +3,7 @@
 import json
 
 from byol_pytorch.app import cli
-from byol_pytorch.checkpoint import load_checkpoint
+from byol_pytorch.training.checkpoint import load_checkpoint
 
 TINY_CIFAR = (
     "--model",

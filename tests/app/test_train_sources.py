@@ -11,7 +11,7 @@ from byol_pytorch import BYOL
 from byol_pytorch.app import cli
 from byol_pytorch.app.train import get_args_parser
 from byol_pytorch.app.train import main as train_main
-from byol_pytorch.checkpoint import load_checkpoint
+from byol_pytorch.training.checkpoint import load_checkpoint
 
 
 def run_train(argv):

@@ -1,0 +1,52 @@
+"""What every benchmark prints around its table: the command line, Markdown tables, the results file."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from benchmarks.common import REPO
+
+__all__ = ["command_line", "markdown_table", "ms", "verdict", "write_results"]
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table from a header and rows of printable values."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
+
+
+def command_line() -> str:
+    """This process's command line as typed from the repository root: ``python -m benchmarks.NAME ...``."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else REPO
+    try:
+        relative = script.relative_to(REPO)
+    except ValueError:
+        relative = None
+    if relative is not None and relative.parts[:1] == ("benchmarks",) and relative.suffix == ".py":
+        head = ["-m", ".".join(relative.with_suffix("").parts)]
+    else:
+        head = [os.path.relpath(sys.argv[0], REPO)]
+    return "python " + " ".join(shlex.quote(a) for a in [*head, *sys.argv[1:]])
+
+
+def write_results(path: Path, title: str, machine_line: str, table: str, append: bool = False) -> None:
+    """Write ``# title``, the machine, the command and the table to `path` (or add them after a rule)."""
+    section = f"Machine: {machine_line}\n\nCommand: `{command_line()}`\n\n{table}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if append and path.exists():
+        path.write_text(path.read_text() + "\n---\n\n" + section)
+    else:
+        path.write_text(f"# {title}\n\n" + section)
+
+
+def verdict(ok: bool) -> str:
+    """A goal's verdict as the tables write it."""
+    return "**met**" if ok else "**not met**"
+
+
+def ms(seconds: float) -> str:
+    """Seconds as milliseconds with one decimal."""
+    return f"{seconds * 1e3:.1f}"

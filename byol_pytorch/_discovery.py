@@ -1,0 +1,541 @@
+"""Finding the hidden layer of an arbitrary backbone: the one-time probe and its heuristics.
+
+The hidden layer can be named three ways, as in lucidrains/byol-pytorch:
+
+* a module name from ``net.named_modules()`` (``"avgpool"``, ``"head.global_pool"``):
+  its output is captured with a forward hook; it must be a tensor;
+* an integer: an index into ``list(net.children())`` (``-2`` is resnet's avgpool), and
+  ``-1`` for the net's own output;
+* ``"auto"`` (the default): the representation a practitioner would take, found from
+  what the net returns:
+
+  - a tensor: the input of the final classifier ``nn.Linear`` (a forward pre-hook) when
+    the output is that Linear's output; else the output itself (``num_classes=0``);
+  - a mapping or a ``transformers`` ``ModelOutput`` (duck-typed: a ``Mapping``, a
+    dataclass, or anything with ``.to_tuple()``): with a classifier (its ``logits``
+    entry is a Linear's output), the input of that classifier; else ``pooler_output``
+    (the model's own pooled vector: CLIP's post-layernormed class token, ViT's
+    dense + tanh pooler, which BYOL then trains too, ResNet's (B, C, 1, 1) average),
+    else ``last_hidden_state``, else the first tensor entry;
+  - a tuple or list: the same, on its first tensor;
+  - several classifier Linears combined, e.g. distillation heads averaged,
+    ``(head(x) + head_dist(x)) / 2``: when the last Linears to run all have the
+    output's width and the output depends on each of them, their shared input; when
+    their inputs differ (``head(x[:, 0])``, ``head_dist(x[:, 1])``), the last tensor a
+    module produced before the heads started whose pooled width is theirs (the final
+    norm's tokens).
+
+  A net whose output has none of these gets an error listing the layers that would
+  work, last first, with a ``hidden_layer="..."`` call.
+
+Whatever is captured is reduced to (B, D) by :func:`pool_hidden`: 4D maps (B, C, H, W)
+are average-pooled over H and W; token sequences (B, N, D) are mean-pooled over the
+tokens by default (``token_pool="mean"`` works with and without a class token) or
+reduced to their first token (``token_pool="cls"``); nothing is ever flattened.
+
+The net is called as ``net(x)``, or as ``net(pixel_values=x)`` when its ``forward``
+names its first positional parameter ``pixel_values`` or takes the image only by
+keyword (see :func:`detect_input_name`); ``input_name`` forces a keyword. Probe and
+training call the net the same way.
+
+The layer is found by one probe forward at construction, on a deep copy of the net in
+eval mode, on a fixed image drawn without the RNG: the user's net (weights, BatchNorm
+statistics, caches, training flags) and the RNG stream are left untouched. The probe
+keeps autograd on, so that the parameters the representation does not depend on (the
+classifier, an unused pooler, a mask token) are read off its graph: DDP is told to
+ignore exactly those.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ._hidden import OUTPUT as _OUTPUT
+from ._hidden import HiddenLayer, OutputKey, call_net, pool_hidden, select_output
+from ._modules import module_device_dtype, saved_modes
+
+__all__ = ["BackboneProbe", "detect_input_name", "infer_channels", "probe_backbone"]
+
+_PROBE_BATCH = 2
+_CANDIDATES = 5
+
+
+@dataclass(frozen=True)
+class BackboneProbe:
+    """What the probe forward found: where the representation is and what it costs.
+
+    Attributes:
+        name: the resolved layer name, ``"<output>"`` for the net's output, or
+            ``"<output>.pooler_output"`` / ``"<output>[0]"`` for an entry of it.
+        module: the hooked module, or None when the representation is (an entry of)
+            the net's output.
+        use_input: capture the module's input (forward pre-hook) instead of its output.
+        dim: the pooled width D of the representation.
+        unused: names of the trainable parameters the representation does not depend
+            on (the classifier, an unused pooler), relative to the net.
+        output_key: with ``module`` None, the entry of the net's output: a key or an
+            attribute name (str), an index (int), or None for the output itself.
+        input_name: the keyword the net takes the image by, or None for ``net(x)``.
+    """
+
+    name: str
+    module: nn.Module | None
+    use_input: bool
+    dim: int
+    unused: tuple[str, ...] = ()
+    output_key: OutputKey = None
+    input_name: str | None = None
+
+
+def _pooled_width(value: object, batch: int) -> int | None:
+    """D of a tensor :func:`pool_hidden` takes, for a batch of ``batch``; None otherwise."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.ndim not in (2, 3, 4):
+        return None
+    if value.shape[0] != batch:
+        return None
+    return int(value.shape[1] if value.ndim == 4 else value.shape[-1])
+
+
+# ----------------------------------------------------------------------------- calling the net
+def detect_input_name(net: nn.Module) -> str | None:
+    """The keyword ``net.forward`` takes the image by, or None to pass it positionally.
+
+    ``pixel_values`` when that is the name of the first positional parameter (Hugging
+    Face ``transformers`` models); when ``forward`` takes no positional parameter, its
+    keyword-only ``pixel_values`` if present, else its first keyword-only parameter.
+
+    Args:
+        net: the backbone.
+
+    Returns:
+        The keyword, or None (``net(x)``).
+    """
+    try:
+        params = list(inspect.signature(net.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = inspect.Parameter
+    for p in params:
+        if p.kind in (kinds.POSITIONAL_ONLY, kinds.VAR_POSITIONAL):
+            return None
+        if p.kind is kinds.POSITIONAL_OR_KEYWORD:
+            return p.name if p.name == "pixel_values" else None
+    keyword = [p.name for p in params if p.kind is kinds.KEYWORD_ONLY]
+    if "pixel_values" in keyword:
+        return "pixel_values"
+    return keyword[0] if keyword else None
+
+
+def _entries(out: object) -> list[tuple[str | int, object]] | None:
+    """The (key, value) entries of a structured output; None for anything else (a tensor)."""
+    if isinstance(out, Mapping):
+        return [(k, v) for k, v in out.items() if isinstance(k, str)]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [(f.name, getattr(out, f.name, None)) for f in dataclasses.fields(out)]
+    if isinstance(out, (tuple, list)):
+        return list(enumerate(out))
+    to_tuple = getattr(out, "to_tuple", None)
+    if callable(to_tuple):
+        values = to_tuple()
+        if isinstance(values, (tuple, list)):
+            return list(enumerate(values))
+    return None
+
+
+def _key_name(key: OutputKey) -> str:
+    if key is None:
+        return _OUTPUT
+    return f"{_OUTPUT}.{key}" if isinstance(key, str) else f"{_OUTPUT}[{key}]"
+
+
+def _first_tensor(entries: list[tuple[str | int, object]]) -> OutputKey:
+    return next((k for k, v in entries if isinstance(v, torch.Tensor)), None)
+
+
+def _classifier_target(out: object) -> torch.Tensor | None:
+    """What a final classifier would have produced: the output, its ``logits``, a tuple's first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    entries = _entries(out)
+    if entries is None:
+        return None
+    values = dict(entries)
+    if isinstance(values.get("logits"), torch.Tensor):
+        return values["logits"]  # type: ignore[return-value]
+    if isinstance(out, (tuple, list)):
+        key = _first_tensor(entries)
+        return None if key is None else values[key]  # type: ignore[return-value]
+    return None
+
+
+def _representation_key(out: object) -> OutputKey:
+    """Without a classifier: ``pooler_output``, ``last_hidden_state``, the first tensor."""
+    entries = _entries(out)
+    if entries is None:
+        return None
+    values = dict(entries)
+    for key in ("pooler_output", "last_hidden_state"):
+        if isinstance(values.get(key), torch.Tensor):
+            return key
+    return _first_tensor(entries)
+
+
+def _graph_leaves(tensor: object) -> set[int]:
+    """ids of the leaf tensors (parameters) the autograd graph of ``tensor`` reaches."""
+    grad_fn = getattr(tensor, "grad_fn", None)
+    seen: set[object] = set()
+    stack, leaves = [grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            leaves.add(id(variable))
+        stack.extend(f for f, _ in fn.next_functions)
+    return leaves
+
+
+def _same_tensor(a: object, b: object) -> bool:
+    """The same tensor (object or memory view), not merely equal values."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    return a is b or (a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())
+
+
+# ----------------------------------------------------------------------------- the probe
+class _Trace:
+    """Hooks on every module of a net recording one forward: call order, Linear inputs, outputs."""
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+        self.names = {m: n for n, m in net.named_modules()}
+        self.events: list[tuple[str, nn.Module]] = []  # ("start" | "end", module) in execution order
+        self.inputs: dict[nn.Module, object] = {}  # last input of each Linear and Conv2d
+        self.outputs: dict[nn.Module, object] = {}  # last output of each module
+        self.versions: dict[nn.Module, int] = {}  # its in-place version counter when the module returned it
+
+    def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.events.append(("start", module))
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            self.inputs[module] = args[0] if args else next(iter(kwargs.values()), None)
+
+    def _end(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.events.append(("end", module))
+        self.outputs[module] = output
+        if isinstance(output, torch.Tensor):
+            self.versions[module] = output._version
+
+    def modified_later(self, module: nn.Module) -> bool:
+        """Whether ``module``'s output was changed in place after it returned (an in-place activation)."""
+        out = self.outputs.get(module)
+        return isinstance(out, torch.Tensor) and out._version != self.versions.get(module)
+
+    def run(self, x: torch.Tensor, input_name: str | None) -> object:
+        """One forward in eval mode with autograd on; training flags restored, hooks removed."""
+        handles = []
+        for m in self.net.modules():
+            handles.append(m.register_forward_pre_hook(self._start, with_kwargs=True))
+            handles.append(m.register_forward_hook(self._end))
+        try:
+            with saved_modes(self.net), torch.enable_grad():
+                return call_net(self.net, x, input_name)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def ran(self, module: nn.Module, kind: str) -> bool:
+        return any(k == kind and m is module for k, m in self.events)
+
+    def candidates(self, batch: int, limit: int = _CANDIDATES) -> list[tuple[str, int]]:
+        """(name, pooled width) of the modules whose output pool_hidden takes, last to run first."""
+        found: list[tuple[str, int]] = []
+        seen: set[nn.Module] = set()
+        for kind, m in reversed(self.events):
+            if kind != "end" or m is self.net or m in seen:
+                continue
+            seen.add(m)
+            width = _pooled_width(self.outputs.get(m), batch)
+            if width is not None:
+                found.append((self.names[m], width))
+            if len(found) == limit:
+                break
+        return found
+
+
+def _classifier_like(module: nn.Module, output: object) -> bool:
+    """A Linear, or a 1x1 convolution over 1x1 maps (a classifier written as a conv, e.g. DLA's)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and isinstance(output, torch.Tensor)
+        and output.ndim == 4
+        and output.shape[2:] == (1, 1)
+    )
+
+
+def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bool] | None:
+    """(module, use_input) of the representation the final classifier Linear(s) read.
+
+    The output is a classifier's when it equals (up to a flatten) the output of the last
+    Linear or 1x1 convolution over 1x1 maps to run, not changed in place after it (a conv
+    head followed by an in-place activation is part of the representation). Otherwise, when the last Linears to
+    run (two or more) all have the output's batch and width (per token too: VOLO's
+    token head, max-reduced) and the output depends on each, they are heads combined:
+    their shared input, else what :func:`_before_heads` finds.
+    """
+    single = [m for kind, m in trace.events if kind == "end" and _classifier_like(m, trace.outputs.get(m))]
+    last = trace.outputs.get(single[-1]) if single else None
+    if (
+        isinstance(last, torch.Tensor)
+        and not trace.modified_later(single[-1])  # a 1x1 conv head + in-place activation is not a classifier
+        and (last is target or (last.numel() == target.numel() and torch.equal(last.reshape(target.shape), target)))
+    ):
+        return single[-1], True
+    linears = [m for kind, m in trace.events if kind == "end" and isinstance(m, nn.Linear)]
+    heads: list[nn.Module] = []  # the last Linears to run with the output's width, last first
+    for m in reversed(linears):
+        out = trace.outputs.get(m)
+        if m in heads:
+            continue
+        if not isinstance(out, torch.Tensor) or out.shape[:1] + out.shape[-1:] != target.shape[:1] + target.shape[-1:]:
+            break
+        heads.append(m)
+    if len(heads) < 2:
+        return None
+    reached = _graph_leaves(target)  # the output must depend on every head
+    if not all(id(h.weight) in reached for h in heads):
+        return None
+    heads.reverse()
+    inputs = [trace.inputs.get(h) for h in heads]
+    if all(_same_tensor(inputs[0], other) for other in inputs[1:]):
+        return heads[0], True
+    return _before_heads(trace, heads)
+
+
+def _before_heads(trace: _Trace, heads: list[nn.Module]) -> tuple[nn.Module, bool] | None:
+    """The last module output before the heads' branches started whose pooled width is theirs.
+
+    A head's branch is its highest ancestor that holds no other head (``classifier`` for
+    ``classifier.linear`` after ``classifier.norm``).
+    """
+    head_names = [trace.names[h] for h in heads]
+    starts = []
+    for name in head_names:
+        root = name
+        while "." in root:
+            parent = root.rsplit(".", 1)[0]
+            if any(other != name and other.startswith(parent + ".") for other in head_names):
+                break
+            root = parent
+        module = trace.net.get_submodule(root)
+        starts.append(max(i for i, (k, m) in enumerate(trace.events) if k == "start" and m is module))
+    width = getattr(heads[0], "in_features", None)
+    for kind, m in reversed(trace.events[: min(starts)]):
+        if kind == "end" and m is not trace.net and _pooled_width(trace.outputs.get(m), _PROBE_BATCH) == width:
+            return m, False
+    return None
+
+
+def _run_probe(trace: _Trace, x: torch.Tensor, input_name: str | None) -> object:
+    try:
+        return trace.run(x, input_name)
+    except Exception as err:
+        call = f"net({input_name}=x)" if input_name else "net(x)"
+        hint = (
+            " If the net takes the image by keyword, pass input_name='...' to BYOL"
+            if isinstance(err, TypeError) and input_name is None
+            else ""
+        )
+        raise ValueError(
+            f"could not run {type(trace.net).__name__} as {call} on a probe batch of shape {tuple(x.shape)}: "
+            f"{err}. Check image_size and the channel count (pass channels=... if the net does not start "
+            f"with a convolution).{hint}"
+        ) from err
+
+
+def _auto_choice(trace: _Trace, out: object) -> tuple[str, nn.Module | None, bool, OutputKey]:
+    """(name, module, use_input, output_key) of the automatic hidden layer; see the module docstring."""
+    target = _classifier_target(out)
+    found = _find_classifier(trace, target) if target is not None else None
+    if found is not None:
+        module, use_input = found
+        return trace.names[module], module, use_input, None
+    key = _representation_key(out)
+    return _key_name(key), None, False, key
+
+
+def _with_candidates(trace: _Trace, problem: str, image_size: tuple[int, int], input_name: str | None) -> str:
+    """``problem`` followed by the layers that would work and a call that uses the first."""
+    found = trace.candidates(_PROBE_BATCH)
+    if not found:
+        return (
+            f"{problem}. No module of {type(trace.net).__name__} produces a (B, D), (B, N, D) or "
+            "(B, C, H, W) tensor either: wrap the net in a module that returns one"
+        )
+    listing = ", ".join(f"{name!r} (D={width})" for name, width in found)
+    size = image_size[0] if image_size[0] == image_size[1] else image_size
+    extra = f", input_name={input_name!r}" if input_name else ""
+    return (
+        f"{problem}. Layers whose output works, last to run first: {listing}; "
+        f'e.g. BYOL(net, image_size={size}, hidden_layer="{found[0][0]}"{extra})'
+    )
+
+
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def infer_channels(net: nn.Module) -> int:
+    """The input channels the net declares, else those of its first convolution (3 when there is none).
+
+    Declared: timm models keep their constructor's ``in_chans``, Hugging Face models their
+    ``config.num_channels``. They win over the first convolution, which can follow a
+    rearrangement of the input (TResNet's space-to-depth stem sees 16x the channels).
+    """
+    declared = _positive_int(getattr(net, "in_chans", None))
+    declared = declared or _positive_int(getattr(getattr(net, "config", None), "num_channels", None))
+    if declared:
+        return declared
+    for module in net.modules():
+        channels = getattr(module, "in_channels", None)
+        if isinstance(module, nn.modules.conv._ConvNd) and isinstance(channels, int):
+            return channels
+    return 3
+
+
+def _resolve_layer(net: nn.Module, hidden_layer: HiddenLayer) -> tuple[str, nn.Module | None]:
+    """Map a user's hidden_layer to (name, module); module None means the net's output."""
+    if hidden_layer is None or hidden_layer == "auto":
+        return "auto", None
+    if isinstance(hidden_layer, bool) or not isinstance(hidden_layer, (int, str)):
+        raise TypeError(
+            f"hidden_layer must be a module name (str), a child index (int) or 'auto', "
+            f"got {type(hidden_layer).__name__}"
+        )
+    if isinstance(hidden_layer, int):
+        if hidden_layer == -1:
+            return _OUTPUT, None
+        children = list(net.named_children())
+        if not -len(children) <= hidden_layer < len(children):
+            names = ", ".join(f"{i}: {n}" for i, (n, _) in enumerate(children))
+            raise ValueError(
+                f"hidden_layer={hidden_layer} is out of range: the net has {len(children)} "
+                f"direct children ({names}); use an index in range, a module name, or -1 for the output"
+            )
+        name, module = children[hidden_layer]
+        return name, module
+    modules = dict(net.named_modules())
+    if hidden_layer in modules and hidden_layer != "":
+        return hidden_layer, modules[hidden_layer]
+    module_names = [n for n in modules if n]
+    close = difflib.get_close_matches(hidden_layer, module_names, n=5, cutoff=0.5)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    top = ", ".join(repr(n) for n, _ in net.named_children())
+    raise ValueError(
+        f"hidden layer {hidden_layer!r} not found in {type(net).__name__}; {hint}"
+        f"top-level modules: {top}. Pass a name from net.named_modules(), a child index, "
+        "-1 for the net's output, or 'auto'"
+    )
+
+
+def _probe_image(channels: int, image_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A fixed, non-constant probe batch in [-0.5, 0.5), drawn without the RNG.
+
+    A zero image makes layer-normed tokens vanish and distinct heads produce equal
+    logits; a golden-ratio sequence is deterministic and has no such ties.
+    """
+    count = _PROBE_BATCH * channels * image_size[0] * image_size[1]
+    values = torch.arange(count, dtype=torch.float64).mul_(0.6180339887498949).remainder_(1.0).sub_(0.5)
+    return values.reshape(_PROBE_BATCH, channels, *image_size).to(device=device, dtype=dtype)
+
+
+def _probe_copy(net: nn.Module) -> nn.Module:
+    """The net the probe runs: a deep copy, so that not even a cache in the user's net changes."""
+    try:
+        return copy.deepcopy(net)
+    except Exception:  # a net that cannot be copied is probed in place (flags restored)
+        return net
+
+
+def probe_backbone(
+    net: nn.Module,
+    image_size: tuple[int, int],
+    channels: int,
+    hidden_layer: HiddenLayer,
+    token_pool: str = "mean",
+    input_name: str | None = None,
+) -> BackboneProbe:
+    """Run the net once to find the hidden layer, its width and the unused parameters.
+
+    The forward runs on a deep copy of the net, in eval mode, with autograd on (the
+    parameters the representation depends on are read off its graph), on a fixed image;
+    no random number is drawn: the user's net, its buffers, caches and training flags
+    and the RNG stream are untouched.
+
+    Args:
+        net: the backbone.
+        image_size: (H, W) of the training views.
+        channels: input channels.
+        hidden_layer: see the module docstring.
+        token_pool: pooling of token sequences.
+        input_name: the keyword the net takes the image by; None detects it
+            (:func:`detect_input_name`).
+
+    Returns:
+        The :class:`BackboneProbe`; its ``module`` is the user's (not the copy's).
+
+    Raises:
+        ValueError: the layer is not found, never runs, the probe forward fails, or
+            the representation has a shape that cannot be pooled (with the layers that
+            would work).
+        TypeError: the representation is not a tensor (with the layers that would work),
+            or ``input_name`` is not a str.
+    """
+    if input_name is not None and not isinstance(input_name, str):
+        raise TypeError(f"input_name must be None or a str such as 'pixel_values', got {type(input_name).__name__}")
+    if input_name is not None and not input_name.isidentifier():
+        raise ValueError(f"input_name must be a keyword name such as 'pixel_values', got {input_name!r}")
+    name, module = _resolve_layer(net, hidden_layer)
+    call_name = input_name if input_name is not None else detect_input_name(net)
+    device, dtype = module_device_dtype(net)
+    copied = _probe_copy(net)
+    trace = _Trace(copied)
+    out = _run_probe(trace, _probe_image(channels, image_size, device, dtype), call_name)
+    use_input, key = False, None
+    if name == "auto":
+        name, module, use_input, key = _auto_choice(trace, out)
+    elif module is None:  # -1: the net's output, or its representation entry
+        key = _representation_key(out)
+        name = _key_name(key)
+    else:
+        module = copied.get_submodule(name)
+    if module is None:
+        hidden = select_output(out, key)
+    elif trace.ran(module, "start" if use_input else "end"):
+        hidden = trace.inputs[module] if use_input else trace.outputs[module]
+    else:
+        raise ValueError(
+            f"hidden layer {name!r} exists but never ran during the forward pass of "
+            f"{type(net).__name__}; pick a layer on the forward path"
+        )
+    try:
+        dim = pool_hidden(hidden, token_pool, layer=f"hidden layer {name!r}", advice="").shape[-1]
+    except (TypeError, ValueError) as err:
+        message = _with_candidates(trace, str(err).rstrip(". ;"), image_size, input_name)
+        raise type(err)(message) from None
+    used = _graph_leaves(hidden)
+    unused = tuple(n for n, p in copied.named_parameters() if p.requires_grad and id(p) not in used)
+    original = None if module is None else net.get_submodule(trace.names[module])
+    return BackboneProbe(name, original, use_input, int(dim), unused, key, call_name)

@@ -1,0 +1,71 @@
+"""The hidden representation as the per-step encoder and the one-time discovery both see it.
+
+How the net is called (``net(x)`` or by keyword), which entry of a structured output is the
+representation, and how a captured activation is pooled to (B, D). No model-family heuristics
+here: those run once, in ``_discovery``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = ["HiddenLayer", "OUTPUT", "OutputKey", "call_net", "pool_hidden", "select_output"]
+
+HiddenLayer = str | int | None
+OutputKey = str | int | None
+OUTPUT = "<output>"
+"""The name of the net's own output as a hidden layer."""
+
+
+def pool_hidden(
+    hidden: object, token_pool: str = "mean", layer: str = "hidden layer", advice: str | None = None
+) -> torch.Tensor:
+    """Reduce a captured activation to (B, D).
+
+    Args:
+        hidden: the captured activation: (B, D), (B, N, D) tokens or (B, C, H, W) maps.
+        token_pool: ``"mean"`` over tokens or ``"cls"`` (the first token) for 3D input.
+        layer: what produced it, the subject of error messages (``"hidden layer 'fc'"``).
+        advice: the remedy the error messages end with; default: pick another hidden_layer.
+
+    Returns:
+        (B, D) tensor.
+
+    Raises:
+        TypeError: when the activation is not a tensor.
+        ValueError: when it has a rank other than 2, 3 or 4.
+    """
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(
+            f"{layer} produced a {type(hidden).__name__}, not a tensor; "
+            + (advice or "pick a hidden_layer whose output is a tensor (see net.named_modules())")
+        )
+    if hidden.ndim == 2:
+        return hidden
+    if hidden.ndim == 4:
+        return hidden.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
+    if hidden.ndim == 3:
+        return hidden[:, 0] if token_pool == "cls" else hidden.mean(dim=1)  # (B, N, D) -> (B, D)
+    raise ValueError(
+        f"{layer} produced a tensor of shape {tuple(hidden.shape)}; expected (B, D), (B, N, D) "
+        "or (B, C, H, W). " + (advice or "Pick another hidden_layer")
+    )
+
+
+def call_net(net: nn.Module, x: torch.Tensor, input_name: str | None = None) -> object:
+    """``net(x)``, or ``net(**{input_name: x})`` for a net that takes the image by keyword."""
+    return net(x) if input_name is None else net(**{input_name: x})
+
+
+def select_output(out: object, key: OutputKey) -> object:
+    """The entry ``key`` of a net's output (see :class:`BackboneProbe`), or the output for None."""
+    if key is None:
+        return out
+    if isinstance(key, str):
+        return out[key] if isinstance(out, Mapping) else getattr(out, key)
+    if isinstance(out, (tuple, list)):
+        return out[key]
+    return out.to_tuple()[key]  # type: ignore[attr-defined]

@@ -1,0 +1,306 @@
+"""``byol-pytorch embed``: the representation of every image of a dataset, streamed to disk.
+
+    byol-pytorch embed --data SPEC --checkpoint RUNDIR/last.pt --out DIR
+
+writes into DIR:
+
+* ``embeddings.npy``: (N, D) float16 (``--dtype float32`` for full precision), one row per readable
+  image, the vector ``learner(x, return_embedding=True, return_projection=False)`` gives for the
+  image in eval mode (the backbone's pooled features at the hidden layer); ``np.load(path,
+  mmap_mode="r")`` maps it without reading it;
+* ``ids.txt``: the sample id of each row, one per line (a folder's relative file paths,
+  ``SPLIT:INDEX`` for CIFAR and ``hf:`` rows, ``SHARD:KEY`` for tar shards);
+* ``labels.npy``: (N,) int64 labels, where the source has them (CIFAR, an ``hf:`` label column,
+  shards with ``.cls`` files, a folder of class sub-folders with ``--labels``);
+* ``embed.json``: what was embedded (data, checkpoint, step, model, rows, broken images left out).
+
+Rows are written as they are computed, through a plain file (no memory map, no list of
+vectors): memory stays flat whatever the dataset's size. Every ``--flush-every`` batches the
+files are flushed and ``embed_state.json`` records how far they are; a run stopped on the way
+continues where it was with ``--resume`` (map-style data skips the items done; tar shards skip
+the samples done before decoding them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .._atomic import atomic_write
+from ..data import data_kind, embedding_items, make_loader, match_channels, open_labelled, open_unlabelled
+from ..data.shards import ShardSamples
+from ..training.checkpoint import load_checkpoint, load_state
+from ..training.models import build_learner
+from ..training.recipe import Recipe
+from .errors import UserError
+
+__all__ = ["NpyRows", "add_embed_arguments", "run_embed"]
+
+STATE = "embed_state.json"
+_MAGIC = b"\x93NUMPY\x01\x00"
+
+
+class NpyRows:
+    """An ``.npy`` file of (N, *shape) rows written one batch at a time, N fixed when it is closed.
+
+    The header is written first for the largest N and rewritten, at the same length, when the
+    file is finished with fewer rows; the file is then cut to them. ``np.load`` reads it like any
+    ``.npy``.
+
+    Args:
+        path: the file.
+        capacity: the largest number of rows it will hold.
+        shape: the shape of one row (``(D,)`` or ``()``).
+        dtype: the rows' dtype.
+        rows: rows already in the file (a resumed write appends after them).
+    """
+
+    def __init__(self, path: Path, capacity: int, shape: tuple[int, ...], dtype: np.dtype, rows: int = 0) -> None:
+        self.path, self.shape, self.dtype, self.capacity = path, tuple(shape), np.dtype(dtype), capacity
+        self.header_len = len(self._header(capacity, pad=0))
+        self.row_bytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        fresh = rows == 0 or not path.exists()
+        self.file: BinaryIO = open(path, "w+b" if fresh else "r+b")  # noqa: SIM115 (closed by close())
+        if fresh:
+            self.file.write(self._header(capacity, pad=self.header_len))
+            rows = 0
+        self.rows = rows
+        self.file.seek(self.header_len + rows * self.row_bytes)
+        self.file.truncate()
+
+    def _header(self, rows: int, pad: int) -> bytes:
+        text = repr({"descr": self.dtype.str, "fortran_order": False, "shape": (rows, *self.shape)})
+        body = text.encode("latin1")
+        length = max(pad - len(_MAGIC) - 2, -(-(len(_MAGIC) + 2 + len(body) + 1) // 64) * 64 - len(_MAGIC) - 2)
+        body = body + b" " * (length - len(body) - 1) + b"\n"
+        return _MAGIC + struct.pack("<H", length) + body
+
+    def write(self, batch: np.ndarray) -> None:
+        """Append rows (their count first)."""
+        if self.rows + len(batch) > self.capacity:
+            raise ValueError(f"{self.path} holds at most {self.capacity} rows")
+        self.file.write(np.ascontiguousarray(batch, dtype=self.dtype).tobytes())
+        self.rows += len(batch)
+
+    def flush(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self, final: bool) -> None:
+        """Close the file; ``final``: its header now says the rows it holds."""
+        if final:
+            self.file.seek(0)
+            self.file.write(self._header(self.rows, pad=self.header_len))
+            self.file.truncate(self.header_len + self.rows * self.row_bytes)
+        self.flush()
+        self.file.close()
+
+
+def add_embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of ``byol-pytorch embed``."""
+    a = parser.add_argument
+    a("--data", required=True, help="the images: a folder, cifar10:ROOT, hf:PATH or tar shards (as train's --data)")
+    a("--checkpoint", required=True, help="RUNDIR/last.pt")
+    a("--out", required=True, help="folder for embeddings.npy, ids.txt, labels.npy, embed.json")
+    a("--dtype", choices=["float16", "float32"], default="float16", help="of the vectors (default: %(default)s)")
+    a("--labels", action="store_true", help="a folder of class sub-folders: write their labels too")
+    a("--which", choices=["online", "target"], default="online", help="the network to embed with (default: online)")
+    a("--image-column", help="hf: data: the image column (default: the one datasets.Image column)")
+    a("--hf-split", help="hf: data with splits: the split (default: train); CIFAR: train or test")
+    a("--batch-size", type=int, default=256, help="images per forward (default: %(default)s)")
+    a("--workers", type=int, default=0, help="loader processes (default: %(default)s)")
+    a("--device", help="default: cuda when available, else cpu")
+    a("--flush-every", type=int, default=50, help="batches between flushes of the files (default: %(default)s)")
+    a("--resume", action="store_true", help="continue an embed run in --out that was stopped")
+    return parser
+
+
+def _learner(args: argparse.Namespace, device: torch.device) -> tuple[Any, Recipe, dict[str, Any]]:
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+        saved = checkpoint.get("args")
+        if not isinstance(saved, dict) or "learner" not in checkpoint or not saved.get("model"):
+            raise ValueError(f"{args.checkpoint} holds no trained network")
+        recipe = Recipe.from_dict(saved)
+        learner = build_learner(recipe).to(device)
+        load_state(learner, checkpoint, "learner", args.checkpoint)
+    except (FileNotFoundError, ValueError, TypeError, KeyError) as error:
+        raise UserError(f"--checkpoint: {error}") from error
+    if args.which == "target":
+        if learner.target_encoder is None:
+            raise UserError(f"--which target: {args.checkpoint} has no target network yet (no step was taken)")
+        learner.online_encoder.load_state_dict(learner.target_encoder.state_dict())
+    learner.eval()
+    return learner, recipe, checkpoint
+
+
+def _has_labels(spec: str, kind: str, args: argparse.Namespace) -> bool:
+    if kind == "cifar" or args.labels:
+        return True
+    if kind == "shards":
+        return ShardSamples(spec, 8).labelled_available()
+    if kind == "hf":
+        from ..data.hf import label_column, load_local_dataset, parse_hf_spec
+
+        return label_column(load_local_dataset(parse_hf_spec(spec) or "", args.hf_split)) is not None
+    return False
+
+
+def _open(args: argparse.Namespace, size: int, channels: int) -> tuple[Dataset, bool]:
+    """The source's embedding items (``data.embedding_items``) and whether they carry labels."""
+    try:
+        kind = data_kind(args.data)
+        labelled = _has_labels(args.data, kind, args)
+        options = {"image_column": args.image_column, "split": args.hf_split}
+        if labelled:
+            dataset = open_labelled(args.data, size, channels, **options)
+        else:
+            dataset = open_unlabelled(args.data, size, channels, **options)
+        return embedding_items(dataset), labelled
+    except ImportError as error:
+        raise UserError(f"--data {args.data}: {error}") from None
+    except (ValueError, RuntimeError) as error:
+        raise UserError(f"--data: {error}") from None
+
+
+def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The stopped run's progress (``--resume``), checked against this one; None for a new run."""
+    path = out / STATE
+    if not args.resume:
+        if path.exists() or (out / "embed.json").exists():
+            raise UserError(f"{out} already holds embeddings; pass --resume to continue them, or choose another --out")
+        return None
+    if not path.exists():
+        raise UserError(f"--resume: {out} holds no stopped embed run ({STATE} is missing); drop --resume")
+    state = json.loads(path.read_text())
+    differs = [k for k, v in identity.items() if state.get(k) != v]
+    if differs:
+        raise UserError(
+            f"--resume: the stopped run in {out} embedded other {', '.join(differs)}; drop --resume and use "
+            "another --out"
+        )
+    return state
+
+
+def _remaining(items: Dataset, done: int, ids_done: set[str] | None) -> Dataset:
+    """The items after those done: a map-style tail, or shards that skip the done samples undecoded."""
+    if isinstance(items, ShardSamples):
+        items.skip = ids_done or set()
+        return items
+    return Subset(items, range(done, len(items)))  # type: ignore[arg-type]
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    def write(temp: str) -> None:
+        Path(temp).write_text(json.dumps(value, indent=1))
+
+    atomic_write(path, write)
+
+
+class _Outputs:
+    """The files of an embed run, opened for a fresh start or a resume."""
+
+    def __init__(self, out: Path, capacity: int, dim: int, dtype: str, labelled: bool, state: dict | None) -> None:
+        rows = 0 if state is None else int(state["rows"])
+        self.out, self.labelled = out, labelled
+        self.vectors = NpyRows(out / "embeddings.npy", capacity, (dim,), np.dtype(dtype), rows)
+        self.labels = NpyRows(out / "labels.npy", capacity, (), np.dtype(np.int64), rows) if labelled else None
+        ids = out / "ids.txt"
+        if state is not None:  # drop ids written after the last recorded flush
+            kept = ids.read_text(encoding="utf-8").splitlines()[:rows] if ids.exists() else []
+            ids.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.ids = open(ids, "a" if state is not None else "w", encoding="utf-8")  # noqa: SIM115
+        self.items = 0 if state is None else int(state["items"])
+        self.broken = 0 if state is None else int(state["broken"])
+
+    def write(self, vectors: np.ndarray, labels: np.ndarray, ids: list[str]) -> None:
+        self.vectors.write(vectors)
+        if self.labels is not None:
+            self.labels.write(labels)
+        self.ids.write("".join(i.replace("\n", "\\n") + "\n" for i in ids))
+
+    def flush(self, identity: dict[str, Any]) -> None:
+        self.vectors.flush()
+        if self.labels is not None:
+            self.labels.flush()
+        self.ids.flush()
+        os.fsync(self.ids.fileno())
+        state = {**identity, "rows": self.vectors.rows, "items": self.items, "broken": self.broken}
+        _write_json(self.out / STATE, state)
+
+    def close(self, final: bool) -> None:
+        self.vectors.close(final)
+        if self.labels is not None:
+            self.labels.close(final)
+        self.ids.close()
+
+
+def _embed_batches(learner: Any, loader: Any, device: torch.device, channels: int, outputs: _Outputs, flush) -> None:
+    from tqdm import tqdm
+
+    with torch.no_grad():
+        for images, labels, ids, readable in tqdm(loader, desc="embed", unit="batch", file=sys.stderr):
+            keep = torch.as_tensor(readable, dtype=torch.bool)
+            outputs.items += len(keep)
+            outputs.broken += int((~keep).sum())
+            if keep.any():
+                x = match_channels(images[keep].to(device, non_blocking=True), channels)
+                vectors = learner(x, return_embedding=True, return_projection=False)  # (b, D)
+                chosen = [i for i, k in zip(ids, keep.tolist()) if k]
+                outputs.write(vectors.float().cpu().numpy(), torch.as_tensor(labels)[keep].numpy(), chosen)
+            flush()
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """``byol-pytorch embed`` (module doc); returns the exit status."""
+    if args.batch_size < 1 or args.workers < 0 or args.flush_every < 1:
+        raise UserError("--batch-size and --flush-every must be >= 1 and --workers >= 0")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    learner, recipe, checkpoint = _learner(args, device)
+    items, labelled = _open(args, recipe.image_size, learner.channels if learner.channels == 1 else 3)
+    out = Path(args.out)
+    identity = {"data": args.data, "checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which}
+    identity.update(dtype=args.dtype, step=int(checkpoint.get("step", 0)))
+    state = _read_state(out, args, identity)
+    out.mkdir(parents=True, exist_ok=True)
+    outputs = _Outputs(out, len(items), learner.representation_size, args.dtype, labelled, state)  # type: ignore[arg-type]
+    done_ids = (
+        set((out / "ids.txt").read_text(encoding="utf-8").splitlines()) if state and outputs.vectors.rows else None
+    )
+    rest = _remaining(items, outputs.items, done_ids)
+    loader = make_loader(rest, args.batch_size, args.workers, shuffle=False, drop_last=False, persistent=False)
+    batches = [0]
+
+    def flush() -> None:
+        batches[0] += 1
+        if batches[0] % args.flush_every == 0:
+            outputs.flush(identity)
+
+    finished = False
+    try:
+        _embed_batches(learner, loader, device, learner.channels, outputs, flush)
+        finished = True
+    finally:
+        outputs.flush(identity)
+        outputs.close(final=finished)
+    summary = {**identity, "model": recipe.model, "rows": outputs.vectors.rows, "dim": learner.representation_size}
+    summary.update(broken=outputs.broken, labels=labelled, image_size=recipe.image_size)
+    _write_json(out / "embed.json", summary)
+    (out / STATE).unlink(missing_ok=True)
+    left = f"; {outputs.broken} unreadable images left out" if outputs.broken else ""
+    print(
+        f"byol-pytorch: wrote {outputs.vectors.rows} vectors of {learner.representation_size} ({args.dtype}) to "
+        f"{out / 'embeddings.npy'}, their ids to {out / 'ids.txt'}"
+        + (f", labels to {out / 'labels.npy'}" if labelled else "")
+        + left
+    )
+    return 0

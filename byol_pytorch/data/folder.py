@@ -1,0 +1,392 @@
+"""Image folders for pretraining and evaluation: scan, fast decode, broken-file skipping.
+
+Every image leaves here as a ``uint8`` tensor ``(C, S, S)``: the shorter side resized to
+``S`` and the centre cropped to a square. Augmentation happens later, batched on the
+device (``augment.py``), so the workers only decode and resize.
+
+A broken file (unreadable, truncated, empty, or not an image at all) never stops a run:
+the dataset hands out the next readable file instead and reports how many it passed
+over. Worker processes do not share memory, so that count travels with each sample and
+``collate_images`` sums it per batch; the training loop adds the batches up and warns.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from .._modules import PathLike
+from .file_index import IMAGE_EXTENSIONS, FileIndex, check_folder, index_images
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BrokenImageError",
+    "NoReadableImagesError",
+    "FileIndex",
+    "index_images",
+    "load_image",
+    "decode_image",
+    "read_or_next",
+    "ImageFolder",
+    "LabelledImageFolder",
+    "load_size_for",
+    "match_channels",
+]
+
+LOAD_RATIO = 256 / 224
+"""Images are loaded at 8/7 of the crop side, as ImageNet's 256 px -> 224 px crops."""
+
+
+# What a damaged or mislabelled file makes Pillow raise: UnidentifiedImageError and
+# "image file is truncated" are OSErrors; some plugins raise SyntaxError, EOFError or
+# struct.error on garbage; DecompressionBombError guards against absurd sizes.
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
+)
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# Pillow's docs for Image.resize: "With reducing_gap greater or equal to 3.0, the result
+# is indistinguishable from fair resampling in most cases."
+_REDUCING_GAP = 3.0
+_EXIF_ORIENTATION = 0x0112
+
+
+class NoReadableImagesError(RuntimeError):
+    """Not one file of a dataset can be read (e.g. the folder was removed during a run)."""
+
+
+class BrokenImageError(Exception):
+    """A file that cannot be decoded as an image; the datasets catch it and substitute.
+
+    Attributes:
+        path: the file.
+        reason: what Pillow reported.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _check_size(load_size: int, channels: int) -> None:
+    if load_size < 1:
+        raise ValueError(f"load_size must be a positive number of pixels, got {load_size}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+
+
+def _is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)  # follows links; a broken one raises
+    except (OSError, ValueError):
+        return False
+
+
+def _to_eight_bit(im: Image.Image) -> Image.Image:
+    """16-bit grayscale ("I;16*", or "I" holding 0..65535) scaled to "L", rounded."""
+    values = np.asarray(im).astype(np.int64)
+    values = np.clip(values, 0, 65535)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info)
+
+
+def _convert(im: Image.Image, mode: str) -> Image.Image:
+    """Convert any Pillow mode to "L" or "RGB"; transparency is composited over white.
+
+    White, not dropping alpha: the colour under a transparent pixel is arbitrary (often
+    black), while white is how such images (icons, product shots) are normally seen.
+    """
+    if im.mode in _SIXTEEN_BIT_MODES:
+        im = _to_eight_bit(im)
+    elif _has_alpha(im):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return im if im.mode == mode else im.convert(mode)
+
+
+def load_image(path: PathLike, load_size: int, channels: int = 3) -> torch.Tensor:
+    """Decode one image, resize its shorter side to ``load_size`` and centre-crop a square.
+
+    Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (``Image.draft``) while
+    the shorter side stays at least ``load_size``, so a 4000x3000 photo costs a fraction
+    of a full decode. The EXIF orientation is applied. Grayscale, palette, CMYK and
+    16-bit images are converted (16-bit values scaled by 255/65535, not clipped);
+    transparency is composited over white. The resize is antialiased bilinear.
+
+    Args:
+        path: the image file.
+        load_size: side ``S`` of the square output.
+        channels: 1 (grayscale "L") or 3 ("RGB").
+
+    Returns:
+        ``uint8`` tensor ``(channels, load_size, load_size)``.
+
+    Raises:
+        ValueError: ``load_size`` or ``channels`` is invalid.
+        BrokenImageError: the file is empty, truncated, corrupt or not an image.
+    """
+    _check_size(load_size, channels)
+    path = Path(path)
+    if not _is_regular(str(path)):  # a FIFO would block open() forever; a device never ends
+        raise BrokenImageError(path, "not a regular file (missing, a FIFO, socket, device or broken link)")
+    return _decode(path, path, load_size, channels)
+
+
+def decode_image(data: bytes, load_size: int, channels: int = 3, name: str = "<bytes>") -> torch.Tensor:
+    """``load_image`` for an image held in memory (a tar member, a dataset's bytes column).
+
+    Args:
+        data: the encoded image (JPEG, PNG, ...).
+        load_size: side ``S`` of the square output.
+        channels: 1 (grayscale "L") or 3 ("RGB").
+        name: what a ``BrokenImageError`` calls the image (e.g. ``shard.tar:key``).
+
+    Returns:
+        ``uint8`` tensor ``(channels, load_size, load_size)``, exactly what ``load_image``
+        returns for a file holding ``data``.
+
+    Raises:
+        ValueError: ``load_size`` or ``channels`` is invalid.
+        BrokenImageError: the bytes are empty, truncated, corrupt or not an image.
+
+    Examples:
+        >>> import io
+        >>> buffer = io.BytesIO()
+        >>> Image.new("RGB", (40, 30), "red").save(buffer, format="PNG")
+        >>> decode_image(buffer.getvalue(), 8).shape
+        torch.Size([3, 8, 8])
+    """
+    _check_size(load_size, channels)
+    return _decode(io.BytesIO(data), Path(name), load_size, channels)
+
+
+def _decode(source: Path | io.BytesIO, path: Path, load_size: int, channels: int) -> torch.Tensor:
+    """The decode, orientation, conversion, resize and crop of ``load_image`` / ``decode_image``."""
+    mode = "L" if channels == 1 else "RGB"
+    try:
+        with Image.open(source) as im:
+            # Only JPEG acts on draft; the scale keeps both sides >= load_size.
+            im.draft(mode, (load_size, load_size))
+            im.load()  # decode now: a truncated file raises here
+            if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                im = ImageOps.exif_transpose(im)
+            im = _convert(im, mode)
+            width, height = im.size
+            side = min(width, height)
+            left, top = (width - side) / 2, (height - side) / 2
+            im = im.resize(
+                (load_size, load_size),
+                Image.Resampling.BILINEAR,
+                box=(left, top, left + side, top + side),
+                reducing_gap=_REDUCING_GAP,
+            )
+            pixels = np.array(im, dtype=np.uint8)  # (S, S) or (S, S, 3), a writable copy
+    except _DECODE_ERRORS as error:
+        raise BrokenImageError(path, f"{type(error).__name__}: {error}") from error
+    if pixels.ndim == 2:
+        return torch.from_numpy(pixels).unsqueeze(0)  # (1, S, S)
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, S, S)
+
+
+def read_or_next(
+    index: int, n: int, read: Callable[[int], torch.Tensor], broken: set[int], what: str
+) -> tuple[torch.Tensor, int, int]:
+    """Item ``index`` of ``n``, or the next readable one when it is broken: the substitution rule.
+
+    Items ``index``, ``index + 1``, ... (wrapping around) are read with ``read`` until one
+    does not raise ``BrokenImageError``; each broken one is added to ``broken`` (kept per
+    process, so it is passed over without another read, and still counted).
+
+    Returns:
+        ``(image, index actually read, broken items passed over)``.
+
+    Raises:
+        IndexError: ``index`` outside ``[-n, n)``.
+        NoReadableImagesError: no item at all can be read (``"none of the {n} " + what``).
+    """
+    if not -n <= index < n:
+        raise IndexError(f"index {index} out of range for {n} items")
+    last_error = None
+    for skipped in range(n):
+        j = (index + skipped) % n
+        if j in broken:
+            continue
+        try:
+            return read(j), j, skipped
+        except BrokenImageError as error:
+            broken.add(j)
+            last_error = error
+    raise NoReadableImagesError(f"none of the {n} {what}" + (f"; the last error: {last_error}" if last_error else ""))
+
+
+class _ImageFiles(Dataset):
+    """The files of a ``FileIndex`` loaded with ``load_image``; broken ones are substituted.
+
+    ``paths`` is the index itself (``paths[i]`` is a ``Path``), never a list: its two
+    numpy arrays are shared by DataLoader workers instead of copied into each.
+    """
+
+    def __init__(self, root: PathLike, paths: FileIndex, load_size: int, channels: int) -> None:
+        _check_size(load_size, channels)
+        self.root = Path(root)
+        self.paths = paths
+        self.load_size = load_size
+        self.channels = channels
+        # Indices found broken in this process (each worker keeps its own): they are
+        # passed over without being decoded again, and still counted.
+        self._broken: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def sample_id(self, index: int) -> str:
+        """The file's path relative to the root."""
+        return self.paths.relative(index)
+
+    def read(self, index: int) -> torch.Tensor:
+        """File ``index``'s image, or ``BrokenImageError`` (no substitution)."""
+        return load_image(self.paths[index], self.load_size, self.channels)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """Returns (image, index actually loaded, broken files passed over)."""
+        return read_or_next(
+            index,
+            len(self.paths),
+            lambda j: load_image(self.paths[j], self.load_size, self.channels),
+            self._broken,
+            f"image files under {str(self.root)!r} could be read",
+        )
+
+
+class ImageFolder(_ImageFiles):
+    """Every image under a folder, without labels, for self-supervised pretraining.
+
+    Args:
+        root: folder searched recursively with ``index_images``.
+        load_size: side ``S`` of the square images handed out.
+        channels: 1 or 3.
+        index: the folder's index when it is already known (from ``load_or_scan``, or
+            sent by another rank); None scans ``root``.
+
+    Raises:
+        ValueError: see ``index_images``; or an invalid ``load_size``/``channels``.
+
+    ``dataset[i]`` returns ``(image, skipped)``: a ``uint8`` tensor ``(C, S, S)``, and how
+    many broken files were passed over to find it (0 when file ``i`` is readable; else
+    file ``i+1``, ``i+2``, ... wrapping around, is used). ``NoReadableImagesError`` (a
+    ``RuntimeError``) when no file at all can be read.
+
+    Attributes:
+        paths: the ``FileIndex`` of the files; ``paths[i]`` is file ``i``'s ``Path``.
+        passed_over: entries the scan did not keep because they are not regular files
+            (FIFOs, sockets, devices, broken links); see ``FileIndex.passed_over``.
+    """
+
+    def __init__(self, root: PathLike, load_size: int, channels: int = 3, index: FileIndex | None = None) -> None:
+        if index is None:
+            index = index_images(root)
+        elif not isinstance(index, FileIndex):
+            raise TypeError(
+                f"index must be a FileIndex (from index_images or load_or_scan), got {type(index).__name__}"
+            )
+        super().__init__(root, index, load_size, channels)
+        self.passed_over = index.passed_over
+
+    collate = "images"  # items are (image, skipped): make_loader batches them with collate_images
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, _, skipped = self._load(index)
+        return image, skipped
+
+
+class LabelledImageFolder(_ImageFiles):
+    """Images in one sub-folder per class (``ROOT/CLASS_NAME/.../image.jpg``), for evaluation.
+
+    Class indices follow the sorted sub-folder names; hidden sub-folders and files lying
+    directly in ``root`` are ignored. A broken file is replaced like in ``ImageFolder``,
+    and the label is the substitute's own.
+
+    Args:
+        root: the folder holding the class sub-folders.
+        load_size: side ``S`` of the square images handed out.
+        channels: 1 or 3.
+
+    Raises:
+        ValueError: ``root`` is missing, has no class sub-folders, or a class sub-folder
+            has no images; or an invalid ``load_size``/``channels``.
+
+    Attributes:
+        classes: class names; ``classes[label]`` names a label.
+        targets: the label of every file, in ``paths`` order.
+
+    ``dataset[i]`` returns ``(image, label)``: a ``uint8`` tensor ``(C, S, S)`` and an int.
+    """
+
+    def __init__(self, root: PathLike, load_size: int, channels: int = 3) -> None:
+        root_path = Path(root)
+        check_folder(root_path)
+        classes = sorted(entry.name for entry in root_path.iterdir() if entry.is_dir() and not _is_hidden(entry.name))
+        if not classes:
+            raise ValueError(f"{str(root_path)!r} has no class sub-folders; expected ROOT/CLASS_NAME/image.jpg")
+        parts: list[tuple[str, FileIndex]] = []
+        for name in classes:
+            try:
+                parts.append((name, index_images(root_path / name)))
+            except ValueError as error:
+                raise ValueError(f"class {name!r} is empty: {error}") from None
+        super().__init__(root_path, FileIndex.concat(root_path, parts), load_size, channels)
+        self.classes = classes
+        # int32 labels in one array (not a list of ints: workers would copy it, see FileIndex)
+        self._labels = np.repeat(np.arange(len(classes), dtype=np.int32), [len(part) for _, part in parts])
+
+    @property
+    def targets(self) -> list[int]:
+        """The label of every file, in ``paths`` order (a new list)."""
+        return self._labels.tolist()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, used, _ = self._load(index)
+        return image, int(self._labels[used])
+
+
+def load_size_for(image_size: int) -> int:
+    """The side images are loaded at for views of ``image_size``: ``image_size * 256 / 224``, rounded.
+
+    Examples:
+        >>> load_size_for(224), load_size_for(32), load_size_for(8)
+        (256, 37, 9)
+    """
+    return max(image_size, round(image_size * LOAD_RATIO))
+
+
+def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, C, H, W) images with ``channels`` channels: the first (gray) replicated when C differs.
+
+    Examples:
+        >>> match_channels(torch.zeros(2, 1, 4, 4), 3).shape
+        torch.Size([2, 3, 4, 4])
+    """
+    if images.shape[1] == channels:
+        return images
+    return images[:, :1].expand(-1, channels, -1, -1)

@@ -1,0 +1,282 @@
+"""Hugging Face ``datasets`` on local disk as pretraining data; never the Hub.
+
+``hf:PATH`` names one of:
+
+* a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``
+  (``datasets.load_from_disk``);
+* a ``.parquet`` file, or a folder whose files are ``.parquet`` files
+  (``load_dataset("parquet", data_files=...)``);
+* any other folder: an image folder read by ``load_dataset("imagefolder", data_dir=...)``.
+
+Of a ``DatasetDict`` the split ``"train"`` is used unless another is named. Loading sets
+``HF_DATASETS_OFFLINE=1`` and ``HF_HUB_OFFLINE=1`` in the process, and a PATH that does
+not exist is an error: nothing is ever downloaded.
+
+``HFImageDataset`` is a map-style dataset like ``ImageFolder``: ``dataset[i]`` is
+``(uint8 (C, S, S), skipped)``. The image column (the one whose feature is
+``datasets.Image``, or the one named) is read as raw bytes (``Image(decode=False)``) and
+decoded by ``data.decode_image`` (or ``load_image`` for a row that holds only a path),
+so images come out exactly as from a folder, and a broken row is replaced by the next
+readable one and counted, as a broken file in a folder is. With ``EpochSampler`` a run
+resumes bitwise like a folder run.
+
+Python use (``pip install "byol-pytorch[datasets]"``)::
+
+    from byol_pytorch.hf_data import HFImageDataset
+
+    data = HFImageDataset("my_saved_dataset", load_size=256)  # or a datasets.Dataset
+    image, skipped = data[0]  # uint8 (3, 256, 256)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .._modules import PathLike
+from .folder import BrokenImageError, decode_image, load_image, read_or_next
+
+__all__ = [
+    "HF_MISSING",
+    "HFImageDataset",
+    "dataset_splits",
+    "image_column",
+    "is_hf_spec",
+    "label_column",
+    "load_local_dataset",
+    "parse_hf_spec",
+]
+
+HF_MISSING = 'hf: data needs the datasets package: pip install "byol-pytorch[datasets]"'
+_LOCAL_ONLY = (
+    "only local paths are supported (a folder written by save_to_disk, an image folder, or parquet files); "
+    "nothing is downloaded from the Hugging Face Hub"
+)
+
+
+def parse_hf_spec(spec: str | None) -> str | None:
+    """The PATH of ``hf:PATH`` (None for anything else).
+
+    Examples:
+        >>> parse_hf_spec("hf:data/pets"), parse_hf_spec("data/pets")
+        ('data/pets', None)
+    """
+    if spec and spec.startswith("hf:"):
+        return spec[3:]
+    return None
+
+
+def is_hf_spec(spec: str | None) -> bool:
+    """Whether a data argument is ``hf:PATH``."""
+    return parse_hf_spec(spec) is not None
+
+
+def _datasets() -> Any:
+    """The ``datasets`` module, offline: the Hub is never asked."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(HF_MISSING) from error
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # read at import time: an earlier import missed them
+        if hasattr(datasets.config, name):
+            setattr(datasets.config, name, True)
+    return datasets
+
+
+def _parquet_files(path: Path) -> list[str]:
+    if path.is_file():
+        return [str(path)] if path.suffix == ".parquet" else []
+    files = [p for p in sorted(path.iterdir()) if not p.name.startswith(".") and p.is_file()]
+    return [str(p) for p in files] if files and all(p.suffix == ".parquet" for p in files) else []
+
+
+def load_local_dataset(path: PathLike, split: str | None = None) -> Any:
+    """One split of a local dataset (see the module doc) as a ``datasets.Dataset``.
+
+    Args:
+        path: a save_to_disk folder, parquet file(s) or an image folder.
+        split: the split of a dataset with splits (default ``"train"``).
+
+    Raises:
+        ImportError: ``datasets`` is not installed.
+        ValueError: the path does not exist, is not a dataset, or lacks the split.
+    """
+    datasets = _datasets()
+    data = _load(Path(path))
+    if isinstance(data, datasets.DatasetDict):
+        name = split or "train"
+        if name not in data:
+            raise ValueError(f"hf:{path} has no split {name!r}; its splits: {', '.join(data)} (choose one)")
+        return data[name]
+    if split is not None:
+        raise ValueError(f"hf:{path} is a single dataset without splits; drop the split {split!r}")
+    return data
+
+
+def _load(path: Path) -> Any:
+    """The dataset or dataset dict at a local path (see the module doc)."""
+    datasets = _datasets()
+    if not path.exists():
+        raise ValueError(f"hf:{path}: no such file or folder; {_LOCAL_ONLY}")
+    parquet = _parquet_files(path)
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        data = datasets.load_from_disk(str(path))
+    elif parquet:
+        data = datasets.load_dataset("parquet", data_files=parquet)
+    elif path.is_dir():
+        data = datasets.load_dataset("imagefolder", data_dir=str(path))
+    else:
+        raise ValueError(f"hf:{path} is a file but not a .parquet file; {_LOCAL_ONLY}")
+    return data
+
+
+def image_column(data: Any, name: str | None = None) -> str:
+    """The image column of a ``datasets.Dataset``: ``name``, or the one ``datasets.Image`` column.
+
+    Raises:
+        ValueError: ``name`` is not an image column, or there is no image column, or
+            there are several and none is named (each message lists the columns).
+    """
+    datasets = _datasets()
+    features = data.features
+    images = [k for k, feature in features.items() if isinstance(feature, datasets.Image)]
+    if name is not None:
+        if name not in features:
+            raise ValueError(f"no column {name!r}; the columns: {', '.join(features)}")
+        if name not in images:
+            raise ValueError(
+                f"column {name!r} is not an image column (its feature: {features[name]}); "
+                f"image columns: {', '.join(images) or 'none'}"
+            )
+        return name
+    if not images:
+        raise ValueError(f"no image column (a datasets.Image feature) among the columns: {', '.join(features)}")
+    if len(images) > 1:
+        raise ValueError(f"several image columns: {', '.join(images)}; choose one (--image-column NAME)")
+    return images[0]
+
+
+def label_column(data: Any, name: str | None = None) -> str | None:
+    """The label column of a ``datasets.Dataset``: ``name``, the one ``ClassLabel`` column, else an integer
+    column named ``label`` or ``labels``; None when there is none.
+
+    Raises:
+        ValueError: ``name`` is not a column of integers.
+    """
+    datasets = _datasets()
+    features = data.features
+
+    def integer(feature: Any) -> bool:
+        return isinstance(feature, datasets.ClassLabel) or (
+            isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))
+        )
+
+    if name is not None:
+        if name not in features or not integer(features[name]):
+            raise ValueError(
+                f"no integer label column {name!r}; the columns: "
+                + ", ".join(f"{k} ({v})" for k, v in features.items())
+            )
+        return name
+    classes = [k for k, feature in features.items() if isinstance(feature, datasets.ClassLabel)]
+    if len(classes) == 1:
+        return classes[0]
+    return next((k for k in ("label", "labels") if k in features and integer(features[k])), None)
+
+
+def dataset_splits(path: PathLike) -> list[str]:
+    """The split names of a local dataset with splits (a ``DatasetDict``); [] for a single dataset.
+
+    Raises:
+        ImportError, ValueError: see ``load_local_dataset``.
+    """
+    data = _load(Path(path))
+    return list(data) if isinstance(data, _datasets().DatasetDict) else []
+
+
+class HFImageDataset(Dataset):
+    """The images of a local Hugging Face dataset, for pretraining (see the module doc).
+
+    Args:
+        data: ``hf:``'s PATH, or a ``datasets.Dataset``.
+        load_size: side ``S`` of the square images handed out.
+        channels: 1 or 3.
+        column: the image column (default: the one ``datasets.Image`` column).
+        split: the split of a dataset with splits (default ``"train"``).
+        labelled: items are ``(image, label)`` from the label column (see ``label_column``).
+        labels: the label column (default: found by ``label_column``).
+
+    Raises:
+        ImportError: ``datasets`` is not installed.
+        ValueError: see ``load_local_dataset`` and ``image_column``.
+
+    ``dataset[i]`` returns ``(image, skipped)`` as ``ImageFolder`` does: row ``i``, or
+    when it is broken, row ``i+1``, ``i+2``, ... wrapping around, and how many were
+    passed over (``labelled``: ``(image, label)``, the substitute's label). ``NoReadableImagesError``
+    when no row at all can be read.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        load_size: int,
+        channels: int = 3,
+        column: str | None = None,
+        split: str | None = None,
+        labelled: bool = False,
+        labels: str | None = None,
+    ) -> None:
+        datasets = _datasets()
+        self.source = str(data) if isinstance(data, (str, os.PathLike)) else "a datasets.Dataset"
+        if isinstance(data, (str, os.PathLike)):
+            data = load_local_dataset(data, split)
+        self.split = split or "train"
+        self.column = image_column(data, column)
+        self.labelled = labelled
+        self.targets: list[int] = []
+        if labelled:
+            found = label_column(data, labels)
+            if found is None:
+                raise ValueError(
+                    f"{self.source} has no label column (a ClassLabel feature, or integers named label/labels; "
+                    f"its columns: {', '.join(data.features)}); evaluation needs labelled data"
+                )
+            self.targets = [int(v) for v in data[found]]
+        self.rows = data.select_columns([self.column]).cast_column(self.column, datasets.Image(decode=False))
+        if len(self.rows) == 0:
+            raise ValueError(f"{self.source} has no rows; pass a dataset (or split: --hf-split) that holds images")
+        self.load_size, self.channels = load_size, channels
+        self._broken: set[int] = set()  # rows found broken in this process: passed over, still counted
+        self.collate = None if labelled else "images"  # items (image, skipped): make_loader's collate_images
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sample_id(self, index: int) -> str:
+        """``SPLIT:ROW`` of row ``index``."""
+        return f"{self.split}:{index}"
+
+    def read(self, index: int) -> torch.Tensor:
+        """Row ``index``'s image, or ``BrokenImageError`` (no substitution)."""
+        return self._read(index)
+
+    def _read(self, index: int) -> torch.Tensor:
+        cell = self.rows[index][self.column] or {}
+        name = f"{self.source}[{index}]"
+        if cell.get("bytes"):
+            return decode_image(cell["bytes"], self.load_size, self.channels, name=name)
+        if cell.get("path"):
+            return load_image(cell["path"], self.load_size, self.channels)
+        raise BrokenImageError(Path(name), "the row holds no image (no bytes, no path)")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, used, skipped = read_or_next(
+            index, len(self.rows), self._read, self._broken, f"rows of {self.source} holds a readable image"
+        )
+        return (image, self.targets[used]) if self.labelled else (image, skipped)

@@ -1,0 +1,126 @@
+"""The one place DataLoaders are made: worker start-up, pinning, seeding and signals alike for all.
+
+Every loader of the package (training on a folder, CIFAR or ``hf:`` data, tar shards, the kNN
+monitor, ``eval``, ``embed``, ``BYOLTrainer``) comes from :func:`make_loader`, so its workers start
+the same way: Python's and NumPy's generators seeded from the worker's torch seed (distinct per
+worker, fixed by the loader's own seeded generator), SIGINT/SIGTERM left to the main process (it
+finishes its step and stops the workers; a worker killed by Ctrl-C would crash the step in
+flight), and page-locked batches when they go to a GPU.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
+
+__all__ = ["collate_images", "ignore_signals_in_worker", "make_loader", "worker_init"]
+
+
+def collate_images(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:
+    """Stack ``(image, skipped)`` samples into a batch and total their skip counts.
+
+    Args:
+        batch: ``(image (C, S, S) uint8, skipped)`` pairs, as ``ImageFolder`` hands them out.
+
+    Returns:
+        ``uint8`` tensor ``(B, C, S, S)`` and the number of broken files passed over.
+    """
+    images = torch.stack([image for image, _ in batch])  # (B, C, S, S)
+    return images, sum(skipped for _, skipped in batch)
+
+
+def ignore_signals_in_worker(worker_id: int = 0) -> None:
+    """Leave SIGINT/SIGTERM to the main process (a DataLoader ``worker_init_fn``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def worker_init(worker_id: int) -> None:
+    """Start a loader worker: seed ``random`` and NumPy from its torch seed, leave the signals to the main process.
+
+    DataLoader seeds torch in each worker with ``base_seed + worker_id``; Python's and NumPy's
+    generators get the same distinct seed, for user transforms that draw from them.
+    """
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    ignore_signals_in_worker(worker_id)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int | None,
+    workers: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    sampler: Sampler | None = None,
+    seed: int = 0,
+    pin_memory: bool | None = None,
+    collate_fn: Callable[[list], Any] | None = None,
+    persistent: bool | None = None,
+) -> DataLoader:
+    """A ``DataLoader`` with the package's worker start-up, seeding and pinning rules.
+
+    Args:
+        dataset: a map-style dataset, or an ``IterableDataset`` (tar shards).
+        batch_size: samples per batch; None for a dataset that yields whole batches itself.
+        workers: worker processes; 0 loads in the calling process.
+        shuffle: reshuffle every epoch (map-style datasets without a ``sampler`` only).
+        drop_last: drop the last incomplete batch.
+        sampler: e.g. an ``EpochSampler`` (it orders and splits the data itself).
+        seed: the loader's own generator (shuffle order, workers' base seed): starting an epoch
+            never draws from torch's global generator, which the augmentations use.
+        pin_memory: page-locked batches for faster host-to-GPU copies; None: when CUDA is available.
+        collate_fn: how samples become a batch; None: ``collate_images`` for datasets whose
+            items are ``(image, skipped)`` pairs (``ImageFolder`` and the like, which set
+            ``collate = "images"``), else torch's default collate.
+        persistent: keep the workers between epochs; None: when there are workers and the
+            dataset is map-style (an ``IterableDataset`` that reads its epoch at start needs new ones).
+
+    Returns:
+        The loader.
+
+    Raises:
+        ValueError: a negative worker count, a batch size below 1, shuffling an iterable
+            dataset, or ``drop_last`` leaving no batch at all.
+
+    Examples:
+        >>> loader = make_loader(torch.arange(10.0), batch_size=4, shuffle=False)
+        >>> [batch.tolist() for batch in loader]
+        [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be 0 or more, got {workers}")
+    iterable = isinstance(dataset, IterableDataset)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 (or None for a dataset that batches itself), got {batch_size}")
+    if iterable:
+        shuffle = False
+    elif batch_size is not None and drop_last:
+        samples = len(sampler) if sampler is not None else len(dataset)  # type: ignore[arg-type]
+        if samples < batch_size:
+            raise ValueError(
+                f"{samples} images but a batch size of {batch_size}: every batch would be "
+                "dropped; lower the batch size or add images"
+            )
+    if collate_fn is None and batch_size is not None:
+        collate_fn = collate_images if getattr(dataset, "collate", None) == "images" else default_collate
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        drop_last=drop_last if batch_size is not None else False,
+        persistent_workers=(workers > 0 and not iterable) if persistent is None else (persistent and workers > 0),
+        worker_init_fn=worker_init if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+    )

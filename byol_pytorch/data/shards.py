@@ -1,0 +1,495 @@
+"""Tar shards (the webdataset layout) for pretraining: split between processes and workers, resumable.
+
+A shard is an uncompressed ``.tar`` file of samples in webdataset's layout: the files of
+one sample are consecutive members sharing a key (``000123.jpg``, ``000123.json``; the
+key is the name up to its first dot, webdataset's ``base_plus_ext``). The image is the
+sample's first file whose last suffix is an image suffix (``jpg``, ``png``, ``webp``, ...).
+
+``ShardDataset`` is an ``IterableDataset`` that hands out whole batches ``(uint8 (B, C,
+S, S), skipped)``, the items ``collate_images`` makes for an image folder, so
+``step_batches`` and the run's skipped-file count treat both alike. Load it with
+``batch_size=None`` (``make_shard_loader``).
+
+The order of an epoch is a pure function of (seed, epoch):
+
+* **Readers.** Each process has ``max(1, workers)`` readers (its loader's workers);
+  reader ``g = rank * W + w`` of ``G = world_size * W`` reads the shards
+  ``order[g::G]`` of the epoch's shard permutation: every shard is read by exactly one
+  worker of one process per epoch. Fewer shards than readers is an error.
+* **Shuffle.** Within a shard, samples pass through a shuffle buffer of
+  ``shuffle_buffer`` entries seeded by (seed, epoch, shard). The buffer holds tar header
+  positions, not bytes: an image is read and decoded only when it leaves the buffer.
+* **Length.** Sample counts come from the tar headers when the dataset is built (one
+  pass over the headers, no image read). Every reader yields the same number of
+  batches each epoch: as many whole batches as its ``S // G`` smallest shards hold, so
+  that batch ``k`` of a process's epoch always comes from its worker ``k % W``
+  (DataLoader's round robin). Samples past that are dropped for the epoch, like
+  ``drop_last``; shards of even size waste nothing.
+* **Broken samples** (undecodable bytes, no image file) are replaced by the next
+  readable sample of the reader's stream (that sample is also used at its own place),
+  and counted in ``skipped``, as ``ImageFolder`` replaces a broken file by the next.
+
+**Resume is exact.** Batch ``k`` of an epoch determines how many samples each reader
+has consumed, so ``set_epoch(epoch, start_batch=k)`` alone restarts every reader where it
+was: finished shards are not opened, the current shard's headers are read again to
+rebuild its shuffle buffer, and the samples already used are dropped without being read
+or decoded. A resumed run sees bitwise the batches an uninterrupted one would, as long
+as the shards, the process count and the worker count are the same.
+
+Python use (``pip install "byol-pytorch[shards]"``)::
+
+    from byol_pytorch.shards import ShardDataset, make_shard_loader
+
+    data = ShardDataset("shards/train-{0000..0099}.tar", load_size=256, batch_size=64, workers=4)
+    loader = make_shard_loader(data)
+    for epoch in range(10):
+        data.set_epoch(epoch)
+        for images, skipped in loader:  # uint8 (64, 3, 256, 256), broken samples passed over
+            ...
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tarfile
+from collections import deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .._modules import PathLike
+from .folder import IMAGE_EXTENSIONS, BrokenImageError, NoReadableImagesError, decode_image
+from .loader import make_loader
+
+__all__ = [
+    "SHARDS_MISSING",
+    "ShardDataset",
+    "ShardSamples",
+    "expand_shards",
+    "is_shard_spec",
+    "make_shard_loader",
+    "shard_samples",
+]
+
+SHARDS_MISSING = 'tar shards need the webdataset package: pip install "byol-pytorch[shards]"'
+IMAGE_SUFFIXES = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+_BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as it skips them
+
+# A sample as the headers describe it: its key and, per suffix, (offset, size) of the member's bytes.
+_Sample = tuple[str, dict[str, tuple[int, int]]]
+
+
+def _webdataset() -> Any:
+    try:
+        import braceexpand
+        import webdataset.tariterators
+    except ImportError as error:
+        raise ImportError(SHARDS_MISSING) from error
+    return braceexpand, webdataset.tariterators
+
+
+def _is_tar_folder(path: Path) -> bool:
+    try:
+        names = [entry for entry in os.scandir(path) if not entry.name.startswith(".")]
+    except OSError:
+        return False
+    return bool(names) and all(e.name.endswith(".tar") and e.is_file() for e in names)
+
+
+def is_shard_spec(spec: str | None) -> bool:
+    """Whether a data argument names tar shards.
+
+    Shards are: a brace pattern (``train-{0000..0099}.tar``, ``{a,b}.tar``), a path
+    ending in ``.tar`` that is not a folder, or a folder whose entries (hidden ones
+    aside) are all ``.tar`` files. Any other folder is an image folder.
+
+    Examples:
+        >>> is_shard_spec("shards/train-{0000..0099}.tar"), is_shard_spec("photos/")
+        (True, False)
+    """
+    if not spec:
+        return False
+    if _BRACES.search(spec):
+        return True
+    path = Path(spec)
+    return (spec.endswith(".tar") and not path.is_dir()) or _is_tar_folder(path)
+
+
+def expand_shards(spec: str | Sequence[PathLike]) -> list[Path]:
+    """The shard files of a spec (see ``is_shard_spec``) or a list of paths; each must exist.
+
+    Raises:
+        ImportError: webdataset is not installed (the message says how to install it).
+        ValueError: no shard, or a shard that is not a file.
+    """
+    if isinstance(spec, str):
+        braceexpand, _ = _webdataset()
+        if _BRACES.search(spec):
+            paths = [Path(p) for p in braceexpand.braceexpand(spec)]
+        elif _is_tar_folder(Path(spec)):
+            paths = sorted(p for p in Path(spec).iterdir() if not p.name.startswith("."))
+        else:
+            paths = [Path(spec)]
+    else:
+        _webdataset()
+        paths = [Path(p) for p in spec]
+    missing = [p for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise ValueError(
+            f"{len(missing)} of the {len(paths)} shards of {str(spec)!r} are missing, e.g. {str(missing[0])!r}; "
+            "check the pattern (train-{0000..0099}.tar) or the folder of .tar files"
+            if missing
+            else f"no shards in {str(spec)!r}"
+        )
+    return paths
+
+
+def _samples(path: Path) -> list[_Sample]:
+    """The samples of one shard, from its headers only: members grouped by webdataset's key."""
+    _, tariterators = _webdataset()
+    samples: list[_Sample] = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isreg() or _META.match(member.name):
+                    continue
+                key, suffix = tariterators.base_plus_ext(member.name)
+                if key is None:
+                    continue
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                samples[-1][1][suffix.lower()] = (member.offset_data, member.size)
+    except tarfile.TarError as error:
+        raise ValueError(f"{str(path)!r} is not an uncompressed tar file ({error}); shards are plain .tar") from None
+    except OSError as error:
+        raise ValueError(f"cannot read the shard {str(path)!r}: {error.strerror or error}") from None
+    return samples
+
+
+def shard_samples(path: PathLike) -> int:
+    """Samples in one shard, counted from its tar headers (no image is read).
+
+    Raises:
+        ImportError: webdataset is not installed.
+        ValueError: not an uncompressed tar file.
+    """
+    return len(_samples(Path(path)))
+
+
+def _shuffled(samples: list[_Sample], size: int, rng: random.Random) -> Iterator[_Sample]:
+    """The samples through a shuffle buffer of ``size`` entries (none below 2)."""
+    if size < 2:
+        yield from samples
+        return
+    buffer: list[_Sample] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        j = rng.randrange(size)
+        yield buffer[j]
+        buffer[j] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class _Files:
+    """Open shard files of one reader (the current one and the one a look-ahead reached)."""
+
+    def __init__(self) -> None:
+        self.open: dict[Path, IO[bytes]] = {}
+
+    def read(self, path: Path, offset: int, size: int) -> bytes:
+        if path not in self.open:
+            if len(self.open) >= 2:
+                self.open.pop(next(iter(self.open))).close()
+            self.open[path] = open(path, "rb")
+        file = self.open[path]
+        file.seek(offset)
+        return file.read(size)
+
+    def close(self) -> None:
+        for file in self.open.values():
+            file.close()
+        self.open.clear()
+
+
+class ShardDataset(IterableDataset):
+    """Batches of decoded images from tar shards, split between processes and workers (module doc).
+
+    Args:
+        shards: a spec (``"train-{0000..0099}.tar"``, a folder of ``.tar`` files, one
+            ``.tar``) or a list of shard paths.
+        load_size: side ``S`` of the square images (``load_size_for(image_size)``).
+        batch_size: images per batch (of one process).
+        channels: 1 or 3.
+        rank: this process's rank.
+        world_size: number of processes.
+        workers: the loader's worker processes (0: read in the calling process).
+        seed: the run's seed (the same on every rank).
+        shuffle_buffer: samples in each shard's shuffle buffer (below 2: tar order).
+        multiple_of: batches per epoch are a multiple of this (gradient accumulation).
+
+    Raises:
+        ImportError: webdataset is not installed.
+        ValueError: missing or unreadable shards, fewer shards than readers, too few samples.
+
+    Attributes:
+        paths, counts: the shards and their sample counts.
+        readers: readers in all processes (``world_size * max(1, workers)``).
+        batches_per_reader: batches each reader yields per epoch.
+        batches_per_epoch: batches of one process per epoch.
+
+    Examples:
+        >>> ShardDataset("no/such-{0..3}.tar", load_size=64, batch_size=8)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: 4 of the 4 shards of 'no/such-{0..3}.tar' are missing, e.g. 'no/such-0.tar'; ...
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[PathLike],
+        load_size: int,
+        batch_size: int,
+        channels: int = 3,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        multiple_of: int = 1,
+    ) -> None:
+        self.paths = expand_shards(shards)
+        self.counts = [shard_samples(p) for p in self.paths]
+        self.load_size, self.channels, self.batch_size = load_size, channels, batch_size
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.seed, self.shuffle_buffer = int(seed), shuffle_buffer
+        self.per_rank = max(1, workers)
+        self.readers = world_size * self.per_rank
+        if len(self.paths) < self.readers:
+            raise ValueError(
+                f"{len(self.paths)} shards cannot be split between {world_size} process(es) x {self.per_rank} "
+                f"loader worker(s) = {self.readers} readers (each reads whole shards); lower --workers to "
+                f"{max(1, len(self.paths) // world_size)} or split the data into more shards"
+            )
+        least = sum(sorted(self.counts)[: len(self.paths) // self.readers])  # what any reader gets, at least
+        self.batches_per_reader = least // batch_size
+        self.batches_per_epoch = self.per_rank * self.batches_per_reader // multiple_of * multiple_of
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{sum(self.counts)} samples in {len(self.paths)} shards are fewer than one optimizer step needs: "
+                f"each of {self.readers} readers gets at least {least} samples, and a batch is {batch_size} "
+                f"(x {multiple_of} accumulation); lower --batch-size, --workers or add samples"
+            )
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch and this process's first batch of it (0 unless resuming)."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch must be in [0, {self.batches_per_epoch}], got {start_batch}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """The epoch's permutation of shard indices (identical on every rank)."""
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+        return torch.randperm(len(self.paths), generator=generator).tolist()
+
+    def reader_shards(self, epoch: int, reader: int) -> list[int]:
+        """The shards reader ``reader`` (``rank * W + worker``) reads in ``epoch``, in order."""
+        return self.shard_order(epoch)[reader :: self.readers]
+
+    def _stream(self, epoch: int, reader: int, skip: int) -> Iterator[tuple[Path, _Sample]]:
+        """The reader's samples in order, the first ``skip`` dropped unread (whole shards unopened)."""
+        for shard in self.reader_shards(epoch, reader):
+            if skip >= self.counts[shard]:
+                skip -= self.counts[shard]
+                continue
+            rng = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + shard)
+            for sample in _shuffled(_samples(self.paths[shard]), self.shuffle_buffer, rng):
+                if skip:
+                    skip -= 1
+                    continue
+                yield self.paths[shard], sample
+
+    def _decode(self, files: _Files, path: Path, sample: _Sample) -> torch.Tensor | None:
+        key, members = sample
+        image = next((s for s in members if s.rsplit(".", 1)[-1] in IMAGE_SUFFIXES), None)
+        try:
+            if image is None:
+                raise BrokenImageError(Path(f"{path}:{key}"), f"no image file (has: {', '.join(members) or 'none'})")
+            data = files.read(path, *members[image])
+            return decode_image(data, self.load_size, self.channels, name=f"{path}:{key}.{image}")
+        except BrokenImageError:
+            return None
+
+    def _images(self, stream: Iterator[tuple[Path, _Sample]], files: _Files) -> Iterator[tuple[torch.Tensor, int]]:
+        """``(image, skipped)`` per sample; a broken one replaced by the next readable sample."""
+        ahead: deque[torch.Tensor | None] = deque()  # decoded samples after the current one
+        end = object()
+        last: torch.Tensor | None = None
+
+        def pull(i: int) -> Any:
+            while len(ahead) <= i:
+                item = next(stream, None)
+                if item is None:
+                    return end
+                ahead.append(self._decode(files, *item))
+            return ahead[i]
+
+        while (image := pull(0)) is not end:
+            ahead.popleft()
+            skipped = 0
+            while image is None:  # broken: the next readable sample takes its place
+                skipped += 1
+                image = pull(skipped - 1)
+                if image is end:
+                    image = last
+                    if image is None:
+                        raise NoReadableImagesError(f"no readable image left in the shards of {self.paths[0].parent}")
+            last = image
+            yield image, skipped
+
+    def reader_batches(self, epoch: int, reader: int, start: int = 0) -> Iterator[tuple[torch.Tensor, int]]:
+        """Batches ``start`` .. ``batches_per_reader - 1`` of a reader: ``(uint8 (B, C, S, S), skipped)``."""
+        files = _Files()
+        try:
+            images = self._images(self._stream(epoch, reader, start * self.batch_size), files)
+            for _ in range(start, self.batches_per_reader):
+                found = [next(images, None) for _ in range(self.batch_size)]
+                batch = [item for item in found if item is not None]
+                if len(batch) < self.batch_size:
+                    raise NoReadableImagesError(
+                        f"the shards of reader {reader} hold fewer samples than counted at the start; "
+                        f"were the shards under {self.paths[0].parent} changed during the run?"
+                    )
+                yield torch.stack([image for image, _ in batch]), sum(s for _, s in batch)
+        finally:
+            files.close()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        info = get_worker_info()
+        worker, count = (0, 1) if info is None else (info.id, info.num_workers)
+        if count != self.per_rank:
+            raise ValueError(
+                f"this ShardDataset was built for {self.workers} loader workers and is read by {count}; "
+                "give the DataLoader num_workers=workers (make_shard_loader does)"
+            )
+        # Batch k of the epoch comes from reader k % W; a resumed epoch starts at batch
+        # start_batch, so worker w takes the reader whose turn is w batches later.
+        local = (worker + self.start_batch) % self.per_rank
+        done = (self.start_batch - local + self.per_rank - 1) // self.per_rank  # its batches already used
+        yield from self.reader_batches(self.epoch, self.rank * self.per_rank + local, done)
+
+
+def _label(data: bytes) -> int:
+    """A webdataset ``.cls`` member: an integer written as text."""
+    return int(data.decode("ascii").strip())
+
+
+class ShardSamples(IterableDataset):
+    """Every sample of tar shards once, in order, with its key and label: for evaluation and ``embed``.
+
+    Shards are read in the order given (a spec expands sorted); loader worker ``w`` of ``W``
+    reads shards ``w, w + W, ...``. Items are ``(image, label, key, ok)``: the ``uint8 (C, S, S)``
+    image, the ``.cls`` label (-1 when not ``labelled``), ``SHARD:KEY``, and False for a broken
+    sample (undecodable, no image file, a bad label), whose image is zeros: consumers leave it out.
+
+    Args:
+        shards: a spec or a list of shard paths (see ``expand_shards``).
+        load_size: side ``S`` of the images.
+        channels: 1 or 3.
+        labelled: read the ``.cls`` member as the label; the first sample without one is an error.
+        keep: ``keep(shard_index, position_in_shard)`` selects samples (None: all); a deterministic
+            split that does not depend on the worker count.
+
+    Raises:
+        ImportError: webdataset is not installed.
+        ValueError: missing or unreadable shards; with ``labelled``, a sample without ``.cls``.
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[PathLike],
+        load_size: int,
+        channels: int = 3,
+        labelled: bool = False,
+        keep: Any = None,
+    ) -> None:
+        self.paths = expand_shards(shards)
+        self.load_size, self.channels, self.labelled, self.keep = load_size, channels, labelled, keep
+        self.skip: set[str] = set()  # ``SHARD:KEY`` of samples to pass over without reading them (a resumed embed)
+        self.source = str(shards) if isinstance(shards, str) else f"{len(self.paths)} shards"
+        self.counts = [shard_samples(p) for p in self.paths]
+        self.length = sum(sum(1 for i in range(n) if keep is None or keep(k, i)) for k, n in enumerate(self.counts))
+        if labelled and not self.labelled_available():
+            first = next((m for m in (_samples(p) for p in self.paths) if m), None)
+            key = "none" if first is None else first[0][0]
+            raise ValueError(
+                f"the shards of {self.source!r} have no labels (sample {key} has no .cls member); evaluation "
+                "needs labelled data: shards whose samples hold a .cls file, a folder with one sub-folder per "
+                "class, cifar10:ROOT or an hf: dataset with a label column"
+            )
+
+    def labelled_available(self) -> bool:
+        """Whether the first sample holds a ``.cls`` label (webdataset's convention for class labels)."""
+        first = next((m for m in (_samples(p) for p in self.paths) if m), None)
+        return first is not None and "cls" in first[0][1]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _item(self, files: _Files, path: Path, sample: _Sample) -> tuple[torch.Tensor, int, str, bool]:
+        key, members = sample
+        name = f"{path.name}:{key}"
+        image = next((s for s in members if s.rsplit(".", 1)[-1] in IMAGE_SUFFIXES), None)
+        try:
+            if image is None:
+                raise BrokenImageError(Path(name), "no image file")
+            label = -1
+            if self.labelled:
+                if "cls" not in members:
+                    raise ValueError(f"sample {name} has no .cls member (a label)")
+                label = _label(files.read(path, *members["cls"]))
+            pixels = decode_image(files.read(path, *members[image]), self.load_size, self.channels, name=name)
+            return pixels, label, name, True
+        except (BrokenImageError, ValueError, UnicodeDecodeError):
+            return torch.zeros(self.channels, self.load_size, self.load_size, dtype=torch.uint8), -1, name, False
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str, bool]]:
+        info = get_worker_info()
+        worker, count = (0, 1) if info is None else (info.id, info.num_workers)
+        files = _Files()
+        try:
+            for k in range(worker, len(self.paths), count):
+                for i, sample in enumerate(_samples(self.paths[k])):
+                    if (self.keep is None or self.keep(k, i)) and f"{self.paths[k].name}:{sample[0]}" not in self.skip:
+                        yield self._item(files, self.paths[k], sample)
+        finally:
+            files.close()
+
+
+def make_shard_loader(dataset: ShardDataset, pin_memory: bool = False) -> DataLoader:
+    """The DataLoader of a ``ShardDataset``: its workers, batches made in them, in round-robin order.
+
+    Workers are started anew each epoch (not persistent), so each sees the epoch set by
+    ``set_epoch``. The loader has its own seeded generator, so starting an epoch draws
+    nothing from torch's global one.
+    """
+    return make_loader(
+        dataset,
+        None,
+        dataset.workers,
+        shuffle=False,
+        seed=dataset.seed * 1000 + dataset.rank,
+        pin_memory=pin_memory,
+        persistent=False,
+    )

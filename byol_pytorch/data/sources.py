@@ -1,0 +1,335 @@
+"""Every form ``--data`` takes, behind two functions: the one place that knows the data specs.
+
+A data spec is one of:
+
+* ``cifar10:ROOT`` / ``cifar100:ROOT``: the official CIFAR python batches (``cifar.py``);
+* ``hf:PATH``: a local Hugging Face dataset (``hf.py``, extra ``datasets``);
+* tar shards in webdataset's layout: a brace pattern, one ``.tar``, or a folder of ``.tar``
+  files (``shards.py``, extra ``shards``);
+* anything else: a folder of images, searched recursively (``folder.py``).
+
+``open_unlabelled`` gives pretraining data (items ``(uint8 image, skipped)``, or a
+``ShardDataset`` of whole batches for a training run's shards); ``open_labelled`` gives
+evaluation data (items ``(uint8 image, label)``), and ``labelled_split`` the bank and the
+held-out queries of a kNN evaluation. ``embedding_items`` turns any source into items
+``(image, label, sample id, readable)`` for ``byol-pytorch embed``. Every command and
+``BYOLTrainer`` opens data here and loads it with ``loader.make_loader``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, Subset
+
+from .cifar import CifarDataset, is_cifar_spec, parse_cifar_spec
+from .file_index import FileIndex, load_or_scan
+from .folder import BrokenImageError, ImageFolder, LabelledImageFolder
+from .hf import HFImageDataset, dataset_splits, is_hf_spec, parse_hf_spec
+from .shards import ShardDataset, ShardSamples, is_shard_spec
+
+__all__ = [
+    "DATA_FORMS",
+    "ShardReading",
+    "data_kind",
+    "embedding_items",
+    "first_items",
+    "labelled_split",
+    "open_labelled",
+    "open_unlabelled",
+]
+
+T = TypeVar("T")
+DATA_FORMS = (
+    "a folder of images; cifar10:ROOT / cifar100:ROOT; hf:PATH (a local Hugging Face dataset); "
+    "tar shards ('train-{0000..0099}.tar', one .tar, or a folder of .tar files)"
+)
+_NEEDS_LABELS = (
+    "evaluation needs labelled data: a folder with one sub-folder per class, cifar10:ROOT, an hf: dataset "
+    "with a label column, or shards whose samples hold a .cls file"
+)
+
+
+def data_kind(spec: str) -> str:
+    """``"cifar"``, ``"hf"``, ``"shards"`` or ``"folder"``: the form of a data spec (module doc).
+
+    Examples:
+        >>> data_kind("cifar10:data"), data_kind("hf:pets"), data_kind("s/{0..3}.tar"), data_kind("photos")
+        ('cifar', 'hf', 'shards', 'folder')
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a data spec must be a non-empty string ({DATA_FORMS}), got {spec!r}")
+    if is_cifar_spec(spec):
+        return "cifar"
+    if is_hf_spec(spec):
+        return "hf"
+    if is_shard_spec(spec):
+        return "shards"
+    return "folder"
+
+
+@dataclass(frozen=True)
+class ShardReading:
+    """How a training run reads tar shards: its batches, processes, loader workers and order.
+
+    See ``ShardDataset`` for the meaning of each field.
+    """
+
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    workers: int = 0
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    multiple_of: int = 1
+
+
+def open_unlabelled(
+    spec: str,
+    load_size: int | None,
+    channels: int = 3,
+    *,
+    image_column: str | None = None,
+    split: str | None = None,
+    index: FileIndex | None = None,
+    index_cache: str | Path | None = None,
+    shards: ShardReading | None = None,
+) -> Dataset:
+    """Pretraining data of any form, without labels.
+
+    Args:
+        spec: the data spec (module doc).
+        load_size: side ``S`` of the square images; None: CIFAR as stored (32 px), which the
+            views resize anyway (the other forms need a size).
+        channels: 1 or 3.
+        image_column: ``hf:`` data: the image column (default: the one ``datasets.Image`` column).
+        split: CIFAR (default ``train``) or ``hf:`` data with splits (default ``train``).
+        index: an image folder's ``FileIndex`` when already known (sent by another rank).
+        index_cache: an image folder's index cache file (see ``file_index.load_or_scan``).
+        shards: tar shards for training: a ``ShardDataset`` read this way (whole batches, an
+            order per epoch); None: every sample once, in order (``ShardSamples``).
+
+    Returns:
+        A dataset whose items are ``(uint8 (C, S, S), skipped)`` (``make_loader`` batches them
+        with ``collate_images``), the ``ShardDataset`` of ``shards``, or ``ShardSamples``.
+
+    Raises:
+        ValueError: the data is missing, empty or unreadable (the message names the spec).
+        ImportError: the form needs an extra that is not installed (the message names it).
+    """
+    kind = data_kind(spec)
+    if kind == "cifar":
+        name, root = parse_cifar_spec(spec) or ("", "")
+        return CifarDataset(name, root, split or "train", size=load_size, channels=channels)
+    size = _size(load_size, spec)
+    if kind == "hf":
+        return HFImageDataset(parse_hf_spec(spec) or "", size, channels, image_column, split)
+    if kind == "shards":
+        if shards is None:
+            return ShardSamples(spec, size, channels)
+        r = shards
+        return ShardDataset(
+            spec, size, r.batch_size, channels, r.rank, r.world_size, r.workers, r.seed, r.shuffle_buffer, r.multiple_of
+        )
+    if index is None:
+        index = load_or_scan(spec, index_cache)
+    return ImageFolder(spec, size, channels, index=index)
+
+
+def _size(load_size: int | None, spec: str) -> int:
+    if load_size is None:
+        raise ValueError(f"{spec!r} needs a load size (images are decoded and resized to it)")
+    return load_size
+
+
+def open_labelled(
+    spec: str,
+    load_size: int,
+    channels: int = 3,
+    *,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    split: str | None = None,
+) -> Dataset:
+    """Evaluation data of any form: items ``(uint8 (C, S, S), label)``.
+
+    A folder: one sub-folder per class. CIFAR: the split's labels. ``hf:``: the label column
+    (a ``ClassLabel`` feature, or integers named ``label``/``labels``). Shards: each sample's
+    ``.cls`` file (items from ``ShardSamples``: ``(image, label, key, readable)``).
+
+    Raises:
+        ValueError: the source has no labels (one line naming the spec and what would work), or
+            see ``open_unlabelled``.
+        ImportError: see ``open_unlabelled``.
+    """
+    kind = data_kind(spec)
+    if kind == "cifar":
+        name, root = parse_cifar_spec(spec) or ("", "")
+        return CifarDataset(name, root, split or "train", labelled=True, size=load_size, channels=channels)
+    if kind == "hf":
+        path = parse_hf_spec(spec) or ""
+        return HFImageDataset(path, load_size, channels, image_column, split, labelled=True, labels=label_column)
+    if kind == "shards":
+        return ShardSamples(spec, load_size, channels, labelled=True)
+    try:
+        return LabelledImageFolder(spec, load_size, channels)
+    except ValueError as error:
+        raise ValueError(f"{error}; {_NEEDS_LABELS}") from None
+
+
+class _EveryFifth:
+    """``keep(shard, position)`` of a shard split: every fifth sample of a shard is a query (picklable)."""
+
+    def __init__(self, queries: bool) -> None:
+        self.queries = queries
+
+    def __call__(self, shard: int, position: int) -> bool:
+        return (position % 5 == 4) == self.queries
+
+
+class _Readable(IterableDataset):
+    """The readable ``(image, label)`` pairs of ``ShardSamples``' ``(image, label, key, readable)`` items."""
+
+    def __init__(self, samples: ShardSamples) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        for image, label, _, readable in self.samples:
+            if readable:
+                yield image, label
+
+
+def _every_fifth(labels: list[int]) -> tuple[list[int], list[int]]:
+    """Per class, every fifth item (in order) is a query, the others the bank."""
+    seen: dict[int, int] = {}
+    bank: list[int] = []
+    queries: list[int] = []
+    for index, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        (queries if seen[label] % 5 == 0 else bank).append(index)
+    return bank, queries
+
+
+def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any) -> tuple[Dataset, Dataset]:
+    """The bank and the held-out queries of a kNN evaluation on labelled data of any form.
+
+    * a folder with ``train`` and ``val`` (or ``test``) sub-folders, each with class sub-folders:
+      those two; else one folder of class sub-folders, every fifth image of each class held out;
+    * CIFAR: the training batches and the test batch;
+    * ``hf:`` data with splits ``train`` and ``validation`` (or ``test``): those; else every fifth
+      row of each class held out;
+    * shards: every fifth sample of each shard held out.
+
+    Args:
+        spec: the labelled data (module doc).
+        load_size: side of the images handed out.
+        channels: 1 or 3.
+        options: ``image_column`` / ``label_column`` for ``hf:`` data.
+
+    Returns:
+        ``(bank, queries)``, datasets whose items are ``(uint8 (C, S, S), label)``.
+
+    Raises:
+        ValueError: no labels (see ``open_labelled``), or too few images per class to hold some out.
+    """
+    kind = data_kind(spec)
+    if kind == "cifar":
+        return tuple(open_labelled(spec, load_size, channels, split=s) for s in ("train", "test"))  # type: ignore[return-value]
+    if kind == "shards":
+        return tuple(  # type: ignore[return-value]
+            _Readable(ShardSamples(spec, load_size, channels, labelled=True, keep=_EveryFifth(q)))
+            for q in (False, True)
+        )
+    held_out = _held_out_split(spec, kind)
+    if held_out is not None:
+        if kind == "hf":
+            return tuple(open_labelled(spec, load_size, channels, split=s, **options) for s in ("train", held_out))  # type: ignore[return-value]
+        base = Path(spec)
+        return LabelledImageFolder(base / "train", load_size, channels), LabelledImageFolder(
+            base / held_out, load_size, channels
+        )
+    full = open_labelled(spec, load_size, channels, **options)
+    bank, queries = _every_fifth(full.targets)  # type: ignore[attr-defined]
+    if not queries:
+        raise ValueError(f"{spec!r} has too few images per class for a kNN check (at least 5 per class)")
+    return Subset(full, bank), Subset(full, queries)
+
+
+def _held_out_split(spec: str, kind: str) -> str | None:
+    """The held-out split's name when the data comes split in two (train + val/validation/test)."""
+    if kind == "hf":
+        names = set(dataset_splits(parse_hf_spec(spec) or ""))
+        candidates: tuple[str, ...] = ("validation", "val", "test")
+    else:
+        base = Path(spec)
+        names = {p.name for p in base.iterdir() if p.is_dir()} if base.is_dir() else set()
+        candidates = ("val", "test")
+    if "train" not in names:
+        return None
+    return next((name for name in candidates if name in names), None)
+
+
+class _EmbeddingItems(Dataset):
+    """A map-style source's items as ``(image, label, sample id, readable)``, nothing substituted."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        labels = getattr(dataset, "_labels", None)
+        if labels is None and (getattr(dataset, "labelled", False) or isinstance(dataset, LabelledImageFolder)):
+            labels = np.asarray(dataset.targets, dtype=np.int64)
+        self.labels = labels
+        self.size = getattr(dataset, "load_size", None) or getattr(dataset, "size", None) or 32
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str, bool]:
+        label = -1 if self.labels is None else int(self.labels[index])
+        try:
+            return self.dataset.read(index), label, self.dataset.sample_id(index), True
+        except BrokenImageError:
+            blank = torch.zeros(self.dataset.channels, self.size, self.size, dtype=torch.uint8)
+            return blank, label, self.dataset.sample_id(index), False
+
+
+def embedding_items(dataset: Dataset) -> Dataset:
+    """Items ``(uint8 image, label or -1, sample id, readable)`` of a source, every sample once, in order.
+
+    Sample ids: a folder's relative file paths, ``SPLIT:INDEX`` for CIFAR and ``hf:`` rows,
+    ``SHARD:KEY`` for tar shards. A broken sample is not replaced: its item is a blank image
+    with ``readable`` False.
+
+    Args:
+        dataset: what ``open_unlabelled`` (without ``shards``) or ``open_labelled`` returned.
+
+    Raises:
+        TypeError: a dataset these functions did not open.
+    """
+    if isinstance(dataset, ShardSamples):
+        return dataset
+    if not (hasattr(dataset, "read") and hasattr(dataset, "sample_id")):
+        raise TypeError(
+            f"embedding_items needs a dataset from open_unlabelled/open_labelled, got {type(dataset).__name__}"
+        )
+    return _EmbeddingItems(dataset)
+
+
+def first_items(dataset: Dataset, count: int, pick: Callable[[int], list[int]] | None = None) -> list[Any]:
+    """Up to ``count`` items of a dataset: ``pick(len)`` indices of a map-style one, the first of a stream."""
+    if isinstance(dataset, IterableDataset):
+        items: list[Any] = []
+        for item in dataset:
+            items.append(item)
+            if len(items) >= count:
+                break
+        return items
+    indices = pick(len(dataset)) if pick is not None else list(range(min(count, len(dataset))))  # type: ignore[arg-type]
+    return [dataset[i] for i in indices[:count]]

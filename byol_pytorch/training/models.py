@@ -1,0 +1,267 @@
+"""Backbones by name (timm or torchvision), the BYOL learner around them, and their export.
+
+``byol-pytorch`` names a backbone the way users already do: any timm model name
+(``resnet50``, ``convnext_tiny``, ``vit_small_patch16_224``) or ``torchvision:NAME``
+(``torchvision:resnet18``). Models are always built with random weights
+(``pretrained=False`` / ``weights=None``): nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from .._atomic import atomic_write
+from .._discovery import infer_channels, probe_backbone
+from .._modules import PathLike
+from ..augment import BYOLAugment
+from ..byol import BYOL
+from .checkpoint import load_checkpoint
+from .recipe import VIEW_DEFAULTS, Recipe
+
+__all__ = [
+    "CIFAR_MODELS",
+    "TORCHVISION_PREFIX",
+    "build_backbone",
+    "build_learner",
+    "classifier_name",
+    "close_model_names",
+    "export_backbone",
+    "strip_classifier",
+]
+
+TORCHVISION_PREFIX = "torchvision:"
+CIFAR_MODELS = {"cifar_resnet18": "resnet18", "cifar_resnet34": "resnet34", "cifar_resnet50": "resnet50"}
+
+
+def close_model_names(name: str, limit: int = 5) -> list[str]:
+    """Known model names that look like ``name`` (timm's and ``torchvision:`` ones)."""
+    import timm
+    import torchvision
+
+    if name.startswith(TORCHVISION_PREFIX):
+        names = [TORCHVISION_PREFIX + n for n in torchvision.models.list_models(module=torchvision.models)]
+    else:
+        names = list(timm.list_models()) + list(CIFAR_MODELS)
+    return difflib.get_close_matches(name, names, n=limit, cutoff=0.6)
+
+
+def _unknown_model(name: str) -> ValueError:
+    close = close_model_names(name)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return ValueError(
+        f"unknown model {name!r}; {hint}use a timm name (see timm.list_models()) or "
+        "torchvision:NAME (see torchvision.models.list_models())"
+    )
+
+
+def _cifar_resnet(name: str, in_chans: int | None) -> nn.Module:
+    """torchvision's ResNet with the CIFAR stem: conv 3x3 stride 1 (padding 2, as solo-learn), no max-pool."""
+    import torchvision
+
+    net = torchvision.models.get_model(CIFAR_MODELS[name], weights=None)
+    net.conv1 = nn.Conv2d(in_chans or 3, 64, kernel_size=3, stride=1, padding=2, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+    net.maxpool = nn.Identity()
+    return net
+
+
+def build_backbone(name: str, in_chans: int | None = None, image_size: int | None = None) -> nn.Module:
+    """A randomly initialised backbone, with its classifier (BYOL ignores it).
+
+    Args:
+        name: a timm model name, ``torchvision:NAME`` for a torchvision classifier, or
+            ``cifar_resnet18`` / ``cifar_resnet34`` / ``cifar_resnet50`` (CIFAR stem).
+        in_chans: input channels (timm and cifar_ models; torchvision models take 3).
+            None: the model's default.
+        image_size: passed to timm models that take ``img_size`` (ViTs), so that their
+            position embeddings match the training views.
+
+    Returns:
+        The model, in train mode, on the CPU.
+
+    Raises:
+        ValueError: an unknown name (with close names), or channels a torchvision model
+            cannot take.
+    """
+    if name in CIFAR_MODELS:
+        return _cifar_resnet(name, in_chans)
+    if name.startswith(TORCHVISION_PREFIX):
+        import torchvision
+
+        arch = name[len(TORCHVISION_PREFIX) :]
+        if arch not in torchvision.models.list_models(module=torchvision.models):
+            raise _unknown_model(name)
+        if in_chans not in (None, 3):
+            raise ValueError(
+                f"torchvision models take 3 input channels, got in_chans={in_chans}; "
+                "use a timm model (they take any in_chans) or 3 channels"
+            )
+        return torchvision.models.get_model(arch, weights=None)
+
+    import timm
+
+    if not timm.is_model(name):
+        raise _unknown_model(name)
+    kwargs: dict[str, Any] = {"pretrained": False}
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    if image_size is not None:
+        try:
+            return timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError:
+            pass  # a model without an img_size argument (convnets): any size works
+    return timm.create_model(name, **kwargs)
+
+
+def classifier_name(net: nn.Module, image_size: int, channels: int | None = None) -> str | None:
+    """Name of the final classifier ``nn.Linear`` (the module after BYOL's hidden layer).
+
+    Args:
+        net: the backbone.
+        image_size: a size the net accepts (one probe forward on zeros, in eval mode).
+        channels: input channels; default: those of the first convolution.
+
+    Returns:
+        The module name (``"fc"`` for a ResNet), or None when the net has no classifier.
+    """
+    channels = channels if channels is not None else infer_channels(net)
+    probe = probe_backbone(net, (image_size, image_size), channels, "auto")
+    return probe.name if probe.use_input else None
+
+
+def strip_classifier(net: nn.Module, name: str, image_size: int) -> nn.Module:
+    """Remove the classifier in place, the way users load a headless backbone.
+
+    timm models: ``reset_classifier(0)`` (the keys of ``timm.create_model(NAME,
+    num_classes=0)``). Others: the final classifier Linear becomes ``nn.Identity()``
+    (for a torchvision ResNet, ``net.fc = nn.Identity()``).
+
+    Args:
+        net: the backbone, weights loaded.
+        name: the model name it was built from.
+        image_size: a size the net accepts (to find the classifier of non-timm nets).
+
+    Returns:
+        ``net``, without classifier.
+    """
+    if not name.startswith(TORCHVISION_PREFIX) and hasattr(net, "reset_classifier"):
+        net.reset_classifier(0)  # type: ignore[operator]
+        return net
+    layer = classifier_name(net, image_size)
+    if layer is not None:
+        parent_name, _, child = layer.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, child, nn.Identity())
+    return net
+
+
+def build_learner(recipe: Recipe | Mapping[str, Any], net: nn.Module | None = None) -> BYOL:
+    """The BYOL learner of a training recipe.
+
+    Args:
+        recipe: a ``Recipe``, or a mapping holding one (a checkpoint's ``args``; keys it lacks
+            take the values older versions ran with, see ``Recipe.from_dict``).
+        net: the backbone when already built; default ``build_backbone(recipe.model, ...)``.
+
+    Returns:
+        ``BYOL(net, image_size, hidden_layer="auto", ...)`` with ``sync_batchnorm=None``
+        (SyncBatchNorm in the heads when a multi-GPU process group exists).
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_dict(recipe)
+    if net is None:
+        net = build_backbone(recipe.model, recipe.in_chans, recipe.image_size)
+    view_one, view_two = _recipe_views(recipe, net)
+    return BYOL(
+        net,
+        image_size=int(recipe.image_size),
+        hidden_layer="auto",
+        projection_size=int(recipe.projection_size),
+        projection_hidden_size=int(recipe.projection_hidden_size),
+        moving_average_decay=float(recipe.tau_base),
+        views_in_one_batch=bool(recipe.views_in_one_batch),
+        use_batchnorm=bool(recipe.use_batchnorm),
+        augment_fn=view_one,
+        augment_fn2=view_two,
+    )
+
+
+def _recipe_views(recipe: Recipe, net: nn.Module) -> tuple[BYOLAugment | None, BYOLAugment | None]:
+    """The two views of a recipe whose view fields differ from the paper's; ``(None, None)`` otherwise.
+
+    None lets ``BYOL`` build its default views, so that recipes with the paper's values (older
+    checkpoints) give exactly the learner they gave before.
+    """
+    values = recipe.views
+    if values == VIEW_DEFAULTS:
+        return None, None
+    channels = infer_channels(net)
+    colour: dict[str, Any] = {} if channels in (1, 3) else {"saturation": 0.0, "hue": 0.0, "grayscale_p": 0.0}
+    size = int(recipe.image_size)
+    crop = (values["crop_scale_min"], 1.0)
+    views = [
+        BYOLAugment(
+            size, view=v, crop_scale=crop, blur_p=values[f"blur_p{v}"], solarize_p=values[f"solarize_p{v}"], **colour
+        )
+        for v in (1, 2)
+    ]
+    return views[0], views[1]
+
+
+def export_backbone(checkpoint_path: PathLike, out_path: PathLike, which: str = "online") -> Path:
+    """Write the trained backbone, without its classifier, as a safetensors file.
+
+    The file loads with ``strict=True`` into ``timm.create_model(NAME, num_classes=0)``
+    (add ``in_chans=`` if you trained with other channels), or with
+    ``pretrained=True, pretrained_cfg_overlay=dict(file=PATH), num_classes=0``. For
+    ``torchvision:NAME`` the final classifier Linear is replaced by ``nn.Identity()``
+    (``model.fc = nn.Identity()`` for a ResNet); the file's metadata names it.
+
+    Args:
+        checkpoint_path: a checkpoint written by ``byol-pytorch train``.
+        out_path: the ``.safetensors`` file to write (atomically).
+        which: ``"online"`` (the paper keeps the online encoder) or ``"target"``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileNotFoundError, ValueError: see ``load_checkpoint``; a checkpoint without
+            the network, or ``which="target"`` before the first step.
+    """
+    from safetensors.torch import save_file
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    args, learner_state = checkpoint.get("args"), checkpoint.get("learner")
+    if not isinstance(args, dict) or not isinstance(learner_state, dict) or "model" not in args:
+        raise ValueError(f"{str(checkpoint_path)!r} holds no trained network ('learner' and 'args' are missing)")
+    if which not in ("online", "target"):
+        raise ValueError(f"which must be 'online' or 'target', got {which!r}")
+    prefix = f"{which}_encoder.net."
+    state = {k[len(prefix) :]: v for k, v in learner_state.items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{str(checkpoint_path)!r} has no {which} network yet (no training step was taken)")
+    net = build_backbone(args["model"], args.get("in_chans"), args.get("image_size"))
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{str(checkpoint_path)!r}: its {which} network does not fit the {args['model']!r} its recipe builds "
+            f"({' '.join(str(error).split())[:300]}); the file was edited or written by another version"
+        ) from None
+    net.eval()
+    strip_classifier(net, args["model"], int(args["image_size"]))
+    tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+    metadata = {
+        "format": "pt",
+        "byol_pytorch_model": str(args["model"]),
+        "step": str(checkpoint.get("step")),
+        "in_chans": str(args.get("in_chans")),
+        "which": which,
+    }
+    return atomic_write(out_path, lambda temp: save_file(tensors, temp, metadata=metadata))

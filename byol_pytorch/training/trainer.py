@@ -1,0 +1,231 @@
+"""Drop-in for the "Distributed Training" section of lucidrains/byol-pytorch.
+
+::
+
+    trainer = BYOLTrainer(
+        resnet, dataset=MockDataset(256, 10000), image_size=256, hidden_layer="avgpool",
+        learning_rate=3e-4, num_train_steps=100_000, batch_size=16, checkpoint_every=1000,
+    )
+    trainer()
+
+Same argument names and the same files (``checkpoint_folder/checkpoint.{n}.pt`` holding
+``net.state_dict()``), running on this package's engine (``training/engine.py``): one process, or
+``torchrun --nproc_per_node=N script.py`` for DDP (NCCL on GPUs, gloo on CPUs).
+Hugging Face accelerate is not needed; ``accelerator_kwargs`` is accepted and ignored,
+with a warning (use ``precision=`` and ``device=`` instead).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from .._atomic import atomic_write
+from ..byol import BYOL
+from ..data import ShardReading, load_size_for, make_loader, open_unlabelled
+from ..data.sampling import DataOrder, EpochSampler, step_batches
+from ..data.shards import ShardDataset, make_shard_loader
+from .distributed import setup_distributed
+from .engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState, prepare_model
+
+__all__ = ["BYOLTrainer", "MockDataset"]
+
+
+class MockDataset(Dataset):
+    """Random images for trying the trainer out: item ``i`` is the same every time.
+
+    Args:
+        image_size: side of the square images.
+        length: number of images.
+
+    ``dataset[i]`` is a float tensor (3, image_size, image_size) in [0, 1).
+    """
+
+    def __init__(self, image_size: int, length: int):
+        if image_size < 1 or length < 1:
+            raise ValueError(f"image_size and length must be positive, got {image_size} and {length}")
+        self.image_size, self.length = int(image_size), int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not -self.length <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} images")
+        generator = torch.Generator().manual_seed(index % self.length)
+        return torch.rand(3, self.image_size, self.image_size, generator=generator)
+
+
+def _images_only(batch: list) -> torch.Tensor:
+    """Collate items that are images or (image, label, ...) tuples into an image batch."""
+    first = batch[0]
+    if isinstance(first, (tuple, list)):
+        batch = [item[0] for item in batch]
+    return default_collate(batch)
+
+
+class BYOLTrainer(nn.Module):
+    """Train ``net`` with BYOL on ``dataset``; call the trainer to run it.
+
+    Args:
+        net: the backbone, trained in place.
+        image_size: side of the augmented views.
+        hidden_layer: the representation layer (name, child index, or ``"auto"``).
+        learning_rate: the optimiser's constant learning rate.
+        dataset: items are images (C, H, W), float or uint8, or tuples starting with one; or a
+            data spec as ``byol-pytorch train --data`` takes it (a folder of images,
+            ``cifar10:ROOT``, ``hf:PATH``, tar shards), opened by ``data.open_unlabelled``.
+        num_train_steps: optimizer steps to take.
+        batch_size: images per step and process.
+        optimizer_klass: the optimiser class (default Adam, as the incumbent).
+        checkpoint_every: save ``net.state_dict()`` every this many steps.
+        checkpoint_folder: where ``checkpoint.{n}.pt`` files go (atomically written);
+            ``checkpoint.final.pt`` holds the net at the end.
+        byol_kwargs: more ``BYOL`` arguments.
+        optimizer_kwargs: more optimiser arguments.
+        accelerator_kwargs: accepted for compatibility and ignored.
+        num_workers: data loading processes.
+        device: default: this process's GPU, else the CPU.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        seed: seeds the data order and (plus the rank) the augmentations; None keeps
+            the global generator as it is (offset by the rank under DDP).
+    """
+
+    step: torch.Tensor  # optimizer steps taken (a buffer, as in the incumbent)
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        image_size: int,
+        hidden_layer: str | int,
+        learning_rate: float,
+        dataset: Dataset | str,
+        num_train_steps: int,
+        batch_size: int = 16,
+        optimizer_klass: type[torch.optim.Optimizer] = torch.optim.Adam,
+        checkpoint_every: int = 1000,
+        checkpoint_folder: str = "./checkpoints",
+        byol_kwargs: dict[str, Any] | None = None,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        accelerator_kwargs: dict[str, Any] | None = None,
+        num_workers: int = 0,
+        device: str | None = None,
+        precision: str = "fp32",
+        seed: int | None = None,
+    ):
+        super().__init__()
+        if num_train_steps < 1 or checkpoint_every < 1 or batch_size < 2:
+            raise ValueError(
+                f"num_train_steps and checkpoint_every must be >= 1 and batch_size >= 2, got "
+                f"{num_train_steps}, {checkpoint_every} and {batch_size}"
+            )
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+        if accelerator_kwargs:
+            warnings.warn(
+                "BYOLTrainer runs on byol_pytorch's own loop: accelerator_kwargs is ignored; "
+                "use precision= and device=",
+                stacklevel=2,
+            )
+        self.ctx = setup_distributed(device)
+        if self.ctx.distributed and self.ctx.device.type == "cuda":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        self.net = net
+        self.byol = BYOL(net, image_size=image_size, hidden_layer=hidden_layer, **(byol_kwargs or {}))
+        self.byol.to(self.ctx.device)
+        self.optimizer = optimizer_klass(  # type: ignore[call-arg]
+            self.byol.parameters(), lr=learning_rate, **(optimizer_kwargs or {})
+        )
+        base_seed = seed if seed is not None else torch.initial_seed()
+        self.sampler, self.dataloader = self._data(dataset, image_size, batch_size, num_workers, base_seed)
+        self.num_train_steps, self.checkpoint_every = int(num_train_steps), int(checkpoint_every)
+        self.checkpoint_folder = Path(checkpoint_folder)
+        self.checkpoint_folder.mkdir(parents=True, exist_ok=True)
+        self.precision, self.seed = precision, seed
+        self.register_buffer("step", torch.tensor(0))
+
+    def _data(
+        self, dataset: Dataset | str, image_size: int, batch_size: int, workers: int, seed: int
+    ) -> tuple[DataOrder, DataLoader]:
+        """The data order and the loader of a dataset, or of a data spec opened by ``data.open_unlabelled``."""
+        ctx, pin = self.ctx, self.ctx.device.type == "cuda"
+        if isinstance(dataset, str):
+            reading = ShardReading(batch_size, ctx.rank, ctx.world_size, workers, seed % 2**31)
+            channels = 1 if self.byol.channels == 1 else 3
+            dataset = open_unlabelled(dataset, load_size_for(image_size), channels, shards=reading)
+            if isinstance(dataset, ShardDataset):
+                return dataset, make_shard_loader(dataset, pin_memory=pin)
+        sampler = EpochSampler(len(dataset), batch_size, ctx.rank, ctx.world_size, seed)  # type: ignore[arg-type]
+        loader = make_loader(
+            dataset,
+            batch_size,
+            workers,
+            sampler=sampler,
+            drop_last=True,
+            seed=(seed * 1000 + ctx.rank) % 2**63,
+            collate_fn=_images_only,
+            pin_memory=pin,
+        )
+        return sampler, loader
+
+    def print(self, message: str) -> None:
+        """Print on rank 0 only."""
+        if self.ctx.is_main:
+            print(message, flush=True)
+
+    def save(self, name: str) -> Path:
+        """Write ``net.state_dict()`` to ``checkpoint_folder/name`` atomically (rank 0)."""
+        path = self.checkpoint_folder / name
+        if self.ctx.is_main:
+            state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+            atomic_write(path, lambda temp: torch.save(state, temp))
+        self.ctx.barrier()
+        return path
+
+    def forward(self) -> dict[str, float]:
+        """Train for ``num_train_steps`` steps.
+
+        Returns:
+            ``{"steps": ..., "loss": last logged mean loss}``.
+
+        Raises:
+            FloatingPointError: the loss turned non-finite (lower the learning rate).
+        """
+        ctx = self.ctx
+        if self.seed is not None:
+            torch.manual_seed(self.seed + ctx.rank)
+        elif ctx.distributed:
+            torch.manual_seed(torch.initial_seed() + ctx.rank)
+        model = prepare_model(self.byol, ctx)
+        scaler = torch.amp.GradScaler(ctx.device.type) if self.precision == "fp16" else None
+        step = OptimizerStep(self.byol, model, self.optimizer, None, self.precision, ctx.device, scaler)
+        engine = Engine(step, ctx, catch_signals=False)  # Ctrl-C interrupts, as in the incumbent
+        state = TrainState(total=self.num_train_steps)
+        every = self.checkpoint_every
+
+        def checkpoint(s: TrainState) -> None:
+            self.step.fill_(s.step)
+            self.save(f"checkpoint.{(s.step - 1) // every}.pt")
+
+        hooks = [
+            # the loss reported: the mean since the last read-back
+            Periodic(TrainState.take_interval, every=engine.check_every, at_end=True),
+            # checkpoint.{n}.pt after the steps whose 0-based index is a multiple of
+            # checkpoint_every (1, every + 1, ...), as the incumbent counts
+            Periodic(checkpoint, when=lambda s: s.stepped and (s.step - 1) % every == 0),
+        ]
+        batches = step_batches(self.dataloader, self.sampler, 0, 0, 1)
+        try:
+            engine.run(batches, state, hooks)
+        except DivergedError as error:
+            raise FloatingPointError(f"{error}; lower the learning_rate or use precision='fp32'/'bf16'") from None
+        self.step.fill_(state.step)
+        self.save("checkpoint.final.pt")
+        self.print("training complete")
+        return {"steps": state.step, "loss": state.loss}

@@ -1,0 +1,71 @@
+"""Validation during and after training: kNN accuracy of a learner on labelled data of any form.
+
+``KnnMonitor`` opens the bank and the held-out queries with ``data.labelled_split`` (a labelled
+folder, CIFAR, an ``hf:`` dataset with labels, labelled tar shards), embeds both with the
+learner's backbone and scores weighted kNN (``evaluate.knn_accuracy``). ``byol-pytorch train
+--val-data`` runs it periodically, ``byol-pytorch eval`` once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from ..data import labelled_split, make_loader, match_channels
+from .evaluate import extract_features, knn_accuracy
+
+__all__ = ["KnnMonitor", "split_labelled"]
+
+
+def split_labelled(root: str, load_size: int, channels: int) -> tuple[Any, Any]:
+    """``(bank, queries)`` of labelled data: ``data.labelled_split`` (kept under its 1.1.0 name)."""
+    return labelled_split(root, load_size, channels)
+
+
+class KnnMonitor:
+    """Weighted kNN accuracy of the online backbone on labelled data (``--val-data``, ``eval``).
+
+    Features are the learner's embeddings (``learner(x, return_embedding=True,
+    return_projection=False)``) of uint8 images, normalised like the training views,
+    extracted in eval mode; modes are restored after.
+
+    Args:
+        root: the labelled data spec (see ``data.labelled_split``).
+        load_size: side of the images: the training crop size.
+        channels: images' channels (the backbone's).
+        device: where features are computed.
+        batch_size: images per forward.
+        workers: loader processes.
+
+    Raises:
+        ValueError: data without labels, or too little of it (one line naming the spec).
+    """
+
+    def __init__(
+        self, root: str, load_size: int, channels: int, device: torch.device, batch_size: int = 256, workers: int = 0
+    ):
+        self.bank, self.queries = labelled_split(root, load_size, channels)
+        self.device, self.batch_size, self.workers = device, batch_size, workers
+        self.num_classes: int | None = None
+
+    def _features(self, learner: nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        loader = make_loader(dataset, self.batch_size, self.workers, shuffle=False, drop_last=False, persistent=False)
+        to_channels = functools.partial(match_channels, channels=getattr(learner, "channels", 3))
+        embed = functools.partial(learner, return_embedding=True, return_projection=False)
+        return extract_features(embed, loader, device=self.device, transform=to_channels, return_labels=True)
+
+    def features(self, learner: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(bank_features, bank_labels, query_features, query_labels)`` of the learner's backbone."""
+        bank, bank_labels = self._features(learner, self.bank)
+        queries, query_labels = self._features(learner, self.queries)
+        self.num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+        return bank, bank_labels, queries, query_labels
+
+    def __call__(self, learner: nn.Module) -> float:
+        """The kNN top-1 accuracy in [0, 1] of the queries against the bank."""
+        bank, bank_labels, queries, query_labels = self.features(learner)
+        return float(knn_accuracy(bank, bank_labels, queries, query_labels, self.num_classes))

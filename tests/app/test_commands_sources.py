@@ -1,0 +1,170 @@
+"""Every command on every form of data: train, train --val-data, eval, preview, embed x folder, cifar10:, hf:, shards.
+
+One data set of each form is built once per module (labelled, so that the same spec serves the
+commands that need labels), and one tiny checkpoint trained on the folder is shared by the
+commands that read a checkpoint. ``embed``'s vectors are checked against the learner's own
+embedding of the same images.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from byol_pytorch.app import cli
+from byol_pytorch.data import embedding_items, open_labelled, open_unlabelled
+from byol_pytorch.training.checkpoint import load_checkpoint, load_state
+from byol_pytorch.training.models import build_learner
+from byol_pytorch.training.recipe import Recipe
+
+pytest.importorskip("webdataset")
+pytest.importorskip("datasets")
+pytest.importorskip("matplotlib")
+
+FORMS = ("folder", "cifar10", "hf", "shards")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, make_labelled, make_cifar10, make_hf_saved, make_shards):
+    root = tmp_path_factory.mktemp("sources")
+    return {
+        "folder": str(make_labelled(root / "folder", classes=3, per_class=10)),
+        "cifar10": f"cifar10:{make_cifar10(root / 'cifar', per_batch=8, test=10)}",
+        "hf": f"hf:{make_hf_saved(root / 'hf', rows=30)}",
+        "shards": make_shards(root / "shards", shards=4, per_shard=8),
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, sources, tiny_flags):
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert cli.main(["train", "--data", sources["folder"], "--out", str(out), *tiny_flags, "--max-steps", "2"]) == 0
+    return out / "last.pt"
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_train_with_val_data_on_every_form(form, sources, tmp_path, tiny_flags):
+    out = tmp_path / "run"
+    spec = sources[form]
+    argv = ["train", "--data", spec, "--val-data", spec, "--out", str(out), *tiny_flags, "--max-steps", "2"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and 0.0 <= rows[-1]["knn_acc"] <= 1.0  # the monitor ran on this form
+    assert load_checkpoint(out / "last.pt")["args"]["data"] == spec
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_eval_on_every_form(form, sources, checkpoint, capsys):
+    assert cli.main(["eval", "--data", sources[form], "--checkpoint", str(checkpoint), "--knn"]) == 0
+    out = capsys.readouterr().out
+    accuracy = float(out.split("kNN accuracy (k=20, T=0.07): ")[1].split()[0])
+    assert 0.0 <= accuracy <= 1.0 and "held out" in out
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_preview_on_every_form(form, sources, tmp_path, capsys):
+    picture = tmp_path / "views.png"
+    assert (
+        cli.main(["preview", "--data", sources[form], "--out", str(picture), "--image-size", "32", "--count", "3"]) == 0
+    )
+    assert picture.stat().st_size > 1000 and "3 images" in capsys.readouterr().out
+
+
+def _learner_vectors(checkpoint_path, spec: str, labelled: bool) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """What the learner itself gives each readable sample: ``learner(x, return_embedding=True, ...)``, eval mode."""
+    saved = load_checkpoint(checkpoint_path)
+    learner = build_learner(Recipe.from_dict(saved["args"]))
+    load_state(learner, saved, "learner", checkpoint_path)
+    learner.eval()
+    opened = (open_labelled if labelled else open_unlabelled)(spec, int(saved["args"]["image_size"]), 3)
+    vectors, labels = {}, {}
+    with torch.no_grad():
+        for image, label, sample, readable in embedding_items(opened):
+            if readable:
+                vectors[sample] = learner(image[None], return_embedding=True, return_projection=False)[0].numpy()
+                labels[sample] = label
+    return vectors, labels
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_embed_on_every_form(form, sources, checkpoint, tmp_path):
+    out = tmp_path / "embeddings"
+    argv = ["embed", "--data", sources[form], "--checkpoint", str(checkpoint), "--out", str(out)]
+    assert cli.main([*argv, "--batch-size", "7", "--workers", "0", "--dtype", "float32"]) == 0
+    vectors = np.load(out / "embeddings.npy", mmap_mode="r")
+    ids = (out / "ids.txt").read_text().splitlines()
+    summary = json.loads((out / "embed.json").read_text())
+    assert vectors.shape == (len(ids), 512) and vectors.dtype == np.float32 and summary["rows"] == len(ids)
+    assert len(set(ids)) == len(ids)
+    has_labels = form != "folder"  # a folder's class sub-folders are labels only with --labels
+    assert (out / "labels.npy").exists() == has_labels and summary["labels"] == has_labels
+    broken = {"folder": 0, "cifar10": 0, "hf": 1, "shards": 2}[form]  # the fixtures' broken samples
+    assert summary["broken"] == broken
+
+
+@pytest.mark.parametrize("form", ["folder", "shards"])
+def test_embedded_vectors_are_the_learners_embedding(form, sources, checkpoint, tmp_path):
+    out = tmp_path / "embeddings"
+    labelled = ["--labels"] if form == "folder" else []
+    argv = ["embed", "--data", sources[form], "--checkpoint", str(checkpoint), "--out", str(out), *labelled]
+    assert cli.main([*argv, "--batch-size", "5", "--workers", "2", "--dtype", "float32"]) == 0
+    expected, expected_labels = _learner_vectors(checkpoint, sources[form], labelled=True)
+    vectors = np.load(out / "embeddings.npy")
+    ids = (out / "ids.txt").read_text().splitlines()
+    labels = np.load(out / "labels.npy")
+    assert sorted(ids) == sorted(expected)  # every readable sample once, whatever the workers' order
+    for row, sample in enumerate(ids):
+        np.testing.assert_allclose(vectors[row], expected[sample], rtol=1e-4, atol=1e-5)
+        assert labels[row] == expected_labels[sample]
+
+
+def test_embed_float16_and_a_stopped_run_resumes_to_the_same_files(sources, checkpoint, tmp_path, monkeypatch):
+    from byol_pytorch.app import embed as embed_module
+
+    spec = sources["folder"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    base = ["embed", "--data", spec, "--checkpoint", str(checkpoint), "--batch-size", "4", "--flush-every", "1"]
+    assert cli.main([*base, "--out", str(whole)]) == 0
+    original, calls = embed_module._Outputs.write, []
+
+    def write_then_stop(self, *a):
+        original(self, *a)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stopped after 3 batches: 12 rows flushed, the state records them
+
+    monkeypatch.setattr(embed_module._Outputs, "write", write_then_stop)
+    assert cli.main([*base, "--out", str(part)]) == 130
+    assert json.loads((part / "embed_state.json").read_text())["rows"] in (8, 12)
+    monkeypatch.setattr(embed_module._Outputs, "write", original)
+    assert cli.main([*base, "--out", str(part)]) == 1  # a second start without --resume refuses
+    assert cli.main([*base, "--out", str(part), "--resume"]) == 0
+    assert (part / "ids.txt").read_text() == (whole / "ids.txt").read_text()
+    a, b = np.load(whole / "embeddings.npy"), np.load(part / "embeddings.npy")
+    assert a.dtype == np.float16 and np.array_equal(a, b) and not (part / "embed_state.json").exists()
+
+
+def _unlabelled_shards(root):
+    import io
+
+    import webdataset
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    with webdataset.TarWriter(str(root / "plain-0.tar")) as sink:
+        for i in range(6):
+            buffer = io.BytesIO()
+            Image.new("RGB", (12, 12), (i * 40, 0, 0)).save(buffer, format="PNG")
+            sink.write({"__key__": f"k{i}", "png": buffer.getvalue()})
+    return str(root / "plain-0.tar")
+
+
+def test_a_source_without_labels_for_eval_is_one_line(tmp_path, checkpoint, capsys):
+    plain = _unlabelled_shards(tmp_path / "plain")
+    assert cli.main(["eval", "--data", plain, "--checkpoint", str(checkpoint)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("byol-pytorch: error: --data:") and "no labels" in err[0]
+    assert "labelled data" in err[0]

@@ -1,0 +1,142 @@
+"""app/recipe.py: the recipe a run's flags resolve to, its checks, the run length and the lr help."""
+
+import pytest
+
+from byol_pytorch.app.errors import UserError
+from byol_pytorch.app.recipe import DEFAULT_EPOCHS, RECIPE_DEFAULTS, check_sizes, get_args_parser, lr_help, run_length
+from byol_pytorch.app.recipe import resolve_recipe as resolve
+from byol_pytorch.training.distributed import DistContext
+from byol_pytorch.training.recipe import Recipe
+
+
+def parse(*argv):
+    return get_args_parser().parse_args(list(argv))
+
+
+def test_defaults_are_the_papers_with_the_optimizers_lr_and_decay():
+    recipe = resolve(parse(), None)
+    assert recipe.to_dict().keys() == RECIPE_DEFAULTS.keys()
+    assert recipe.model == "resnet50" and recipe.image_size == 224 and recipe.optimizer == "lars"
+    assert recipe.tau_base == 0.996 and recipe.projection_size == 256 and recipe.batch_size == 256
+    assert recipe.lr == pytest.approx(0.2) and recipe.weight_decay == 1.5e-6  # BYOL, App. C, at batch 256
+    adamw = resolve(parse("--optimizer", "adamw", "--batch-size", "512"), None)
+    assert adamw.lr == pytest.approx(5e-4 * 2) and adamw.weight_decay == 0.04
+    given = resolve(parse("--lr", "0.3", "--weight-decay", "0", "--model", "resnet18", "--seed", "5"), None)
+    assert (given.lr, given.weight_decay, given.model, given.seed) == (0.3, 0.0, "resnet18", 5)
+
+
+def test_a_resumed_run_keeps_its_recipe_and_a_contradicting_flag_is_an_error():
+    saved = resolve(parse("--model", "resnet18", "--batch-size", "64", "--optimizer", "sgd"), None).to_dict()
+    assert resolve(parse(), saved).to_dict() == saved
+    assert resolve(parse("--batch-size", "64", "--workers", "2"), saved).to_dict() == saved  # agreeing or runtime flags
+    with pytest.raises(UserError) as info:
+        resolve(parse("--batch-size", "32"), saved)
+    assert str(info.value).startswith(
+        "--batch-size 32 differs from the checkpoint's 64: a resumed run keeps its recipe"
+    )
+    with pytest.raises(UserError, match="--tau-base 0.9 differs from the checkpoint's 0.996"):
+        resolve(parse("--tau-base", "0.9"), saved)
+    older = {k: v for k, v in saved.items() if k != "views_in_one_batch"}  # a checkpoint from before the flag
+    assert resolve(parse(), older).views_in_one_batch is False  # it ran without: the flag cannot change that
+    with pytest.raises(UserError, match="--views-in-one-batch True differs from the checkpoint's False"):
+        resolve(parse("--views-in-one-batch"), older)
+
+
+def _recipe(**kwargs):
+    return Recipe(**{**RECIPE_DEFAULTS, "image_size": 32, "batch_size": 8, **kwargs})
+
+
+def test_check_sizes_returns_the_micro_batch_of_one_process():
+    assert check_sizes(_recipe(), DistContext()) == 8
+    assert check_sizes(_recipe(accumulate=2), DistContext(world_size=2)) == 2
+
+
+@pytest.mark.parametrize(
+    "changes, world, message",
+    [
+        (dict(image_size=7), 1, "--image-size must be at least 8 pixels, got 7"),
+        (dict(accumulate=0), 1, "--accumulate must be at least 1, got 0"),
+        (dict(tau_base=1.5), 1, r"--tau-base must be in \[0, 1\] \(the paper: 0.996\), got 1.5"),
+        (dict(batch_size=1), 1, "--batch-size 1 cannot be split into 1 process"),
+        (
+            dict(batch_size=6, accumulate=2),
+            2,
+            "--batch-size 6 cannot be split .* use a multiple of 4 that is at least 8",
+        ),
+        (dict(batch_size=4, accumulate=2), 2, "use a multiple of 4 that is at least 8"),  # 1 image per micro-batch
+    ],
+)
+def test_check_sizes_errors(changes, world, message):
+    with pytest.raises(UserError, match=message):
+        check_sizes(_recipe(**changes), DistContext(world_size=world))
+
+
+def test_run_length_from_max_steps_epochs_the_saved_total_or_the_default():
+    recipe = _recipe()
+    assert run_length(parse("--max-steps", "50", "--epochs", "3"), recipe, 7, 400) == (50, 5)  # --max-steps wins
+    assert run_length(parse("--epochs", "3"), recipe, 7, 400) == (21, 2)
+    assert run_length(parse(), recipe, 7, 400) == (400, 40)  # a resumed run keeps its total
+    assert run_length(parse(), recipe, 7, None) == (DEFAULT_EPOCHS * 7, 70)  # 10 epochs of 7 steps
+
+
+def test_warm_up_is_ten_epochs_capped_at_a_tenth_unless_given():
+    recipe = _recipe()
+    assert run_length(parse("--max-steps", "10000"), recipe, 7, None) == (10000, 70)  # 10 epochs < 10%
+    assert run_length(parse("--max-steps", "300"), recipe, 7, None) == (300, 30)  # capped at 10%
+    assert run_length(parse("--max-steps", "9"), recipe, 7, None) == (9, 0)
+    given = _recipe(warmup_epochs=2.5)
+    assert run_length(parse("--max-steps", "300"), given, 8, None) == (300, 20)  # given: not capped at 10%
+    assert run_length(parse("--max-steps", "10"), given, 8, None) == (10, 10)  # but never past the run
+    with pytest.raises(UserError, match="the run would have 0 steps; pass --max-steps or --epochs of at least 1"):
+        run_length(parse("--max-steps", "0"), recipe, 7, None)
+
+
+def test_lr_help_names_every_optimizer_with_its_defaults():
+    text = lr_help()
+    parts = text.split("; ")
+    assert [part.split(":")[0] for part in parts] == ["lars", "adamw", "sgd"]
+    assert "lars: 0.2 x batch/256, wd 1.5e-06 (BYOL paper, App. C)" in parts
+    assert "sgd: 0.05 x batch/256, wd 0.0001" in text and "adamw: 0.0005 x batch/256, wd 0.04" in text
+
+
+def test_cifar_data_gets_the_cifar_recipe_unless_told_otherwise():
+    from byol_pytorch.app.recipe import PRESETS
+
+    recipe = resolve(parse("--data", "cifar10:/data"), None)
+    assert recipe.recipe == "cifar" and recipe.model == "cifar_resnet18" and recipe.image_size == 32
+    assert recipe.lr == pytest.approx(1.0) and recipe.weight_decay == 1e-5 and recipe.tau_base == 0.99
+    assert (recipe.blur_p1, recipe.blur_p2, recipe.solarize_p1, recipe.solarize_p2) == (0, 0, 0, 0.2)
+    assert recipe.crop_scale_min == 0.08 and recipe.lars_trust == 0.02 and recipe.lars_clip is True
+    assert set(PRESETS["cifar"]["values"]) <= set(PRESETS["cifar"]["sources"])  # every value has its source
+    assert run_length(parse(), recipe, 10, None)[0] == 1000 * 10  # solo-learn's 1000 epochs
+    # Explicit flags win; the lr scales with the batch; another optimiser gets its own defaults.
+    given = resolve(parse("--data", "cifar100:/d", "--batch-size", "512", "--blur-p1", "0.5", "--no-lars-clip"), None)
+    assert given.lr == pytest.approx(2.0) and given.blur_p1 == 0.5 and given.lars_clip is False
+    adamw = resolve(parse("--recipe", "cifar", "--optimizer", "adamw"), None)
+    assert adamw.lr == pytest.approx(5e-4) and adamw.weight_decay == 0.04 and adamw.model == "cifar_resnet18"
+    paper = resolve(parse("--data", "cifar10:/data", "--recipe", "paper"), None)
+    assert paper.model == "resnet50" and paper.blur_p1 == 1.0 and paper.lars_trust == 1e-3
+    assert resolve(parse("--data", "/images"), None).recipe == "paper"
+
+
+def test_a_checkpoint_from_before_the_recipes_resumes_with_the_papers_views():
+    saved = resolve(parse("--model", "resnet18"), None)
+    older = {k: v for k, v in saved.to_dict().items() if k not in ("recipe", "crop_scale_min", "blur_p1", "lars_trust")}
+    assert resolve(parse("--data", "cifar10:/data"), older) == saved  # not the cifar recipe, even for CIFAR data
+    with pytest.raises(UserError, match="--blur-p1 0.0 differs from the checkpoint's 1.0"):
+        resolve(parse("--blur-p1", "0"), older)
+    with pytest.raises(UserError, match="--recipe cifar differs from the checkpoint's paper"):
+        resolve(parse("--recipe", "cifar"), older)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(blur_p2=1.5), r"--blur-p2 is a probability in \[0, 1\], got 1.5"),
+        (dict(crop_scale_min=0.0), r"--crop-scale-min must be in \(0, 1\]"),
+        (dict(lars_trust=-1.0), "--lars-trust must be >= 0"),
+    ],
+)
+def test_check_sizes_rejects_bad_view_and_lars_values(changes, message):
+    with pytest.raises(UserError, match=message):
+        check_sizes(_recipe(**changes), DistContext())

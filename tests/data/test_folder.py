@@ -1,0 +1,306 @@
+"""Tests for byol_pytorch/data/folder.py (and the loader of data/loader.py) on a messy image folder built here."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from byol_pytorch.data.file_index import index_images
+from byol_pytorch.data.folder import (
+    IMAGE_EXTENSIONS,
+    BrokenImageError,
+    ImageFolder,
+    LabelledImageFolder,
+    load_image,
+    load_size_for,
+    match_channels,
+)
+from byol_pytorch.data.loader import collate_images, make_loader
+
+S = 32  # load size used throughout
+
+
+def _smooth_rgb(width: int, height: int, seed: int) -> Image.Image:
+    """Random smooth colours: a tiny noise image blown up."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8))
+    return small.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def _jpeg_bytes(im: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    im.save(buffer, "JPEG", quality=90, **kwargs)
+    return buffer.getvalue()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+# Relative paths in sorted order, and which are broken. The four broken files in
+# "b_broken" are consecutive, so items 4..7 pass over 4, 3, 2, 1 files; the last file is
+# broken too, so it wraps around to item 0.
+GOOD_BEFORE = ["a/deep/er/cmyk.jpg", "a/deep/red.jpg", "a/gray.PNG", "a/rgba.png"]
+BROKEN = ["b_broken/corrupt.png", "b_broken/empty.jpg", "b_broken/notes.jpg", "b_broken/truncated.jpg"]
+GOOD_AFTER = ["c/big.jpg", "c/i16.png", "c/palette.gif", "c/rotated.JPEG", "c/x.webp", "d.bmp"]
+LAST_BROKEN = "zz_empty.tif"
+ALL = GOOD_BEFORE + BROKEN + GOOD_AFTER + [LAST_BROKEN]
+EXPECTED_SKIPS = [0] * 4 + [4, 3, 2, 1] + [0] * 6 + [1]
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("messy")
+    _write(root / "a/deep/red.jpg", _jpeg_bytes(Image.new("RGB", (64, 48), (250, 10, 10))))
+    _write(root / "a/deep/er/cmyk.jpg", _jpeg_bytes(Image.new("CMYK", (40, 40), (0, 255, 255, 0))))
+    gray = Image.fromarray(np.tile(np.arange(0, 250, 5, dtype=np.uint8), (40, 1)))  # mode L
+    gray.save(_write(root / "a/gray.PNG", b""))
+    # Left half opaque blue, right half fully transparent (its colour channels black).
+    rgba = np.zeros((40, 40, 4), dtype=np.uint8)
+    rgba[:, :20] = (0, 0, 255, 255)
+    Image.fromarray(rgba).save(_write(root / "a/rgba.png", b""))
+
+    good_png = io.BytesIO()
+    _smooth_rgb(50, 50, 0).save(good_png, "PNG")
+    _write(root / "b_broken/corrupt.png", good_png.getvalue()[:40] + b"\x00garbage" * 50)
+    _write(root / "b_broken/empty.jpg", b"")
+    _write(root / "b_broken/notes.jpg", b"this is a text file with a .jpg name\n" * 10)
+    whole = _jpeg_bytes(_smooth_rgb(300, 200, 1))
+    _write(root / "b_broken/truncated.jpg", whole[: len(whole) // 2])
+
+    _write(root / "c/big.jpg", _jpeg_bytes(_smooth_rgb(1600, 1200, 2)))
+    # 16-bit grayscale ramp covering 0..65535.
+    ramp = np.linspace(0, 65535, 40 * 40).round().astype(np.uint16).reshape(40, 40)
+    Image.fromarray(ramp).save(_write(root / "c/i16.png", b""))
+    _smooth_rgb(40, 30, 3).convert("P", palette=Image.Palette.ADAPTIVE).save(_write(root / "c/palette.gif", b""))
+    # Stored 40x20, left half red, right half blue; EXIF orientation 6 means "rotate 90
+    # degrees clockwise to display", which puts red on top and blue below.
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = (255, 0, 0)
+    stored[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _write(root / "c/rotated.JPEG", _jpeg_bytes(Image.fromarray(stored), exif=exif.tobytes()))
+    _smooth_rgb(36, 36, 4).save(_write(root / "c/x.webp", b""), "WEBP")
+    _smooth_rgb(30, 30, 5).save(_write(root / "d.bmp", b""))
+    _write(root / LAST_BROKEN, b"")
+
+    # Not images, or hidden: index_images must not return these.
+    _write(root / "readme.txt", b"hello")
+    _write(root / "c/labels.csv", b"a,b")
+    _write(root / ".hidden.jpg", _jpeg_bytes(Image.new("RGB", (8, 8))))
+    _write(root / ".cache/inside.png", good_png.getvalue())
+    return root
+
+
+def test_scan_finds_images_sorted_skipping_hidden_and_other_suffixes(messy):
+    found = index_images(messy)
+    assert [p.relative_to(messy).as_posix() for p in found] == ALL
+    assert index_images(str(messy)).same_files(found)
+
+
+def test_extensions_are_lowercase_with_dot():
+    assert all(ext.startswith(".") and ext == ext.lower() for ext in IMAGE_EXTENSIONS)
+    assert {".jpg", ".jpeg", ".png", ".webp", ".tiff", ".pgm"} <= set(IMAGE_EXTENSIONS)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_item_has_shape_dtype_and_exact_skip_count(messy, channels):
+    dataset = ImageFolder(messy, S, channels=channels)
+    assert len(dataset) == len(ALL)
+    for _ in range(2):  # the second pass uses the cache of known broken files
+        items = [dataset[i] for i in range(len(dataset))]
+        assert [skipped for _, skipped in items] == EXPECTED_SKIPS
+        for image, _ in items:
+            assert image.shape == (channels, S, S) and image.dtype == torch.uint8
+        assert dataset._broken == {4, 5, 6, 7, len(ALL) - 1}
+    # A broken file's substitute is the next readable file, wrapping around.
+    assert torch.equal(items[4][0], items[8][0])
+    assert torch.equal(items[-1][0], items[0][0])
+
+
+@pytest.mark.parametrize("name", BROKEN + [LAST_BROKEN])
+def test_broken_files_raise_broken_image_error(messy, name):
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    with pytest.raises(BrokenImageError) as info:
+        load_image(messy / name, S)
+    assert info.value.path == messy / name and name.split("/")[-1] in str(info.value)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_sixteen_bit_is_scaled_not_clipped(messy):
+    image = load_image(messy / "c/i16.png", 40, channels=1)  # same size: only rounding
+    ramp = np.linspace(0, 65535, 40 * 40).reshape(40, 40)
+    expected = torch.from_numpy(np.round(ramp / 257.0)).to(torch.uint8)  # 65535 / 255 = 257
+    assert image.shape == (1, 40, 40)
+    assert (image[0].int() - expected.int()).abs().max() <= 1
+    assert image.max() == 255 and image.float().mean() > 120  # clipping would give ~253
+
+
+def test_exif_orientation_is_applied(messy):
+    image = load_image(messy / "c/rotated.JPEG", 20).float()  # (3, 20, 20), red on top
+    top, bottom = image[:, 2:8].mean((1, 2)), image[:, 12:18].mean((1, 2))
+    assert top[0] > 200 and top[2] < 60
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_alpha_composited_over_white(messy):
+    image = load_image(messy / "a/rgba.png", 40).float()
+    assert image[:, :, :18].mean((1, 2)).tolist() == pytest.approx([0, 0, 255], abs=2)
+    assert image[:, :, 22:].mean((1, 2)).tolist() == pytest.approx([255, 255, 255], abs=2)
+
+
+def test_palette_cmyk_and_gray_convert(messy):
+    palette = load_image(messy / "c/palette.gif", S)
+    reference = Image.open(messy / "c/palette.gif").convert("RGB").resize((S, S), box=(5, 0, 35, 30))
+    reference = torch.from_numpy(np.array(reference)).permute(2, 0, 1)
+    assert (palette.int() - reference.int()).abs().float().mean() < 3
+    red = load_image(messy / "a/deep/er/cmyk.jpg", S).float().mean((1, 2))  # C=0 M=Y=255 K=0
+    assert red[0] > 215 and red[1] < 40 and red[2] < 40
+    gray = load_image(messy / "a/gray.PNG", S)
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+
+
+def test_draft_decode_matches_full_decode(messy):
+    """The reduced-size JPEG decode agrees with a full decode + antialiased resize."""
+    image = load_image(messy / "c/big.jpg", 64).float()  # 1600x1200 -> decoded at 1/8
+    with Image.open(messy / "c/big.jpg") as full:
+        full.load()
+        assert full.size == (1600, 1200)
+        reference = full.resize((64, 64), Image.Resampling.BOX, box=(200, 0, 1400, 1200))
+    reference = torch.from_numpy(np.array(reference)).permute(2, 0, 1).float()
+    assert (image - reference).abs().mean() < 2.0
+
+
+@pytest.mark.parametrize("load_size, decoded", [(64, (200, 150)), (256, (400, 300)), (1000, (1600, 1200))])
+def test_large_jpeg_is_decoded_reduced_but_not_below_load_size(messy, monkeypatch, load_size, decoded):
+    sizes = []
+    resize = Image.Image.resize
+
+    def spy(self, *args, **kwargs):
+        sizes.append(self.size)
+        return resize(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    assert load_image(messy / "c/big.jpg", load_size).shape == (3, load_size, load_size)
+    assert sizes == [decoded]  # 1600x1200 at 1/8, 1/4, 1/1
+
+
+def test_grayscale_draft_matches_rgb_luma(messy):
+    gray = load_image(messy / "c/big.jpg", 64, channels=1).float()[0]
+    rgb = load_image(messy / "c/big.jpg", 64, channels=3).float()
+    luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]  # ITU-R BT.601
+    assert (gray - luma).abs().mean() < 2.0
+
+
+def test_collate_stacks_and_sums():
+    batch = [(torch.full((3, 4, 4), i, dtype=torch.uint8), i) for i in range(3)]
+    images, skipped = collate_images(batch)
+    assert images.shape == (3, 3, 4, 4) and images[2, 0, 0, 0] == 2 and skipped == 3
+
+
+def test_loader_with_two_workers_adds_up_skips(messy):
+    dataset = ImageFolder(messy, S)
+    loader = make_loader(dataset, batch_size=4, workers=2, drop_last=False, pin_memory=False)
+    assert loader.persistent_workers
+    seen, skipped = 0, 0
+    for images, batch_skipped in loader:
+        assert images.dtype == torch.uint8 and images.shape[1:] == (3, S, S)
+        seen += len(images)
+        skipped += batch_skipped
+    assert seen == len(ALL) and skipped == sum(EXPECTED_SKIPS)
+
+
+def test_loader_shuffle_is_seeded(messy):
+    dataset = ImageFolder(messy, 8)
+
+    def order(seed: int) -> torch.Tensor:
+        loader = make_loader(dataset, batch_size=len(ALL), workers=0, seed=seed, pin_memory=False)
+        return next(iter(loader))[0]
+
+    assert torch.equal(order(0), order(0))
+    assert not torch.equal(order(0), order(1))
+
+
+def test_loader_refuses_to_drop_every_batch(messy):
+    with pytest.raises(ValueError, match="every batch would be dropped"):
+        make_loader(ImageFolder(messy, 8), batch_size=64, workers=0)
+
+
+def test_no_readable_file_raises_runtime_error(tmp_path):
+    _write(tmp_path / "a.jpg", b"")
+    _write(tmp_path / "b.png", b"not a png")
+    dataset = ImageFolder(tmp_path, 8)
+    with pytest.raises(RuntimeError, match="none of the 2 image files"):
+        dataset[0]
+
+
+def test_folder_errors_name_the_path(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        index_images(tmp_path / "missing")
+    _write(tmp_path / "file.jpg", b"")
+    with pytest.raises(ValueError, match="is not a folder"):
+        ImageFolder(tmp_path / "file.jpg", 8)
+    empty = tmp_path / "empty"
+    _write(empty / "notes.txt", b"")
+    _write(empty / ".hidden/a.jpg", b"")
+    with pytest.raises(ValueError, match=r"no images found under .*empty.*\.jpg, \.jpeg"):
+        index_images(empty)
+
+
+def test_invalid_sizes_are_rejected(messy):
+    with pytest.raises(ValueError, match="channels"):
+        ImageFolder(messy, 8, channels=4)
+    with pytest.raises(ValueError, match="load_size"):
+        load_image(messy / "d.bmp", 0)
+
+
+def test_labelled_folder_classes_targets_and_substitute_label(tmp_path):
+    for cls, colour in (("cat", (255, 0, 0)), ("dog", (0, 255, 0))):
+        for i in range(2):
+            _write(tmp_path / cls / f"{i}.jpg", _jpeg_bytes(Image.new("RGB", (20, 20), colour)))
+    _write(tmp_path / "cat" / "2_broken.jpg", b"")  # last cat file: replaced by dog/0.jpg
+    _write(tmp_path / ".trash/x.jpg", b"")
+    dataset = LabelledImageFolder(tmp_path, 8)
+    assert dataset.classes == ["cat", "dog"]
+    assert dataset.targets == [0, 0, 0, 1, 1]
+    image, label = dataset[2]
+    assert label == 1 and image[1].float().mean() > 200  # the green dog
+    assert dataset[0][1] == 0 and dataset[0][0][0].float().mean() > 200
+    batch = next(iter(make_loader(dataset, batch_size=5, workers=0, shuffle=False)))
+    assert batch[0].shape == (5, 3, 8, 8) and batch[1].tolist() == [0, 0, 1, 1, 1]
+
+
+def test_labelled_folder_layout_errors(tmp_path):
+    _write(tmp_path / "flat.jpg", _jpeg_bytes(Image.new("RGB", (8, 8))))
+    with pytest.raises(ValueError, match="has no class sub-folders; expected ROOT/CLASS_NAME/image.jpg"):
+        LabelledImageFolder(tmp_path, 8)
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(ValueError, match="class 'empty_class' is empty"):
+        LabelledImageFolder(tmp_path, 8)
+    with pytest.raises(ValueError, match="does not exist"):
+        LabelledImageFolder(tmp_path / "missing", 8)
+
+
+@pytest.mark.parametrize("image_size, expected", [(224, 256), (32, 37), (96, 110), (8, 9), (1, 1)])
+def test_load_size_for_is_the_imagenet_ratio_rounded(image_size, expected):
+    # 256/224 = 8/7: ImageNet's 256 px loads for 224 px crops, rounded half up, never below the crop.
+    assert load_size_for(image_size) == expected == max(image_size, int(image_size * 8 / 7 + 0.5))
+
+
+def test_match_channels_replicates_gray_and_keeps_matching_batches():
+    gray = torch.arange(2 * 4 * 4, dtype=torch.uint8).reshape(2, 1, 4, 4)
+    rgb = match_channels(gray, 3)
+    assert rgb.shape == (2, 3, 4, 4) and rgb.dtype == torch.uint8
+    for c in range(3):
+        assert torch.equal(rgb[:, c], gray[:, 0])
+    colour = torch.rand(2, 3, 4, 4)
+    assert match_channels(colour, 3) is colour  # nothing to do: the same tensor
+    assert torch.equal(match_channels(colour, 1), colour[:, :1])  # the first channel stands for gray

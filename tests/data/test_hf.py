@@ -1,0 +1,101 @@
+"""Local Hugging Face datasets: save_to_disk, imagefolder, parquet; the image column; broken rows; no Hub."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from byol_pytorch.data.folder import load_image
+from byol_pytorch.data.hf import HFImageDataset, image_column, is_hf_spec, load_local_dataset, parse_hf_spec
+
+datasets = pytest.importorskip("datasets")
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    """load_dataset's arrow cache under the test's folder, not the user's home."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
+def test_saved_dataset_decodes_like_a_file_and_replaces_broken_rows(tmp_path, make_hf_saved):
+    root = make_hf_saved(tmp_path / "saved")
+    data = HFImageDataset(str(root), 9)
+    assert len(data) == 24 and data.column == "image"
+    assert os.environ["HF_DATASETS_OFFLINE"] == "1" and os.environ["HF_HUB_OFFLINE"] == "1"
+    row = datasets.load_from_disk(str(root)).cast_column("image", datasets.Image(decode=False))[3]["image"]
+    (tmp_path / "row3.png").write_bytes(row["bytes"])
+    image, skipped = data[3]
+    assert skipped == 0 and torch.equal(image, load_image(tmp_path / "row3.png", 9))  # the folder path's pixels
+    image, skipped = data[5]  # garbage bytes: row 6 instead, counted
+    assert skipped == 1 and torch.equal(image, data[6][0]) and int(image[0, 0, 0]) == 7
+    assert data[5][1] == 1  # known broken: still counted
+    gray, _ = HFImageDataset(str(root), 9, channels=1)[0]
+    assert gray.shape == (1, 9, 9)
+
+
+def test_splits_of_a_dataset_dict(tmp_path, make_hf_saved):
+    train = datasets.load_from_disk(str(make_hf_saved(tmp_path / "a", rows=6, broken=None)))
+    test = datasets.load_from_disk(str(make_hf_saved(tmp_path / "b", rows=4, broken=None)))
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "dict"))
+    assert len(HFImageDataset(str(tmp_path / "dict"), 9)) == 6  # train by default
+    assert len(HFImageDataset(str(tmp_path / "dict"), 9, split="test")) == 4
+    with pytest.raises(ValueError, match="has no split 'val'; its splits: train, test"):
+        load_local_dataset(tmp_path / "dict", "val")
+    with pytest.raises(ValueError, match="single dataset without splits"):
+        load_local_dataset(tmp_path / "a", "test")
+
+
+def test_imagefolder_and_parquet(tmp_path, make_hf_saved):
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "5.png").write_bytes(b"garbage")
+    data = HFImageDataset(str(folder), 9)
+    assert len(data) == 6
+    assert sum(data[i][1] for i in range(6)) == 1  # the garbage file, counted once
+
+    saved = datasets.load_from_disk(str(make_hf_saved(tmp_path / "saved", rows=8, broken=2)))
+    saved.to_parquet(str(tmp_path / "pq" / "part-0.parquet"))
+    one = HFImageDataset(str(tmp_path / "pq" / "part-0.parquet"), 9)
+    every = HFImageDataset(str(tmp_path / "pq"), 9)  # a folder of parquet files
+    assert len(one) == len(every) == 8 and one[2][1] == 1
+    assert torch.equal(one[4][0], HFImageDataset(saved, 9)[4][0])  # a Dataset object works too
+
+
+def test_image_column_auto_choice_and_errors(tmp_path, make_hf_saved):
+    two = datasets.load_from_disk(str(make_hf_saved(tmp_path / "two", rows=4, broken=None, extra_image=True)))
+    with pytest.raises(ValueError, match=r"several image columns: image, mask; choose one \(--image-column NAME\)"):
+        image_column(two)
+    assert image_column(two, "mask") == "mask" and HFImageDataset(two, 9, column="mask").column == "mask"
+    with pytest.raises(ValueError, match="column 'label' is not an image column .*image columns: image, mask"):
+        image_column(two, "label")
+    with pytest.raises(ValueError, match="no column 'pixels'; the columns: image, label, mask"):
+        image_column(two, "pixels")
+    with pytest.raises(ValueError, match=r"no image column \(a datasets.Image feature\) among the columns: label"):
+        image_column(two.remove_columns(["image", "mask"]))
+
+
+def test_only_local_paths(tmp_path):
+    assert parse_hf_spec("hf:user/cats") == "user/cats" and is_hf_spec("hf:x") and not is_hf_spec("x")
+    with pytest.raises(ValueError, match="only local paths are supported.*nothing is downloaded"):
+        HFImageDataset("user/cats-that-do-not-exist", 9)
+    (tmp_path / "x.csv").write_text("a\n1\n")
+    with pytest.raises(ValueError, match="is a file but not a .parquet file"):
+        HFImageDataset(str(tmp_path / "x.csv"), 9)
+
+
+def test_missing_datasets_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=r'pip install "byol-pytorch\[datasets\]"'):
+        HFImageDataset("anything", 9)
+
+
+def test_a_dataset_without_rows_is_a_value_error():
+    empty = datasets.Dataset.from_dict({"image": []}, features=datasets.Features({"image": datasets.Image()}))
+    with pytest.raises(ValueError, match="has no rows"):
+        HFImageDataset(empty, 32, 3)

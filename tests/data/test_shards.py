@@ -1,0 +1,128 @@
+"""Tar shards: the spec rule, the split between ranks and workers, broken samples, exact resume, the extra."""
+
+import sys
+import tarfile
+
+import pytest
+import torch
+
+from byol_pytorch.data import shards as shards_module
+from byol_pytorch.data.folder import load_size_for
+from byol_pytorch.data.shards import ShardDataset, expand_shards, is_shard_spec, make_shard_loader, shard_samples
+
+pytest.importorskip("webdataset")
+
+
+def ids_of(loader):
+    """The sample ids (red channel) of every image a loader yields, and the skipped total."""
+    ids, skipped = [], 0
+    for images, count in loader:
+        assert images.dtype == torch.uint8 and images.shape[1:] == (3, 9, 9)
+        ids += images[:, 0, 0, 0].tolist()
+        skipped += count
+    return ids, skipped
+
+
+def test_spec_rule(tmp_path, make_shards, messy):
+    pattern = make_shards(tmp_path / "shards", broken=False)
+    assert is_shard_spec(pattern) and is_shard_spec("x/{a,b}.tar") and is_shard_spec("one.tar")
+    assert is_shard_spec(str(tmp_path / "shards"))  # a folder holding only .tar files
+    assert not is_shard_spec(str(messy)) and not is_shard_spec("cifar10:data") and not is_shard_spec(None)
+    (tmp_path / "shards" / "notes.txt").write_text("x")
+    assert not is_shard_spec(str(tmp_path / "shards"))  # anything else there: an image folder
+    (tmp_path / "photos.tar").mkdir()
+    assert not is_shard_spec(str(tmp_path / "photos.tar"))  # a folder named like a tar is a folder
+    assert [p.name for p in expand_shards(pattern)] == [f"train-{k:04d}.tar" for k in range(4)]
+    assert [shard_samples(p) for p in expand_shards(pattern)] == [6, 6, 6, 6]  # from the headers
+    with pytest.raises(ValueError, match=r"2 of the 6 shards .* are missing"):
+        expand_shards(pattern.replace("0003", "0005"))
+    (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(ValueError, match="not an uncompressed tar file"):
+        shard_samples(tmp_path / "bad.tar")
+
+
+def test_two_ranks_two_workers_read_each_shard_once(tmp_path, make_shards):
+    pattern = make_shards(tmp_path / "shards", shards=8, per_shard=3, broken=False)
+    for epoch in (0, 1):
+        seen, per_reader = [], []
+        for rank in (0, 1):
+            data = ShardDataset(pattern, 9, batch_size=3, rank=rank, world_size=2, workers=2, shuffle_buffer=2)
+            data.set_epoch(epoch)
+            per_reader += [data.reader_shards(epoch, rank * 2 + w) for w in (0, 1)]
+            seen += ids_of(make_shard_loader(data))[0]  # two worker processes
+        assert sorted(seen) == list(range(1, 25))  # every sample once: no shard read twice, none missed
+        assert sorted(s for shards in per_reader for s in shards) == list(range(8))
+        if epoch == 0:
+            first = per_reader
+    assert per_reader != first  # the shard order is reshuffled every epoch
+
+
+def test_broken_samples_are_replaced_by_the_next_and_counted(tmp_path, make_shards):
+    data = ShardDataset(make_shards(tmp_path / "shards"), 9, batch_size=4, shuffle_buffer=0)
+    data.set_epoch(0)
+    assert data.batches_per_epoch == 6 and len(data) == 24
+    ids, skipped = ids_of(make_shard_loader(data))
+    assert skipped == 2  # the garbage bytes and the sample without an image
+    assert len(ids) == 24 and set(ids) == set(range(1, 25)) - {8, 15}
+    order = [s for shard in data.reader_shards(0, 0) for s in range(shard * 6 + 1, shard * 6 + 7)]  # tar order
+    expected = [{8: 9, 15: 16}.get(i, i) for i in order]  # a broken sample -> the next one, also used at its place
+    assert ids == expected
+
+
+def test_resume_continues_exactly_without_opening_finished_shards(tmp_path, make_shards, monkeypatch):
+    pattern = make_shards(tmp_path / "shards")
+    data = ShardDataset(pattern, 9, batch_size=2, workers=0, shuffle_buffer=4)
+    data.set_epoch(1)
+    full, _ = ids_of(make_shard_loader(data))
+    assert data.batches_per_epoch == 12 and len(full) == 24
+    opened = []
+    original = shards_module._samples
+    monkeypatch.setattr(shards_module, "_samples", lambda path: opened.append(path.name) or original(path))
+    data.set_epoch(1, start_batch=7)  # 14 samples used: two shards done, the third at its 3rd sample
+    rest, _ = ids_of(make_shard_loader(data))
+    assert rest == full[14:]
+    order = data.reader_shards(1, 0)
+    assert opened == [f"train-{k:04d}.tar" for k in order[2:]]  # the finished shards were not read again
+
+
+def test_resume_with_workers_matches_the_round_robin(tmp_path, make_shards):
+    data = ShardDataset(make_shards(tmp_path / "shards"), 9, batch_size=2, workers=2, shuffle_buffer=3)
+    data.set_epoch(0)
+    full, _ = ids_of(make_shard_loader(data))
+    data.set_epoch(0, start_batch=5)  # worker 1's reader is next: the resumed loader's worker 0 takes it
+    assert ids_of(make_shard_loader(data))[0] == full[10:]
+
+
+def test_sizes_checked(tmp_path, make_shards):
+    pattern = make_shards(tmp_path / "shards", shards=2, broken=False)
+    with pytest.raises(ValueError, match=r"2 shards cannot be split between 2 process\(es\) x 2 loader worker"):
+        ShardDataset(pattern, 9, batch_size=2, world_size=2, workers=2)
+    with pytest.raises(ValueError, match="fewer than one optimizer step needs"):
+        ShardDataset(pattern, 9, batch_size=8, workers=2)
+    data = ShardDataset(pattern, load_size_for(32), batch_size=2)
+    assert next(iter(make_shard_loader(data)))[0].shape == (2, 3, 37, 37)
+
+
+def test_missing_webdataset_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "webdataset", None)
+    monkeypatch.setitem(sys.modules, "webdataset.tariterators", None)
+    with tarfile.open(tmp_path / "a.tar", "w"):
+        pass
+    with pytest.raises(ImportError, match=r'pip install "byol-pytorch\[shards\]"'):
+        ShardDataset(str(tmp_path / "a.tar"), 9, batch_size=2)
+
+
+def test_a_shard_shrunk_during_the_run_is_a_clear_error(tmp_path, make_shards):
+    data = ShardDataset(make_shards(tmp_path / "shards", broken=False), 9, batch_size=4, shuffle_buffer=0)
+    for k in range(4):
+        with tarfile.open(tmp_path / "shards" / f"train-{k:04d}.tar", "w"):
+            pass  # emptied after the samples were counted
+    with pytest.raises(shards_module.NoReadableImagesError, match="fewer samples than counted at the start"):
+        next(iter(make_shard_loader(data)))
+
+
+def test_a_shard_that_cannot_be_read_is_a_value_error(tmp_path):
+    folder = tmp_path / "shard.tar"
+    folder.mkdir()  # opening it raises IsADirectoryError, an OSError
+    with pytest.raises(ValueError, match="cannot read the shard"):
+        shard_samples(folder)

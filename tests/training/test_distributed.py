@@ -1,0 +1,225 @@
+"""distributed.py and DDP: two processes on the CPU (gloo) hold identical weights and the gradient of the union.
+
+Also the command line under torchrun, and SyncBatchNorm in the heads on GPUs (skipped
+without two CUDA devices).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+from conftest import stats_free_learner
+
+from byol_pytorch import BYOL
+from byol_pytorch.training.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD = 2
+STEPS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bn_learner() -> BYOL:
+    torch.manual_seed(0)  # the same initial weights on every rank
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+    return BYOL(net, image_size=16, projection_size=8, projection_hidden_size=16)
+
+
+def _union_batch() -> torch.Tensor:
+    return torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from byol_pytorch.data.sampling import EpochSampler
+    from byol_pytorch.training.distributed import setup_distributed
+    from byol_pytorch.training.engine import OptimizerStep
+    from byol_pytorch.training.optim import LARS, param_groups
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
+    ctx = setup_distributed("cpu")
+    assert ctx.distributed and dist.get_backend() == "gloo"
+
+    # 1. Several real steps: BatchNorm, random views drawn per rank, LARS, EMA.
+    learner = _bn_learner()
+    data = torch.randint(0, 256, (32, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    sampler = EpochSampler(len(data), 4, ctx.rank, ctx.world_size, seed=0)
+    torch.manual_seed(100 + rank)  # the augmentations differ per rank
+    model = DistributedDataParallel(learner)
+    opt = LARS(param_groups(learner, 1e-4), lr=0.5)
+    step = OptimizerStep(learner, model, opt, None, "fp32", ctx.device)
+    indices = list(sampler)
+    for k in range(STEPS):
+        step([data[indices[4 * k : 4 * k + 4]]])
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in learner.modules())  # CPU: plain BatchNorm
+    torch.save({k: v.clone() for k, v in learner.state_dict().items()}, f"{out}/state{rank}.pt")
+    torch.save(indices, f"{out}/indices{rank}.pt")
+
+    # 2. One backward of the shard through DDP: the gradients are the all-reduced mean.
+    learner = stats_free_learner()
+    model = DistributedDataParallel(learner)
+    shard = _union_batch()[rank * 4 : (rank + 1) * 4]
+    model(shard).backward()
+    grads = {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
+    torch.save(grads, f"{out}/grads{rank}.pt")
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return out
+
+
+def test_ranks_hold_identical_online_and_target_parameters(ddp_run):
+    states = [torch.load(ddp_run / f"state{r}.pt") for r in range(WORLD)]
+    fresh = _bn_learner().state_dict()
+    params = {n for n, _ in _bn_learner().named_parameters()}
+    target_names = [k for k in states[0] if k.startswith("target_encoder.")]
+    assert target_names, "the target network was created"
+    assert int(states[0]["ema_step"]) == STEPS
+    for name, value in states[0].items():
+        if "running_" in name or "num_batches" in name:
+            continue  # BatchNorm statistics come from each rank's own last forward (the target's too, as in the paper)
+        assert torch.equal(value, states[1][name]), name
+    trained = [n for n in params if "fc" not in n and not torch.equal(states[0][n], fresh[n])]
+    assert trained, "training changed the weights"
+    shards = [set(torch.load(ddp_run / f"indices{r}.pt")) for r in range(WORLD)]
+    assert not shards[0] & shards[1]  # each rank saw its own images
+
+
+def test_ddp_gradient_equals_single_process_gradient_of_the_union(ddp_run):
+    learner = stats_free_learner()
+    learner(_union_batch()).backward()
+    single = {n: p.grad for n, p in learner.named_parameters() if p.grad is not None}
+    for rank in range(WORLD):
+        grads = torch.load(ddp_run / f"grads{rank}.pt")
+        assert grads.keys() == single.keys()
+        for name, grad in single.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_train_command_under_torchrun(tmp_path, tiny_flags, make_messy_folder):
+    data = make_messy_folder(tmp_path / "images")
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "byol_pytorch",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *tiny_flags,
+        "--max-steps",
+        "3",
+        "--log-every",
+        "1",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint = load_checkpoint(out / "last.pt")
+    assert checkpoint["step"] == 3 and checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])  # seeded per rank
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # rank 0 alone writes
+
+
+def _sync_bn_worker(rank: int, port: int, out: str) -> None:
+    """One rank: build the learner, create the group, take a step; record what the modules became."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    gpus = torch.cuda.device_count()
+    device = torch.device("cuda", rank % gpus)
+    torch.cuda.set_device(device)
+    learner = _bn_learner().to(device)  # built before the group exists (as under Lightning/accelerate)
+    seen = {"sync_before_group": any(isinstance(m, nn.SyncBatchNorm) for m in learner.modules())}
+    # NCCL needs one GPU per rank; on a one-GPU box gloo holds the group (the conversion is the same).
+    dist.init_process_group("nccl" if gpus >= WORLD else "gloo", rank=rank, world_size=WORLD)
+    images = torch.rand(4, 3, 16, 16, device=device)
+    if gpus >= WORLD:
+        learner(images).backward()  # a real synchronised training step
+    else:
+        learner.eval()  # eval-mode BatchNorm: no collective needed on the shared GPU
+        learner(images)
+    seen.update(
+        sync_projector=any(isinstance(m, nn.SyncBatchNorm) for m in learner.online_encoder.projector.modules()),
+        sync_predictor=any(isinstance(m, nn.SyncBatchNorm) for m in learner.online_predictor.modules()),
+        plain_bn_predictor=any(type(m) is nn.BatchNorm1d for m in learner.online_predictor.modules()),
+        plain_bn_backbone=any(type(m) is nn.BatchNorm2d for m in learner.net.modules()),
+    )
+    Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SyncBatchNorm is CUDA-only in PyTorch")
+def test_heads_use_sync_batchnorm_when_a_gpu_group_exists(tmp_path):
+    mp.spawn(_sync_bn_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert not seen["sync_before_group"], seen
+        assert seen["sync_projector"] and seen["sync_predictor"], seen
+        assert not seen["plain_bn_predictor"], seen
+        assert seen["plain_bn_backbone"], seen  # the backbone only on request
+
+
+# ---------------------------------------------------------------- one process
+def test_setup_distributed_without_torchrun_runs_alone_on_the_cpu(monkeypatch):
+    import torch.distributed as dist
+
+    from byol_pytorch.training.distributed import gather_objects, setup_distributed
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert not dist.is_initialized()
+    ctx = setup_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.device) == (0, 1, 0, torch.device("cpu"))
+    assert not ctx.distributed and ctx.is_main and not ctx.owns_group
+    ctx.barrier()  # no group: nothing to wait for
+    ctx.close()
+    assert not dist.is_initialized()
+    assert gather_objects(ctx, {"knn": 0.5}) == [{"knn": 0.5}]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert setup_distributed(None).device == torch.device("cpu")  # the default without a GPU
+
+
+def test_setup_distributed_asked_for_cuda_without_cuda(monkeypatch):
+    from byol_pytorch.training.distributed import setup_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda was given but CUDA is not available; use --device cpu"):
+        setup_distributed("cuda")

@@ -1,0 +1,199 @@
+"""models.py: backbones by name, their classifier removed, the learner of a recipe, and the export."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from byol_pytorch import BYOL
+from byol_pytorch.training.checkpoint import save_checkpoint
+from byol_pytorch.training.models import build_backbone, build_learner, export_backbone, strip_classifier
+
+RECIPE = dict(
+    model="resnet10t", in_chans=3, image_size=32, projection_size=16, projection_hidden_size=32, tau_base=0.99
+)
+
+
+def _trained_checkpoint(tmp_path, recipe):
+    torch.manual_seed(0)
+    learner = build_learner(recipe)
+    opt = torch.optim.SGD(learner.parameters(), lr=0.1)
+    loss = learner(torch.randint(0, 256, (4, 3, 36, 36), dtype=torch.uint8))
+    loss.backward()
+    opt.step()
+    learner.update_moving_average()
+    path = save_checkpoint(tmp_path / "last.pt", {"step": 1, "learner": learner.state_dict(), "args": dict(recipe)})
+    return path, learner
+
+
+def test_export_timm_loads_strictly_and_via_pretrained_cfg_overlay(tmp_path, monkeypatch):
+    import timm
+    from safetensors.torch import load_file
+
+    path, learner = _trained_checkpoint(tmp_path, RECIPE)
+    out = export_backbone(path, tmp_path / "backbone.safetensors")
+    tensors = load_file(out)
+    assert not any(k.startswith("fc.") for k in tensors)
+    model = timm.create_model("resnet10t", num_classes=0)
+    model.load_state_dict(tensors, strict=True)
+    torch.testing.assert_close(model.conv1[0].weight, learner.net.conv1[0].weight)  # the trained weights
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a download attempt would fail loudly
+    via_cfg = timm.create_model("resnet10t", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(out)))
+    for name, value in via_cfg.state_dict().items():
+        torch.testing.assert_close(value, tensors[name])
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    learner.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), learner.net.forward_head(learner.net.forward_features(x), pre_logits=True))
+
+
+def test_export_target_differs_from_online(tmp_path):
+    from safetensors.torch import load_file
+
+    path, _ = _trained_checkpoint(tmp_path, RECIPE)
+    online = load_file(export_backbone(path, tmp_path / "online.safetensors"))
+    target = load_file(export_backbone(path, tmp_path / "target.safetensors", which="target"))
+    assert online.keys() == target.keys()
+    assert not torch.equal(online["conv1.0.weight"], target["conv1.0.weight"])
+
+
+def test_export_torchvision_replaces_classifier_with_identity(tmp_path):
+    import torchvision
+    from safetensors.torch import load_file
+
+    recipe = dict(RECIPE, model="torchvision:resnet18")
+    path, _ = _trained_checkpoint(tmp_path, recipe)
+    tensors = load_file(export_backbone(path, tmp_path / "r18.safetensors"))
+    model = torchvision.models.resnet18()
+    model.fc = nn.Identity()
+    model.load_state_dict(tensors, strict=True)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_export_rejects_checkpoint_without_network(tmp_path):
+    path = save_checkpoint(tmp_path / "last.pt", {"step": 0})
+    with pytest.raises(ValueError, match="no trained network"):
+        export_backbone(path, tmp_path / "x.safetensors")
+
+
+# ---------------------------------------------------------------- build_backbone, strip_classifier
+def test_build_backbone_timm_with_random_weights_and_channels():
+    import timm
+
+    net = build_backbone("resnet10t", in_chans=1, image_size=32)
+    assert isinstance(net, timm.models.ResNet) and net.training
+    assert net.conv1[0].in_channels == 1 and net.fc.out_features == 1000
+    assert net(torch.rand(2, 1, 32, 32)).shape == (2, 1000)
+    torch.manual_seed(0)
+    a = build_backbone("resnet10t")
+    torch.manual_seed(1)
+    b = build_backbone("resnet10t")
+    assert not torch.equal(a.conv1[0].weight, b.conv1[0].weight)  # random, not pretrained weights
+
+
+def test_build_backbone_passes_the_image_size_to_vits():
+    vit = build_backbone("vit_tiny_patch16_224", image_size=32)
+    assert vit.patch_embed.img_size == (32, 32)
+    assert vit.pos_embed.shape[1] == 1 + (32 // 16) ** 2  # class token + a 2x2 grid of patches
+
+
+def test_build_backbone_torchvision():
+    import torchvision
+
+    net = build_backbone("torchvision:resnet18", in_chans=3)
+    assert type(net) is torchvision.models.ResNet and net.fc.out_features == 1000
+    assert isinstance(net.layer1[0], torchvision.models.resnet.BasicBlock)  # resnet18, not another depth
+
+
+@pytest.mark.parametrize(
+    "name, suggestion", [("resnet5O", "resnet50"), ("torchvision:resnt18", "torchvision:resnet18")]
+)
+def test_build_backbone_unknown_name_lists_close_names(name, suggestion):
+    with pytest.raises(ValueError) as info:
+        build_backbone(name)
+    message = str(info.value)
+    assert message.startswith(f"unknown model {name!r}; did you mean ")
+    assert suggestion in message.split("did you mean ")[1].split("?")[0].split(", ")
+
+
+def test_build_backbone_torchvision_takes_three_channels_only():
+    with pytest.raises(ValueError, match="torchvision models take 3 input channels, got in_chans=1"):
+        build_backbone("torchvision:resnet18", in_chans=1)
+
+
+def test_strip_classifier_timm_gives_the_pooled_features():
+    net = build_backbone("resnet10t").eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = net.forward_features(x).mean(dim=(2, 3))  # global average pooling, written out
+        assert strip_classifier(net, "resnet10t", 32) is net
+        out = net(x)
+    assert out.shape == (2, net.num_features) == (2, 512)
+    torch.testing.assert_close(out, pooled)
+
+
+def test_strip_classifier_torchvision_replaces_the_last_linear():
+    net = build_backbone("torchvision:resnet18").eval()
+    seen = {}
+    net.avgpool.register_forward_hook(lambda module, args, output: seen.update(pooled=output.flatten(1)))
+    strip_classifier(net, "torchvision:resnet18", 32)
+    assert isinstance(net.fc, nn.Identity)
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 512)
+    torch.testing.assert_close(out, seen["pooled"])
+
+
+def test_build_learner_follows_the_recipe():
+    learner = build_learner(dict(RECIPE, views_in_one_batch=True))
+    assert isinstance(learner, BYOL)
+    assert learner.image_size == (32, 32) and learner.moving_average_decay == 0.99
+    assert learner.views_in_one_batch is True and learner.channels == 3
+    linears = [m for m in learner.online_encoder.projector.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512, 32), (32, 16)]
+    predictor = [m for m in learner.online_predictor.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in predictor] == [(16, 32), (32, 16)]
+    projection, embedding = learner(torch.rand(2, 3, 32, 32), return_embedding=True)
+    assert projection.shape == (2, 16) and embedding.shape == (2, 512)
+
+    gray = build_learner(dict(RECIPE, in_chans=1, use_batchnorm=False))
+    assert gray.channels == 1 and gray.views_in_one_batch is False
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in gray.online_encoder.projector.modules())
+    own = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    assert build_learner(RECIPE, own).net is own  # a backbone given is used as it is
+
+
+def test_cifar_resnet18_has_the_cifar_stem_and_exports_without_classifier(tmp_path):
+    import torchvision
+    from safetensors.torch import load_file
+
+    net = build_backbone("cifar_resnet18")
+    assert (net.conv1.kernel_size, net.conv1.stride, net.conv1.padding) == ((3, 3), (1, 1), (2, 2))
+    assert isinstance(net.maxpool, nn.Identity) and net.conv1.bias is None
+    assert build_backbone("cifar_resnet18", in_chans=1).conv1.in_channels == 1
+    recipe = dict(RECIPE, model="cifar_resnet18", image_size=16)
+    path, learner = _trained_checkpoint(tmp_path, recipe)
+    tensors = load_file(export_backbone(path, tmp_path / "backbone.safetensors"))
+    assert not any(k.startswith("fc.") for k in tensors)
+    # The file loads strictly into torchvision's resnet18 with the same stem and no classifier.
+    model = torchvision.models.resnet18(weights=None)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 2, bias=False)
+    model.maxpool, model.fc = nn.Identity(), nn.Identity()
+    model.load_state_dict(tensors, strict=True)
+    model.eval()
+    learner.eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), learner(x, return_embedding=True, return_projection=False))
+
+
+def test_build_learner_views_from_the_recipe_keys():
+    paper = build_learner(RECIPE)  # no view keys, as an older checkpoint: the paper's views
+    assert (paper.augment1.blur_p, paper.augment2.blur_p, paper.augment2.solarize_p) == (1.0, 0.1, 0.2)
+    same = build_learner(dict(RECIPE, crop_scale_min=0.08, blur_p1=1.0, blur_p2=0.1, solarize_p1=0.0, solarize_p2=0.2))
+    assert same.augment1.crop_scale == (0.08, 1.0) and same.augment2.blur_p == 0.1
+    cifar = build_learner(dict(RECIPE, crop_scale_min=0.2, blur_p1=0.0, blur_p2=0.0, solarize_p2=0.3))
+    one, two = cifar.augment1, cifar.augment2
+    assert (one.blur_p, two.blur_p, one.solarize_p, two.solarize_p) == (0.0, 0.0, 0.0, 0.3)
+    assert one.crop_scale == two.crop_scale == (0.2, 1.0) and one.size == (32, 32)

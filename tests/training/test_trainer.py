@@ -1,0 +1,111 @@
+"""The drop-in BYOLTrainer / MockDataset of lucidrains/byol-pytorch's "Distributed Training" section."""
+
+import inspect
+
+import pytest
+import torch
+
+from byol_pytorch.training.trainer import BYOLTrainer, MockDataset
+
+
+def test_mock_dataset_is_random_images_stable_per_index():
+    dataset = MockDataset(16, 5)
+    assert len(dataset) == 5
+    image = dataset[2]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+    assert 0 <= image.min() and image.max() < 1 and image.std() > 0.2
+    assert torch.equal(image, dataset[2]) and not torch.equal(image, dataset[3])
+    with pytest.raises(IndexError, match="index 5 out of range for 5 images"):
+        dataset[5]
+
+
+def test_signature_keeps_the_incumbent_argument_names():
+    names = inspect.signature(BYOLTrainer).parameters
+    for name in (
+        "net",
+        "image_size",
+        "hidden_layer",
+        "learning_rate",
+        "dataset",
+        "num_train_steps",
+        "batch_size",
+        "optimizer_klass",
+        "checkpoint_every",
+        "checkpoint_folder",
+        "byol_kwargs",
+        "optimizer_kwargs",
+        "accelerator_kwargs",
+    ):
+        assert name in names
+    assert names["batch_size"].default == 16 and names["checkpoint_every"].default == 1000
+    assert names["checkpoint_folder"].default == "./checkpoints"
+
+
+def test_trainer_trains_and_checkpoints_the_net(tmp_path, make_cnn):
+    net = make_cnn()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    trainer = BYOLTrainer(
+        net,
+        dataset=MockDataset(16, 12),
+        image_size=16,
+        hidden_layer=-2,
+        learning_rate=1e-2,
+        num_train_steps=5,
+        batch_size=4,
+        checkpoint_every=2,
+        checkpoint_folder=str(tmp_path / "ckpt"),
+        byol_kwargs=dict(projection_size=16, projection_hidden_size=32),
+        seed=0,
+    )
+    result = trainer()
+    assert result["steps"] == 5 and 0 <= result["loss"] <= 8
+    assert int(trainer.step) == 5 and int(trainer.byol.ema_step) == 5  # one EMA update per optimizer step
+    # As the incumbent: after step indices 0, 2, 4 -> checkpoint.0/1/2.pt; ours adds checkpoint.final.pt.
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "checkpoint.0.pt",
+        "checkpoint.1.pt",
+        "checkpoint.2.pt",
+        "checkpoint.final.pt",
+    ]
+    final = torch.load(tmp_path / "ckpt" / "checkpoint.final.pt", weights_only=True)
+    fresh = make_cnn()
+    fresh.load_state_dict(final, strict=True)
+    for name, value in net.state_dict().items():
+        assert torch.equal(final[name], value)
+    assert not torch.equal(final["0.weight"], before["0.weight"])  # the user's net was trained in place
+
+
+def test_trainer_accepts_tuples_and_warns_on_accelerator_kwargs(tmp_path, make_cnn):
+    class Labelled(MockDataset):
+        def __getitem__(self, index):
+            return super().__getitem__(index), index % 2
+
+    with pytest.warns(UserWarning, match="accelerator_kwargs is ignored"):
+        trainer = BYOLTrainer(
+            make_cnn(),
+            dataset=Labelled(16, 8),
+            image_size=16,
+            hidden_layer="auto",
+            learning_rate=1e-3,
+            num_train_steps=2,
+            batch_size=4,
+            checkpoint_every=1000,
+            checkpoint_folder=str(tmp_path),
+            byol_kwargs=dict(projection_size=16, projection_hidden_size=32),
+            accelerator_kwargs=dict(cpu=True),
+        )
+    assert trainer()["steps"] == 2
+
+
+def test_trainer_rejects_a_batch_of_one(tmp_path, make_cnn):
+    with pytest.raises(ValueError, match="batch_size"):
+        BYOLTrainer(
+            make_cnn(),
+            dataset=MockDataset(16, 8),
+            image_size=16,
+            hidden_layer=-2,
+            learning_rate=1e-3,
+            num_train_steps=2,
+            batch_size=1,
+            checkpoint_folder=str(tmp_path),
+        )
