@@ -94,8 +94,7 @@ def main(args: argparse.Namespace) -> str:
     )
     text = (
         f"Peak resident memory of `byol-pytorch embed` (resnet10t, 16 px, batch 256, {args.workers} loader "
-        f"workers, float16 vectors of 512), one fresh process per size; load average {load_average():.1f}.\n\n"
-        + table
+        f"workers, float16 vectors of 512), one fresh process per size; load average {load_average():.1f}.\n\n" + table
     )
     if args.out:
         write_results(args.out, "embed: memory against the dataset's size", machine(timm), text)

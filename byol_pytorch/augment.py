@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "INTERPOLATIONS",
+    "PAPER_SIDE",
+    "PRESETS",
     "AugmentParams",
     "BYOLAugment",
     "adjust_brightness",
@@ -42,6 +45,7 @@ __all__ = [
     "rgb_to_grayscale",
     "sample_crop_boxes",
     "solarize",
+    "view_settings",
 ]
 
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, the weights torchvision uses
@@ -58,11 +62,63 @@ _DEFAULTS = dict(  # Grill et al. 2020, Table 6 (identical for both views)
     grayscale_p=0.2,
     blur_sigma=(0.1, 2.0),
     blur_kernel_frac=0.1,
+    interpolation="bicubic",
     mean=None,
     std=None,
     normalize=True,
 )
 _VIEW_DEFAULTS = {1: dict(blur_p=1.0, solarize_p=0.0), 2: dict(blur_p=0.1, solarize_p=0.2)}  # Table 6
+PAPER_SIDE = 224
+"""The side Table 6's views were made for: at and above it ``preset="auto"`` is the paper's."""
+PRESETS = ("auto", "paper")
+MIN_BLUR_SIGMA = 0.5
+"""A blur whose largest sigma is below this many pixels keeps >= 79% of each pixel: it is skipped."""
+
+
+def view_settings(image_size: int | tuple[int, int], view: int = 1, preset: str = "auto") -> dict[str, Any]:
+    """The default settings of a view of this size: Table 6, fitted to images smaller than 224 px.
+
+    ``preset="paper"``: Table 6 at any size. ``preset="auto"`` (the default of ``BYOLAugment``):
+    Table 6 at 224 px and above; below, measured on the robustness matrix
+    (benchmarks/results/robustness.md, "Views that fit the image size"):
+
+    * the blur's sigma range scales with the side, ``(0.1, 2.0) x side / 224``, the paper's blur
+      relative to the image; when its largest sigma falls under ``MIN_BLUR_SIGMA`` (half a pixel,
+      below 56 px) the blur is off, as every 32 px reference recipe has it;
+    * crops are resized bilinearly instead of bicubically (the bicubic's overshoot on small
+      upscaled crops cost 3.6 kNN points on RegNetX at 32 px).
+
+    Args:
+        image_size: the views' side, or (h, w) (the shorter side decides).
+        view: 1 or 2 (Table 6's asymmetric blur and solarize).
+        preset: ``"auto"`` or ``"paper"``.
+
+    Returns:
+        Every setting ``BYOLAugment`` takes, by name.
+
+    Raises:
+        ValueError: an unknown view or preset.
+
+    Examples:
+        >>> view_settings(32)["blur_p"], view_settings(32)["interpolation"], view_settings(224)["blur_sigma"]
+        (0.0, 'bilinear', (0.1, 2.0))
+        >>> view_settings(32, preset="paper")["blur_p"]
+        1.0
+    """
+    if view not in _VIEW_DEFAULTS:
+        raise ValueError(f"view must be 1 or 2 (the paper's two views), got {view!r}")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    settings: dict[str, Any] = {**_DEFAULTS, **_VIEW_DEFAULTS[view]}
+    side = min(image_size) if isinstance(image_size, (tuple, list)) else int(image_size)
+    if preset == "paper" or side >= PAPER_SIDE:
+        return settings
+    low, high = settings["blur_sigma"]
+    scale = side / PAPER_SIDE
+    settings.update(blur_sigma=(low * scale, high * scale), interpolation="bilinear")
+    if high * scale < MIN_BLUR_SIGMA:
+        settings["blur_p"] = 0.0
+    return settings
 
 
 def _col(v: Tensor) -> Tensor:
@@ -222,7 +278,18 @@ def _cubic(u: Tensor) -> Tensor:
     return torch.where(v < 1, near, torch.where(v < 2, far, 0.0))
 
 
-def _resize_matrix(start: Tensor, length: Tensor, n_in: int, n_out: int, flip: Tensor | None) -> Tensor:
+def _triangle(u: Tensor) -> Tensor:
+    """The linear (tent) kernel of antialiased bilinear resampling (PIL's and torchvision's)."""
+    return (1 - u.abs()).clamp_(min=0)
+
+
+_KERNELS = {"bicubic": _cubic, "bilinear": _triangle}
+INTERPOLATIONS = tuple(_KERNELS)
+
+
+def _resize_matrix(
+    start: Tensor, length: Tensor, n_in: int, n_out: int, flip: Tensor | None, interpolation: str = "bicubic"
+) -> Tensor:
     """(B, n_out, n_in) weights resampling pixels [start, start + length) of each sample to n_out."""
     scale = length / n_out  # (B,) input pixels per output pixel
     stretch = scale.clamp(min=1.0)[:, None, None]  # antialias: widen the kernel when shrinking
@@ -234,29 +301,34 @@ def _resize_matrix(start: Tensor, length: Tensor, n_in: int, n_out: int, flip: T
     first = torch.floor(center - 2 * stretch + 0.5).clamp(0, n_in - taps)
     j = first + torch.arange(taps, device=start.device)  # (B, n_out, taps) source pixels
     inside = (j >= start[:, None, None]) & (j < (start + length)[:, None, None])
-    w = _cubic((j + 0.5 - center) / stretch) * inside.to(torch.float32)
+    w = _KERNELS[interpolation]((j + 0.5 - center) / stretch) * inside.to(torch.float32)
     w = w / w.sum(-1, keepdim=True)
     return torch.zeros(len(start), n_out, n_in, device=start.device).scatter_(2, j.long(), w)
 
 
-def resized_crop(x: Tensor, boxes: Tensor, size: tuple[int, int], flip: Tensor | None = None) -> Tensor:
-    """Crop each sample to its box, resize to `size` with antialiased bicubic, optionally mirror.
+def resized_crop(
+    x: Tensor, boxes: Tensor, size: tuple[int, int], flip: Tensor | None = None, interpolation: str = "bicubic"
+) -> Tensor:
+    """Crop each sample to its box, resize to `size` (antialiased), optionally mirror.
 
     Args:
         x: (B, C, H, W) float image in [0, 1] or uint8 (scaled by 1 / 255).
         boxes: (B, 4) top, left, height, width in input pixels.
         size: (h, w) of the output.
         flip: (B,) bool, samples to mirror left-right after resizing.
+        interpolation: ``"bicubic"`` (the paper's) or ``"bilinear"`` (torchvision's default).
 
     Returns:
-        (B, C, h, w) float32: torchvision's ``resized_crop(..., BICUBIC, antialias=True)`` (to 2e-5 in
-        the tests; the kernel widens by the shrink factor, so ``antialias=False`` is not the match)
-        clipped to [0, 1]: bicubic overshoots, PIL clips too, and the colour ops need [0, 1].
+        (B, C, h, w) float32: torchvision's ``resized_crop(..., BICUBIC or BILINEAR, antialias=True)``
+        (to 2e-5 in the tests; the kernel widens by the shrink factor, so ``antialias=False`` is not
+        the match) clipped to [0, 1]: bicubic overshoots, PIL clips too, and the colour ops need [0, 1].
     """
+    if interpolation not in _KERNELS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
     batch, channels, height, width = x.shape
     top, left, box_h, box_w = boxes.to(torch.float32).unbind(1)
-    rows = _resize_matrix(top, box_h, height, size[0], None)  # (B, h, H)
-    cols = _resize_matrix(left, box_w, width, size[1], flip)  # (B, w, W)
+    rows = _resize_matrix(top, box_h, height, size[0], None, interpolation)  # (B, h, H)
+    cols = _resize_matrix(left, box_w, width, size[1], flip, interpolation)  # (B, w, W)
     if x.dtype == torch.uint8:
         rows = rows / 255  # matmuls need float; the 1/255 scale rides on the (B, h, H) matrix
     y = x.to(torch.float32).reshape(batch, channels * height, width) @ cols.transpose(1, 2)  # (B, C*H, w)
@@ -342,16 +414,28 @@ class BYOLAugment(nn.Module):
     colour jitter 0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, random order per
     sample) -> grayscale 0.2 -> Gaussian blur 1.0 / 0.1 (kernel 10% of the side, sigma U[0.1, 2])
     -> solarize 0.0 / 0.2 -> normalise. On one channel, saturation, hue and grayscale are no-ops.
+    Below 224 px the defaults fit the size (``view_settings``: blur scaled with the side, off
+    below 56 px; bilinear resize); ``preset="paper"`` keeps Table 6 at any size.
 
     Args:
         image_size: output side, or (h, w).
         view: 1 or 2, picks the paper's blur and solarize probabilities.
+        preset: ``"auto"`` (defaults fitted to the size) or ``"paper"`` (Table 6 at any size).
         generator: default torch.Generator for the draws (on the input's device).
         **overrides: any of crop_scale, crop_ratio, flip_p, jitter_p, brightness, contrast, saturation,
-            hue, grayscale_p, blur_p, blur_sigma, blur_kernel_frac, solarize_p, mean, std, normalize.
+            hue, grayscale_p, blur_p, blur_sigma, blur_kernel_frac, interpolation, solarize_p, mean, std,
+            normalize; they win over the preset.
+
+    Attributes:
+        settings: every resolved setting by name (what the view does; ``preview`` prints it and
+            ``byol-pytorch train`` saves the recipe's in its checkpoints).
 
     Raises:
-        ValueError: bad image_size, view or override value. TypeError: unknown override name.
+        ValueError: bad image_size, view, preset or override value. TypeError: unknown override name.
+
+    Examples:
+        >>> BYOLAugment(32).settings["blur_p"], BYOLAugment(32, preset="paper").settings["blur_p"]
+        (0.0, 1.0)
     """
 
     size: tuple[int, int]
@@ -368,6 +452,7 @@ class BYOLAugment(nn.Module):
         image_size: int | tuple[int, int],
         view: int = 1,
         *,
+        preset: str = "auto",
         generator: torch.Generator | None = None,
         **overrides: Any,
     ) -> None:
@@ -375,9 +460,7 @@ class BYOLAugment(nn.Module):
         size: tuple[int, ...] = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
             raise ValueError(f"image_size must be a positive int or (h, w) pair of them, got {image_size!r}")
-        if view not in _VIEW_DEFAULTS:
-            raise ValueError(f"view must be 1 or 2 (the paper's two views), got {view!r}")
-        settings: dict[str, Any] = {**_DEFAULTS, **_VIEW_DEFAULTS[view]}
+        settings = view_settings((size[0], size[1]), view, preset)
         for name in overrides:
             if name not in settings:
                 close = difflib.get_close_matches(name, settings, n=1)
@@ -399,6 +482,11 @@ class BYOLAugment(nn.Module):
         if not isinstance(settings["normalize"], bool):
             raise ValueError(f"normalize must be True or False, got {settings['normalize']!r}")
         self.normalize_output = settings["normalize"]
+        if settings["interpolation"] not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {settings['interpolation']!r}"
+            )
+        self.interpolation, self.preset = str(settings["interpolation"]), preset
         self.mean, self.std = settings["mean"], settings["std"]
         self.blur_kernel = (self._kernel(size[0]), self._kernel(size[1]))  # 23 at 224
         if self.std is not None and min(_as_tuple(self.std)) <= 0:
@@ -407,6 +495,41 @@ class BYOLAugment(nn.Module):
     def _kernel(self, side: int) -> int:
         """Odd Gaussian kernel size of ``blur_kernel_frac`` of the side (the paper: 10%, 23 px at 224)."""
         return 2 * math.floor(self.blur_kernel_frac * side / 2) + 1
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Every resolved setting, by name (the override names; tuples for ranges)."""
+        return {
+            "crop_scale": self.crop_scale,
+            "crop_ratio": self.crop_ratio,
+            "interpolation": self.interpolation,
+            "flip_p": self.flip_p,
+            "jitter_p": self.jitter_p,
+            "brightness": self.brightness,
+            "contrast": self.contrast,
+            "saturation": self.saturation,
+            "hue": self.hue,
+            "grayscale_p": self.grayscale_p,
+            "blur_p": self.blur_p if max(self.blur_kernel) > 1 else 0.0,
+            "blur_sigma": self.blur_sigma,
+            "blur_kernel_frac": self.blur_kernel_frac,
+            "solarize_p": self.solarize_p,
+            "mean": self.mean,
+            "std": self.std,
+            "normalize": self.normalize_output,
+        }
+
+    def describe(self) -> str:
+        """One line of what the view does (the settings that vary between presets and sizes)."""
+        sigma = f"sigma {self.blur_sigma[0]:.2g}-{self.blur_sigma[1]:.2g} px, kernel {self.blur_kernel[0]}"
+        blur = f"blur {self.blur_p:g} ({sigma})" if self.settings["blur_p"] > 0 else "no blur"
+        return (
+            f"view {self.view} at {self.size[0]}x{self.size[1]} ({self.preset}): crop area {self.crop_scale[0]:g}-"
+            f"{self.crop_scale[1]:g} {self.interpolation}, flip {self.flip_p:g}, jitter {self.jitter_p:g} "
+            f"(brightness {self.brightness[1] - 1:g}, contrast {self.contrast[1] - 1:g}, saturation "
+            f"{self.saturation[1] - 1:g}, hue {self.hue[1]:g}), grayscale {self.grayscale_p:g}, {blur}, "
+            f"solarize {self.solarize_p:g}"
+        )
 
     def extra_repr(self) -> str:
         return f"image_size={self.size}, view={self.view}, blur_p={self.blur_p}, solarize_p={self.solarize_p}"
@@ -508,7 +631,7 @@ class BYOLAugment(nn.Module):
         self._check_input(x)
         channels = x.shape[1]
         with torch.autocast(x.device.type, enabled=False):  # colour math in float32
-            y = resized_crop(x, params.boxes, self.size, params.flip)  # (B, C, h, w)
+            y = resized_crop(x, params.boxes, self.size, params.flip, self.interpolation)  # (B, C, h, w)
             if self.jitter_p > 0:
                 on = [
                     None if r == (c, c) else getattr(params, n)

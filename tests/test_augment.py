@@ -72,6 +72,57 @@ def test_resized_crop_matches_torchvision_bicubic_antialias(size):
         torch.testing.assert_close(out[i], ref.clamp(0, 1), **TOL)  # bicubic overshoot is clipped
 
 
+@pytest.mark.parametrize("size", [(16, 16), (30, 12)])
+def test_resized_crop_bilinear_matches_torchvision_bilinear_antialias(size):
+    x = images(12)
+    boxes = sample_crop_boxes(12, 20, 24, generator=gen(3))
+    boxes[:3] = torch.tensor([[0, 0, 20, 24], [5, 7, 1, 1], [3, 2, 17, 3]])
+    flip = torch.arange(12) % 3 == 0
+    out = resized_crop(x, boxes, size, flip, interpolation="bilinear")
+    for i in range(12):
+        ref = TF.resized_crop(x[i], *boxes[i].tolist(), list(size), T.InterpolationMode.BILINEAR, antialias=True)
+        ref = TF.horizontal_flip(ref) if flip[i] else ref
+        torch.testing.assert_close(out[i], ref, **TOL)  # no overshoot: nothing to clip
+    with pytest.raises(ValueError, match="interpolation must be one of bicubic, bilinear"):
+        resized_crop(x, boxes, size, interpolation="nearest")
+
+
+@pytest.mark.parametrize(
+    "size, view, blur_p, sigma, interpolation",
+    [
+        (32, 1, 0.0, (0.1 * 32 / 224, 2.0 * 32 / 224), "bilinear"),  # sigma under half a pixel: no blur
+        (32, 2, 0.0, (0.1 * 32 / 224, 2.0 * 32 / 224), "bilinear"),
+        (64, 1, 1.0, (0.1 * 64 / 224, 2.0 * 64 / 224), "bilinear"),  # the paper's blur, relative to the side
+        (64, 2, 0.1, (0.1 * 64 / 224, 2.0 * 64 / 224), "bilinear"),
+        (224, 1, 1.0, (0.1, 2.0), "bicubic"),  # Table 6
+        (224, 2, 0.1, (0.1, 2.0), "bicubic"),
+        (512, 1, 1.0, (0.1, 2.0), "bicubic"),
+    ],
+)
+def test_views_resolve_from_the_image_size(size, view, blur_p, sigma, interpolation):
+    aug = BYOLAugment(size, view=view)
+    settings = aug.settings
+    assert settings["blur_p"] == blur_p and settings["interpolation"] == interpolation
+    assert settings["blur_sigma"] == pytest.approx(sigma)
+    assert settings["crop_scale"] == (0.08, 1.0) and settings["solarize_p"] == (0.0 if view == 1 else 0.2)
+    assert settings["brightness"] == pytest.approx((0.6, 1.4)) and settings["jitter_p"] == 0.8
+    paper = BYOLAugment(size, view=view, preset="paper").settings
+    assert paper["blur_p"] == (1.0 if view == 1 else 0.1) and paper["blur_sigma"] == (0.1, 2.0)
+    assert paper["interpolation"] == "bicubic"
+    kept = BYOLAugment(size, view=view, blur_p=0.5, interpolation="bicubic").settings  # overrides win
+    assert kept["blur_p"] == (0.5 if max(aug.blur_kernel) > 1 else 0.0) and kept["interpolation"] == "bicubic"
+
+
+def test_view_presets_are_checked_and_described():
+    with pytest.raises(ValueError, match="preset must be one of auto, paper"):
+        BYOLAugment(32, preset="cifar")
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        BYOLAugment(32, interpolation="lanczos")
+    text = BYOLAugment(32, view=2).describe()
+    assert "bilinear" in text and "no blur" in text and "solarize 0.2" in text
+    assert "blur 1 (sigma 0.1-2 px, kernel 23)" in BYOLAugment(224).describe()
+
+
 def test_resized_crop_uint8_is_scaled_then_clamped():
     # torchvision's CPU uint8 resize rounds and clips between its two passes (like PIL), so the
     # reference is its float path on x / 255, clamped to [0, 1] as the uint8 output range implies.
@@ -137,7 +188,7 @@ def test_color_jitter_follows_each_samples_order(channels, with_hue):
 
 
 def test_module_matches_torchvision_composition_with_its_params():
-    aug = BYOLAugment((16, 20), view=2, blur_p=0.5, solarize_p=0.5, blur_kernel_frac=0.3)
+    aug = BYOLAugment((16, 20), view=2, preset="paper", blur_p=0.5, solarize_p=0.5, blur_kernel_frac=0.3)
     x = images(32, h=24, w=28, seed=13)
     p = aug.sample_params(32, 24, 28, generator=gen(14))
     out = aug.apply_params(x, p)
@@ -159,10 +210,10 @@ def test_module_matches_torchvision_composition_with_its_params():
 
 
 def test_blur_off_leaves_sample_exactly_unchanged():
-    aug = BYOLAugment(16, blur_p=0.5, blur_kernel_frac=0.4, jitter_p=0, grayscale_p=0, normalize=False)
+    aug = BYOLAugment(16, preset="paper", blur_p=0.5, blur_kernel_frac=0.4, jitter_p=0, grayscale_p=0, normalize=False)
     x = images(16, seed=15)
     p = aug.sample_params(16, 20, 24, generator=gen(16))
-    crop = resized_crop(x, p.boxes, (16, 16), p.flip)
+    crop = resized_crop(x, p.boxes, (16, 16), p.flip, aug.interpolation)
     out = aug.apply_params(x, p)
     assert p.blur.any() and not p.blur.all()
     assert torch.equal(out[~p.blur], crop[~p.blur])
@@ -184,7 +235,7 @@ def test_normalize_matches_torchvision_and_can_be_off():
 
 @pytest.mark.parametrize("view", [1, 2])
 def test_sampled_probabilities_and_ranges(view):
-    aug = BYOLAugment(8, view=view)
+    aug = BYOLAugment(8, view=view, preset="paper")
     p = aug.sample_params(N_STAT, 8, 8, generator=gen(20 + view))
     blur_p, solarize_p = (1.0, 0.0) if view == 1 else (0.1, 0.2)
     for hits, setting in [

@@ -137,7 +137,8 @@ def _run_preview(args: argparse.Namespace) -> int:
         raise UserError(f"--data {args.data}: {error}") from None
     except (ValueError, RuntimeError) as error:
         raise UserError(f"--data: {error}") from None
-    view_one, view_two = BYOLAugment(args.image_size, view=1), BYOLAugment(args.image_size, view=2)
+    view_one = BYOLAugment(args.image_size, view=1, preset=args.views)
+    view_two = BYOLAugment(args.image_size, view=2, preset=args.views)
     torch.manual_seed(args.seed)
     mean, std = view_one.resolve_mean_std(3)
     try:
@@ -148,6 +149,7 @@ def _run_preview(args: argparse.Namespace) -> int:
         hint = "pip install matplotlib" if "matplotlib" in str(error) else "the plots module is missing"
         raise UserError(f"preview cannot draw ({error}): {hint}") from None
     print(f"byol-pytorch: wrote {args.out}: {len(items)} images from {args.data}, each beside view 1 and view 2")
+    print(f"  {view_one.describe()}\n  {view_two.describe()}")
     return 0
 
 
@@ -177,6 +179,26 @@ def _add_demo(sub) -> None:
     except ImportError:
         return  # reported when the command runs
     add_demo_arguments(parser)
+
+
+def _add_preview(sub) -> None:
+    preview = sub.add_parser(
+        "preview",
+        help="save originals beside their two augmented views",
+        description="Save a picture of images from DIR beside BYOL's view 1 and view 2.",
+    )
+    preview.add_argument("--data", required=True, help="the images: a folder, cifar10:ROOT, hf:PATH or tar shards")
+    preview.add_argument("--hf-split", help="hf: data with splits: the split (default: train); CIFAR: train or test")
+    preview.add_argument("--out", default="views.png", help="the PNG to write (default: %(default)s)")
+    preview.add_argument("--image-size", type=int, default=224, help="view side (default: %(default)s)")
+    preview.add_argument("--count", type=int, default=8, help="images shown (default: %(default)s)")
+    preview.add_argument("--seed", type=int, default=0, help="seed of the views (default: %(default)s)")
+    preview.add_argument(
+        "--views",
+        choices=["auto", "paper"],
+        default="auto",
+        help="auto: fitted to --image-size (as train makes them); paper: Table 6 at any size (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,18 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=0, help="loader processes (default: %(default)s)")
     evaluate.add_argument("--device", help="default: cuda when available, else cpu")
 
-    preview = sub.add_parser(
-        "preview",
-        help="save originals beside their two augmented views",
-        description="Save a picture of images from DIR beside BYOL's view 1 and view 2.",
-    )
-    preview.add_argument("--data", required=True, help="the images: a folder, cifar10:ROOT, hf:PATH or tar shards")
-    preview.add_argument("--hf-split", help="hf: data with splits: the split (default: train); CIFAR: train or test")
-    preview.add_argument("--out", default="views.png", help="the PNG to write (default: %(default)s)")
-    preview.add_argument("--image-size", type=int, default=224, help="view side (default: %(default)s)")
-    preview.add_argument("--count", type=int, default=8, help="images shown (default: %(default)s)")
-    preview.add_argument("--seed", type=int, default=0, help="seed of the views (default: %(default)s)")
-
+    _add_preview(sub)
     from .embed import add_embed_arguments
 
     embed = sub.add_parser(

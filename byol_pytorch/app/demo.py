@@ -256,7 +256,7 @@ def _views(settings: dict[str, Any]) -> tuple[BYOLAugment, BYOLAugment]:
     """
     common: dict[str, Any] = dict(crop_scale=(settings["crop_scale"], 1.0), saturation=0.0, hue=0.0, grayscale_p=0.0)
     size = settings["image_size"]
-    return BYOLAugment(size, view=1, **common), BYOLAugment(size, view=2, **common)
+    return BYOLAugment(size, view=1, preset="paper", **common), BYOLAugment(size, view=2, preset="paper", **common)
 
 
 def _knn_of_features(

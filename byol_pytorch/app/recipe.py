@@ -18,10 +18,12 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
+from ..augment import INTERPOLATIONS, view_settings
+from ..augment import PRESETS as PRESETS_OF_VIEWS
 from ..data.cifar import is_cifar_spec
 from ..training.distributed import DistContext
 from ..training.optim import OPTIMIZERS, default_lr, default_weight_decay
-from ..training.recipe import Recipe
+from ..training.recipe import VIEW_DEFAULTS, Recipe
 from .errors import UserError
 
 __all__ = [
@@ -210,10 +212,29 @@ def _add_recipe_flags(a: Any) -> None:
 
 
 def _add_view_flags(a: Any) -> None:
-    """The views' crop scale, blur and solarize probabilities, LARS' trust ratio."""
+    """The views' preset, crop scale, resize, blur and solarize, LARS' trust ratio."""
+    a(
+        "--views",
+        choices=list(PRESETS_OF_VIEWS),
+        help="defaults of the view flags below that are not given: auto (fitted to --image-size: the paper's "
+        "Table 6 at 224 px and above; below it the blur's sigma scales with the side, off below 56 px, and "
+        "crops are resized bilinearly) or paper (Table 6 at any size) (default: auto)",
+    )
     a("--crop-scale-min", type=float, help="smallest crop area, as a fraction of the image (default: 0.08, both)")
+    a(
+        "--interpolation",
+        choices=list(INTERPOLATIONS),
+        help="resize of the crops (default: --views': bicubic at 224 px and above, bilinear below)",
+    )
+    a(
+        "--blur-sigma",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="range of the blur's sigma in pixels (default: --views': 0.1 2.0 at 224 px, scaled with the side below)",
+    )
     for name, what, paper, cifar in (
-        ("blur", "Gaussian blur", "1.0/0.1", "0/0"),
+        ("blur", "Gaussian blur", "1.0/0.1 at 224 px, off below 56 px", "0/0"),
         ("solarize", "solarize", "0/0.2", "0/0.2"),
     ):
         for view in (1, 2):
@@ -322,8 +343,11 @@ def resolve_recipe(args: argparse.Namespace, saved: Recipe | Mapping[str, Any] |
         raise UserError(f"unknown recipe {name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
     if saved is not None:
+        sigma = getattr(args, "blur_sigma", None)
         for key, value in saved.to_dict().items():
             given = getattr(args, key, None)
+            if sigma is not None and key in ("blur_sigma_min", "blur_sigma_max"):
+                given = float(sigma[0] if key == "blur_sigma_min" else sigma[1])
             if given is not None and given != value:
                 flag = "--" + key.replace("_", "-")
                 raise UserError(
@@ -336,6 +360,7 @@ def resolve_recipe(args: argparse.Namespace, saved: Recipe | Mapping[str, Any] |
         given = getattr(args, key, None)
         if given is not None:
             values[key] = given
+    _resolve_views(values, args, set(preset["values"]))
     own = preset["optimizer"].get(values["optimizer"])  # the recipe's lr and decay for its own optimiser
     if values["lr"] is None:
         lr = own["lr_per_256"] * values["batch_size"] / 256 if own else None
@@ -343,6 +368,29 @@ def resolve_recipe(args: argparse.Namespace, saved: Recipe | Mapping[str, Any] |
     if values["weight_decay"] is None:
         values["weight_decay"] = own["weight_decay"] if own else default_weight_decay(values["optimizer"])
     return Recipe(**values)
+
+
+def _resolve_views(values: dict[str, Any], args: argparse.Namespace, from_preset: set[str]) -> None:
+    """The view fields neither a flag nor the ``--recipe`` preset set: from ``--views`` at the run's image size."""
+    values["views"] = getattr(args, "views", None) or "auto"
+    sigma = getattr(args, "blur_sigma", None)
+    if sigma is not None:
+        values["blur_sigma_min"], values["blur_sigma_max"] = float(sigma[0]), float(sigma[1])
+    given = {key for key in VIEW_DEFAULTS if getattr(args, key, None) is not None} | from_preset
+    if sigma is not None:
+        given |= {"blur_sigma_min", "blur_sigma_max"}
+    fitted = [view_settings(int(values["image_size"]), v, values["views"]) for v in (1, 2)]
+    derived = {
+        "crop_scale_min": fitted[0]["crop_scale"][0],
+        "blur_p1": fitted[0]["blur_p"],
+        "blur_p2": fitted[1]["blur_p"],
+        "blur_sigma_min": fitted[0]["blur_sigma"][0],
+        "blur_sigma_max": fitted[0]["blur_sigma"][1],
+        "solarize_p1": fitted[0]["solarize_p"],
+        "solarize_p2": fitted[1]["solarize_p"],
+        "interpolation": fitted[0]["interpolation"],
+    }
+    values.update({key: value for key, value in derived.items() if key not in given})
 
 
 def check_sizes(recipe: Recipe, ctx: DistContext) -> int:
@@ -357,6 +405,11 @@ def check_sizes(recipe: Recipe, ctx: DistContext) -> int:
     for key in ("blur_p1", "blur_p2", "solarize_p1", "solarize_p2"):
         if not 0.0 <= getattr(recipe, key) <= 1.0:
             raise UserError(f"--{key.replace('_', '-')} is a probability in [0, 1], got {getattr(recipe, key)}")
+    if not 0.0 < recipe.blur_sigma_min <= recipe.blur_sigma_max:
+        raise UserError(
+            f"--blur-sigma must be two sigmas 0 < LOW <= HIGH (the paper: 0.1 2.0), got "
+            f"{recipe.blur_sigma_min} {recipe.blur_sigma_max}"
+        )
     if not 0.0 < recipe.crop_scale_min <= 1.0:
         raise UserError(f"--crop-scale-min must be in (0, 1] (the paper: 0.08), got {recipe.crop_scale_min}")
     if not recipe.lars_trust >= 0.0:

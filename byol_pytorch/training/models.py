@@ -21,7 +21,7 @@ from .._modules import PathLike
 from ..augment import BYOLAugment
 from ..byol import BYOL
 from .checkpoint import load_checkpoint
-from .recipe import VIEW_DEFAULTS, Recipe
+from .recipe import Recipe
 
 __all__ = [
     "CIFAR_MODELS",
@@ -191,26 +191,17 @@ def build_learner(recipe: Recipe | Mapping[str, Any], net: nn.Module | None = No
     )
 
 
-def _recipe_views(recipe: Recipe, net: nn.Module) -> tuple[BYOLAugment | None, BYOLAugment | None]:
-    """The two views of a recipe whose view fields differ from the paper's; ``(None, None)`` otherwise.
+def _recipe_views(recipe: Recipe, net: nn.Module) -> tuple[BYOLAugment, BYOLAugment]:
+    """The two views of a recipe: Table 6 with the recipe's view fields over it (``Recipe.view_overrides``).
 
-    None lets ``BYOL`` build its default views, so that recipes with the paper's values (older
-    checkpoints) give exactly the learner they gave before.
+    A checkpoint written before a view field existed holds the paper's value for it, so older
+    runs get exactly the views they trained with.
     """
-    values = recipe.views
-    if values == VIEW_DEFAULTS:
-        return None, None
     channels = infer_channels(net)
     colour: dict[str, Any] = {} if channels in (1, 3) else {"saturation": 0.0, "hue": 0.0, "grayscale_p": 0.0}
     size = int(recipe.image_size)
-    crop = (values["crop_scale_min"], 1.0)
-    views = [
-        BYOLAugment(
-            size, view=v, crop_scale=crop, blur_p=values[f"blur_p{v}"], solarize_p=values[f"solarize_p{v}"], **colour
-        )
-        for v in (1, 2)
-    ]
-    return views[0], views[1]
+    one, two = (BYOLAugment(size, view=v, preset="paper", **recipe.view_overrides(v), **colour) for v in (1, 2))
+    return one, two
 
 
 def export_backbone(checkpoint_path: PathLike, out_path: PathLike, which: str = "online") -> Path:

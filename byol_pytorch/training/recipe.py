@@ -21,13 +21,16 @@ from typing import Any
 __all__ = ["Recipe", "VIEW_DEFAULTS"]
 
 # The views' recipe fields with the paper's values (Grill et al. 2020, Table 6): what a checkpoint
-# without them ran with.
-VIEW_DEFAULTS: dict[str, float] = {
+# without them ran with. A new run saves the values its views resolved to (``augment.view_settings``).
+VIEW_DEFAULTS: dict[str, float | str] = {
     "crop_scale_min": 0.08,
     "blur_p1": 1.0,
     "blur_p2": 0.1,
+    "blur_sigma_min": 0.1,
+    "blur_sigma_max": 2.0,
     "solarize_p1": 0.0,
     "solarize_p2": 0.2,
+    "interpolation": "bicubic",
 }
 
 
@@ -51,7 +54,10 @@ class Recipe:
         views_in_one_batch: both views as one batch of 2B.
         use_batchnorm: BatchNorm in the heads (the paper's); False: LayerNorm.
         recipe: the preset the defaults came from (``paper``, ``cifar``).
-        crop_scale_min, blur_p1, blur_p2, solarize_p1, solarize_p2: the views (``VIEW_DEFAULTS``).
+        views: the views' preset the run resolved them from (``augment.view_settings``: ``auto``
+            fits them to the size, ``paper`` is Table 6); informational, the fields below decide.
+        crop_scale_min, blur_p1, blur_p2, blur_sigma_min, blur_sigma_max, solarize_p1, solarize_p2,
+            interpolation: the views' resolved values (``VIEW_DEFAULTS``: the paper's).
         lars_trust, lars_clip: LARS' trust coefficient and solo-learn's ``clip_lr``.
     """
 
@@ -71,11 +77,15 @@ class Recipe:
     views_in_one_batch: bool = False
     use_batchnorm: bool = True
     recipe: str = "paper"
-    crop_scale_min: float = VIEW_DEFAULTS["crop_scale_min"]
-    blur_p1: float = VIEW_DEFAULTS["blur_p1"]
-    blur_p2: float = VIEW_DEFAULTS["blur_p2"]
-    solarize_p1: float = VIEW_DEFAULTS["solarize_p1"]
-    solarize_p2: float = VIEW_DEFAULTS["solarize_p2"]
+    views: str = "paper"
+    crop_scale_min: float = 0.08
+    blur_p1: float = 1.0
+    blur_p2: float = 0.1
+    blur_sigma_min: float = 0.1
+    blur_sigma_max: float = 2.0
+    solarize_p1: float = 0.0
+    solarize_p2: float = 0.2
+    interpolation: str = "bicubic"
     lars_trust: float = 1e-3
     lars_clip: bool = False
 
@@ -117,7 +127,16 @@ class Recipe:
         """Channels of the images fed to the net: 1 for a one-channel model, else 3 (converted if needed)."""
         return 1 if self.in_chans == 1 else 3
 
-    @property
-    def views(self) -> dict[str, float]:
+    def view_values(self) -> dict[str, float | str]:
         """The view fields (``VIEW_DEFAULTS``' keys) and their values."""
-        return {key: float(getattr(self, key)) for key in VIEW_DEFAULTS}
+        return {key: getattr(self, key) for key in VIEW_DEFAULTS}
+
+    def view_overrides(self, view: int) -> dict[str, Any]:
+        """``BYOLAugment`` overrides of view 1 or 2 that give exactly the recipe's views."""
+        return {
+            "crop_scale": (float(self.crop_scale_min), 1.0),
+            "blur_p": float(self.blur_p1 if view == 1 else self.blur_p2),
+            "blur_sigma": (float(self.blur_sigma_min), float(self.blur_sigma_max)),
+            "solarize_p": float(self.solarize_p1 if view == 1 else self.solarize_p2),
+            "interpolation": str(self.interpolation),
+        }

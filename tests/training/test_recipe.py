@@ -48,7 +48,7 @@ def test_the_recipe_is_frozen_and_saved_as_plain_values():
 def test_keys_an_old_checkpoint_lacks_take_what_that_version_ran_with():
     old = {"model": "resnet18", "image_size": 32, "lr": 0.05, "recipe": None, "data": "photos", "workers": 4}
     recipe = Recipe.from_dict(old)
-    assert recipe.recipe == "paper" and recipe.views == VIEW_DEFAULTS and recipe.lars_trust == 1e-3
+    assert recipe.recipe == "paper" and recipe.view_values() == VIEW_DEFAULTS and recipe.lars_trust == 1e-3
     assert not recipe.lars_clip and recipe.lr == 0.05 and recipe.image_size == 32
     with pytest.raises(ValueError, match="'model' is missing"):
         Recipe.from_dict({"image_size": 32})
