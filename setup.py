@@ -14,8 +14,8 @@ setup(
     packages=find_packages(include=["byol_pytorch", "byol_pytorch.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.1",
-        "torchvision>=0.16",
+        "torch>=2.4",
+        "torchvision>=0.19",
         "timm>=0.9",
         "einops>=0.6",
         "safetensors>=0.4",
@@ -34,6 +34,7 @@ setup(
             "wandb>=0.16",
             "webdataset>=0.2",
             "datasets>=2.14",
+            "tensorboard>=2.10",
         ],
         "plots": ["matplotlib>=3.5"],
         "bench": ["kornia>=0.7", "matplotlib>=3.5", "psutil>=5.8", "lightly>=1.5"],

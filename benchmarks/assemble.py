@@ -19,7 +19,18 @@ from pathlib import Path
 
 from benchmarks.common import REPO as ROOT
 
-SECTIONS = ("augment", "data_loading", "data_index", "train_step", "ema", "quality", "robustness", "demo", "backbones")
+SECTIONS = (
+    "gpu",
+    "augment",
+    "data_loading",
+    "data_index",
+    "train_step",
+    "ema",
+    "quality",
+    "robustness",
+    "demo",
+    "backbones",
+)
 RULE = "\n---\n"
 
 

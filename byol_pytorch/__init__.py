@@ -5,12 +5,16 @@ layer is ``byol_pytorch.data``, the training runtime ``byol_pytorch.training`` a
 line ``byol_pytorch.app`` (docs/DESIGN.md draws the map).
 """
 
-from . import _compat
-from .augment import BYOLAugment
-from .batchnorm import recalibrate_batchnorm
-from .byol import BYOL
-from .collapse import CollapseWarning
-from .training.trainer import BYOLTrainer, MockDataset
+from ._version_check import require_torch
+
+require_torch()  # before anything that needs torch >= 2.4
+
+from . import _compat  # noqa: E402
+from .augment import BYOLAugment  # noqa: E402
+from .batchnorm import recalibrate_batchnorm  # noqa: E402
+from .byol import BYOL  # noqa: E402
+from .collapse import CollapseWarning  # noqa: E402
+from .training.trainer import BYOLTrainer, MockDataset  # noqa: E402
 
 __version__ = "1.2.0"
 

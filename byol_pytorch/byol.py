@@ -278,11 +278,15 @@ class BYOL(nn.Module):
         self.representation_size = dim
         self.unused_parameter_names: list[str] = [f"online_encoder.net.{n}" for n in probe.unused]
         self._extra_ddp_ignore: list[str] = []
-        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
+        # Buffers on the net's device from the start: BYOL(net.to(device)) needs no learner.to(device).
+        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long, device=device))
         self._ema_count = 0  # host mirror of ema_step: reading a GPU buffer would sync
         # Deferred non-finite detection off the CPU: [loss finite, input finite] of the
         # last training step, read back without blocking (see _check_finite_deferred).
-        self.register_buffer("_finite", torch.ones(2, dtype=torch.bool), persistent=False)
+        self.register_buffer("_finite", torch.ones(2, dtype=torch.bool, device=device), persistent=False)
+        self._ema_master: list[torch.Tensor] | None = None  # float32 copy of a low-precision target
+        weights = [p for p in net.parameters() if p.dim() == 4]
+        self._layout_probe = tuple(weights[:1])  # a conv weight: is the net channels_last?
         self._finite_reader = DeferredRead()
         self.finite_check = True  # update_moving_average() raises on an earlier non-finite step
         if not isinstance(collapse_alarm, bool):
@@ -362,6 +366,7 @@ class BYOL(nn.Module):
         The schedule's step count is kept: it measures training progress.
         """
         self.target_encoder = None
+        self._ema_master = None
 
     @torch.no_grad()
     def update_moving_average(self) -> None:
@@ -387,9 +392,42 @@ class BYOL(nn.Module):
         if self.target_encoder is None:
             return
         tau = self.current_decay
-        ema_update_(list(self.target_encoder.parameters()), list(self.online_encoder.parameters()), tau)
+        target, online = list(self.target_encoder.parameters()), list(self.online_encoder.parameters())
+        if any(p.dtype in (torch.float16, torch.bfloat16) for p in target):
+            self._ema_low_precision(target, online, tau)
+        else:
+            ema_update_(target, online, tau)
         self._ema_count += 1
         self.ema_step.fill_(self._ema_count)
+
+    def _ema_low_precision(self, target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], tau: float) -> None:
+        """The EMA of a bfloat16/float16 target in float32: a 0.004 step is below bfloat16's resolution.
+
+        A float32 master copy of the target (not in the state dict: rebuilt from the target after
+        a load or a move) takes the update; the target gets its rounded value.
+        """
+        master = self._ema_master
+        if master is None or len(master) != len(target) or master[0].device != target[0].device:
+            master = self._ema_master = [p.detach().float() for p in target]
+        ema_update_(master, [p.detach().float() for p in online], tau)
+        torch._foreach_copy_(list(target), master)
+
+    @torch.no_grad()
+    def broadcast_target(self, src: int = 0) -> None:
+        """Give every process rank ``src``'s target parameters (a collective; nothing without a process group).
+
+        DDP broadcasts the online network when it wraps the learner but ignores the target
+        (its parameters are averaged, not reduced): a target copied before DDP wrapped the
+        learner on ranks seeded differently would differ. ``engine.prepare_model`` calls this
+        right after wrapping; call it yourself when you wrap a learner whose target exists.
+        """
+        import torch.distributed as dist
+
+        if self.target_encoder is None or not (dist.is_available() and dist.is_initialized()):
+            return
+        for p in self.target_encoder.parameters():
+            dist.broadcast(p.data, src)
+        self._ema_master = None
 
     # ------------------------------------------------------------------ checks
     def _check_input(self, x: torch.Tensor) -> None:
@@ -402,6 +440,13 @@ class BYOL(nn.Module):
             )
         if x.shape[0] == 0:
             raise ValueError("BYOL got an empty batch (B = 0); pass at least 2 images")
+        device = next(self.online_predictor.parameters()).device
+        if x.device != device:
+            raise ValueError(
+                f"the images are on {x.device} but the learner is on {device}: move them with "
+                f"images.to({str(device)!r}), or the learner with learner.to({str(x.device)!r}) (or build it from a "
+                "net already there: BYOL(net.to(device), ...))"
+            )
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f"BYOL got empty images (H x W = {x.shape[2]} x {x.shape[3]}); pass images with pixels")
         if x.shape[1] != self.channels:
@@ -473,7 +518,21 @@ class BYOL(nn.Module):
         self._check_view(augment, view, x)
         dtype = next(self.online_predictor.parameters()).dtype
         # Views come out in float32; a net cast to float64 or bfloat16 wants its own dtype.
-        return view if view.dtype == dtype or torch.is_autocast_enabled(view.device.type) else view.to(dtype)
+        view = view if view.dtype == dtype or torch.is_autocast_enabled(view.device.type) else view.to(dtype)
+        if self._net_is_channels_last():
+            view = view.contiguous(
+                memory_format=torch.channels_last
+            )  # the net's layout: its first conv converts nothing
+        return view
+
+    def _net_is_channels_last(self) -> bool:
+        """Whether the net's first conv weight is channels_last (``learner.to(memory_format=torch.channels_last)``)."""
+        weight = self._layout_probe[0] if self._layout_probe else None
+        return (
+            weight is not None
+            and weight.is_contiguous(memory_format=torch.channels_last)
+            and not weight.is_contiguous()
+        )
 
     def _check_view(self, augment: Augment, view: object, x: torch.Tensor) -> None:
         name = "augment_fn2" if augment is self.augment2 and augment is not self.augment1 else "augment_fn"
@@ -531,7 +590,12 @@ class BYOL(nn.Module):
                 f"are taken over the batch), got {x.shape[0]}; increase the batch size"
             )
         compiling = torch.compiler.is_compiling()
-        checked_now = x.device.type == "cpu" and not compiling
+        if getattr(self, "_is_replica", False):
+            raise TypeError(
+                "BYOL does not run under nn.DataParallel (its replicas share the hidden-layer hook and the "
+                "target network); use DistributedDataParallel: torchrun --nproc_per_node=N your_script.py"
+            )
+        checked_now = x.device.type == "cpu" and not compiling and self.finite_check
         if checked_now:
             self._check_finite_now(x)
         if not compiling:
@@ -588,6 +652,7 @@ class BYOL(nn.Module):
             self._get_target_encoder()
         elif not has_target and self.target_encoder is not None:
             self.target_encoder = None  # the checkpoint predates the target: copy it again
+        self._ema_master = None  # rebuilt from the loaded target at the next update
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -52,7 +52,15 @@ from ..training.checkpoint import (
     set_rng_state,
 )
 from ..training.distributed import DistContext, broadcast_from_main, gather_objects, setup_distributed
-from ..training.engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState, prepare_model
+from ..training.engine import (
+    DivergedError,
+    Engine,
+    OptimizerStep,
+    Periodic,
+    TrainState,
+    default_precision,
+    prepare_model,
+)
 from ..training.models import build_backbone, build_learner
 from ..training.optim import build_recipe_optimizer, resync_lr, warmup_cosine_scheduler
 from ..training.recipe import Recipe
@@ -221,8 +229,7 @@ def _same_checkpoint_everywhere(
 
 def _runtime_options(args: argparse.Namespace, ctx: DistContext) -> tuple[str, int]:
     """``(precision, workers)``; the reporting intervals checked."""
-    cuda_bf16 = ctx.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    precision = args.precision or ("bf16" if cuda_bf16 else "fp32")
+    precision = args.precision or default_precision(ctx.device)
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
     if workers < 0:
         raise UserError(f"--workers must be 0 or more, got {workers}")
@@ -503,7 +510,7 @@ def _hooks(prepared: Run, metrics: MetricsLog, monitor: KnnMonitor | None) -> li
     def validate(s: TrainState) -> None:
         if monitor is not None:
             s.pending["knn_acc"] = monitor(prepared.learner)
-        ctx.barrier()
+        ctx.wait_for_main()  # the other ranks wait on a gloo group with a long timeout, not under NCCL's watchdog
 
     def log(s: TrainState) -> None:
         row = {

@@ -12,14 +12,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "broadcast_from_main", "gather_objects", "setup_distributed"]
+__all__ = ["WAIT_TIMEOUT", "DistContext", "broadcast_from_main", "gather_objects", "setup_distributed"]
 
 T = TypeVar("T")
+WAIT_TIMEOUT = timedelta(hours=4)
+"""How long ranks wait for rank 0's lone work (``DistContext.wait_for_main``): a kNN evaluation."""
 # Errors that reach the other ranks as themselves (their type and message); others as RuntimeError.
 # The most specific first: an error is sent as the first of these it is an instance of.
 _SENT_ERRORS = (FileNotFoundError, PermissionError, OSError, ValueError, TypeError, RuntimeError)
@@ -34,6 +37,7 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     owns_group: bool = False  # this process created the group and destroys it
+    wait_group: Any = None  # a gloo group with a long timeout: ranks waiting while rank 0 works
 
     @property
     def distributed(self) -> bool:
@@ -45,6 +49,20 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.distributed:
+            dist.barrier()
+
+    def wait_for_main(self) -> None:
+        """The other ranks wait here while rank 0 works alone (the kNN monitor), then all go on.
+
+        A barrier on a gloo group whose timeout is ``WAIT_TIMEOUT``: under NCCL a plain barrier
+        is a collective its watchdog kills after 10 minutes, which an ImageNet-sized validation
+        set outlasts. Without such a group (one made by someone else), the plain barrier.
+        """
+        if not self.distributed:
+            return
+        if self.wait_group is not None:
+            dist.barrier(group=self.wait_group)
+        else:
             dist.barrier()
 
     def close(self) -> None:
@@ -89,7 +107,9 @@ def setup_distributed(device: str | None = None) -> DistContext:
         dist.init_process_group(backend=backend, init_method="env://", **kwargs)
         owns = True
     if dist.is_available() and dist.is_initialized():
-        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, resolved, owns)
+        world = dist.get_world_size()
+        wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT) if owns and world > 1 else None
+        return DistContext(dist.get_rank(), world, local_rank, resolved, owns, wait_group)
     return DistContext(0, 1, 0, resolved, False)
 
 

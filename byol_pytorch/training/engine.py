@@ -48,6 +48,7 @@ __all__ = [
     "StopSignals",
     "TrainState",
     "autocast_for",
+    "default_precision",
     "prepare_model",
 ]
 
@@ -58,6 +59,17 @@ class DivergedError(FloatingPointError):
     def __init__(self, step: int, reason: str):
         super().__init__(f"training diverged at step {step}: {reason}")
         self.step, self.reason = step, reason
+
+
+def default_precision(device: torch.device) -> str:
+    """``"bf16"`` on GPUs with native bfloat16 (compute capability 8.0, Ampere, and newer), else ``"fp32"``.
+
+    ``torch.cuda.is_bf16_supported()`` is also true on older GPUs (T4, V100), where bfloat16 is
+    emulated and cuDNN has no bfloat16 convolutions: slower than fp32 there.
+    """
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -97,6 +109,9 @@ class OptimizerStep:
         self.learner, self.model, self.optimizer, self.scheduler = learner, model, optimizer, scheduler
         self.precision, self.device, self.scaler = precision, device, scaler
         self.steps, self.skipped = 0, 0
+        self._optimizer_stepped = False
+        if scaler is not None:  # tells, without reading the scale back, whether scaler.step stepped
+            optimizer.register_step_post_hook(self._mark_stepped)
 
     def __call__(self, micro_batches: Sequence[torch.Tensor]) -> tuple:
         """Forward/backward every micro-batch, then step.
@@ -122,10 +137,12 @@ class OptimizerStep:
             total += loss.detach().float()
         stepped = True
         if self.scaler is not None:
-            scale_before = self.scaler.get_scale()
+            # The scaler reads its found-inf flags once (the step's one host sync) and calls
+            # optimizer.step() only for finite gradients; the post-hook says whether it did.
+            self._optimizer_stepped = False
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            stepped = self.scaler.get_scale() >= scale_before  # a backoff means the step was skipped
+            stepped = self._optimizer_stepped
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -138,6 +155,9 @@ class OptimizerStep:
         else:
             self.skipped += 1
         return total / count, stepped
+
+    def _mark_stepped(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._optimizer_stepped = True
 
 
 class StopSignals:
@@ -202,7 +222,10 @@ def prepare_model(learner: nn.Module, ctx: DistContext, compile: bool = False) -
     model: nn.Module = learner
     if ctx.distributed:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        model = DistributedDataParallel(learner, device_ids=device_ids)
+        model = DistributedDataParallel(learner, device_ids=device_ids)  # broadcasts rank 0's online net
+        broadcast = getattr(learner, "broadcast_target", None)
+        if broadcast is not None:
+            broadcast(0)  # and the target, which DDP ignores: every rank regresses onto rank 0's
     if compile:
         model = torch.compile(model)  # type: ignore[assignment]
     return model
@@ -314,6 +337,7 @@ class Engine:
         self.step_fn, self.ctx, self.prepare, self.catch_signals = step, ctx, prepare, catch_signals
         self.check_every = check_every or (1 if ctx.device.type == "cpu" else 10)
         self.progress = progress and ctx.is_main
+        self._copy_stream: Any = None  # CUDA: the stream batches are copied on
 
     def run(self, batches: Iterable[StepBatch], state: TrainState, hooks: Sequence[Periodic] = ()) -> TrainState:
         """Train from ``state`` until ``state.total`` steps or a stop signal; returns the state.
@@ -367,7 +391,7 @@ class Engine:
         """One optimizer step on ``batch``; the state advances. Returns the detached loss."""
         state.lr = float(self.step_fn.optimizer.param_groups[0]["lr"])
         state.tau = float(getattr(self.step_fn.learner, "current_decay", math.nan))
-        images = [x.to(self.ctx.device, non_blocking=True) for x in batch.images]
+        images = self._to_device(batch.images)
         if self.prepare is not None:
             images = [self.prepare(x) for x in images]
         try:
@@ -381,6 +405,26 @@ class Engine:
         state.interval_groups += 1
         state.interval_images += sum(x.shape[0] for x in images) * self.ctx.world_size
         return loss
+
+    def _to_device(self, batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The micro-batches on the device; on CUDA copied on a side stream.
+
+        On the compute stream a copy would queue behind the previous step's kernels (the host
+        runs ahead of the device); on its own stream it overlaps them, and the compute stream
+        waits for it only where the batch is used.
+        """
+        device = self.ctx.device
+        if device.type != "cuda":
+            return [x.to(device, non_blocking=True) for x in batch]
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        compute = torch.cuda.current_stream(device)
+        with torch.cuda.stream(self._copy_stream):
+            moved = [x.to(device, non_blocking=True) for x in batch]
+        compute.wait_stream(self._copy_stream)
+        for x in moved:
+            x.record_stream(compute)  # its memory is not reused before the compute stream is done with it
+        return moved
 
     def _sync_due(self, state: TrainState, hooks: Sequence[Periodic]) -> bool:
         if state.epoch_done or (state.stepped and (state.step % self.check_every == 0 or state.step >= state.total)):
