@@ -9,7 +9,9 @@ changed. Where it helps is measured per backbone in benchmarks/results/robustnes
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import copy
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -17,7 +19,7 @@ from torch import Tensor
 
 from ._modules import module_device_dtype, saved_modes
 
-__all__ = ["batchnorm_layers", "recalibrate_batchnorm"]
+__all__ = ["batchnorm_layers", "batchnorm_state", "clean_statistics", "load_batchnorm_state", "recalibrate_batchnorm"]
 
 
 def batchnorm_layers(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -60,9 +62,11 @@ def recalibrate_batchnorm(
     """Set every BatchNorm layer's running statistics to their average over clean `images`.
 
     Each BatchNorm's running mean and variance are reset and re-estimated as the plain average
-    (``momentum=None``) of its batch statistics over the images, forwarded in train mode under
-    ``torch.no_grad()``. Weights, biases, other buffers and every submodule's train/eval flag are
-    left as they were; the momenta come back too. A net without BatchNorm is not run at all.
+    (``momentum=None``) of its batch statistics over the images, forwarded under ``torch.no_grad()``
+    with the BatchNorm layers in train mode and every other module in eval mode (the forward the
+    features will come from: no dropout, no random draw). Weights, biases, other buffers and every
+    submodule's train/eval flag are left as they were; the momenta come back too. A net without
+    BatchNorm is not run at all.
 
     Args:
         net: the trained backbone (or any module holding BatchNorm layers).
@@ -103,9 +107,9 @@ def recalibrate_batchnorm(
         for m in layers:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the batches
-        with torch.no_grad(), saved_modes(net, eval_mode=False):
+        with torch.no_grad(), saved_modes(net):  # eval mode: no dropout, no drop-path, no random draw
             for m in layers:
-                m.train()  # only the BatchNorm layers: dropout and the like stay as they were
+                m.train()  # only the BatchNorm layers estimate statistics
             for batch in _batches(images, batch_size):
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 if max_images is not None:
@@ -128,3 +132,91 @@ def recalibrate_batchnorm(
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
     return seen
+
+
+def batchnorm_state(net: nn.Module) -> dict[str, Tensor]:
+    """The running statistics of every BatchNorm layer of ``net`` (copies), by state-dict name.
+
+    Examples:
+        >>> sorted(batchnorm_state(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))))
+        ['1.num_batches_tracked', '1.running_mean', '1.running_var']
+    """
+    names = {id(m): name for name, m in net.named_modules()}
+    out: dict[str, Tensor] = {}
+    for m in batchnorm_layers(net):
+        prefix = names[id(m)] + "." if names[id(m)] else ""
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            value = getattr(m, key)
+            if value is not None:
+                out[prefix + key] = value.detach().clone()
+    return out
+
+
+def load_batchnorm_state(net: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy running statistics saved by ``batchnorm_state`` back into ``net`` (in place).
+
+    Raises:
+        ValueError: ``state`` does not fit the net's BatchNorm layers (other names or shapes).
+    """
+    current = batchnorm_state(net)
+    if current.keys() != state.keys() or any(current[k].shape != state[k].shape for k in state):
+        raise ValueError(
+            f"the BatchNorm statistics do not fit this net ({len(state)} saved tensors, {len(current)} in the net); "
+            "they were saved from another model"
+        )
+    buffers = dict(net.named_buffers())
+    with torch.no_grad():
+        for key, value in state.items():
+            buffers[key].copy_(value)
+
+
+class _AnyBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over inputs of any rank, as SyncBatchNorm takes them."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {input.dim()}D")
+
+
+def _plain_copy(net: nn.Module) -> nn.Module:
+    """A deep copy whose SyncBatchNorm layers are plain BatchNorm: recalibrating them on one rank needs no peers."""
+    clone = copy.deepcopy(net)
+    for name, module in list(clone.named_modules()):
+        if isinstance(module, nn.SyncBatchNorm):
+            plain = _AnyBatchNorm(module.num_features, module.eps, module.momentum, module.affine, True)
+            plain.load_state_dict(module.state_dict())
+            plain.train(module.training)
+            parent = clone.get_submodule(name.rpartition(".")[0]) if "." in name else clone
+            setattr(parent, name.rpartition(".")[2], plain)
+    return clone
+
+
+@contextlib.contextmanager
+def clean_statistics(net: nn.Module, images: Tensor | Iterable, **options: object) -> Iterator[nn.Module]:
+    """Inside the block, ``net``'s BatchNorm statistics are those of clean ``images``; after it, as before.
+
+    For what leaves training without changing the training itself: a kNN evaluation during a run,
+    the statistics saved beside a checkpoint. The trained statistics are put back on exit (also
+    when the block raises); weights and modes are never touched. SyncBatchNorm layers are
+    re-estimated on a copy with plain BatchNorm (no collective from one rank alone) and the
+    result loaded into ``net``.
+
+    Args:
+        net: the trained net.
+        images, options: as ``recalibrate_batchnorm``.
+
+    Yields:
+        ``net``, with clean statistics.
+    """
+    saved = batchnorm_state(net)
+    try:
+        if any(isinstance(m, nn.SyncBatchNorm) for m in net.modules()):
+            clone = _plain_copy(net)
+            recalibrate_batchnorm(clone, images, **options)  # type: ignore[arg-type]
+            load_batchnorm_state(net, batchnorm_state(clone))
+        else:
+            recalibrate_batchnorm(net, images, **options)  # type: ignore[arg-type]
+        yield net
+    finally:
+        if saved:
+            load_batchnorm_state(net, saved)

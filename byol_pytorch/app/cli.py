@@ -53,7 +53,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from ..training.models import export_backbone
 
     try:
-        path = export_backbone(args.checkpoint, args.out, which=args.which)
+        path = export_backbone(args.checkpoint, args.out, which=args.which, bn_stats=args.bn_stats)
     except (FileNotFoundError, ValueError) as error:
         raise UserError(str(error)) from error
     print(f"byol-pytorch: wrote {path} (load it with strict=True into the backbone without its classifier)")
@@ -72,31 +72,32 @@ def _eval_device(name: str | None):
 def _run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from ..training.checkpoint import load_checkpoint, load_state
+    from ..data import sample_images
     from ..training.evaluate import collapse_report, knn_accuracy, linear_probe
-    from ..training.models import build_learner
+    from ..training.models import learner_from_checkpoint
     from ..training.validation import KnnMonitor
+    from .train import CLEAN_IMAGES
 
     if args.batch_size < 1 or args.workers < 0:
         raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
     try:
-        checkpoint = load_checkpoint(args.checkpoint)
-        recipe = checkpoint.get("args") or {}
-        if not isinstance(recipe, dict) or "learner" not in checkpoint or "model" not in recipe:
-            raise ValueError(f"{args.checkpoint} holds no trained network")
         device = _eval_device(args.device)
-        learner = build_learner(recipe).to(device)
-        load_state(learner, checkpoint, "learner", args.checkpoint)
+        learner, checkpoint, statistics = learner_from_checkpoint(args.checkpoint, device, args.which, args.bn_stats)
+        recipe = checkpoint["args"]
     except (FileNotFoundError, ValueError, TypeError, KeyError) as error:
         raise UserError(f"--checkpoint: {error}") from error
     channels = 1 if learner.channels == 1 else 3
     try:
         data = KnnMonitor(args.data, int(recipe["image_size"]), channels, device, args.batch_size, args.workers)
+        if statistics == "missing":  # an older checkpoint: re-estimated on the images evaluated
+            data.clean_images = sample_images(data.bank, CLEAN_IMAGES)
+            statistics = "clean (re-estimated on 512 of these images)"
     except ValueError as error:
         raise UserError(f"--data: {error}") from None
     bank, bank_labels, queries, query_labels = data.features(learner)
     print(
-        f"byol-pytorch eval: {args.checkpoint} (step {checkpoint.get('step')}, {recipe['model']}), "
+        f"byol-pytorch eval: {args.checkpoint} (step {checkpoint.get('step')}, {recipe['model']}, {args.which} "
+        f"network, BatchNorm statistics {statistics}), "
         f"{len(bank)} labelled images to fit, {len(queries)} held out, {data.num_classes} classes"
     )
     if args.knn or not args.linear:
@@ -181,6 +182,17 @@ def _add_demo(sub) -> None:
     add_demo_arguments(parser)
 
 
+def _add_bn_stats(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bn-stats",
+        choices=["clean", "trained"],
+        default="clean",
+        help="BatchNorm statistics: clean = re-estimated on un-augmented training images (saved in the checkpoint "
+        "by train; re-estimated on the data for an older checkpoint), trained = those of the augmented views "
+        "(default: %(default)s)",
+    )
+
+
 def _add_preview(sub) -> None:
     preview = sub.add_parser(
         "preview",
@@ -230,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="online",
         help="the online network (default; the paper keeps it) or the EMA target",
     )
+    _add_bn_stats(export)
 
     evaluate = sub.add_parser(
         "eval",
@@ -249,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=256, help="images per forward (default: %(default)s)")
     evaluate.add_argument("--workers", type=int, default=0, help="loader processes (default: %(default)s)")
     evaluate.add_argument("--device", help="default: cuda when available, else cpu")
+    evaluate.add_argument(
+        "--which", choices=["online", "target"], default="online", help="the network to evaluate (default: online)"
+    )
+    _add_bn_stats(evaluate)
 
     _add_preview(sub)
     from .embed import add_embed_arguments

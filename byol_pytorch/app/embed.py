@@ -36,10 +36,18 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .._atomic import atomic_write
-from ..data import data_kind, embedding_items, make_loader, match_channels, open_labelled, open_unlabelled
+from ..batchnorm import recalibrate_batchnorm
+from ..data import (
+    data_kind,
+    embedding_items,
+    make_loader,
+    match_channels,
+    open_labelled,
+    open_unlabelled,
+    sample_images,
+)
 from ..data.shards import ShardSamples
-from ..training.checkpoint import load_checkpoint, load_state
-from ..training.models import build_learner
+from ..training.models import learner_from_checkpoint
 from ..training.recipe import Recipe
 from .errors import UserError
 
@@ -114,6 +122,13 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--dtype", choices=["float16", "float32"], default="float16", help="of the vectors (default: %(default)s)")
     a("--labels", action="store_true", help="a folder of class sub-folders: write their labels too")
     a("--which", choices=["online", "target"], default="online", help="the network to embed with (default: online)")
+    a(
+        "--bn-stats",
+        choices=["clean", "trained"],
+        default="clean",
+        help="BatchNorm statistics: clean = re-estimated on un-augmented training images (the checkpoint's; "
+        "re-estimated on 512 of the images for an older checkpoint), trained = those of the views (default: clean)",
+    )
     a("--image-column", help="hf: data: the image column (default: the one datasets.Image column)")
     a("--hf-split", help="hf: data with splits: the split (default: train); CIFAR: train or test")
     a("--batch-size", type=int, default=256, help="images per forward (default: %(default)s)")
@@ -124,23 +139,18 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def _learner(args: argparse.Namespace, device: torch.device) -> tuple[Any, Recipe, dict[str, Any]]:
+def _learner(args: argparse.Namespace, device: torch.device) -> tuple[Any, Recipe, dict[str, Any], str]:
     try:
-        checkpoint = load_checkpoint(args.checkpoint)
-        saved = checkpoint.get("args")
-        if not isinstance(saved, dict) or "learner" not in checkpoint or not saved.get("model"):
-            raise ValueError(f"{args.checkpoint} holds no trained network")
-        recipe = Recipe.from_dict(saved)
-        learner = build_learner(recipe).to(device)
-        load_state(learner, checkpoint, "learner", args.checkpoint)
+        learner, checkpoint, statistics = learner_from_checkpoint(args.checkpoint, device, args.which, args.bn_stats)
     except (FileNotFoundError, ValueError, TypeError, KeyError) as error:
         raise UserError(f"--checkpoint: {error}") from error
-    if args.which == "target":
-        if learner.target_encoder is None:
-            raise UserError(f"--which target: {args.checkpoint} has no target network yet (no step was taken)")
-        learner.online_encoder.load_state_dict(learner.target_encoder.state_dict())
-    learner.eval()
-    return learner, recipe, checkpoint
+    return learner, Recipe.from_dict(checkpoint["args"]), checkpoint, statistics
+
+
+def _clean_statistics(learner: Any, items: Dataset, device: torch.device) -> None:
+    """An older checkpoint without clean statistics: re-estimate them on 512 of the images embedded."""
+    images = sample_images(items, 512)
+    recalibrate_batchnorm(learner.net, images.to(device), transform=learner.augment1.normalize)
 
 
 def _has_labels(spec: str, kind: str, args: argparse.Namespace) -> bool:
@@ -265,11 +275,14 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.workers < 0 or args.flush_every < 1:
         raise UserError("--batch-size and --flush-every must be >= 1 and --workers >= 0")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    learner, recipe, checkpoint = _learner(args, device)
+    learner, recipe, checkpoint, statistics = _learner(args, device)
     items, labelled = _open(args, recipe.image_size, learner.channels if learner.channels == 1 else 3)
+    if statistics == "missing":
+        _clean_statistics(learner, items, device)
+        statistics = "clean (re-estimated on 512 of these images)"
     out = Path(args.out)
     identity = {"data": args.data, "checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which}
-    identity.update(dtype=args.dtype, step=int(checkpoint.get("step", 0)))
+    identity.update(dtype=args.dtype, step=int(checkpoint.get("step", 0)), bn_stats=args.bn_stats)
     state = _read_state(out, args, identity)
     out.mkdir(parents=True, exist_ok=True)
     outputs = _Outputs(out, len(items), learner.representation_size, args.dtype, labelled, state)  # type: ignore[arg-type]
@@ -293,7 +306,7 @@ def run_embed(args: argparse.Namespace) -> int:
         outputs.flush(identity)
         outputs.close(final=finished)
     summary = {**identity, "model": recipe.model, "rows": outputs.vectors.rows, "dim": learner.representation_size}
-    summary.update(broken=outputs.broken, labels=labelled, image_size=recipe.image_size)
+    summary.update(broken=outputs.broken, labels=labelled, image_size=recipe.image_size, bn_stats=statistics)
     _write_json(out / "embed.json", summary)
     (out / STATE).unlink(missing_ok=True)
     left = f"; {outputs.broken} unreadable images left out" if outputs.broken else ""

@@ -278,6 +278,14 @@ def _add_runtime_flags(a: Any) -> None:
         default=5,
         help="run the kNN monitor every N epochs and at the end (default: %(default)s)",
     )
+    a(
+        "--bn-stats",
+        choices=["clean", "trained"],
+        default="clean",
+        help="BatchNorm statistics of what leaves training (the kNN monitor, and the clean_bn entry of each "
+        "checkpoint, which export/eval/embed use): clean = re-estimated on 512 un-augmented training images; "
+        "trained = the running statistics of the augmented views (default: %(default)s)",
+    )
     a("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
     a(
         "--wandb",

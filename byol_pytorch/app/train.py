@@ -36,8 +36,19 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from .._discovery import infer_channels
+from ..augment import BYOLAugment
+from ..batchnorm import batchnorm_layers, batchnorm_state, clean_statistics
 from ..byol import BYOL
-from ..data import DATA_FORMS, ShardReading, data_kind, load_size_for, make_loader, match_channels, open_unlabelled
+from ..data import (
+    DATA_FORMS,
+    ShardReading,
+    data_kind,
+    load_size_for,
+    make_loader,
+    match_channels,
+    open_unlabelled,
+    sample_images,
+)
 from ..data.file_index import INDEX_CACHE_NAME, load_or_scan
 from ..data.folder import ImageFolder, NoReadableImagesError
 from ..data.sampling import DataOrder, EpochSampler, step_batches
@@ -69,8 +80,13 @@ from .errors import UserError, warn
 from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
 from .recipe import SHUFFLE_BUFFER, add_train_arguments, check_sizes, get_args_parser, plain, resolve_recipe, run_length
 
+CLEAN_IMAGES = 512
+"""Un-augmented training images whose BatchNorm statistics go with what leaves training (--bn-stats clean)."""
+
 __all__ = [
+    "CLEAN_IMAGES",
     "Run",
+    "clean_batchnorm",
     "add_train_arguments",
     "finish",
     "get_args_parser",
@@ -106,6 +122,7 @@ class Run:
     skip_warned: bool = False  # the skipped-files warning was given
     metrics: MetricsLog | None = None  # open from ``run`` until ``finish`` (W&B gets the pictures there)
     dataset_digest: str | None = None  # an image folder's file list (``FileIndex.digest``), in checkpoints
+    clean_images: torch.Tensor | None = None  # rank 0, --bn-stats clean: 512 un-augmented training images
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -441,6 +458,9 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         resumed_from=resumed_from,
     )
     prepared.dataset_digest = dataset.paths.digest() if isinstance(dataset, ImageFolder) else None
+    if ctx.is_main and getattr(args, "bn_stats", "trained") == "clean" and batchnorm_layers(learner.net):
+        index = dataset.paths if isinstance(dataset, ImageFolder) else None  # no second scan of a folder
+        prepared.clean_images = _clean_images(str(data), recipe, args, index)
     _restore(checkpoint, prepared)
     if prepared.state.step < total:
         prepared.model = prepare_model(learner, ctx, compile=args.compile)
@@ -460,6 +480,41 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
             "sockets, devices, broken links) and were passed over"
         )
     return prepared
+
+
+def _clean_images(data: str, recipe: Recipe, args: argparse.Namespace, index: Any = None) -> torch.Tensor:
+    """512 un-augmented training images at the views' size, spread over the data (``data.sample_images``)."""
+    try:
+        source = open_unlabelled(
+            data, recipe.image_size, recipe.channels, image_column=args.image_column, split=args.hf_split, index=index
+        )
+        return sample_images(source, CLEAN_IMAGES)
+    except (ValueError, RuntimeError) as error:
+        raise UserError(f"--bn-stats clean: {error}") from None
+
+
+def clean_batchnorm(learner: BYOL, images: torch.Tensor | None) -> dict[str, dict[str, torch.Tensor]]:
+    """The BatchNorm statistics of the online and the target backbones on clean ``images`` (none: ``{}``).
+
+    Computed on the live networks and given back at once (``batchnorm.clean_statistics``): the
+    training itself is not changed. Checkpoints keep them as ``clean_bn``; export, eval and embed
+    load them into what they hand out.
+    """
+    if images is None:
+        return {}
+    normalize = learner.augment1.normalize if isinstance(learner.augment1, BYOLAugment) else _unit_float
+    device = next(learner.parameters()).device
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    nets = {"online": learner.net, "target": learner.target_encoder.net if learner.target_encoder else None}
+    for name, net in nets.items():
+        if net is not None:
+            with clean_statistics(net, images.to(device), transform=normalize) as clean:
+                out[name] = {k: v.cpu() for k, v in batchnorm_state(clean).items()}
+    return out
+
+
+def _unit_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255 if x.dtype == torch.uint8 else x
 
 
 # ---------------------------------------------------------------------- run
@@ -489,6 +544,7 @@ class Checkpointer:
                     "scaler": run.scaler.state_dict() if run.scaler else {},
                     "rng": rng_states,
                     "args": run.run_args,
+                    "clean_bn": clean_batchnorm(run.learner, run.clean_images),
                 },
             )
         run.ctx.barrier()
@@ -570,6 +626,7 @@ def run(prepared: Run) -> TrainState:
                 1 if recipe.in_chans == 1 else 3,
                 ctx.device,
                 workers=min(prepared.workers, 4),
+                clean_images=prepared.clean_images,
             )
             if args.val_data and ctx.is_main
             else None

@@ -37,6 +37,7 @@ from .sources import (
     labelled_split,
     open_labelled,
     open_unlabelled,
+    sample_images,
 )
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "open_labelled",
     "open_unlabelled",
     "read_or_next",
+    "sample_images",
 ]
 
 

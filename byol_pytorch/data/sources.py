@@ -39,6 +39,7 @@ __all__ = [
     "data_kind",
     "embedding_items",
     "first_items",
+    "sample_images",
     "labelled_split",
     "open_labelled",
     "open_unlabelled",
@@ -320,6 +321,30 @@ def embedding_items(dataset: Dataset) -> Dataset:
             f"embedding_items needs a dataset from open_unlabelled/open_labelled, got {type(dataset).__name__}"
         )
     return _EmbeddingItems(dataset)
+
+
+def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
+    """Up to ``count`` readable images of a source, spread over it: ``uint8 (n, C, S, S)``.
+
+    Map-style data (items whose first entry is the image): ``count`` indices evenly spaced over
+    the whole dataset (a folder sorted by class gives every class its share), broken ones
+    replaced as the dataset replaces them. A stream (tar shards): its first ``count`` readable
+    images. For the BatchNorm statistics of clean images (``recalibrate_batchnorm``).
+    """
+    images: list[torch.Tensor] = []
+    if isinstance(dataset, IterableDataset):
+        for item in dataset:
+            if len(item) < 4 or item[3]:  # ShardSamples' (image, label, key, readable)
+                images.append(item[0])
+            if len(images) >= count:
+                break
+    else:
+        n = len(dataset)  # type: ignore[arg-type]
+        indices = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
+        images = [dataset[int(i)][0] for i in indices]
+    if not images:
+        raise ValueError("no readable image to estimate BatchNorm statistics from")
+    return torch.stack(images)
 
 
 def first_items(dataset: Dataset, count: int, pick: Callable[[int], list[int]] | None = None) -> list[Any]:

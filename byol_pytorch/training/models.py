@@ -9,16 +9,19 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .._atomic import atomic_write
 from .._discovery import infer_channels, probe_backbone
 from .._modules import PathLike
 from ..augment import BYOLAugment
+from ..batchnorm import batchnorm_layers, load_batchnorm_state
 from ..byol import BYOL
 from .checkpoint import load_checkpoint
 from .recipe import Recipe
@@ -31,6 +34,8 @@ __all__ = [
     "classifier_name",
     "close_model_names",
     "export_backbone",
+    "learner_from_checkpoint",
+    "load_clean_statistics",
     "strip_classifier",
 ]
 
@@ -204,7 +209,79 @@ def _recipe_views(recipe: Recipe, net: nn.Module) -> tuple[BYOLAugment, BYOLAugm
     return one, two
 
 
-def export_backbone(checkpoint_path: PathLike, out_path: PathLike, which: str = "online") -> Path:
+def load_clean_statistics(net: nn.Module, checkpoint: dict[str, Any], which: str) -> str:
+    """Load the checkpoint's clean BatchNorm statistics of ``which`` into ``net``; what it holds now.
+
+    Returns ``"clean"``, ``"trained"`` (no clean statistics in the checkpoint: warned) or ``"none"``
+    (a net without BatchNorm).
+    """
+    if not batchnorm_layers(net):
+        return "none"
+    clean = (checkpoint.get("clean_bn") or {}).get(which)
+    if not clean:
+        warnings.warn(
+            "the checkpoint holds no clean BatchNorm statistics (written before 1.2.0, or with --bn-stats trained, "
+            "or before its first step): the trained ones are used",
+            UserWarning,
+            stacklevel=3,
+        )
+        return "trained"
+    load_batchnorm_state(net, clean)
+    return "clean"
+
+
+def learner_from_checkpoint(
+    path: PathLike, device: torch.device | str = "cpu", which: str = "online", bn_stats: str = "clean"
+) -> tuple[BYOL, dict[str, Any], str]:
+    """The learner a ``byol-pytorch train`` checkpoint holds, ready to embed images (eval mode).
+
+    Args:
+        path: the checkpoint.
+        device: where the learner goes.
+        which: ``"online"`` or ``"target"``: the network whose weights the learner's online
+            encoder (what ``learner(x, return_embedding=True)`` runs) gets.
+        bn_stats: ``"clean"`` loads the checkpoint's clean BatchNorm statistics (``clean_bn``)
+            where it holds them; ``"trained"`` keeps the running statistics of the views.
+
+    Returns:
+        ``(learner, checkpoint, statistics)``: statistics is ``"clean"``, ``"trained"``,
+        ``"none"`` (no BatchNorm) or ``"missing"`` (clean ones asked for but not in the checkpoint:
+        the caller may re-estimate them on its data, ``batchnorm.recalibrate_batchnorm``).
+
+    Raises:
+        FileNotFoundError, ValueError, TypeError: not a checkpoint of a trained network, or a target
+            asked for before the first step.
+    """
+    from .checkpoint import load_checkpoint, load_state
+
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint.get("args")
+    if not isinstance(saved, dict) or "learner" not in checkpoint or not saved.get("model"):
+        raise ValueError(f"{path} holds no trained network")
+    learner = build_learner(Recipe.from_dict(saved)).to(device)
+    load_state(learner, checkpoint, "learner", path)
+    if which == "target":
+        if learner.target_encoder is None:
+            raise ValueError(f"{path} has no target network yet (no step was taken)")
+        learner.online_encoder.load_state_dict(learner.target_encoder.state_dict())
+    elif which != "online":
+        raise ValueError(f"which must be 'online' or 'target', got {which!r}")
+    statistics = "trained"
+    if not batchnorm_layers(learner.net):
+        statistics = "none"
+    elif bn_stats == "clean":
+        clean = (checkpoint.get("clean_bn") or {}).get(which)
+        if clean:
+            load_batchnorm_state(learner.net, clean)
+            statistics = "clean"
+        else:
+            statistics = "missing"
+    return learner.eval(), checkpoint, statistics
+
+
+def export_backbone(
+    checkpoint_path: PathLike, out_path: PathLike, which: str = "online", bn_stats: str = "clean"
+) -> Path:
     """Write the trained backbone, without its classifier, as a safetensors file.
 
     The file loads with ``strict=True`` into ``timm.create_model(NAME, num_classes=0)``
@@ -217,6 +294,9 @@ def export_backbone(checkpoint_path: PathLike, out_path: PathLike, which: str = 
         checkpoint_path: a checkpoint written by ``byol-pytorch train``.
         out_path: the ``.safetensors`` file to write (atomically).
         which: ``"online"`` (the paper keeps the online encoder) or ``"target"``.
+        bn_stats: ``"clean"``: the BatchNorm statistics re-estimated on clean training images that
+            ``byol-pytorch train`` saves in each checkpoint (``clean_bn``), where it holds them (else
+            the trained ones, with a warning); ``"trained"``: the running statistics of the views.
 
     Returns:
         The path written.
@@ -233,6 +313,8 @@ def export_backbone(checkpoint_path: PathLike, out_path: PathLike, which: str = 
         raise ValueError(f"{str(checkpoint_path)!r} holds no trained network ('learner' and 'args' are missing)")
     if which not in ("online", "target"):
         raise ValueError(f"which must be 'online' or 'target', got {which!r}")
+    if bn_stats not in ("clean", "trained"):
+        raise ValueError(f"bn_stats must be 'clean' or 'trained', got {bn_stats!r}")
     prefix = f"{which}_encoder.net."
     state = {k[len(prefix) :]: v for k, v in learner_state.items() if k.startswith(prefix)}
     if not state:
@@ -245,6 +327,7 @@ def export_backbone(checkpoint_path: PathLike, out_path: PathLike, which: str = 
             f"{str(checkpoint_path)!r}: its {which} network does not fit the {args['model']!r} its recipe builds "
             f"({' '.join(str(error).split())[:300]}); the file was edited or written by another version"
         ) from None
+    used = load_clean_statistics(net, checkpoint, which) if bn_stats == "clean" else "trained"
     net.eval()
     strip_classifier(net, args["model"], int(args["image_size"]))
     tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
@@ -254,5 +337,6 @@ def export_backbone(checkpoint_path: PathLike, out_path: PathLike, which: str = 
         "step": str(checkpoint.get("step")),
         "in_chans": str(args.get("in_chans")),
         "which": which,
+        "bn_stats": used,
     }
     return atomic_write(out_path, lambda temp: save_file(tensors, temp, metadata=metadata))

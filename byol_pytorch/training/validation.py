@@ -8,6 +8,7 @@ learner's backbone and scores weighted kNN (``evaluate.knn_accuracy``). ``byol-p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -15,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from ..augment import BYOLAugment
+from ..batchnorm import batchnorm_layers, clean_statistics
 from ..data import labelled_split, make_loader, match_channels
 from .evaluate import extract_features, knn_accuracy
 
@@ -40,16 +43,27 @@ class KnnMonitor:
         device: where features are computed.
         batch_size: images per forward.
         workers: loader processes.
+        clean_images: un-augmented training images (uint8); given, each evaluation runs with the
+            backbone's BatchNorm statistics re-estimated on them (``batchnorm.clean_statistics``:
+            the trained statistics are given back after), as what leaves training carries them.
 
     Raises:
         ValueError: data without labels, or too little of it (one line naming the spec).
     """
 
     def __init__(
-        self, root: str, load_size: int, channels: int, device: torch.device, batch_size: int = 256, workers: int = 0
+        self,
+        root: str,
+        load_size: int,
+        channels: int,
+        device: torch.device,
+        batch_size: int = 256,
+        workers: int = 0,
+        clean_images: torch.Tensor | None = None,
     ):
         self.bank, self.queries = labelled_split(root, load_size, channels)
         self.device, self.batch_size, self.workers = device, batch_size, workers
+        self.clean_images = clean_images
         self.num_classes: int | None = None
 
     def _features(self, learner: nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,10 +74,21 @@ class KnnMonitor:
 
     def features(self, learner: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(bank_features, bank_labels, query_features, query_labels)`` of the learner's backbone."""
-        bank, bank_labels = self._features(learner, self.bank)
-        queries, query_labels = self._features(learner, self.queries)
+        with self._statistics(learner):
+            bank, bank_labels = self._features(learner, self.bank)
+            queries, query_labels = self._features(learner, self.queries)
         self.num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
         return bank, bank_labels, queries, query_labels
+
+    def _statistics(self, learner: nn.Module) -> contextlib.AbstractContextManager:
+        """The clean BatchNorm statistics for the evaluation, when clean images were given."""
+        net = getattr(learner, "net", None)
+        if self.clean_images is None or net is None or not batchnorm_layers(net):
+            return contextlib.nullcontext()
+        augment = getattr(learner, "augment1", None)
+        normalize = augment.normalize if isinstance(augment, BYOLAugment) else (lambda x: x.float() / 255)
+        device = next(learner.parameters()).device
+        return clean_statistics(net, self.clean_images.to(device), transform=normalize)
 
     def __call__(self, learner: nn.Module) -> float:
         """The kNN top-1 accuracy in [0, 1] of the queries against the bank."""

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from byol_pytorch.app import cli
+from byol_pytorch.batchnorm import load_batchnorm_state
 from byol_pytorch.data import embedding_items, open_labelled, open_unlabelled
 from byol_pytorch.training.checkpoint import load_checkpoint, load_state
 from byol_pytorch.training.models import build_learner
@@ -78,6 +79,7 @@ def _learner_vectors(checkpoint_path, spec: str, labelled: bool) -> tuple[dict[s
     saved = load_checkpoint(checkpoint_path)
     learner = build_learner(Recipe.from_dict(saved["args"]))
     load_state(learner, saved, "learner", checkpoint_path)
+    load_batchnorm_state(learner.net, saved["clean_bn"]["online"])  # embed's default: the clean statistics
     learner.eval()
     opened = (open_labelled if labelled else open_unlabelled)(spec, int(saved["args"]["image_size"]), 3)
     vectors, labels = {}, {}

@@ -255,3 +255,32 @@ def test_resume_reuses_the_cached_index_and_warns_when_names_changed(messy, tmp_
     assert walks == [str(messy)]
     assert "the file list of the data changed since the checkpoint (still 26 images" in capsys.readouterr().err
     assert load_checkpoint(out / "last.pt")["dataset_digest"] != index.digest()
+
+
+def test_checkpoints_carry_clean_batchnorm_statistics_without_changing_training(
+    tmp_path, make_messy_folder, tiny_flags
+):
+    from byol_pytorch.app import cli
+    from byol_pytorch.batchnorm import batchnorm_state
+    from byol_pytorch.training.checkpoint import load_checkpoint
+    from byol_pytorch.training.models import learner_from_checkpoint
+
+    data = make_messy_folder(tmp_path / "images")
+    runs = {}
+    for stats in ("clean", "trained"):
+        out = tmp_path / stats
+        argv = ["train", "--data", str(data), "--out", str(out), *tiny_flags, "--max-steps", "3", "--bn-stats", stats]
+        assert cli.main(argv) == 0
+        runs[stats] = load_checkpoint(out / "last.pt")
+    clean, trained = runs["clean"], runs["trained"]
+    assert set(clean["clean_bn"]) == {"online", "target"} and trained["clean_bn"] == {}
+    for name, value in trained["learner"].items():  # computing them changed nothing of the training
+        assert torch.equal(value, clean["learner"][name]), name
+    learner, _, statistics = learner_from_checkpoint(tmp_path / "clean" / "last.pt")
+    assert statistics == "clean"
+    net_stats = batchnorm_state(learner.net)
+    assert all(torch.equal(net_stats[k], v) for k, v in clean["clean_bn"]["online"].items())
+    key = next(k for k in net_stats if k.endswith("running_mean"))
+    assert not torch.equal(clean["learner"][f"online_encoder.net.{key}"], net_stats[key])  # not the views' ones
+    _, _, old = learner_from_checkpoint(tmp_path / "trained" / "last.pt")
+    assert old == "missing"

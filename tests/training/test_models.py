@@ -30,7 +30,7 @@ def test_export_timm_loads_strictly_and_via_pretrained_cfg_overlay(tmp_path, mon
     from safetensors.torch import load_file
 
     path, learner = _trained_checkpoint(tmp_path, RECIPE)
-    out = export_backbone(path, tmp_path / "backbone.safetensors")
+    out = export_backbone(path, tmp_path / "backbone.safetensors", bn_stats="trained")
     tensors = load_file(out)
     assert not any(k.startswith("fc.") for k in tensors)
     model = timm.create_model("resnet10t", num_classes=0)
@@ -48,12 +48,36 @@ def test_export_timm_loads_strictly_and_via_pretrained_cfg_overlay(tmp_path, mon
         torch.testing.assert_close(model(x), learner.net.forward_head(learner.net.forward_features(x), pre_logits=True))
 
 
+def test_export_carries_the_clean_batchnorm_statistics_of_the_checkpoint(tmp_path):
+    from safetensors.torch import load_file, safe_open
+
+    from byol_pytorch.batchnorm import batchnorm_state
+    from byol_pytorch.training.checkpoint import load_checkpoint
+
+    path, learner = _trained_checkpoint(tmp_path, RECIPE)
+    with pytest.warns(UserWarning, match="no clean BatchNorm statistics"):
+        trained = load_file(export_backbone(path, tmp_path / "old.safetensors"))  # a checkpoint without them
+    clean = {k: v + 1 for k, v in batchnorm_state(learner.net).items() if "num_batches" not in k}
+    clean.update({k: v for k, v in batchnorm_state(learner.net).items() if "num_batches" in k})
+    checkpoint = load_checkpoint(path)
+    save_checkpoint(path, {**checkpoint, "clean_bn": {"online": clean}})
+    out = export_backbone(path, tmp_path / "clean.safetensors")
+    tensors = load_file(out)
+    assert torch.equal(tensors["bn1.running_mean"], clean["bn1.running_mean"])
+    assert torch.equal(tensors["bn1.running_mean"], trained["bn1.running_mean"] + 1)
+    assert torch.equal(tensors["conv1.0.weight"], trained["conv1.0.weight"])  # only the statistics differ
+    with safe_open(str(out), "pt") as handle:
+        assert handle.metadata()["bn_stats"] == "clean"
+    as_trained = load_file(export_backbone(path, tmp_path / "t.safetensors", bn_stats="trained"))
+    assert torch.equal(as_trained["bn1.running_mean"], trained["bn1.running_mean"])
+
+
 def test_export_target_differs_from_online(tmp_path):
     from safetensors.torch import load_file
 
     path, _ = _trained_checkpoint(tmp_path, RECIPE)
-    online = load_file(export_backbone(path, tmp_path / "online.safetensors"))
-    target = load_file(export_backbone(path, tmp_path / "target.safetensors", which="target"))
+    online = load_file(export_backbone(path, tmp_path / "online.safetensors", bn_stats="trained"))
+    target = load_file(export_backbone(path, tmp_path / "target.safetensors", which="target", bn_stats="trained"))
     assert online.keys() == target.keys()
     assert not torch.equal(online["conv1.0.weight"], target["conv1.0.weight"])
 
@@ -64,7 +88,7 @@ def test_export_torchvision_replaces_classifier_with_identity(tmp_path):
 
     recipe = dict(RECIPE, model="torchvision:resnet18")
     path, _ = _trained_checkpoint(tmp_path, recipe)
-    tensors = load_file(export_backbone(path, tmp_path / "r18.safetensors"))
+    tensors = load_file(export_backbone(path, tmp_path / "r18.safetensors", bn_stats="trained"))
     model = torchvision.models.resnet18()
     model.fc = nn.Identity()
     model.load_state_dict(tensors, strict=True)
@@ -174,7 +198,7 @@ def test_cifar_resnet18_has_the_cifar_stem_and_exports_without_classifier(tmp_pa
     assert build_backbone("cifar_resnet18", in_chans=1).conv1.in_channels == 1
     recipe = dict(RECIPE, model="cifar_resnet18", image_size=16)
     path, learner = _trained_checkpoint(tmp_path, recipe)
-    tensors = load_file(export_backbone(path, tmp_path / "backbone.safetensors"))
+    tensors = load_file(export_backbone(path, tmp_path / "backbone.safetensors", bn_stats="trained"))
     assert not any(k.startswith("fc.") for k in tensors)
     # The file loads strictly into torchvision's resnet18 with the same stem and no classifier.
     model = torchvision.models.resnet18(weights=None)
