@@ -25,8 +25,14 @@ def one_line(message: object) -> str:
 
 
 def warn(message: str) -> None:
-    """One warning line on stderr, prefixed like the command's errors."""
-    print(f"{PROG}: warning: {one_line(message)}", file=sys.stderr, flush=True)
+    """One warning line on stderr, prefixed like the command's errors (above a progress bar, not inside it)."""
+    line = f"{PROG}: warning: {one_line(message)}"
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(line, file=sys.stderr, flush=True)
+        return
+    tqdm.write(line, file=sys.stderr)
 
 
 DEBUG_ENV = "BYOL_PYTORCH_DEBUG"

@@ -114,6 +114,15 @@ class _WandbSink:
         self.run.finish()
 
 
+def _image_array(path: Path) -> Any:
+    """An image file as an (H, W, 3) uint8 array (what ``SummaryWriter.add_image`` takes)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
 class MetricsLog:
     """Appends metric rows to ``RUNDIR/metrics.jsonl`` and, optionally, TensorBoard.
 
@@ -182,8 +191,11 @@ class MetricsLog:
             self.wandb_run.log(row)
 
     def close(self, pictures: Sequence[Path] = ()) -> None:
-        """Close TensorBoard; give W&B the ``pictures`` that exist (curves.png, views.png) and finish its run."""
+        """Give TensorBoard and W&B the ``pictures`` that exist (curves.png, views.png); close both."""
         if self.writer is not None:
+            for picture in pictures:
+                if Path(picture).is_file():
+                    self.writer.add_image(Path(picture).stem, _image_array(Path(picture)), dataformats="HWC")
             self.writer.close()
             self.writer = None
         if self.wandb_run is not None:

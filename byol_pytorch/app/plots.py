@@ -112,6 +112,26 @@ def _plot_projection_std(ax: Any, records: Sequence[Mapping[str, Any]]) -> None:
     right.tick_params(axis="y", colors="tab:red")
 
 
+def _plot_knn(ax: Any, records: Sequence[Mapping[str, Any]]) -> None:
+    """kNN accuracy from step 0, the untouched net's (``knn_reference``) as a labelled line; a readable axis."""
+    steps, knn = _series(records, "knn_acc")
+    _, references = _series(records, "knn_reference")
+    ax.set_title("kNN accuracy")
+    if not knn:
+        _empty_panel(ax, "no kNN monitor")
+        return
+    ax.plot(steps, knn, color="tab:green", marker="o", linewidth=1.5, label="BYOL")
+    values = list(knn)
+    if references:
+        reference = references[-1]
+        values.append(reference)
+        ax.axhline(reference, color="0.35", linestyle="--", linewidth=1.2, label=f"untouched net ({reference:.3f})")
+        ax.legend(loc="best")
+    low, high = min(values), max(values)
+    margin = max(0.02, 0.15 * (high - low))  # one point, or a flat curve, still gets a readable band
+    ax.set_ylim(max(0.0, low - margin), min(1.0, high + margin) if high <= 1.0 else high + margin)
+
+
 def plot_curves(
     metrics: PathLike | Iterable[Mapping[str, Any]],
     out_path: PathLike,
@@ -121,7 +141,8 @@ def plot_curves(
 
     Panels: loss (log scale when all positive and spanning at least a decade; raw in
     light colour with a smoothed line on top once there are 20 points), kNN accuracy
-    (points and line, or "no kNN monitor"), learning rate, and the target decay tau.
+    (points and line from step 0, the untouched net's ``knn_reference`` as a dashed line, the
+    axis framing both; or "no kNN monitor"), learning rate, and the target decay tau.
     When logged, ``proj_std`` (the collapse alarm's per-dimension std of the online
     projections) is drawn dashed on a log axis right of the loss.
     Records without a ``step`` and values that are missing, non-numeric or non-finite
@@ -130,7 +151,7 @@ def plot_curves(
 
     Args:
         metrics: path to a ``metrics.jsonl`` (one JSON object per line with ``step`` and
-            some of ``loss``, ``lr``, ``tau``, ``knn_acc``, ``proj_std``; an unfinished last line is
+            some of ``loss``, ``lr``, ``tau``, ``knn_acc``, ``knn_reference``, ``proj_std``; an unfinished last line is
             ignored), or the records themselves as dicts.
         out_path: image file to write (format from the suffix, e.g. ``.png``); parent
             folders are created.
@@ -176,12 +197,7 @@ def plot_curves(
     ax_loss.set_title("loss")
     _plot_projection_std(ax_loss, records)
 
-    steps, knn = _series(records, "knn_acc")
-    if knn:
-        ax_knn.plot(steps, knn, color="tab:green", marker="o", linewidth=1.5)
-    else:
-        _empty_panel(ax_knn, "no kNN monitor")
-    ax_knn.set_title("kNN accuracy")
+    _plot_knn(ax_knn, records)
 
     for ax, key, label, color in (
         (ax_lr, "lr", "learning rate", "tab:orange"),
@@ -189,16 +205,18 @@ def plot_curves(
     ):
         steps, values = _series(records, key)
         if values:
-            ax.plot(steps, values, color=color, linewidth=1.5)
+            ax.plot(steps, values, color=color, linewidth=1.5, marker="." if len(values) < 20 else None)
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
         else:
             _empty_panel(ax, f"no {key} logged")
         ax.set_title(label)
 
+    last = max((float(r["step"]) for r in records if isinstance(r.get("step"), (int, float))), default=0.0)
     for ax in (ax_loss, ax_knn, ax_lr, ax_tau):
         if ax.has_data():
             ax.set_xlabel("step")
             ax.grid(True, alpha=0.3)
+            ax.set_xlim(-0.03 * max(last, 1.0), max(last, 1.0) * 1.03)  # every panel from step 0 to the last
     if title:
         figure.suptitle(title)
     return _save(figure, out_path)

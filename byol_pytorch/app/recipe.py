@@ -29,6 +29,7 @@ from .errors import UserError
 __all__ = [
     "DEFAULT_EPOCHS",
     "PRESETS",
+    "RECIPE_ADVICE",
     "RECIPE_DEFAULTS",
     "SHUFFLE_BUFFER",
     "add_train_arguments",
@@ -43,6 +44,11 @@ __all__ = [
 
 RECIPE_DEFAULTS: dict[str, Any] = Recipe().to_dict()  # the paper's: resnet50, 224 px, LARS, Table 6 views
 DEFAULT_EPOCHS = 100
+RECIPE_ADVICE = (
+    "What to try, by backbone (README, 'A recipe for the backbone'): BatchNorm convnets, mobile ones above all "
+    "(MobileNet, EfficientNet, GhostNet): --optimizer sgd; a lower --lr or a longer --warmup-epochs; and check "
+    "that --val-data holds the kind of images you train on"
+)
 SHUFFLE_BUFFER = 1000  # as webdataset's examples; held as header positions, so memory is no concern
 
 _SOLO = "solo-learn scripts/pretrain/cifar/byol.yaml"
@@ -270,13 +276,14 @@ def _add_runtime_flags(a: Any) -> None:
     a("--log-every", type=int, default=10, help="write metrics every N steps (default: %(default)s)")
     a(
         "--val-data",
-        help="labelled folder (one sub-folder per class), or cifar10:ROOT / cifar100:ROOT, for a kNN accuracy monitor",
+        help="labelled data (a folder of class sub-folders, cifar10:ROOT / cifar100:ROOT, hf:, shards) for a kNN "
+        "accuracy monitor; it measures the untouched net first, as the run's reference (--resume keeps the run's)",
     )
     a(
         "--val-every",
         type=int,
-        default=5,
-        help="run the kNN monitor every N epochs and at the end (default: %(default)s)",
+        default=None,
+        help="run the kNN monitor every N epochs and at the end (default: the run's on --resume, else 5)",
     )
     a(
         "--bn-stats",

@@ -27,6 +27,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,19 @@ from ..training.engine import (
 from ..training.models import build_backbone, build_learner
 from ..training.optim import build_recipe_optimizer, resync_lr, warmup_cosine_scheduler
 from ..training.recipe import Recipe
-from ..training.validation import KnnMonitor
+from ..training.validation import BelowReference, KnnMonitor
 from .errors import UserError, warn
 from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
-from .recipe import SHUFFLE_BUFFER, add_train_arguments, check_sizes, get_args_parser, plain, resolve_recipe, run_length
+from .recipe import (
+    RECIPE_ADVICE,
+    SHUFFLE_BUFFER,
+    add_train_arguments,
+    check_sizes,
+    get_args_parser,
+    plain,
+    resolve_recipe,
+    run_length,
+)
 
 CLEAN_IMAGES = 512
 """Un-augmented training images whose BatchNorm statistics go with what leaves training (--bn-stats clean)."""
@@ -123,6 +133,11 @@ class Run:
     metrics: MetricsLog | None = None  # open from ``run`` until ``finish`` (W&B gets the pictures there)
     dataset_digest: str | None = None  # an image folder's file list (``FileIndex.digest``), in checkpoints
     clean_images: torch.Tensor | None = None  # rank 0, --bn-stats clean: 512 un-augmented training images
+    knn_reference: float | None = None  # the untouched net's kNN accuracy (step 0), kept in checkpoints
+    below: BelowReference | None = None  # rank 0: says when the kNN falls below the reference
+    started: float = 0.0  # time.perf_counter() when this invocation started
+    start_step: int = 0  # the step this invocation started at
+    last_knn: float | None = None
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -412,6 +427,7 @@ def _data_changed(run: Run, shards: bool) -> None:
 
 def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     """Everything before the first step: folder, recipe, data, learner, state (restored on resume)."""
+    started = time.perf_counter()
     out = Path(args.out)
     try:
         resumed_from = _resume_path(args, out)
@@ -424,9 +440,10 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     recipe = resolve_recipe(args, Recipe.from_dict(saved_args) if saved_args else None)
     micro_batch = check_sizes(recipe, ctx)
     data = args.data or (saved_args or {}).get("data")
-    for key in ("shuffle_buffer", "image_column", "hf_split"):  # how the data is read: the run's, unless given
+    for key in ("shuffle_buffer", "image_column", "hf_split", "val_data", "val_every"):  # the run's, unless given
         if getattr(args, key, None) is None:
             setattr(args, key, (saved_args or {}).get(key))
+    args.val_every = 5 if args.val_every is None else args.val_every
     precision, workers = _runtime_options(args, ctx)
     net, recipe = _build_net(recipe, args, ctx)
     dataset, sampler, loader = _build_data(data, recipe, micro_batch, workers, ctx, args, out)
@@ -458,10 +475,14 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         resumed_from=resumed_from,
     )
     prepared.dataset_digest = dataset.paths.digest() if isinstance(dataset, ImageFolder) else None
+    prepared.started = started
+    reference = (checkpoint or {}).get("knn_reference")
+    prepared.knn_reference = float(reference) if isinstance(reference, (int, float)) else None
     if ctx.is_main and getattr(args, "bn_stats", "trained") == "clean" and batchnorm_layers(learner.net):
         index = dataset.paths if isinstance(dataset, ImageFolder) else None  # no second scan of a folder
         prepared.clean_images = _clean_images(str(data), recipe, args, index)
     _restore(checkpoint, prepared)
+    prepared.start_step = prepared.state.step
     if prepared.state.step < total:
         prepared.model = prepare_model(learner, ctx, compile=args.compile)
         if ctx.is_main:
@@ -545,6 +566,7 @@ class Checkpointer:
                     "rng": rng_states,
                     "args": run.run_args,
                     "clean_bn": clean_batchnorm(run.learner, run.clean_images),
+                    "knn_reference": run.knn_reference,
                 },
             )
         run.ctx.barrier()
@@ -565,7 +587,8 @@ def _hooks(prepared: Run, metrics: MetricsLog, monitor: KnnMonitor | None) -> li
 
     def validate(s: TrainState) -> None:
         if monitor is not None:
-            s.pending["knn_acc"] = monitor(prepared.learner)
+            s.pending["knn_acc"] = prepared.last_knn = monitor(prepared.learner)
+            _warn_below_reference(prepared, s, monitor)
         ctx.wait_for_main()  # the other ranks wait on a gloo group with a long timeout, not under NCCL's watchdog
 
     def log(s: TrainState) -> None:
@@ -649,6 +672,7 @@ def run(prepared: Run) -> TrainState:
         prepare=lambda x: match_channels(x, channels),
         check_every=None if ctx.device.type == "cpu" else min(10, args.log_every),
     )
+    _measure_reference(prepared, monitor, metrics)
     batches = step_batches(prepared.loader, prepared.sampler, state.epoch, state.position, recipe.accumulate)
     completed = False
     try:
@@ -660,6 +684,7 @@ def run(prepared: Run) -> TrainState:
             f"with --resume: {'the last checkpoint is kept' if prepared.saved_step >= 0 else 'no checkpoint yet'}"
         ) from error
     except DivergedError as error:
+        _closing_line(prepared, state, f"diverged at step {error.step}")
         kept = (
             f"the last good checkpoint {prepared.out / 'last.pt'} (step {prepared.saved_step}) is left as it was"
             if prepared.saved_step >= 0
@@ -675,6 +700,69 @@ def run(prepared: Run) -> TrainState:
             metrics.close()
     prepared.metrics = metrics  # closed by ``finish``, after W&B gets the pictures
     return state
+
+
+def _measure_reference(prepared: Run, monitor: KnnMonitor | None, metrics: MetricsLog) -> None:
+    """The untouched net's kNN accuracy, once, before the first step: the run's reference (a row at step 0).
+
+    A resumed run keeps the figure of its checkpoint (the net is no longer untouched); the
+    other ranks wait for rank 0's evaluation (``wait_for_main``).
+    """
+    args, ctx = prepared.args, prepared.ctx
+    if not args.val_data or prepared.state.step > 0 or prepared.knn_reference is not None:
+        return
+    if monitor is not None:
+        prepared.knn_reference = reference = monitor(prepared.learner)
+        metrics.write({"step": 0, "epoch": 0.0, "knn_acc": reference, "knn_reference": reference})
+    ctx.wait_for_main()
+
+
+def _warn_below_reference(prepared: Run, s: TrainState, monitor: KnnMonitor) -> None:
+    """One warning when the kNN has fallen below the untouched net's by more than the noise (after epoch 1)."""
+    reference, accuracy = prepared.knn_reference, prepared.last_knn
+    if reference is None or accuracy is None or s.epoch < 1:
+        return
+    if prepared.below is None:
+        prepared.below = BelowReference(reference, monitor.queries_scored)
+    gap = prepared.below.check(accuracy)
+    if gap is not None:
+        warn(
+            f"the kNN accuracy {accuracy:.4f} at step {s.step} (epoch {s.epoch}) is {gap:.4f} below the untouched "
+            f"net's {reference:.4f}, more than the evaluations' noise ({prepared.below.noise(accuracy):.4f} over "
+            f"{monitor.queries_scored} held-out images): training is losing what the net had. {RECIPE_ADVICE}"
+        )
+
+
+def _closing_line(prepared: Run, state: TrainState, outcome: str) -> None:
+    """The line on stdout that ends a run: steps, time, speed, kNN against the reference, checkpoint, what next."""
+    if not prepared.ctx.is_main:
+        return
+    now = time.perf_counter()
+    seconds, steps = now - prepared.started, state.step - prepared.start_step
+    training = now - state.start if state.start else seconds  # the loop's own time, evaluations included
+    speed = steps * prepared.recipe.batch_size / training if training > 0 else 0.0
+    knn = ""
+    if prepared.last_knn is not None:
+        knn = f"; kNN {prepared.last_knn:.4f}"
+        if prepared.knn_reference is not None:
+            knn += f" (untouched net {prepared.knn_reference:.4f}, {prepared.last_knn - prepared.knn_reference:+.4f})"
+    checkpoint = prepared.out / "last.pt"
+    saved = "no checkpoint written"
+    if checkpoint.exists():
+        saved = f"checkpoint {checkpoint}" + (f" (step {prepared.saved_step})" if prepared.saved_step >= 0 else "")
+    after = (
+        f". Next: byol-pytorch export {checkpoint} --out backbone.safetensors | byol-pytorch eval --data "
+        f"LABELLED --checkpoint {checkpoint} | byol-pytorch embed --data {prepared.run_args.get('data')} "
+        f"--checkpoint {checkpoint} --out embeddings/"
+        if checkpoint.exists()
+        else ""
+    )
+    print(
+        f"byol-pytorch: {outcome}: {steps} step{'' if steps == 1 else 's'} ({prepared.start_step} -> {state.step}) "
+        f"in {seconds / 60:.1f} min, "
+        f"{speed:.1f} img/s{knn}; {saved}{after}",
+        flush=True,
+    )
 
 
 def _release_workers(loader: DataLoader) -> None:
@@ -714,6 +802,7 @@ def finish(prepared: Run, state: TrainState) -> dict[str, Any]:
             file=sys.stderr,
             flush=True,
         )
+    _closing_line(prepared, state, "done" if stopped is None else f"stopped by {signal.Signals(stopped).name}")
     return {
         "step": state.step,
         "total": state.total,

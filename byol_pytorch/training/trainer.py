@@ -32,6 +32,7 @@ from ..data.sampling import DataOrder, EpochSampler, step_batches
 from ..data.shards import ShardDataset, make_shard_loader
 from .distributed import setup_distributed
 from .engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState, prepare_model
+from .validation import BelowReference, KnnMonitor
 
 __all__ = ["BYOLTrainer", "MockDataset"]
 
@@ -94,6 +95,11 @@ class BYOLTrainer(nn.Module):
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
         seed: seeds the data order and (plus the rank) the augmentations; None keeps
             the global generator as it is (offset by the rank under DDP).
+        val_data: labelled data (a spec, see ``data.labelled_split``) for a kNN monitor: the
+            untouched net is measured before the first step (the reference), then every
+            ``val_every`` steps and at the end; a ``UserWarning`` says when the accuracy falls
+            below the reference by more than the evaluations' noise (``validation.BelowReference``).
+        val_every: steps between kNN evaluations (default: ``checkpoint_every``).
     """
 
     step: torch.Tensor  # optimizer steps taken (a buffer, as in the incumbent)
@@ -118,6 +124,8 @@ class BYOLTrainer(nn.Module):
         device: str | None = None,
         precision: str = "fp32",
         seed: int | None = None,
+        val_data: str | None = None,
+        val_every: int | None = None,
     ):
         super().__init__()
         if num_train_steps < 1 or checkpoint_every < 1 or batch_size < 2:
@@ -148,6 +156,14 @@ class BYOLTrainer(nn.Module):
         self.checkpoint_folder = Path(checkpoint_folder)
         self.checkpoint_folder.mkdir(parents=True, exist_ok=True)
         self.precision, self.seed = precision, seed
+        self.val_every = int(val_every or checkpoint_every)
+        self.monitor = None
+        if val_data is not None and self.ctx.is_main:
+            channels = 1 if self.byol.channels == 1 else 3
+            self.monitor = KnnMonitor(val_data, image_size, channels, self.ctx.device, workers=num_workers)
+        self.knn: list[tuple[int, float]] = []  # (step, kNN accuracy); step 0 is the untouched net
+        self._validating = val_data is not None  # every rank: the monitor runs on rank 0, the others wait
+        self._below: BelowReference | None = None
         self.register_buffer("step", torch.tensor(0))
 
     def _data(
@@ -220,6 +236,7 @@ class BYOLTrainer(nn.Module):
             # checkpoint_every (1, every + 1, ...), as the incumbent counts
             Periodic(checkpoint, when=lambda s: s.stepped and (s.step - 1) % every == 0),
         ]
+        hooks += self._monitor_hooks()
         batches = step_batches(self.dataloader, self.sampler, 0, 0, 1)
         try:
             engine.run(batches, state, hooks)
@@ -228,4 +245,38 @@ class BYOLTrainer(nn.Module):
         self.step.fill_(state.step)
         self.save("checkpoint.final.pt")
         self.print("training complete")
-        return {"steps": state.step, "loss": state.loss}
+        result: dict[str, Any] = {"steps": state.step, "loss": state.loss}
+        if self.knn:
+            result.update(knn=self.knn[-1][1], knn_reference=self.knn[0][1])
+        return result
+
+    def _evaluate(self, step: int) -> None:
+        if self.monitor is not None:
+            accuracy = self.monitor(self.byol)
+            self.knn.append((step, accuracy))
+            self.print(f"step {step}: kNN accuracy {accuracy:.4f}" + (" (untouched net)" if step == 0 else ""))
+            if step > 0:
+                self._warn_below(step, accuracy)
+        self.ctx.wait_for_main()
+
+    def _warn_below(self, step: int, accuracy: float) -> None:
+        if self._below is None:
+            self._below = BelowReference(self.knn[0][1], self.monitor.queries_scored if self.monitor else 0)
+        gap = self._below.check(accuracy)
+        if gap is not None:
+            warnings.warn(
+                f"the kNN accuracy {accuracy:.4f} at step {step} is {gap:.4f} below the untouched net's "
+                f"{self._below.reference:.4f}, more than the evaluations' noise: training is losing what the net had; "
+                "try another optimizer (SGD with momentum for BatchNorm convnets), a lower learning_rate, or a warm-up",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _monitor_hooks(self) -> list[Periodic]:
+        """The kNN monitor: the untouched net now (the reference), then every ``val_every`` steps and at the end."""
+        if not self._validating:
+            return []
+        self._below = None
+        self.knn.clear()
+        self._evaluate(0)
+        return [Periodic(lambda s: self._evaluate(s.step), every=self.val_every, at_end=True)]

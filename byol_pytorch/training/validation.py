@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from ..batchnorm import batchnorm_layers, clean_statistics
 from ..data import labelled_split, make_loader, match_channels
 from .evaluate import extract_features, knn_accuracy
 
-__all__ = ["KnnMonitor", "split_labelled"]
+__all__ = ["BelowReference", "KnnMonitor", "knn_noise", "split_labelled"]
 
 
 def split_labelled(root: str, load_size: int, channels: int) -> tuple[Any, Any]:
@@ -65,6 +66,7 @@ class KnnMonitor:
         self.device, self.batch_size, self.workers = device, batch_size, workers
         self.clean_images = clean_images
         self.num_classes: int | None = None
+        self.queries_scored = 0  # held-out images of the last evaluation
 
     def _features(self, learner: nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         loader = make_loader(dataset, self.batch_size, self.workers, shuffle=False, drop_last=False, persistent=False)
@@ -93,4 +95,48 @@ class KnnMonitor:
     def __call__(self, learner: nn.Module) -> float:
         """The kNN top-1 accuracy in [0, 1] of the queries against the bank."""
         bank, bank_labels, queries, query_labels = self.features(learner)
+        self.queries_scored = len(queries)
         return float(knn_accuracy(bank, bank_labels, queries, query_labels, self.num_classes))
+
+
+def knn_noise(accuracy: float, queries: int) -> float:
+    """The binomial standard error of a kNN accuracy over ``queries`` held-out images."""
+    p = min(max(accuracy, 0.0), 1.0)
+    return math.sqrt(p * (1 - p) / max(queries, 1))
+
+
+class BelowReference:
+    """Says when a kNN evaluation falls below the untouched net's by more than the evaluations' noise.
+
+    The noise of the difference of two accuracies over the same ``queries`` held-out images is
+    estimated as binomial: ``sqrt(se_ref^2 + se_now^2)`` with ``se = sqrt(p (1 - p) / queries)``;
+    a gap counts when it exceeds twice that (about a 95% interval), and at least
+    ``1 / queries`` (one image). A gap is reported once; again only when it has widened by
+    more than the noise since the last report, never at every evaluation.
+
+    Args:
+        reference: the untouched net's kNN accuracy (step 0).
+        queries: the number of held-out images each evaluation scores.
+
+    Examples:
+        >>> watch = BelowReference(0.80, queries=1000)
+        >>> watch.check(0.79) is None, round(watch.check(0.70), 3), watch.check(0.69), round(watch.check(0.60), 3)
+        (True, 0.1, None, 0.2)
+    """
+
+    def __init__(self, reference: float, queries: int) -> None:
+        self.reference, self.queries = float(reference), int(queries)
+        self.reported: float | None = None  # the gap last reported
+
+    def noise(self, accuracy: float) -> float:
+        """Twice the standard error of ``reference - accuracy`` (at least one image's worth)."""
+        spread = math.hypot(knn_noise(self.reference, self.queries), knn_noise(accuracy, self.queries))
+        return max(2 * spread, 1 / max(self.queries, 1))
+
+    def check(self, accuracy: float) -> float | None:
+        """The gap ``reference - accuracy`` when it is to be reported now, else None."""
+        gap, noise = self.reference - accuracy, self.noise(accuracy)
+        if gap <= noise or (self.reported is not None and gap <= self.reported + noise):
+            return None
+        self.reported = gap
+        return gap

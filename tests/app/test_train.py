@@ -200,7 +200,8 @@ def test_val_data_runs_the_knn_monitor_and_draws_curves(messy, tmp_path, tiny_fl
     )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     with_knn = [r for r in rows if "knn_acc" in r]
-    assert [r["step"] for r in with_knn] == [6, 8]  # the end of epoch 1, and the end of the run
+    assert [r["step"] for r in with_knn] == [0, 6, 8]  # the untouched net, the end of epoch 1, the end of the run
+    assert with_knn[0]["knn_reference"] == with_knn[0]["knn_acc"]
     assert all(0.0 <= r["knn_acc"] <= 1.0 for r in with_knn)
     assert with_knn[-1]["knn_acc"] >= 0.5  # three plain colours, one held-out image per class
     with Image.open(out / "curves.png") as image:

@@ -1,0 +1,174 @@
+"""Issue 25: the kNN monitor's step-0 reference, the warning below it, and the closing line of a run."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from byol_pytorch.app import cli
+from byol_pytorch.app.fashion_mnist import DEFAULT_DATA_DIR, load_fashion_mnist
+from byol_pytorch.training.checkpoint import load_checkpoint
+from byol_pytorch.training.validation import BelowReference, knn_noise
+
+WARNING = "byol-pytorch: warning: the kNN accuracy"
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def closing_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if re.match(r"byol-pytorch: (done|stopped|diverged)", line)]
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory) -> tuple[Path, Path]:
+    """Real Fashion-MNIST test images as labelled folders: 10 per class to train on, 50 per class to validate."""
+    if not (Path(DEFAULT_DATA_DIR) / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("needs Debian's dataset-fashion-mnist (installed by .ci/run)")
+    images, labels = load_fashion_mnist(split="test")
+    root = tmp_path_factory.mktemp("fashion")
+    for name, start, count in (("train", 0, 10), ("val", 500, 50)):
+        for c in range(10):
+            folder = root / name / str(c)
+            folder.mkdir(parents=True)
+            for i, j in enumerate(np.flatnonzero(labels.numpy() == c)[start : start + count]):
+                Image.fromarray(images[j, 0].numpy()).save(folder / f"{i}.png")
+    return root / "train", root / "val"
+
+
+def train_fashion(fashion, out, tiny_flags, lr):
+    train, val = fashion
+    flags = list(tiny_flags)
+    flags[flags.index("--batch-size") + 1] = "16"
+    argv = ["train", "--data", str(train), "--out", str(out), *flags, "--epochs", "2", "--val-data", str(val)]
+    return cli.main([*argv, "--val-every", "1", "--optimizer", "sgd", "--lr", lr, "--log-every", "3"])
+
+
+def test_an_absurd_learning_rate_falls_below_the_untouched_net_and_warns_once(fashion, tmp_path, capsys, tiny_flags):
+    out = tmp_path / "run"
+    assert train_fashion(fashion, out, tiny_flags, lr="30") == 0
+    captured = capsys.readouterr()
+    knn = [(r["step"], r["knn_acc"]) for r in rows(out) if "knn_acc" in r]
+    reference = knn[0][1]
+    assert knn[0][0] == 0 and [s for s, _ in knn] == [0, 6, 12]
+    queries = 100  # every fifth of 500 validation images
+    noise = 2 * float(np.hypot(knn_noise(reference, queries), knn_noise(knn[1][1], queries)))
+    assert reference - knn[1][1] > noise  # the run did fall below its reference by more than the noise
+    warnings = [line for line in captured.err.replace("\r", "\n").splitlines() if line.startswith(WARNING)]
+    assert len(warnings) == 1, captured.err  # once: the gap at step 12 is no wider than at step 6
+    assert f"{knn[1][1]:.4f} at step 6" in warnings[0] and f"untouched net's {reference:.4f}" in warnings[0]
+    assert "--optimizer sgd" in warnings[0] and "100 held-out images" in warnings[0]
+    closing = closing_lines(captured.out)
+    assert len(closing) == 1
+    assert f"kNN {knn[-1][1]:.4f} (untouched net {reference:.4f}, {knn[-1][1] - reference:+.4f})" in closing[0]
+
+
+def test_a_healthy_run_stays_silent(fashion, tmp_path, capsys, tiny_flags):
+    out = tmp_path / "run"
+    assert train_fashion(fashion, out, tiny_flags, lr="0.05") == 0
+    assert WARNING not in capsys.readouterr().err
+    knn = [r["knn_acc"] for r in rows(out) if "knn_acc" in r]
+    assert len(knn) == 3 and min(knn[1:]) > knn[0] - 0.1
+
+
+def test_the_reference_is_logged_once_and_survives_a_resume(messy, tmp_path, tiny_flags, make_labelled, monkeypatch):
+    from byol_pytorch.training.validation import KnnMonitor
+
+    labelled = make_labelled(tmp_path / "labelled", per_class=5)
+    out = tmp_path / "run"
+    calls = []
+    original = KnnMonitor.__call__
+
+    def counting(self, learner):
+        calls.append(int(learner.ema_step))
+        return original(self, learner)
+
+    monkeypatch.setattr(KnnMonitor, "__call__", counting)
+    argv = ["train", "--data", str(messy), "--out", str(out), *tiny_flags, "--val-data", str(labelled)]
+    assert cli.main([*argv, "--max-steps", "6", "--val-every", "1"]) == 0
+    first = rows(out)
+    assert first[0] == {"step": 0, "epoch": 0.0, "knn_acc": first[0]["knn_acc"], "knn_reference": first[0]["knn_acc"]}
+    assert calls == [0, 6]  # the untouched net, then the end of epoch 1 (= the end of the run)
+    assert load_checkpoint(out / "last.pt")["knn_reference"] == first[0]["knn_reference"]
+
+    calls.clear()
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "12", "--workers", "0"]) == 0
+    assert calls == [12]  # not measured again: the resumed net is no longer untouched
+    after = rows(out)
+    assert [r["step"] for r in after if r.get("step") == 0] == [0]
+    assert [r for r in after if "knn_reference" in r] == [first[0]]
+    assert load_checkpoint(out / "last.pt")["knn_reference"] == first[0]["knn_reference"]
+
+
+def test_the_closing_line_names_the_checkpoint_that_exists(messy, tmp_path, capsys, tiny_flags):
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(messy), "--out", str(out), *tiny_flags, "--max-steps", "3", "--log-every", "1"]
+    assert cli.main(argv) == 0
+    (line,) = closing_lines(capsys.readouterr().out)
+    assert line.startswith("byol-pytorch: done: 3 steps (0 -> 3) in ")
+    match = re.search(r"; checkpoint (\S+) \(step 3\)\. Next: byol-pytorch export (\S+) ", line)
+    assert match and Path(match[1]) == out / "last.pt" == Path(match[2])
+    assert load_checkpoint(Path(match[1]))["step"] == 3
+    assert float(re.search(r"([\d.]+) img/s", line)[1]) > 0 and "kNN" not in line  # no monitor, no kNN
+    assert "byol-pytorch eval --data" in line and "byol-pytorch embed --data" in line
+
+
+def test_the_closing_line_of_a_diverged_run(messy, tmp_path, capsys, monkeypatch, tiny_flags):
+    from byol_pytorch import BYOL
+
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(messy), "--out", str(out), *tiny_flags, "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    original = BYOL.forward
+    monkeypatch.setattr(BYOL, "forward", lambda self, x, *a, **k: original(self, x, *a, **k) * float("nan"))
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "6", "--workers", "0"]) == 1
+    (line,) = closing_lines(capsys.readouterr().out)
+    assert line.startswith("byol-pytorch: diverged at step 3: 1 step (2 -> 3) in ")
+    assert f"checkpoint {out / 'last.pt'} (step 2)" in line and load_checkpoint(out / "last.pt")["step"] == 2
+
+
+def test_below_reference_noise_and_repeats():
+    watch = BelowReference(0.6, queries=400)
+    se = np.hypot(np.sqrt(0.6 * 0.4 / 400), np.sqrt(0.5 * 0.5 / 400))
+    assert watch.noise(0.5) == pytest.approx(2 * se)
+    assert watch.check(0.55) is None  # 0.05 < 2 se (0.069)
+    assert watch.check(0.5) == pytest.approx(0.1)
+    assert watch.check(0.48) is None  # wider, but not by more than the noise
+    assert watch.check(0.40) == pytest.approx(0.2)
+    assert watch.check(0.62) is None
+    assert BelowReference(1.0, queries=3).noise(1.0) == pytest.approx(1 / 3)  # never below one image
+
+
+def test_the_trainer_measures_the_untouched_net_first(tmp_path, make_labelled):
+    import timm
+
+    from byol_pytorch.training.trainer import BYOLTrainer, MockDataset
+
+    labelled = make_labelled(tmp_path / "labelled", per_class=5)
+    net = timm.create_model("resnet10t", num_classes=0, pretrained=False)
+    trainer = BYOLTrainer(
+        net,
+        dataset=MockDataset(32, 8),
+        image_size=32,
+        hidden_layer="auto",
+        learning_rate=1e-3,
+        num_train_steps=4,
+        batch_size=4,
+        checkpoint_every=2,
+        checkpoint_folder=str(tmp_path / "ckpt"),
+        byol_kwargs=dict(projection_size=16, projection_hidden_size=32),
+        seed=0,
+        val_data=str(labelled),
+    )
+    result = trainer()
+    assert [step for step, _ in trainer.knn] == [0, 2, 4]
+    assert result["knn_reference"] == trainer.knn[0][1] and result["knn"] == trainer.knn[-1][1]
+    assert all(0.0 <= accuracy <= 1.0 for _, accuracy in trainer.knn)
+    assert torch.is_tensor(trainer.step) and int(trainer.step) == 4
