@@ -17,6 +17,8 @@ from PIL import Image
 
 from byol_pytorch import BYOL
 
+pytest_plugins = ["ci_skips"]  # under CI, a skip for any reason but CUDA fails the session
+
 # The smallest `byol-pytorch train` recipe that still runs a real timm ResNet.
 TINY_FLAGS = (
     "--model",
@@ -283,3 +285,20 @@ def _seed_and_one_thread():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def record_fault():
+    """``record_fault(fault, injected, held, seconds=None)``: a row of docs/FAULTS.md (with ``BYOL_FAULTS_REPORT``)."""
+    import json
+    import os
+
+    def record(fault: str, injected: int, held: str, seconds: float | None = None) -> None:
+        target = os.environ.get("BYOL_FAULTS_REPORT")
+        if target:
+            with open(target, "a", encoding="utf-8") as handle:
+                handle.write(
+                    json.dumps({"fault": fault, "injected": injected, "held": held, "seconds": seconds}) + "\n"
+                )
+
+    return record

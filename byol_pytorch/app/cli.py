@@ -328,12 +328,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = debug_enabled(getattr(args, "debug", False))
     try:
         return COMMANDS[args.command](args)
-    except UserError as error:
-        _report(error, str(error), debug)
-        return 1
-    except OSError as error:
-        _report(error, describe_os_error(error), debug)
-        return 1
+    except Exception as error:
+        if getattr(error, "byol_pytorch_quiet", False) and not debug:
+            return 1  # under torchrun another process of the run prints the error line
+        if isinstance(error, UserError):
+            _report(error, str(error), debug)
+            return 1
+        if isinstance(error, OSError):
+            _report(error, describe_os_error(error), debug)
+            return 1
+        raise
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130

@@ -28,7 +28,8 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from ..data import (
     open_unlabelled,
     sample_images,
 )
-from ..data.file_index import INDEX_CACHE_NAME, load_or_scan
+from ..data.file_index import INDEX_CACHE_NAME, scan_with_cache
 from ..data.folder import ImageFolder, NoReadableImagesError
 from ..data.sampling import DataOrder, EpochSampler, step_batches
 from ..data.shards import ShardDataset, make_shard_loader
@@ -89,6 +90,7 @@ from .recipe import (
     resolve_recipe,
     run_length,
 )
+from .runlock import RunFolderLock
 
 CLEAN_IMAGES = 512
 """Un-augmented training images whose BatchNorm statistics go with what leaves training (--bn-stats clean)."""
@@ -138,6 +140,7 @@ class Run:
     started: float = 0.0  # time.perf_counter() when this invocation started
     start_step: int = 0  # the step this invocation started at
     last_knn: float | None = None
+    deferred: list[Callable[[], None]] = field(default_factory=list)  # writes made once the run folder is locked
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,16 +155,40 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as error:
         raise UserError(str(error)) from None
     try:
-        return train(args, ctx)
-    except RuntimeError as error:
-        if not (ctx.distributed and _is_peer_failure(error)):
-            raise
-        raise UserError(
-            f"lost the connection to another process of this run ({type(error).__name__}): it failed or was killed, "
-            "and its own error says why; fix that, then continue with --resume (the last checkpoint is kept)"
-        ) from error
+        try:
+            return train(args, ctx)
+        except RuntimeError as error:
+            if not (ctx.distributed and _is_peer_failure(error)):
+                raise
+            raise UserError(
+                f"lost the connection to another process of this run ({type(error).__name__}): it failed or "
+                "was killed, and its own error says why; fix that, then continue with --resume "
+                "(the last checkpoint is kept)"
+            ) from error
+    except Exception as error:
+        if ctx.distributed and not _claim_error_line(ctx):
+            error.byol_pytorch_quiet = True  # type: ignore[attr-defined]  # cli.main exits 1 without a line
+        raise
     finally:
         ctx.close()
+
+
+ERROR_CLAIM_KEY = "byol_pytorch/error_line"
+
+
+def _claim_error_line(ctx: DistContext) -> bool:
+    """Whether this process prints the run's error line: the first to fail claims it in the c10d store.
+
+    Under torchrun every process of a failed run would print its own line (and the others' lines
+    say only that a peer went away); the first process to get here wins an atomic ``add`` on the
+    process group's store and prints, the others exit with the same status quietly. Without a
+    reachable store, rank 0 prints.
+    """
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        return int(store.add(ERROR_CLAIM_KEY, 1)) == 1
+    except Exception:  # the store went away with its host: fall back to rank 0
+        return ctx.is_main
 
 
 def _last_line(error: BaseException) -> str:
@@ -181,23 +208,58 @@ def _is_peer_failure(error: RuntimeError) -> bool:
 
 
 def train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
-    """The training run of ``main`` in an existing process context (see ``main``)."""
-    prepared = prepare_run(args, ctx)
-    state = prepared.state
-    if state.step >= state.total:
-        if ctx.is_main:
-            print(
-                f"byol-pytorch: the checkpoint is at step {state.step}, the run's total is {state.total}: nothing to "
-                "do (pass a larger --max-steps or --epochs to train further)"
-            )
-        return {
-            "step": state.step,
-            "total": state.total,
-            "checkpoint": str(prepared.resumed_from),
-            "exit_code": 0,
-            "stopped_by": None,
-        }
-    return finish(prepared, run(prepared))
+    """The training run of ``main`` in an existing process context (see ``main``).
+
+    The run folder is locked (``runlock``; rank 0 holds it) before anything is written into it,
+    and every check that can refuse the run runs before that first write: a refused start
+    leaves the folder as it was.
+    """
+    out = Path(args.out)
+    lock = RunFolderLock(out) if ctx.is_main else None
+    try:
+        _lock(ctx, lock, create=False)  # a folder in use is refused at once (the lock file exists)
+        prepared = prepare_run(args, ctx)
+        state = prepared.state
+        if state.step >= state.total:
+            if ctx.is_main:
+                print(
+                    f"byol-pytorch: the checkpoint is at step {state.step}, the run's total is {state.total}: nothing "
+                    "to do (pass a larger --max-steps or --epochs to train further)"
+                )
+            return {
+                "step": state.step,
+                "total": state.total,
+                "checkpoint": str(prepared.resumed_from),
+                "exit_code": 0,
+                "stopped_by": None,
+            }
+        _lock(ctx, lock, create=True, recheck=lambda: _resume_path(args, out))
+        for write in prepared.deferred:  # the first writes into the run folder (rank 0's)
+            write()
+        return finish(prepared, run(prepared))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock(ctx: DistContext, lock: RunFolderLock | None, create: bool, recheck: Callable[[], Any] | None = None) -> None:
+    """Rank 0 takes the run folder's lock; every rank raises the same ``UserError`` when it cannot.
+
+    ``recheck`` runs on rank 0 once the lock is held, before the holder's line is written: what
+    the folder held before the lock (a run that ended meanwhile leaves its ``last.pt``).
+    """
+
+    def take() -> str | None:
+        assert lock is not None
+        try:
+            lock.acquire(create, check=recheck)
+        except UserError as error:
+            return str(error)
+        return None
+
+    refused = broadcast_from_main(ctx, take)
+    if refused:
+        raise UserError(refused)
 
 
 # ---------------------------------------------------------------------- prepare
@@ -295,19 +357,28 @@ def _build_data(
     ctx: DistContext,
     args: argparse.Namespace,
     out: Path,
+    deferred: list[Callable[[], None]],
 ) -> tuple[Any, DataOrder, DataLoader]:
     """The data in the net's channel count (``data.open_unlabelled``), its resumable order, the loader.
 
     An image folder is scanned by rank 0 alone, or its index reused from the run folder
-    (``OUT/file_index.npz``) while the folder is unchanged, and sent to the other ranks.
+    (``OUT/file_index.npz``) while the folder is unchanged, and sent to the other ranks; a new
+    index is saved by the writer appended to ``deferred``, once the run is sure to start.
     """
     if not data:
         raise UserError(f"--data is required: {DATA_FORMS}")
+
+    def scan() -> Any:
+        index, save = scan_with_cache(data, out / INDEX_CACHE_NAME)
+        if save is not None:
+            deferred.append(save)
+        return index
+
     try:
         kind = data_kind(data)
         index = None
         if kind == "folder":
-            index = broadcast_from_main(ctx, lambda: load_or_scan(data, out / INDEX_CACHE_NAME))
+            index = broadcast_from_main(ctx, scan)
         buffer = SHUFFLE_BUFFER if getattr(args, "shuffle_buffer", None) is None else args.shuffle_buffer
         if buffer < 0:
             raise ValueError(f"--shuffle-buffer must be 0 or more, got {buffer}")
@@ -446,7 +517,8 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     args.val_every = 5 if args.val_every is None else args.val_every
     precision, workers = _runtime_options(args, ctx)
     net, recipe = _build_net(recipe, args, ctx)
-    dataset, sampler, loader = _build_data(data, recipe, micro_batch, workers, ctx, args, out)
+    deferred: list[Callable[[], None]] = []  # writes into the run folder, made once the run is sure to start
+    dataset, sampler, loader = _build_data(data, recipe, micro_batch, workers, ctx, args, out, deferred)
     steps_per_epoch = sampler.batches_per_epoch // recipe.accumulate
     total, warmup = run_length(args, recipe, steps_per_epoch, int(checkpoint["total_steps"]) if checkpoint else None)
     learner, optimizer, scheduler, scaler = _build_learner(recipe, net, total, warmup, precision, args, ctx)
@@ -473,6 +545,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         state=TrainState(total=total),
         workers=workers,
         resumed_from=resumed_from,
+        deferred=deferred,
     )
     prepared.dataset_digest = dataset.paths.digest() if isinstance(dataset, ImageFolder) else None
     prepared.started = started
@@ -683,6 +756,10 @@ def run(prepared: Run) -> TrainState:
             f"--data: {_last_line(error)} (was the folder moved or removed during the run?); restore it and continue "
             f"with --resume: {'the last checkpoint is kept' if prepared.saved_step >= 0 else 'no checkpoint yet'}"
         ) from error
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not _out_of_memory(error):
+            raise
+        raise UserError(_out_of_memory_advice(prepared, state)) from error
     except DivergedError as error:
         _closing_line(prepared, state, f"diverged at step {error.step}")
         kept = (
@@ -700,6 +777,48 @@ def run(prepared: Run) -> TrainState:
             metrics.close()
     prepared.metrics = metrics  # closed by ``finish``, after W&B gets the pictures
     return state
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A CUDA (``torch.OutOfMemoryError``) or CPU allocator out-of-memory error."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return "out of memory" in text.lower() or "can't allocate memory" in text or "DefaultCPUAllocator" in text
+
+
+def _out_of_memory_advice(prepared: Run, state: TrainState) -> str:
+    """One line for an out-of-memory error in the step: the sizes, what is kept, and the fixes."""
+    recipe, ctx = prepared.recipe, prepared.ctx
+    micro = recipe.batch_size // (ctx.world_size * recipe.accumulate)
+    where = f"{ctx.device}" + (
+        f" ({torch.cuda.get_device_name(ctx.device)})"
+        if ctx.device.type == "cuda" and torch.cuda.is_available()
+        else ""
+    )
+    kept = (
+        f"the last checkpoint {prepared.out / 'last.pt'} (step {prepared.saved_step}) is kept"
+        if prepared.saved_step >= 0
+        else "no checkpoint had been written yet"
+    )
+    same_run = [
+        flag
+        for flag, use in (
+            ("--precision bf16", prepared.precision == "fp32"),
+            ("--channels-last", not prepared.args.channels_last),
+        )
+        if use
+    ]
+    new_run = (
+        f"--accumulate {recipe.accumulate * 2} (the same batch in smaller passes), "
+        f"--batch-size {max(2, recipe.batch_size // 2)}"
+    )
+    return (
+        f"out of memory on {where} at step {state.step + 1}: batch size {recipe.batch_size} ({micro} images per "
+        f"process and pass, two views each), image size {recipe.image_size}, {prepared.precision}; {kept}. "
+        + (f"Continue with --resume {' '.join(same_run)}, or start" if same_run else "Start")
+        + f" a new run (another --out) with {new_run} or a smaller --image-size"
+    )
 
 
 def _measure_reference(prepared: Run, monitor: KnnMonitor | None, metrics: MetricsLog) -> None:

@@ -34,7 +34,7 @@ import os
 import stat
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ __all__ = [
     "index_images",
     "load_cached_index",
     "load_or_scan",
+    "scan_with_cache",
 ]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -427,17 +428,37 @@ def load_or_scan(root: PathLike, cache: PathLike | None = None) -> FileIndex:
     Raises:
         ValueError: see ``index_images``.
     """
+    index, save = scan_with_cache(root, cache)
+    if save is not None:
+        save()
+    return index
+
+
+def scan_with_cache(root: PathLike, cache: PathLike | None) -> tuple[FileIndex, Callable[[], None] | None]:
+    """As ``load_or_scan``, but the cache is written only when the returned ``save()`` is called.
+
+    ``byol-pytorch train`` calls it once every check that can refuse the run has passed, so a
+    refused start leaves the run folder as it was.
+
+    Returns:
+        ``(index, save)``; ``save`` is None when the cache was valid (or there is none).
+    """
     root = Path(root)
     if cache is None:
-        return index_images(root)
+        return index_images(root), None
     check_folder(root)
     cached = load_cached_index(cache, root)
     if cached is not None:
-        return cached
+        return cached, None
     scanned_ns = time.time_ns()
     index, scan = _scan(root)
-    try:
-        _save_index(cache, index, scan, scanned_ns)
-    except OSError as error:
-        warnings.warn(f"could not save the file index to {cache} ({error}); the next start scans again", stacklevel=2)
-    return index
+
+    def save() -> None:
+        try:
+            _save_index(cache, index, scan, scanned_ns)
+        except OSError as error:
+            warnings.warn(
+                f"could not save the file index to {cache} ({error}); the next start scans again", stacklevel=3
+            )
+
+    return index, save
