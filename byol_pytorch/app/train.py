@@ -51,6 +51,7 @@ from ..data import (
 )
 from ..data.file_index import INDEX_CACHE_NAME, load_or_scan
 from ..data.folder import ImageFolder, NoReadableImagesError
+from ..data.remote import RemoteReadError, redact
 from ..data.sampling import DataOrder, EpochSampler, step_batches
 from ..data.shards import ShardDataset, make_shard_loader
 from ..training.checkpoint import (
@@ -296,7 +297,16 @@ def _build_data(
         buffer = SHUFFLE_BUFFER if getattr(args, "shuffle_buffer", None) is None else args.shuffle_buffer
         if buffer < 0:
             raise ValueError(f"--shuffle-buffer must be 0 or more, got {buffer}")
-        reading = ShardReading(micro_batch, ctx.rank, ctx.world_size, workers, recipe.seed, buffer, recipe.accumulate)
+        reading = ShardReading(
+            micro_batch,
+            ctx.rank,
+            ctx.world_size,
+            workers,
+            recipe.seed,
+            buffer,
+            recipe.accumulate,
+            getattr(args, "shard_index", None),
+        )
         dataset = open_unlabelled(
             data,
             None if kind == "cifar" else load_size_for(recipe.image_size),  # CIFAR as stored: the views resize
@@ -318,7 +328,7 @@ def _build_data(
             multiple_of=recipe.accumulate,
         )
     except ImportError as error:  # an optional extra (webdataset, datasets) is missing
-        raise UserError(f"--data {data}: {error}") from None
+        raise UserError(f"--data {redact(data)}: {error}") from None
     except (ValueError, RuntimeError) as error:
         raise UserError(f"--data: {error}") from None
     loader = make_loader(
@@ -424,7 +434,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     recipe = resolve_recipe(args, Recipe.from_dict(saved_args) if saved_args else None)
     micro_batch = check_sizes(recipe, ctx)
     data = args.data or (saved_args or {}).get("data")
-    for key in ("shuffle_buffer", "image_column", "hf_split"):  # how the data is read: the run's, unless given
+    for key in ("shuffle_buffer", "image_column", "hf_split", "shard_index"):  # how the data is read: the run's
         if getattr(args, key, None) is None:
             setattr(args, key, (saved_args or {}).get(key))
     precision, workers = _runtime_options(args, ctx)
@@ -435,6 +445,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     learner, optimizer, scheduler, scaler = _build_learner(recipe, net, total, warmup, precision, args, ctx)
     run_args = {k: plain(v) for k, v in vars(args).items()}
     run_args.update(recipe.to_dict(), data=str(data), precision=precision)
+    run_args = {k: redact(v) if isinstance(v, str) else v for k, v in run_args.items()}  # no credentials saved
     if isinstance(dataset, ShardDataset):
         # readers per process and the buffer: a resumed epoch continues exactly only with the same
         run_args.update(shard_readers=dataset.per_rank, shuffle_buffer=dataset.shuffle_buffer)
@@ -467,7 +478,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         if ctx.is_main:
             print(
                 f"byol-pytorch: {recipe.model} on {len(dataset)} images ({recipe.in_chans} channels) in "
-                f"{data}, {ctx.world_size} process(es) on {ctx.device.type}, batch {recipe.batch_size}, "
+                f"{redact(data)}, {ctx.world_size} process(es) on {ctx.device.type}, batch {recipe.batch_size}, "
                 f"{recipe.optimizer} lr {recipe.lr:.4g}, warm-up {warmup} steps, {steps_per_epoch} "
                 f"steps/epoch, steps {prepared.state.step} -> {total}, {precision}, run folder {out}"
                 f" (recipe {recipe.recipe})",
@@ -654,6 +665,8 @@ def run(prepared: Run) -> TrainState:
     try:
         engine.run(batches, state, _hooks(prepared, metrics, monitor))
         completed = True
+    except RemoteReadError as error:  # past the retries and the fault budget, or an error no retry heals
+        raise UserError(f"--data: {_last_line(error)}") from error
     except NoReadableImagesError as error:
         raise UserError(
             f"--data: {_last_line(error)} (was the folder moved or removed during the run?); restore it and continue "
