@@ -259,6 +259,14 @@ def _samples_from(file: Any, base: int, wanted: Wanted) -> Iterator[tuple[Sample
         yield (key, members), -1
 
 
+def _network(error: BaseException | None) -> bool:
+    """A connection refused, reset or timed out (not an answer of the server)."""
+    if error is None or isinstance(error, FileNotFoundError | PermissionError):
+        return False
+    names = {c.__name__ for c in type(error).__mro__}
+    return isinstance(error, OSError) or bool(names & {"ClientConnectionError", "ClientPayloadError"})
+
+
 def _permanent(error: BaseException, location: str, at_start: bool) -> str | None:
     """Why a failed read will fail again (a one-line reason), or None when a retry may heal it."""
     scheme = _scheme(location)
@@ -266,7 +274,7 @@ def _permanent(error: BaseException, location: str, at_start: bool) -> str | Non
     cause = getattr(error.__cause__, "status", None)  # fsspec's HTTP: FileNotFoundError from the server's answer
     if isinstance(error, FileNotFoundError) and isinstance(cause, int) and (cause >= 500 or cause in (408, 429)):
         return None
-    if isinstance(error, FileNotFoundError) and not isinstance(error.__cause__, OSError | type(None)) and cause is None:
+    if isinstance(error, FileNotFoundError) and _network(error.__cause__):
         return None  # no answer at all (refused, reset, timed out): the network, not the URL
     if isinstance(error, FileNotFoundError):
         return f"no such object or bucket ({error}); check the URL and the pattern"
