@@ -96,7 +96,7 @@ def _webdataset() -> Any:
 
 def _is_tar_folder(path: Path) -> bool:
     try:
-        names = [entry for entry in os.scandir(path) if not entry.name.startswith(".")]
+        names = [e for e in os.scandir(path) if not e.name.startswith(".") and not e.name.endswith(".json")]
     except OSError:
         return False
     return bool(names) and all(e.name.endswith(".tar") and e.is_file() for e in names)
@@ -107,7 +107,7 @@ def is_shard_spec(spec: str | None) -> bool:
 
     Shards are: a brace pattern (``train-{0000..0099}.tar``, ``{a,b}.tar``), a path
     ending in ``.tar`` that is not a folder, or a folder whose entries (hidden ones
-    aside) are all ``.tar`` files. Any other folder is an image folder.
+    and ``.json`` files such as a shard index aside) are all ``.tar`` files. Any other folder is an image folder.
 
     Examples:
         >>> is_shard_spec("shards/train-{0000..0099}.tar"), is_shard_spec("photos/")
@@ -133,7 +133,7 @@ def expand_shards(spec: str | Sequence[PathLike]) -> list[Path]:
         if _BRACES.search(spec):
             paths = [Path(p) for p in braceexpand.braceexpand(spec)]
         elif _is_tar_folder(Path(spec)):
-            paths = sorted(p for p in Path(spec).iterdir() if not p.name.startswith("."))
+            paths = sorted(p for p in Path(spec).iterdir() if not p.name.startswith(".") and p.suffix == ".tar")
         else:
             paths = [Path(spec)]
     else:
