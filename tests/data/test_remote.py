@@ -5,12 +5,15 @@ import http.server
 import io
 import json
 import os
+import shutil
+import signal
 import threading
 import warnings
 
 import pytest
 import torch
 
+from byol_pytorch import BYOL
 from byol_pytorch.app import cli
 from byol_pytorch.data import remote_shards
 from byol_pytorch.data.remote import ReadPolicy, RemoteReadError, ShardReadWarning, is_remote, redact
@@ -162,3 +165,27 @@ def test_http_errors_are_one_line(tmp_path, make_shards, tiny_flags, serve, monk
     line = [text for text in err.splitlines() if text.strip() and not text.startswith("byol: ")]  # no progress bar
     assert code == 1 and len(line) == 1 and "Traceback" not in err, err
     assert line[0].startswith("byol-pytorch: error: --data: ") and "could not be read" in line[0]
+
+
+def test_train_from_pipe_with_workers_and_resume(tmp_path, make_shards, tiny_flags, serve, monkeypatch):
+    """``pipe:CMD`` shards in two loader workers; a run stopped and resumed ends with one run's weights."""
+    pattern = make_shards(tmp_path / "shards")
+    base, _ = serve(tmp_path / "shards")
+    spec = f"pipe:curl -s -f {base}/{pattern.rsplit('/', 1)[-1]}" if shutil.which("curl") else f"pipe:cat {pattern}"
+    common = ["--data", spec, *tiny_flags[:-1], "2", "--max-steps", "4", "--shuffle-buffer", "3"]
+    common += ["--bn-stats", "trained"]
+    assert cli.main(["train", *common, "--out", str(tmp_path / "full")]) == 0
+    original = BYOL.update_moving_average
+
+    def update(self):  # SIGTERM right after step 2: the run saves and stops there
+        original(self)
+        if self._ema_count == 2:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(BYOL, "update_moving_average", update)
+    assert cli.main(["train", *common, "--out", str(tmp_path / "split")]) == 128 + signal.SIGTERM
+    monkeypatch.setattr(BYOL, "update_moving_average", original)
+    assert cli.main(["train", *common, "--out", str(tmp_path / "split"), "--resume"]) == 0
+    full, split = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
+    assert full["step"] == split["step"] == 4
+    assert all(torch.equal(full["learner"][k], split["learner"][k]) for k in full["learner"])
