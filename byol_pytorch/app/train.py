@@ -27,6 +27,9 @@ import argparse
 import os
 import signal
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from .._discovery import infer_channels
 from ..augment import BYOLAugment
@@ -51,7 +55,7 @@ from ..data import (
 )
 from ..data.file_index import INDEX_CACHE_NAME, load_or_scan
 from ..data.folder import ImageFolder, NoReadableImagesError
-from ..data.remote import RemoteReadError, redact
+from ..data.remote import RemoteReadError, ShardReadWarning, redact
 from ..data.sampling import DataOrder, EpochSampler, step_batches
 from ..data.shards import ShardDataset, make_shard_loader
 from ..training.checkpoint import (
@@ -77,7 +81,7 @@ from ..training.models import build_backbone, build_learner
 from ..training.optim import build_recipe_optimizer, resync_lr, warmup_cosine_scheduler
 from ..training.recipe import Recipe
 from ..training.validation import KnnMonitor
-from .errors import UserError, warn
+from .errors import PROG, UserError, one_line, warn
 from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
 from .recipe import SHUFFLE_BUFFER, add_train_arguments, check_sizes, get_args_parser, plain, resolve_recipe, run_length
 
@@ -663,7 +667,8 @@ def run(prepared: Run) -> TrainState:
     batches = step_batches(prepared.loader, prepared.sampler, state.epoch, state.position, recipe.accumulate)
     completed = False
     try:
-        engine.run(batches, state, _hooks(prepared, metrics, monitor))
+        with _shard_warnings_as_lines():
+            engine.run(batches, state, _hooks(prepared, metrics, monitor))
         completed = True
     except RemoteReadError as error:  # past the retries and the fault budget, or an error no retry heals
         raise UserError(f"--data: {_last_line(error)}") from error
@@ -688,6 +693,22 @@ def run(prepared: Run) -> TrainState:
             metrics.close()
     prepared.metrics = metrics  # closed by ``finish``, after W&B gets the pictures
     return state
+
+
+@contextmanager
+def _shard_warnings_as_lines() -> Iterator[None]:
+    """A remote shard skipped after its retries is one ``byol-pytorch: warning:`` line (loader workers inherit it)."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, ShardReadWarning):  # above the progress bar, not in it
+                tqdm.write(f"{PROG}: warning: {one_line(message)}", file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
 
 
 def _release_workers(loader: DataLoader) -> None:

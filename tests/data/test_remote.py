@@ -156,8 +156,16 @@ def test_http_errors_are_one_line(tmp_path, make_shards, tiny_flags, serve, monk
     assert "missing-0000.tar: no such object or bucket" in line[0]
     monkeypatch.setattr(remote_shards, "ReadPolicy", functools.partial(ReadPolicy, retries=1, backoff=0.01))
     (tmp_path / "index.json").write_text(json.dumps(index_document([f"train-{k:04d}.tar" for k in range(4)], [6] * 4)))
-    server.fail.update({f"train-{k:04d}.tar": -1 for k in range(4)})
     flags = ["--shard-index", str(tmp_path / "index.json"), "--bn-stats", "trained", *out]
+    server.fail["train-0003.tar"] = -1  # one dead shard: a warning line, the run goes on
+    assert cli.main(["train", "--data", f"{base}/train-{{0000..0003}}.tar", *flags, "--max-steps", "6"]) == 0
+    warned = [text for text in capsys.readouterr().err.splitlines() if "train-0003.tar" in text]
+    assert warned == [
+        f"byol-pytorch: warning: {base}/train-0003.tar: HTTP status 503 (after 1 retries); its 6 remaining samples "
+        "are skipped (counted in skipped_files)"
+    ]
+    server.fail.update({f"train-{k:04d}.tar": -1 for k in range(4)})
+    flags[flags.index("--out") + 1] = str(tmp_path / "run2")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         code = cli.main(["train", "--data", f"{base}/train-{{0000..0003}}.tar", *flags])
