@@ -29,7 +29,8 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """``SimpleHTTPRequestHandler`` plus ``Range: bytes=a-b`` (fsspec reads by range requests).
 
     ``server.requests`` logs every path asked for; ``server.fail`` maps a file name to how many of
-    its next requests answer 503 (a negative count: all of them).
+    its next requests answer 503 (a negative count: all of them); ``server.cut`` to how many of its
+    next range requests past byte 0 send half their bytes and close the connection.
     """
 
     def log_message(self, *args):
@@ -58,6 +59,10 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if start > 0 and self.server.cut.get(name, 0) > 0:  # the transfer breaks off half-way
+            self.server.cut[name] -= 1
+            self.close_connection = True
+            return io.BytesIO(body[: len(body) // 2])
         return io.BytesIO(body)
 
 
@@ -74,7 +79,7 @@ def serve(tmp_path):
     def start(folder):
         handler = functools.partial(RangeHandler, directory=str(folder))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.requests, server.fail = [], {}
+        server.requests, server.fail, server.cut = [], {}, {}
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}", server
@@ -197,3 +202,30 @@ def test_train_from_pipe_with_workers_and_resume(tmp_path, make_shards, tiny_fla
     full, split = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
     assert full["step"] == split["step"] == 4
     assert all(torch.equal(full["learner"][k], split["learner"][k]) for k in full["learner"])
+
+
+def test_cut_transfer_resumes_where_it_broke_off(tmp_path, make_shards, serve, monkeypatch):
+    """A transfer cut mid-shard is reopened at the first sample not delivered: the same batches, nothing skipped."""
+    from byol_pytorch.data import remote
+
+    pattern = make_shards(tmp_path / "shards", broken=False)
+    base, server = serve(tmp_path / "shards")
+    url = f"{base}/{pattern.rsplit('/', 1)[-1]}"
+    monkeypatch.setattr(remote, "BLOCK", 12_000)  # several range requests per shard, 2 samples in the first
+    opened, open_remote = [], remote.open_remote
+
+    def spy(location, offset, *args):
+        opened.append((location.rsplit("/", 1)[-1], offset))
+        return open_remote(location, offset, *args)
+
+    monkeypatch.setattr(remote, "open_remote", spy)
+    data = RemoteShardDataset(url, 32, 4, shuffle_buffer=0, policy=ReadPolicy(retries=2, backoff=0.01, timeout=5))
+    clean = list(data.reader_batches(0, 0))
+    opened.clear()
+    server.cut.update({"train-0001.tar": 1, "train-0002.tar": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no shard is skipped
+        again = list(data.reader_batches(0, 0))
+    assert server.cut == {"train-0001.tar": 0, "train-0002.tar": 0}
+    assert {name for name, at in opened if at > 0} == {"train-0001.tar", "train-0002.tar"}, opened  # mid-shard
+    assert [s for _, s in again] == [0] * 6 and all(torch.equal(a, b) for (a, _), (b, _) in zip(clean, again))
