@@ -55,7 +55,8 @@ from ..data import (
 )
 from ..data.file_index import INDEX_CACHE_NAME, load_or_scan
 from ..data.folder import ImageFolder, NoReadableImagesError
-from ..data.remote import RemoteReadError, ShardReadWarning, redact
+from ..data.remote import RemoteReadError, ShardReadWarning, is_remote, redact
+from ..data.remote_shards import expand_remote, remote_counts
 from ..data.sampling import DataOrder, EpochSampler, step_batches
 from ..data.shards import ShardDataset, make_shard_loader
 from ..training.checkpoint import (
@@ -277,6 +278,13 @@ def _build_net(recipe: Recipe, args: argparse.Namespace, ctx: DistContext) -> tu
     return net, recipe
 
 
+def _remote_counts(data: str, index: str | None, ctx: DistContext) -> tuple[int, ...] | None:
+    """Remote shards' sample counts, read (index) or counted (then cached) by rank 0 alone and sent to the others."""
+    if not is_remote(data):
+        return None
+    return tuple(broadcast_from_main(ctx, lambda: remote_counts(expand_remote(data), index)))
+
+
 def _build_data(
     data: str | None,
     recipe: Recipe,
@@ -310,6 +318,7 @@ def _build_data(
             buffer,
             recipe.accumulate,
             getattr(args, "shard_index", None),
+            _remote_counts(data, getattr(args, "shard_index", None), ctx) if kind == "shards" else None,
         )
         dataset = open_unlabelled(
             data,

@@ -220,6 +220,7 @@ class RemoteShardDataset(ShardDataset):
         shards: a remote spec (``is_remote``).
         index: a ``wids`` shard index with the sample counts (see ``load_index``); None: counted once, cached.
         policy: retries, backoff and timeouts of the reads.
+        counts: the shards' sample counts when already known (a training run's rank 0 sends them).
         Others: see ``ShardDataset``.
     """
 
@@ -238,14 +239,18 @@ class RemoteShardDataset(ShardDataset):
         *,
         index: str | None = None,
         policy: ReadPolicy | None = None,
+        counts: Sequence[int] | None = None,
     ) -> None:
         self.spec, self.index, self.policy = shards, index, policy or ReadPolicy()
+        self.known = None if counts is None else [int(n) for n in counts]
         super().__init__(
             shards, load_size, batch_size, channels, rank, world_size, workers, seed, shuffle_buffer, multiple_of
         )
 
     def _locate(self, shards: Any) -> tuple[list[Any], list[int]]:
         locations = expand_remote(str(shards))
+        if self.known is not None and len(self.known) == len(locations):
+            return locations, self.known
         return locations, remote_counts(locations, self.index, self.policy)
 
     def where(self) -> str:

@@ -93,6 +93,7 @@ class ShardReading:
     shuffle_buffer: int = 1000
     multiple_of: int = 1
     index: str | None = None  # remote shards: a wids shard index with the sample counts
+    counts: tuple[int, ...] | None = None  # remote shards: the sample counts, already known (sent by rank 0)
 
 
 def open_unlabelled(
@@ -151,6 +152,7 @@ def open_unlabelled(
             r.shuffle_buffer,
             r.multiple_of,
             index=r.index,
+            counts=r.counts,
         )
     if kind == "shards":
         if shards is None:
