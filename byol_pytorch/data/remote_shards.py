@@ -304,6 +304,11 @@ class RemoteShardSamples(IterableDataset):
         self.skip: set[str] = set()
         self._length: int | None = None
 
+    def labelled_available(self) -> bool:
+        """Whether the first sample holds a ``.cls`` label (reads the first shard's first sample)."""
+        first = next(iter(read_shard(self.paths[0], 1, _image_and_label, self.policy)), None)
+        return first is not None and first[1].get("cls") is not None
+
     def __len__(self) -> int:
         if self._length is None:
             self._length = sum(remote_counts(self.paths, self.index, self.policy))

@@ -110,6 +110,11 @@ def test_train_from_http_shards_redacts_credentials(tmp_path, make_shards, tiny_
     assert "s3cret" not in captured.out + captured.err + (out / "metrics.jsonl").read_text()
     assert "s3cret" not in json.dumps(checkpoint["args"])
     assert any(name.endswith(".tar") for _, name in server.requests)
+    embed = ["embed", "--data", url, "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "emb")]
+    assert cli.main(embed) == 0, capsys.readouterr().err
+    ids = (tmp_path / "emb" / "ids.txt").read_text().split()
+    assert len(ids) == 22 and ids[0] == "train-0000.tar:s00_000"  # the 2 broken samples left out
+    assert "s3cret" not in "".join(capsys.readouterr())
 
 
 def test_index_means_no_read_at_start_and_same_batches(tmp_path, make_shards, serve):
