@@ -271,13 +271,12 @@ def _permanent(error: BaseException, location: str, at_start: bool) -> str | Non
     """Why a failed read will fail again (a one-line reason), or None when a retry may heal it."""
     scheme = _scheme(location)
     status = getattr(error, "status", None)
-    cause = getattr(error.__cause__, "status", None)  # fsspec's HTTP: FileNotFoundError from the server's answer
-    if isinstance(error, FileNotFoundError) and isinstance(cause, int) and (cause >= 500 or cause in (408, 429)):
-        return None
-    if isinstance(error, FileNotFoundError) and _network(error.__cause__):
-        return None  # no answer at all (refused, reset, timed out): the network, not the URL
-    if isinstance(error, FileNotFoundError):
-        return f"no such object or bucket ({error}); check the URL and the pattern"
+    if isinstance(error, FileNotFoundError):  # fsspec's HTTP: the server's answer (or none) is the cause
+        status = getattr(error.__cause__, "status", None)
+        if _network(error.__cause__) or (isinstance(status, int) and (status >= 500 or status in (408, 429))):
+            return None  # no answer (refused, reset, timed out) or a server error: the network, not the URL
+        if status not in (401, 403):
+            return f"no such object or bucket ({error}); check the URL and the pattern"
     if isinstance(error, PermissionError) or status in (401, 403):
         where = _CREDENTIALS.get(scheme, "user:password@ in the URL or the server's settings")
         return f"access denied ({error}); check the credentials ({where})"

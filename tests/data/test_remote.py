@@ -1,5 +1,6 @@
 """Remote tar shards read from real servers started here: an HTTP server (with range requests) in a thread."""
 
+import base64
 import functools
 import http.server
 import io
@@ -30,7 +31,8 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
 
     ``server.requests`` logs every path asked for; ``server.fail`` maps a file name to how many of
     its next requests answer 503 (a negative count: all of them); ``server.cut`` to how many of its
-    next range requests past byte 0 send half their bytes and close the connection.
+    next range requests past byte 0 send half their bytes and close the connection; ``server.password``
+    (an ``Authorization`` header value) answers 401 to requests without it.
     """
 
     def log_message(self, *args):
@@ -39,6 +41,9 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
     def send_head(self):
         name = self.path.rsplit("/", 1)[-1]
         self.server.requests.append((self.command, name))
+        if self.server.password and self.headers.get("Authorization") != self.server.password:
+            self.send_error(401)
+            return None
         left = self.server.fail.get(name, 0)
         if left:
             self.server.fail[name] = left - 1 if left > 0 else left
@@ -79,7 +84,7 @@ def serve(tmp_path):
     def start(folder):
         handler = functools.partial(RangeHandler, directory=str(folder))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.requests, server.fail, server.cut = [], {}, {}
+        server.requests, server.fail, server.cut, server.password = [], {}, {}, None
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}", server
@@ -164,6 +169,11 @@ def test_http_errors_are_one_line(tmp_path, make_shards, tiny_flags, serve, monk
     line = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(line) == 1 and line[0].startswith("byol-pytorch: error: --data: "), line
     assert "missing-0000.tar: no such object or bucket" in line[0]
+    server.password = "Basic " + base64.b64encode(b"reader:right").decode()
+    code = cli.main(["train", "--data", base.replace("//", "//reader:wrong@") + "/train-{0000..0003}.tar", *out])
+    line = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(line) == 1 and "train-0000.tar: access denied" in line[0] and "wrong" not in line[0], line
+    server.password = None
     monkeypatch.setattr(remote_shards, "ReadPolicy", functools.partial(ReadPolicy, retries=1, backoff=0.01))
     (tmp_path / "index.json").write_text(json.dumps(index_document([f"train-{k:04d}.tar" for k in range(4)], [6] * 4)))
     flags = ["--shard-index", str(tmp_path / "index.json"), "--bn-stats", "trained", *out]
