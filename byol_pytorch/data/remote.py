@@ -459,6 +459,7 @@ class FaultBudget:
     def __init__(self, in_a_row: int = 3, fraction: float = 0.1) -> None:
         self.in_a_row, self.fraction = in_a_row, fraction
         self.opened = self.failed = self.streak = 0
+        self.last: ShardFailed | None = None  # the latest failure
 
     def ok(self) -> None:
         """A shard was read to its end."""
@@ -467,6 +468,7 @@ class FaultBudget:
     def failure(self, failure: ShardFailed, remaining: int) -> None:
         """A shard failed with ``remaining`` samples unread: warn, or raise when the budget is spent."""
         self.opened, self.failed, self.streak = self.opened + 1, self.failed + 1, self.streak + 1
+        self.last = failure
         if self.streak >= self.in_a_row or (self.failed >= self.in_a_row and self.failed > self.fraction * self.opened):
             raise RemoteReadError(
                 f"{self.failed} of the {self.opened} shards this loader worker opened could not be read "

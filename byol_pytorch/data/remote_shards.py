@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .folder import BrokenImageError, decode_image
-from .remote import FaultBudget, Prefetcher, ReadPolicy, ShardFailed, is_remote, read_shard, redact
+from .remote import FaultBudget, Prefetcher, ReadPolicy, RemoteReadError, ShardFailed, is_remote, read_shard, redact
 from .shards import IMAGE_SUFFIXES, ShardDataset, _shuffled, _webdataset
 
 __all__ = [
@@ -93,7 +93,13 @@ def count_shards(locations: Sequence[str], policy: ReadPolicy | None = None) -> 
     """Samples per shard, counted by reading each one through (no member's bytes kept)."""
     counts = []
     for location in locations:
-        counts.append(sum(1 for _ in read_shard(location, None, _nothing, policy)))
+        try:
+            counts.append(sum(1 for _ in read_shard(location, None, _nothing, policy)))
+        except ShardFailed as failure:
+            raise RemoteReadError(
+                f"cannot count the samples of the shards: {failure}; check the network and the storage, or give "
+                "--shard-index (byol-pytorch shards index writes one)"
+            ) from None
     return counts
 
 
@@ -274,6 +280,11 @@ class RemoteShardDataset(ShardDataset):
                         skip -= 1
                         continue
                     yield self.paths[shard], sample
+            if budget.opened and budget.failed == budget.opened:
+                raise RemoteReadError(
+                    f"none of the {budget.opened} shards this loader worker opened could be read, the last "
+                    f"{budget.last}; check the network and the storage, then continue with --resume"
+                )
         finally:
             prefetcher.close()
 

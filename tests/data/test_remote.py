@@ -159,6 +159,13 @@ def test_flaky_shard_is_retried_and_a_dead_one_skipped(tmp_path, make_shards, se
     with pytest.raises(RemoteReadError, match="could not be read"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         list(data.reader_batches(0, 0))
+    split = RemoteShardDataset(url, 32, 4, workers=2, policy=policy, counts=data.counts)  # 2 shards per reader
+    with pytest.raises(RemoteReadError, match="none of the 2 shards this loader worker opened"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            list(split.reader_batches(0, 1))
+    with pytest.raises(RemoteReadError, match="cannot count the samples of the shards: .*train-0000.tar: HTTP status"):
+        RemoteShardDataset(f"{base}/train-{{0000..0001}}.tar", 32, 4, policy=policy)  # not cached: counted
 
 
 def test_http_errors_are_one_line(tmp_path, make_shards, tiny_flags, serve, monkeypatch, capsys):
