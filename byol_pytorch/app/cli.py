@@ -9,6 +9,8 @@ Usage::
     byol-pytorch eval --data LABELLED_DIR --checkpoint RUNDIR/last.pt [--knn] [--linear]
     byol-pytorch embed --data DIR --checkpoint RUNDIR/last.pt --out EMBEDDINGS_DIR
     byol-pytorch preview --data DIR --out views.png
+    byol-pytorch shards make --data DIR --out SHARD_DIR [--shard-size 1GB]
+    byol-pytorch shards index 'SHARD_DIR/train-{000000..000009}.tar' --out index.json
     byol-pytorch demo
 
 Bad input (a missing folder, an unknown model, a file that is not our checkpoint...) and
@@ -160,6 +162,12 @@ def _run_embed(args: argparse.Namespace) -> int:
     return run_embed(args)
 
 
+def _run_shards(args: argparse.Namespace) -> int:
+    from .shards_cmd import run_shards
+
+    return run_shards(args)
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     try:
         from .demo import run_demo
@@ -278,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_embed_arguments(embed)
 
+    from .shards_cmd import add_shards_arguments
+
+    shards = sub.add_parser(
+        "shards",
+        help="write tar shards from a folder of images (make), or the index of shards (index)",
+        description="Tar shards in webdataset's layout: shards make packs a folder, shards index counts samples.",
+    )
+    add_shards_arguments(shards, _Parser)
     _add_demo(sub)
     debug_help = "show the traceback of an error (also BYOL_PYTORCH_DEBUG=1)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
@@ -292,6 +308,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "eval": _run_eval,
     "preview": _run_preview,
     "embed": _run_embed,
+    "shards": _run_shards,
     "demo": _run_demo,
 }
 

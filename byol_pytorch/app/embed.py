@@ -46,6 +46,8 @@ from ..data import (
     open_unlabelled,
     sample_images,
 )
+from ..data.remote import is_remote, redact
+from ..data.remote_shards import RemoteShardSamples
 from ..data.shards import ShardSamples
 from ..training.models import learner_from_checkpoint
 from ..training.recipe import Recipe
@@ -157,7 +159,7 @@ def _has_labels(spec: str, kind: str, args: argparse.Namespace) -> bool:
     if kind == "cifar" or args.labels:
         return True
     if kind == "shards":
-        return ShardSamples(spec, 8).labelled_available()
+        return (RemoteShardSamples if is_remote(spec) else ShardSamples)(spec, 8).labelled_available()
     if kind == "hf":
         from ..data.hf import label_column, load_local_dataset, parse_hf_spec
 
@@ -177,7 +179,7 @@ def _open(args: argparse.Namespace, size: int, channels: int) -> tuple[Dataset, 
             dataset = open_unlabelled(args.data, size, channels, **options)
         return embedding_items(dataset), labelled
     except ImportError as error:
-        raise UserError(f"--data {args.data}: {error}") from None
+        raise UserError(f"--data {redact(args.data)}: {error}") from None
     except (ValueError, RuntimeError) as error:
         raise UserError(f"--data: {error}") from None
 
@@ -203,7 +205,7 @@ def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -
 
 def _remaining(items: Dataset, done: int, ids_done: set[str] | None) -> Dataset:
     """The items after those done: a map-style tail, or shards that skip the done samples undecoded."""
-    if isinstance(items, ShardSamples):
+    if isinstance(items, ShardSamples | RemoteShardSamples):
         items.skip = ids_done or set()
         return items
     return Subset(items, range(done, len(items)))  # type: ignore[arg-type]

@@ -115,15 +115,23 @@ def _add_run_flags(a: Any) -> None:
         "cifar10:ROOT / cifar100:ROOT for the official CIFAR python batches (ROOT holds cifar-10-batches-py "
         "or is it; never downloaded); tar shards in webdataset's layout: a brace pattern "
         "'shards/train-{0000..0099}.tar', one .tar, or a folder holding only .tar files (pip install "
-        "'byol-pytorch[shards]'); hf:PATH for a local Hugging Face dataset: a save_to_disk folder, parquet "
-        "file(s) or an imagefolder folder (pip install 'byol-pytorch[datasets]'; never the Hub); with --resume, "
-        "defaults to the run's data",
+        "'byol-pytorch[shards]'); remote tar shards: http(s)://, s3://, gs:// URLs with the same brace "
+        "patterns, or pipe:CMD, streamed (pip install 'byol-pytorch[remote]'); hf:PATH for a local Hugging Face "
+        "dataset: a save_to_disk folder, parquet file(s) or an imagefolder folder (pip install "
+        "'byol-pytorch[datasets]'; never the Hub); with --resume, defaults to the run's data",
     )
     a(
         "--shuffle-buffer",
         type=int,
         help="tar shards: samples in each shard's shuffle buffer, which holds tar header positions, not images "
         f"(default: {SHUFFLE_BUFFER}, or the resumed run's; 0: tar order; the shard order is shuffled every epoch)",
+    )
+    a(
+        "--shard-index",
+        metavar="INDEX",
+        help="remote tar shards: a shard index with each shard's sample count (webdataset's wids JSON, written by "
+        "byol-pytorch shards index; a path or URL), so start-up reads no shard; without it the shards are read "
+        "once to count them and the counts cached (default: the resumed run's)",
     )
     a(
         "--image-column",

@@ -28,7 +28,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from .._discovery import infer_channels
 from ..augment import BYOLAugment
@@ -53,6 +56,8 @@ from ..data import (
 )
 from ..data.file_index import INDEX_CACHE_NAME, scan_with_cache
 from ..data.folder import ImageFolder, NoReadableImagesError
+from ..data.remote import RemoteReadError, ShardReadWarning, is_remote, redact
+from ..data.remote_shards import expand_remote, remote_counts
 from ..data.sampling import DataOrder, EpochSampler, step_batches
 from ..data.shards import ShardDataset, make_shard_loader
 from ..training.checkpoint import (
@@ -78,7 +83,7 @@ from ..training.models import build_backbone, build_learner
 from ..training.optim import build_recipe_optimizer, resync_lr, warmup_cosine_scheduler
 from ..training.recipe import Recipe
 from ..training.validation import BelowReference, KnnMonitor
-from .errors import UserError, warn
+from .errors import PROG, UserError, one_line, warn
 from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
 from .recipe import (
     RECIPE_ADVICE,
@@ -349,6 +354,13 @@ def _build_net(recipe: Recipe, args: argparse.Namespace, ctx: DistContext) -> tu
     return net, recipe
 
 
+def _remote_counts(data: str, index: str | None, ctx: DistContext) -> tuple[int, ...] | None:
+    """Remote shards' sample counts, read (index) or counted (then cached) by rank 0 alone and sent to the others."""
+    if not is_remote(data):
+        return None
+    return tuple(broadcast_from_main(ctx, lambda: remote_counts(expand_remote(data), index)))
+
+
 def _build_data(
     data: str | None,
     recipe: Recipe,
@@ -382,7 +394,17 @@ def _build_data(
         buffer = SHUFFLE_BUFFER if getattr(args, "shuffle_buffer", None) is None else args.shuffle_buffer
         if buffer < 0:
             raise ValueError(f"--shuffle-buffer must be 0 or more, got {buffer}")
-        reading = ShardReading(micro_batch, ctx.rank, ctx.world_size, workers, recipe.seed, buffer, recipe.accumulate)
+        reading = ShardReading(
+            micro_batch,
+            ctx.rank,
+            ctx.world_size,
+            workers,
+            recipe.seed,
+            buffer,
+            recipe.accumulate,
+            getattr(args, "shard_index", None),
+            _remote_counts(data, getattr(args, "shard_index", None), ctx) if kind == "shards" else None,
+        )
         dataset = open_unlabelled(
             data,
             None if kind == "cifar" else load_size_for(recipe.image_size),  # CIFAR as stored: the views resize
@@ -404,7 +426,7 @@ def _build_data(
             multiple_of=recipe.accumulate,
         )
     except ImportError as error:  # an optional extra (webdataset, datasets) is missing
-        raise UserError(f"--data {data}: {error}") from None
+        raise UserError(f"--data {redact(data)}: {error}") from None
     except (ValueError, RuntimeError) as error:
         raise UserError(f"--data: {error}") from None
     loader = make_loader(
@@ -511,7 +533,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     recipe = resolve_recipe(args, Recipe.from_dict(saved_args) if saved_args else None)
     micro_batch = check_sizes(recipe, ctx)
     data = args.data or (saved_args or {}).get("data")
-    for key in ("shuffle_buffer", "image_column", "hf_split", "val_data", "val_every"):  # the run's, unless given
+    for key in ("shuffle_buffer", "image_column", "hf_split", "shard_index", "val_data", "val_every"):  # the run's
         if getattr(args, key, None) is None:
             setattr(args, key, (saved_args or {}).get(key))
     args.val_every = 5 if args.val_every is None else args.val_every
@@ -524,6 +546,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     learner, optimizer, scheduler, scaler = _build_learner(recipe, net, total, warmup, precision, args, ctx)
     run_args = {k: plain(v) for k, v in vars(args).items()}
     run_args.update(recipe.to_dict(), data=str(data), precision=precision)
+    run_args = {k: redact(v) if isinstance(v, str) else v for k, v in run_args.items()}  # no credentials saved
     if isinstance(dataset, ShardDataset):
         # readers per process and the buffer: a resumed epoch continues exactly only with the same
         run_args.update(shard_readers=dataset.per_rank, shuffle_buffer=dataset.shuffle_buffer)
@@ -561,7 +584,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         if ctx.is_main:
             print(
                 f"byol-pytorch: {recipe.model} on {len(dataset)} images ({recipe.in_chans} channels) in "
-                f"{data}, {ctx.world_size} process(es) on {ctx.device.type}, batch {recipe.batch_size}, "
+                f"{redact(data)}, {ctx.world_size} process(es) on {ctx.device.type}, batch {recipe.batch_size}, "
                 f"{recipe.optimizer} lr {recipe.lr:.4g}, warm-up {warmup} steps, {steps_per_epoch} "
                 f"steps/epoch, steps {prepared.state.step} -> {total}, {precision}, run folder {out}"
                 f" (recipe {recipe.recipe})",
@@ -749,8 +772,11 @@ def run(prepared: Run) -> TrainState:
     batches = step_batches(prepared.loader, prepared.sampler, state.epoch, state.position, recipe.accumulate)
     completed = False
     try:
-        engine.run(batches, state, _hooks(prepared, metrics, monitor))
+        with _shard_warnings_as_lines():
+            engine.run(batches, state, _hooks(prepared, metrics, monitor))
         completed = True
+    except RemoteReadError as error:  # past the retries and the fault budget, or an error no retry heals
+        raise UserError(f"--data: {_last_line(error)}") from error
     except NoReadableImagesError as error:
         raise UserError(
             f"--data: {_last_line(error)} (was the folder moved or removed during the run?); restore it and continue "
@@ -882,6 +908,22 @@ def _closing_line(prepared: Run, state: TrainState, outcome: str) -> None:
         f"{speed:.1f} img/s{knn}; {saved}{after}",
         flush=True,
     )
+
+
+@contextmanager
+def _shard_warnings_as_lines() -> Iterator[None]:
+    """A remote shard skipped after its retries is one ``byol-pytorch: warning:`` line (loader workers inherit it)."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, ShardReadWarning):  # above the progress bar, not in it
+                tqdm.write(f"{PROG}: warning: {one_line(message)}", file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
 
 
 def _release_workers(loader: DataLoader) -> None:

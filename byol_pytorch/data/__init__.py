@@ -4,7 +4,9 @@
   (a folder, ``cifar10:``/``cifar100:``, ``hf:``, tar shards);
 * ``loader``: ``make_loader``, the one way DataLoaders are built (workers, seeding, pinning);
 * ``folder`` (image folders, decoding, broken files), ``file_index`` (their compact cached
-  index), ``shards``, ``hf``, ``cifar``: the forms themselves;
+  index), ``shards``, ``hf``, ``cifar``: the forms themselves; ``remote`` and ``remote_shards``:
+  tar shards streamed from ``http(s)://``, ``s3://``, ``gs://`` or ``pipe:`` (fsspec, imported only
+  when used); ``shard_writer``: ``byol-pytorch shards make`` / ``shards index``;
 * ``sampling``: the resumable order of a training run.
 
 The data layer imports nothing of the training runtime or of the application.

@@ -96,7 +96,7 @@ def _webdataset() -> Any:
 
 def _is_tar_folder(path: Path) -> bool:
     try:
-        names = [entry for entry in os.scandir(path) if not entry.name.startswith(".")]
+        names = [e for e in os.scandir(path) if not e.name.startswith(".") and not e.name.endswith(".json")]
     except OSError:
         return False
     return bool(names) and all(e.name.endswith(".tar") and e.is_file() for e in names)
@@ -107,7 +107,7 @@ def is_shard_spec(spec: str | None) -> bool:
 
     Shards are: a brace pattern (``train-{0000..0099}.tar``, ``{a,b}.tar``), a path
     ending in ``.tar`` that is not a folder, or a folder whose entries (hidden ones
-    aside) are all ``.tar`` files. Any other folder is an image folder.
+    and ``.json`` files such as a shard index aside) are all ``.tar`` files. Any other folder is an image folder.
 
     Examples:
         >>> is_shard_spec("shards/train-{0000..0099}.tar"), is_shard_spec("photos/")
@@ -133,7 +133,7 @@ def expand_shards(spec: str | Sequence[PathLike]) -> list[Path]:
         if _BRACES.search(spec):
             paths = [Path(p) for p in braceexpand.braceexpand(spec)]
         elif _is_tar_folder(Path(spec)):
-            paths = sorted(p for p in Path(spec).iterdir() if not p.name.startswith("."))
+            paths = sorted(p for p in Path(spec).iterdir() if not p.name.startswith(".") and p.suffix == ".tar")
         else:
             paths = [Path(spec)]
     else:
@@ -265,8 +265,7 @@ class ShardDataset(IterableDataset):
         shuffle_buffer: int = 1000,
         multiple_of: int = 1,
     ) -> None:
-        self.paths = expand_shards(shards)
-        self.counts = [shard_samples(p) for p in self.paths]
+        self.paths, self.counts = self._locate(shards)
         self.load_size, self.channels, self.batch_size = load_size, channels, batch_size
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.seed, self.shuffle_buffer = int(seed), shuffle_buffer
@@ -288,6 +287,15 @@ class ShardDataset(IterableDataset):
                 f"(x {multiple_of} accumulation); lower --batch-size, --workers or add samples"
             )
         self.epoch, self.start_batch = 0, 0
+
+    def _locate(self, shards: str | Sequence[PathLike]) -> tuple[list[Any], list[int]]:
+        """The shards and their sample counts (local files: counted from their tar headers)."""
+        paths = expand_shards(shards)
+        return paths, [shard_samples(p) for p in paths]
+
+    def where(self) -> str:
+        """Where the shards are, for messages."""
+        return str(Path(self.paths[0]).parent)
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -347,14 +355,15 @@ class ShardDataset(IterableDataset):
 
         while (image := pull(0)) is not end:
             ahead.popleft()
-            skipped = 0
+            skipped = int(image is None)  # each broken sample counts once, however far its replacement is
+            ahead_at = 0
             while image is None:  # broken: the next readable sample takes its place
-                skipped += 1
-                image = pull(skipped - 1)
+                image = pull(ahead_at)
+                ahead_at += 1
                 if image is end:
                     image = last
                     if image is None:
-                        raise NoReadableImagesError(f"no readable image left in the shards of {self.paths[0].parent}")
+                        raise NoReadableImagesError(f"no readable image left in the shards of {self.where()}")
             last = image
             yield image, skipped
 
@@ -369,7 +378,7 @@ class ShardDataset(IterableDataset):
                 if len(batch) < self.batch_size:
                     raise NoReadableImagesError(
                         f"the shards of reader {reader} hold fewer samples than counted at the start; "
-                        f"were the shards under {self.paths[0].parent} changed during the run?"
+                        f"were the shards under {self.where()} changed during the run?"
                     )
                 yield torch.stack([image for image, _ in batch]), sum(s for _, s in batch)
         finally:

@@ -5,7 +5,8 @@ A data spec is one of:
 * ``cifar10:ROOT`` / ``cifar100:ROOT``: the official CIFAR python batches (``cifar.py``);
 * ``hf:PATH``: a local Hugging Face dataset (``hf.py``, extra ``datasets``);
 * tar shards in webdataset's layout: a brace pattern, one ``.tar``, or a folder of ``.tar``
-  files (``shards.py``, extra ``shards``);
+  files (``shards.py``, extra ``shards``); remote shards: ``http(s)://``, ``s3://``, ``gs://``
+  URLs (brace patterns too) or ``pipe:CMD``, streamed (``remote_shards.py``, extra ``remote``);
 * anything else: a folder of images, searched recursively (``folder.py``).
 
 ``open_unlabelled`` gives pretraining data (items ``(uint8 image, skipped)``, or a
@@ -31,6 +32,8 @@ from .cifar import CifarDataset, is_cifar_spec, parse_cifar_spec
 from .file_index import FileIndex, load_or_scan
 from .folder import BrokenImageError, ImageFolder, LabelledImageFolder
 from .hf import HFImageDataset, dataset_splits, is_hf_spec, parse_hf_spec
+from .remote import is_remote
+from .remote_shards import RemoteShardDataset, RemoteShardSamples
 from .shards import ShardDataset, ShardSamples, is_shard_spec
 
 __all__ = [
@@ -48,7 +51,8 @@ __all__ = [
 T = TypeVar("T")
 DATA_FORMS = (
     "a folder of images; cifar10:ROOT / cifar100:ROOT; hf:PATH (a local Hugging Face dataset); "
-    "tar shards ('train-{0000..0099}.tar', one .tar, or a folder of .tar files)"
+    "tar shards ('train-{0000..0099}.tar', one .tar, or a folder of .tar files); remote tar shards "
+    "('https://host/train-{000000..000099}.tar', s3://, gs://, pipe:CMD)"
 )
 _NEEDS_LABELS = (
     "evaluation needs labelled data: a folder with one sub-folder per class, cifar10:ROOT, an hf: dataset "
@@ -69,7 +73,7 @@ def data_kind(spec: str) -> str:
         return "cifar"
     if is_hf_spec(spec):
         return "hf"
-    if is_shard_spec(spec):
+    if is_remote(spec) or is_shard_spec(spec):
         return "shards"
     return "folder"
 
@@ -88,6 +92,8 @@ class ShardReading:
     seed: int = 0
     shuffle_buffer: int = 1000
     multiple_of: int = 1
+    index: str | None = None  # remote shards: a wids shard index with the sample counts
+    counts: tuple[int, ...] | None = None  # remote shards: the sample counts, already known (sent by rank 0)
 
 
 def open_unlabelled(
@@ -130,6 +136,24 @@ def open_unlabelled(
     size = _size(load_size, spec)
     if kind == "hf":
         return HFImageDataset(parse_hf_spec(spec) or "", size, channels, image_column, split)
+    if kind == "shards" and is_remote(spec):
+        if shards is None:
+            return RemoteShardSamples(spec, size, channels)
+        r = shards
+        return RemoteShardDataset(
+            spec,
+            size,
+            r.batch_size,
+            channels,
+            r.rank,
+            r.world_size,
+            r.workers,
+            r.seed,
+            r.shuffle_buffer,
+            r.multiple_of,
+            index=r.index,
+            counts=r.counts,
+        )
     if kind == "shards":
         if shards is None:
             return ShardSamples(spec, size, channels)
@@ -176,6 +200,8 @@ def open_labelled(
         path = parse_hf_spec(spec) or ""
         return HFImageDataset(path, load_size, channels, image_column, split, labelled=True, labels=label_column)
     if kind == "shards":
+        if is_remote(spec):
+            return RemoteShardSamples(spec, load_size, channels, labelled=True)
         return ShardSamples(spec, load_size, channels, labelled=True)
     try:
         return LabelledImageFolder(spec, load_size, channels)
@@ -244,6 +270,8 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
     kind = data_kind(spec)
     if kind == "cifar":
         return tuple(open_labelled(spec, load_size, channels, split=s) for s in ("train", "test"))  # type: ignore[return-value]
+    if kind == "shards" and is_remote(spec):
+        raise ValueError("a kNN split of remote shards is not supported; give local labelled data")
     if kind == "shards":
         return tuple(  # type: ignore[return-value]
             _Readable(ShardSamples(spec, load_size, channels, labelled=True, keep=_EveryFifth(q)))
@@ -314,7 +342,7 @@ def embedding_items(dataset: Dataset) -> Dataset:
     Raises:
         TypeError: a dataset these functions did not open.
     """
-    if isinstance(dataset, ShardSamples):
+    if isinstance(dataset, (ShardSamples, RemoteShardSamples)):
         return dataset
     if not (hasattr(dataset, "read") and hasattr(dataset, "sample_id")):
         raise TypeError(

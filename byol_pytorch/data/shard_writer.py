@@ -1,0 +1,192 @@
+"""Writing tar shards: ``byol-pytorch shards make`` (a folder of images to shards) and ``shards index``.
+
+``make_shards`` packs every readable image of a folder (searched recursively, as training
+reads it) into webdataset shards ``OUT/train-000000.tar``, ... of at most ``shard_size``
+bytes each (tar rounds files up to 10240 bytes; a single larger image gets a shard of its own):
+
+* the members hold the original encoded bytes (no re-encoding);
+* each sample's key is its file's path relative to the folder, ``%`` and ``.`` written
+  ``%25`` and ``%2E`` (webdataset's key ends at the first dot of the name): the member of
+  ``cats/a.b.jpg`` is ``cats/a%2Eb%2Ejpg.jpg``, one sample per file, never two merged;
+* files that do not decode as images are skipped and counted (not written);
+* each shard is written to a hidden temporary file and renamed into place once complete,
+  so a shard that exists is whole; ``OUT/index.json`` (webdataset's ``wids`` index, see
+  ``remote_shards.load_index``) lists the shards and their sample counts.
+
+``write_index`` counts the samples of shards (local ones from their tar headers, remote ones
+by reading them once) and writes such an index.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._modules import PathLike
+from .file_index import index_images
+from .folder import BrokenImageError, decode_image
+from .remote import is_remote
+from .remote_shards import count_shards, expand_remote, index_document
+from .shards import expand_shards, shard_samples
+
+__all__ = ["INDEX_NAME", "MadeShards", "make_shards", "parse_size", "sample_key", "write_index"]
+
+INDEX_NAME = "index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``1GB``, ``500MB``, ``64MiB`` or ``1000000``.
+
+    Examples:
+        >>> parse_size("1GB"), parse_size("1.5 MB"), parse_size("64KiB")
+        (1000000000, 1500000, 65536)
+    """
+    match = _SIZE.match(str(text))
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"--shard-size: {text!r} is not a size (e.g. 1GB, 500MB, 64MiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def sample_key(relative: str) -> str:
+    """The webdataset key of a file: its relative path, ``%`` and ``.`` escaped (module doc).
+
+    Examples:
+        >>> sample_key("cats/a.b.jpg")
+        'cats/a%2Eb%2Ejpg'
+    """
+    return relative.replace("%", "%25").replace(".", "%2E")
+
+
+@dataclass
+class MadeShards:
+    """What ``make_shards`` wrote: shard files, samples per shard, the broken files passed over."""
+
+    shards: list[Path] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    broken: list[str] = field(default_factory=list)
+    bytes: int = 0
+    index: Path | None = None
+
+
+def _member_size(name: str, data: bytes) -> int:
+    """Bytes of a tar member: header, data padded to 512, and a PAX header for a long name."""
+    pax = 512 + (len(name.encode()) + 40 + 511) // 512 * 512 if len(name.encode()) > 99 else 0
+    return pax + 512 + (len(data) + 511) // 512 * 512
+
+
+def _file_size(members: int) -> int:
+    """Bytes of a tar file of ``members`` bytes of members: the end marker, rounded up to tar's 10240-byte records."""
+    return (members + 1024 + tarfile.RECORDSIZE - 1) // tarfile.RECORDSIZE * tarfile.RECORDSIZE
+
+
+class _ShardSink:
+    """One shard being written: a hidden temporary tar, renamed into place by ``close``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.temporary = path, path.with_name(f".{path.name}.tmp")
+        self.tar = tarfile.open(self.temporary, "w", format=tarfile.PAX_FORMAT)
+        self.count = self.size = 0
+
+    def fits(self, name: str, data: bytes, limit: int) -> bool:
+        """Whether the file stays within ``limit`` bytes with this member (an empty shard takes any)."""
+        return not self.count or _file_size(self.size + _member_size(name, data)) <= limit
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o444, 0
+        self.tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+        self.size += _member_size(name, data)
+
+    def close(self) -> None:
+        self.tar.close()
+        with open(self.temporary, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(self.temporary, self.path)
+
+
+def _readable(path: Path) -> bytes | None:
+    try:
+        data = path.read_bytes()
+        decode_image(data, 8, 3, name=str(path))
+        return data
+    except (OSError, BrokenImageError):
+        return None
+
+
+def make_shards(folder: PathLike, out: PathLike, shard_size: int, prefix: str = "train") -> MadeShards:
+    """Pack the readable images of ``folder`` into shards of at most ``shard_size`` bytes under ``out``.
+
+    Raises:
+        ValueError: no image in the folder, or ``out`` already holds shards.
+        OSError: ``out`` cannot be written.
+    """
+    root, target = Path(folder), Path(out)
+    files = index_images(root)
+    target.mkdir(parents=True, exist_ok=True)
+    if any(target.glob("*.tar")):
+        raise ValueError(f"--out {target} already holds .tar files; choose an empty folder")
+    made, sink = MadeShards(), None
+    for number in range(len(files)):
+        relative = files.relative(number)
+        data = _readable(root / relative)
+        if data is None:
+            made.broken.append(relative)
+            continue
+        name = f"{sample_key(relative)}.{relative.rsplit('.', 1)[-1].lower()}"
+        if sink is not None and not sink.fits(name, data, shard_size):
+            _finish(sink, made)
+            sink = None
+        if sink is None:
+            sink = _ShardSink(target / f"{prefix}-{len(made.shards):06d}.tar")
+        sink.add(name, data)
+    if sink is not None:
+        _finish(sink, made)
+    if not made.shards:
+        raise ValueError(f"{root} has no readable image ({len(made.broken)} broken files); no shard written")
+    made.index = _write_json(target / INDEX_NAME, index_document([p.name for p in made.shards], made.counts))
+    return made
+
+
+def _finish(sink: _ShardSink, made: MadeShards) -> None:
+    sink.close()
+    made.shards.append(sink.path)
+    made.counts.append(sink.count)
+    made.bytes += sink.path.stat().st_size
+
+
+def _write_json(path: Path, document: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(document, indent=1) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def write_index(spec: str, out: PathLike) -> tuple[Path, Sequence[int]]:
+    """Count the samples of the shards of ``spec`` and write their ``wids`` index to ``out``.
+
+    Local shards are named relative to the index's folder when they lie under it (absolute
+    otherwise); remote ones by their (redacted) URL. Returns ``(index path, counts)``.
+    """
+    target = Path(out)
+    if is_remote(spec):
+        locations = expand_remote(spec)
+        counts = count_shards(locations)
+        return _write_json(target, index_document(locations, counts)), counts
+    paths = expand_shards(spec)
+    counts = [shard_samples(p) for p in paths]
+    base = target.resolve().parent
+    names = [
+        os.path.relpath(p.resolve(), base) if p.resolve().is_relative_to(base) else str(p.resolve()) for p in paths
+    ]
+    return _write_json(target, index_document(names, counts)), counts

@@ -1,0 +1,253 @@
+"""Remote tar shards read from real servers started here: an HTTP server (with range requests) in a thread."""
+
+import base64
+import functools
+import http.server
+import io
+import json
+import os
+import shutil
+import signal
+import threading
+import warnings
+
+import pytest
+import torch
+
+from byol_pytorch import BYOL
+from byol_pytorch.app import cli
+from byol_pytorch.data import remote_shards
+from byol_pytorch.data.remote import ReadPolicy, RemoteReadError, ShardReadWarning, is_remote, redact
+from byol_pytorch.data.remote_shards import RemoteShardDataset, RemoteShardSamples, index_document
+from byol_pytorch.data.sources import data_kind
+from byol_pytorch.training.checkpoint import load_checkpoint
+
+pytest.importorskip("fsspec")
+pytest.importorskip("aiohttp")
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """``SimpleHTTPRequestHandler`` plus ``Range: bytes=a-b`` (fsspec reads by range requests).
+
+    ``server.requests`` logs every path asked for; ``server.fail`` maps a file name to how many of
+    its next requests answer 503 (a negative count: all of them); ``server.cut`` to how many of its
+    next range requests past byte 0 send half their bytes and close the connection; ``server.password``
+    (an ``Authorization`` header value) answers 401 to requests without it.
+    """
+
+    def log_message(self, *args):
+        pass
+
+    def send_head(self):
+        name = self.path.rsplit("/", 1)[-1]
+        self.server.requests.append((self.command, name))
+        if self.server.password and self.headers.get("Authorization") != self.server.password:
+            self.send_error(401)
+            return None
+        left = self.server.fail.get(name, 0)
+        if left:
+            self.server.fail[name] = left - 1 if left > 0 else left
+            self.send_error(503)
+            return None
+        path = self.translate_path(self.path)
+        ranged = self.headers.get("Range")
+        if not ranged or not os.path.isfile(path):
+            return super().send_head()
+        size = os.path.getsize(path)
+        first, _, last = ranged.removeprefix("bytes=").partition("-")
+        start, end = int(first), min(int(last) if last else size - 1, size - 1)
+        with open(path, "rb") as file:
+            file.seek(start)
+            body = file.read(max(0, end - start + 1))
+        self.send_response(206)
+        self.send_header("Content-Type", "application/x-tar")
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if start > 0 and self.server.cut.get(name, 0) > 0:  # the transfer breaks off half-way
+            self.server.cut[name] -= 1
+            self.close_connection = True
+            return io.BytesIO(body[: len(body) // 2])
+        return io.BytesIO(body)
+
+
+@pytest.fixture(autouse=True)
+def _count_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BYOL_PYTORCH_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """``serve(folder) -> (base URL, server)``: a threaded HTTP server on localhost, stopped afterwards."""
+    servers = []
+
+    def start(folder):
+        handler = functools.partial(RangeHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.requests, server.fail, server.cut, server.password = [], {}, {}, None
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_remote_specs_are_shards():
+    assert is_remote("https://h/a-{0..3}.tar") and is_remote("s3://b/a.tar") and is_remote("pipe:cat a.tar")
+    assert data_kind("https://h/a-{0..3}.tar") == "shards" and data_kind("pipe:cat x.tar") == "shards"
+    assert redact("s3://k:s@b/x.tar?token=abc") == "s3://***@b/x.tar?token=***"
+
+
+def test_train_from_http_shards_redacts_credentials(tmp_path, make_shards, tiny_flags, serve, capsys):
+    pattern = make_shards(tmp_path / "shards")  # 4 x 6 samples, one undecodable, one without an image
+    base, server = serve(tmp_path / "shards")
+    url = base.replace("http://", "http://reader:s3cret@") + "/" + pattern.rsplit("/", 1)[-1]
+    out = tmp_path / "run"
+    argv = ["train", "--data", url, "--out", str(out), *tiny_flags, "--max-steps", "4", "--log-every", "1"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    checkpoint = load_checkpoint(out / "last.pt")
+    assert checkpoint["step"] == 4 and checkpoint["dataset_size"] == 24
+    assert checkpoint["args"]["data"] == redact(url) and "http://***@127.0.0.1" in checkpoint["args"]["data"]
+    assert "s3cret" not in captured.out + captured.err + (out / "metrics.jsonl").read_text()
+    assert "s3cret" not in json.dumps(checkpoint["args"])
+    assert any(name.endswith(".tar") for _, name in server.requests)
+    embed = ["embed", "--data", url, "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "emb")]
+    assert cli.main(embed) == 0, capsys.readouterr().err
+    ids = (tmp_path / "emb" / "ids.txt").read_text().split()
+    assert len(ids) == 22 and ids[0] == "train-0000.tar:s00_000"  # the 2 broken samples left out
+    assert "s3cret" not in "".join(capsys.readouterr())
+
+
+def test_index_means_no_read_at_start_and_same_batches(tmp_path, make_shards, serve):
+    pattern = make_shards(tmp_path / "shards")
+    base, server = serve(tmp_path / "shards")
+    url = f"{base}/{pattern.rsplit('/', 1)[-1]}"
+    names = [f"train-{k:04d}.tar" for k in range(4)]
+    (tmp_path / "index.json").write_text(json.dumps(index_document(names, [6] * 4)))
+    indexed = RemoteShardDataset(url, 32, 4, shuffle_buffer=3, index=str(tmp_path / "index.json"))
+    assert server.requests == [] and indexed.counts == [6] * 4 and indexed.batches_per_epoch == 6
+    batches = list(indexed.reader_batches(0, 0))
+    assert len(batches) == 6 and sum(skipped for _, skipped in batches) == 2
+    counted = RemoteShardDataset(url, 32, 4, shuffle_buffer=3)  # counted once (reads every shard), cached
+    assert counted.counts == [6] * 4 and any(p.suffix == ".json" for p in (tmp_path / "cache").rglob("*"))
+    for (a, _), (b, _) in zip(batches, counted.reader_batches(0, 0)):
+        assert torch.equal(a, b)
+    resumed = list(indexed.reader_batches(0, 0, start=4))  # exact resume: the same last two batches
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batches[4:], resumed))
+    items = list(RemoteShardSamples(url, 32, labelled=True))
+    assert len(items) == 24 and sum(not ok for *_, ok in items) == 2 and items[0][1] == 1
+
+
+def test_flaky_shard_is_retried_and_a_dead_one_skipped(tmp_path, make_shards, serve):
+    pattern = make_shards(tmp_path / "shards", broken=False)
+    base, server = serve(tmp_path / "shards")
+    url = f"{base}/{pattern.rsplit('/', 1)[-1]}"
+    policy = ReadPolicy(retries=2, backoff=0.01, timeout=5)
+    data = RemoteShardDataset(url, 32, 4, shuffle_buffer=0, policy=policy)
+    server.fail.update({"train-0001.tar": 2, "train-0002.tar": -1})  # 1 heals within the retries, 2 never
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(data.reader_batches(0, 0))
+    assert len(batches) == 6 and sum(skipped for _, skipped in batches) == 6  # shard 2's samples skipped
+    messages = [str(w.message) for w in caught if issubclass(w.category, ShardReadWarning)]
+    assert len(messages) == 1 and "train-0002.tar" in messages[0] and "6 remaining samples are skipped" in messages[0]
+    server.fail.update(dict.fromkeys(("train-0000.tar", "train-0001.tar", "train-0003.tar"), -1))
+    with pytest.raises(RemoteReadError, match="could not be read"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        list(data.reader_batches(0, 0))
+    split = RemoteShardDataset(url, 32, 4, workers=2, policy=policy, counts=data.counts)  # 2 shards per reader
+    with pytest.raises(RemoteReadError, match="none of the 2 shards this loader worker opened"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            list(split.reader_batches(0, 1))
+    with pytest.raises(RemoteReadError, match="cannot count the samples of the shards: .*train-0000.tar: HTTP status"):
+        RemoteShardDataset(f"{base}/train-{{0000..0001}}.tar", 32, 4, policy=policy)  # not cached: counted
+
+
+def test_http_errors_are_one_line(tmp_path, make_shards, tiny_flags, serve, monkeypatch, capsys):
+    make_shards(tmp_path / "shards", broken=False)
+    base, server = serve(tmp_path / "shards")
+    out = ["--out", str(tmp_path / "run"), *tiny_flags, "--max-steps", "2"]
+    code = cli.main(["train", "--data", f"{base}/missing-{{0000..0003}}.tar", *out])
+    line = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(line) == 1 and line[0].startswith("byol-pytorch: error: --data: "), line
+    assert "missing-0000.tar: no such object or bucket" in line[0]
+    server.password = "Basic " + base64.b64encode(b"reader:right").decode()
+    code = cli.main(["train", "--data", base.replace("//", "//reader:wrong@") + "/train-{0000..0003}.tar", *out])
+    line = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(line) == 1 and "train-0000.tar: access denied" in line[0] and "wrong" not in line[0], line
+    server.password = None
+    monkeypatch.setattr(remote_shards, "ReadPolicy", functools.partial(ReadPolicy, retries=1, backoff=0.01))
+    (tmp_path / "index.json").write_text(json.dumps(index_document([f"train-{k:04d}.tar" for k in range(4)], [6] * 4)))
+    flags = ["--shard-index", str(tmp_path / "index.json"), "--bn-stats", "trained", *out]
+    server.fail["train-0003.tar"] = -1  # one dead shard: a warning line, the run goes on
+    assert cli.main(["train", "--data", f"{base}/train-{{0000..0003}}.tar", *flags, "--max-steps", "6"]) == 0
+    warned = [text for text in capsys.readouterr().err.splitlines() if "train-0003.tar" in text]
+    assert warned == [
+        f"byol-pytorch: warning: {base}/train-0003.tar: HTTP status 503 (after 1 retries); its 6 remaining samples "
+        "are skipped (counted in skipped_files)"
+    ]
+    server.fail.update({f"train-{k:04d}.tar": -1 for k in range(4)})
+    flags[flags.index("--out") + 1] = str(tmp_path / "run2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = cli.main(["train", "--data", f"{base}/train-{{0000..0003}}.tar", *flags])
+    err = capsys.readouterr().err
+    line = [text for text in err.splitlines() if text.strip() and not text.startswith("byol: ")]  # no progress bar
+    assert code == 1 and len(line) == 1 and "Traceback" not in err, err
+    assert line[0].startswith("byol-pytorch: error: --data: ") and "could not be read" in line[0]
+
+
+def test_train_from_pipe_with_workers_and_resume(tmp_path, make_shards, tiny_flags, serve, monkeypatch):
+    """``pipe:CMD`` shards in two loader workers; a run stopped and resumed ends with one run's weights."""
+    pattern = make_shards(tmp_path / "shards")
+    base, _ = serve(tmp_path / "shards")
+    spec = f"pipe:curl -s -f {base}/{pattern.rsplit('/', 1)[-1]}" if shutil.which("curl") else f"pipe:cat {pattern}"
+    common = ["--data", spec, *tiny_flags[:-1], "2", "--max-steps", "4", "--shuffle-buffer", "3"]
+    common += ["--bn-stats", "trained"]
+    assert cli.main(["train", *common, "--out", str(tmp_path / "full")]) == 0
+    original = BYOL.update_moving_average
+
+    def update(self):  # SIGTERM right after step 2: the run saves and stops there
+        original(self)
+        if self._ema_count == 2:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(BYOL, "update_moving_average", update)
+    assert cli.main(["train", *common, "--out", str(tmp_path / "split")]) == 128 + signal.SIGTERM
+    monkeypatch.setattr(BYOL, "update_moving_average", original)
+    assert cli.main(["train", *common, "--out", str(tmp_path / "split"), "--resume"]) == 0
+    full, split = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
+    assert full["step"] == split["step"] == 4
+    assert all(torch.equal(full["learner"][k], split["learner"][k]) for k in full["learner"])
+
+
+def test_cut_transfer_resumes_where_it_broke_off(tmp_path, make_shards, serve, monkeypatch):
+    """A transfer cut mid-shard is reopened at the first sample not delivered: the same batches, nothing skipped."""
+    from byol_pytorch.data import remote
+
+    pattern = make_shards(tmp_path / "shards", broken=False)
+    base, server = serve(tmp_path / "shards")
+    url = f"{base}/{pattern.rsplit('/', 1)[-1]}"
+    monkeypatch.setattr(remote, "BLOCK", 12_000)  # several range requests per shard, 2 samples in the first
+    opened, open_remote = [], remote.open_remote
+
+    def spy(location, offset, *args):
+        opened.append((location.rsplit("/", 1)[-1], offset))
+        return open_remote(location, offset, *args)
+
+    monkeypatch.setattr(remote, "open_remote", spy)
+    data = RemoteShardDataset(url, 32, 4, shuffle_buffer=0, policy=ReadPolicy(retries=2, backoff=0.01, timeout=5))
+    clean = list(data.reader_batches(0, 0))
+    opened.clear()
+    server.cut.update({"train-0001.tar": 1, "train-0002.tar": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no shard is skipped
+        again = list(data.reader_batches(0, 0))
+    assert server.cut == {"train-0001.tar": 0, "train-0002.tar": 0}
+    assert {name for name, at in opened if at > 0} == {"train-0001.tar", "train-0002.tar"}, opened  # mid-shard
+    assert [s for _, s in again] == [0] * 6 and all(torch.equal(a, b) for (a, _), (b, _) in zip(clean, again))

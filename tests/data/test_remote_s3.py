@@ -1,0 +1,83 @@
+"""``s3://`` shards from moto's S3 server, started here on localhost: training, and each error as one line."""
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from byol_pytorch.app import cli
+from byol_pytorch.training.checkpoint import load_checkpoint
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def s3(tmp_path, make_shards, monkeypatch):
+    """A moto S3 server with bucket ``shards`` holding ``train-{0000..0003}.tar`` (4 x 6 samples, 2 broken)."""
+    import boto3
+    import s3fs
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "BYOL_PYTORCH_CACHE": str(tmp_path / "cache"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="shards")
+    pattern = make_shards(tmp_path / "local")
+    for path in sorted(Path(pattern).parent.glob("*.tar")):
+        client.upload_file(str(path), "shards", path.name)
+    yield "s3://shards/train-{0000..0003}.tar"
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err
+    lines = [text for text in err.splitlines() if text.strip() and not text.startswith("byol: ")]  # no progress bar
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("byol-pytorch: error: --data: "), err
+    return lines[0]
+
+
+def test_train_from_s3(s3, tmp_path, tiny_flags, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", s3, "--out", str(out), *tiny_flags, "--max-steps", "3"]) == 0
+    checkpoint = load_checkpoint(out / "last.pt")
+    assert checkpoint["step"] == 3 and checkpoint["dataset_size"] == 24 and checkpoint["args"]["data"] == s3
+    assert "testing" not in capsys.readouterr().err
+
+
+def test_s3_errors_are_one_line(s3, tmp_path, tiny_flags, monkeypatch, capsys):
+    import s3fs
+    from moto import settings
+
+    flags = ["--out", str(tmp_path / "run"), *tiny_flags, "--max-steps", "2"]
+    assert cli.main(["train", "--data", "s3://no-such-bucket/train-{0000..0003}.tar", *flags]) == 1
+    assert "s3://no-such-bucket/train-0000.tar: no such object or bucket" in error_line(capsys)
+    assert cli.main(["train", "--data", "s3://shards/missing-{0000..0003}.tar", *flags]) == 1
+    assert "s3://shards/missing-0000.tar: no such object or bucket" in error_line(capsys)
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the server checks credentials now
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert cli.main(["train", "--data", s3, *flags]) == 1
+    line = error_line(capsys)
+    assert "s3://shards/train-0000.tar: access denied" in line and "AWS_ACCESS_KEY_ID" in line
+    assert "not-the-secret" not in line

@@ -1,0 +1,67 @@
+"""`byol-pytorch shards make` / `shards index`: every readable image in exactly one shard, broken files counted."""
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from byol_pytorch.app import cli
+from byol_pytorch.data.shard_writer import parse_size, sample_key
+from byol_pytorch.data.shards import ShardSamples, is_shard_spec
+
+pytest.importorskip("webdataset")
+
+
+def members(folder):
+    found = {}
+    for shard in sorted(Path(folder).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                assert member.name not in found, f"{member.name} in two shards"
+                found[member.name] = (shard.name, tar.extractfile(member).read())
+    return found
+
+
+def test_make_packs_every_readable_image_once(tmp_path, messy, tiny_flags, capsys):
+    shutil.copy(messy / "a" / "0.jpg", messy / "a" / "v1.2.jpg")  # dots in the name
+    (messy / "a" / "0.png").write_bytes((messy / "a" / "deeper" / "1.png").read_bytes())  # same stem as 0.jpg
+    readable = {
+        str(p.relative_to(messy)): p.read_bytes()
+        for p in messy.rglob("*")
+        if p.suffix in (".jpg", ".png") and p.name not in ("corrupt.jpg", "empty.png")
+    }
+    out = tmp_path / "shards"
+    assert cli.main(["shards", "make", "--data", str(messy), "--out", str(out), "--shard-size", "40KB"]) == 0
+    captured = capsys.readouterr()
+    assert "2 files under" in captured.err and "corrupt.jpg" in captured.err and "empty.png" in captured.err
+    found = members(out)
+    expected = {f"{sample_key(rel)}.{rel.rsplit('.', 1)[-1]}": data for rel, data in readable.items()}
+    assert {name: data for name, (_, data) in found.items()} == expected  # each readable image once, bytes as-is
+    shards = sorted(p.name for p in out.glob("*.tar"))
+    assert len(shards) > 2 and not list(out.glob(".*"))  # no temporary file left
+    assert all(p.stat().st_size <= 40_000 for p in out.glob("*.tar"))
+    index = json.loads((out / "index.json").read_text())
+    assert index["wids_version"] == 1 and [e["url"] for e in index["shardlist"]] == shards
+    per_shard = {s: sum(1 for shard, _ in found.values() if shard == s) for s in shards}
+    assert [e["nsamples"] for e in index["shardlist"]] == [per_shard[s] for s in shards]
+    assert is_shard_spec(str(out)) and len(ShardSamples(str(out), 32)) == len(readable) == 26
+    pattern = str(out / f"train-{{000000..{len(shards) - 1:06d}}}.tar")
+    assert cli.main(["shards", "index", pattern, "--out", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert [e["nsamples"] for e in again["shardlist"]] == [e["nsamples"] for e in index["shardlist"]]
+    assert [e["url"] for e in again["shardlist"]] == [f"shards/{s}" for s in shards]
+    run = ["train", "--data", str(out), "--out", str(tmp_path / "run"), *tiny_flags, "--max-steps", "2"]
+    assert cli.main(run) == 0, capsys.readouterr().err
+
+
+def test_make_errors_are_one_line(tmp_path, messy, capsys):
+    assert parse_size("1GB") == 10**9
+    assert cli.main(["shards", "make", "--data", str(messy), "--out", str(tmp_path / "o"), "--shard-size", "lots"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "byol-pytorch: error: --shard-size: 'lots' is not a size (e.g. 1GB, 500MB, 64MiB)"
+    )
+    assert cli.main(["shards", "index", str(tmp_path / "none-{0..1}.tar"), "--out", str(tmp_path / "i.json")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("byol-pytorch: error: 2 of the 2 shards")
