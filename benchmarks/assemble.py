@@ -24,6 +24,7 @@ SECTIONS = (
     "augment",
     "data_loading",
     "data_index",
+    "shard_loading",
     "embed",
     "train_step",
     "ema",

@@ -439,6 +439,23 @@ def test_data_loading_smoke(tmp_path):
     assert out.read_text() == text + "\n" and "Machine: " in text and "libjpeg-turbo" in text
 
 
+def test_shard_loading_smoke(tmp_path):
+    pytest.importorskip("webdataset")
+    pytest.importorskip("fsspec")
+    pytest.importorskip("aiohttp")
+    script = _load("shard_loading")
+    out = tmp_path / "shard_loading.md"
+    args = ["--smoke", "--cache", str(tmp_path / "cache"), "--output", str(out)]
+    text = script.main(script.get_args_parser().parse_args(args))
+    rows = _rows(text, "source", key_cells=2)
+    assert len(rows) == 6 and all(float(r[3].split()[0]) > 0 for r in rows.values())
+    assert rows["image folder/1"][5] == "-" and rows["local shards/1"][5].startswith("+")
+    starts = _rows(text, "start-up")
+    requests = [int(r[5]) for r in starts.values()]
+    assert requests[0] == requests[2] == 0 and requests[1] >= 40  # every one of the 40 shards read, without index
+    assert out.read_text() == text + "\n" and "Machine: " in text
+
+
 def test_backbones_runs_a_model_in_a_worker_process(tmp_path):
     """The parent feeds names to `python -m benchmarks.backbones --worker` and tables what comes back."""
     script = _load("backbones")
