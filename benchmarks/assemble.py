@@ -30,6 +30,7 @@ SECTIONS = (
     "ema",
     "quality",
     "robustness",
+    "robustness_before_views",
     "demo",
     "backbones",
 )

@@ -192,20 +192,24 @@ def _progress(args: argparse.Namespace, steps: int, start: float, losses: list[f
         )
 
 
-def cli_recipe(net: nn.Module, steps: int, kwargs: dict[str, Any], images: int = 60_000, size: int = 32):
-    """``(learner, optimizer, scheduler)`` as ``byol-pytorch train --image-size 32 --batch-size 256`` builds them.
+def cli_recipe(
+    net: nn.Module, steps: int, kwargs: dict[str, Any], images: int = 60_000, size: int = 32, model: str = "resnet50"
+):
+    """``(learner, optimizer, scheduler)`` as ``byol-pytorch train --model MODEL --image-size 32 --batch-size 256``.
 
     The recipe, optimiser and warm-up come from the CLI's own parser, resolver and builders,
     so the cell follows the CLI's defaults; ``kwargs`` are further flags
     (``ours:optimizer=adamw,tau_base=0.99``); ``images`` makes the epoch of the warm-up rule
-    (Fashion-MNIST's 60,000 by default).
+    (Fashion-MNIST's 60,000 by default); ``model`` names the backbone, whose family picks the
+    optimiser when ``kwargs`` names none (``app.recipe.optimizer_for``).
     """
     from byol_pytorch.app.recipe import get_args_parser as cli_parser
     from byol_pytorch.app.recipe import resolve_recipe, run_length
     from byol_pytorch.training.models import build_learner
     from byol_pytorch.training.optim import build_recipe_optimizer, warmup_cosine_scheduler
 
-    flags = ["--data", "unused", "--image-size", str(size), "--batch-size", "256", "--max-steps", str(steps)]
+    flags = ["--data", "unused", "--model", model, "--image-size", str(size), "--batch-size", "256"]
+    flags += ["--max-steps", str(steps)]
     for key, value in kwargs.items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
     args = cli_parser().parse_args(flags)
@@ -222,7 +226,9 @@ def _byol_learner(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data,
     if args.loop == "cli":
         if name != "ours":
             raise SystemExit("robustness.py: error: the cli loop is ours only (the CLI's recipe)")
-        learner, opt, scheduler = cli_recipe(net, args.steps, kwargs, len(data.train_x), args.image_size)
+        learner, opt, scheduler = cli_recipe(
+            net, args.steps, kwargs, len(data.train_x), args.image_size, model=args.backbone
+        )
         return learner, (lambda x: x), opt, scheduler
     learner, feed = make_learner(name, net, args.image_size, load_peer() if name == "peer" else None, **kwargs)
     return learner, feed, make_optimizer(args.loop, [p for p in learner.parameters() if p.requires_grad]), None
@@ -423,7 +429,7 @@ def _fmt(values: list[float]) -> str:
 
 def table(args: argparse.Namespace) -> str:
     """One row per backbone x loop: both baselines, each contender's kNN, its gains, images/s; collapses named."""
-    every = load_cells(args.results)
+    every = [c for c in load_cells(args.results) if c.get("image_size", 32) == args.image_size]
     cells = [c for c in every if c["steps"] in (0, args.steps)]
     # Variants (``ours:key=value``) are probes, tabled on their own below, not contenders.
     variants = [c for c in cells if ":" in c["contender"]]
@@ -470,6 +476,15 @@ def table(args: argparse.Namespace) -> str:
         "",
         alarm_table(cells),
     ]
+    clean = clean_bn_table(cells)
+    if clean:
+        lines += ["", clean]
+    before = getattr(args, "before", None)
+    if before is not None:
+        lines += [
+            "",
+            before_after_table([c for c in load_cells(before) if c.get("image_size", 32) == args.image_size], cells),
+        ]
     if variants:
         lines += ["", variants_table(variants, cells)]
     longer = longer_runs_table(every, args.steps)
@@ -479,6 +494,65 @@ def table(args: argparse.Namespace) -> str:
 def _index(cells: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str, int], dict[str, Any]]:
     """Cells by (backbone, loop, contender, seed); an untrained cell's loop is "-"."""
     return {(c["backbone"], c["loop"], c["contender"], c["seed"]): c for c in cells}
+
+
+CELL_KEYS = ("backbone", "loop", "contender", "seed")
+
+
+def clean_bn_table(cells: list[dict[str, Any]]) -> str:
+    """Per trained cell that measured them: kNN with BatchNorm statistics as trained and re-estimated on clean
+    images, and the target (EMA) network's, each against the online net as trained."""
+    rows = []
+    for c in sorted(cells, key=lambda c: (c["backbone"], c["loop"], _contender_order(c["contender"]), c["seed"])):
+        if c.get("knn_clean_bn") is None and c.get("knn_target") is None:
+            continue
+
+        def vs(key: str, c: dict[str, Any] = c) -> str:
+            value = c.get(key)
+            return "-" if value is None else f"{value:.1f} ({value - c['knn']:+.1f})"
+
+        rows.append(
+            [
+                c["backbone"],
+                c["loop"],
+                c["contender"],
+                c["seed"],
+                f"{c['knn']:.1f}",
+                vs("knn_clean_bn"),
+                vs("knn_target"),
+                vs("knn_target_clean_bn"),
+            ]
+        )
+    if not rows:
+        return ""
+    header = [*CELL_KEYS, "online, BN as trained", "online, clean BN", "target, BN as trained", "target, clean BN"]
+    return (
+        "### Clean BatchNorm statistics and the target network (kNN %, difference to the online net as trained)\n\n"
+        "Clean BN: running statistics re-estimated on 512 un-augmented training images, nothing else changed "
+        "(`batchnorm.clean_statistics`); a net without BatchNorm shows the same figure. Target: the EMA network.\n\n"
+        + markdown_table(header, rows)
+    )
+
+
+def before_after_table(before: list[dict[str, Any]], cells: list[dict[str, Any]]) -> str:
+    """Ours per backbone x loop in an earlier matrix (``--before``) and now, with the other contenders now."""
+    rows = []
+    for backbone in BACKBONES:
+        for loop in LOOPS:
+            then = [c["knn"] for c in before if (c["backbone"], c["loop"], c["contender"]) == (backbone, loop, "ours")]
+            now = [c["knn"] for c in cells if (c["backbone"], c["loop"], c["contender"]) == (backbone, loop, "ours")]
+            if not then and not now:
+                continue
+            others = []
+            for contender in ("peer", "lightly"):
+                got = [
+                    c["knn"] for c in cells if (c["backbone"], c["loop"], c["contender"]) == (backbone, loop, contender)
+                ]
+                others.append(_fmt(got))
+            change = f"{statistics.mean(now) - statistics.mean(then):+.1f}" if then and now else "-"
+            rows.append([backbone, loop, _fmt(then), _fmt(now), change, *others])
+    header = ["backbone", "loop", "ours before", "ours now", "change", "peer", "lightly"]
+    return "### Ours before and after (kNN %; before: the cells in --before)\n\n" + markdown_table(header, rows)
 
 
 def variants_table(variants: list[dict[str, Any]], cells: list[dict[str, Any]]) -> str:
@@ -595,6 +669,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true", help="print the missing cells' commands")
     parser.add_argument("--run", action="store_true", help="run the missing cells")
     parser.add_argument("--table", action="store_true", help="print the table of the cells found")
+    parser.add_argument("--before", type=Path, help="with --table: a folder of earlier cells of ours to compare with")
     parser.add_argument(
         "--fill-ranks", action="store_true", help="add the feature rank to random-init cells written without it"
     )

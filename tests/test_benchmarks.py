@@ -323,6 +323,36 @@ def test_robustness_cells_and_table(peer_available, tmp_path):
     assert probe[4:7] == [f"{variant:.1f}", f"{plain:.1f} ({variant - plain:+.1f})", f"{cells['random']['knn']:.1f}"]
 
 
+def test_robustness_table_adds_clean_batchnorm_and_before_after(tmp_path):
+    import json
+
+    script = _load("robustness")
+    now, before = tmp_path / "now", tmp_path / "before"
+    now.mkdir(), before.mkdir()
+
+    def cell(folder, contender, knn, size=32, loop="sgd", **extra):
+        steps = 0 if contender.startswith("random") else 200
+        row = dict(backbone="resnet10t", loop="-" if steps == 0 else loop, contender=contender, seed=0, steps=steps)
+        row.update(batch_size=256, image_size=size, machine="m", threads=1, knn=knn, images_per_s=10.0, **extra)
+        name = f"{contender}_{size}_{loop}.json"
+        (folder / name).write_text(json.dumps(row))
+
+    cell(now, "random", 60.0)
+    cell(now, "random-bn", 62.0)
+    cell(now, "random", 99.0, size=64)  # another image size: not in the 32 px table
+    cell(now, "ours", 70.0, knn_clean_bn=71.5, knn_target=69.0, knn_target_clean_bn=None)
+    cell(now, "peer", 66.0)
+    cell(before, "ours", 67.0)
+    args = ["--table", "--results", str(now), "--before", str(before)]
+    table = script.main(script.get_args_parser().parse_args(args))
+    main = _rows(table, "backbone | loop | random init", key_cells=2)["resnet10t/sgd"]
+    assert main[2] == "60.0"  # the 64 px random cell is left out
+    clean = _rows(table.split("Clean BatchNorm")[1], "backbone", key_cells=3)["resnet10t/sgd/ours"]
+    assert clean[4:] == ["70.0", "71.5 (+1.5)", "69.0 (-1.0)", "-"]
+    change = _rows(table.split("Ours before and after")[1], "backbone", key_cells=2)["resnet10t/sgd"]
+    assert change[2:] == ["67.0", "70.0", "+3.0", "66.0", "-"]
+
+
 def test_robustness_batchnorm_calibration_is_the_mean_of_the_views_statistics():
     script = _load("robustness")
     torch.manual_seed(0)
@@ -351,7 +381,7 @@ def test_robustness_cli_loop_builds_what_the_cli_builds():
 
     script = _load("robustness")
     net = timm.create_model("resnet10t", pretrained=False, num_classes=0)
-    learner, optimizer, scheduler = script.cli_recipe(net, 100, {})
+    learner, optimizer, scheduler = script.cli_recipe(net, 100, {}, model="regnetx_002")  # a LARS family
     assert isinstance(optimizer, LARS) and learner.net is net
     assert learner.moving_average_decay == RECIPE_DEFAULTS["tau_base"] == 0.996
     assert learner.moving_average_total_steps == 100
@@ -370,6 +400,8 @@ def test_robustness_cli_loop_builds_what_the_cli_builds():
     # A flag passed as a keyword changes the recipe the way the CLI's flag does.
     _, adamw, _ = script.cli_recipe(net, 100, {"optimizer": "adamw"})
     assert isinstance(adamw, torch.optim.AdamW)
+    _, sgd, _ = script.cli_recipe(net, 100, {}, model="resnet10t")  # the ResNets' choice: SGD 0.05, momentum 0.9
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
     with pytest.raises(SystemExit):
         script.cli_recipe(net, 100, {"no_such_flag": 1})
 

@@ -29,10 +29,12 @@ from .errors import UserError
 __all__ = [
     "DEFAULT_EPOCHS",
     "PRESETS",
+    "FAMILY_OPTIMIZERS",
     "RECIPE_ADVICE",
     "RECIPE_DEFAULTS",
     "SHUFFLE_BUFFER",
     "add_train_arguments",
+    "optimizer_for",
     "check_sizes",
     "get_args_parser",
     "lr_help",
@@ -189,8 +191,9 @@ def _add_recipe_flags(a: Any) -> None:
     a(
         "--optimizer",
         choices=["lars", "adamw", "sgd"],
-        help="default: lars (the paper's, momentum 0.9, "
-        "trust coefficient 1e-3, biases and norms excluded from decay and adaptation)",
+        help="default: chosen for the --model's family from the robustness matrix (README, 'A recipe for the "
+        "backbone'): sgd (momentum 0.9) for ResNets, ConvNeXt and mobile BatchNorm nets, lars for RegNets and "
+        "families not measured (the paper's: momentum 0.9, trust coefficient 1e-3, biases and norms excluded)",
     )
     a("--lr", type=float, help=f"peak learning rate; default per optimizer: {lr_help()}")
     a("--weight-decay", type=float, help="default per optimizer, see --lr (the paper: 1.5e-6 with LARS)")
@@ -348,6 +351,37 @@ def preset_name(args: argparse.Namespace, saved: Recipe | None) -> str:
     return "cifar" if is_cifar_spec(getattr(args, "data", None)) else "paper"
 
 
+FAMILY_OPTIMIZERS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
+    # (family, name fragments, optimizer, the matrix's evidence: kNN % on Fashion-MNIST, 32 px, 200 steps,
+    #  batch 256; BENCHMARKS.md "Robustness matrix"; SGD 0.05 momentum 0.9, LARS = the CLI's paper recipe)
+    ("RegNet", ("regnet",), "lars", "RegNetX-200MF: LARS 52.6, SGD 49.3 (2 seeds), Adam 47.9 (2 seeds)"),
+    (
+        "mobile BatchNorm nets",
+        ("mobilenet", "ghostnet", "efficientnet", "mnasnet", "fbnet", "lcnet", "mixnet", "tinynet", "hardcorenas"),
+        "sgd",
+        "MobileNetV3-small: SGD 63.3 (2 seeds), LARS 34.6, Adam 36.5; MobileNetV2-0.5: SGD 36.1, LARS 21.5, "
+        "Adam 23.0; GhostNet: SGD 69.5, Adam 50.7",
+    ),
+    ("ResNets", ("resnet", "resnext", "wide_resnet", "seresnet"), "sgd", "ResNet-10t: SGD 76.5, LARS 71.5, Adam 72.2"),
+    ("ConvNeXt", ("convnext",), "sgd", "ConvNeXt-atto: SGD 77.3, LARS 77.2, Adam 75.7"),
+)
+"""The optimiser ``train`` takes per backbone family when ``--optimizer`` is not given (first match wins)."""
+
+
+def optimizer_for(model: str) -> tuple[str, str]:
+    """``(optimizer, why)`` for a model name: the family's measured choice, else the paper's LARS.
+
+    Examples:
+        >>> optimizer_for("mobilenetv3_large_100")[0], optimizer_for("regnety_016")[0], optimizer_for("vit_small")[0]
+        ('sgd', 'lars', 'lars')
+    """
+    name = model.lower()
+    for family, fragments, optimizer, evidence in FAMILY_OPTIMIZERS:
+        if any(fragment in name for fragment in fragments):
+            return optimizer, f"{family}: {evidence}"
+    return "lars", "not measured for this family: the paper's LARS"
+
+
 def resolve_recipe(args: argparse.Namespace, saved: Recipe | Mapping[str, Any] | None) -> Recipe:
     """The run's recipe: the flags, else the ``--recipe`` preset's, else the defaults; the checkpoint's when resuming.
 
@@ -383,6 +417,8 @@ def resolve_recipe(args: argparse.Namespace, saved: Recipe | Mapping[str, Any] |
         given = getattr(args, key, None)
         if given is not None:
             values[key] = given
+    if getattr(args, "optimizer", None) is None and "optimizer" not in preset["values"]:
+        values["optimizer"] = optimizer_for(str(values["model"]))[0]
     _resolve_views(values, args, set(preset["values"]))
     own = preset["optimizer"].get(values["optimizer"])  # the recipe's lr and decay for its own optimiser
     if values["lr"] is None:

@@ -91,6 +91,7 @@ from .recipe import (
     add_train_arguments,
     check_sizes,
     get_args_parser,
+    optimizer_for,
     plain,
     resolve_recipe,
     run_length,
@@ -585,7 +586,8 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
             print(
                 f"byol-pytorch: {recipe.model} on {len(dataset)} images ({recipe.in_chans} channels) in "
                 f"{redact(data)}, {ctx.world_size} process(es) on {ctx.device.type}, batch {recipe.batch_size}, "
-                f"{recipe.optimizer} lr {recipe.lr:.4g}, warm-up {warmup} steps, {steps_per_epoch} "
+                f"{recipe.optimizer}{_chosen(args, recipe, checkpoint)} lr {recipe.lr:.4g}, warm-up {warmup} steps, "
+                f"{steps_per_epoch} "
                 f"steps/epoch, steps {prepared.state.step} -> {total}, {precision}, run folder {out}"
                 f" (recipe {recipe.recipe})",
                 flush=True,
@@ -597,6 +599,15 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
             "sockets, devices, broken links) and were passed over"
         )
     return prepared
+
+
+def _chosen(args: argparse.Namespace, recipe: Recipe, checkpoint: dict[str, Any] | None) -> str:
+    """`` (chosen for FAMILY)`` when the optimiser came from the model's family (no --optimizer, a new run)."""
+    if checkpoint is not None or getattr(args, "optimizer", None) is not None or recipe.recipe != "paper":
+        return ""
+    family = optimizer_for(recipe.model)[1].split(":")[0]
+    why = "the paper's, family not measured" if family.startswith("not measured") else f"chosen for {family}"
+    return f" ({why}; --optimizer to change)"
 
 
 def _clean_images(data: str, recipe: Recipe, args: argparse.Namespace, index: Any = None) -> torch.Tensor:

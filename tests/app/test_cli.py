@@ -92,7 +92,7 @@ def test_a_new_run_does_not_overwrite_a_checkpoint(capsys, trained, tiny_flags):
 def test_resume_keeps_the_recipe(capsys, trained):
     _, out = trained
     line = one_error_line(capsys, cli.main(["train", "--out", str(out), "--resume", "--optimizer", "adamw"]))
-    assert "--optimizer adamw differs from the checkpoint's lars" in line
+    assert "--optimizer adamw differs from the checkpoint's sgd" in line
 
 
 @pytest.mark.parametrize("command", ["resume", "export", "eval"])

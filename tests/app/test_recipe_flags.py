@@ -14,7 +14,7 @@ def parse(*argv):
 
 
 def test_defaults_are_the_papers_with_the_optimizers_lr_and_decay():
-    recipe = resolve(parse(), None)
+    recipe = resolve(parse("--optimizer", "lars"), None)
     assert recipe.to_dict().keys() == RECIPE_DEFAULTS.keys()
     assert recipe.model == "resnet50" and recipe.image_size == 224 and recipe.optimizer == "lars"
     assert recipe.tau_base == 0.996 and recipe.projection_size == 256 and recipe.batch_size == 256
@@ -140,3 +140,28 @@ def test_a_checkpoint_from_before_the_recipes_resumes_with_the_papers_views():
 def test_check_sizes_rejects_bad_view_and_lars_values(changes, message):
     with pytest.raises(UserError, match=message):
         check_sizes(_recipe(**changes), DistContext())
+
+
+@pytest.mark.parametrize(
+    "model, optimizer, lr, decay",
+    [
+        ("resnet50", "sgd", 0.05, 1e-4),  # the ResNets: SGD (SimSiam's lr and decay)
+        ("mobilenetv3_small_100", "sgd", 0.05, 1e-4),
+        ("efficientnet_b0", "sgd", 0.05, 1e-4),
+        ("convnext_atto", "sgd", 0.05, 1e-4),
+        ("regnetx_002", "lars", 0.2, 1.5e-6),  # RegNets: the paper's LARS
+        ("vit_small_patch16_224", "lars", 0.2, 1.5e-6),  # not measured: the paper's
+        ("hf:my/model", "lars", 0.2, 1.5e-6),
+    ],
+)
+def test_without_optimizer_the_family_chooses(model, optimizer, lr, decay):
+    from byol_pytorch.app.recipe import optimizer_for
+
+    recipe = resolve(parse("--model", model), None)
+    assert (recipe.optimizer, recipe.lr, recipe.weight_decay) == (optimizer, pytest.approx(lr), decay)
+    assert optimizer_for(model)[0] == optimizer
+    # a flag wins; the CIFAR preset keeps solo-learn's LARS; a resumed run keeps what it ran with
+    assert resolve(parse("--model", model, "--optimizer", "adamw"), None).optimizer == "adamw"
+    assert resolve(parse("--model", model, "--data", "cifar10:/d"), None).optimizer == "lars"
+    saved = resolve(parse("--model", model, "--optimizer", "lars"), None).to_dict()
+    assert resolve(parse(), saved).optimizer == "lars"
