@@ -30,7 +30,7 @@ from torchvision import datasets, transforms
 
 from benchmarks.common import REPO
 from benchmarks.common.machine import load_average, machine
-from benchmarks.common.report import command_line, markdown_table
+from benchmarks.common.report import command_line, emit_report, markdown_table
 from benchmarks.common.runner import time_alternating
 from byol_pytorch.data import ImageFolder, make_loader
 
@@ -222,12 +222,7 @@ def main(args: argparse.Namespace) -> str:
             "decode was possible and the outputs are identical.",
         ]
     )
-    print("\n" + report)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(report + "\n", encoding="utf-8")
-        print(f"\nwrote {args.output}")
-    return report
+    return emit_report(report, args.output)
 
 
 if __name__ == "__main__":

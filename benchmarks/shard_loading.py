@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from benchmarks.common import REPO
 from benchmarks.common.machine import load_average, machine
-from benchmarks.common.report import command_line, markdown_table
+from benchmarks.common.report import command_line, emit_report, markdown_table
 from benchmarks.common.runner import time_alternating
 from byol_pytorch.data import make_loader
 from byol_pytorch.data.remote import BLOCK, READ_AHEAD
@@ -320,12 +320,7 @@ def main(args: argparse.Namespace) -> str:
     bound = SHUFFLE_BUFFER * mean_bytes + READ_AHEAD + BLOCK
     seconds = (time.perf_counter() - started, generated)
     report = _report(args, sizes, rows, start_rows, (mean_bytes, bound, requests), load_before, seconds)
-    print("\n" + report)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(report + "\n", encoding="utf-8")
-        print(f"\nwrote {args.output}")
-    return report
+    return emit_report(report, args.output)
 
 
 THROUGHPUT_HEADER = ["source", "workers", "images/epoch", "img/s median (min-max)", "vs folder", "worker peak memory"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from benchmarks.common import REPO
 
-__all__ = ["command_line", "markdown_table", "ms", "verdict", "write_results"]
+__all__ = ["command_line", "emit_report", "markdown_table", "ms", "verdict", "write_results"]
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
@@ -50,3 +50,13 @@ def verdict(ok: bool) -> str:
 def ms(seconds: float) -> str:
     """Seconds as milliseconds with one decimal."""
     return f"{seconds * 1e3:.1f}"
+
+
+def emit_report(report: str, output: Path | None) -> str:
+    """Print a benchmark's Markdown report and, with ``output``, write it there; returns the report."""
+    print("\n" + report)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report + "\n", encoding="utf-8")
+        print(f"\nwrote {output}")
+    return report

@@ -61,12 +61,14 @@ def test_a_training_step_makes_no_host_sync():
     for _ in range(3):  # the target's copy, the heads' first use, the first pinned buffers
         _step(learner, optimizer, images)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    before = int(learner.ema_step)
+    torch.cuda.set_sync_debug_mode("error")  # any host sync in the steps below raises a RuntimeError
     try:
         for _ in range(5):
             _step(learner, optimizer, images)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert int(learner.ema_step) == before + 5  # the five steps ran to their EMA update, none synced
 
 
 def test_an_fp16_step_makes_one_host_sync_the_scalers():
