@@ -1,4 +1,4 @@
-"""Run the fault suite (tests/test_faults.py, tests/app/test_run_folder.py) and write its table to docs/FAULTS.md.
+"""Run the fault suite (tests/test_faults.py, app/test_run_folder.py, data/test_remote.py) and write docs/FAULTS.md.
 
 Each test of the suite appends what it injected and what held to the file named by
 ``BYOL_FAULTS_REPORT``; this script runs pytest with that set, then groups the rows by
@@ -28,8 +28,9 @@ __all__ = ["main", "summarise"]
 
 HEAD = """# The fault suite
 
-`tests/test_faults.py` and `tests/app/test_run_folder.py` inject the faults below into `byol-pytorch` and the Python API
-and checks what must hold: a run finishes bitwise equal to an uninterrupted one, or it ends
+`tests/test_faults.py`, `tests/app/test_run_folder.py` and `tests/data/test_remote.py` (shards over a real
+HTTP server that the tests stop and start) inject the faults below into `byol-pytorch` and the Python API
+and check what must hold: a run finishes bitwise equal to an uninterrupted one, or it ends
 with one line `byol-pytorch: error: ...` (naming the problem and the fix), a non-zero exit,
 no traceback (`--debug` or `BYOL_PYTORCH_DEBUG=1` shows it) and nothing saved lost. The
 Python API raises only `TypeError`, `ValueError` or `FloatingPointError`. CI runs the suite
@@ -74,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         report = Path(tmp) / "faults.jsonl"
         env = dict(child_env(threads=None), BYOL_FAULTS_REPORT=str(report), BYOL_FAULTS_EXAMPLES=str(args.examples))
         cmd = module_command(
-            "pytest", "-q", "-p", "no:cacheprovider", "tests/test_faults.py", "tests/app/test_run_folder.py"
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_faults.py",
+            "tests/app/test_run_folder.py",
+            "tests/data/test_remote.py",
         )
         started = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -402,16 +402,16 @@ class Prefetcher:
         jobs: ``(location, expected samples)`` per shard, in reading order.
         wanted: which members' bytes to keep (see ``read_shard``).
         policy: retries, backoff and timeout of each shard's read.
-        limit: bytes of samples held between the thread and the consumer.
+        limit: bytes of samples held between the thread and the consumer (None: ``READ_AHEAD``).
 
     Use ``shard(i)`` for the samples of job ``i`` (in order, each once) and ``close()`` at the end.
     """
 
     def __init__(
-        self, jobs: list[tuple[str, int]], wanted: Wanted, policy: ReadPolicy, limit: int = READ_AHEAD
+        self, jobs: list[tuple[str, int]], wanted: Wanted, policy: ReadPolicy, limit: int | None = None
     ) -> None:
         self.jobs, self.wanted, self.policy = jobs, wanted, policy
-        self.queue = _ByteQueue(limit)
+        self.queue = _ByteQueue(READ_AHEAD if limit is None else limit)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="byol-shard-prefetch", daemon=True)
         self.thread.start()

@@ -78,12 +78,15 @@ def _count_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def serve(tmp_path):
-    """``serve(folder) -> (base URL, server)``: a threaded HTTP server on localhost, stopped afterwards."""
+    """``serve(folder, port=0) -> (base URL, server)``: a threaded HTTP server on localhost, stopped afterwards.
+
+    ``port``: the port of a server the test stopped (``stop``), to start it again where it was.
+    """
     servers = []
 
-    def start(folder):
+    def start(folder, port=0):
         handler = functools.partial(RangeHandler, directory=str(folder))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
         server.requests, server.fail, server.cut, server.password = [], {}, {}, None
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
@@ -91,8 +94,23 @@ def serve(tmp_path):
 
     yield start
     for server in servers:
+        stop(server)
+
+
+def stop(server):
+    """Stop a ``serve`` server: no new connection is accepted on its port (refused) until started again."""
+    if not getattr(server, "stopped", False):
+        server.stopped = True
         server.shutdown()
         server.server_close()
+
+
+def learner_weights(out):
+    return load_checkpoint(out / "last.pt")["learner"]
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_remote_specs_are_shards():
@@ -251,3 +269,151 @@ def test_cut_transfer_resumes_where_it_broke_off(tmp_path, make_shards, serve, m
     assert server.cut == {"train-0001.tar": 0, "train-0002.tar": 0}
     assert {name for name, at in opened if at > 0} == {"train-0001.tar", "train-0002.tar"}, opened  # mid-shard
     assert [s for _, s in again] == [0] * 6 and all(torch.equal(a, b) for (a, _), (b, _) in zip(clean, again))
+
+
+@pytest.fixture
+def outage(tmp_path, make_shards, serve, monkeypatch):
+    """4 shards x 10 samples over HTTP, read one sample ahead in 12 kB range requests (so reads go on
+    while the run trains), and ``at_step(n, action)``: ``action()`` right after update ``n`` of a run.
+    Yields ``(url, server, waits)``; ``waits`` lists the retry attempts of every failed read."""
+    from byol_pytorch.data import remote
+
+    pattern = make_shards(tmp_path / "shards", per_shard=10, broken=False)
+    base, server = serve(tmp_path / "shards")
+    monkeypatch.setattr(remote, "BLOCK", 12_000)
+    monkeypatch.setattr(remote, "READ_AHEAD", 1)  # the prefetcher holds one sample: it reads as the run goes
+    waits = []
+
+    class Watched(ReadPolicy):
+        def wait(self, attempt):
+            waits.append(attempt)
+            return super().wait(attempt)
+
+    monkeypatch.setattr(remote_shards, "ReadPolicy", functools.partial(Watched, retries=5, backoff=0.2))
+    return f"{base}/{pattern.rsplit('/', 1)[-1]}", server, waits
+
+
+def after_update(monkeypatch, step, action):
+    original = BYOL.update_moving_average
+
+    def update(self):
+        original(self)
+        if self._ema_count == step:
+            action()
+
+    monkeypatch.setattr(BYOL, "update_moving_average", update)
+
+
+def test_server_stopped_mid_epoch_and_restarted_within_the_retries_loses_nothing(
+    tmp_path, outage, serve, tiny_flags, monkeypatch, capsys, record_fault
+):
+    url, server, waits = outage
+    common = ["train", "--data", url, *tiny_flags, "--max-steps", "14", "--shuffle-buffer", "3"]
+    common += ["--bn-stats", "trained"]
+    assert cli.main([*common, "--out", str(tmp_path / "full")]) == 0
+    assert waits == []
+    capsys.readouterr()
+    again = []
+
+    def down_for_a_second():  # mid-epoch (10 batches an epoch): the server goes away, back 1 s later
+        port = server.server_address[1]
+        stop(server)
+        threading.Timer(1.0, lambda: again.append(serve(tmp_path / "shards", port=port)[1])).start()
+
+    after_update(monkeypatch, 3, down_for_a_second)
+    assert cli.main([*common, "--out", str(tmp_path / "outage")]) == 0
+    err = capsys.readouterr().err
+    assert waits and again and again[0].requests, (waits, err)  # reads failed while it was down, went on after
+    assert "warning" not in err and "skipped" not in err, err
+    assert load_checkpoint(tmp_path / "outage" / "last.pt")["step"] == 14
+    assert same_weights(learner_weights(tmp_path / "full"), learner_weights(tmp_path / "outage"))  # same batches
+    record_fault(
+        "HTTP shard server stopped mid-epoch, back within the retries",
+        1,
+        f"{len(waits)} reads retried; the run's weights bitwise equal to a run without the outage",
+    )
+
+
+def test_server_stopped_for_good_ends_in_one_line_and_keeps_the_checkpoint(
+    tmp_path, outage, serve, tiny_flags, monkeypatch, capsys, record_fault
+):
+    url, server, _ = outage
+    monkeypatch.setattr(remote_shards, "ReadPolicy", functools.partial(ReadPolicy, retries=1, backoff=0.05))
+    out = tmp_path / "run"
+    argv = ["train", "--data", url, *tiny_flags, "--max-steps", "14", "--checkpoint-every", "1", "--out", str(out)]
+    original = BYOL.update_moving_average
+    after_update(monkeypatch, 3, lambda: stop(server))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = cli.main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 1 and "Traceback" not in err, err
+    assert len(errors) == 1 and errors[0].startswith("byol-pytorch: error: --data: "), err
+    assert "could not be read" in errors[0] and "--resume" in errors[0]
+    saved = load_checkpoint(out / "last.pt")  # the checkpoint of the last finished step, intact
+    assert 3 <= saved["step"] < 14 and "learner" in saved
+    serve(tmp_path / "shards", port=server.server_address[1])  # the storage is back: --resume goes on
+    monkeypatch.setattr(BYOL, "update_moving_average", original)
+    assert cli.main(["train", "--out", str(out), "--resume"]) == 0, capsys.readouterr().err
+    assert load_checkpoint(out / "last.pt")["step"] == 14
+    record_fault("HTTP shard server stopped for good mid-run", 1, "one error line; last.pt of the last step kept")
+
+
+SLOW_TRAIN = """
+import sys, time
+from byol_pytorch import BYOL
+from byol_pytorch.app import cli
+original = BYOL.update_moving_average
+def update(self):
+    original(self)
+    if self._ema_count >= 3:
+        time.sleep(1.0)  # slow enough to be killed at step 3 or 4; the weights do not depend on it
+BYOL.update_moving_average = update
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_mid_shard_then_resume_gives_the_uninterrupted_run(
+    tmp_path, make_shards, serve, tiny_flags, record_fault
+):
+    """SIGKILL of a run reading HTTP shards with 2 loader workers, mid-shard; --resume ends with the weights
+    of the run never stopped (the batches after the checkpoint are the same ones)."""
+    import subprocess
+    import sys
+    import time
+
+    pattern = make_shards(tmp_path / "shards", per_shard=10, broken=False)
+    base, server = serve(tmp_path / "shards")
+    url = f"{base}/{pattern.rsplit('/', 1)[-1]}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", BYOL_PYTORCH_CACHE=str(tmp_path / "cache"))
+    flags = [*tiny_flags[:-1], "2", "--data", url, "--max-steps", "16", "--shuffle-buffer", "3"]
+    flags += ["--checkpoint-every", "1", "--bn-stats", "trained"]
+
+    def train(*argv, code=SLOW_TRAIN):
+        return subprocess.Popen([sys.executable, "-c", code, "train", *flags, *argv], env=env, stderr=subprocess.PIPE)
+
+    plain = "import sys; from byol_pytorch.app import cli; sys.exit(cli.main())"
+    full = train("--out", str(tmp_path / "full"), code=plain)
+    killed = train("--out", str(tmp_path / "killed"))
+    deadline, step = time.monotonic() + 180, 0
+    while step < 3 and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        if (tmp_path / "killed" / "last.pt").is_file():
+            step = load_checkpoint(tmp_path / "killed" / "last.pt")["step"]
+    assert killed.poll() is None, killed.communicate()[1].decode()[-2000:]
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
+    saved = load_checkpoint(tmp_path / "killed" / "last.pt")["step"]
+    assert saved in (3, 4)  # mid-shard: each of the 2 readers 6 or 8 samples into its first shard of 10
+    resumed = train("--out", str(tmp_path / "killed"), "--resume", code=plain)
+    for process in (full, resumed):
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err.decode()[-2000:]
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["step"] == 16
+    assert same_weights(learner_weights(tmp_path / "full"), learner_weights(tmp_path / "killed"))
+    record_fault(
+        "SIGKILL mid-shard of a run reading HTTP shards (2 loader workers), then --resume",
+        1,
+        "the weights bitwise equal to the run never stopped",
+    )

@@ -65,3 +65,42 @@ def test_make_errors_are_one_line(tmp_path, messy, capsys):
     assert cli.main(["shards", "index", str(tmp_path / "none-{0..1}.tar"), "--out", str(tmp_path / "i.json")]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("byol-pytorch: error: 2 of the 2 shards")
+
+
+def test_training_on_the_shards_sees_the_images_of_the_folder(tmp_path, tiny_flags, monkeypatch, capsys):
+    """One epoch on the folder and one on its shards hand the learner the same decoded images (pixel for pixel)."""
+    import hashlib
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from byol_pytorch import BYOL
+
+    folder, rng = tmp_path / "images", np.random.default_rng(5)
+    (folder / "sub").mkdir(parents=True)
+    for i in range(24):
+        pixels = rng.integers(0, 256, (40, 33 + i % 7, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / ("sub" if i % 3 else "") / f"{i}.{'png' if i % 2 else 'jpg'}")
+    (folder / "broken.png").write_bytes(b"\x89PNG not an image")
+    (folder / "sub" / "cut.jpg").write_bytes((folder / "0.jpg").read_bytes()[:200])
+    shards = tmp_path / "shards"
+    assert cli.main(["shards", "make", "--data", str(folder), "--out", str(shards), "--shard-size", "30KB"]) == 0
+    assert len(list(shards.glob("*.tar"))) > 2
+
+    seen: list[str] = []
+    original = BYOL.forward
+
+    def forward(self, x, *args, **kwargs):  # what the training step hands the learner
+        if not kwargs.get("return_embedding") and x.dtype == torch.uint8:
+            seen.extend(hashlib.sha256(image.numpy().tobytes()).hexdigest() for image in x.cpu())
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(BYOL, "forward", forward)
+    flags = [*tiny_flags, "--batch-size", "2", "--bn-stats", "trained"]
+    # an epoch: the folder's 26 files in 13 batches (2 broken, each replaced by a readable one), the shards' 24 in 12
+    assert cli.main(["train", "--data", str(folder), "--out", str(tmp_path / "f"), *flags, "--max-steps", "13"]) == 0
+    from_folder, seen[:] = list(seen), []
+    assert cli.main(["train", "--data", str(shards), "--out", str(tmp_path / "s"), *flags, "--max-steps", "12"]) == 0
+    assert len(from_folder) == 26 and len(seen) == 24, capsys.readouterr().err
+    assert len(set(seen)) == 24 and set(seen) == set(from_folder)  # each readable image once, the same pixels
