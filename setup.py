@@ -39,6 +39,8 @@ setup(
             "aiohttp>=3.8",
             "s3fs>=2023.1",
             "moto[server]>=5",
+            "gcsfs>=2023.1",
+            "gcp-storage-emulator>=2022.6",
         ],
         "plots": ["matplotlib>=3.5"],
         "bench": ["kornia>=0.7", "matplotlib>=3.5", "psutil>=5.8", "lightly>=1.5"],

@@ -7,6 +7,7 @@ Test files take what they share from here as fixtures (``cnn``, ``make_cnn``,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,10 @@ from PIL import Image
 from byol_pytorch import BYOL
 
 pytest_plugins = ["ci_skips"]  # under CI, a skip for any reason but CUDA fails the session
+
+# gcsfs's default file system first asks Google's gRPC API for a bucket's type (60 s to time out
+# against a local emulator); the plain one, set before gcsfs is imported, talks JSON over HTTP only.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 # The smallest `byol-pytorch train` recipe that still runs a real timm ResNet.
 TINY_FLAGS = (

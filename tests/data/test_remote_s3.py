@@ -18,15 +18,47 @@ def free_port():
         return probe.getsockname()[1]
 
 
+class Moto:
+    """moto's S3 server on one localhost port, which a test can stop (connections refused) and start again.
+
+    Buckets and objects live in moto's in-process back-end: a server started again serves them.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.server = None
+        self.start()
+
+    def start(self) -> None:
+        self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server._server.server_close()  # free the port: the next connection is refused
+            self.server = None
+
+
+@pytest.fixture
+def moto(tmp_path, make_shards, monkeypatch):
+    """A moto S3 server with bucket ``shards`` holding ``train-{0000..0003}.tar`` (4 x 10 samples, none broken)."""
+    yield from _moto(tmp_path, monkeypatch, make_shards(tmp_path / "local", per_shard=10, broken=False))
+
+
 @pytest.fixture
 def s3(tmp_path, make_shards, monkeypatch):
     """A moto S3 server with bucket ``shards`` holding ``train-{0000..0003}.tar`` (4 x 6 samples, 2 broken)."""
+    for served in _moto(tmp_path, monkeypatch, make_shards(tmp_path / "local")):
+        yield served[0]
+
+
+def _moto(tmp_path, monkeypatch, pattern):
     import boto3
     import s3fs
 
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = Moto()
+    port = server.port
     endpoint = f"http://127.0.0.1:{port}"
     for name, value in {
         "AWS_ACCESS_KEY_ID": "testing",
@@ -40,10 +72,9 @@ def s3(tmp_path, make_shards, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket="shards")
-    pattern = make_shards(tmp_path / "local")
     for path in sorted(Path(pattern).parent.glob("*.tar")):
         client.upload_file(str(path), "shards", path.name)
-    yield "s3://shards/train-{0000..0003}.tar"
+    yield "s3://shards/train-{0000..0003}.tar", server
     s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
 
@@ -81,3 +112,44 @@ def test_s3_errors_are_one_line(s3, tmp_path, tiny_flags, monkeypatch, capsys):
     line = error_line(capsys)
     assert "s3://shards/train-0000.tar: access denied" in line and "AWS_ACCESS_KEY_ID" in line
     assert "not-the-secret" not in line
+
+
+def test_s3_server_stopped_mid_epoch_and_restarted_loses_nothing(moto, tmp_path, tiny_flags, monkeypatch, capsys):
+    import functools
+    import threading
+
+    import torch
+
+    from byol_pytorch import BYOL
+    from byol_pytorch.data import remote, remote_shards
+
+    spec, server = moto
+    monkeypatch.setattr(remote, "BLOCK", 12_000)  # several range requests per shard
+    monkeypatch.setattr(remote, "READ_AHEAD", 1)  # one sample read ahead: the reads go on while it trains
+    waits = []
+
+    class Watched(remote.ReadPolicy):
+        def wait(self, attempt):
+            waits.append(attempt)
+            return super().wait(attempt)
+
+    monkeypatch.setattr(remote_shards, "ReadPolicy", functools.partial(Watched, retries=5, backoff=0.2))
+    common = ["train", "--data", spec, *tiny_flags, "--max-steps", "14", "--shuffle-buffer", "3"]
+    common += ["--bn-stats", "trained"]
+    assert cli.main([*common, "--out", str(tmp_path / "full")]) == 0
+    assert waits == []
+    original = BYOL.update_moving_average
+
+    def update(self):  # after step 3 of 10 in the epoch: the server goes away, back 1 s later
+        original(self)
+        if self._ema_count == 3:
+            server.stop()
+            threading.Timer(1.0, server.start).start()
+
+    monkeypatch.setattr(BYOL, "update_moving_average", update)
+    assert cli.main([*common, "--out", str(tmp_path / "outage")]) == 0
+    err = capsys.readouterr().err
+    assert waits and "warning" not in err and "skipped" not in err, (waits, err)
+    full = load_checkpoint(tmp_path / "full" / "last.pt")["learner"]
+    outage = load_checkpoint(tmp_path / "outage" / "last.pt")
+    assert outage["step"] == 14 and all(torch.equal(full[k], outage["learner"][k]) for k in full)
