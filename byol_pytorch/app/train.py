@@ -57,7 +57,7 @@ from ..data import (
 from ..data.file_index import INDEX_CACHE_NAME, scan_with_cache
 from ..data.folder import ImageFolder, NoReadableImagesError
 from ..data.remote import RemoteReadError, ShardReadWarning, is_remote, redact
-from ..data.remote_shards import expand_remote, remote_counts
+from ..data.remote_shards import SHARD_COUNTS_NAME, counts_with_cache, expand_remote
 from ..data.sampling import DataOrder, EpochSampler, step_batches
 from ..data.shards import ShardDataset, make_shard_loader
 from ..training.checkpoint import (
@@ -355,11 +355,25 @@ def _build_net(recipe: Recipe, args: argparse.Namespace, ctx: DistContext) -> tu
     return net, recipe
 
 
-def _remote_counts(data: str, index: str | None, ctx: DistContext) -> tuple[int, ...] | None:
-    """Remote shards' sample counts, read (index) or counted (then cached) by rank 0 alone and sent to the others."""
+def _remote_counts(
+    data: str, index: str | None, ctx: DistContext, out: Path, deferred: list[Callable[[], None]]
+) -> tuple[int, ...] | None:
+    """Remote shards' sample counts, read or counted by rank 0 alone and sent to the others.
+
+    From ``--shard-index``, else the run folder's copy (``OUT/shard_counts.json``, what a
+    resumed run reads), else the user cache or a count; a new copy is saved by the writer
+    appended to ``deferred``, once the run is sure to start.
+    """
     if not is_remote(data):
         return None
-    return tuple(broadcast_from_main(ctx, lambda: remote_counts(expand_remote(data), index)))
+
+    def count() -> list[int]:
+        counts, save = counts_with_cache(expand_remote(data), index, out / SHARD_COUNTS_NAME)
+        if save is not None:
+            deferred.append(save)
+        return counts
+
+    return tuple(broadcast_from_main(ctx, count))
 
 
 def _build_data(
@@ -404,7 +418,7 @@ def _build_data(
             buffer,
             recipe.accumulate,
             getattr(args, "shard_index", None),
-            _remote_counts(data, getattr(args, "shard_index", None), ctx) if kind == "shards" else None,
+            _remote_counts(data, getattr(args, "shard_index", None), ctx, out, deferred) if kind == "shards" else None,
         )
         dataset = open_unlabelled(
             data,

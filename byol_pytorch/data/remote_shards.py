@@ -29,13 +29,14 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .._atomic import atomic_write
 from .folder import BrokenImageError, decode_image
 from .remote import FaultBudget, Prefetcher, ReadPolicy, RemoteReadError, ShardFailed, is_remote, read_shard, redact
 from .shards import IMAGE_SUFFIXES, ShardDataset, _shuffled, _webdataset
@@ -43,7 +44,9 @@ from .shards import IMAGE_SUFFIXES, ShardDataset, _shuffled, _webdataset
 __all__ = [
     "RemoteShardDataset",
     "RemoteShardSamples",
+    "SHARD_COUNTS_NAME",
     "count_shards",
+    "counts_with_cache",
     "expand_remote",
     "index_document",
     "load_index",
@@ -51,6 +54,8 @@ __all__ = [
 ]
 
 INDEX_VERSION = 1
+SHARD_COUNTS_NAME = "shard_counts.json"
+"""A training run's copy of its remote shards' counts (a ``wids`` index), in the run folder."""
 
 
 def expand_remote(spec: str) -> list[str]:
@@ -187,6 +192,34 @@ def remote_counts(locations: Sequence[str], index: str | None = None, policy: Re
     except OSError:
         pass  # no cache: counted again next time
     return counts
+
+
+def counts_with_cache(
+    locations: Sequence[str], index: str | None, run_file: str | Path
+) -> tuple[list[int], Callable[[], None] | None]:
+    """A run's shard counts: ``run_file`` (the run folder's copy) first, else ``remote_counts``.
+
+    Returns ``(counts, save)``: ``save()`` writes ``run_file`` atomically (a wids index) when it
+    was missing or stale and no ``index`` was given; the caller runs it once the run is sure to
+    start (a refused start writes nothing into the run folder). A resumed run reads its counts
+    from there: no shard is counted again, whatever became of the user cache.
+    """
+    if index:
+        return load_index(index, locations), None
+    try:
+        return load_index(str(run_file), locations), None
+    except ValueError:
+        pass
+    counts = remote_counts(locations, None)
+    document = json.dumps(index_document(locations, counts))
+
+    def write(temporary: str) -> None:
+        Path(temporary).write_text(document)
+
+    def save() -> None:
+        atomic_write(run_file, write)
+
+    return counts, save
 
 
 def _decode_sample(sample: Any, load_size: int, channels: int, where: str) -> tuple[torch.Tensor | None, str]:

@@ -160,6 +160,30 @@ def test_index_means_no_read_at_start_and_same_batches(tmp_path, make_shards, se
     assert len(items) == 24 and sum(not ok for *_, ok in items) == 2 and items[0][1] == 1
 
 
+def test_counts_are_kept_in_the_run_folder_and_a_resume_counts_nothing(
+    tmp_path, make_shards, tiny_flags, serve, monkeypatch
+):
+    pattern = make_shards(tmp_path / "shards")
+    base, _ = serve(tmp_path / "shards")
+    url = base.replace("http://", "http://reader:s3cret@") + "/" + pattern.rsplit("/", 1)[-1]
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", url, "--out", str(out), *tiny_flags, "--max-steps", "2"]) == 0
+    saved = json.loads((out / "shard_counts.json").read_text())
+    assert [e["nsamples"] for e in saved["shardlist"]] == [6] * 4 and "s3cret" not in json.dumps(saved)
+    shutil.rmtree(tmp_path / "cache")  # the user cache is gone: the run folder's copy is what a resume reads
+
+    def count_again(*args, **kwargs):
+        raise AssertionError("a resumed run counted the shards again")
+
+    monkeypatch.setattr(remote_shards, "count_shards", count_again)
+    assert cli.main(["train", "--data", url, "--out", str(out), "--resume", "--max-steps", "4"]) == 0
+    assert load_checkpoint(out / "last.pt")["step"] == 4
+    elsewhere = tmp_path / "other"  # a new run folder with the cache gone counts (and fails here)
+    with pytest.raises(AssertionError, match="counted the shards again"):
+        cli.main(["train", "--data", url, "--out", str(elsewhere), *tiny_flags, "--max-steps", "2", "--debug"])
+    assert not (elsewhere / "shard_counts.json").exists()
+
+
 def test_flaky_shard_is_retried_and_a_dead_one_skipped(tmp_path, make_shards, serve):
     pattern = make_shards(tmp_path / "shards", broken=False)
     base, server = serve(tmp_path / "shards")
