@@ -10,8 +10,12 @@ EMA decay from 0.996 to 1 on the paper's cosine over the run; ours only). Conten
 
 * ``random``: the same initial weights, untrained (the bar to clear);
 * ``random-bn``: the same untrained weights with the BatchNorm statistics of 20 batches of views;
-* ``ours``: ``byol_pytorch.BYOL(net, 32)`` with its defaults; ``ours:KEY=VALUE,...`` passes
-  keyword arguments (a candidate default, measured before it becomes one);
+* ``ours``: ``byol_pytorch.BYOL(net, 32, ...)`` as the README tells a loop to build it
+  (``readme_loop``): ``moving_average_total_steps=STEPS`` (tau rises to 1 on the paper's cosine
+  over the run) and, with Adam, ``moving_average_decay=0.996`` (the paper's base; with SGD the
+  constructor's 0.99). Cells from before issue 21's EMA measurements used the constructor's
+  defaults (tau 0.99 constant) and are kept in ``robustness/before_ema/``. ``ours:KEY=VALUE,...``
+  passes keyword arguments over those (a candidate default, measured before it becomes one);
 * ``peer``: lucidrains/byol-pytorch 0.9.1, vanilla (``use_simplicial_embeddings=False``);
 * ``lightly``: lightly's BYOL as its documentation runs it: ``BYOLProjectionHead`` /
   ``BYOLPredictionHead`` (4096 hidden, 256 out), ``update_momentum`` with
@@ -221,6 +225,12 @@ def cli_recipe(
     return learner, optimizer, warmup_cosine_scheduler(optimizer, total, warmup)
 
 
+def readme_loop(loop: str, steps: int) -> dict[str, Any]:
+    """``BYOL``'s keyword arguments in a loop the README's way: the EMA told the run's length, and with
+    Adam the paper's tau base 0.996 (measured: benchmarks/results/robustness.md, "Where issue 21's bar stands")."""
+    return {"moving_average_total_steps": steps, **({"moving_average_decay": 0.996} if loop == "adam" else {})}
+
+
 def _byol_learner(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data, args: argparse.Namespace):
     """``(learner, feed, optimizer, scheduler)`` of ours or the peer in the cell's loop."""
     if args.loop == "cli":
@@ -230,6 +240,8 @@ def _byol_learner(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data,
             net, args.steps, kwargs, len(data.train_x), args.image_size, model=args.backbone
         )
         return learner, (lambda x: x), opt, scheduler
+    if name == "ours":
+        kwargs = {**readme_loop(args.loop, args.steps), **kwargs}
     learner, feed = make_learner(name, net, args.image_size, load_peer() if name == "peer" else None, **kwargs)
     return learner, feed, make_optimizer(args.loop, [p for p in learner.parameters() if p.requires_grad]), None
 
@@ -479,12 +491,13 @@ def table(args: argparse.Namespace) -> str:
     clean = clean_bn_table(cells)
     if clean:
         lines += ["", clean]
-    before = getattr(args, "before", None)
-    if before is not None:
-        lines += [
-            "",
-            before_after_table([c for c in load_cells(before) if c.get("image_size", 32) == args.image_size], cells),
+    befores = getattr(args, "before", None) or []
+    if befores:
+        stages = [
+            (folder.name, [c for c in load_cells(folder) if c.get("image_size", 32) == args.image_size])
+            for folder in befores
         ]
+        lines += ["", before_after_table(stages, cells)]
     if variants:
         lines += ["", variants_table(variants, cells)]
     longer = longer_runs_table(every, args.steps)
@@ -534,24 +547,26 @@ def clean_bn_table(cells: list[dict[str, Any]]) -> str:
     )
 
 
-def before_after_table(before: list[dict[str, Any]], cells: list[dict[str, Any]]) -> str:
-    """Ours per backbone x loop in an earlier matrix (``--before``) and now, with the other contenders now."""
+def before_after_table(stages: list[tuple[str, list[dict[str, Any]]]], cells: list[dict[str, Any]]) -> str:
+    """Ours per backbone x loop in earlier matrices (``--before``, named by folder, oldest first) and now,
+    with the other contenders now; ``change``: now against the first."""
+
+    def knn(found: list[dict[str, Any]], backbone: str, loop: str, contender: str) -> list[float]:
+        return [c["knn"] for c in found if (c["backbone"], c["loop"], c["contender"]) == (backbone, loop, contender)]
+
     rows = []
     for backbone in BACKBONES:
         for loop in LOOPS:
-            then = [c["knn"] for c in before if (c["backbone"], c["loop"], c["contender"]) == (backbone, loop, "ours")]
-            now = [c["knn"] for c in cells if (c["backbone"], c["loop"], c["contender"]) == (backbone, loop, "ours")]
-            if not then and not now:
+            then = [knn(found, backbone, loop, "ours") for _, found in stages]
+            now = knn(cells, backbone, loop, "ours")
+            if not any(then) and not now:
                 continue
-            others = []
-            for contender in ("peer", "lightly"):
-                got = [
-                    c["knn"] for c in cells if (c["backbone"], c["loop"], c["contender"]) == (backbone, loop, contender)
-                ]
-                others.append(_fmt(got))
-            change = f"{statistics.mean(now) - statistics.mean(then):+.1f}" if then and now else "-"
-            rows.append([backbone, loop, _fmt(then), _fmt(now), change, *others])
-    header = ["backbone", "loop", "ours before", "ours now", "change", "peer", "lightly"]
+            others = [_fmt(knn(cells, backbone, loop, contender)) for contender in ("peer", "lightly")]
+            first = then[0]
+            change = f"{statistics.mean(now) - statistics.mean(first):+.1f}" if first and now else "-"
+            rows.append([backbone, loop, *[_fmt(t) for t in then], _fmt(now), change, *others])
+    names = ["ours before"] if len(stages) == 1 else [f"ours in {name}" for name, _ in stages]
+    header = ["backbone", "loop", *names, "ours now", "change", "peer", "lightly"]
     return "### Ours before and after (kNN %; before: the cells in --before)\n\n" + markdown_table(header, rows)
 
 
@@ -669,7 +684,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true", help="print the missing cells' commands")
     parser.add_argument("--run", action="store_true", help="run the missing cells")
     parser.add_argument("--table", action="store_true", help="print the table of the cells found")
-    parser.add_argument("--before", type=Path, help="with --table: a folder of earlier cells of ours to compare with")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        action="append",
+        help="with --table: a folder of earlier cells of ours to compare with (repeat: oldest first)",
+    )
     parser.add_argument(
         "--fill-ranks", action="store_true", help="add the feature rank to random-init cells written without it"
     )

@@ -351,6 +351,13 @@ def test_robustness_table_adds_clean_batchnorm_and_before_after(tmp_path):
     assert clean[4:] == ["70.0", "71.5 (+1.5)", "69.0 (-1.0)", "-"]
     change = _rows(table.split("Ours before and after")[1], "backbone", key_cells=2)["resnet10t/sgd"]
     assert change[2:] == ["67.0", "70.0", "+3.0", "66.0", "-"]
+    middle = tmp_path / "middle"
+    middle.mkdir()
+    cell(middle, "ours", 68.5)
+    table = script.main(script.get_args_parser().parse_args([*args, "--before", str(middle)]))
+    assert "| ours in before | ours in middle | ours now | change |" in table
+    change = _rows(table.split("Ours before and after")[1], "backbone", key_cells=2)["resnet10t/sgd"]
+    assert change[2:] == ["67.0", "68.5", "70.0", "+3.0", "66.0", "-"]  # the change since the first
 
 
 def test_robustness_batchnorm_calibration_is_the_mean_of_the_views_statistics():

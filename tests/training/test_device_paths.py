@@ -296,6 +296,8 @@ def test_copies_go_to_a_side_stream_only_on_cuda():
 def test_the_readme_snippet_runs_as_written(tmp_path, monkeypatch):
     text = (REPO / "README.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert "epochs = 100\n" in snippet
+    snippet = snippet.replace("epochs = 100\n", "epochs = 1\n")  # one pass over the test's loader
     assert 'device = "cuda" if torch.cuda.is_available() else "cpu"' in snippet
     monkeypatch.chdir(tmp_path)
     loader = [torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8) for _ in range(2)]
@@ -303,5 +305,6 @@ def test_the_readme_snippet_runs_as_written(tmp_path, monkeypatch):
     exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102 - the documentation's own code
     learner, net = scope["learner"], scope["net"]
     assert int(learner.ema_step) == 2 and (tmp_path / "improved.pt").stat().st_size > 10_000_000
+    assert learner.moving_average_total_steps == 2 and learner.current_decay == 1.0  # tau at the end of the run
     saved = torch.load(tmp_path / "improved.pt")
     assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
