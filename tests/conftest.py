@@ -307,3 +307,41 @@ def record_fault():
                 )
 
     return record
+
+
+@pytest.fixture
+def live_reads(monkeypatch):
+    """Remote shards read one sample ahead in 12 kB range requests, so that reads go on while a run
+    trains (an outage meets a live read), retried 5 times from 0.2 s. Returns the list of retry
+    attempts, one entry per failed read."""
+    import functools
+
+    from byol_pytorch.data import remote, remote_shards
+
+    monkeypatch.setattr(remote, "BLOCK", 12_000)
+    monkeypatch.setattr(remote, "READ_AHEAD", 1)  # one sample held ahead of the consumer
+    waits: list[int] = []
+
+    class Watched(remote.ReadPolicy):
+        def wait(self, attempt: int) -> float:
+            waits.append(attempt)
+            return super().wait(attempt)
+
+    monkeypatch.setattr(remote_shards, "ReadPolicy", functools.partial(Watched, retries=5, backoff=0.2))
+    return waits
+
+
+@pytest.fixture
+def after_update(monkeypatch):
+    """``after_update(step, action)``: ``action()`` right after a run's ``update_moving_average`` call ``step``."""
+    original = BYOL.update_moving_average
+
+    def install(step, action):
+        def update(self):
+            original(self)
+            if self._ema_count == step:
+                action()
+
+        monkeypatch.setattr(BYOL, "update_moving_average", update)
+
+    return install

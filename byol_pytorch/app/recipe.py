@@ -28,16 +28,17 @@ from .errors import UserError
 
 __all__ = [
     "DEFAULT_EPOCHS",
-    "PRESETS",
     "FAMILY_OPTIMIZERS",
+    "PRESETS",
     "RECIPE_ADVICE",
     "RECIPE_DEFAULTS",
     "SHUFFLE_BUFFER",
     "add_train_arguments",
-    "optimizer_for",
     "check_sizes",
+    "family_of",
     "get_args_parser",
     "lr_help",
+    "optimizer_for",
     "plain",
     "preset_name",
     "resolve_recipe",
@@ -368,6 +369,15 @@ FAMILY_OPTIMIZERS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
 """The optimiser ``train`` takes per backbone family when ``--optimizer`` is not given (first match wins)."""
 
 
+def family_of(model: str) -> tuple[str, str, str] | None:
+    """``(family, optimizer, evidence)`` of the first ``FAMILY_OPTIMIZERS`` entry naming ``model``, else None."""
+    name = model.lower()
+    for family, fragments, optimizer, evidence in FAMILY_OPTIMIZERS:
+        if any(fragment in name for fragment in fragments):
+            return family, optimizer, evidence
+    return None
+
+
 def optimizer_for(model: str) -> tuple[str, str]:
     """``(optimizer, why)`` for a model name: the family's measured choice, else the paper's LARS.
 
@@ -375,11 +385,11 @@ def optimizer_for(model: str) -> tuple[str, str]:
         >>> optimizer_for("mobilenetv3_large_100")[0], optimizer_for("regnety_016")[0], optimizer_for("vit_small")[0]
         ('sgd', 'lars', 'lars')
     """
-    name = model.lower()
-    for family, fragments, optimizer, evidence in FAMILY_OPTIMIZERS:
-        if any(fragment in name for fragment in fragments):
-            return optimizer, f"{family}: {evidence}"
-    return "lars", "not measured for this family: the paper's LARS"
+    found = family_of(model)
+    if found is None:
+        return "lars", "not measured for this family: the paper's LARS"
+    family, optimizer, evidence = found
+    return optimizer, f"{family}: {evidence}"
 
 
 def resolve_recipe(args: argparse.Namespace, saved: Recipe | Mapping[str, Any] | None) -> Recipe:

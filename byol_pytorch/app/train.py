@@ -90,8 +90,8 @@ from .recipe import (
     SHUFFLE_BUFFER,
     add_train_arguments,
     check_sizes,
+    family_of,
     get_args_parser,
-    optimizer_for,
     plain,
     resolve_recipe,
     run_length,
@@ -406,6 +406,7 @@ def _build_data(
         index = None
         if kind == "folder":
             index = broadcast_from_main(ctx, scan)
+        shard_index = getattr(args, "shard_index", None)
         buffer = SHUFFLE_BUFFER if getattr(args, "shuffle_buffer", None) is None else args.shuffle_buffer
         if buffer < 0:
             raise ValueError(f"--shuffle-buffer must be 0 or more, got {buffer}")
@@ -417,8 +418,8 @@ def _build_data(
             recipe.seed,
             buffer,
             recipe.accumulate,
-            getattr(args, "shard_index", None),
-            _remote_counts(data, getattr(args, "shard_index", None), ctx, out, deferred) if kind == "shards" else None,
+            shard_index,
+            _remote_counts(data, shard_index, ctx, out, deferred) if kind == "shards" else None,
         )
         dataset = open_unlabelled(
             data,
@@ -601,8 +602,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
                 f"byol-pytorch: {recipe.model} on {len(dataset)} images ({recipe.in_chans} channels) in "
                 f"{redact(data)}, {ctx.world_size} process(es) on {ctx.device.type}, batch {recipe.batch_size}, "
                 f"{recipe.optimizer}{_chosen(args, recipe, checkpoint)} lr {recipe.lr:.4g}, warm-up {warmup} steps, "
-                f"{steps_per_epoch} "
-                f"steps/epoch, steps {prepared.state.step} -> {total}, {precision}, run folder {out}"
+                f"{steps_per_epoch} steps/epoch, steps {prepared.state.step} -> {total}, {precision}, run folder {out}"
                 f" (recipe {recipe.recipe})",
                 flush=True,
             )
@@ -619,8 +619,8 @@ def _chosen(args: argparse.Namespace, recipe: Recipe, checkpoint: dict[str, Any]
     """`` (chosen for FAMILY)`` when the optimiser came from the model's family (no --optimizer, a new run)."""
     if checkpoint is not None or getattr(args, "optimizer", None) is not None or recipe.recipe != "paper":
         return ""
-    family = optimizer_for(recipe.model)[1].split(":")[0]
-    why = "the paper's, family not measured" if family.startswith("not measured") else f"chosen for {family}"
+    found = family_of(recipe.model)
+    why = "the paper's, family not measured" if found is None else f"chosen for {found[0]}"
     return f" ({why}; --optimizer to change)"
 
 

@@ -25,6 +25,7 @@ ordered per epoch exactly like local shards (``ShardDataset``); only the reading
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -51,6 +52,7 @@ __all__ = [
     "index_document",
     "load_index",
     "remote_counts",
+    "write_index",
 ]
 
 INDEX_VERSION = 1
@@ -185,13 +187,20 @@ def remote_counts(locations: Sequence[str], index: str | None = None, policy: Re
         pass
     counts = count_shards(locations, policy)
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache.with_suffix(f".tmp{os.getpid()}")
-        temporary.write_text(json.dumps(index_document(locations, counts)))
-        os.replace(temporary, cache)
+        write_index(cache, locations, counts)
     except OSError:
         pass  # no cache: counted again next time
     return counts
+
+
+def write_index(path: str | Path, locations: Sequence[str], counts: Sequence[int]) -> None:
+    """Write ``index_document(locations, counts)`` to ``path`` atomically (``OSError`` leaves it as it was)."""
+    document = json.dumps(index_document(locations, counts))
+
+    def write(temporary: str) -> None:
+        Path(temporary).write_text(document)
+
+    atomic_write(path, write)
 
 
 def counts_with_cache(
@@ -211,15 +220,7 @@ def counts_with_cache(
     except ValueError:
         pass
     counts = remote_counts(locations, None)
-    document = json.dumps(index_document(locations, counts))
-
-    def write(temporary: str) -> None:
-        Path(temporary).write_text(document)
-
-    def save() -> None:
-        atomic_write(run_file, write)
-
-    return counts, save
+    return counts, functools.partial(write_index, run_file, locations, counts)
 
 
 def _decode_sample(sample: Any, load_size: int, channels: int, where: str) -> tuple[torch.Tensor | None, str]:

@@ -296,40 +296,15 @@ def test_cut_transfer_resumes_where_it_broke_off(tmp_path, make_shards, serve, m
 
 
 @pytest.fixture
-def outage(tmp_path, make_shards, serve, monkeypatch):
-    """4 shards x 10 samples over HTTP, read one sample ahead in 12 kB range requests (so reads go on
-    while the run trains), and ``at_step(n, action)``: ``action()`` right after update ``n`` of a run.
-    Yields ``(url, server, waits)``; ``waits`` lists the retry attempts of every failed read."""
-    from byol_pytorch.data import remote
-
+def outage(tmp_path, make_shards, serve, live_reads):
+    """4 shards x 10 samples over HTTP, read as ``live_reads`` reads them: ``(url, server, waits)``."""
     pattern = make_shards(tmp_path / "shards", per_shard=10, broken=False)
     base, server = serve(tmp_path / "shards")
-    monkeypatch.setattr(remote, "BLOCK", 12_000)
-    monkeypatch.setattr(remote, "READ_AHEAD", 1)  # the prefetcher holds one sample: it reads as the run goes
-    waits = []
-
-    class Watched(ReadPolicy):
-        def wait(self, attempt):
-            waits.append(attempt)
-            return super().wait(attempt)
-
-    monkeypatch.setattr(remote_shards, "ReadPolicy", functools.partial(Watched, retries=5, backoff=0.2))
-    return f"{base}/{pattern.rsplit('/', 1)[-1]}", server, waits
-
-
-def after_update(monkeypatch, step, action):
-    original = BYOL.update_moving_average
-
-    def update(self):
-        original(self)
-        if self._ema_count == step:
-            action()
-
-    monkeypatch.setattr(BYOL, "update_moving_average", update)
+    return f"{base}/{pattern.rsplit('/', 1)[-1]}", server, live_reads
 
 
 def test_server_stopped_mid_epoch_and_restarted_within_the_retries_loses_nothing(
-    tmp_path, outage, serve, tiny_flags, monkeypatch, capsys, record_fault
+    tmp_path, outage, serve, tiny_flags, after_update, capsys, record_fault
 ):
     url, server, waits = outage
     common = ["train", "--data", url, *tiny_flags, "--max-steps", "14", "--shuffle-buffer", "3"]
@@ -344,7 +319,7 @@ def test_server_stopped_mid_epoch_and_restarted_within_the_retries_loses_nothing
         stop(server)
         threading.Timer(1.0, lambda: again.append(serve(tmp_path / "shards", port=port)[1])).start()
 
-    after_update(monkeypatch, 3, down_for_a_second)
+    after_update(3, down_for_a_second)
     assert cli.main([*common, "--out", str(tmp_path / "outage")]) == 0
     err = capsys.readouterr().err
     assert waits and again and again[0].requests, (waits, err)  # reads failed while it was down, went on after
@@ -359,14 +334,14 @@ def test_server_stopped_mid_epoch_and_restarted_within_the_retries_loses_nothing
 
 
 def test_server_stopped_for_good_ends_in_one_line_and_keeps_the_checkpoint(
-    tmp_path, outage, serve, tiny_flags, monkeypatch, capsys, record_fault
+    tmp_path, outage, serve, tiny_flags, after_update, monkeypatch, capsys, record_fault
 ):
     url, server, _ = outage
     monkeypatch.setattr(remote_shards, "ReadPolicy", functools.partial(ReadPolicy, retries=1, backoff=0.05))
     out = tmp_path / "run"
     argv = ["train", "--data", url, *tiny_flags, "--max-steps", "14", "--checkpoint-every", "1", "--out", str(out)]
     original = BYOL.update_moving_average
-    after_update(monkeypatch, 3, lambda: stop(server))
+    after_update(3, lambda: stop(server))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         code = cli.main(argv)

@@ -114,42 +114,27 @@ def test_s3_errors_are_one_line(s3, tmp_path, tiny_flags, monkeypatch, capsys):
     assert "not-the-secret" not in line
 
 
-def test_s3_server_stopped_mid_epoch_and_restarted_loses_nothing(moto, tmp_path, tiny_flags, monkeypatch, capsys):
-    import functools
+def test_s3_server_stopped_mid_epoch_and_restarted_loses_nothing(
+    moto, live_reads, after_update, tmp_path, tiny_flags, capsys
+):
     import threading
 
     import torch
 
-    from byol_pytorch import BYOL
-    from byol_pytorch.data import remote, remote_shards
-
     spec, server = moto
-    monkeypatch.setattr(remote, "BLOCK", 12_000)  # several range requests per shard
-    monkeypatch.setattr(remote, "READ_AHEAD", 1)  # one sample read ahead: the reads go on while it trains
-    waits = []
-
-    class Watched(remote.ReadPolicy):
-        def wait(self, attempt):
-            waits.append(attempt)
-            return super().wait(attempt)
-
-    monkeypatch.setattr(remote_shards, "ReadPolicy", functools.partial(Watched, retries=5, backoff=0.2))
     common = ["train", "--data", spec, *tiny_flags, "--max-steps", "14", "--shuffle-buffer", "3"]
     common += ["--bn-stats", "trained"]
     assert cli.main([*common, "--out", str(tmp_path / "full")]) == 0
-    assert waits == []
-    original = BYOL.update_moving_average
+    assert live_reads == []
 
-    def update(self):  # after step 3 of 10 in the epoch: the server goes away, back 1 s later
-        original(self)
-        if self._ema_count == 3:
-            server.stop()
-            threading.Timer(1.0, server.start).start()
+    def down_for_a_second():  # after step 3 of 10 in the epoch: the server goes away, back 1 s later
+        server.stop()
+        threading.Timer(1.0, server.start).start()
 
-    monkeypatch.setattr(BYOL, "update_moving_average", update)
+    after_update(3, down_for_a_second)
     assert cli.main([*common, "--out", str(tmp_path / "outage")]) == 0
     err = capsys.readouterr().err
-    assert waits and "warning" not in err and "skipped" not in err, (waits, err)
+    assert live_reads and "warning" not in err and "skipped" not in err, (live_reads, err)
     full = load_checkpoint(tmp_path / "full" / "last.pt")["learner"]
     outage = load_checkpoint(tmp_path / "outage" / "last.pt")
     assert outage["step"] == 14 and all(torch.equal(full[k], outage["learner"][k]) for k in full)
