@@ -7,8 +7,10 @@ smaller batch of each epoch included), Adam lr 1e-3; the same seed for the initi
 weights and for the data order. Contenders:
 
 * ``random init``: the same initial weights, untrained;
-* ``ours``: ``byol_pytorch.BYOL(net, 32)`` with its defaults (tau 0.99, the paper's views),
-  fed the uint8 batch;
+* ``ours``: ``byol_pytorch.BYOL(net, 32, ...)`` as the README tells an Adam loop to build it
+  (``readme_loop``: the EMA told the run's length, tau base 0.996; the views ``BYOLAugment``
+  resolves at 32 px), fed the uint8 batch. Results before issue 21 (the constructor's tau 0.99
+  constant, the paper's 224 px views) are kept in ``benchmarks/results/quality_before_21.md``;
 * ``peer vanilla``: lucidrains/byol-pytorch 0.9.1, ``use_simplicial_embeddings=False``,
   its default augmentation, fed the batch as float in [0, 1].
 
@@ -45,7 +47,7 @@ import timm
 import torch
 
 from benchmarks.common import data as bench_data
-from benchmarks.common.contenders import byol_step, make_learner, timm_backbone
+from benchmarks.common.contenders import byol_step, make_learner, readme_loop, timm_backbone
 from benchmarks.common.data import Data, knn
 from benchmarks.common.machine import machine
 from benchmarks.common.peer import load_peer_or_skip
@@ -152,10 +154,12 @@ class Budget:
         return self.steps if self.max_steps is None else min(self.max_steps, self.steps)
 
 
-def _learner(name: str, args: argparse.Namespace, device: torch.device, peer):
+def _learner(name: str, args: argparse.Namespace, budget: Budget, peer):
     """The seeded resnet10t on the device, the learner around it, how it is fed, and its Adam."""
+    device = budget.device
     net = timm_backbone("resnet10t", args.seed).to(device)
-    learner, feed = make_learner(name, net, 32, peer)
+    kwargs = readme_loop("adam", budget.total) if name.startswith("ours") else {}
+    learner, feed = make_learner(name, net, 32, peer, **kwargs)
     learner.to(device)
     opt = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=args.lr)
     return net, learner, feed, opt
@@ -172,7 +176,7 @@ def _log_step(result: Result, total: int, epoch: int, elapsed: float) -> None:
 
 def train(name: str, data: Data, args: argparse.Namespace, budget: Budget, peer) -> Result:
     """BYOL-train one contender on the whole training set; returns its kNN accuracy."""
-    net, learner, feed, opt = _learner(name, args, budget.device, peer)
+    net, learner, feed, opt = _learner(name, args, budget, peer)
     images = data.train_x.to(budget.device)
     order = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # the augmentations' draws
@@ -210,7 +214,7 @@ def estimate(names: list[str], data: Data, args: argparse.Namespace, budget: Bud
     for name in names:
         if name == "random":
             continue
-        _, learner, feed, opt = _learner(name, args, budget.device, peer)
+        _, learner, feed, opt = _learner(name, args, budget, peer)
         batch = data.train_x[: args.batch_size].to(budget.device)
         times = []
         for i in range(args.estimate + 1):  # the first step is a warm-up

@@ -60,6 +60,7 @@ from benchmarks.common.contenders import (
     kept_modes,
     lightly_views,
     make_learner,
+    readme_loop,
     timm_backbone,
 )
 from benchmarks.common.data import Data, knn, scale_data
@@ -223,12 +224,6 @@ def cli_recipe(
     learner.moving_average_total_steps = total  # the CLI's cosine EMA decay over the run
     optimizer = build_recipe_optimizer(recipe, learner)
     return learner, optimizer, warmup_cosine_scheduler(optimizer, total, warmup)
-
-
-def readme_loop(loop: str, steps: int) -> dict[str, Any]:
-    """``BYOL``'s keyword arguments in a loop the README's way: the EMA told the run's length, and with
-    Adam the paper's tau base 0.996 (measured: benchmarks/results/robustness.md, "Where issue 21's bar stands")."""
-    return {"moving_average_total_steps": steps, **({"moving_average_decay": 0.996} if loop == "adam" else {})}
 
 
 def _byol_learner(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data, args: argparse.Namespace):

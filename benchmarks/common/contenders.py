@@ -24,7 +24,16 @@ from benchmarks.common.data import Data
 from benchmarks.common.peer import make_peer
 from byol_pytorch import BYOL
 
-__all__ = ["LightlyBYOL", "byol_step", "kept_modes", "lightly_views", "make_learner", "timm_backbone", "unit_float"]
+__all__ = [
+    "LightlyBYOL",
+    "byol_step",
+    "kept_modes",
+    "lightly_views",
+    "make_learner",
+    "readme_loop",
+    "timm_backbone",
+    "unit_float",
+]
 
 Feed = Callable[[torch.Tensor], torch.Tensor]
 
@@ -59,6 +68,20 @@ def make_learner(
     if name == "peer":
         return make_peer(peer, net, image_size, "vanilla", **kwargs), unit_float
     raise ValueError(f"unknown learner {name!r}: ours, ours1b or peer")
+
+
+def readme_loop(optimizer: str, steps: int) -> dict[str, Any]:
+    """``BYOL``'s keyword arguments in a loop built the README's way: the EMA told the run's length
+    (``moving_average_total_steps``: tau rises to 1 on the paper's cosine) and, with Adam, the paper's
+    tau base 0.996 (with SGD the constructor's 0.99). Measured: benchmarks/results/robustness.md,
+    "Where issue 21's bar stands".
+
+    >>> readme_loop("adam", 200)
+    {'moving_average_total_steps': 200, 'moving_average_decay': 0.996}
+    >>> readme_loop("sgd", 200)
+    {'moving_average_total_steps': 200}
+    """
+    return {"moving_average_total_steps": steps, **({"moving_average_decay": 0.996} if optimizer == "adam" else {})}
 
 
 def byol_step(
