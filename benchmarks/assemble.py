@@ -29,6 +29,7 @@ SECTIONS = (
     "train_step",
     "ema",
     "quality",
+    "quality_before_21",
     "robustness",
     "robustness_before_views",
     "demo",

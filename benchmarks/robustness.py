@@ -13,9 +13,11 @@ EMA decay from 0.996 to 1 on the paper's cosine over the run; ours only). Conten
 * ``ours``: ``byol_pytorch.BYOL(net, 32, ...)`` as the README tells a loop to build it
   (``readme_loop``): ``moving_average_total_steps=STEPS`` (tau rises to 1 on the paper's cosine
   over the run) and, with Adam, ``moving_average_decay=0.996`` (the paper's base; with SGD the
-  constructor's 0.99). Cells from before issue 21's EMA measurements used the constructor's
-  defaults (tau 0.99 constant) and are kept in ``robustness/before_ema/``. ``ours:KEY=VALUE,...``
-  passes keyword arguments over those (a candidate default, measured before it becomes one);
+  constructor's 0.99); a ResNet under Adam keeps the constructor's EMA (tau 0.99 constant).
+  Cells from before issue 21's EMA measurements used the constructor's defaults (tau 0.99
+  constant) and are kept in ``robustness/before_ema/``. ``ours:KEY=VALUE,...``
+  passes keyword arguments over those (a candidate default, measured before it becomes one;
+  ``views=PRESET`` makes both views ``BYOLAugment(SIZE, view, preset=PRESET)``);
 * ``peer``: lucidrains/byol-pytorch 0.9.1, vanilla (``use_simplicial_embeddings=False``);
 * ``lightly``: lightly's BYOL as its documentation runs it: ``BYOLProjectionHead`` /
   ``BYOLPredictionHead`` (4096 hidden, 256 out), ``update_momentum`` with
@@ -236,7 +238,12 @@ def _byol_learner(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data,
         )
         return learner, (lambda x: x), opt, scheduler
     if name == "ours":
-        kwargs = {**readme_loop(args.loop, args.steps), **kwargs}
+        kwargs = {**readme_loop(args.loop, args.steps, args.backbone), **kwargs}
+        if "views" in kwargs:  # ours:views=paper -> both views from BYOLAugment(size, view, preset=...)
+            preset = kwargs.pop("views")
+            kwargs["augment_fn"], kwargs["augment_fn2"] = (
+                BYOLAugment(args.image_size, view, preset=preset) for view in (1, 2)
+            )
     learner, feed = make_learner(name, net, args.image_size, load_peer() if name == "peer" else None, **kwargs)
     return learner, feed, make_optimizer(args.loop, [p for p in learner.parameters() if p.requires_grad]), None
 
@@ -348,6 +355,8 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(timm),
         "threads": args.threads,
     }
+    if name == "ours" and args.loop != "cli":  # what "ours" meant for this cell (readme_loop changes with the README)
+        result["byol_kwargs"] = {**readme_loop(args.loop, args.steps, args.backbone), **kwargs}
     if name == "random-bn":
         calibrate_batchnorm(net, data, batches=20 if not args.smoke else 2, batch_size=args.batch_size)
     elif name == "lightly":

@@ -290,7 +290,7 @@ def test_robustness_cells_and_table(peer_available, tmp_path):
     import json
 
     script = _load("robustness")
-    contenders = ["random", "random-bn", "ours", "ours:moving_average_decay=0.996"]
+    contenders = ["random", "random-bn", "ours", "ours:moving_average_decay=0.996", "ours:views=paper"]
     contenders += ["peer"] if peer_available else []
     contenders += ["lightly"] if importlib.util.find_spec("lightly") else []  # the bench extra
     base = ["--smoke", "--results", str(tmp_path), "--steps", "2", "--curve-every", "0"]
@@ -302,6 +302,10 @@ def test_robustness_cells_and_table(peer_available, tmp_path):
         assert 0 < cell["knn"] <= 100 and cell["steps"] == (0 if name.startswith("random") else 2)
         if not name.startswith("random"):
             assert len(cell["losses"]) == 2 and cell["images_per_s"] > 0
+    # A cell of ours records the arguments it ran with: the README's loop (Adam on a mobile net), then the probe's.
+    readme = {"moving_average_total_steps": 2, "moving_average_decay": 0.996}
+    assert cells["ours"]["byol_kwargs"] == readme
+    assert cells["ours:views=paper"]["byol_kwargs"] == {**readme, "views": "paper"}
     # Every cell is planned as done now; the table's gain is the cell's kNN minus random init's.
     plan = ["--results", str(tmp_path), "--steps", "2", "--backbones", "mobilenetv3_small_100", "--loops", "adam"]
     assert script.planned(script.get_args_parser().parse_args([*plan, "--contenders", *contenders])) == []
@@ -521,3 +525,34 @@ def test_faults_summary_groups_the_suites_rows():
         ("kill", 3, "resumed bitwise", "3.5"),
         ("fuzz: flags", 15, "only TypeError/ValueError/FloatingPointError escaped (2 ValueError, 1 ok)", ""),
     ]
+
+
+def test_demo_step_smoke(tmp_path):
+    script = _load("demo_step")
+    out = tmp_path / "demo_step.md"
+    args = ["--smoke", "--a", "pool=1", "--b", "pool=2", "--out", str(out)]
+    text = script.main(script.get_args_parser().parse_args(args))
+    rows = _rows(text, "setting")
+    assert rows["A"][1] == "pool=1" and rows["B"][1] == "pool=2"
+    assert rows["A"][2] == rows["B"][2] == "16"  # --smoke's batch
+    a_ms, b_ms = float(rows["A"][3]), float(rows["B"][3])
+    ratio = float(re.search(r"B / A: ([0-9.]+)x", text).group(1))
+    assert a_ms > 0 and b_ms > 0 and ratio == pytest.approx(b_ms / a_ms, rel=0.05)  # ms printed to 0.01
+    assert out.read_text().startswith("# The demo's step under two settings\n\nMachine: ")
+    with pytest.raises(SystemExit, match="'poll' is not a demo setting"):
+        script.main(script.get_args_parser().parse_args(["--smoke", "--b", "poll=2"]))
+    with pytest.raises(SystemExit, match="--pool must be positive, got 0"):  # the demo's own checks
+        script.main(script.get_args_parser().parse_args(["--smoke", "--b", "pool=0"]))
+
+
+def test_readme_loop_follows_the_readme_per_family():
+    # README, "The target's moving average in your own loop": the run's length always with SGD;
+    # with Adam also tau base 0.996, except a ResNet, which keeps the constructor's EMA.
+    from benchmarks.common.contenders import readme_loop
+
+    assert readme_loop("sgd", 200, "resnet10t") == {"moving_average_total_steps": 200}
+    assert readme_loop("sgd", 300, "regnetx_002") == {"moving_average_total_steps": 300}
+    assert readme_loop("adam", 705, "resnet10t") == {}
+    assert readme_loop("adam", 705, "seresnet50") == {}
+    for other in ("regnetx_002", "mobilenetv3_small_100", "convnext_atto", "vit_tiny_patch16_224"):
+        assert readme_loop("adam", 200, other) == {"moving_average_total_steps": 200, "moving_average_decay": 0.996}

@@ -23,6 +23,7 @@ import torch.nn as nn
 from benchmarks.common.data import Data
 from benchmarks.common.peer import make_peer
 from byol_pytorch import BYOL
+from byol_pytorch.app.recipe import family_of
 
 __all__ = [
     "LightlyBYOL",
@@ -70,18 +71,26 @@ def make_learner(
     raise ValueError(f"unknown learner {name!r}: ours, ours1b or peer")
 
 
-def readme_loop(optimizer: str, steps: int) -> dict[str, Any]:
-    """``BYOL``'s keyword arguments in a loop built the README's way: the EMA told the run's length
-    (``moving_average_total_steps``: tau rises to 1 on the paper's cosine) and, with Adam, the paper's
-    tau base 0.996 (with SGD the constructor's 0.99). Measured: benchmarks/results/robustness.md,
-    "Where issue 21's bar stands".
+def readme_loop(optimizer: str, steps: int, backbone: str) -> dict[str, Any]:
+    """``BYOL``'s keyword arguments in a loop built the README's way ("The target's moving average
+    in your own loop"): the EMA told the run's length (``moving_average_total_steps``: tau rises to
+    1 on the paper's cosine) and, with Adam, the paper's tau base 0.996 (with SGD the constructor's
+    0.99); a ResNet under Adam keeps the constructor's EMA (tau 0.99 constant). Measured:
+    benchmarks/results/robustness.md ("Where issue 21's bar stands") and quality.md.
 
-    >>> readme_loop("adam", 200)
+    >>> readme_loop("adam", 200, "regnetx_002")
     {'moving_average_total_steps': 200, 'moving_average_decay': 0.996}
-    >>> readme_loop("sgd", 200)
+    >>> readme_loop("adam", 705, "resnet10t")
+    {}
+    >>> readme_loop("sgd", 200, "resnet10t")
     {'moving_average_total_steps': 200}
     """
-    return {"moving_average_total_steps": steps, **({"moving_average_decay": 0.996} if optimizer == "adam" else {})}
+    if optimizer != "adam":
+        return {"moving_average_total_steps": steps}
+    family = family_of(backbone)
+    if family is not None and family[0] == "ResNets":
+        return {}
+    return {"moving_average_total_steps": steps, "moving_average_decay": 0.996}
 
 
 def byol_step(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from byol_pytorch import BYOL
 from byol_pytorch.app import demo
 from byol_pytorch.app.cli import main as cli_main
 from byol_pytorch.app.errors import UserError
@@ -117,6 +118,8 @@ def test_missing_dataset_is_one_line(tmp_path, capsys):
 def test_bad_flag_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="--steps must be positive"):
         demo.run_demo(_args("--steps", "0", "--data-dir", str(tmp_path)))
+    with pytest.raises(UserError, match="--pool must be positive, got 0"):
+        demo.run_demo(_args("--pool", "0", "--data-dir", str(tmp_path)))
 
 
 def test_knn_steps_are_evenly_spaced():
@@ -130,3 +133,31 @@ def test_demo_cnn_shapes():
     net = demo.demo_cnn(width=8)
     assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert net[-1].in_features == 64
+
+
+def test_demo_cnn_pooled_to_a_grid_gives_byol_the_flattened_grid():
+    # pool=2: the last 4x4 map averaged over 2x2 blocks of 2x2 pixels, flattened (8w * 4 values);
+    # BYOL's hidden_layer="auto" takes that vector, as computed here with avg_pool2d.
+    torch.manual_seed(0)
+    net = demo.demo_cnn(width=8, pool=2).eval()
+    assert net[-1].in_features == 64 * 4
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        last_map = net[:-3](x)  # (3, 64, 4, 4): the conv blocks
+        expected = torch.nn.functional.avg_pool2d(last_map, 2).flatten(1)
+        learner = BYOL(net, 28, projection_size=8, projection_hidden_size=16).eval()
+        embedding = learner(x, return_embedding=True, return_projection=False)
+    assert last_map.shape == (3, 64, 4, 4)
+    torch.testing.assert_close(embedding, expected)
+
+
+def test_pool_setting_reaches_the_demo_net():
+    # the default is the 2x2 grid, --quick keeps the global pool, an explicit --pool wins over both
+    def last_layer_inputs(*flags):
+        return demo._build_backbone(demo._settings(_args(*flags)))[-1].in_features
+
+    width = demo.DEMO_DEFAULTS["width"]
+    assert last_layer_inputs() == 8 * width * 4
+    assert last_layer_inputs("--quick") == 8 * demo.QUICK_SETTINGS["width"]
+    assert last_layer_inputs("--pool", "3") == 8 * width * 9
+    assert last_layer_inputs("--quick", "--pool", "2") == 8 * demo.QUICK_SETTINGS["width"] * 4
