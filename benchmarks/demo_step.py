@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.common.contenders import byol_step
 from benchmarks.common.machine import machine
 from benchmarks.common.report import markdown_table, write_results
 from byol_pytorch.app import demo
@@ -69,14 +70,7 @@ def _stepper(settings: dict[str, Any]):
     learner, *_ = demo._demo_learner(settings)
     optimizer = build_optimizer("adamw", learner, settings["lr"], settings["weight_decay"])
 
-    def step(batch: torch.Tensor) -> None:
-        loss = learner(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        learner.update_moving_average()
-
-    return step
+    return lambda batch: byol_step(learner, lambda x: x, optimizer, batch)
 
 
 def main(args: argparse.Namespace) -> str:

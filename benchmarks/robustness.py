@@ -229,7 +229,11 @@ def cli_recipe(
 
 
 def _byol_learner(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data, args: argparse.Namespace):
-    """``(learner, feed, optimizer, scheduler)`` of ours or the peer in the cell's loop."""
+    """``(learner, feed, optimizer, scheduler)`` of ours or the peer in the cell's loop.
+
+    ``kwargs`` are the learner's arguments as ``run_cell`` made them (for ours in a user loop:
+    ``readme_loop``'s, then the probe's); in the cli loop, the CLI's flags.
+    """
     if args.loop == "cli":
         if name != "ours":
             raise SystemExit("robustness.py: error: the cli loop is ours only (the CLI's recipe)")
@@ -237,13 +241,10 @@ def _byol_learner(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data,
             net, args.steps, kwargs, len(data.train_x), args.image_size, model=args.backbone
         )
         return learner, (lambda x: x), opt, scheduler
-    if name == "ours":
-        kwargs = {**readme_loop(args.loop, args.steps, args.backbone), **kwargs}
-        if "views" in kwargs:  # ours:views=paper -> both views from BYOLAugment(size, view, preset=...)
-            preset = kwargs.pop("views")
-            kwargs["augment_fn"], kwargs["augment_fn2"] = (
-                BYOLAugment(args.image_size, view, preset=preset) for view in (1, 2)
-            )
+    if "views" in kwargs:  # ours:views=paper -> both views from BYOLAugment(size, view, preset=...)
+        preset = kwargs["views"]
+        kwargs = {key: value for key, value in kwargs.items() if key != "views"}
+        kwargs["augment_fn"], kwargs["augment_fn2"] = (BYOLAugment(args.image_size, v, preset=preset) for v in (1, 2))
     learner, feed = make_learner(name, net, args.image_size, load_peer() if name == "peer" else None, **kwargs)
     return learner, feed, make_optimizer(args.loop, [p for p in learner.parameters() if p.requires_grad]), None
 
@@ -355,8 +356,9 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(timm),
         "threads": args.threads,
     }
-    if name == "ours" and args.loop != "cli":  # what "ours" meant for this cell (readme_loop changes with the README)
-        result["byol_kwargs"] = {**readme_loop(args.loop, args.steps, args.backbone), **kwargs}
+    if name == "ours" and args.loop != "cli":  # the README's loop, recorded: readme_loop changes with the README
+        kwargs = {**readme_loop(args.loop, args.steps, args.backbone), **kwargs}
+        result["byol_kwargs"] = kwargs
     if name == "random-bn":
         calibrate_batchnorm(net, data, batches=20 if not args.smoke else 2, batch_size=args.batch_size)
     elif name == "lightly":
