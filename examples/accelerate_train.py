@@ -42,6 +42,7 @@ from accelerate.utils import set_seed
 
 from byol_pytorch import BYOL
 from byol_pytorch.data import ImageFolder, load_size_for, make_loader
+from byol_pytorch.training.optim import OPTIMIZERS, build_optimizer, default_lr, default_weight_decay
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,13 +68,29 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="autocast precision; default: accelerate's config or environment",
     )
     parser.add_argument("--image-size", type=int, default=96, help="side of the augmented views fed to the net")
-    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay")
+    parser.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=sorted(OPTIMIZERS),
+        help="sgd: momentum 0.9, the README's choice for ResNets, ConvNeXt and BatchNorm mobile nets; "
+        "lars: the paper's; adamw",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate; default per optimizer, scaled by the images per optimizer step / 256 "
+        "(sgd 0.05, lars 0.2, adamw 5e-4 per 256 images)",
+    )
+    parser.add_argument(
+        "--weight-decay", type=float, default=None, help="default per optimizer (sgd 1e-4, lars 1.5e-6, adamw 0.04)"
+    )
     parser.add_argument(
         "--tau",
         type=float,
-        default=0.996,
-        help="initial EMA decay of the target, raised to 1 by a cosine (paper Sec. 3.2)",
+        default=0.99,
+        help="initial EMA decay of the target, raised to 1 by a cosine (paper Sec. 3.2); the README advises "
+        "0.99 with SGD, and 0.996 with AdamW except on a ResNet",
     )
     parser.add_argument(
         "--projection-hidden-size",
@@ -120,9 +137,12 @@ def main(args: argparse.Namespace) -> BYOL:
     )
     dataset = ImageFolder(args.data, load_size=load_size_for(args.image_size), channels=learner.channels)
     loader = make_loader(dataset, batch_size=args.batch_size, workers=args.workers, seed=args.seed)
-    optimizer = torch.optim.AdamW(
-        [p for p in learner.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay
-    )
+    # The online network only (the target is made at the first forward, without gradients);
+    # biases and norms get no weight decay. The default lr follows the images per step.
+    per_step = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    lr = args.lr if args.lr is not None else default_lr(args.optimizer, per_step)
+    decay = args.weight_decay if args.weight_decay is not None else default_weight_decay(args.optimizer)
+    optimizer = build_optimizer(args.optimizer, learner, lr=lr, weight_decay=decay)
 
     # Moves everything to accelerator.device, wraps the learner in DDP when launched on
     # several processes, and shards the loader (each process its own batches).

@@ -48,6 +48,7 @@ import torch.nn as nn
 
 from byol_pytorch import BYOL
 from byol_pytorch.data import ImageFolder, load_size_for, make_loader
+from byol_pytorch.training.optim import OPTIMIZERS, build_optimizer, default_lr, default_weight_decay
 
 
 class BYOLModule(L.LightningModule):
@@ -56,9 +57,10 @@ class BYOLModule(L.LightningModule):
     Args:
         net: the backbone, trained in place (save ``module.net.state_dict()``).
         image_size: side of the augmented views.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        moving_average_decay: initial tau of the target EMA (paper: 0.996).
+        optimizer: ``"sgd"`` (momentum 0.9), ``"lars"`` or ``"adamw"`` (``byol_pytorch.training.optim``).
+        lr: its learning rate.
+        weight_decay: its weight decay (biases and norms get none).
+        moving_average_decay: initial tau of the target EMA (the README: 0.99 with SGD).
         moving_average_total_steps: steps over which tau rises to 1; None: the number
             of optimizer steps of the fit (``trainer.estimated_stepping_batches``).
         **byol_kwargs: passed on to ``BYOL`` (e.g. ``projection_hidden_size``).
@@ -71,9 +73,10 @@ class BYOLModule(L.LightningModule):
         self,
         net: nn.Module,
         image_size: int,
-        lr: float = 3e-4,
-        weight_decay: float = 1e-6,
-        moving_average_decay: float = 0.996,
+        optimizer: str = "sgd",
+        lr: float = 0.0125,
+        weight_decay: float = 1e-4,
+        moving_average_decay: float = 0.99,
         moving_average_total_steps: int | None = None,
         **byol_kwargs: Any,
     ) -> None:
@@ -104,8 +107,8 @@ class BYOLModule(L.LightningModule):
             # Known here: max_steps or epochs x batches, divided by the accumulation.
             total = self.trainer.estimated_stepping_batches
             self.learner.moving_average_total_steps = int(total) if math.isfinite(total) else None
-        params = [p for p in self.learner.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        return build_optimizer(hp.optimizer, self.learner, lr=hp.lr, weight_decay=hp.weight_decay)
 
     def training_step(self, batch: tuple[torch.Tensor, int], batch_idx: int) -> torch.Tensor:
         images, skipped = batch  # (B, C, S, S) uint8, already on the device
@@ -150,8 +153,31 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--accumulate-grad-batches", type=int, default=1, help="batches whose gradients are summed per optimizer step"
     )
     parser.add_argument("--image-size", type=int, default=96, help="side of the augmented views fed to the net")
-    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay")
+    parser.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=sorted(OPTIMIZERS),
+        help="sgd: momentum 0.9, the README's choice for ResNets, ConvNeXt and BatchNorm mobile nets; "
+        "lars: the paper's; adamw",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate; default per optimizer, scaled by the images per optimizer step on one device / 256 "
+        "(with N devices, pass --lr) "
+        "(sgd 0.05, lars 0.2, adamw 5e-4 per 256 images)",
+    )
+    parser.add_argument(
+        "--weight-decay", type=float, default=None, help="default per optimizer (sgd 1e-4, lars 1.5e-6, adamw 0.04)"
+    )
+    parser.add_argument(
+        "--tau",
+        type=float,
+        default=0.99,
+        help="initial EMA decay of the target, raised to 1 by a cosine (paper Sec. 3.2); the README advises "
+        "0.99 with SGD, and 0.996 with AdamW except on a ResNet",
+    )
     parser.add_argument(
         "--projection-hidden-size",
         type=int,
@@ -179,11 +205,14 @@ def main(args: argparse.Namespace, **trainer_overrides: Any) -> tuple[BYOLModule
         raise ValueError(f"--batch-size must be at least 2 for BYOL's BatchNorm heads, got {args.batch_size}")
     L.seed_everything(args.seed, workers=True, verbose=False)
     net = timm.create_model(args.model, pretrained=False)
+    per_step = args.batch_size * args.accumulate_grad_batches  # images per optimizer step on one device
     module = BYOLModule(
         net,
         args.image_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
+        optimizer=args.optimizer,
+        lr=args.lr if args.lr is not None else default_lr(args.optimizer, per_step),
+        weight_decay=args.weight_decay if args.weight_decay is not None else default_weight_decay(args.optimizer),
+        moving_average_decay=args.tau,
         projection_hidden_size=args.projection_hidden_size,
     )
     dataset = ImageFolder(args.data, load_size=load_size_for(args.image_size), channels=module.learner.channels)

@@ -2,9 +2,11 @@
 
 The whole recipe in one file, top to bottom: build the net, wrap it in ``BYOL``, feed it
 ``uint8`` batches (the two augmented views are made on the training device, inside
-``BYOL``), step AdamW, then move the target network one EMA step. Tau follows the
-paper's cosine schedule over the run (``moving_average_total_steps``). At the end the
-backbone's own ``state_dict`` is saved, ready for ``timm.create_model(NAME)``.
+``BYOL``), step momentum SGD (the README's advice for ResNets, ConvNeXt and the BatchNorm
+mobile nets; ``--optimizer`` offers LARS and AdamW), then move the target network one EMA
+step. Tau starts at 0.99 and follows the paper's cosine schedule over the run
+(``moving_average_total_steps``). At the end the backbone's own ``state_dict`` is saved,
+ready for ``timm.create_model(NAME)``.
 
 Usage::
 
@@ -38,6 +40,7 @@ import torch
 
 from byol_pytorch import BYOL
 from byol_pytorch.data import ImageFolder, load_size_for, make_loader
+from byol_pytorch.training.optim import OPTIMIZERS, build_optimizer, default_lr, default_weight_decay
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,13 +66,29 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="side the images are resized to when loaded; default image-size * 256/224 (rounded), "
         "the usual margin above the crop size",
     )
-    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate; try lower if the loss jumps")
-    parser.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay")
+    parser.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=sorted(OPTIMIZERS),
+        help="sgd: momentum 0.9, the README's choice for ResNets, ConvNeXt and BatchNorm mobile nets; "
+        "lars: the paper's; adamw",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate; default per optimizer, scaled by batch/256 (sgd 0.05, lars 0.2, adamw 5e-4 per 256 "
+        "images); try lower if the loss jumps",
+    )
+    parser.add_argument(
+        "--weight-decay", type=float, default=None, help="default per optimizer (sgd 1e-4, lars 1.5e-6, adamw 0.04)"
+    )
     parser.add_argument(
         "--tau",
         type=float,
-        default=0.996,
-        help="initial EMA decay of the target, raised to 1 by a cosine (paper Sec. 3.2)",
+        default=0.99,
+        help="initial EMA decay of the target, raised to 1 by a cosine (paper Sec. 3.2); the README advises "
+        "0.99 with SGD, and 0.996 with AdamW except on a ResNet",
     )
     parser.add_argument(
         "--projection-hidden-size",
@@ -127,7 +146,7 @@ def main(args: argparse.Namespace) -> BYOL:
         image_size=args.image_size,
         projection_hidden_size=args.projection_hidden_size,
         moving_average_decay=args.tau,
-        moving_average_total_steps=args.steps,  # cosine tau: 0.996 -> 1 over the run
+        moving_average_total_steps=args.steps,  # cosine tau: args.tau -> 1 over the run
     )
 
     # 2. Data: uint8 (B, C, S, S) batches, resized once; broken files are skipped and counted.
@@ -137,10 +156,10 @@ def main(args: argparse.Namespace) -> BYOL:
 
     # 3. The optimizer sees the online network only: the target is made later (first
     #    forward), without gradients, and the classifier after the hidden layer gets no
-    #    gradient, so AdamW leaves it (weight decay included) untouched.
-    optimizer = torch.optim.AdamW(
-        [p for p in learner.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay
-    )
+    #    gradient, so it is left out (weight decay included). Biases and norms get no decay.
+    lr = args.lr if args.lr is not None else default_lr(args.optimizer, args.batch_size)
+    decay = args.weight_decay if args.weight_decay is not None else default_weight_decay(args.optimizer)
+    optimizer = build_optimizer(args.optimizer, learner, lr=lr, weight_decay=decay)
 
     # 4. The loop.
     learner.train()
