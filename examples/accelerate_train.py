@@ -42,7 +42,7 @@ from accelerate.utils import set_seed
 
 from byol_pytorch import BYOL
 from byol_pytorch.data import ImageFolder, load_size_for, make_loader
-from byol_pytorch.training.optim import OPTIMIZERS, build_optimizer, default_lr, default_weight_decay
+from byol_pytorch.training.optim import add_optimizer_flags, build_optimizer, optimizer_settings
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,23 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="autocast precision; default: accelerate's config or environment",
     )
     parser.add_argument("--image-size", type=int, default=96, help="side of the augmented views fed to the net")
-    parser.add_argument(
-        "--optimizer",
-        default="sgd",
-        choices=sorted(OPTIMIZERS),
-        help="sgd: momentum 0.9, the README's choice for ResNets, ConvNeXt and BatchNorm mobile nets; "
-        "lars: the paper's; adamw",
-    )
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="learning rate; default per optimizer, scaled by the images per optimizer step / 256 "
-        "(sgd 0.05, lars 0.2, adamw 5e-4 per 256 images)",
-    )
-    parser.add_argument(
-        "--weight-decay", type=float, default=None, help="default per optimizer (sgd 1e-4, lars 1.5e-6, adamw 0.04)"
-    )
+    add_optimizer_flags(parser, per="the images per optimizer step (all processes)")
     parser.add_argument(
         "--tau",
         type=float,
@@ -140,8 +124,7 @@ def main(args: argparse.Namespace) -> BYOL:
     # The online network only (the target is made at the first forward, without gradients);
     # biases and norms get no weight decay. The default lr follows the images per step.
     per_step = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    lr = args.lr if args.lr is not None else default_lr(args.optimizer, per_step)
-    decay = args.weight_decay if args.weight_decay is not None else default_weight_decay(args.optimizer)
+    lr, decay = optimizer_settings(args, images_per_step=per_step)
     optimizer = build_optimizer(args.optimizer, learner, lr=lr, weight_decay=decay)
 
     # Moves everything to accelerator.device, wraps the learner in DDP when launched on

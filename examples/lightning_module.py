@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from byol_pytorch import BYOL
 from byol_pytorch.data import ImageFolder, load_size_for, make_loader
-from byol_pytorch.training.optim import OPTIMIZERS, build_optimizer, default_lr, default_weight_decay
+from byol_pytorch.training.optim import add_optimizer_flags, build_optimizer, optimizer_settings
 
 
 class BYOLModule(L.LightningModule):
@@ -153,24 +153,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--accumulate-grad-batches", type=int, default=1, help="batches whose gradients are summed per optimizer step"
     )
     parser.add_argument("--image-size", type=int, default=96, help="side of the augmented views fed to the net")
-    parser.add_argument(
-        "--optimizer",
-        default="sgd",
-        choices=sorted(OPTIMIZERS),
-        help="sgd: momentum 0.9, the README's choice for ResNets, ConvNeXt and BatchNorm mobile nets; "
-        "lars: the paper's; adamw",
-    )
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="learning rate; default per optimizer, scaled by the images per optimizer step on one device / 256 "
-        "(with N devices, pass --lr) "
-        "(sgd 0.05, lars 0.2, adamw 5e-4 per 256 images)",
-    )
-    parser.add_argument(
-        "--weight-decay", type=float, default=None, help="default per optimizer (sgd 1e-4, lars 1.5e-6, adamw 0.04)"
-    )
+    add_optimizer_flags(parser, per="the images per optimizer step on one device (with N devices, pass --lr)")
     parser.add_argument(
         "--tau",
         type=float,
@@ -205,13 +188,13 @@ def main(args: argparse.Namespace, **trainer_overrides: Any) -> tuple[BYOLModule
         raise ValueError(f"--batch-size must be at least 2 for BYOL's BatchNorm heads, got {args.batch_size}")
     L.seed_everything(args.seed, workers=True, verbose=False)
     net = timm.create_model(args.model, pretrained=False)
-    per_step = args.batch_size * args.accumulate_grad_batches  # images per optimizer step on one device
+    lr, decay = optimizer_settings(args, images_per_step=args.batch_size * args.accumulate_grad_batches)
     module = BYOLModule(
         net,
         args.image_size,
         optimizer=args.optimizer,
-        lr=args.lr if args.lr is not None else default_lr(args.optimizer, per_step),
-        weight_decay=args.weight_decay if args.weight_decay is not None else default_weight_decay(args.optimizer),
+        lr=lr,
+        weight_decay=decay,
         moving_average_decay=args.tau,
         projection_hidden_size=args.projection_hidden_size,
     )

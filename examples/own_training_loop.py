@@ -40,7 +40,7 @@ import torch
 
 from byol_pytorch import BYOL
 from byol_pytorch.data import ImageFolder, load_size_for, make_loader
-from byol_pytorch.training.optim import OPTIMIZERS, build_optimizer, default_lr, default_weight_decay
+from byol_pytorch.training.optim import add_optimizer_flags, build_optimizer, optimizer_settings
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,23 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="side the images are resized to when loaded; default image-size * 256/224 (rounded), "
         "the usual margin above the crop size",
     )
-    parser.add_argument(
-        "--optimizer",
-        default="sgd",
-        choices=sorted(OPTIMIZERS),
-        help="sgd: momentum 0.9, the README's choice for ResNets, ConvNeXt and BatchNorm mobile nets; "
-        "lars: the paper's; adamw",
-    )
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="learning rate; default per optimizer, scaled by batch/256 (sgd 0.05, lars 0.2, adamw 5e-4 per 256 "
-        "images); try lower if the loss jumps",
-    )
-    parser.add_argument(
-        "--weight-decay", type=float, default=None, help="default per optimizer (sgd 1e-4, lars 1.5e-6, adamw 0.04)"
-    )
+    add_optimizer_flags(parser, per="the batch size")
     parser.add_argument(
         "--tau",
         type=float,
@@ -157,8 +141,7 @@ def main(args: argparse.Namespace) -> BYOL:
     # 3. The optimizer sees the online network only: the target is made later (first
     #    forward), without gradients, and the classifier after the hidden layer gets no
     #    gradient, so it is left out (weight decay included). Biases and norms get no decay.
-    lr = args.lr if args.lr is not None else default_lr(args.optimizer, args.batch_size)
-    decay = args.weight_decay if args.weight_decay is not None else default_weight_decay(args.optimizer)
+    lr, decay = optimizer_settings(args, images_per_step=args.batch_size)
     optimizer = build_optimizer(args.optimizer, learner, lr=lr, weight_decay=decay)
 
     # 4. The loop.

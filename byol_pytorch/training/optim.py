@@ -24,10 +24,12 @@ from .recipe import Recipe
 __all__ = [
     "LARS",
     "OPTIMIZERS",
+    "add_optimizer_flags",
     "build_optimizer",
     "build_recipe_optimizer",
     "default_lr",
     "default_weight_decay",
+    "optimizer_settings",
     "param_groups",
     "resync_lr",
     "warmup_cosine",
@@ -278,6 +280,38 @@ def default_lr(name: str, batch_size: int) -> float:
 def default_weight_decay(name: str) -> float:
     """The recipe's weight decay for an optimiser name (see ``OPTIMIZERS``)."""
     return OPTIMIZERS[name]["weight_decay"]
+
+
+def add_optimizer_flags(parser: Any, default: str = "sgd", per: str = "the images per optimizer step") -> None:
+    """``--optimizer``, ``--lr`` and ``--weight-decay`` on an ``argparse`` parser (the examples' flags).
+
+    ``--lr`` and ``--weight-decay`` default to None: ``optimizer_settings`` resolves them from
+    ``OPTIMIZERS``, the lr scaled by ``per`` (named in the help) / 256.
+    """
+    parser.add_argument(
+        "--optimizer",
+        default=default,
+        choices=sorted(OPTIMIZERS),
+        help="sgd and lars: momentum 0.9 (lars: the paper's)",
+    )
+    rates = ", ".join(f"{name} {spec['lr_per_256']:g}" for name, spec in OPTIMIZERS.items())
+    decays = ", ".join(f"{name} {spec['weight_decay']:g}" for name, spec in OPTIMIZERS.items())
+    parser.add_argument(
+        "--lr", type=float, default=None, help=f"default per optimizer, per 256 images ({rates}), scaled by {per}"
+    )
+    parser.add_argument("--weight-decay", type=float, default=None, help=f"default per optimizer ({decays})")
+
+
+def optimizer_settings(args: Any, images_per_step: int) -> tuple[float, float]:
+    """``(lr, weight_decay)`` of ``add_optimizer_flags``' flags: as given, else the optimiser's defaults.
+
+    >>> from types import SimpleNamespace
+    >>> optimizer_settings(SimpleNamespace(optimizer="sgd", lr=None, weight_decay=None), 64)
+    (0.0125, 0.0001)
+    """
+    lr = args.lr if args.lr is not None else default_lr(args.optimizer, images_per_step)
+    decay = args.weight_decay if args.weight_decay is not None else default_weight_decay(args.optimizer)
+    return lr, decay
 
 
 def build_recipe_optimizer(recipe: Recipe, learner: nn.Module) -> torch.optim.Optimizer:
