@@ -452,6 +452,7 @@ def table(args: argparse.Namespace) -> str:
     # Variants (``ours:key=value``) are probes, tabled on their own below, not contenders.
     variants = [c for c in cells if ":" in c["contender"]]
     cells = [c for c in cells if ":" not in c["contender"]]
+    cells += cli_defaults(variants, cells)
     contenders = sorted({c["contender"] for c in cells if c["contender"] not in BASELINES}, key=_contender_order)
     header = ["backbone", "loop", "random init", "random init, BN statistics of the views", *contenders]
     rows, collapsed, below_bn = [], [], []
@@ -486,6 +487,7 @@ def table(args: argparse.Namespace) -> str:
         "",
         markdown_table(header, rows),
         "",
+        *cli_note(cells),
         "Below random init: " + ("; ".join(collapsed) if collapsed else "none"),
         "",
         "Below the BN-calibrated random net: " + ("; ".join(below_bn) if below_bn else "none"),
@@ -505,9 +507,35 @@ def table(args: argparse.Namespace) -> str:
         ]
         lines += ["", before_after_table(stages, cells)]
     if variants:
-        lines += ["", variants_table(variants, cells)]
+        lines += ["", variants_table(variants, [c for c in cells if "from_probe" not in c])]
     longer = longer_runs_table(every, args.steps)
     return "\n".join(lines + (["", longer] if longer else []))
+
+
+def cli_defaults(variants: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Probes that are the CLI's default cell: ``ours:optimizer=X`` in the cli loop where X is what ``train``
+    picks for the backbone's family (``app.recipe.optimizer_for``), as ``ours`` cells, where no ``ours`` cell
+    of that backbone and seed ran; ``"from_probe"`` names the probe. (Run before ``train`` chose per family.)
+    """
+    from byol_pytorch.app.recipe import optimizer_for
+
+    ran = {(c["backbone"], c["seed"]) for c in cells if (c["loop"], c["contender"]) == ("cli", "ours")}
+    found = []
+    for c in variants:
+        name, kwargs = parse_contender(c["contender"])
+        default = {"optimizer": optimizer_for(c["backbone"])[0]}
+        if (c["loop"], name, kwargs) == ("cli", "ours", default) and (c["backbone"], c["seed"]) not in ran:
+            found.append({**c, "contender": "ours", "from_probe": c["contender"]})
+    return found
+
+
+def cli_note(cells: list[dict[str, Any]]) -> list[str]:
+    """The line naming the cli cells of ours that are ``cli_defaults`` probes (none: no line)."""
+    probes = sorted((c["backbone"], c["seed"], c["from_probe"]) for c in cells if "from_probe" in c)
+    if not probes:
+        return []
+    named = "; ".join(f"{backbone} seed {seed}: `{probe}`" for backbone, seed, probe in probes)
+    return [f"The cli row of ours, taken from the probe that sets what `train` picks for the family: {named}", ""]
 
 
 def _index(cells: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str, int], dict[str, Any]]:

@@ -364,6 +364,40 @@ def test_robustness_table_adds_clean_batchnorm_and_before_after(tmp_path):
     assert change[2:] == ["67.0", "68.5", "70.0", "+3.0", "66.0", "-"]  # the change since the first
 
 
+def test_robustness_cli_row_takes_the_probe_that_is_the_family_default(tmp_path):
+    import json
+
+    script = _load("robustness")
+
+    def cell(contender, knn, backbone="resnet10t", seed=0):
+        steps = 0 if contender.startswith("random") else 200
+        row = dict(backbone=backbone, loop="-" if steps == 0 else "cli", contender=contender, seed=seed, steps=steps)
+        row.update(batch_size=256, image_size=32, machine="m", threads=1, knn=knn, images_per_s=10.0)
+        (tmp_path / f"{backbone}_{contender}_{seed}.json").write_text(json.dumps(row))
+
+    for backbone in ("resnet10t", "regnetx_002"):
+        cell("random", 60.0, backbone)
+    cell("ours:optimizer=sgd", 73.0)  # train's choice for ResNets: the cli row of ours
+    cell("ours:optimizer=lars", 50.0)  # not the family's choice: a probe only
+    cell("ours:optimizer=sgd", 40.0, "regnetx_002")  # RegNets take LARS: a probe only
+    cell("ours", 52.0, "regnetx_002", seed=1)
+    cell("ours", 77.0, seed=1)  # a real cli cell of another seed: the seed-0 probe still counts
+    table = script.main(script.get_args_parser().parse_args(["--table", "--results", str(tmp_path)]))
+    rows = _rows(table, "backbone | loop | random init", key_cells=2)
+    assert rows["resnet10t/cli"][4].startswith("75.0 ± 2.8 (n 2) (+15.0;")  # the probe's 73.0 and the cell's 77.0
+    assert rows["regnetx_002/cli"][4].startswith("52.0 (-8.0;")  # the real cell alone, not the SGD probe
+    named = "taken from the probe that sets what `train` picks for the family: resnet10t seed 0: `ours:optimizer=sgd`"
+    assert named + "\n\nBelow random init" in table  # right under the main table
+    probes = _rows(table.split("Defaults probed")[1], "backbone", key_cells=3)
+    assert probes["resnet10t/cli/optimizer=sgd"][5] == "-"  # not compared with itself
+    cell("ours", 75.0)  # a real cli cell of the same backbone and seed wins over the probe
+    table = script.main(script.get_args_parser().parse_args(["--table", "--results", str(tmp_path)]))
+    assert _rows(table, "backbone | loop | random init", key_cells=2)["resnet10t/cli"][4].startswith("76.0 ± 1.4 (n 2)")
+    assert "taken from the probe" not in table
+    probes = _rows(table.split("Defaults probed")[1], "backbone", key_cells=3)
+    assert probes["resnet10t/cli/optimizer=sgd"][5] == "75.0 (-2.0)"
+
+
 def test_robustness_batchnorm_calibration_is_the_mean_of_the_views_statistics():
     script = _load("robustness")
     torch.manual_seed(0)
