@@ -355,8 +355,7 @@ def preset_name(args: argparse.Namespace, saved: Recipe | None) -> str:
 FAMILY_OPTIMIZERS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
     # (family, name fragments, optimizer, the matrix's evidence: kNN % on Fashion-MNIST, 32 px, 200 steps,
     #  batch 256; BENCHMARKS.md "Robustness matrix"; "the CLI": this recipe with that optimiser; "own loop":
-    #  constant lr, SGD 0.05 momentum 0.9 or Adam 1e-3; LARS of the mobile nets, ResNets and ConvNeXt: before
-    #  the size-fitted views)
+    #  constant lr, SGD 0.05 momentum 0.9 or Adam 1e-3)
     ("RegNet", ("regnet",), "lars", "RegNetX-200MF, the CLI: LARS 52.7, AdamW 45.9; own loop: Adam 56.9, SGD 50.7"),
     (
         "mobile BatchNorm nets",
