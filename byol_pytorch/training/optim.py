@@ -11,6 +11,7 @@ command composes them, and they are tested alone against hand-computed values.
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -282,7 +283,9 @@ def default_weight_decay(name: str) -> float:
     return OPTIMIZERS[name]["weight_decay"]
 
 
-def add_optimizer_flags(parser: Any, default: str = "sgd", per: str = "the images per optimizer step") -> None:
+def add_optimizer_flags(
+    parser: argparse.ArgumentParser, default: str = "sgd", per: str = "the images per optimizer step"
+) -> None:
     """``--optimizer``, ``--lr`` and ``--weight-decay`` on an ``argparse`` parser (the examples' flags).
 
     ``--lr`` and ``--weight-decay`` default to None: ``optimizer_settings`` resolves them from

@@ -165,3 +165,44 @@ def test_without_optimizer_the_family_chooses(model, optimizer, lr, decay):
     assert resolve(parse("--model", model, "--data", "cifar10:/d"), None).optimizer == "lars"
     saved = resolve(parse("--model", model, "--optimizer", "lars"), None).to_dict()
     assert resolve(parse(), saved).optimizer == "lars"
+
+
+def _readme_family_rows():
+    """The README's "A recipe for the backbone" table: ``(fragments, optimiser, evidence)`` per row."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### A recipe for the backbone", 1)[1]
+    lines = section.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    rows = []
+    for line in lines[first + 2 :]:  # past the header and its rule, to the table's end
+        if not line.startswith("| "):
+            break
+        rows.append(line)
+    table = []
+    for line in rows:
+        family, optimizer, evidence = (cell.strip() for cell in line.strip("|").split(" | "))
+        table.append((re.findall(r"`([^`]+)`", family), re.match(r"\w+", optimizer)[0].lower(), evidence))
+    return table
+
+
+def test_the_readme_family_table_is_what_train_picks_and_quotes_its_evidence():
+    import re
+
+    from byol_pytorch.app.recipe import FAMILY_OPTIMIZERS, family_of, optimizer_for
+
+    rows = _readme_family_rows()
+    assert len(rows) == len(FAMILY_OPTIMIZERS) + 1  # a row per family, and one for everything else
+    for fragments, optimizer, evidence in rows:
+        if not fragments:  # "anything else": the paper's LARS
+            assert optimizer == "lars" and optimizer_for("vit_small_patch16_224")[0] == "lars"
+            continue
+        found = {family_of(fragment) for fragment in fragments}
+        assert len(found) == 1, f"the README row {fragments} spans families {found}"
+        family, chosen, quoted = found.pop()
+        assert chosen == optimizer, f"README says {optimizer} for {family}, train picks {chosen}"
+        # every figure the start line prints as evidence is one the README's row shows
+        missing = set(re.findall(r"\d+\.\d", quoted)) - set(re.findall(r"\d+\.\d", evidence))
+        assert not missing, f"{family}: FAMILY_OPTIMIZERS quotes {sorted(missing)}, the README's table does not"
