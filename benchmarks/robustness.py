@@ -241,12 +241,27 @@ def _byol_learner(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data,
             net, args.steps, kwargs, len(data.train_x), args.image_size, model=args.backbone
         )
         return learner, (lambda x: x), opt, scheduler
-    if "views" in kwargs:  # ours:views=paper -> both views from BYOLAugment(size, view, preset=...)
-        preset = kwargs["views"]
-        kwargs = {key: value for key, value in kwargs.items() if key != "views"}
-        kwargs["augment_fn"], kwargs["augment_fn2"] = (BYOLAugment(args.image_size, v, preset=preset) for v in (1, 2))
+    kwargs = probe_views(kwargs, args.image_size)
     learner, feed = make_learner(name, net, args.image_size, load_peer() if name == "peer" else None, **kwargs)
     return learner, feed, make_optimizer(args.loop, [p for p in learner.parameters() if p.requires_grad]), None
+
+
+def probe_views(kwargs: dict[str, Any], size: int) -> dict[str, Any]:
+    """A probe's view keys made into both views: ``views=PRESET`` and ``view.SETTING=VALUE`` (both views).
+
+    >>> made = probe_views({"view.blur_p": 0.0, "moving_average_decay": 0.996}, 64)
+    >>> made["augment_fn"].blur_p, made["augment_fn2"].blur_p, made["moving_average_decay"]
+    (0.0, 0.0, 0.996)
+    >>> probe_views({"views": "paper"}, 32)["augment_fn"].blur_p
+    1.0
+    """
+    preset = kwargs.get("views", "auto")
+    overrides = {key.removeprefix("view."): value for key, value in kwargs.items() if key.startswith("view.")}
+    if "views" not in kwargs and not overrides:
+        return kwargs
+    kept = {key: value for key, value in kwargs.items() if key != "views" and not key.startswith("view.")}
+    kept["augment_fn"], kept["augment_fn2"] = (BYOLAugment(size, v, preset=preset, **overrides) for v in (1, 2))
+    return kept
 
 
 def train_byol(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data, args: argparse.Namespace):
