@@ -1,9 +1,22 @@
 """app/recipe.py: the recipe a run's flags resolve to, its checks, the run length and the lr help."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from byol_pytorch.app.errors import UserError
-from byol_pytorch.app.recipe import DEFAULT_EPOCHS, RECIPE_DEFAULTS, check_sizes, get_args_parser, lr_help, run_length
+from byol_pytorch.app.recipe import (
+    DEFAULT_EPOCHS,
+    FAMILY_OPTIMIZERS,
+    RECIPE_DEFAULTS,
+    check_sizes,
+    family_of,
+    get_args_parser,
+    lr_help,
+    optimizer_for,
+    run_length,
+)
 from byol_pytorch.app.recipe import resolve_recipe as resolve
 from byol_pytorch.training.distributed import DistContext
 from byol_pytorch.training.recipe import Recipe
@@ -155,8 +168,6 @@ def test_check_sizes_rejects_bad_view_and_lars_values(changes, message):
     ],
 )
 def test_without_optimizer_the_family_chooses(model, optimizer, lr, decay):
-    from byol_pytorch.app.recipe import optimizer_for
-
     recipe = resolve(parse("--model", model), None)
     assert (recipe.optimizer, recipe.lr, recipe.weight_decay) == (optimizer, pytest.approx(lr), decay)
     assert optimizer_for(model)[0] == optimizer
@@ -169,9 +180,6 @@ def test_without_optimizer_the_family_chooses(model, optimizer, lr, decay):
 
 def _readme_family_rows():
     """The README's "A recipe for the backbone" table: ``(fragments, optimiser, evidence)`` per row."""
-    import re
-    from pathlib import Path
-
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("### A recipe for the backbone", 1)[1]
     lines = section.splitlines()
@@ -189,10 +197,6 @@ def _readme_family_rows():
 
 
 def test_the_readme_family_table_is_what_train_picks_and_quotes_its_evidence():
-    import re
-
-    from byol_pytorch.app.recipe import FAMILY_OPTIMIZERS, family_of, optimizer_for
-
     rows = _readme_family_rows()
     assert len(rows) == len(FAMILY_OPTIMIZERS) + 1  # a row per family, and one for everything else
     for fragments, optimizer, evidence in rows:
