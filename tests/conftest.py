@@ -41,6 +41,19 @@ TINY_FLAGS = (
 )
 
 
+def markdown_rows(table: str, header_start: str, key_cells: int = 1) -> dict[str, list[str]]:
+    """Rows of the Markdown table whose header starts with `header_start`, keyed by their first cells joined by '/'."""
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {header_start} |"))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows["/".join(cells[:key_cells])] = cells
+    return rows
+
+
 def small_cnn(channels: int = 3, num_classes: int = 10) -> nn.Sequential:
     """A plain user CNN with BatchNorm and a classifier, as someone would write it."""
     return nn.Sequential(

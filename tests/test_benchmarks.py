@@ -20,6 +20,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from conftest import markdown_rows as _rows
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -30,19 +31,6 @@ def _load(name: str) -> ModuleType:
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(REPO))  # `pytest` alone does not put the root on the path; `python -m pytest` does
         return importlib.import_module(f"benchmarks.{name}")
-
-
-def _rows(table: str, header_start: str, key_cells: int = 1) -> dict[str, list[str]]:
-    """Rows of the Markdown table whose header starts with `header_start`, keyed by their first cells joined by '/'."""
-    lines = table.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {header_start} |"))
-    rows = {}
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows["/".join(cells[:key_cells])] = cells
-    return rows
 
 
 @pytest.fixture(scope="module")

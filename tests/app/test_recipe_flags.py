@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import markdown_rows
 
 from byol_pytorch.app.errors import UserError
 from byol_pytorch.app.recipe import (
@@ -181,19 +182,11 @@ def test_without_optimizer_the_family_chooses(model, optimizer, lr, decay):
 def _readme_family_rows():
     """The README's "A recipe for the backbone" table: ``(fragments, optimiser, evidence)`` per row."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("### A recipe for the backbone", 1)[1]
-    lines = section.splitlines()
-    first = next(i for i, line in enumerate(lines) if line.startswith("| "))
-    rows = []
-    for line in lines[first + 2 :]:  # past the header and its rule, to the table's end
-        if not line.startswith("| "):
-            break
-        rows.append(line)
-    table = []
-    for line in rows:
-        family, optimizer, evidence = (cell.strip() for cell in line.strip("|").split(" | "))
-        table.append((re.findall(r"`([^`]+)`", family), re.match(r"\w+", optimizer)[0].lower(), evidence))
-    return table
+    rows = markdown_rows(readme, "family (`--model` contains)").values()
+    return [
+        (re.findall(r"`([^`]+)`", family), re.match(r"\w+", optimizer)[0].lower(), evidence)
+        for family, optimizer, evidence in rows
+    ]
 
 
 def test_the_readme_family_table_is_what_train_picks_and_quotes_its_evidence():
