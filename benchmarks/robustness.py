@@ -17,7 +17,9 @@ EMA decay from 0.996 to 1 on the paper's cosine over the run; ours only). Conten
   Cells from before issue 21's EMA measurements used the constructor's defaults (tau 0.99
   constant) and are kept in ``robustness/before_ema/``. ``ours:KEY=VALUE,...``
   passes keyword arguments over those (a candidate default, measured before it becomes one;
-  ``views=PRESET`` makes both views ``BYOLAugment(SIZE, view, preset=PRESET)``);
+  ``views=PRESET`` makes both views ``BYOLAugment(SIZE, view, preset=PRESET)``, ``views=peer``
+  gives both the peer's default pipeline, ``views=lightly`` feeds lightly's PIL views: which part
+  of a contender's lead is its views and which its learner);
 * ``peer``: lucidrains/byol-pytorch 0.9.1, vanilla (``use_simplicial_embeddings=False``);
 * ``lightly``: lightly's BYOL as its documentation runs it: ``BYOLProjectionHead`` /
   ``BYOLPredictionHead`` (4096 hidden, 256 out), ``update_momentum`` with
@@ -246,22 +248,63 @@ def _byol_learner(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data,
     return learner, feed, make_optimizer(args.loop, [p for p in learner.parameters() if p.requires_grad]), None
 
 
+class GivenView:
+    """An ``augment_fn`` returning the view the loop made for this batch elsewhere (``views=lightly``)."""
+
+    def __init__(self) -> None:
+        self.view: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.view is None or len(self.view) != len(x):
+            raise RuntimeError("GivenView: the loop sets .view to this batch's view before the forward")
+        return self.view
+
+
+def peer_views(size: int) -> nn.Module:
+    """The peer's default view pipeline at this size, taken from a peer learner built around a tiny net."""
+    tiny = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    return make_learner("peer", tiny, size, load_peer())[0].augment1
+
+
 def probe_views(kwargs: dict[str, Any], size: int) -> dict[str, Any]:
-    """A probe's view keys made into both views: ``views=PRESET`` and ``view.SETTING=VALUE`` (both views).
+    """A probe's view keys made into both views: ``views=PRESET|peer|lightly`` and ``view.SETTING=VALUE``.
 
     >>> made = probe_views({"view.blur_p": 0.0, "moving_average_decay": 0.996}, 64)
     >>> made["augment_fn"].blur_p, made["augment_fn2"].blur_p, made["moving_average_decay"]
     (0.0, 0.0, 0.996)
     >>> probe_views({"views": "paper"}, 32)["augment_fn"].blur_p
     1.0
+    >>> type(probe_views({"views": "lightly"}, 32)["augment_fn2"]).__name__
+    'GivenView'
     """
     preset = kwargs.get("views", "auto")
     overrides = {key.removeprefix("view."): value for key, value in kwargs.items() if key.startswith("view.")}
     if "views" not in kwargs and not overrides:
         return kwargs
     kept = {key: value for key, value in kwargs.items() if key != "views" and not key.startswith("view.")}
-    kept["augment_fn"], kept["augment_fn2"] = (BYOLAugment(size, v, preset=preset, **overrides) for v in (1, 2))
+    if preset in ("peer", "lightly") and overrides:
+        raise SystemExit(f"robustness.py: error: views={preset} takes no view.SETTING (they are the contender's own)")
+    if preset == "peer":
+        kept["augment_fn"] = kept["augment_fn2"] = peer_views(size)  # the peer: one pipeline for both views
+    elif preset == "lightly":
+        kept["augment_fn"], kept["augment_fn2"] = GivenView(), GivenView()
+    else:
+        kept["augment_fn"], kept["augment_fn2"] = (BYOLAugment(size, v, preset=preset, **overrides) for v in (1, 2))
     return kept
+
+
+def _batches(learner: nn.Module, data: Data, args: argparse.Namespace, order: torch.Generator, steps: int):
+    """One epoch of training batches: uint8 images, or with ``views=lightly`` its first views (the second set aside)."""
+    given = getattr(learner, "augment1", None)
+    if isinstance(given, GivenView):
+        second = learner.augment2
+        for x0, x1 in lightly_views(data, args.batch_size, args.seed + steps):
+            given.view, second.view = x0, x1
+            yield x0
+        return
+    perm = torch.randperm(len(data.train_x), generator=order)
+    for first in range(0, len(perm), args.batch_size):
+        yield data.train_x[perm[first : first + args.batch_size]]
 
 
 def train_byol(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data, args: argparse.Namespace):
@@ -275,9 +318,7 @@ def train_byol(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data, ar
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         while steps < args.steps:
-            perm = torch.randperm(len(data.train_x), generator=order)
-            for first in range(0, len(perm), args.batch_size):
-                batch = data.train_x[perm[first : first + args.batch_size]]
+            for batch in _batches(learner, data, args, order, steps):
                 if len(batch) < 2:
                     continue
                 loss = byol_step(learner, feed, opt, batch, scheduler)

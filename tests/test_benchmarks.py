@@ -484,6 +484,38 @@ def test_robustness_plan_prints_module_commands(tmp_path, capsys):
     ]
 
 
+def test_robustness_view_probes_feed_ours_the_contenders_views(peer_available):
+    """``ours:views=peer`` / ``ours:views=lightly``: our learner, the contender's views, and nothing else of it."""
+    import argparse
+
+    script = _load("robustness")
+    data = script.load_data(argparse.Namespace(smoke=True, image_size=32))
+    same = data.train_x[:1].expand(8, -1, -1, -1)  # one image eight times
+    assert script.probe_views({}, 32) == {}  # no view key: the learner's own views
+    assert len({tuple(v.flatten().tolist()) for v in script.BYOLAugment(32)(same)}) == 8  # ours: drawn per image
+    if peer_available:
+        peer = script.probe_views({"views": "peer"}, 32)
+        assert peer["augment_fn"] is peer["augment_fn2"]  # the peer's one pipeline for both views
+        torch.manual_seed(0)
+        views = peer["augment_fn"](same.float() / 255)
+        assert views.shape == (8, 3, 32, 32) and torch.equal(views, views[:1].expand_as(views))  # drawn per batch
+    if importlib.util.find_spec("lightly") is None:  # the bench extra
+        return
+    kwargs = script.probe_views({"views": "lightly", "moving_average_total_steps": 2}, 32)
+    learner, _ = script.make_learner("ours", script.make_net("resnet10t", 0), 32, None, **kwargs)
+    args = argparse.Namespace(batch_size=16, seed=0)
+    seen = []
+    learner.online_encoder.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    batch = next(script._batches(learner, data, args, torch.Generator(), 0))
+    first, second = learner.augment1.view, learner.augment2.view
+    assert batch is first and first.shape == second.shape == (16, 3, 32, 32) and not torch.equal(first, second)
+    assert first.dtype == torch.float32 and first.min() < 0  # lightly's normalised tensors, not uint8
+    learner(batch).backward()
+    assert torch.equal(seen[0], first) and torch.equal(seen[1], second)
+    with pytest.raises(SystemExit, match="takes no view.SETTING"):
+        script.probe_views({"views": "lightly", "view.blur_p": 0.0}, 32)
+
+
 def test_augment_smoke():
     pytest.importorskip("kornia")
     script = _load("augment")
