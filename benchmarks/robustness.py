@@ -43,6 +43,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import shlex
 import statistics
 import subprocess
@@ -145,10 +146,14 @@ def make_optimizer(loop: str, params: list[nn.Parameter]) -> torch.optim.Optimiz
 
 
 def parse_contender(spec: str) -> tuple[str, dict[str, Any]]:
-    """``ours:key=value,key=value`` -> ("ours", {key: value}) with values read as JSON when they parse."""
+    """``ours:key=value,key=value`` -> ("ours", {key: value}) with values read as JSON when they parse.
+
+    >>> parse_contender("ours:view.blur_sigma=[1,2],view.blur_p=0.2")
+    ('ours', {'view.blur_sigma': [1, 2], 'view.blur_p': 0.2})
+    """
     name, _, rest = spec.partition(":")
     kwargs: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", rest)):  # no split inside [low,high]
         key, _, value = item.partition("=")
         try:
             kwargs[key] = json.loads(value)
@@ -368,6 +373,7 @@ def _curve(args: argparse.Namespace, steps: int, net: nn.Module, data: Data, cur
 def cell_path(results: Path, backbone: str, loop: str, contender: str, seed: int, steps: int, size: int = 32) -> Path:
     """The cell's JSON file in the folder `results`."""
     safe = contender.replace(":", "--").replace("=", "-").replace(",", "_").replace("/", "_")
+    safe = safe.replace("[", "").replace("]", "")
     pixels = "" if size == 32 else f"__p{size}"
     return results / f"{backbone}__{loop}__{safe}__s{seed}__n{steps}{pixels}.json"
 
