@@ -50,6 +50,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Iterable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ from benchmarks.common.peer import load_peer
 from benchmarks.common.report import markdown_table
 from benchmarks.common.runner import module_command, spawn_module
 from byol_pytorch import BYOLAugment
+from byol_pytorch.augment import AugmentParams
 from byol_pytorch.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from byol_pytorch.collapse import effective_rank
 
@@ -271,6 +273,16 @@ def peer_views(size: int) -> nn.Module:
     return make_learner("peer", tiny, size, load_peer())[0].augment1
 
 
+class BatchDrawn(BYOLAugment):
+    """Ours' views drawn once per batch, as the peer's pipeline draws (``draw=batch``): one crop, flip, jitter."""
+
+    def sample_params(self, batch: int, height: int, width: int, device=None, generator=None) -> AugmentParams:
+        one = super().sample_params(1, height, width, device, generator)
+        return AugmentParams(
+            **{f.name: getattr(one, f.name).expand(batch, *getattr(one, f.name).shape[1:]) for f in fields(one)}
+        )
+
+
 def probe_views(kwargs: dict[str, Any], size: int) -> dict[str, Any]:
     """A probe's view keys made into both views: ``views=PRESET|peer|lightly`` and ``view.SETTING=VALUE``.
 
@@ -284,11 +296,16 @@ def probe_views(kwargs: dict[str, Any], size: int) -> dict[str, Any]:
     """
     preset = kwargs.get("views", "auto")
     overrides = {key.removeprefix("view."): value for key, value in kwargs.items() if key.startswith("view.")}
-    if "views" not in kwargs and not overrides:
+    if "views" not in kwargs and "draw" not in kwargs and not overrides:
         return kwargs
-    kept = {key: value for key, value in kwargs.items() if key != "views" and not key.startswith("view.")}
-    if preset in ("peer", "lightly") and overrides:
+    kept = {key: value for key, value in kwargs.items() if key not in ("views", "draw") and not key.startswith("view.")}
+    if preset in ("peer", "lightly") and (overrides or "draw" in kwargs):
         raise SystemExit(f"robustness.py: error: views={preset} takes no view.SETTING (they are the contender's own)")
+    if kwargs.get("draw", "image") not in ("image", "batch"):
+        raise SystemExit(f"robustness.py: error: draw={kwargs['draw']!r}: image (ours) or batch (the peer's way)")
+    if kwargs.get("draw") == "batch":
+        kept["augment_fn"], kept["augment_fn2"] = (BatchDrawn(size, v, preset=preset, **overrides) for v in (1, 2))
+        return kept
     if preset == "peer":
         kept["augment_fn"] = kept["augment_fn2"] = peer_views(size)  # the peer: one pipeline for both views
     elif preset == "lightly":

@@ -493,6 +493,11 @@ def test_robustness_view_probes_feed_ours_the_contenders_views(peer_available):
     same = data.train_x[:1].expand(8, -1, -1, -1)  # one image eight times
     assert script.probe_views({}, 32) == {}  # no view key: the learner's own views
     assert len({tuple(v.flatten().tolist()) for v in script.BYOLAugment(32)(same)}) == 8  # ours: drawn per image
+    batch_drawn = script.probe_views({"draw": "batch"}, 32)
+    torch.manual_seed(0)
+    views = batch_drawn["augment_fn"](same)  # ours' settings, one draw for the batch: eight equal views
+    assert torch.equal(views, views[:1].expand_as(views)) and batch_drawn["augment_fn2"].solarize_p == 0.2
+    assert not torch.equal(views[0], script.BYOLAugment(32).normalize(same[:1].float() / 255)[0])  # still a view
     if peer_available:
         peer = script.probe_views({"views": "peer"}, 32)
         assert peer["augment_fn"] is peer["augment_fn2"]  # the peer's one pipeline for both views
