@@ -251,7 +251,11 @@ def _byol_learner(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data,
         )
         return learner, (lambda x: x), opt, scheduler
     kwargs = probe_views(kwargs, args.image_size)
+    scale = kwargs.pop("loss_scale", None)  # a probe: lightly's loss is a quarter of the paper's (Adam's eps sees it)
     learner, feed = make_learner(name, net, args.image_size, load_peer() if name == "peer" else None, **kwargs)
+    if scale is not None:
+        forward = learner.forward
+        learner.forward = lambda x: forward(x) * scale  # the training call only; byol_step passes the batch alone
     return learner, feed, make_optimizer(args.loop, [p for p in learner.parameters() if p.requires_grad]), None
 
 

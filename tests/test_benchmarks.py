@@ -504,6 +504,13 @@ def test_robustness_view_probes_feed_ours_the_contenders_views(peer_available):
         torch.manual_seed(0)
         views = peer["augment_fn"](same.float() / 255)
         assert views.shape == (8, 3, 32, 32) and torch.equal(views, views[:1].expand_as(views))  # drawn per batch
+    losses = []
+    for probe in ({}, {"loss_scale": 0.25}):  # lightly's loss is a quarter of the paper's
+        args = argparse.Namespace(loop="adam", image_size=32)
+        learner = script._byol_learner("ours", probe, script.make_net("resnet10t", 0), data, args)[0]
+        torch.manual_seed(1)
+        losses.append(learner(data.train_x[:8]))
+    assert torch.allclose(losses[1], losses[0] / 4)
     if importlib.util.find_spec("lightly") is None:  # the bench extra
         return
     kwargs = script.probe_views({"views": "lightly", "moving_average_total_steps": 2}, 32)
