@@ -19,7 +19,9 @@ EMA decay from 0.996 to 1 on the paper's cosine over the run; ours only). Conten
   passes keyword arguments over those (a candidate default, measured before it becomes one;
   ``views=PRESET`` makes both views ``BYOLAugment(SIZE, view, preset=PRESET)``, ``views=peer``
   gives both the peer's default pipeline, ``views=lightly`` feeds lightly's PIL views: which part
-  of a contender's lead is its views and which its learner);
+  of a contender's lead is its views and which its learner; ``draw=batch`` draws ours' views once
+  per batch as the peer's pipeline does; ``loss_scale=S`` multiplies the loss, lightly's being a
+  quarter of the paper's);
 * ``peer``: lucidrains/byol-pytorch 0.9.1, vanilla (``use_simplicial_embeddings=False``);
 * ``lightly``: lightly's BYOL as its documentation runs it: ``BYOLProjectionHead`` /
   ``BYOLPredictionHead`` (4096 hidden, 256 out), ``update_momentum`` with
