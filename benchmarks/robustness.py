@@ -306,7 +306,9 @@ def probe_views(kwargs: dict[str, Any], size: int) -> dict[str, Any]:
         return kwargs
     kept = {key: value for key, value in kwargs.items() if key not in ("views", "draw") and not key.startswith("view.")}
     if preset in ("peer", "lightly") and (overrides or "draw" in kwargs):
-        raise SystemExit(f"robustness.py: error: views={preset} takes no view.SETTING (they are the contender's own)")
+        raise SystemExit(
+            f"robustness.py: error: views={preset} takes no view.SETTING nor draw (its views are the contender's own)"
+        )
     if kwargs.get("draw", "image") not in ("image", "batch"):
         raise SystemExit(f"robustness.py: error: draw={kwargs['draw']!r}: image (ours) or batch (the peer's way)")
     if kwargs.get("draw") == "batch":

@@ -485,7 +485,7 @@ def test_robustness_plan_prints_module_commands(tmp_path, capsys):
 
 
 def test_robustness_view_probes_feed_ours_the_contenders_views(peer_available):
-    """``ours:views=peer`` / ``ours:views=lightly``: our learner, the contender's views, and nothing else of it."""
+    """``ours:views=peer|lightly``: our learner, their views; ``draw=batch``, ``loss_scale``: one part of theirs."""
     import argparse
 
     script = _load("robustness")
@@ -524,8 +524,9 @@ def test_robustness_view_probes_feed_ours_the_contenders_views(peer_available):
     assert first.dtype == torch.float32 and first.min() < 0  # lightly's normalised tensors, not uint8
     learner(batch).backward()
     assert torch.equal(seen[0], first) and torch.equal(seen[1], second)
-    with pytest.raises(SystemExit, match="takes no view.SETTING"):
-        script.probe_views({"views": "lightly", "view.blur_p": 0.0}, 32)
+    for probe in ({"view.blur_p": 0.0}, {"draw": "batch"}):
+        with pytest.raises(SystemExit, match="takes no view.SETTING nor draw"):
+            script.probe_views({"views": "lightly", **probe}, 32)
 
 
 def test_augment_smoke():
