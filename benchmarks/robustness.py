@@ -252,7 +252,7 @@ def _byol_learner(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data,
             net, args.steps, kwargs, len(data.train_x), args.image_size, model=args.backbone
         )
         return learner, (lambda x: x), opt, scheduler
-    kwargs = probe_views(kwargs, args.image_size)
+    kwargs = dict(probe_views(kwargs, args.image_size))  # a copy: run_cell records the dict it passed
     scale = kwargs.pop("loss_scale", None)  # a probe: lightly's loss is a quarter of the paper's (Adam's eps sees it)
     learner, feed = make_learner(name, net, args.image_size, load_peer() if name == "peer" else None, **kwargs)
     if scale is not None:

@@ -511,6 +511,7 @@ def test_robustness_view_probes_feed_ours_the_contenders_views(peer_available):
         torch.manual_seed(1)
         losses.append(learner(data.train_x[:8]))
     assert torch.allclose(losses[1], losses[0] / 4)
+    assert probe == {"loss_scale": 0.25}  # left whole: run_cell records the dict it passed
     if importlib.util.find_spec("lightly") is None:  # the bench extra
         return
     kwargs = script.probe_views({"views": "lightly", "moving_average_total_steps": 2}, 32)
