@@ -309,17 +309,16 @@ def probe_views(kwargs: dict[str, Any], size: int) -> dict[str, Any]:
         raise SystemExit(
             f"robustness.py: error: views={preset} takes no view.SETTING nor draw (its views are the contender's own)"
         )
-    if kwargs.get("draw", "image") not in ("image", "batch"):
+    draws = {"image": BYOLAugment, "batch": BatchDrawn}
+    if kwargs.get("draw", "image") not in draws:
         raise SystemExit(f"robustness.py: error: draw={kwargs['draw']!r}: image (ours) or batch (the peer's way)")
-    if kwargs.get("draw") == "batch":
-        kept["augment_fn"], kept["augment_fn2"] = (BatchDrawn(size, v, preset=preset, **overrides) for v in (1, 2))
-        return kept
     if preset == "peer":
         kept["augment_fn"] = kept["augment_fn2"] = peer_views(size)  # the peer: one pipeline for both views
     elif preset == "lightly":
         kept["augment_fn"], kept["augment_fn2"] = GivenView(), GivenView()
     else:
-        kept["augment_fn"], kept["augment_fn2"] = (BYOLAugment(size, v, preset=preset, **overrides) for v in (1, 2))
+        augment = draws[kwargs.get("draw", "image")]
+        kept["augment_fn"], kept["augment_fn2"] = (augment(size, v, preset=preset, **overrides) for v in (1, 2))
     return kept
 
 
