@@ -530,6 +530,75 @@ def test_robustness_view_probes_feed_ours_the_contenders_views(peer_available):
             script.probe_views({"views": "lightly", **probe}, 32)
 
 
+def test_ours_and_lightlys_byol_are_one_computation():
+    """Same weights, batches and tau: ours' training step is lightly's (the matrix's lightly contender).
+
+    The matrix's ours-against-lightly gaps are then not the learner's arithmetic. Lightly moves
+    the target before each forward, ours after each step: given the same tau per update, the
+    losses agree step by step (ours' is 4 x lightly's + 4: two directions of 2 - 2 cos against a
+    mean of two -cos) and so do the target networks. Both views in one BatchNorm batch (the
+    incumbent's way) is another computation, and the same check sees it.
+    """
+    pytest.importorskip("lightly")  # the bench extra
+    import copy
+
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.utils import update_momentum
+
+    from byol_pytorch import BYOL
+    from byol_pytorch.ema import cosine_tau
+
+    contenders, script = _load("common.contenders"), _load("robustness")
+    steps = 6
+
+    def gaps(views_in_one_batch: bool) -> tuple[list[float], float]:
+        torch.manual_seed(0)  # conv without bias before BatchNorm: no parameter with a zero gradient
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        )  # fmt: skip
+        theirs = contenders.LightlyBYOL(copy.deepcopy(net), 16)
+        ours = BYOL(
+            copy.deepcopy(net), 16, augment_fn=script.GivenView(), augment_fn2=script.GivenView(),
+            moving_average_decay=0.996, moving_average_total_steps=steps, views_in_one_batch=views_in_one_batch,
+        )  # fmt: skip
+        ours.online_encoder.projector.load_state_dict(theirs.projection_head.layers.state_dict())
+        ours.online_predictor.load_state_dict(theirs.prediction_head.layers.state_dict())
+        opt_theirs = torch.optim.Adam([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
+        opt_ours = torch.optim.Adam([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+        criterion, generator, out = NegativeCosineSimilarity(), torch.Generator().manual_seed(1), []
+        for step in range(steps):
+            x0, x1 = torch.randn(2, 8, 3, 16, 16, generator=generator)
+            tau = cosine_tau(0.996, max(step - 1, 0), steps)  # the tau ours used after the previous step
+            update_momentum(theirs.backbone, theirs.backbone_momentum, m=tau)
+            update_momentum(theirs.projection_head, theirs.projection_head_momentum, m=tau)
+            loss_theirs = 0.5 * (
+                criterion(theirs(x0), theirs.forward_momentum(x1)) + criterion(theirs(x1), theirs.forward_momentum(x0))
+            )
+            opt_theirs.zero_grad()
+            loss_theirs.backward()
+            opt_theirs.step()
+            ours.augment1.view, ours.augment2.view = x0, x1
+            loss_ours = ours(x0)
+            opt_ours.zero_grad()
+            loss_ours.backward()
+            opt_ours.step()
+            ours.update_moving_average()
+            out.append(abs(loss_ours.item() / 4 - 1 - loss_theirs.item()))
+        update_momentum(theirs.backbone, theirs.backbone_momentum, m=cosine_tau(0.996, steps - 1, steps))
+        target_gap = max(
+            float((a - b).abs().max())
+            for a, b in zip(theirs.backbone_momentum.parameters(), ours.target_encoder.net.parameters())
+        )
+        return out, target_gap
+
+    losses, target = gaps(views_in_one_batch=False)
+    assert max(losses) < 1e-4 and target < 1e-4, (losses, target)
+    losses, target = gaps(views_in_one_batch=True)  # BatchNorm over both views: not lightly's step
+    assert max(losses) > 1e-3 and target > 1e-4, (losses, target)
+
+
 def test_augment_smoke():
     pytest.importorskip("kornia")
     script = _load("augment")
