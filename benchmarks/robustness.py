@@ -66,6 +66,7 @@ from benchmarks.common.contenders import (
     LightlyBYOL,
     byol_step,
     kept_modes,
+    lightly_step,
     lightly_views,
     make_learner,
     readme_loop,
@@ -170,7 +171,6 @@ def parse_contender(spec: str) -> tuple[str, dict[str, Any]]:
 
 def train_lightly(net: nn.Module, data: Data, args: argparse.Namespace) -> dict[str, Any]:
     from lightly.loss import NegativeCosineSimilarity
-    from lightly.models.utils import update_momentum
     from lightly.utils.scheduler import cosine_schedule
 
     size = data.train_x.shape[-1]
@@ -183,15 +183,7 @@ def train_lightly(net: nn.Module, data: Data, args: argparse.Namespace) -> dict[
         for x0, x1 in lightly_views(data, args.batch_size, args.seed + steps):
             if len(x0) < 2:
                 continue
-            momentum = cosine_schedule(steps, args.steps, 0.996, 1)
-            update_momentum(model.backbone, model.backbone_momentum, m=momentum)
-            update_momentum(model.projection_head, model.projection_head_momentum, m=momentum)
-            p0, p1 = model(x0), model(x1)
-            z0, z1 = model.forward_momentum(x0), model.forward_momentum(x1)
-            loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss = lightly_step(model, criterion, opt, x0, x1, m=cosine_schedule(steps, args.steps, 0.996, 1))
             steps += 1
             losses.append(float(loss.detach()))
             _progress(args, steps, start, losses)

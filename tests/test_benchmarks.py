@@ -531,7 +531,7 @@ def test_robustness_view_probes_feed_ours_the_contenders_views(peer_available):
 
 
 def test_ours_and_lightlys_byol_are_one_computation():
-    """Same weights, batches and tau: ours' training step is lightly's (the matrix's lightly contender).
+    """Same weights, batches and tau: ours' training step is lightly's (the matrix's own ``lightly_step``).
 
     The matrix's ours-against-lightly gaps are then not the learner's arithmetic. Lightly moves
     the target before each forward, ours after each step: given the same tau per update, the
@@ -571,14 +571,7 @@ def test_ours_and_lightlys_byol_are_one_computation():
         for step in range(steps):
             x0, x1 = torch.randn(2, 8, 3, 16, 16, generator=generator)
             tau = cosine_tau(0.996, max(step - 1, 0), steps)  # the tau ours used after the previous step
-            update_momentum(theirs.backbone, theirs.backbone_momentum, m=tau)
-            update_momentum(theirs.projection_head, theirs.projection_head_momentum, m=tau)
-            loss_theirs = 0.5 * (
-                criterion(theirs(x0), theirs.forward_momentum(x1)) + criterion(theirs(x1), theirs.forward_momentum(x0))
-            )
-            opt_theirs.zero_grad()
-            loss_theirs.backward()
-            opt_theirs.step()
+            loss_theirs = contenders.lightly_step(theirs, criterion, opt_theirs, x0, x1, m=tau)  # the matrix's step
             ours.augment1.view, ours.augment2.view = x0, x1
             loss_ours = ours(x0)
             opt_ours.zero_grad()

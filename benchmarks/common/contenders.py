@@ -5,7 +5,7 @@
 * ``peer``: lucidrains/byol-pytorch, vanilla (see :mod:`benchmarks.common.peer`), fed the batch
   as float in [0, 1];
 * ``lightly``: lightly's BYOL as its documentation writes it (:class:`LightlyBYOL`, its views
-  made on the CPU by :func:`lightly_views`).
+  made on the CPU by :func:`lightly_views`, one training step by :func:`lightly_step`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ __all__ = [
     "LightlyBYOL",
     "byol_step",
     "kept_modes",
+    "lightly_step",
     "lightly_views",
     "make_learner",
     "readme_loop",
@@ -140,6 +141,31 @@ class LightlyBYOL(nn.Module):
 
     def forward_momentum(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
+
+
+def lightly_step(
+    model: LightlyBYOL,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x0: torch.Tensor,
+    x1: torch.Tensor,
+    m: float,
+) -> torch.Tensor:
+    """lightly's documented step: move both target modules to momentum ``m``, then the symmetric loss's step.
+
+    ``criterion`` is lightly's ``NegativeCosineSimilarity``; the loss is the mean of its two directions.
+    """
+    from lightly.models.utils import update_momentum
+
+    update_momentum(model.backbone, model.backbone_momentum, m=m)
+    update_momentum(model.projection_head, model.projection_head_momentum, m=m)
+    p0, p1 = model(x0), model(x1)
+    z0, z1 = model.forward_momentum(x0), model.forward_momentum(x1)
+    loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def lightly_views(data: Data, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
