@@ -20,8 +20,8 @@ EMA decay from 0.996 to 1 on the paper's cosine over the run; ours only). Conten
   ``views=PRESET`` makes both views ``BYOLAugment(SIZE, view, preset=PRESET)``, ``views=peer``
   gives both the peer's default pipeline, ``views=lightly`` feeds lightly's PIL views: which part
   of a contender's lead is its views and which its learner; ``draw=batch`` draws ours' views once
-  per batch as the peer's pipeline does; ``loss_scale=S`` multiplies the loss, lightly's being a
-  quarter of the paper's);
+  per batch as the peer's pipeline does, ``draw=crop`` only their crop and flip; ``loss_scale=S``
+  multiplies the loss, lightly's being a quarter of the paper's);
 * ``peer``: lucidrains/byol-pytorch 0.9.1, vanilla (``use_simplicial_embeddings=False``);
 * ``lightly``: lightly's BYOL as its documentation runs it: ``BYOLProjectionHead`` /
   ``BYOLPredictionHead`` (4096 hidden, 256 out), ``update_momentum`` with
@@ -274,11 +274,24 @@ def peer_views(size: int) -> nn.Module:
 class BatchDrawn(BYOLAugment):
     """Ours' views drawn once per batch, as the peer's pipeline draws (``draw=batch``): one crop, flip, jitter."""
 
+    shared: tuple[str, ...] | None = None  # the fields drawn once per batch (None: all of them)
+
     def sample_params(self, batch: int, height: int, width: int, device=None, generator=None) -> AugmentParams:
-        one = super().sample_params(1, height, width, device, generator)
+        drawn = super().sample_params(batch, height, width, device, generator)
         return AugmentParams(
-            **{f.name: getattr(one, f.name).expand(batch, *getattr(one, f.name).shape[1:]) for f in fields(one)}
+            **{
+                f.name: getattr(drawn, f.name)[:1].expand_as(getattr(drawn, f.name))
+                if self.shared is None or f.name in self.shared
+                else getattr(drawn, f.name)
+                for f in fields(drawn)
+            }
         )
+
+
+class CropDrawn(BatchDrawn):
+    """Ours' views with only the crop and flip drawn once per batch (``draw=crop``), colour per image."""
+
+    shared = ("boxes", "flip")
 
 
 def probe_views(kwargs: dict[str, Any], size: int) -> dict[str, Any]:
@@ -301,9 +314,12 @@ def probe_views(kwargs: dict[str, Any], size: int) -> dict[str, Any]:
         raise SystemExit(
             f"robustness.py: error: views={preset} takes no view.SETTING nor draw (its views are the contender's own)"
         )
-    draws = {"image": BYOLAugment, "batch": BatchDrawn}
+    draws = {"image": BYOLAugment, "batch": BatchDrawn, "crop": CropDrawn}
     if kwargs.get("draw", "image") not in draws:
-        raise SystemExit(f"robustness.py: error: draw={kwargs['draw']!r}: image (ours) or batch (the peer's way)")
+        raise SystemExit(
+            f"robustness.py: error: draw={kwargs['draw']!r}: image (ours), batch (the peer's way)"
+            " or crop (its crop only)"
+        )
     if preset == "peer":
         kept["augment_fn"] = kept["augment_fn2"] = peer_views(size)  # the peer: one pipeline for both views
     elif preset == "lightly":

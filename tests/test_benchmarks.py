@@ -498,6 +498,10 @@ def test_robustness_view_probes_feed_ours_the_contenders_views(peer_available):
     views = batch_drawn["augment_fn"](same)  # ours' settings, one draw for the batch: eight equal views
     assert torch.equal(views, views[:1].expand_as(views)) and batch_drawn["augment_fn2"].solarize_p == 0.2
     assert not torch.equal(views[0], script.BYOLAugment(32).normalize(same[:1].float() / 255)[0])  # still a view
+    crop_drawn = script.probe_views({"draw": "crop"}, 32)["augment_fn"]
+    params = crop_drawn.sample_params(64, 32, 32)  # one crop and flip for the batch, colour drawn per image
+    assert torch.equal(params.boxes, params.boxes[:1].expand_as(params.boxes))
+    assert params.flip.unique().numel() == 1 and params.brightness.unique().numel() > 1
     if peer_available:
         peer = script.probe_views({"views": "peer"}, 32)
         assert peer["augment_fn"] is peer["augment_fn2"]  # the peer's one pipeline for both views
