@@ -550,7 +550,7 @@ def table(args: argparse.Namespace) -> str:
     contenders = sorted({c["contender"] for c in cells if c["contender"] not in BASELINES}, key=_contender_order)
     header = ["backbone", "loop", "random init", "random init, BN statistics of the views", *contenders]
     rows, collapsed, below_bn = [], [], []
-    for backbone in BACKBONES:
+    for backbone in getattr(args, "backbones", None) or BACKBONES:  # --backbones: a held-out net's folder
         base = {b: [c["knn"] for c in cells if (c["backbone"], c["contender"]) == (backbone, b)] for b in BASELINES}
         mean = {b: statistics.mean(v) if v else math.nan for b, v in base.items()}
         for loop in LOOPS:

@@ -299,6 +299,12 @@ def test_robustness_cells_and_table(peer_available, tmp_path):
     assert script.planned(script.get_args_parser().parse_args([*plan, "--contenders", *contenders])) == []
     table = script.main(script.get_args_parser().parse_args(["--table", "--results", str(tmp_path), "--steps", "2"]))
     row = _rows(table, "backbone", key_cells=2)["mobilenetv3_small_100/adam"]
+    assert {key.split("/")[0] for key in _rows(table, "backbone", key_cells=2)} == set(script.BACKBONES)
+    # --backbones: only those nets' rows (a held-out net's table)
+    only = ["--table", "--results", str(tmp_path), "--steps", "2", "--backbones", "mobilenetv3_small_100"]
+    only_rows = _rows(script.main(script.get_args_parser().parse_args(only)), "backbone", key_cells=2)
+    assert sorted(only_rows) == sorted(f"mobilenetv3_small_100/{loop}" for loop in script.LOOPS)
+    assert only_rows["mobilenetv3_small_100/adam"] == row
     header = next(line for line in table.splitlines() if line.startswith("| backbone |")).strip("| ").split(" | ")
     cell = row[header.index("ours")]
     gain = cells["ours"]["knn"] - cells["random"]["knn"]
