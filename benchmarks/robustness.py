@@ -52,7 +52,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -278,14 +278,8 @@ class BatchDrawn(BYOLAugment):
 
     def sample_params(self, batch: int, height: int, width: int, device=None, generator=None) -> AugmentParams:
         drawn = super().sample_params(batch, height, width, device, generator)
-        return AugmentParams(
-            **{
-                f.name: getattr(drawn, f.name)[:1].expand_as(getattr(drawn, f.name))
-                if self.shared is None or f.name in self.shared
-                else getattr(drawn, f.name)
-                for f in fields(drawn)
-            }
-        )
+        names = self.shared or [f.name for f in fields(drawn)]
+        return replace(drawn, **{name: getattr(drawn, name)[:1].expand_as(getattr(drawn, name)) for name in names})
 
 
 class CropDrawn(BatchDrawn):
@@ -550,7 +544,7 @@ def table(args: argparse.Namespace) -> str:
     contenders = sorted({c["contender"] for c in cells if c["contender"] not in BASELINES}, key=_contender_order)
     header = ["backbone", "loop", "random init", "random init, BN statistics of the views", *contenders]
     rows, collapsed, below_bn = [], [], []
-    for backbone in getattr(args, "backbones", None) or BACKBONES:  # --backbones: a held-out net's folder
+    for backbone in args.backbones:  # BACKBONES unless --backbones names others (a held-out net's folder)
         base = {b: [c["knn"] for c in cells if (c["backbone"], c["contender"]) == (backbone, b)] for b in BASELINES}
         mean = {b: statistics.mean(v) if v else math.nan for b, v in base.items()}
         for loop in LOOPS:
