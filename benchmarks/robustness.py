@@ -535,7 +535,11 @@ def _fmt(values: list[float]) -> str:
 
 def table(args: argparse.Namespace) -> str:
     """One row per backbone x loop: both baselines, each contender's kNN, its gains, images/s; collapses named."""
-    every = [c for c in load_cells(args.results) if c.get("image_size", 32) == args.image_size]
+    every = [
+        c
+        for c in load_cells(args.results)
+        if c.get("image_size", 32) == args.image_size and c["backbone"] in args.backbones
+    ]  # every table below holds the --backbones alone (a held-out net's folder may hold two)
     cells = [c for c in every if c["steps"] in (0, args.steps)]
     # Variants (``ours:key=value``) are probes, tabled on their own below, not contenders.
     variants = [c for c in cells if ":" in c["contender"]]
@@ -601,17 +605,21 @@ def table(args: argparse.Namespace) -> str:
 
 
 def cli_defaults(variants: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Probes that are the CLI's default cell: ``ours:optimizer=X`` in the cli loop where X is what ``train``
-    picks for the backbone's family (``app.recipe.optimizer_for``), as ``ours`` cells, where no ``ours`` cell
-    of that backbone and seed ran; ``"from_probe"`` names the probe. (Run before ``train`` chose per family.)
+    """Probes that are the CLI's default cell: ``ours:optimizer=X`` (``ours:optimizer=X,lr=Y`` where the
+    family has its own lr) in the cli loop, X and Y what ``train`` picks for the backbone's family at the cell's
+    batch (``app.recipe.optimizer_for``, ``family_lr``), as ``ours`` cells, where no ``ours`` cell of that backbone
+    and seed ran; ``"from_probe"`` names the probe. (Run before ``train`` chose them per family.)
     """
-    from byol_pytorch.app.recipe import optimizer_for
+    from byol_pytorch.app.recipe import family_lr, optimizer_for
 
     ran = {(c["backbone"], c["seed"]) for c in cells if (c["loop"], c["contender"]) == ("cli", "ours")}
     found = []
     for c in variants:
         name, kwargs = parse_contender(c["contender"])
-        default = {"optimizer": optimizer_for(c["backbone"])[0]}
+        default: dict[str, Any] = {"optimizer": optimizer_for(c["backbone"])[0]}
+        per_256 = family_lr(c["backbone"])
+        if per_256 is not None:
+            default["lr"] = per_256 * c["batch_size"] / 256
         if (c["loop"], name, kwargs) == ("cli", "ours", default) and (c["backbone"], c["seed"]) not in ran:
             found.append({**c, "contender": "ours", "from_probe": c["contender"]})
     return found

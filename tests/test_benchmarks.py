@@ -392,6 +392,29 @@ def test_robustness_cli_row_takes_the_probe_that_is_the_family_default(tmp_path)
     assert probes["resnet10t/cli/optimizer=sgd"][5] == "75.0 (-2.0)"
 
 
+def test_robustness_cli_row_of_a_family_with_its_own_lr_takes_that_lr(tmp_path):
+    import json
+
+    from byol_pytorch.app.recipe import MOBILE_LR_PER_256
+
+    script = _load("robustness")
+
+    def cell(contender, knn, steps=200):
+        row = dict(backbone="mobilenetv2_050", loop="-" if steps == 0 else "cli", contender=contender, seed=0)
+        row.update(steps=steps, batch_size=256, image_size=32, machine="m", threads=1, knn=knn, images_per_s=1.0)
+        (tmp_path / f"{contender}_{knn}.json").write_text(json.dumps(row))
+
+    cell("random", 40.0, steps=0)
+    cell("ours:optimizer=sgd", 25.0)  # SGD at its own default lr: a probe, not what train picks here
+    cell("ours:optimizer=sgd,lr=0.05", 26.0)
+    cell(f"ours:optimizer=sgd,lr={MOBILE_LR_PER_256}", 50.0)  # the family's optimiser at the family's lr
+    args = ["--table", "--results", str(tmp_path), "--backbones", "mobilenetv2_050"]
+    table = script.main(script.get_args_parser().parse_args(args))
+    row = _rows(table, "backbone | loop | random init", key_cells=2)["mobilenetv2_050/cli"]
+    assert row[4].startswith("50.0 (+10.0;")  # the probe at the family's lr, not the two at 0.05
+    assert f"mobilenetv2_050 seed 0: `ours:optimizer=sgd,lr={MOBILE_LR_PER_256}`" in table
+
+
 def test_robustness_batchnorm_calibration_is_the_mean_of_the_views_statistics():
     script = _load("robustness")
     torch.manual_seed(0)

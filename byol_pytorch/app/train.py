@@ -90,6 +90,7 @@ from .recipe import (
     SHUFFLE_BUFFER,
     add_train_arguments,
     check_sizes,
+    family_lr,
     family_of,
     get_args_parser,
     plain,
@@ -621,7 +622,10 @@ def _chosen(args: argparse.Namespace, recipe: Recipe, checkpoint: dict[str, Any]
         return ""
     found = family_of(recipe.model)
     why = "the paper's, family not measured" if found is None else f"chosen for {found[0]}"
-    return f" ({why}; --optimizer to change)"
+    rate = family_lr(recipe.model)
+    if rate is not None and getattr(args, "lr", None) is None:
+        why += f", at their lr {rate:g} x batch/256"
+    return f" ({why}; --optimizer or --lr to change)"
 
 
 def _clean_images(data: str, recipe: Recipe, args: argparse.Namespace, index: Any = None) -> torch.Tensor:

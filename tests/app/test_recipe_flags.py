@@ -10,8 +10,10 @@ from byol_pytorch.app.errors import UserError
 from byol_pytorch.app.recipe import (
     DEFAULT_EPOCHS,
     FAMILY_OPTIMIZERS,
+    MOBILE_LR_PER_256,
     RECIPE_DEFAULTS,
     check_sizes,
+    family_lr,
     family_of,
     get_args_parser,
     lr_help,
@@ -20,6 +22,7 @@ from byol_pytorch.app.recipe import (
 )
 from byol_pytorch.app.recipe import resolve_recipe as resolve
 from byol_pytorch.training.distributed import DistContext
+from byol_pytorch.training.optim import OPTIMIZERS
 from byol_pytorch.training.recipe import Recipe
 
 
@@ -160,8 +163,8 @@ def test_check_sizes_rejects_bad_view_and_lars_values(changes, message):
     "model, optimizer, lr, decay",
     [
         ("resnet50", "sgd", 0.05, 1e-4),  # the ResNets: SGD (SimSiam's lr and decay)
-        ("mobilenetv3_small_100", "sgd", 0.05, 1e-4),
-        ("efficientnet_b0", "sgd", 0.05, 1e-4),
+        ("mobilenetv3_small_100", "sgd", MOBILE_LR_PER_256, 1e-4),  # the mobile nets: SGD at their own lr
+        ("efficientnet_b0", "sgd", MOBILE_LR_PER_256, 1e-4),
         ("convnext_atto", "sgd", 0.05, 1e-4),
         ("regnetx_002", "lars", 0.2, 1.5e-6),  # RegNets: the paper's LARS
         ("vit_small_patch16_224", "lars", 0.2, 1.5e-6),  # not measured: the paper's
@@ -174,25 +177,47 @@ def test_without_optimizer_the_family_chooses(model, optimizer, lr, decay):
     assert optimizer_for(model)[0] == optimizer
     # a flag wins; the CIFAR preset keeps solo-learn's LARS; a resumed run keeps what it ran with
     assert resolve(parse("--model", model, "--optimizer", "adamw"), None).optimizer == "adamw"
+    # the family's lr scales with the batch; --lr wins; a named --optimizer takes its own default lr
+    assert resolve(parse("--model", model, "--batch-size", "512"), None).lr == pytest.approx(2 * lr)
+    assert resolve(parse("--model", model, "--lr", "0.03"), None).lr == 0.03
+    named = resolve(parse("--model", model, "--optimizer", optimizer), None)
+    assert named.lr == pytest.approx(OPTIMIZERS[optimizer]["lr_per_256"])
+    assert resolve(parse("--model", model, "--optimizer", "adamw"), None).lr == pytest.approx(5e-4)
+    # the default is the run that names the family's optimiser and lr (what the matrix's probes ran)
+    spelled = parse("--model", model, "--optimizer", optimizer, "--lr", str(lr))
+    assert resolve(spelled, None).to_dict() == resolve(parse("--model", model), None).to_dict()
+    assert resolve(parse("--model", model, "--data", "cifar10:/d"), None).lr == pytest.approx(1.0)  # solo-learn's
+    # a run saved at another lr resumes at it, whatever the family's default now is
+    saved_at = resolve(parse("--model", model, "--optimizer", optimizer, "--lr", "0.01"), None).to_dict()
+    assert resolve(parse(), saved_at).lr == 0.01
     assert resolve(parse("--model", model, "--data", "cifar10:/d"), None).optimizer == "lars"
     saved = resolve(parse("--model", model, "--optimizer", "lars"), None).to_dict()
     assert resolve(parse(), saved).optimizer == "lars"
+
+
+def test_the_start_line_names_the_familys_lr_unless_given():
+    from byol_pytorch.app.train import _chosen
+
+    args = parse("--model", "mobilenetv3_small_100")
+    line = _chosen(args, resolve(args, None), None)
+    assert f"chosen for mobile BatchNorm nets, at their lr {MOBILE_LR_PER_256:g} x batch/256;" in line
+    given = parse("--model", "mobilenetv3_small_100", "--lr", "0.1")
+    assert "at their lr" not in _chosen(given, resolve(given, None), None)
+    assert "at their lr" not in _chosen(parse("--model", "resnet50"), resolve(parse("--model", "resnet50"), None), None)
 
 
 def _readme_family_rows():
     """The README's "A recipe for the backbone" table: ``(fragments, optimiser, evidence)`` per row."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     rows = markdown_rows(readme, "family (`--model` contains)").values()
-    return [
-        (re.findall(r"`([^`]+)`", family), re.match(r"\w+", optimizer)[0].lower(), evidence)
-        for family, optimizer, evidence in rows
-    ]
+    return [(re.findall(r"`([^`]+)`", family), optimizer, evidence) for family, optimizer, evidence in rows]
 
 
 def test_the_readme_family_table_is_what_train_picks_and_quotes_its_evidence():
     rows = _readme_family_rows()
     assert len(rows) == len(FAMILY_OPTIMIZERS) + 1  # a row per family, and one for everything else
-    for fragments, optimizer, evidence in rows:
+    for fragments, column, evidence in rows:
+        optimizer = re.match(r"\w+", column)[0].lower()
         if not fragments:  # "anything else": the paper's LARS
             assert optimizer == "lars" and optimizer_for("vit_small_patch16_224")[0] == "lars"
             continue
@@ -200,6 +225,8 @@ def test_the_readme_family_table_is_what_train_picks_and_quotes_its_evidence():
         assert len(found) == 1, f"the README row {fragments} spans families {found}"
         family, chosen, quoted = found.pop()
         assert chosen == optimizer, f"README says {optimizer} for {family}, train picks {chosen}"
+        rate = family_lr(fragments[0])  # a family with its own lr: the README's column names it
+        assert rate is None or f"{optimizer.upper()} {rate:g} x batch/256" in column, (family, column)
         # every figure the start line prints as evidence is one the README's row shows
         missing = set(re.findall(r"\d+\.\d", quoted)) - set(re.findall(r"\d+\.\d", evidence))
         assert not missing, f"{family}: FAMILY_OPTIMIZERS quotes {sorted(missing)}, the README's table does not"
