@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..augment import INTERPOLATIONS, view_settings
 from ..augment import PRESETS as PRESETS_OF_VIEWS
@@ -29,6 +29,7 @@ from .errors import UserError
 __all__ = [
     "DEFAULT_EPOCHS",
     "FAMILY_OPTIMIZERS",
+    "Family",
     "MOBILE_LR_PER_256",
     "PRESETS",
     "RECIPE_ADVICE",
@@ -371,12 +372,20 @@ def preset_name(args: argparse.Namespace, saved: Recipe | None) -> str:
     return "cifar" if is_cifar_spec(getattr(args, "data", None)) else "paper"
 
 
-FAMILY_OPTIMIZERS: tuple[tuple[str, tuple[str, ...], str, float | None, str], ...] = (
-    # (family, name fragments, optimizer, its peak lr per 256 images (None: the optimiser's default,
-    #  ``OPTIMIZERS``), the matrix's evidence: kNN % on Fashion-MNIST, 32 px, 200 steps, batch 256;
-    #  BENCHMARKS.md "Robustness matrix"; "the CLI": this recipe with that optimiser; "own loop":
-    #  constant lr, SGD 0.05 momentum 0.9 or Adam 1e-3)
-    (
+class Family(NamedTuple):
+    """One row of ``FAMILY_OPTIMIZERS``: what ``train`` takes for a backbone family without ``--optimizer``."""
+
+    name: str
+    fragments: tuple[str, ...]  # a --model containing any of these (case-insensitive) is of the family
+    optimizer: str
+    lr_per_256: float | None  # the peak lr per 256 images; None: the optimiser's default (``OPTIMIZERS``)
+    evidence: str  # the matrix's figures, printed on the start line and quoted in the README's table
+
+
+FAMILY_OPTIMIZERS: tuple[Family, ...] = (
+    # evidence: kNN % on Fashion-MNIST, 32 px, 200 steps, batch 256; BENCHMARKS.md "Robustness matrix";
+    # "the CLI": this recipe with that optimiser; "own loop": constant lr, SGD 0.05 momentum 0.9 or Adam 1e-3
+    Family(
         "RegNet",
         ("regnet",),
         "lars",
@@ -384,7 +393,7 @@ FAMILY_OPTIMIZERS: tuple[tuple[str, tuple[str, ...], str, float | None, str], ..
         "RegNetX-200MF, the CLI: LARS 52.7, AdamW 45.9; own loop: Adam 56.9, SGD 49.4; RegNetY-200MF: LARS 59.6, "
         "own loop Adam 60.1, SGD 54.9",
     ),
-    (
+    Family(
         "mobile BatchNorm nets",
         ("mobilenet", "ghostnet", "efficientnet", "mnasnet", "fbnet", "lcnet", "mixnet", "tinynet", "hardcorenas"),
         "sgd",
@@ -393,14 +402,14 @@ FAMILY_OPTIMIZERS: tuple[tuple[str, tuple[str, ...], str, float | None, str], ..
         "GhostNet 72.5 / 47.5, EfficientNet-B0 56.0 / 54.6; own loop, SGD 0.05 against Adam (2 or 5 seeds each): "
         "MobileNetV3-small 63.0 / 37.8, MobileNetV2-0.5 27.3 / 22.6, GhostNet 60.8 / 46.3",
     ),
-    (
+    Family(
         "ResNets",
         ("resnet", "resnext", "wide_resnet", "seresnet"),
         "sgd",
         None,
         "ResNet-10t, the CLI: SGD 73.9, LARS (before the size-fitted views) 71.5; own loop: SGD 76.1, Adam 73.8",
     ),
-    (
+    Family(
         "ConvNeXt",
         ("convnext",),
         "sgd",
@@ -411,16 +420,16 @@ FAMILY_OPTIMIZERS: tuple[tuple[str, tuple[str, ...], str, float | None, str], ..
 """The optimiser ``train`` takes per backbone family when ``--optimizer`` is not given (first match wins)."""
 
 
-def _family_entry(model: str) -> tuple[str, tuple[str, ...], str, float | None, str] | None:
+def _family_entry(model: str) -> Family | None:
     """The first ``FAMILY_OPTIMIZERS`` entry with a name fragment in ``model`` (case-insensitive), else None."""
     name = model.lower()
-    return next((entry for entry in FAMILY_OPTIMIZERS if any(part in name for part in entry[1])), None)
+    return next((family for family in FAMILY_OPTIMIZERS if any(part in name for part in family.fragments)), None)
 
 
 def family_of(model: str) -> tuple[str, str, str] | None:
     """``(family, optimizer, evidence)`` of the first ``FAMILY_OPTIMIZERS`` entry naming ``model``, else None."""
-    entry = _family_entry(model)
-    return None if entry is None else (entry[0], entry[2], entry[4])
+    family = _family_entry(model)
+    return None if family is None else (family.name, family.optimizer, family.evidence)
 
 
 def family_lr(model: str) -> float | None:
@@ -430,8 +439,8 @@ def family_lr(model: str) -> float | None:
         >>> family_lr("mobilenetv2_100") == MOBILE_LR_PER_256, family_lr("resnet50"), family_lr("vit_small")
         (True, None, None)
     """
-    entry = _family_entry(model)
-    return None if entry is None else entry[3]
+    family = _family_entry(model)
+    return None if family is None else family.lr_per_256
 
 
 def optimizer_for(model: str) -> tuple[str, str]:
