@@ -220,8 +220,8 @@ def cli_recipe(
 
     flags = ["--data", "unused", "--model", model, "--image-size", str(size), "--batch-size", "256"]
     flags += ["--max-steps", str(steps)]
-    for key, value in kwargs.items():
-        flags += [f"--{key.replace('_', '-')}", str(value)]
+    for key, value in kwargs.items():  # a switch (``views_in_one_batch=true``) is the flag alone
+        flags += [f"--{key.replace('_', '-')}"] if value is True else [f"--{key.replace('_', '-')}", str(value)]
     args = cli_parser().parse_args(flags)
     recipe = resolve_recipe(args, None)
     total, warmup = run_length(args, recipe, math.ceil(images / recipe.batch_size), None)
@@ -533,6 +533,22 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} (n {len(values)})"
 
 
+def paired_gain(got: list[dict[str, Any]], baseline: dict[int, float]) -> float:
+    """Mean over ``got``'s cells of kNN minus the baseline of the same seed, the weights that cell started from
+    (``make_net`` seeds the init); a seed the baseline did not run on takes the mean of the seeds it did. NaN
+    without a baseline.
+
+    >>> paired_gain([{"seed": 0, "knn": 50.0}, {"seed": 1, "knn": 44.0}], {0: 42.0, 1: 42.0, 3: 58.0})
+    5.0
+    >>> paired_gain([{"seed": 2, "knn": 50.0}], {0: 40.0, 1: 44.0})
+    8.0
+    """
+    if not baseline:
+        return math.nan
+    fallback = statistics.mean(baseline.values())
+    return statistics.mean(c["knn"] - baseline.get(c["seed"], fallback) for c in got)
+
+
 def table(args: argparse.Namespace) -> str:
     """One row per backbone x loop: both baselines, each contender's kNN, its gains, images/s; collapses named."""
     every = [
@@ -549,8 +565,11 @@ def table(args: argparse.Namespace) -> str:
     header = ["backbone", "loop", "random init", "random init, BN statistics of the views", *contenders]
     rows, collapsed, below_bn = [], [], []
     for backbone in args.backbones:  # BACKBONES unless --backbones names others (a held-out net's folder)
-        base = {b: [c["knn"] for c in cells if (c["backbone"], c["contender"]) == (backbone, b)] for b in BASELINES}
-        mean = {b: statistics.mean(v) if v else math.nan for b, v in base.items()}
+        by_seed = {
+            b: {c["seed"]: c["knn"] for c in cells if (c["backbone"], c["contender"]) == (backbone, b)}
+            for b in BASELINES
+        }
+        base = {b: list(v.values()) for b, v in by_seed.items()}
         for loop in LOOPS:
             row: list[object] = [backbone, loop, _fmt(base["random"]), _fmt(base["random-bn"])]
             for contender in contenders:
@@ -558,8 +577,7 @@ def table(args: argparse.Namespace) -> str:
                 if not got:
                     row.append("-")
                     continue
-                acc = statistics.mean(c["knn"] for c in got)
-                gain, gain_bn = acc - mean["random"], acc - mean["random-bn"]
+                gain, gain_bn = (paired_gain(got, by_seed[b]) for b in ("random", "random-bn"))
                 speed = statistics.median(c["images_per_s"] for c in got)
                 where = f"{backbone} / {loop} / {contender}"
                 if gain < 0:
@@ -575,7 +593,8 @@ def table(args: argparse.Namespace) -> str:
     machines = sorted({c["machine"] for c in cells})
     lines = [
         f"### kNN top-1 % after {args.steps} steps (batch 256; adam, sgd: constant lr; cli: the CLI's recipe); "
-        "gain over random init and over the BN-calibrated random net; images/s",
+        "gain over random init and over the BN-calibrated random net, each of the same seeds (the weights the run "
+        "started from); images/s",
         "",
         markdown_table(header, rows),
         "",

@@ -13,6 +13,7 @@ import ast
 import importlib
 import importlib.util
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -415,6 +416,35 @@ def test_robustness_cli_row_of_a_family_with_its_own_lr_takes_that_lr(tmp_path):
     assert f"mobilenetv2_050 seed 0: `ours:optimizer=sgd,lr={MOBILE_LR_PER_256}`" in table
 
 
+def test_robustness_gains_are_against_the_baseline_of_the_same_seed(tmp_path):
+    """A run starts from its seed's random weights: its gain is over that seed's untouched net, not the mean of
+    every seed's (seed 3's lucky untouched net would otherwise count against seeds 0 and 1)."""
+    import json
+
+    script = _load("robustness")
+
+    def cell(contender, knn, seed):
+        steps = 0 if contender.startswith("random") else 200
+        row = dict(backbone="mobilenetv2_050", loop="-" if steps == 0 else "cli", contender=contender, seed=seed)
+        row.update(steps=steps, batch_size=256, image_size=32, machine="m", threads=1, knn=knn, images_per_s=1.0)
+        (tmp_path / f"{contender}_{seed}.json").write_text(json.dumps(row))
+
+    for seed, knn in enumerate([42.0, 43.0, 47.0, 58.0]):
+        cell("random", knn, seed)
+    cell("random-bn", 18.0, 0)  # one seed of the other baseline: seed 1 falls back to it
+    cell("ours", 50.0, 0)
+    cell("ours", 45.0, 1)
+    cell("ours", 40.0, 4)  # a seed with no untouched net: against the mean of the four that ran (47.5)
+    args = ["--table", "--results", str(tmp_path), "--backbones", "mobilenetv2_050"]
+    table = script.main(script.get_args_parser().parse_args(args))
+    row = _rows(table, "backbone | loop | random init", key_cells=2)["mobilenetv2_050/cli"]
+    paired = statistics.mean([50.0 - 42.0, 45.0 - 43.0, 40.0 - 47.5])
+    assert paired == pytest.approx(0.8333, abs=1e-3)
+    assert row[2].startswith("47.5 ± ")  # the column still shows every seed's untouched net
+    assert row[4].startswith(f"45.0 ± 5.0 (n 3) (+{paired:.1f}; +{45.0 - 18.0:.1f} vs BN-calibrated)")
+    assert "mobilenetv2_050 / cli / ours" not in table.split("Below random init:")[1].split("\n")[0]
+
+
 def test_robustness_batchnorm_calibration_is_the_mean_of_the_views_statistics():
     script = _load("robustness")
     torch.manual_seed(0)
@@ -464,6 +494,8 @@ def test_robustness_cli_loop_builds_what_the_cli_builds():
     assert isinstance(adamw, torch.optim.AdamW)
     _, sgd, _ = script.cli_recipe(net, 100, {}, model="resnet10t")  # the ResNets' choice: SGD 0.05, momentum 0.9
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
+    switched, _, _ = script.cli_recipe(net, 100, {"views_in_one_batch": True})  # a switch: the flag alone
+    assert switched.views_in_one_batch and not learner.views_in_one_batch
     with pytest.raises(SystemExit):
         script.cli_recipe(net, 100, {"no_such_flag": 1})
 

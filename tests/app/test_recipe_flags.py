@@ -165,7 +165,7 @@ def test_check_sizes_rejects_bad_view_and_lars_values(changes, message):
         ("resnet50", "sgd", 0.05, 1e-4),  # the ResNets: SGD (SimSiam's lr and decay)
         ("mobilenetv3_small_100", "sgd", MOBILE_LR_PER_256, 1e-4),  # the mobile nets: SGD at their own lr
         ("efficientnet_b0", "sgd", MOBILE_LR_PER_256, 1e-4),
-        ("convnext_atto", "sgd", 0.05, 1e-4),
+        ("convnext_atto", "adamw", 5e-4, 0.04),  # ConvNeXt: AdamW (DINO's lr and decay)
         ("regnetx_002", "lars", 0.2, 1.5e-6),  # RegNets: the paper's LARS
         ("vit_small_patch16_224", "lars", 0.2, 1.5e-6),  # not measured: the paper's
         ("hf:my/model", "lars", 0.2, 1.5e-6),
