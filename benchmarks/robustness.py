@@ -594,7 +594,7 @@ def table(args: argparse.Namespace) -> str:
     lines = [
         f"### kNN top-1 % after {args.steps} steps (batch 256; adam, sgd: constant lr; cli: the CLI's recipe); "
         "gain over random init and over the BN-calibrated random net, each of the same seeds (the weights the run "
-        "started from); images/s",
+        "started from; a seed a baseline did not run on takes its mean); images/s",
         "",
         markdown_table(header, rows),
         "",

@@ -176,7 +176,8 @@ def test_without_optimizer_the_family_chooses(model, optimizer, lr, decay):
     assert (recipe.optimizer, recipe.lr, recipe.weight_decay) == (optimizer, pytest.approx(lr), decay)
     assert optimizer_for(model)[0] == optimizer
     # a flag wins; the CIFAR preset keeps solo-learn's LARS; a resumed run keeps what it ran with
-    assert resolve(parse("--model", model, "--optimizer", "adamw"), None).optimizer == "adamw"
+    other = "sgd" if optimizer != "sgd" else "adamw"  # a flag other than the family's choice wins
+    assert resolve(parse("--model", model, "--optimizer", other), None).optimizer == other
     # the family's lr scales with the batch; --lr wins; a named --optimizer takes its own default lr
     assert resolve(parse("--model", model, "--batch-size", "512"), None).lr == pytest.approx(2 * lr)
     assert resolve(parse("--model", model, "--lr", "0.03"), None).lr == 0.03
