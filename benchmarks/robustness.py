@@ -220,8 +220,9 @@ def cli_recipe(
 
     flags = ["--data", "unused", "--model", model, "--image-size", str(size), "--batch-size", "256"]
     flags += ["--max-steps", str(steps)]
-    for key, value in kwargs.items():  # a switch (``views_in_one_batch=true``) is the flag alone
-        flags += [f"--{key.replace('_', '-')}"] if value is True else [f"--{key.replace('_', '-')}", str(value)]
+    for key, value in kwargs.items():
+        flag = f"--{key.replace('_', '-')}"
+        flags += [flag] if value is True else [flag, str(value)]  # a switch (``views_in_one_batch=true``) alone
     args = cli_parser().parse_args(flags)
     recipe = resolve_recipe(args, None)
     total, warmup = run_length(args, recipe, math.ceil(images / recipe.batch_size), None)
