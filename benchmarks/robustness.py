@@ -21,7 +21,10 @@ EMA decay from 0.996 to 1 on the paper's cosine over the run; ours only). Conten
   gives both the peer's default pipeline, ``views=lightly`` feeds lightly's PIL views: which part
   of a contender's lead is its views and which its learner; ``draw=batch`` draws ours' views once
   per batch as the peer's pipeline does, ``draw=crop`` only their crop and flip; ``loss_scale=S``
-  multiplies the loss, lightly's being a quarter of the paper's);
+  multiplies the loss, lightly's being a quarter of the paper's); ``bn=frozen`` (ours or the peer,
+  any loop) keeps every BatchNorm of the backbone in eval mode while it trains: it normalises with
+  the statistics it came with (an untrained net's mean 0, variance 1) and never updates them, its
+  affine weights still learn (does BYOL gain on the untouched net when it keeps its BatchNorm?);
 * ``peer``: lucidrains/byol-pytorch 0.9.1, vanilla (``use_simplicial_embeddings=False``);
 * ``lightly``: lightly's BYOL as its documentation runs it: ``BYOLProjectionHead`` /
   ``BYOLPredictionHead`` (4096 hidden, 256 out), ``update_momentum`` with
@@ -141,6 +144,32 @@ def calibrate_batchnorm(net: nn.Module, data: Data, batches: int, batch_size: in
 def make_net(name: str, seed: int) -> nn.Module:
     """The timm backbone without classifier (pooled features), initialised from `seed`."""
     return timm_backbone(name, seed, **BACKBONE_KWARGS.get(name, {}))
+
+
+_FROZEN_CLASSES: dict[type, type] = {}
+
+
+def freeze_batchnorm_statistics(net: nn.Module) -> int:
+    """The probe ``bn=frozen``: every BatchNorm of ``net`` stays in eval mode, whatever ``train()`` asks.
+
+    It normalises with the running statistics it has (an untrained net's: mean 0, variance 1,
+    the untouched net's nearly-identity BatchNorm) and never updates them; its affine weights
+    still train. Each layer's class becomes a subclass whose ``train`` always passes False, so
+    the learner's ``train()``, the target's deep copy and ``kept_modes`` all keep it. Returns
+    the number of layers frozen.
+    """
+    norms = batchnorm_layers(net)
+    for m in norms:
+        cls = type(m)
+        if cls not in _FROZEN_CLASSES:
+
+            def train(self: nn.Module, mode: bool = True, _cls: type = cls) -> nn.Module:
+                return _cls.train(self, False)
+
+            _FROZEN_CLASSES[cls] = type(f"FrozenStatistics{cls.__name__}", (cls,), {"train": train})
+        m.__class__ = _FROZEN_CLASSES[cls]
+        m.eval()
+    return len(norms)
 
 
 def make_optimizer(loop: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -445,6 +474,11 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(timm),
         "threads": args.threads,
     }
+    bn = kwargs.pop("bn", None)  # a probe of the harness, not a learner argument or CLI flag
+    if bn is not None:
+        if bn != "frozen" or name not in ("ours", "peer"):
+            raise SystemExit(f"robustness.py: error: the probe bn= takes 'frozen' (ours or peer), got {bn!r}")
+        result["frozen_batchnorm_layers"] = freeze_batchnorm_statistics(net)
     if name == "ours" and args.loop != "cli":  # the README's loop, recorded: readme_loop changes with the README
         kwargs = {**readme_loop(args.loop, args.steps, args.backbone), **kwargs}
         result["byol_kwargs"] = kwargs
@@ -619,7 +653,7 @@ def table(args: argparse.Namespace) -> str:
         ]
         lines += ["", before_after_table(stages, cells)]
     if variants:
-        lines += ["", variants_table(variants, [c for c in cells if "from_probe" not in c])]
+        lines += ["", variants_table(variants, cells)]
     longer = longer_runs_table(every, args.steps)
     return "\n".join(lines + (["", longer] if longer else []))
 
@@ -721,11 +755,16 @@ def before_after_table(stages: list[tuple[str, list[dict[str, Any]]]], cells: li
 
 
 def variants_table(variants: list[dict[str, Any]], cells: list[dict[str, Any]]) -> str:
-    """Probes of a default (``ours:key=value``) beside the same cell of plain ours and the same seed's random init."""
+    """Probes of a default (``ours:key=value``) beside the same cell of plain ours and the same seed's random init.
+
+    In the cli loop plain ours may itself be a probe (``cli_defaults``: the family's choice, run as one); that
+    probe is not compared with itself, every other probe of the cell is compared with it.
+    """
     found = _index(cells)
     rows = []
     for c in sorted(variants, key=lambda c: (c["backbone"], c["loop"], c["contender"], c["seed"])):
-        ours = found.get((c["backbone"], c["loop"], "ours", c["seed"]), {}).get("knn")
+        default = found.get((c["backbone"], c["loop"], "ours", c["seed"]), {})
+        ours = None if default.get("from_probe") == c["contender"] else default.get("knn")
         random = found.get((c["backbone"], "-", "random", c["seed"]), {}).get("knn")
         rows.append(
             [
