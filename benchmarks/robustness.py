@@ -460,8 +460,11 @@ def what_leaves_training(net: nn.Module, target: nn.Module | None, data: Data) -
 
 def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    data = load_data(args)
     name, kwargs = parse_contender(args.contender)
+    bn = kwargs.pop("bn", None)  # a probe of the harness, not a learner argument or CLI flag
+    if bn is not None and (bn != "frozen" or name not in ("ours", "peer")):  # refused before the data is read
+        raise SystemExit(f"robustness.py: error: the probe bn= takes 'frozen' (ours or peer), got {bn!r}")
+    data = load_data(args)
     net = make_net(args.backbone, args.seed)
     result: dict[str, Any] = {
         "backbone": args.backbone,
@@ -474,10 +477,7 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(timm),
         "threads": args.threads,
     }
-    bn = kwargs.pop("bn", None)  # a probe of the harness, not a learner argument or CLI flag
     if bn is not None:
-        if bn != "frozen" or name not in ("ours", "peer"):
-            raise SystemExit(f"robustness.py: error: the probe bn= takes 'frozen' (ours or peer), got {bn!r}")
         result["frozen_batchnorm_layers"] = freeze_batchnorm_statistics(net)
     if name == "ours" and args.loop != "cli":  # the README's loop, recorded: readme_loop changes with the README
         kwargs = {**readme_loop(args.loop, args.steps, args.backbone), **kwargs}
