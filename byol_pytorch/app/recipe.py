@@ -65,10 +65,8 @@ CONVNEXT_LR_PER_256 = 2.5e-4
 """AdamW's peak lr per 256 images for ConvNeXt in ``train``'s recipe: the ConvNeXt paper's own (Liu et al. 2022,
 ImageNet-1k: 4e-3 at batch 4096), half DINO's 5e-4 that ``--optimizer adamw`` alone takes.
 
-Measured in the robustness matrix's cli loop (benchmarks/results/robustness.md, "ConvNeXt's rate"): at 200
-steps ConvNeXt-atto ends at 79.5 / 79.7 / 80.2 (seeds 0 / 1 / 2) against 78.5 / 78.4 / 79.1 at 5e-4 and its
-untouched net's 78.8 / 79.0 / 79.9; the held-out ConvNeXt-femto at 79.4 / 79.4 (seeds 0 / 1) against 78.6 /
-78.4 (untouched 78.9 / 78.2); over 1,000 steps at 80.7 against 80.0 at 5e-4 (seed 0); 1e-3 gave 76.8."""
+Chosen in the robustness matrix's cli loop (benchmarks/results/robustness.md, "ConvNeXt's rate"); the figures
+are the ConvNeXt entry's evidence in ``FAMILY_OPTIMIZERS``, which the start line prints and the README quotes."""
 
 RECIPE_ADVICE = (
     "What to try, by backbone (README, 'A recipe for the backbone'): BatchNorm convnets, mobile ones above all "
