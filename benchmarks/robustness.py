@@ -24,7 +24,8 @@ EMA decay from 0.996 to 1 on the paper's cosine over the run; ours only). Conten
   multiplies the loss, lightly's being a quarter of the paper's); ``bn=frozen`` (ours or the peer,
   any loop) keeps every BatchNorm of the backbone in eval mode while it trains: it normalises with
   the statistics it came with (an untrained net's mean 0, variance 1) and never updates them, its
-  affine weights still learn (does BYOL gain on the untouched net when it keeps its BatchNorm?);
+  affine weights still learn (does BYOL gain on the untouched net when it keeps its BatchNorm?
+  the library's ``freeze_batchnorm_statistics``, what ``train --backbone-bn frozen`` does);
 * ``peer``: lucidrains/byol-pytorch 0.9.1, vanilla (``use_simplicial_embeddings=False``);
 * ``lightly``: lightly's BYOL as its documentation runs it: ``BYOLProjectionHead`` /
   ``BYOLPredictionHead`` (4096 hidden, 256 out), ``update_momentum`` with
@@ -82,7 +83,7 @@ from benchmarks.common.report import markdown_table
 from benchmarks.common.runner import module_command, spawn_module
 from byol_pytorch import BYOLAugment
 from byol_pytorch.augment import AugmentParams
-from byol_pytorch.batchnorm import batchnorm_layers, recalibrate_batchnorm
+from byol_pytorch.batchnorm import batchnorm_layers, freeze_batchnorm_statistics, recalibrate_batchnorm
 from byol_pytorch.collapse import effective_rank
 
 MODULE = "benchmarks.robustness"
@@ -144,32 +145,6 @@ def calibrate_batchnorm(net: nn.Module, data: Data, batches: int, batch_size: in
 def make_net(name: str, seed: int) -> nn.Module:
     """The timm backbone without classifier (pooled features), initialised from `seed`."""
     return timm_backbone(name, seed, **BACKBONE_KWARGS.get(name, {}))
-
-
-_FROZEN_CLASSES: dict[type, type] = {}
-
-
-def freeze_batchnorm_statistics(net: nn.Module) -> int:
-    """The probe ``bn=frozen``: every BatchNorm of ``net`` stays in eval mode, whatever ``train()`` asks.
-
-    It normalises with the running statistics it has (an untrained net's: mean 0, variance 1,
-    the untouched net's nearly-identity BatchNorm) and never updates them; its affine weights
-    still train. Each layer's class becomes a subclass whose ``train`` always passes False, so
-    the learner's ``train()``, the target's deep copy and ``kept_modes`` all keep it. Returns
-    the number of layers frozen.
-    """
-    norms = batchnorm_layers(net)
-    for m in norms:
-        cls = type(m)
-        if cls not in _FROZEN_CLASSES:
-
-            def train(self: nn.Module, mode: bool = True, _cls: type = cls) -> nn.Module:
-                return _cls.train(self, False)
-
-            _FROZEN_CLASSES[cls] = type(f"FrozenStatistics{cls.__name__}", (cls,), {"train": train})
-        m.__class__ = _FROZEN_CLASSES[cls]
-        m.eval()
-    return len(norms)
 
 
 def make_optimizer(loop: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:

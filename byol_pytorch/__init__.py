@@ -11,7 +11,7 @@ require_torch()  # before anything that needs torch >= 2.4
 
 from . import _compat  # noqa: E402
 from .augment import BYOLAugment  # noqa: E402
-from .batchnorm import recalibrate_batchnorm  # noqa: E402
+from .batchnorm import freeze_batchnorm_statistics, recalibrate_batchnorm  # noqa: E402
 from .byol import BYOL  # noqa: E402
 from .collapse import CollapseWarning  # noqa: E402
 from .training.trainer import BYOLTrainer, MockDataset  # noqa: E402
@@ -24,6 +24,7 @@ __all__ = [
     "BYOLTrainer",
     "CollapseWarning",
     "MockDataset",
+    "freeze_batchnorm_statistics",
     "recalibrate_batchnorm",
     "__version__",
 ]

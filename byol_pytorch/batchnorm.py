@@ -5,6 +5,12 @@ mean and variance describe the views (crops, colour jitter, solarised pixels), n
 features will be computed on. `recalibrate_batchnorm` replaces them with their average over a few
 hundred un-augmented images: a forward pass in train mode without gradients, nothing else
 changed. Where it helps is measured per backbone in benchmarks/results/robustness.md.
+
+`freeze_batchnorm_statistics` is the other way out: the backbone's BatchNorm layers stay in eval
+mode through training, normalising with the statistics they have (a freshly built net's: mean 0,
+variance 1), so nothing is learned from the views' statistics and there is nothing to re-estimate.
+`byol-pytorch train --backbone-bn frozen` does it to the backbone; where that gains and where it
+loses is measured in the README ("A recipe for the backbone").
 """
 
 from __future__ import annotations
@@ -19,16 +25,82 @@ from torch import Tensor
 
 from ._modules import module_device_dtype, saved_modes
 
-__all__ = ["batchnorm_layers", "batchnorm_state", "clean_statistics", "load_batchnorm_state", "recalibrate_batchnorm"]
+__all__ = [
+    "FrozenStatistics",
+    "batchnorm_layers",
+    "batchnorm_state",
+    "clean_statistics",
+    "freeze_batchnorm_statistics",
+    "load_batchnorm_state",
+    "recalibrate_batchnorm",
+]
 
 
-def batchnorm_layers(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The BatchNorm layers of `net` (1d, 2d, 3d, SyncBatchNorm, lazy ones) that keep running statistics."""
+class FrozenStatistics(nn.Module):
+    """Marks a BatchNorm layer frozen by ``freeze_batchnorm_statistics``: ``train()`` always sets eval mode.
+
+    Mixed in before the layer's own class (``FrozenStatisticsBatchNorm2d``), so the layer keeps its
+    class's forward, state-dict keys and ``isinstance`` checks.
+    """
+
+    def train(self, mode: bool = True) -> FrozenStatistics:
+        return super().train(False)
+
+
+_FROZEN_CLASSES: dict[type, type] = {}
+
+
+def _frozen_class(cls: type) -> type:
+    if cls not in _FROZEN_CLASSES:
+        _FROZEN_CLASSES[cls] = type(f"FrozenStatistics{cls.__name__}", (FrozenStatistics, cls), {})
+    return _FROZEN_CLASSES[cls]
+
+
+def batchnorm_layers(net: nn.Module, frozen: bool = True) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of `net` (1d, 2d, 3d, SyncBatchNorm, lazy ones) that keep running statistics.
+
+    ``frozen=False`` leaves out those ``freeze_batchnorm_statistics`` froze (their statistics never change).
+    """
     return [
         m
         for m in net.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and m.running_mean is not None
+        and (frozen or not isinstance(m, FrozenStatistics))
     ]
+
+
+def freeze_batchnorm_statistics(net: nn.Module) -> int:
+    """Keep every BatchNorm layer of ``net`` in eval mode from now on, whatever ``train()`` asks.
+
+    Each layer then normalises with the running statistics it holds (a freshly built net's: mean 0
+    and variance 1, so the layer is its affine transform alone) and never updates them; its weight
+    and bias still train. The layer's class becomes a subclass of its own (``FrozenStatistics``
+    first), so a learner's ``train()``, ``copy.deepcopy`` (BYOL's target network) and a state dict
+    round trip keep it, and ``recalibrate_batchnorm`` leaves it alone. Call it on the backbone
+    before BYOL wraps it: the heads' BatchNorm is not the backbone's and keeps training.
+
+    Args:
+        net: the backbone (any module).
+
+    Returns:
+        The number of BatchNorm layers frozen (0 for a net without BatchNorm; a second call
+        freezes nothing new and returns the same count).
+
+    Examples:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        >>> freeze_batchnorm_statistics(net), net.train().training, net[1].training
+        (1, True, False)
+        >>> isinstance(net[1], nn.BatchNorm2d), sorted(net[1].state_dict())
+        (True, ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight'])
+    """
+    layers = batchnorm_layers(net)
+    for m in layers:
+        if not isinstance(m, FrozenStatistics):
+            m.__class__ = _frozen_class(type(m))
+        m.eval()
+    return len(layers)
 
 
 def _stats(m: nn.modules.batchnorm._BatchNorm) -> Tensor:
@@ -79,7 +151,8 @@ def recalibrate_batchnorm(
         batch_size: batches cut from a tensor `images` (an iterable keeps its own).
 
     Returns:
-        The number of images the statistics were averaged over (0 for a net without BatchNorm).
+        The number of images the statistics were averaged over (0 for a net without BatchNorm, or
+        whose BatchNorm layers are all frozen).
 
     Raises:
         ValueError: `images` holds no image, or a batch of one image (no variance to estimate),
@@ -96,7 +169,7 @@ def recalibrate_batchnorm(
         raise ValueError(f"max_images must be at least 1 or None, got {max_images!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
-    layers = batchnorm_layers(net)
+    layers = batchnorm_layers(net, frozen=False)
     if not layers:
         return 0
     momenta = [m.momentum for m in layers]
@@ -182,7 +255,7 @@ def _plain_copy(net: nn.Module) -> nn.Module:
     """A deep copy whose SyncBatchNorm layers are plain BatchNorm: recalibrating them on one rank needs no peers."""
     clone = copy.deepcopy(net)
     for name, module in list(clone.named_modules()):
-        if isinstance(module, nn.SyncBatchNorm):
+        if isinstance(module, nn.SyncBatchNorm) and not isinstance(module, FrozenStatistics):
             plain = _AnyBatchNorm(module.num_features, module.eps, module.momentum, module.affine, True)
             plain.load_state_dict(module.state_dict())
             plain.train(module.training)

@@ -3,7 +3,8 @@
 Re-estimation changes the running statistics and nothing else (weights, other buffers, every
 module's mode, the momenta), equals the plain average of the batch statistics computed here
 another way, is a no-op on nets without BatchNorm, and ``clean_statistics`` gives the trained
-statistics back.
+statistics back. Frozen statistics (``freeze_batchnorm_statistics``) normalise as computed here by
+hand, survive ``train()``, a deep copy and SyncBatchNorm, and are left alone by re-estimation.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ import torch.nn as nn
 from conftest import small_cnn
 
 from byol_pytorch import recalibrate_batchnorm
-from byol_pytorch.batchnorm import batchnorm_state, clean_statistics, load_batchnorm_state
+from byol_pytorch.batchnorm import (
+    batchnorm_layers,
+    batchnorm_state,
+    clean_statistics,
+    freeze_batchnorm_statistics,
+    load_batchnorm_state,
+)
 
 
 def _trained_net() -> nn.Sequential:
@@ -117,3 +124,66 @@ def test_syncbatchnorm_nets_are_recalibrated_on_a_plain_copy():
         assert clean is net and isinstance(net[1], nn.SyncBatchNorm)
         assert not torch.equal(batchnorm_state(clean)["1.running_mean"], trained["1.running_mean"])
     assert all(torch.equal(trained[k], v) for k, v in batchnorm_state(net).items())
+
+
+def test_frozen_statistics_normalise_with_the_running_ones_and_train_the_affine_weights():
+    """A frozen layer, in the net and in its deep copy (BYOL's target), stays in eval mode under ``train()``:
+    it normalises with its running statistics (the reference computed by hand), never updates them, and its
+    weight and bias still get gradients."""
+    import copy
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    net[1].running_mean.fill_(0.5)
+    net[1].running_var.fill_(4.0)
+    assert freeze_batchnorm_statistics(net) == 1
+    assert freeze_batchnorm_statistics(net) == 1 and type(net[1]).__mro__[2] is nn.BatchNorm2d  # not frozen twice
+    target = copy.deepcopy(net)
+    for model in (net, target):
+        model.train()
+        assert model.training and not model[1].training and isinstance(model[1], nn.BatchNorm2d)
+    x = torch.randn(8, 3, 8, 8)
+    conv = net[0](x).detach()
+    expected = torch.relu((conv - 0.5) / torch.sqrt(torch.tensor(4.0 + net[1].eps)))  # weight 1, bias 0
+    out = net(x)
+    torch.testing.assert_close(out, expected)
+    out.pow(2).sum().backward()
+    assert net[1].weight.grad.abs().sum() > 0 and net[1].bias.grad.abs().sum() > 0
+    assert torch.equal(net[1].running_mean, torch.full((4,), 0.5)) and int(net[1].num_batches_tracked) == 0
+    fresh = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    fresh.load_state_dict(net.state_dict())  # the same keys as a plain net: export loads it anywhere
+    torch.testing.assert_close(fresh.eval()(x), net(x))
+
+
+def test_timm_batchnorm_act_layers_freeze_and_keep_their_activation():
+    import timm
+
+    net = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=0)
+    count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = net.eval()(x)  # eval mode: the running statistics, what frozen layers use in train mode
+    assert freeze_batchnorm_statistics(net) == count > 10
+    assert all(type(m).__name__ == "FrozenStatisticsBatchNormAct2d" for m in batchnorm_layers(net))
+    with torch.no_grad():
+        torch.testing.assert_close(net.train()(x), reference)  # no dropout in mobilenetv3 with num_classes=0
+    assert batchnorm_layers(net, frozen=False) == []
+
+
+def test_recalibration_and_clean_statistics_leave_frozen_layers_alone():
+    net = _trained_net()
+    freeze_batchnorm_statistics(nn.Sequential(net[1]))  # the first layer frozen, the second not
+    before = batchnorm_state(net)
+    assert recalibrate_batchnorm(net, torch.rand(20, 3, 16, 16), batch_size=10) == 20
+    after = batchnorm_state(net)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("1."))
+    assert not torch.equal(before["4.running_mean"], after["4.running_mean"])
+    frozen = _trained_net()
+    assert freeze_batchnorm_statistics(frozen) == 2
+    assert recalibrate_batchnorm(frozen, torch.rand(20, 3, 16, 16)) == 0  # nothing to re-estimate: not run
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(_trained_net())
+    freeze_batchnorm_statistics(synced)  # frozen SyncBatchNorm: eval mode, no collective, no re-estimation
+    trained = batchnorm_state(synced)
+    with clean_statistics(synced, torch.rand(12, 3, 16, 16), batch_size=6) as clean:
+        assert all(torch.equal(trained[k], v) for k, v in batchnorm_state(clean).items())
+    assert not synced.train()[1].training

@@ -22,6 +22,7 @@ from ..augment import INTERPOLATIONS, view_settings
 from ..augment import PRESETS as PRESETS_OF_VIEWS
 from ..data.cifar import is_cifar_spec
 from ..training.distributed import DistContext
+from ..training.models import BACKBONE_BN
 from ..training.optim import OPTIMIZERS, default_lr, default_weight_decay
 from ..training.recipe import VIEW_DEFAULTS, Recipe
 from .errors import UserError
@@ -243,6 +244,19 @@ def _add_recipe_flags(a: Any) -> None:
     a("--projection-size", type=int, help="projector output (default: 256, the paper's)")
     a("--projection-hidden-size", type=int, help="hidden width of projector and predictor (default: 4096)")
     a(
+        "--accumulate",
+        type=int,
+        help="micro-batches per optimizer step (default: 1); --batch-size is split "
+        "over them (BatchNorm sees the micro-batch)",
+    )
+    a("--seed", type=int, help="seed of the model, the data order and the augmentations (default: 0)")
+    _add_batchnorm_flags(a)
+    _add_view_flags(a)
+
+
+def _add_batchnorm_flags(a: Any) -> None:
+    """What BatchNorm sees in training: both views at once, the backbone's statistics frozen."""
+    a(
         "--views-in-one-batch",
         action="store_const",
         const=True,
@@ -251,13 +265,14 @@ def _add_recipe_flags(a: Any) -> None:
         "batches), BatchNorm statistics over both views instead of the paper's per view",
     )
     a(
-        "--accumulate",
-        type=int,
-        help="micro-batches per optimizer step (default: 1); --batch-size is split "
-        "over them (BatchNorm sees the micro-batch)",
+        "--backbone-bn",
+        choices=list(BACKBONE_BN),
+        default=None,
+        help="the backbone's BatchNorm in training: batch = the paper's batch statistics (default); frozen = "
+        "eval mode throughout, normalising with the statistics the net was built with, its affine weights still "
+        "training, nothing to re-estimate after (measured in README, 'A recipe for the backbone': it gains on "
+        "MobileNetV3-small, loses on MobileNetV3-large and GhostNet)",
     )
-    a("--seed", type=int, help="seed of the model, the data order and the augmentations (default: 0)")
-    _add_view_flags(a)
 
 
 def _add_view_flags(a: Any) -> None:

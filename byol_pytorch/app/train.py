@@ -591,7 +591,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     prepared.started = started
     reference = (checkpoint or {}).get("knn_reference")
     prepared.knn_reference = float(reference) if isinstance(reference, (int, float)) else None
-    if ctx.is_main and getattr(args, "bn_stats", "trained") == "clean" and batchnorm_layers(learner.net):
+    if ctx.is_main and getattr(args, "bn_stats", "trained") == "clean" and batchnorm_layers(learner.net, frozen=False):
         index = dataset.paths if isinstance(dataset, ImageFolder) else None  # no second scan of a folder
         prepared.clean_images = _clean_images(str(data), recipe, args, index)
     _restore(checkpoint, prepared)

@@ -21,12 +21,13 @@ from .._atomic import atomic_write
 from .._discovery import infer_channels, probe_backbone
 from .._modules import PathLike
 from ..augment import BYOLAugment
-from ..batchnorm import batchnorm_layers, load_batchnorm_state
+from ..batchnorm import batchnorm_layers, freeze_batchnorm_statistics, load_batchnorm_state
 from ..byol import BYOL
 from .checkpoint import load_checkpoint
 from .recipe import Recipe
 
 __all__ = [
+    "BACKBONE_BN",
     "CIFAR_MODELS",
     "TORCHVISION_PREFIX",
     "build_backbone",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
+BACKBONE_BN = ("batch", "frozen")  # Recipe.backbone_bn: the paper's batch statistics, or frozen ones
 CIFAR_MODELS = {"cifar_resnet18": "resnet18", "cifar_resnet34": "resnet34", "cifar_resnet50": "resnet50"}
 
 
@@ -175,12 +177,20 @@ def build_learner(recipe: Recipe | Mapping[str, Any], net: nn.Module | None = No
 
     Returns:
         ``BYOL(net, image_size, hidden_layer="auto", ...)`` with ``sync_batchnorm=None``
-        (SyncBatchNorm in the heads when a multi-GPU process group exists).
+        (SyncBatchNorm in the heads when a multi-GPU process group exists); with
+        ``recipe.backbone_bn == "frozen"`` the backbone's BatchNorm statistics frozen first.
+
+    Raises:
+        ValueError: ``recipe.backbone_bn`` is neither ``batch`` nor ``frozen``.
     """
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(recipe)
+    if recipe.backbone_bn not in BACKBONE_BN:
+        raise ValueError(f"backbone_bn must be one of {', '.join(BACKBONE_BN)}, got {recipe.backbone_bn!r}")
     if net is None:
         net = build_backbone(recipe.model, recipe.in_chans, recipe.image_size)
+    if recipe.backbone_bn == "frozen":
+        freeze_batchnorm_statistics(net)  # before BYOL wraps it: the heads' BatchNorm keeps training
     view_one, view_two = _recipe_views(recipe, net)
     return BYOL(
         net,
@@ -212,11 +222,14 @@ def _recipe_views(recipe: Recipe, net: nn.Module) -> tuple[BYOLAugment, BYOLAugm
 def load_clean_statistics(net: nn.Module, checkpoint: dict[str, Any], which: str) -> str:
     """Load the checkpoint's clean BatchNorm statistics of ``which`` into ``net``; what it holds now.
 
-    Returns ``"clean"``, ``"trained"`` (no clean statistics in the checkpoint: warned) or ``"none"``
-    (a net without BatchNorm).
+    Returns ``"clean"``, ``"trained"`` (no clean statistics in the checkpoint: warned), ``"frozen"``
+    (a run with ``backbone_bn="frozen"``: its statistics never changed, nothing to re-estimate) or
+    ``"none"`` (a net without BatchNorm).
     """
     if not batchnorm_layers(net):
         return "none"
+    if (checkpoint.get("args") or {}).get("backbone_bn") == "frozen":
+        return "frozen"
     clean = (checkpoint.get("clean_bn") or {}).get(which)
     if not clean:
         warnings.warn(
@@ -245,8 +258,10 @@ def learner_from_checkpoint(
 
     Returns:
         ``(learner, checkpoint, statistics)``: statistics is ``"clean"``, ``"trained"``,
-        ``"none"`` (no BatchNorm) or ``"missing"`` (clean ones asked for but not in the checkpoint:
-        the caller may re-estimate them on its data, ``batchnorm.recalibrate_batchnorm``).
+        ``"frozen"`` (a run that froze the backbone's BatchNorm statistics: they are the ones it
+        trained with, whatever ``bn_stats`` asks), ``"none"`` (no BatchNorm) or ``"missing"`` (clean
+        ones asked for but not in the checkpoint: the caller may re-estimate them on its data,
+        ``batchnorm.recalibrate_batchnorm``).
 
     Raises:
         FileNotFoundError, ValueError, TypeError: not a checkpoint of a trained network, or a target
@@ -269,6 +284,8 @@ def learner_from_checkpoint(
     statistics = "trained"
     if not batchnorm_layers(learner.net):
         statistics = "none"
+    elif not batchnorm_layers(learner.net, frozen=False):
+        statistics = "frozen"
     elif bn_stats == "clean":
         clean = (checkpoint.get("clean_bn") or {}).get(which)
         if clean:

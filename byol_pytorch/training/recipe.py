@@ -53,6 +53,9 @@ class Recipe:
         projection_size, projection_hidden_size: the heads.
         views_in_one_batch: both views as one batch of 2B.
         use_batchnorm: BatchNorm in the heads (the paper's); False: LayerNorm.
+        backbone_bn: the backbone's BatchNorm layers in training: ``batch`` (the paper's: batch
+            statistics, running statistics of the views) or ``frozen`` (eval mode throughout,
+            the statistics the net was built with; ``batchnorm.freeze_batchnorm_statistics``).
         recipe: the preset the defaults came from (``paper``, ``cifar``).
         views: the views' preset the run resolved them from (``augment.view_settings``: ``auto``
             fits them to the size, ``paper`` is Table 6); informational, the fields below decide.
@@ -76,6 +79,7 @@ class Recipe:
     projection_hidden_size: int = 4096
     views_in_one_batch: bool = False
     use_batchnorm: bool = True
+    backbone_bn: str = "batch"
     recipe: str = "paper"
     views: str = "paper"
     crop_scale_min: float = 0.08

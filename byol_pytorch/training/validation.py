@@ -85,7 +85,7 @@ class KnnMonitor:
     def _statistics(self, learner: nn.Module) -> contextlib.AbstractContextManager:
         """The clean BatchNorm statistics for the evaluation, when clean images were given."""
         net = getattr(learner, "net", None)
-        if self.clean_images is None or net is None or not batchnorm_layers(net):
+        if self.clean_images is None or net is None or not batchnorm_layers(net, frozen=False):
             return contextlib.nullcontext()
         augment = getattr(learner, "augment1", None)
         normalize = augment.normalize if isinstance(augment, BYOLAugment) else (lambda x: x.float() / 255)

@@ -234,3 +234,13 @@ def test_the_readme_family_table_is_what_train_picks_and_quotes_its_evidence():
         # every figure the start line prints as evidence is one the README's row shows
         missing = set(re.findall(r"\d+\.\d", quoted)) - set(re.findall(r"\d+\.\d", evidence))
         assert not missing, f"{family}: FAMILY_OPTIMIZERS quotes {sorted(missing)}, the README's table does not"
+
+
+def test_backbone_batchnorm_is_the_papers_unless_frozen_is_asked_for():
+    """``--backbone-bn``: batch statistics by default for every family and preset; ``frozen`` reaches the recipe."""
+    for model in ("mobilenetv3_small_100", "resnet50", "convnext_atto", "vit_small_patch16_224"):
+        assert resolve(parse("--model", model), None).backbone_bn == "batch"
+        assert resolve(parse("--model", model, "--backbone-bn", "frozen"), None).backbone_bn == "frozen"
+    assert resolve(parse("--data", "cifar10:/d", "--backbone-bn", "frozen"), None).backbone_bn == "frozen"
+    with pytest.raises(SystemExit):
+        parse("--backbone-bn", "clean")  # argparse's choices: batch, frozen

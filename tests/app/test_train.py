@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -285,3 +286,42 @@ def test_checkpoints_carry_clean_batchnorm_statistics_without_changing_training(
     assert not torch.equal(clean["learner"][f"online_encoder.net.{key}"], net_stats[key])  # not the views' ones
     _, _, old = learner_from_checkpoint(tmp_path / "trained" / "last.pt")
     assert old == "missing"
+
+
+def test_frozen_backbone_batchnorm_trains_with_the_statistics_it_was_built_with(
+    tmp_path, make_messy_folder, tiny_flags, capsys
+):
+    """``--backbone-bn frozen``: the backbone's running statistics leave training as the net was built (the
+    heads' still move), no clean ones are estimated, eval / export say "frozen", a resume keeps it."""
+    from byol_pytorch.app import cli
+    from byol_pytorch.batchnorm import batchnorm_layers, batchnorm_state
+    from byol_pytorch.training.checkpoint import load_checkpoint
+    from byol_pytorch.training.models import build_backbone, export_backbone, learner_from_checkpoint
+
+    data = make_messy_folder(tmp_path / "images")
+    out = tmp_path / "frozen"
+    argv = ["train", "--data", str(data), "--out", str(out), *tiny_flags, "--max-steps", "2"]
+    assert cli.main([*argv, "--backbone-bn", "frozen"]) == 0
+    saved = load_checkpoint(out / "last.pt")
+    assert saved["args"]["backbone_bn"] == "frozen" and saved["clean_bn"] == {}
+    built = batchnorm_state(build_backbone(saved["args"]["model"]))  # a fresh net's: mean 0, variance 1
+    for net in ("online", "target"):
+        assert built and all(torch.equal(saved["learner"][f"{net}_encoder.net.{k}"], v) for k, v in built.items())
+    heads = [k for k in saved["learner"] if k.startswith("online_encoder.projector") and k.endswith("running_mean")]
+    assert heads and any(saved["learner"][k].abs().sum() > 0 for k in heads)  # the heads' BatchNorm trained
+    learner, _, statistics = learner_from_checkpoint(out / "last.pt")
+    assert statistics == "frozen" and batchnorm_layers(learner.net, frozen=False) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no clean statistics" warning: there are none to have
+        export_backbone(out / "last.pt", tmp_path / "net.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "net.safetensors"), "pt") as f:
+        assert f.metadata()["bn_stats"] == "frozen"
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "3", "--backbone-bn", "batch"]) == 1
+    assert "--backbone-bn batch differs from the checkpoint's frozen" in capsys.readouterr().err
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "3", "--workers", "0"]) == 0
+    resumed = load_checkpoint(out / "last.pt")
+    assert resumed["step"] == 3 and resumed["args"]["backbone_bn"] == "frozen"
+    assert all(torch.equal(resumed["learner"][f"online_encoder.net.{k}"], v) for k, v in built.items())
