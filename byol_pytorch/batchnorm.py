@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any, SupportsIndex
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,7 @@ __all__ = [
     "batchnorm_layers",
     "batchnorm_state",
     "clean_statistics",
+    "convert_sync_batchnorm",
     "freeze_batchnorm_statistics",
     "load_batchnorm_state",
     "recalibrate_batchnorm",
@@ -46,8 +48,21 @@ class FrozenStatistics(nn.Module):
     def train(self, mode: bool = True) -> FrozenStatistics:
         return super().train(False)
 
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        """Pickled as its own class rebuilt from the layer's class (``torch.save(model)``, spawned processes)."""
+        reduced = super().__reduce_ex__(protocol)
+        assert isinstance(reduced, tuple)  # object's reduction of an instance: (constructor, args, state, ...)
+        rest = reduced[2:]
+        own = next(c for c in type(self).__mro__[1:] if not issubclass(c, FrozenStatistics))
+        return (_new_frozen, (own,), *rest)
+
 
 _FROZEN_CLASSES: dict[type, type] = {}
+
+
+def _new_frozen(cls: type) -> nn.Module:
+    """An empty frozen layer of class ``cls`` for unpickling (its state is set after)."""
+    return object.__new__(_frozen_class(cls))
 
 
 def _frozen_class(cls: type) -> type:
@@ -79,7 +94,9 @@ def freeze_batchnorm_statistics(net: nn.Module) -> int:
     and bias still train. The layer's class becomes a subclass of its own (``FrozenStatistics``
     first), so a learner's ``train()``, ``copy.deepcopy`` (BYOL's target network) and a state dict
     round trip keep it, and ``recalibrate_batchnorm`` leaves it alone. Call it on the backbone
-    before BYOL wraps it: the heads' BatchNorm is not the backbone's and keeps training.
+    before BYOL wraps it: the heads' BatchNorm is not the backbone's and keeps training. PyTorch's
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` rebuilds the layers without it: convert first, or
+    with ``convert_sync_batchnorm`` here (``BYOLTrainer`` and ``byol-pytorch train`` do).
 
     Args:
         net: the backbone (any module).
@@ -87,6 +104,9 @@ def freeze_batchnorm_statistics(net: nn.Module) -> int:
     Returns:
         The number of BatchNorm layers frozen (0 for a net without BatchNorm; a second call
         freezes nothing new and returns the same count).
+
+    Raises:
+        ValueError: a lazy BatchNorm layer not initialised yet (run one forward pass first).
 
     Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
@@ -96,11 +116,33 @@ def freeze_batchnorm_statistics(net: nn.Module) -> int:
         (True, ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight'])
     """
     layers = batchnorm_layers(net)
+    lazy = [m for m in layers if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(
+            f"{len(lazy)} lazy BatchNorm layer(s) are not initialised yet (their first forward would replace the "
+            "frozen class): run one forward pass through the net before freeze_batchnorm_statistics"
+        )
     for m in layers:
         if not isinstance(m, FrozenStatistics):
             m.__class__ = _frozen_class(type(m))
         m.eval()
     return len(layers)
+
+
+def convert_sync_batchnorm(net: nn.Module) -> nn.Module:
+    """``nn.SyncBatchNorm.convert_sync_batchnorm(net)`` that keeps frozen layers frozen (it rebuilds every layer).
+
+    A frozen layer never uses batch statistics, so it has nothing to synchronise; it comes back a
+    frozen ``SyncBatchNorm`` (eval mode, its running statistics) where PyTorch's conversion alone
+    would give a training one.
+    """
+    frozen = {name for name, m in net.named_modules() if isinstance(m, FrozenStatistics)}
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    for name, m in converted.named_modules():
+        if name in frozen and not isinstance(m, FrozenStatistics):
+            m.__class__ = _frozen_class(type(m))
+            m.eval()
+    return converted
 
 
 def _stats(m: nn.modules.batchnorm._BatchNorm) -> Tensor:

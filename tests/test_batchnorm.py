@@ -9,6 +9,9 @@ hand, survive ``train()``, a deep copy and SyncBatchNorm, and are left alone by 
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn as nn
@@ -19,6 +22,7 @@ from byol_pytorch.batchnorm import (
     batchnorm_layers,
     batchnorm_state,
     clean_statistics,
+    convert_sync_batchnorm,
     freeze_batchnorm_statistics,
     load_batchnorm_state,
 )
@@ -150,6 +154,11 @@ def test_frozen_statistics_normalise_with_the_running_ones_and_train_the_affine_
     out.pow(2).sum().backward()
     assert net[1].weight.grad.abs().sum() > 0 and net[1].bias.grad.abs().sum() > 0
     assert torch.equal(net[1].running_mean, torch.full((4,), 0.5)) and int(net[1].num_batches_tracked) == 0
+    buffer = io.BytesIO()
+    torch.save(net, buffer)  # a whole-module pickle (spawned processes do the same): the class is rebuilt
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert type(loaded[1]) is type(net[1]) and not loaded.train()[1].training
+    torch.testing.assert_close(loaded(x), net(x))
     fresh = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     fresh.load_state_dict(net.state_dict())  # the same keys as a plain net: export loads it anywhere
     torch.testing.assert_close(fresh.eval()(x), net(x))
@@ -187,3 +196,35 @@ def test_recalibration_and_clean_statistics_leave_frozen_layers_alone():
     with clean_statistics(synced, torch.rand(12, 3, 16, 16), batch_size=6) as clean:
         assert all(torch.equal(trained[k], v) for k, v in batchnorm_state(clean).items())
     assert not synced.train()[1].training
+
+
+def test_sync_conversion_keeps_frozen_layers_and_lazy_layers_are_refused():
+    """PyTorch's SyncBatchNorm conversion rebuilds every layer; ours gives frozen ones back frozen, others as PyTorch
+    does. A lazy layer not yet initialised would drop the frozen class at its first forward: refused, with the fix."""
+    net = _trained_net()
+    freeze_batchnorm_statistics(nn.Sequential(net[1]))  # layer 1 frozen, layer 4 not
+    plain = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net))
+    assert plain.train()[1].training  # what the conversion alone does: the freezing is lost
+    synced = convert_sync_batchnorm(net).train()
+    assert isinstance(synced[1], nn.SyncBatchNorm) and not synced[1].training
+    assert isinstance(synced[4], nn.SyncBatchNorm) and synced[4].training
+    assert batchnorm_layers(synced, frozen=False) == [synced[4]]
+    x = torch.randn(4, 3, 16, 16)
+    expected = torch.relu(
+        nn.functional.batch_norm(
+            synced[0](x),
+            synced[1].running_mean,
+            synced[1].running_var,
+            synced[1].weight,
+            synced[1].bias,
+            False,
+            0.0,
+            synced[1].eps,
+        )
+    )
+    torch.testing.assert_close(synced[2](synced[1](synced[0](x))), expected)  # eval-mode SyncBatchNorm: no peers
+    lazy = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match="run one forward pass through the net before freeze_batchnorm_statistics"):
+        freeze_batchnorm_statistics(lazy)
+    lazy(torch.randn(2, 3, 8, 8))
+    assert freeze_batchnorm_statistics(lazy) == 1 and not lazy.train()[1].training

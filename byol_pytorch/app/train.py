@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from .._discovery import infer_channels
 from ..augment import BYOLAugment
-from ..batchnorm import batchnorm_layers, batchnorm_state, clean_statistics
+from ..batchnorm import batchnorm_layers, batchnorm_state, clean_statistics, convert_sync_batchnorm
 from ..byol import BYOL
 from ..data import (
     DATA_FORMS,
@@ -350,7 +350,7 @@ def _build_net(recipe: Recipe, args: argparse.Namespace, ctx: DistContext) -> tu
     recipe = recipe.replace(in_chans=infer_channels(net))
     if args.sync_bn_backbone:
         if ctx.distributed and ctx.device.type == "cuda":
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            net = convert_sync_batchnorm(net)
         elif ctx.is_main:
             warn("--sync-bn-backbone needs several CUDA processes; ignored")
     return net, recipe

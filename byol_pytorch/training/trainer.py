@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .._atomic import atomic_write
+from ..batchnorm import convert_sync_batchnorm
 from ..byol import BYOL
 from ..data import ShardReading, load_size_for, make_loader, open_unlabelled
 from ..data.sampling import DataOrder, EpochSampler, step_batches
@@ -143,7 +144,7 @@ class BYOLTrainer(nn.Module):
             )
         self.ctx = setup_distributed(device)
         if self.ctx.distributed and self.ctx.device.type == "cuda":
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            net = convert_sync_batchnorm(net)  # a frozen BatchNorm stays frozen
         self.net = net
         self.byol = BYOL(net, image_size=image_size, hidden_layer=hidden_layer, **(byol_kwargs or {}))
         self.byol.to(self.ctx.device)

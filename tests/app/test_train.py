@@ -316,8 +316,10 @@ def test_frozen_backbone_batchnorm_trains_with_the_statistics_it_was_built_with(
         export_backbone(out / "last.pt", tmp_path / "net.safetensors")
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "net.safetensors"), "pt") as f:
-        assert f.metadata()["bn_stats"] == "frozen"
+    export_backbone(out / "last.pt", tmp_path / "trained.safetensors", bn_stats="trained")
+    for name in ("net", "trained"):  # the statistics it trained with, whichever were asked for
+        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
+            assert f.metadata()["bn_stats"] == "frozen"
     capsys.readouterr()
     assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "3", "--backbone-bn", "batch"]) == 1
     assert "--backbone-bn batch differs from the checkpoint's frozen" in capsys.readouterr().err
