@@ -344,9 +344,8 @@ def export_backbone(
             f"{str(checkpoint_path)!r}: its {which} network does not fit the {args['model']!r} its recipe builds "
             f"({' '.join(str(error).split())[:300]}); the file was edited or written by another version"
         ) from None
-    used = load_clean_statistics(net, checkpoint, which) if bn_stats == "clean" else "trained"
-    if args.get("backbone_bn") == "frozen" and used != "none":
-        used = "frozen"  # the statistics it trained with, whichever bn_stats asked for
+    frozen = args.get("backbone_bn") == "frozen"  # the statistics it trained with, whichever bn_stats asked for
+    used = load_clean_statistics(net, checkpoint, which) if bn_stats == "clean" or frozen else "trained"
     net.eval()
     strip_classifier(net, args["model"], int(args["image_size"]))
     tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
