@@ -71,6 +71,13 @@ def _frozen_class(cls: type) -> type:
     return _FROZEN_CLASSES[cls]
 
 
+def _freeze(m: nn.Module) -> None:
+    """Make one BatchNorm layer frozen (its class swapped once) and put it in eval mode."""
+    if not isinstance(m, FrozenStatistics):
+        m.__class__ = _frozen_class(type(m))
+    m.eval()
+
+
 def batchnorm_layers(net: nn.Module, frozen: bool = True) -> list[nn.modules.batchnorm._BatchNorm]:
     """The BatchNorm layers of `net` (1d, 2d, 3d, SyncBatchNorm, lazy ones) that keep running statistics.
 
@@ -123,9 +130,7 @@ def freeze_batchnorm_statistics(net: nn.Module) -> int:
             "frozen class): run one forward pass through the net before freeze_batchnorm_statistics"
         )
     for m in layers:
-        if not isinstance(m, FrozenStatistics):
-            m.__class__ = _frozen_class(type(m))
-        m.eval()
+        _freeze(m)
     return len(layers)
 
 
@@ -139,9 +144,8 @@ def convert_sync_batchnorm(net: nn.Module) -> nn.Module:
     frozen = {name for name, m in net.named_modules() if isinstance(m, FrozenStatistics)}
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     for name, m in converted.named_modules():
-        if name in frozen and not isinstance(m, FrozenStatistics):
-            m.__class__ = _frozen_class(type(m))
-            m.eval()
+        if name in frozen:
+            _freeze(m)
     return converted
 
 
