@@ -40,7 +40,15 @@ can be filled across sessions and machines. On a 2-core CPU run two 1-thread cel
     python -m benchmarks.robustness --plan                 # the missing cells' commands
     python -m benchmarks.robustness --run --jobs 2         # run the missing cells
     python -m benchmarks.robustness --cell resnet10t adam ours --seed 0   # one cell
-    python -m benchmarks.robustness --table --out benchmarks/results/robustness.md
+    python -m benchmarks.robustness --table                # the main table, printed
+    python -m benchmarks.robustness --document             # rewrite benchmarks/results/robustness.md
+    python -m benchmarks.robustness --document --check     # exit 1 if it is out of date
+
+``--document`` rebuilds the whole results file from the cells: the main table (with the cells of
+ours before issue 21's views and EMA beside it), then each of ``SECTIONS`` (the 64 px column and
+the held-out nets, each from its own folder and backbones), keeping what is written by hand: the
+file's head (everything before its first heading) and every section whose heading says
+"(written by hand", each in its place after the generated section it follows.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +119,65 @@ PLAN_CONTENDERS = {
 }
 BASELINES = ("random", "random-bn")  # untrained: one cell per backbone and seed, no loop
 CPU = torch.device("cpu")
+DOCUMENT = RESULTS.parent / "robustness.md"
+HELD_OUT = RESULTS / "held_out"  # nets a family's recipe was checked on, not chosen on
+BEFORE = (RESULTS / "before_views", RESULTS / "before_ema")  # ours before issue 21's views, then its EMA
+HAND = "(written by hand"  # in a heading: a section --document keeps as it is
+
+
+@dataclass(frozen=True)
+class Section:
+    """A table of the document after the main one, from its own cells.
+
+    Its first heading is led by ``title``, the later ones (probes, longer runs) by ``short``; the
+    collapse alarm's and the clean-statistics tables are the main table's alone.
+    """
+
+    title: str
+    short: str
+    backbones: tuple[str, ...]
+    results: Path = RESULTS
+    image_size: int = 32
+
+
+SECTIONS = (
+    Section(
+        "The 64 px column", "The 64 px column", ("resnet10t", "mobilenetv3_small_100", "convnext_atto"), image_size=64
+    ),
+    Section(
+        "A held-out RegNet (RegNetY-200MF, the family's recipe checked on a net it was not chosen on)",
+        "RegNetY-200MF",
+        ("regnety_002",),
+        HELD_OUT,
+    ),
+    Section(
+        "A held-out mobile net (MnasNet-100, the mobile family's lr in the CLI checked on a net it was not chosen on)",
+        "MnasNet-100",
+        ("mnasnet_100",),
+        HELD_OUT,
+    ),
+    Section(
+        "A held-out ConvNeXt (ConvNeXt-femto, the ConvNeXt family's AdamW in the CLI checked on a net it was not "
+        "chosen on)",
+        "ConvNeXt-femto",
+        ("convnext_femto",),
+        HELD_OUT,
+    ),
+    Section(
+        "A held-out MobileNetV3 (MobileNetV3-large-100, frozen BatchNorm statistics at SGD 0.1 and 0.05, found on "
+        "MobileNetV3-small, checked on a net they were not found on; 200 and 1,000 steps)",
+        "MobileNetV3-large-100",
+        ("mobilenetv3_large_100",),
+        HELD_OUT,
+    ),
+    Section(
+        "A held-out MobileNetV2 (MobileNetV2-1.0, rule (j1)'s SGD 0.5 for the MobileNetV2s checked on a net it was "
+        "not chosen on)",
+        "MobileNetV2-1.0",
+        ("mobilenetv2_100",),
+        HELD_OUT,
+    ),
+)
 
 
 def load_data(args: argparse.Namespace) -> Data:
@@ -559,8 +626,12 @@ def paired_gain(got: list[dict[str, Any]], baseline: dict[int, float]) -> float:
     return statistics.mean(c["knn"] - baseline.get(c["seed"], fallback) for c in got)
 
 
-def table(args: argparse.Namespace) -> str:
-    """One row per backbone x loop: both baselines, each contender's kNN, its gains, images/s; collapses named."""
+def table(args: argparse.Namespace, section: bool = False) -> str:
+    """One row per backbone x loop: both baselines, each contender's kNN, its gains, images/s; collapses named.
+
+    ``section``: a table of the document after the main one (a held-out net's): no row for a loop
+    no contender ran in, and no collapse alarm's or clean-statistics tables.
+    """
     every = [
         c
         for c in load_cells(args.results)
@@ -599,7 +670,8 @@ def table(args: argparse.Namespace) -> str:
                     f"{_fmt([c['knn'] for c in got])} ({gain:+.1f}; {gain_bn:+.1f} vs BN-calibrated){mark}; "
                     f"{speed:.0f} img/s"
                 )
-            rows.append(row)
+            if not section or any(value != "-" for value in row[4:]):
+                rows.append(row)
     machines = sorted({c["machine"] for c in cells})
     lines = [
         f"### kNN top-1 % after {args.steps} steps (batch 256; adam, sgd: constant lr; cli: the CLI's recipe); "
@@ -614,12 +686,12 @@ def table(args: argparse.Namespace) -> str:
         "Below the BN-calibrated random net: " + ("; ".join(below_bn) if below_bn else "none"),
         "",
         "Machines: " + "; ".join(machines),
-        "",
-        alarm_table(cells),
     ]
-    clean = clean_bn_table(cells)
-    if clean:
-        lines += ["", clean]
+    if not section:
+        lines += ["", alarm_table(cells)]
+        clean = clean_bn_table(cells)
+        if clean:
+            lines += ["", clean]
     befores = getattr(args, "before", None) or []
     if befores:
         stages = [
@@ -631,6 +703,85 @@ def table(args: argparse.Namespace) -> str:
         lines += ["", variants_table(variants, cells)]
     longer = longer_runs_table(every, args.steps)
     return "\n".join(lines + (["", longer] if longer else []))
+
+
+def section_table(section: Section, args: argparse.Namespace) -> str:
+    """``section``'s tables: the cells of its folder, backbones and size, its headings led by its names."""
+    args = argparse.Namespace(
+        **{
+            **vars(args),
+            "results": section.results,
+            "backbones": list(section.backbones),
+            "image_size": section.image_size,
+            "before": None,
+        }
+    )
+    lines, first = [], True
+    for line in table(args, section=True).splitlines():
+        if line.startswith("### "):
+            heading = line[len("### ") :]
+            lead = section.title if first else section.short
+            line = f"### {lead}: {heading if first else heading[:1].lower() + heading[1:]}"
+            first = False
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _blocks(text: str) -> tuple[str, list[str]]:
+    """``text`` split into its head (before the first ``###`` heading) and its sections, each from its heading."""
+    parts = re.split(r"^(?=### )", text, flags=re.M)
+    head, blocks = (parts[0], parts[1:]) if not parts[0].startswith("### ") else ("", parts)
+    return head, [b.rstrip("\n") + "\n" for b in blocks]
+
+
+def _heading(block: str) -> str:
+    return block.split("\n", 1)[0]
+
+
+def document(args: argparse.Namespace, current: str) -> str:
+    """The text the results file should have: ``current``'s hand-written parts around tables made from the cells."""
+    main_args = argparse.Namespace(**{**vars(args), "results": RESULTS, "backbones": list(BACKBONES)})
+    main_args.before, main_args.image_size = list(BEFORE), 32
+    generated = "\n\n".join([table(main_args), *(section_table(s, args) for s in SECTIONS)])
+    head, old = _blocks(current)
+    if not head.strip():
+        raise ValueError(f"{DOCUMENT.name} has no head before its first '###' heading; write one (what the matrix is)")
+    # each hand-written section goes back after the generated section it followed
+    hand: dict[str, list[str]] = {}
+    after = ""
+    for block in old:
+        if HAND in _heading(block):
+            hand.setdefault(after, []).append(block)
+        else:
+            after = _heading(block)
+    _, new = _blocks(generated)
+    known = {_heading(b) for b in new}
+    lost = [block for key, blocks in hand.items() if key and key not in known for block in blocks]
+    if lost:
+        raise ValueError(
+            f"the hand-written section {_heading(lost[0])!r} followed a section the cells no longer make; "
+            "move it after another heading in the file and run --document again"
+        )
+    out = [head.rstrip("\n") + "\n", *hand.get("", [])]
+    for block in new:
+        out.append(block)
+        out.extend(hand.get(_heading(block), []))
+    return "\n".join(out)
+
+
+def write_document(args: argparse.Namespace) -> int:
+    """``--document``: rewrite the results file from the cells (``--check``: only say whether it differs)."""
+    current = DOCUMENT.read_text()
+    text = document(args, current)
+    if args.check:
+        if text != current:
+            print(f"{DOCUMENT.relative_to(REPO)} differs from its cells; run python -m {MODULE} --document")
+            return 1
+        print(f"{DOCUMENT.relative_to(REPO)} is up to date")
+        return 0
+    DOCUMENT.write_text(text)
+    print(f"wrote {DOCUMENT.relative_to(REPO)}")
+    return 0
 
 
 def cli_defaults(variants: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -849,6 +1000,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", action="store_true", help="run the missing cells")
     parser.add_argument("--table", action="store_true", help="print the table of the cells found")
     parser.add_argument(
+        "--document",
+        action="store_true",
+        help=f"rewrite {DOCUMENT.relative_to(REPO)} from the cells, keeping its hand-written head and sections",
+    )
+    parser.add_argument("--check", action="store_true", help="with --document: exit 1 if it is out of date")
+    parser.add_argument(
         "--before",
         type=Path,
         action="append",
@@ -868,7 +1025,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--curve-every", type=int, default=100, help="also kNN every N steps (0: only at the end)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--results", type=Path, default=RESULTS, help="the folder of cell JSON files")
     parser.add_argument(
         "--smoke", action="store_true", help="quality.py's smoke data (128 images), batch 32: seconds, for the tests"
@@ -877,6 +1033,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> str | None:
+    if args.check and not args.document:
+        get_args_parser().error("--check goes with --document (python -m benchmarks.robustness --document --check)")
     if args.smoke:
         args.batch_size = bench_data.SMOKE_BATCH
     if args.cell:
@@ -894,11 +1052,11 @@ def main(args: argparse.Namespace) -> str | None:
             print(shlex.join(["python", *module_command(MODULE, *_cell_args(cell, args))[1:]]))
     elif args.run:
         run_missing(args)
+    elif args.document:
+        raise SystemExit(write_document(args))
     elif args.table:
         text = table(args)
         print(text)
-        if args.out:
-            args.out.write_text("# Robustness matrix (issue 12)\n\n" + text + "\n")
         return text
     return None
 

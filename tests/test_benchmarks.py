@@ -359,6 +359,67 @@ def test_robustness_table_adds_clean_batchnorm_and_before_after(tmp_path):
     assert change[2:] == ["67.0", "68.5", "70.0", "+3.0", "66.0", "-"]  # the change since the first
 
 
+def test_robustness_document_is_made_from_the_cells_and_keeps_what_is_written_by_hand(tmp_path, monkeypatch):
+    import json
+
+    script = _load("robustness")
+    check = script.get_args_parser().parse_args(["--document", "--check"])
+    assert script.write_document(check) == 0, "run python -m benchmarks.robustness --document"
+    # On cells of its own: a main folder, an empty "before" one and a held-out net's folder.
+    main, held, before = tmp_path / "main", tmp_path / "held", tmp_path / "before"
+    for folder in (main, held, before):
+        folder.mkdir()
+
+    def cell(folder, backbone, contender, knn, loop="sgd"):
+        steps = 0 if contender.startswith("random") else 200
+        row = dict(backbone=backbone, loop="-" if steps == 0 else loop, contender=contender, seed=0, steps=steps)
+        row.update(batch_size=256, image_size=32, machine="m", threads=1, knn=knn, images_per_s=10.0)
+        if steps:  # the collapse alarm's figures, as a cell of ours records them
+            row.update(monitor=[[steps, 0.5, 12.0]], representation_rank=20.0)
+        (folder / f"{backbone}_{loop}_{contender}.json").write_text(json.dumps(row))
+
+    cell(main, "resnet10t", "random", 60.0)
+    cell(main, "resnet10t", "ours", 70.0)
+    cell(held, "regnety_002", "random", 10.0)
+    cell(held, "regnety_002", "ours", 59.0, loop="cli")
+    cell(held, "regnety_002", "ours:optimizer=sgd", 50.0, loop="cli")  # not the RegNets' LARS: a probe
+    monkeypatch.setattr(script, "RESULTS", main)
+    monkeypatch.setattr(script, "BACKBONES", ("resnet10t",))
+    monkeypatch.setattr(script, "BEFORE", (before,))
+    monkeypatch.setattr(
+        script, "SECTIONS", (script.Section("A held-out net (RegNetY)", "RegNetY", ("regnety_002",), held),)
+    )
+    args = script.get_args_parser().parse_args(["--document"])
+    first = script.document(args, "# Matrix\n\nwhat it is\n")
+    assert first.startswith("# Matrix\n\nwhat it is\n\n### kNN top-1 % after 200 steps")
+    main_heading = re.search(r"^### kNN top-1.*$", first, flags=re.M).group(0)
+    assert "| resnet10t | sgd | 60.0 |" in first and "| resnet10t | adam | 60.0 | - | - |" in first
+    assert "### A held-out net (RegNetY): kNN top-1 % after 200 steps" in first
+    assert "### RegNetY: defaults probed" in first  # the section's later headings carry its short name
+    assert "| regnety_002 | cli | 10.0 |" in first
+    assert "| regnety_002 | sgd |" not in first  # in a section, a loop with no cell has no row
+    assert first.count("### The collapse alarm") == 1  # the main table's alone
+    # A section written by hand stays after the generated one it followed, when a cell changes.
+    hand = "### Where the bar stands (written by hand)\n\nours leads by 10.0\n"
+    current = first.replace(main_heading, hand + "\n" + main_heading, 1)  # before the main table: after the head
+    current = current.replace("\n### The collapse alarm", "\n" + hand + "\n### The collapse alarm", 1)
+    cell(main, "resnet10t", "ours", 72.0)
+    again = script.document(args, current)
+    assert "| resnet10t | sgd | 60.0 | - | 72.0 (+12.0;" in again
+    assert again.startswith("# Matrix\n\nwhat it is\n\n" + hand + "\n" + main_heading)
+    assert again.count(hand) == 2
+    assert again.index(hand, 50) + len(hand) + 1 == again.index("### The collapse alarm")  # the second, in its place
+    assert script.document(args, again) == again  # made from the same cells, the same text
+    # A hand-written section after a heading the cells no longer make has no place to go: it is named.
+    orphan = again.replace(main_heading, "### A table the cells no longer make", 1)
+    with pytest.raises(
+        ValueError, match="'### Where the bar stands .written by hand.' followed a section the cells no"
+    ):
+        script.document(args, orphan.replace("what it is\n\n" + hand, "what it is\n", 1))
+    with pytest.raises(ValueError, match="no head before its first"):
+        script.document(args, "### Where the bar stands (written by hand)\n\ntext\n")
+
+
 def test_robustness_cli_row_takes_the_probe_that_is_the_family_default(tmp_path):
     import json
 
