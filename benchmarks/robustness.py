@@ -171,8 +171,8 @@ SECTIONS = (
         HELD_OUT,
     ),
     Section(
-        "A held-out MobileNetV2 (MobileNetV2-1.0, rule (j1)'s SGD 0.5 for the MobileNetV2s checked on a net it was "
-        "not chosen on)",
+        "A held-out MobileNetV2 (MobileNetV2-1.0, the MobileNetV2s' SGD 0.5 of rule (j1) and 0.4 of rule (k) checked "
+        "on a net they were not chosen on)",
         "MobileNetV2-1.0",
         ("mobilenetv2_100",),
         HELD_OUT,
