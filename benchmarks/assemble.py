@@ -3,8 +3,9 @@
 BENCHMARKS.md is its head (everything before the first ``---`` line: the machine and
 where every goal stands, written by hand) followed by each results file, headings moved
 one level down, in the order of ``SECTIONS``. Edit a results file (or re-run its script
-with ``--out``), then run this so that the two never disagree; ``--check`` only reports
-whether they do (the test suite runs it).
+with ``--out``; robustness.md: ``python -m benchmarks.robustness --document``), then run
+this so that the two never disagree; ``--check`` only reports whether they do (the test
+suite runs it).
 
     python -m benchmarks.assemble           # rewrite BENCHMARKS.md
     python -m benchmarks.assemble --check   # exit 1 if BENCHMARKS.md is out of date

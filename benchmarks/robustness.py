@@ -61,6 +61,7 @@ import re
 import shlex
 import statistics
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterable
@@ -729,8 +730,7 @@ def section_table(section: Section, args: argparse.Namespace) -> str:
 
 def _blocks(text: str) -> tuple[str, list[str]]:
     """``text`` split into its head (before the first ``###`` heading) and its sections, each from its heading."""
-    parts = re.split(r"^(?=### )", text, flags=re.M)
-    head, blocks = (parts[0], parts[1:]) if not parts[0].startswith("### ") else ("", parts)
+    head, *blocks = re.split(r"^(?=### )", text, flags=re.M)
     return head, [b.rstrip("\n") + "\n" for b in blocks]
 
 
@@ -738,14 +738,24 @@ def _heading(block: str) -> str:
     return block.split("\n", 1)[0]
 
 
-def document(args: argparse.Namespace, current: str) -> str:
-    """The text the results file should have: ``current``'s hand-written parts around tables made from the cells."""
+def document(current: str) -> str:
+    """The text the results file should have: ``current``'s hand-written parts around tables made from the cells.
+
+    The tables are the matrix's own settings (the parser's defaults: 200 steps, batch 256), the main one
+    from ``RESULTS`` with ``BEFORE`` beside it, then each of ``SECTIONS``.
+    """
+    args = get_args_parser().parse_args([])
     main_args = argparse.Namespace(**{**vars(args), "results": RESULTS, "backbones": list(BACKBONES)})
-    main_args.before, main_args.image_size = list(BEFORE), 32
+    main_args.before = list(BEFORE)
     generated = "\n\n".join([table(main_args), *(section_table(s, args) for s in SECTIONS)])
     head, old = _blocks(current)
     if not head.strip():
         raise ValueError(f"{DOCUMENT.name} has no head before its first '###' heading; write one (what the matrix is)")
+    _, new = _blocks(generated)
+    headings = [_heading(b) for b in new]
+    twice = sorted({h for h in headings if headings.count(h) > 1})
+    if twice:
+        raise ValueError(f"two generated sections share the heading {twice[0]!r}; give each of SECTIONS its own names")
     # each hand-written section goes back after the generated section it followed
     hand: dict[str, list[str]] = {}
     after = ""
@@ -754,9 +764,7 @@ def document(args: argparse.Namespace, current: str) -> str:
             hand.setdefault(after, []).append(block)
         else:
             after = _heading(block)
-    _, new = _blocks(generated)
-    known = {_heading(b) for b in new}
-    lost = [block for key, blocks in hand.items() if key and key not in known for block in blocks]
+    lost = [block for key, blocks in hand.items() if key and key not in headings for block in blocks]
     if lost:
         raise ValueError(
             f"the hand-written section {_heading(lost[0])!r} followed a section the cells no longer make; "
@@ -769,18 +777,19 @@ def document(args: argparse.Namespace, current: str) -> str:
     return "\n".join(out)
 
 
-def write_document(args: argparse.Namespace) -> int:
-    """``--document``: rewrite the results file from the cells (``--check``: only say whether it differs)."""
-    current = DOCUMENT.read_text()
-    text = document(args, current)
-    if args.check:
+def write_document(check: bool = False) -> int:
+    """``--document``: rewrite the results file from the cells; ``check``: only say whether it differs (exit 1)."""
+    current = DOCUMENT.read_text(encoding="utf-8")
+    text = document(current)
+    name = DOCUMENT.relative_to(REPO)
+    if check:
         if text != current:
-            print(f"{DOCUMENT.relative_to(REPO)} differs from its cells; run python -m {MODULE} --document")
+            print(f"{name} differs from its cells; run python -m {MODULE} --document", file=sys.stderr)
             return 1
-        print(f"{DOCUMENT.relative_to(REPO)} is up to date")
+        print(f"{name} is up to date")
         return 0
-    DOCUMENT.write_text(text)
-    print(f"wrote {DOCUMENT.relative_to(REPO)}")
+    DOCUMENT.write_text(text, encoding="utf-8", newline="\n")
+    print(f"wrote {name}")
     return 0
 
 
@@ -1033,8 +1042,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> str | None:
+    parser = get_args_parser()
     if args.check and not args.document:
-        get_args_parser().error("--check goes with --document (python -m benchmarks.robustness --document --check)")
+        parser.error("--check goes with --document (python -m benchmarks.robustness --document --check)")
+    if args.document:
+        defaults = vars(parser.parse_args([]))
+        given = [
+            k for k, v in vars(args).items() if k not in ("document", "check", "jobs", "threads") and v != defaults[k]
+        ]
+        if given:
+            parser.error(
+                f"--document takes no --{given[0].replace('_', '-')}: it rebuilds the whole file at the matrix's "
+                "own settings (use --table for a table of your choice)"
+            )
     if args.smoke:
         args.batch_size = bench_data.SMOKE_BATCH
     if args.cell:
@@ -1053,7 +1073,7 @@ def main(args: argparse.Namespace) -> str | None:
     elif args.run:
         run_missing(args)
     elif args.document:
-        raise SystemExit(write_document(args))
+        raise SystemExit(write_document(args.check))
     elif args.table:
         text = table(args)
         print(text)

@@ -363,8 +363,7 @@ def test_robustness_document_is_made_from_the_cells_and_keeps_what_is_written_by
     import json
 
     script = _load("robustness")
-    check = script.get_args_parser().parse_args(["--document", "--check"])
-    assert script.write_document(check) == 0, "run python -m benchmarks.robustness --document"
+    assert script.write_document(check=True) == 0, "run python -m benchmarks.robustness --document"
     # On cells of its own: a main folder, an empty "before" one and a held-out net's folder.
     main, held, before = tmp_path / "main", tmp_path / "held", tmp_path / "before"
     for folder in (main, held, before):
@@ -386,11 +385,9 @@ def test_robustness_document_is_made_from_the_cells_and_keeps_what_is_written_by
     monkeypatch.setattr(script, "RESULTS", main)
     monkeypatch.setattr(script, "BACKBONES", ("resnet10t",))
     monkeypatch.setattr(script, "BEFORE", (before,))
-    monkeypatch.setattr(
-        script, "SECTIONS", (script.Section("A held-out net (RegNetY)", "RegNetY", ("regnety_002",), held),)
-    )
-    args = script.get_args_parser().parse_args(["--document"])
-    first = script.document(args, "# Matrix\n\nwhat it is\n")
+    held_out = script.Section("A held-out net (RegNetY)", "RegNetY", ("regnety_002",), held)
+    monkeypatch.setattr(script, "SECTIONS", (held_out,))
+    first = script.document("# Matrix\n\nwhat it is\n")
     assert first.startswith("# Matrix\n\nwhat it is\n\n### kNN top-1 % after 200 steps")
     main_heading = re.search(r"^### kNN top-1.*$", first, flags=re.M).group(0)
     assert "| resnet10t | sgd | 60.0 |" in first and "| resnet10t | adam | 60.0 | - | - |" in first
@@ -399,25 +396,42 @@ def test_robustness_document_is_made_from_the_cells_and_keeps_what_is_written_by
     assert "| regnety_002 | cli | 10.0 |" in first
     assert "| regnety_002 | sgd |" not in first  # in a section, a loop with no cell has no row
     assert first.count("### The collapse alarm") == 1  # the main table's alone
-    # A section written by hand stays after the generated one it followed, when a cell changes.
+    # Sections written by hand stay after the generated one they followed when a cell changes,
+    # right after the head, and two in a row after a held-out net's probes.
     hand = "### Where the bar stands (written by hand)\n\nours leads by 10.0\n"
-    current = first.replace(main_heading, hand + "\n" + main_heading, 1)  # before the main table: after the head
+    more = "### And what is next (written by hand)\n\nmore seeds\n"
+    current = first.replace(main_heading, hand + "\n" + main_heading, 1)
     current = current.replace("\n### The collapse alarm", "\n" + hand + "\n### The collapse alarm", 1)
+    current = current.rstrip("\n") + "\n\n" + hand + "\n" + more
     cell(main, "resnet10t", "ours", 72.0)
-    again = script.document(args, current)
+    again = script.document(current)
     assert "| resnet10t | sgd | 60.0 | - | 72.0 (+12.0;" in again
     assert again.startswith("# Matrix\n\nwhat it is\n\n" + hand + "\n" + main_heading)
-    assert again.count(hand) == 2
-    assert again.index(hand, 50) + len(hand) + 1 == again.index("### The collapse alarm")  # the second, in its place
-    assert script.document(args, again) == again  # made from the same cells, the same text
+    assert again.count(hand) == 3 and again.endswith("\n" + hand + "\n" + more)
+    second = again.index(hand, again.index(main_heading))
+    assert second + len(hand) + 1 == again.index("### The collapse alarm")
+    assert script.document(again) == again  # made from the same cells, the same text
+    # --check says so when the file on disk is stale, and --document brings it up to date.
+    monkeypatch.setattr(script, "REPO", tmp_path)
+    monkeypatch.setattr(script, "DOCUMENT", tmp_path / "robustness.md")
+    script.DOCUMENT.write_text(current)
+    assert script.write_document(check=True) == 1 and script.DOCUMENT.read_text() == current
+    assert script.write_document() == 0 and script.DOCUMENT.read_text() == again
+    assert script.write_document(check=True) == 0
     # A hand-written section after a heading the cells no longer make has no place to go: it is named.
     orphan = again.replace(main_heading, "### A table the cells no longer make", 1)
     with pytest.raises(
         ValueError, match="'### Where the bar stands .written by hand.' followed a section the cells no"
     ):
-        script.document(args, orphan.replace("what it is\n\n" + hand, "what it is\n", 1))
+        script.document(orphan)
     with pytest.raises(ValueError, match="no head before its first"):
-        script.document(args, "### Where the bar stands (written by hand)\n\ntext\n")
+        script.document("### Where the bar stands (written by hand)\n\ntext\n")
+    monkeypatch.setattr(script, "SECTIONS", (held_out, held_out))  # two sections named alike
+    with pytest.raises(ValueError, match="two generated sections share the heading .### A held-out net"):
+        script.document(again)
+    # --document rebuilds the whole file at the matrix's settings: a selection next to it is refused.
+    with pytest.raises(SystemExit):
+        script.main(script.get_args_parser().parse_args(["--document", "--steps", "1000"]))
 
 
 def test_robustness_cli_row_takes_the_probe_that_is_the_family_default(tmp_path):
