@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import REPO as ROOT
+from benchmarks.common.report import write_or_check
 
 SECTIONS = (
     "gpu",
@@ -58,19 +59,8 @@ def main(argv=None) -> int:
         "--check", action="store_true", help="report whether BENCHMARKS.md is up to date; write nothing"
     )
     args = parser.parse_args(argv)
-    text, path = assemble(), ROOT / "BENCHMARKS.md"
-    if args.check:
-        if path.read_text() != text:
-            print(
-                "BENCHMARKS.md differs from its head + benchmarks/results/*.md; run python -m benchmarks.assemble",
-                file=sys.stderr,
-            )
-            return 1
-        print("BENCHMARKS.md is up to date")
-        return 0
-    path.write_text(text)
-    print(f"wrote {path.relative_to(ROOT)}")
-    return 0
+    stale = "BENCHMARKS.md differs from its head + benchmarks/results/*.md; run python -m benchmarks.assemble"
+    return write_or_check(ROOT / "BENCHMARKS.md", assemble(), args.check, stale)
 
 
 if __name__ == "__main__":

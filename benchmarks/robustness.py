@@ -61,7 +61,6 @@ import re
 import shlex
 import statistics
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterable
@@ -88,7 +87,7 @@ from benchmarks.common.contenders import (
 from benchmarks.common.data import Data, knn, scale_data
 from benchmarks.common.machine import machine
 from benchmarks.common.peer import load_peer
-from benchmarks.common.report import markdown_table
+from benchmarks.common.report import markdown_table, write_or_check
 from benchmarks.common.runner import module_command, spawn_module
 from byol_pytorch import BYOLAugment
 from byol_pytorch.augment import AugmentParams
@@ -779,18 +778,9 @@ def document(current: str) -> str:
 
 def write_document(check: bool = False) -> int:
     """``--document``: rewrite the results file from the cells; ``check``: only say whether it differs (exit 1)."""
-    current = DOCUMENT.read_text(encoding="utf-8")
-    text = document(current)
-    name = DOCUMENT.relative_to(REPO)
-    if check:
-        if text != current:
-            print(f"{name} differs from its cells; run python -m {MODULE} --document", file=sys.stderr)
-            return 1
-        print(f"{name} is up to date")
-        return 0
-    DOCUMENT.write_text(text, encoding="utf-8", newline="\n")
-    print(f"wrote {name}")
-    return 0
+    text = document(DOCUMENT.read_text(encoding="utf-8"))
+    stale = f"{DOCUMENT.relative_to(REPO)} differs from its cells; run python -m {MODULE} --document"
+    return write_or_check(DOCUMENT, text, check, stale)
 
 
 def cli_defaults(variants: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from benchmarks.common import REPO
 
-__all__ = ["command_line", "emit_report", "markdown_table", "ms", "verdict", "write_results"]
+__all__ = ["command_line", "emit_report", "markdown_table", "ms", "verdict", "write_or_check", "write_results"]
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
@@ -60,3 +60,21 @@ def emit_report(report: str, output: Path | None) -> str:
         output.write_text(report + "\n", encoding="utf-8")
         print(f"\nwrote {output}")
     return report
+
+
+def write_or_check(path: Path, text: str, check: bool, stale: str) -> int:
+    """Write ``text`` to a generated file, or with ``check`` only say whether the file already holds it.
+
+    Returns the exit status: 1 where ``check`` finds the file different (``stale``, the message naming
+    the command that rebuilds it, goes to stderr), else 0.
+    """
+    name = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    if check:
+        if path.read_text(encoding="utf-8") != text:
+            print(stale, file=sys.stderr)
+            return 1
+        print(f"{name} is up to date")
+        return 0
+    path.write_text(text, encoding="utf-8", newline="\n")
+    print(f"wrote {name}")
+    return 0
