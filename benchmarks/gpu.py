@@ -21,6 +21,8 @@ so that one slow part cannot eat the others' time:
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,14 +47,24 @@ PARTS: list[tuple[str, list[str], int]] = [
 
 def _run(title: str, argv: list[str], seconds: int) -> str:
     start = time.perf_counter()
+    # A session of its own: on a time-out the whole group goes (pytest and the `byol-pytorch train`
+    # it started, with its loader workers), so nothing keeps the GPU busy during the next part.
+    process = subprocess.Popen(
+        [sys.executable, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
     try:
-        result = subprocess.run(
-            [sys.executable, *argv], capture_output=True, text=True, timeout=seconds, cwd=REPO, check=False
-        )
-        status = "ok" if result.returncode == 0 else f"exit {result.returncode}"
-        output = result.stdout + ("\n" + result.stderr[-4000:] if result.returncode else "")
-    except subprocess.TimeoutExpired as error:
-        status, output = f"stopped after {seconds} s", (error.stdout or b"").decode(errors="replace")
+        stdout, stderr = process.communicate(timeout=seconds)
+        status = "ok" if process.returncode == 0 else f"exit {process.returncode}"
+        output = stdout + ("\n" + stderr[-4000:] if process.returncode else "")
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, _ = process.communicate()
+        status, output = f"stopped after {seconds} s", stdout or ""
     took = time.perf_counter() - start
     print(f"[{title}] {status} in {took:.0f} s", flush=True)
     return f"## {title}: {status} ({took:.0f} s)\n\n`python {' '.join(argv)}`\n\n```\n{output.strip()[-12000:]}\n```\n"

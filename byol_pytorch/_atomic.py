@@ -109,7 +109,10 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:  # the folder takes no file: name the file asked for, not the temp
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     os.close(fd)
     try:
         write(temp)
@@ -120,7 +123,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     except BaseException as error:
         if os.path.exists(temp):
             os.remove(temp)
-        if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+        if isinstance(error, OSError) and error.errno is not None and error.filename in (None, temp):
             raise OSError(error.errno, error.strerror or str(error), str(path)) from error  # name the file
         raise
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)

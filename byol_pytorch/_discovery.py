@@ -17,7 +17,10 @@ The hidden layer can be named three ways, as in lucidrains/byol-pytorch:
     (the model's own pooled vector: CLIP's post-layernormed class token, ViT's
     dense + tanh pooler, which BYOL then trains too, ResNet's (B, C, 1, 1) average),
     else ``last_hidden_state``, else the first tensor entry;
-  - a tuple or list: the same, on its first tensor;
+  - a tuple or list: the same, on its first tensor; a list of feature maps of one batch
+    (timm's ``features_only=True``: shallow to deep), its last, deepest map;
+  - a (B, K) output of probabilities or log-probabilities (``F.log_softmax(self.fc2(x))``)
+    computed from the last Linear's (B, K) output: the input of that Linear;
   - several classifier Linears combined, e.g. distillation heads averaged,
     ``(head(x) + head_dist(x)) / 2``: when the last Linears to run all have the
     output's width and the output depends on each of them, their shared input; when
@@ -29,7 +32,8 @@ The hidden layer can be named three ways, as in lucidrains/byol-pytorch:
   work, last first, with a ``hidden_layer="..."`` call.
 
 Whatever is captured is reduced to (B, D) by :func:`pool_hidden`: 4D maps (B, C, H, W)
-are average-pooled over H and W; token sequences (B, N, D) are mean-pooled over the
+are average-pooled over H and W (a (B, H, W, C) map, told apart by which of its dims fit
+the probe image's grid, over its H and W); token sequences (B, N, D) are mean-pooled over the
 tokens by default (``token_pool="mean"`` works with and without a class token) or
 reduced to their first token (``token_pool="cls"``); nothing is ever flattened.
 
@@ -52,6 +56,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -84,6 +89,8 @@ class BackboneProbe:
         output_key: with ``module`` None, the entry of the net's output: a key or an
             attribute name (str), an index (int), or None for the output itself.
         input_name: the keyword the net takes the image by, or None for ``net(x)``.
+        channels_last: the representation is a (B, H, W, C) map (timm's Swin and its kin),
+            told from (B, C, H, W) by which dims fit the probe image's grid.
     """
 
     name: str
@@ -93,6 +100,7 @@ class BackboneProbe:
     unused: tuple[str, ...] = ()
     output_key: OutputKey = None
     input_name: str | None = None
+    channels_last: bool = False
 
 
 def _pooled_width(value: object, batch: int) -> int | None:
@@ -177,15 +185,23 @@ def _classifier_target(out: object) -> torch.Tensor | None:
 
 
 def _representation_key(out: object) -> OutputKey:
-    """Without a classifier: ``pooler_output``, ``last_hidden_state``, the first tensor."""
+    """Without a classifier: ``pooler_output``, ``last_hidden_state``, a pyramid's last map, the first tensor."""
     entries = _entries(out)
     if entries is None:
         return None
+    if isinstance(out, (tuple, list)) and _pyramid(out):
+        return len(out) - 1
     values = dict(entries)
     for key in ("pooler_output", "last_hidden_state"):
         if isinstance(values.get(key), torch.Tensor):
             return key
     return _first_tensor(entries)
+
+
+def _pyramid(out: tuple | list) -> bool:
+    """A list of feature maps of one batch, shallow to deep (timm's ``features_only``, an FPN's inputs)."""
+    maps = [v for v in out if isinstance(v, torch.Tensor) and v.is_floating_point() and v.ndim in (3, 4)]
+    return len(out) >= 2 and len(maps) == len(out) and len({m.shape[0] for m in maps}) == 1
 
 
 def _graph_leaves(tensor: object) -> set[int]:
@@ -285,6 +301,17 @@ def _classifier_like(module: nn.Module, output: object) -> bool:
     )
 
 
+def _probabilities(t: torch.Tensor) -> bool:
+    """Whether (B, K) rows are probabilities or log-probabilities (a softmax / log_softmax output)."""
+    if t.ndim != 2 or t.shape[1] < 2 or not t.is_floating_point():
+        return False
+    with torch.no_grad():
+        t = t.detach().double()
+        ones = torch.ones(len(t), dtype=t.dtype, device=t.device)
+        softmax = bool((t >= 0).all()) and torch.allclose(t.sum(1), ones, atol=1e-3)
+        return softmax or (bool((t <= 0).all()) and torch.allclose(t.exp().sum(1), ones, atol=1e-3))
+
+
 def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bool] | None:
     """(module, use_input) of the representation the final classifier Linear(s) read.
 
@@ -303,6 +330,13 @@ def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bo
         and (last is target or (last.numel() == target.numel() and torch.equal(last.reshape(target.shape), target)))
     ):
         return single[-1], True
+    if (
+        isinstance(last, torch.Tensor)
+        and _probabilities(target)
+        and last.reshape(len(last), -1).shape == target.shape
+        and id(getattr(single[-1], "weight", None)) in _graph_leaves(target)
+    ):
+        return single[-1], True  # class scores turned into (log-)probabilities: F.log_softmax(fc(x))
     linears = [m for kind, m in trace.events if kind == "end" and isinstance(m, nn.Linear)]
     heads: list[nn.Module] = []  # the last Linears to run with the output's width, last first
     for m in reversed(linears):
@@ -346,6 +380,23 @@ def _before_heads(trace: _Trace, heads: list[nn.Module]) -> tuple[nn.Module, boo
         if kind == "end" and m is not trace.net and _pooled_width(trace.outputs.get(m), _PROBE_BATCH) == width:
             return m, False
     return None
+
+
+def _is_channels_last(hidden: torch.Tensor, image_size: tuple[int, int]) -> bool:
+    """Whether a 4D map is (B, H, W, C): its dims 1, 2 (and not 2, 3) are the image's grid at some stride.
+
+    A feature grid of an (h, w) image at stride s is about (h / s, w / s): no larger than the
+    image, with the image's aspect ratio to within a cell. (B, C, H, W) is kept whenever dims 2
+    and 3 fit, so only a map whose last dim cannot be a grid side (timm's Swin: (B, 7, 7, 768)
+    for 224 px) reads as channels last.
+    """
+
+    def grid(a: int, b: int) -> bool:
+        h, w = image_size
+        return 1 <= a <= h and 1 <= b <= w and abs(b - a * w / h) <= 1 + 1e-9
+
+    shape = hidden.shape
+    return grid(shape[1], shape[2]) and not grid(shape[2], shape[3])
 
 
 def _run_probe(trace: _Trace, x: torch.Tensor, input_name: str | None) -> object:
@@ -417,8 +468,10 @@ def infer_channels(net: nn.Module) -> int:
 
 def _resolve_layer(net: nn.Module, hidden_layer: HiddenLayer) -> tuple[str, nn.Module | None]:
     """Map a user's hidden_layer to (name, module); module None means the net's output."""
-    if hidden_layer is None or hidden_layer == "auto":
+    if hidden_layer is None or (isinstance(hidden_layer, str) and hidden_layer == "auto"):
         return "auto", None
+    if not isinstance(hidden_layer, (bool, int, str)) and hasattr(type(hidden_layer), "__index__"):
+        hidden_layer = operator.index(hidden_layer)  # a numpy integer
     if isinstance(hidden_layer, bool) or not isinstance(hidden_layer, (int, str)):
         raise TypeError(
             f"hidden_layer must be a module name (str), a child index (int) or 'auto', "
@@ -530,12 +583,20 @@ def probe_backbone(
             f"hidden layer {name!r} exists but never ran during the forward pass of "
             f"{type(net).__name__}; pick a layer on the forward path"
         )
+    if isinstance(hidden, torch.Tensor) and hidden.ndim in (3, 4) and hidden.shape[0] != _PROBE_BATCH:
+        problem = (
+            f"hidden layer {name!r} produced a tensor of shape {tuple(hidden.shape)} for {_PROBE_BATCH} images: "
+            "its first dimension is not the batch (a sequence-first (N, B, D) layer?)"
+        )
+        raise ValueError(_with_candidates(trace, problem, image_size, input_name))
+    channels_last = isinstance(hidden, torch.Tensor) and hidden.ndim == 4 and _is_channels_last(hidden, image_size)
     try:
-        dim = pool_hidden(hidden, token_pool, layer=f"hidden layer {name!r}", advice="").shape[-1]
+        pooled = pool_hidden(hidden, token_pool, layer=f"hidden layer {name!r}", advice="", channels_last=channels_last)
+        dim = pooled.shape[-1]
     except (TypeError, ValueError) as err:
         message = _with_candidates(trace, str(err).rstrip(". ;"), image_size, input_name)
         raise type(err)(message) from None
     used = _graph_leaves(hidden)
     unused = tuple(n for n, p in copied.named_parameters() if p.requires_grad and id(p) not in used)
     original = None if module is None else net.get_submodule(trace.names[module])
-    return BackboneProbe(name, original, use_input, int(dim), unused, key, call_name)
+    return BackboneProbe(name, original, use_input, int(dim), unused, key, call_name, channels_last)

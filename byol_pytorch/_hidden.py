@@ -21,7 +21,11 @@ OUTPUT = "<output>"
 
 
 def pool_hidden(
-    hidden: object, token_pool: str = "mean", layer: str = "hidden layer", advice: str | None = None
+    hidden: object,
+    token_pool: str = "mean",
+    layer: str = "hidden layer",
+    advice: str | None = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Reduce a captured activation to (B, D).
 
@@ -30,6 +34,7 @@ def pool_hidden(
         token_pool: ``"mean"`` over tokens or ``"cls"`` (the first token) for 3D input.
         layer: what produced it, the subject of error messages (``"hidden layer 'fc'"``).
         advice: the remedy the error messages end with; default: pick another hidden_layer.
+        channels_last: 4D maps are (B, H, W, C) (timm's Swin and its kin), not (B, C, H, W).
 
     Returns:
         (B, D) tensor.
@@ -46,7 +51,7 @@ def pool_hidden(
     if hidden.ndim == 2:
         return hidden
     if hidden.ndim == 4:
-        return hidden.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
+        return hidden.mean(dim=(1, 2) if channels_last else (2, 3))  # (B, C, H, W) or (B, H, W, C) -> (B, C)
     if hidden.ndim == 3:
         return hidden[:, 0] if token_pool == "cls" else hidden.mean(dim=1)  # (B, N, D) -> (B, D)
     raise ValueError(

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -407,6 +409,24 @@ def _as_tuple(v) -> tuple[float, ...]:
     return (float(v),) if isinstance(v, (int, float)) else tuple(float(e) for e in v)
 
 
+def _image_size(image_size: object) -> tuple[int, int]:
+    """(h, w) of an int or a pair of ints (numpy integers too), each positive."""
+    message = f"image_size must be a positive int or (h, w) pair of them, got {image_size!r}"
+    if isinstance(image_size, (str, bytes, bool)):
+        raise TypeError(message)
+    try:
+        side = operator.index(image_size)  # type: ignore[arg-type]
+        size: tuple[int, ...] = (side, side)
+    except TypeError:
+        try:
+            size = tuple(operator.index(s) for s in image_size if not isinstance(s, bool))  # type: ignore[attr-defined]
+        except TypeError:
+            raise TypeError(message) from None
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(message)
+    return int(size[0]), int(size[1])
+
+
 class BYOLAugment(nn.Module):
     """One of BYOL's two views (Grill et al. 2020, Table 6), every parameter drawn per sample.
 
@@ -457,9 +477,7 @@ class BYOLAugment(nn.Module):
         **overrides: Any,
     ) -> None:
         super().__init__()
-        size: tuple[int, ...] = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
-            raise ValueError(f"image_size must be a positive int or (h, w) pair of them, got {image_size!r}")
+        size = _image_size(image_size)
         settings = view_settings((size[0], size[1]), view, preset)
         for name in overrides:
             if name not in settings:
@@ -469,6 +487,8 @@ class BYOLAugment(nn.Module):
         settings.update(overrides)
         self.size, self.view, self.generator = (size[0], size[1]), view, generator
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "blur_kernel_frac"):
+            if isinstance(settings[name], bool) or not isinstance(settings[name], numbers.Real):
+                raise TypeError(f"{name} must be a number in [0, 1], got {settings[name]!r}")
             if not 0.0 <= settings[name] <= 1.0:  # probabilities, and the kernel's fraction of the side
                 raise ValueError(f"{name} must lie in [0, 1], got {settings[name]!r}")
             setattr(self, name, float(settings[name]))

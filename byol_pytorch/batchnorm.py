@@ -163,10 +163,16 @@ def _restore_stats(m: nn.modules.batchnorm._BatchNorm, saved: Tensor) -> None:
     m.num_batches_tracked.fill_(int(saved[-1]))
 
 
-def _batches(images: Tensor | Iterable, batch_size: int) -> Iterable:
-    if isinstance(images, Tensor):
-        return images.split(batch_size)
-    return images
+def _batches(images: Tensor | Iterable, batch_size: int, max_images: int | None) -> Iterable:
+    """A tensor's batches (cut to ``max_images``; a one-image remainder joins the batch before it), or the iterable."""
+    if not isinstance(images, Tensor):
+        return images
+    images = images if max_images is None else images[:max_images]
+    full, rest = divmod(len(images), batch_size)
+    sizes = [batch_size] * full + ([rest] if rest else [])
+    if rest == 1 and full:
+        sizes[-2:] = [batch_size + 1]
+    return images.split(sizes) if sizes else [images]
 
 
 def recalibrate_batchnorm(
@@ -194,15 +200,17 @@ def recalibrate_batchnorm(
         transform: applied to each batch before the net (for example ``BYOLAugment.normalize``,
             which scales uint8 to [0, 1] and normalises as the views were); None: the batch as is.
         max_images: stop after this many images (the last batch is cut); None: all of them.
-        batch_size: batches cut from a tensor `images` (an iterable keeps its own).
+        batch_size: batches cut from a tensor `images` (an iterable keeps its own); a
+            one-image remainder of a tensor joins the batch before it.
 
     Returns:
         The number of images the statistics were averaged over (0 for a net without BatchNorm, or
         whose BatchNorm layers are all frozen).
 
     Raises:
-        ValueError: `images` holds no image, or a batch of one image (no variance to estimate),
-            or `max_images` / `batch_size` below 1.
+        ValueError: `images` holds no image, or only batches of one image (no variance to
+            estimate; a one-image batch among larger ones is left out), or `max_images` /
+            `batch_size` below 1.
 
     Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
@@ -229,18 +237,22 @@ def recalibrate_batchnorm(
         with torch.no_grad(), saved_modes(net):  # eval mode: no dropout, no drop-path, no random draw
             for m in layers:
                 m.train()  # only the BatchNorm layers estimate statistics
-            for batch in _batches(images, batch_size):
+            single = False
+            for batch in _batches(images, batch_size, max_images):
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 if max_images is not None:
                     x = x[: max_images - seen]
-                if len(x) == 1:
-                    raise ValueError("a batch of one image has no variance: use batches of two or more images")
+                if len(x) == 1:  # no variance to estimate: left out (a DataLoader's last batch, a cut)
+                    single = True
+                    continue
                 x = x.to(device)
                 x = transform(x) if transform is not None else x
                 net(x.to(dtype) if x.is_floating_point() else x)
                 seen += len(x)
                 if max_images is not None and seen >= max_images:
                     break
+        if seen == 0 and single:
+            raise ValueError("a batch of one image has no variance: use batches of two or more images")
         if seen == 0:
             raise ValueError("recalibrate_batchnorm got no images: pass a non-empty tensor or iterable of batches")
     except BaseException:
@@ -302,7 +314,16 @@ def _plain_copy(net: nn.Module) -> nn.Module:
     clone = copy.deepcopy(net)
     for name, module in list(clone.named_modules()):
         if isinstance(module, nn.SyncBatchNorm) and not isinstance(module, FrozenStatistics):
-            plain = _AnyBatchNorm(module.num_features, module.eps, module.momentum, module.affine, True)
+            like = module.running_mean if module.running_mean is not None else module.weight
+            plain = _AnyBatchNorm(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                device=None if like is None else like.device,
+                dtype=None if like is None else like.dtype,
+            )
             plain.load_state_dict(module.state_dict())
             plain.train(module.training)
             parent = clone.get_submodule(name.rpartition(".")[0]) if "." in name else clone

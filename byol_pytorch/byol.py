@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -133,6 +134,9 @@ def nonfinite_error(loss_finite: bool, input_finite: bool = True) -> FloatingPoi
         "the BYOL loss turned non-finite (NaN/Inf) although the input was finite: training "
         "diverged; lower the learning rate, add warm-up, or use bf16 instead of fp16"
     )
+
+
+_RANGE_SLACK = 0.01  # a resize's overshoot on [0, 1] images is still in range
 
 
 class BYOL(nn.Module):
@@ -288,6 +292,8 @@ class BYOL(nn.Module):
         weights = [p for p in net.parameters() if p.dim() == 4]
         self._layout_probe = tuple(weights[:1])  # a conv weight: is the net channels_last?
         self._finite_reader = DeferredRead()
+        self._range_checked = False  # the float input's range: read once on an accelerator, each step on the CPU
+        self._range_warned = False  # until it warns, once
         self.finite_check = True  # update_moving_average() raises on an earlier non-finite step
         if not isinstance(collapse_alarm, bool):
             raise TypeError(f"collapse_alarm must be True or False, got {collapse_alarm!r}")
@@ -322,6 +328,23 @@ class BYOL(nn.Module):
     @_ddp_params_and_buffers_to_ignore.setter
     def _ddp_params_and_buffers_to_ignore(self, names: Sequence[str]) -> None:
         self._extra_ddp_ignore = list(names)
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """The online network's parameters (backbone, projector, predictor), never the target's.
+
+        The target network is created at the first training step (or by ``load_state_dict``
+        of a checkpoint that holds one), and it is trained by ``update_moving_average``, not
+        by an optimiser: leaving it out keeps ``learner.parameters()`` the same list before
+        and after it exists, so an optimiser state saved before it existed loads into an
+        optimiser built after a resume. Its tensors are still in ``state_dict()`` and move
+        with ``.to()``; ``learner.target_encoder.parameters()`` lists them.
+        """
+        skip = prefix + ("." if prefix else "") + "target_encoder."
+        for name, param in super().named_parameters(prefix, recurse, remove_duplicate):
+            if not name.startswith(skip):
+                yield name, param
 
     def ddp_ignored_names(self, prefix: str = "") -> list[str]:
         """Names DDP should ignore, for a wrapper that holds this learner as a child.
@@ -468,12 +491,39 @@ class BYOL(nn.Module):
                 "(e.g. a division by zero in a normalisation) before training on it"
             )
 
+    def _check_range(self, x: torch.Tensor) -> None:
+        """Warn (once) when float images for the default views are outside [0, 1].
+
+        The views clip to [0, 1]: 0-255 floats turn white and normalised ones lose their dark
+        half. A warning, not an error: random test tensors (``torch.randn``, as in the incumbent's
+        README) keep running. Read at every step on the CPU (free), at the first on an accelerator
+        (one host read).
+        """
+        views = (self.augment1, self.augment2)
+        if not x.is_floating_point() or not any(isinstance(a, BYOLAugment) for a in views):
+            return
+        self._range_checked = True
+        low, high = (float(v) for v in torch.aminmax(x.detach()))
+        if low < -_RANGE_SLACK or high > 1 + _RANGE_SLACK:
+            self._range_warned = True
+            warnings.warn(
+                f"the default views take float images in [0, 1] (or uint8) and clip to [0, 1], got values in "
+                f"[{low:.3g}, {high:.3g}]: divide 0-255 floats by 255, and leave out any normalisation (the views "
+                "normalise after augmenting); or pass augment_fn= views of your own for another range",
+                UserWarning,
+                stacklevel=5,  # _check_range, forward, Module._call_impl, Module.__call__, the caller
+            )
+
     def _check_finite_deferred(self) -> None:
         """Raise if an earlier step's flags were non-finite, without blocking on the device (``_host_read``)."""
         if not self.finite_check:
             return
         flags = self._finite_reader.poll(self._finite)
         if flags is not None and not all(flags):
+            # Reported once: a loop that catches the error and skips the step goes on checking
+            # the steps after it, not the same bad one again.
+            self._finite.fill_(True)
+            self._finite_reader.clear()
             raise nonfinite_error(*flags)
 
     def take_finite_flags(self) -> torch.Tensor:
@@ -546,14 +596,31 @@ class BYOL(nn.Module):
         if not view.is_floating_point() or min(view.shape[2:]) == 0:
             raise ValueError(f"{name} must return non-empty float images, it returned {view.dtype} {tuple(view.shape)}")
 
+    def _embed(self, x: torch.Tensor, return_projection: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``forward``'s embedding path: no augmentation; uint8 scaled and normalised like the views."""
+        if self.training and return_projection and x.shape[0] < 2:
+            raise ValueError(
+                "the projection of a single image in train mode has no BatchNorm statistics: call "
+                "learner.eval() first, pass 2 or more images, or return_projection=False for the embedding"
+            )
+        if not x.is_floating_point():
+            x = self._to_float(x)
+            if isinstance(self.augment1, BYOLAugment):
+                x = self.augment1.normalize(x)
+        dtype = next(self.online_predictor.parameters()).dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(dtype)  # float64/16/bfloat16 input into the net's own dtype
+        return self.online_encoder(x, return_projection=return_projection)
+
     def forward(
         self, x: torch.Tensor, return_embedding: bool = False, return_projection: bool = True
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Training loss, or the embedding of ``x``.
 
         Args:
-            x: (B, C, H, W) images, float (any range, any float dtype) or uint8 (scaled
-                to [0, 1]).
+            x: (B, C, H, W) images, float in [0, 1] (any float dtype; any range with
+                views of your own, ``augment_fn``, and on the embedding path) or uint8
+                (scaled to [0, 1]).
             return_embedding: return ``(projection, embedding)`` of the online network
                 instead of the loss, without augmentation. Float input goes to the net
                 as it is (cast to the net's dtype); uint8 input is scaled to [0, 1] and
@@ -565,6 +632,11 @@ class BYOL(nn.Module):
             The scalar float32 loss (two directions summed, mean over the batch), or
             the embedding output described above.
 
+        Warns:
+            UserWarning: once, when float training input for the default views lies
+                outside [0, 1] (they clip to it): read at every step on the CPU, at the
+                first on an accelerator.
+
         Raises:
             TypeError: not a tensor, an integer dtype other than uint8, or an
                 ``augment_fn`` that returns no tensor.
@@ -575,14 +647,7 @@ class BYOL(nn.Module):
         """
         self._check_input(x)
         if return_embedding:
-            if not x.is_floating_point():
-                x = self._to_float(x)
-                if isinstance(self.augment1, BYOLAugment):
-                    x = self.augment1.normalize(x)
-            dtype = next(self.online_predictor.parameters()).dtype
-            if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-                x = x.to(dtype)  # float64/16/bfloat16 input into the net's own dtype
-            return self.online_encoder(x, return_projection=return_projection)
+            return self._embed(x, return_projection)
 
         if self.training and x.shape[0] < 2:
             raise ValueError(
@@ -598,6 +663,8 @@ class BYOL(nn.Module):
         checked_now = x.device.type == "cpu" and not compiling and self.finite_check
         if checked_now:
             self._check_finite_now(x)
+        if not compiling and not self._range_warned and (x.device.type == "cpu" or not self._range_checked):
+            self._check_range(x)
         if not compiling:
             self.resolve_sync_batchnorm(x.device)
 

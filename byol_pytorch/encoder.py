@@ -7,7 +7,8 @@ projects it. Which layer that is was decided once, at construction, by the probe
 resolved (a module name, a child index, ``-1``, or ``"auto"``).
 
 Whatever is captured is reduced to (B, D) by :func:`pool_hidden`: 4D maps (B, C, H, W)
-are average-pooled over H and W; token sequences (B, N, D) are mean-pooled over the
+are average-pooled over H and W (maps that are (B, H, W, C), as timm's Swin gives them, over
+their H and W too: the probe tells the two layouts apart); token sequences (B, N, D) are mean-pooled over the
 tokens by default (``token_pool="mean"`` works with and without a class token) or
 reduced to their first token (``token_pool="cls"``); nothing is ever flattened.
 """
@@ -65,6 +66,7 @@ class BackboneEncoder(nn.Module):
         output_key: with ``layer`` None, the entry of the net's output to use (see
             :class:`BackboneProbe`); None for the output itself.
         input_name: the keyword the net takes the image by; None calls ``net(x)``.
+        channels_last: the captured 4D maps are (B, H, W, C) (see :class:`BackboneProbe`).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class BackboneEncoder(nn.Module):
         *,
         output_key: OutputKey = None,
         input_name: str | None = None,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.net = net
@@ -86,6 +89,7 @@ class BackboneEncoder(nn.Module):
         self.token_pool = token_pool
         self.output_key = output_key
         self.input_name = input_name
+        self.channels_last = channels_last
         self._capture: _Capture | None = None
         if layer is not None:
             self._capture = _Capture(use_input)
@@ -116,6 +120,7 @@ class BackboneEncoder(nn.Module):
             token_pool,
             output_key=probe.output_key,
             input_name=probe.input_name,
+            channels_last=probe.channels_last,
         )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +135,8 @@ class BackboneEncoder(nn.Module):
             finally:
                 capture.armed = False
             hidden, capture.value = capture.value, None
-        return pool_hidden(hidden, self.token_pool, layer=f"hidden layer {self.layer_name!r}")
+        layer = f"hidden layer {self.layer_name!r}"
+        return pool_hidden(hidden, self.token_pool, layer=layer, channels_last=self.channels_last)
 
     def forward(self, x: torch.Tensor, return_projection: bool = True):
         """Args:

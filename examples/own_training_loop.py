@@ -121,6 +121,8 @@ def main(args: argparse.Namespace) -> BYOL:
         raise ValueError(f"--batch-size must be at least 2 for BYOL's BatchNorm heads, got {args.batch_size}")
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # pinned batches and CUDA events go to this GPU, not GPU 0
 
     # 1. The backbone and its learner. BYOL finds the representation (the input of the
     #    classifier), adds projector and predictor, and trains `net` in place.

@@ -18,7 +18,8 @@
 # Resume: the job adds --resume when OUT/last.pt exists, so submitting the same script
 # again (after a time-out, a preemption or a failed node) continues the run. With the same
 # number of processes it continues exactly where it stopped (same data order and random
-# generators: the weights equal an uninterrupted run's); another count still resumes, with
+# generators: on CPUs the weights equal an uninterrupted run's, on GPUs up to cuDNN's
+# non-deterministic kernels); another count still resumes, with
 # a warning, on a different data order.
 #
 # Stopping: SLURM's SIGTERM (preemption, scancel, or --signal below before the time limit)

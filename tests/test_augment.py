@@ -417,11 +417,20 @@ def test_bad_input_raises_with_fix(x, error, match):
         ((8,), dict(hue=0.7), ValueError, "hue"),
         ((8,), dict(crop_scale=(0.5, 0.1)), ValueError, "crop_scale"),
         ((8,), dict(std=(0.0,)), ValueError, "std"),
+        (("big",), {}, TypeError, "image_size must be a positive int"),
+        ((8,), dict(flip_p=None), TypeError, "flip_p must be a number in"),
+        ((8,), dict(blur_p="x"), TypeError, "blur_p must be a number in"),
     ],
 )
 def test_bad_settings_raise(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         BYOLAugment(*args, **kwargs)
+
+
+def test_numpy_integer_sizes_are_sizes():
+    np = pytest.importorskip("numpy")
+    assert BYOLAugment(np.int64(8)).size == (8, 8)
+    assert BYOLAugment((np.int32(8), 12)).size == (8, 12)
 
 
 def test_mean_std_length_must_match_channels():

@@ -90,11 +90,29 @@ def test_max_images_transform_and_loaders_of_pairs():
     assert seen == [6, 6, 3]
 
 
+def test_a_one_image_remainder_joins_the_batch_before_it_or_is_left_out():
+    # 9 images in batches of 4: 4 + 5, not 4 + 4 + 1 (a batch of one has no variance).
+    net = _trained_net()
+    images = torch.rand(9, 3, 16, 16)
+    assert recalibrate_batchnorm(net, images, batch_size=4) == 9
+    with torch.no_grad():
+        means = torch.stack([net[0](b).mean((0, 2, 3)) for b in (images[:4], images[4:])])
+    torch.testing.assert_close(net[1].running_mean, means.mean(0), rtol=1e-5, atol=1e-6)
+    assert int(net[1].num_batches_tracked) == 2
+    # max_images cuts first: 17 of 20 images in batches of 8 are 8 + 9.
+    assert recalibrate_batchnorm(net, torch.rand(20, 3, 16, 16), batch_size=8, max_images=17) == 17
+    assert int(net[1].num_batches_tracked) == 2
+    # A loader's one-image last batch is left out.
+    loader = [torch.rand(4, 3, 16, 16), torch.rand(1, 3, 16, 16)]
+    assert recalibrate_batchnorm(net, loader) == 4
+
+
 @pytest.mark.parametrize(
     "images, kwargs, message",
     [
         (torch.rand(0, 3, 16, 16), {}, "got no images"),
-        (torch.rand(5, 3, 16, 16), {"batch_size": 4}, "a batch of one image has no variance"),
+        (torch.rand(1, 3, 16, 16), {}, "a batch of one image has no variance"),
+        ([torch.rand(1, 3, 16, 16)] * 3, {}, "a batch of one image has no variance"),
         (torch.rand(4, 3, 16, 16), {"max_images": 0}, "max_images must be at least 1"),
     ],
 )
@@ -128,6 +146,21 @@ def test_syncbatchnorm_nets_are_recalibrated_on_a_plain_copy():
         assert clean is net and isinstance(net[1], nn.SyncBatchNorm)
         assert not torch.equal(batchnorm_state(clean)["1.running_mean"], trained["1.running_mean"])
     assert all(torch.equal(trained[k], v) for k, v in batchnorm_state(net).items())
+
+
+def test_the_plain_copy_of_a_syncbatchnorm_net_keeps_its_dtype_and_device():
+    # The copy's BatchNorm layers are made where the net's live (a CUDA net's on its GPU; here a
+    # float64 net's in float64), so the recalibration forward mixes no devices or dtypes.
+    net = nn.SyncBatchNorm.convert_sync_batchnorm(_trained_net()).double()
+    images = torch.rand(12, 3, 16, 16, dtype=torch.float64)
+    with clean_statistics(net, images, batch_size=6) as clean:
+        assert clean[1].running_mean.dtype == torch.float64
+        assert torch.isfinite(clean(images)).all()
+    untracked = nn.SyncBatchNorm.convert_sync_batchnorm(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False))
+    )
+    with clean_statistics(untracked, torch.rand(6, 3, 8, 8), batch_size=6) as clean:
+        assert clean[2].running_mean is None
 
 
 def test_frozen_statistics_normalise_with_the_running_ones_and_train_the_affine_weights():

@@ -302,6 +302,42 @@ def test_state_dict_round_trip_with_and_without_target():
     assert fresh.target_encoder is None
 
 
+def test_an_optimizer_saved_before_the_target_existed_loads_after_a_resume():
+    # The README's loop builds the optimiser before the first step, when there is no target
+    # yet; a resume builds it after load_state_dict has created the target. Both see the same
+    # parameters, so the saved optimiser state loads and the resumed step equals the original.
+    torch.manual_seed(0)
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    opt = torch.optim.SGD(learner.parameters(), lr=0.1, momentum=0.9)
+    before = [name for name, _ in learner.named_parameters()]
+    x = torch.rand(4, 3, 32, 32)
+    for _ in range(2):
+        loss = learner(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        learner.update_moving_average()
+    assert learner.target_encoder is not None
+    assert [name for name, _ in learner.named_parameters()] == before
+    assert not any(name.startswith("target_encoder.") for name, _ in learner.named_parameters(recurse=True))
+    saved = copy.deepcopy((learner.state_dict(), opt.state_dict()))
+    resumed = BYOL(small_cnn(), image_size=32, **SMALL)
+    resumed.load_state_dict(saved[0])
+    resumed_opt = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
+    resumed_opt.load_state_dict(saved[1])
+    for run, run_opt in ((learner, opt), (resumed, resumed_opt)):
+        torch.manual_seed(5)
+        loss = run(x)
+        run_opt.zero_grad()
+        loss.backward()
+        run_opt.step()
+        run.update_moving_average()
+    for (name, a), b in zip(learner.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # The target's tensors still move with the learner and are listed by the target itself.
+    assert len(list(learner.target_encoder.parameters())) > 0
+
+
 def test_deepcopy_and_pickle_keep_working_hooks():
     learner = BYOL(small_cnn(), image_size=32, hidden_layer=6, **SMALL)  # the AdaptiveAvgPool2d
     train_steps(learner, torch.rand(4, 3, 32, 32), 1)
@@ -404,6 +440,31 @@ def test_diverged_loss_on_cpu_is_caught_at_the_update():
     assert learner.ema_step.item() == 1, "the poisoned update was not applied"
 
 
+def test_a_skipped_non_finite_step_is_reported_once_and_later_steps_are_checked_afresh():
+    # A loop that catches the error and skips the bad step (an fp16 overflow, one bad batch)
+    # goes on: the next finite steps update the EMA, and a later bad step is reported again.
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    x = torch.rand(4, 3, 32, 32)
+    learner(x)
+    learner.update_moving_average()
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    learner.finite_check = False  # let the bad batch through, as on an accelerator
+    learner(bad)
+    learner.finite_check = True
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        learner.update_moving_average()
+    for _ in range(2):
+        assert torch.isfinite(learner(x))
+        learner.update_moving_average()
+    assert learner.ema_step.item() == 3, "the EMA stopped after the skipped step"
+    with torch.no_grad():
+        learner.online_predictor[0].weight.fill_(float("nan"))
+    learner(x)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        learner.update_moving_average()
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "kwargs, exc, match",
@@ -452,6 +513,33 @@ def test_bad_training_input(x, exc, match):
     learner = BYOL(small_cnn(), image_size=32, **SMALL)
     with pytest.raises(exc, match=match):
         learner(x)
+
+
+def test_one_image_projection_in_train_mode_is_a_clear_error():
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    with pytest.raises(ValueError, match="projection of a single image in train mode"):
+        learner(torch.rand(1, 3, 32, 32), return_embedding=True)
+    assert learner(torch.rand(1, 3, 32, 32), return_embedding=True, return_projection=False).shape[0] == 1
+
+
+def test_float_input_outside_0_1_warns_once_for_the_default_views_only():
+    import warnings
+
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner(torch.rand(4, 3, 32, 32))  # in range: silent
+        learner(torch.rand(4, 3, 32, 32), return_embedding=True)  # the embedding path takes any range
+        learner(torch.randn(4, 3, 32, 32), return_embedding=True)
+        own = BYOL(small_cnn(), image_size=32, augment_fn=nn.Identity(), **SMALL)
+        own(torch.randn(4, 3, 32, 32))  # views of one's own take any range
+    with pytest.warns(UserWarning, match=r"got values in \[0.*, 25\d\]: divide 0-255 floats by 255"):
+        learner(torch.rand(4, 3, 32, 32) * 255)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner(torch.randn(4, 3, 32, 32))  # said once
+    with pytest.warns(UserWarning, match="leave out any normalisation"):
+        BYOL(small_cnn(), image_size=32, **SMALL)(torch.randn(4, 3, 32, 32))
 
 
 def test_update_moving_average_with_simsiam_is_an_error():

@@ -476,3 +476,67 @@ def test_conv_head_with_an_activation_after_the_pool_is_part_of_the_representati
         got = learner.online_encoder.embed(x)
     assert learner.online_encoder.layer_name == "<output>"
     torch.testing.assert_close(got, expected)
+
+
+def _swin(**kwargs):
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64, window_size=2, **kwargs)
+
+
+def test_channels_last_maps_are_pooled_over_their_grid():
+    # timm's Swin returns (B, H, W, C) maps: the embedding is their mean over H and W, computed here by hand.
+    net = _swin(num_classes=10).eval()
+    x = torch.rand(3, 3, 64, 64)
+    learner = BYOL(net, 64, hidden_layer="norm", **SMALL).eval()
+    assert learner.online_encoder.channels_last and learner.representation_size == 768
+    reference = net.norm(net.layers(net.patch_embed(x))).mean(dim=(1, 2))  # (B, 2, 2, 768) -> (B, 768)
+    torch.testing.assert_close(learner(x, return_embedding=True, return_projection=False), reference)
+    # (B, C, H, W) maps keep their pooling, whatever the channel count (here C = H = W is possible).
+    cnn = BYOL(torchvision.models.resnet18(weights=None), 32, hidden_layer="layer4", **SMALL)
+    assert not cnn.online_encoder.channels_last and cnn.representation_size == 512
+
+
+def test_features_only_nets_give_their_deepest_map():
+    for net, width, channels_last in (
+        (timm.create_model("resnet18", pretrained=False, features_only=True), 512, False),
+        (_swin(features_only=True), 768, True),
+    ):
+        learner = BYOL(net, 64, **SMALL)
+        last = len(net.feature_info.channels()) - 1
+        assert learner.hidden_layer == f"<output>[{last}]" and learner.representation_size == width
+        assert learner.online_encoder.channels_last is channels_last
+        assert learner.unused_parameter_names == []  # the deepest map uses every stage
+
+
+def test_log_softmax_outputs_are_read_before_their_classifier():
+    class TutorialNet(nn.Module):  # the pytorch/examples MNIST net's shape
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3)
+            self.fc1 = nn.Linear(8 * 26 * 26, 32)
+            self.fc2 = nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.fc1(torch.flatten(torch.relu(self.conv(x)), 1)))
+            return nn.functional.log_softmax(self.fc2(x), dim=1)
+
+    learner = BYOL(TutorialNet(), 28, **SMALL)
+    assert learner.hidden_layer == "fc2" and learner.representation_size == 32
+    x = torch.rand(2, 1, 28, 28)
+    net = learner.net
+    reference = torch.relu(net.fc1(torch.flatten(torch.relu(net.conv(x)), 1)))
+    learner.eval()
+    torch.testing.assert_close(learner(x, return_embedding=True, return_projection=False), reference)
+
+
+def test_a_sequence_first_layer_is_refused_with_the_layers_that_work():
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 8, 8)
+            self.mix = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.mix(self.conv(x).flatten(2).permute(2, 0, 1))  # (N, B, D)
+
+    with pytest.raises(ValueError, match=r"first dimension is not the batch.*'conv' \(D=16\)"):
+        BYOL(SequenceFirst(), 32, hidden_layer="mix", **SMALL)

@@ -56,19 +56,14 @@ def _run_export(args: argparse.Namespace) -> int:
 
     try:
         path = export_backbone(args.checkpoint, args.out, which=args.which, bn_stats=args.bn_stats)
-    except (FileNotFoundError, ValueError) as error:
+    except OSError as error:
+        if error.errno is None:  # a checkpoint that is not there: load_checkpoint's own message
+            raise UserError(str(error)) from None
+        raise UserError(f"--out: {describe_os_error(error)}") from None  # the write (atomic: nothing half-written)
+    except ValueError as error:
         raise UserError(str(error)) from error
     print(f"byol-pytorch: wrote {path} (load it with strict=True into the backbone without its classifier)")
     return 0
-
-
-def _eval_device(name: str | None):
-    import torch
-
-    try:
-        return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:
-        raise UserError(f"--device {name}: {error}; use cpu, cuda or cuda:N") from None
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -78,12 +73,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     from ..training.evaluate import collapse_report, knn_accuracy, linear_probe
     from ..training.models import learner_from_checkpoint
     from ..training.validation import KnnMonitor
+    from .devices import resolve_device
     from .train import CLEAN_IMAGES
 
     if args.batch_size < 1 or args.workers < 0:
         raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
     try:
-        device = _eval_device(args.device)
+        device = resolve_device(args.device)
         learner, checkpoint, statistics = learner_from_checkpoint(args.checkpoint, device, args.which, args.bn_stats)
         recipe = checkpoint["args"]
     except (FileNotFoundError, ValueError, TypeError, KeyError) as error:
@@ -147,11 +143,15 @@ def _run_preview(args: argparse.Namespace) -> int:
     try:
         from .plots import plot_views
 
-        plot_views(originals, view_one(originals), view_two(originals), args.out, mean, std, max_images=len(items))
+        written = plot_views(
+            originals, view_one(originals), view_two(originals), args.out, mean, std, max_images=len(items)
+        )
     except ImportError as error:
         hint = "pip install matplotlib" if "matplotlib" in str(error) else "the plots module is missing"
         raise UserError(f"preview cannot draw ({error}): {hint}") from None
-    print(f"byol-pytorch: wrote {args.out}: {len(items)} images from {args.data}, each beside view 1 and view 2")
+    except (ValueError, OSError) as error:
+        raise UserError(f"--out: {error}") from None
+    print(f"byol-pytorch: wrote {written}: {len(items)} images from {args.data}, each beside view 1 and view 2")
     print(f"  {view_one.describe()}\n  {view_two.describe()}")
     return 0
 

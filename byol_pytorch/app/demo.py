@@ -43,6 +43,7 @@ from ..training.distributed import DistContext
 from ..training.engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState
 from ..training.evaluate import extract_features, knn_accuracy
 from ..training.optim import build_optimizer, warmup_cosine_scheduler
+from .devices import resolve_device
 from .errors import UserError, one_line
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 
@@ -195,7 +196,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             settings[key] = value
     settings["data_dir"] = getattr(args, "data_dir", None)
-    settings["device"] = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings["device"] = str(resolve_device(getattr(args, "device", None)))
     for key in (
         "steps",
         "batch_size",

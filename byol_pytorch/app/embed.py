@@ -51,6 +51,7 @@ from ..data.remote_shards import RemoteShardSamples
 from ..data.shards import ShardSamples
 from ..training.models import learner_from_checkpoint
 from ..training.recipe import Recipe
+from .devices import resolve_device
 from .errors import UserError
 
 __all__ = ["NpyRows", "add_embed_arguments", "run_embed"]
@@ -276,7 +277,7 @@ def run_embed(args: argparse.Namespace) -> int:
     """``byol-pytorch embed`` (module doc); returns the exit status."""
     if args.batch_size < 1 or args.workers < 0 or args.flush_every < 1:
         raise UserError("--batch-size and --flush-every must be >= 1 and --workers >= 0")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     learner, recipe, checkpoint, statistics = _learner(args, device)
     items, labelled = _open(args, recipe.image_size, learner.channels if learner.channels == 1 else 3)
     if statistics == "missing":

@@ -64,7 +64,9 @@ def draw_views_or_warn(dataset: Any, learner: Any, out_path: Path, count: int = 
 
         count = min(count, len(dataset))
         originals = torch.stack([dataset[i][0] for i in range(count)]).to(next(learner.parameters()).device)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        # manual_seed reseeds every GPU's generator too: fork them all (the CPU's alone on the CPU).
+        gpus = list(range(torch.cuda.device_count())) if originals.is_cuda else []
+        with torch.random.fork_rng(devices=gpus), torch.no_grad():
             torch.manual_seed(0)
             one, two = learner.augment1(originals), learner.augment2(originals)
         mean, std = learner.augment1.resolve_mean_std(originals.shape[1])

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .._atomic import atomic_write
 from .._modules import PathLike
 
 __all__ = ["plot_curves", "plot_views"]
@@ -44,10 +45,23 @@ def _new_figure(size: tuple[float, float]) -> Any:
 
 
 def _save(figure: Any, out_path: PathLike) -> Path:
+    """Write the figure atomically in the format of the path's suffix (``.png`` added when there is none).
+
+    Raises:
+        ValueError: a suffix matplotlib cannot write, or a path that is a folder.
+        OSError: the folder cannot be written (the old file, if any, is left as it was).
+    """
     path = Path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=_DPI)
-    return path
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    kind = path.suffix[1:].lower()
+    supported = figure.canvas.get_supported_filetypes()
+    if kind not in supported:
+        formats = ", ".join("." + k for k in sorted(supported))
+        raise ValueError(f"{path}: matplotlib cannot write .{kind} images; use a file ending in one of {formats}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; pass an image file such as {path / 'views.png'}")
+    return atomic_write(path, lambda temp: figure.savefig(temp, dpi=_DPI, format=kind))
 
 
 # --------------------------------------------------------------------------- curves

@@ -15,6 +15,7 @@ with its source). Without ``--recipe``, ``--data cifar10:ROOT`` / ``cifar100:ROO
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -581,6 +582,13 @@ def check_sizes(recipe: Recipe, ctx: DistContext) -> int:
         raise UserError(f"--crop-scale-min must be in (0, 1] (the paper: 0.08), got {recipe.crop_scale_min}")
     if not recipe.lars_trust >= 0.0:
         raise UserError(f"--lars-trust must be >= 0 (the paper: 1e-3), got {recipe.lars_trust}")
+    # NaN fails every comparison: each test is written so that NaN (and inf where it says so) is refused.
+    if recipe.lr is not None and not 0.0 < recipe.lr < math.inf:
+        raise UserError(f"--lr must be a positive finite number (or left out for the model's default), got {recipe.lr}")
+    if recipe.weight_decay is not None and not 0.0 <= recipe.weight_decay < math.inf:
+        raise UserError(f"--weight-decay must be a finite number >= 0, got {recipe.weight_decay}")
+    if recipe.warmup_epochs is not None and not 0.0 <= recipe.warmup_epochs < math.inf:
+        raise UserError(f"--warmup-epochs must be a finite number >= 0 (0: no warm-up), got {recipe.warmup_epochs}")
     parts = ctx.world_size * accumulate
     if batch < 2 or batch % parts or batch // parts < 2:
         raise UserError(

@@ -83,6 +83,7 @@ from ..training.models import build_backbone, build_learner
 from ..training.optim import build_recipe_optimizer, resync_lr, warmup_cosine_scheduler
 from ..training.recipe import Recipe
 from ..training.validation import BelowReference, KnnMonitor
+from .devices import resolve_device
 from .errors import PROG, UserError, one_line, warn
 from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
 from .recipe import (
@@ -148,6 +149,7 @@ class Run:
     start_step: int = 0  # the step this invocation started at
     last_knn: float | None = None
     deferred: list[Callable[[], None]] = field(default_factory=list)  # writes made once the run folder is locked
+    monitor: KnnMonitor | None = None  # rank 0, --val-data: opened before the first write (a bad spec refuses)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,6 +159,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         UserError: bad input (missing data, unknown model, batch size, resume without a
             checkpoint, a file that is not our checkpoint) or a non-finite loss.
     """
+    if args.device not in (None, "auto"):
+        resolve_device(args.device)  # a name this machine has, or one error line
     try:
         ctx = setup_distributed(args.device)
     except ValueError as error:
@@ -285,8 +289,20 @@ def _resume_path(args: argparse.Namespace, out: Path) -> Path | None:
             )
         return None
     path = _checkpoint_path(args, out)
+    if path.is_dir():
+        inside = f" (it holds last.pt: pass {path / 'last.pt'}, or --out {path} --resume to go on there)"
+        raise UserError(
+            f"--resume: checkpoint {str(path)!r} is a folder{inside if (path / 'last.pt').is_file() else ''}; "
+            "pass RUNDIR/last.pt written by 'byol-pytorch train'"
+        )
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}; train without --resume to start a new run")
+    own = out / "last.pt"
+    if own.exists() and not own.samefile(path):
+        raise UserError(
+            f"--resume {path}: --out {out} already holds another run's checkpoint ({own}), which this run would "
+            f"overwrite; choose an empty --out to continue {path} there, or resume that run with --resume alone"
+        )
     return path
 
 
@@ -445,6 +461,12 @@ def _build_data(
     except ImportError as error:  # an optional extra (webdataset, datasets) is missing
         raise UserError(f"--data {redact(data)}: {error}") from None
     except (ValueError, RuntimeError) as error:
+        if getattr(args, "data", None) is None:  # a resume: the spec came from the checkpoint
+            where = "" if "://" in data or Path(data).is_absolute() else ", relative to where the run started"
+            raise UserError(
+                f"--data (the run's, from its checkpoint: {redact(data)}{where}): {error}; "
+                "pass --data to say where the data is now"
+            ) from None
         raise UserError(f"--data: {error}") from None
     loader = make_loader(
         dataset,
@@ -594,6 +616,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     if ctx.is_main and getattr(args, "bn_stats", "trained") == "clean" and batchnorm_layers(learner.net, frozen=False):
         index = dataset.paths if isinstance(dataset, ImageFolder) else None  # no second scan of a folder
         prepared.clean_images = _clean_images(str(data), recipe, args, index)
+    _open_monitor(prepared)  # before the first write: a bad --val-data refuses the start
     _restore(checkpoint, prepared)
     prepared.start_step = prepared.state.step
     if prepared.state.step < total:
@@ -614,6 +637,32 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
             "sockets, devices, broken links) and were passed over"
         )
     return prepared
+
+
+def _open_monitor(prepared: Run) -> None:
+    """Open ``--val-data``'s kNN monitor into ``prepared.monitor`` on rank 0 (its figure is sent to the others).
+
+    Raises:
+        UserError: on every rank, when rank 0 cannot open the data (one line naming the flag).
+    """
+
+    def open_on_main() -> str | None:
+        try:
+            prepared.monitor = KnnMonitor(
+                prepared.args.val_data,
+                prepared.recipe.image_size,
+                1 if prepared.recipe.in_chans == 1 else 3,
+                prepared.ctx.device,
+                workers=min(prepared.workers, 4),
+                clean_images=prepared.clean_images,
+            )
+        except (ValueError, OSError) as error:
+            return f"--val-data: {error}"
+        return None
+
+    refused = broadcast_from_main(prepared.ctx, open_on_main) if prepared.args.val_data else None
+    if refused:
+        raise UserError(refused)
 
 
 def _chosen(args: argparse.Namespace, recipe: Recipe, checkpoint: dict[str, Any] | None) -> str:
@@ -767,18 +816,7 @@ def run(prepared: Run) -> TrainState:
             enabled=ctx.is_main,
             wandb=wandb_options(args, prepared.run_args),
         )
-        monitor = (
-            KnnMonitor(
-                args.val_data,
-                recipe.image_size,
-                1 if recipe.in_chans == 1 else 3,
-                ctx.device,
-                workers=min(prepared.workers, 4),
-                clean_images=prepared.clean_images,
-            )
-            if args.val_data and ctx.is_main
-            else None
-        )
+        monitor = prepared.monitor
     except ValueError as error:
         raise UserError(str(error)) from None
     step = OptimizerStep(

@@ -18,9 +18,7 @@ kill while saving leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import pickle
 import random
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -100,11 +98,16 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
             comes from a newer version.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = " (it holds last.pt: pass that)" if (path / "last.pt").is_file() else ""
+        raise ValueError(
+            f"checkpoint {str(path)!r} is a folder{inside}; pass RUNDIR/last.pt written by 'byol-pytorch train'"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError):
+    except Exception:  # junk bytes reach the weights-only unpickler's KeyError, IndexError, struct.error, ...
         raise ValueError(
             f"{str(path)!r} is not a byol_pytorch checkpoint (not a PyTorch file that loads with "
             "weights_only=True); pass RUNDIR/last.pt written by 'byol-pytorch train'"

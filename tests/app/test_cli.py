@@ -109,6 +109,55 @@ def test_a_checkpoint_that_is_not_ours(capsys, tmp_path, trained, command, make_
     assert "is not a byol_pytorch checkpoint" in line
 
 
+@pytest.mark.parametrize("command", ["resume", "export", "eval", "embed"])
+def test_junk_bytes_and_a_run_folder_as_checkpoint_are_one_line(capsys, tmp_path, trained, command, make_labelled):
+    data, out = trained
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"hello\n")  # the weights-only unpickler raises a KeyError on it
+    labelled = str(make_labelled(tmp_path / "lab"))
+    for checkpoint, expected in ((junk, "is not a byol_pytorch checkpoint"), (out, "is a folder (it holds last.pt")):
+        argv = {
+            "resume": ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--resume", str(checkpoint)],
+            "export": ["export", str(checkpoint), "--out", str(tmp_path / "x.safetensors")],
+            "eval": ["eval", "--data", labelled, "--checkpoint", str(checkpoint)],
+            "embed": ["embed", "--data", labelled, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "e")],
+        }[command]
+        assert expected in one_error_line(capsys, cli.main(argv))
+
+
+def test_bad_devices_are_one_line_in_every_command(capsys, tmp_path, trained, make_labelled):
+    data, out = trained
+    labelled = str(make_labelled(tmp_path / "lab"))
+    checkpoint = str(out / "last.pt")
+    for argv in (
+        ["train", "--data", str(data), "--out", str(tmp_path / "r")],
+        ["eval", "--data", labelled, "--checkpoint", checkpoint],
+        ["embed", "--data", labelled, "--checkpoint", checkpoint, "--out", str(tmp_path / "e")],
+        ["demo", "--quick"],
+    ):
+        assert "--device 'bogus' is not a device name" in one_error_line(capsys, cli.main([*argv, "--device", "bogus"]))
+        if not torch.cuda.is_available():
+            line = one_error_line(capsys, cli.main([*argv, "--device", "cuda"]))
+            assert "CUDA is not available; use --device cpu" in line
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
+
+
+def test_export_and_preview_outputs_that_cannot_be_written_are_one_line(capsys, tmp_path, trained):
+    data, out = trained
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    line = one_error_line(capsys, cli.main(["export", str(out / "last.pt"), "--out", str(folder)]))
+    assert line.endswith("is a folder where a file was expected: pass a file (files saved earlier are intact)")
+    assert f"'{folder}'" in line and ".tmp" not in line
+    assert list(folder.iterdir()) == []
+    pytest.importorskip("matplotlib")
+    preview = ["preview", "--data", str(data), "--image-size", "32", "--count", "2"]
+    line = one_error_line(capsys, cli.main([*preview, "--out", str(tmp_path / "views.xyz")]))
+    assert "matplotlib cannot write .xyz images" in line and ".png" in line
+    assert cli.main([*preview, "--out", str(tmp_path / "views")]) == 0  # no suffix: a PNG, and the line says so
+    assert (tmp_path / "views.png").is_file() and f"wrote {tmp_path / 'views.png'}:" in capsys.readouterr().out
+
+
 def test_eval_folder_without_class_subfolders(capsys, tmp_path, trained):
     data, out = trained
     flat = tmp_path / "flat"

@@ -200,7 +200,16 @@ REFUSALS = {
     "a batch of one": lambda out, tmp, data: ["--resume", "--max-steps", "4", "--batch-size", "1"],
     "a file that is not a checkpoint": lambda out, tmp, data: ["--resume", str(data / "img_0.png")],
     "a model that does not exist": lambda out, tmp, data: ["--resume", "--model", "no_such_net"],
+    "another run's checkpoint over this one": lambda out, tmp, data: ["--resume", _copy(out / "last.pt", tmp)],
+    "validation data that is not there": lambda out, tmp, data: ["--resume", "--val-data", str(tmp / "nowhere")],
+    "a device that does not exist": lambda out, tmp, data: ["--resume", "--device", "bogus"],
 }
+
+
+def _copy(path: Path, tmp_path: Path) -> str:
+    copy = tmp_path / "other_run.pt"
+    copy.write_bytes(path.read_bytes())
+    return str(copy)
 
 
 @pytest.mark.parametrize("reason", sorted(REFUSALS))
@@ -223,10 +232,27 @@ REFUSED = (
 HELD = "one line; the run folder byte-identical (names, sizes, sha256), the folder index not cached"
 
 
-def test_a_refused_first_start_creates_no_folder(messy, tmp_path, capsys, tiny_flags, record_fault):
+FIRST_START_REFUSALS = {
+    "a negative lr": (["--lr", "-1"], "--lr must be a positive finite number"),
+    "a NaN lr": (["--lr", "nan"], "--lr must be a positive finite number"),
+    "an infinite lr": (["--lr", "inf"], "--lr must be a positive finite number"),
+    "a negative weight decay": (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    "a negative warm-up": (["--warmup-epochs", "-1"], "--warmup-epochs must be a finite number >= 0"),
+    "a device name that is none": (["--device", "bogus"], "--device 'bogus' is not a device name"),
+    "validation data that is not there": (["--val-data", "{tmp}/nowhere"], "--val-data: "),
+    "a junk file to resume": (["--resume", "{tmp}/junk.pt"], "junk.pt' is not a byol_pytorch checkpoint"),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(FIRST_START_REFUSALS))
+def test_a_refused_first_start_creates_no_folder(messy, tmp_path, capsys, tiny_flags, record_fault, reason):
+    (tmp_path / "junk.pt").write_bytes(b"hello\n")  # reaches the weights-only unpickler's KeyError
+    flags, message = FIRST_START_REFUSALS[reason]
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
     out = tmp_path / "new" / "run"
-    assert cli.main(["train", "--data", str(messy), "--out", str(out), *tiny_flags, "--lr", "-1"]) == 1
-    assert len(error_lines(capsys.readouterr().err)) == 1
+    assert cli.main(["train", "--data", str(messy), "--out", str(out), *tiny_flags, *flags]) in (1, 2)
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "new").exists()
     record_fault("a refused first start (no run folder yet)", 1, "one line; no folder created")
 
