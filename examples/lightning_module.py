@@ -22,6 +22,11 @@ What it shows:
   predictor to SyncBatchNorm at the first training step when a process group of more
   than one process exists, so also the one Lightning creates after the learner was
   built. ``Trainer(sync_batchnorm=True)`` converts the backbone's BatchNorm as well.
+* A non-finite loss raises ``FloatingPointError`` at ``update_moving_average()``, read from
+  each process's own flags without a host sync: under DDP the rank that saw a bad batch
+  raises a step or so before the others learn of it through the reduced gradients. To stop
+  every rank together, set ``learner.finite_check = False`` and all-reduce (MIN)
+  ``learner.take_finite_flags()`` every few steps, as ``byol-pytorch train``'s engine does.
 
 Usage (a check on a laptop CPU, in seconds)::
 

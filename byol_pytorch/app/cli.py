@@ -122,6 +122,7 @@ def _run_preview(args: argparse.Namespace) -> int:
 
     from ..augment import BYOLAugment
     from ..data import first_items, load_size_for, open_unlabelled
+    from ..data.remote import redact
 
     if args.image_size < 8 or args.count < 1:
         raise UserError(f"--image-size must be >= 8 and --count >= 1, got {args.image_size} and {args.count}")
@@ -151,7 +152,7 @@ def _run_preview(args: argparse.Namespace) -> int:
         raise UserError(f"preview cannot draw ({error}): {hint}") from None
     except (ValueError, OSError) as error:
         raise UserError(f"--out: {error}") from None
-    print(f"byol-pytorch: wrote {written}: {len(items)} images from {args.data}, each beside view 1 and view 2")
+    print(f"byol-pytorch: wrote {written}: {len(items)} images from {redact(args.data)}, each beside view 1 and view 2")
     print(f"  {view_one.describe()}\n  {view_two.describe()}")
     return 0
 

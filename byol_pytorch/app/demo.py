@@ -224,8 +224,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--tau must be in [0, 1] (the paper: 0.99-0.996), got {settings['tau']}")
     if not 0.0 < settings["crop_scale"] <= 1.0:
         raise UserError(f"--crop-scale must be in (0, 1], got {settings['crop_scale']}")
-    if not settings["lr"] > 0:
-        raise UserError(f"--lr must be positive, got {settings['lr']}")
+    if not 0 < settings["lr"] < float("inf"):
+        raise UserError(f"--lr must be a positive finite number, got {settings['lr']}")
+    out = Path(settings["out"])
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():  # found now, not after minutes of training
+        raise UserError(f"--out {out}: {blocker} is a file, not a folder; choose another --out")
     return settings
 
 

@@ -219,6 +219,20 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     atomic_write(path, write)
 
 
+_LINE_BREAKS = {c: f"\\u{ord(c):04x}" for c in "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+_LINE_BREAKS["\n"] = "\\n"
+
+
+def id_line(sample_id: str) -> str:
+    """A sample id as one line of ``ids.txt``: ``str.splitlines`` splits at none of its characters.
+
+    Line breaks become ``\\n`` (a newline) or ``\\uXXXX`` escapes; bytes of a file name that are not
+    UTF-8 (Python's surrogate escapes) become ``\\xNN``. Every other id is written as it is.
+    """
+    line = "".join(_LINE_BREAKS.get(c, c) for c in sample_id)
+    return line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class _Outputs:
     """The files of an embed run, opened for a fresh start or a resume."""
 
@@ -234,12 +248,19 @@ class _Outputs:
         self.ids = open(ids, "a" if state is not None else "w", encoding="utf-8")  # noqa: SIM115
         self.items = 0 if state is None else int(state["items"])
         self.broken = 0 if state is None else int(state["broken"])
+        self.rows = self.vectors.rows  # rows of whole batches: vectors, labels and ids all written
 
-    def write(self, vectors: np.ndarray, labels: np.ndarray, ids: list[str]) -> None:
-        self.vectors.write(vectors)
-        if self.labels is not None:
-            self.labels.write(labels)
-        self.ids.write("".join(i.replace("\n", "\\n") + "\n" for i in ids))
+    def write(self, vectors: np.ndarray, labels: np.ndarray, ids: list[str], items: int, broken: int) -> None:
+        """One batch's rows, then its counts: a batch cut short by a stop or an error is not counted."""
+        text = "".join(id_line(i) + "\n" for i in ids)  # encoded before anything is written
+        if ids:
+            self.vectors.write(vectors)
+            if self.labels is not None:
+                self.labels.write(labels)
+            self.ids.write(text)
+        self.rows = self.vectors.rows
+        self.items += items
+        self.broken += broken
 
     def flush(self, identity: dict[str, Any]) -> None:
         self.vectors.flush()
@@ -247,7 +268,7 @@ class _Outputs:
             self.labels.flush()
         self.ids.flush()
         os.fsync(self.ids.fileno())
-        state = {**identity, "rows": self.vectors.rows, "items": self.items, "broken": self.broken}
+        state = {**identity, "rows": self.rows, "items": self.items, "broken": self.broken}
         _write_json(self.out / STATE, state)
 
     def close(self, final: bool) -> None:
@@ -263,13 +284,12 @@ def _embed_batches(learner: Any, loader: Any, device: torch.device, channels: in
     with torch.no_grad():
         for images, labels, ids, readable in tqdm(loader, desc="embed", unit="batch", file=sys.stderr):
             keep = torch.as_tensor(readable, dtype=torch.bool)
-            outputs.items += len(keep)
-            outputs.broken += int((~keep).sum())
+            vectors = np.zeros((0, learner.representation_size), dtype=np.float32)
             if keep.any():
                 x = match_channels(images[keep].to(device, non_blocking=True), channels)
-                vectors = learner(x, return_embedding=True, return_projection=False)  # (b, D)
-                chosen = [i for i, k in zip(ids, keep.tolist()) if k]
-                outputs.write(vectors.float().cpu().numpy(), torch.as_tensor(labels)[keep].numpy(), chosen)
+                vectors = learner(x, return_embedding=True, return_projection=False).float().cpu().numpy()  # (b, D)
+            chosen = [i for i, k in zip(ids, keep.tolist()) if k]
+            outputs.write(vectors, torch.as_tensor(labels)[keep].numpy(), chosen, len(keep), int((~keep).sum()))
             flush()
 
 
@@ -284,7 +304,7 @@ def run_embed(args: argparse.Namespace) -> int:
         _clean_statistics(learner, items, device)
         statistics = "clean (re-estimated on 512 of these images)"
     out = Path(args.out)
-    identity = {"data": args.data, "checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which}
+    identity = {"data": redact(args.data), "checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which}
     identity.update(dtype=args.dtype, step=int(checkpoint.get("step", 0)), bn_stats=args.bn_stats)
     state = _read_state(out, args, identity)
     out.mkdir(parents=True, exist_ok=True)

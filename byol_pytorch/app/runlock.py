@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..data.remote import redact
 from .errors import UserError, warn
 
 __all__ = ["LOCK_NAME", "RunFolderLock", "describe_holder"]
@@ -130,7 +131,7 @@ class RunFolderLock:
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "started": time.time(),
-                "command": " ".join(sys.argv[:1] + sys.argv[1:])[:500],
+                "command": redact(" ".join(sys.argv))[:500],  # no credentials of a --data URL
             }
         )
         os.ftruncate(self.fd, 0)

@@ -16,7 +16,7 @@ import io
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -331,10 +331,13 @@ class LabelledImageFolder(_ImageFiles):
         root: the folder holding the class sub-folders.
         load_size: side ``S`` of the square images handed out.
         channels: 1 or 3.
+        classes: the class names to number by (a held-out split's labels must mean its
+            training split's classes, ``classes=train.classes``); None: the sub-folders here.
+            Every sub-folder must be one of them; a class without a sub-folder has no images.
 
     Raises:
         ValueError: ``root`` is missing, has no class sub-folders, or a class sub-folder
-            has no images; or an invalid ``load_size``/``channels``.
+            has no images, or is not among ``classes``; or an invalid ``load_size``/``channels``.
 
     Attributes:
         classes: class names; ``classes[label]`` names a label.
@@ -343,22 +346,30 @@ class LabelledImageFolder(_ImageFiles):
     ``dataset[i]`` returns ``(image, label)``: a ``uint8`` tensor ``(C, S, S)`` and an int.
     """
 
-    def __init__(self, root: PathLike, load_size: int, channels: int = 3) -> None:
+    def __init__(self, root: PathLike, load_size: int, channels: int = 3, classes: Sequence[str] | None = None) -> None:
         root_path = Path(root)
         check_folder(root_path)
-        classes = sorted(entry.name for entry in root_path.iterdir() if entry.is_dir() and not _is_hidden(entry.name))
-        if not classes:
+        found = sorted(entry.name for entry in root_path.iterdir() if entry.is_dir() and not _is_hidden(entry.name))
+        if not found:
             raise ValueError(f"{str(root_path)!r} has no class sub-folders; expected ROOT/CLASS_NAME/image.jpg")
+        names = list(found) if classes is None else list(classes)
+        unknown = [name for name in found if name not in names]
+        if unknown:
+            raise ValueError(
+                f"{str(root_path)!r} has classes the training split lacks ({', '.join(map(repr, unknown[:5]))}); "
+                "a held-out split's class sub-folders must be among the training split's"
+            )
         parts: list[tuple[str, FileIndex]] = []
-        for name in classes:
+        for name in found:
             try:
                 parts.append((name, index_images(root_path / name)))
             except ValueError as error:
                 raise ValueError(f"class {name!r} is empty: {error}") from None
         super().__init__(root_path, FileIndex.concat(root_path, parts), load_size, channels)
-        self.classes = classes
+        self.classes = names
         # int32 labels in one array (not a list of ints: workers would copy it, see FileIndex)
-        self._labels = np.repeat(np.arange(len(classes), dtype=np.int32), [len(part) for _, part in parts])
+        numbers = np.array([names.index(name) for name in found], dtype=np.int32)
+        self._labels = np.repeat(numbers, [len(part) for _, part in parts])
 
     @property
     def targets(self) -> list[int]:

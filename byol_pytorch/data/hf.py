@@ -43,6 +43,7 @@ from .folder import BrokenImageError, decode_image, load_image, read_or_next
 __all__ = [
     "HF_MISSING",
     "HFImageDataset",
+    "UnlabelledRowsError",
     "dataset_splits",
     "image_column",
     "is_hf_spec",
@@ -52,6 +53,16 @@ __all__ = [
 ]
 
 HF_MISSING = 'hf: data needs the datasets package: pip install "byol-pytorch[datasets]"'
+
+
+class UnlabelledRowsError(ValueError):
+    """Rows of a label column without a label (None, or -1: the convention of an unlabelled test split)."""
+
+    def __init__(self, message: str, missing: int, rows: int) -> None:
+        super().__init__(message)
+        self.missing, self.rows = missing, rows
+
+
 _LOCAL_ONLY = (
     "only local paths are supported (a folder written by save_to_disk, an image folder, or parquet files); "
     "nothing is downloaded from the Hugging Face Hub"
@@ -247,7 +258,21 @@ class HFImageDataset(Dataset):
                     f"{self.source} has no label column (a ClassLabel feature, or integers named label/labels; "
                     f"its columns: {', '.join(data.features)}); evaluation needs labelled data"
                 )
-            self.targets = [int(v) for v in data[found]]
+            values = list(data[found])
+            missing = sum(1 for v in values if v is None or int(v) < 0)
+            if missing:
+                what = (
+                    f"none of its {len(values)} rows has a label"
+                    if missing == len(values)
+                    else f"{missing} of its {len(values)} rows have no label"
+                )
+                raise UnlabelledRowsError(
+                    f"{self.source} split {self.split!r}: {what} in {found!r} (None or -1, as an unlabelled "
+                    "test split has them); evaluate on a labelled split (--hf-split)",
+                    missing,
+                    len(values),
+                )
+            self.targets = [int(v) for v in values]
         self.rows = data.select_columns([self.column]).cast_column(self.column, datasets.Image(decode=False))
         if len(self.rows) == 0:
             raise ValueError(f"{self.source} has no rows; pass a dataset (or split: --hf-split) that holds images")

@@ -6,12 +6,20 @@ the same way: Python's and NumPy's generators seeded from the worker's torch see
 worker, fixed by the loader's own seeded generator), SIGINT/SIGTERM left to the main process (it
 finishes its step and stops the workers; a worker killed by Ctrl-C would crash the step in
 flight), and page-locked batches when they go to a GPU.
+
+Workers that ignore SIGTERM cannot be stopped by the interpreter's own exit, which terminates
+its daemonic children with SIGTERM and then waits for them: a loop left by an exception (its
+iterator alive in the traceback) would hang the process for ever. An exit hook, run before
+multiprocessing's, kills the workers of these loaders that are still alive.
 """
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # noqa: F401  (registers its exit hook now, so that ours, later, runs first)
 import random
 import signal
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +41,35 @@ def collate_images(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor,
     """
     images = torch.stack([image for image, _ in batch])  # (B, C, S, S)
     return images, sum(skipped for _, skipped in batch)
+
+
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # multi-process iterators of our loaders
+
+
+class _Loader(DataLoader):
+    """A ``DataLoader`` whose multi-process iterators are known to the exit hook."""
+
+    def _get_iterator(self) -> Any:
+        iterator = super()._get_iterator()
+        if getattr(iterator, "_workers", None):
+            _LIVE_ITERATORS.add(iterator)
+        return iterator
+
+
+def _kill_our_workers_at_exit() -> None:
+    """Stop the workers of our loaders' live iterators, SIGKILL what is left (they ignore the exit's SIGTERM)."""
+    from torch.utils.data._utils import signal_handling
+
+    for iterator in list(_LIVE_ITERATORS):
+        workers = list(getattr(iterator, "_workers", []))
+        if getattr(iterator, "_worker_pids_set", False):  # torch's SIGCHLD check would call the kill a failure
+            signal_handling._remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+        for worker in workers:
+            worker.join(timeout=5)
 
 
 def ignore_signals_in_worker(worker_id: int = 0) -> None:
@@ -111,7 +148,7 @@ def make_loader(
             )
     if collate_fn is None and batch_size is not None:
         collate_fn = collate_images if getattr(dataset, "collate", None) == "images" else default_collate
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
@@ -124,3 +161,6 @@ def make_loader(
         worker_init_fn=worker_init if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+atexit.register(_kill_our_workers_at_exit)  # after multiprocessing.util's (imported above): runs before it

@@ -40,7 +40,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .._atomic import atomic_write
 from .folder import BrokenImageError, decode_image
 from .remote import FaultBudget, Prefetcher, ReadPolicy, RemoteReadError, ShardFailed, is_remote, read_shard, redact
-from .shards import IMAGE_SUFFIXES, ShardDataset, _shuffled, _webdataset
+from .shards import IMAGE_SUFFIXES, ShardDataset, _shuffled, _webdataset, shard_names
 
 __all__ = [
     "RemoteShardDataset",
@@ -70,13 +70,18 @@ def expand_remote(spec: str) -> list[str]:
     braceexpand, _ = _webdataset()
     locations = list(braceexpand.braceexpand(spec))
     if not spec.startswith("pipe:"):
-        odd = [u for u in locations if not u.endswith(".tar")]
+        odd = [u for u in locations if not _path_of(u).endswith(".tar")]
         if odd:
             raise ValueError(
-                f"remote data must be tar shards ending in .tar (a brace pattern such as "
+                f"remote data must be tar shards whose path ends in .tar (a brace pattern such as "
                 f"https://host/train-{{000000..000099}}.tar), got {redact(odd[0])!r}"
             )
     return locations
+
+
+def _path_of(location: str) -> str:
+    """A URL without its query and fragment (a pre-signed URL's ``?X-Amz-Signature=...``)."""
+    return location.split("#", 1)[0].split("?", 1)[0]
 
 
 def _is_image(suffix: str) -> bool:
@@ -343,6 +348,7 @@ class RemoteShardSamples(IterableDataset):
         policy: ReadPolicy | None = None,
     ) -> None:
         self.spec, self.paths = shards, expand_remote(shards)
+        self.names = dict(zip(self.paths, shard_names([_path_of(redact(location)) for location in self.paths])))
         self.load_size, self.channels, self.labelled = load_size, channels, labelled
         self.index, self.policy = index, policy or ReadPolicy()
         self.source = redact(shards)
@@ -360,7 +366,7 @@ class RemoteShardSamples(IterableDataset):
         return self._length
 
     def _item(self, location: str, sample: Any) -> tuple[torch.Tensor, int, str, bool]:
-        image, name = _decode_sample(sample, self.load_size, self.channels, redact(location).rsplit("/", 1)[-1])
+        image, name = _decode_sample(sample, self.load_size, self.channels, self.names[location])
         label = -1
         if image is not None and self.labelled:
             data = sample[1].get("cls")

@@ -73,6 +73,7 @@ __all__ = [
     "expand_shards",
     "is_shard_spec",
     "make_shard_loader",
+    "shard_names",
     "shard_samples",
 ]
 
@@ -434,6 +435,7 @@ class ShardSamples(IterableDataset):
         keep: Any = None,
     ) -> None:
         self.paths = expand_shards(shards)
+        self.names = shard_names(self.paths)  # the SHARD of each sample id
         self.load_size, self.channels, self.labelled, self.keep = load_size, channels, labelled, keep
         self.skip: set[str] = set()  # ``SHARD:KEY`` of samples to pass over without reading them (a resumed embed)
         self.source = str(shards) if isinstance(shards, str) else f"{len(self.paths)} shards"
@@ -456,9 +458,9 @@ class ShardSamples(IterableDataset):
     def __len__(self) -> int:
         return self.length
 
-    def _item(self, files: _Files, path: Path, sample: _Sample) -> tuple[torch.Tensor, int, str, bool]:
+    def _item(self, files: _Files, k: int, sample: _Sample) -> tuple[torch.Tensor, int, str, bool]:
         key, members = sample
-        name = f"{path.name}:{key}"
+        path, name = self.paths[k], f"{self.names[k]}:{key}"
         image = next((s for s in members if s.rsplit(".", 1)[-1] in IMAGE_SUFFIXES), None)
         try:
             if image is None:
@@ -480,10 +482,31 @@ class ShardSamples(IterableDataset):
         try:
             for k in range(worker, len(self.paths), count):
                 for i, sample in enumerate(_samples(self.paths[k])):
-                    if (self.keep is None or self.keep(k, i)) and f"{self.paths[k].name}:{sample[0]}" not in self.skip:
-                        yield self._item(files, self.paths[k], sample)
+                    if (self.keep is None or self.keep(k, i)) and f"{self.names[k]}:{sample[0]}" not in self.skip:
+                        yield self._item(files, k, sample)
         finally:
             files.close()
+
+
+def shard_names(locations: Sequence[object]) -> list[str]:
+    """How sample ids (``SHARD:KEY``) name each shard: its file name, or its path below the common folder.
+
+    The file name alone while no two shards share one (``train-000001.tar``); else every shard's
+    path below the folder they all share (``a/s.tar`` and ``b/s.tar``), so that no two samples of
+    different shards get one id.
+
+    Examples:
+        >>> shard_names(["data/a/s.tar", "data/b/s.tar"]), shard_names(["x/0.tar", "x/1.tar"])
+        (['a/s.tar', 'b/s.tar'], ['0.tar', '1.tar'])
+    """
+    parts = [str(location).replace(os.sep, "/").split("/") for location in locations]
+    names = [p[-1] for p in parts]
+    if len(set(names)) == len(names):
+        return names
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    return ["/".join(p[common:]) for p in parts]
 
 
 def make_shard_loader(dataset: ShardDataset, pin_memory: bool = False) -> DataLoader:

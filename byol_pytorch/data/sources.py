@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 from .cifar import CifarDataset, is_cifar_spec, parse_cifar_spec
 from .file_index import FileIndex, load_or_scan
 from .folder import BrokenImageError, ImageFolder, LabelledImageFolder
-from .hf import HFImageDataset, dataset_splits, is_hf_spec, parse_hf_spec
+from .hf import HFImageDataset, UnlabelledRowsError, dataset_splits, is_hf_spec, parse_hf_spec
 from .remote import is_remote
 from .remote_shards import RemoteShardDataset, RemoteShardSamples
 from .shards import ShardDataset, ShardSamples, is_shard_spec
@@ -249,10 +249,13 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
     """The bank and the held-out queries of a kNN evaluation on labelled data of any form.
 
     * a folder with ``train`` and ``val`` (or ``test``) sub-folders, each with class sub-folders:
-      those two; else one folder of class sub-folders, every fifth image of each class held out;
+      those two, the held-out labels numbered by the training split's class names (a class
+      only ``val`` has is an error); else one folder of class sub-folders, every fifth image of
+      each class held out;
     * CIFAR: the training batches and the test batch;
-    * ``hf:`` data with splits ``train`` and ``validation`` (or ``test``): those; else every fifth
-      row of each class held out;
+    * ``hf:`` data with splits ``train`` and ``validation`` (or ``test``): those, unless the
+      held-out split has no labels at all (-1, a benchmark's hidden test labels); else every
+      fifth row of each class held out;
     * shards: every fifth sample of each shard held out.
 
     Args:
@@ -278,14 +281,20 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
             for q in (False, True)
         )
     held_out = _held_out_split(spec, kind)
-    if held_out is not None:
-        if kind == "hf":
-            return tuple(open_labelled(spec, load_size, channels, split=s, **options) for s in ("train", held_out))  # type: ignore[return-value]
+    if held_out is not None and kind != "hf":
         base = Path(spec)
-        return LabelledImageFolder(base / "train", load_size, channels), LabelledImageFolder(
-            base / held_out, load_size, channels
-        )
-    full = open_labelled(spec, load_size, channels, **options)
+        train = LabelledImageFolder(base / "train", load_size, channels)
+        return train, LabelledImageFolder(base / held_out, load_size, channels, classes=train.classes)
+    if held_out is not None:
+        full = open_labelled(spec, load_size, channels, split="train", **options)
+        try:
+            return full, open_labelled(spec, load_size, channels, split=held_out, **options)
+        except UnlabelledRowsError as error:
+            if error.missing < error.rows:
+                raise
+            # an unlabelled held-out split (labels -1, a benchmark's test split): a fifth of train instead
+    else:
+        full = open_labelled(spec, load_size, channels, **options)
     bank, queries = _every_fifth(full.targets)  # type: ignore[attr-defined]
     if not queries:
         raise ValueError(f"{spec!r} has too few images per class for a kNN check (at least 5 per class)")

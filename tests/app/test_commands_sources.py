@@ -149,6 +149,59 @@ def test_embed_float16_and_a_stopped_run_resumes_to_the_same_files(sources, chec
     assert a.dtype == np.float16 and np.array_equal(a, b) and not (part / "embed_state.json").exists()
 
 
+def test_a_run_stopped_inside_a_batch_resumes_without_losing_it(sources, checkpoint, tmp_path, monkeypatch):
+    # Ctrl-C while the third batch is in the net: its images are not counted as done, so the
+    # resumed run embeds them (the state used to count a batch before writing it: 4 images lost).
+    from byol_pytorch.app import embed as embed_module
+
+    spec = sources["folder"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    base = ["embed", "--data", spec, "--checkpoint", str(checkpoint), "--batch-size", "4", "--flush-every", "1"]
+    assert cli.main([*base, "--out", str(whole)]) == 0
+    original, calls = embed_module.match_channels, []
+
+    def stop_in_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(embed_module, "match_channels", stop_in_the_third_batch)
+    assert cli.main([*base, "--out", str(part)]) == 130
+    state = json.loads((part / "embed_state.json").read_text())
+    assert state["rows"] == state["items"] == 8
+    monkeypatch.setattr(embed_module, "match_channels", original)
+    assert cli.main([*base, "--out", str(part), "--resume"]) == 0
+    assert (part / "ids.txt").read_text() == (whole / "ids.txt").read_text()
+    assert np.array_equal(np.load(whole / "embeddings.npy"), np.load(part / "embeddings.npy"))
+
+
+def test_ids_are_one_line_each_and_shards_of_one_name_in_two_folders_get_distinct_ids(tmp_path, checkpoint):
+    import io
+
+    import webdataset
+    from PIL import Image
+
+    from byol_pytorch.app.embed import id_line
+
+    for name in ("a", "b"):  # two shards named s.tar, the same keys in both
+        (tmp_path / name).mkdir()
+        with webdataset.TarWriter(str(tmp_path / name / "s.tar")) as sink:
+            for i in range(3):
+                buffer = io.BytesIO()
+                Image.new("RGB", (12, 12), (i * 40, 0, 0)).save(buffer, format="PNG")
+                sink.write({"__key__": f"k{i}", "png": buffer.getvalue()})
+    out = tmp_path / "emb"
+    spec = str(tmp_path / "{a,b}" / "s.tar")
+    assert cli.main(["embed", "--data", spec, "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    ids = (out / "ids.txt").read_text(encoding="utf-8").splitlines()
+    assert sorted(ids) == sorted(f"{d}/s.tar:k{i}" for d in "ab" for i in range(3))
+    for awkward in ("a\nb.png", "a\rb.png", "a\u2028b.png", "a\x85b.png", "bad\udcff.png"):
+        line = id_line(awkward)
+        assert len((line + "\n").splitlines()) == 1 and line.encode("utf-8")
+    assert id_line("plain/name.png") == "plain/name.png"
+
+
 def _unlabelled_shards(root):
     import io
 

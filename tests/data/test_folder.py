@@ -304,3 +304,42 @@ def test_match_channels_replicates_gray_and_keeps_matching_batches():
     colour = torch.rand(2, 3, 4, 4)
     assert match_channels(colour, 3) is colour  # nothing to do: the same tensor
     assert torch.equal(match_channels(colour, 1), colour[:, :1])  # the first channel stands for gray
+
+
+def test_a_loop_left_by_an_error_in_a_worker_does_not_hang_the_exit(tmp_path):
+    # Our workers ignore SIGTERM (the main process handles it), which the interpreter's exit sends
+    # to its daemonic children before waiting for them: without the loader's exit hook a script
+    # whose loop ended in an exception waited for ever.
+    import subprocess
+    import sys
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            (tmp_path / name / f"{i}.jpg").write_bytes(b"not an image")
+    script = (
+        "from byol_pytorch.data import open_unlabelled\n"
+        "from byol_pytorch.data.loader import make_loader\n"
+        f"for batch in make_loader(open_unlabelled({str(tmp_path)!r}, 16), 2, workers=2, shuffle=False):\n"
+        "    pass\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "could be read" in result.stderr and "killed by signal" not in result.stderr
+
+
+def test_a_held_out_folder_is_labelled_by_the_training_split_class_names(tmp_path):
+    from byol_pytorch.data.sources import labelled_split
+
+    for split, classes in (("train", ("cat", "dog", "fox")), ("val", ("cat", "fox"))):
+        for label, name in enumerate(classes):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (40 * label, 10 * i, 0)).save(tmp_path / split / name / f"{i}.png")
+    bank, queries = labelled_split(str(tmp_path), 8)
+    assert bank.classes == queries.classes == ["cat", "dog", "fox"]
+    assert sorted(set(queries.targets)) == [0, 2]  # a val fox is the bank's fox (2), not its dog (1)
+    (tmp_path / "val" / "owl").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "owl" / "0.png")
+    with pytest.raises(ValueError, match="classes the training split lacks \\('owl'\\)"):
+        labelled_split(str(tmp_path), 8)

@@ -99,3 +99,23 @@ def test_a_dataset_without_rows_is_a_value_error():
     empty = datasets.Dataset.from_dict({"image": []}, features=datasets.Features({"image": datasets.Image()}))
     with pytest.raises(ValueError, match="has no rows"):
         HFImageDataset(empty, 32, 3)
+
+
+def test_rows_without_labels_and_an_unlabelled_test_split(tmp_path, make_hf_saved):
+    from byol_pytorch.data.hf import UnlabelledRowsError
+    from byol_pytorch.data.sources import labelled_split
+
+    train = datasets.load_from_disk(str(make_hf_saved(tmp_path / "a", rows=15, broken=None)))  # 5 per class
+    unlabelled = train.map(lambda row: {"label": -1})  # a benchmark's test split: labels hidden as -1
+    partly = train.map(lambda row, i: {"label": None if i == 2 else row["label"]}, with_indices=True)
+    datasets.DatasetDict({"train": train, "test": unlabelled}).save_to_disk(str(tmp_path / "hidden"))
+    datasets.DatasetDict({"train": train, "test": partly}).save_to_disk(str(tmp_path / "partly"))
+    with pytest.raises(UnlabelledRowsError, match="'test': none of its 15 rows has a label in 'label'"):
+        HFImageDataset(str(tmp_path / "hidden"), 9, split="test", labelled=True)
+    # The kNN split holds out a fifth of train when the test split has no labels at all ...
+    bank, queries = labelled_split(f"hf:{tmp_path / 'hidden'}", 9)
+    assert len(bank) + len(queries) == 15 and len(queries) > 0
+    assert sorted(bank.indices + queries.indices) == list(range(15))  # both from train
+    # ... and names the rows when only some lack one.
+    with pytest.raises(UnlabelledRowsError, match="'test': 1 of its 15 rows have no label in 'label'"):
+        labelled_split(f"hf:{tmp_path / 'partly'}", 9)
