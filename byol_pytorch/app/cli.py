@@ -128,10 +128,14 @@ def _run_preview(args: argparse.Namespace) -> int:
         raise UserError(f"--image-size must be >= 8 and --count >= 1, got {args.image_size} and {args.count}")
     generator = torch.Generator().manual_seed(args.seed)
     try:
-        dataset = open_unlabelled(args.data, load_size_for(args.image_size), 3, split=args.hf_split)
+        dataset = open_unlabelled(
+            args.data, load_size_for(args.image_size), 3, split=args.hf_split, image_column=args.image_column
+        )
         items = first_items(
             dataset, args.count, pick=lambda n: torch.randperm(n, generator=generator)[: args.count].tolist()
         )
+        if not items:
+            raise ValueError(f"no readable image in {redact(args.data)}")
         originals = torch.stack([item[0] for item in items])  # (N, 3, S, S) uint8
     except ImportError as error:
         raise UserError(f"--data {args.data}: {error}") from None
@@ -210,6 +214,7 @@ def _add_preview(sub) -> None:
     )
     preview.add_argument("--data", required=True, help="the images: a folder, cifar10:ROOT, hf:PATH or tar shards")
     preview.add_argument("--hf-split", help="hf: data with splits: the split (default: train); CIFAR: train or test")
+    preview.add_argument("--image-column", help="hf: data with several image columns: the one to show")
     preview.add_argument("--out", default="views.png", help="the PNG to write (default: %(default)s)")
     preview.add_argument("--image-size", type=int, default=224, help="view side (default: %(default)s)")
     preview.add_argument("--count", type=int, default=8, help="images shown (default: %(default)s)")

@@ -94,18 +94,28 @@ class _Refused(pickle.UnpicklingError):
     """A pickle named something outside the allowed globals."""
 
 
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles written by Python 3 use it for bytes: latin-1 only."""
+    if encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
+        raise _Refused(f"refused to load the global _codecs.encode with the encoding {encoding!r}")
+    return text.encode("latin-1")
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler for the CIFAR batches: dicts, lists, bytes, str, numbers and numpy arrays only.
 
     Every global a pickle names goes through ``find_class`` (also the extension-registry
     opcodes); only numpy's array reconstruction, ``numpy.ndarray`` and ``numpy.dtype``
-    are resolved, so a pickle that would call anything else (``os.system``, ``eval``...)
+    are resolved (and ``_codecs.encode``, latin-1 only: how Python 3 writes bytes at pickle
+    protocol 2), so a pickle that would call anything else (``os.system``, ``eval``...)
     is refused before it runs.
     """
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return _numpy_global(name)
+        if (module, name) == ("_codecs", "encode"):  # bytes in a protocol-2 pickle written by Python 3
+            return _latin1_encode
         raise _Refused(
             f"refused to load the global {module}.{name}: a CIFAR batch holds only dicts, lists and numpy arrays"
         )

@@ -119,7 +119,7 @@ def load_local_dataset(path: PathLike, split: str | None = None) -> Any:
         ValueError: the path does not exist, is not a dataset, or lacks the split.
     """
     datasets = _datasets()
-    data = _load(Path(path))
+    data = _load(_local_path(path))
     if isinstance(data, datasets.DatasetDict):
         name = split or "train"
         if name not in data:
@@ -128,6 +128,13 @@ def load_local_dataset(path: PathLike, split: str | None = None) -> Any:
     if split is not None:
         raise ValueError(f"hf:{path} is a single dataset without splits; drop the split {split!r}")
     return data
+
+
+def _local_path(path: PathLike) -> Path:
+    """``hf:``'s PATH as a path (``~`` expanded, as for ``cifar10:``); an empty one is an error, not the cwd."""
+    if not str(path).strip():
+        raise ValueError(f"hf: needs a path after the colon (hf:PATH); {_LOCAL_ONLY}")
+    return Path(path).expanduser()
 
 
 def _load(path: Path) -> Any:
@@ -207,7 +214,7 @@ def dataset_splits(path: PathLike) -> list[str]:
     Raises:
         ImportError, ValueError: see ``load_local_dataset``.
     """
-    data = _load(Path(path))
+    data = _load(_local_path(path))
     return list(data) if isinstance(data, _datasets().DatasetDict) else []
 
 

@@ -77,10 +77,17 @@ class MadeShards:
     index: Path | None = None
 
 
+def _member_info(name: str, data: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o444, 0
+    return info
+
+
 def _member_size(name: str, data: bytes) -> int:
-    """Bytes of a tar member: header, data padded to 512, and a PAX header for a long name."""
-    pax = 512 + (len(name.encode()) + 40 + 511) // 512 * 512 if len(name.encode()) > 99 else 0
-    return pax + 512 + (len(data) + 511) // 512 * 512
+    """Bytes of a tar member as ``_ShardSink`` writes it: its headers (a PAX header for a long or
+    non-ASCII name included: the very bytes tarfile writes), then the data padded to 512."""
+    header = _member_info(name, data).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    return len(header) + (len(data) + 511) // 512 * 512
 
 
 def _file_size(members: int) -> int:
@@ -101,9 +108,7 @@ class _ShardSink:
         return not self.count or _file_size(self.size + _member_size(name, data)) <= limit
 
     def add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = len(data), 0o444, 0
-        self.tar.addfile(info, io.BytesIO(data))
+        self.tar.addfile(_member_info(name, data), io.BytesIO(data))
         self.count += 1
         self.size += _member_size(name, data)
 

@@ -145,8 +145,8 @@ def require_entries(checkpoint: Mapping[str, Any], keys: Sequence[str], path: Pa
     if missing:
         raise ValueError(
             f"{str(path)!r} has no {', '.join(repr(k) for k in missing)} entr{'y' if len(missing) == 1 else 'ies'} "
-            "(a truncated, edited or foreign checkpoint); pass RUNDIR/last.pt written by 'byol-pytorch train', "
-            "or start a new run without --resume"
+            "(a truncated, edited or foreign checkpoint); pass RUNDIR/last.pt written by 'byol-pytorch train' "
+            "(or, for train --resume, start a new run without it)"
         )
 
 
@@ -174,8 +174,8 @@ def load_state(target: Any, checkpoint: Mapping[str, Any], key: str, path: PathL
         detail = detail if len(detail) <= 300 else detail[:297] + "..."
         raise ValueError(
             f"{str(path)!r}: its {key!r} state does not fit the model its own recipe builds ({type(error).__name__}: "
-            f"{detail}); the file was edited or written by another version: use another checkpoint, or start a "
-            "new run without --resume"
+            f"{detail}); the file was edited or written by another version: use another checkpoint (or, for "
+            "train --resume, start a new run without it)"
         ) from error
 
 

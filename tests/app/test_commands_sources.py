@@ -9,6 +9,7 @@ embedding of the same images.
 from __future__ import annotations
 
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -223,3 +224,15 @@ def test_a_source_without_labels_for_eval_is_one_line(tmp_path, checkpoint, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("byol-pytorch: error: --data:") and "no labels" in err[0]
     assert "labelled data" in err[0]
+
+
+def test_preview_takes_an_image_column_and_says_when_nothing_is_readable(tmp_path, make_hf_saved, capsys):
+    two_columns = make_hf_saved(tmp_path / "two", rows=6, broken=None, extra_image=True)
+    base = ["preview", "--data", f"hf:{two_columns}", "--image-size", "32", "--count", "2"]
+    assert cli.main([*base, "--out", str(tmp_path / "a.png"), "--image-column", "mask"]) == 0
+    empty = tmp_path / "empty.tar"
+    with tarfile.open(empty, "w"):
+        pass
+    assert cli.main(["preview", "--data", str(empty), "--out", str(tmp_path / "b.png"), "--image-size", "32"]) == 1
+    err = capsys.readouterr().err
+    assert "no readable image in" in err and "TensorList" not in err

@@ -48,6 +48,21 @@ def test_numpy_1_pickles_name_numpy_core(tmp_path, make_cifar10):
     assert load_pickle(path)[b"data"].shape == (10, 3072)
 
 
+def test_protocol_2_pickles_written_by_python_3_load(tmp_path, make_cifar10):
+    """Python 3 writes bytes at protocol 2 as _codecs.encode(text, 'latin1'): allowed, for latin-1 only."""
+    folder = make_cifar10(tmp_path, per_batch=2) / "cifar-10-batches-py"
+    path = folder / "test_batch"
+    batch = load_pickle(path)
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    assert b"_codecs\nencode" in path.read_bytes()
+    again = load_pickle(path)
+    assert np.array_equal(again[b"data"], batch[b"data"]) and again[b"labels"] == batch[b"labels"]
+    evil = b"c_codecs\nencode\n(Vx\nVrot13\ntR."  # another encoding: refused
+    path.write_bytes(evil)
+    with pytest.raises(ValueError, match="_codecs.encode with the encoding 'rot13'"):
+        load_pickle(path)
+
+
 class _Exploit:
     def __init__(self, marker):
         self.marker = marker

@@ -119,3 +119,11 @@ def test_rows_without_labels_and_an_unlabelled_test_split(tmp_path, make_hf_save
     # ... and names the rows when only some lack one.
     with pytest.raises(UnlabelledRowsError, match="'test': 1 of its 15 rows have no label in 'label'"):
         labelled_split(f"hf:{tmp_path / 'partly'}", 9)
+
+
+def test_an_empty_path_is_an_error_and_a_home_path_is_expanded(tmp_path, make_hf_saved, monkeypatch):
+    with pytest.raises(ValueError, match=r"hf: needs a path after the colon \(hf:PATH\)"):
+        load_local_dataset("")
+    make_hf_saved(tmp_path / "home" / "pets", rows=6, broken=None)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert len(HFImageDataset("~/pets", 9)) == 6

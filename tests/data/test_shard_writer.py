@@ -6,6 +6,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from byol_pytorch.app import cli
 from byol_pytorch.data.shard_writer import parse_size, sample_key
@@ -104,3 +105,18 @@ def test_training_on_the_shards_sees_the_images_of_the_folder(tmp_path, tiny_fla
     assert cli.main(["train", "--data", str(shards), "--out", str(tmp_path / "s"), *flags, "--max-steps", "12"]) == 0
     assert len(from_folder) == 26 and len(seen) == 24, capsys.readouterr().err
     assert len(set(seen)) == 24 and set(seen) == set(from_folder)  # each readable image once, the same pixels
+
+
+def test_shard_size_is_a_bound_for_non_ascii_and_long_names(tmp_path):
+    # tarfile writes a PAX header for a non-ASCII or long name: counted, so a shard stays within the size.
+    from byol_pytorch.data.shard_writer import make_shards
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(40):
+        name = f"фото_{i:03d}.png" if i % 2 else f"{'long_name_' * 12}{i:03d}.png"
+        Image.new("RGB", (16, 16), (i * 6, 0, 0)).save(folder / name)
+    made = make_shards(folder, tmp_path / "shards", 20 * 1024)
+    sizes = [path.stat().st_size for path in made.shards]
+    assert len(sizes) > 1 and max(sizes) <= 20 * 1024, sizes
+    assert sum(made.counts) == 40
