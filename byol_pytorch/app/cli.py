@@ -89,7 +89,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         data = KnnMonitor(args.data, int(recipe["image_size"]), channels, device, args.batch_size, args.workers)
         if statistics == "missing":  # an older checkpoint: re-estimated on the images evaluated
             data.clean_images = sample_images(data.bank, CLEAN_IMAGES)
-            statistics = "clean (re-estimated on 512 of these images)"
+            statistics = f"clean (re-estimated on {len(data.clean_images)} of these images)"
     except ValueError as error:
         raise UserError(f"--data: {error}") from None
     bank, bank_labels, queries, query_labels = data.features(learner)

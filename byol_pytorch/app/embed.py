@@ -150,10 +150,10 @@ def _learner(args: argparse.Namespace, device: torch.device) -> tuple[Any, Recip
     return learner, Recipe.from_dict(checkpoint["args"]), checkpoint, statistics
 
 
-def _clean_statistics(learner: Any, items: Dataset, device: torch.device) -> None:
-    """An older checkpoint without clean statistics: re-estimate them on 512 of the images embedded."""
+def _clean_statistics(learner: Any, items: Dataset, device: torch.device) -> int:
+    """An older checkpoint without clean statistics: re-estimate them on 512 of the images embedded; how many."""
     images = sample_images(items, 512)
-    recalibrate_batchnorm(learner.net, images.to(device), transform=learner.augment1.normalize)
+    return recalibrate_batchnorm(learner.net, images.to(device), transform=learner.augment1.normalize)
 
 
 def _has_labels(spec: str, kind: str, args: argparse.Namespace) -> bool:
@@ -301,8 +301,8 @@ def run_embed(args: argparse.Namespace) -> int:
     learner, recipe, checkpoint, statistics = _learner(args, device)
     items, labelled = _open(args, recipe.image_size, learner.channels if learner.channels == 1 else 3)
     if statistics == "missing":
-        _clean_statistics(learner, items, device)
-        statistics = "clean (re-estimated on 512 of these images)"
+        used = _clean_statistics(learner, items, device)
+        statistics = f"clean (re-estimated on {used} of these images)"
     out = Path(args.out)
     identity = {"data": redact(args.data), "checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which}
     identity.update(dtype=args.dtype, step=int(checkpoint.get("step", 0)), bn_stats=args.bn_stats)

@@ -604,7 +604,9 @@ def run_length(
 ) -> tuple[int, int]:
     """``(total, warmup)`` optimizer steps: a new total when --max-steps/--epochs come with --resume.
 
-    The warm-up is ``--warmup-epochs`` (default 10, the paper's, but at most 10% of the run).
+    The warm-up is ``--warmup-epochs`` (default 10, the paper's, but at most 10% of the run, and
+    for a resumed run given a new total at most 10% of the run as it started too: a run past its
+    warm-up is not put back inside a longer one).
     """
     if args.max_steps is not None:
         total = args.max_steps
@@ -618,5 +620,6 @@ def run_length(
         raise UserError(f"the run would have {total} steps; pass --max-steps or --epochs of at least 1")
     warmup_epochs = recipe.warmup_epochs if recipe.warmup_epochs is not None else 10.0
     warmup = round(warmup_epochs * steps_per_epoch)
-    warmup = min(warmup, total // 10) if recipe.warmup_epochs is None else min(warmup, total)
+    first = saved_total if saved_total is not None else total  # the length the warm-up was set for
+    warmup = min(warmup, first // 10, total // 10) if recipe.warmup_epochs is None else min(warmup, total)
     return total, warmup

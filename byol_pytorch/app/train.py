@@ -860,9 +860,12 @@ def run(prepared: Run) -> TrainState:
             if prepared.saved_step >= 0
             else "no checkpoint had been written yet"
         )
-        raise UserError(
-            f"{error}; {kept}. Lower --lr, lengthen --warmup-epochs, or use --precision fp32/bf16 instead of fp16"
-        ) from None
+        advice = (
+            "Find the images with NaN/Inf values (a custom decoder or dataset?)"
+            if error.bad_input
+            else "Lower --lr, lengthen --warmup-epochs, or use --precision fp32/bf16 instead of fp16"
+        )
+        raise UserError(f"{error}; {kept}. {advice}") from None
     finally:
         batches.close()
         _release_workers(prepared.loader)

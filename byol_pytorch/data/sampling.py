@@ -62,8 +62,8 @@ class EpochSampler(Sampler[int]):
             need = batch_size * world_size * multiple_of
             raise ValueError(
                 f"{size} images are fewer than one optimizer step needs ({need} = batch {batch_size} "
-                f"x {world_size} process(es) x {multiple_of} accumulation step(s)); lower --batch-size "
-                "or add images"
+                f"x {world_size} process(es) x {multiple_of} accumulation step(s)); lower the batch size "
+                "(--batch-size, batch_size=) or add images"
             )
         self.epoch, self.start_batch = 0, 0
 

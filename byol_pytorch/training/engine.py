@@ -54,11 +54,14 @@ __all__ = [
 
 
 class DivergedError(FloatingPointError):
-    """The training loss turned non-finite; ``step`` is the optimizer step where it was seen."""
+    """The training loss turned non-finite; ``step`` is the optimizer step where it was seen.
 
-    def __init__(self, step: int, reason: str):
+    ``bad_input``: the cause was NaN/Inf in a training batch (the data, not the learning rate).
+    """
+
+    def __init__(self, step: int, reason: str, bad_input: bool = False):
         super().__init__(f"training diverged at step {step}: {reason}")
-        self.step, self.reason = step, reason
+        self.step, self.reason, self.bad_input = step, reason, bad_input
 
 
 def default_precision(device: torch.device) -> str:
@@ -397,7 +400,8 @@ class Engine:
         try:
             loss, stepped = self.step_fn(images)
         except FloatingPointError as error:  # the learner's deferred non-finite check
-            raise DivergedError(state.step + 1, str(error)) from None
+            bad_input = str(error) == str(nonfinite_error(False, input_finite=False))
+            raise DivergedError(state.step + 1, str(error), bad_input) from None
         state.stepped, state.step = stepped, state.step + int(stepped)
         state.epoch_done = batch.position == batch.batches_per_epoch
         state.epoch, state.position = (batch.epoch + 1, 0) if state.epoch_done else (batch.epoch, batch.position)
@@ -450,7 +454,7 @@ class Engine:
         state.loss = loss_total / (max(state.interval_groups, 1) * self.ctx.world_size)
         state.skipped_files = int(skipped_all)
         if bad_input:
-            raise DivergedError(state.step, str(nonfinite_error(False, input_finite=False)))
+            raise DivergedError(state.step, str(nonfinite_error(False, input_finite=False)), bad_input=True)
         if bad_loss or not math.isfinite(state.loss):
             shown = state.loss if not math.isfinite(state.loss) else math.nan  # another rank's loss was the bad one
             raise DivergedError(state.step, f"the loss is {shown}")

@@ -71,6 +71,29 @@ def _images_only(batch: list) -> torch.Tensor:
     return default_collate(batch)
 
 
+def _check_items(dataset: object) -> None:
+    """A ``TypeError`` now, naming what is accepted, for a dataset whose items no batch can be made of."""
+    accepted = "a map-style Dataset whose items are (C, H, W) image tensors or (image, label, ...) tuples"
+    if isinstance(dataset, DataLoader):
+        raise TypeError(f"dataset= takes the Dataset, not its DataLoader (BYOLTrainer makes its own): {accepted}")
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        got = type(dataset).__name__
+        raise TypeError(f"dataset must be {accepted}, or a data spec such as a folder path; got {got}")
+    if len(dataset) == 0:
+        return  # EpochSampler says how many images a step needs
+    first = dataset[0]
+    image = first[0] if isinstance(first, (tuple, list)) and first else first
+    if isinstance(image, torch.Tensor) and image.ndim == 3:
+        return
+    what = type(image).__name__ + (f" of shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else "")
+    hint = {
+        "Image": "; convert PIL images with torchvision.transforms.functional.pil_to_tensor",
+        "dict": "; return the image tensor (e.g. item['image']) from your dataset's __getitem__",
+        "ndarray": "; convert (H, W, C) arrays with torch.from_numpy(a).permute(2, 0, 1)",
+    }.get(type(image).__name__, "")
+    raise TypeError(f"dataset must be {accepted}; its first item holds a {what}{hint}")
+
+
 class BYOLTrainer(nn.Module):
     """Train ``net`` with BYOL on ``dataset``; call the trainer to run it.
 
@@ -178,6 +201,7 @@ class BYOLTrainer(nn.Module):
             dataset = open_unlabelled(dataset, load_size_for(image_size), channels, shards=reading)
             if isinstance(dataset, ShardDataset):
                 return dataset, make_shard_loader(dataset, pin_memory=pin)
+        _check_items(dataset)
         sampler = EpochSampler(len(dataset), batch_size, ctx.rank, ctx.world_size, seed)  # type: ignore[arg-type]
         loader = make_loader(
             dataset,
@@ -242,7 +266,8 @@ class BYOLTrainer(nn.Module):
         try:
             engine.run(batches, state, hooks)
         except DivergedError as error:
-            raise FloatingPointError(f"{error}; lower the learning_rate or use precision='fp32'/'bf16'") from None
+            advice = "" if error.bad_input else "; lower the learning_rate or use precision='fp32'/'bf16'"
+            raise FloatingPointError(f"{error}{advice}") from None
         self.step.fill_(state.step)
         self.save("checkpoint.final.pt")
         self.print("training complete")

@@ -102,6 +102,10 @@ def test_warm_up_is_ten_epochs_capped_at_a_tenth_unless_given():
     assert run_length(parse("--max-steps", "10000"), recipe, 7, None) == (10000, 70)  # 10 epochs < 10%
     assert run_length(parse("--max-steps", "300"), recipe, 7, None) == (300, 30)  # capped at 10%
     assert run_length(parse("--max-steps", "9"), recipe, 7, None) == (9, 0)
+    # A resumed run given a longer total keeps the warm-up it started with (3 steps of 30), where it
+    # was put back inside a new 30-step one (lr 0.1 at step 10 fell to 0.037 and warmed up again).
+    assert run_length(parse("--max-steps", "300"), recipe, 7, 30) == (300, 3)
+    assert run_length(parse("--max-steps", "20"), recipe, 7, 300) == (20, 2)  # shorter: a tenth of the new total
     given = _recipe(warmup_epochs=2.5)
     assert run_length(parse("--max-steps", "300"), given, 8, None) == (300, 20)  # given: not capped at 10%
     assert run_length(parse("--max-steps", "10"), given, 8, None) == (10, 10)  # but never past the run

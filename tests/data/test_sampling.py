@@ -60,7 +60,7 @@ def test_too_few_images_is_an_error_naming_what_one_step_needs():
     assert str(info.value).startswith(
         "7 images are fewer than one optimizer step needs (8 = batch 4 x 2 process(es) x 1 accumulation step(s))"
     )
-    assert "lower --batch-size or add images" in str(info.value)
+    assert "lower the batch size (--batch-size, batch_size=) or add images" in str(info.value)
     with pytest.raises(ValueError, match=r"\(12 = batch 4 x 1 process\(es\) x 3 accumulation step\(s\)\)"):
         EpochSampler(11, 4, multiple_of=3)
 

@@ -109,3 +109,55 @@ def test_trainer_rejects_a_batch_of_one(tmp_path, make_cnn):
             batch_size=1,
             checkpoint_folder=str(tmp_path),
         )
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, make):
+        self.make = make
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return self.make(index)
+
+
+@pytest.mark.parametrize(
+    "dataset, match",
+    [
+        (_Items(lambda i: __import__("PIL.Image").Image.new("RGB", (16, 16))), "holds a Image; convert PIL images"),
+        (_Items(lambda i: {"image": torch.rand(3, 16, 16), "label": 0}), "holds a dict; return the image tensor"),
+        (torch.utils.data.DataLoader(MockDataset(16, 8), batch_size=4), "takes the Dataset, not its DataLoader"),
+        (_Items(lambda i: torch.rand(16, 16)), r"holds a Tensor of shape \(16, 16\)"),
+    ],
+)
+def test_datasets_no_batch_can_be_made_of_are_refused_at_construction(tmp_path, make_cnn, dataset, match):
+    with pytest.raises(TypeError, match=match):
+        BYOLTrainer(
+            make_cnn(),
+            dataset=dataset,
+            image_size=16,
+            hidden_layer=-2,
+            learning_rate=1e-3,
+            num_train_steps=2,
+            batch_size=4,
+            checkpoint_folder=str(tmp_path),
+        )
+
+
+def test_nan_input_is_not_blamed_on_the_learning_rate(tmp_path, make_cnn):
+    images = torch.rand(8, 3, 16, 16)
+    images[3, 0, 0, 0] = float("nan")
+    trainer = BYOLTrainer(
+        make_cnn(),
+        dataset=torch.utils.data.TensorDataset(images),
+        image_size=16,
+        hidden_layer=-2,
+        learning_rate=1e-3,
+        num_train_steps=4,
+        batch_size=4,
+        checkpoint_folder=str(tmp_path),
+    )
+    with pytest.raises(FloatingPointError, match="contained NaN or Inf values") as info:
+        trainer()
+    assert "learning_rate" not in str(info.value)
