@@ -17,10 +17,11 @@ The hidden layer can be named three ways, as in lucidrains/byol-pytorch:
     (the model's own pooled vector: CLIP's post-layernormed class token, ViT's
     dense + tanh pooler, which BYOL then trains too, ResNet's (B, C, 1, 1) average),
     else ``last_hidden_state``, else the first tensor entry;
-  - a tuple or list: the same, on its first tensor; a list of feature maps of one batch
-    (timm's ``features_only=True``: shallow to deep), its last, deepest map;
-  - a (B, K) output of probabilities or log-probabilities (``F.log_softmax(self.fc2(x))``)
-    computed from the last Linear's (B, K) output: the input of that Linear;
+  - a tuple or list: the same, on its first tensor; feature maps of one batch whose grids
+    shrink from each to the next (timm's ``features_only=True``: shallow to deep), the last,
+    deepest map;
+  - a (B, K) output that is the softmax or log-softmax of the last Linear's (B, K) output
+    (``F.log_softmax(self.fc2(x))``): the input of that Linear;
   - several classifier Linears combined, e.g. distillation heads averaged,
     ``(head(x) + head_dist(x)) / 2``: when the last Linears to run all have the
     output's width and the output depends on each of them, their shared input; when
@@ -62,6 +63,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ._hidden import OUTPUT as _OUTPUT
 from ._hidden import HiddenLayer, OutputKey, call_net, pool_hidden, select_output
@@ -184,12 +186,12 @@ def _classifier_target(out: object) -> torch.Tensor | None:
     return None
 
 
-def _representation_key(out: object) -> OutputKey:
+def _representation_key(out: object, image_size: tuple[int, int]) -> OutputKey:
     """Without a classifier: ``pooler_output``, ``last_hidden_state``, a pyramid's last map, the first tensor."""
     entries = _entries(out)
     if entries is None:
         return None
-    if isinstance(out, (tuple, list)) and _pyramid(out):
+    if isinstance(out, (tuple, list)) and _pyramid(out, image_size):
         return len(out) - 1
     values = dict(entries)
     for key in ("pooler_output", "last_hidden_state"):
@@ -198,10 +200,19 @@ def _representation_key(out: object) -> OutputKey:
     return _first_tensor(entries)
 
 
-def _pyramid(out: tuple | list) -> bool:
-    """A list of feature maps of one batch, shallow to deep (timm's ``features_only``, an FPN's inputs)."""
-    maps = [v for v in out if isinstance(v, torch.Tensor) and v.is_floating_point() and v.ndim in (3, 4)]
-    return len(out) >= 2 and len(maps) == len(out) and len({m.shape[0] for m in maps}) == 1
+def _pyramid(out: tuple | list, image_size: tuple[int, int]) -> bool:
+    """Feature maps of one batch, shallow to deep (timm's ``features_only``, an FPN's inputs).
+
+    Every entry a 4D float map of the same batch, and their grids (``_is_channels_last``
+    tells where the grid is) shrink from one to the next, never growing: not a pair such as
+    ``(features, mask logits)`` on one grid, or ``(tokens, attention weights)``.
+    """
+    if len(out) < 2 or not all(isinstance(v, torch.Tensor) and v.is_floating_point() and v.ndim == 4 for v in out):
+        return False
+    if len({v.shape[0] for v in out}) != 1:
+        return False
+    areas = [v.shape[1] * v.shape[2] if _is_channels_last(v, image_size) else v.shape[2] * v.shape[3] for v in out]
+    return all(b <= a for a, b in zip(areas, areas[1:])) and areas[-1] < areas[0]
 
 
 def _graph_leaves(tensor: object) -> set[int]:
@@ -301,15 +312,20 @@ def _classifier_like(module: nn.Module, output: object) -> bool:
     )
 
 
-def _probabilities(t: torch.Tensor) -> bool:
-    """Whether (B, K) rows are probabilities or log-probabilities (a softmax / log_softmax output)."""
-    if t.ndim != 2 or t.shape[1] < 2 or not t.is_floating_point():
+def _probabilities_of(target: torch.Tensor, scores: torch.Tensor) -> bool:
+    """Whether (B, K) ``target`` is ``softmax`` or ``log_softmax`` of the (B, K) class ``scores``.
+
+    Recomputed here in float64 from the scores, to within the net's own precision (a bfloat16
+    net's rows are only as exact as bfloat16).
+    """
+    if target.ndim != 2 or target.shape[1] < 2 or not target.is_floating_point():
+        return False
+    if scores.numel() != target.numel() or not scores.is_floating_point():
         return False
     with torch.no_grad():
-        t = t.detach().double()
-        ones = torch.ones(len(t), dtype=t.dtype, device=t.device)
-        softmax = bool((t >= 0).all()) and torch.allclose(t.sum(1), ones, atol=1e-3)
-        return softmax or (bool((t <= 0).all()) and torch.allclose(t.exp().sum(1), ones, atol=1e-3))
+        t, z = target.detach().double(), scores.detach().double().reshape(target.shape)
+        tolerance = max(1e-4, 8 * torch.finfo(target.dtype).eps) * max(1.0, float(t.abs().max()))
+        return any(torch.allclose(t, f(z, dim=1), rtol=0, atol=tolerance) for f in (F.softmax, F.log_softmax))
 
 
 def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bool] | None:
@@ -332,8 +348,8 @@ def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bo
         return single[-1], True
     if (
         isinstance(last, torch.Tensor)
-        and _probabilities(target)
-        and last.reshape(len(last), -1).shape == target.shape
+        and not trace.modified_later(single[-1])
+        and _probabilities_of(target, last)
         and id(getattr(single[-1], "weight", None)) in _graph_leaves(target)
     ):
         return single[-1], True  # class scores turned into (log-)probabilities: F.log_softmax(fc(x))
@@ -392,8 +408,11 @@ def _is_channels_last(hidden: torch.Tensor, image_size: tuple[int, int]) -> bool
     """
 
     def grid(a: int, b: int) -> bool:
+        # Each side rounds to within a cell of its own, which the other side's ratio scales.
         h, w = image_size
-        return 1 <= a <= h and 1 <= b <= w and abs(b - a * w / h) <= 1 + 1e-9
+        if not (1 <= a <= h and 1 <= b <= w):
+            return False
+        return abs(b - a * w / h) <= 1 + w / h + 1e-9 or abs(a - b * h / w) <= 1 + h / w + 1e-9
 
     shape = hidden.shape
     return grid(shape[1], shape[2]) and not grid(shape[2], shape[3])
@@ -416,14 +435,16 @@ def _run_probe(trace: _Trace, x: torch.Tensor, input_name: str | None) -> object
         ) from err
 
 
-def _auto_choice(trace: _Trace, out: object) -> tuple[str, nn.Module | None, bool, OutputKey]:
+def _auto_choice(
+    trace: _Trace, out: object, image_size: tuple[int, int]
+) -> tuple[str, nn.Module | None, bool, OutputKey]:
     """(name, module, use_input, output_key) of the automatic hidden layer; see the module docstring."""
     target = _classifier_target(out)
     found = _find_classifier(trace, target) if target is not None else None
     if found is not None:
         module, use_input = found
         return trace.names[module], module, use_input, None
-    key = _representation_key(out)
+    key = _representation_key(out, image_size)
     return _key_name(key), None, False, key
 
 
@@ -568,9 +589,9 @@ def probe_backbone(
     out = _run_probe(trace, _probe_image(channels, image_size, device, dtype), call_name)
     use_input, key = False, None
     if name == "auto":
-        name, module, use_input, key = _auto_choice(trace, out)
+        name, module, use_input, key = _auto_choice(trace, out, image_size)
     elif module is None:  # -1: the net's output, or its representation entry
-        key = _representation_key(out)
+        key = _representation_key(out, image_size)
         name = _key_name(key)
     else:
         module = copied.get_submodule(name)

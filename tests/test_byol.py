@@ -540,6 +540,13 @@ def test_float_input_outside_0_1_warns_once_for_the_default_views_only():
         learner(torch.randn(4, 3, 32, 32))  # said once
     with pytest.warns(UserWarning, match="leave out any normalisation"):
         BYOL(small_cnn(), image_size=32, **SMALL)(torch.randn(4, 3, 32, 32))
+    # A bicubic resize of [0, 1] images overshoots a little: no warning for it.
+    edges = (torch.rand(4, 3, 16, 16) > 0.5).float()
+    resized = v2.Resize(32, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(edges)
+    assert resized.min() < -0.05 and resized.max() > 1.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BYOL(small_cnn(), image_size=32, **SMALL)(resized)
 
 
 def test_update_moving_average_with_simsiam_is_an_error():

@@ -507,6 +507,45 @@ def test_features_only_nets_give_their_deepest_map():
         assert learner.unused_parameter_names == []  # the deepest map uses every stage
 
 
+def test_pairs_of_outputs_on_one_grid_are_not_a_pyramid():
+    # (features, mask logits) on one grid and (tokens, attention weights) keep the first entry.
+    class Segmenter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.mask = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 1, 1)
+
+        def forward(self, x):
+            features = torch.relu(self.conv(x))
+            return features, self.mask(features)
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.attention = nn.Conv2d(3, 8, 8, 8), nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            tokens = self.embed(x).flatten(2).transpose(1, 2)
+            return self.attention(tokens, tokens, tokens)
+
+    assert BYOL(Segmenter(), 32, **SMALL).representation_size == 16
+    assert BYOL(Attention(), 32, **SMALL).hidden_layer == "<output>[0]"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_log_softmax_outputs_are_read_before_their_classifier_in_any_dtype(dtype):
+    class Scores(nn.Module):
+        def __init__(self, classes):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, classes)
+
+        def forward(self, x):
+            return nn.functional.log_softmax(self.fc(self.conv(x).mean((2, 3))), dim=1)
+
+    for classes in (10, 1000):
+        learner = BYOL(Scores(classes).to(dtype), 16, **SMALL)
+        assert learner.hidden_layer == "fc" and learner.representation_size == 8, (dtype, classes)
+
+
 def test_log_softmax_outputs_are_read_before_their_classifier():
     class TutorialNet(nn.Module):  # the pytorch/examples MNIST net's shape
         def __init__(self):

@@ -297,13 +297,24 @@ def _resume_path(args: argparse.Namespace, out: Path) -> Path | None:
         )
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}; train without --resume to start a new run")
-    own = out / "last.pt"
-    if own.exists() and not own.samefile(path):
-        raise UserError(
-            f"--resume {path}: --out {out} already holds another run's checkpoint ({own}), which this run would "
-            f"overwrite; choose an empty --out to continue {path} there, or resume that run with --resume alone"
-        )
     return path
+
+
+def _refuse_overwrite(path: Path | None, out: Path, checkpoint: dict[str, Any] | None) -> None:
+    """``--resume PATH`` of another run must not write over ``OUT/last.pt`` (a copy of this run's may: a roll-back).
+
+    The same run: ``PATH`` lies in ``OUT``, or its checkpoint was written for ``OUT`` (its saved ``--out``).
+    """
+    own = out / "last.pt"
+    if path is None or checkpoint is None or not own.exists() or own.samefile(path):
+        return
+    saved_out = checkpoint.get("args", {}).get("out")
+    if path.resolve().parent == out.resolve() or (saved_out and Path(saved_out).resolve() == out.resolve()):
+        return
+    raise UserError(
+        f"--resume {path}: --out {out} already holds another run's checkpoint ({own}), which this run would "
+        f"overwrite; choose an empty --out to continue {path} there, or resume that run with --resume alone"
+    )
 
 
 def _load_resumed(path: Path | None) -> dict[str, Any] | None:
@@ -564,6 +575,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     try:
         resumed_from = _resume_path(args, out)
         checkpoint = _load_resumed(resumed_from)
+        _refuse_overwrite(resumed_from, out, checkpoint)
     except UserError:
         _same_checkpoint_everywhere(args, out, ctx, None)
         raise
@@ -616,10 +628,10 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     if ctx.is_main and getattr(args, "bn_stats", "trained") == "clean" and batchnorm_layers(learner.net, frozen=False):
         index = dataset.paths if isinstance(dataset, ImageFolder) else None  # no second scan of a folder
         prepared.clean_images = _clean_images(str(data), recipe, args, index)
-    _open_monitor(prepared)  # before the first write: a bad --val-data refuses the start
     _restore(checkpoint, prepared)
     prepared.start_step = prepared.state.step
     if prepared.state.step < total:
+        _open_monitor(prepared)  # before the first write: a bad --val-data refuses the start
         prepared.model = prepare_model(learner, ctx, compile=args.compile)
         if ctx.is_main:
             print(

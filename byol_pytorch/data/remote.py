@@ -64,8 +64,8 @@ READ_AHEAD = 32 * 2**20
 """Bytes of samples a ``Prefetcher`` reads ahead of its consumer (the next shard's first ones)."""
 MAX_WAIT = 30.0
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-# ``user:password@`` up to the authority's last @ (a password may hold one)
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s'\"?#]*@")
+# ``user:password@``: up to the last @ before the path (a password may hold @, ? or #)
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s'\"]*@")
 _SECRET_QUERY = re.compile(
     r"(?i)([?&][\w.-]*(?:signature|credential|token|secret|password|passwd|sig|key|auth)[\w.-]*=)[^&\s'\"#]*"
 )
@@ -146,8 +146,8 @@ def redact(text: object) -> str:
     Examples:
         >>> redact("https://me:pw@host/a-{0..9}.tar?X-Amz-Signature=abc&part=1")
         'https://***@host/a-{0..9}.tar?X-Amz-Signature=***&part=1'
-        >>> redact("http://me:p@ss@host/a.tar")
-        'http://***@host/a.tar'
+        >>> redact("http://me:p@ss@host/a.tar"), redact("s3://bucket/key@v2.tar")
+        ('http://***@host/a.tar', 's3://bucket/key@v2.tar')
     """
     return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", str(text)))
 

@@ -70,10 +70,10 @@ def expand_remote(spec: str) -> list[str]:
     braceexpand, _ = _webdataset()
     locations = list(braceexpand.braceexpand(spec))
     if not spec.startswith("pipe:"):
-        odd = [u for u in locations if not _path_of(u).endswith(".tar")]
+        odd = [u for u in locations if not (u.endswith(".tar") or _path_of(u).endswith(".tar"))]
         if odd:
             raise ValueError(
-                f"remote data must be tar shards whose path ends in .tar (a brace pattern such as "
+                f"remote data must be tar shards ending in .tar, before or after a query (a brace pattern such as "
                 f"https://host/train-{{000000..000099}}.tar), got {redact(odd[0])!r}"
             )
     return locations
@@ -82,6 +82,12 @@ def expand_remote(spec: str) -> list[str]:
 def _path_of(location: str) -> str:
     """A URL without its query and fragment (a pre-signed URL's ``?X-Amz-Signature=...``)."""
     return location.split("#", 1)[0].split("?", 1)[0]
+
+
+def _shard_label(location: str) -> str:
+    """What names a remote shard in sample ids: its redacted URL, the query left out where the path names the tar."""
+    shown = redact(location)
+    return _path_of(shown) if _path_of(shown).endswith(".tar") else shown
 
 
 def _is_image(suffix: str) -> bool:
@@ -348,7 +354,7 @@ class RemoteShardSamples(IterableDataset):
         policy: ReadPolicy | None = None,
     ) -> None:
         self.spec, self.paths = shards, expand_remote(shards)
-        self.names = dict(zip(self.paths, shard_names([_path_of(redact(location)) for location in self.paths])))
+        self.names = dict(zip(self.paths, shard_names([_shard_label(location) for location in self.paths])))
         self.load_size, self.channels, self.labelled = load_size, channels, labelled
         self.index, self.policy = index, policy or ReadPolicy()
         self.source = redact(shards)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from byol_pytorch.app import cli
+from byol_pytorch.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -249,3 +250,36 @@ def test_demo_is_wired(capsys, tmp_path, monkeypatch):
     assert exit_info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
     assert "kNN accuracy before and after" in help_text and "--quick" in help_text and "--data-dir" in help_text
+
+
+def test_a_finished_run_resumes_to_nothing_even_without_its_validation_data(
+    tmp_path, tiny_flags, make_messy_folder, make_labelled, capsys
+):
+    data = make_messy_folder(tmp_path / "images", good=8)
+    labelled = make_labelled(tmp_path / "val")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--out", str(out), *tiny_flags, "--max-steps", "1"]
+    assert cli.main([*argv, "--val-data", str(labelled)]) == 0
+    shutil.rmtree(labelled)  # the run is done: its --val-data is not needed to say so
+    assert cli.main(["train", "--out", str(out), "--resume", "--workers", "0"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_a_copy_of_the_runs_own_checkpoint_rolls_it_back(tmp_path, tiny_flags, make_messy_folder, capsys):
+    data = make_messy_folder(tmp_path / "images", good=8)
+    out, other = tmp_path / "run", tmp_path / "other"
+    base = ["--data", str(data), *tiny_flags]
+    assert cli.main(["train", *base, "--out", str(out), "--max-steps", "1"]) == 0
+    backup = out / "backup_step1.pt"
+    shutil.copy(out / "last.pt", backup)
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "2", "--workers", "0"]) == 0
+    # Back to step 1 from the copy kept in the run's own folder: the same run, allowed.
+    assert cli.main(["train", "--out", str(out), "--resume", str(backup), "--max-steps", "3", "--workers", "0"]) == 0
+    assert load_checkpoint(out / "last.pt")["step"] == 3
+    # Another run's checkpoint over this one: refused, nothing written.
+    assert cli.main(["train", *base, "--out", str(other), "--max-steps", "1"]) == 0
+    before = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+    argv = ["train", "--out", str(out), "--resume", str(other / "last.pt"), "--max-steps", "3", "--workers", "0"]
+    assert "already holds another run's checkpoint" in one_error_line(capsys, cli.main(argv))
+    assert (out / "last.pt").read_bytes() == before

@@ -201,14 +201,23 @@ REFUSALS = {
     "a file that is not a checkpoint": lambda out, tmp, data: ["--resume", str(data / "img_0.png")],
     "a model that does not exist": lambda out, tmp, data: ["--resume", "--model", "no_such_net"],
     "another run's checkpoint over this one": lambda out, tmp, data: ["--resume", _copy(out / "last.pt", tmp)],
-    "validation data that is not there": lambda out, tmp, data: ["--resume", "--val-data", str(tmp / "nowhere")],
+    "validation data that is not there": lambda out, tmp, data: [
+        "--resume",
+        "--max-steps",
+        "4",
+        "--val-data",
+        str(tmp / "nowhere"),
+    ],
     "a device that does not exist": lambda out, tmp, data: ["--resume", "--device", "bogus"],
 }
 
 
 def _copy(path: Path, tmp_path: Path) -> str:
+    """Another run's checkpoint: this one's, as if written for another run folder."""
+    checkpoint = load_checkpoint(path)
+    checkpoint["args"]["out"] = str(tmp_path / "another_run")
     copy = tmp_path / "other_run.pt"
-    copy.write_bytes(path.read_bytes())
+    save_checkpoint(copy, checkpoint)
     return str(copy)
 
 

@@ -117,6 +117,16 @@ def test_remote_specs_are_shards():
     assert is_remote("https://h/a-{0..3}.tar") and is_remote("s3://b/a.tar") and is_remote("pipe:cat a.tar")
     assert data_kind("https://h/a-{0..3}.tar") == "shards" and data_kind("pipe:cat x.tar") == "shards"
     assert redact("s3://k:s@b/x.tar?token=abc") == "s3://***@b/x.tar?token=***"
+    for password in ("p@ss", "s3cr?t", "pa#ss"):  # the whole password, whatever it holds
+        assert redact(f"https://alice:{password}@host/a.tar") == "https://***@host/a.tar"
+    assert redact("s3://bucket/key@v2.tar") == "s3://bucket/key@v2.tar"  # an @ in the path is no password
+    from byol_pytorch.data.remote_shards import expand_remote
+
+    pytest.importorskip("webdataset")
+    assert len(expand_remote("https://h/get?path=/d/train-{0..1}.tar")) == 2  # the tar named in the query
+    assert len(expand_remote("https://h/train-{0..1}.tar?X-Amz-Signature=s")) == 2  # a pre-signed URL
+    with pytest.raises(ValueError, match="ending in .tar, before or after a query"):
+        expand_remote("https://h/train-0.zip")
 
 
 def test_train_from_http_shards_redacts_credentials(tmp_path, make_shards, tiny_flags, serve, capsys):
