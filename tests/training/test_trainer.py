@@ -97,18 +97,22 @@ def test_trainer_accepts_tuples_and_warns_on_accelerator_kwargs(tmp_path, make_c
     assert trainer()["steps"] == 2
 
 
+def _small_trainer(tmp_path, make_cnn, dataset, batch_size=4, steps=2) -> BYOLTrainer:
+    return BYOLTrainer(
+        make_cnn(),
+        dataset=dataset,
+        image_size=16,
+        hidden_layer=-2,
+        learning_rate=1e-3,
+        num_train_steps=steps,
+        batch_size=batch_size,
+        checkpoint_folder=str(tmp_path),
+    )
+
+
 def test_trainer_rejects_a_batch_of_one(tmp_path, make_cnn):
     with pytest.raises(ValueError, match="batch_size"):
-        BYOLTrainer(
-            make_cnn(),
-            dataset=MockDataset(16, 8),
-            image_size=16,
-            hidden_layer=-2,
-            learning_rate=1e-3,
-            num_train_steps=2,
-            batch_size=1,
-            checkpoint_folder=str(tmp_path),
-        )
+        _small_trainer(tmp_path, make_cnn, MockDataset(16, 8), batch_size=1)
 
 
 class _Items(torch.utils.data.Dataset):
@@ -133,31 +137,13 @@ class _Items(torch.utils.data.Dataset):
 )
 def test_datasets_no_batch_can_be_made_of_are_refused_at_construction(tmp_path, make_cnn, dataset, match):
     with pytest.raises(TypeError, match=match):
-        BYOLTrainer(
-            make_cnn(),
-            dataset=dataset,
-            image_size=16,
-            hidden_layer=-2,
-            learning_rate=1e-3,
-            num_train_steps=2,
-            batch_size=4,
-            checkpoint_folder=str(tmp_path),
-        )
+        _small_trainer(tmp_path, make_cnn, dataset)
 
 
 def test_nan_input_is_not_blamed_on_the_learning_rate(tmp_path, make_cnn):
     images = torch.rand(8, 3, 16, 16)
     images[3, 0, 0, 0] = float("nan")
-    trainer = BYOLTrainer(
-        make_cnn(),
-        dataset=torch.utils.data.TensorDataset(images),
-        image_size=16,
-        hidden_layer=-2,
-        learning_rate=1e-3,
-        num_train_steps=4,
-        batch_size=4,
-        checkpoint_folder=str(tmp_path),
-    )
+    trainer = _small_trainer(tmp_path, make_cnn, torch.utils.data.TensorDataset(images), steps=4)
     with pytest.raises(FloatingPointError, match="contained NaN or Inf values") as info:
         trainer()
     assert "learning_rate" not in str(info.value)
