@@ -18,10 +18,10 @@ The hidden layer can be named three ways, as in lucidrains/byol-pytorch:
     dense + tanh pooler, which BYOL then trains too, ResNet's (B, C, 1, 1) average),
     else ``last_hidden_state``, else the first tensor entry;
   - a tuple or list: the same, on its first tensor; feature maps of one batch whose grids
-    shrink from each to the next (timm's ``features_only=True``: shallow to deep), the last,
-    deepest map;
-  - a (B, K) output that is the softmax or log-softmax of the last Linear's (B, K) output
-    (``F.log_softmax(self.fc2(x))``): the input of that Linear;
+    never grow and shrink somewhere (timm's ``features_only=True``: shallow to deep), or
+    entries of one shape throughout (a ViT's blocks), the last, deepest one;
+  - a (B, K) output that is the softmax or log-softmax of the last Linear's (B, K) output,
+    at any temperature (``F.log_softmax(self.fc2(x))``): the input of that Linear;
   - several classifier Linears combined, e.g. distillation heads averaged,
     ``(head(x) + head_dist(x)) / 2``: when the last Linears to run all have the
     output's width and the output depends on each of them, their shared input; when
@@ -63,7 +63,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ._hidden import OUTPUT as _OUTPUT
 from ._hidden import HiddenLayer, OutputKey, call_net, pool_hidden, select_output
@@ -201,15 +200,18 @@ def _representation_key(out: object, image_size: tuple[int, int]) -> OutputKey:
 
 
 def _pyramid(out: tuple | list, image_size: tuple[int, int]) -> bool:
-    """Feature maps of one batch, shallow to deep (timm's ``features_only``, an FPN's inputs).
+    """Feature maps or token sequences of one batch, shallow to deep (timm's ``features_only``, a ViT's blocks).
 
-    Every entry a 4D float map of the same batch, and their grids (``_is_channels_last``
-    tells where the grid is) shrink from one to the next, never growing: not a pair such as
-    ``(features, mask logits)`` on one grid, or ``(tokens, attention weights)``.
+    Either entries of one shape throughout (a ViT's blocks, a dilated net's stages), or 4D maps
+    whose grids (``_is_channels_last`` tells where the grid is) never grow from one to the next
+    and shrink somewhere. Not a pair such as ``(features, mask logits)`` on one grid, or
+    ``(tokens, attention weights)``: their shapes differ and no grid shrinks.
     """
-    if len(out) < 2 or not all(isinstance(v, torch.Tensor) and v.is_floating_point() and v.ndim == 4 for v in out):
+    if len(out) < 2 or not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in out):
         return False
-    if len({v.shape[0] for v in out}) != 1:
+    if len({tuple(v.shape) for v in out}) == 1:
+        return out[0].ndim in (3, 4)
+    if not all(v.ndim == 4 for v in out) or len({v.shape[0] for v in out}) != 1:
         return False
     areas = [v.shape[1] * v.shape[2] if _is_channels_last(v, image_size) else v.shape[2] * v.shape[3] for v in out]
     return all(b <= a for a, b in zip(areas, areas[1:])) and areas[-1] < areas[0]
@@ -313,19 +315,31 @@ def _classifier_like(module: nn.Module, output: object) -> bool:
 
 
 def _probabilities_of(target: torch.Tensor, scores: torch.Tensor) -> bool:
-    """Whether (B, K) ``target`` is ``softmax`` or ``log_softmax`` of the (B, K) class ``scores``.
+    """Whether (B, K) ``target`` is ``softmax`` or ``log_softmax`` of the (B, K) class ``scores`` at some temperature.
 
-    Recomputed here in float64 from the scores, to within the net's own precision (a bfloat16
-    net's rows are only as exact as bfloat16).
+    Its rows must be (log-)probabilities, and their log-probabilities, centred per row, the
+    centred scores times one positive factor (``softmax(fc(x) / T)``), to within the net's own
+    precision (a bfloat16 net's rows are only as exact as bfloat16). Checked in float64.
     """
     if target.ndim != 2 or target.shape[1] < 2 or not target.is_floating_point():
         return False
     if scores.numel() != target.numel() or not scores.is_floating_point():
         return False
+    eps = max(1e-4, 8 * torch.finfo(target.dtype).eps)
     with torch.no_grad():
         t, z = target.detach().double(), scores.detach().double().reshape(target.shape)
-        tolerance = max(1e-4, 8 * torch.finfo(target.dtype).eps) * max(1.0, float(t.abs().max()))
-        return any(torch.allclose(t, f(z, dim=1), rtol=0, atol=tolerance) for f in (F.softmax, F.log_softmax))
+        ones = torch.ones(len(t), dtype=t.dtype)
+        rows = max(1e-3, t.shape[1] * eps)
+        if bool((t <= 0).all()) and torch.allclose(t.exp().sum(1), ones, rtol=0, atol=rows):
+            log_p = t  # log_softmax
+        elif bool((t > 0).all()) and torch.allclose(t.sum(1), ones, rtol=0, atol=rows):
+            log_p = t.log()  # softmax (a probability that underflowed to 0 is not told apart)
+        else:
+            return False
+        a, b = log_p - log_p.mean(1, keepdim=True), z - z.mean(1, keepdim=True)
+        scale = float((a * b).sum() / (b * b).sum().clamp_min(1e-30))
+        tolerance = eps * max(1.0, float(log_p.abs().max()))
+        return scale > 0 and torch.allclose(a, scale * b, rtol=0, atol=tolerance)
 
 
 def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bool] | None:

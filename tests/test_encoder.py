@@ -529,6 +529,28 @@ def test_pairs_of_outputs_on_one_grid_are_not_a_pyramid():
 
     assert BYOL(Segmenter(), 32, **SMALL).representation_size == 16
     assert BYOL(Attention(), 32, **SMALL).hidden_layer == "<output>[0]"
+    # Entries of one shape throughout (a ViT's blocks as features_only gives them): the last, deepest.
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, features_only=True, out_indices=(0, 11)
+    )
+    assert BYOL(vit, 32, **SMALL).hidden_layer == "<output>[1]"
+
+
+def test_a_softmax_at_any_temperature_is_read_before_its_classifier():
+    class Tempered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 10)
+
+        def forward(self, x):
+            return nn.functional.softmax(self.fc(self.conv(x).mean((2, 3))) / 0.1, dim=1)
+
+    class Sigmoid(Tempered):
+        def forward(self, x):
+            return torch.sigmoid(self.fc(self.conv(x).mean((2, 3))))
+
+    assert BYOL(Tempered(), 16, **SMALL).hidden_layer == "fc"
+    assert BYOL(Sigmoid(), 16, **SMALL).hidden_layer == "<output>"  # not probabilities: the output stays
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -600,13 +600,19 @@ def check_sizes(recipe: Recipe, ctx: DistContext) -> int:
 
 
 def run_length(
-    args: argparse.Namespace, recipe: Recipe, steps_per_epoch: int, saved_total: int | None
+    args: argparse.Namespace,
+    recipe: Recipe,
+    steps_per_epoch: int,
+    saved_total: int | None,
+    saved_warmup: int | None = None,
 ) -> tuple[int, int]:
     """``(total, warmup)`` optimizer steps: a new total when --max-steps/--epochs come with --resume.
 
-    The warm-up is ``--warmup-epochs`` (default 10, the paper's, but at most 10% of the run, and
-    for a resumed run given a new total at most 10% of the run as it started too: a run past its
-    warm-up is not put back inside a longer one).
+    The warm-up is ``--warmup-epochs`` (default 10, the paper's, but at most 10% of the run). A
+    resumed run keeps the default warm-up it has (``saved_warmup``, the checkpoint's), however
+    often its total is lengthened: a run past its warm-up is never put back inside a longer one;
+    a shortened run's is at most a tenth of the new total. (A checkpoint without the figure: at
+    most a tenth of its saved total.)
     """
     if args.max_steps is not None:
         total = args.max_steps
@@ -620,6 +626,10 @@ def run_length(
         raise UserError(f"the run would have {total} steps; pass --max-steps or --epochs of at least 1")
     warmup_epochs = recipe.warmup_epochs if recipe.warmup_epochs is not None else 10.0
     warmup = round(warmup_epochs * steps_per_epoch)
+    if recipe.warmup_epochs is not None:
+        return total, min(warmup, total)
+    if saved_warmup is not None:
+        shortened = saved_total is not None and total < saved_total
+        return total, min(saved_warmup, total // 10) if shortened else min(saved_warmup, total)
     first = saved_total if saved_total is not None else total  # the length the warm-up was set for
-    warmup = min(warmup, first // 10, total // 10) if recipe.warmup_epochs is None else min(warmup, total)
-    return total, warmup
+    return total, min(warmup, first // 10, total // 10)

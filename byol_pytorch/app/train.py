@@ -136,6 +136,7 @@ class Run:
     scaler: torch.amp.GradScaler | None
     precision: str
     state: TrainState
+    warmup: int  # optimizer steps of warm-up, kept in checkpoints (a resumed run keeps it)
     workers: int
     resumed_from: Path | None
     saved_step: int = -1  # step of the last checkpoint written or resumed from; -1: none yet
@@ -297,23 +298,23 @@ def _resume_path(args: argparse.Namespace, out: Path) -> Path | None:
         )
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}; train without --resume to start a new run")
+    _refuse_overwrite(path, out)
     return path
 
 
-def _refuse_overwrite(path: Path | None, out: Path, checkpoint: dict[str, Any] | None) -> None:
-    """``--resume PATH`` of another run must not write over ``OUT/last.pt`` (a copy of this run's may: a roll-back).
+def _refuse_overwrite(path: Path, out: Path) -> None:
+    """``--resume PATH`` from outside ``OUT`` must not write over ``OUT/last.pt``: another run's, as far as we can tell.
 
-    The same run: ``PATH`` lies in ``OUT``, or its checkpoint was written for ``OUT`` (its saved ``--out``).
+    A copy kept in the run folder itself (``OUT/backup.pt``) rolls the run back. (The saved ``--out``
+    cannot tell runs apart: it is a relative path, ``runs/byol`` by default.)
     """
     own = out / "last.pt"
-    if path is None or checkpoint is None or not own.exists() or own.samefile(path):
-        return
-    saved_out = checkpoint.get("args", {}).get("out")
-    if path.resolve().parent == out.resolve() or (saved_out and Path(saved_out).resolve() == out.resolve()):
+    if not own.exists() or own.samefile(path) or path.resolve().parent == out.resolve():
         return
     raise UserError(
-        f"--resume {path}: --out {out} already holds another run's checkpoint ({own}), which this run would "
-        f"overwrite; choose an empty --out to continue {path} there, or resume that run with --resume alone"
+        f"--resume {path}: --out {out} already holds a checkpoint ({own}), which this run would overwrite; "
+        f"choose an empty --out to continue {path} there, resume that run with --resume alone, or copy {path.name} "
+        f"into {out} to roll that run back to it"
     )
 
 
@@ -575,7 +576,6 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     try:
         resumed_from = _resume_path(args, out)
         checkpoint = _load_resumed(resumed_from)
-        _refuse_overwrite(resumed_from, out, checkpoint)
     except UserError:
         _same_checkpoint_everywhere(args, out, ctx, None)
         raise
@@ -593,7 +593,8 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     deferred: list[Callable[[], None]] = []  # writes into the run folder, made once the run is sure to start
     dataset, sampler, loader = _build_data(data, recipe, micro_batch, workers, ctx, args, out, deferred)
     steps_per_epoch = sampler.batches_per_epoch // recipe.accumulate
-    total, warmup = run_length(args, recipe, steps_per_epoch, int(checkpoint["total_steps"]) if checkpoint else None)
+    saved = (int(checkpoint["total_steps"]), checkpoint.get("warmup_steps")) if checkpoint else (None, None)
+    total, warmup = run_length(args, recipe, steps_per_epoch, *saved)
     learner, optimizer, scheduler, scaler = _build_learner(recipe, net, total, warmup, precision, args, ctx)
     run_args = {k: plain(v) for k, v in vars(args).items()}
     run_args.update(recipe.to_dict(), data=str(data), precision=precision)
@@ -617,6 +618,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         scaler=scaler,
         precision=precision,
         state=TrainState(total=total),
+        warmup=warmup,
         workers=workers,
         resumed_from=resumed_from,
         deferred=deferred,
@@ -742,6 +744,7 @@ class Checkpointer:
                     "epoch": state.epoch,
                     "batch_in_epoch": state.position,
                     "total_steps": state.total,
+                    "warmup_steps": run.warmup,
                     "dataset_size": len(run.dataset),
                     "dataset_digest": run.dataset_digest,
                     "world_size": run.ctx.world_size,

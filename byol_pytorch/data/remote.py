@@ -64,8 +64,9 @@ READ_AHEAD = 32 * 2**20
 """Bytes of samples a ``Prefetcher`` reads ahead of its consumer (the next shard's first ones)."""
 MAX_WAIT = 30.0
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-# ``user:password@``: up to the last @ before the path (a password may hold @, ? or #)
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s'\"]*@")
+# ``user:password@`` (up to the last @ before the path: a password may hold @, ? or #), or a
+# ``token@`` without a colon (up to an @ before any ?, #: a query's e-mail address is no token)
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(?:[^/\s'\"?#:@]*:[^/\s'\"]*|[^/\s'\"?#:@]+)@")
 _SECRET_QUERY = re.compile(
     r"(?i)([?&][\w.-]*(?:signature|credential|token|secret|password|passwd|sig|key|auth)[\w.-]*=)[^&\s'\"#]*"
 )

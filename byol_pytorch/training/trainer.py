@@ -21,9 +21,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from .._atomic import atomic_write
 from ..batchnorm import convert_sync_batchnorm
@@ -73,9 +74,11 @@ def _images_only(batch: list) -> torch.Tensor:
 
 def _check_items(dataset: object) -> None:
     """A ``TypeError`` now, naming what is accepted, for a dataset whose items no batch can be made of."""
-    accepted = "a map-style Dataset whose items are (C, H, W) image tensors or (image, label, ...) tuples"
+    accepted = "a map-style Dataset whose items are (C, H, W) images (tensors or arrays) or (image, label, ...) tuples"
     if isinstance(dataset, DataLoader):
         raise TypeError(f"dataset= takes the Dataset, not its DataLoader (BYOLTrainer makes its own): {accepted}")
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(f"dataset must be {accepted}; for a stream of images pass a data spec (tar shards)")
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         got = type(dataset).__name__
         raise TypeError(f"dataset must be {accepted}, or a data spec such as a folder path; got {got}")
@@ -83,14 +86,17 @@ def _check_items(dataset: object) -> None:
         return  # EpochSampler says how many images a step needs
     first = dataset[0]
     image = first[0] if isinstance(first, (tuple, list)) and first else first
-    if isinstance(image, torch.Tensor) and image.ndim == 3:
-        return
-    what = type(image).__name__ + (f" of shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else "")
-    hint = {
-        "Image": "; convert PIL images with torchvision.transforms.functional.pil_to_tensor",
-        "dict": "; return the image tensor (e.g. item['image']) from your dataset's __getitem__",
-        "ndarray": "; convert (H, W, C) arrays with torch.from_numpy(a).permute(2, 0, 1)",
-    }.get(type(image).__name__, "")
+    shape = tuple(getattr(image, "shape", ()))
+    if isinstance(image, (torch.Tensor, np.ndarray)) and len(shape) == 3 and shape[0] in (1, 2, 3, 4):
+        return  # (C, H, W): a tensor, or an array the loader's collate turns into one
+    what = type(image).__name__ + (f" of shape {shape}" if shape else "")
+    hint = ""
+    if type(image).__name__ == "Image":
+        hint = "; convert PIL images with torchvision.transforms.functional.pil_to_tensor"
+    elif isinstance(image, dict):
+        hint = "; return the image tensor (e.g. item['image']) from your dataset's __getitem__"
+    elif len(shape) == 3 and shape[-1] in (1, 3, 4):
+        hint = "; (H, W, C) images need their channels first: x.permute(2, 0, 1) (a tensor) or a.transpose(2, 0, 1)"
     raise TypeError(f"dataset must be {accepted}; its first item holds a {what}{hint}")
 
 

@@ -276,10 +276,11 @@ def test_a_copy_of_the_runs_own_checkpoint_rolls_it_back(tmp_path, tiny_flags, m
     # Back to step 1 from the copy kept in the run's own folder: the same run, allowed.
     assert cli.main(["train", "--out", str(out), "--resume", str(backup), "--max-steps", "3", "--workers", "0"]) == 0
     assert load_checkpoint(out / "last.pt")["step"] == 3
+    assert load_checkpoint(out / "last.pt")["warmup_steps"] == 0  # kept for the next resume (none in 3 steps)
     # Another run's checkpoint over this one: refused, nothing written.
     assert cli.main(["train", *base, "--out", str(other), "--max-steps", "1"]) == 0
     before = (out / "last.pt").read_bytes()
     capsys.readouterr()
     argv = ["train", "--out", str(out), "--resume", str(other / "last.pt"), "--max-steps", "3", "--workers", "0"]
-    assert "already holds another run's checkpoint" in one_error_line(capsys, cli.main(argv))
+    assert "already holds a checkpoint" in one_error_line(capsys, cli.main(argv))
     assert (out / "last.pt").read_bytes() == before

@@ -106,6 +106,11 @@ def test_warm_up_is_ten_epochs_capped_at_a_tenth_unless_given():
     # was put back inside a new 30-step one (lr 0.1 at step 10 fell to 0.037 and warmed up again).
     assert run_length(parse("--max-steps", "300"), recipe, 7, 30) == (300, 3)
     assert run_length(parse("--max-steps", "20"), recipe, 7, 300) == (20, 2)  # shorter: a tenth of the new total
+    # With the warm-up the checkpoint kept: the same however often the total is lengthened.
+    assert run_length(parse("--max-steps", "10000"), recipe, 100, 1000, saved_warmup=100) == (10000, 100)
+    assert run_length(parse(), recipe, 100, 10000, saved_warmup=100) == (10000, 100)  # a plain resume of it
+    assert run_length(parse("--max-steps", "20000"), recipe, 100, 10000, saved_warmup=100) == (20000, 100)
+    assert run_length(parse("--max-steps", "500"), recipe, 100, 10000, saved_warmup=100) == (500, 50)  # shortened
     given = _recipe(warmup_epochs=2.5)
     assert run_length(parse("--max-steps", "300"), given, 8, None) == (300, 20)  # given: not capped at 10%
     assert run_length(parse("--max-steps", "10"), given, 8, None) == (10, 10)  # but never past the run

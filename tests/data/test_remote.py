@@ -120,6 +120,8 @@ def test_remote_specs_are_shards():
     for password in ("p@ss", "s3cr?t", "pa#ss"):  # the whole password, whatever it holds
         assert redact(f"https://alice:{password}@host/a.tar") == "https://***@host/a.tar"
     assert redact("s3://bucket/key@v2.tar") == "s3://bucket/key@v2.tar"  # an @ in the path is no password
+    assert redact("https://host?email=me@x.org") == "https://host?email=me@x.org"  # nor one in a query
+    assert redact("https://ghp_token@github.com/a.tar") == "https://***@github.com/a.tar"  # a token alone is
     from byol_pytorch.data.remote_shards import expand_remote
 
     pytest.importorskip("webdataset")

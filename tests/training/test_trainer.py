@@ -133,11 +133,19 @@ class _Items(torch.utils.data.Dataset):
         (_Items(lambda i: {"image": torch.rand(3, 16, 16), "label": 0}), "holds a dict; return the image tensor"),
         (torch.utils.data.DataLoader(MockDataset(16, 8), batch_size=4), "takes the Dataset, not its DataLoader"),
         (_Items(lambda i: torch.rand(16, 16)), r"holds a Tensor of shape \(16, 16\)"),
+        (_Items(lambda i: torch.rand(16, 16, 3)), r"\(H, W, C\) images need their channels first"),
     ],
 )
 def test_datasets_no_batch_can_be_made_of_are_refused_at_construction(tmp_path, make_cnn, dataset, match):
     with pytest.raises(TypeError, match=match):
         _small_trainer(tmp_path, make_cnn, dataset)
+
+
+def test_channel_first_arrays_train_as_before(tmp_path, make_cnn):
+    import numpy as np
+
+    dataset = _Items(lambda i: (np.random.default_rng(i).random((3, 16, 16), dtype=np.float32), i % 2))
+    assert _small_trainer(tmp_path, make_cnn, dataset)()["steps"] == 2
 
 
 def test_nan_input_is_not_blamed_on_the_learning_rate(tmp_path, make_cnn):
