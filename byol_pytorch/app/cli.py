@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from .errors import PROG, UserError, debug_enabled, describe_os_error, one_line
+from .errors import PROG, UserError, debug_enabled, describe_os_error, one_line, warn
 
 __all__ = ["UserError", "main", "build_parser"]
 
@@ -93,6 +93,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UserError(f"--data: {error}") from None
     bank, bank_labels, queries, query_labels = data.features(learner)
+    missing = data.missing_classes(torch.cat([bank_labels, query_labels]))
+    if missing:
+        warn(
+            f"{len(missing)} class(es) of {args.data} have no readable image ({', '.join(missing[:5])}): "
+            "their files were passed over, and the accuracy is over the other classes"
+        )
     print(
         f"byol-pytorch eval: {args.checkpoint} (step {checkpoint.get('step')}, {recipe['model']}, {args.which} "
         f"network, BatchNorm statistics {statistics}), "

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ..augment import BYOLAugment
 from ..batchnorm import batchnorm_layers, clean_statistics
@@ -81,6 +81,21 @@ class KnnMonitor:
             queries, query_labels = self._features(learner, self.queries)
         self.num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
         return bank, bank_labels, queries, query_labels
+
+    def missing_classes(self, labels: torch.Tensor) -> list[str]:
+        """The declared classes (a folder's class sub-folders) that no image of ``labels`` carries.
+
+        A class whose every file is unreadable: its files were replaced by readable ones of
+        other classes, so it drops out of the evaluation.
+        """
+        dataset: Any = self.bank
+        while isinstance(dataset, Subset):
+            dataset = dataset.dataset
+        classes = getattr(dataset, "classes", None)
+        if not isinstance(classes, (list, tuple)):
+            return []
+        seen = set(labels.tolist())
+        return [str(name) for index, name in enumerate(classes) if index not in seen]
 
     def _statistics(self, learner: nn.Module) -> contextlib.AbstractContextManager:
         """The clean BatchNorm statistics for the evaluation, when clean images were given."""

@@ -159,6 +159,17 @@ def test_export_and_preview_outputs_that_cannot_be_written_are_one_line(capsys, 
     assert (tmp_path / "views.png").is_file() and f"wrote {tmp_path / 'views.png'}:" in capsys.readouterr().out
 
 
+def test_eval_says_when_a_class_has_no_readable_image(capsys, tmp_path, trained, make_labelled):
+    _, out = trained
+    labelled = make_labelled(tmp_path / "lab", classes=3, per_class=10)
+    for image in (labelled / "class_1").iterdir():
+        image.write_bytes(b"not an image")  # its files are replaced by readable ones of other classes
+    capsys.readouterr()
+    assert cli.main(["eval", "--data", str(labelled), "--checkpoint", str(out / "last.pt"), "--knn"]) == 0
+    err = capsys.readouterr().err
+    assert "1 class(es) of" in err and "no readable image (class_1)" in err
+
+
 def test_eval_folder_without_class_subfolders(capsys, tmp_path, trained):
     data, out = trained
     flat = tmp_path / "flat"
