@@ -328,7 +328,7 @@ def _probabilities_of(target: torch.Tensor, scores: torch.Tensor) -> bool:
     eps = max(1e-4, 8 * torch.finfo(target.dtype).eps)
     with torch.no_grad():
         t, z = target.detach().double(), scores.detach().double().reshape(target.shape)
-        ones = torch.ones(len(t), dtype=t.dtype)
+        ones = torch.ones(len(t), dtype=t.dtype, device=t.device)  # the probe runs on the net's device
         rows = max(1e-3, t.shape[1] * eps)
         if bool((t <= 0).all()) and torch.allclose(t.exp().sum(1), ones, rtol=0, atol=rows):
             log_p = t  # log_softmax
