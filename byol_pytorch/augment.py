@@ -409,22 +409,36 @@ def _as_tuple(v) -> tuple[float, ...]:
     return (float(v),) if isinstance(v, (int, float)) else tuple(float(e) for e in v)
 
 
-def _image_size(image_size: object) -> tuple[int, int]:
-    """(h, w) of an int or a pair of ints (numpy integers too), each positive."""
-    message = f"image_size must be a positive int or (h, w) pair of them, got {image_size!r}"
-    if isinstance(image_size, (str, bytes, bool)):
-        raise TypeError(message)
+def _as_int(value: object) -> int | None:
+    """``value`` as an int when it is an integer (``int``, numpy or 0-d torch integers), not a bool."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
     try:
-        side = operator.index(image_size)  # type: ignore[arg-type]
-        size: tuple[int, ...] = (side, side)
+        return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        try:
-            size = tuple(operator.index(s) for s in image_size if not isinstance(s, bool))  # type: ignore[attr-defined]
-        except TypeError:
-            raise TypeError(message) from None
-    if len(size) != 2 or min(size) <= 0:
-        raise ValueError(message)
-    return int(size[0]), int(size[1])
+        return None
+
+
+def _image_size(image_size: object) -> tuple[int, int]:
+    """(h, w) of an int or an (h, w) pair of ints (numpy and 0-d torch integers too), each positive.
+
+    The one parser of an ``image_size`` argument: ``BYOLAugment``'s and ``BYOL``'s (which adds its
+    upper bound).
+    """
+    side = _as_int(image_size)
+    if side is not None:
+        size = (side, side)
+    elif (
+        isinstance(image_size, (tuple, list))
+        and len(image_size) == 2
+        and all(_as_int(s) is not None for s in image_size)
+    ):
+        size = (_as_int(image_size[0]) or 0, _as_int(image_size[1]) or 0)
+    else:
+        raise TypeError(f"image_size must be a positive int or a (height, width) pair of ints, got {image_size!r}")
+    if min(size) <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return size
 
 
 class BYOLAugment(nn.Module):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -16,14 +15,14 @@ from ._discovery import infer_channels, probe_backbone
 from ._hidden import HiddenLayer
 from ._host_read import DeferredRead
 from ._modules import module_device_dtype
-from .augment import BYOLAugment
+from .augment import BYOLAugment, _as_int, _image_size
 from .collapse import CollapseMonitor
 from .ema import cosine_tau, ema_update_
 from .encoder import BackboneEncoder
 from .heads import byol_mlp, simsiam_predictor, simsiam_projector
 from .losses import byol_loss
 
-__all__ = ["BYOL", "nonfinite_error"]
+__all__ = ["BYOL", "NonFiniteInputError", "nonfinite_error"]
 
 Augment = Callable[[torch.Tensor], torch.Tensor]
 
@@ -34,16 +33,6 @@ MAX_CHANNELS = 4096
 MAX_PROBE_ELEMENTS = 2**28  # channels * height * width of the one probe image (1 GiB in fp32)
 MAX_HEAD_WIDTH = 2**20
 MAX_HEAD_PARAMETERS = 2**31  # projector + predictor weights (8 GiB in fp32)
-
-
-def _as_int(value: object) -> int | None:
-    """``value`` as an int when it is an integer (``int``, numpy or 0-d torch integers), not a bool."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 def _check_int(arg: str, value: object, limit: int) -> int:
@@ -57,21 +46,7 @@ def _check_int(arg: str, value: object, limit: int) -> int:
 
 
 def _pair(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, bool):
-        raise TypeError("image_size must be an int or a (height, width) pair, got a bool")
-    side = _as_int(image_size)
-    if side is not None:
-        size = (side, side)
-    elif (
-        isinstance(image_size, (tuple, list))
-        and len(image_size) == 2
-        and all(_as_int(s) is not None for s in image_size)
-    ):
-        size = (_as_int(image_size[0]) or 0, _as_int(image_size[1]) or 0)
-    else:
-        raise TypeError(f"image_size must be an int or a (height, width) pair of ints, got {image_size!r}")
-    if min(size) <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    size = _image_size(image_size)
     if max(size) > MAX_IMAGE_SIDE:
         raise ValueError(
             f"image_size must be at most {MAX_IMAGE_SIDE} per side, got {image_size!r}; pass a smaller size"
@@ -117,6 +92,10 @@ def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class NonFiniteInputError(FloatingPointError):
+    """The non-finite step's cause was NaN/Inf in its input batch (the data, not the training)."""
+
+
 def nonfinite_error(loss_finite: bool, input_finite: bool = True) -> FloatingPointError:
     """The error for a training step whose loss (or input) was not finite: the one wording for every loop.
 
@@ -125,7 +104,7 @@ def nonfinite_error(loss_finite: bool, input_finite: bool = True) -> FloatingPoi
         input_finite: its input batch was finite.
     """
     if not input_finite:
-        return FloatingPointError(
+        return NonFiniteInputError(
             "a training batch contained NaN or Inf values (the loss turned non-finite); check the data pipeline"
         )
     if loss_finite:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..byol import BYOL, nonfinite_error
+from ..byol import BYOL, NonFiniteInputError, nonfinite_error
 from ..data.sampling import StepBatch
 from .distributed import DistContext
 
@@ -400,8 +400,7 @@ class Engine:
         try:
             loss, stepped = self.step_fn(images)
         except FloatingPointError as error:  # the learner's deferred non-finite check
-            bad_input = str(error) == str(nonfinite_error(False, input_finite=False))
-            raise DivergedError(state.step + 1, str(error), bad_input) from None
+            raise DivergedError(state.step + 1, str(error), isinstance(error, NonFiniteInputError)) from None
         state.stepped, state.step = stepped, state.step + int(stepped)
         state.epoch_done = batch.position == batch.batches_per_epoch
         state.epoch, state.position = (batch.epoch + 1, 0) if state.epoch_done else (batch.epoch, batch.position)
