@@ -88,7 +88,7 @@ def remove_stale_temps(path: PathLike) -> list[Path]:
     return removed
 
 
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write(path: PathLike, write: Callable[[str], object]) -> Path:
     """Call ``write(temp_path)``, fsync the file, then rename it to ``path``.
 
     The temp file (``.{name}.{pid}.XXXX.tmp`` in the same folder) gets the mode a plain

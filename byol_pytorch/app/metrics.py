@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._atomic import atomic_write
 from .errors import warn
 
 __all__ = ["WANDB_ID_FILE", "MetricsLog", "draw_views_or_warn", "plot_curves_or_warn", "wandb_options"]
@@ -87,9 +88,9 @@ class _WandbSink:
         self.wandb = wandb
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text(encoding="utf-8").strip() if resuming and id_file.is_file() else ""
-        if not run_id:
+        new_id = not run_id
+        if new_id:
             run_id = uuid.uuid4().hex[:8]  # W&B's id alphabet: lower-case letters and digits
-            id_file.write_text(run_id + "\n", encoding="utf-8")
         try:
             self.run = wandb.init(
                 project=options["project"],
@@ -104,6 +105,8 @@ class _WandbSink:
                 f"--wandb: W&B could not start ({type(error).__name__}: {error}); run 'wandb login', or set "
                 "WANDB_MODE=offline to log locally and 'wandb sync' later"
             ) from error
+        if new_id:  # kept once W&B has started: a refused start leaves no id behind
+            atomic_write(id_file, lambda path: Path(path).write_text(run_id + "\n", encoding="utf-8"))
 
     def log(self, row: dict[str, Any]) -> None:
         values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
@@ -114,6 +117,14 @@ class _WandbSink:
         if images:
             self.run.log(images)
         self.run.finish()
+
+
+def _summary_writer_class() -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
 
 
 def _image_array(path: Path) -> Any:
@@ -155,6 +166,11 @@ class MetricsLog:
         self.wandb_run: _WandbSink | None = None
         if not enabled:
             return
+        # Every sink that can refuse opens before the first write into the run folder.
+        summary_writer = _summary_writer_class() if tensorboard else None
+        if wandb is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.wandb_run = _WandbSink(self.path.parent, wandb, resuming=resume_step is not None)
         kept: list[str] = []
         if resume_step is not None and self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -165,14 +181,8 @@ class MetricsLog:
                     continue  # a line cut by a crash
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
-        if wandb is not None:
-            self.wandb_run = _WandbSink(self.path.parent, wandb, resuming=resume_step is not None)
+        if summary_writer is not None:
+            self.writer = summary_writer(log_dir=str(self.path.parent / "tensorboard"))
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one row (numbers rounded for reading; non-finite values as strings)."""

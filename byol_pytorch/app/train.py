@@ -141,7 +141,7 @@ class Run:
     resumed_from: Path | None
     saved_step: int = -1  # step of the last checkpoint written or resumed from; -1: none yet
     skip_warned: bool = False  # the skipped-files warning was given
-    metrics: MetricsLog | None = None  # open from ``run`` until ``finish`` (W&B gets the pictures there)
+    metrics: MetricsLog | None = None  # open from the lock until ``finish`` (W&B gets the pictures there)
     dataset_digest: str | None = None  # an image folder's file list (``FileIndex.digest``), in checkpoints
     clean_images: torch.Tensor | None = None  # rank 0, --bn-stats clean: 512 un-augmented training images
     knn_reference: float | None = None  # the untouched net's kNN accuracy (step 0), kept in checkpoints
@@ -245,10 +245,23 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
                 "exit_code": 0,
                 "stopped_by": None,
             }
-        _lock(ctx, lock, create=True, recheck=lambda: _resume_path(args, out))
-        for write in prepared.deferred:  # the first writes into the run folder (rank 0's)
-            write()
-        return finish(prepared, run(prepared))
+
+        def recheck() -> None:  # rank 0, lock held, nothing written yet: a refusal here reaches every rank
+            _resume_path(args, out)
+            prepared.metrics = _open_metrics(prepared)  # W&B and TensorBoard can refuse
+
+        try:
+            _lock(ctx, lock, create=True, recheck=recheck)
+            if prepared.metrics is None:  # the other ranks: a log that writes nothing
+                prepared.metrics = _open_metrics(prepared)
+            for write in prepared.deferred:  # the first writes into the run folder (rank 0's)
+                write()
+            state = run(prepared)
+        except BaseException:
+            if prepared.metrics is not None:
+                prepared.metrics.close()  # a W&B run is finished, TensorBoard flushed (closing twice is harmless)
+            raise
+        return finish(prepared, state)
     finally:
         if lock is not None:
             lock.release()
@@ -822,18 +835,8 @@ def run(prepared: Run) -> TrainState:
         UserError: the loss turned non-finite (the last good checkpoint is kept).
     """
     args, ctx, state, recipe = prepared.args, prepared.ctx, prepared.state, prepared.recipe
-    prepared.out.mkdir(parents=True, exist_ok=True)
-    try:
-        metrics = MetricsLog(
-            prepared.out,
-            state.step if prepared.saved_step >= 0 else None,
-            args.tensorboard,
-            enabled=ctx.is_main,
-            wandb=wandb_options(args, prepared.run_args),
-        )
-        monitor = prepared.monitor
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    metrics = prepared.metrics if prepared.metrics is not None else _open_metrics(prepared)  # train() opens it
+    monitor = prepared.monitor
     step = OptimizerStep(
         prepared.learner,
         prepared.model,
@@ -888,6 +891,21 @@ def run(prepared: Run) -> TrainState:
             metrics.close()
     prepared.metrics = metrics  # closed by ``finish``, after W&B gets the pictures
     return state
+
+
+def _open_metrics(prepared: Run) -> MetricsLog:
+    """The run's metrics.jsonl with TensorBoard and W&B when asked for; a sink that cannot start refuses the run."""
+    prepared.out.mkdir(parents=True, exist_ok=True)
+    try:
+        return MetricsLog(
+            prepared.out,
+            prepared.state.step if prepared.saved_step >= 0 else None,
+            prepared.args.tensorboard,
+            enabled=prepared.ctx.is_main,
+            wandb=wandb_options(prepared.args, prepared.run_args),
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def _out_of_memory(error: BaseException) -> bool:

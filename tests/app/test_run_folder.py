@@ -234,6 +234,42 @@ def test_a_refused_start_leaves_the_run_folder_byte_identical(
     record_fault(REFUSED, 1, HELD)
 
 
+def _wandb_that_cannot_start(monkeypatch) -> list[str]:
+    wandb = pytest.importorskip("wandb")
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    return ["--wandb"]
+
+
+def _tensorboard_missing(monkeypatch) -> list[str]:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    return ["--tensorboard"]
+
+
+SINK_REFUSALS = {
+    "a W&B run that cannot start": (_wandb_that_cannot_start, "--wandb: W&B could not start"),
+    "TensorBoard not installed": (_tensorboard_missing, "--tensorboard needs the tensorboard package"),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(SINK_REFUSALS))
+def test_a_logger_that_cannot_start_leaves_the_run_folder_byte_identical(
+    finished_run, capsys, monkeypatch, reason, record_fault
+):
+    """Before: metrics.jsonl rewritten, wandb_run_id and the data's index written, then the refusal."""
+    make_flags, message = SINK_REFUSALS[reason]
+    flags = make_flags(monkeypatch)
+    before = snapshot(finished_run)
+    code = cli.main(["train", "--out", str(finished_run), "--resume", "--max-steps", "4", "--workers", "0", *flags])
+    lines = error_lines(capsys.readouterr().err)
+    assert code == 1 and len(lines) == 1 and message in lines[0], lines
+    assert snapshot(finished_run) == before
+    record_fault(REFUSED, 1, HELD)
+
+
 REFUSED = (
     "a refused start: recipe changed, heads unlike the recipe, new run over a checkpoint, data missing, "
     "bad flags, not a checkpoint, unknown model, folder locked"
