@@ -93,12 +93,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UserError(f"--data: {error}") from None
     bank, bank_labels, queries, query_labels = data.features(learner)
-    missing = data.missing_classes(torch.cat([bank_labels, query_labels]))
+    missing = data.missing_warning(args.data)
     if missing:
-        warn(
-            f"{len(missing)} class(es) of {args.data} have no readable image ({', '.join(missing[:5])}): "
-            "their files were passed over, and the accuracy is over the other classes"
-        )
+        warn(missing)
     print(
         f"byol-pytorch eval: {args.checkpoint} (step {checkpoint.get('step')}, {recipe['model']}, {args.which} "
         f"network, BatchNorm statistics {statistics}), "

@@ -151,6 +151,7 @@ class Run:
     last_knn: float | None = None
     deferred: list[Callable[[], None]] = field(default_factory=list)  # writes made once the run folder is locked
     monitor: KnnMonitor | None = None  # rank 0, --val-data: opened before the first write (a bad spec refuses)
+    missing_warned: bool = False  # --val-data's classes with no readable image were named
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -790,6 +791,7 @@ def _hooks(prepared: Run, metrics: MetricsLog, monitor: KnnMonitor | None) -> li
     def validate(s: TrainState) -> None:
         if monitor is not None:
             s.pending["knn_acc"] = prepared.last_knn = monitor(prepared.learner)
+            _warn_missing_classes(prepared, monitor)
             _warn_below_reference(prepared, s, monitor)
         ctx.wait_for_main()  # the other ranks wait on a gloo group with a long timeout, not under NCCL's watchdog
 
@@ -961,8 +963,17 @@ def _measure_reference(prepared: Run, monitor: KnnMonitor | None, metrics: Metri
         return
     if monitor is not None:
         prepared.knn_reference = reference = monitor(prepared.learner)
+        _warn_missing_classes(prepared, monitor)
         metrics.write({"step": 0, "epoch": 0.0, "knn_acc": reference, "knn_reference": reference})
     ctx.wait_for_main()
+
+
+def _warn_missing_classes(prepared: Run, monitor: KnnMonitor) -> None:
+    """Once a run: --val-data's classes that had no readable image (the accuracy is over the others)."""
+    line = monitor.missing_warning(prepared.args.val_data)
+    if line and not prepared.missing_warned:
+        warn(line)
+        prepared.missing_warned = True
 
 
 def _warn_below_reference(prepared: Run, s: TrainState, monitor: KnnMonitor) -> None:

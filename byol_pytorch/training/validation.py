@@ -67,6 +67,7 @@ class KnnMonitor:
         self.clean_images = clean_images
         self.num_classes: int | None = None
         self.queries_scored = 0  # held-out images of the last evaluation
+        self.missing: list[str] = []  # declared classes with no readable image in the last evaluation
 
     def _features(self, learner: nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         loader = make_loader(dataset, self.batch_size, self.workers, shuffle=False, drop_last=False, persistent=False)
@@ -80,7 +81,17 @@ class KnnMonitor:
             bank, bank_labels = self._features(learner, self.bank)
             queries, query_labels = self._features(learner, self.queries)
         self.num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+        self.missing = self.missing_classes(torch.cat([bank_labels, query_labels]))
         return bank, bank_labels, queries, query_labels
+
+    def missing_warning(self, spec: str) -> str | None:
+        """The warning line for the classes of the last evaluation that had no readable image (None: none)."""
+        if not self.missing:
+            return None
+        return (
+            f"{len(self.missing)} class(es) of {spec} have no readable image ({', '.join(self.missing[:5])}): "
+            "their files were passed over, and the accuracy is over the other classes"
+        )
 
     def missing_classes(self, labels: torch.Tensor) -> list[str]:
         """The declared classes (a folder's class sub-folders) that no image of ``labels`` carries.

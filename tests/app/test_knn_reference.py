@@ -172,3 +172,13 @@ def test_the_trainer_measures_the_untouched_net_first(tmp_path, make_labelled):
     assert result["knn_reference"] == trainer.knn[0][1] and result["knn"] == trainer.knn[-1][1]
     assert all(0.0 <= accuracy <= 1.0 for _, accuracy in trainer.knn)
     assert torch.is_tensor(trainer.step) and int(trainer.step) == 4
+
+
+def test_val_data_with_a_class_of_no_readable_image_is_named_once(messy, tmp_path, capsys, tiny_flags, make_labelled):
+    labelled = make_labelled(tmp_path / "lab", classes=3, per_class=10)
+    for image in (labelled / "class_2").iterdir():
+        image.write_bytes(b"not an image")  # the class drops out of every evaluation
+    argv = ["train", "--data", str(messy), "--out", str(tmp_path / "run"), *tiny_flags, "--val-data", str(labelled)]
+    assert cli.main([*argv, "--max-steps", "6", "--val-every", "1"]) == 0  # evaluated at steps 0 and 6
+    err = capsys.readouterr().err
+    assert err.count("no readable image") == 1 and "1 class(es) of" in err and "(class_2)" in err
