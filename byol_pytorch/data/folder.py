@@ -57,7 +57,8 @@ _DECODE_ERRORS = (
     struct.error,
     Image.DecompressionBombError,
 )
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_WIDE_MODES = _SIXTEEN_BIT_MODES | {"I", "F"}  # one channel, more than 8 bits
 # Pillow's docs for Image.resize: "With reducing_gap greater or equal to 3.0, the result
 # is indistinguishable from fair resampling in most cases."
 _REDUCING_GAP = 3.0
@@ -101,10 +102,22 @@ def _is_regular(path: str) -> bool:
 
 
 def _to_eight_bit(im: Image.Image) -> Image.Image:
-    """16-bit grayscale ("I;16*", or "I" holding 0..65535) scaled to "L", rounded."""
-    values = np.asarray(im).astype(np.int64)
-    values = np.clip(values, 0, 65535)
-    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    """One wide grayscale channel scaled to "L", rounded; negative and non-finite values read as 0.
+
+    16-bit modes ("I;16*") scale 0..65535. The 32-bit modes (integer "I", float "F", e.g.
+    from TIFF) declare no range, so the image's maximum picks the smallest that holds it:
+    floats within 0..1 scale by 255, values within 0..255 are kept as they are, 0..65535
+    scale like 16 bits, and anything larger scales by its own maximum.
+    """
+    values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)
+    peak = float(values.max()) if values.size else 0.0
+    if im.mode in _SIXTEEN_BIT_MODES:
+        full = 65535.0
+    elif im.mode == "F" and peak <= 1.0:
+        full = 1.0
+    else:
+        full = next((r for r in (255.0, 65535.0) if peak <= r), peak)
+    return Image.fromarray(np.rint(np.minimum(values, full) * (255.0 / full)).astype(np.uint8))
 
 
 def _has_alpha(im: Image.Image) -> bool:
@@ -117,7 +130,7 @@ def _convert(im: Image.Image, mode: str) -> Image.Image:
     White, not dropping alpha: the colour under a transparent pixel is arbitrary (often
     black), while white is how such images (icons, product shots) are normally seen.
     """
-    if im.mode in _SIXTEEN_BIT_MODES:
+    if im.mode in _WIDE_MODES:
         im = _to_eight_bit(im)
     elif _has_alpha(im):
         rgba = im.convert("RGBA")

@@ -144,6 +144,40 @@ def test_sixteen_bit_is_scaled_not_clipped(messy):
     assert image.max() == 255 and image.float().mean() > 120  # clipping would give ~253
 
 
+_RAMP = np.arange(40 * 40).reshape(40, 40) % 256  # every 8-bit value
+
+
+@pytest.mark.parametrize(
+    "wide",
+    {
+        "I;16 PNG, 0..65535": lambda: Image.fromarray((_RAMP * 257).astype(np.uint16)),
+        "32-bit integer TIFF holding 0..255": lambda: Image.fromarray(_RAMP.astype(np.int32)),
+        "32-bit integer TIFF holding 0..65535": lambda: Image.fromarray((_RAMP * 257).astype(np.int32)),
+        "float TIFF holding 0..1": lambda: Image.fromarray((_RAMP / 255).astype(np.float32)),
+        "float TIFF holding 0..255": lambda: Image.fromarray(_RAMP.astype(np.float32)),
+    }.items(),
+    ids=lambda item: item[0],
+)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_wide_grayscale_reads_as_its_eight_bit_image(tmp_path, wide, channels):
+    """Before: 32-bit integer and float images holding 0..255 or 0..1 read black (divided by 257, or clipped)."""
+    name, make = wide
+    image = make()
+    path = tmp_path / ("wide.png" if image.mode.startswith("I;16") else "wide.tif")
+    image.save(path)
+    assert Image.open(path).mode == image.mode  # the file keeps the wide mode
+    Image.fromarray(_RAMP.astype(np.uint8)).save(tmp_path / "eight.png")
+    assert torch.equal(load_image(path, 40, channels), load_image(tmp_path / "eight.png", 40, channels)), name
+
+
+def test_wide_grayscale_reads_negative_and_non_finite_values_as_black(tmp_path):
+    values = (_RAMP / 255).astype(np.float32)
+    values[0, :4] = [-0.5, np.nan, np.inf, -np.inf]
+    Image.fromarray(values).save(tmp_path / "odd.tif")
+    image = load_image(tmp_path / "odd.tif", 40, 1)[0]
+    assert image[0, :4].tolist() == [0, 0, 0, 0] and image[1].tolist() == (_RAMP[1] % 256).tolist()
+
+
 def test_exif_orientation_is_applied(messy):
     image = load_image(messy / "c/rotated.JPEG", 20).float()  # (3, 20, 20), red on top
     top, bottom = image[:, 2:8].mean((1, 2)), image[:, 12:18].mean((1, 2))
