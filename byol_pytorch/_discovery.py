@@ -22,12 +22,15 @@ The hidden layer can be named three ways, as in lucidrains/byol-pytorch:
     entries of one shape throughout (a ViT's blocks), the last, deepest one;
   - a (B, K) output that is the softmax or log-softmax of the last Linear's (B, K) output,
     at any temperature (``F.log_softmax(self.fc2(x))``): the input of that Linear;
+  - a (B, K) output that is the last Conv2d's (B, K, H, W) output averaged over the map
+    (ReLU'd or not) in a net that declares K classes (``num_classes``, ``config.num_labels``):
+    a classifier written as a convolution (SqueezeNet's), and the input of that Conv2d;
   - several classifier Linears combined, e.g. distillation heads averaged,
     ``(head(x) + head_dist(x)) / 2``: when the last Linears to run all have the
     output's width and the output depends on each of them, their shared input; when
     their inputs differ (``head(x[:, 0])``, ``head_dist(x[:, 1])``), the last tensor a
     module produced before the heads started whose pooled width is theirs (the final
-    norm's tokens).
+    norm's tokens; a module that ran once per token, PiT's dropout, is passed over).
 
   A net whose output has none of these gets an error listing the layers that would
   work, last first, with a ``hidden_layer="..."`` call.
@@ -58,6 +61,7 @@ import dataclasses
 import difflib
 import inspect
 import operator
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -342,6 +346,37 @@ def _probabilities_of(target: torch.Tensor, scores: torch.Tensor) -> bool:
         return scale > 0 and torch.allclose(a, scale * b, rtol=0, atol=tolerance)
 
 
+def _declared_classes(net: nn.Module) -> int | None:
+    """The class count a net declares: ``num_classes`` (timm, torchvision) or ``config.num_labels`` (transformers)."""
+    for owner, attribute in ((net, "num_classes"), (getattr(net, "config", None), "num_labels")):
+        value = getattr(owner, attribute, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _averaged_conv_classifier(trace: _Trace, target: torch.Tensor) -> nn.Module | None:
+    """The last Conv2d to run, when it is a classifier written as a convolution over the map, then averaged.
+
+    SqueezeNet's and NiN's: the net declares K classes (``_declared_classes``), the (B, K)
+    output is the conv's (B, K, H, W) output averaged over the map (after a ReLU or not), so
+    the representation is the conv's input. Without a declared class count, an output pooled
+    from a convolution is taken for features, as before.
+    """
+    if target.ndim != 2 or _declared_classes(trace.net) != target.shape[1]:
+        return None
+    convs = [m for kind, m in trace.events if kind == "end" and isinstance(m, nn.Conv2d)]
+    out = trace.outputs.get(convs[-1]) if convs else None
+    if not isinstance(out, torch.Tensor) or out.ndim != 4 or tuple(out.shape[:2]) != tuple(target.shape):
+        return None
+    with torch.no_grad():
+        t, z = target.detach().double(), out.detach().double()
+        tolerance = max(1e-5, 8 * torch.finfo(target.dtype).eps) * max(1.0, float(t.abs().max()))
+        if any(torch.allclose(a.mean((2, 3)), t, rtol=0, atol=tolerance) for a in (z, z.clamp_min(0))):
+            return convs[-1]
+    return None
+
+
 def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bool] | None:
     """(module, use_input) of the representation the final classifier Linear(s) read.
 
@@ -367,6 +402,9 @@ def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bo
         and id(getattr(single[-1], "weight", None)) in _graph_leaves(target)
     ):
         return single[-1], True  # class scores turned into (log-)probabilities: F.log_softmax(fc(x))
+    averaged = _averaged_conv_classifier(trace, target)
+    if averaged is not None:
+        return averaged, True
     linears = [m for kind, m in trace.events if kind == "end" and isinstance(m, nn.Linear)]
     heads: list[nn.Module] = []  # the last Linears to run with the output's width, last first
     for m in reversed(linears):
@@ -392,7 +430,9 @@ def _before_heads(trace: _Trace, heads: list[nn.Module]) -> tuple[nn.Module, boo
     """The last module output before the heads' branches started whose pooled width is theirs.
 
     A head's branch is its highest ancestor that holds no other head (``classifier`` for
-    ``classifier.linear`` after ``classifier.norm``).
+    ``classifier.linear`` after ``classifier.norm``). A module that ran more than once (a
+    dropout applied to each distillation token in turn) is passed over: its hook would see
+    only its last call.
     """
     head_names = [trace.names[h] for h in heads]
     starts = []
@@ -406,8 +446,11 @@ def _before_heads(trace: _Trace, heads: list[nn.Module]) -> tuple[nn.Module, boo
         module = trace.net.get_submodule(root)
         starts.append(max(i for i, (k, m) in enumerate(trace.events) if k == "start" and m is module))
     width = getattr(heads[0], "in_features", None)
+    calls = Counter(m for kind, m in trace.events if kind == "end")
     for kind, m in reversed(trace.events[: min(starts)]):
-        if kind == "end" and m is not trace.net and _pooled_width(trace.outputs.get(m), _PROBE_BATCH) == width:
+        if kind != "end" or m is trace.net or calls[m] > 1:  # a module run per token (PiT's head_drop): not one output
+            continue
+        if _pooled_width(trace.outputs.get(m), _PROBE_BATCH) == width:
             return m, False
     return None
 

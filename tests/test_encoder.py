@@ -238,6 +238,23 @@ class TokenAuxHeads(nn.Module):
         return self.head(tokens[:, 0]) + 0.5 * self.aux_head(tokens[:, 1:]).max(1)[0]
 
 
+class TokenHeadsSharedDropout(nn.Module):
+    """PiT's distilled head: one dropout module applied to the class token, then to the distillation token."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _Body()
+        self.norm = nn.LayerNorm(16)
+        self.head_drop = nn.Dropout(0.0)
+        self.head = nn.Linear(16, 10)
+        self.head_dist = nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = self.norm(self.body(x).flatten(2).transpose(1, 2)[:, :2])  # (B, 2, 16): class, distillation
+        first, second = self.head_drop(tokens[:, 0]), self.head_drop(tokens[:, 1])
+        return (self.head(first) + self.head_dist(second)) / 2
+
+
 class OpaqueOutput(nn.Module):
     """Returns an object auto cannot read a representation from."""
 
@@ -277,6 +294,12 @@ PLAIN = {
         "norm",  # the heads read different tokens: the tokens before them, mean-pooled
         lambda n, x: n.norm(n.body(x).flatten(2).transpose(1, 2)).mean(1),
         ["head.weight", "head.bias", "aux_head.weight", "aux_head.bias"],
+    ),
+    "token_heads_shared_dropout": (
+        TokenHeadsSharedDropout,
+        "norm",  # not head_drop, whose hook sees only its last call (the distillation token)
+        lambda n, x: n.norm(n.body(x).flatten(2).transpose(1, 2)[:, :2]).mean(1),
+        ["head.weight", "head.bias", "head_dist.weight", "head_dist.bias"],
     ),
 }
 
@@ -340,10 +363,14 @@ def test_a_keyword_net_called_positionally_gets_the_input_name_advice():
 
 @pytest.mark.parametrize(
     "name, size, width",
-    [("efficientformer_l1", 224, 448), ("deit_tiny_distilled_patch16_224", 32, 192)],
+    [
+        ("efficientformer_l1", 224, 448),
+        ("deit_tiny_distilled_patch16_224", 32, 192),
+        ("pit_ti_distilled_224", 224, 256),
+    ],
 )
 def test_timm_distilled_heads_give_the_pooled_features(name, size, width):
-    kwargs = {} if name.startswith("efficientformer") else {"img_size": size}
+    kwargs = {"img_size": size} if name.startswith("deit") else {}
     net = timm.create_model(name, pretrained=False, **kwargs)
     assert net.num_features == width  # timm's own pooled width
     learner = BYOL(net, image_size=size, **SMALL)
@@ -360,7 +387,7 @@ def test_timm_distilled_heads_give_the_pooled_features(name, size, width):
         net.eval()
         pooled = net.forward_head(net.forward_features(x), pre_logits=True)
     assert embedding.shape == (2, width)
-    if name.startswith("efficientformer"):  # the heads read the pooled features themselves
+    if not name.startswith("deit"):  # the heads read the pooled features (PiT: its two tokens' mean) themselves
         assert torch.allclose(embedding, pooled, atol=1e-5)
 
 
@@ -601,3 +628,44 @@ def test_a_sequence_first_layer_is_refused_with_the_layers_that_work():
 
     with pytest.raises(ValueError, match=r"first dimension is not the batch.*'conv' \(D=16\)"):
         BYOL(SequenceFirst(), 32, hidden_layer="mix", **SMALL)
+
+
+class ConvScores(nn.Module):
+    """A classifier written as a convolution over the map, ReLU'd and averaged (SqueezeNet's, NiN's)."""
+
+    def __init__(self, num_classes: int | None):
+        super().__init__()
+        if num_classes is not None:
+            self.num_classes = num_classes
+        self.features = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU())
+        self.scores = nn.Conv2d(12, 10, 1)
+
+    def forward(self, x):
+        return torch.relu_(self.scores(self.features(x))).mean((2, 3))
+
+
+@pytest.mark.parametrize(
+    "make, layer, width",
+    [
+        (lambda: torchvision.models.squeezenet1_1(weights=None, num_classes=7), "classifier.1", 512),
+        (lambda: ConvScores(num_classes=10), "scores", 12),
+        (lambda: ConvScores(num_classes=None), "<output>", 10),  # no declared classes: the output is the features
+        (lambda: ConvScores(num_classes=3), "<output>", 10),  # it declares other classes than it outputs
+    ],
+)
+def test_a_classifier_written_as_an_averaged_convolution_gives_its_input(make, layer, width):
+    """Before: SqueezeNet trained its class scores (D = num_classes) as the representation."""
+    torch.manual_seed(0)
+    net = make()
+    learner = BYOL(net, image_size=32, **SMALL)
+    assert learner.hidden_layer == layer and learner.representation_size == width
+    x = torch.rand(4, 3, 32, 32)
+    learner(x).backward()
+    first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+    learner.eval()
+    net.eval()
+    with torch.no_grad():
+        embedding = learner(x, return_embedding=True, return_projection=False)
+        expected = net(x) if layer == "<output>" else net.features(x).mean((2, 3))
+    assert torch.allclose(embedding, expected, atol=1e-5)
