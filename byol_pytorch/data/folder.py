@@ -229,10 +229,13 @@ def read_or_next(
 
     Items ``index``, ``index + 1``, ... (wrapping around) are read with ``read`` until one
     does not raise ``BrokenImageError``; each broken one is added to ``broken`` (kept per
-    process, so it is passed over without another read, and still counted).
+    process, so it is passed over without another read).
 
     Returns:
-        ``(image, index actually read, broken items passed over)``.
+        ``(image, index actually read, skipped)``: ``skipped`` is 1 when item ``index`` itself
+        is broken, else 0. A broken item is counted at its own position only, not again where
+        it is passed over on the way to another's substitute, so a pass over every index
+        counts each broken item once.
 
     Raises:
         IndexError: ``index`` outside ``[-n, n)``.
@@ -246,7 +249,7 @@ def read_or_next(
         if j in broken:
             continue
         try:
-            return read(j), j, skipped
+            return read(j), j, int(skipped > 0)
         except BrokenImageError as error:
             broken.add(j)
             last_error = error
@@ -267,7 +270,7 @@ class _ImageFiles(Dataset):
         self.load_size = load_size
         self.channels = channels
         # Indices found broken in this process (each worker keeps its own): they are
-        # passed over without being decoded again, and still counted.
+        # passed over without being decoded again, and still counted at their own index.
         self._broken: set[int] = set()
 
     def __len__(self) -> int:
@@ -282,7 +285,7 @@ class _ImageFiles(Dataset):
         return load_image(self.paths[index], self.load_size, self.channels)
 
     def _load(self, index: int) -> tuple[torch.Tensor, int, int]:
-        """Returns (image, index actually loaded, broken files passed over)."""
+        """Returns (image, index actually loaded, 1 if file ``index`` is broken else 0)."""
         return read_or_next(
             index,
             len(self.paths),
@@ -305,10 +308,10 @@ class ImageFolder(_ImageFiles):
     Raises:
         ValueError: see ``index_images``; or an invalid ``load_size``/``channels``.
 
-    ``dataset[i]`` returns ``(image, skipped)``: a ``uint8`` tensor ``(C, S, S)``, and how
-    many broken files were passed over to find it (0 when file ``i`` is readable; else
-    file ``i+1``, ``i+2``, ... wrapping around, is used). ``NoReadableImagesError`` (a
-    ``RuntimeError``) when no file at all can be read.
+    ``dataset[i]`` returns ``(image, skipped)``: a ``uint8`` tensor ``(C, S, S)``, and 1 when
+    file ``i`` is broken, else 0 (a broken file ``i`` is replaced by file ``i+1``, ``i+2``,
+    ... wrapping around, the first readable one; a pass over every ``i`` counts each broken
+    file once). ``NoReadableImagesError`` (a ``RuntimeError``) when no file at all can be read.
 
     Attributes:
         paths: the ``FileIndex`` of the files; ``paths[i]`` is file ``i``'s ``Path``.

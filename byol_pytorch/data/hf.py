@@ -235,8 +235,8 @@ class HFImageDataset(Dataset):
         ValueError: see ``load_local_dataset`` and ``image_column``.
 
     ``dataset[i]`` returns ``(image, skipped)`` as ``ImageFolder`` does: row ``i``, or
-    when it is broken, row ``i+1``, ``i+2``, ... wrapping around, and how many were
-    passed over (``labelled``: ``(image, label)``, the substitute's label). ``NoReadableImagesError``
+    when it is broken, row ``i+1``, ``i+2``, ... wrapping around, and 1 when row ``i`` is
+    broken, else 0 (``labelled``: ``(image, label)``, the substitute's label). ``NoReadableImagesError``
     when no row at all can be read.
     """
 

@@ -45,14 +45,15 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 # Relative paths in sorted order, and which are broken. The four broken files in
-# "b_broken" are consecutive, so items 4..7 pass over 4, 3, 2, 1 files; the last file is
-# broken too, so it wraps around to item 0.
+# "b_broken" are consecutive, so items 4..7 pass over 4, 3, 2, 1 files to the same
+# substitute, each counted once, at its own item; the last file is broken too, so it wraps
+# around to item 0.
 GOOD_BEFORE = ["a/deep/er/cmyk.jpg", "a/deep/red.jpg", "a/gray.PNG", "a/rgba.png"]
 BROKEN = ["b_broken/corrupt.png", "b_broken/empty.jpg", "b_broken/notes.jpg", "b_broken/truncated.jpg"]
 GOOD_AFTER = ["c/big.jpg", "c/i16.png", "c/palette.gif", "c/rotated.JPEG", "c/x.webp", "d.bmp"]
 LAST_BROKEN = "zz_empty.tif"
 ALL = GOOD_BEFORE + BROKEN + GOOD_AFTER + [LAST_BROKEN]
-EXPECTED_SKIPS = [0] * 4 + [4, 3, 2, 1] + [0] * 6 + [1]
+EXPECTED_SKIPS = [0] * 4 + [1, 1, 1, 1] + [0] * 6 + [1]  # a pass counts each broken file once
 
 
 @pytest.fixture(scope="module")
