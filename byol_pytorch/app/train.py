@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import time
@@ -1009,18 +1010,31 @@ def _closing_line(prepared: Run, state: TrainState, outcome: str) -> None:
     saved = "no checkpoint written"
     if checkpoint.exists():
         saved = f"checkpoint {checkpoint}" + (f" (step {prepared.saved_step})" if prepared.saved_step >= 0 else "")
-    after = (
-        f". Next: byol-pytorch export {checkpoint} --out backbone.safetensors | byol-pytorch eval --data "
-        f"LABELLED --checkpoint {checkpoint} | byol-pytorch embed --data {prepared.run_args.get('data')} "
-        f"--checkpoint {checkpoint} --out embeddings/"
-        if checkpoint.exists()
-        else ""
-    )
+    after = f". Next: {_next_commands(prepared, checkpoint)}" if checkpoint.exists() else ""
     print(
         f"byol-pytorch: {outcome}: {steps} step{'' if steps == 1 else 's'} ({prepared.start_step} -> {state.step}) "
         f"in {seconds / 60:.1f} min, "
         f"{speed:.1f} img/s{knn}; {saved}{after}",
         flush=True,
+    )
+
+
+def _next_commands(prepared: Run, checkpoint: Path) -> str:
+    """export, eval and embed of the run's checkpoint, each quoted for a POSIX shell (a brace pattern, a space)."""
+    args, q = prepared.args, shlex.quote
+    source = " ".join(
+        f"{flag} {q(str(value))}"
+        for flag, value in (
+            ("--data", prepared.run_args.get("data")),
+            ("--image-column", getattr(args, "image_column", None)),
+            ("--hf-split", getattr(args, "hf_split", None)),
+        )
+        if value
+    )
+    return (
+        f"byol-pytorch export {q(str(checkpoint))} --out backbone.safetensors | byol-pytorch eval --data LABELLED "
+        f"--checkpoint {q(str(checkpoint))} | byol-pytorch embed {source} --checkpoint {q(str(checkpoint))} "
+        "--out embeddings/"
     )
 
 

@@ -80,6 +80,13 @@ __all__ = [
 SHARDS_MISSING = 'tar shards need the webdataset package: pip install "byol-pytorch[shards]"'
 IMAGE_SUFFIXES = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 _BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
+
+
+def _brace_pattern(spec: str) -> bool:
+    """Whether ``spec`` holds a brace pattern to expand: a path that exists as written is taken literally."""
+    return bool(_BRACES.search(spec)) and not os.path.lexists(spec)
+
+
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as it skips them
 
 # A sample as the headers describe it: its key and, per suffix, (offset, size) of the member's bytes.
@@ -106,7 +113,8 @@ def _is_tar_folder(path: Path) -> bool:
 def is_shard_spec(spec: str | None) -> bool:
     """Whether a data argument names tar shards.
 
-    Shards are: a brace pattern (``train-{0000..0099}.tar``, ``{a,b}.tar``), a path
+    Shards are: a brace pattern (``train-{0000..0099}.tar``, ``{a,b}.tar``; a path that
+    exists as written, braces and all, is not one), a path
     ending in ``.tar`` that is not a folder, or a folder whose entries (hidden ones
     and ``.json`` files such as a shard index aside) are all ``.tar`` files. Any other folder is an image folder.
 
@@ -116,7 +124,7 @@ def is_shard_spec(spec: str | None) -> bool:
     """
     if not spec:
         return False
-    if _BRACES.search(spec):
+    if _brace_pattern(spec):
         return True
     path = Path(spec)
     return (spec.endswith(".tar") and not path.is_dir()) or _is_tar_folder(path)
@@ -131,7 +139,7 @@ def expand_shards(spec: str | Sequence[PathLike]) -> list[Path]:
     """
     if isinstance(spec, str):
         braceexpand, _ = _webdataset()
-        if _BRACES.search(spec):
+        if _brace_pattern(spec):
             paths = [Path(p) for p in braceexpand.braceexpand(spec)]
         elif _is_tar_folder(Path(spec)):
             paths = sorted(p for p in Path(spec).iterdir() if not p.name.startswith(".") and p.suffix == ".tar")

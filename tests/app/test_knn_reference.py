@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +184,37 @@ def test_val_data_with_a_class_of_no_readable_image_is_named_once(messy, tmp_pat
     assert cli.main([*argv, "--max-steps", "6", "--val-every", "1"]) == 0  # evaluated at steps 0 and 6
     err = capsys.readouterr().err
     assert err.count("no readable image") == 1 and "1 class(es) of" in err and "(class_2)" in err
+
+
+def test_the_closing_line_commands_paste_into_a_shell(messy, tmp_path, capsys, tiny_flags):
+    """Before: a path with a space or a brace pattern was printed bare, and the pasted command split or expanded."""
+    data = tmp_path / "my {a,b} data"
+    shutil.copytree(messy, data)
+    out = tmp_path / "run two"
+    assert cli.main(["train", "--data", str(data), "--out", str(out), *tiny_flags, "--max-steps", "2"]) == 0
+    (line,) = closing_lines(capsys.readouterr().out)
+    commands = [shlex.split(part) for part in line.split(". Next: ", 1)[1].split(" | ")]
+    checkpoint = str(out / "last.pt")
+    assert commands[0] == ["byol-pytorch", "export", checkpoint, "--out", "backbone.safetensors"]
+    assert commands[2] == [
+        "byol-pytorch",
+        "embed",
+        "--data",
+        str(data),
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        "embeddings/",
+    ]
+
+
+def test_the_closing_line_embed_keeps_the_image_column_and_split():
+    from types import SimpleNamespace
+
+    from byol_pytorch.app.train import _next_commands
+
+    prepared = SimpleNamespace(
+        args=SimpleNamespace(image_column="img", hf_split="validation"), run_args={"data": "hf:data/train.parquet"}
+    )
+    embed = shlex.split(_next_commands(prepared, Path("runs/byol/last.pt")).split(" | ")[2])
+    assert embed[2:8] == ["--data", "hf:data/train.parquet", "--image-column", "img", "--hf-split", "validation"]

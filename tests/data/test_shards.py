@@ -41,6 +41,23 @@ def test_spec_rule(tmp_path, make_shards, messy):
         shard_samples(tmp_path / "bad.tar")
 
 
+def test_a_path_with_braces_that_exists_is_taken_as_written(tmp_path, make_shards, messy):
+    """Before: a folder named 'my {a,b} photos' was expanded as a shard pattern and reported missing."""
+    import shutil
+
+    photos = tmp_path / "my {a,b} photos"
+    shutil.copytree(messy, photos)
+    assert not is_shard_spec(str(photos))  # an image folder, braces and all
+    tars = tmp_path / "set {1,2}"
+    make_shards(tmp_path / "shards", broken=False)
+    shutil.copytree(tmp_path / "shards", tars)
+    assert is_shard_spec(str(tars)) and len(expand_shards(str(tars))) == 4  # a folder of .tar files
+    single = tars / "train-{0..1}.tar"
+    (tars / "train-0000.tar").rename(single)
+    assert expand_shards(str(single)) == [single]  # one shard whose name has braces
+    assert is_shard_spec(str(tmp_path / "x-{0..1}.tar"))  # a pattern: nothing exists under that name
+
+
 def test_two_ranks_two_workers_read_each_shard_once(tmp_path, make_shards):
     pattern = make_shards(tmp_path / "shards", shards=8, per_shard=3, broken=False)
     for epoch in (0, 1):
