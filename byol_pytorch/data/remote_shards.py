@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -145,13 +146,21 @@ def _read_text(location: str) -> str:
     return Path(location).read_text(encoding="utf-8")
 
 
+def _shard_name(location: str) -> str:
+    """The part of a shard's location after the last ``/``: of a URL its path's, without the query or fragment."""
+    if "://" in location:
+        location = urllib.parse.urlsplit(location).path
+    return location.rsplit("/", 1)[-1]
+
+
 def load_index(index: str, locations: Sequence[str]) -> list[int]:
     """The sample counts of ``locations`` from an index file (local path or URL).
 
     The format is webdataset's ``wids`` shard index: ``{"wids_version": 1, "shardlist":
     [{"url": "train-000000.tar", "nsamples": 1000}, ...]}``. A shard is found by its full URL,
-    else by its name (the part after the last ``/``), so an index of relative names fits the
-    shards wherever they are served.
+    else by its name (the part after the last ``/``; of a URL, its path's, so a pre-signed
+    URL's query does not count), so an index of relative names fits the shards wherever they
+    are served.
 
     Raises:
         ValueError: unreadable or malformed index, or a shard it does not list.
@@ -166,10 +175,10 @@ def load_index(index: str, locations: Sequence[str]) -> list[int]:
             'expected {"wids_version": 1, "shardlist": [{"url": ..., "nsamples": ...}]} '
             "(byol-pytorch shards index writes one)"
         ) from None
-    by_name = {url.rsplit("/", 1)[-1]: n for url, n in by_url.items()}
+    by_name = {_shard_name(url): n for url, n in by_url.items()}
     counts, missing = [], []
     for location in locations:
-        count = by_url.get(redact(location), by_name.get(location.rsplit("/", 1)[-1]))
+        count = by_url.get(redact(location), by_name.get(_shard_name(location)))
         if count is None:
             missing.append(location)
         counts.append(count or 0)

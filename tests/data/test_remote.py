@@ -177,6 +177,22 @@ def test_index_means_no_read_at_start_and_same_batches(tmp_path, make_shards, se
     assert len(items) == 24 and sum(not ok for *_, ok in items) == 2 and items[0][1] == 1
 
 
+def test_an_index_fits_shard_urls_with_a_query(tmp_path, make_shards, serve):
+    """Before: the name fallback kept the query ('train-0000.tar?X-Amz-...'), and the index listed 0 of 4 shards."""
+    pattern = make_shards(tmp_path / "shards")
+    base, server = serve(tmp_path / "shards")
+    url = f"{base}/{pattern.rsplit('/', 1)[-1]}?X-Amz-Signature=abc123"  # a pre-signed URL's query
+    names = [f"train-{k:04d}.tar" for k in range(4)]
+    (tmp_path / "names.json").write_text(json.dumps(index_document(names, [6] * 4)))
+    served = [f"{base}/{name}?X-Amz-Signature=old" for name in names]  # written for yesterday's signature
+    (tmp_path / "urls.json").write_text(json.dumps(index_document(served, [6] * 4)))
+    for index in ("names.json", "urls.json"):
+        indexed = RemoteShardDataset(url, 32, 4, shuffle_buffer=3, index=str(tmp_path / index))
+        assert server.requests == [] and indexed.counts == [6] * 4
+    batches = list(indexed.reader_batches(0, 0))
+    assert len(batches) == 6 and sum(skipped for _, skipped in batches) == 2  # the shards themselves are read
+
+
 def test_counts_are_kept_in_the_run_folder_and_a_resume_counts_nothing(
     tmp_path, make_shards, tiny_flags, serve, monkeypatch
 ):
