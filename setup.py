@@ -48,7 +48,7 @@ setup(
         "tensorboard": ["tensorboard>=2.10"],
         "wandb": ["wandb>=0.16"],
         "shards": ["webdataset>=0.2"],
-        "remote": ["webdataset>=0.2", "fsspec>=2023.1", "aiohttp>=3.8", "s3fs>=2023.1"],
+        "remote": ["webdataset>=0.2", "fsspec>=2023.1", "aiohttp>=3.8", "s3fs>=2023.1", "gcsfs>=2023.1"],
         "http": ["webdataset>=0.2", "fsspec>=2023.1", "aiohttp>=3.8"],
         "s3": ["webdataset>=0.2", "fsspec>=2023.1", "s3fs>=2023.1"],
         "gcs": ["webdataset>=0.2", "fsspec>=2023.1", "gcsfs>=2023.1"],

@@ -275,3 +275,11 @@ def test_a_moved_path_is_the_new_module_itself():
     from byol_pytorch.training.models import export_backbone as new_export
 
     assert old_cli is new_cli and export_backbone is new_export
+
+
+def test_the_remote_extra_holds_every_narrower_one():
+    """README: ``[remote]`` reads http(s)://, s3:// and gs:// (before: it had no gcsfs, so gs:// needed ``[gcs]``)."""
+    tree = ast.parse((PACKAGE.parent / "setup.py").read_text(encoding="utf-8"))
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    extras = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "extras_require"))
+    assert set(extras["http"]) | set(extras["s3"]) | set(extras["gcs"]) <= set(extras["remote"])
