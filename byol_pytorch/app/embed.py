@@ -187,10 +187,13 @@ def _open(args: argparse.Namespace, size: int, channels: int) -> tuple[Dataset, 
 
 def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -> dict[str, Any] | None:
     """The stopped run's progress (``--resume``), checked against this one; None for a new run."""
-    path = out / STATE
+    path, finished = out / STATE, not (out / STATE).exists() and (out / "embed.json").exists()
+    again = "choose another --out, or remove the folder to embed again"
+    if finished:  # nothing to continue, whether --resume was given or not
+        raise UserError(f"{out} already holds finished embeddings (embed.json); {again}")
     if not args.resume:
-        if path.exists() or (out / "embed.json").exists():
-            raise UserError(f"{out} already holds embeddings; pass --resume to continue them, or choose another --out")
+        if path.exists():
+            raise UserError(f"{out} holds a stopped embed run; pass --resume to continue it, or {again}")
         return None
     if not path.exists():
         raise UserError(f"--resume: {out} holds no stopped embed run ({STATE} is missing); drop --resume")

@@ -124,7 +124,7 @@ def test_embedded_vectors_are_the_learners_embedding(form, sources, checkpoint, 
         assert labels[row] == expected_labels[sample]
 
 
-def test_embed_float16_and_a_stopped_run_resumes_to_the_same_files(sources, checkpoint, tmp_path, monkeypatch):
+def test_embed_float16_and_a_stopped_run_resumes_to_the_same_files(sources, checkpoint, tmp_path, monkeypatch, capsys):
     from byol_pytorch.app import embed as embed_module
 
     spec = sources["folder"]
@@ -143,11 +143,19 @@ def test_embed_float16_and_a_stopped_run_resumes_to_the_same_files(sources, chec
     assert cli.main([*base, "--out", str(part)]) == 130
     assert json.loads((part / "embed_state.json").read_text())["rows"] in (8, 12)
     monkeypatch.setattr(embed_module._Outputs, "write", original)
+    capsys.readouterr()
     assert cli.main([*base, "--out", str(part)]) == 1  # a second start without --resume refuses
+    assert "holds a stopped embed run; pass --resume to continue it" in capsys.readouterr().err
     assert cli.main([*base, "--out", str(part), "--resume"]) == 0
     assert (part / "ids.txt").read_text() == (whole / "ids.txt").read_text()
     a, b = np.load(whole / "embeddings.npy"), np.load(part / "embeddings.npy")
     assert a.dtype == np.float16 and np.array_equal(a, b) and not (part / "embed_state.json").exists()
+    # A finished folder: with or without --resume, one line that says so and names the way out (before: the
+    # first said "pass --resume", the second "drop --resume").
+    for again in ([], ["--resume"]):
+        assert cli.main([*base, "--out", str(whole), *again]) == 1
+        err = capsys.readouterr().err
+        assert "already holds finished embeddings (embed.json); choose another --out, or remove the folder" in err
 
 
 def test_a_run_stopped_inside_a_batch_resumes_without_losing_it(sources, checkpoint, tmp_path, monkeypatch):
