@@ -335,6 +335,22 @@ def _report(error: BaseException, message: str, debug: bool) -> None:
     sys.stderr.flush()
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (``| head``); if so, stdout is pointed at
+    ``os.devnull``, so the interpreter's last flush raises nothing. False where it cannot be told."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poller.poll(0)):
+            return False
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return True
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor (a captured stdout)
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``byol-pytorch``; returns the exit status.
 
@@ -348,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         0 on success, 1 for bad input or a failing environment (one line on stderr),
-        128 + signal for a run stopped by a signal; argparse's own errors exit 2.
+        128 + signal for a run stopped by a signal, 141 (128 + SIGPIPE) with no line when
+        stdout's reader closed it (``| head``); argparse's own errors exit 2.
     """
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     debug = debug_enabled(getattr(args, "debug", False))
@@ -360,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, UserError):
             _report(error, str(error), debug)
             return 1
+        if isinstance(error, BrokenPipeError) and _stdout_reader_gone():
+            return 141  # 128 + SIGPIPE: `byol-pytorch ... | head` read what it wanted; the work is done
         if isinstance(error, OSError):
             _report(error, describe_os_error(error), debug)
             return 1

@@ -295,3 +295,22 @@ def test_a_copy_of_the_runs_own_checkpoint_rolls_it_back(tmp_path, tiny_flags, m
     argv = ["train", "--out", str(out), "--resume", str(other / "last.pt"), "--max-steps", "3", "--workers", "0"]
     assert "already holds a checkpoint" in one_error_line(capsys, cli.main(argv))
     assert (out / "last.pt").read_bytes() == before
+
+
+def test_a_reader_that_closed_stdout_is_no_error(messy, tmp_path):
+    """``byol-pytorch preview ... | head -0``: before, 'error: Broken pipe ('a file'); check the path ...'."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command prints its line
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "byol_pytorch", "preview", "--data", str(messy), "--out", str(tmp_path / "v.png")],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+            timeout=300,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and "error" not in done.stderr.lower(), done.stderr
+    assert (tmp_path / "v.png").is_file()  # the work was done before the line that could not be printed
