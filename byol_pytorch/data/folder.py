@@ -101,37 +101,48 @@ def _is_regular(path: str) -> bool:
         return False
 
 
-def _to_eight_bit(im: Image.Image) -> Image.Image:
+def _to_eight_bit(im: Image.Image, bits: int | None = None) -> Image.Image:
     """One wide grayscale channel scaled to "L", rounded; negative and non-finite values read as 0.
 
-    16-bit modes ("I;16*") scale 0..65535. The 32-bit modes (integer "I", float "F", e.g.
-    from TIFF) declare no range, so the image's maximum picks the smallest that holds it:
-    floats within 0..1 scale by 255, values within 0..255 are kept as they are, 0..65535
-    scale like 16 bits, and anything larger scales by its own maximum.
+    16-bit modes ("I;16*") scale 0..65535, and so does integer "I", which Pillow also uses for
+    16-bit files (PGM, and PNG in older Pillow versions). Only a file that declares 32 bits
+    (``bits``: a TIFF's BitsPerSample) has no range to go by: there, and for float "F", the
+    image's maximum picks the smallest that holds it: floats up to 2 are 0..1 (clipped: a
+    resampled 0..1 image overshoots a little), values within 0..255 are kept as they are,
+    within 0..65535 they scale like 16 bits. Values above 65535 scale by their own maximum.
     """
     values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)
     peak = float(values.max()) if values.size else 0.0
-    if im.mode in _SIXTEEN_BIT_MODES:
-        full = 65535.0
-    elif im.mode == "F" and peak <= 1.0:
+    if im.mode == "F" and peak <= 2.0:
         full = 1.0
-    else:
+    elif im.mode == "F" or (im.mode == "I" and bits == 32):
         full = next((r for r in (255.0, 65535.0) if peak <= r), peak)
+    else:
+        full = max(65535.0, peak)
     return Image.fromarray(np.rint(np.minimum(values, full) * (255.0 / full)).astype(np.uint8))
+
+
+def _declared_bits(im: Image.Image) -> int | None:
+    """The bits per sample a TIFF declares (None for other formats, or when it does not say)."""
+    tags = getattr(im, "tag_v2", None)
+    value = tags.get(258) if tags is not None else None
+    if isinstance(value, (tuple, list)):
+        value = value[0] if value else None
+    return int(value) if isinstance(value, int) else None
 
 
 def _has_alpha(im: Image.Image) -> bool:
     return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info)
 
 
-def _convert(im: Image.Image, mode: str) -> Image.Image:
+def _convert(im: Image.Image, mode: str, bits: int | None = None) -> Image.Image:
     """Convert any Pillow mode to "L" or "RGB"; transparency is composited over white.
 
     White, not dropping alpha: the colour under a transparent pixel is arbitrary (often
     black), while white is how such images (icons, product shots) are normally seen.
     """
     if im.mode in _WIDE_MODES:
-        im = _to_eight_bit(im)
+        im = _to_eight_bit(im, bits)
     elif _has_alpha(im):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -202,9 +213,10 @@ def _decode(source: Path | io.BytesIO, path: Path, load_size: int, channels: int
             # Only JPEG acts on draft; the scale keeps both sides >= load_size.
             im.draft(mode, (load_size, load_size))
             im.load()  # decode now: a truncated file raises here
+            bits = _declared_bits(im)  # before a transpose, which leaves the file's tags behind
             if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
                 im = ImageOps.exif_transpose(im)
-            im = _convert(im, mode)
+            im = _convert(im, mode, bits)
             width, height = im.size
             side = min(width, height)
             left, top = (width - side) / 2, (height - side) / 2

@@ -171,6 +171,28 @@ def test_wide_grayscale_reads_as_its_eight_bit_image(tmp_path, wide, channels):
     assert torch.equal(load_image(path, 40, channels), load_image(tmp_path / "eight.png", 40, channels)), name
 
 
+def test_sixteen_bit_files_that_open_as_32_bit_integers_keep_the_16_bit_scale(tmp_path):
+    """Pillow opens a 16-bit PGM (and, before Pillow 10, a 16-bit PNG) as "I": its scale is 0..65535,
+    whatever its pixels hold; a dark frame stays dark, and one bright pixel changes no other."""
+    dark = np.arange(40 * 40).reshape(40, 40) % 200  # 0..199 of 65535
+    brighter = dark.copy()
+    brighter[0, 0] = 300
+    for name, frame in (("dark.pgm", dark), ("brighter.pgm", brighter)):
+        (tmp_path / name).write_bytes(b"P5\n40 40\n65535\n" + frame.astype(">u2").tobytes())
+        assert Image.open(tmp_path / name).mode == "I"
+    one, two = load_image(tmp_path / "dark.pgm", 40, 1), load_image(tmp_path / "brighter.pgm", 40, 1)
+    assert int(one.max()) == 1 and torch.equal(one[0, 1:], two[0, 1:])  # round(199 / 257) = 1
+
+
+def test_a_float_image_a_little_over_one_is_still_read_as_zero_to_one(tmp_path):
+    values = (_RAMP / 255).astype(np.float32)
+    values[0, 0] = 1.01  # a resampled 0..1 image overshoots
+    Image.fromarray(values).save(tmp_path / "over.tif")
+    Image.fromarray(_RAMP.astype(np.uint8)).save(tmp_path / "eight.png")
+    image, expected = load_image(tmp_path / "over.tif", 40, 1), load_image(tmp_path / "eight.png", 40, 1)
+    assert int(image[0, 0, 0]) == 255 and torch.equal(image[0, 1:], expected[0, 1:])
+
+
 def test_wide_grayscale_reads_negative_and_non_finite_values_as_black(tmp_path):
     values = (_RAMP / 255).astype(np.float32)
     values[0, :4] = [-0.5, np.nan, np.inf, -np.inf]
