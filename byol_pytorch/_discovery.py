@@ -30,7 +30,7 @@ The hidden layer can be named three ways, as in lucidrains/byol-pytorch:
     output's width and the output depends on each of them, their shared input; when
     their inputs differ (``head(x[:, 0])``, ``head_dist(x[:, 1])``), the last tensor a
     module produced before the heads started whose pooled width is theirs (the final
-    norm's tokens; a module that ran once per token, PiT's dropout, is passed over).
+    norm's tokens; a module whose output is one head's input, PiT's dropout, is passed over).
 
   A net whose output has none of these gets an error listing the layers that would
   work, last first, with a ``hidden_layer="..."`` call.
@@ -61,7 +61,6 @@ import dataclasses
 import difflib
 import inspect
 import operator
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -363,11 +362,13 @@ def _averaged_conv_classifier(trace: _Trace, target: torch.Tensor) -> nn.Module 
     the representation is the conv's input. Without a declared class count, an output pooled
     from a convolution is taken for features, as before.
     """
-    if target.ndim != 2 or _declared_classes(trace.net) != target.shape[1]:
+    if target.ndim != 2 or not target.is_floating_point() or _declared_classes(trace.net) != target.shape[1]:
         return None
     convs = [m for kind, m in trace.events if kind == "end" and isinstance(m, nn.Conv2d)]
     out = trace.outputs.get(convs[-1]) if convs else None
     if not isinstance(out, torch.Tensor) or out.ndim != 4 or tuple(out.shape[:2]) != tuple(target.shape):
+        return None
+    if not out.is_floating_point():
         return None
     with torch.no_grad():
         t, z = target.detach().double(), out.detach().double()
@@ -430,9 +431,9 @@ def _before_heads(trace: _Trace, heads: list[nn.Module]) -> tuple[nn.Module, boo
     """The last module output before the heads' branches started whose pooled width is theirs.
 
     A head's branch is its highest ancestor that holds no other head (``classifier`` for
-    ``classifier.linear`` after ``classifier.norm``). A module that ran more than once (a
-    dropout applied to each distillation token in turn) is passed over: its hook would see
-    only its last call.
+    ``classifier.linear`` after ``classifier.norm``). A module whose output is one head's
+    input is that head's branch and is passed over (PiT's dropout, run on the class token,
+    then on the distillation token: its hook would see the last alone).
     """
     head_names = [trace.names[h] for h in heads]
     starts = []
@@ -446,9 +447,13 @@ def _before_heads(trace: _Trace, heads: list[nn.Module]) -> tuple[nn.Module, boo
         module = trace.net.get_submodule(root)
         starts.append(max(i for i, (k, m) in enumerate(trace.events) if k == "start" and m is module))
     width = getattr(heads[0], "in_features", None)
-    calls = Counter(m for kind, m in trace.events if kind == "end")
+    inputs = [i for i in (trace.inputs.get(h) for h in heads) if isinstance(i, torch.Tensor)]
+
+    def feeds_one_head(out: object) -> bool:  # a head's own branch (PiT's dropout of one token), not what all read
+        return isinstance(out, torch.Tensor) and any(i.shape == out.shape and torch.equal(i, out) for i in inputs)
+
     for kind, m in reversed(trace.events[: min(starts)]):
-        if kind != "end" or m is trace.net or calls[m] > 1:  # a module run per token (PiT's head_drop): not one output
+        if kind != "end" or m is trace.net or feeds_one_head(trace.outputs.get(m)):
             continue
         if _pooled_width(trace.outputs.get(m), _PROBE_BATCH) == width:
             return m, False

@@ -255,6 +255,27 @@ class TokenHeadsSharedDropout(nn.Module):
         return (self.head(first) + self.head_dist(second)) / 2
 
 
+class SharedBlockTokenHeads(nn.Module):
+    """One block run three times (ALBERT's weight sharing), class and distillation heads on their own tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _Body()
+        self.block = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 10)
+        self.head_dist = nn.Linear(16, 10)
+
+    def tokens(self, x, runs=3):
+        tokens = self.body(x).flatten(2).transpose(1, 2)
+        for _ in range(runs):
+            tokens = tokens + torch.tanh(self.block(tokens))
+        return tokens
+
+    def forward(self, x):
+        tokens = self.tokens(x)
+        return (self.head(tokens[:, 0]) + self.head_dist(tokens[:, 1])) / 2
+
+
 class OpaqueOutput(nn.Module):
     """Returns an object auto cannot read a representation from."""
 
@@ -294,6 +315,12 @@ PLAIN = {
         "norm",  # the heads read different tokens: the tokens before them, mean-pooled
         lambda n, x: n.norm(n.body(x).flatten(2).transpose(1, 2)).mean(1),
         ["head.weight", "head.bias", "aux_head.weight", "aux_head.bias"],
+    ),
+    "shared_block_token_heads": (
+        SharedBlockTokenHeads,
+        "block",  # its last call is the tokens the heads read (a module run more than once is not passed over)
+        lambda n, x: n.block(n.tokens(x, runs=2)).mean(1),  # the block's third (last) call
+        ["head.weight", "head.bias", "head_dist.weight", "head_dist.bias"],
     ),
     "token_heads_shared_dropout": (
         TokenHeadsSharedDropout,
