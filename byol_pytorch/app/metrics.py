@@ -86,11 +86,12 @@ class _WandbSink:
         except ImportError:
             raise ValueError(_WANDB_MISSING) from None
         self.wandb = wandb
-        id_file = run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text(encoding="utf-8").strip() if resuming and id_file.is_file() else ""
-        new_id = not run_id
-        if new_id:
+        self.id_file = run_dir / WANDB_ID_FILE
+        run_id = self.id_file.read_text(encoding="utf-8").strip() if resuming and self.id_file.is_file() else ""
+        self.new_id = not run_id
+        if self.new_id:
             run_id = uuid.uuid4().hex[:8]  # W&B's id alphabet: lower-case letters and digits
+        self.run_id = run_id
         try:
             self.run = wandb.init(
                 project=options["project"],
@@ -105,8 +106,16 @@ class _WandbSink:
                 f"--wandb: W&B could not start ({type(error).__name__}: {error}); run 'wandb login', or set "
                 "WANDB_MODE=offline to log locally and 'wandb sync' later"
             ) from error
-        if new_id:  # kept once W&B has started: a refused start leaves no id behind
-            atomic_write(id_file, lambda path: Path(path).write_text(run_id + "\n", encoding="utf-8"))
+
+    def keep_id(self) -> None:
+        """Write a new run's id for ``--resume``: called once every sink has started (a refused start leaves none)."""
+        if self.new_id:
+            atomic_write(self.id_file, lambda path: Path(path).write_text(self.run_id + "\n", encoding="utf-8"))
+            self.new_id = False
+
+    def abandon(self) -> None:
+        """Finish the W&B run of a start that failed after W&B had started (another sink refused)."""
+        self.run.finish(exit_code=1)
 
     def log(self, row: dict[str, Any]) -> None:
         values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
@@ -171,6 +180,18 @@ class MetricsLog:
         if wandb is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.wandb_run = _WandbSink(self.path.parent, wandb, resuming=resume_step is not None)
+        try:
+            self._open_files(resume_step, summary_writer)
+        except BaseException:
+            if self.wandb_run is not None:
+                sink, self.wandb_run = self.wandb_run, None
+                sink.abandon()
+            raise
+        if self.wandb_run is not None:
+            self.wandb_run.keep_id()
+
+    def _open_files(self, resume_step: int | None, summary_writer: Any) -> None:
+        """metrics.jsonl (the rows up to ``resume_step`` kept) and the TensorBoard writer."""
         kept: list[str] = []
         if resume_step is not None and self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():

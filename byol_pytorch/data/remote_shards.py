@@ -147,9 +147,10 @@ def _read_text(location: str) -> str:
 
 
 def _shard_name(location: str) -> str:
-    """The part of a shard's location after the last ``/``: of a URL its path's, without the query or fragment."""
-    if "://" in location:
-        location = urllib.parse.urlsplit(location).path
+    """The part of a shard's location after the last ``/``: of an http(s) URL its path's, without the query or
+    fragment (an object store's key may hold ``?`` or ``#``: ``s3://`` and ``gs://`` keys are taken whole)."""
+    if location.lower().startswith(("http://", "https://")):
+        location = urllib.parse.unquote(urllib.parse.urlsplit(location).path)  # 'a%20b.tar' is 'a b.tar'
     return location.rsplit("/", 1)[-1]
 
 
@@ -158,8 +159,8 @@ def load_index(index: str, locations: Sequence[str]) -> list[int]:
 
     The format is webdataset's ``wids`` shard index: ``{"wids_version": 1, "shardlist":
     [{"url": "train-000000.tar", "nsamples": 1000}, ...]}``. A shard is found by its full URL,
-    else by its name (the part after the last ``/``; of a URL, its path's, so a pre-signed
-    URL's query does not count), so an index of relative names fits the shards wherever they
+    else by its name (the part after the last ``/``; of an http(s) URL, its path's, so a
+    pre-signed URL's query does not count), so an index of relative names fits the shards wherever they
     are served.
 
     Raises:

@@ -154,6 +154,8 @@ def test_the_trainer_measures_the_untouched_net_first(tmp_path, make_labelled):
     from byol_pytorch.training.trainer import BYOLTrainer, MockDataset
 
     labelled = make_labelled(tmp_path / "labelled", per_class=5)
+    for image in (labelled / "class_1").iterdir():
+        image.write_bytes(b"not an image")  # named once, whatever the number of evaluations
     net = timm.create_model("resnet10t", num_classes=0, pretrained=False)
     trainer = BYOLTrainer(
         net,
@@ -169,7 +171,9 @@ def test_the_trainer_measures_the_untouched_net_first(tmp_path, make_labelled):
         seed=0,
         val_data=str(labelled),
     )
-    result = trainer()
+    with pytest.warns(UserWarning, match=r"have no readable image \(class_1\)") as caught:
+        result = trainer()
+    assert sum("no readable image" in str(w.message) for w in caught) == 1
     assert [step for step, _ in trainer.knn] == [0, 2, 4]
     assert result["knn_reference"] == trainer.knn[0][1] and result["knn"] == trainer.knn[-1][1]
     assert all(0.0 <= accuracy <= 1.0 for _, accuracy in trainer.knn)

@@ -167,3 +167,19 @@ def test_a_wandb_that_cannot_start_is_a_value_error_naming_the_fix(offline, tmp_
     monkeypatch.setattr(wandb, "init", refuse)
     with pytest.raises(ValueError, match="wandb login.*WANDB_MODE=offline"):
         MetricsLog(tmp_path / "run", wandb=_options())
+
+
+def test_a_sink_that_fails_after_wandb_started_finishes_its_run_and_keeps_no_id(offline, tmp_path, monkeypatch):
+    """Before: TensorBoard refusing after W&B had started left the W&B run open and wandb_run_id behind."""
+    pytest.importorskip("tensorboard")
+    import torch.utils.tensorboard
+    import wandb
+
+    def refuse(log_dir):
+        raise PermissionError(13, "Permission denied", log_dir)
+
+    monkeypatch.setattr(torch.utils.tensorboard, "SummaryWriter", refuse)
+    with pytest.raises(PermissionError):
+        MetricsLog(tmp_path / "run", tensorboard=True, wandb=_options())
+    assert wandb.run is None  # finished
+    assert not (tmp_path / "run" / WANDB_ID_FILE).exists()

@@ -449,3 +449,11 @@ def test_kill_9_mid_shard_then_resume_gives_the_uninterrupted_run(
         1,
         "the weights bitwise equal to the run never stopped",
     )
+
+
+def test_an_index_of_names_matches_by_the_name_each_scheme_gives(tmp_path):
+    """http(s): the path's file name, unquoted, without a query; s3/gs keys whole (a key may hold '#' or '?')."""
+    names = ["train#0000.tar", "a b.tar", "train-0001.tar"]
+    (tmp_path / "index.json").write_text(json.dumps(index_document(names, [5, 7, 9])))
+    locations = ["s3://bucket/train#0000.tar", "https://host/a%20b.tar", "https://host/train-0001.tar?sig=1#part"]
+    assert remote_shards.load_index(str(tmp_path / "index.json"), locations) == [5, 7, 9]
