@@ -41,7 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .._atomic import atomic_write
 from .folder import BrokenImageError, decode_image
 from .remote import FaultBudget, Prefetcher, ReadPolicy, RemoteReadError, ShardFailed, is_remote, read_shard, redact
-from .shards import IMAGE_SUFFIXES, ShardDataset, _shuffled, _webdataset, shard_names
+from .shards import IMAGE_SUFFIXES, ShardDataset, _shuffled, _webdataset, label_problem, no_labels_error, shard_names
 
 __all__ = [
     "RemoteShardDataset",
@@ -370,11 +370,20 @@ class RemoteShardSamples(IterableDataset):
         self.source = redact(shards)
         self.skip: set[str] = set()
         self._length: int | None = None
+        problem = self._label_problem() if labelled else None  # one sample read: refused before any run
+        if problem is not None:
+            raise no_labels_error(self.source, problem)
+
+    def _label_problem(self) -> str | None:
+        """Why the first sample's ``.cls`` is no class index (reads the first shard's first sample; None: it is one)."""
+        first = next(iter(read_shard(self.paths[0], 1, _image_and_label, self.policy)), None)
+        if first is None:
+            return "no samples"
+        return label_problem(f"{self.names[self.paths[0]]}:{first[0]}", first[1].get("cls"))
 
     def labelled_available(self) -> bool:
-        """Whether the first sample holds a ``.cls`` label (reads the first shard's first sample)."""
-        first = next(iter(read_shard(self.paths[0], 1, _image_and_label, self.policy)), None)
-        return first is not None and first[1].get("cls") is not None
+        """Whether the first sample's ``.cls`` holds a class index (reads the first shard's first sample)."""
+        return self._label_problem() is None
 
     def __len__(self) -> int:
         if self._length is None:

@@ -413,6 +413,27 @@ def _label(data: bytes) -> int:
     return int(data.decode("ascii").strip())
 
 
+def label_problem(key: str, data: bytes | None) -> str | None:
+    """Why sample ``key``'s ``.cls`` member (``data``; None: it has none) is no class index, or None when it is one."""
+    if data is None:
+        return f"sample {key} has no .cls member"
+    try:
+        if _label(data) >= 0:
+            return None
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return f"sample {key}'s .cls holds {data[:40]!r}, not a class index (0, 1, 2, ...)"
+
+
+def no_labels_error(source: str, problem: str) -> ValueError:
+    """The one-line error of labelled shards (evaluation) whose first sample has no usable label."""
+    return ValueError(
+        f"the shards of {source!r} have no labels ({problem}); evaluation needs labelled data: shards whose "
+        "samples hold a .cls file with the class index, a folder with one sub-folder per class, cifar10:ROOT "
+        "or an hf: dataset with a label column"
+    )
+
+
 class ShardSamples(IterableDataset):
     """Every sample of tar shards once, in order, with its key and label: for evaluation and ``embed``.
 
@@ -449,19 +470,27 @@ class ShardSamples(IterableDataset):
         self.source = str(shards) if isinstance(shards, str) else f"{len(self.paths)} shards"
         self.counts = [shard_samples(p) for p in self.paths]
         self.length = sum(sum(1 for i in range(n) if keep is None or keep(k, i)) for k, n in enumerate(self.counts))
-        if labelled and not self.labelled_available():
-            first = next((m for m in (_samples(p) for p in self.paths) if m), None)
-            key = "none" if first is None else first[0][0]
-            raise ValueError(
-                f"the shards of {self.source!r} have no labels (sample {key} has no .cls member); evaluation "
-                "needs labelled data: shards whose samples hold a .cls file, a folder with one sub-folder per "
-                "class, cifar10:ROOT or an hf: dataset with a label column"
-            )
+        problem = self._label_problem() if labelled else None
+        if problem is not None:
+            raise no_labels_error(self.source, problem)
+
+    def _label_problem(self) -> str | None:
+        """Why the first sample's ``.cls`` is no class index (None: it is one)."""
+        for k, path in enumerate(self.paths):
+            samples = _samples(path)
+            if samples:
+                key, members = samples[0]
+                files = _Files()
+                try:
+                    data = files.read(path, *members["cls"]) if "cls" in members else None
+                finally:
+                    files.close()
+                return label_problem(f"{self.names[k]}:{key}", data)
+        return "no samples"
 
     def labelled_available(self) -> bool:
-        """Whether the first sample holds a ``.cls`` label (webdataset's convention for class labels)."""
-        first = next((m for m in (_samples(p) for p in self.paths) if m), None)
-        return first is not None and "cls" in first[0][1]
+        """Whether the first sample's ``.cls`` holds a class index (webdataset's convention for class labels)."""
+        return self._label_problem() is None
 
     def __len__(self) -> int:
         return self.length

@@ -244,3 +244,36 @@ def test_preview_takes_an_image_column_and_says_when_nothing_is_readable(tmp_pat
     assert cli.main(["preview", "--data", str(empty), "--out", str(tmp_path / "b.png"), "--image-size", "32"]) == 1
     err = capsys.readouterr().err
     assert "no readable image in" in err and "TensorList" not in err
+
+
+def _shards_labelled_by_name(root, shards=2, per_shard=5):
+    """Shards whose .cls members hold a class name ('cat'), not a class index."""
+    import io
+
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    for k in range(shards):
+        with tarfile.open(root / f"names-{k}.tar", "w") as tar:
+            for i in range(per_shard):
+                buffer = io.BytesIO()
+                Image.new("RGB", (12, 12), (20 * i, 40 * k, 90)).save(buffer, "PNG")
+                for suffix, data in (("png", buffer.getvalue()), ("cls", b"cat")):
+                    info = tarfile.TarInfo(f"s{k}_{i}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(root / "names-{0..1}.tar")
+
+
+def test_shards_labelled_by_class_name(checkpoint, tmp_path, capsys):
+    """Before: eval and --val-data gave a traceback ('data yielded no batches'), and embed left every image out."""
+    spec = _shards_labelled_by_name(tmp_path / "names")
+    assert cli.main(["eval", "--data", spec, "--checkpoint", str(checkpoint), "--knn"]) == 1
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert (
+        line.startswith("byol-pytorch: error: --data: the shards of") and "names-0.tar:s0_0's .cls holds b'cat'" in line
+    )
+    assert "not a class index (0, 1, 2, ...)" in line
+    out = tmp_path / "emb"
+    assert cli.main(["embed", "--data", spec, "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert len(np.load(out / "embeddings.npy")) == 10 and not (out / "labels.npy").exists()  # every image, no labels
