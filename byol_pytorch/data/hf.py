@@ -258,6 +258,7 @@ class HFImageDataset(Dataset):
         self.column = image_column(data, column)
         self.labelled = labelled
         self.targets: list[int] = []
+        self.classes: list[str] | None = None  # a ClassLabel column's names (label i is classes[i])
         if labelled:
             found = label_column(data, labels)
             if found is None:
@@ -280,6 +281,8 @@ class HFImageDataset(Dataset):
                     len(values),
                 )
             self.targets = [int(v) for v in values]
+            names = getattr(data.features[found], "names", None)
+            self.classes = [str(n) for n in names] if isinstance(names, (list, tuple)) else None
         self.rows = data.select_columns([self.column]).cast_column(self.column, datasets.Image(decode=False))
         if len(self.rows) == 0:
             raise ValueError(f"{self.source} has no rows; pass a dataset (or split: --hf-split) that holds images")
@@ -289,6 +292,24 @@ class HFImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def number_by(self, classes: list[str]) -> None:
+        """Renumber the labels by another split's class names (``classes[i]`` is label i), as that split's are.
+
+        Raises:
+            ValueError: a class of this split that ``classes`` does not hold.
+        """
+        if self.classes is None or self.classes == list(classes):
+            return
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted({self.classes[t] for t in self.targets} - set(index))
+        if unknown:
+            raise ValueError(
+                f"{self.source} split {self.split!r} has classes the training split has not: {', '.join(unknown[:5])}"
+                "; a kNN needs the held-out classes among the training ones"
+            )
+        self.targets = [index[self.classes[t]] for t in self.targets]
+        self.classes = list(classes)
 
     def sample_id(self, index: int) -> str:
         """``SPLIT:ROW`` of row ``index``."""

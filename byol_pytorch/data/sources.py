@@ -253,7 +253,8 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
       only ``val`` has is an error); else one folder of class sub-folders, every fifth image of
       each class held out;
     * CIFAR: the training batches and the test batch;
-    * ``hf:`` data with splits ``train`` and ``validation`` (or ``test``): those, unless the
+    * ``hf:`` data with splits ``train`` and ``validation`` (or ``test``): those (the held-out
+      labels numbered by the training split's class names when both are ``ClassLabel``), unless the
       held-out split has no labels at all (-1, a benchmark's hidden test labels); else every
       fifth row of each class held out;
     * shards: every fifth sample of each shard held out.
@@ -288,7 +289,10 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
     if held_out is not None:
         full = open_labelled(spec, load_size, channels, split="train", **options)
         try:
-            return full, open_labelled(spec, load_size, channels, split=held_out, **options)
+            held = open_labelled(spec, load_size, channels, split=held_out, **options)
+            if full.classes is not None:  # type: ignore[attr-defined]
+                held.number_by(full.classes)  # type: ignore[attr-defined]  # splits encoded apart: same names
+            return full, held
         except UnlabelledRowsError as error:
             if error.missing < error.rows:
                 raise

@@ -127,3 +127,25 @@ def test_an_empty_path_is_an_error_and_a_home_path_is_expanded(tmp_path, make_hf
     make_hf_saved(tmp_path / "home" / "pets", rows=6, broken=None)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert len(HFImageDataset("~/pets", 9)) == 6
+
+
+def test_splits_encoded_apart_are_numbered_by_the_training_split_class_names(tmp_path):
+    """class_encode_column on each split alone numbers the classes each split has: the test split without
+    'ant' shifted every label by one, and the kNN scored 0.05 instead of 0.50 (silently)."""
+    from byol_pytorch.data.sources import labelled_split
+
+    def split(names):
+        images = [Image.new("RGB", (9, 9), (40 * i, 10, 10)) for i in range(len(names))]
+        return datasets.Dataset.from_dict({"image": images, "label": names}).cast_column("image", datasets.Image())
+
+    train = split(["ant", "bee", "cat"] * 5).class_encode_column("label")
+    test = split(["bee", "cat", "cat"]).class_encode_column("label")  # its own numbering: bee 0, cat 1
+    assert test.features["label"].names == ["bee", "cat"]
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "apart"))
+    bank, queries = labelled_split(f"hf:{tmp_path / 'apart'}", 9)
+    assert [queries[i][1] for i in range(3)] == [1, 2, 2]  # bee and cat by train's numbering (ant 0)
+    assert queries.classes == bank.classes == ["ant", "bee", "cat"]
+    other = split(["bee", "dog"]).class_encode_column("label")
+    datasets.DatasetDict({"train": train, "test": other}).save_to_disk(str(tmp_path / "unknown"))
+    with pytest.raises(ValueError, match="split 'test' has classes the training split has not: dog"):
+        labelled_split(f"hf:{tmp_path / 'unknown'}", 9)
