@@ -182,12 +182,38 @@ class FileIndex:
         return np.array_equal(self.offsets, other.offsets) and np.array_equal(self.blob, other.blob)
 
 
+_COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
+_PLAIN_TARS = "shards are plain .tar files: decompress them (e.g. gunzip) and pass the .tar files"
+
+
 def check_folder(root: Path) -> None:
     """Raise ``ValueError`` unless ``root`` is an existing folder."""
     if not root.exists():
         raise ValueError(f"image folder {str(root)!r} does not exist")
     if not root.is_dir():
+        if root.name.lower().endswith(_COMPRESSED_TARS):
+            raise ValueError(f"{str(root)!r} is a compressed tar; {_PLAIN_TARS}")
         raise ValueError(f"{str(root)!r} is not a folder; pass the folder that holds the images")
+
+
+def _archive_hint(root: Path) -> str:
+    """What to do when a folder without images holds tar files (compressed ones, or .tar beside other files)."""
+    try:
+        names = [n.lower() for n in os.listdir(root) if not n.startswith(".")]
+    except OSError:
+        return ""
+    compressed = sum(n.endswith(_COMPRESSED_TARS) for n in names)
+    plain = sum(n.endswith(".tar") for n in names)
+    if compressed:
+        return f"; it holds {compressed} compressed tar file(s): {_PLAIN_TARS}"
+    if plain:
+        others = len(names) - plain - sum(n.endswith(".json") for n in names)
+        return (
+            f"; it holds {plain} .tar file(s) beside {others} other file(s): a folder is read as shards only when "
+            "it holds nothing else (.json files and hidden ones aside); move the others out, or pass a brace "
+            "pattern (train-{0000..0099}.tar)"
+        )
+    return ""
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
@@ -271,7 +297,7 @@ def _no_images(root: Path, passed_over: int) -> ValueError:
     return ValueError(
         f"no images found under {str(root)!r} (searched recursively for "
         f"{', '.join(IMAGE_EXTENSIONS)} in any case; hidden files and folders are skipped"
-        f"{special if passed_over else ''})"
+        f"{special if passed_over else ''}){_archive_hint(root)}"
     )
 
 

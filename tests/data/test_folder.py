@@ -400,3 +400,21 @@ def test_a_held_out_folder_is_labelled_by_the_training_split_class_names(tmp_pat
     Image.new("RGB", (8, 8)).save(tmp_path / "val" / "owl" / "0.png")
     with pytest.raises(ValueError, match="classes the training split lacks \\('owl'\\)"):
         labelled_split(str(tmp_path), 8)
+
+
+def test_tar_files_where_images_were_expected_are_named_with_the_fix(tmp_path):
+    """Before: 'is not a folder; pass the folder that holds the images', or 'no images found', for tar files."""
+    (tmp_path / "one.tar.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(ValueError, match=r"one.tar.gz' is a compressed tar; shards are plain .tar files: decompress"):
+        ImageFolder(tmp_path / "one.tar.gz", S)
+    zipped = tmp_path / "zipped"
+    zipped.mkdir()
+    (zipped / "train-0.tgz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(ValueError, match=r"no images found .* it holds 1 compressed tar file\(s\): shards are plain"):
+        ImageFolder(zipped, S)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("train-0.tar", "train-1.tar", "README.md", "index.json"):
+        (mixed / name).write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"it holds 2 .tar file\(s\) beside 1 other file\(s\): a folder is read as"):
+        ImageFolder(mixed, S)
