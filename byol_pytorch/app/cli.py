@@ -86,7 +86,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--checkpoint: {error}") from error
     channels = 1 if learner.channels == 1 else 3
     try:
-        data = KnnMonitor(args.data, int(recipe["image_size"]), channels, device, args.batch_size, args.workers)
+        options = {"split": args.hf_split, "image_column": args.image_column, "label_column": args.label_column}
+        data = KnnMonitor(
+            args.data, int(recipe["image_size"]), channels, device, args.batch_size, args.workers, data_options=options
+        )
         if statistics == "missing":  # an older checkpoint: re-estimated on the images evaluated
             data.clean_images = sample_images(data.bank, CLEAN_IMAGES)
             statistics = f"clean (re-estimated on {len(data.clean_images)} of these images)"
@@ -274,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="labelled folder: one sub-folder per class; or cifar10:ROOT / cifar100:ROOT (train batches -> test batch)",
     )
     evaluate.add_argument("--checkpoint", required=True, help="RUNDIR/last.pt")
+    evaluate.add_argument(
+        "--hf-split",
+        help="hf: data: evaluate within this split, every fifth row of each class held out "
+        "(default: train against validation/test where both exist)",
+    )
+    evaluate.add_argument("--image-column", help="hf: data: the image column (default: the one datasets.Image column)")
+    evaluate.add_argument("--label-column", help="hf: data: the label column (default: the one ClassLabel column)")
     evaluate.add_argument("--knn", action="store_true", help="weighted kNN (k=20, T=0.07) accuracy")
     evaluate.add_argument("--linear", action="store_true", help="linear probe accuracy")
     evaluate.add_argument("--batch-size", type=int, default=256, help="images per forward (default: %(default)s)")

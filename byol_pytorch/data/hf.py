@@ -112,7 +112,7 @@ def load_local_dataset(path: PathLike, split: str | None = None) -> Any:
 
     Args:
         path: a save_to_disk folder, parquet file(s) or an image folder.
-        split: the split of a dataset with splits (default ``"train"``).
+        split: the split of a dataset with splits (default ``"train"``, or its only split).
 
     Raises:
         ImportError: ``datasets`` is not installed.
@@ -121,9 +121,11 @@ def load_local_dataset(path: PathLike, split: str | None = None) -> Any:
     datasets = _datasets()
     data = _load(_local_path(path))
     if isinstance(data, datasets.DatasetDict):
-        name = split or "train"
+        name = split or ("train" if "train" in data or len(data) != 1 else next(iter(data)))  # a lone split is it
         if name not in data:
-            raise ValueError(f"hf:{path} has no split {name!r}; its splits: {', '.join(data)} (choose one)")
+            raise ValueError(
+                f"hf:{path} has no split {name!r}; its splits: {', '.join(data)} (choose one with --hf-split NAME)"
+            )
         return data[name]
     if split is not None:
         raise ValueError(f"hf:{path} is a single dataset without splits; drop the split {split!r}")
@@ -226,7 +228,7 @@ class HFImageDataset(Dataset):
         load_size: side ``S`` of the square images handed out.
         channels: 1 or 3.
         column: the image column (default: the one ``datasets.Image`` column).
-        split: the split of a dataset with splits (default ``"train"``).
+        split: the split of a dataset with splits (default ``"train"``, or its only split).
         labelled: items are ``(image, label)`` from the label column (see ``label_column``).
         labels: the label column (default: found by ``label_column``).
 

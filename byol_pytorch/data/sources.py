@@ -263,7 +263,8 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
         spec: the labelled data (module doc).
         load_size: side of the images handed out.
         channels: 1 or 3.
-        options: ``image_column`` / ``label_column`` for ``hf:`` data.
+        options: ``image_column`` / ``label_column`` / ``split`` for ``hf:`` data (a ``split``
+            is evaluated within itself, every fifth row of each class held out).
 
     Returns:
         ``(bank, queries)``, datasets whose items are ``(uint8 (C, S, S), label)``.
@@ -272,6 +273,9 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
         ValueError: no labels (see ``open_labelled``), or too few images per class to hold some out.
     """
     kind = data_kind(spec)
+    options = {k: v for k, v in options.items() if v is not None}
+    if options and kind != "hf":
+        raise ValueError(f"{', '.join(sorted(options))} apply to hf: data only, not to {spec!r}")
     if kind == "cifar":
         return tuple(open_labelled(spec, load_size, channels, split=s) for s in ("train", "test"))  # type: ignore[return-value]
     if kind == "shards" and is_remote(spec):
@@ -281,7 +285,7 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
             _Readable(ShardSamples(spec, load_size, channels, labelled=True, keep=_EveryFifth(q)))
             for q in (False, True)
         )
-    held_out = _held_out_split(spec, kind)
+    held_out = None if options.get("split") else _held_out_split(spec, kind)  # a split named: within it
     if held_out is not None and kind != "hf":
         base = Path(spec)
         train = LabelledImageFolder(base / "train", load_size, channels)

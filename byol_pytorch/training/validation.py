@@ -47,6 +47,8 @@ class KnnMonitor:
         clean_images: un-augmented training images (uint8); given, each evaluation runs with the
             backbone's BatchNorm statistics re-estimated on them (``batchnorm.clean_statistics``:
             the trained statistics are given back after), as what leaves training carries them.
+        data_options: ``split`` / ``image_column`` / ``label_column`` of ``hf:`` data (see
+            ``data.labelled_split``).
 
     Raises:
         ValueError: data without labels, or too little of it (one line naming the spec).
@@ -61,8 +63,9 @@ class KnnMonitor:
         batch_size: int = 256,
         workers: int = 0,
         clean_images: torch.Tensor | None = None,
+        data_options: dict[str, Any] | None = None,
     ):
-        self.bank, self.queries = labelled_split(root, load_size, channels)
+        self.bank, self.queries = labelled_split(root, load_size, channels, **(data_options or {}))
         self.device, self.batch_size, self.workers = device, batch_size, workers
         self.clean_images = clean_images
         self.num_classes: int | None = None

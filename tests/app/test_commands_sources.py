@@ -277,3 +277,37 @@ def test_shards_labelled_by_class_name(checkpoint, tmp_path, capsys):
     out = tmp_path / "emb"
     assert cli.main(["embed", "--data", spec, "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
     assert len(np.load(out / "embeddings.npy")) == 10 and not (out / "labels.npy").exists()  # every image, no labels
+
+
+def test_eval_of_hf_data_that_needs_a_split_or_a_column(checkpoint, tmp_path, capsys):
+    """Before: a lone 'validation' split, two image columns or two label columns could not be evaluated, and the
+    errors named flags that eval did not have (--hf-split, --image-column)."""
+    import datasets
+    from PIL import Image
+
+    def rows(n=20):
+        images = [Image.new("RGB", (12, 12), (200 * (i % 2), 30 + 7 * i, 90)) for i in range(n)]
+        return {"img": images, "other": images, "fine": [i % 2 for i in range(n)], "coarse": [0] * n}
+
+    features = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "other": datasets.Image(),
+            "fine": datasets.ClassLabel(names=["dark", "red"]),
+            "coarse": datasets.ClassLabel(names=["all"]),
+        }
+    )
+    data = datasets.Dataset.from_dict(rows(), features=features)
+    datasets.DatasetDict({"validation": data}).save_to_disk(str(tmp_path / "lone"))
+    datasets.DatasetDict({"validation": data, "test": data}).save_to_disk(str(tmp_path / "two"))
+    base = ["eval", "--checkpoint", str(checkpoint), "--knn", "--image-column", "img", "--label-column", "fine"]
+    assert cli.main([*base, "--data", f"hf:{tmp_path / 'lone'}"]) == 0  # its only split
+    assert "16 labelled images to fit, 4 held out, 2 classes" in capsys.readouterr().out
+    assert cli.main([*base, "--data", f"hf:{tmp_path / 'two'}"]) == 1
+    assert "no split 'train'; its splits: validation, test (choose one with --hf-split NAME)" in capsys.readouterr().err
+    assert cli.main([*base, "--data", f"hf:{tmp_path / 'two'}", "--hf-split", "test"]) == 0
+    assert "16 labelled images to fit, 4 held out, 2 classes" in capsys.readouterr().out
+    folder = tmp_path / "folder" / "a"
+    folder.mkdir(parents=True)
+    assert cli.main(["eval", "--checkpoint", str(checkpoint), "--data", str(folder.parent), "--hf-split", "x"]) == 1
+    assert "split apply to hf: data only" in capsys.readouterr().err
