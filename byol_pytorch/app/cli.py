@@ -29,7 +29,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .errors import PROG, UserError, debug_enabled, describe_os_error, one_line, warn
 
@@ -233,6 +233,39 @@ def _add_preview(sub) -> None:
     )
 
 
+def _add_eval(sub: Any) -> None:
+    """The ``eval`` command's arguments."""
+    evaluate = sub.add_parser(
+        "eval",
+        help="kNN / linear-probe accuracy of a checkpoint on labelled images",
+        description="Accuracy of a checkpoint's frozen features on LABELLED_DIR "
+        "(one sub-folder per class; ROOT/train + ROOT/val are used as given, "
+        "else every fifth image of each class is held out), and a collapse report.",
+    )
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        help="labelled folder: one sub-folder per class; or cifar10:ROOT / cifar100:ROOT (train batches -> test batch)",
+    )
+    evaluate.add_argument("--checkpoint", required=True, help="RUNDIR/last.pt")
+    evaluate.add_argument(
+        "--hf-split",
+        help="hf: data: evaluate within this split, every fifth row of each class held out "
+        "(default: train against validation/test where both exist)",
+    )
+    evaluate.add_argument("--image-column", help="hf: data: the image column (default: the one datasets.Image column)")
+    evaluate.add_argument("--label-column", help="hf: data: the label column (default: the one ClassLabel column)")
+    evaluate.add_argument("--knn", action="store_true", help="weighted kNN (k=20, T=0.07) accuracy")
+    evaluate.add_argument("--linear", action="store_true", help="linear probe accuracy")
+    evaluate.add_argument("--batch-size", type=int, default=256, help="images per forward (default: %(default)s)")
+    evaluate.add_argument("--workers", type=int, default=0, help="loader processes (default: %(default)s)")
+    evaluate.add_argument("--device", help="default: cuda when available, else cpu")
+    evaluate.add_argument(
+        "--which", choices=["online", "target"], default="online", help="the network to evaluate (default: online)"
+    )
+    _add_bn_stats(evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every sub-command."""
     from .train import add_train_arguments
@@ -264,35 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_bn_stats(export)
 
-    evaluate = sub.add_parser(
-        "eval",
-        help="kNN / linear-probe accuracy of a checkpoint on labelled images",
-        description="Accuracy of a checkpoint's frozen features on LABELLED_DIR "
-        "(one sub-folder per class; ROOT/train + ROOT/val are used as given, "
-        "else every fifth image of each class is held out), and a collapse report.",
-    )
-    evaluate.add_argument(
-        "--data",
-        required=True,
-        help="labelled folder: one sub-folder per class; or cifar10:ROOT / cifar100:ROOT (train batches -> test batch)",
-    )
-    evaluate.add_argument("--checkpoint", required=True, help="RUNDIR/last.pt")
-    evaluate.add_argument(
-        "--hf-split",
-        help="hf: data: evaluate within this split, every fifth row of each class held out "
-        "(default: train against validation/test where both exist)",
-    )
-    evaluate.add_argument("--image-column", help="hf: data: the image column (default: the one datasets.Image column)")
-    evaluate.add_argument("--label-column", help="hf: data: the label column (default: the one ClassLabel column)")
-    evaluate.add_argument("--knn", action="store_true", help="weighted kNN (k=20, T=0.07) accuracy")
-    evaluate.add_argument("--linear", action="store_true", help="linear probe accuracy")
-    evaluate.add_argument("--batch-size", type=int, default=256, help="images per forward (default: %(default)s)")
-    evaluate.add_argument("--workers", type=int, default=0, help="loader processes (default: %(default)s)")
-    evaluate.add_argument("--device", help="default: cuda when available, else cpu")
-    evaluate.add_argument(
-        "--which", choices=["online", "target"], default="online", help="the network to evaluate (default: online)"
-    )
-    _add_bn_stats(evaluate)
+    _add_eval(sub)
 
     _add_preview(sub)
     from .embed import add_embed_arguments
