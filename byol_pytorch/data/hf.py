@@ -156,8 +156,19 @@ def _load(path: Path) -> Any:
     return data
 
 
+def _encoded_images(feature: Any, paths: bool) -> bool:
+    """Whether a column holds images in a form ``datasets.Image`` casts from: ``{bytes, path}`` structs
+    (a parquet file written without the dataset's metadata), raw bytes, or (``paths``) file paths."""
+    datasets = _datasets()
+    if isinstance(feature, dict):
+        return {"bytes", "path"} <= set(feature)
+    kinds = ("binary", "large_binary") + (("string", "large_string") if paths else ())
+    return isinstance(feature, datasets.Value) and feature.dtype in kinds
+
+
 def image_column(data: Any, name: str | None = None) -> str:
-    """The image column of a ``datasets.Dataset``: ``name``, or the one ``datasets.Image`` column.
+    """The image column of a ``datasets.Dataset``: ``name``, else the one ``datasets.Image`` column, else the
+    one column of encoded images (``{bytes, path}`` structs or raw bytes; see ``_encoded_images``).
 
     Raises:
         ValueError: ``name`` is not an image column, or there is no image column, or
@@ -169,14 +180,18 @@ def image_column(data: Any, name: str | None = None) -> str:
     if name is not None:
         if name not in features:
             raise ValueError(f"no column {name!r}; the columns: {', '.join(features)}")
-        if name not in images:
+        if name not in images and not _encoded_images(features[name], paths=True):
             raise ValueError(
-                f"column {name!r} is not an image column (its feature: {features[name]}); "
-                f"image columns: {', '.join(images) or 'none'}"
+                f"column {name!r} is not an image column (its feature: {features[name]}); image columns: "
+                f"{', '.join(images) or 'none'} (datasets.Image, or image bytes, {{bytes, path}} or file paths)"
             )
         return name
+    images = images or [k for k, feature in features.items() if _encoded_images(feature, paths=False)]
     if not images:
-        raise ValueError(f"no image column (a datasets.Image feature) among the columns: {', '.join(features)}")
+        raise ValueError(
+            f"no image column (a datasets.Image feature, image bytes or {{bytes, path}} structs) among the columns: "
+            f"{', '.join(features)}; a column of file paths works when named (--image-column NAME)"
+        )
     if len(images) > 1:
         raise ValueError(f"several image columns: {', '.join(images)}; choose one (--image-column NAME)")
     return images[0]

@@ -76,8 +76,35 @@ def test_image_column_auto_choice_and_errors(tmp_path, make_hf_saved):
         image_column(two, "label")
     with pytest.raises(ValueError, match="no column 'pixels'; the columns: image, label, mask"):
         image_column(two, "pixels")
-    with pytest.raises(ValueError, match=r"no image column \(a datasets.Image feature\) among the columns: label"):
+    with pytest.raises(ValueError, match=r"no image column \(a datasets.Image feature, .*\) among the columns: label"):
         image_column(two.remove_columns(["image", "mask"]))
+
+
+def test_a_parquet_file_without_the_dataset_metadata_reads_its_encoded_images(tmp_path):
+    """Before: a {bytes, path} struct column named 'image' (pyarrow, pandas) was 'no image column', and a
+    column of raw bytes or file paths was 'not an image column' even when named."""
+    import io
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    encoded, files = [], []
+    for i in range(4):
+        buffer = io.BytesIO()
+        Image.new("RGB", (12, 12), (60 * i, 10, 200)).save(buffer, "PNG")
+        encoded.append(buffer.getvalue())
+        (tmp_path / f"{i}.png").write_bytes(buffer.getvalue())
+        files.append(str(tmp_path / f"{i}.png"))
+    table = pa.table({"image": [{"bytes": b, "path": None} for b in encoded], "label": [0, 1, 0, 1]})
+    pq.write_table(table, tmp_path / "structs.parquet")
+    pq.write_table(pa.table({"raw": encoded, "file": files}), tmp_path / "columns.parquet")
+    expected = [load_image(path, 9) for path in files]
+    structs = HFImageDataset(str(tmp_path / "structs.parquet"), 9)
+    assert structs.column == "image" and all(torch.equal(structs[i][0], expected[i]) for i in range(4))
+    raw = HFImageDataset(str(tmp_path / "columns.parquet"), 9)  # the one bytes column; paths only when named
+    assert raw.column == "raw" and all(torch.equal(raw[i][0], expected[i]) for i in range(4))
+    named = HFImageDataset(str(tmp_path / "columns.parquet"), 9, column="file")
+    assert all(torch.equal(named[i][0], expected[i]) for i in range(4))
 
 
 def test_only_local_paths(tmp_path):
