@@ -26,6 +26,11 @@ def add_shards_arguments(parser: argparse.ArgumentParser, parser_class: type) ->
     make.add_argument("--out", required=True, help="the folder to write the shards to (without .tar files yet)")
     make.add_argument("--shard-size", default="1GB", help="most bytes per shard: 1GB, 500MB, 64MiB (default: 1GB)")
     make.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar (default: %(default)s)")
+    make.add_argument(
+        "--labels",
+        action="store_true",
+        help="a folder of class sub-folders: write each image's class index (.cls) and OUT/classes.json",
+    )
     index = sub.add_parser(
         "index",
         help="count the samples of shards and write their index (webdataset's wids JSON)",
@@ -45,7 +50,7 @@ def run_shards(args: argparse.Namespace) -> int:
 
     try:
         if args.shards_command == "make":
-            made = make_shards(args.data, args.out, parse_size(args.shard_size), args.prefix)
+            made = make_shards(args.data, args.out, parse_size(args.shard_size), args.prefix, labels=args.labels)
             if made.broken:
                 shown = ", ".join(made.broken[:3]) + (", ..." if len(made.broken) > 3 else "")
                 warn(f"{len(made.broken)} files under {args.data} do not decode as images and were skipped: {shown}")

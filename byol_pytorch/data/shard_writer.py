@@ -11,7 +11,9 @@ bytes each (tar rounds files up to 10240 bytes; a single larger image gets a sha
 * files that do not decode as images are skipped and counted (not written);
 * each shard is written to a hidden temporary file and renamed into place once complete,
   so a shard that exists is whole; ``OUT/index.json`` (webdataset's ``wids`` index, see
-  ``remote_shards.load_index``) lists the shards and their sample counts.
+  ``remote_shards.load_index``) lists the shards and their sample counts;
+* with ``labels`` (a folder of class sub-folders), each sample also holds ``KEY.cls``, its
+  class index, and ``OUT/classes.json`` names the classes.
 
 ``write_index`` counts the samples of shards (local ones from their tar headers, remote ones
 by reading them once) and writes such an index.
@@ -30,14 +32,15 @@ from pathlib import Path
 
 from .._modules import PathLike
 from .file_index import index_images
-from .folder import BrokenImageError, decode_image
+from .folder import BrokenImageError, LabelledImageFolder, decode_image
 from .remote import is_remote
 from .remote_shards import count_shards, expand_remote, index_document
 from .shards import expand_shards, shard_samples
 
-__all__ = ["INDEX_NAME", "MadeShards", "make_shards", "parse_size", "sample_key", "write_index"]
+__all__ = ["CLASSES_NAME", "INDEX_NAME", "MadeShards", "make_shards", "parse_size", "sample_key", "write_index"]
 
 INDEX_NAME = "index.json"
+CLASSES_NAME = "classes.json"  # shards made with labels: the class names, classes[i] naming label i
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 
@@ -103,14 +106,16 @@ class _ShardSink:
         self.tar = tarfile.open(self.temporary, "w", format=tarfile.PAX_FORMAT)
         self.count = self.size = 0
 
-    def fits(self, name: str, data: bytes, limit: int) -> bool:
-        """Whether the file stays within ``limit`` bytes with this member (an empty shard takes any)."""
-        return not self.count or _file_size(self.size + _member_size(name, data)) <= limit
+    def fits(self, members: Sequence[tuple[str, bytes]], limit: int) -> bool:
+        """Whether the file stays within ``limit`` bytes with this sample's members (an empty shard takes any)."""
+        return not self.count or _file_size(self.size + sum(_member_size(n, d) for n, d in members)) <= limit
 
-    def add(self, name: str, data: bytes) -> None:
-        self.tar.addfile(_member_info(name, data), io.BytesIO(data))
+    def add(self, members: Sequence[tuple[str, bytes]]) -> None:
+        """One sample: its members (``(name, data)``: the image, and its ``.cls`` label when labelled)."""
+        for name, data in members:
+            self.tar.addfile(_member_info(name, data), io.BytesIO(data))
+            self.size += _member_size(name, data)
         self.count += 1
-        self.size += _member_size(name, data)
 
     def close(self) -> None:
         self.tar.close()
@@ -128,15 +133,24 @@ def _readable(path: Path) -> bytes | None:
         return None
 
 
-def make_shards(folder: PathLike, out: PathLike, shard_size: int, prefix: str = "train") -> MadeShards:
+def make_shards(
+    folder: PathLike, out: PathLike, shard_size: int, prefix: str = "train", labels: bool = False
+) -> MadeShards:
     """Pack the readable images of ``folder`` into shards of at most ``shard_size`` bytes under ``out``.
 
+    With ``labels``, ``folder`` holds one sub-folder per class (as ``LabelledImageFolder`` reads
+    it): each sample gets a ``.cls`` member with its class index, and ``OUT/classes.json`` names
+    the classes (``classes[i]`` is label i), so ``eval`` and ``embed`` read the labels.
+
     Raises:
-        ValueError: no image in the folder, or ``out`` already holds shards.
+        ValueError: no image in the folder, ``labels`` without class sub-folders, or ``out``
+            already holds shards.
         OSError: ``out`` cannot be written.
     """
     root, target = Path(folder), Path(out)
-    files = index_images(root)
+    labelled = LabelledImageFolder(root, 8) if labels else None
+    files = labelled.paths if labelled is not None else index_images(root)
+    targets = labelled.targets if labelled is not None else None
     target.mkdir(parents=True, exist_ok=True)
     if any(target.glob("*.tar")):
         raise ValueError(f"--out {target} already holds .tar files; choose an empty folder")
@@ -147,18 +161,22 @@ def make_shards(folder: PathLike, out: PathLike, shard_size: int, prefix: str = 
         if data is None:
             made.broken.append(relative)
             continue
-        name = f"{sample_key(relative)}.{relative.rsplit('.', 1)[-1].lower()}"
-        if sink is not None and not sink.fits(name, data, shard_size):
+        members = [(f"{sample_key(relative)}.{relative.rsplit('.', 1)[-1].lower()}", data)]
+        if targets is not None:
+            members.append((f"{sample_key(relative)}.cls", str(targets[number]).encode("ascii")))
+        if sink is not None and not sink.fits(members, shard_size):
             _finish(sink, made)
             sink = None
         if sink is None:
             sink = _ShardSink(target / f"{prefix}-{len(made.shards):06d}.tar")
-        sink.add(name, data)
+        sink.add(members)
     if sink is not None:
         _finish(sink, made)
     if not made.shards:
         raise ValueError(f"{root} has no readable image ({len(made.broken)} broken files); no shard written")
     made.index = _write_json(target / INDEX_NAME, index_document([p.name for p in made.shards], made.counts))
+    if labelled is not None:
+        _write_json(target / CLASSES_NAME, {"classes": list(labelled.classes)})
     return made
 
 

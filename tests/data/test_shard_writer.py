@@ -120,3 +120,22 @@ def test_shard_size_is_a_bound_for_non_ascii_and_long_names(tmp_path):
     sizes = [path.stat().st_size for path in made.shards]
     assert len(sizes) > 1 and max(sizes) <= 20 * 1024, sizes
     assert sum(made.counts) == 40
+
+
+def test_make_with_labels_writes_each_class_index(tmp_path, make_labelled, capsys):
+    """Before: shards made from a labelled folder had no labels, and eval on them refused ('have no labels')."""
+    from byol_pytorch.data.folder import LabelledImageFolder
+
+    folder = make_labelled(tmp_path / "lab", classes=3, per_class=6)
+    out = tmp_path / "shards"
+    argv = ["shards", "make", "--data", str(folder), "--out", str(out), "--labels", "--shard-size", "4KB"]
+    assert cli.main(argv) == 0
+    assert len(list(out.glob("*.tar"))) > 1 and is_shard_spec(str(out))  # classes.json is allowed beside them
+    reference = LabelledImageFolder(folder, 8)
+    assert json.loads((out / "classes.json").read_text()) == {"classes": reference.classes}
+    expected = {sample_key(reference.paths.relative(i)): label for i, label in enumerate(reference.targets)}
+    read = {key.split(":", 1)[1]: label for _, label, key, ok in ShardSamples(str(out), 8, labelled=True) if ok}
+    assert read == expected  # every image once, with its class index
+    flat = ["shards", "make", "--data", str(folder / "class_0"), "--out", str(tmp_path / "x"), "--labels"]
+    assert cli.main(flat) == 1
+    assert "has no class sub-folders" in capsys.readouterr().err
