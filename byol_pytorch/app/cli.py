@@ -219,7 +219,9 @@ def _add_preview(sub) -> None:
         description="Save a picture of images from DIR beside BYOL's view 1 and view 2.",
     )
     preview.add_argument("--data", required=True, help="the images: a folder, cifar10:ROOT, hf:PATH or tar shards")
-    preview.add_argument("--hf-split", help="hf: data with splits: the split (default: train); CIFAR: train or test")
+    preview.add_argument(
+        "--hf-split", help="hf: data with splits: the split (default: train, or the only split); CIFAR: train or test"
+    )
     preview.add_argument("--image-column", help="hf: data with several image columns: the one to show")
     preview.add_argument("--out", default="views.png", help="the PNG to write (default: %(default)s)")
     preview.add_argument("--image-size", type=int, default=224, help="view side (default: %(default)s)")
@@ -253,7 +255,9 @@ def _add_eval(sub: Any) -> None:
         help="hf: data: evaluate within this split, every fifth row of each class held out "
         "(default: train against validation/test where both exist)",
     )
-    evaluate.add_argument("--image-column", help="hf: data: the image column (default: the one datasets.Image column)")
+    evaluate.add_argument(
+        "--image-column", help="hf: data: the image column (default: the datasets.Image column, else of image bytes)"
+    )
     evaluate.add_argument("--label-column", help="hf: data: the label column (default: the one ClassLabel column)")
     evaluate.add_argument("--knn", action="store_true", help="weighted kNN (k=20, T=0.07) accuracy")
     evaluate.add_argument("--linear", action="store_true", help="linear probe accuracy")

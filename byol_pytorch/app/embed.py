@@ -132,8 +132,8 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="BatchNorm statistics: clean = re-estimated on un-augmented training images (the checkpoint's; "
         "re-estimated on 512 of the images for an older checkpoint), trained = those of the views (default: clean)",
     )
-    a("--image-column", help="hf: data: the image column (default: the one datasets.Image column)")
-    a("--hf-split", help="hf: data with splits: the split (default: train); CIFAR: train or test")
+    a("--image-column", help="hf: data: the image column (default: the one datasets.Image column, else of image bytes)")
+    a("--hf-split", help="hf: data with splits: the split (default: train, or the only split); CIFAR: train or test")
     a("--batch-size", type=int, default=256, help="images per forward (default: %(default)s)")
     a("--workers", type=int, default=0, help="loader processes (default: %(default)s)")
     a("--device", help="default: cuda when available, else cpu")

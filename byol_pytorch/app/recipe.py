@@ -166,12 +166,12 @@ def _add_run_flags(a: Any) -> None:
     a(
         "--image-column",
         help="hf: data: the image column (default: the resumed run's, else the one column whose feature is "
-        "datasets.Image)",
+        "datasets.Image, else the one of image bytes)",
     )
     a(
         "--hf-split",
         help="hf: data with splits (a DatasetDict, an imagefolder with train/test folders): the split to train on "
-        "(default: the resumed run's, else train)",
+        "(default: the resumed run's, else train, or the only split)",
     )
     a("--out", default="runs/byol", help="run folder: last.pt, metrics.jsonl, curves.png (default: %(default)s)")
     a(

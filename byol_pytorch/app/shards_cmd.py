@@ -51,6 +51,11 @@ def run_shards(args: argparse.Namespace) -> int:
     try:
         if args.shards_command == "make":
             made = make_shards(args.data, args.out, parse_size(args.shard_size), args.prefix, labels=args.labels)
+            if made.unlabelled:
+                warn(
+                    f"{made.unlabelled} images under {args.data} lie outside its class sub-folders and were left out "
+                    "(--labels writes the images of class sub-folders only)"
+                )
             if made.broken:
                 shown = ", ".join(made.broken[:3]) + (", ..." if len(made.broken) > 3 else "")
                 warn(f"{len(made.broken)} files under {args.data} do not decode as images and were skipped: {shown}")

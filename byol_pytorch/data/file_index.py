@@ -199,20 +199,22 @@ def check_folder(root: Path) -> None:
 def _archive_hint(root: Path) -> str:
     """What to do when a folder without images holds tar files (compressed ones, or .tar beside other files)."""
     try:
-        names = [n.lower() for n in os.listdir(root) if not n.startswith(".")]
+        names = [e.name.lower() for e in os.scandir(root) if not e.name.startswith(".") and e.is_file()]
     except OSError:
         return ""
     compressed = sum(n.endswith(_COMPRESSED_TARS) for n in names)
     plain = sum(n.endswith(".tar") for n in names)
+    others = len(names) - plain - compressed - sum(n.endswith(".json") for n in names)
     if compressed:
         return f"; it holds {compressed} compressed tar file(s): {_PLAIN_TARS}"
-    if plain:
-        others = len(names) - plain - sum(n.endswith(".json") for n in names)
+    if plain and others:
         return (
             f"; it holds {plain} .tar file(s) beside {others} other file(s): a folder is read as shards only when "
             "it holds nothing else (.json files and hidden ones aside); move the others out, or pass a brace "
             "pattern (train-{0000..0099}.tar)"
         )
+    if plain:
+        return f"; it holds {plain} .tar file(s): shards, not images (commands that read data take them as --data)"
     return ""
 
 

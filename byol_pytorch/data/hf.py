@@ -8,13 +8,14 @@
   (``load_dataset("parquet", data_files=...)``);
 * any other folder: an image folder read by ``load_dataset("imagefolder", data_dir=...)``.
 
-Of a ``DatasetDict`` the split ``"train"`` is used unless another is named. Loading sets
+Of a ``DatasetDict`` the split ``"train"`` (or its only split) is used unless another is named. Loading sets
 ``HF_DATASETS_OFFLINE=1`` and ``HF_HUB_OFFLINE=1`` in the process, and a PATH that does
 not exist is an error: nothing is ever downloaded.
 
 ``HFImageDataset`` is a map-style dataset like ``ImageFolder``: ``dataset[i]`` is
 ``(uint8 (C, S, S), skipped)``. The image column (the one whose feature is
-``datasets.Image``, or the one named) is read as raw bytes (``Image(decode=False)``) and
+``datasets.Image``, else the one of image bytes or ``{bytes, path}`` structs, or the one
+named, file paths too) is read as raw bytes (``Image(decode=False)``) and
 decoded by ``data.decode_image`` (or ``load_image`` for a row that holds only a path),
 so images come out exactly as from a folder, and a broken row is replaced by the next
 readable one and counted, as a broken file in a folder is. With ``EpochSampler`` a run
@@ -121,7 +122,7 @@ def load_local_dataset(path: PathLike, split: str | None = None) -> Any:
     datasets = _datasets()
     data = _load(_local_path(path))
     if isinstance(data, datasets.DatasetDict):
-        name = split or ("train" if "train" in data or len(data) != 1 else next(iter(data)))  # a lone split is it
+        name = _split_name(list(data), split)
         if name not in data:
             raise ValueError(
                 f"hf:{path} has no split {name!r}; its splits: {', '.join(data)} (choose one with --hf-split NAME)"
@@ -166,6 +167,15 @@ def _encoded_images(feature: Any, paths: bool) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in kinds
 
 
+def _holds_images(data: Any, name: str) -> bool:
+    """Whether a string column's first value names an existing file (file paths, relative to the current
+    folder, as ``datasets`` reads them), not text; bytes and struct columns are taken as images."""
+    if getattr(data.features[name], "dtype", None) not in ("string", "large_string"):
+        return True
+    first = next((v for v in data[name][:20] if v), None) if len(data) else None
+    return first is not None and os.path.isfile(os.path.expanduser(str(first)))
+
+
 def image_column(data: Any, name: str | None = None) -> str:
     """The image column of a ``datasets.Dataset``: ``name``, else the one ``datasets.Image`` column, else the
     one column of encoded images (``{bytes, path}`` structs or raw bytes; see ``_encoded_images``).
@@ -180,7 +190,7 @@ def image_column(data: Any, name: str | None = None) -> str:
     if name is not None:
         if name not in features:
             raise ValueError(f"no column {name!r}; the columns: {', '.join(features)}")
-        if name not in images and not _encoded_images(features[name], paths=True):
+        if name not in images and not (_encoded_images(features[name], paths=True) and _holds_images(data, name)):
             raise ValueError(
                 f"column {name!r} is not an image column (its feature: {features[name]}); image columns: "
                 f"{', '.join(images) or 'none'} (datasets.Image, or image bytes, {{bytes, path}} or file paths)"
@@ -225,6 +235,11 @@ def label_column(data: Any, name: str | None = None) -> str | None:
     return next((k for k in ("label", "labels") if k in features and integer(features[k])), None)
 
 
+def _split_name(names: list[str], split: str | None) -> str:
+    """The split used of a dataset whose splits are ``names``: ``split``, else ``train``, else its only split."""
+    return split or ("train" if "train" in names or len(names) != 1 else names[0])
+
+
 def dataset_splits(path: PathLike) -> list[str]:
     """The split names of a local dataset with splits (a ``DatasetDict``); [] for a single dataset.
 
@@ -242,7 +257,7 @@ class HFImageDataset(Dataset):
         data: ``hf:``'s PATH, or a ``datasets.Dataset``.
         load_size: side ``S`` of the square images handed out.
         channels: 1 or 3.
-        column: the image column (default: the one ``datasets.Image`` column).
+        column: the image column (default: see ``image_column``).
         split: the split of a dataset with splits (default ``"train"``, or its only split).
         labelled: items are ``(image, label)`` from the label column (see ``label_column``).
         labels: the label column (default: found by ``label_column``).
@@ -269,9 +284,10 @@ class HFImageDataset(Dataset):
     ) -> None:
         datasets = _datasets()
         self.source = str(data) if isinstance(data, (str, os.PathLike)) else "a datasets.Dataset"
-        if isinstance(data, (str, os.PathLike)):
-            data = load_local_dataset(data, split)
         self.split = split or "train"
+        if isinstance(data, (str, os.PathLike)):
+            self.split = _split_name(dataset_splits(data), split)  # a lone split names its rows, not "train"
+            data = load_local_dataset(data, split)
         self.column = image_column(data, column)
         self.labelled = labelled
         self.targets: list[int] = []
@@ -311,13 +327,14 @@ class HFImageDataset(Dataset):
         return len(self.rows)
 
     def number_by(self, classes: list[str]) -> None:
-        """Renumber the labels by another split's class names (``classes[i]`` is label i), as that split's are.
+        """Renumber the labels by another split's class names (``classes[i]`` is label i), as that split's are;
+        kept as they are when the two share no name.
 
         Raises:
             ValueError: a class of this split that ``classes`` does not hold.
         """
-        if self.classes is None or self.classes == list(classes):
-            return
+        if self.classes is None or self.classes == list(classes) or not set(self.classes) & set(classes):
+            return  # no names in common (ClassLabel(num_classes=K) names them "0", "1", ...): the integers stand
         index = {name: i for i, name in enumerate(classes)}
         unknown = sorted({self.classes[t] for t in self.targets} - set(index))
         if unknown:

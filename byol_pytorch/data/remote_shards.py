@@ -41,7 +41,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .._atomic import atomic_write
 from .folder import BrokenImageError, decode_image
 from .remote import FaultBudget, Prefetcher, ReadPolicy, RemoteReadError, ShardFailed, is_remote, read_shard, redact
-from .shards import IMAGE_SUFFIXES, ShardDataset, _shuffled, _webdataset, label_problem, no_labels_error, shard_names
+from .shards import (
+    IMAGE_SUFFIXES,
+    ShardDataset,
+    _shuffled,
+    _webdataset,
+    first_label_problem,
+    no_labels_error,
+    shard_names,
+)
 
 __all__ = [
     "RemoteShardDataset",
@@ -375,11 +383,22 @@ class RemoteShardSamples(IterableDataset):
             raise no_labels_error(self.source, problem)
 
     def _label_problem(self) -> str | None:
-        """Why the first sample's ``.cls`` is no class index (reads the first shard's first sample; None: it is one)."""
-        first = next(iter(read_shard(self.paths[0], 1, _image_and_label, self.policy)), None)
-        if first is None:
-            return "no samples"
-        return label_problem(f"{self.names[self.paths[0]]}:{first[0]}", first[1].get("cls"))
+        """Why none of the first samples' ``.cls`` holds a class index (None: one does; reads the first shards'
+        first ``LABEL_PROBE`` samples).
+
+        Raises:
+            ValueError: a shard cannot be read (one line, the location redacted).
+        """
+
+        def labels() -> Iterator[tuple[str, bytes | None]]:
+            for location in self.paths:
+                for key, members in read_shard(location, None, _image_and_label, self.policy):
+                    yield f"{self.names[location]}:{key}", members.get("cls")
+
+        try:
+            return first_label_problem(labels())
+        except (ShardFailed, RemoteReadError) as error:
+            raise ValueError(redact(str(error))) from None
 
     def labelled_available(self) -> bool:
         """Whether the first sample's ``.cls`` holds a class index (reads the first shard's first sample)."""

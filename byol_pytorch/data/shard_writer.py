@@ -78,6 +78,7 @@ class MadeShards:
     broken: list[str] = field(default_factory=list)
     bytes: int = 0
     index: Path | None = None
+    unlabelled: int = 0  # with labels: images outside the class sub-folders, left out
 
 
 def _member_info(name: str, data: bytes) -> tarfile.TarInfo:
@@ -151,10 +152,11 @@ def make_shards(
     labelled = LabelledImageFolder(root, 8) if labels else None
     files = labelled.paths if labelled is not None else index_images(root)
     targets = labelled.targets if labelled is not None else None
+    left_out = len(index_images(root)) - len(files) if labelled is not None else 0  # images not in a class folder
     target.mkdir(parents=True, exist_ok=True)
     if any(target.glob("*.tar")):
         raise ValueError(f"--out {target} already holds .tar files; choose an empty folder")
-    made, sink = MadeShards(), None
+    made, sink = MadeShards(unlabelled=left_out), None
     for number in range(len(files)):
         relative = files.relative(number)
         data = _readable(root / relative)

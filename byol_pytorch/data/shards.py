@@ -50,12 +50,13 @@ Python use (``pip install "byol-pytorch[shards]"``)::
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
 import tarfile
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -413,6 +414,21 @@ def _label(data: bytes) -> int:
     return int(data.decode("ascii").strip())
 
 
+LABEL_PROBE = 20  # samples read to tell whether shards are labelled: one bad .cls does not decide
+
+
+def first_label_problem(labels: Iterable[tuple[str, bytes | None]]) -> str | None:
+    """None when one of the first ``LABEL_PROBE`` ``(key, .cls data)`` pairs holds a class index; else why the
+    first holds none ("no samples" when there is none)."""
+    first = None
+    for key, data in itertools.islice(labels, LABEL_PROBE):
+        problem = label_problem(key, data)
+        if problem is None:
+            return None
+        first = first or problem
+    return first or "no samples"
+
+
 def label_problem(key: str, data: bytes | None) -> str | None:
     """Why sample ``key``'s ``.cls`` member (``data``; None: it has none) is no class index, or None when it is one."""
     if data is None:
@@ -475,21 +491,21 @@ class ShardSamples(IterableDataset):
             raise no_labels_error(self.source, problem)
 
     def _label_problem(self) -> str | None:
-        """Why the first sample's ``.cls`` is no class index (None: it is one)."""
-        for k, path in enumerate(self.paths):
-            samples = _samples(path)
-            if samples:
-                key, members = samples[0]
-                files = _Files()
-                try:
-                    data = files.read(path, *members["cls"]) if "cls" in members else None
-                finally:
-                    files.close()
-                return label_problem(f"{self.names[k]}:{key}", data)
-        return "no samples"
+        """Why none of the first samples' ``.cls`` holds a class index (None: one does; ``first_label_problem``)."""
+        files = _Files()
+
+        def labels() -> Iterator[tuple[str, bytes | None]]:
+            for k, path in enumerate(self.paths):
+                for key, members in _samples(path):
+                    yield f"{self.names[k]}:{key}", files.read(path, *members["cls"]) if "cls" in members else None
+
+        try:
+            return first_label_problem(labels())
+        finally:
+            files.close()
 
     def labelled_available(self) -> bool:
-        """Whether the first sample's ``.cls`` holds a class index (webdataset's convention for class labels)."""
+        """Whether the first samples' ``.cls`` hold class indices (webdataset's convention for class labels)."""
         return self._label_problem() is None
 
     def __len__(self) -> int:
@@ -507,6 +523,8 @@ class ShardSamples(IterableDataset):
                 if "cls" not in members:
                     raise ValueError(f"sample {name} has no .cls member (a label)")
                 label = _label(files.read(path, *members["cls"]))
+                if label < 0:
+                    raise ValueError(f"sample {name}'s .cls holds {label}, not a class index")
             pixels = decode_image(files.read(path, *members[image]), self.load_size, self.channels, name=name)
             return pixels, label, name, True
         except (BrokenImageError, ValueError, UnicodeDecodeError):

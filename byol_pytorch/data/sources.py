@@ -19,7 +19,7 @@ held-out queries of a kNN evaluation. ``embedding_items`` turns any source into 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -114,7 +114,7 @@ def open_unlabelled(
         load_size: side ``S`` of the square images; None: CIFAR as stored (32 px), which the
             views resize anyway (the other forms need a size).
         channels: 1 or 3.
-        image_column: ``hf:`` data: the image column (default: the one ``datasets.Image`` column).
+        image_column: ``hf:`` data: the image column (default: see ``hf.image_column``).
         split: CIFAR (default ``train``) or ``hf:`` data with splits (default ``train``).
         index: an image folder's ``FileIndex`` when already known (sent by another rank).
         index_cache: an image folder's index cache file (see ``file_index.load_or_scan``).
@@ -210,13 +210,15 @@ def open_labelled(
 
 
 class _EveryFifth:
-    """``keep(shard, position)`` of a shard split: every fifth sample of a shard is a query (picklable)."""
+    """``keep(shard, position)`` of a shard split: every fifth sample, counted across the shards in order, is a
+    query (so shards of fewer than five samples hold some out too; picklable)."""
 
-    def __init__(self, queries: bool) -> None:
+    def __init__(self, queries: bool, counts: Sequence[int]) -> None:
         self.queries = queries
+        self.starts = [sum(counts[:k]) for k in range(len(counts))]
 
     def __call__(self, shard: int, position: int) -> bool:
-        return (position % 5 == 4) == self.queries
+        return ((self.starts[shard] + position) % 5 == 4) == self.queries
 
 
 class _Readable(IterableDataset):
@@ -257,7 +259,7 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
       labels numbered by the training split's class names when both are ``ClassLabel``), unless the
       held-out split has no labels at all (-1, a benchmark's hidden test labels); else every
       fifth row of each class held out;
-    * shards: every fifth sample of each shard held out.
+    * shards: every fifth sample held out (counted across the shards in order).
 
     Args:
         spec: the labelled data (module doc).
@@ -273,16 +275,21 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
         ValueError: no labels (see ``open_labelled``), or too few images per class to hold some out.
     """
     kind = data_kind(spec)
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {k: v for k, v in options.items() if v not in (None, "")}
     if options and kind != "hf":
-        raise ValueError(f"{', '.join(sorted(options))} apply to hf: data only, not to {spec!r}")
+        flags = {"split": "--hf-split", "image_column": "--image-column", "label_column": "--label-column"}
+        named = ", ".join(flags.get(k, k) for k in sorted(options))
+        raise ValueError(f"{named} apply to hf: data only, not to {spec!r}")
     if kind == "cifar":
         return tuple(open_labelled(spec, load_size, channels, split=s) for s in ("train", "test"))  # type: ignore[return-value]
     if kind == "shards" and is_remote(spec):
         raise ValueError("a kNN split of remote shards is not supported; give local labelled data")
     if kind == "shards":
+        counts = ShardSamples(spec, load_size, channels, labelled=True).counts  # headers only
+        if sum(counts) < 5:
+            raise ValueError(f"{spec!r} has too few samples for a kNN check (at least 5)")
         return tuple(  # type: ignore[return-value]
-            _Readable(ShardSamples(spec, load_size, channels, labelled=True, keep=_EveryFifth(q)))
+            _Readable(ShardSamples(spec, load_size, channels, labelled=True, keep=_EveryFifth(q, counts)))
             for q in (False, True)
         )
     held_out = None if options.get("split") else _held_out_split(spec, kind)  # a split named: within it

@@ -246,8 +246,8 @@ def test_preview_takes_an_image_column_and_says_when_nothing_is_readable(tmp_pat
     assert "no readable image in" in err and "TensorList" not in err
 
 
-def _shards_labelled_by_name(root, shards=2, per_shard=5):
-    """Shards whose .cls members hold a class name ('cat'), not a class index."""
+def _shards_labelled_by_name(root, shards=2, per_shard=5, label=lambda k, i: b"cat"):
+    """Shards whose .cls members hold ``label(shard, position)``: by default a class name ('cat'), not an index."""
     import io
 
     from PIL import Image
@@ -258,11 +258,11 @@ def _shards_labelled_by_name(root, shards=2, per_shard=5):
             for i in range(per_shard):
                 buffer = io.BytesIO()
                 Image.new("RGB", (12, 12), (20 * i, 40 * k, 90)).save(buffer, "PNG")
-                for suffix, data in (("png", buffer.getvalue()), ("cls", b"cat")):
+                for suffix, data in (("png", buffer.getvalue()), ("cls", label(k, i))):
                     info = tarfile.TarInfo(f"s{k}_{i}.{suffix}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    return str(root / "names-{0..1}.tar")
+    return str(root / f"names-{{0..{shards - 1}}}.tar")
 
 
 def test_shards_labelled_by_class_name(checkpoint, tmp_path, capsys):
@@ -311,3 +311,20 @@ def test_eval_of_hf_data_that_needs_a_split_or_a_column(checkpoint, tmp_path, ca
     folder.mkdir(parents=True)
     assert cli.main(["eval", "--checkpoint", str(checkpoint), "--data", str(folder.parent), "--hf-split", "x"]) == 1
     assert "split apply to hf: data only" in capsys.readouterr().err
+
+
+def test_one_bad_label_first_leaves_the_other_labels_and_small_shards_hold_some_out(checkpoint, tmp_path):
+    """Review: one bad .cls on the first sample refused the whole set (the rule read the first sample only); and
+    shards of fewer than five samples held none out ('data yielded no batches')."""
+    from byol_pytorch.data import labelled_split
+
+    spec = _shards_labelled_by_name(tmp_path / "first", 1, 20, lambda k, i: b"cat" if i == 0 else b"%d" % (i % 2))
+    bank, queries = labelled_split(spec, 8)
+    assert sorted(label for _, label in queries) == [0, 0, 1, 1]  # the bad sample alone is left out
+    out = tmp_path / "emb"
+    assert cli.main(["embed", "--data", spec, "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert len(np.load(out / "labels.npy")) == 19  # labelled: the 19 good samples
+    small = _shards_labelled_by_name(tmp_path / "small", 6, 3, lambda k, i: b"%d" % ((k + i) % 2))
+    bank, queries = labelled_split(small, 8)
+    assert len(list(bank)) == 15 and len(list(queries)) == 3  # every fifth of the 18, across the shards
+    assert cli.main(["eval", "--data", small, "--checkpoint", str(checkpoint), "--knn"]) == 0

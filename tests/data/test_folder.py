@@ -418,3 +418,7 @@ def test_tar_files_where_images_were_expected_are_named_with_the_fix(tmp_path):
         (mixed / name).write_bytes(b"x")
     with pytest.raises(ValueError, match=r"it holds 2 .tar file\(s\) beside 1 other file\(s\): a folder is read as"):
         ImageFolder(mixed, S)
+    (mixed / "README.md").unlink()
+    (mixed / "sub").mkdir()  # a folder is not a file beside the shards
+    with pytest.raises(ValueError, match=r"it holds 2 .tar file\(s\): shards, not images"):
+        ImageFolder(mixed, S)

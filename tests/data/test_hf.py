@@ -176,3 +176,27 @@ def test_splits_encoded_apart_are_numbered_by_the_training_split_class_names(tmp
     datasets.DatasetDict({"train": train, "test": other}).save_to_disk(str(tmp_path / "unknown"))
     with pytest.raises(ValueError, match="split 'test' has classes the training split has not: dog"):
         labelled_split(f"hf:{tmp_path / 'unknown'}", 9)
+
+
+def test_a_lone_split_names_its_rows_and_unnamed_classes_keep_their_numbers(tmp_path):
+    """Review: a lone 'validation' split's ids read 'train:N'; a held-out ClassLabel(num_classes=2) (names '0',
+    '1') against train's names was refused; --hf-split '' was a traceback; a text column was taken for paths."""
+    from byol_pytorch.data.sources import labelled_split
+
+    images = [Image.new("RGB", (9, 9), (25 * i, 10, 10)) for i in range(10)]
+    data = datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(10)]}).cast_column(
+        "image", datasets.Image()
+    )
+    datasets.DatasetDict({"validation": data}).save_to_disk(str(tmp_path / "lone"))
+    lone = HFImageDataset(str(tmp_path / "lone"), 9)
+    assert lone.split == "validation" and lone.sample_id(3) == "validation:3"
+    named = data.cast_column("label", datasets.ClassLabel(names=["cat", "dog"]))
+    unnamed = data.cast_column("label", datasets.ClassLabel(num_classes=2))
+    datasets.DatasetDict({"train": named, "test": unnamed}).save_to_disk(str(tmp_path / "unnamed"))
+    _, queries = labelled_split(f"hf:{tmp_path / 'unnamed'}", 9)
+    assert [queries[i][1] for i in range(10)] == [i % 2 for i in range(10)]  # the integers stand
+    bank, queries = labelled_split(f"hf:{tmp_path / 'unnamed'}", 9, split="")  # no split named
+    assert len(queries) == 10
+    texts = data.add_column("caption", ["a picture"] * 10)
+    with pytest.raises(ValueError, match="column 'caption' is not an image column"):
+        image_column(texts, "caption")

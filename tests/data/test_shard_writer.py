@@ -127,10 +127,15 @@ def test_make_with_labels_writes_each_class_index(tmp_path, make_labelled, capsy
     from byol_pytorch.data.folder import LabelledImageFolder
 
     folder = make_labelled(tmp_path / "lab", classes=3, per_class=6)
+    Image.new("RGB", (9, 9)).save(folder / "loose.png")  # in no class folder: left out, with a warning
     out = tmp_path / "shards"
-    argv = ["shards", "make", "--data", str(folder), "--out", str(out), "--labels", "--shard-size", "4KB"]
+    argv = ["shards", "make", "--data", str(folder), "--out", str(out), "--labels", "--shard-size", "20KiB"]
     assert cli.main(argv) == 0
-    assert len(list(out.glob("*.tar"))) > 1 and is_shard_spec(str(out))  # classes.json is allowed beside them
+    assert "1 images under" in capsys.readouterr().err
+    shards = sorted(out.glob("*.tar"))
+    assert len(shards) > 1 and is_shard_spec(str(out))  # classes.json is allowed beside them
+    assert all(shard.stat().st_size <= 20 * 1024 for shard in shards)  # the bound counts the .cls members
+    assert max(sum(1 for m in tarfile.open(shard) if m.name.endswith(".cls")) for shard in shards) > 1
     reference = LabelledImageFolder(folder, 8)
     assert json.loads((out / "classes.json").read_text()) == {"classes": reference.classes}
     expected = {sample_key(reference.paths.relative(i)): label for i, label in enumerate(reference.targets)}
