@@ -119,6 +119,11 @@ def load_local_dataset(path: PathLike, split: str | None = None) -> Any:
         ImportError: ``datasets`` is not installed.
         ValueError: the path does not exist, is not a dataset, or lacks the split.
     """
+    return _load_split(path, split)[0]
+
+
+def _load_split(path: PathLike, split: str | None) -> tuple[Any, str]:
+    """``load_local_dataset``'s dataset and the name of the split it is (``train`` for a single dataset)."""
     datasets = _datasets()
     data = _load(_local_path(path))
     if isinstance(data, datasets.DatasetDict):
@@ -127,10 +132,10 @@ def load_local_dataset(path: PathLike, split: str | None = None) -> Any:
             raise ValueError(
                 f"hf:{path} has no split {name!r}; its splits: {', '.join(data)} (choose one with --hf-split NAME)"
             )
-        return data[name]
+        return data[name], name
     if split is not None:
         raise ValueError(f"hf:{path} is a single dataset without splits; drop the split {split!r}")
-    return data
+    return data, "train"
 
 
 def _local_path(path: PathLike) -> Path:
@@ -286,8 +291,7 @@ class HFImageDataset(Dataset):
         self.source = str(data) if isinstance(data, (str, os.PathLike)) else "a datasets.Dataset"
         self.split = split or "train"
         if isinstance(data, (str, os.PathLike)):
-            self.split = _split_name(dataset_splits(data), split)  # a lone split names its rows, not "train"
-            data = load_local_dataset(data, split)
+            data, self.split = _load_split(data, split)  # a lone split names its rows, not "train"
         self.column = image_column(data, column)
         self.labelled = labelled
         self.targets: list[int] = []
