@@ -152,7 +152,6 @@ class Run:
     last_knn: float | None = None
     deferred: list[Callable[[], None]] = field(default_factory=list)  # writes made once the run folder is locked
     monitor: KnnMonitor | None = None  # rank 0, --val-data: opened before the first write (a bad spec refuses)
-    missing_warned: bool = False  # --val-data's classes with no readable image were named
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -838,7 +837,8 @@ def run(prepared: Run) -> TrainState:
         UserError: the loss turned non-finite (the last good checkpoint is kept).
     """
     args, ctx, state, recipe = prepared.args, prepared.ctx, prepared.state, prepared.recipe
-    metrics = prepared.metrics if prepared.metrics is not None else _open_metrics(prepared)  # train() opens it
+    metrics = prepared.metrics  # opened by ``train`` in the lock's recheck
+    assert metrics is not None
     monitor = prepared.monitor
     step = OptimizerStep(
         prepared.learner,
@@ -971,10 +971,9 @@ def _measure_reference(prepared: Run, monitor: KnnMonitor | None, metrics: Metri
 
 def _warn_missing_classes(prepared: Run, monitor: KnnMonitor) -> None:
     """Once a run: --val-data's classes that had no readable image (the accuracy is over the others)."""
-    line = monitor.missing_warning(prepared.args.val_data)
-    if line and not prepared.missing_warned:
+    line = monitor.missing_warning(prepared.args.val_data, once=True)
+    if line:
         warn(line)
-        prepared.missing_warned = True
 
 
 def _warn_below_reference(prepared: Run, s: TrainState, monitor: KnnMonitor) -> None:

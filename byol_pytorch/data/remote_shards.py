@@ -44,9 +44,11 @@ from .remote import FaultBudget, Prefetcher, ReadPolicy, RemoteReadError, ShardF
 from .shards import (
     IMAGE_SUFFIXES,
     ShardDataset,
+    _label,
     _shuffled,
     _webdataset,
     first_label_problem,
+    label_problem,
     no_labels_error,
     shard_names,
 )
@@ -158,7 +160,7 @@ def _shard_name(location: str) -> str:
     """The part of a shard's location after the last ``/``: of an http(s) URL its path's, without the query or
     fragment (an object store's key may hold ``?`` or ``#``: ``s3://`` and ``gs://`` keys are taken whole)."""
     if location.lower().startswith(("http://", "https://")):
-        location = urllib.parse.unquote(urllib.parse.urlsplit(location).path)  # 'a%20b.tar' is 'a b.tar'
+        location = urllib.parse.unquote(_path_of(location))  # 'a%20b.tar' is 'a b.tar'
     return location.rsplit("/", 1)[-1]
 
 
@@ -414,12 +416,10 @@ class RemoteShardSamples(IterableDataset):
         label = -1
         if image is not None and self.labelled:
             data = sample[1].get("cls")
-            try:
-                label = int(data.decode("ascii").strip()) if data is not None else -1
-            except (ValueError, UnicodeDecodeError):
-                label = -1
-            if label < 0:
-                image = None
+            if data is None or label_problem(name, data) is not None:
+                image = None  # no class index: left out, as a broken sample
+            else:
+                label = _label(data)
         if image is None:
             return torch.zeros(self.channels, self.load_size, self.load_size, dtype=torch.uint8), -1, name, False
         return image, label, name, True

@@ -50,6 +50,7 @@ Python use (``pip install "byol-pytorch[shards]"``)::
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import random
@@ -485,7 +486,7 @@ class ShardSamples(IterableDataset):
         self.skip: set[str] = set()  # ``SHARD:KEY`` of samples to pass over without reading them (a resumed embed)
         self.source = str(shards) if isinstance(shards, str) else f"{len(self.paths)} shards"
         self.counts = [shard_samples(p) for p in self.paths]
-        self.length = sum(sum(1 for i in range(n) if keep is None or keep(k, i)) for k, n in enumerate(self.counts))
+        self.length = self._kept()
         problem = self._label_problem() if labelled else None
         if problem is not None:
             raise no_labels_error(self.source, problem)
@@ -507,6 +508,18 @@ class ShardSamples(IterableDataset):
     def labelled_available(self) -> bool:
         """Whether the first samples' ``.cls`` hold class indices (webdataset's convention for class labels)."""
         return self._label_problem() is None
+
+    def with_keep(self, keep: Any) -> ShardSamples:
+        """These samples selected by ``keep`` (see the class), without reading the shards' headers again."""
+        view = copy.copy(self)
+        view.keep, view.skip = keep, set(self.skip)
+        view.length = view._kept()
+        return view
+
+    def _kept(self) -> int:
+        """How many samples ``keep`` selects (all without one)."""
+        keep = self.keep
+        return sum(sum(1 for i in range(n) if keep is None or keep(k, i)) for k, n in enumerate(self.counts))
 
     def __len__(self) -> int:
         return self.length

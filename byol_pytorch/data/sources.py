@@ -285,13 +285,10 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
     if kind == "shards" and is_remote(spec):
         raise ValueError("a kNN split of remote shards is not supported; give local labelled data")
     if kind == "shards":
-        counts = ShardSamples(spec, load_size, channels, labelled=True).counts  # headers only
-        if sum(counts) < 5:
+        samples = ShardSamples(spec, load_size, channels, labelled=True)  # the headers, read once
+        if sum(samples.counts) < 5:
             raise ValueError(f"{spec!r} has too few samples for a kNN check (at least 5)")
-        return tuple(  # type: ignore[return-value]
-            _Readable(ShardSamples(spec, load_size, channels, labelled=True, keep=_EveryFifth(q, counts)))
-            for q in (False, True)
-        )
+        return tuple(_Readable(samples.with_keep(_EveryFifth(q, samples.counts))) for q in (False, True))  # type: ignore[return-value]
     held_out = None if options.get("split") else _held_out_split(spec, kind)  # a split named: within it
     if held_out is not None and kind != "hf":
         base = Path(spec)

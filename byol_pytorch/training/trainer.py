@@ -191,7 +191,7 @@ class BYOLTrainer(nn.Module):
         if val_data is not None and self.ctx.is_main:
             channels = 1 if self.byol.channels == 1 else 3
             self.monitor = KnnMonitor(val_data, image_size, channels, self.ctx.device, workers=num_workers)
-        self._val_data, self._missing_warned = val_data, False
+        self._val_data = val_data
         self.knn: list[tuple[int, float]] = []  # (step, kNN accuracy); step 0 is the untouched net
         self._validating = val_data is not None  # every rank: the monitor runs on rank 0, the others wait
         self._below: BelowReference | None = None
@@ -288,10 +288,9 @@ class BYOLTrainer(nn.Module):
             accuracy = self.monitor(self.byol)
             self.knn.append((step, accuracy))
             self.print(f"step {step}: kNN accuracy {accuracy:.4f}" + (" (untouched net)" if step == 0 else ""))
-            missing = self.monitor.missing_warning(str(self._val_data))
-            if missing and not self._missing_warned:  # once a run: the accuracy is over the other classes
+            missing = self.monitor.missing_warning(str(self._val_data), once=True)  # the accuracy is over the others
+            if missing:
                 warnings.warn(missing, UserWarning, stacklevel=2)
-                self._missing_warned = True
             if step > 0:
                 self._warn_below(step, accuracy)
         self.ctx.wait_for_main()

@@ -71,6 +71,7 @@ class KnnMonitor:
         self.num_classes: int | None = None
         self.queries_scored = 0  # held-out images of the last evaluation
         self.missing: list[str] = []  # declared classes with no readable image in the last evaluation
+        self._missing_named = False  # missing_warning(once=True) has given its line
 
     def _features(self, learner: nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         loader = make_loader(dataset, self.batch_size, self.workers, shuffle=False, drop_last=False, persistent=False)
@@ -87,10 +88,12 @@ class KnnMonitor:
         self.missing = self.missing_classes(torch.cat([bank_labels, query_labels]))
         return bank, bank_labels, queries, query_labels
 
-    def missing_warning(self, spec: str) -> str | None:
-        """The warning line for the classes of the last evaluation that had no readable image (None: none)."""
-        if not self.missing:
+    def missing_warning(self, spec: str, once: bool = False) -> str | None:
+        """The warning line for the classes of the last evaluation that had no readable image (None: none;
+        with ``once``, also None after it has been given once: a run's periodic evaluations name them once)."""
+        if not self.missing or (once and self._missing_named):
             return None
+        self._missing_named = self._missing_named or once
         return (
             f"{len(self.missing)} class(es) of {spec} have no readable image ({', '.join(self.missing[:5])}): "
             "their files were passed over, and the accuracy is over the other classes"
