@@ -317,6 +317,11 @@ def _classifier_like(module: nn.Module, output: object) -> bool:
     )
 
 
+def _tolerance(dtype: torch.dtype, floor: float) -> float:
+    """How exact a comparison of a net's outputs can be: 8 units of its float type's precision, at least ``floor``."""
+    return max(floor, 8 * torch.finfo(dtype).eps)
+
+
 def _probabilities_of(target: torch.Tensor, scores: torch.Tensor) -> bool:
     """Whether (B, K) ``target`` is ``softmax`` or ``log_softmax`` of the (B, K) class ``scores`` at some temperature.
 
@@ -328,7 +333,7 @@ def _probabilities_of(target: torch.Tensor, scores: torch.Tensor) -> bool:
         return False
     if scores.numel() != target.numel() or not scores.is_floating_point():
         return False
-    eps = max(1e-4, 8 * torch.finfo(target.dtype).eps)
+    eps = _tolerance(target.dtype, 1e-4)
     with torch.no_grad():
         t, z = target.detach().double(), scores.detach().double().reshape(target.shape)
         ones = torch.ones(len(t), dtype=t.dtype, device=t.device)  # the probe runs on the net's device
@@ -366,13 +371,13 @@ def _averaged_conv_classifier(trace: _Trace, target: torch.Tensor) -> nn.Module 
         return None
     convs = [m for kind, m in trace.events if kind == "end" and isinstance(m, nn.Conv2d)]
     out = trace.outputs.get(convs[-1]) if convs else None
-    if not isinstance(out, torch.Tensor) or out.ndim != 4 or tuple(out.shape[:2]) != tuple(target.shape):
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.ndim != 4:
         return None
-    if not out.is_floating_point():
+    if tuple(out.shape[:2]) != tuple(target.shape):
         return None
     with torch.no_grad():
         t, z = target.detach().double(), out.detach().double()
-        tolerance = max(1e-5, 8 * torch.finfo(target.dtype).eps) * max(1.0, float(t.abs().max()))
+        tolerance = _tolerance(target.dtype, 1e-5) * max(1.0, float(t.abs().max()))
         if any(torch.allclose(a.mean((2, 3)), t, rtol=0, atol=tolerance) for a in (z, z.clamp_min(0))):
             return convs[-1]
     return None
