@@ -14,6 +14,11 @@ opening the file; and a forked DataLoader worker does not inherit it.
 On a file system without locks (some FUSE and object-store mounts), taking the lock fails
 with ``ENOLCK`` / ``EOPNOTSUPP``: the run goes on with a warning that nothing stops a second
 run on the same folder.
+
+A first start that is refused once it holds the lock (W&B or TensorBoard cannot start) takes
+back what it created: the lock file and the folders it made, so the refusal leaves no trace.
+Removing a lock file is safe because a taker checks, once locked, that the path still names
+the file it locked, and starts over when it does not.
 """
 
 from __future__ import annotations
@@ -46,6 +51,16 @@ def describe_holder(text: str) -> str:
         return f"pid {int(holder['pid'])} on host {holder['host']}, started {started}"
     except (ValueError, KeyError, TypeError, IndexError):
         return "another process (it has not written its name yet)"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the open file ``fd`` (not removed, not replaced)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 class RunFolderLock:
@@ -81,26 +96,64 @@ class RunFolderLock:
         )
 
     def acquire(self, create: bool, check: Callable[[], object] | None = None) -> None:
-        """Take the lock (see the class); with ``create``, run ``check`` (which may refuse) and write our line."""
+        """Take the lock (see the class); with ``create``, run ``check`` (which may refuse) and write our line.
+
+        When ``check`` refuses, the lock file and the folders this call created are removed again.
+        """
+        created: list[Path] = []
         if self.fd is None and self.supported:
-            self._take(create)
+            created = self._take(create)
         if create and check is not None:
-            check()
+            try:
+                check()
+            except BaseException:
+                self._take_back(created)
+                raise
         if create and self.fd is not None and not self.written:
             self._write_holder()
 
-    def _take(self, create: bool) -> None:
+    def _take(self, create: bool) -> list[Path]:
+        """Lock the file; returns what it created (folders, outermost first, then the lock file)."""
+        for _ in range(100):  # another taker's refused first start may remove the file under us
+            created = self._take_once(create)
+            if created is not None:
+                return created
+        raise UserError(f"could not lock {self.path}: it is removed and made again without end; choose another --out")
+
+    def _take_back(self, created: list[Path]) -> None:
+        """Undo a refused first start: remove the lock file and the folders this process created."""
+        if not created:
+            return
+        if created[-1] == self.path:
+            self.path.unlink(missing_ok=True)  # while locked: a taker that opened it meanwhile starts over
+        self.release()
+        for folder in reversed([path for path in created if path != self.path]):
+            try:
+                folder.rmdir()  # only while empty: anything another process put there stays
+            except OSError:
+                break
+
+    def _take_once(self, create: bool) -> list[Path] | None:
+        """One try of ``_take``: ``None`` when the file locked is no longer the one at the path."""
         if self._key() in _HELD:
             raise self._refuse(f"pid {os.getpid()} on host {socket.gethostname()}: this process")
         if not create and not self.path.is_file():
-            return
-        if create:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        flags = os.O_RDWR | (os.O_CREAT if create else 0) | getattr(os, "O_CLOEXEC", 0)
+            return []
+        created: list[Path] = []
+        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(self.path, flags, 0o644)
-        except FileNotFoundError:
-            return  # removed since the check: taken with create=True later
+            if create:
+                created = [folder for folder in (self.folder, *self.folder.parents) if not folder.exists()][::-1]
+                self.folder.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+                    created.append(self.path)
+                except FileExistsError:
+                    fd = os.open(self.path, flags)
+            else:
+                fd = os.open(self.path, flags)
+        except FileNotFoundError:  # removed since the check
+            return None if create else []  # (without create: taken with create=True later)
         try:
             import fcntl
 
@@ -108,7 +161,7 @@ class RunFolderLock:
         except ImportError:  # not POSIX: no lock
             os.close(fd)
             self._unsupported("this platform has no fcntl")
-            return
+            return created
         except OSError as error:
             holder = ""
             if error.errno in _BUSY:
@@ -118,10 +171,14 @@ class RunFolderLock:
             os.close(fd)
             if error.errno in _NO_LOCKS:
                 self._unsupported(os.strerror(error.errno or 0))
-                return
+                return created
             raise
+        if not _same_file(fd, self.path):  # a refused first start removed it while we waited: start over
+            os.close(fd)
+            return None
         self.fd = fd
         _HELD.add(self._key())
+        return created
 
     def _write_holder(self) -> None:
         """Our line in the lock file (written in place: the lock is on this very file)."""

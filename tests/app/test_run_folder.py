@@ -145,6 +145,58 @@ def test_one_process_cannot_run_twice_on_a_folder(tmp_path):
     again.release()
 
 
+def _refuse() -> None:
+    raise cli.UserError("--wandb: W&B could not start")
+
+
+def test_a_first_start_refused_under_the_lock_takes_back_its_folders_and_lock_file(tmp_path, record_fault):
+    """Before: W&B refusing a first start (it opens once the lock is held) left the new folder and RUNDIR/.lock."""
+    (tmp_path / "kept").mkdir()
+    lock = RunFolderLock(tmp_path / "kept" / "new" / "run")
+    with pytest.raises(cli.UserError, match="W&B could not start"):
+        lock.acquire(create=True, check=_refuse)
+    assert [path.name for path in tmp_path.rglob("*")] == ["kept"] and not lock.held
+    again = RunFolderLock(tmp_path / "kept" / "new" / "run")
+    again.acquire(create=True)  # nothing held behind
+    assert f'"pid": {os.getpid()}' in again.path.read_text()
+    again.release()
+    record_fault("a first start refused once the lock is held (W&B, TensorBoard)", 1, "no folder, no .lock left")
+
+
+def test_a_refusal_under_the_lock_keeps_a_lock_file_it_did_not_create(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("the last holder\n")
+    with pytest.raises(cli.UserError, match="W&B could not start"):
+        RunFolderLock(out).acquire(create=True, check=_refuse)
+    assert [path.name for path in out.iterdir()] == [LOCK_NAME]
+    assert (out / LOCK_NAME).read_text() == "the last holder\n"
+
+
+def test_a_lock_file_removed_between_open_and_lock_is_taken_again(tmp_path, monkeypatch):
+    """A taker that opened the file a refused first start then removed must not hold the removed file."""
+    from byol_pytorch.app import runlock
+
+    real_open, calls = os.open, []
+
+    def open_then_removed(path, flags, *mode):
+        fd = real_open(path, flags, *mode)
+        calls.append(path)
+        if len(calls) == 1:
+            os.unlink(path)  # the other start's take-back, between our open and our lock
+        return fd
+
+    monkeypatch.setattr(runlock.os, "open", open_then_removed)
+    lock = RunFolderLock(tmp_path / "run")
+    lock.acquire(create=True)
+    try:
+        assert len(calls) == 2 and lock.path.is_file()
+        assert os.fstat(lock.fd).st_ino == os.stat(lock.path).st_ino  # the lock is on the file at the path
+        assert f'"pid": {os.getpid()}' in lock.path.read_text()
+    finally:
+        lock.release()
+
+
 def test_export_eval_and_embed_read_a_folder_being_written(messy, tmp_path, tiny_flags, make_labelled, record_fault):
     labelled = make_labelled(tmp_path / "labelled", per_class=5)
     out = tmp_path / "run"

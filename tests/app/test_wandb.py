@@ -169,6 +169,24 @@ def test_a_wandb_that_cannot_start_is_a_value_error_naming_the_fix(offline, tmp_
         MetricsLog(tmp_path / "run", wandb=_options())
 
 
+def test_a_first_start_refused_by_wandb_leaves_no_run_folder(
+    offline, tmp_path, monkeypatch, make_cifar10, tiny_flags, capsys
+):
+    """Before: the refusal came once the lock was held, and the new folder stayed with its .lock in it."""
+    import wandb
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    root = make_cifar10(tmp_path / "data", per_batch=2, test=2)
+    out = tmp_path / "new" / "run"
+    assert cli.main(["train", "--data", f"cifar10:{root}", "--out", str(out), *tiny_flags, "--wandb"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("byol-pytorch: error: --wandb: W&B could not start") == 1 and "wandb login" in err
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_sink_that_fails_after_wandb_started_finishes_its_run_and_keeps_no_id(offline, tmp_path, monkeypatch):
     """Before: TensorBoard refusing after W&B had started left the W&B run open and wandb_run_id behind."""
     pytest.importorskip("tensorboard")
