@@ -93,9 +93,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         if statistics == "missing":  # an older checkpoint: re-estimated on the images evaluated
             data.clean_images = sample_images(data.bank, CLEAN_IMAGES)
             statistics = f"clean (re-estimated on {len(data.clean_images)} of these images)"
+        bank, bank_labels, queries, query_labels = data.features(learner)
     except ValueError as error:
         raise UserError(f"--data: {error}") from None
-    bank, bank_labels, queries, query_labels = data.features(learner)
     missing = data.missing_warning(args.data)
     if missing:
         warn(missing)
@@ -103,6 +103,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         f"byol-pytorch eval: {args.checkpoint} (step {checkpoint.get('step')}, {recipe['model']}, {args.which} "
         f"network, BatchNorm statistics {statistics}), "
         f"{len(bank)} labelled images to fit, {len(queries)} held out, {data.num_classes} classes"
+        + (f" ({data.unreadable} unreadable images left out)" if data.unreadable else "")
     )
     if args.knn or not args.linear:
         accuracy = knn_accuracy(bank, bank_labels, queries, query_labels, data.num_classes)

@@ -32,6 +32,7 @@ from .folder import (
 from .loader import collate_images, make_loader
 from .sources import (
     DATA_FORMS,
+    UNREADABLE,
     ShardReading,
     data_kind,
     embedding_items,
@@ -43,6 +44,7 @@ from .sources import (
 )
 
 __all__ = [
+    "UNREADABLE",
     "DATA_FORMS",
     "IMAGE_EXTENSIONS",
     "BrokenImageError",

@@ -39,6 +39,7 @@ from .shards import ShardDataset, ShardSamples, is_shard_spec
 __all__ = [
     "DATA_FORMS",
     "ShardReading",
+    "UNREADABLE",
     "data_kind",
     "embedding_items",
     "first_items",
@@ -269,7 +270,9 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
             is evaluated within itself, every fifth row of each class held out).
 
     Returns:
-        ``(bank, queries)``, datasets whose items are ``(uint8 (C, S, S), label)``.
+        ``(bank, queries)``, datasets whose items are ``(uint8 (C, S, S), label)``; an unreadable
+        image is never replaced by another: it is left out of a stream (shards), and in map-style
+        data it is a blank image labelled ``UNREADABLE`` (-1), for the kNN to leave out.
 
     Raises:
         ValueError: no labels (see ``open_labelled``), or too few images per class to hold some out.
@@ -293,14 +296,15 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
     if held_out is not None and kind != "hf":
         base = Path(spec)
         train = LabelledImageFolder(base / "train", load_size, channels)
-        return train, LabelledImageFolder(base / held_out, load_size, channels, classes=train.classes)
+        held_folder = LabelledImageFolder(base / held_out, load_size, channels, classes=train.classes)
+        return _Unsubstituted(train), _Unsubstituted(held_folder)
     if held_out is not None:
         full = open_labelled(spec, load_size, channels, split="train", **options)
         try:
             held = open_labelled(spec, load_size, channels, split=held_out, **options)
             if full.classes is not None:  # type: ignore[attr-defined]
                 held.number_by(full.classes)  # type: ignore[attr-defined]  # splits encoded apart: same names
-            return full, held
+            return _Unsubstituted(full), _Unsubstituted(held)
         except UnlabelledRowsError as error:
             if error.missing < error.rows:
                 raise
@@ -310,7 +314,8 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
     bank, queries = _every_fifth(full.targets)  # type: ignore[attr-defined]
     if not queries:
         raise ValueError(f"{spec!r} has too few images per class for a kNN check (at least 5 per class)")
-    return Subset(full, bank), Subset(full, queries)
+    items = _Unsubstituted(full)
+    return Subset(items, bank), Subset(items, queries)
 
 
 def _held_out_split(spec: str, kind: str) -> str | None:
@@ -350,6 +355,27 @@ class _EmbeddingItems(Dataset):
             return blank, label, self.dataset.sample_id(index), False
 
 
+UNREADABLE = -1  # the label of an unreadable image in a kNN's data (``labelled_split``)
+
+
+class _Unsubstituted(_EmbeddingItems):
+    """A map-style labelled source's ``(image, label)`` items for a kNN, nothing substituted.
+
+    An unreadable image is a blank one labelled ``UNREADABLE``, which the kNN leaves out: the
+    source's own substitute (the next readable item, with its label) would be a copy of another
+    item, of a bank image where it stands for a query, and so scored right by construction.
+    """
+
+    def __getattr__(self, name: str) -> Any:  # the source's own attributes (root, paths, ...)
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:  # type: ignore[override]
+        image, label, _, readable = super().__getitem__(index)
+        return image, label if readable else UNREADABLE
+
+
 def embedding_items(dataset: Dataset) -> Dataset:
     """Items ``(uint8 image, label or -1, sample id, readable)`` of a source, every sample once, in order.
 
@@ -377,8 +403,9 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
 
     Map-style data (items whose first entry is the image): ``count`` indices evenly spaced over
     the whole dataset (a folder sorted by class gives every class its share), broken ones
-    replaced as the dataset replaces them. A stream (tar shards): its first ``count`` readable
-    images. For the BatchNorm statistics of clean images (``recalibrate_batchnorm``).
+    replaced as the dataset replaces them (or left out, in a kNN's data: ``UNREADABLE``). A
+    stream (tar shards): its first ``count`` readable images. For the BatchNorm statistics of
+    clean images (``recalibrate_batchnorm``).
     """
     images: list[torch.Tensor] = []
     if isinstance(dataset, IterableDataset):
@@ -390,7 +417,8 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
     else:
         n = len(dataset)  # type: ignore[arg-type]
         indices = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
-        images = [dataset[int(i)][0] for i in indices]
+        items = [dataset[int(i)] for i in indices]
+        images = [item[0] for item in items if len(item) < 2 or item[1] is not UNREADABLE]  # a kNN's data
     if not images:
         raise ValueError("no readable image to estimate BatchNorm statistics from")
     return torch.stack(images)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..augment import BYOLAugment
 from ..batchnorm import batchnorm_layers, clean_statistics
-from ..data import labelled_split, make_loader, match_channels
+from ..data import UNREADABLE, labelled_split, make_loader, match_channels
 from .evaluate import extract_features, knn_accuracy
 
 __all__ = ["BelowReference", "KnnMonitor", "knn_noise", "split_labelled"]
@@ -70,20 +70,33 @@ class KnnMonitor:
         self.clean_images = clean_images
         self.num_classes: int | None = None
         self.queries_scored = 0  # held-out images of the last evaluation
+        self.unreadable = 0  # images of the last evaluation that could not be read (left out)
         self.missing: list[str] = []  # declared classes with no readable image in the last evaluation
         self._missing_named = False  # missing_warning(once=True) has given its line
 
-    def _features(self, learner: nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, learner: nn.Module, dataset: Dataset, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The readable images' features and labels (``UNREADABLE`` ones left out and counted)."""
         loader = make_loader(dataset, self.batch_size, self.workers, shuffle=False, drop_last=False, persistent=False)
         to_channels = functools.partial(match_channels, channels=getattr(learner, "channels", 3))
         embed = functools.partial(learner, return_embedding=True, return_projection=False)
-        return extract_features(embed, loader, device=self.device, transform=to_channels, return_labels=True)
+        features, labels = extract_features(
+            embed, loader, device=self.device, transform=to_channels, return_labels=True
+        )
+        readable = labels != UNREADABLE
+        self.unreadable += int((~readable).sum())
+        if not readable.any():
+            raise ValueError(f"none of the {len(labels)} {what} images of the kNN data could be read")
+        return features[readable], labels[readable]
 
     def features(self, learner: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(bank_features, bank_labels, query_features, query_labels)`` of the learner's backbone."""
+        """``(bank_features, bank_labels, query_features, query_labels)`` of the learner's backbone.
+
+        Unreadable images are left out (``unreadable`` counts them), never replaced by others.
+        """
+        self.unreadable = 0
         with self._statistics(learner):
-            bank, bank_labels = self._features(learner, self.bank)
-            queries, query_labels = self._features(learner, self.queries)
+            bank, bank_labels = self._features(learner, self.bank, "bank")
+            queries, query_labels = self._features(learner, self.queries, "held-out")
         self.num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
         self.missing = self.missing_classes(torch.cat([bank_labels, query_labels]))
         return bank, bank_labels, queries, query_labels
@@ -102,8 +115,8 @@ class KnnMonitor:
     def missing_classes(self, labels: torch.Tensor) -> list[str]:
         """The declared classes (a folder's class sub-folders) that no image of ``labels`` carries.
 
-        A class whose every file is unreadable: its files were replaced by readable ones of
-        other classes, so it drops out of the evaluation.
+        A class whose every file is unreadable drops out of the evaluation (unreadable images
+        are left out, not replaced).
         """
         dataset: Any = self.bank
         while isinstance(dataset, Subset):

@@ -163,11 +163,17 @@ def test_eval_says_when_a_class_has_no_readable_image(capsys, tmp_path, trained,
     _, out = trained
     labelled = make_labelled(tmp_path / "lab", classes=3, per_class=10)
     for image in (labelled / "class_1").iterdir():
-        image.write_bytes(b"not an image")  # its files are replaced by readable ones of other classes
+        image.write_bytes(b"not an image")  # its files are left out (they were replaced by other classes')
     capsys.readouterr()
     assert cli.main(["eval", "--data", str(labelled), "--checkpoint", str(out / "last.pt"), "--knn"]) == 0
-    err = capsys.readouterr().err
-    assert "1 class(es) of" in err and "no readable image (class_1)" in err
+    captured = capsys.readouterr()
+    assert "1 class(es) of" in captured.err and "no readable image (class_1)" in captured.err
+    assert "16 labelled images to fit, 4 held out, 3 classes (10 unreadable images left out)" in captured.out
+    for c in (0, 2):
+        for name in ("4.png", "9.png"):
+            (labelled / f"class_{c}" / name).write_bytes(b"")  # every held-out image now
+    line = one_error_line(capsys, cli.main(["eval", "--data", str(labelled), "--checkpoint", str(out / "last.pt")]))
+    assert line.endswith("--data: none of the 6 held-out images of the kNN data could be read")
 
 
 def test_eval_folder_without_class_subfolders(capsys, tmp_path, trained):

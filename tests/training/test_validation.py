@@ -91,3 +91,34 @@ def test_the_split_reads_a_folders_labels_once(tmp_path, make_labelled, monkeypa
     monkeypatch.setattr(LabelledImageFolder, "targets", property(counted))
     bank, queries = split_labelled(str(make_labelled(tmp_path / "lab", classes=3, per_class=10)), 8, 3)
     assert len(bank) == 24 and len(queries) == 6 and len(reads) == 1
+
+
+def _rows_in(rows: torch.Tensor, others: torch.Tensor) -> int:
+    return int((torch.cdist(rows, others) == 0).any(1).sum())
+
+
+def test_unreadable_images_are_left_out_of_the_knn_not_replaced_by_copies(tmp_path, make_labelled):
+    """Before: a broken held-out image was replaced by the next file, a bank image, and scored right by
+    construction; a class whose files were all broken lent its places to copies of another class's."""
+    learner = _colour_learner()
+    intact = KnnMonitor(str(make_labelled(tmp_path / "intact")), 16, 3, torch.device("cpu"), batch_size=8)
+    ref_bank, ref_bank_labels, ref_queries, _ = intact.features(learner)  # the reference: every file read
+    root = make_labelled(tmp_path / "lab")  # the same images
+    (root / "class_0" / "4.png").write_bytes(b"not a png")  # class 0's first held-out image
+    for path in (root / "class_2").iterdir():
+        path.write_bytes(b"")  # every file of class 2
+    monitor = KnnMonitor(str(root), 16, 3, torch.device("cpu"), batch_size=8)
+    bank, bank_labels, queries, query_labels = monitor.features(learner)
+    assert monitor.unreadable == 11 and monitor.missing == ["class_2"]
+    assert torch.equal(bank, ref_bank[:16]) and torch.equal(bank_labels, ref_bank_labels[:16])  # classes 0, 1
+    assert torch.equal(queries, ref_queries[1:4]) and query_labels.tolist() == [0, 1, 1]  # 9.png of class 0, class 1
+    assert _rows_in(queries, bank) == 0 and len(torch.unique(bank, dim=0)) == len(bank)  # no copies anywhere
+
+
+def test_a_knn_whose_every_held_out_image_is_unreadable_is_a_value_error(tmp_path, make_labelled):
+    root = make_labelled(tmp_path / "lab", classes=2, per_class=5)
+    for c in range(2):
+        (root / f"class_{c}" / "4.png").write_bytes(b"")
+    monitor = KnnMonitor(str(root), 16, 3, torch.device("cpu"), batch_size=8)
+    with pytest.raises(ValueError, match="none of the 2 held-out images of the kNN data could be read"):
+        monitor.features(_colour_learner())
