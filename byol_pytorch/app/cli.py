@@ -28,7 +28,10 @@ import argparse
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import PROG, UserError, debug_enabled, describe_os_error, one_line, warn
@@ -371,6 +374,26 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
+@contextmanager
+def _package_warnings_as_lines() -> Iterator[None]:
+    """The package's own ``UserWarning``s as one ``byol-pytorch: warning:`` line each, like the command's others
+    (another library's warnings are shown as Python shows them)."""
+    shown = warnings.showwarning
+    package = str(Path(__file__).resolve().parents[1])
+
+    def show(message: Any, category: type[Warning], filename: str, *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, UserWarning) and str(filename).startswith(package):
+            warn(str(message))
+        else:
+            shown(message, category, filename, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``byol-pytorch``; returns the exit status.
 
@@ -390,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     debug = debug_enabled(getattr(args, "debug", False))
     try:
-        return COMMANDS[args.command](args)
+        with _package_warnings_as_lines():
+            return COMMANDS[args.command](args)
     except Exception as error:
         if getattr(error, "byol_pytorch_quiet", False) and not debug:
             return 1  # under torchrun another process of the run prints the error line

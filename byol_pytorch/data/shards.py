@@ -56,6 +56,7 @@ import os
 import random
 import re
 import tarfile
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -193,6 +194,34 @@ def shard_samples(path: PathLike) -> int:
     return len(_samples(Path(path)))
 
 
+def _counted(paths: Sequence[Path]) -> list[int]:
+    """Every shard's sample count, with one warning when a sample holds more than one image file.
+
+    One image is read per sample, and webdataset's key ends at the first dot of a member's
+    name: files named with dots (``photo.2023.0001.jpg``) merge into one sample, most of them unread.
+    """
+    counts: list[int] = []
+    warned = False
+    for path in paths:
+        samples = _samples(path)
+        counts.append(len(samples))
+        for key, members in samples if not warned else ():
+            images = [suffix for suffix in members if suffix.rsplit(".", 1)[-1] in IMAGE_SUFFIXES]
+            if len(images) > 1:
+                warned = True
+                shown = ", ".join(f"{key}.{suffix}" for suffix in images[:3]) + (", ..." if len(images) > 3 else "")
+                warnings.warn(
+                    f"shard {str(path)!r}: sample {key!r} holds {len(images)} image files ({shown}) and one image is "
+                    "read per sample: a sample's key ends at the first dot of a file's name, so files named with dots "
+                    "merge into one sample; rename them without dots, or build the shards with "
+                    "'byol-pytorch shards make', which keeps one image per sample",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                break
+    return counts
+
+
 def _shuffled(samples: list[_Sample], size: int, rng: random.Random) -> Iterator[_Sample]:
     """The samples through a shuffle buffer of ``size`` entries (none below 2)."""
     if size < 2:
@@ -302,7 +331,7 @@ class ShardDataset(IterableDataset):
     def _locate(self, shards: str | Sequence[PathLike]) -> tuple[list[Any], list[int]]:
         """The shards and their sample counts (local files: counted from their tar headers)."""
         paths = expand_shards(shards)
-        return paths, [shard_samples(p) for p in paths]
+        return paths, _counted(paths)
 
     def where(self) -> str:
         """Where the shards are, for messages."""
@@ -485,7 +514,7 @@ class ShardSamples(IterableDataset):
         self.load_size, self.channels, self.labelled, self.keep = load_size, channels, labelled, keep
         self.skip: set[str] = set()  # ``SHARD:KEY`` of samples to pass over without reading them (a resumed embed)
         self.source = str(shards) if isinstance(shards, str) else f"{len(self.paths)} shards"
-        self.counts = [shard_samples(p) for p in self.paths]
+        self.counts = _counted(self.paths)
         self.length = self._kept()
         problem = self._label_problem() if labelled else None
         if problem is not None:

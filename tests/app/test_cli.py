@@ -320,3 +320,18 @@ def test_a_reader_that_closed_stdout_is_no_error(messy, tmp_path):
         os.close(write_end)
     assert done.returncode == 141 and "error" not in done.stderr.lower(), done.stderr
     assert (tmp_path / "v.png").is_file()  # the work was done before the line that could not be printed
+
+
+def test_the_packages_warnings_are_one_line_each_and_others_pass_through(capsys):
+    """Before: a data-layer warning (files named with dots merging into one shard sample) came as Python's
+    two-line 'path:line: UserWarning: ...' among the command's one-line messages."""
+    import warnings
+
+    from byol_pytorch.app.cli import _package_warnings_as_lines
+    from byol_pytorch.data import shards
+
+    with pytest.warns(UserWarning) as caught, _package_warnings_as_lines():
+        warnings.warn_explicit("merged samples", UserWarning, shards.__file__, 1)
+        warnings.warn_explicit("not ours", UserWarning, "/elsewhere/lib.py", 7)
+    assert capsys.readouterr().err == "byol-pytorch: warning: merged samples\n"
+    assert [(str(w.message), w.filename) for w in caught] == [("not ours", "/elsewhere/lib.py")]  # shown as before

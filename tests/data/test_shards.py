@@ -143,3 +143,26 @@ def test_a_shard_that_cannot_be_read_is_a_value_error(tmp_path):
     folder.mkdir()  # opening it raises IsADirectoryError, an OSError
     with pytest.raises(ValueError, match="cannot read the shard"):
         shard_samples(folder)
+
+
+def test_files_named_with_dots_that_merge_into_one_sample_are_named_once(tmp_path, make_shards, recwarn):
+    """Before: a tar of photo.2023.0001.png, ... read as one sample of one image, with no word of why."""
+    import numpy as np
+    from conftest import sample_png
+
+    rng = np.random.default_rng(0)
+    with tarfile.open(tmp_path / "dotted.tar", "w") as tar:
+        for i in range(6):
+            path = tmp_path / f"photo.2023.{i:04d}.png"
+            path.write_bytes(sample_png(i + 1, rng))
+            tar.add(path, arcname=path.name)
+    clean = make_shards(tmp_path / "clean", shards=2, broken=False)
+    ShardDataset(clean, 9, batch_size=2)
+    assert not [w for w in recwarn if "image files" in str(w.message)]  # one image per sample: nothing to say
+    with pytest.warns(UserWarning) as caught:
+        dataset = ShardDataset([tmp_path / "dotted.tar", tmp_path / "dotted.tar"], 9, batch_size=1)
+    assert dataset.counts == [1, 1]
+    lines = [str(w.message) for w in caught if "image files" in str(w.message)]
+    assert len(lines) == 1, lines  # once, not once per shard
+    assert "sample 'photo' holds 6 image files (photo.2023.0000.png, photo.2023.0001.png, " in lines[0]
+    assert "ends at the first dot of a file's name" in lines[0] and "byol-pytorch shards make" in lines[0]
