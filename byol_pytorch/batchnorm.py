@@ -175,6 +175,22 @@ def _batches(images: Tensor | Iterable, batch_size: int, max_images: int | None)
     return images.split(sizes) if sizes else [images]
 
 
+def _images_of(batch: Any, transform: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """The images of one batch of ``recalibrate_batchnorm`` (a tensor, or the first entry of a tuple / list)."""
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"recalibrate_batchnorm takes batches of images as tensors or (images, ...) tuples, got a "
+            f"{type(x).__name__}; pass the images alone, e.g. (batch['pixel_values'] for batch in loader)"
+        )
+    if not x.is_floating_point() and transform is None:
+        raise TypeError(
+            f"{x.dtype} images need transform= to become the net's input: BYOLAugment(image_size).normalize "
+            "scales uint8 to [0, 1] and normalises them as the views were"
+        )
+    return x
+
+
 def recalibrate_batchnorm(
     net: nn.Module,
     images: Tensor | Iterable,
@@ -196,7 +212,8 @@ def recalibrate_batchnorm(
         net: the trained backbone (or any module holding BatchNorm layers).
         images: a (N, C, H, W) tensor, or an iterable of such batches, or of ``(batch, ...)``
             tuples / lists whose first entry is the batch (a DataLoader of a labelled dataset).
-            uint8 or float, on any device: batches are moved to the net's device and dtype.
+            Float, or uint8 with a ``transform`` that makes it the net's input, on any device:
+            batches are moved to the net's device and dtype.
         transform: applied to each batch before the net (for example ``BYOLAugment.normalize``,
             which scales uint8 to [0, 1] and normalises as the views were); None: the batch as is.
         max_images: stop after this many images (the last batch is cut); None: all of them.
@@ -211,6 +228,8 @@ def recalibrate_batchnorm(
         ValueError: `images` holds no image, or only batches of one image (no variance to
             estimate; a one-image batch among larger ones is left out), or `max_images` /
             `batch_size` below 1.
+        TypeError: a batch that is no tensor (nor a tuple / list starting with one), or
+            integer images without a ``transform``.
 
     Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
@@ -239,11 +258,14 @@ def recalibrate_batchnorm(
                 m.train()  # only the BatchNorm layers estimate statistics
             single = False
             for batch in _batches(images, batch_size, max_images):
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                if max_images is not None:
+                x = _images_of(batch, transform)
+                cut = max_images is not None and len(x) > max_images - seen
+                if cut:
                     x = x[: max_images - seen]
                 if len(x) == 1:  # no variance to estimate: left out (a DataLoader's last batch, a cut)
                     single = True
+                    if cut:
+                        break  # every later batch would be cut to one image too
                     continue
                 x = x.to(device)
                 x = transform(x) if transform is not None else x

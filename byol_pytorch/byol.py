@@ -275,6 +275,7 @@ class BYOL(nn.Module):
         self._finite_reader = DeferredRead()
         self._range_checked = False  # the float input's range: read once on an accelerator, each step on the CPU
         self._range_warned = False  # until it warns, once
+        self._mode_warned = False  # a net left in eval mode while the learner trains: said once
         self.finite_check = True  # update_moving_average() raises on an earlier non-finite step
         if not isinstance(collapse_alarm, bool):
             raise TypeError(f"collapse_alarm must be True or False, got {collapse_alarm!r}")
@@ -577,9 +578,17 @@ class BYOL(nn.Module):
         if not view.is_floating_point() or min(view.shape[2:]) == 0:
             raise ValueError(f"{name} must return non-empty float images, it returned {view.dtype} {tuple(view.shape)}")
 
+    def _batch_statistics(self) -> bool:
+        """Whether a training pass takes BatchNorm statistics over the batch (the heads' or the net's)."""
+        return any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+            for part in (self.net, self.online_encoder.projector, self.online_predictor)
+            for m in part.modules()
+        )
+
     def _embed(self, x: torch.Tensor, return_projection: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``forward``'s embedding path: no augmentation; uint8 scaled and normalised like the views."""
-        if self.training and return_projection and x.shape[0] < 2:
+        if self.training and return_projection and x.shape[0] < 2 and self._batch_statistics():
             raise ValueError(
                 "the projection of a single image in train mode has no BatchNorm statistics: call "
                 "learner.eval() first, pass 2 or more images, or return_projection=False for the embedding"
@@ -630,12 +639,22 @@ class BYOL(nn.Module):
         if return_embedding:
             return self._embed(x, return_projection)
 
-        if self.training and x.shape[0] < 2:
+        if self.training and x.shape[0] < 2 and self._batch_statistics():
             raise ValueError(
-                f"a training batch needs at least 2 images (BatchNorm statistics and the loss "
-                f"are taken over the batch), got {x.shape[0]}; increase the batch size"
+                f"a training batch needs at least 2 images (the BatchNorm layers of the heads or the net take "
+                f"their statistics over the batch), got {x.shape[0]}; increase the batch size, or, for "
+                "micro-batches of one image, use_batchnorm=False and a net without BatchNorm"
             )
         compiling = torch.compiler.is_compiling()
+        if self.training and not self.net.training and not getattr(self, "_mode_warned", False) and not compiling:
+            self._mode_warned = True
+            warnings.warn(
+                "the learner trains but its net is in eval mode (net.eval() was called, or it came from "
+                "from_pretrained(), which returns models in eval mode): its BatchNorm statistics and dropout do "
+                "not train; call learner.train() before training",
+                UserWarning,
+                stacklevel=4,  # forward, Module._call_impl, Module._wrapped_call_impl, the caller
+            )
         if getattr(self, "_is_replica", False):
             raise TypeError(
                 "BYOL does not run under nn.DataParallel (its replicas share the hidden-layer hook and the "
@@ -652,6 +671,12 @@ class BYOL(nn.Module):
         view_one = self._view(self.augment1, x)  # (B, C, h, w)
         view_two = self._view(self.augment2, x)
         if self.views_in_one_batch:
+            if view_one.shape != view_two.shape:
+                raise ValueError(
+                    f"views_in_one_batch=True forwards both views as one batch, so they need one size; the views "
+                    f"are {tuple(view_one.shape)} and {tuple(view_two.shape)}: give augment_fn and augment_fn2 one "
+                    "image size, or views_in_one_batch=False"
+                )
             views = torch.cat([view_one, view_two])  # (2B, C, h, w): one pass per network
             projections, _ = self.online_encoder(views)
             prediction_one, prediction_two = self.online_predictor(projections).chunk(2)
@@ -661,7 +686,7 @@ class BYOL(nn.Module):
             projection_two, _ = self.online_encoder(view_two)
             prediction_one = self.online_predictor(projection_one)
             prediction_two = self.online_predictor(projection_two)
-        if self.collapse_monitor is not None and self.training:
+        if self.collapse_monitor is not None and self.training and x.shape[0] > 1:  # one image has no spread
             self.collapse_monitor.observe(projection_one, projection_two)  # device-side
             if not self.use_momentum and not compiling:
                 self.collapse_monitor.poll()  # SimSiam: no update_moving_average() to read it

@@ -107,6 +107,31 @@ def test_a_one_image_remainder_joins_the_batch_before_it_or_is_left_out():
     assert recalibrate_batchnorm(net, loader) == 4
 
 
+def test_max_images_one_past_whole_batches_stops_instead_of_reading_the_rest():
+    """Before: with 511 images seen, every later batch was cut to one image and skipped, and the whole
+    iterable was read (512 = 73 x 7 + 1)."""
+    net = _trained_net()
+    drawn = []
+
+    def batches():
+        for _ in range(1000):
+            drawn.append(1)
+            yield torch.rand(7, 3, 16, 16)
+
+    assert recalibrate_batchnorm(net, batches()) == 511
+    assert len(drawn) == 74  # 73 whole batches and the one that was cut to one image
+
+
+def test_integer_images_without_a_transform_and_dict_batches_are_type_errors():
+    net = _trained_net()
+    before = batchnorm_state(net)
+    with pytest.raises(TypeError, match="torch.uint8 images need transform=.*BYOLAugment\\(image_size\\).normalize"):
+        recalibrate_batchnorm(net, torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8))
+    with pytest.raises(TypeError, match="got a dict; pass the images alone"):
+        recalibrate_batchnorm(net, [{"pixel_values": torch.rand(4, 3, 16, 16)}])
+    assert all(torch.equal(before[k], v) for k, v in batchnorm_state(net).items())
+
+
 @pytest.mark.parametrize(
     "images, kwargs, message",
     [

@@ -522,6 +522,58 @@ def test_one_image_projection_in_train_mode_is_a_clear_error():
     assert learner(torch.rand(1, 3, 32, 32), return_embedding=True, return_projection=False).shape[0] == 1
 
 
+def _layernorm_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+
+
+def test_a_batch_of_one_image_trains_where_no_batchnorm_takes_batch_statistics():
+    """Before: refused in the name of BatchNorm statistics a net and heads without BatchNorm do not take."""
+    torch.manual_seed(0)
+    learner = BYOL(_layernorm_net(), image_size=16, use_batchnorm=False, **SMALL)
+    x = torch.rand(1, 3, 16, 16)
+    loss = learner(x)
+    loss.backward()
+    assert torch.isfinite(loss) and learner.net[0].weight.grad.abs().sum() > 0  # a gradient arrives
+    assert int(learner.collapse_monitor.stats[3]) == 0  # one image has no spread: not observed
+    learner(torch.rand(4, 3, 16, 16))
+    assert int(learner.collapse_monitor.stats[3]) == 1
+    assert learner(x, return_embedding=True)[0].shape == (1, 32)  # the projection of one image too
+    with pytest.raises(ValueError, match="at least 2 images .*use_batchnorm=False and a net without BatchNorm"):
+        BYOL(_layernorm_net(), image_size=16, **SMALL)(x)  # the heads' BatchNorm
+    with pytest.raises(ValueError, match="at least 2 images"):
+        BYOL(small_cnn(), image_size=16, use_batchnorm=False, **SMALL)(x)  # the net's BatchNorm
+
+
+def test_a_net_left_in_eval_mode_is_named_once_when_the_learner_trains():
+    """Before: net.eval() (or from_pretrained(), which returns eval mode) trained silently with its
+    BatchNorm statistics and dropout off."""
+    net = small_cnn().eval()
+    learner = BYOL(net, image_size=16, **SMALL)
+    with pytest.warns(UserWarning, match="its net is in eval mode .*call learner.train\\(\\) before training") as w:
+        learner(torch.rand(4, 3, 16, 16))
+        learner(torch.rand(4, 3, 16, 16))
+    assert sum("eval mode" in str(x.message) for x in w) == 1 and w[0].filename == __file__
+    learner.train()
+    before = net[1].running_mean.clone()
+    learner(torch.rand(4, 3, 16, 16))
+    assert not torch.equal(before, net[1].running_mean)  # in train mode the statistics move
+
+
+def test_views_of_two_sizes_in_one_batch_are_a_value_error():
+    learner = BYOL(
+        small_cnn(),
+        image_size=32,
+        augment_fn=BYOLAugment(32),
+        augment_fn2=BYOLAugment(24),
+        views_in_one_batch=True,
+        **SMALL,
+    )
+    with pytest.raises(ValueError, match=r"need one size; the views are \(4, 3, 32, 32\) and \(4, 3, 24, 24\)"):
+        learner(torch.rand(4, 3, 40, 40))
+
+
 def test_float_input_outside_0_1_warns_once_for_the_default_views_only():
     import warnings
 

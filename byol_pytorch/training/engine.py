@@ -363,6 +363,7 @@ class Engine:
         skipped = 0
         state.interval_start = state.start = time.perf_counter()
         learner = self.step_fn.learner
+        self.step_fn.model.train()  # a net handed over in eval mode (from_pretrained() returns one) trains too
         own_check = getattr(learner, "finite_check", None)
         if own_check is not None:
             learner.finite_check = False  # the engine reads the flags itself, with the loss, on every rank

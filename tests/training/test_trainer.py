@@ -110,6 +110,16 @@ def _small_trainer(tmp_path, make_cnn, dataset, batch_size=4, steps=2) -> BYOLTr
     )
 
 
+def test_a_net_handed_over_in_eval_mode_is_trained_in_train_mode(tmp_path, make_cnn, recwarn):
+    """Before: a net in eval mode (from_pretrained() returns one) trained with its BatchNorm statistics frozen."""
+    trainer = _small_trainer(tmp_path, make_cnn, MockDataset(16, 8))
+    net = trainer.byol.net.eval()
+    before = net[1].running_mean.clone()
+    assert trainer()["steps"] == 2
+    assert net.training and not torch.equal(before, net[1].running_mean)
+    assert not [w for w in recwarn if "eval mode" in str(w.message)]
+
+
 def test_trainer_rejects_a_batch_of_one(tmp_path, make_cnn):
     with pytest.raises(ValueError, match="batch_size"):
         _small_trainer(tmp_path, make_cnn, MockDataset(16, 8), batch_size=1)
