@@ -191,6 +191,31 @@ def _images_of(batch: Any, transform: Callable[[Tensor], Tensor] | None) -> Tens
     return x
 
 
+def _forward_batches(
+    net: nn.Module, batches: Iterable, transform: Callable[[Tensor], Tensor] | None, max_images: int | None
+) -> tuple[int, bool]:
+    """``recalibrate_batchnorm``'s pass: ``(images forwarded, whether a one-image batch was left out)``."""
+    device, dtype = module_device_dtype(net)
+    seen, single = 0, False
+    for batch in batches:
+        x = _images_of(batch, transform)
+        cut = max_images is not None and len(x) > max_images - seen
+        if cut:
+            x = x[: max_images - seen]  # type: ignore[operator]
+        if len(x) == 1:  # no variance to estimate: left out (a DataLoader's last batch, a cut)
+            single = True
+            if cut:
+                break  # a cut to one image: every later batch would be cut to one too
+            continue
+        x = x.to(device)
+        x = transform(x) if transform is not None else x
+        net(x.to(dtype) if x.is_floating_point() else x)
+        seen += len(x)
+        if max_images is not None and seen >= max_images:
+            break
+    return seen, single
+
+
 def recalibrate_batchnorm(
     net: nn.Module,
     images: Tensor | Iterable,
@@ -247,7 +272,6 @@ def recalibrate_batchnorm(
         return 0
     momenta = [m.momentum for m in layers]
     saved = [_stats(m).clone() for m in layers]
-    device, dtype = module_device_dtype(net)
     seen = 0
     try:
         for m in layers:
@@ -256,23 +280,7 @@ def recalibrate_batchnorm(
         with torch.no_grad(), saved_modes(net):  # eval mode: no dropout, no drop-path, no random draw
             for m in layers:
                 m.train()  # only the BatchNorm layers estimate statistics
-            single = False
-            for batch in _batches(images, batch_size, max_images):
-                x = _images_of(batch, transform)
-                cut = max_images is not None and len(x) > max_images - seen
-                if cut:
-                    x = x[: max_images - seen]
-                if len(x) == 1:  # no variance to estimate: left out (a DataLoader's last batch, a cut)
-                    single = True
-                    if cut:
-                        break  # every later batch would be cut to one image too
-                    continue
-                x = x.to(device)
-                x = transform(x) if transform is not None else x
-                net(x.to(dtype) if x.is_floating_point() else x)
-                seen += len(x)
-                if max_images is not None and seen >= max_images:
-                    break
+            seen, single = _forward_batches(net, _batches(images, batch_size, max_images), transform, max_images)
         if seen == 0 and single:
             raise ValueError("a batch of one image has no variance: use batches of two or more images")
         if seen == 0:

@@ -120,6 +120,7 @@ def test_max_images_one_past_whole_batches_stops_instead_of_reading_the_rest():
 
     assert recalibrate_batchnorm(net, batches()) == 511
     assert len(drawn) == 74  # 73 whole batches and the one that was cut to one image
+    assert recalibrate_batchnorm(net, [torch.rand(1, 3, 16, 16), torch.rand(4, 3, 16, 16)]) == 4  # no cap: go on
 
 
 def test_integer_images_without_a_transform_and_dict_batches_are_type_errors():
