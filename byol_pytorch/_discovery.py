@@ -21,7 +21,9 @@ The hidden layer can be named three ways, as in lucidrains/byol-pytorch:
     never grow and shrink somewhere (timm's ``features_only=True``: shallow to deep), or
     entries of one shape throughout (a ViT's blocks), the last, deepest one;
   - a (B, K) output that is the softmax or log-softmax of the last Linear's (B, K) output,
-    at any temperature (``F.log_softmax(self.fc2(x))``): the input of that Linear;
+    at any temperature (``F.log_softmax(self.fc2(x))``), or any other function of that output
+    alone (``torch.sigmoid(self.fc(x))``, ``self.fc(x) / T``: its autograd graph reaches the
+    net only through it): the input of that Linear;
   - a (B, K) output that is the last Conv2d's (B, K, H, W) output averaged over the map
     (ReLU'd or not) in a net that declares K classes (``num_classes``, ``config.num_labels``):
     a classifier written as a convolution (SqueezeNet's), and the input of that Conv2d;
@@ -237,6 +239,33 @@ def _graph_leaves(tensor: object) -> set[int]:
     return leaves
 
 
+def _only_through(target: torch.Tensor, scores: torch.Tensor, before: object) -> bool:
+    """Whether ``target``'s graph reaches ``scores`` and reaches ``before``'s leaves only through it.
+
+    ``sigmoid(fc(x))``, ``fc(x) / T``, ``F.normalize(fc(x))``: the output is a function of the
+    class scores alone (with parameters of its own, a learnt temperature); ``x + fc(x)`` is not.
+    """
+    stop = scores.grad_fn
+    if stop is None:
+        return False
+    upstream = _graph_leaves(before)
+    seen: set[object] = set()
+    stack, reached = [target.grad_fn], False
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn is stop:
+            reached = True
+            continue
+        variable = getattr(fn, "variable", None)
+        if variable is not None and id(variable) in upstream:
+            return False
+        stack.extend(f for f, _ in fn.next_functions)
+    return reached
+
+
 def _same_tensor(a: object, b: object) -> bool:
     """The same tensor (object or memory view), not merely equal values."""
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
@@ -408,6 +437,14 @@ def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bo
         and id(getattr(single[-1], "weight", None)) in _graph_leaves(target)
     ):
         return single[-1], True  # class scores turned into (log-)probabilities: F.log_softmax(fc(x))
+    if (
+        isinstance(last, torch.Tensor)
+        and not trace.modified_later(single[-1])
+        and target.ndim == 2
+        and last.shape == target.shape
+        and _only_through(target, last, trace.inputs.get(single[-1]))
+    ):
+        return single[-1], True  # a function of the class scores alone: sigmoid(fc(x)), fc(x) / T
     averaged = _averaged_conv_classifier(trace, target)
     if averaged is not None:
         return averaged, True
@@ -602,11 +639,21 @@ def _probe_image(channels: int, image_size: tuple[int, int], device: torch.devic
     return values.reshape(_PROBE_BATCH, channels, *image_size).to(device=device, dtype=dtype)
 
 
-def _probe_copy(net: nn.Module) -> nn.Module:
-    """The net the probe runs: a deep copy, so that not even a cache in the user's net changes."""
+def _probe_copy(net: nn.Module, need_copy: bool) -> nn.Module:
+    """The net the probe runs: a deep copy, so that not even a cache in the user's net changes.
+
+    A net that cannot be copied is probed in place (flags restored), unless ``need_copy`` (BYOL's
+    target network is a deep copy): then a ``TypeError`` naming the fix, before anything ran.
+    """
     try:
         return copy.deepcopy(net)
-    except Exception:  # a net that cannot be copied is probed in place (flags restored)
+    except Exception as error:
+        if need_copy:
+            raise TypeError(
+                f"the net cannot be deep-copied ({type(error).__name__}: {error}), and BYOL's target network is its "
+                "deep copy: keep objects that cannot be copied (locks, open files, processes) out of the module or "
+                "give it a __deepcopy__, or pass use_momentum=False (SimSiam: no target network)"
+            ) from error
         return net
 
 
@@ -617,6 +664,7 @@ def probe_backbone(
     hidden_layer: HiddenLayer,
     token_pool: str = "mean",
     input_name: str | None = None,
+    need_copy: bool = False,
 ) -> BackboneProbe:
     """Run the net once to find the hidden layer, its width and the unused parameters.
 
@@ -633,6 +681,8 @@ def probe_backbone(
         token_pool: pooling of token sequences.
         input_name: the keyword the net takes the image by; None detects it
             (:func:`detect_input_name`).
+        need_copy: the net must be deep-copyable (BYOL's target network): a ``TypeError``
+            before the probe when it is not; otherwise it is probed in place.
 
     Returns:
         The :class:`BackboneProbe`; its ``module`` is the user's (not the copy's).
@@ -642,7 +692,7 @@ def probe_backbone(
             the representation has a shape that cannot be pooled (with the layers that
             would work).
         TypeError: the representation is not a tensor (with the layers that would work),
-            or ``input_name`` is not a str.
+            ``input_name`` is not a str, or (``need_copy``) the net cannot be deep-copied.
     """
     if input_name is not None and not isinstance(input_name, str):
         raise TypeError(f"input_name must be None or a str such as 'pixel_values', got {type(input_name).__name__}")
@@ -651,7 +701,7 @@ def probe_backbone(
     name, module = _resolve_layer(net, hidden_layer)
     call_name = input_name if input_name is not None else detect_input_name(net)
     device, dtype = module_device_dtype(net)
-    copied = _probe_copy(net)
+    copied = _probe_copy(net, need_copy)
     trace = _Trace(copied)
     out = _run_probe(trace, _probe_image(channels, image_size, device, dtype), call_name)
     use_input, key = False, None

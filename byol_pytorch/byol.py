@@ -203,6 +203,15 @@ class BYOL(nn.Module):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module (the backbone to train), got {type(net).__name__}")
+        for flag, value in (("use_momentum", use_momentum), ("use_batchnorm", use_batchnorm)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        lazy = [name for name, p in net.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+        if lazy:
+            raise ValueError(
+                f"the net has lazy layers not yet built ({', '.join(lazy[:3])}): run one forward pass first, "
+                "net(torch.zeros(2, C, H, W)), so that their weights exist before BYOL copies and trains them"
+            )
         self.image_size = _pair(image_size)
         _check_arguments(
             projection_size,
@@ -221,7 +230,9 @@ class BYOL(nn.Module):
                 f"{MAX_PROBE_ELEMENTS} values per image; pass a smaller image_size or fewer channels"
             )
 
-        probe = probe_backbone(net, self.image_size, self.channels, hidden_layer, token_pool, input_name)
+        probe = probe_backbone(
+            net, self.image_size, self.channels, hidden_layer, token_pool, input_name, need_copy=use_momentum
+        )
         dim = probe.dim
         head_parameters = projection_hidden_size * (dim + 3 * projection_size)
         if head_parameters > MAX_HEAD_PARAMETERS:

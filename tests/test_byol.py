@@ -675,3 +675,43 @@ def test_a_pending_accelerator_check_does_not_stop_copies_or_pickling():
     assert learner._finite_reader._in_flight is pending  # the live learner keeps its check
     for name, tensor in learner.state_dict().items():
         assert torch.equal(tensor, restored.state_dict()[name]), name
+
+
+class _Uncopyable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 5)
+        self.lock = threading.Lock()  # deepcopy cannot copy it
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_a_net_that_cannot_be_deep_copied_is_refused_before_it_runs():
+    """Before: probed in place (its buffer changed), then a pickling TypeError from deepcopy at the first step."""
+    net = _Uncopyable()
+    with pytest.raises(TypeError, match="cannot be deep-copied .*_thread.lock.*use_momentum=False"):
+        BYOL(net, 16, **SMALL)
+    assert int(net.calls) == 0  # nothing ran
+    simsiam = BYOL(net, 16, use_momentum=False, **SMALL)  # no target network: probed in place, and it trains
+    assert simsiam.hidden_layer == "fc" and torch.isfinite(simsiam(torch.rand(4, 3, 16, 16)))
+
+
+def test_lazy_layers_not_yet_built_are_a_value_error_naming_the_fix():
+    """Before: 'MLP widths must be >= 2 positive integers, got [0, ...]' (a lazy conv's in_channels read as 0)."""
+    net = nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(5))
+    for kwargs in ({}, {"channels": 3}):
+        with pytest.raises(ValueError, match=r"lazy layers not yet built \(0.weight, 0.bias, 4.weight\): run one"):
+            BYOL(net, 16, **SMALL, **kwargs)
+    net(torch.zeros(2, 3, 16, 16))
+    assert BYOL(net, 16, **SMALL).representation_size == 8  # built: it wraps
+
+
+@pytest.mark.parametrize("flag", ["use_momentum", "use_batchnorm"])
+def test_switches_take_booleans_only(flag):
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
+        BYOL(small_cnn(), 16, **SMALL, **{flag: "no"})

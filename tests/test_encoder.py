@@ -604,7 +604,36 @@ def test_a_softmax_at_any_temperature_is_read_before_its_classifier():
             return torch.sigmoid(self.fc(self.conv(x).mean((2, 3))))
 
     assert BYOL(Tempered(), 16, **SMALL).hidden_layer == "fc"
-    assert BYOL(Sigmoid(), 16, **SMALL).hidden_layer == "<output>"  # not probabilities: the output stays
+    assert BYOL(Sigmoid(), 16, **SMALL).hidden_layer == "fc"  # a multi-label classifier's scores: fc's input
+
+
+class _Scored(nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.conv, self.fc, self.head = nn.Conv2d(3, 8, 3), nn.Linear(8, 10), head
+        self.mlp = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+        self.temperature = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3))
+        return self.head(self, h)
+
+
+@pytest.mark.parametrize(
+    "head, layer, width",
+    [
+        (lambda net, h: net.fc(h) / 0.07, "fc", 8),  # a temperature
+        (lambda net, h: net.fc(h) * net.temperature, "fc", 8),  # a learnt one
+        (lambda net, h: net.fc(h) + 1.0, "fc", 8),
+        (lambda net, h: nn.functional.normalize(net.fc(h), dim=1), "fc", 8),
+        (lambda net, h: h + net.mlp(h), "<output>", 8),  # a residual block's output: features, not scores
+        (lambda net, h: torch.cat([net.fc(h), h], 1), "<output>", 18),  # not of the scores alone
+    ],
+)
+def test_an_output_made_of_the_last_linears_scores_alone_is_read_before_it(head, layer, width):
+    """Before: sigmoid(fc(x)), fc(x) / T and the like trained the 10 class scores as the representation."""
+    learner = BYOL(_Scored(head), 16, **SMALL)
+    assert (learner.hidden_layer, learner.representation_size) == (layer, width)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
