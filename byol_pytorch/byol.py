@@ -88,6 +88,11 @@ def _check_arguments(
             raise TypeError(f"{arg} must be callable (e.g. an nn.Module), got {type(fn).__name__}")
 
 
+def _storage_marks(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """Each tensor's storage address and in-place version: they change when anything but our copy writes it."""
+    return [(t.data_ptr(), t._version) for t in tensors]
+
+
 def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -423,10 +428,11 @@ class BYOL(nn.Module):
         a load or a move) takes the update; the target gets its rounded value.
         """
         master = self._ema_master
-        if master is None or len(master) != len(target) or master[0].device != target[0].device:
-            master = self._ema_master = [p.detach().float() for p in target]
+        if master is None or getattr(self, "_ema_master_of", None) != _storage_marks(target):
+            master = self._ema_master = [p.detach().float() for p in target]  # the target changed outside it
         ema_update_(master, [p.detach().float() for p in online], tau)
         torch._foreach_copy_(list(target), master)
+        self._ema_master_of = _storage_marks(target)  # what the target holds now: the master's rounding
 
     @torch.no_grad()
     def broadcast_target(self, src: int = 0) -> None:
@@ -466,10 +472,15 @@ class BYOL(nn.Module):
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f"BYOL got empty images (H x W = {x.shape[2]} x {x.shape[3]}); pass images with pixels")
         if x.shape[1] != self.channels:
+            if self.channels == 3 and x.shape[1] == 1:
+                fix = "x.expand(-1, 3, -1, -1) turns grayscale into the 3 channels the net takes"
+            elif self.channels == 1 and x.shape[1] == 3:
+                fix = "x.mean(1, keepdim=True) turns colour into the 1 channel the net takes"
+            else:
+                fix = f"convert the images to {self.channels} channels"
             raise ValueError(
                 f"BYOL expects {self.channels} channels (the net's input), got {x.shape[1]} "
-                f"in a batch of shape {tuple(x.shape)}; convert the images (e.g. "
-                f"x.expand(-1, 3, -1, -1) for grayscale into a 3-channel net) or pass channels="
+                f"in a batch of shape {tuple(x.shape)}: {fix}"
             )
         if not x.is_floating_point() and x.dtype != torch.uint8:
             raise TypeError(
@@ -611,7 +622,16 @@ class BYOL(nn.Module):
         dtype = next(self.online_predictor.parameters()).dtype
         if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(dtype)  # float64/16/bfloat16 input into the net's own dtype
-        return self.online_encoder(x, return_projection=return_projection)
+        try:
+            return self.online_encoder(x, return_projection=return_projection)
+        except ValueError as error:
+            if self.training and x.shape[0] == 1 and "Expected more than 1 value per channel" in str(error):
+                raise ValueError(
+                    "the embedding of a single image in train mode: a BatchNorm layer of the net has one value "
+                    "per channel to take statistics over; call learner.eval() first (features are read in eval "
+                    "mode), or pass 2 or more images"
+                ) from error
+            raise
 
     def forward(
         self, x: torch.Tensor, return_embedding: bool = False, return_projection: bool = True

@@ -715,3 +715,19 @@ def test_lazy_layers_not_yet_built_are_a_value_error_naming_the_fix():
 def test_switches_take_booleans_only(flag):
     with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
         BYOL(small_cnn(), 16, **SMALL, **{flag: "no"})
+
+
+def test_channel_and_single_image_messages_name_the_fix_that_works():
+    """Before: colour into a 1-channel net was told to expand grayscale to 3 channels; one image's embedding
+    in train mode was told return_projection=False, which then failed in a BatchNorm over a 1x1 map."""
+    gray = BYOL(small_cnn(channels=1), 16, **SMALL)
+    with pytest.raises(ValueError, match=r"expects 1 channels .*: x.mean\(1, keepdim=True\) turns colour"):
+        gray(torch.rand(4, 3, 16, 16))
+    one_by_one = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=8), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 5)
+    )
+    learner = BYOL(one_by_one, 16, **SMALL)
+    with pytest.raises(ValueError, match="single image in train mode: .*call learner.eval\\(\\) first"):
+        learner(torch.rand(1, 3, 16, 16), return_embedding=True, return_projection=False)
+    learner.eval()
+    assert learner(torch.rand(1, 3, 16, 16), return_embedding=True, return_projection=False).shape == (1, 8)

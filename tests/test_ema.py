@@ -4,7 +4,9 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 
+from byol_pytorch import BYOL
 from byol_pytorch.ema import cosine_tau, ema_update_
 
 
@@ -45,3 +47,38 @@ def test_cosine_tau_endpoints_and_clamp():
     assert cosine_tau(0.99, 5, 10) == pytest.approx(0.995)
     assert cosine_tau(0.99, 10, 10) == pytest.approx(1.0)
     assert cosine_tau(0.99, 25, 10) == pytest.approx(1.0)
+
+
+def test_a_low_precision_target_changed_outside_the_ema_is_read_again():
+    """Before: after bfloat16 -> float32 -> bfloat16 (or any write to the target) the float32 master copy kept
+    the old target, and the next update reverted to it (0.10 off where bfloat16 rounding is 0.008)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    learner = BYOL(net.to(torch.bfloat16), 16, moving_average_decay=0.5, projection_size=8, projection_hidden_size=16)
+    opt = torch.optim.SGD(learner.parameters(), lr=0.5)
+    x = torch.rand(4, 3, 16, 16)
+
+    def step():
+        learner(x).backward()
+        opt.step()
+        opt.zero_grad()
+        learner.update_moving_average()
+
+    step()
+    step()  # the float32 master exists
+    learner.float()
+    step()
+    step()  # a float32 phase: the target moves without the master
+    target = [p.detach().clone() for p in learner.target_encoder.parameters()]
+    online = [p.detach().clone() for p in learner.online_encoder.parameters()]
+    learner.to(torch.bfloat16)
+    learner.update_moving_average()  # tau 0.5: the average of the two, rounded to bfloat16
+    for p, t, o in zip(learner.target_encoder.parameters(), target, online):
+        expected = ((t + o) / 2).bfloat16().float()
+        torch.testing.assert_close(p.float(), expected, rtol=0, atol=float(expected.abs().max()) * 2**-7)
+    with torch.no_grad():
+        first = next(learner.target_encoder.parameters())
+        first.add_(1.0)  # an in-place write to the target: read again too
+        written = first.detach().float().clone()
+    learner.update_moving_average()
+    assert torch.allclose(first.float(), ((written + next(learner.online_encoder.parameters()).float()) / 2), atol=0.05)
