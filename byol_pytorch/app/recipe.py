@@ -326,7 +326,12 @@ def _add_runtime_flags(a: Any) -> None:
         choices=["fp32", "bf16", "fp16"],
         help="autocast precision (default: bf16 on GPUs that support it, fp32 otherwise; fp16 uses a GradScaler)",
     )
-    a("--workers", type=int, help="data loading processes per training process (default: min(8, CPUs))")
+    a(
+        "--workers",
+        type=int,
+        help="data loading processes per training process (default: min(8, CPUs); for tar shards, at most the "
+        "shards per process)",
+    )
     a("--device", help="cpu, cuda, cuda:1, mps (default: this process's GPU when there is one, else cpu)")
     a(
         "--checkpoint-every",

@@ -60,7 +60,7 @@ from ..data.folder import ImageFolder, NoReadableImagesError
 from ..data.remote import RemoteReadError, ShardReadWarning, is_remote, redact
 from ..data.remote_shards import SHARD_COUNTS_NAME, counts_with_cache, expand_remote
 from ..data.sampling import DataOrder, EpochSampler, step_batches
-from ..data.shards import ShardDataset, make_shard_loader
+from ..data.shards import ShardDataset, expand_shards, make_shard_loader
 from ..training.checkpoint import (
     TRAINING_KEYS,
     get_rng_state,
@@ -453,16 +453,12 @@ def _build_data(
         buffer = SHUFFLE_BUFFER if getattr(args, "shuffle_buffer", None) is None else args.shuffle_buffer
         if buffer < 0:
             raise ValueError(f"--shuffle-buffer must be 0 or more, got {buffer}")
+        counts = _remote_counts(data, shard_index, ctx, out, deferred) if kind == "shards" else None
+        if kind == "shards" and args.workers is None:  # the default: no more readers than shards
+            shards = len(counts) if counts is not None else len(expand_shards(data))
+            workers = min(workers, max(1, shards // ctx.world_size))
         reading = ShardReading(
-            micro_batch,
-            ctx.rank,
-            ctx.world_size,
-            workers,
-            recipe.seed,
-            buffer,
-            recipe.accumulate,
-            shard_index,
-            _remote_counts(data, shard_index, ctx, out, deferred) if kind == "shards" else None,
+            micro_batch, ctx.rank, ctx.world_size, workers, recipe.seed, buffer, recipe.accumulate, shard_index, counts
         )
         dataset = open_unlabelled(
             data,

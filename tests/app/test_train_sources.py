@@ -1,6 +1,7 @@
 """`byol-pytorch train` on tar shards and local Hugging Face datasets: end to end, broken samples, resume, errors."""
 
 import json
+import os
 import signal
 import sys
 
@@ -53,6 +54,20 @@ def test_shards_end_to_end_counts_broken_samples(tmp_path, make_shards, tiny_fla
     rows = rows_of(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["skipped_files"] == 2
     assert rows[-1]["epoch"] == 1.0 and all(0 <= r["loss"] <= 8 for r in rows)
+
+
+def test_the_default_workers_fit_the_shards_an_explicit_count_is_kept(tmp_path, make_shards, tiny_flags, capsys):
+    """Before: one tar file and no --workers was refused on a machine of 2 or more CPUs (the default, min(8, CPUs),
+    asked for more readers than shards)."""
+    pattern = make_shards(tmp_path / "shards", shards=1, per_shard=8, broken=False)
+    flags = [*tiny_flags[:-2], "--max-steps", "2"]  # no --workers: the default
+    assert (os.cpu_count() or 1) >= 2  # the default would be 2 or more readers of the one shard
+    assert cli.main(["train", "--data", pattern, "--out", str(tmp_path / "run"), *flags]) == 0
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 2
+    capsys.readouterr()
+    argv = ["train", "--data", pattern, "--out", str(tmp_path / "asked"), *flags, "--workers", "2"]
+    assert cli.main(argv) == 1
+    assert "1 shards cannot be split between 1 process(es) x 2 loader worker(s)" in capsys.readouterr().err
 
 
 def test_shards_resume_is_bitwise_with_workers(tmp_path, make_shards, tiny_flags, monkeypatch, capsys):
