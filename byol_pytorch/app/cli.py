@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import PROG, UserError, debug_enabled, describe_os_error, one_line, warn
+from .errors import PROG, UserError, debug_enabled, describe_os_error, last_line, one_line, warn
 
 __all__ = ["UserError", "main", "build_parser"]
 
@@ -423,6 +423,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         if isinstance(error, BrokenPipeError) and _stdout_reader_gone():
             return 141  # 128 + SIGPIPE: `byol-pytorch ... | head` read what it wanted; the work is done
+        from ..data.remote import RemoteReadError
+
+        if isinstance(error, RemoteReadError):  # remote data no retry heals, in any command (embed, preview, ...)
+            _report(error, f"--data: {last_line(error)}", debug)
+            return 1
         if isinstance(error, OSError):
             _report(error, describe_os_error(error), debug)
             return 1

@@ -10,7 +10,7 @@ import errno
 import os
 import sys
 
-__all__ = ["PROG", "UserError", "debug_enabled", "describe_os_error", "one_line", "warn"]
+__all__ = ["PROG", "UserError", "debug_enabled", "describe_os_error", "last_line", "one_line", "warn"]
 
 PROG = "byol-pytorch"
 
@@ -22,6 +22,14 @@ class UserError(Exception):
 def one_line(message: object) -> str:
     """The message with every run of whitespace (newlines included) made one space."""
     return " ".join(str(message).split())
+
+
+def last_line(error: BaseException) -> str:
+    """The message of ``error`` without a loader worker's or a collective's traceback text."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1] == type(error).__name__ else last
 
 
 def warn(message: str) -> None:

@@ -85,7 +85,7 @@ from ..training.optim import build_recipe_optimizer, resync_lr, warmup_cosine_sc
 from ..training.recipe import Recipe
 from ..training.validation import BelowReference, KnnMonitor
 from .devices import resolve_device
-from .errors import PROG, UserError, one_line, warn
+from .errors import PROG, UserError, last_line, one_line, warn
 from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
 from .recipe import (
     RECIPE_ADVICE,
@@ -202,14 +202,6 @@ def _claim_error_line(ctx: DistContext) -> bool:
         return int(store.add(ERROR_CLAIM_KEY, 1)) == 1
     except Exception:  # the store went away with its host: fall back to rank 0
         return ctx.is_main
-
-
-def _last_line(error: BaseException) -> str:
-    """The message of ``error`` without a worker's or a collective's traceback text."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    last = lines[-1] if lines else type(error).__name__
-    head, sep, rest = last.partition(": ")
-    return rest if sep and head.rsplit(".", 1)[-1] == type(error).__name__ else last
 
 
 def _is_peer_failure(error: RuntimeError) -> bool:
@@ -860,10 +852,10 @@ def run(prepared: Run) -> TrainState:
             engine.run(batches, state, _hooks(prepared, metrics, monitor))
         completed = True
     except RemoteReadError as error:  # past the retries and the fault budget, or an error no retry heals
-        raise UserError(f"--data: {_last_line(error)}") from error
+        raise UserError(f"--data: {last_line(error)}") from error
     except NoReadableImagesError as error:
         raise UserError(
-            f"--data: {_last_line(error)} (was the folder moved or removed during the run?); restore it and continue "
+            f"--data: {last_line(error)} (was the folder moved or removed during the run?); restore it and continue "
             f"with --resume: {'the last checkpoint is kept' if prepared.saved_step >= 0 else 'no checkpoint yet'}"
         ) from error
     except (torch.OutOfMemoryError, RuntimeError) as error:

@@ -271,9 +271,25 @@ def _network(error: BaseException | None) -> bool:
     return isinstance(error, OSError) or bool(names & {"ClientConnectionError", "ClientPayloadError"})
 
 
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "DefaultCredentialsError"}
+
+
+def _credentials_missing(error: BaseException | None) -> bool:
+    """botocore's or google-auth's "no credentials found", in the error or its causes (no retry finds them)."""
+    seen = 0
+    while error is not None and seen < 5:
+        if {c.__name__ for c in type(error).__mro__} & _NO_CREDENTIALS:
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
 def _permanent(error: BaseException, location: str, at_start: bool) -> str | None:
     """Why a failed read will fail again (a one-line reason), or None when a retry may heal it."""
     scheme = _scheme(location)
+    if _credentials_missing(error):
+        where = _CREDENTIALS.get(scheme, "the storage's credentials")
+        return f"no credentials found ({_reason(error)}); give them ({where})"
     status = getattr(error, "status", None)
     if isinstance(error, FileNotFoundError):  # fsspec's HTTP: the server's answer (or none) is the cause
         status = getattr(error.__cause__, "status", None)

@@ -138,3 +138,31 @@ def test_s3_server_stopped_mid_epoch_and_restarted_loses_nothing(
     full = load_checkpoint(tmp_path / "full" / "last.pt")["learner"]
     outage = load_checkpoint(tmp_path / "outage" / "last.pt")
     assert outage["step"] == 14 and all(torch.equal(full[k], outage["learner"][k]) for k in full)
+
+
+def test_no_credentials_at_all_is_one_line_at_once_in_train_and_embed(s3, tmp_path, tiny_flags, monkeypatch, capsys):
+    """Before: botocore's NoCredentialsError was retried 8 times as a network fault (about 100 s) and the line
+    said to check the network; and embed showed a traceback for remote errors no retry heals."""
+    import s3fs
+
+    flags = ["--out", str(tmp_path / "run"), *tiny_flags, "--max-steps", "2"]
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert cli.main(["train", "--data", s3, *flags]) == 1
+    line = error_line(capsys)
+    assert "s3://shards/train-0000.tar: no credentials found" in line and "AWS_ACCESS_KEY_ID" in line
+    assert "retries" not in line and "network" not in line
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert cli.main(["train", "--data", s3, *flags]) == 0
+    checkpoint = tmp_path / "run" / "last.pt"
+    capsys.readouterr()
+    embed = ["embed", "--data", "s3://no-such-bucket/train-{0000..0003}.tar", "--checkpoint", str(checkpoint)]
+    assert cli.main([*embed, "--out", str(tmp_path / "emb")]) == 1
+    assert "s3://no-such-bucket/train-0000.tar: no such object or bucket" in error_line(capsys)
