@@ -271,7 +271,12 @@ def _network(error: BaseException | None) -> bool:
     return isinstance(error, OSError) or bool(names & {"ClientConnectionError", "ClientPayloadError"})
 
 
-_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "DefaultCredentialsError"}
+_NO_CREDENTIALS = {
+    "NoCredentialsError",  # botocore
+    "PartialCredentialsError",
+    "CredentialRetrievalError",
+    "DefaultCredentialsError",  # google-auth
+}
 
 
 def _credentials_missing(error: BaseException | None) -> bool:

@@ -272,7 +272,7 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
     Returns:
         ``(bank, queries)``, datasets whose items are ``(uint8 (C, S, S), label)``; an unreadable
         image is never replaced by another: it is left out of a stream (shards), and in map-style
-        data it is a blank image labelled ``UNREADABLE`` (-1), for the kNN to leave out.
+        data it is a blank image labelled ``UNREADABLE`` (-2), for the kNN to leave out.
 
     Raises:
         ValueError: no labels (see ``open_labelled``), or too few images per class to hold some out.
@@ -355,7 +355,7 @@ class _EmbeddingItems(Dataset):
             return blank, label, self.dataset.sample_id(index), False
 
 
-UNREADABLE = -1  # the label of an unreadable image in a kNN's data (``labelled_split``)
+UNREADABLE = -2  # the label of an unreadable image in a kNN's data (``labelled_split``; -1 is "no label")
 
 
 class _Unsubstituted(_EmbeddingItems):
@@ -398,6 +398,13 @@ def embedding_items(dataset: Dataset) -> Dataset:
     return _EmbeddingItems(dataset)
 
 
+def _readable(item: Any) -> bool:
+    """Whether a map-style item holds a readable image: ``embedding_items``' readable flag, a kNN's label."""
+    if isinstance(item, (tuple, list)) and len(item) >= 4:
+        return bool(item[3])  # (image, label, sample id, readable)
+    return not (isinstance(item, (tuple, list)) and len(item) == 2 and item[1] == UNREADABLE)
+
+
 def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
     """Up to ``count`` readable images of a source, spread over it: ``uint8 (n, C, S, S)``.
 
@@ -418,7 +425,7 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
         n = len(dataset)  # type: ignore[arg-type]
         indices = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
         items = [dataset[int(i)] for i in indices]
-        images = [item[0] for item in items if len(item) < 2 or item[1] is not UNREADABLE]  # a kNN's data
+        images = [item[0] for item in items if _readable(item)]
     if not images:
         raise ValueError("no readable image to estimate BatchNorm statistics from")
     return torch.stack(images)

@@ -335,3 +335,17 @@ def test_the_packages_warnings_are_one_line_each_and_others_pass_through(capsys)
         warnings.warn_explicit("not ours", UserWarning, "/elsewhere/lib.py", 7)
     assert capsys.readouterr().err == "byol-pytorch: warning: merged samples\n"
     assert [(str(w.message), w.filename) for w in caught] == [("not ours", "/elsewhere/lib.py")]  # shown as before
+
+
+def test_embed_re_estimates_the_statistics_of_a_checkpoint_without_clean_ones(tmp_path, tiny_flags, make_messy_folder):
+    """Before (a regression of this release's kNN fix): every unlabelled item's label -1 read as unreadable, so
+    embed found no image to estimate from and showed a traceback."""
+    import json
+
+    data = make_messy_folder(tmp_path / "images", good=8)  # 8 good images and broken files
+    out = tmp_path / "run"
+    flags = [*tiny_flags, "--max-steps", "1", "--bn-stats", "trained"]
+    assert cli.main(["train", "--data", str(data), "--out", str(out), *flags]) == 0
+    assert cli.main(["embed", "--data", str(data), "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "e")]) == 0
+    summary = json.loads((tmp_path / "e" / "embed.json").read_text())
+    assert summary["bn_stats"] == "clean (re-estimated on 8 of these images)"  # the readable ones, no blank
