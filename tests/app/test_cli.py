@@ -346,6 +346,7 @@ def test_embed_re_estimates_the_statistics_of_a_checkpoint_without_clean_ones(tm
     out = tmp_path / "run"
     flags = [*tiny_flags, "--max-steps", "1", "--bn-stats", "trained"]
     assert cli.main(["train", "--data", str(data), "--out", str(out), *flags]) == 0
-    assert cli.main(["embed", "--data", str(data), "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "e")]) == 0
+    embed = ["embed", "--data", str(data), "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "e")]
+    assert cli.main(embed) == 0
     summary = json.loads((tmp_path / "e" / "embed.json").read_text())
     assert summary["bn_stats"] == "clean (re-estimated on 8 of these images)"  # the readable ones, no blank
