@@ -296,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
         "safetensors: timm.create_model(NAME, num_classes=0) loads it with strict=True.",
     )
     export.add_argument("checkpoint", help="RUNDIR/last.pt")
-    export.add_argument("--out", required=True, help="the .safetensors file to write")
+    export.add_argument(
+        "--out",
+        required=True,
+        help="the .safetensors file to write (.pt, .pth or .bin: a torch.save state dict, torch.load reads it)",
+    )
     export.add_argument(
         "--which",
         choices=["online", "target"],

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +40,8 @@ __all__ = [
     "load_clean_statistics",
     "strip_classifier",
 ]
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")  # export writes these with torch.save, others as safetensors
 
 TORCHVISION_PREFIX = "torchvision:"
 BACKBONE_BN = ("batch", "frozen")  # Recipe.backbone_bn: the paper's batch statistics, or frozen ones
@@ -299,7 +302,7 @@ def learner_from_checkpoint(
 def export_backbone(
     checkpoint_path: PathLike, out_path: PathLike, which: str = "online", bn_stats: str = "clean"
 ) -> Path:
-    """Write the trained backbone, without its classifier, as a safetensors file.
+    """Write the trained backbone, without its classifier, as a safetensors file (or ``torch.save``'s, for ``.pt``).
 
     The file loads with ``strict=True`` into ``timm.create_model(NAME, num_classes=0)``
     (add ``in_chans=`` if you trained with other channels), or with
@@ -309,7 +312,9 @@ def export_backbone(
 
     Args:
         checkpoint_path: a checkpoint written by ``byol-pytorch train``.
-        out_path: the ``.safetensors`` file to write (atomically).
+        out_path: the file to write (atomically): safetensors, with the metadata below, unless its
+            suffix is ``.pt``, ``.pth`` or ``.bin``: then a ``torch.save`` state dict, which
+            ``torch.load(path, weights_only=True)`` reads.
         which: ``"online"`` (the paper keeps the online encoder) or ``"target"``.
         bn_stats: ``"clean"``: the BatchNorm statistics re-estimated on clean training images that
             ``byol-pytorch train`` saves in each checkpoint (``clean_bn``), where it holds them (else
@@ -320,10 +325,16 @@ def export_backbone(
 
     Raises:
         FileNotFoundError, ValueError: see ``load_checkpoint``; a checkpoint without
-            the network, or ``which="target"`` before the first step.
+            the network, ``which="target"`` before the first step, or ``out_path`` naming the
+            checkpoint itself.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    if Path(out_path).exists() and Path(checkpoint_path).exists() and os.path.samefile(out_path, checkpoint_path):
+        raise ValueError(
+            f"--out {str(out_path)!r} is the checkpoint being exported: writing there would replace the run's "
+            "checkpoint with the bare backbone; choose another --out"
+        )
     checkpoint = load_checkpoint(checkpoint_path)
     args, learner_state = checkpoint.get("args"), checkpoint.get("learner")
     if not isinstance(args, dict) or not isinstance(learner_state, dict) or "model" not in args:
@@ -357,4 +368,12 @@ def export_backbone(
         "which": which,
         "bn_stats": used,
     }
-    return atomic_write(out_path, lambda temp: save_file(tensors, temp, metadata=metadata))
+    if Path(out_path).suffix.lower() in TORCH_SUFFIXES:  # torch.load(path, weights_only=True) reads it
+        return atomic_write(out_path, lambda temp: torch.save(tensors, temp))
+    data = save(tensors, metadata=metadata)  # bytes: a full disk is an OSError naming the file, as for torch.save
+
+    def write(temp: str) -> None:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+
+    return atomic_write(out_path, write)

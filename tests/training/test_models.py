@@ -48,6 +48,46 @@ def test_export_timm_loads_strictly_and_via_pretrained_cfg_overlay(tmp_path, mon
         torch.testing.assert_close(model(x), learner.net.forward_head(learner.net.forward_features(x), pre_logits=True))
 
 
+def test_export_to_pt_is_a_torch_state_dict_and_over_its_checkpoint_is_refused(tmp_path):
+    """Before: --out x.pt held safetensors (torch.load failed on it), and --out the checkpoint itself replaced
+    the run's checkpoint with the bare backbone, so the run could not be resumed."""
+    from safetensors.torch import load_file
+
+    path, _ = _trained_checkpoint(tmp_path, RECIPE)
+    reference = load_file(export_backbone(path, tmp_path / "b.safetensors", bn_stats="trained"))
+    for name in ("b.pt", "b.pth", "b.bin"):
+        tensors = torch.load(export_backbone(path, tmp_path / name, bn_stats="trained"), weights_only=True)
+        assert tensors.keys() == reference.keys() and all(torch.equal(tensors[k], reference[k]) for k in reference)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="is the checkpoint being exported: .*choose another --out"):
+        export_backbone(path, path)
+    (tmp_path / "link.pt").symlink_to(path)
+    with pytest.raises(ValueError, match="is the checkpoint being exported"):
+        export_backbone(path, tmp_path / "link.pt")  # the same file by another name
+    assert path.read_bytes() == before
+
+
+def test_export_to_a_full_disk_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """Before: safetensors' own SafetensorError (no OSError), a traceback on the command line."""
+    import errno
+
+    path, _ = _trained_checkpoint(tmp_path, RECIPE)
+    real_open = open
+
+    def full(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and str(file).endswith(".tmp"):
+            handle.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return handle
+
+    monkeypatch.setattr("builtins.open", full)
+    with pytest.raises(OSError) as caught:
+        export_backbone(path, tmp_path / "b.safetensors")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "b.safetensors")
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "b.safetensors").exists()
+
+
 def test_export_carries_the_clean_batchnorm_statistics_of_the_checkpoint(tmp_path):
     from safetensors.torch import load_file, safe_open
 
