@@ -79,7 +79,9 @@ class NpyRows:
         self.path, self.shape, self.dtype, self.capacity = path, tuple(shape), np.dtype(dtype), capacity
         self.header_len = len(self._header(capacity, pad=0))
         self.row_bytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        fresh = rows == 0 or not path.exists()
+        fresh = rows == 0
+        if not fresh:
+            self._check_resumed(rows)
         self.file: BinaryIO = open(path, "w+b" if fresh else "r+b")  # noqa: SIM115 (closed by close())
         if fresh:
             self.file.write(self._header(capacity, pad=self.header_len))
@@ -87,6 +89,20 @@ class NpyRows:
         self.rows = rows
         self.file.seek(self.header_len + rows * self.row_bytes)
         self.file.truncate()
+
+    def _check_resumed(self, rows: int) -> None:
+        """The file a stopped run left: our header and at least its ``rows`` rows, else a ``ValueError``."""
+        header = self._header(self.capacity, pad=self.header_len)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as handle:
+                found = handle.read(len(header))
+        except FileNotFoundError:
+            size, found = -1, b""
+        if found != header or size < self.header_len + rows * self.row_bytes:
+            raise ValueError(
+                f"{self.path} does not hold the {rows} rows the stopped run recorded (it was changed or removed)"
+            )
 
     def _header(self, rows: int, pad: int) -> bytes:
         text = repr({"descr": self.dtype.str, "fortran_order": False, "shape": (rows, *self.shape)})
@@ -197,7 +213,13 @@ def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -
         return None
     if not path.exists():
         raise UserError(f"--resume: {out} holds no stopped embed run ({STATE} is missing); drop --resume")
-    state = json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        state = None
+    counts = ("rows", "items", "broken")
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) and state[k] >= 0 for k in counts):
+        raise UserError(f"--resume: {path} is not the progress file an embed run writes (it was changed); {again}")
     differs = [k for k, v in identity.items() if state.get(k) != v]
     if differs:
         raise UserError(
@@ -236,18 +258,32 @@ def id_line(sample_id: str) -> str:
     return line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _resumed_ids(path: Path, rows: int) -> bytes:
+    """The first ``rows`` lines of a stopped run's ``ids.txt``, else a ``ValueError`` (missing, short, not UTF-8)."""
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        lines = []
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not the UTF-8 text the stopped run wrote (it was changed)") from None
+    if len(lines) < rows:
+        raise ValueError(f"{path} holds {len(lines)} of the {rows} ids the stopped run recorded (it was changed)")
+    return "".join(lines[:rows]).encode("utf-8")
+
+
 class _Outputs:
     """The files of an embed run, opened for a fresh start or a resume."""
 
     def __init__(self, out: Path, capacity: int, dim: int, dtype: str, labelled: bool, state: dict | None) -> None:
         rows = 0 if state is None else int(state["rows"])
         self.out, self.labelled = out, labelled
+        ids = out / "ids.txt"
+        if state is not None:  # checked before anything is opened for writing
+            kept = _resumed_ids(ids, rows)
         self.vectors = NpyRows(out / "embeddings.npy", capacity, (dim,), np.dtype(dtype), rows)
         self.labels = NpyRows(out / "labels.npy", capacity, (), np.dtype(np.int64), rows) if labelled else None
-        ids = out / "ids.txt"
-        if state is not None:  # drop ids written after the last recorded flush
-            kept = ids.read_text(encoding="utf-8").splitlines()[:rows] if ids.exists() else []
-            ids.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        if state is not None and ids.read_bytes() != kept:  # drop ids written after the last recorded flush
+            atomic_write(ids, lambda temp: Path(temp).write_bytes(kept))
         self.ids = open(ids, "a" if state is not None else "w", encoding="utf-8")  # noqa: SIM115
         self.items = 0 if state is None else int(state["items"])
         self.broken = 0 if state is None else int(state["broken"])
@@ -311,7 +347,10 @@ def run_embed(args: argparse.Namespace) -> int:
     identity.update(dtype=args.dtype, step=int(checkpoint.get("step", 0)), bn_stats=args.bn_stats)
     state = _read_state(out, args, identity)
     out.mkdir(parents=True, exist_ok=True)
-    outputs = _Outputs(out, len(items), learner.representation_size, args.dtype, labelled, state)  # type: ignore[arg-type]
+    try:
+        outputs = _Outputs(out, len(items), learner.representation_size, args.dtype, labelled, state)  # type: ignore[arg-type]
+    except ValueError as error:  # a resumed run's files changed since it stopped: nothing was written
+        raise UserError(f"--resume: {error}; embed again into another --out (or remove {out})") from None
     done_ids = (
         set((out / "ids.txt").read_text(encoding="utf-8").splitlines()) if state and outputs.vectors.rows else None
     )

@@ -194,14 +194,16 @@ class MetricsLog:
         """metrics.jsonl (the rows up to ``resume_step`` kept) and the TensorBoard writer."""
         kept: list[str] = []
         if resume_step is not None and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for line in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
                 try:
-                    if json.loads(line).get("step", math.inf) <= resume_step:
+                    step = json.loads(line).get("step", math.inf)
+                    if isinstance(step, (int, float)) and not isinstance(step, bool) and step <= resume_step:
                         kept.append(line)
                 except (json.JSONDecodeError, AttributeError):
-                    continue  # a line cut by a crash
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+                    continue  # a line cut by a crash, or edited into something else
+        text = "".join(line + "\n" for line in kept)
+        if not self.path.exists() or self.path.read_bytes() != text.encode("utf-8"):
+            atomic_write(self.path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))  # never half-written
         if summary_writer is not None:
             self.writer = summary_writer(log_dir=str(self.path.parent / "tensorboard"))
 

@@ -158,6 +158,46 @@ def test_embed_float16_and_a_stopped_run_resumes_to_the_same_files(sources, chec
         assert "already holds finished embeddings (embed.json); choose another --out, or remove the folder" in err
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda out: (out / "embeddings.npy").write_bytes(b""), "embeddings.npy does not hold the"),
+        (lambda out: (out / "ids.txt").unlink(), "ids.txt holds 0 of the"),
+        (lambda out: (out / "ids.txt").write_bytes(b"\xff\xfe"), "ids.txt is not the UTF-8 text"),
+        (lambda out: (out / "embed_state.json").write_text("{bad"), "embed_state.json is not the progress file"),
+        (lambda out: (out / "embed_state.json").write_text("[1]"), "embed_state.json is not the progress file"),
+    ],
+)
+def test_a_stopped_run_whose_files_were_changed_is_refused_unchanged(
+    damage, message, sources, checkpoint, tmp_path, monkeypatch, capsys
+):
+    """Before: an emptied embeddings.npy resumed into zero rows and a removed ids.txt into fewer ids than vectors,
+    both reported as done; a broken progress file was a traceback."""
+    from byol_pytorch.app import embed as embed_module
+
+    part = tmp_path / "part"
+    base = ["embed", "--data", sources["folder"], "--checkpoint", str(checkpoint), "--batch-size", "4"]
+    base += ["--flush-every", "1", "--out", str(part)]
+    original, calls = embed_module._Outputs.write, []
+
+    def write_then_stop(self, *a):
+        original(self, *a)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_module._Outputs, "write", write_then_stop)
+    assert cli.main(base) == 130
+    monkeypatch.setattr(embed_module._Outputs, "write", original)
+    damage(part)
+    files = {path.name: path.read_bytes() for path in part.iterdir()}
+    capsys.readouterr()
+    assert cli.main([*base, "--resume"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("byol-pytorch: error: --resume: "), lines
+    assert {path.name: path.read_bytes() for path in part.iterdir()} == files  # nothing written
+
+
 def test_a_run_stopped_inside_a_batch_resumes_without_losing_it(sources, checkpoint, tmp_path, monkeypatch):
     # Ctrl-C while the third batch is in the net: its images are not counted as done, so the
     # resumed run embeds them (the state used to count a batch before writing it: 4 images lost).

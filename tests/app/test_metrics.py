@@ -43,6 +43,32 @@ def test_resume_keeps_rows_up_to_the_step_and_drops_a_cut_line(tmp_path):
     assert path.read_text() == ""
 
 
+def test_resume_passes_over_edited_lines_and_rewrites_the_file_atomically(tmp_path, monkeypatch):
+    """Before: a line {"step": null} was a TypeError traceback, a byte that is not UTF-8 an error naming no file,
+    and the rewrite emptied metrics.jsonl before writing it again (a kill or a full disk there lost the history)."""
+    import errno
+    from pathlib import Path
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": step, "loss": 1.0}) for step in range(1, 5)]
+    original = ("\n".join(rows[:2] + ['{"step": null}', '{"step": "2"}']) + "\n").encode() + b'{"x": "\xa0"}\n'
+    original += ("\n".join(rows[2:]) + "\n").encode()
+    path.write_bytes(original)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", full)
+        with pytest.raises(OSError):
+            MetricsLog(tmp_path, resume_step=2)
+    assert path.read_bytes() == original and not list(tmp_path.glob("*.tmp"))  # all of it, as it was
+    MetricsLog(tmp_path, resume_step=2)
+    assert [r["step"] for r in _rows(path)] == [1, 2]  # the edited lines passed over
+    MetricsLog(tmp_path, resume_step=2)  # nothing to drop: the file is not written again
+    assert [r["step"] for r in _rows(path)] == [1, 2]
+
+
 def test_a_disabled_log_writes_nothing(tmp_path):
     log = MetricsLog(tmp_path / "run", resume_step=3, tensorboard=True, enabled=False)
     log.write({"step": 1, "loss": 0.1})
