@@ -28,6 +28,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -76,6 +77,7 @@ from ..training.engine import (
     Engine,
     OptimizerStep,
     Periodic,
+    StopSignals,
     TrainState,
     default_precision,
     prepare_model,
@@ -844,7 +846,9 @@ def run(prepared: Run) -> TrainState:
         prepare=lambda x: match_channels(x, channels),
         check_every=None if ctx.device.type == "cpu" else min(10, args.log_every),
     )
-    _measure_reference(prepared, monitor, metrics)
+    if _stopped_while_measuring(prepared, monitor, metrics):
+        prepared.metrics = metrics
+        return state
     batches = step_batches(prepared.loader, prepared.sampler, state.epoch, state.position, recipe.accumulate)
     completed = False
     try:
@@ -941,20 +945,69 @@ def _out_of_memory_advice(prepared: Run, state: TrainState) -> str:
     )
 
 
+class _Stopped(Exception):
+    """SIGTERM or SIGINT during the untouched net's evaluation (``_abandon_on_signal``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _abandon_on_signal() -> Iterator[None]:
+    """SIGTERM/SIGINT raise ``_Stopped`` at once (in the main thread): an evaluation is abandoned, not finished."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped(signum)
+
+    previous = [(sig, signal.signal(sig, stop)) for sig in (signal.SIGTERM, signal.SIGINT)]
+    try:
+        yield
+    finally:
+        for sig, handler in previous:
+            signal.signal(sig, handler)
+
+
+def _stopped_while_measuring(prepared: Run, monitor: KnnMonitor | None, metrics: MetricsLog) -> bool:
+    """``_measure_reference``, abandoned on SIGTERM/SIGINT; a stop then saves a checkpoint at this step.
+
+    A stop in the first evaluation (a large --val-data takes minutes) used to kill the process
+    with nothing saved, so a requeued ``--resume`` found no checkpoint. The evaluation is given
+    up at once (the resumed run measures it again); every rank stops when one was signalled.
+    """
+    first = None
+    with StopSignals() as held:  # a signal while the ranks wait for each other: noted, not fatal
+        try:
+            with _abandon_on_signal():
+                _measure_reference(prepared, monitor, metrics)
+        except _Stopped as stopped:
+            first = stopped.signum
+        prepared.ctx.wait_for_main()
+        stops = [signum for signum in gather_objects(prepared.ctx, first or held.signum) if signum is not None]
+    if not stops:
+        return False
+    prepared.state.stop_signal = stops[0]
+    Checkpointer(prepared)(prepared.state)
+    return True
+
+
 def _measure_reference(prepared: Run, monitor: KnnMonitor | None, metrics: MetricsLog) -> None:
     """The untouched net's kNN accuracy, once, before the first step: the run's reference (a row at step 0).
 
     A resumed run keeps the figure of its checkpoint (the net is no longer untouched); the
-    other ranks wait for rank 0's evaluation (``wait_for_main``).
+    other ranks wait for rank 0's evaluation (the caller's ``wait_for_main``).
     """
-    args, ctx = prepared.args, prepared.ctx
+    args = prepared.args
     if not args.val_data or prepared.state.step > 0 or prepared.knn_reference is not None:
         return
     if monitor is not None:
-        prepared.knn_reference = reference = monitor(prepared.learner)
+        reference = monitor(prepared.learner)
+        prepared.knn_reference = reference
         _warn_missing_classes(prepared, monitor)
         metrics.write({"step": 0, "epoch": 0.0, "knn_acc": reference, "knn_reference": reference})
-    ctx.wait_for_main()
 
 
 def _warn_missing_classes(prepared: Run, monitor: KnnMonitor) -> None:

@@ -109,6 +109,43 @@ def test_the_reference_is_logged_once_and_survives_a_resume(messy, tmp_path, tin
     assert load_checkpoint(out / "last.pt")["knn_reference"] == first[0]["knn_reference"]
 
 
+@pytest.mark.parametrize("signum", [15, 2])  # SIGTERM, SIGINT
+def test_a_stop_during_the_untouched_nets_evaluation_saves_a_checkpoint_to_resume(
+    signum, messy, tmp_path, tiny_flags, make_labelled, monkeypatch, capsys
+):
+    """Before: the signal killed the process in the first evaluation, with no checkpoint and no line (exit 143),
+    and a requeued --resume found nothing to resume."""
+    import os
+    import time
+
+    from byol_pytorch.training.validation import KnnMonitor
+
+    labelled = make_labelled(tmp_path / "labelled", per_class=5)
+    out = tmp_path / "run"
+    original, calls = KnnMonitor.__call__, []
+
+    def signalled(self, learner):
+        calls.append(int(learner.ema_step))
+        if len(calls) == 1:
+            os.kill(os.getpid(), signum)  # the scheduler's stop, in the middle of the evaluation
+            time.sleep(5)  # not reached: the evaluation is given up at once
+            raise AssertionError("the evaluation went on after the signal")
+        return original(self, learner)
+
+    monkeypatch.setattr(KnnMonitor, "__call__", signalled)
+    argv = ["train", "--data", str(messy), "--out", str(out), *tiny_flags, "--val-data", str(labelled)]
+    assert cli.main([*argv, "--max-steps", "4"]) == 128 + signum
+    captured = capsys.readouterr()
+    name = {15: "SIGTERM", 2: "SIGINT"}[signum]
+    assert f"stopped by {name} at step 0; checkpoint saved to {out / 'last.pt'}" in captured.err
+    assert closing_lines(captured.out)[0].startswith(f"byol-pytorch: stopped by {name}: 0 steps")
+    checkpoint = load_checkpoint(out / "last.pt")
+    assert checkpoint["step"] == 0 and checkpoint["knn_reference"] is None
+    assert cli.main(["train", "--out", str(out), "--resume", "--workers", "0"]) == 0
+    assert calls == [0, 0, 4]  # the untouched net measured again by the resumed run, then at the end
+    assert load_checkpoint(out / "last.pt")["step"] == 4 and [r["step"] for r in rows(out)][0] == 0
+
+
 def test_the_closing_line_names_the_checkpoint_that_exists(messy, tmp_path, capsys, tiny_flags):
     out = tmp_path / "run"
     argv = ["train", "--data", str(messy), "--out", str(out), *tiny_flags, "--max-steps", "3", "--log-every", "1"]
