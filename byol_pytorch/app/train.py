@@ -588,7 +588,13 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     recipe = resolve_recipe(args, Recipe.from_dict(saved_args) if saved_args else None)
     micro_batch = check_sizes(recipe, ctx)
     data = args.data or (saved_args or {}).get("data")
-    for key in ("shuffle_buffer", "image_column", "hf_split", "shard_index", "val_data", "val_every"):  # the run's
+    if not args.data and data and ("://***@" in data or "=***" in data):  # saved without its secrets (redact)
+        raise UserError(
+            f"the run's --data {data} held credentials, which checkpoints do not keep: pass --data again, with "
+            "them, to resume it"
+        )
+    # the run's own settings where this start gives none
+    for key in ("shuffle_buffer", "image_column", "hf_split", "shard_index", "val_data", "val_every", "workers"):
         if getattr(args, key, None) is None:
             setattr(args, key, (saved_args or {}).get(key))
     args.val_every = 5 if args.val_every is None else args.val_every

@@ -70,6 +70,32 @@ def test_the_default_workers_fit_the_shards_an_explicit_count_is_kept(tmp_path, 
     assert "1 shards cannot be split between 1 process(es) x 2 loader worker(s)" in capsys.readouterr().err
 
 
+def test_a_resume_keeps_the_runs_workers_and_asks_again_for_credentials(tmp_path, make_shards, tiny_flags, capsys):
+    """Before: --resume fell back to the default --workers, so a shard run started with --workers 0 skipped the
+    rest of its epoch; a run whose URL held a password was resumed from the redacted URL ('access denied')."""
+    from byol_pytorch.training.checkpoint import save_checkpoint
+
+    pattern = make_shards(tmp_path / "shards", broken=False)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", pattern, "--out", str(out), *tiny_flags, "--max-steps", "3"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "5"]) == 0  # no --workers: the run's 0
+    err = capsys.readouterr().err
+    assert "changed since the checkpoint" not in err and load_checkpoint(out / "last.pt")["batch_in_epoch"] == 5
+
+    checkpoint = load_checkpoint(out / "last.pt")
+    checkpoint["args"]["data"] = "https://***@data.example/train-{0000..0003}.tar"  # as redact() saved it
+    save_checkpoint(out / "last.pt", checkpoint)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "6"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (
+        "byol-pytorch: error: the run's --data https://***@data.example/train-{0000..0003}.tar held credentials, "
+        "which checkpoints do not keep: pass --data again, with them, to resume it"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_shards_resume_is_bitwise_with_workers(tmp_path, make_shards, tiny_flags, monkeypatch, capsys):
     pattern = make_shards(tmp_path / "shards")
     common = ["--data", pattern, *tiny_flags[:-1], "2", "--max-steps", "8", "--log-every", "4", "--shuffle-buffer", "3"]
