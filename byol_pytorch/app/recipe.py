@@ -573,6 +573,13 @@ def check_sizes(recipe: Recipe, ctx: DistContext) -> int:
         raise UserError(f"--image-size must be at least 8 pixels, got {recipe.image_size}")
     if accumulate < 1:
         raise UserError(f"--accumulate must be at least 1, got {accumulate}")
+    parts = ctx.world_size * accumulate  # the batch first: a default lr is scaled by it (a batch of 0: an lr of 0)
+    if batch < 2 or batch % parts or batch // parts < 2:
+        raise UserError(
+            f"--batch-size {batch} cannot be split into {ctx.world_size} process(es) x {accumulate} "
+            "accumulation step(s) of at least 2 images each (BatchNorm and the BYOL loss need 2 or more); "
+            f"use a multiple of {parts} that is at least {2 * parts}"
+        )
     if not 0.0 <= recipe.tau_base <= 1.0:
         raise UserError(f"--tau-base must be in [0, 1] (the paper: 0.996), got {recipe.tau_base}")
     for key in ("blur_p1", "blur_p2", "solarize_p1", "solarize_p2"):
@@ -594,14 +601,7 @@ def check_sizes(recipe: Recipe, ctx: DistContext) -> int:
         raise UserError(f"--weight-decay must be a finite number >= 0, got {recipe.weight_decay}")
     if recipe.warmup_epochs is not None and not 0.0 <= recipe.warmup_epochs < math.inf:
         raise UserError(f"--warmup-epochs must be a finite number >= 0 (0: no warm-up), got {recipe.warmup_epochs}")
-    parts = ctx.world_size * accumulate
-    if batch < 2 or batch % parts or batch // parts < 2:
-        raise UserError(
-            f"--batch-size {batch} cannot be split into {ctx.world_size} process(es) x {accumulate} "
-            "accumulation step(s) of at least 2 images each (BatchNorm and the BYOL loss need 2 or more); "
-            f"use a multiple of {parts} that is at least {2 * parts}"
-        )
-    return batch // parts
+    return batch // (ctx.world_size * accumulate)
 
 
 def run_length(

@@ -331,6 +331,8 @@ HELD = "one line; the run folder byte-identical (names, sizes, sha256), the fold
 
 FIRST_START_REFUSALS = {
     "a negative lr": (["--lr", "-1"], "--lr must be a positive finite number"),
+    "a batch of 0 (its default lr was blamed)": (["--batch-size", "0"], "--batch-size 0 cannot be split"),
+    "a negative batch": (["--batch-size", "-8"], "--batch-size -8 cannot be split"),
     "a NaN lr": (["--lr", "nan"], "--lr must be a positive finite number"),
     "an infinite lr": (["--lr", "inf"], "--lr must be a positive finite number"),
     "a negative weight decay": (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
