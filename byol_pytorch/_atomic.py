@@ -11,12 +11,13 @@ import glob
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ._modules import PathLike
 
-__all__ = ["STALE_TEMP_SECONDS", "atomic_write", "remove_stale_temps"]
+__all__ = ["STALE_TEMP_SECONDS", "atomic_write", "names_the_file", "remove_stale_temps"]
 
 STALE_TEMP_SECONDS = 3600.0
 _CAN_PROBE_PIDS = os.name != "nt"  # on Windows signal 0 is CTRL_C_EVENT: it would interrupt, not probe
@@ -133,3 +134,17 @@ def atomic_write(path: PathLike, write: Callable[[str], object]) -> Path:
         finally:
             os.close(dir_fd)
     return path
+
+
+@contextmanager
+def names_the_file(path: PathLike) -> Iterator[None]:
+    """An ``OSError`` without a file name inside (a write to an open file: a full disk) gets ``path``.
+
+    The command line's one error line then says which file, or which folder, the error is about.
+    """
+    try:
+        yield
+    except OSError as error:
+        if error.errno is not None and error.filename is None:
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        raise

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .._atomic import atomic_write
+from .._atomic import atomic_write, names_the_file
 from ..batchnorm import recalibrate_batchnorm
 from ..data import (
     data_kind,
@@ -293,28 +293,31 @@ class _Outputs:
         """One batch's rows, then its counts: a batch cut short by a stop or an error is not counted."""
         text = "".join(id_line(i) + "\n" for i in ids)  # encoded before anything is written
         if ids:
-            self.vectors.write(vectors)
-            if self.labels is not None:
-                self.labels.write(labels)
-            self.ids.write(text)
+            with names_the_file(self.out):
+                self.vectors.write(vectors)
+                if self.labels is not None:
+                    self.labels.write(labels)
+                self.ids.write(text)
         self.rows = self.vectors.rows
         self.items += items
         self.broken += broken
 
     def flush(self, identity: dict[str, Any]) -> None:
-        self.vectors.flush()
-        if self.labels is not None:
-            self.labels.flush()
-        self.ids.flush()
-        os.fsync(self.ids.fileno())
+        with names_the_file(self.out):
+            self.vectors.flush()
+            if self.labels is not None:
+                self.labels.flush()
+            self.ids.flush()
+            os.fsync(self.ids.fileno())
         state = {**identity, "rows": self.rows, "items": self.items, "broken": self.broken}
         _write_json(self.out / STATE, state)
 
     def close(self, final: bool) -> None:
-        self.vectors.close(final)
-        if self.labels is not None:
-            self.labels.close(final)
-        self.ids.close()
+        with names_the_file(self.out):
+            self.vectors.close(final)
+            if self.labels is not None:
+                self.labels.close(final)
+            self.ids.close()
 
 
 def _embed_batches(learner: Any, loader: Any, device: torch.device, channels: int, outputs: _Outputs, flush) -> None:

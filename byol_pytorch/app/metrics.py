@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._atomic import atomic_write
+from .._atomic import atomic_write, names_the_file
 from .errors import warn
 
 __all__ = ["WANDB_ID_FILE", "MetricsLog", "draw_views_or_warn", "plot_curves_or_warn", "wandb_options"]
@@ -215,7 +215,7 @@ class MetricsLog:
             k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else (str(v) if isinstance(v, float) else v))
             for k, v in row.items()
         }
-        with self.path.open("a", encoding="utf-8") as handle:
+        with names_the_file(self.path), self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(clean) + "\n")
         if self.writer is not None:
             for key, value in row.items():

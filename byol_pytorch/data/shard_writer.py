@@ -29,7 +29,9 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from .._atomic import names_the_file
 from .._modules import PathLike
 from .file_index import index_images
 from .folder import BrokenImageError, LabelledImageFolder, decode_image
@@ -113,16 +115,26 @@ class _ShardSink:
 
     def add(self, members: Sequence[tuple[str, bytes]]) -> None:
         """One sample: its members (``(name, data)``: the image, and its ``.cls`` label when labelled)."""
-        for name, data in members:
-            self.tar.addfile(_member_info(name, data), io.BytesIO(data))
-            self.size += _member_size(name, data)
+        with names_the_file(self.path):
+            for name, data in members:
+                self.tar.addfile(_member_info(name, data), io.BytesIO(data))
+                self.size += _member_size(name, data)
         self.count += 1
 
     def close(self) -> None:
-        self.tar.close()
-        with open(self.temporary, "rb+") as file:
-            os.fsync(file.fileno())
+        with names_the_file(self.path):
+            self.tar.close()
+            with open(self.temporary, "rb+") as file:
+                os.fsync(file.fileno())
         os.replace(self.temporary, self.path)
+
+    def discard(self) -> None:
+        """Give the shard up (an error or a stop while writing it): its temporary file is removed."""
+        try:
+            self.tar.fileobj.close()  # not tar.close(): it would write the end marker
+        except OSError:
+            pass
+        self.temporary.unlink(missing_ok=True)
 
 
 def _readable(path: Path) -> bytes | None:
@@ -156,30 +168,45 @@ def make_shards(
     target.mkdir(parents=True, exist_ok=True)
     if any(target.glob("*.tar")):
         raise ValueError(f"--out {target} already holds .tar files; choose an empty folder")
-    made, sink = MadeShards(unlabelled=left_out), None
-    for number in range(len(files)):
-        relative = files.relative(number)
-        data = _readable(root / relative)
-        if data is None:
-            made.broken.append(relative)
-            continue
-        members = [(f"{sample_key(relative)}.{relative.rsplit('.', 1)[-1].lower()}", data)]
-        if targets is not None:
-            members.append((f"{sample_key(relative)}.cls", str(targets[number]).encode("ascii")))
-        if sink is not None and not sink.fits(members, shard_size):
-            _finish(sink, made)
-            sink = None
-        if sink is None:
-            sink = _ShardSink(target / f"{prefix}-{len(made.shards):06d}.tar")
-        sink.add(members)
-    if sink is not None:
-        _finish(sink, made)
+    made = MadeShards(unlabelled=left_out)
+    _write_samples(root, files, targets, target / prefix, shard_size, made)
     if not made.shards:
         raise ValueError(f"{root} has no readable image ({len(made.broken)} broken files); no shard written")
     made.index = _write_json(target / INDEX_NAME, index_document([p.name for p in made.shards], made.counts))
     if labelled is not None:
         _write_json(target / CLASSES_NAME, {"classes": list(labelled.classes)})
     return made
+
+
+def _write_samples(
+    root: Path, files: Any, targets: Sequence[int] | None, stem: Path, shard_size: int, made: MadeShards
+) -> None:
+    """The readable files as samples of shards ``STEM-000000.tar``, ...; a shard being written when an error or
+    a stop comes is discarded (no temporary file left)."""
+    sink = None
+    try:
+        for number in range(len(files)):
+            relative = files.relative(number)
+            data = _readable(root / relative)
+            if data is None:
+                made.broken.append(relative)
+                continue
+            members = [(f"{sample_key(relative)}.{relative.rsplit('.', 1)[-1].lower()}", data)]
+            if targets is not None:
+                members.append((f"{sample_key(relative)}.cls", str(targets[number]).encode("ascii")))
+            if sink is not None and not sink.fits(members, shard_size):
+                _finish(sink, made)
+                sink = None
+            if sink is None:
+                sink = _ShardSink(stem.with_name(f"{stem.name}-{len(made.shards):06d}.tar"))
+            sink.add(members)
+        if sink is not None:
+            _finish(sink, made)
+            sink = None
+    except BaseException:
+        if sink is not None:
+            sink.discard()
+        raise
 
 
 def _finish(sink: _ShardSink, made: MadeShards) -> None:

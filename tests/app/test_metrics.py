@@ -69,6 +69,24 @@ def test_resume_passes_over_edited_lines_and_rewrites_the_file_atomically(tmp_pa
     assert [r["step"] for r in _rows(path)] == [1, 2]
 
 
+def test_a_full_disk_while_logging_names_the_file(tmp_path, monkeypatch):
+    """Before: the append's OSError had no file name, and the command's line said 'a file'."""
+    import contextlib
+    import errno
+    from pathlib import Path
+
+    log = MetricsLog(tmp_path)
+
+    class Full(contextlib.nullcontext):  # a file on a full disk: its write fails, naming no file
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: Full(Full()))
+    with pytest.raises(OSError) as caught:
+        log.write({"step": 1, "loss": 1.0})
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "metrics.jsonl")
+
+
 def test_a_disabled_log_writes_nothing(tmp_path):
     log = MetricsLog(tmp_path / "run", resume_step=3, tensorboard=True, enabled=False)
     log.write({"step": 1, "loss": 0.1})

@@ -144,3 +144,25 @@ def test_make_with_labels_writes_each_class_index(tmp_path, make_labelled, capsy
     flat = ["shards", "make", "--data", str(folder / "class_0"), "--out", str(tmp_path / "x"), "--labels"]
     assert cli.main(flat) == 1
     assert "has no class sub-folders" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_packing_names_the_shard_and_leaves_no_temporary(tmp_path, messy, monkeypatch, capsys):
+    """Before: 'no space left on the device holding 'a file'' and the shard's .tmp left taking the space."""
+    import errno
+
+    real, calls = tarfile.TarFile.addfile, []
+
+    def full_on_the_fifth(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", full_on_the_fifth)
+    out = tmp_path / "shards"
+    assert cli.main(["shards", "make", "--data", str(messy), "--out", str(out), "--shard-size", "4KB"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("byol-pytorch: error: no space left on the device holding ") and "a file" not in line
+    assert f"{out}/train-0000" in line and ".tar'" in line
+    assert not list(out.glob(".*.tmp"))  # the shard being written is gone; the finished ones stay
+    assert all(tarfile.open(path).getnames() for path in out.glob("*.tar"))
