@@ -325,6 +325,20 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+SAME_CUT_READS = 3  # reads that end in the same place before a shard is taken for truncated
+
+
+def _same_cut(failures: list[tuple[int, str]], error: BaseException) -> bool:
+    """Whether the last reads all ended the same way at the same offset: the object itself is cut short.
+
+    A connection that drops does so at a different byte each time (and fsspec resumes past it);
+    a tar that is cut short ends with the same error every time it is read from the same sample.
+    """
+    if not isinstance(error, tarfile.ReadError | EOFError) or len(failures) < SAME_CUT_READS:
+        return False
+    return len(set(failures[-SAME_CUT_READS:])) == 1
+
+
 def read_shard(
     location: str,
     expected: int | None,
@@ -350,6 +364,7 @@ def read_shard(
     policy = policy or ReadPolicy()
     stop = stop or threading.Event()
     delivered = offset = attempt = 0
+    failures: list[tuple[int, str]] = []  # (offset, error) of the tries since the last sample
     while not stop.is_set():
         try:
             file = open_remote(location, offset, policy)
@@ -368,6 +383,12 @@ def read_shard(
             raise
         except Exception as error:
             reason = _permanent(error, location, delivered == 0 and offset == 0)
+            failures = [f for f in failures if f[0] == offset] + [(offset, f"{type(error).__name__}: {error}")]
+            if reason is None and _same_cut(failures, error):
+                reason = (
+                    f"the object ends inside a sample at the same place on every read ({_reason(error)}, "
+                    f"{len(failures)} reads from byte {offset}): it is truncated or corrupt; upload the shard again"
+                )
             if reason is not None:
                 raise RemoteReadError(redact(f"{location}: {reason}")) from None
             attempt += 1

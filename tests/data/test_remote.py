@@ -277,6 +277,26 @@ def test_http_errors_are_one_line(tmp_path, make_shards, tiny_flags, serve, monk
     assert line[0].startswith("byol-pytorch: error: --data: ") and "could not be read" in line[0]
 
 
+def test_a_shard_cut_short_on_the_server_is_named_after_three_reads(tmp_path, make_shards, tiny_flags, serve, capsys):
+    """Before: an object truncated on the server was read 9 times (8 retries, about 100 s) and blamed on the
+    network; it ends at the same place on every read, so after three reads it is named truncated."""
+    make_shards(tmp_path / "shards", broken=False)
+    shard = tmp_path / "shards" / "train-0001.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2 + 100])  # cut inside a sample
+    base, server = serve(tmp_path / "shards")
+    argv = ["embed", "--data", f"{base}/train-{{0000..0003}}.tar", "--out", str(tmp_path / "emb")]
+    checkpoint = tmp_path / "run" / "last.pt"
+    train = ["train", "--data", f"{base}/train-0000.tar", "--out", str(checkpoint.parent), *tiny_flags]
+    assert cli.main([*train, "--max-steps", "1", "--bn-stats", "trained"]) == 0
+    capsys.readouterr()
+    server.requests.clear()
+    assert cli.main([*argv, "--checkpoint", str(checkpoint)]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("byol-pytorch: error: --data: ") and "truncated or corrupt; upload the shard again" in line
+    assert "train-0001.tar: the object ends inside a sample at the same place on every read" in line
+    assert server.requests.count(("GET", "train-0001.tar")) == 3
+
+
 def test_train_from_pipe_with_workers_and_resume(tmp_path, make_shards, tiny_flags, serve, monkeypatch):
     """``pipe:CMD`` shards in two loader workers; a run stopped and resumed ends with one run's weights."""
     pattern = make_shards(tmp_path / "shards")
