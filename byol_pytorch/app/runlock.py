@@ -141,10 +141,11 @@ class RunFolderLock:
             return []
         created: list[Path] = []
         flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+        if create:  # a folder that cannot be made raises here, as it is
+            created = [folder for folder in (self.folder, *self.folder.parents) if not folder.exists()][::-1]
+            self.folder.mkdir(parents=True, exist_ok=True)
         try:
             if create:
-                created = [folder for folder in (self.folder, *self.folder.parents) if not folder.exists()][::-1]
-                self.folder.mkdir(parents=True, exist_ok=True)
                 try:
                     fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
                     created.append(self.path)
@@ -153,6 +154,8 @@ class RunFolderLock:
             else:
                 fd = os.open(self.path, flags)
         except FileNotFoundError:  # removed since the check
+            if create and not self.folder.is_dir():
+                raise
             return None if create else []  # (without create: taken with create=True later)
         try:
             import fcntl

@@ -289,15 +289,22 @@ def _checkpoint_path(args: argparse.Namespace, out: Path) -> Path:
 
 
 def _resume_path(args: argparse.Namespace, out: Path) -> Path | None:
+    if not str(args.out).strip():
+        raise UserError("--out is empty; name the run folder to write to (the default: runs/byol)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; choose another --out (the run folder to write to)")
+    path = _checkpoint_path(args, out)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise UserError(
+            f"{path} is not a checkpoint file but a special file (a FIFO, a socket, a device); remove it, or choose "
+            "another --out"
+        )
     if args.resume is None or args.resume is False:
         if (out / "last.pt").exists():
             raise UserError(
                 f"{out / 'last.pt'} already exists; pass --resume to continue that run, or choose another --out"
             )
         return None
-    path = _checkpoint_path(args, out)
     if path.is_dir():
         inside = f" (it holds last.pt: pass {path / 'last.pt'}, or --out {path} --resume to go on there)"
         raise UserError(

@@ -332,6 +332,7 @@ HELD = "one line; the run folder byte-identical (names, sizes, sha256), the fold
 FIRST_START_REFUSALS = {
     "a negative lr": (["--lr", "-1"], "--lr must be a positive finite number"),
     "a batch of 0 (its default lr was blamed)": (["--batch-size", "0"], "--batch-size 0 cannot be split"),
+    "an empty --out (it was the current folder)": (["--out", ""], "--out is empty; name the run folder"),
     "a negative batch": (["--batch-size", "-8"], "--batch-size -8 cannot be split"),
     "a NaN lr": (["--lr", "nan"], "--lr must be a positive finite number"),
     "an infinite lr": (["--lr", "inf"], "--lr must be a positive finite number"),
@@ -354,6 +355,21 @@ def test_a_refused_first_start_creates_no_folder(messy, tmp_path, capsys, tiny_f
     assert len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "new").exists()
     record_fault("a refused first start (no run folder yet)", 1, "one line; no folder created")
+
+
+def test_a_fifo_where_the_checkpoint_goes_is_named_with_or_without_resume(messy, tmp_path, capsys, tiny_flags):
+    """Before: without --resume 'already exists; pass --resume', with it 'no checkpoint; train without --resume'."""
+    out = tmp_path / "run"
+    out.mkdir()
+    os.mkfifo(out / "last.pt")
+    for again in ([], ["--resume"]):
+        assert cli.main(["train", "--data", str(messy), "--out", str(out), *tiny_flags, *again]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines == [
+            f"byol-pytorch: error: {out / 'last.pt'} is not a checkpoint file but a special file (a FIFO, a socket, "
+            "a device); remove it, or choose another --out"
+        ]
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt"]
 
 
 def test_a_start_refused_by_the_lock_leaves_the_folder_byte_identical(finished_run, tmp_path, record_fault):
