@@ -136,6 +136,8 @@ def _run_preview(args: argparse.Namespace) -> int:
 
     if args.image_size < 8 or args.count < 1:
         raise UserError(f"--image-size must be >= 8 and --count >= 1, got {args.image_size} and {args.count}")
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder; name the picture to write in it, e.g. {args.out}/views.png")
     generator = torch.Generator().manual_seed(args.seed)
     try:
         dataset = open_unlabelled(
@@ -164,7 +166,9 @@ def _run_preview(args: argparse.Namespace) -> int:
     except ImportError as error:
         hint = "pip install matplotlib" if "matplotlib" in str(error) else "the plots module is missing"
         raise UserError(f"preview cannot draw ({error}): {hint}") from None
-    except (ValueError, OSError) as error:
+    except OSError as error:
+        raise UserError(f"--out: {describe_os_error(error)}") from None
+    except ValueError as error:
         raise UserError(f"--out: {error}") from None
     print(f"byol-pytorch: wrote {written}: {len(items)} images from {redact(args.data)}, each beside view 1 and view 2")
     print(f"  {view_one.describe()}\n  {view_two.describe()}")

@@ -157,6 +157,14 @@ def test_export_and_preview_outputs_that_cannot_be_written_are_one_line(capsys, 
     assert "matplotlib cannot write .xyz images" in line and ".png" in line
     assert cli.main([*preview, "--out", str(tmp_path / "views")]) == 0  # no suffix: a PNG, and the line says so
     assert (tmp_path / "views.png").is_file() and f"wrote {tmp_path / 'views.png'}:" in capsys.readouterr().out
+    (tmp_path / "a_file").write_text("")
+    line = one_error_line(capsys, cli.main([*preview, "--out", str(tmp_path / "a_file" / "views.png")]))
+    assert "already exists and is not a folder: remove it or choose another --out" in line and "Errno" not in line
+    (tmp_path / "pictures").mkdir()  # before: views drawn into pictures.png beside the folder
+    line = one_error_line(capsys, cli.main([*preview, "--out", str(tmp_path / "pictures")]))
+    assert line.endswith(f"--out {tmp_path / 'pictures'} is a folder; name the picture to write in it, e.g. "
+                         f"{tmp_path / 'pictures'}/views.png")  # fmt: skip
+    assert not (tmp_path / "pictures.png").exists()
 
 
 def test_eval_says_when_a_class_has_no_readable_image(capsys, tmp_path, trained, make_labelled):
