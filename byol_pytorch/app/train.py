@@ -592,7 +592,11 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         raise
     _same_checkpoint_everywhere(args, out, ctx, checkpoint)
     saved_args = checkpoint["args"] if checkpoint else None
-    recipe = resolve_recipe(args, Recipe.from_dict(saved_args) if saved_args else None)
+    try:
+        saved_recipe = Recipe.from_dict(saved_args) if saved_args else None
+    except (TypeError, ValueError) as error:
+        raise UserError(f"--resume: {resumed_from}: {error}") from None
+    recipe = resolve_recipe(args, saved_recipe)
     micro_batch = check_sizes(recipe, ctx)
     data = args.data or (saved_args or {}).get("data")
     if not args.data and data and ("://***@" in data or "=***" in data):  # saved without its secrets (redact)

@@ -118,12 +118,22 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
             f"{str(path)!r} is not a byol_pytorch checkpoint (it holds {what}); pass RUNDIR/last.pt "
             "written by 'byol-pytorch train'"
         )
-    if int(obj.get("version", 0)) > VERSION:
+    counts = {key: obj[key] for key in _COUNTS if obj.get(key) is not None}
+    bad = [key for key, value in counts.items() if not isinstance(value, int) or isinstance(value, bool) or value < 0]
+    if bad:
+        raise ValueError(
+            f"{str(path)!r} holds {bad[0]}={counts[bad[0]]!r}, not a count: the checkpoint was edited or written by "
+            "another program"
+        )
+    if obj.get("version", 0) > VERSION:
         raise ValueError(
             f"{str(path)!r} is a checkpoint of format version {obj['version']}, newer than this "
             f"byol_pytorch reads ({VERSION}); upgrade byol-pytorch"
         )
     return obj
+
+
+_COUNTS = ("version", "step", "epoch", "batch_in_epoch", "total_steps", "warmup_steps", "dataset_size", "world_size")
 
 
 TRAINING_KEYS = ("step", "epoch", "batch_in_epoch", "total_steps", "learner", "optimizer", "scheduler", "rng", "args")

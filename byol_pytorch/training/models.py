@@ -339,6 +339,10 @@ def export_backbone(
     args, learner_state = checkpoint.get("args"), checkpoint.get("learner")
     if not isinstance(args, dict) or not isinstance(learner_state, dict) or "model" not in args:
         raise ValueError(f"{str(checkpoint_path)!r} holds no trained network ('learner' and 'args' are missing)")
+    try:
+        Recipe.from_dict(args)  # the values the backbone is built from, checked
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{str(checkpoint_path)!r}: {error}") from None
     if which not in ("online", "target"):
         raise ValueError(f"which must be 'online' or 'target', got {which!r}")
     if bn_stats not in ("clean", "trained"):

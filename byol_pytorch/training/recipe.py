@@ -34,6 +34,18 @@ VIEW_DEFAULTS: dict[str, float | str] = {
 }
 
 
+def _of_kind(value: Any, annotation: str) -> bool:
+    """Whether ``value`` fits a field annotated ``int``, ``float``, ``str`` or ``bool`` (``| None`` aside)."""
+    kind = annotation.split(" |")[0]
+    if kind == "bool" or isinstance(value, bool):
+        return kind == "bool" and isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, (int, float))
+    return kind != "str" or isinstance(value, str)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything that decides a run's weights; defaults are the paper's (and older checkpoints').
@@ -116,6 +128,13 @@ class Recipe:
             raise ValueError("the mapping holds no recipe: 'model' is missing")
         optional = {f.name for f in dataclasses.fields(cls) if f.default is None}
         kept = {k: values[k] for k in cls.field_names() if k in values and (values[k] is not None or k in optional)}
+        for f in dataclasses.fields(cls):
+            value = kept.get(f.name)
+            if f.name in kept and value is not None and not _of_kind(value, str(f.type)):
+                raise ValueError(
+                    f"the recipe's {f.name} is {value!r}, not of type {str(f.type).split(' |')[0]}: the checkpoint was "
+                    "edited or written by another program"
+                )
         return cls(**kept)
 
     def to_dict(self) -> dict[str, Any]:

@@ -96,3 +96,22 @@ def test_where_processes_cannot_be_asked_stale_temps_go_by_age(tmp_path, monkeyp
     assert checkpoint._pid_alive(os.getpid() + 1) is None
     assert checkpoint.remove_stale_temps(target) == [old]
     assert fresh.exists() and not old.exists()
+
+
+@pytest.mark.parametrize("key, value", [("step", "x"), ("total_steps", -1), ("epoch", 1.5), ("version", True)])
+def test_a_count_that_is_no_count_is_a_value_error_naming_it(tmp_path, key, value):
+    """Before: a hand-edited step='x' was a ValueError traceback from int() in embed, 'invalid literal' on resume."""
+    path = save_checkpoint(tmp_path / "last.pt", {"step": 3, "total_steps": 10, "epoch": 0, key: value})
+    with pytest.raises(ValueError, match=f"holds {key}={value!r}, not a count: the checkpoint was edited"):
+        load_checkpoint(path)
+
+
+def test_a_recipe_value_of_another_type_is_a_value_error_naming_it():
+    from byol_pytorch.training.recipe import Recipe
+
+    with pytest.raises(ValueError, match="the recipe's image_size is 'abc', not of type int"):
+        Recipe.from_dict({"model": "resnet10t", "image_size": "abc"})
+    with pytest.raises(ValueError, match="the recipe's use_batchnorm is 1, not of type bool"):
+        Recipe.from_dict({"model": "resnet10t", "use_batchnorm": 1})
+    recipe = Recipe.from_dict({"model": "resnet10t", "lr": 1, "in_chans": None, "tau_base": 0.99})
+    assert (recipe.lr, recipe.in_chans, recipe.tau_base) == (1, None, 0.99)  # an int where a float goes is fine
