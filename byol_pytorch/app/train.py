@@ -719,6 +719,8 @@ def _clean_images(data: str, recipe: Recipe, args: argparse.Namespace, index: An
             data, recipe.image_size, recipe.channels, image_column=args.image_column, split=args.hf_split, index=index
         )
         return sample_images(source, CLEAN_IMAGES)
+    except RemoteReadError as error:  # the data's fault, not the option's
+        raise UserError(f"--data: {last_line(error)}") from None
     except (ValueError, RuntimeError) as error:
         raise UserError(f"--bn-stats clean: {error}") from None
 

@@ -511,8 +511,8 @@ class FaultBudget:
         """A shard was read to its end."""
         self.opened, self.streak = self.opened + 1, 0
 
-    def failure(self, failure: ShardFailed, remaining: int) -> None:
-        """A shard failed with ``remaining`` samples unread: warn, or raise when the budget is spent."""
+    def failure(self, failure: ShardFailed, remaining: int | None) -> None:
+        """A shard failed with ``remaining`` samples unread (None: unknown): warn, or raise when the budget is spent."""
         self.opened, self.failed, self.streak = self.opened + 1, self.failed + 1, self.streak + 1
         self.last = failure
         if self.streak >= self.in_a_row or (self.failed >= self.in_a_row and self.failed > self.fraction * self.opened):
@@ -521,8 +521,10 @@ class FaultBudget:
                 f"({self.streak} in a row), the last {failure}; check the network and the storage, then continue "
                 "with --resume"
             )
+        rest = "its remaining samples are" if remaining is None else f"its {remaining} remaining samples are"
+        counted = " (counted in skipped_files)" if remaining is not None else ""
         warnings.warn(
-            f"{failure}; its {remaining} remaining samples are skipped (counted in skipped_files)",
+            f"{failure}; {rest} skipped{counted}",
             ShardReadWarning,
             stacklevel=2,
         )

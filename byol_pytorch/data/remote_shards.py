@@ -437,4 +437,4 @@ class RemoteShardSamples(IterableDataset):
                         yield item
                 budget.ok()
             except ShardFailed as failure:
-                budget.failure(failure, 0)  # its remaining samples are not handed out: a warning, or the stop
+                budget.failure(failure, None)  # its unknown rest is not handed out: a warning, or the stop

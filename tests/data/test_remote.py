@@ -477,3 +477,18 @@ def test_an_index_of_names_matches_by_the_name_each_scheme_gives(tmp_path):
     (tmp_path / "index.json").write_text(json.dumps(index_document(names, [5, 7, 9])))
     locations = ["s3://bucket/train#0000.tar", "https://host/a%20b.tar", "https://host/train-0001.tar?sig=1#part"]
     assert remote_shards.load_index(str(tmp_path / "index.json"), locations) == [5, 7, 9]
+
+
+def test_a_shard_failing_with_an_unknown_rest_gives_no_count():
+    """Before: a shard failing while the clean-statistics pass read it said 'its 0 remaining samples are skipped'."""
+    from byol_pytorch.data.remote import FaultBudget, ShardFailed
+
+    budget = FaultBudget()
+    with pytest.warns(UserWarning) as caught:
+        budget.failure(ShardFailed("https://h/a.tar: HTTP status 503 (after 8 retries)", 2), None)
+        budget.failure(ShardFailed("https://h/b.tar: HTTP status 503 (after 8 retries)", 0), 4)
+    assert [str(w.message) for w in caught] == [
+        "https://h/a.tar: HTTP status 503 (after 8 retries); its remaining samples are skipped",
+        "https://h/b.tar: HTTP status 503 (after 8 retries); its 4 remaining samples are skipped (counted in "
+        "skipped_files)",
+    ]
