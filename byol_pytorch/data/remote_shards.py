@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -146,14 +147,25 @@ def index_document(locations: Sequence[str], counts: Sequence[int], name: str | 
     return document
 
 
-def _read_text(location: str) -> str:
-    if is_remote(location) and not location.startswith("pipe:"):
-        from .remote import _filesystem
+def _read_bytes(location: str) -> bytes:
+    """A local or remote file; a remote read that may heal (a 5xx, a dropped connection) is retried."""
+    if not is_remote(location) or location.startswith("pipe:"):
+        return Path(location).read_bytes()
+    from .remote import _filesystem, _permanent
 
-        fs, path = _filesystem(location, ReadPolicy())
-        with fs.open(path, "rb") as file:
-            return file.read().decode("utf-8")
-    return Path(location).read_text(encoding="utf-8")
+    policy = ReadPolicy()
+    for attempt in range(1, policy.retries + 2):
+        try:
+            fs, path = _filesystem(location, policy)
+            with fs.open(path, "rb") as file:
+                return file.read()
+        except ImportError:
+            raise
+        except Exception as error:
+            if _permanent(error, location, at_start=False) is not None or attempt > policy.retries:
+                raise
+            time.sleep(policy.wait(attempt))
+    raise AssertionError("unreachable")
 
 
 def _shard_name(location: str) -> str:
@@ -177,10 +189,20 @@ def load_index(index: str, locations: Sequence[str]) -> list[int]:
         ValueError: unreadable or malformed index, or a shard it does not list.
     """
     try:
-        document = json.loads(_read_text(index))
+        data = _read_bytes(index)
+    except ImportError:
+        raise
+    except Exception as error:  # not there, not answered, not allowed: the file, not its format
+        from .remote import _reason
+
+        raise ValueError(
+            f"--shard-index {redact(index)}: cannot be read ({_reason(error)}); check its path or URL and the server"
+        ) from None
+    try:
+        document = json.loads(data.decode("utf-8"))
         entries = document["shardlist"]
         by_url = {str(e["url"]): int(e["nsamples"]) for e in entries}
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"--shard-index {redact(index)}: not a readable shard index ({type(error).__name__}: {error}); "
             'expected {"wids_version": 1, "shardlist": [{"url": ..., "nsamples": ...}]} '

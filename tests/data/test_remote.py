@@ -492,3 +492,28 @@ def test_a_shard_failing_with_an_unknown_rest_gives_no_count():
         "https://h/b.tar: HTTP status 503 (after 8 retries); its 4 remaining samples are skipped (counted in "
         "skipped_files)",
     ]
+
+
+def test_an_index_url_the_server_fails_to_answer_is_retried_then_named_unread(
+    tmp_path, make_shards, serve, monkeypatch
+):
+    """Before: a 503 for --shard-index was reported at once as 'not a readable shard index', a format problem."""
+    from byol_pytorch.data.remote_shards import load_index
+
+    make_shards(tmp_path / "shards", broken=False)
+    names = [f"train-{k:04d}.tar" for k in range(4)]
+    (tmp_path / "shards" / "index.json").write_text(json.dumps(index_document(names, [6] * 4)))
+    base, server = serve(tmp_path / "shards")
+    monkeypatch.setattr(remote_shards, "ReadPolicy", functools.partial(ReadPolicy, retries=2, backoff=0.01))
+    locations = [f"{base}/{name}" for name in names]
+    server.fail["index.json"] = 2  # two 503s, then the file
+    assert load_index(f"{base}/index.json", locations) == [6] * 4
+    server.fail["index.json"] = -1  # never answered
+    with pytest.raises(ValueError, match=r"index.json: cannot be read \(HTTP status 503\); check its path or URL"):
+        load_index(f"{base}/index.json", locations)
+    assert server.requests.count(("GET", "index.json")) >= 5  # 3 (2 failed, 1 read) + 3 (all failed)
+    with pytest.raises(ValueError, match="missing.json: cannot be read"):  # a 404 is not retried
+        load_index(f"{base}/missing.json", locations)
+    (tmp_path / "shards" / "bad.json").write_bytes(b"\xff{")
+    with pytest.raises(ValueError, match="bad.json: not a readable shard index"):
+        load_index(f"{base}/bad.json", locations)
