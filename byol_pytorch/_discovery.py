@@ -21,9 +21,11 @@ The hidden layer can be named three ways, as in lucidrains/byol-pytorch:
     never grow and shrink somewhere (timm's ``features_only=True``: shallow to deep), or
     entries of one shape throughout (a ViT's blocks), the last, deepest one;
   - a (B, K) output that is the softmax or log-softmax of the last Linear's (B, K) output,
-    at any temperature (``F.log_softmax(self.fc2(x))``), or any other function of that output
-    alone (``torch.sigmoid(self.fc(x))``, ``self.fc(x) / T``: its autograd graph reaches the
-    net only through it): the input of that Linear;
+    at any temperature (``F.log_softmax(self.fc2(x))``), or, in a net that declares K classes
+    (``num_classes``, ``config.num_labels``), any other function of that output alone
+    (``torch.sigmoid(self.fc(x))``, ``self.fc(x) / T``: its autograd graph reaches the net only
+    through it; without the declaration, ``torch.tanh(self.fc(x))`` may be features): the
+    input of that Linear;
   - a (B, K) output that is the last Conv2d's (B, K, H, W) output averaged over the map
     (ReLU'd or not) in a net that declares K classes (``num_classes``, ``config.num_labels``):
     a classifier written as a convolution (SqueezeNet's), and the input of that Conv2d;
@@ -442,6 +444,7 @@ def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bo
         and not trace.modified_later(single[-1])
         and target.ndim == 2
         and last.shape == target.shape
+        and _declared_classes(trace.net) == target.shape[1]  # scores: tanh(fc(x)) of a headless net is features
         and _only_through(target, last, trace.inputs.get(single[-1]))
     ):
         return single[-1], True  # a function of the class scores alone: sigmoid(fc(x)), fc(x) / T

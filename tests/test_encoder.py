@@ -604,10 +604,15 @@ def test_a_softmax_at_any_temperature_is_read_before_its_classifier():
             return torch.sigmoid(self.fc(self.conv(x).mean((2, 3))))
 
     assert BYOL(Tempered(), 16, **SMALL).hidden_layer == "fc"
-    assert BYOL(Sigmoid(), 16, **SMALL).hidden_layer == "fc"  # a multi-label classifier's scores: fc's input
+    assert BYOL(Sigmoid(), 16, **SMALL).hidden_layer == "<output>"  # no classes declared: maybe features
+    declared = Sigmoid()
+    declared.num_classes = 10  # a multi-label classifier (timm, torchvision and HF nets declare theirs)
+    assert BYOL(declared, 16, **SMALL).hidden_layer == "fc"
 
 
 class _Scored(nn.Module):
+    num_classes = 10  # declared, as timm's, torchvision's and transformers' classifiers do
+
     def __init__(self, head):
         super().__init__()
         self.conv, self.fc, self.head = nn.Conv2d(3, 8, 3), nn.Linear(8, 10), head
@@ -634,6 +639,21 @@ def test_an_output_made_of_the_last_linears_scores_alone_is_read_before_it(head,
     """Before: sigmoid(fc(x)), fc(x) / T and the like trained the 10 class scores as the representation."""
     learner = BYOL(_Scored(head), 16, **SMALL)
     assert (learner.hidden_layer, learner.representation_size) == (layer, width)
+    undeclared = _Scored(head)
+    undeclared.num_classes = None  # a headless net's Linear -> activation is its features: the output stays
+    assert BYOL(undeclared, 16, **SMALL).hidden_layer == "<output>"
+
+
+def test_headless_nets_ending_in_a_linear_and_an_activation_keep_their_output():
+    """A review caught the first version of the rule above taking tanh(fc(x)) of a headless net for scores."""
+    import timm
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 64), nn.Tanh()
+    )
+    assert (BYOL(net, 32, **SMALL).hidden_layer, BYOL(net, 32, **SMALL).representation_size) == ("<output>", 64)
+    convnext = timm.create_model("convnext_atto", pretrained=False, num_classes=0, head_hidden_size=64)
+    assert BYOL(convnext, 32, **SMALL).hidden_layer == "<output>"  # its pre-logits Linear + tanh: features
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
