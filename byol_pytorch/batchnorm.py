@@ -175,7 +175,7 @@ def _batches(images: Tensor | Iterable, batch_size: int, max_images: int | None)
     return images.split(sizes) if sizes else [images]
 
 
-def _images_of(batch: Any, transform: Callable[[Tensor], Tensor] | None) -> Tensor:
+def _images_of(batch: Any) -> Tensor:
     """The images of one batch of ``recalibrate_batchnorm`` (a tensor, or the first entry of a tuple / list)."""
     x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
     if not isinstance(x, Tensor):
@@ -183,12 +183,20 @@ def _images_of(batch: Any, transform: Callable[[Tensor], Tensor] | None) -> Tens
             f"recalibrate_batchnorm takes batches of images as tensors or (images, ...) tuples, got a "
             f"{type(x).__name__}; pass the images alone, e.g. (batch['pixel_values'] for batch in loader)"
         )
-    if not x.is_floating_point() and transform is None:
-        raise TypeError(
-            f"{x.dtype} images need transform= to become the net's input: BYOLAugment(image_size).normalize "
-            "scales uint8 to [0, 1] and normalises them as the views were"
-        )
     return x
+
+
+def _forward(net: nn.Module, x: Tensor, transform: Callable[[Tensor], Tensor] | None) -> None:
+    """One batch through the net; integer images that the net cannot take get a TypeError naming ``transform=``."""
+    try:
+        net(x)
+    except RuntimeError as error:
+        if x.is_floating_point() or transform is not None:
+            raise
+        raise TypeError(
+            f"the net did not take {x.dtype} images ({str(error).splitlines()[0]}); pass transform=: "
+            "BYOLAugment(image_size).normalize scales uint8 to [0, 1] and normalises them as the views were"
+        ) from error
 
 
 def _forward_batches(
@@ -198,7 +206,7 @@ def _forward_batches(
     device, dtype = module_device_dtype(net)
     seen, single = 0, False
     for batch in batches:
-        x = _images_of(batch, transform)
+        x = _images_of(batch)
         cut = max_images is not None and len(x) > max_images - seen
         if cut:
             x = x[: max_images - seen]  # type: ignore[operator]
@@ -209,7 +217,7 @@ def _forward_batches(
             continue
         x = x.to(device)
         x = transform(x) if transform is not None else x
-        net(x.to(dtype) if x.is_floating_point() else x)
+        _forward(net, x.to(dtype) if x.is_floating_point() else x, transform)
         seen += len(x)
         if max_images is not None and seen >= max_images:
             break
@@ -237,8 +245,8 @@ def recalibrate_batchnorm(
         net: the trained backbone (or any module holding BatchNorm layers).
         images: a (N, C, H, W) tensor, or an iterable of such batches, or of ``(batch, ...)``
             tuples / lists whose first entry is the batch (a DataLoader of a labelled dataset).
-            Float, or uint8 with a ``transform`` that makes it the net's input, on any device:
-            batches are moved to the net's device and dtype.
+            uint8 or float, on any device: batches are moved to the net's device (and float ones to
+            its dtype); uint8 goes to the net as it is unless a ``transform`` makes it the input.
         transform: applied to each batch before the net (for example ``BYOLAugment.normalize``,
             which scales uint8 to [0, 1] and normalises as the views were); None: the batch as is.
         max_images: stop after this many images (the last batch is cut); None: all of them.
@@ -254,7 +262,7 @@ def recalibrate_batchnorm(
             estimate; a one-image batch among larger ones is left out), or `max_images` /
             `batch_size` below 1.
         TypeError: a batch that is no tensor (nor a tuple / list starting with one), or
-            integer images without a ``transform``.
+            integer images that the net cannot take, without a ``transform``.
 
     Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())

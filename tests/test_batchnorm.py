@@ -126,11 +126,27 @@ def test_max_images_one_past_whole_batches_stops_instead_of_reading_the_rest():
 def test_integer_images_without_a_transform_and_dict_batches_are_type_errors():
     net = _trained_net()
     before = batchnorm_state(net)
-    with pytest.raises(TypeError, match="torch.uint8 images need transform=.*BYOLAugment\\(image_size\\).normalize"):
+    with pytest.raises(TypeError, match="did not take torch.uint8 images .*BYOLAugment\\(image_size\\).normalize"):
         recalibrate_batchnorm(net, torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8))
     with pytest.raises(TypeError, match="got a dict; pass the images alone"):
         recalibrate_batchnorm(net, [{"pixel_values": torch.rand(4, 3, 16, 16)}])
     assert all(torch.equal(before[k], v) for k, v in batchnorm_state(net).items())
+
+
+class _Scaled(nn.Module):
+    def forward(self, x):
+        return x.float() / 255
+
+
+def test_uint8_images_go_to_a_net_that_scales_them_itself():
+    """A review caught the error above refusing uint8 before the net was tried: a net that scales its own input
+    was recalibrated before and is again."""
+    net = nn.Sequential(_Scaled(), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    assert recalibrate_batchnorm(net, images) == 8
+    with torch.no_grad():
+        reference = net[1](images.float() / 255).mean((0, 2, 3))
+    torch.testing.assert_close(net[2].running_mean, reference, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

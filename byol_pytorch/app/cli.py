@@ -73,6 +73,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import sample_images
+    from ..data.folder import NoReadableImagesError
     from ..training.evaluate import collapse_report, knn_accuracy, linear_probe
     from ..training.models import learner_from_checkpoint
     from ..training.validation import KnnMonitor
@@ -97,7 +98,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             data.clean_images = sample_images(data.bank, CLEAN_IMAGES)
             statistics = f"clean (re-estimated on {len(data.clean_images)} of these images)"
         bank, bank_labels, queries, query_labels = data.features(learner)
-    except ValueError as error:
+    except (ValueError, NoReadableImagesError) as error:
         raise UserError(f"--data: {error}") from None
     missing = data.missing_warning(args.data)
     if missing:

@@ -85,7 +85,7 @@ from ..training.engine import (
 from ..training.models import build_backbone, build_learner
 from ..training.optim import build_recipe_optimizer, resync_lr, warmup_cosine_scheduler
 from ..training.recipe import Recipe
-from ..training.validation import BelowReference, KnnMonitor
+from ..training.validation import BelowReference, KnnMonitor, UnreadableKnnData
 from .devices import resolve_device
 from .errors import PROG, UserError, last_line, one_line, warn
 from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
@@ -865,20 +865,23 @@ def run(prepared: Run) -> TrainState:
         prepare=lambda x: match_channels(x, channels),
         check_every=None if ctx.device.type == "cpu" else min(10, args.log_every),
     )
-    if _stopped_while_measuring(prepared, monitor, metrics):
-        prepared.metrics = metrics
-        return state
-    batches = step_batches(prepared.loader, prepared.sampler, state.epoch, state.position, recipe.accumulate)
+    batches = None
     completed = False
     try:
+        if _stopped_while_measuring(prepared, monitor, metrics):
+            completed = True
+            prepared.metrics = metrics
+            return state
+        batches = step_batches(prepared.loader, prepared.sampler, state.epoch, state.position, recipe.accumulate)
         with _shard_warnings_as_lines():
             engine.run(batches, state, _hooks(prepared, metrics, monitor))
         completed = True
     except RemoteReadError as error:  # past the retries and the fault budget, or an error no retry heals
         raise UserError(f"--data: {last_line(error)}") from error
     except NoReadableImagesError as error:
+        flag = "--val-data" if isinstance(error, UnreadableKnnData) else "--data"
         raise UserError(
-            f"--data: {last_line(error)} (was the folder moved or removed during the run?); restore it and continue "
+            f"{flag}: {last_line(error)} (was the folder moved or removed during the run?); restore it and continue "
             f"with --resume: {'the last checkpoint is kept' if prepared.saved_step >= 0 else 'no checkpoint yet'}"
         ) from error
     except (torch.OutOfMemoryError, RuntimeError) as error:
@@ -899,7 +902,8 @@ def run(prepared: Run) -> TrainState:
         )
         raise UserError(f"{error}; {kept}. {advice}") from None
     finally:
-        batches.close()
+        if batches is not None:
+            batches.close()
         _release_workers(prepared.loader)
         if not completed:
             metrics.close()

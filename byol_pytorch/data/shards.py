@@ -195,10 +195,12 @@ def shard_samples(path: PathLike) -> int:
 
 
 def _counted(paths: Sequence[Path]) -> list[int]:
-    """Every shard's sample count, with one warning when a sample holds more than one image file.
+    """Every shard's sample count, with one warning when files named with dots merged into one sample.
 
     One image is read per sample, and webdataset's key ends at the first dot of a member's
-    name: files named with dots (``photo.2023.0001.jpg``) merge into one sample, most of them unread.
+    name: files named with dots (``photo.2023.0001.jpg``) merge into one sample, most of them
+    unread. Told from a sample's own several images (``000.jpg`` and its mask ``000.seg.png``)
+    by the numbers in what follows the key.
     """
     counts: list[int] = []
     warned = False
@@ -207,7 +209,8 @@ def _counted(paths: Sequence[Path]) -> list[int]:
         counts.append(len(samples))
         for key, members in samples if not warned else ():
             images = [suffix for suffix in members if suffix.rsplit(".", 1)[-1] in IMAGE_SUFFIXES]
-            if len(images) > 1:
+            numbered = [suffix for suffix in images if any(c.isdigit() for c in suffix.rsplit(".", 1)[0])]
+            if len(numbered) > 1:  # img.0001.png, img.0002.png; not an image and its mask (000.jpg, 000.seg.png)
                 warned = True
                 shown = ", ".join(f"{key}.{suffix}" for suffix in images[:3]) + (", ..." if len(images) > 3 else "")
                 warnings.warn(

@@ -363,7 +363,9 @@ class Engine:
         skipped = 0
         state.interval_start = state.start = time.perf_counter()
         learner = self.step_fn.learner
-        self.step_fn.model.train()  # a net handed over in eval mode (from_pretrained() returns one) trains too
+        net = getattr(learner, "net", None)
+        if isinstance(net, nn.Module) and not net.training:  # handed over in eval mode (from_pretrained() does)
+            net.train()  # (a net in train mode keeps its own choices: BatchNorm layers put in eval mode stay so)
         own_check = getattr(learner, "finite_check", None)
         if own_check is not None:
             learner.finite_check = False  # the engine reads the flags itself, with the loss, on every rank

@@ -20,9 +20,14 @@ from torch.utils.data import Dataset, Subset
 from ..augment import BYOLAugment
 from ..batchnorm import batchnorm_layers, clean_statistics
 from ..data import UNREADABLE, labelled_split, make_loader, match_channels
+from ..data.folder import NoReadableImagesError
 from .evaluate import extract_features, knn_accuracy
 
-__all__ = ["BelowReference", "KnnMonitor", "knn_noise", "split_labelled"]
+__all__ = ["BelowReference", "KnnMonitor", "UnreadableKnnData", "knn_noise", "split_labelled"]
+
+
+class UnreadableKnnData(NoReadableImagesError):
+    """Not one bank image, or not one held-out image, of a kNN evaluation could be read."""
 
 
 def split_labelled(root: str, load_size: int, channels: int) -> tuple[Any, Any]:
@@ -85,7 +90,7 @@ class KnnMonitor:
         readable = labels != UNREADABLE
         self.unreadable += int((~readable).sum())
         if not readable.any():
-            raise ValueError(f"none of the {len(labels)} {what} images of the kNN data could be read")
+            raise UnreadableKnnData(f"none of the {len(labels)} {what} images of the kNN data could be read")
         return features[readable], labels[readable]
 
     def features(self, learner: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

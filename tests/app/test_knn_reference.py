@@ -146,6 +146,23 @@ def test_a_stop_during_the_untouched_nets_evaluation_saves_a_checkpoint_to_resum
     assert load_checkpoint(out / "last.pt")["step"] == 4 and [r["step"] for r in rows(out)][0] == 0
 
 
+def test_val_data_with_no_readable_image_is_one_line_naming_the_flag(
+    messy, tmp_path, capsys, tiny_flags, make_labelled
+):
+    """Before: a traceback (the first evaluation ran outside the run's error handling; a review caught it raising
+    a plain ValueError mid-run too)."""
+    labelled = make_labelled(tmp_path / "labelled", per_class=5)
+    for image in labelled.rglob("*.png"):
+        image.write_bytes(b"")
+    argv = ["train", "--data", str(messy), "--out", str(tmp_path / "run"), *tiny_flags, "--val-data", str(labelled)]
+    assert cli.main([*argv, "--max-steps", "2"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("byol-pytorch: error:")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("byol-pytorch: error: --val-data: none of the 12 bank images of the kNN data could")
+    assert "restore it and continue with --resume" in lines[0]
+
+
 def test_the_closing_line_names_the_checkpoint_that_exists(messy, tmp_path, capsys, tiny_flags):
     out = tmp_path / "run"
     argv = ["train", "--data", str(messy), "--out", str(out), *tiny_flags, "--max-steps", "3", "--log-every", "1"]

@@ -158,7 +158,13 @@ def test_files_named_with_dots_that_merge_into_one_sample_are_named_once(tmp_pat
             tar.add(path, arcname=path.name)
     clean = make_shards(tmp_path / "clean", shards=2, broken=False)
     ShardDataset(clean, 9, batch_size=2)
-    assert not [w for w in recwarn if "image files" in str(w.message)]  # one image per sample: nothing to say
+    with tarfile.open(tmp_path / "masks.tar", "w") as tar:  # an image and its mask per sample (a review's case)
+        for i in range(4):
+            for name in (f"{i:03d}.jpg", f"{i:03d}.seg.png"):
+                (tmp_path / name).write_bytes(sample_png(i + 1, rng))
+                tar.add(tmp_path / name, arcname=name)
+    assert ShardDataset([tmp_path / "masks.tar"], 9, batch_size=2).counts == [4]
+    assert not [w for w in recwarn if "image files" in str(w.message)]  # one sample's own images: nothing to say
     with pytest.warns(UserWarning) as caught:
         dataset = ShardDataset([tmp_path / "dotted.tar", tmp_path / "dotted.tar"], 9, batch_size=1)
     assert dataset.counts == [1, 1]

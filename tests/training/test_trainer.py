@@ -120,6 +120,16 @@ def test_a_net_handed_over_in_eval_mode_is_trained_in_train_mode(tmp_path, make_
     assert not [w for w in recwarn if "eval mode" in str(w.message)]
 
 
+def test_a_net_in_train_mode_keeps_its_layers_put_in_eval_mode(tmp_path, make_cnn):
+    """A review caught the fix above putting every layer in train mode: a BatchNorm frozen with bn.eval() moved."""
+    trainer = _small_trainer(tmp_path, make_cnn, MockDataset(16, 8))
+    net = trainer.byol.net
+    net[1].eval()  # the usual way to keep one BatchNorm's statistics
+    before = net[1].running_mean.clone()
+    assert trainer()["steps"] == 2
+    assert not net[1].training and torch.equal(before, net[1].running_mean)
+
+
 def test_trainer_rejects_a_batch_of_one(tmp_path, make_cnn):
     with pytest.raises(ValueError, match="batch_size"):
         _small_trainer(tmp_path, make_cnn, MockDataset(16, 8), batch_size=1)

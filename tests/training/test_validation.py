@@ -120,5 +120,5 @@ def test_a_knn_whose_every_held_out_image_is_unreadable_is_a_value_error(tmp_pat
     for c in range(2):
         (root / f"class_{c}" / "4.png").write_bytes(b"")
     monitor = KnnMonitor(str(root), 16, 3, torch.device("cpu"), batch_size=8)
-    with pytest.raises(ValueError, match="none of the 2 held-out images of the kNN data could be read"):
+    with pytest.raises(RuntimeError, match="none of the 2 held-out images of the kNN data could be read"):
         monitor.features(_colour_learner())
