@@ -44,7 +44,13 @@ from tqdm import tqdm
 
 from .._discovery import infer_channels
 from ..augment import BYOLAugment
-from ..batchnorm import batchnorm_layers, batchnorm_state, clean_statistics, convert_sync_batchnorm
+from ..batchnorm import (
+    batchnorm_layers,
+    batchnorm_state,
+    clean_statistics,
+    convert_sync_batchnorm,
+    load_batchnorm_state,
+)
 from ..byol import BYOL
 from ..data import (
     DATA_FORMS,
@@ -1002,12 +1008,15 @@ def _stopped_while_measuring(prepared: Run, monitor: KnnMonitor | None, metrics:
     up at once (the resumed run measures it again); every rank stops when one was signalled.
     """
     first = None
+    untouched = batchnorm_state(prepared.learner.net)  # what an evaluation cut short may leave half-restored
     with StopSignals() as held:  # a signal while the ranks wait for each other: noted, not fatal
         try:
             with _abandon_on_signal():
                 _measure_reference(prepared, monitor, metrics)
         except _Stopped as stopped:
             first = stopped.signum
+            load_batchnorm_state(prepared.learner.net, untouched)  # the checkpoint holds the untouched net
+            prepared.knn_reference = None  # measured again by the resumed run (its row may not be written)
         prepared.ctx.wait_for_main()
         stops = [signum for signum in gather_objects(prepared.ctx, first or held.signum) if signum is not None]
     if not stops:
