@@ -88,6 +88,21 @@ def _check_arguments(
             raise TypeError(f"{arg} must be callable (e.g. an nn.Module), got {type(fn).__name__}")
 
 
+def _check_net(net: object, **switches: object) -> None:
+    """``net`` is a module whose layers all exist, and the switches are booleans (TypeError / ValueError)."""
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"net must be a torch.nn.Module (the backbone to train), got {type(net).__name__}")
+    for flag, value in switches.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
+    lazy = [name for name, p in net.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(
+            f"the net has lazy layers not yet built ({', '.join(lazy[:3])}): run one forward pass first, "
+            "net(torch.zeros(2, C, H, W)), so that their weights exist before BYOL copies and trains them"
+        )
+
+
 def _storage_marks(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     """Each tensor's storage address and in-place version: they change when anything but our copy writes it."""
     return [(t.data_ptr(), t._version) for t in tensors]
@@ -206,17 +221,7 @@ class BYOL(nn.Module):
         collapse_alarm: bool = True,
     ):
         super().__init__()
-        if not isinstance(net, nn.Module):
-            raise TypeError(f"net must be a torch.nn.Module (the backbone to train), got {type(net).__name__}")
-        for flag, value in (("use_momentum", use_momentum), ("use_batchnorm", use_batchnorm)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be True or False, got {value!r}")
-        lazy = [name for name, p in net.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
-        if lazy:
-            raise ValueError(
-                f"the net has lazy layers not yet built ({', '.join(lazy[:3])}): run one forward pass first, "
-                "net(torch.zeros(2, C, H, W)), so that their weights exist before BYOL copies and trains them"
-            )
+        _check_net(net, use_momentum=use_momentum, use_batchnorm=use_batchnorm, collapse_alarm=collapse_alarm)
         self.image_size = _pair(image_size)
         _check_arguments(
             projection_size,
@@ -293,8 +298,6 @@ class BYOL(nn.Module):
         self._range_warned = False  # until it warns, once
         self._mode_warned = False  # a net left in eval mode while the learner trains: said once
         self.finite_check = True  # update_moving_average() raises on an earlier non-finite step
-        if not isinstance(collapse_alarm, bool):
-            raise TypeError(f"collapse_alarm must be True or False, got {collapse_alarm!r}")
         monitor = CollapseMonitor(projection_size).to(device) if collapse_alarm else None
         self.register_module("collapse_monitor", monitor)
 

@@ -586,6 +586,28 @@ def _data_changed(run: Run, shards: bool) -> None:
         )
 
 
+def _saved_settings(args: argparse.Namespace, saved: dict[str, Any] | None, path: Path | None) -> Recipe | None:
+    """A resumed run's recipe, checked, and its own settings put into ``args`` where this start gives none."""
+    if not saved:
+        args.val_every = 5 if args.val_every is None else args.val_every
+        return None
+    try:
+        recipe = Recipe.from_dict(saved)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"--resume: {path}: {error}") from None
+    data = str(saved.get("data") or "")
+    if not args.data and ("://***@" in data or "=***" in data):  # saved without its secrets (redact)
+        raise UserError(
+            f"the run's --data {data} held credentials, which checkpoints do not keep: pass --data again, with "
+            "them, to resume it"
+        )
+    for key in ("shuffle_buffer", "image_column", "hf_split", "shard_index", "val_data", "val_every", "workers"):
+        if getattr(args, key, None) is None:
+            setattr(args, key, saved.get(key))
+    args.val_every = 5 if args.val_every is None else args.val_every
+    return recipe
+
+
 def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     """Everything before the first step: folder, recipe, data, learner, state (restored on resume)."""
     started = time.perf_counter()
@@ -598,23 +620,9 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         raise
     _same_checkpoint_everywhere(args, out, ctx, checkpoint)
     saved_args = checkpoint["args"] if checkpoint else None
-    try:
-        saved_recipe = Recipe.from_dict(saved_args) if saved_args else None
-    except (TypeError, ValueError) as error:
-        raise UserError(f"--resume: {resumed_from}: {error}") from None
-    recipe = resolve_recipe(args, saved_recipe)
+    recipe = resolve_recipe(args, _saved_settings(args, saved_args, resumed_from))
     micro_batch = check_sizes(recipe, ctx)
     data = args.data or (saved_args or {}).get("data")
-    if not args.data and data and ("://***@" in data or "=***" in data):  # saved without its secrets (redact)
-        raise UserError(
-            f"the run's --data {data} held credentials, which checkpoints do not keep: pass --data again, with "
-            "them, to resume it"
-        )
-    # the run's own settings where this start gives none
-    for key in ("shuffle_buffer", "image_column", "hf_split", "shard_index", "val_data", "val_every", "workers"):
-        if getattr(args, key, None) is None:
-            setattr(args, key, (saved_args or {}).get(key))
-    args.val_every = 5 if args.val_every is None else args.val_every
     precision, workers = _runtime_options(args, ctx)
     net, recipe = _build_net(recipe, args, ctx)
     deferred: list[Callable[[], None]] = []  # writes into the run folder, made once the run is sure to start
