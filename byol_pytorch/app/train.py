@@ -894,6 +894,8 @@ def run(prepared: Run) -> TrainState:
         raise UserError(f"--data: {last_line(error)}") from error
     except NoReadableImagesError as error:
         flag = "--val-data" if isinstance(error, UnreadableKnnData) else "--data"
+        if prepared.saved_step < 0 and state.step == 0:  # at the start: nothing was moved, nothing to resume
+            raise UserError(f"{flag}: {last_line(error)}; give images that can be read") from error
         raise UserError(
             f"{flag}: {last_line(error)} (was the folder moved or removed during the run?); restore it and continue "
             f"with --resume: {'the last checkpoint is kept' if prepared.saved_step >= 0 else 'no checkpoint yet'}"

@@ -328,12 +328,15 @@ def _reason(error: BaseException) -> str:
 SAME_CUT_READS = 3  # reads that end in the same place before a shard is taken for truncated
 
 
-def _same_cut(failures: list[tuple[int, str]], error: BaseException) -> bool:
+def _same_cut(failures: list[tuple[int, str]], error: BaseException, location: str) -> bool:
     """Whether the last reads all ended the same way at the same offset: the object itself is cut short.
 
     A connection that drops does so at a different byte each time (and fsspec resumes past it);
     a tar that is cut short ends with the same error every time it is read from the same sample.
+    Not for ``pipe:`` commands: ``curl -s`` writes a server's error page as if it were the data.
     """
+    if location.startswith("pipe:") and not isinstance(error, EOFError):
+        return False
     if not isinstance(error, tarfile.ReadError | EOFError) or len(failures) < SAME_CUT_READS:
         return False
     return len(set(failures[-SAME_CUT_READS:])) == 1
@@ -367,9 +370,13 @@ def read_shard(
     failures: list[tuple[int, str]] = []  # (offset, error) of the tries since the last sample
     while not stop.is_set():
         try:
-            file = open_remote(location, offset, policy)
+            start, again = (0, delivered) if offset < 0 else (offset, 0)  # a stream read to its end: from the top
+            file = open_remote(location, start, policy)
             try:
-                for sample, after in _samples_from(file, offset, wanted):
+                for sample, after in _samples_from(file, start, wanted):
+                    if again:  # delivered before: skipped, never handed out twice
+                        again -= 1
+                        continue
                     delivered, attempt, offset = delivered + 1, 0, after
                     yield sample
                     if delivered == expected or stop.is_set():
@@ -384,9 +391,13 @@ def read_shard(
         except Exception as error:
             reason = _permanent(error, location, delivered == 0 and offset == 0)
             failures = [f for f in failures if f[0] == offset] + [(offset, f"{type(error).__name__}: {error}")]
-            if reason is None and _same_cut(failures, error):
+            if reason is None and _same_cut(failures, error, location):
                 reason = (
-                    f"the object ends inside a sample at the same place on every read ({_reason(error)}, "
+                    f"{error} on {len(failures)} reads in a row: the count it was read with (--shard-index, the "
+                    "count cache) is stale, or the object was cut short; write the index again (byol-pytorch shards "
+                    "index), or upload the shard again"
+                    if isinstance(error, EOFError)
+                    else f"the object ends inside a sample at the same place on every read ({_reason(error)}, "
                     f"{len(failures)} reads from byte {offset}): it is truncated or corrupt; upload the shard again"
                 )
             if reason is not None:

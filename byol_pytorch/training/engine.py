@@ -365,7 +365,7 @@ class Engine:
         learner = self.step_fn.learner
         net = getattr(learner, "net", None)
         if isinstance(net, nn.Module) and not net.training:  # handed over in eval mode (from_pretrained() does)
-            net.train()  # (a net in train mode keeps its own choices: BatchNorm layers put in eval mode stay so)
+            self.step_fn.model.train()  # all of it, the target's copy too (a net in train mode keeps its choices)
         own_check = getattr(learner, "finite_check", None)
         if own_check is not None:
             learner.finite_check = False  # the engine reads the flags itself, with the loss, on every rank

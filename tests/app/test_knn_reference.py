@@ -159,8 +159,10 @@ def test_val_data_with_no_readable_image_is_one_line_naming_the_flag(
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("byol-pytorch: error:")]
     assert "Traceback" not in err and len(lines) == 1, err
-    assert lines[0].startswith("byol-pytorch: error: --val-data: none of the 12 bank images of the kNN data could")
-    assert "restore it and continue with --resume" in lines[0]
+    assert lines[0] == (
+        "byol-pytorch: error: --val-data: none of the 12 bank images of the kNN data could be read; give images "
+        "that can be read"
+    )  # at the start: no 'was it moved?', no --resume without a checkpoint (a review)
 
 
 def test_the_closing_line_names_the_checkpoint_that_exists(messy, tmp_path, capsys, tiny_flags):

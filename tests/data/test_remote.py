@@ -517,3 +517,49 @@ def test_an_index_url_the_server_fails_to_answer_is_retried_then_named_unread(
     (tmp_path / "shards" / "bad.json").write_bytes(b"\xff{")
     with pytest.raises(ValueError, match="bad.json: not a readable shard index"):
         load_index(f"{base}/bad.json", locations)
+
+
+def test_a_shard_shorter_than_its_count_hands_out_no_sample_twice_and_names_the_count(tmp_path):
+    """Before: the retry of a stream read to its end reopened at offset -1: pipe: read the shard again from the
+    top and handed out its first samples twice (http: a seek before the start, retried 8 times)."""
+    import io
+    import tarfile
+
+    from byol_pytorch.data.remote import read_shard
+
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(6):
+            info = tarfile.TarInfo(f"{i:04d}.jpg")
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"data"))
+    got = []
+    with pytest.raises(RemoteReadError, match="ends after 6 of the 8 samples .* on 3 reads in a row: the count"):
+        for key, _ in read_shard(f"pipe:cat {shard}", 8, lambda suffix, members: True, ReadPolicy(backoff=0.01)):
+            got.append(key)
+    assert got == [f"{i:04d}" for i in range(6)]  # each once
+
+
+def test_a_pipe_that_prints_an_error_page_for_a_while_is_retried_not_called_truncated(tmp_path):
+    """A review caught the same-cut rule ending a run on 'pipe:curl -s URL', whose 503 pages read as data."""
+    import io
+    import tarfile
+
+    from byol_pytorch.data.remote import read_shard
+
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(6):
+            info = tarfile.TarInfo(f"{i:04d}.jpg")
+            info.size = 2000
+            tar.addfile(info, io.BytesIO(bytes(2000)))
+    half = tmp_path / "half.tar"
+    half.write_bytes(shard.read_bytes()[:7000])  # cut inside the third sample
+    (tmp_path / "page.html").write_text("<html>503 Service Unavailable</html>\n")
+    script = tmp_path / "fetch.sh"  # the 1st call: cut short; the 2nd to 4th: an error page; then the shard
+    script.write_text(
+        f"n=$(cat {tmp_path}/n 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {tmp_path}/n\n"
+        f"if [ $n = 1 ]; then cat {half}; elif [ $n -le 4 ]; then cat {tmp_path}/page.html; else cat {shard}; fi\n"
+    )
+    got = [key for key, _ in read_shard(f"pipe:sh {script}", 6, lambda s, m: True, ReadPolicy(backoff=0.01))]
+    assert got == [f"{i:04d}" for i in range(6)] and (tmp_path / "n").read_text().strip() == "5"

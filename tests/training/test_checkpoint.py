@@ -98,7 +98,9 @@ def test_where_processes_cannot_be_asked_stale_temps_go_by_age(tmp_path, monkeyp
     assert fresh.exists() and not old.exists()
 
 
-@pytest.mark.parametrize("key, value", [("step", "x"), ("total_steps", -1), ("epoch", 1.5), ("version", True)])
+@pytest.mark.parametrize(
+    "key, value", [("step", "x"), ("total_steps", -1), ("epoch", 1.5), ("version", True), ("version", None)]
+)
 def test_a_count_that_is_no_count_is_a_value_error_naming_it(tmp_path, key, value):
     """Before: a hand-edited step='x' was a ValueError traceback from int() in embed, 'invalid literal' on resume."""
     path = save_checkpoint(tmp_path / "last.pt", {"step": 3, "total_steps": 10, "epoch": 0, key: value})

@@ -118,6 +118,8 @@ def test_a_net_handed_over_in_eval_mode_is_trained_in_train_mode(tmp_path, make_
     assert trainer()["steps"] == 2
     assert net.training and not torch.equal(before, net[1].running_mean)
     assert not [w for w in recwarn if "eval mode" in str(w.message)]
+    target = trainer.byol.target_encoder  # copied before the loop (init_target): in train mode too (a review)
+    assert target is not None and all(m.training for m in target.modules())
 
 
 def test_a_net_in_train_mode_keeps_its_layers_put_in_eval_mode(tmp_path, make_cnn):
