@@ -246,13 +246,15 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
 
 _LINE_BREAKS = {c: f"\\u{ord(c):04x}" for c in "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 _LINE_BREAKS["\n"] = "\\n"
+_LINE_BREAKS["\\"] = "\\\\"  # a backslash doubled: 'a\\nb' and a name with a newline stay apart
 
 
 def id_line(sample_id: str) -> str:
     """A sample id as one line of ``ids.txt``: ``str.splitlines`` splits at none of its characters.
 
-    Line breaks become ``\\n`` (a newline) or ``\\uXXXX`` escapes; bytes of a file name that are not
-    UTF-8 (Python's surrogate escapes) become ``\\xNN``. Every other id is written as it is.
+    Line breaks become ``\\n`` (a newline) or ``\\uXXXX`` escapes and a backslash ``\\\\``, so that
+    no two ids write the same line; bytes of a file name that are not UTF-8 (Python's surrogate
+    escapes) become ``\\xNN``. Every other id is written as it is.
     """
     line = "".join(_LINE_BREAKS.get(c, c) for c in sample_id)
     return line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

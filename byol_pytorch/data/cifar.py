@@ -227,6 +227,13 @@ def load_cifar(kind: str, root: PathLike, split: str = "train") -> tuple[torch.T
     folder = find_cifar_folder(kind, root)
     layout = CIFAR_LAYOUTS[kind]
     parts = [_read_batch(folder / name, layout["labels"]) for name in layout[split]]
+    for name, (_, batch_labels) in zip(layout[split], parts):
+        wrong = [label for label in batch_labels if not 0 <= label < layout["classes"]]
+        if wrong:
+            raise ValueError(
+                f"{str(folder / name)!r}: label {wrong[0]} is outside {kind}'s classes 0..{layout['classes'] - 1} "
+                f"(a {'cifar100:' if kind == 'cifar10' else 'cifar10:'} set, or a damaged file?)"
+            )
     images = torch.cat([p[0] for p in parts])
     labels = torch.tensor([label for p in parts for label in p[1]], dtype=torch.int64)
     classes = [str(i) for i in range(layout["classes"])]

@@ -84,7 +84,8 @@ class BrokenImageError(Exception):
 
 
 def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
+    """Hidden by the OS's rule (``.name``), or macOS's archive leftovers (``__MACOSX``: never a class)."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def _check_size(load_size: int, channels: int) -> None:

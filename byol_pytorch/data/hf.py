@@ -31,6 +31,7 @@ Python use (``pip install "byol-pytorch[datasets]"``)::
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,10 @@ def _load(path: Path) -> Any:
         raise ValueError(f"hf:{path}: no such file or folder; {_LOCAL_ONLY}")
     parquet = _parquet_files(path)
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        data = datasets.load_from_disk(str(path))
+        try:
+            data = datasets.load_from_disk(str(path))
+        except IndexError:  # datasets cannot load an empty split it saved itself
+            data = _load_splits_apart(path)
     elif parquet:
         data = datasets.load_dataset("parquet", data_files=parquet)
     elif path.is_dir():
@@ -160,6 +164,24 @@ def _load(path: Path) -> Any:
     else:
         raise ValueError(f"hf:{path} is a file but not a .parquet file; {_LOCAL_ONLY}")
     return data
+
+
+def _load_splits_apart(path: Path) -> Any:
+    """A saved dataset dict without its empty splits (``load_from_disk`` fails on one: an IndexError)."""
+    datasets = _datasets()
+    try:
+        names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []
+    loaded = {}
+    for name in names:
+        try:
+            loaded[str(name)] = datasets.load_from_disk(str(path / str(name)))
+        except IndexError:
+            continue  # an empty split: nothing to train on or evaluate
+    if not loaded:
+        raise ValueError(f"hf:{path} holds no rows (its splits, or the dataset, are empty)")
+    return datasets.DatasetDict(loaded)
 
 
 def _encoded_images(feature: Any, paths: bool) -> bool:

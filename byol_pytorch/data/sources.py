@@ -304,6 +304,7 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
             held = open_labelled(spec, load_size, channels, split=held_out, **options)
             if full.classes is not None:  # type: ignore[attr-defined]
                 held.number_by(full.classes)  # type: ignore[attr-defined]  # splits encoded apart: same names
+            _check_held_out_classes(spec, held_out, full.targets, held.targets, full.classes)  # type: ignore[attr-defined]
             return _Unsubstituted(full), _Unsubstituted(held)
         except UnlabelledRowsError as error:
             if error.missing < error.rows:
@@ -316,6 +317,19 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
         raise ValueError(f"{spec!r} has too few images per class for a kNN check (at least 5 per class)")
     items = _Unsubstituted(full)
     return Subset(items, bank), Subset(items, queries)
+
+
+def _check_held_out_classes(
+    spec: str, split: str, train: Sequence[int], held: Sequence[int], names: Sequence[str] | None
+) -> None:
+    """A held-out class without one training row can never be scored right: refused, as a folder's is."""
+    missing = sorted(set(held) - set(train))
+    if missing:
+        shown = [names[i] if names is not None and 0 <= i < len(names) else str(i) for i in missing[:5]]
+        raise ValueError(
+            f"{spec!r}: its {split} split has classes its train split has no rows of ({', '.join(map(repr, shown))}); "
+            "a kNN needs the held-out classes among the training ones"
+        )
 
 
 def _held_out_split(spec: str, kind: str) -> str | None:

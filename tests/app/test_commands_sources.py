@@ -249,6 +249,8 @@ def test_ids_are_one_line_each_and_shards_of_one_name_in_two_folders_get_distinc
         line = id_line(awkward)
         assert len((line + "\n").splitlines()) == 1 and line.encode("utf-8")
     assert id_line("plain/name.png") == "plain/name.png"
+    assert id_line("a\nb.png") != id_line("a\\nb.png")  # before: both 'a\nb.png', two files, one id
+    assert id_line("a\\nb.png") == "a\\\\nb.png"
 
 
 def _unlabelled_shards(root):

@@ -115,3 +115,18 @@ def test_parse_cifar_spec():
     assert parse_cifar_spec("CIFAR100:rel/dir") == ("cifar100", "rel/dir")
     assert parse_cifar_spec("/data/images") is None and parse_cifar_spec("C:/images") is None
     assert parse_cifar_spec(None) is None
+
+
+def test_labels_outside_the_sets_classes_are_a_value_error(tmp_path, make_cifar10):
+    """Before: labels 10..29 in a cifar10 test batch made a '30 classes' kNN with no word."""
+    import pickle
+
+    root = make_cifar10(tmp_path, per_batch=4, test=4)
+    path = root / "cifar-10-batches-py" / "test_batch"
+    with open(path, "rb") as handle:
+        batch = pickle.load(handle, encoding="bytes")
+    batch[b"labels"] = [10 + i for i in range(len(batch[b"labels"]))]
+    with open(path, "wb") as handle:
+        pickle.dump(batch, handle, protocol=3)
+    with pytest.raises(ValueError, match="test_batch': label 10 is outside cifar10's classes 0..9 \\(a cifar100:"):
+        load_cifar("cifar10", root, "test")

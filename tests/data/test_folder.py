@@ -422,3 +422,13 @@ def test_tar_files_where_images_were_expected_are_named_with_the_fix(tmp_path):
     (mixed / "sub").mkdir()  # a folder is not a file beside the shards
     with pytest.raises(ValueError, match=r"it holds 2 .tar file\(s\): shards, not images"):
         ImageFolder(mixed, S)
+
+
+def test_a_macos_archive_folder_is_no_class(tmp_path, make_labelled):
+    """Before: unzipping on a Mac leaves __MACOSX/ beside the classes, and eval refused it as an empty class."""
+    from byol_pytorch.data.folder import LabelledImageFolder
+
+    root = make_labelled(tmp_path / "lab", classes=2, per_class=3)
+    (root / "__MACOSX" / "class_0").mkdir(parents=True)
+    (root / "__MACOSX" / "class_0" / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble, not a PNG
+    assert LabelledImageFolder(root, 8).classes == ["class_0", "class_1"]

@@ -200,3 +200,28 @@ def test_a_lone_split_names_its_rows_and_unnamed_classes_keep_their_numbers(tmp_
     texts = data.add_column("caption", ["a picture"] * 10)
     with pytest.raises(ValueError, match="column 'caption' is not an image column"):
         image_column(texts, "caption")
+
+
+def test_an_empty_split_is_left_out_and_an_empty_dataset_is_one_error(tmp_path):
+    """Before: datasets' load_from_disk failed on the empty split it had saved, a traceback in every command."""
+    import io
+
+    from byol_pytorch.data import labelled_split, open_unlabelled
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), "red").save(buffer, "PNG")
+    rows = datasets.Dataset.from_dict(
+        {"image": [{"bytes": buffer.getvalue(), "path": None}] * 10, "label": [0, 1] * 5},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}),
+    )
+    datasets.DatasetDict({"train": rows, "extra": rows.select([])}).save_to_disk(str(tmp_path / "dd"))
+    assert len(open_unlabelled(f"hf:{tmp_path / 'dd'}", 16, 3)) == 10
+    rows.select([]).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="holds no rows"):
+        open_unlabelled(f"hf:{tmp_path / 'empty'}", 16, 3)
+
+    held = rows.cast_column("label", datasets.ClassLabel(names=["a", "b", "c"])).map(lambda r: {"label": 2})
+    train = rows.cast_column("label", datasets.ClassLabel(names=["a", "b", "c"]))
+    datasets.DatasetDict({"train": train, "validation": held}).save_to_disk(str(tmp_path / "c_only_held"))
+    with pytest.raises(ValueError, match="validation split has classes its train split has no rows of \\('c'\\)"):
+        labelled_split(f"hf:{tmp_path / 'c_only_held'}", 16, 3)  # before: scored, every query wrong
