@@ -188,9 +188,16 @@ def find_cifar_folder(kind: str, root: PathLike) -> Path:
     if kind not in CIFAR_LAYOUTS:
         raise ValueError(f"unknown CIFAR set {kind!r}; use one of {', '.join(CIFAR_LAYOUTS)}")
     layout, base = CIFAR_LAYOUTS[kind], Path(root).expanduser()
+    names = layout["train"] + layout["test"]
     for folder in (base / layout["folder"], base):
-        if all((folder / name).is_file() for name in layout["train"] + layout["test"]):
+        missing = [name for name in names if not (folder / name).is_file()]
+        if not missing:
             return folder
+        if len(missing) < len(names):  # the set is there, but not whole
+            raise ValueError(
+                f"{str(folder)!r} holds {kind} batches but not {', '.join(missing)}: the download or the unpacking "
+                f"was cut short; unpack {layout['url']} there again"
+            )
     raise ValueError(_missing_message(kind, base))
 
 

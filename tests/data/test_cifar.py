@@ -130,3 +130,11 @@ def test_labels_outside_the_sets_classes_are_a_value_error(tmp_path, make_cifar1
         pickle.dump(batch, handle, protocol=3)
     with pytest.raises(ValueError, match="test_batch': label 10 is outside cifar10's classes 0..9 \\(a cifar100:"):
         load_cifar("cifar10", root, "test")
+
+
+def test_a_set_missing_one_batch_names_that_batch(tmp_path, make_cifar10):
+    """Before: 'no cifar10 python batches in ...', as if none were there, and the advice to download the set."""
+    root = make_cifar10(tmp_path, per_batch=2, test=2)
+    (root / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(ValueError, match="holds cifar10 batches but not data_batch_3: the download or the unpack"):
+        find_cifar_folder("cifar10", root)
