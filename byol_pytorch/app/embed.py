@@ -377,9 +377,13 @@ def run_embed(args: argparse.Namespace) -> int:
         outputs.close(final=finished)
     summary = {**identity, "model": recipe.model, "rows": outputs.vectors.rows, "dim": learner.representation_size}
     summary.update(broken=outputs.broken, labels=labelled, image_size=recipe.image_size, bn_stats=statistics)
+    passed_over = int(getattr(getattr(items, "dataset", None), "passed_over", 0) or 0)  # a folder's FIFOs, dead links
+    summary.update(passed_over=passed_over)
     _write_json(out / "embed.json", summary)
     (out / STATE).unlink(missing_ok=True)
     left = f"; {outputs.broken} unreadable images left out" if outputs.broken else ""
+    if passed_over:
+        left += f"; {passed_over} entries that are not regular files (FIFOs, sockets, broken links) passed over"
     print(
         f"byol-pytorch: wrote {outputs.vectors.rows} vectors of {learner.representation_size} ({args.dtype}) to "
         f"{out / 'embeddings.npy'}, their ids to {out / 'ids.txt'}"

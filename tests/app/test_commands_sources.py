@@ -370,3 +370,17 @@ def test_one_bad_label_first_leaves_the_other_labels_and_small_shards_hold_some_
     bank, queries = labelled_split(small, 8)
     assert len(list(bank)) == 15 and len(list(queries)) == 3  # every fifth of the 18, across the shards
     assert cli.main(["eval", "--data", small, "--checkpoint", str(checkpoint), "--knn"]) == 0
+
+
+def test_embed_counts_the_entries_that_are_not_regular_files(tmp_path, checkpoint, make_messy_folder, capsys):
+    """Before: train warned about broken links and FIFOs, embed passed them over without a word or a count."""
+    import os
+
+    data = make_messy_folder(tmp_path / "images", good=4)
+    (data / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(data / "pipe.png")
+    out = tmp_path / "emb"
+    assert cli.main(["embed", "--data", str(data), "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert json.loads((out / "embed.json").read_text())["passed_over"] == 2
+    printed = capsys.readouterr().out
+    assert "; 2 entries that are not regular files (FIFOs, sockets, broken links) passed over" in printed
