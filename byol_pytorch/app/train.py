@@ -301,9 +301,10 @@ def _resume_path(args: argparse.Namespace, out: Path) -> Path | None:
         raise UserError(f"--out {out} is a file, not a folder; choose another --out (the run folder to write to)")
     path = _checkpoint_path(args, out)
     if path.exists() and not path.is_file() and not path.is_dir():
+        other = "--out" if path == out / "last.pt" else "--resume checkpoint"
         raise UserError(
             f"{path} is not a checkpoint file but a special file (a FIFO, a socket, a device); remove it, or choose "
-            "another --out"
+            f"another {other}"
         )
     if args.resume is None or args.resume is False:
         if (out / "last.pt").exists():
