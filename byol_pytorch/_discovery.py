@@ -65,7 +65,7 @@ import dataclasses
 import difflib
 import inspect
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -224,21 +224,24 @@ def _pyramid(out: tuple | list, image_size: tuple[int, int]) -> bool:
     return all(b <= a for a, b in zip(areas, areas[1:])) and areas[-1] < areas[0]
 
 
-def _graph_leaves(tensor: object) -> set[int]:
-    """ids of the leaf tensors (parameters) the autograd graph of ``tensor`` reaches."""
-    grad_fn = getattr(tensor, "grad_fn", None)
+def _graph_nodes(tensor: object, stop: object = None) -> Iterator[object]:
+    """The autograd nodes of ``tensor``'s graph, each once; ``stop`` is yielded but not walked past."""
     seen: set[object] = set()
-    stack, leaves = [grad_fn], set()
+    stack = [getattr(tensor, "grad_fn", None)]
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        variable = getattr(fn, "variable", None)
-        if variable is not None:
-            leaves.add(id(variable))
-        stack.extend(f for f, _ in fn.next_functions)
-    return leaves
+        yield fn
+        if fn is not stop:
+            stack.extend(f for f, _ in fn.next_functions)
+
+
+def _graph_leaves(tensor: object) -> set[int]:
+    """ids of the leaf tensors (parameters) the autograd graph of ``tensor`` reaches."""
+    variables = (getattr(fn, "variable", None) for fn in _graph_nodes(tensor))
+    return {id(variable) for variable in variables if variable is not None}
 
 
 def _only_through(target: torch.Tensor, scores: torch.Tensor, before: object) -> bool:
@@ -250,21 +253,12 @@ def _only_through(target: torch.Tensor, scores: torch.Tensor, before: object) ->
     stop = scores.grad_fn
     if stop is None:
         return False
-    upstream = _graph_leaves(before)
-    seen: set[object] = set()
-    stack, reached = [target.grad_fn], False
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if fn is stop:
-            reached = True
-            continue
+    upstream, reached = _graph_leaves(before), False
+    for fn in _graph_nodes(target, stop):
+        reached = reached or fn is stop
         variable = getattr(fn, "variable", None)
         if variable is not None and id(variable) in upstream:
             return False
-        stack.extend(f for f, _ in fn.next_functions)
     return reached
 
 
@@ -426,28 +420,19 @@ def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bo
     """
     single = [m for kind, m in trace.events if kind == "end" and _classifier_like(m, trace.outputs.get(m))]
     last = trace.outputs.get(single[-1]) if single else None
-    if (
-        isinstance(last, torch.Tensor)
-        and not trace.modified_later(single[-1])  # a 1x1 conv head + in-place activation is not a classifier
-        and (last is target or (last.numel() == target.numel() and torch.equal(last.reshape(target.shape), target)))
-    ):
-        return single[-1], True
-    if (
-        isinstance(last, torch.Tensor)
-        and not trace.modified_later(single[-1])
-        and _probabilities_of(target, last)
-        and id(getattr(single[-1], "weight", None)) in _graph_leaves(target)
-    ):
-        return single[-1], True  # class scores turned into (log-)probabilities: F.log_softmax(fc(x))
-    if (
-        isinstance(last, torch.Tensor)
-        and not trace.modified_later(single[-1])
-        and target.ndim == 2
-        and last.shape == target.shape
-        and _declared_classes(trace.net) == target.shape[1]  # scores: tanh(fc(x)) of a headless net is features
-        and _only_through(target, last, trace.inputs.get(single[-1]))
-    ):
-        return single[-1], True  # a function of the class scores alone: sigmoid(fc(x)), fc(x) / T
+    # a 1x1 conv head + in-place activation is not a classifier: its output must be as it left the module
+    if isinstance(last, torch.Tensor) and not trace.modified_later(single[-1]):
+        if last is target or (last.numel() == target.numel() and torch.equal(last.reshape(target.shape), target)):
+            return single[-1], True
+        if _probabilities_of(target, last) and id(getattr(single[-1], "weight", None)) in _graph_leaves(target):
+            return single[-1], True  # class scores turned into (log-)probabilities: F.log_softmax(fc(x))
+        if (
+            target.ndim == 2
+            and last.shape == target.shape
+            and _declared_classes(trace.net) == target.shape[1]  # scores: tanh(fc(x)) of a headless net is features
+            and _only_through(target, last, trace.inputs.get(single[-1]))
+        ):
+            return single[-1], True  # a function of the class scores alone: sigmoid(fc(x)), fc(x) / T
     averaged = _averaged_conv_classifier(trace, target)
     if averaged is not None:
         return averaged, True

@@ -260,17 +260,19 @@ def id_line(sample_id: str) -> str:
     return line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _resumed_ids(path: Path, rows: int) -> bytes:
-    """The first ``rows`` lines of a stopped run's ``ids.txt``, else a ``ValueError`` (missing, short, not UTF-8)."""
+def _resumed_ids(path: Path, rows: int) -> tuple[list[str], bool]:
+    """The first ``rows`` lines of a stopped run's ``ids.txt`` and whether the file holds more (to cut);
+    a ``ValueError`` when it is missing, short or not UTF-8."""
     try:
-        lines = path.read_bytes().decode("utf-8").splitlines(keepends=True)
+        data = path.read_bytes()
+        lines = data.decode("utf-8").splitlines(keepends=True)
     except FileNotFoundError:
-        lines = []
+        data, lines = b"", []
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not the UTF-8 text the stopped run wrote (it was changed)") from None
     if len(lines) < rows:
         raise ValueError(f"{path} holds {len(lines)} of the {rows} ids the stopped run recorded (it was changed)")
-    return "".join(lines[:rows]).encode("utf-8")
+    return lines[:rows], len("".join(lines[:rows]).encode("utf-8")) != len(data)
 
 
 class _Outputs:
@@ -280,12 +282,12 @@ class _Outputs:
         rows = 0 if state is None else int(state["rows"])
         self.out, self.labelled = out, labelled
         ids = out / "ids.txt"
-        if state is not None:  # checked before anything is opened for writing
-            kept = _resumed_ids(ids, rows)
+        kept, cut = _resumed_ids(ids, rows) if state is not None else ([], False)  # checked before any write
+        self.done_ids = {line.rstrip("\r\n") for line in kept}  # the samples a resumed run passes over
         self.vectors = NpyRows(out / "embeddings.npy", capacity, (dim,), np.dtype(dtype), rows)
         self.labels = NpyRows(out / "labels.npy", capacity, (), np.dtype(np.int64), rows) if labelled else None
-        if state is not None and ids.read_bytes() != kept:  # drop ids written after the last recorded flush
-            atomic_write(ids, lambda temp: Path(temp).write_bytes(kept))
+        if cut:  # drop ids written after the last recorded flush
+            atomic_write(ids, lambda temp: Path(temp).write_bytes("".join(kept).encode("utf-8")))
         self.ids = open(ids, "a" if state is not None else "w", encoding="utf-8")  # noqa: SIM115
         self.items = 0 if state is None else int(state["items"])
         self.broken = 0 if state is None else int(state["broken"])
@@ -356,9 +358,7 @@ def run_embed(args: argparse.Namespace) -> int:
         outputs = _Outputs(out, len(items), learner.representation_size, args.dtype, labelled, state)  # type: ignore[arg-type]
     except ValueError as error:  # a resumed run's files changed since it stopped: nothing was written
         raise UserError(f"--resume: {error}; embed again into another --out (or remove {out})") from None
-    done_ids = (
-        set((out / "ids.txt").read_text(encoding="utf-8").splitlines()) if state and outputs.vectors.rows else None
-    )
+    done_ids = outputs.done_ids if state and outputs.vectors.rows else None
     rest = _remaining(items, outputs.items, done_ids)
     loader = make_loader(rest, args.batch_size, args.workers, shuffle=False, drop_last=False, persistent=False)
     batches = [0]

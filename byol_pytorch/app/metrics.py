@@ -193,8 +193,9 @@ class MetricsLog:
     def _open_files(self, resume_step: int | None, summary_writer: Any) -> None:
         """metrics.jsonl (the rows up to ``resume_step`` kept) and the TensorBoard writer."""
         kept: list[str] = []
-        if resume_step is not None and self.path.exists():
-            for line in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        old = self.path.read_bytes() if self.path.exists() else None
+        if resume_step is not None and old is not None:
+            for line in old.decode("utf-8", errors="replace").splitlines():
                 try:
                     step = json.loads(line).get("step", math.inf)
                     if isinstance(step, (int, float)) and not isinstance(step, bool) and step <= resume_step:
@@ -202,7 +203,7 @@ class MetricsLog:
                 except (json.JSONDecodeError, AttributeError):
                     continue  # a line cut by a crash, or edited into something else
         text = "".join(line + "\n" for line in kept)
-        if not self.path.exists() or self.path.read_bytes() != text.encode("utf-8"):
+        if old != text.encode("utf-8"):
             atomic_write(self.path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))  # never half-written
         if summary_writer is not None:
             self.writer = summary_writer(log_dir=str(self.path.parent / "tensorboard"))

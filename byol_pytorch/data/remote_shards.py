@@ -153,8 +153,8 @@ def _read_bytes(location: str) -> bytes:
         return Path(location).read_bytes()
     from .remote import _filesystem, _permanent
 
-    policy = ReadPolicy()
-    for attempt in range(1, policy.retries + 2):
+    policy, attempt = ReadPolicy(), 0
+    while True:
         try:
             fs, path = _filesystem(location, policy)
             with fs.open(path, "rb") as file:
@@ -162,10 +162,10 @@ def _read_bytes(location: str) -> bytes:
         except ImportError:
             raise
         except Exception as error:
+            attempt += 1
             if _permanent(error, location, at_start=False) is not None or attempt > policy.retries:
                 raise
             time.sleep(policy.wait(attempt))
-    raise AssertionError("unreachable")
 
 
 def _shard_name(location: str) -> str:

@@ -207,22 +207,29 @@ def _counted(paths: Sequence[Path]) -> list[int]:
     for path in paths:
         samples = _samples(path)
         counts.append(len(samples))
-        for key, members in samples if not warned else ():
-            images = [suffix for suffix in members if suffix.rsplit(".", 1)[-1] in IMAGE_SUFFIXES]
-            numbered = [suffix for suffix in images if any(c.isdigit() for c in suffix.rsplit(".", 1)[0])]
-            if len(numbered) > 1:  # img.0001.png, img.0002.png; not an image and its mask (000.jpg, 000.seg.png)
-                warned = True
-                shown = ", ".join(f"{key}.{suffix}" for suffix in images[:3]) + (", ..." if len(images) > 3 else "")
-                warnings.warn(
-                    f"shard {str(path)!r}: sample {key!r} holds {len(images)} image files ({shown}) and one image is "
-                    "read per sample: a sample's key ends at the first dot of a file's name, so files named with dots "
-                    "merge into one sample; rename them without dots, or build the shards with "
-                    "'byol-pytorch shards make', which keeps one image per sample",
-                    UserWarning,
-                    stacklevel=4,
-                )
-                break
+        merged = None if warned else next(filter(None, map(_merged_images, samples)), None)
+        if merged is not None:
+            warned = True
+            key, images = merged
+            shown = ", ".join(f"{key}.{suffix}" for suffix in images[:3]) + (", ..." if len(images) > 3 else "")
+            warnings.warn(
+                f"shard {str(path)!r}: sample {key!r} holds {len(images)} image files ({shown}) and one image is "
+                "read per sample: a sample's key ends at the first dot of a file's name, so files named with dots "
+                "merge into one sample; rename them without dots, or build the shards with "
+                "'byol-pytorch shards make', which keeps one image per sample",
+                UserWarning,
+                stacklevel=4,
+            )
     return counts
+
+
+def _merged_images(sample: _Sample) -> tuple[str, list[str]] | None:
+    """``(key, image suffixes)`` of a sample that files named with dots merged (``img.0001.png``, ``img.0002.png``);
+    None for one image, or an image and its mask (``000.jpg``, ``000.seg.png``)."""
+    key, members = sample
+    images = [suffix for suffix in members if suffix.rsplit(".", 1)[-1] in IMAGE_SUFFIXES]
+    numbered = [suffix for suffix in images if any(c.isdigit() for c in suffix.rsplit(".", 1)[0])]
+    return (key, images) if len(numbered) > 1 else None
 
 
 def _shuffled(samples: list[_Sample], size: int, rng: random.Random) -> Iterator[_Sample]:

@@ -412,7 +412,7 @@ def embedding_items(dataset: Dataset) -> Dataset:
     return _EmbeddingItems(dataset)
 
 
-def _readable(item: Any) -> bool:
+def _item_readable(item: Any) -> bool:
     """Whether a map-style item holds a readable image: ``embedding_items``' readable flag, a kNN's label."""
     if isinstance(item, (tuple, list)) and len(item) >= 4:
         return bool(item[3])  # (image, label, sample id, readable)
@@ -439,7 +439,7 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
         n = len(dataset)  # type: ignore[arg-type]
         indices = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
         items = [dataset[int(i)] for i in indices]
-        images = [item[0] for item in items if _readable(item)]
+        images = [item[0] for item in items if _item_readable(item)]
     if not images:
         raise ValueError("no readable image to estimate BatchNorm statistics from")
     return torch.stack(images)

@@ -118,7 +118,7 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
             f"{str(path)!r} is not a byol_pytorch checkpoint (it holds {what}); pass RUNDIR/last.pt "
             "written by 'byol-pytorch train'"
         )
-    counts = {key: obj[key] for key in _COUNTS if obj.get(key) is not None or (key == "version" and key in obj)}
+    counts = {key: obj[key] for key in _COUNTS if key in obj and (obj[key] is not None or key == "version")}
     bad = [key for key, value in counts.items() if not isinstance(value, int) or isinstance(value, bool) or value < 0]
     if bad:
         raise ValueError(
