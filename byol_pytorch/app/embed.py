@@ -229,10 +229,27 @@ def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -
     return state
 
 
-def _remaining(items: Dataset, done: int, ids_done: set[str] | None) -> Dataset:
+class _DoneIds:
+    """The samples a resumed run passes over: ``sample_id in done`` compares the id as ``ids.txt`` wrote it.
+
+    ``ids.txt`` holds ``id_line(sample_id)``, an escaped form (a key with a backslash or a line break
+    differs from its line), so a raw id is escaped before it is looked up.
+    """
+
+    def __init__(self, lines: set[str]) -> None:
+        self.lines = lines
+
+    def __contains__(self, sample_id: object) -> bool:
+        return isinstance(sample_id, str) and id_line(sample_id) in self.lines
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
+def _remaining(items: Dataset, done: int, ids_done: _DoneIds | None) -> Dataset:
     """The items after those done: a map-style tail, or shards that skip the done samples undecoded."""
     if isinstance(items, ShardSamples | RemoteShardSamples):
-        items.skip = ids_done or set()
+        items.skip = ids_done or _DoneIds(set())
         return items
     return Subset(items, range(done, len(items)))  # type: ignore[arg-type]
 
@@ -283,7 +300,7 @@ class _Outputs:
         self.out, self.labelled = out, labelled
         ids = out / "ids.txt"
         kept, cut = _resumed_ids(ids, rows) if state is not None else ([], False)  # checked before any write
-        self.done_ids = {line.rstrip("\r\n") for line in kept}  # the samples a resumed run passes over
+        self.done_ids = _DoneIds({line.rstrip("\r\n") for line in kept})  # the samples a resumed run passes over
         self.vectors = NpyRows(out / "embeddings.npy", capacity, (dim,), np.dtype(dtype), rows)
         self.labels = NpyRows(out / "labels.npy", capacity, (), np.dtype(np.int64), rows) if labelled else None
         if cut:  # drop ids written after the last recorded flush

@@ -32,7 +32,7 @@ import os
 import random
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -400,7 +400,7 @@ class RemoteShardSamples(IterableDataset):
         self.load_size, self.channels, self.labelled = load_size, channels, labelled
         self.index, self.policy = index, policy or ReadPolicy()
         self.source = redact(shards)
-        self.skip: set[str] = set()
+        self.skip: Container[str] = frozenset()
         self._length: int | None = None
         problem = self._label_problem() if labelled else None  # one sample read: refused before any run
         if problem is not None:

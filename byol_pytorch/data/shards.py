@@ -58,7 +58,7 @@ import re
 import tarfile
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -522,7 +522,7 @@ class ShardSamples(IterableDataset):
         self.paths = expand_shards(shards)
         self.names = shard_names(self.paths)  # the SHARD of each sample id
         self.load_size, self.channels, self.labelled, self.keep = load_size, channels, labelled, keep
-        self.skip: set[str] = set()  # ``SHARD:KEY`` of samples to pass over without reading them (a resumed embed)
+        self.skip: Container[str] = frozenset()  # ``SHARD:KEY`` ids to pass over unread (a resumed embed)
         self.source = str(shards) if isinstance(shards, str) else f"{len(self.paths)} shards"
         self.counts = _counted(self.paths)
         self.length = self._kept()
@@ -551,7 +551,7 @@ class ShardSamples(IterableDataset):
     def with_keep(self, keep: Any) -> ShardSamples:
         """These samples selected by ``keep`` (see the class), without reading the shards' headers again."""
         view = copy.copy(self)
-        view.keep, view.skip = keep, set(self.skip)
+        view.keep, view.skip = keep, self.skip
         view.length = view._kept()
         return view
 

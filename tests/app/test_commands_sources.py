@@ -384,3 +384,39 @@ def test_embed_counts_the_entries_that_are_not_regular_files(tmp_path, checkpoin
     assert json.loads((out / "embed.json").read_text())["passed_over"] == 2
     printed = capsys.readouterr().out
     assert "; 2 entries that are not regular files (FIFOs, sockets, broken links) passed over" in printed
+
+
+def test_a_stopped_embed_of_shards_with_escaped_keys_resumes_to_the_same_files(checkpoint, tmp_path, monkeypatch):
+    """Before: the resumed run compared the escaped lines of ids.txt with raw keys, found none of a key holding a
+    backslash done, embedded them again and stopped with 'embeddings.npy holds at most 8 rows'."""
+    import io
+
+    import webdataset
+    from PIL import Image
+
+    from byol_pytorch.app import embed as embed_module
+
+    with webdataset.TarWriter(str(tmp_path / "s-0.tar")) as sink:
+        for i in range(8):
+            buffer = io.BytesIO()
+            Image.new("RGB", (12, 12), (i * 30, 0, 0)).save(buffer, format="PNG")
+            sink.write({"__key__": f"dir\\k{i}" if i % 2 else f"k{i}", "png": buffer.getvalue()})
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    base = ["embed", "--data", str(tmp_path / "s-0.tar"), "--checkpoint", str(checkpoint), "--batch-size", "2"]
+    base += ["--flush-every", "1", "--workers", "0"]
+    assert cli.main([*base, "--out", str(whole)]) == 0
+    original, calls = embed_module._Outputs.write, []
+
+    def write_then_stop(self, *a):
+        original(self, *a)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_module._Outputs, "write", write_then_stop)
+    assert cli.main([*base, "--out", str(part)]) == 130
+    monkeypatch.setattr(embed_module._Outputs, "write", original)
+    assert cli.main([*base, "--out", str(part), "--resume"]) == 0
+    ids = (part / "ids.txt").read_text().splitlines()
+    assert ids == (whole / "ids.txt").read_text().splitlines() and "s-0.tar:dir\\\\k1" in ids
+    assert np.array_equal(np.load(whole / "embeddings.npy"), np.load(part / "embeddings.npy"))
