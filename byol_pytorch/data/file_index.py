@@ -244,13 +244,15 @@ class _Scan:
     folders: list[str] = field(default_factory=list)  # relative, "" for the root
     mtimes: list[int] = field(default_factory=list)
     inodes: list[int] = field(default_factory=list)
+    unlisted: list[tuple[str, str]] = field(default_factory=list)  # folders that could not be listed, and why
 
 
 def _walk(root: str) -> _Scan:
     """Depth first, each folder's entries sorted by name: the component-by-component order.
 
     Hidden entries are skipped; a folder reached twice (a link cycle, two links to one
-    folder) is walked the first time only; an unreadable folder is skipped (as ``os.walk``).
+    folder) is walked the first time only; a folder that cannot be listed is skipped (as
+    ``os.walk``) and recorded in ``unlisted``.
     """
     scan = _Scan()
     seen: set[str] = set()
@@ -266,7 +268,8 @@ def _walk(root: str) -> _Scan:
             status = os.stat(path)  # before the listing: a change during it shows as a later time
             with os.scandir(path) as listing:
                 entries = sorted(listing, key=lambda entry: entry.name)
-        except OSError:
+        except OSError as error:
+            scan.unlisted.append((relative or ".", error.strerror or type(error).__name__))
             return
         scan.folders.append(relative)
         scan.mtimes.append(status.st_mtime_ns)
@@ -303,9 +306,23 @@ def _no_images(root: Path, passed_over: int) -> ValueError:
     )
 
 
+def _warn_unlisted(root: Path, unlisted: list[tuple[str, str]]) -> None:
+    """One warning for the folders a scan could not list: their images are not in the index."""
+    shown = ", ".join(f"{name!r} ({why})" for name, why in unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
+    warnings.warn(
+        f"{len(unlisted)} folder(s) under {str(root)!r} could not be listed and their images are left out: "
+        f"{shown}; give this user read and execute permission on them to include them",
+        stacklevel=4,
+    )
+
+
 def _scan(root: Path) -> tuple[FileIndex, _Scan]:
     check_folder(root)
     scan = _walk(str(root))
+    if scan.unlisted and scan.unlisted[0][0] == ".":
+        raise ValueError(f"image folder {str(root)!r} cannot be listed ({scan.unlisted[0][1]}); check its permissions")
+    if scan.unlisted:
+        _warn_unlisted(root, scan.unlisted)
     if not scan.names:
         raise _no_images(root, scan.passed_over)
     index = FileIndex.from_relative(root, scan.names, scan.passed_over)
@@ -321,8 +338,10 @@ def index_images(root: PathLike) -> FileIndex:
     followed once (a link cycle is not walked twice; of two links to one folder, the
     first in sorted order is walked). Only regular files (after following links) are
     kept: FIFOs, sockets, devices and broken links are passed over and counted in
-    ``passed_over``. Contents are not opened. The order is that of the sorted ``Path``
-    objects: component by component (``a/b.png`` before ``a-b.png``).
+    ``passed_over``. A sub-folder that cannot be listed (no read permission) is left out with
+    a warning naming it, and such a scan is not cached. Contents are not opened. The order
+    is that of the sorted ``Path`` objects: component by component (``a/b.png`` before
+    ``a-b.png``).
 
     Args:
         root: the folder to search.
@@ -331,7 +350,8 @@ def index_images(root: PathLike) -> FileIndex:
         The index; ``index[i]`` is ``root`` joined with the ``i``-th relative path.
 
     Raises:
-        ValueError: ``root`` does not exist, is not a folder, or holds no image files.
+        ValueError: ``root`` does not exist, is not a folder, cannot be listed, or holds no
+            image files.
 
     Examples:
         >>> import tempfile
@@ -480,6 +500,9 @@ def scan_with_cache(root: PathLike, cache: PathLike | None) -> tuple[FileIndex, 
         return cached, None
     scanned_ns = time.time_ns()
     index, scan = _scan(root)
+
+    if scan.unlisted:  # not cached: the fixed permissions of a folder change no time the cache checks
+        return index, None
 
     def save() -> None:
         try:

@@ -388,3 +388,28 @@ def test_rank0_scans_and_the_other_rank_receives_the_same_index(tmp_path):
         )
     assert [int(got["walks"]) for got in ranks] == [1, 0]  # rank 1 never scanned
     assert (out / INDEX_CACHE_NAME).is_file()  # written by rank 0
+
+
+def test_a_folder_that_cannot_be_listed_is_named_and_its_scan_not_cached(aged, tmp_path, monkeypatch):
+    """Before: a sub-folder without read permission was dropped without a word, and the cache kept it out after
+    the permissions were fixed (a folder's permissions change no modification time the cache checks).
+    Root ignores permissions, so the listing's PermissionError is raised by a stand-in for os.scandir."""
+    listing, whole = os.scandir, index_images(aged)
+    locked = {str(aged / "b")}
+
+    def scandir(path):
+        if str(path) in locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+
+    monkeypatch.setattr(file_index.os, "scandir", scandir)
+    cache = tmp_path / INDEX_CACHE_NAME
+    with pytest.warns(UserWarning, match=r"1 folder\(s\) under .* could not be listed .*'b' \(Permission denied\)"):
+        part = load_or_scan(aged, cache)
+    assert not cache.exists() and len(part) < len(whole)
+    assert all(not part.relative(i).startswith("b/") for i in range(len(part)))
+    locked.clear()  # the permissions fixed: the next start sees every image
+    assert load_or_scan(aged, cache).same_files(whole)
+    locked.add(str(aged))
+    with pytest.raises(ValueError, match=r"cannot be listed \(Permission denied\); check its permissions"):
+        index_images(aged)
