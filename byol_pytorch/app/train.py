@@ -663,9 +663,13 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     prepared.started = started
     reference = (checkpoint or {}).get("knn_reference")
     prepared.knn_reference = float(reference) if isinstance(reference, (int, float)) else None
-    if ctx.is_main and getattr(args, "bn_stats", "trained") == "clean" and batchnorm_layers(learner.net, frozen=False):
+    if getattr(args, "bn_stats", "trained") == "clean" and batchnorm_layers(learner.net, frozen=False):
         index = dataset.paths if isinstance(dataset, ImageFolder) else None  # no second scan of a folder
-        prepared.clean_images = _clean_images(str(data), recipe, args, index)
+
+        def sample_clean_images() -> None:  # on rank 0 alone, the others waiting on the long group
+            prepared.clean_images = _clean_images(str(data), recipe, args, index)
+
+        broadcast_from_main(ctx, sample_clean_images)  # an error reaches every rank
     _restore(checkpoint, prepared)
     prepared.start_step = prepared.state.step
     if prepared.state.step < total:

@@ -130,7 +130,9 @@ def broadcast_from_main(ctx: DistContext, make: Callable[[], T]) -> T:
     error and every other rank raises one of its type (the first of ``FileNotFoundError``,
     ``PermissionError``, ``OSError``, ``ValueError``, ``TypeError``, ``RuntimeError`` that it
     is an instance of; ``RuntimeError`` otherwise) with the same message, so that no rank
-    waits for a result that never comes.
+    waits for a result that never comes. The other ranks wait on the context's gloo group
+    with the long timeout (``wait_for_main``'s) when it has one: rank 0's work (counting
+    remote shards, scanning a large folder) may outlast NCCL's 10-minute watchdog.
 
     Args:
         ctx: this process's context; without a group ``make()`` is simply called.
@@ -154,7 +156,7 @@ def broadcast_from_main(ctx: DistContext, make: Callable[[], T]) -> T:
             failure = error
             kind = next((k for k in _SENT_ERRORS if isinstance(error, k)), RuntimeError)
             payload[0] = (False, (kind.__name__, str(error)))
-    dist.broadcast_object_list(payload, src=0)
+    dist.broadcast_object_list(payload, src=0, group=ctx.wait_group)  # None: the default group
     if failure is not None:
         raise failure
     ok, value = payload[0]

@@ -32,7 +32,7 @@ from ..byol import BYOL
 from ..data import ShardReading, load_size_for, make_loader, open_unlabelled
 from ..data.sampling import DataOrder, EpochSampler, step_batches
 from ..data.shards import ShardDataset, make_shard_loader
-from .distributed import setup_distributed
+from .distributed import broadcast_from_main, setup_distributed
 from .engine import DivergedError, Engine, OptimizerStep, Periodic, TrainState, prepare_model
 from .validation import BelowReference, KnnMonitor
 
@@ -187,10 +187,14 @@ class BYOLTrainer(nn.Module):
         self.checkpoint_folder.mkdir(parents=True, exist_ok=True)
         self.precision, self.seed = precision, seed
         self.val_every = int(val_every or checkpoint_every)
-        self.monitor = None
-        if val_data is not None and self.ctx.is_main:
+        self.monitor: KnnMonitor | None = None
+        if val_data is not None:
             channels = 1 if self.byol.channels == 1 else 3
-            self.monitor = KnnMonitor(val_data, image_size, channels, self.ctx.device, workers=num_workers)
+
+            def open_monitor() -> None:  # on rank 0 alone, the others waiting on the long group
+                self.monitor = KnnMonitor(val_data, image_size, channels, self.ctx.device, workers=num_workers)
+
+            broadcast_from_main(self.ctx, open_monitor)  # an error reaches every rank
         self._val_data = val_data
         self.knn: list[tuple[int, float]] = []  # (step, kNN accuracy); step 0 is the untouched net
         self._validating = val_data is not None  # every rank: the monitor runs on rank 0, the others wait

@@ -158,6 +158,31 @@ def test_train_command_under_torchrun(tmp_path, tiny_flags, make_messy_folder):
     assert len(lines) == 3  # rank 0 alone writes
 
 
+def _slow_main_worker(rank: int, port: int, out: str) -> None:
+    """Rank 0 works alone for longer than the default group's timeout; the others wait for its result."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from byol_pytorch.training.distributed import DistContext, broadcast_from_main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=2))
+    wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=60))  # setup_distributed's
+    ctx = DistContext(rank, WORLD, rank, torch.device("cpu"), True, wait_group)
+    result = broadcast_from_main(ctx, lambda: time.sleep(4) or "counted")  # as counting remote shards
+    Path(out, f"rank{rank}.txt").write_text(result)
+    ctx.close()
+
+
+def test_ranks_wait_for_the_main_ranks_lone_work_past_the_default_timeout(tmp_path):
+    """Before: the broadcast ran on the default group, whose watchdog (NCCL's 10 minutes; 2 s here) killed the
+    waiting ranks while rank 0 counted remote shards or scanned a large folder."""
+    mp.spawn(_slow_main_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)] == ["counted"] * WORLD
+
+
 def _sync_bn_worker(rank: int, port: int, out: str) -> None:
     """One rank: build the learner, create the group, take a step; record what the modules became."""
     import torch.distributed as dist
