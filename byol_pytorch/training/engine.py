@@ -141,7 +141,8 @@ class OptimizerStep:
         stepped = True
         if self.scaler is not None:
             # The scaler reads its found-inf flags once (the step's one host sync) and calls
-            # optimizer.step() only for finite gradients; the post-hook says whether it did.
+            # optimizer.step() only for finite gradients (a fused optimizer's always, with the
+            # flag); the post-hook says whether it stepped.
             self._optimizer_stepped = False
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -160,7 +161,10 @@ class OptimizerStep:
         return total / count, stepped
 
     def _mark_stepped(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._optimizer_stepped = True
+        # A fused optimizer's step() is called whatever the gradients (GradScaler hands it
+        # ``found_inf`` and it skips the update on the device): read that flag (the step's one sync).
+        found_inf = getattr(optimizer, "found_inf", None)
+        self._optimizer_stepped = found_inf is None or not bool(found_inf.item())
 
 
 class StopSignals:

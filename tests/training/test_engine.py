@@ -40,9 +40,12 @@ def test_accumulation_steps_once_and_matches_the_full_batch_gradient():
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
 
 
-def test_a_scaler_skipped_step_advances_neither_ema_nor_lr_schedule():
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_scaler_skipped_step_advances_neither_ema_nor_lr_schedule(fused):
+    """fused=True: the scaler calls a fused optimizer's step() on inf too (it skips on the device); before, the
+    engine counted that step as taken and moved the EMA and the schedule on."""
     learner = stats_free_learner()
-    opt = torch.optim.SGD(learner.parameters(), lr=0.1)
+    opt = torch.optim.SGD(learner.parameters(), lr=0.1, momentum=0.9, fused=fused)
     sched = warmup_cosine_scheduler(opt, total=10, warmup=2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # the scaled loss overflows to inf
     step = OptimizerStep(learner, learner, opt, sched, "fp32", torch.device("cpu"), scaler)
