@@ -360,8 +360,9 @@ def _probabilities_of(target: torch.Tensor, scores: torch.Tensor) -> bool:
         return False
     eps = _tolerance(target.dtype, 1e-4)
     with torch.no_grad():
-        t, z = target.detach().double(), scores.detach().double().reshape(target.shape)
-        ones = torch.ones(len(t), dtype=t.dtype, device=t.device)  # the probe runs on the net's device
+        # On the CPU: the probe runs on the net's device, and MPS has no float64.
+        t, z = target.detach().cpu().double(), scores.detach().cpu().double().reshape(target.shape)
+        ones = torch.ones(len(t), dtype=t.dtype)
         rows = max(1e-3, t.shape[1] * eps)
         if bool((t <= 0).all()) and torch.allclose(t.exp().sum(1), ones, rtol=0, atol=rows):
             log_p = t  # log_softmax
@@ -401,7 +402,7 @@ def _averaged_conv_classifier(trace: _Trace, target: torch.Tensor) -> nn.Module 
     if tuple(out.shape[:2]) != tuple(target.shape):
         return None
     with torch.no_grad():
-        t, z = target.detach().double(), out.detach().double()
+        t, z = target.detach().cpu().double(), out.detach().cpu().double()  # MPS has no float64
         tolerance = _tolerance(target.dtype, 1e-5) * max(1.0, float(t.abs().max()))
         if any(torch.allclose(a.mean((2, 3)), t, rtol=0, atol=tolerance) for a in (z, z.clamp_min(0))):
             return convs[-1]
@@ -624,7 +625,8 @@ def _probe_image(channels: int, image_size: tuple[int, int], device: torch.devic
     """
     count = _PROBE_BATCH * channels * image_size[0] * image_size[1]
     values = torch.arange(count, dtype=torch.float64).mul_(0.6180339887498949).remainder_(1.0).sub_(0.5)
-    return values.reshape(_PROBE_BATCH, channels, *image_size).to(device=device, dtype=dtype)
+    values = values.reshape(_PROBE_BATCH, channels, *image_size)
+    return values.to(dtype=dtype).to(device)  # cast on the CPU: MPS has no float64
 
 
 def _probe_copy(net: nn.Module, need_copy: bool) -> nn.Module:

@@ -149,18 +149,21 @@ def convert_sync_batchnorm(net: nn.Module) -> nn.Module:
     return converted
 
 
-def _stats(m: nn.modules.batchnorm._BatchNorm) -> Tensor:
-    """Running mean, variance and batch count of one layer, as one float64 vector (a copy to restore)."""
+def _stats(m: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor, Tensor]:
+    """Copies of one layer's running mean, variance and batch count, in their own dtype and device.
+
+    No float64: MPS has none, and a copy restores the values bit for bit in any dtype.
+    """
     assert m.running_mean is not None and m.running_var is not None and m.num_batches_tracked is not None
-    return torch.cat([m.running_mean.double(), m.running_var.double(), m.num_batches_tracked.double().reshape(1)])
+    return m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()
 
 
-def _restore_stats(m: nn.modules.batchnorm._BatchNorm, saved: Tensor) -> None:
+def _restore_stats(m: nn.modules.batchnorm._BatchNorm, saved: tuple[Tensor, Tensor, Tensor]) -> None:
     assert m.running_mean is not None and m.running_var is not None and m.num_batches_tracked is not None
-    n = m.running_mean.numel()
-    m.running_mean.copy_(saved[:n])
-    m.running_var.copy_(saved[n : 2 * n])
-    m.num_batches_tracked.fill_(int(saved[-1]))
+    mean, var, count = saved
+    m.running_mean.copy_(mean)
+    m.running_var.copy_(var)
+    m.num_batches_tracked.copy_(count)
 
 
 def _batches(images: Tensor | Iterable, batch_size: int, max_images: int | None) -> Iterable:
@@ -279,7 +282,7 @@ def recalibrate_batchnorm(
     if not layers:
         return 0
     momenta = [m.momentum for m in layers]
-    saved = [_stats(m).clone() for m in layers]
+    saved = [_stats(m) for m in layers]
     seen = 0
     try:
         for m in layers:

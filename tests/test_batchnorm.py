@@ -167,6 +167,34 @@ def test_bad_input_is_an_error_and_leaves_the_statistics(images, kwargs, message
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+class _NoFloat64(torch.utils._python_dispatch.TorchDispatchMode):
+    """Refuses every op that makes a float64 tensor, as an MPS device does (it has no float64)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in torch.utils._pytree.tree_leaves(out):
+            if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+                raise TypeError(f"{func} made a float64 tensor (MPS has none)")
+        return out
+
+
+@pytest.mark.parametrize("images", [torch.rand(8, 3, 16, 16), [torch.rand(1, 3, 16, 16)] * 2])
+def test_recalibration_makes_no_float64_tensor_and_restores_half_statistics_exactly(images):
+    """Before: the statistics were saved as one float64 vector, so every recalibration (--bn-stats clean at each
+    checkpoint, kNN, embed, eval) stopped on an MPS device."""
+    net = _trained_net().half()
+    before = batchnorm_state(net)
+    with _NoFloat64():
+        if isinstance(images, list):  # a failed pass: the saved statistics come back
+            with pytest.raises(ValueError, match="a batch of one image"):
+                recalibrate_batchnorm(net, images, transform=lambda x: x.half())
+        else:
+            assert recalibrate_batchnorm(net, images, transform=lambda x: x.half()) == 8
+    after = batchnorm_state(net)
+    assert all(after[k].dtype == before[k].dtype for k in before)
+    assert all(torch.equal(before[k], after[k]) for k in before) == isinstance(images, list)
+
+
 def test_clean_statistics_gives_the_trained_ones_back():
     net = _trained_net()
     trained = batchnorm_state(net)
