@@ -16,7 +16,9 @@ def resolve_device(name: str | None) -> torch.device:
         name: ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ... or None (``auto`` too) for the default.
 
     Returns:
-        The device.
+        The device. A GPU named by its index (``cuda:N``) becomes the current CUDA device,
+        so that what uses the current one (pinned memory of the loaders, cuDNN's handles)
+        does not open a context on GPU 0 as well.
 
     Raises:
         UserError: a name PyTorch does not parse, or a device this machine does not have
@@ -38,6 +40,8 @@ def resolve_device(name: str | None) -> torch.device:
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise UserError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+        if device.index is not None:
+            torch.cuda.set_device(device)
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name} was given but MPS is not available; use --device cpu")
     if device.type not in ("cpu", "cuda", "mps"):

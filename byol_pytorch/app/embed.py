@@ -377,7 +377,10 @@ def run_embed(args: argparse.Namespace) -> int:
         raise UserError(f"--resume: {error}; embed again into another --out (or remove {out})") from None
     done_ids = outputs.done_ids if state and outputs.vectors.rows else None
     rest = _remaining(items, outputs.items, done_ids)
-    loader = make_loader(rest, args.batch_size, args.workers, shuffle=False, drop_last=False, persistent=False)
+    pin = device.type == "cuda"  # no CUDA context for --device cpu on a GPU machine
+    loader = make_loader(
+        rest, args.batch_size, args.workers, shuffle=False, drop_last=False, persistent=False, pin_memory=pin
+    )
     batches = [0]
 
     def flush() -> None:

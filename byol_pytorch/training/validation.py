@@ -81,7 +81,10 @@ class KnnMonitor:
 
     def _features(self, learner: nn.Module, dataset: Dataset, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The readable images' features and labels (``UNREADABLE`` ones left out and counted)."""
-        loader = make_loader(dataset, self.batch_size, self.workers, shuffle=False, drop_last=False, persistent=False)
+        pin = torch.device(self.device).type == "cuda"  # no CUDA context for a CPU run on a GPU machine
+        loader = make_loader(
+            dataset, self.batch_size, self.workers, shuffle=False, drop_last=False, persistent=False, pin_memory=pin
+        )
         to_channels = functools.partial(match_channels, channels=getattr(learner, "channels", 3))
         embed = functools.partial(learner, return_embedding=True, return_projection=False)
         features, labels = extract_features(

@@ -122,3 +122,11 @@ def test_a_knn_whose_every_held_out_image_is_unreadable_is_a_value_error(tmp_pat
     monitor = KnnMonitor(str(root), 16, 3, torch.device("cpu"), batch_size=8)
     with pytest.raises(RuntimeError, match="none of the 2 held-out images of the kNN data could be read"):
         monitor.features(_colour_learner())
+
+
+def test_a_cpu_knn_on_a_machine_with_cuda_pins_no_memory(tmp_path, make_labelled, monkeypatch):
+    """Before: the monitor's loader pinned memory whenever CUDA existed, so eval --device cpu (and embed) on a GPU
+    machine opened a CUDA context on GPU 0. CUDA is said to exist here; pinning without a GPU raises."""
+    monitor = KnnMonitor(str(make_labelled(tmp_path / "lab", classes=3, per_class=10)), 16, 3, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert monitor(_colour_learner()) == 1.0
