@@ -162,7 +162,7 @@ def main(args: argparse.Namespace) -> BYOL:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        torch.save(byol.net.state_dict(), tmp)
+        torch.save({k: v.cpu() for k, v in byol.net.state_dict().items()}, tmp)  # CPU tensors: loads anywhere
         os.replace(tmp, out)  # atomic: never a half-written file under the final name
         accelerator.print(f"saved the trained {args.model} to {out}")
     return byol

@@ -228,7 +228,7 @@ def main(args: argparse.Namespace, **trainer_overrides: Any) -> tuple[BYOLModule
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        torch.save(module.net.state_dict(), tmp)
+        torch.save({k: v.cpu() for k, v in module.net.state_dict().items()}, tmp)  # CPU tensors: loads anywhere
         os.replace(tmp, out)  # atomic: never a half-written file under the final name
         print(f"saved the trained {args.model} to {out}")
     return module, trainer

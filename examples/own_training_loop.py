@@ -174,7 +174,7 @@ def main(args: argparse.Namespace) -> BYOL:
 
     # 5. The backbone alone, classifier included, loadable into timm.create_model(args.model).
     out = Path(args.out)
-    save_atomically(net.state_dict(), out)
+    save_atomically({k: v.cpu() for k, v in net.state_dict().items()}, out)  # CPU tensors: loads anywhere
     print(f"saved the trained {args.model} to {out}")
     return learner
 

@@ -1,7 +1,8 @@
 """Checkpoints: atomic writes, ``weights_only`` loading, RNG state.
 
-A training checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` reads
-(no pickled classes, so loading a file cannot run code)::
+A training checkpoint is a plain dict that ``torch.load(path, map_location="cpu",
+weights_only=True)`` reads (no pickled classes, so loading a file cannot run code; a GPU
+run's tensors are saved on its GPU, so ``map_location`` on a machine without it)::
 
     format      "byol_pytorch"           (how we recognise our files)
     version     1
