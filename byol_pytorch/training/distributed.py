@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["WAIT_TIMEOUT", "DistContext", "broadcast_from_main", "gather_objects", "setup_distributed"]
+__all__ = ["WAIT_TIMEOUT", "DistContext", "broadcast_from_main", "gather_objects", "local_gpu", "setup_distributed"]
 
 T = TypeVar("T")
 WAIT_TIMEOUT = timedelta(hours=4)
@@ -72,6 +72,26 @@ class DistContext:
             self.owns_group = False
 
 
+def local_gpu(local_rank: int, visible: int) -> torch.device:
+    """This process's GPU: ``cuda:LOCAL_RANK``, or the one GPU a launcher left it.
+
+    Launchers that bind a GPU to each process (SLURM's ``--gpus-per-task=1``, a
+    ``CUDA_VISIBLE_DEVICES`` per rank) leave every process one visible GPU, ``cuda:0``,
+    whatever its local rank.
+
+    Raises:
+        ValueError: more processes on this machine than GPUs it sees.
+    """
+    if local_rank < visible:
+        return torch.device("cuda", local_rank)
+    if visible == 1:
+        return torch.device("cuda", 0)
+    raise ValueError(
+        f"LOCAL_RANK is {local_rank} but this process sees {visible} GPU(s) (cuda:0 to cuda:{visible - 1}); start "
+        f"at most one process per GPU (torchrun --nproc_per_node={visible})"
+    )
+
+
 def setup_distributed(device: str | None = None) -> DistContext:
     """Join the ``torchrun`` process group, or run as a single process.
 
@@ -87,17 +107,18 @@ def setup_distributed(device: str | None = None) -> DistContext:
         The context.
 
     Raises:
-        ValueError: CUDA was asked for but is not available.
+        ValueError: CUDA was asked for but is not available; more processes than GPUs (``local_gpu``).
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None or device == "auto":
-        resolved = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        gpus = torch.cuda.is_available()
+        resolved = local_gpu(local_rank, torch.cuda.device_count()) if gpus else torch.device("cpu")
     else:
         resolved = torch.device(device)
         if resolved.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {device} was given but CUDA is not available; use --device cpu")
         if resolved.type == "cuda" and resolved.index is None:
-            resolved = torch.device("cuda", local_rank)
+            resolved = local_gpu(local_rank, torch.cuda.device_count())
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     owns = False

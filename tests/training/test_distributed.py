@@ -248,3 +248,14 @@ def test_setup_distributed_asked_for_cuda_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="--device cuda was given but CUDA is not available; use --device cpu"):
         setup_distributed("cuda")
+
+
+def test_each_process_takes_its_local_gpu_or_the_one_its_launcher_left_it():
+    """Before: cuda:LOCAL_RANK always, an 'invalid device ordinal' under launchers that give each process its own
+    single visible GPU (SLURM's --gpus-per-task=1)."""
+    from byol_pytorch.training.distributed import local_gpu
+
+    assert [local_gpu(rank, 4) for rank in range(4)] == [torch.device("cuda", r) for r in range(4)]
+    assert local_gpu(3, 1) == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"LOCAL_RANK is 2 but this process sees 2 GPU\(s\).*--nproc_per_node=2"):
+        local_gpu(2, 2)
