@@ -16,6 +16,7 @@ import io
 import os
 import stat
 import struct
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -349,6 +350,25 @@ class ImageFolder(_ImageFiles):
         return image, skipped
 
 
+def _warn_loose_images(root: Path) -> None:
+    """Images beside the class sub-folders belong to no class: one warning says they are left out."""
+    with os.scandir(root) as entries:
+        loose = sorted(
+            entry.name
+            for entry in entries
+            if not _is_hidden(entry.name)
+            and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+            and entry.is_file()
+        )
+    if loose:
+        shown = ", ".join(map(repr, loose[:3])) + (", ..." if len(loose) > 3 else "")
+        warnings.warn(
+            f"{len(loose)} image(s) directly in {str(root)!r} belong to no class and are left out ({shown}); "
+            "a labelled folder holds ROOT/CLASS_NAME/image.jpg",
+            stacklevel=3,
+        )
+
+
 class LabelledImageFolder(_ImageFiles):
     """Images in one sub-folder per class (``ROOT/CLASS_NAME/.../image.jpg``), for evaluation.
 
@@ -381,6 +401,7 @@ class LabelledImageFolder(_ImageFiles):
         found = sorted(entry.name for entry in root_path.iterdir() if entry.is_dir() and not _is_hidden(entry.name))
         if not found:
             raise ValueError(f"{str(root_path)!r} has no class sub-folders; expected ROOT/CLASS_NAME/image.jpg")
+        _warn_loose_images(root_path)
         names = list(found) if classes is None else list(classes)
         unknown = [name for name in found if name not in names]
         if unknown:

@@ -275,7 +275,8 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
         data it is a blank image labelled ``UNREADABLE`` (-2), for the kNN to leave out.
 
     Raises:
-        ValueError: no labels (see ``open_labelled``), or too few images per class to hold some out.
+        ValueError: no labels (see ``open_labelled``), one class only, or too few images per class
+            to hold some out.
     """
     kind = data_kind(spec)
     options = {k: v for k, v in options.items() if v not in (None, "")}
@@ -296,6 +297,7 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
     if held_out is not None and kind != "hf":
         base = Path(spec)
         train = LabelledImageFolder(base / "train", load_size, channels)
+        _check_two_classes(spec, train.targets)
         held_folder = LabelledImageFolder(base / held_out, load_size, channels, classes=train.classes)
         return _Unsubstituted(train), _Unsubstituted(held_folder)
     if held_out is not None:
@@ -305,6 +307,7 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
             if full.classes is not None:  # type: ignore[attr-defined]
                 held.number_by(full.classes)  # type: ignore[attr-defined]  # splits encoded apart: same names
             _check_held_out_classes(spec, held_out, full.targets, held.targets, full.classes)  # type: ignore[attr-defined]
+            _check_two_classes(spec, full.targets)  # type: ignore[attr-defined]
             return _Unsubstituted(full), _Unsubstituted(held)
         except UnlabelledRowsError as error:
             if error.missing < error.rows:
@@ -312,11 +315,22 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
             # an unlabelled held-out split (labels -1, a benchmark's test split): a fifth of train instead
     else:
         full = open_labelled(spec, load_size, channels, **options)
-    bank, queries = _every_fifth(full.targets)  # type: ignore[attr-defined]
+    targets = full.targets  # type: ignore[attr-defined]  # read once: a folder's builds a new list
+    _check_two_classes(spec, targets)
+    bank, queries = _every_fifth(targets)
     if not queries:
         raise ValueError(f"{spec!r} has too few images per class for a kNN check (at least 5 per class)")
     items = _Unsubstituted(full)
     return Subset(items, bank), Subset(items, queries)
+
+
+def _check_two_classes(spec: str, targets: Sequence[int]) -> None:
+    """A kNN over one class scores every query right whatever the features: refused."""
+    if len(set(targets)) < 2:
+        raise ValueError(
+            f"{spec!r} holds images of one class only; a kNN check needs two classes or more (a labelled "
+            "folder holds ROOT/CLASS_NAME/image.jpg, one sub-folder per class)"
+        )
 
 
 def _check_held_out_classes(

@@ -105,6 +105,8 @@ class KnnMonitor:
         with self._statistics(learner):
             bank, bank_labels = self._features(learner, self.bank, "bank")
             queries, query_labels = self._features(learner, self.queries, "held-out")
+        if len(torch.unique(bank_labels)) < 2:  # shards: their labels are known once read
+            raise ValueError("the kNN data holds images of one class only; a kNN check needs two classes or more")
         self.num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
         self.missing = self.missing_classes(torch.cat([bank_labels, query_labels]))
         return bank, bank_labels, queries, query_labels

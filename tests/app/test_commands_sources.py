@@ -420,3 +420,31 @@ def test_a_stopped_embed_of_shards_with_escaped_keys_resumes_to_the_same_files(c
     ids = (part / "ids.txt").read_text().splitlines()
     assert ids == (whole / "ids.txt").read_text().splitlines() and "s-0.tar:dir\\\\k1" in ids
     assert np.array_equal(np.load(whole / "embeddings.npy"), np.load(part / "embeddings.npy"))
+
+
+def test_knn_data_of_one_class_is_refused_and_loose_images_are_named(checkpoint, tmp_path, make_hf_saved, capsys):
+    """Docs probe: a folder with one class sub-folder (and images beside it) was scored 1.0000 by eval and --val-data,
+    the loose images left out without a word; one-class hf: data and shards scored 1.0 too."""
+    from datasets import load_from_disk
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for i in range(12):
+        Image.new("RGB", (12, 12), (20 * i, 0, 0)).save(photos / f"{i}.png")
+        Image.new("RGB", (12, 12), (0, 20 * i, 0)).save(photos / "sub" / f"{i}.png")
+    hf = make_hf_saved(tmp_path / "hf", rows=20, broken=None)
+    one = load_from_disk(str(hf)).map(lambda row: {"label": 0})
+    one.save_to_disk(str(tmp_path / "hf1"))
+    shards = _shards_labelled_by_name(tmp_path / "shards", 2, 6, lambda k, i: b"0")
+    for spec in (str(photos), f"hf:{tmp_path / 'hf1'}", shards):
+        capsys.readouterr()
+        assert cli.main(["eval", "--data", spec, "--checkpoint", str(checkpoint), "--knn"]) == 1
+        err = capsys.readouterr().err
+        assert "holds images of one class only; a kNN check needs two classes or more" in err, err
+        loose = "12 image(s) directly in" in err and "belong to no class and are left out" in err
+        assert loose == (spec == str(photos))
+    (photos / "more").mkdir()  # a second class: scored
+    for i in range(6):
+        Image.new("RGB", (12, 12), (0, 0, 20 * i)).save(photos / "more" / f"{i}.png")
+    assert cli.main(["eval", "--data", str(photos), "--checkpoint", str(checkpoint), "--knn"]) == 0
