@@ -124,7 +124,8 @@ class BYOLTrainer(nn.Module):
         device: default: this process's GPU, else the CPU.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
         seed: seeds the data order and (plus the rank) the augmentations; None keeps
-            the global generator as it is (offset by the rank under DDP).
+            the global generator as it is (offset by the rank under DDP), the data order
+            then seeded by rank 0's initial seed (one order that the ranks split).
         val_data: labelled data (a spec, see ``data.labelled_split``) for a kNN monitor: the
             untouched net is measured before the first step (the reference), then every
             ``val_every`` steps and at the end; a ``UserWarning`` says when the accuracy falls
@@ -180,7 +181,8 @@ class BYOLTrainer(nn.Module):
         self.optimizer = optimizer_klass(  # type: ignore[call-arg]
             self.byol.parameters(), lr=learning_rate, **(optimizer_kwargs or {})
         )
-        base_seed = seed if seed is not None else torch.initial_seed()
+        # One data order for every rank (each process's own initial seed would split nothing): rank 0's.
+        base_seed = seed if seed is not None else broadcast_from_main(self.ctx, torch.initial_seed)
         self.sampler, self.dataloader = self._data(dataset, image_size, batch_size, num_workers, base_seed)
         self.num_train_steps, self.checkpoint_every = int(num_train_steps), int(checkpoint_every)
         self.checkpoint_folder = Path(checkpoint_folder)

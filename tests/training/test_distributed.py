@@ -158,6 +158,33 @@ def test_train_command_under_torchrun(tmp_path, tiny_flags, make_messy_folder):
     assert len(lines) == 3  # rank 0 alone writes
 
 
+def _trainer_order_worker(rank: int, port: int, out: str) -> None:
+    """A BYOLTrainer built without a seed, as its docstring's torchrun example: this rank's indices of epoch 0."""
+    from byol_pytorch.training.trainer import BYOLTrainer, MockDataset
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
+    torch.seed()  # each process's own random initial seed, as a fresh interpreter has
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    trainer = BYOLTrainer(
+        net, image_size=16, hidden_layer=-1, learning_rate=1e-3, dataset=MockDataset(16, 40), num_train_steps=1,
+        batch_size=4, checkpoint_folder=f"{out}/ckpt", byol_kwargs={"projection_size": 8, "projection_hidden_size": 16},
+        device="cpu",
+    )  # fmt: skip
+    Path(out, f"rank{rank}.json").write_text(json.dumps(list(trainer.sampler)))
+    trainer.ctx.close()
+
+
+def test_trainer_ranks_split_each_epoch_without_a_seed(tmp_path):
+    """DDP probe: with seed=None each rank shuffled with its own initial seed, so the ranks drew overlapping images
+    (9 to 11 of 20 per epoch) and left others out."""
+    mp.spawn(_trainer_order_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    orders = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert sorted(orders[0] + orders[1]) == list(range(40))
+
+
 def _slow_main_worker(rank: int, port: int, out: str) -> None:
     """Rank 0 works alone for longer than the default group's timeout; the others wait for its result."""
     import datetime
