@@ -427,6 +427,26 @@ def _remote_counts(
     return tuple(broadcast_from_main(ctx, count))
 
 
+def _check_same_data(ctx: DistContext, dataset: Any) -> None:
+    """Every rank counts the same samples (per shard, for local shards), or every rank stops with one line.
+
+    An image folder's index is rank 0's, sent to all, but local shards, ``hf:`` and CIFAR data are
+    opened by each rank: node-local copies that differ would give the ranks epochs of different
+    lengths, and the run would hang at the first epoch's end.
+    """
+    if not ctx.distributed:
+        return
+    mine = tuple(dataset.counts) if isinstance(dataset, ShardDataset) else len(dataset)
+    seen = gather_objects(ctx, mine)
+    differs = next((rank for rank, theirs in enumerate(seen) if theirs != seen[0]), None)
+    if differs is not None:
+        what = "samples per shard" if isinstance(mine, tuple) else "samples"
+        raise ValueError(
+            f"the processes do not see the same data: rank {differs} counts {seen[differs]} {what} where rank 0 counts "
+            f"{seen[0]}; every process must read the same data (copy it whole to every machine)"
+        )
+
+
 def _build_data(
     data: str | None,
     recipe: Recipe,
@@ -477,6 +497,7 @@ def _build_data(
             index=index,
             shards=reading,
         )
+        _check_same_data(ctx, dataset)
         if isinstance(dataset, ShardDataset):  # it orders and batches itself, in its workers
             return dataset, dataset, make_shard_loader(dataset, pin_memory=ctx.device.type == "cuda")
         dataset[0]  # fails now, not in a worker, when no file at all can be read

@@ -158,6 +158,39 @@ def test_train_command_under_torchrun(tmp_path, tiny_flags, make_messy_folder):
     assert len(lines) == 3  # rank 0 alone writes
 
 
+def _train_cli_worker(rank: int, port: int, out: str, flags: list[str]) -> None:
+    """``byol-pytorch train`` as one torchrun rank, reading ``OUT/node{rank}``'s shards; its exit code and stderr."""
+    import contextlib
+    import io
+
+    from byol_pytorch.app import cli
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(
+            ["train", "--data", f"{out}/node{rank}/train-{{0000..0003}}.tar", "--out", f"{out}/run", *flags]
+        )
+    Path(out, f"rank{rank}.json").write_text(json.dumps([code, err.getvalue()]))
+
+
+def test_ranks_whose_local_shards_differ_stop_with_one_line(tmp_path, tiny_flags, make_shards):
+    """DDP probe: node-local shard copies of other sizes gave the ranks epochs of different lengths, and the run hung
+    at the first epoch's end (with --val-data) or trained on mismatched epochs."""
+    make_shards(tmp_path / "node0", per_shard=6)
+    make_shards(tmp_path / "node1", per_shard=8)
+    flags = [*tiny_flags, "--max-steps", "2"]
+    mp.spawn(_train_cli_worker, args=(_free_port(), str(tmp_path), flags), nprocs=WORLD, join=True)
+    codes, errs = zip(*(json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)))
+    (line,) = [x for x in "".join(errs).splitlines() if x.strip()]  # the first process to fail prints, alone
+    assert codes == (1, 1) and "the processes do not see the same data: rank 1 counts (8, 8, 8, 8)" in line, line
+    assert "where rank 0 counts (6, 6, 6, 6)" in line and "copy it whole to every machine" in line
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def _trainer_order_worker(rank: int, port: int, out: str) -> None:
     """A BYOLTrainer built without a seed, as its docstring's torchrun example: this rank's indices of epoch 0."""
     from byol_pytorch.training.trainer import BYOLTrainer, MockDataset
