@@ -181,10 +181,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         except RuntimeError as error:
             if not (ctx.distributed and _is_peer_failure(error)):
                 raise
+            out = getattr(args, "out", None)
+            kept = out is not None and (Path(out) / "last.pt").is_file()
+            then = "continue with --resume (the last checkpoint is kept)"
+            if not kept:
+                then = "start it again (no checkpoint was written yet)"
             raise UserError(
                 f"lost the connection to another process of this run ({type(error).__name__}): it failed or "
-                "was killed, and its own error says why; fix that, then continue with --resume "
-                "(the last checkpoint is kept)"
+                f"was killed, and its own error says why; fix that, then {then}"
             ) from error
     except Exception as error:
         if ctx.distributed and not _claim_error_line(ctx):

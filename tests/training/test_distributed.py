@@ -158,23 +158,40 @@ def test_train_command_under_torchrun(tmp_path, tiny_flags, make_messy_folder):
     assert len(lines) == 3  # rank 0 alone writes
 
 
-def _train_cli_worker(rank: int, port: int, out: str, flags: list[str]) -> None:
-    """``byol-pytorch train`` as one torchrun rank, reading ``OUT/node{rank}``'s shards; its exit code and stderr."""
+def _train_cli_worker(rank: int, port: int, out: str, flags: list[str], die: bool = False) -> None:
+    """``byol-pytorch train`` as one torchrun rank, reading ``OUT/node{rank}``'s shards; its exit code and stderr.
+
+    ``die``: every rank reads ``OUT/node0``, and rank 1 is killed (``os._exit``) at its first optimizer step.
+    """
     import contextlib
     import io
 
     from byol_pytorch.app import cli
+    from byol_pytorch.training import engine
 
     torch.set_num_threads(1)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
     )
+    if die and rank == 1:
+        engine.OptimizerStep.__call__ = lambda *a: os._exit(0)  # type: ignore[method-assign]
+    data = f"{out}/node{0 if die else rank}/train-{{0000..0003}}.tar"
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = cli.main(
-            ["train", "--data", f"{out}/node{rank}/train-{{0000..0003}}.tar", "--out", f"{out}/run", *flags]
-        )
+        code = cli.main(["train", "--data", data, "--out", f"{out}/run", *flags])
     Path(out, f"rank{rank}.json").write_text(json.dumps([code, err.getvalue()]))
+
+
+def test_a_killed_peer_before_the_first_checkpoint_is_not_said_to_have_left_one(tmp_path, tiny_flags, make_shards):
+    """DDP probe: the survivor's line said 'continue with --resume (the last checkpoint is kept)' where none was
+    written, and --resume then failed with 'no checkpoint'."""
+    make_shards(tmp_path / "node0", per_shard=6)
+    flags = [*tiny_flags, "--max-steps", "4"]
+    mp.spawn(_train_cli_worker, args=(_free_port(), str(tmp_path), flags, True), nprocs=WORLD, join=True)
+    code, err = json.loads((tmp_path / "rank0.json").read_text())
+    assert code == 1 and "lost the connection to another process of this run" in err, err
+    assert "then start it again (no checkpoint was written yet)" in err and "--resume" not in err
+    assert not (tmp_path / "rank1.json").exists() and not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_ranks_whose_local_shards_differ_stop_with_one_line(tmp_path, tiny_flags, make_shards):
