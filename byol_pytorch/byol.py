@@ -366,7 +366,10 @@ class BYOL(nn.Module):
         """Create the target network now (a deep copy of the online encoder) if absent.
 
         The first training forward does this by itself; call it first when you wrap the
-        learner in DDP or ``torch.compile`` so that the copy happens outside both.
+        learner in DDP or ``torch.compile`` so that the copy happens outside both. Under DDP,
+        call ``broadcast_target()`` on every rank once DDP has wrapped the learner: DDP gives
+        every rank rank 0's online network but leaves the target alone, so targets copied
+        from nets initialised with other seeds stay different.
 
         Returns:
             The target encoder (no gradients, the learner's training mode).

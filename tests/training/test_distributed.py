@@ -235,6 +235,42 @@ def test_trainer_ranks_split_each_epoch_without_a_seed(tmp_path):
     assert sorted(orders[0] + orders[1]) == list(range(40))
 
 
+def _own_ddp_loop_worker(rank: int, port: int, out: str) -> None:
+    """The README's own DDP loop, each rank's net initialised with its own seed: lazy target, then an early one."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    targets = []
+    for early in (False, True):
+        torch.manual_seed(rank)  # other initial weights on every rank
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        learner = BYOL(net, image_size=16, hidden_layer=-1, projection_size=8, projection_hidden_size=16)
+        if early:
+            learner.init_target()
+        model = DistributedDataParallel(learner)
+        if early:
+            learner.broadcast_target()
+        opt = torch.optim.SGD(learner.parameters(), lr=0.1)
+        model(torch.rand(4, 3, 16, 16)).backward()
+        opt.step()
+        learner.update_moving_average()
+        targets.append([p.detach().clone() for p in learner.target_encoder.parameters()])
+    torch.save(targets, f"{out}/targets{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_the_readmes_own_ddp_loop_keeps_one_target_on_every_rank(tmp_path):
+    """DDP probe: init_target() before DDP, as its docstring said, on nets seeded per rank left each rank its own
+    target; the README now says when to call broadcast_target(), and the lazy copy needs nothing."""
+    mp.spawn(_own_ddp_loop_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    first, second = (torch.load(tmp_path / f"targets{r}.pt") for r in range(WORLD))
+    for lazy_or_early in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(first[lazy_or_early], second[lazy_or_early]))
+
+
 def _slow_main_worker(rank: int, port: int, out: str) -> None:
     """Rank 0 works alone for longer than the default group's timeout; the others wait for its result."""
     import datetime
