@@ -67,7 +67,7 @@ from ..data.folder import ImageFolder, NoReadableImagesError
 from ..data.remote import RemoteReadError, ShardReadWarning, is_remote, redact
 from ..data.remote_shards import SHARD_COUNTS_NAME, counts_with_cache, expand_remote
 from ..data.sampling import DataOrder, EpochSampler, step_batches
-from ..data.shards import ShardDataset, expand_shards, make_shard_loader
+from ..data.shards import ShardDataset, expand_shards, make_shard_loader, shard_workers
 from ..training.checkpoint import (
     TRAINING_KEYS,
     get_rng_state,
@@ -431,6 +431,21 @@ def _remote_counts(
     return tuple(broadcast_from_main(ctx, count))
 
 
+def _warn_unread_shard_samples(dataset: ShardDataset) -> None:
+    """One warning when an epoch of shards leaves more than a tenth of its whole batches unread."""
+    total, step = sum(dataset.counts), dataset.batch_size * dataset.world_size * dataset.multiple_of
+    used, whole = dataset.epoch_samples(), total // step * step
+    if used >= 0.9 * whole:
+        return
+    warn(
+        f"an epoch reads {used} of the {total} samples ({used / total:.0%}): each of the {dataset.readers} readers "
+        f"({dataset.world_size} process(es) x {dataset.per_rank} loader worker(s)) reads whole shards and yields as "
+        f"many batches as the smallest share of the {len(dataset.paths)} shards; shards of even size, as many as a "
+        f"multiple of {dataset.readers}, are read whole (byol-pytorch shards make --shard-size)"
+        + ("; or lower --workers" if dataset.per_rank > 1 else "")
+    )
+
+
 def _check_same_data(ctx: DistContext, dataset: Any) -> None:
     """Every rank counts the same samples (per shard, for local shards), or every rank stops with one line.
 
@@ -486,9 +501,10 @@ def _build_data(
         if buffer < 0:
             raise ValueError(f"--shuffle-buffer must be 0 or more, got {buffer}")
         counts = _remote_counts(data, shard_index, ctx, out, deferred) if kind == "shards" else None
-        if kind == "shards" and args.workers is None:  # the default: no more readers than shards
+        most = workers
+        if kind == "shards" and args.workers is None:  # the default: chosen below, from the shards' counts
             shards = len(counts) if counts is not None else len(expand_shards(data))
-            workers = min(workers, max(1, shards // ctx.world_size))
+            most, workers = min(workers, max(1, shards // ctx.world_size)), 1
         reading = ShardReading(
             micro_batch, ctx.rank, ctx.world_size, workers, recipe.seed, buffer, recipe.accumulate, shard_index, counts
         )
@@ -503,6 +519,11 @@ def _build_data(
         )
         _check_same_data(ctx, dataset)
         if isinstance(dataset, ShardDataset):  # it orders and batches itself, in its workers
+            if args.workers is None:
+                chosen = shard_workers(dataset.counts, ctx.world_size, most, micro_batch, recipe.accumulate)
+                dataset = dataset.with_workers(chosen)
+            if ctx.is_main:
+                _warn_unread_shard_samples(dataset)
             return dataset, dataset, make_shard_loader(dataset, pin_memory=ctx.device.type == "cuda")
         dataset[0]  # fails now, not in a worker, when no file at all can be read
         sampler = EpochSampler(

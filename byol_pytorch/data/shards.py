@@ -24,7 +24,10 @@ The order of an epoch is a pure function of (seed, epoch):
   batches each epoch: as many whole batches as its ``S // G`` smallest shards hold, so
   that batch ``k`` of a process's epoch always comes from its worker ``k % W``
   (DataLoader's round robin). Samples past that are dropped for the epoch, like
-  ``drop_last``; shards of even size waste nothing.
+  ``drop_last``: shards of even size, as many as a multiple of the readers, waste nothing;
+  3 shards for 2 readers leave a third of each epoch unread (``shard_workers`` picks a
+  worker count that wastes little, and ``byol-pytorch train`` warns when an epoch reads
+  less than 90% of the samples).
 * **Broken samples** (undecodable bytes, no image file) are replaced by the next
   readable sample of the reader's stream (that sample is also used at its own place),
   and counted in ``skipped``, as ``ImageFolder`` replaces a broken file by the next.
@@ -73,11 +76,13 @@ __all__ = [
     "SHARDS_MISSING",
     "ShardDataset",
     "ShardSamples",
+    "epoch_batches",
     "expand_shards",
     "is_shard_spec",
     "make_shard_loader",
     "shard_names",
     "shard_samples",
+    "shard_workers",
 ]
 
 SHARDS_MISSING = 'tar shards need the webdataset package: pip install "byol-pytorch[shards]"'
@@ -317,26 +322,41 @@ class ShardDataset(IterableDataset):
     ) -> None:
         self.paths, self.counts = self._locate(shards)
         self.load_size, self.channels, self.batch_size = load_size, channels, batch_size
-        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.rank, self.world_size, self.multiple_of = rank, world_size, multiple_of
         self.seed, self.shuffle_buffer = int(seed), shuffle_buffer
-        self.per_rank = max(1, workers)
-        self.readers = world_size * self.per_rank
+        self._plan(workers)
+        self.epoch, self.start_batch = 0, 0
+
+    def _plan(self, workers: int) -> None:
+        """The readers and the epoch's length for ``workers`` loader workers per process."""
+        self.workers, self.per_rank = workers, max(1, workers)
+        self.readers = self.world_size * self.per_rank
         if len(self.paths) < self.readers:
+            fewer = "" if self.per_rank == 1 else f"lower --workers to {max(1, len(self.paths) // self.world_size)} or "
             raise ValueError(
-                f"{len(self.paths)} shards cannot be split between {world_size} process(es) x {self.per_rank} "
-                f"loader worker(s) = {self.readers} readers (each reads whole shards); lower --workers to "
-                f"{max(1, len(self.paths) // world_size)} or split the data into more shards"
+                f"{len(self.paths)} shards cannot be split between {self.world_size} process(es) x {self.per_rank} "
+                f"loader worker(s) = {self.readers} readers (each reads whole shards); {fewer}split the data into "
+                f"more shards{'' if fewer else ' or start fewer processes'}"
             )
         least = sum(sorted(self.counts)[: len(self.paths) // self.readers])  # what any reader gets, at least
-        self.batches_per_reader = least // batch_size
-        self.batches_per_epoch = self.per_rank * self.batches_per_reader // multiple_of * multiple_of
+        self.batches_per_reader = least // self.batch_size
+        self.batches_per_epoch = epoch_batches(self.counts, self.world_size, workers, self.batch_size, self.multiple_of)
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"{sum(self.counts)} samples in {len(self.paths)} shards are fewer than one optimizer step needs: "
-                f"each of {self.readers} readers gets at least {least} samples, and a batch is {batch_size} "
-                f"(x {multiple_of} accumulation); lower --batch-size, --workers or add samples"
+                f"each of {self.readers} readers gets at least {least} samples, and a batch is {self.batch_size} "
+                f"(x {self.multiple_of} accumulation); lower --batch-size, --workers or add samples"
             )
-        self.epoch, self.start_batch = 0, 0
+
+    def with_workers(self, workers: int) -> ShardDataset:
+        """This dataset read by ``workers`` loader workers per process (the counts are not read again)."""
+        view = copy.copy(self)
+        view._plan(workers)
+        return view
+
+    def epoch_samples(self) -> int:
+        """The samples an epoch reads, over every process (the rest of each reader's shards is dropped)."""
+        return self.batches_per_epoch * self.batch_size * self.world_size
 
     def _locate(self, shards: str | Sequence[PathLike]) -> tuple[list[Any], list[int]]:
         """The shards and their sample counts (local files: counted from their tar headers)."""
@@ -614,6 +634,32 @@ def shard_names(locations: Sequence[object]) -> list[str]:
     while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
         common += 1
     return ["/".join(p[common:]) for p in parts]
+
+
+def epoch_batches(counts: Sequence[int], world_size: int, workers: int, batch_size: int, multiple_of: int = 1) -> int:
+    """Batches per process in an epoch of shards of ``counts`` samples (``ShardDataset``'s rule; 0 when none).
+
+    Each of the ``world_size x max(1, workers)`` readers reads whole shards and yields as many
+    batches as the smallest share of shards any reader can get.
+    """
+    per_rank = max(1, workers)
+    readers = world_size * per_rank
+    if len(counts) < readers:
+        return 0
+    least = sum(sorted(counts)[: len(counts) // readers])
+    return per_rank * (least // batch_size) // multiple_of * multiple_of
+
+
+def shard_workers(counts: Sequence[int], world_size: int, most: int, batch_size: int, multiple_of: int = 1) -> int:
+    """The loader workers per process, at most ``most``, for shards of ``counts`` samples.
+
+    The most workers whose epoch reads at least 90% of what the best worker count's reads:
+    readers take whole shards, so a worker count that does not divide the shards evenly can
+    leave much of each epoch unread (3 shards, 2 workers: a third to a half).
+    """
+    reads = {w: epoch_batches(counts, world_size, w, batch_size, multiple_of) for w in range(1, max(1, most) + 1)}
+    best = max(reads.values())
+    return max(w for w, batches in reads.items() if batches >= 0.9 * best)
 
 
 def make_shard_loader(dataset: ShardDataset, pin_memory: bool = False) -> DataLoader:

@@ -70,6 +70,33 @@ def test_the_default_workers_fit_the_shards_an_explicit_count_is_kept(tmp_path, 
     assert "1 shards cannot be split between 1 process(es) x 2 loader worker(s)" in capsys.readouterr().err
 
 
+def test_uneven_shards_get_workers_that_read_them_and_a_short_epoch_is_named(tmp_path, tiny_flags, capsys):
+    """DDP probe: 3 shards [14, 14, 12] read by the default 2 workers gave 6 steps an epoch (24 of 40 samples), with no
+    word; the default now reads them whole, and an explicit --workers that cannot gets a warning."""
+    import io
+
+    import webdataset
+    from PIL import Image
+
+    (tmp_path / "s").mkdir()
+    for k, count in enumerate((14, 14, 12)):
+        with webdataset.TarWriter(str(tmp_path / "s" / f"s-{k}.tar")) as sink:
+            for i in range(count):
+                buffer = io.BytesIO()
+                Image.new("RGB", (12, 12), (i * 9, k * 60, 0)).save(buffer, format="PNG")
+                sink.write({"__key__": f"k{i}", "png": buffer.getvalue()})
+    pattern = str(tmp_path / "s" / "s-{0..2}.tar")
+    flags = [*tiny_flags[:-2], "--max-steps", "1"]  # batch 4; no --workers: the default
+    assert cli.main(["train", "--data", pattern, "--out", str(tmp_path / "run"), *flags]) == 0
+    out, err = capsys.readouterr()
+    assert "an epoch reads" not in err and ("10 steps/epoch" in out or "9 steps/epoch" in out), out
+    argv = ["train", "--data", pattern, "--out", str(tmp_path / "two"), *flags, "--workers", "2"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "6 steps/epoch" in out and "warning: an epoch reads 24 of the 40 samples (60%): each of the 2 readers" in err
+    assert "are read whole (byol-pytorch shards make --shard-size); or lower --workers" in err
+
+
 def test_a_resume_keeps_the_runs_workers_and_asks_again_for_credentials(tmp_path, make_shards, tiny_flags, capsys):
     """Before: --resume fell back to the default --workers, so a shard run started with --workers 0 skipped the
     rest of its epoch; a run whose URL held a password was resumed from the redacted URL ('access denied')."""

@@ -172,3 +172,50 @@ def test_files_named_with_dots_that_merge_into_one_sample_are_named_once(tmp_pat
     assert len(lines) == 1, lines  # once, not once per shard
     assert "sample 'photo' holds 6 image files (photo.2023.0000.png, photo.2023.0001.png, " in lines[0]
     assert "ends at the first dot of a file's name" in lines[0] and "byol-pytorch shards make" in lines[0]
+
+
+def _uneven_shards(root, counts):
+    """Shards holding ``counts`` samples; sample ids (red channel) 1, 2, ... across them."""
+    import io
+
+    import webdataset
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    number = 0
+    for k, count in enumerate(counts):
+        with webdataset.TarWriter(str(root / f"s-{k}.tar")) as sink:
+            for i in range(count):
+                number += 1
+                buffer = io.BytesIO()
+                Image.new("RGB", (9, 9), (number, 0, 0)).save(buffer, format="PNG")
+                sink.write({"__key__": f"k{i}", "png": buffer.getvalue()})
+    return str(root / f"s-{{0..{len(counts) - 1}}}.tar")
+
+
+@pytest.mark.parametrize("world, workers", [(1, 1), (1, 2), (1, 3), (2, 1)])
+def test_epoch_batches_is_what_the_readers_yield_and_the_worker_choice_reads_most(tmp_path, world, workers):
+    """DDP probe: 3 shards [14, 14, 12] read by 2 workers gave 24 of 40 samples an epoch, silently; the default
+    worker count now reads at least 90% of what the best count would."""
+    from byol_pytorch.data.shards import epoch_batches, shard_workers
+
+    counts = [14, 14, 12]
+    pattern = _uneven_shards(tmp_path / "shards", counts)
+    per_rank = []
+    for rank in range(world):
+        data = ShardDataset(pattern, 9, batch_size=4, rank=rank, world_size=world, workers=workers, shuffle_buffer=0)
+        data.set_epoch(0)
+        batches = [images for images, _ in make_shard_loader(data)]
+        per_rank.append(len(batches))
+        assert data.epoch_samples() == data.batches_per_epoch * 4 * world
+    assert per_rank == [epoch_batches(counts, world, workers, 4)] * world  # the rule, against the loader's count
+    assert [epoch_batches(counts, 1, w, 4) for w in (1, 2, 3)] == [10, 6, 9]
+    assert shard_workers(counts, 1, 3, 4) == 3 and shard_workers(counts, 1, 2, 4) == 1  # 9 >= 0.9 x 10; 6 < 9
+    assert data.with_workers(1).batches_per_epoch == epoch_batches(counts, world, 1, 4)
+
+
+def test_fewer_shards_than_processes_names_the_fix_that_applies(tmp_path, make_shards):
+    """DDP probe: one shard for two processes said 'lower --workers to 1' where it was 1 already."""
+    pattern = make_shards(tmp_path / "shards", shards=1, broken=False)
+    with pytest.raises(ValueError, match=r"1 shards cannot be split .*split the data into more shards or start fewer"):
+        ShardDataset(pattern, 9, batch_size=2, world_size=2, workers=1)
