@@ -82,7 +82,10 @@ def batchnorm_layers(net: nn.Module, frozen: bool = True) -> list[nn.modules.bat
     """The BatchNorm layers of `net` (1d, 2d, 3d, SyncBatchNorm, lazy ones) that keep running statistics.
 
     ``frozen=False`` leaves out those ``freeze_batchnorm_statistics`` froze (their statistics never change).
+    A ``net`` that is not an ``nn.Module`` is a ``TypeError`` (this module's functions all start here).
     """
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"expected the net as a torch.nn.Module, got {type(net).__name__}")
     return [
         m
         for m in net.modules()

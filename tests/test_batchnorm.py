@@ -331,3 +331,12 @@ def test_sync_conversion_keeps_frozen_layers_and_lazy_layers_are_refused():
         freeze_batchnorm_statistics(lazy)
     lazy(torch.randn(2, 3, 8, 8))
     assert freeze_batchnorm_statistics(lazy) == 1 and not lazy.train()[1].training
+
+
+def test_what_is_not_a_module_is_a_type_error_naming_it():
+    """Docs probe: recalibrate_batchnorm("x", ...) and freeze_batchnorm_statistics("x") were AttributeErrors."""
+    from byol_pytorch import freeze_batchnorm_statistics
+
+    for call in (lambda: recalibrate_batchnorm("x", torch.rand(4, 3, 8, 8)), lambda: freeze_batchnorm_statistics("x")):
+        with pytest.raises(TypeError, match="expected the net as a torch.nn.Module, got str"):
+            call()
