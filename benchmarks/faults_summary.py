@@ -34,8 +34,8 @@ and check what must hold: a run finishes bitwise equal to an uninterrupted one, 
 with one line `byol-pytorch: error: ...` (naming the problem and the fix), a non-zero exit,
 no traceback (`--debug` or `BYOL_PYTORCH_DEBUG=1` shows it) and nothing saved lost. The
 Python API's `BYOL(...)` and `learner(x)` raise only `TypeError`, `ValueError` or
-`FloatingPointError`. CI runs the suite with every other test; this table is written by `python -m benchmarks.faults_summary`
-from a real run of it (the numbers below are that run's).
+`FloatingPointError`. CI runs the suite with every other test; this table is written by
+`python -m benchmarks.faults_summary` from a real run of it (the numbers below are that run's).
 """
 
 
