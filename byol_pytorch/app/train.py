@@ -1214,7 +1214,8 @@ def finish(prepared: Run, state: TrainState) -> dict[str, Any]:
             )
     if prepared.metrics is not None:
         pictures = [out / "curves.png"]
-        if ctx.is_main and stopped is None and prepared.metrics.wandb_run is not None:
+        shown = prepared.metrics.wandb_run is not None or prepared.metrics.writer is not None  # W&B, TensorBoard
+        if ctx.is_main and stopped is None and shown:
             pictures.append(draw_views_or_warn(prepared.dataset, prepared.learner, out / "views.png"))
         prepared.metrics.close(pictures)
     if stopped is not None and ctx.is_main:

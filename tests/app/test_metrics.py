@@ -114,3 +114,21 @@ def test_curves_that_cannot_be_drawn_are_one_warning(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("byol-pytorch: warning: curves.png skipped: ")
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_train_gives_tensorboard_the_curves_and_the_views_as_images(tmp_path, make_messy_folder, tiny_flags):
+    """Docs probe: the docs said TensorBoard gets curves.png and views.png; it got the curves only (the views were
+    drawn for W&B alone)."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from byol_pytorch.app import cli
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(make_messy_folder(tmp_path / "images")), "--out", str(out), *tiny_flags]
+    assert cli.main([*argv, "--max-steps", "2", "--tensorboard"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["curves", "views"]
+    assert (out / "views.png").is_file()
