@@ -65,7 +65,14 @@ def _run_export(args: argparse.Namespace) -> int:
         raise UserError(f"--out: {describe_os_error(error)}") from None  # the write (atomic: nothing half-written)
     except ValueError as error:
         raise UserError(str(error)) from error
-    print(f"byol-pytorch: wrote {path} (load it with strict=True into the backbone without its classifier)")
+    statistics = ""
+    if path.suffix.lower() == ".safetensors":  # the statistics it holds, from its metadata (a header read)
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as written:
+            held = (written.metadata() or {}).get("bn_stats", "?")
+        statistics = "no BatchNorm; " if held == "none" else f"BatchNorm statistics {held}; "
+    print(f"byol-pytorch: wrote {path} ({statistics}load it with strict=True into the backbone without its classifier)")
     return 0
 
 

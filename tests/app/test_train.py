@@ -321,6 +321,8 @@ def test_frozen_backbone_batchnorm_trains_with_the_statistics_it_was_built_with(
         with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
             assert f.metadata()["bn_stats"] == "frozen"
     capsys.readouterr()
+    assert cli.main(["export", str(out / "last.pt"), "--out", str(tmp_path / "cli.safetensors")]) == 0
+    assert "(BatchNorm statistics frozen; load it with strict=True" in capsys.readouterr().out  # as the README says
     assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "3", "--backbone-bn", "batch"]) == 1
     assert "--backbone-bn batch differs from the checkpoint's frozen" in capsys.readouterr().err
     assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "3", "--workers", "0"]) == 0
