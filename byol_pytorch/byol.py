@@ -668,7 +668,8 @@ class BYOL(nn.Module):
             TypeError: not a tensor, an integer dtype other than uint8, or an
                 ``augment_fn`` that returns no tensor.
             ValueError: not 4D, empty (B, H or W = 0), wrong channel count, a training
-                batch of one image, (on the CPU) NaN/Inf in the input, or an
+                batch of one image for a net or heads that take batch statistics
+                (BatchNorm), (on the CPU) NaN/Inf in the input, or an
                 ``augment_fn`` result that is not (B, C, h, w) float with the input's B and
                 the net's C.
         """

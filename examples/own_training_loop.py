@@ -23,7 +23,7 @@ Loading the result::
     net = timm.create_model("resnet18", pretrained=False)
     net.load_state_dict(torch.load("resnet18_byol.pt", weights_only=True))
 
-For resume, LARS, checkpoints, metrics and many GPUs use ``byol-pytorch train`` instead.
+For resume, checkpoints, metrics and many GPUs use ``byol-pytorch train`` instead.
 """
 
 from __future__ import annotations

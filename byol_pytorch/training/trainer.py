@@ -246,7 +246,8 @@ class BYOLTrainer(nn.Module):
         """Train for ``num_train_steps`` steps.
 
         Returns:
-            ``{"steps": ..., "loss": last logged mean loss}``.
+            ``{"steps": ..., "loss": last logged mean loss}``; with ``val_data``, also ``"knn"``
+            (the last evaluation's accuracy) and ``"knn_reference"`` (the untouched net's).
 
         Raises:
             FloatingPointError: the loss turned non-finite (lower the learning rate).
