@@ -361,6 +361,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _one_process_unless_train(command: str) -> None:
+    """Only ``train`` splits its work between torchrun's processes; the others would each do all of it."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if command != "train" and world.isdigit() and int(world) > 1:
+        raise UserError(
+            f"{command} runs in one process, and under torchrun each of the {world} would do the whole job "
+            f"(writing the same files); run byol-pytorch {command} without torchrun"
+        )
+
+
 def _report(error: BaseException, message: str, debug: bool) -> None:
     """The one error line; with debugging, the traceback (and its cause) first."""
     if debug:
@@ -429,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     debug = debug_enabled(getattr(args, "debug", False))
     try:
+        _one_process_unless_train(args.command)
         with _package_warnings_as_lines():
             return COMMANDS[args.command](args)
     except Exception as error:

@@ -358,3 +358,18 @@ def test_embed_re_estimates_the_statistics_of_a_checkpoint_without_clean_ones(tm
     assert cli.main(embed) == 0
     summary = json.loads((tmp_path / "e" / "embed.json").read_text())
     assert summary["bn_stats"] == "clean (re-estimated on 8 of these images)"  # the readable ones, no blank
+
+
+@pytest.mark.parametrize(
+    "command", [["embed", "--data", "d", "--checkpoint", "c.pt", "--out", "o"], ["export", "c.pt", "--out", "b.pt"]]
+)
+def test_commands_other_than_train_refuse_torchrun(command, monkeypatch, tmp_path, capsys):
+    """DDP probe: embed under torchrun ran whole in every process; the slower one found the other's finished files
+    and the launch failed."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(command) == 1
+    err = capsys.readouterr().err
+    assert f"process 1 of 2: {command[0]} runs in one process" in err and "without torchrun" in err
+    assert list(tmp_path.iterdir()) == []
