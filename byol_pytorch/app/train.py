@@ -712,10 +712,16 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     if getattr(args, "bn_stats", "trained") == "clean" and batchnorm_layers(learner.net, frozen=False):
         index = dataset.paths if isinstance(dataset, ImageFolder) else None  # no second scan of a folder
 
-        def sample_clean_images() -> None:  # on rank 0 alone, the others waiting on the long group
-            prepared.clean_images = _clean_images(str(data), recipe, args, index)
+        def sample_clean_images() -> str | None:  # on rank 0 alone, the others waiting on the long group
+            try:
+                prepared.clean_images = _clean_images(str(data), recipe, args, index)
+            except UserError as error:
+                return str(error)
+            return None
 
-        broadcast_from_main(ctx, sample_clean_images)  # an error reaches every rank
+        refused = broadcast_from_main(ctx, sample_clean_images)
+        if refused:  # one UserError on every rank, whichever prints the line
+            raise UserError(refused)
     _restore(checkpoint, prepared)
     prepared.start_step = prepared.state.step
     if prepared.state.step < total:

@@ -27,7 +27,8 @@ __all__ = ["BelowReference", "KnnMonitor", "UnreadableKnnData", "knn_noise", "sp
 
 
 class UnreadableKnnData(NoReadableImagesError):
-    """Not one bank image, or not one held-out image, of a kNN evaluation could be read."""
+    """Not one bank image, or not one held-out image, of a kNN evaluation could be read; or the
+    readable bank images are of one class only (every query would score right)."""
 
 
 def split_labelled(root: str, load_size: int, channels: int) -> tuple[Any, Any]:
@@ -106,7 +107,10 @@ class KnnMonitor:
             bank, bank_labels = self._features(learner, self.bank, "bank")
             queries, query_labels = self._features(learner, self.queries, "held-out")
         if len(torch.unique(bank_labels)) < 2:  # shards: their labels are known once read
-            raise ValueError("the kNN data holds images of one class only; a kNN check needs two classes or more")
+            raise UnreadableKnnData(
+                "the readable images of the kNN data are of one class only (of the labels read, or the others' "
+                "images could not be read); a kNN check needs two classes or more"
+            )
         self.num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
         self.missing = self.missing_classes(torch.cat([bank_labels, query_labels]))
         return bank, bank_labels, queries, query_labels

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,36 @@ def _train_cli_worker(rank: int, port: int, out: str, flags: list[str], die: boo
     with contextlib.redirect_stderr(err):
         code = cli.main(["train", "--data", data, "--out", f"{out}/run", *flags])
     Path(out, f"rank{rank}.json").write_text(json.dumps([code, err.getvalue()]))
+
+
+def _clean_fails_worker(rank: int, port: int, out: str, flags: list[str]) -> None:
+    """``train`` as one torchrun rank whose rank 0 cannot sample the clean images (a UserError there)."""
+    from byol_pytorch.app import train
+    from byol_pytorch.app.errors import UserError
+
+    if rank == 0:
+
+        def refuse(*args):
+            raise UserError("--bn-stats clean: no image could be read")
+
+        def claim_late(ctx, claim=train._claim_error_line):
+            time.sleep(2)  # rank 1 claims the run's error line: it prints what it was sent
+            return claim(ctx)
+
+        train._clean_images = refuse  # type: ignore[assignment]
+        train._claim_error_line = claim_late  # type: ignore[assignment]
+    _train_cli_worker(rank, port, out, flags)
+
+
+def test_a_refusal_on_the_main_rank_alone_is_one_line_whichever_rank_prints(tmp_path, tiny_flags, make_shards):
+    """Review: the other ranks got the refusal as a RuntimeError; when one of them printed the run's error line,
+    it was a traceback."""
+    make_shards(tmp_path / "node0", per_shard=6)
+    make_shards(tmp_path / "node1", per_shard=6)
+    mp.spawn(_clean_fails_worker, args=(_free_port(), str(tmp_path), [*tiny_flags, "--max-steps", "2"]), nprocs=WORLD)
+    codes, errs = zip(*(json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)))
+    (line,) = [x for x in "".join(errs).splitlines() if x.strip()]
+    assert codes == (1, 1) and line.endswith("--bn-stats clean: no image could be read"), errs
 
 
 def test_a_killed_peer_before_the_first_checkpoint_is_not_said_to_have_left_one(tmp_path, tiny_flags, make_shards):
