@@ -67,7 +67,7 @@ from ..data.folder import ImageFolder, NoReadableImagesError
 from ..data.remote import RemoteReadError, ShardReadWarning, is_remote, redact
 from ..data.remote_shards import SHARD_COUNTS_NAME, counts_with_cache, expand_remote
 from ..data.sampling import DataOrder, EpochSampler, step_batches
-from ..data.shards import ShardDataset, expand_shards, make_shard_loader, shard_workers
+from ..data.shards import ShardDataset, epoch_batches, expand_shards, make_shard_loader, shard_workers
 from ..training.checkpoint import (
     TRAINING_KEYS,
     get_rng_state,
@@ -431,6 +431,34 @@ def _remote_counts(
     return tuple(broadcast_from_main(ctx, count))
 
 
+def _default_shard_workers(dataset: ShardDataset, most: int, ctx: DistContext, resumed: Any) -> ShardDataset:
+    """The loader workers of a run that did not give ``--workers``: a resumed run's, else ``shard_workers``'.
+
+    Chosen on rank 0 (the ranks' CPU counts may differ) among ``most // 2`` to ``most`` workers, so
+    that a shard count that does not divide evenly costs at most half the decoding processes; a
+    count under ``most`` is said in one line.
+    """
+    total = len(dataset.paths)
+    if isinstance(resumed, int) and 1 <= resumed and total >= ctx.world_size * resumed:
+        return dataset.with_workers(resumed)  # the checkpoint's readers: the epoch continues exactly
+
+    def choose() -> int:
+        counts, batch, accumulate = dataset.counts, dataset.batch_size, dataset.multiple_of
+        for least in (max(1, most // 2), 1):  # below half the workers only when no more can make a step
+            if any(epoch_batches(counts, ctx.world_size, w, batch, accumulate) for w in range(least, most + 1)):
+                return shard_workers(counts, ctx.world_size, most, batch, accumulate, least=least)
+        return 1
+
+    chosen = broadcast_from_main(ctx, choose)
+    if chosen < most and ctx.is_main:
+        print(
+            f"byol-pytorch: {chosen} loader worker(s) per process read the {total} shards (of up to {most}: "
+            f"{ctx.world_size * chosen} readers divide them more evenly); --workers to choose",
+            flush=True,
+        )
+    return dataset.with_workers(chosen)
+
+
 def _warn_unread_shard_samples(dataset: ShardDataset) -> None:
     """One warning when an epoch of shards leaves more than a tenth of its whole batches unread."""
     total, step = sum(dataset.counts), dataset.batch_size * dataset.world_size * dataset.multiple_of
@@ -440,8 +468,9 @@ def _warn_unread_shard_samples(dataset: ShardDataset) -> None:
     warn(
         f"an epoch reads {used} of the {total} samples ({used / total:.0%}): each of the {dataset.readers} readers "
         f"({dataset.world_size} process(es) x {dataset.per_rank} loader worker(s)) reads whole shards and yields as "
-        f"many batches as the smallest share of the {len(dataset.paths)} shards; shards of even size, as many as a "
-        f"multiple of {dataset.readers}, are read whole (byol-pytorch shards make --shard-size)"
+        f"many whole batches of {dataset.batch_size} as the smallest share of the {len(dataset.paths)} shards holds; "
+        f"to read them all, make the shard count a multiple of {dataset.readers} and each reader's share a multiple "
+        f"of {dataset.batch_size} samples (byol-pytorch shards make --shard-size)"
         + ("; or lower --workers" if dataset.per_rank > 1 else "")
     )
 
@@ -475,6 +504,7 @@ def _build_data(
     args: argparse.Namespace,
     out: Path,
     deferred: list[Callable[[], None]],
+    resumed_readers: Any = None,
 ) -> tuple[Any, DataOrder, DataLoader]:
     """The data in the net's channel count (``data.open_unlabelled``), its resumable order, the loader.
 
@@ -520,8 +550,7 @@ def _build_data(
         _check_same_data(ctx, dataset)
         if isinstance(dataset, ShardDataset):  # it orders and batches itself, in its workers
             if args.workers is None:
-                chosen = shard_workers(dataset.counts, ctx.world_size, most, micro_batch, recipe.accumulate)
-                dataset = dataset.with_workers(chosen)
+                dataset = _default_shard_workers(dataset, most, ctx, resumed_readers)
             if ctx.is_main:
                 _warn_unread_shard_samples(dataset)
             return dataset, dataset, make_shard_loader(dataset, pin_memory=ctx.device.type == "cuda")
@@ -673,7 +702,8 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     precision, workers = _runtime_options(args, ctx)
     net, recipe = _build_net(recipe, args, ctx)
     deferred: list[Callable[[], None]] = []  # writes into the run folder, made once the run is sure to start
-    dataset, sampler, loader = _build_data(data, recipe, micro_batch, workers, ctx, args, out, deferred)
+    readers = ((checkpoint or {}).get("args") or {}).get("shard_readers")  # a default --workers kept
+    dataset, sampler, loader = _build_data(data, recipe, micro_batch, workers, ctx, args, out, deferred, readers)
     steps_per_epoch = sampler.batches_per_epoch // recipe.accumulate
     saved = (int(checkpoint["total_steps"]), checkpoint.get("warmup_steps")) if checkpoint else (None, None)
     total, warmup = run_length(args, recipe, steps_per_epoch, *saved)
@@ -710,18 +740,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     reference = (checkpoint or {}).get("knn_reference")
     prepared.knn_reference = float(reference) if isinstance(reference, (int, float)) else None
     if getattr(args, "bn_stats", "trained") == "clean" and batchnorm_layers(learner.net, frozen=False):
-        index = dataset.paths if isinstance(dataset, ImageFolder) else None  # no second scan of a folder
-
-        def sample_clean_images() -> str | None:  # on rank 0 alone, the others waiting on the long group
-            try:
-                prepared.clean_images = _clean_images(str(data), recipe, args, index)
-            except UserError as error:
-                return str(error)
-            return None
-
-        refused = broadcast_from_main(ctx, sample_clean_images)
-        if refused:  # one UserError on every rank, whichever prints the line
-            raise UserError(refused)
+        _sample_clean_images(prepared, str(data), dataset)
     _restore(checkpoint, prepared)
     prepared.start_step = prepared.state.step
     if prepared.state.step < total:
@@ -781,6 +800,22 @@ def _chosen(args: argparse.Namespace, recipe: Recipe, checkpoint: dict[str, Any]
     if rate is not None and getattr(args, "lr", None) is None:
         why += f", at their lr {rate:g} x batch/256"
     return f" ({why}; --optimizer or --lr to change)"
+
+
+def _sample_clean_images(prepared: Run, data: str, dataset: Any) -> None:
+    """``prepared.clean_images`` on rank 0, the others waiting on the long group; a refusal on every rank."""
+    index = dataset.paths if isinstance(dataset, ImageFolder) else None  # no second scan of a folder
+
+    def sample() -> str | None:
+        try:
+            prepared.clean_images = _clean_images(data, prepared.recipe, prepared.args, index)
+        except UserError as error:
+            return str(error)
+        return None
+
+    refused = broadcast_from_main(prepared.ctx, sample)
+    if refused:  # one UserError on every rank, whichever prints the line
+        raise UserError(refused)
 
 
 def _clean_images(data: str, recipe: Recipe, args: argparse.Namespace, index: Any = None) -> torch.Tensor:

@@ -650,14 +650,17 @@ def epoch_batches(counts: Sequence[int], world_size: int, workers: int, batch_si
     return per_rank * (least // batch_size) // multiple_of * multiple_of
 
 
-def shard_workers(counts: Sequence[int], world_size: int, most: int, batch_size: int, multiple_of: int = 1) -> int:
-    """The loader workers per process, at most ``most``, for shards of ``counts`` samples.
+def shard_workers(
+    counts: Sequence[int], world_size: int, most: int, batch_size: int, multiple_of: int = 1, least: int = 1
+) -> int:
+    """The loader workers per process, ``least`` to ``most``, for shards of ``counts`` samples.
 
     The most workers whose epoch reads at least 90% of what the best worker count's reads:
     readers take whole shards, so a worker count that does not divide the shards evenly can
     leave much of each epoch unread (3 shards, 2 workers: a third to a half).
     """
-    reads = {w: epoch_batches(counts, world_size, w, batch_size, multiple_of) for w in range(1, max(1, most) + 1)}
+    top = max(1, most)
+    reads = {w: epoch_batches(counts, world_size, w, batch_size, multiple_of) for w in range(min(least, top), top + 1)}
     best = max(reads.values())
     return max(w for w, batches in reads.items() if batches >= 0.9 * best)
 
