@@ -366,8 +366,10 @@ def _one_process_unless_train(command: str) -> None:
     world = os.environ.get("WORLD_SIZE", "1")
     if command != "train" and world.isdigit() and int(world) > 1:
         raise UserError(
-            f"{command} runs in one process, and under torchrun each of the {world} would do the whole job "
-            f"(writing the same files); run byol-pytorch {command} without torchrun"
+            f"{command} runs in one process, and WORLD_SIZE={world} is set here (torchrun or another launcher "
+            f"started this process): each of the {world} would do the whole job, writing the same files; run "
+            f"byol-pytorch {command} without torchrun, or without the variable (env -u WORLD_SIZE byol-pytorch "
+            f"{command} ...)"
         )
 
 

@@ -72,23 +72,26 @@ class DistContext:
             self.owns_group = False
 
 
-def local_gpu(local_rank: int, visible: int) -> torch.device:
+def local_gpu(local_rank: int, visible: int, local_world: int | None = None) -> torch.device:
     """This process's GPU: ``cuda:LOCAL_RANK``, or the one GPU a launcher left it.
 
     Launchers that bind a GPU to each process (SLURM's ``--gpus-per-task=1``, a
     ``CUDA_VISIBLE_DEVICES`` per rank) leave every process one visible GPU, ``cuda:0``,
-    whatever its local rank.
+    whatever its local rank. torchrun binds none: with ``local_world`` (its
+    ``LOCAL_WORLD_SIZE``) processes on this machine, each must see its own GPU.
 
     Raises:
         ValueError: more processes on this machine than GPUs it sees.
     """
+    fix = f"start at most one process per GPU (torchrun --nproc_per_node={visible})"
+    if local_world is not None and local_world > visible:  # torchrun binds no GPU to a process
+        raise ValueError(f"{local_world} processes on this machine share {visible} GPU(s); {fix}")
     if local_rank < visible:
         return torch.device("cuda", local_rank)
     if visible == 1:
         return torch.device("cuda", 0)
     raise ValueError(
-        f"LOCAL_RANK is {local_rank} but this process sees {visible} GPU(s) (cuda:0 to cuda:{visible - 1}); start "
-        f"at most one process per GPU (torchrun --nproc_per_node={visible})"
+        f"LOCAL_RANK is {local_rank} but this process sees {visible} GPU(s) (cuda:0 to cuda:{visible - 1}); {fix}"
     )
 
 
@@ -110,15 +113,16 @@ def setup_distributed(device: str | None = None) -> DistContext:
         ValueError: CUDA was asked for but is not available; more processes than GPUs (``local_gpu``).
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ["LOCAL_WORLD_SIZE"]) if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit() else None
     if device is None or device == "auto":
         gpus = torch.cuda.is_available()
-        resolved = local_gpu(local_rank, torch.cuda.device_count()) if gpus else torch.device("cpu")
+        resolved = local_gpu(local_rank, torch.cuda.device_count(), local_world) if gpus else torch.device("cpu")
     else:
         resolved = torch.device(device)
         if resolved.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {device} was given but CUDA is not available; use --device cpu")
         if resolved.type == "cuda" and resolved.index is None:
-            resolved = local_gpu(local_rank, torch.cuda.device_count())
+            resolved = local_gpu(local_rank, torch.cuda.device_count(), local_world)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     owns = False

@@ -371,5 +371,6 @@ def test_commands_other_than_train_refuse_torchrun(command, monkeypatch, tmp_pat
     monkeypatch.setenv("RANK", "1")
     assert cli.main(command) == 1
     err = capsys.readouterr().err
-    assert f"process 1 of 2: {command[0]} runs in one process" in err and "without torchrun" in err
+    assert f"process 1 of 2: {command[0]} runs in one process, and WORLD_SIZE=2 is set here" in err
+    assert f"(env -u WORLD_SIZE byol-pytorch {command[0]} ...)" in err
     assert list(tmp_path.iterdir()) == []

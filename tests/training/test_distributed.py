@@ -403,3 +403,6 @@ def test_each_process_takes_its_local_gpu_or_the_one_its_launcher_left_it():
     assert local_gpu(3, 1) == torch.device("cuda", 0)
     with pytest.raises(ValueError, match=r"LOCAL_RANK is 2 but this process sees 2 GPU\(s\).*--nproc_per_node=2"):
         local_gpu(2, 2)
+    assert local_gpu(1, 2, local_world=2) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"2 processes on this machine share 1 GPU\(s\).*--nproc_per_node=1"):
+        local_gpu(1, 1, local_world=2)  # review: torchrun on a one-GPU machine binds nothing; NCCL would refuse
