@@ -284,7 +284,7 @@ def _walk(root: str) -> _Scan:
             stack.pop()
             continue
         name = entry.name
-        if name.startswith("."):
+        if name.startswith(".") or name == "lost+found":  # a file system's own folder, root's alone
             continue
         child = f"{relative}/{name}" if relative else name
         if _is_dir(entry):
@@ -339,7 +339,8 @@ def index_images(root: PathLike) -> FileIndex:
     first in sorted order is walked). Only regular files (after following links) are
     kept: FIFOs, sockets, devices and broken links are passed over and counted in
     ``passed_over``. A sub-folder that cannot be listed (no read permission) is left out with
-    a warning naming it, and such a scan is not cached. Contents are not opened. The order
+    a warning naming it (``lost+found``, a file system's own, is skipped). Contents are not
+    opened. The order
     is that of the sorted ``Path`` objects: component by component (``a/b.png`` before
     ``a-b.png``).
 
@@ -391,6 +392,7 @@ def _save_index(path: PathLike, index: FileIndex, scan: _Scan, scanned_ns: int) 
         "inodes": np.array(scan.inodes, dtype=np.uint64),
         "scanned_ns": np.array([scanned_ns], dtype=np.int64),
     }
+    arrays["unlisted_blob"], arrays["unlisted_offsets"] = _strings([name for name, _ in scan.unlisted])
 
     def write(temp: str) -> None:
         with open(temp, "wb") as handle:
@@ -455,9 +457,34 @@ def load_cached_index(path: PathLike, root: PathLike) -> FileIndex | None:
             mtimes = _array(arrays, "mtimes", np.int64)
             inodes = _array(arrays, "inodes", np.uint64)
             scanned_ns = int(_array(arrays, "scanned_ns", np.int64, 1)[0])
-        return index if _unchanged(root, folders, mtimes, inodes, scanned_ns) else None
+            unlisted = []
+            if "unlisted_blob" in arrays:  # written since 1.2.0's warning for folders that cannot be listed
+                names = FileIndex(
+                    root, _array(arrays, "unlisted_blob", np.uint8), _array(arrays, "unlisted_offsets", np.int64)
+                )
+                unlisted = [names.relative(i) for i in range(len(names))]
+        if not _unchanged(root, folders, mtimes, inodes, scanned_ns):
+            return None
     except Exception:  # a cache is only a shortcut: anything wrong with it means "scan again"
         return None
+    still = _still_unlisted(root, unlisted)
+    if still is None:  # a folder the scan could not list can be now: scan again
+        return None
+    if still:
+        _warn_unlisted(root, still)
+    return index
+
+
+def _still_unlisted(root: Path, names: list[str]) -> list[tuple[str, str]] | None:
+    """``(name, why)`` of the folders a cached scan could not list that still cannot be; None when one can now."""
+    still = []
+    for name in names:
+        try:
+            with os.scandir(root / name):
+                return None
+        except OSError as error:
+            still.append((name, error.strerror or type(error).__name__))
+    return still
 
 
 def load_or_scan(root: PathLike, cache: PathLike | None = None) -> FileIndex:
@@ -500,9 +527,6 @@ def scan_with_cache(root: PathLike, cache: PathLike | None) -> tuple[FileIndex, 
         return cached, None
     scanned_ns = time.time_ns()
     index, scan = _scan(root)
-
-    if scan.unlisted:  # not cached: the fixed permissions of a folder change no time the cache checks
-        return index, None
 
     def save() -> None:
         try:
