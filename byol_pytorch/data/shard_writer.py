@@ -26,6 +26,7 @@ import json
 import os
 import re
 import tarfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,7 +162,9 @@ def make_shards(
         OSError: ``out`` cannot be written.
     """
     root, target = Path(folder), Path(out)
-    labelled = LabelledImageFolder(root, 8) if labels else None
+    with warnings.catch_warnings():  # its images outside the class folders are counted below (unlabelled)
+        warnings.filterwarnings("ignore", message=r".* belong to no class and are left out")
+        labelled = LabelledImageFolder(root, 8) if labels else None
     files = labelled.paths if labelled is not None else index_images(root)
     targets = labelled.targets if labelled is not None else None
     left_out = len(index_images(root)) - len(files) if labelled is not None else 0  # images not in a class folder
