@@ -327,10 +327,9 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
 def _check_two_classes(spec: str, targets: Sequence[int]) -> None:
     """A kNN over one class scores every query right whatever the features: refused."""
     if len(set(targets)) < 2:
-        raise ValueError(
-            f"{spec!r} holds images of one class only; a kNN check needs two classes or more (a labelled "
-            "folder holds ROOT/CLASS_NAME/image.jpg, one sub-folder per class)"
-        )
+        folder = data_kind(spec) == "folder"
+        layout = " (a labelled folder holds ROOT/CLASS_NAME/image.jpg, one sub-folder per class)" if folder else ""
+        raise ValueError(f"{spec!r} holds images of one class only; a kNN check needs two classes or more{layout}")
 
 
 def _check_held_out_classes(
