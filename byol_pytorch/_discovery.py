@@ -169,10 +169,12 @@ def _entries(out: object) -> list[tuple[str | int, object]] | None:
 def _key_name(key: OutputKey) -> str:
     if key is None:
         return _OUTPUT
+    if isinstance(key, tuple):
+        return f"{_OUTPUT}.{key[0]}[{key[1]}]"
     return f"{_OUTPUT}.{key}" if isinstance(key, str) else f"{_OUTPUT}[{key}]"
 
 
-def _first_tensor(entries: list[tuple[str | int, object]]) -> OutputKey:
+def _first_tensor(entries: list[tuple[str | int, object]]) -> str | int | None:
     return next((k for k, v in entries if isinstance(v, torch.Tensor)), None)
 
 
@@ -193,7 +195,8 @@ def _classifier_target(out: object) -> torch.Tensor | None:
 
 
 def _representation_key(out: object, image_size: tuple[int, int]) -> OutputKey:
-    """Without a classifier: ``pooler_output``, ``last_hidden_state``, a pyramid's last map, the first tensor."""
+    """Without a classifier: ``pooler_output``, ``last_hidden_state``, a pyramid's last map (a tuple's, or a
+    Hugging Face backbone's ``feature_maps``), the first tensor."""
     entries = _entries(out)
     if entries is None:
         return None
@@ -203,6 +206,10 @@ def _representation_key(out: object, image_size: tuple[int, int]) -> OutputKey:
     for key in ("pooler_output", "last_hidden_state"):
         if isinstance(values.get(key), torch.Tensor):
             return key
+    maps = values.get("feature_maps")  # a Hugging Face backbone (AutoBackbone): its stages' maps, the deepest last
+    if isinstance(maps, (tuple, list)) and maps and (len(maps) == 1 or _pyramid(maps, image_size)):
+        if isinstance(maps[-1], torch.Tensor) and maps[-1].is_floating_point():
+            return ("feature_maps", len(maps) - 1)
     return _first_tensor(entries)
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 __all__ = ["HiddenLayer", "OUTPUT", "OutputKey", "call_net", "pool_hidden", "select_output"]
 
 HiddenLayer = str | int | None
-OutputKey = str | int | None
+OutputKey = str | int | tuple[str, int] | None  # a tuple: an entry's item (``feature_maps``' last)
 OUTPUT = "<output>"
 """The name of the net's own output as a hidden layer."""
 
@@ -69,6 +69,8 @@ def select_output(out: object, key: OutputKey) -> object:
     """The entry ``key`` of a net's output (see :class:`BackboneProbe`), or the output for None."""
     if key is None:
         return out
+    if isinstance(key, tuple):  # an entry's item: a Hugging Face backbone's feature_maps[-1]
+        return select_output(select_output(out, key[0]), key[1])
     if isinstance(key, str):
         return out[key] if isinstance(out, Mapping) else getattr(out, key)
     if isinstance(out, (tuple, list)):

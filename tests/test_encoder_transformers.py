@@ -262,3 +262,30 @@ def test_input_name_is_detected_and_can_be_forced():
         BYOL(model, image_size=32, input_name="pixel values", **SMALL)
     with pytest.raises(ValueError, match=r"as net\(images=x\)"):
         BYOL(model, image_size=32, input_name="images", **SMALL)
+
+
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("ResNetBackbone", transformers.ResNetConfig(**RESNET, out_features=["stage1", "stage2"])),
+        ("ConvNextBackbone", transformers.ConvNextConfig(**CONVNEXT, out_features=["stage1", "stage2"])),
+        ("Dinov2Backbone", transformers.Dinov2Config(**DINO, out_features=["stage1"])),
+    ],
+)
+def test_a_backbone_classs_deepest_feature_map_is_the_representation(name, config):
+    """Backbone probe: AutoBackbone models return BackboneOutput(feature_maps=(...)), which 'auto' did not open
+    ('produced a BackboneOutput, not a tensor')."""
+    torch.manual_seed(0)
+    net = getattr(transformers, name)(config)
+    learner = BYOL(net, image_size=32, **SMALL)
+    images = torch.rand(4, 3, 32, 32)
+    learner(images).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    learner.update_moving_average()
+    learner.eval()
+    with torch.no_grad():
+        embedding = learner(images, return_embedding=True, return_projection=False)
+        deepest = net(images).feature_maps[-1]  # (B, C, h, w): its spatial mean, computed here
+    n = len(net(images).feature_maps) - 1
+    assert learner.hidden_layer == f"<output>.feature_maps[{n}]"
+    torch.testing.assert_close(embedding, deepest.mean((2, 3)), rtol=1e-5, atol=1e-5)
