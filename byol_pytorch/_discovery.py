@@ -541,6 +541,10 @@ def _auto_choice(
     """(name, module, use_input, output_key) of the automatic hidden layer; see the module docstring."""
     target = _classifier_target(out)
     found = _find_classifier(trace, target) if target is not None else None
+    if found is None:  # class scores named last_hidden_state (transformers' PPLCNetForImageClassification)
+        state = dict(_entries(out) or []).get("last_hidden_state")
+        if isinstance(state, torch.Tensor) and state.ndim == 2 and state.shape[1] == _declared_classes(trace.net):
+            found = _find_classifier(trace, state)
     if found is not None:
         module, use_input = found
         return trace.names[module], module, use_input, None

@@ -289,3 +289,16 @@ def test_a_backbone_classs_deepest_feature_map_is_the_representation(name, confi
     n = len(net(images).feature_maps) - 1
     assert learner.hidden_layer == f"<output>.feature_maps[{n}]"
     torch.testing.assert_close(embedding, deepest.mean((2, 3)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(transformers, "PPLCNetConfig"), reason="this transformers has no PP-LCNet")
+def test_class_scores_named_last_hidden_state_are_not_taken_for_features():
+    """Backbone probe: PPLCNetForImageClassification returns its logits as last_hidden_state (no 'logits'), and
+    'auto' trained the 7 class scores; the input of the Linear that makes them is the representation."""
+    torch.manual_seed(0)
+    net = transformers.PPLCNetForImageClassification(transformers.PPLCNetConfig(num_labels=7))
+    learner = BYOL(net, image_size=32, **SMALL)
+    scores = [m for m in net.modules() if isinstance(m, nn.Linear) and m.out_features == 7]
+    assert len(scores) == 1 and learner.representation_size == scores[0].in_features != 7
+    learner(torch.rand(4, 3, 32, 32)).backward()
+    assert scores[0].weight.grad is None  # the classifier is left out
