@@ -439,7 +439,9 @@ def _default_shard_workers(dataset: ShardDataset, most: int, ctx: DistContext, r
     count under ``most`` is said in one line.
     """
     total = len(dataset.paths)
-    if isinstance(resumed, int) and 1 <= resumed and total >= ctx.world_size * resumed:
+    fits = isinstance(resumed, int) and 1 <= resumed and total >= ctx.world_size * resumed
+    batch, accumulate = dataset.batch_size, dataset.multiple_of
+    if fits and epoch_batches(dataset.counts, ctx.world_size, resumed, batch, accumulate) > 0:
         return dataset.with_workers(resumed)  # the checkpoint's readers: the epoch continues exactly
 
     def choose() -> int:
@@ -987,7 +989,8 @@ def run(prepared: Run) -> TrainState:
     except NoReadableImagesError as error:
         flag = "--val-data" if isinstance(error, UnreadableKnnData) else "--data"
         if prepared.saved_step < 0 and state.step == 0:  # at the start: nothing was moved, nothing to resume
-            raise UserError(f"{flag}: {last_line(error)}; give images that can be read") from error
+            fix = "" if "of one class only" in str(error) else "; give images that can be read"
+            raise UserError(f"{flag}: {last_line(error)}{fix}") from error
         raise UserError(
             f"{flag}: {last_line(error)} (was the folder moved or removed during the run?); restore it and continue "
             f"with --resume: {'the last checkpoint is kept' if prepared.saved_step >= 0 else 'no checkpoint yet'}"

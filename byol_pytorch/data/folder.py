@@ -85,8 +85,9 @@ class BrokenImageError(Exception):
 
 
 def _is_hidden(name: str) -> bool:
-    """Hidden by the OS's rule (``.name``), or macOS's archive leftovers (``__MACOSX``: never a class)."""
-    return name.startswith(".") or name == "__MACOSX"
+    """Hidden by the OS's rule (``.name``), macOS's archive leftovers (``__MACOSX``) or a file system's own
+    folder (``lost+found``): never a class."""
+    return name.startswith(".") or name in ("__MACOSX", "lost+found")
 
 
 def _check_size(load_size: int, channels: int) -> None:

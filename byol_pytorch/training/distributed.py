@@ -78,7 +78,8 @@ def local_gpu(local_rank: int, visible: int, local_world: int | None = None) -> 
     Launchers that bind a GPU to each process (SLURM's ``--gpus-per-task=1``, a
     ``CUDA_VISIBLE_DEVICES`` per rank) leave every process one visible GPU, ``cuda:0``,
     whatever its local rank. torchrun binds none: with ``local_world`` (its
-    ``LOCAL_WORLD_SIZE``) processes on this machine, each must see its own GPU.
+    ``LOCAL_WORLD_SIZE``, used when ``CUDA_VISIBLE_DEVICES`` is not set, so that every
+    process sees the machine's GPUs) processes on this machine, each needs a GPU of its own.
 
     Raises:
         ValueError: more processes on this machine than GPUs it sees.
@@ -114,6 +115,8 @@ def setup_distributed(device: str | None = None) -> DistContext:
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ["LOCAL_WORLD_SIZE"]) if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit() else None
+    if "CUDA_VISIBLE_DEVICES" in os.environ:  # a process may see its own GPU(s) only: the machine's count is unknown
+        local_world = None
     if device is None or device == "auto":
         gpus = torch.cuda.is_available()
         resolved = local_gpu(local_rank, torch.cuda.device_count(), local_world) if gpus else torch.device("cpu")

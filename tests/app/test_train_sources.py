@@ -225,3 +225,5 @@ def test_the_default_shard_workers_keep_half_the_processes_and_say_so(tmp_path, 
     line = capsys.readouterr().out
     assert "4 loader worker(s) per process read the 9 shards (of up to 8: 4 readers divide them more evenly)" in line
     assert _default_shard_workers(data, 8, DistContext(), 3).per_rank == 3  # a resumed run's readers are kept
+    wide = ShardDataset(str(tmp_path / "s" / "s-{0..8}.tar"), 8, batch_size=8, workers=1)
+    assert _default_shard_workers(wide, 8, DistContext(), 9).per_rank == 4  # unless they make no step: chosen

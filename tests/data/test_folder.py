@@ -431,4 +431,5 @@ def test_a_macos_archive_folder_is_no_class(tmp_path, make_labelled):
     root = make_labelled(tmp_path / "lab", classes=2, per_class=3)
     (root / "__MACOSX" / "class_0").mkdir(parents=True)
     (root / "__MACOSX" / "class_0" / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble, not a PNG
+    (root / "lost+found").mkdir()  # final read: a volume's root holds it, and it was refused as an empty class
     assert LabelledImageFolder(root, 8).classes == ["class_0", "class_1"]
