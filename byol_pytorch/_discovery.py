@@ -63,9 +63,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import inspect
 import operator
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -518,6 +520,46 @@ def _is_channels_last(hidden: torch.Tensor, image_size: tuple[int, int]) -> bool
     return grid(shape[1], shape[2]) and not grid(shape[2], shape[3])
 
 
+def _random_in_eval(
+    net: nn.Module,
+    x: torch.Tensor,
+    input_name: str | None,
+    module: nn.Module | None,
+    use_input: bool,
+    key: OutputKey,
+    hidden: object,
+    pool: Callable[[torch.Tensor], torch.Tensor],
+) -> bool:
+    """Whether a second eval-mode call on the same probe batch gives another representation (a random net).
+
+    The pooled representations are compared: a net may reorder tokens at random (ViTMAE with
+    ``mask_ratio=0`` shuffles its patches) without changing what ``pool`` makes of them.
+    """
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        return False
+    seen: list[object] = []
+    handle = None
+    if module is not None:
+        if use_input:
+            handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0] if args else None))
+        else:
+            handle = module.register_forward_hook(lambda m, args, out: seen.append(out))
+    try:
+        with saved_modes(net), torch.no_grad():
+            out = call_net(net, x, input_name)
+        # the last call of a module run several times, as the probe's trace keeps
+        again = (seen[-1] if seen else None) if module is not None else select_output(out, key)
+        if not isinstance(again, torch.Tensor) or again.shape != hidden.shape:
+            return False
+        first, second = pool(hidden.detach()).float(), pool(again).float()
+    except Exception:  # the first call ran: a failure now is not this check's to report
+        return False
+    finally:
+        if handle is not None:
+            handle.remove()
+    return not torch.allclose(first, second, rtol=1e-3, atol=1e-4 * max(1.0, float(first.abs().max())))
+
+
 def _run_probe(trace: _Trace, x: torch.Tensor, input_name: str | None) -> object:
     try:
         return trace.run(x, input_name)
@@ -704,7 +746,8 @@ def probe_backbone(
     device, dtype = module_device_dtype(net)
     copied = _probe_copy(net, need_copy)
     trace = _Trace(copied)
-    out = _run_probe(trace, _probe_image(channels, image_size, device, dtype), call_name)
+    x = _probe_image(channels, image_size, device, dtype)
+    out = _run_probe(trace, x, call_name)
     use_input, key = False, None
     if name == "auto":
         name, module, use_input, key = _auto_choice(trace, out, image_size)
@@ -737,5 +780,14 @@ def probe_backbone(
         raise type(err)(message) from None
     used = _graph_leaves(hidden)
     unused = tuple(n for n, p in copied.named_parameters() if p.requires_grad and id(p) not in used)
+    pool = functools.partial(pool_hidden, token_pool=token_pool, layer="", advice="", channels_last=channels_last)
+    if _random_in_eval(copied, x, call_name, module, use_input, key, hidden, pool):
+        warnings.warn(
+            f"{type(net).__name__} gives other outputs at {name!r} for the same images on a second call in eval "
+            "mode: it draws random numbers outside training (a masked autoencoder's mask_ratio, say), so its "
+            "embeddings, kNN accuracies and exports are random; configure it not to (ViTMAE: mask_ratio=0.0)",
+            UserWarning,
+            stacklevel=4,
+        )
     original = None if module is None else net.get_submodule(trace.names[module])
     return BackboneProbe(name, original, use_input, int(dim), unused, key, call_name, channels_last)

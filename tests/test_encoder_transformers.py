@@ -302,3 +302,18 @@ def test_class_scores_named_last_hidden_state_are_not_taken_for_features():
     assert len(scores) == 1 and learner.representation_size == scores[0].in_features != 7
     learner(torch.rand(4, 3, 32, 32)).backward()
     assert scores[0].weight.grad is None  # the classifier is left out
+
+
+def test_a_net_random_in_eval_mode_is_named_and_a_shuffle_alone_is_not():
+    """Backbone probe: ViTMAEModel masks 75% of the patches at random even in eval mode, so its embeddings (and a
+    kNN of them) were random without a word; with mask_ratio=0 it only shuffles the patches, which pooling undoes."""
+    import warnings
+
+    for ratio, named in ((0.75, True), (0.0, False)):
+        net = transformers.ViTMAEModel(transformers.ViTMAEConfig(**VIT, mask_ratio=ratio))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            BYOL(net, image_size=32, **SMALL)
+        said = [str(w.message) for w in caught if "on a second call in eval mode" in str(w.message)]
+        assert bool(said) == named, said
+        assert not said or "configure it not to (ViTMAE: mask_ratio=0.0)" in said[0]
