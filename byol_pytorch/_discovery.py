@@ -557,7 +557,8 @@ def _random_in_eval(
     finally:
         if handle is not None:
             handle.remove()
-    return not torch.allclose(first, second, rtol=1e-3, atol=1e-4 * max(1.0, float(first.abs().max())))
+    tolerance = _tolerance(hidden.dtype, 1e-3)  # a bfloat16 net's kernels with and without autograd differ more
+    return not torch.allclose(first, second, rtol=tolerance, atol=tolerance * max(0.1, float(first.abs().max())))
 
 
 def _run_probe(trace: _Trace, x: torch.Tensor, input_name: str | None) -> object:
