@@ -535,8 +535,8 @@ def _random_in_eval(
     The pooled representations are compared: a net may reorder tokens at random (ViTMAE with
     ``mask_ratio=0`` shuffles its patches) without changing what ``pool`` makes of them.
     """
-    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
-        return False
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.is_meta:
+        return False  # a meta net has no values to compare
     seen: list[object] = []
     handle = None
     if module is not None:
@@ -552,13 +552,14 @@ def _random_in_eval(
         if not isinstance(again, torch.Tensor) or again.shape != hidden.shape:
             return False
         first, second = pool(hidden.detach()).float(), pool(again).float()
+        tolerance = _tolerance(hidden.dtype, 1e-3)  # a bfloat16 net's kernels with and without autograd differ more
+        scale = max(0.1, float(first.abs().max()))
+        return not torch.allclose(first, second, rtol=tolerance, atol=tolerance * scale)
     except Exception:  # the first call ran: a failure now is not this check's to report
         return False
     finally:
         if handle is not None:
             handle.remove()
-    tolerance = _tolerance(hidden.dtype, 1e-3)  # a bfloat16 net's kernels with and without autograd differ more
-    return not torch.allclose(first, second, rtol=tolerance, atol=tolerance * max(0.1, float(first.abs().max())))
 
 
 def _run_probe(trace: _Trace, x: torch.Tensor, input_name: str | None) -> object:
