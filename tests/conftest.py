@@ -190,21 +190,24 @@ def sample_png(sample_id: int, rng: np.random.Generator) -> bytes:
     return buffer.getvalue()
 
 
-def build_shards(root: Path, shards: int = 4, per_shard: int = 6, broken: bool = True) -> str:
+def build_shards(root: Path, shards: int = 4, per_shard: int | list[int] = 6, broken: bool = True) -> str:
     """``ROOT/train-{0000..N-1}.tar`` in webdataset's layout; returns that brace pattern.
 
-    Sample ``i`` of shard ``k`` has id ``k * per_shard + i + 1`` (its red channel, see
-    ``sample_png``) and a ``.cls`` file. With ``broken``, shard 1's second sample holds
-    garbage bytes and shard 2's third sample has no image file at all.
+    ``per_shard``: samples in each shard, or a list of each shard's count (``shards`` is then its
+    length). Sample ``i`` of shard ``k`` has id ``k * per_shard + i + 1`` (the samples before it
+    plus ``i + 1``; its red channel, see ``sample_png``) and a ``.cls`` file. With ``broken``,
+    shard 1's second sample holds garbage bytes and shard 2's third sample has no image file at all.
     """
     import webdataset
 
+    counts = [per_shard] * shards if isinstance(per_shard, int) else list(per_shard)
+    shards = len(counts)
     rng = np.random.default_rng(3)
     root.mkdir(parents=True, exist_ok=True)
-    for k in range(shards):
+    for k, count in enumerate(counts):
         with webdataset.TarWriter(str(root / f"train-{k:04d}.tar")) as sink:
-            for i in range(per_shard):
-                sample_id, sample = k * per_shard + i + 1, {"__key__": f"s{k:02d}_{i:03d}"}
+            for i in range(count):
+                sample_id, sample = sum(counts[:k]) + i + 1, {"__key__": f"s{k:02d}_{i:03d}"}
                 if broken and (k, i) == (1, 1):
                     sample["png"] = b"\x89PNG garbage, not an image"
                 elif not (broken and (k, i) == (2, 2)):

@@ -444,14 +444,9 @@ def _default_shard_workers(dataset: ShardDataset, most: int, ctx: DistContext, r
     if fits and epoch_batches(dataset.counts, ctx.world_size, resumed, batch, accumulate) > 0:
         return dataset.with_workers(resumed)  # the checkpoint's readers: the epoch continues exactly
 
-    def choose() -> int:
-        counts, batch, accumulate = dataset.counts, dataset.batch_size, dataset.multiple_of
-        for least in (max(1, most // 2), 1):  # below half the workers only when no more can make a step
-            if any(epoch_batches(counts, ctx.world_size, w, batch, accumulate) for w in range(least, most + 1)):
-                return shard_workers(counts, ctx.world_size, most, batch, accumulate, least=least)
-        return 1
-
-    chosen = broadcast_from_main(ctx, choose)
+    chosen = broadcast_from_main(
+        ctx, lambda: shard_workers(dataset.counts, ctx.world_size, most, batch, accumulate, least=max(1, most // 2))
+    )
     if chosen < most and ctx.is_main:
         print(
             f"byol-pytorch: {chosen} loader worker(s) per process read the {total} shards (of up to {most}: "

@@ -653,7 +653,8 @@ def epoch_batches(counts: Sequence[int], world_size: int, workers: int, batch_si
 def shard_workers(
     counts: Sequence[int], world_size: int, most: int, batch_size: int, multiple_of: int = 1, least: int = 1
 ) -> int:
-    """The loader workers per process, ``least`` to ``most``, for shards of ``counts`` samples.
+    """The loader workers per process, ``least`` to ``most`` (fewer only when none of those makes a step),
+    for shards of ``counts`` samples.
 
     The most workers whose epoch reads at least 90% of what the best worker count's reads:
     readers take whole shards, so a worker count that does not divide the shards evenly can
@@ -662,6 +663,8 @@ def shard_workers(
     top = max(1, most)
     reads = {w: epoch_batches(counts, world_size, w, batch_size, multiple_of) for w in range(min(least, top), top + 1)}
     best = max(reads.values())
+    if best == 0 and least > 1:  # no count from ``least`` up makes a step: fewer workers, down to one
+        return shard_workers(counts, world_size, most, batch_size, multiple_of)
     return max(w for w, batches in reads.items() if batches >= 0.9 * best)
 
 

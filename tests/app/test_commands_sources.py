@@ -124,25 +124,31 @@ def test_embedded_vectors_are_the_learners_embedding(form, sources, checkpoint, 
         assert labels[row] == expected_labels[sample]
 
 
-def test_embed_float16_and_a_stopped_run_resumes_to_the_same_files(sources, checkpoint, tmp_path, monkeypatch, capsys):
+def _embed_stopped_after(monkeypatch, argv: list[str], writes: int) -> None:
+    """``embed`` run with ``argv`` and stopped by Ctrl-C right after its ``writes``-th batch is written (exit 130)."""
     from byol_pytorch.app import embed as embed_module
 
-    spec = sources["folder"]
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    base = ["embed", "--data", spec, "--checkpoint", str(checkpoint), "--batch-size", "4", "--flush-every", "1"]
-    assert cli.main([*base, "--out", str(whole)]) == 0
     original, calls = embed_module._Outputs.write, []
 
     def write_then_stop(self, *a):
         original(self, *a)
         calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # stopped after 3 batches: 12 rows flushed, the state records them
+        if len(calls) == writes:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(embed_module._Outputs, "write", write_then_stop)
-    assert cli.main([*base, "--out", str(part)]) == 130
-    assert json.loads((part / "embed_state.json").read_text())["rows"] in (8, 12)
+    assert cli.main(argv) == 130
     monkeypatch.setattr(embed_module._Outputs, "write", original)
+
+
+def test_embed_float16_and_a_stopped_run_resumes_to_the_same_files(sources, checkpoint, tmp_path, monkeypatch, capsys):
+
+    spec = sources["folder"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    base = ["embed", "--data", spec, "--checkpoint", str(checkpoint), "--batch-size", "4", "--flush-every", "1"]
+    assert cli.main([*base, "--out", str(whole)]) == 0
+    _embed_stopped_after(monkeypatch, [*base, "--out", str(part)], 3)  # 12 rows flushed, the state records them
+    assert json.loads((part / "embed_state.json").read_text())["rows"] in (8, 12)
     capsys.readouterr()
     assert cli.main([*base, "--out", str(part)]) == 1  # a second start without --resume refuses
     assert "holds a stopped embed run; pass --resume to continue it" in capsys.readouterr().err
@@ -173,22 +179,11 @@ def test_a_stopped_run_whose_files_were_changed_is_refused_unchanged(
 ):
     """Before: an emptied embeddings.npy resumed into zero rows and a removed ids.txt into fewer ids than vectors,
     both reported as done; a broken progress file was a traceback."""
-    from byol_pytorch.app import embed as embed_module
 
     part = tmp_path / "part"
     base = ["embed", "--data", sources["folder"], "--checkpoint", str(checkpoint), "--batch-size", "4"]
     base += ["--flush-every", "1", "--out", str(part)]
-    original, calls = embed_module._Outputs.write, []
-
-    def write_then_stop(self, *a):
-        original(self, *a)
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(embed_module._Outputs, "write", write_then_stop)
-    assert cli.main(base) == 130
-    monkeypatch.setattr(embed_module._Outputs, "write", original)
+    _embed_stopped_after(monkeypatch, base, 3)
     damage(part)
     files = {path.name: path.read_bytes() for path in part.iterdir()}
     capsys.readouterr()
@@ -394,8 +389,6 @@ def test_a_stopped_embed_of_shards_with_escaped_keys_resumes_to_the_same_files(c
     import webdataset
     from PIL import Image
 
-    from byol_pytorch.app import embed as embed_module
-
     with webdataset.TarWriter(str(tmp_path / "s-0.tar")) as sink:
         for i in range(8):
             buffer = io.BytesIO()
@@ -405,17 +398,7 @@ def test_a_stopped_embed_of_shards_with_escaped_keys_resumes_to_the_same_files(c
     base = ["embed", "--data", str(tmp_path / "s-0.tar"), "--checkpoint", str(checkpoint), "--batch-size", "2"]
     base += ["--flush-every", "1", "--workers", "0"]
     assert cli.main([*base, "--out", str(whole)]) == 0
-    original, calls = embed_module._Outputs.write, []
-
-    def write_then_stop(self, *a):
-        original(self, *a)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(embed_module._Outputs, "write", write_then_stop)
-    assert cli.main([*base, "--out", str(part)]) == 130
-    monkeypatch.setattr(embed_module._Outputs, "write", original)
+    _embed_stopped_after(monkeypatch, [*base, "--out", str(part)], 2)
     assert cli.main([*base, "--out", str(part), "--resume"]) == 0
     ids = (part / "ids.txt").read_text().splitlines()
     assert ids == (whole / "ids.txt").read_text().splitlines() and "s-0.tar:dir\\\\k1" in ids

@@ -70,22 +70,10 @@ def test_the_default_workers_fit_the_shards_an_explicit_count_is_kept(tmp_path, 
     assert "1 shards cannot be split between 1 process(es) x 2 loader worker(s)" in capsys.readouterr().err
 
 
-def test_uneven_shards_get_workers_that_read_them_and_a_short_epoch_is_named(tmp_path, tiny_flags, capsys):
+def test_uneven_shards_get_workers_that_read_them_and_a_short_epoch_is_named(tmp_path, make_shards, tiny_flags, capsys):
     """DDP probe: 3 shards [14, 14, 12] read by the default 2 workers gave 6 steps an epoch (24 of 40 samples), with no
     word; the default now reads them whole, and an explicit --workers that cannot gets a warning."""
-    import io
-
-    import webdataset
-    from PIL import Image
-
-    (tmp_path / "s").mkdir()
-    for k, count in enumerate((14, 14, 12)):
-        with webdataset.TarWriter(str(tmp_path / "s" / f"s-{k}.tar")) as sink:
-            for i in range(count):
-                buffer = io.BytesIO()
-                Image.new("RGB", (12, 12), (i * 9, k * 60, 0)).save(buffer, format="PNG")
-                sink.write({"__key__": f"k{i}", "png": buffer.getvalue()})
-    pattern = str(tmp_path / "s" / "s-{0..2}.tar")
+    pattern = make_shards(tmp_path / "s", per_shard=[14, 14, 12], broken=False)
     flags = [*tiny_flags[:-2], "--max-steps", "1"]  # batch 4; no --workers: the default
     assert cli.main(["train", "--data", pattern, "--out", str(tmp_path / "run"), *flags]) == 0
     out, err = capsys.readouterr()
@@ -200,30 +188,19 @@ def test_data_errors_are_one_line(tmp_path, make_hf_saved, make_shards, tiny_fla
     assert 'needs the datasets package: pip install "byol-pytorch[datasets]"' in one_error_line(capsys)
 
 
-def test_the_default_shard_workers_keep_half_the_processes_and_say_so(tmp_path, capsys):
+def test_the_default_shard_workers_keep_half_the_processes_and_say_so(tmp_path, make_shards, capsys):
     """Review: 9 shards (8 full, 1 short) on 8 CPUs got 1 loader worker (the most samples an epoch, an eighth of
     the decoding), and nothing said so."""
-    import io
-
-    import webdataset
-    from PIL import Image
-
     from byol_pytorch.app.train import _default_shard_workers
     from byol_pytorch.data.shards import ShardDataset
     from byol_pytorch.training.distributed import DistContext
 
-    (tmp_path / "s").mkdir()
-    for k in range(9):
-        with webdataset.TarWriter(str(tmp_path / "s" / f"s-{k}.tar")) as sink:
-            for i in range(6 if k == 8 else 10):
-                buffer = io.BytesIO()
-                Image.new("RGB", (8, 8), (i, k, 0)).save(buffer, format="PNG")
-                sink.write({"__key__": f"k{i}", "png": buffer.getvalue()})
-    data = ShardDataset(str(tmp_path / "s" / "s-{0..8}.tar"), 8, batch_size=2, workers=1)
+    pattern = make_shards(tmp_path / "s", per_shard=[10] * 8 + [6], broken=False)
+    data = ShardDataset(pattern, 8, batch_size=2, workers=1)
     chosen = _default_shard_workers(data, 8, DistContext(), None)
     assert chosen.per_rank == 4 and chosen.batches_per_epoch == 32  # 8 workers: 24 batches; 1 worker: 43
     line = capsys.readouterr().out
     assert "4 loader worker(s) per process read the 9 shards (of up to 8: 4 readers divide them more evenly)" in line
     assert _default_shard_workers(data, 8, DistContext(), 3).per_rank == 3  # a resumed run's readers are kept
-    wide = ShardDataset(str(tmp_path / "s" / "s-{0..8}.tar"), 8, batch_size=8, workers=1)
+    wide = ShardDataset(pattern, 8, batch_size=8, workers=1)
     assert _default_shard_workers(wide, 8, DistContext(), 9).per_rank == 4  # unless they make no step: chosen

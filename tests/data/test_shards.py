@@ -174,33 +174,14 @@ def test_files_named_with_dots_that_merge_into_one_sample_are_named_once(tmp_pat
     assert "ends at the first dot of a file's name" in lines[0] and "byol-pytorch shards make" in lines[0]
 
 
-def _uneven_shards(root, counts):
-    """Shards holding ``counts`` samples; sample ids (red channel) 1, 2, ... across them."""
-    import io
-
-    import webdataset
-    from PIL import Image
-
-    root.mkdir(parents=True)
-    number = 0
-    for k, count in enumerate(counts):
-        with webdataset.TarWriter(str(root / f"s-{k}.tar")) as sink:
-            for i in range(count):
-                number += 1
-                buffer = io.BytesIO()
-                Image.new("RGB", (9, 9), (number, 0, 0)).save(buffer, format="PNG")
-                sink.write({"__key__": f"k{i}", "png": buffer.getvalue()})
-    return str(root / f"s-{{0..{len(counts) - 1}}}.tar")
-
-
 @pytest.mark.parametrize("world, workers", [(1, 1), (1, 2), (1, 3), (2, 1)])
-def test_epoch_batches_is_what_the_readers_yield_and_the_worker_choice_reads_most(tmp_path, world, workers):
+def test_epoch_batches_match_the_readers_and_the_worker_choice_reads_most(tmp_path, make_shards, world, workers):
     """DDP probe: 3 shards [14, 14, 12] read by 2 workers gave 24 of 40 samples an epoch, silently; the default
     worker count now reads at least 90% of what the best count would."""
     from byol_pytorch.data.shards import epoch_batches, shard_workers
 
     counts = [14, 14, 12]
-    pattern = _uneven_shards(tmp_path / "shards", counts)
+    pattern = make_shards(tmp_path / "shards", per_shard=counts, broken=False)
     per_rank = []
     for rank in range(world):
         data = ShardDataset(pattern, 9, batch_size=4, rank=rank, world_size=world, workers=workers, shuffle_buffer=0)
