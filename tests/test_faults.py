@@ -35,6 +35,7 @@ from PIL import Image
 
 from byol_pytorch import BYOL
 from byol_pytorch.app import cli
+from byol_pytorch.data import folder
 from byol_pytorch.data.file_index import index_images
 from byol_pytorch.data.folder import ImageFolder
 from byol_pytorch.training.checkpoint import load_checkpoint, save_checkpoint
@@ -268,11 +269,13 @@ def test_scan_passes_over_special_files_and_counts_them(tmp_path):
     assert {p.name for p in found} == expected["good"] | expected["broken"]
 
 
-def test_hostile_folder_trains_and_counts_what_it_skipped(tmp_path):
+def test_hostile_folder_trains_and_counts_what_it_skipped(tmp_path, monkeypatch):
     expected = build_hostile_folder(tmp_path / "hostile")
     dataset = ImageFolder(tmp_path / "hostile", 37)
     assert dataset.passed_over == 2
-    broken = {dataset.paths[i].name for i in range(len(dataset)) if dataset[i][1] > 0}
+    monkeypatch.setattr(folder, "_large_warned", False)  # once per process: another test may have warned
+    with pytest.warns(folder.LargeImageWarning, match=r"bomb\.png is passed over.*BYOL_PYTORCH_MAX_IMAGE_PIXELS"):
+        broken = {dataset.paths[i].name for i in range(len(dataset)) if dataset[i][1] > 0}
     assert broken == expected["broken"]
     out = tmp_path / "run"
     started = time.time()
@@ -282,6 +285,7 @@ def test_hostile_folder_trains_and_counts_what_it_skipped(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 entries under" in proc.stderr and "not regular files" in proc.stderr
+    assert "bomb.png is passed over" in proc.stderr and "BYOL_PYTORCH_MAX_IMAGE_PIXELS" in proc.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4 and rows[-1]["skipped_files"] >= len(expected["broken"])
     kinds = "truncated, zero-byte, fake suffix, decompression bomb; FIFO, dangling link; CMYK, 16-bit, ..."

@@ -19,9 +19,11 @@ from typing import Any
 
 from .file_index import IMAGE_EXTENSIONS, FileIndex, index_images, load_or_scan
 from .folder import (
+    PIXEL_LIMIT_ENV,
     BrokenImageError,
     ImageFolder,
     LabelledImageFolder,
+    LargeImageWarning,
     NoReadableImagesError,
     decode_image,
     load_image,
@@ -47,10 +49,12 @@ __all__ = [
     "UNREADABLE",
     "DATA_FORMS",
     "IMAGE_EXTENSIONS",
+    "PIXEL_LIMIT_ENV",
     "BrokenImageError",
     "FileIndex",
     "ImageFolder",
     "LabelledImageFolder",
+    "LargeImageWarning",
     "NoReadableImagesError",
     "ShardReading",
     "collate_images",

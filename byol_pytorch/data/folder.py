@@ -30,7 +30,9 @@ from .file_index import IMAGE_EXTENSIONS, FileIndex, check_folder, index_images
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "PIXEL_LIMIT_ENV",
     "BrokenImageError",
+    "LargeImageWarning",
     "NoReadableImagesError",
     "FileIndex",
     "index_images",
@@ -60,6 +62,11 @@ _DECODE_ERRORS = (
 )
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _WIDE_MODES = _SIXTEEN_BIT_MODES | {"I", "F"}  # one channel, more than 8 bits
+PIXEL_LIMIT_ENV = "BYOL_PYTORCH_MAX_IMAGE_PIXELS"
+"""The most pixels an image may have (0: no limit); Pillow's decompression-bomb guard refuses more.
+
+Unset, Pillow's own limit holds: 178,956,970 pixels (twice ``PIL.Image.MAX_IMAGE_PIXELS``).
+"""
 # Pillow's docs for Image.resize: "With reducing_gap greater or equal to 3.0, the result
 # is indistinguishable from fair resampling in most cases."
 _REDUCING_GAP = 3.0
@@ -76,12 +83,51 @@ class BrokenImageError(Exception):
     Attributes:
         path: the file.
         reason: what Pillow reported.
+        too_large: the image is whole but has more pixels than Pillow's decompression-bomb
+            limit allows (``PIXEL_LIMIT_ENV`` raises it).
     """
 
-    def __init__(self, path: Path, reason: str) -> None:
+    def __init__(self, path: Path, reason: str, too_large: bool = False) -> None:
         super().__init__(f"cannot read image {path}: {reason}")
         self.path = path
         self.reason = reason
+        self.too_large = too_large
+
+
+class LargeImageWarning(UserWarning):
+    """An image over Pillow's decompression-bomb limit was passed over (once per process)."""
+
+
+_large_warned = False
+
+
+def _apply_pixel_limit() -> None:
+    """``PIXEL_LIMIT_ENV``, when set, becomes Pillow's limit (a module global; 0: none); a bad value is a ValueError."""
+    text = os.environ.get(PIXEL_LIMIT_ENV, "").strip()
+    if not text:
+        return
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{PIXEL_LIMIT_ENV}={text!r}: give a whole number of pixels, or 0 for no limit")
+    Image.MAX_IMAGE_PIXELS = (value + 1) // 2 or None  # Pillow refuses more than twice its global
+
+
+def _warn_large(error: BrokenImageError) -> None:
+    """The first image over the pixel limit in this process gets a warning naming it and the fix."""
+    global _large_warned
+    if _large_warned:
+        return
+    _large_warned = True
+    warnings.warn(
+        f"{error.path} is passed over like an unreadable file: {error.reason}. If your images really are this "
+        f"large, set {PIXEL_LIMIT_ENV} to a higher pixel count (0: no limit; each decode then needs about 3 bytes "
+        "per pixel of memory in every loader worker), or downscale them",
+        LargeImageWarning,
+        stacklevel=3,
+    )
 
 
 def _is_hidden(name: str) -> bool:
@@ -91,6 +137,7 @@ def _is_hidden(name: str) -> bool:
 
 
 def _check_size(load_size: int, channels: int) -> None:
+    _apply_pixel_limit()  # a bad value stops the dataset's constructor, not a loader worker
     if load_size < 1:
         raise ValueError(f"load_size must be a positive number of pixels, got {load_size}")
     if channels not in (1, 3):
@@ -212,7 +259,11 @@ def _decode(source: Path | io.BytesIO, path: Path, load_size: int, channels: int
     """The decode, orientation, conversion, resize and crop of ``load_image`` / ``decode_image``."""
     mode = "L" if channels == 1 else "RGB"
     try:
-        with Image.open(source) as im:
+        with warnings.catch_warnings():
+            # Pillow warns from half its limit on; an image under the limit is read, so it is not news here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im: Image.Image = Image.open(source)
+        with im:
             # Only JPEG acts on draft; the scale keeps both sides >= load_size.
             im.draft(mode, (load_size, load_size))
             im.load()  # decode now: a truncated file raises here
@@ -230,6 +281,8 @@ def _decode(source: Path | io.BytesIO, path: Path, load_size: int, channels: int
                 reducing_gap=_REDUCING_GAP,
             )
             pixels = np.array(im, dtype=np.uint8)  # (S, S) or (S, S, 3), a writable copy
+    except Image.DecompressionBombError as error:
+        raise BrokenImageError(path, str(error).rstrip("."), too_large=True) from error
     except _DECODE_ERRORS as error:
         raise BrokenImageError(path, f"{type(error).__name__}: {error}") from error
     if pixels.ndim == 2:
@@ -268,6 +321,8 @@ def read_or_next(
         except BrokenImageError as error:
             broken.add(j)
             last_error = error
+            if error.too_large:
+                _warn_large(error)
     raise NoReadableImagesError(f"none of the {n} {what}" + (f"; the last error: {last_error}" if last_error else ""))
 
 

@@ -312,6 +312,54 @@ def test_folder_errors_name_the_path(tmp_path):
         index_images(empty)
 
 
+@pytest.fixture
+def pixel_limit(monkeypatch):
+    """Sets BYOL_PYTORCH_MAX_IMAGE_PIXELS; Pillow's global and the once-per-process warning are restored after."""
+    import byol_pytorch.data.folder as folder
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    monkeypatch.setattr(folder, "_large_warned", False)
+    return lambda value: monkeypatch.setenv(folder.PIXEL_LIMIT_ENV, value)
+
+
+def test_an_image_over_the_pixel_limit_is_passed_over_with_one_warning_naming_it_and_the_fix(tmp_path, pixel_limit):
+    from byol_pytorch.data.folder import PIXEL_LIMIT_ENV, LargeImageWarning
+
+    _smooth_rgb(40, 25, 0).save(tmp_path / "a_fits.png")  # 1,000 pixels: the limit itself
+    _smooth_rgb(40, 26, 1).save(tmp_path / "b_large.png")  # 1,040
+    _smooth_rgb(40, 30, 2).save(tmp_path / "c_larger.png")
+    pixel_limit("1_000")
+    with pytest.raises(BrokenImageError, match="exceeds limit") as caught:
+        load_image(tmp_path / "b_large.png", S)
+    assert caught.value.too_large
+    dataset = ImageFolder(tmp_path, S)
+    with pytest.warns(LargeImageWarning) as shown:
+        image, skipped = dataset[1]  # b_large is passed over: a_fits (wrapping around) comes instead
+        dataset[2]
+    assert skipped == 1 and torch.equal(image, dataset[0][0])
+    assert len(shown) == 1 and "b_large.png" in str(shown[0].message) and PIXEL_LIMIT_ENV in str(shown[0].message)
+    pixel_limit("0")  # no limit
+    assert load_image(tmp_path / "c_larger.png", S).shape == (3, S, S)
+
+
+def test_an_image_under_the_pixel_limit_reads_without_pillows_warning(tmp_path, pixel_limit):
+    import warnings
+
+    _smooth_rgb(40, 20, 0).save(tmp_path / "a.png")  # 800 pixels: over half the limit, where Pillow warns
+    pixel_limit("1000")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(tmp_path / "a.png", S).shape == (3, S, S)
+
+
+@pytest.mark.parametrize("value", ["lots", "-5", "1.5"])
+def test_a_bad_pixel_limit_stops_the_dataset_with_the_variable_named(tmp_path, pixel_limit, value):
+    _smooth_rgb(40, 20, 0).save(tmp_path / "a.png")
+    pixel_limit(value)
+    with pytest.raises(ValueError, match=f"BYOL_PYTORCH_MAX_IMAGE_PIXELS='{value}': give a whole number"):
+        ImageFolder(tmp_path, S)
+
+
 def test_invalid_sizes_are_rejected(messy):
     with pytest.raises(ValueError, match="channels"):
         ImageFolder(messy, 8, channels=4)
