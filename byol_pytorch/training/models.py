@@ -361,13 +361,17 @@ def export_backbone(
         ) from None
     frozen = args.get("backbone_bn") == "frozen"  # the statistics it trained with, whichever bn_stats asked for
     used = load_clean_statistics(net, checkpoint, which) if bn_stats == "clean" or frozen else "trained"
+    step = checkpoint.get("step")
+    # The checkpoint (both networks, the heads, the optimiser's state) is freed before the copies below are made.
+    del checkpoint, learner_state, state
     net.eval()
     strip_classifier(net, args["model"], int(args["image_size"]))
     tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+    del net
     metadata = {
         "format": "pt",
         "byol_pytorch_model": str(args["model"]),
-        "step": str(checkpoint.get("step")),
+        "step": str(step),
         "in_chans": str(args.get("in_chans")),
         "which": which,
         "bn_stats": used,
