@@ -338,6 +338,14 @@ def resized_crop(
     return y.clamp_(0, 1)
 
 
+def _rand(shape: tuple[int, ...], device: torch.device | None, generator: torch.Generator | None) -> Tensor:
+    """``torch.rand``, given ``generator`` only when there is one: under ``torch.compile`` a batch of symbolic
+    size fails with ``generator=None`` (an epoch's last, smaller batch recompiles with a symbolic size)."""
+    if generator is None:
+        return torch.rand(shape, device=device)
+    return torch.rand(shape, device=device, generator=generator)
+
+
 def sample_crop_boxes(
     batch: int,
     height: int,
@@ -353,7 +361,7 @@ def sample_crop_boxes(
     Returns:
         (B, 4) int64 top, left, height, width; torchvision's central crop where no candidate fits.
     """
-    u = torch.rand(batch, tries, 2, device=device, generator=generator)
+    u = _rand((batch, tries, 2), device, generator)
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])  # (B, tries)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
@@ -366,7 +374,7 @@ def sample_crop_boxes(
     fb_w = round(height * ratio[1]) if in_ratio > ratio[1] else width
     h = torch.where(found, h.gather(1, first).squeeze(1), float(fb_h))
     w = torch.where(found, w.gather(1, first).squeeze(1), float(fb_w))
-    v = torch.rand(batch, 2, device=device, generator=generator)
+    v = _rand((batch, 2), device, generator)
     top = torch.minimum(torch.floor(v[:, 0] * (height - h + 1)), height - h)
     left = torch.minimum(torch.floor(v[:, 1] * (width - w + 1)), width - w)
     top = torch.where(found, top, float((height - fb_h) // 2))
@@ -643,7 +651,7 @@ class BYOLAugment(nn.Module):
         gen = self.generator if generator is None else generator
 
         def uniform(low: float, high: float, *shape: int) -> Tensor:
-            return low + (high - low) * torch.rand(shape or (batch,), device=device, generator=gen)
+            return low + (high - low) * _rand(shape or (batch,), device, gen)
 
         return AugmentParams(
             boxes=sample_crop_boxes(batch, height, width, self.crop_scale, self.crop_ratio, device, gen),

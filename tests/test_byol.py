@@ -403,6 +403,18 @@ def test_torch_compile_has_no_graph_breaks_after_first_step():
     assert compiled(x).item() == pytest.approx(expected.item(), abs=1e-5)
 
 
+def test_torch_compile_takes_a_batch_of_another_size():
+    # An epoch's last, smaller batch recompiles with a symbolic batch size: the views' draws must trace.
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    learner.init_target()
+    torch._dynamo.reset()
+    compiled = torch.compile(learner, backend="eager")
+    for batch in (4, 4, 3, 2):
+        loss = compiled(torch.rand(batch, 3, 32, 32))
+        loss.backward()
+        assert torch.isfinite(loss)
+
+
 # ---------------------------------------------------------------- non-finite input
 def test_nan_input_is_a_clear_error_on_cpu():
     learner = BYOL(small_cnn(), image_size=32, **SMALL)
