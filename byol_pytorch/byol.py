@@ -375,7 +375,10 @@ class BYOL(nn.Module):
             The target encoder (no gradients, the learner's training mode).
         """
         if self.target_encoder is None:
-            target = copy.deepcopy(self.online_encoder)
+            # Outside inference mode: a copy made inside it (a validation loss under torch.inference_mode()
+            # before the first step) holds inference tensors, which the EMA and BatchNorm cannot update later.
+            with torch.inference_mode(False), torch.no_grad():
+                target = copy.deepcopy(self.online_encoder)
             for p in target.parameters():
                 p.requires_grad_(False)
                 p.grad = None

@@ -403,6 +403,18 @@ def test_torch_compile_has_no_graph_breaks_after_first_step():
     assert compiled(x).item() == pytest.approx(expected.item(), abs=1e-5)
 
 
+def test_a_loss_under_inference_mode_before_the_first_step_leaves_a_target_that_trains():
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    learner.eval()
+    with torch.inference_mode():  # a "loss before training" check creates the target
+        learner(torch.rand(4, 3, 32, 32))
+    assert not any(t.is_inference() for t in learner.target_encoder.state_dict().values())
+    learner.train()
+    before = [p.clone() for p in learner.target_encoder.parameters()]
+    train_steps(learner, torch.rand(4, 3, 32, 32), 2, lr=1e-2)  # BatchNorm's buffers and the EMA update in place
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.target_encoder.parameters()))
+
+
 def test_torch_compile_takes_a_batch_of_another_size():
     # An epoch's last, smaller batch recompiles with a symbolic batch size: the views' draws must trace.
     learner = BYOL(small_cnn(), image_size=32, **SMALL)
