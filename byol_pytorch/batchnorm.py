@@ -230,6 +230,27 @@ def _forward_batches(
     return seen, single
 
 
+def _refuse_learner(net: nn.Module) -> None:
+    """A BYOL learner (or a DDP wrapping one) is a TypeError: its forward is a training step on augmented views."""
+    inner = getattr(net, "module", net)  # DistributedDataParallel's wrapped module
+    if callable(getattr(inner, "update_moving_average", None)) and isinstance(getattr(inner, "net", None), nn.Module):
+        raise TypeError(
+            "recalibrate_batchnorm was given the BYOL learner, whose forward is a training step on augmented "
+            "views (and whose heads hold BatchNorm layers too): pass the backbone, learner.net"
+        )
+
+
+def _check_counts(max_images: object, batch_size: object) -> None:
+    for name, value, least in (("max_images", max_images, 1), ("batch_size", batch_size, 2)):
+        if name == "max_images" and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
+        if value < least:
+            why = " (a batch of one image has no variance)" if name == "batch_size" else " or None"
+            raise ValueError(f"{name} must be at least {least}{why}, got {value!r}")
+
+
 def recalibrate_batchnorm(
     net: nn.Module,
     images: Tensor | Iterable,
@@ -265,10 +286,12 @@ def recalibrate_batchnorm(
 
     Raises:
         ValueError: `images` holds no image, or only batches of one image (no variance to
-            estimate; a one-image batch among larger ones is left out), or `max_images` /
-            `batch_size` below 1.
-        TypeError: a batch that is no tensor (nor a tuple / list starting with one), or
-            integer images that the net cannot take, without a ``transform``.
+            estimate; a one-image batch among larger ones is left out), or `max_images` below 1
+            or `batch_size` below 2.
+        TypeError: a batch that is no tensor (nor a tuple / list starting with one), integer
+            images that the net cannot take without a ``transform``, `max_images` or
+            `batch_size` not a whole number, or a BYOL learner given as `net` (pass
+            ``learner.net``).
 
     Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
@@ -277,11 +300,9 @@ def recalibrate_batchnorm(
         >>> net[1].num_batches_tracked.item(), net.training
         (3, True)
     """
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"max_images must be at least 1 or None, got {max_images!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+    _check_counts(max_images, batch_size)
     layers = batchnorm_layers(net, frozen=False)
+    _refuse_learner(net)
     if not layers:
         return 0
     momenta = [m.momentum for m in layers]

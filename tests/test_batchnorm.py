@@ -156,6 +156,7 @@ def test_uint8_images_go_to_a_net_that_scales_them_itself():
         (torch.rand(1, 3, 16, 16), {}, "a batch of one image has no variance"),
         ([torch.rand(1, 3, 16, 16)] * 3, {}, "a batch of one image has no variance"),
         (torch.rand(4, 3, 16, 16), {"max_images": 0}, "max_images must be at least 1"),
+        (torch.rand(4, 3, 16, 16), {"batch_size": 1}, r"batch_size must be at least 2 \(a batch of one image"),
     ],
 )
 def test_bad_input_is_an_error_and_leaves_the_statistics(images, kwargs, message):
@@ -165,6 +166,25 @@ def test_bad_input_is_an_error_and_leaves_the_statistics(images, kwargs, message
         recalibrate_batchnorm(net, images, **kwargs)
     after = batchnorm_state(net)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kwargs", [{"max_images": 100.0}, {"batch_size": 8.0}, {"batch_size": True}])
+def test_counts_that_are_not_whole_numbers_are_a_type_error_naming_them(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(TypeError, match=f"{name} must be a whole number"):
+        recalibrate_batchnorm(_trained_net(), torch.rand(8, 3, 16, 16), **kwargs)
+
+
+def test_the_byol_learner_is_refused_with_its_backbone_named_and_nothing_changes():
+    from byol_pytorch import BYOL
+
+    learner = BYOL(_trained_net(), image_size=16, projection_size=8, projection_hidden_size=16)
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    with pytest.raises(TypeError, match=r"given the BYOL learner.*pass the backbone, learner\.net"):
+        recalibrate_batchnorm(learner, torch.rand(8, 3, 16, 16))
+    assert learner.target_encoder is None  # no training forward ran
+    assert all(torch.equal(before[k], v) for k, v in learner.state_dict().items())
+    assert recalibrate_batchnorm(learner.net, torch.rand(8, 3, 16, 16)) == 8
 
 
 class _NoFloat64(torch.utils._python_dispatch.TorchDispatchMode):
