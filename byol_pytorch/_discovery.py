@@ -702,6 +702,21 @@ def _probe_copy(net: nn.Module, need_copy: bool) -> nn.Module:
         return net
 
 
+def _warn_if_run_again(trace: _Trace, module: nn.Module, name: str, use_input: bool) -> None:
+    """A named hidden layer that runs more than once per forward (a shared pooling module) is captured at its
+    last call: a warning says so, since the features may come from an earlier one."""
+    kind = "start" if use_input else "end"
+    calls = sum(1 for k, m in trace.events if k == kind and m is module)
+    if calls > 1:
+        warnings.warn(
+            f"hidden layer {name!r} runs {calls} times in one forward of {type(trace.net).__name__}; the "
+            "representation is its last call's output. If the features come from an earlier call (a module shared "
+            "by two branches), hook a module that runs once there (an nn.Identity() placed after the features)",
+            UserWarning,
+            stacklevel=4,  # BYOL(...)'s caller
+        )
+
+
 def probe_backbone(
     net: nn.Module,
     image_size: tuple[int, int],
@@ -758,6 +773,7 @@ def probe_backbone(
         name = _key_name(key)
     else:
         module = copied.get_submodule(name)
+        _warn_if_run_again(trace, module, name, use_input)
     if module is None:
         hidden = select_output(out, key)
     elif trace.ran(module, "start" if use_input else "end"):
@@ -789,7 +805,7 @@ def probe_backbone(
             "mode: it draws random numbers outside training (a masked autoencoder's mask_ratio, say), so its "
             "embeddings, kNN accuracies and exports are random; configure it not to (ViTMAE: mask_ratio=0.0)",
             UserWarning,
-            stacklevel=4,
+            stacklevel=3,  # BYOL(...)'s caller
         )
     original = None if module is None else net.get_submodule(trace.names[module])
     return BackboneProbe(name, original, use_input, int(dim), unused, key, call_name, channels_last)

@@ -34,6 +34,9 @@ __all__ = [
 ]
 
 
+_NOT_RUN = object()  # what a capture holds before its layer runs
+
+
 class _Capture:
     """A forward (pre-)hook that keeps the tensor it sees while armed.
 
@@ -129,12 +132,18 @@ class BackboneEncoder(nn.Module):
         if capture is None:
             hidden = select_output(call_net(self.net, x, self.input_name), self.output_key)
         else:
-            capture.armed = True
+            capture.armed, capture.value = True, _NOT_RUN
             try:
                 call_net(self.net, x, self.input_name)
             finally:
                 capture.armed = False
             hidden, capture.value = capture.value, None
+            if hidden is _NOT_RUN:
+                raise RuntimeError(
+                    f"hidden layer {self.layer_name!r} did not run in this forward of {type(self.net).__name__}: "
+                    "the module hooked when the learner was built was replaced or is skipped (net.fc = "
+                    "nn.Identity() after wrapping, say); change the net first, then build BYOL"
+                )
         layer = f"hidden layer {self.layer_name!r}"
         return pool_hidden(hidden, self.token_pool, layer=layer, channels_last=self.channels_last)
 

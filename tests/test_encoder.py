@@ -122,6 +122,39 @@ def test_pool_hidden_shapes_and_errors():
         pool_hidden((torch.ones(2, 3),))
 
 
+class _SharedPool(nn.Module):
+    """One pooling module run twice: for the features, then for a gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.aux = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        features = self.pool(torch.relu(self.body(x))).flatten(1)
+        gate = torch.sigmoid(self.pool(self.aux(x)).flatten(1))
+        return self.fc(features * gate)
+
+
+def test_a_named_layer_run_twice_per_forward_is_named_in_a_warning_at_construction():
+    with pytest.warns(UserWarning, match=r"hidden layer 'pool' runs 2 times in one forward of _SharedPool") as shown:
+        learner = BYOL(_SharedPool(), 32, hidden_layer="pool", **SMALL)
+    assert shown[0].filename == __file__  # the line that built the learner
+    learner.eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        last = learner.net.pool(learner.net.aux(x)).flatten(1)
+    torch.testing.assert_close(learner(x, return_embedding=True, return_projection=False), last)  # as it says
+
+
+def test_a_hooked_layer_replaced_after_wrapping_is_named_at_the_next_step():
+    net = small_cnn()
+    learner = BYOL(net, 32, **SMALL)  # auto: the input of the classifier, net[-1]
+    net[-1] = nn.Identity()
+    with pytest.raises(RuntimeError, match=r"did not run in this forward of Sequential: .* replaced"):
+        learner(torch.rand(4, 3, 32, 32))
+
+
 def test_layer_not_found_lists_close_names():
     with pytest.raises(ValueError) as err:
         BYOL(torchvision.models.resnet18(weights=None), 32, hidden_layer="layer5")
