@@ -287,6 +287,7 @@ class BYOL(nn.Module):
         # Buffers on the net's device from the start: BYOL(net.to(device)) needs no learner.to(device).
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long, device=device))
         self._ema_count = 0  # host mirror of ema_step: reading a GPU buffer would sync
+        self._trained_since_update = False  # a training forward since the last EMA step
         # Deferred non-finite detection off the CPU: [loss finite, input finite] of the
         # last training step, read back without blocking (see _check_finite_deferred).
         self.register_buffer("_finite", torch.ones(2, dtype=torch.bool, device=device), persistent=False)
@@ -421,6 +422,7 @@ class BYOL(nn.Module):
             self.collapse_monitor.poll()  # non-blocking, like the finite check
         if self.target_encoder is None:
             return
+        self._warn_repeated_update()
         tau = self.current_decay
         target, online = list(self.target_encoder.parameters()), list(self.online_encoder.parameters())
         if any(p.dtype in (torch.float16, torch.bfloat16) for p in target):
@@ -429,6 +431,19 @@ class BYOL(nn.Module):
             ema_update_(target, online, tau)
         self._ema_count += 1
         self.ema_step.fill_(self._ema_count)
+
+    def _warn_repeated_update(self) -> None:
+        """An EMA step with no training forward since the last one (called twice per step) gets one warning."""
+        if not getattr(self, "_trained_since_update", True) and not getattr(self, "_update_warned", False):
+            self._update_warned = True
+            warnings.warn(
+                "update_moving_average() was called again with no training forward since the last call: the "
+                f"target moves again and the EMA schedule counts another step (now {self._ema_count + 1}); call it "
+                "once per optimiser step",
+                UserWarning,
+                stacklevel=4,  # this, update_moving_average, torch.no_grad's wrapper, the caller
+            )
+        self._trained_since_update = False
 
     def _ema_low_precision(self, target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], tau: float) -> None:
         """The EMA of a bfloat16/float16 target in float32: a 0.004 step is below bfloat16's resolution.
@@ -709,6 +724,7 @@ class BYOL(nn.Module):
         if not compiling:
             self.resolve_sync_batchnorm(x.device)
 
+        self._trained_since_update = self._trained_since_update or self.training  # read by the next EMA step
         view_one = self._view(self.augment1, x)  # (B, C, h, w)
         view_two = self._view(self.augment2, x)
         if self.views_in_one_batch:

@@ -3,6 +3,7 @@
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -413,6 +414,36 @@ def test_a_loss_under_inference_mode_before_the_first_step_leaves_a_target_that_
     before = [p.clone() for p in learner.target_encoder.parameters()]
     train_steps(learner, torch.rand(4, 3, 32, 32), 2, lr=1e-2)  # BatchNorm's buffers and the EMA update in place
     assert any(not torch.equal(a, b) for a, b in zip(before, learner.target_encoder.parameters()))
+
+
+def test_an_ema_step_with_no_training_forward_since_the_last_is_warned_once():
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    x = torch.rand(4, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the README's loop: one forward, one update, gradient accumulation
+        train_steps(learner, x, 2)
+        learner(x).backward()
+        learner(x).backward()
+        learner.update_moving_average()
+    with pytest.warns(UserWarning, match=r"called again with no training forward .*now 4\); call it once") as shown:
+        learner.update_moving_average()
+    assert shown[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        learner.update_moving_average()
+
+
+def test_a_compiled_learner_in_the_readme_loop_gets_no_repeated_update_warning():
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    learner.init_target()
+    torch._dynamo.reset()
+    compiled = torch.compile(learner, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for _ in range(3):
+            compiled(torch.rand(4, 3, 32, 32)).backward()
+            learner.update_moving_average()
+    assert learner.ema_step.item() == 3
 
 
 def test_torch_compile_takes_a_batch_of_another_size():

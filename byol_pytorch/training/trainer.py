@@ -164,6 +164,8 @@ class BYOLTrainer(nn.Module):
                 f"num_train_steps and checkpoint_every must be >= 1 and batch_size >= 2, got "
                 f"{num_train_steps}, {checkpoint_every} and {batch_size}"
             )
+        if val_every is not None and val_every < 1:
+            raise ValueError(f"val_every must be >= 1 (or None: every checkpoint_every steps), got {val_every}")
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
         if accelerator_kwargs:
@@ -188,7 +190,7 @@ class BYOLTrainer(nn.Module):
         self.checkpoint_folder = Path(checkpoint_folder)
         self.checkpoint_folder.mkdir(parents=True, exist_ok=True)
         self.precision, self.seed = precision, seed
-        self.val_every = int(val_every or checkpoint_every)
+        self.val_every = int(val_every if val_every is not None else checkpoint_every)
         self.monitor: KnnMonitor | None = None
         if val_data is not None:
             channels = 1 if self.byol.channels == 1 else 3

@@ -137,6 +137,23 @@ def test_trainer_rejects_a_batch_of_one(tmp_path, make_cnn):
         _small_trainer(tmp_path, make_cnn, MockDataset(16, 8), batch_size=1)
 
 
+@pytest.mark.parametrize("val_every", [0, -5])
+def test_trainer_rejects_a_val_every_below_one(tmp_path, make_cnn, val_every):
+    """Before: 0 silently became checkpoint_every, and -5 was kept."""
+    with pytest.raises(ValueError, match=f"val_every must be >= 1 .*got {val_every}"):
+        BYOLTrainer(
+            make_cnn(),
+            dataset=MockDataset(16, 8),
+            image_size=16,
+            hidden_layer=-2,
+            learning_rate=1e-3,
+            num_train_steps=2,
+            batch_size=4,
+            checkpoint_folder=str(tmp_path),
+            val_every=val_every,
+        )
+
+
 class _Items(torch.utils.data.Dataset):
     def __init__(self, make):
         self.make = make
