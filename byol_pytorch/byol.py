@@ -724,7 +724,8 @@ class BYOL(nn.Module):
         if not compiling:
             self.resolve_sync_batchnorm(x.device)
 
-        self._trained_since_update = self._trained_since_update or self.training  # read by the next EMA step
+        # Read by the next EMA step (getattr: a learner pickled by an earlier version has no such attribute).
+        self._trained_since_update = getattr(self, "_trained_since_update", False) or self.training
         view_one = self._view(self.augment1, x)  # (B, C, h, w)
         view_two = self._view(self.augment2, x)
         if self.views_in_one_batch:
