@@ -29,10 +29,12 @@ from ..training.recipe import VIEW_DEFAULTS, Recipe
 from .errors import UserError
 
 __all__ = [
+    "CHECKPOINT_EVERY",
     "CONVNEXT_LR_PER_256",
     "DEFAULT_EPOCHS",
     "FAMILY_OPTIMIZERS",
     "Family",
+    "LOG_EVERY",
     "MOBILE_LR_PER_256",
     "PRESETS",
     "RECIPE_ADVICE",
@@ -53,6 +55,8 @@ __all__ = [
 
 RECIPE_DEFAULTS: dict[str, Any] = Recipe().to_dict()  # the paper's: resnet50, 224 px, LARS, Table 6 views
 DEFAULT_EPOCHS = 100
+CHECKPOINT_EVERY = 1000  # train's --checkpoint-every for a new run (a resumed one keeps its own)
+LOG_EVERY = 10  # and --log-every
 MOBILE_LR_PER_256 = 0.3
 """SGD's peak lr per 256 images for the BatchNorm mobile nets in ``train``'s recipe (warm-up, then cosine).
 
@@ -336,10 +340,16 @@ def _add_runtime_flags(a: Any) -> None:
     a(
         "--checkpoint-every",
         type=int,
-        default=1000,
-        help="save OUT/last.pt every N steps (default: %(default)s; also at the end and on SIGTERM/SIGINT)",
+        default=None,
+        help=f"save OUT/last.pt every N steps (default: the run's on --resume, else {CHECKPOINT_EVERY}; also at "
+        "the end and on SIGTERM/SIGINT)",
     )
-    a("--log-every", type=int, default=10, help="write metrics every N steps (default: %(default)s)")
+    a(
+        "--log-every",
+        type=int,
+        default=None,
+        help=f"write metrics every N steps (default: the run's on --resume, else {LOG_EVERY})",
+    )
     a(
         "--val-data",
         help="labelled data (a folder of class sub-folders, cifar10:ROOT / cifar100:ROOT, hf:, shards) for a kNN "

@@ -96,6 +96,8 @@ from .devices import resolve_device
 from .errors import PROG, UserError, last_line, one_line, warn
 from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
 from .recipe import (
+    CHECKPOINT_EVERY,
+    LOG_EVERY,
     RECIPE_ADVICE,
     SHUFFLE_BUFFER,
     add_train_arguments,
@@ -662,7 +664,7 @@ def _data_changed(run: Run, shards: bool) -> None:
 def _saved_settings(args: argparse.Namespace, saved: dict[str, Any] | None, path: Path | None) -> Recipe | None:
     """A resumed run's recipe, checked, and its own settings put into ``args`` where this start gives none."""
     if not saved:
-        args.val_every = 5 if args.val_every is None else args.val_every
+        _reporting_defaults(args)
         return None
     try:
         recipe = Recipe.from_dict(saved)
@@ -674,11 +676,21 @@ def _saved_settings(args: argparse.Namespace, saved: dict[str, Any] | None, path
             f"the run's --data {data} held credentials, which checkpoints do not keep: pass --data again, with "
             "them, to resume it"
         )
-    for key in ("shuffle_buffer", "image_column", "hf_split", "shard_index", "val_data", "val_every", "workers"):
+    for key in ("shuffle_buffer", "image_column", "hf_split", "shard_index", "val_data", "workers", *_REPORTING):
         if getattr(args, key, None) is None:
             setattr(args, key, saved.get(key))
-    args.val_every = 5 if args.val_every is None else args.val_every
+    _reporting_defaults(args)
     return recipe
+
+
+_REPORTING = {"val_every": 5, "checkpoint_every": CHECKPOINT_EVERY, "log_every": LOG_EVERY}
+
+
+def _reporting_defaults(args: argparse.Namespace) -> None:
+    """The intervals neither this start nor the resumed run gave: the defaults of a new run."""
+    for key, default in _REPORTING.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, default)
 
 
 def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:

@@ -98,6 +98,22 @@ def test_resume_equivalence_is_bitwise(messy, tmp_path, monkeypatch, tiny_flags)
     assert steps == [3, 4, 8]
 
 
+def test_resume_keeps_the_runs_checkpoint_and_log_intervals_unless_given(messy, tmp_path, tiny_flags):
+    """Before: a resumed run went back to --checkpoint-every 1000 and --log-every 10 (a requeued job lost up to
+    1000 steps at its next preemption)."""
+    out = tmp_path / "run"
+    first = ["--data", str(messy), *tiny_flags, "--out", str(out), "--checkpoint-every", "2", "--log-every", "1"]
+    assert run_train([*first, "--max-steps", "3"])["exit_code"] == 0
+    assert run_train(["--out", str(out), "--resume", "--workers", "0", "--max-steps", "6"])["step"] == 6
+    saved = load_checkpoint(out / "last.pt")["args"]
+    assert (saved["checkpoint_every"], saved["log_every"]) == (2, 1)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    again = ["--out", str(out), "--resume", "--workers", "0", "--max-steps", "8", "--checkpoint-every", "5"]
+    assert run_train(again)["step"] == 8
+    assert load_checkpoint(out / "last.pt")["args"]["checkpoint_every"] == 5  # a flag given wins
+
+
 def test_sigterm_in_a_subprocess_saves_and_exits_143(messy, tmp_path, tiny_flags):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
