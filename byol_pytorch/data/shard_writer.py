@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._atomic import names_the_file
+from .._atomic import atomic_write, names_the_file
 from .._modules import PathLike
 from .file_index import index_images
 from .folder import BrokenImageError, LabelledImageFolder, decode_image
@@ -220,11 +220,9 @@ def _finish(sink: _ShardSink, made: MadeShards) -> None:
 
 
 def _write_json(path: Path, document: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(document, indent=1) + "\n")
-    os.replace(temporary, path)
-    return path
+    """``document`` as ``path``, atomically (fsynced; a full disk leaves no temp file and names ``path``)."""
+    text = json.dumps(document, indent=1) + "\n"
+    return atomic_write(path, lambda temp: Path(temp).write_text(text))
 
 
 def write_index(spec: str, out: PathLike) -> tuple[Path, Sequence[int]]:

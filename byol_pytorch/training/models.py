@@ -24,7 +24,7 @@ from .._modules import PathLike
 from ..augment import BYOLAugment
 from ..batchnorm import batchnorm_layers, freeze_batchnorm_statistics, load_batchnorm_state
 from ..byol import BYOL
-from .checkpoint import load_checkpoint
+from .checkpoint import _torch_save, load_checkpoint
 from .recipe import Recipe
 
 __all__ = [
@@ -377,7 +377,7 @@ def export_backbone(
         "bn_stats": used,
     }
     if Path(out_path).suffix.lower() in TORCH_SUFFIXES:  # torch.load(path, weights_only=True) reads it
-        return atomic_write(out_path, lambda temp: torch.save(tensors, temp))
+        return atomic_write(out_path, lambda temp: _torch_save(tensors, temp))  # a full disk: an OSError
     data = save(tensors, metadata=metadata)  # bytes: a full disk is an OSError naming the file, as for torch.save
 
     def write(temp: str) -> None:

@@ -147,6 +147,28 @@ def test_make_with_labels_writes_each_class_index(tmp_path, make_labelled, capsy
     assert "has no class sub-folders" in capsys.readouterr().err
 
 
+def test_a_full_disk_at_the_index_names_it_and_leaves_no_temporary(tmp_path, messy, monkeypatch, capsys):
+    """Before: 'no space left on the device holding 'a file'' and a .idx.json.tmp left behind."""
+    import errno
+    import pathlib
+
+    out = tmp_path / "shards"
+    assert cli.main(["shards", "make", "--data", str(messy), "--out", str(out), "--shard-size", "40KB"]) == 0
+    real = pathlib.Path.write_text
+
+    def full(self, text, *args, **kwargs):
+        if self.name.endswith(".tmp"):
+            real(self, text[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    assert cli.main(["shards", "index", str(out), "--out", str(tmp_path / "idx.json")]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("byol-pytorch: error: no space left on the device holding ") and "idx.json" in line
+    assert not list(tmp_path.glob(".*")) and not (tmp_path / "idx.json").exists()
+
+
 def test_a_full_disk_while_packing_names_the_shard_and_leaves_no_temporary(tmp_path, messy, monkeypatch, capsys):
     """Before: 'no space left on the device holding 'a file'' and the shard's .tmp left taking the space."""
     import errno

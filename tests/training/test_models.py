@@ -88,6 +88,32 @@ def test_export_to_a_full_disk_is_an_os_error_naming_the_file(tmp_path, monkeypa
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "b.safetensors").exists()
 
 
+def test_export_as_a_torch_file_to_a_disk_that_fills_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """Before: torch's own "[enforce fail at inline_container.cc] unexpected pos" RuntimeError, a traceback."""
+    import errno
+    import io
+
+    path, _ = _trained_checkpoint(tmp_path, RECIPE)
+    real_open = open
+
+    class Filling(io.FileIO):
+        def write(self, data):
+            if self.tell() + len(data) > 2000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    def filling(file, mode="r", *args, **kwargs):
+        if "w" in mode and str(file).endswith(".tmp"):
+            return Filling(file, "w")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", filling)
+    with pytest.raises(OSError) as caught:
+        export_backbone(path, tmp_path / "b.pt")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "b.pt")
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "b.pt").exists()
+
+
 def test_export_carries_the_clean_batchnorm_statistics_of_the_checkpoint(tmp_path):
     from safetensors.torch import load_file, safe_open
 
