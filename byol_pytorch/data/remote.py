@@ -321,6 +321,9 @@ def _reason(error: BaseException) -> str:
     status = getattr(error, "status", None) or getattr(error.__cause__, "status", None)
     if isinstance(status, int):
         return f"HTTP status {status}"
+    cause = error.__cause__
+    if isinstance(error, FileNotFoundError) and cause is not None and _network(cause):
+        error = cause  # fsspec's HTTP wraps "connection refused" as a missing file: name what happened
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
