@@ -28,6 +28,8 @@ import json
 import os
 import struct
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -53,6 +55,7 @@ from ..training.models import learner_from_checkpoint
 from ..training.recipe import Recipe
 from .devices import resolve_device
 from .errors import UserError
+from .runlock import RunFolderLock
 
 __all__ = ["NpyRows", "add_embed_arguments", "run_embed"]
 
@@ -356,6 +359,25 @@ def _embed_batches(learner: Any, loader: Any, device: torch.device, channels: in
             flush()
 
 
+@contextmanager
+def _locked(
+    out: Path, args: argparse.Namespace, identity: dict[str, Any], open_outputs: Callable[[dict | None], _Outputs]
+) -> Iterator[tuple[dict[str, Any] | None, _Outputs]]:
+    """``out`` locked for this run (as ``train`` locks its run folder); once it is, the stopped run's state is read
+    and the outputs opened (a refusal there leaves the lock file as it was)."""
+    lock, found = RunFolderLock(out, stopped="embed --resume continues it"), dict[str, Any]()
+
+    def check() -> None:
+        found["state"] = _read_state(out, args, identity)
+        found["outputs"] = open_outputs(found["state"])
+
+    lock.acquire(create=True, check=check)
+    try:
+        yield found["state"], found["outputs"]
+    finally:
+        lock.release()
+
+
 def run_embed(args: argparse.Namespace) -> int:
     """``byol-pytorch embed`` (module doc); returns the exit status."""
     if args.batch_size < 1 or args.workers < 0 or args.flush_every < 1:
@@ -369,45 +391,48 @@ def run_embed(args: argparse.Namespace) -> int:
     out = Path(args.out)
     identity = {"data": redact(args.data), "checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which}
     identity.update(dtype=args.dtype, step=int(checkpoint.get("step", 0)), bn_stats=args.bn_stats)
-    state = _read_state(out, args, identity)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        outputs = _Outputs(out, len(items), learner.representation_size, args.dtype, labelled, state)  # type: ignore[arg-type]
-    except ValueError as error:  # a resumed run's files changed since it stopped: nothing was written
-        raise UserError(f"--resume: {error}; embed again into another --out (or remove {out})") from None
-    done_ids = outputs.done_ids if state and outputs.vectors.rows else None
-    rest = _remaining(items, outputs.items, done_ids)
-    pin = device.type == "cuda"  # no CUDA context for --device cpu on a GPU machine
-    loader = make_loader(
-        rest, args.batch_size, args.workers, shuffle=False, drop_last=False, persistent=False, pin_memory=pin
-    )
-    batches = [0]
 
-    def flush() -> None:
-        batches[0] += 1
-        if batches[0] % args.flush_every == 0:
+    def open_outputs(state: dict | None) -> _Outputs:
+        try:
+            return _Outputs(out, len(items), learner.representation_size, args.dtype, labelled, state)  # type: ignore[arg-type]
+        except ValueError as error:  # a resumed run's files changed since it stopped: nothing was written
+            raise UserError(f"--resume: {error}; embed again into another --out (or remove {out})") from None
+
+    with _locked(out, args, identity, open_outputs) as (state, outputs):  # one embed per --out at a time
+        done_ids = outputs.done_ids if state and outputs.vectors.rows else None
+        rest = _remaining(items, outputs.items, done_ids)
+        pin = device.type == "cuda"  # no CUDA context for --device cpu on a GPU machine
+        loader = make_loader(
+            rest, args.batch_size, args.workers, shuffle=False, drop_last=False, persistent=False, pin_memory=pin
+        )
+        batches = [0]
+
+        def flush() -> None:
+            batches[0] += 1
+            if batches[0] % args.flush_every == 0:
+                outputs.flush(identity)
+
+        finished = False
+        try:
+            _embed_batches(learner, loader, device, learner.channels, outputs, flush)
+            finished = True
+        finally:
             outputs.flush(identity)
-
-    finished = False
-    try:
-        _embed_batches(learner, loader, device, learner.channels, outputs, flush)
-        finished = True
-    finally:
-        outputs.flush(identity)
-        outputs.close(final=finished)
-    summary = {**identity, "model": recipe.model, "rows": outputs.vectors.rows, "dim": learner.representation_size}
-    summary.update(broken=outputs.broken, labels=labelled, image_size=recipe.image_size, bn_stats=statistics)
-    passed_over = int(getattr(getattr(items, "dataset", None), "passed_over", 0) or 0)  # a folder's FIFOs, dead links
-    summary.update(passed_over=passed_over)
-    _write_json(out / "embed.json", summary)
-    (out / STATE).unlink(missing_ok=True)
-    left = f"; {outputs.broken} unreadable images left out" if outputs.broken else ""
-    if passed_over:
-        left += f"; {passed_over} entries that are not regular files (FIFOs, sockets, broken links) passed over"
-    print(
-        f"byol-pytorch: wrote {outputs.vectors.rows} vectors of {learner.representation_size} ({args.dtype}) to "
-        f"{out / 'embeddings.npy'}, their ids to {out / 'ids.txt'}"
-        + (f", labels to {out / 'labels.npy'}" if labelled else "")
-        + left
-    )
-    return 0
+            outputs.close(final=finished)
+        summary = {**identity, "model": recipe.model, "rows": outputs.vectors.rows, "dim": learner.representation_size}
+        summary.update(broken=outputs.broken, labels=labelled, image_size=recipe.image_size, bn_stats=statistics)
+        # A folder's FIFOs and dead links, passed over at the scan:
+        passed_over = int(getattr(getattr(items, "dataset", None), "passed_over", 0) or 0)
+        summary.update(passed_over=passed_over)
+        _write_json(out / "embed.json", summary)
+        (out / STATE).unlink(missing_ok=True)
+        left = f"; {outputs.broken} unreadable images left out" if outputs.broken else ""
+        if passed_over:
+            left += f"; {passed_over} entries that are not regular files (FIFOs, sockets, broken links) passed over"
+        print(
+            f"byol-pytorch: wrote {outputs.vectors.rows} vectors of {learner.representation_size} ({args.dtype}) to "
+            f"{out / 'embeddings.npy'}, their ids to {out / 'ids.txt'}"
+            + (f", labels to {out / 'labels.npy'}" if labelled else "")
+            + left
+        )
+        return 0

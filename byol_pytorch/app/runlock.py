@@ -1,4 +1,4 @@
-"""One run per run folder: an exclusive OS lock on ``RUNDIR/.lock`` for as long as ``train`` runs.
+"""One run per run folder: an exclusive OS lock on ``RUNDIR/.lock`` for as long as ``train`` (or ``embed``) runs.
 
 The lock is a POSIX record lock (``fcntl.lockf``) on a file in the run folder: the kernel
 releases it when the process ends, however it ends (``kill -9`` included), so a stale lock
@@ -68,6 +68,7 @@ class RunFolderLock:
 
     Args:
         folder: the run folder (``--out``).
+        stopped: what the refusal says becomes of the holder's work when it is stopped.
 
     ``acquire(create=False)`` takes the lock only if the lock file exists (it writes nothing:
     a start that is refused later leaves the folder as it was); ``acquire(create=True)``
@@ -75,8 +76,9 @@ class RunFolderLock:
     Both raise ``UserError`` naming the holder when another process has it.
     """
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
+    def __init__(self, folder: str | os.PathLike[str], stopped: str = "its checkpoint is kept") -> None:
         self.folder = Path(folder)
+        self.stopped = stopped  # what the refusal says of the holder when stopped
         self.path = self.folder / LOCK_NAME
         self.fd: int | None = None
         self.supported = True
@@ -92,7 +94,7 @@ class RunFolderLock:
     def _refuse(self, holder: str) -> UserError:
         return UserError(
             f"the run folder {self.folder} is in use by another run ({holder}); wait for it to end or stop it "
-            "(its checkpoint is kept), or choose another --out"
+            f"({self.stopped}), or choose another --out"
         )
 
     def acquire(self, create: bool, check: Callable[[], object] | None = None) -> None:
@@ -121,12 +123,10 @@ class RunFolderLock:
         raise UserError(f"could not lock {self.path}: it is removed and made again without end; choose another --out")
 
     def _take_back(self, created: list[Path]) -> None:
-        """Undo a refused first start: remove the lock file and the folders this process created."""
-        if not created:
-            return
-        if created[-1] == self.path:
+        """Undo a refused start: let the lock go; remove the lock file and the folders this process created."""
+        if created and created[-1] == self.path:
             self.path.unlink(missing_ok=True)  # while locked: a taker that opened it meanwhile starts over
-        self.release()
+        self.release()  # a refused start on an existing folder too (the process may go on: a test, a script)
         for folder in reversed([path for path in created if path != self.path]):
             try:
                 folder.rmdir()  # only while empty: anything another process put there stays

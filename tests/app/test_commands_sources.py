@@ -164,6 +164,42 @@ def test_embed_float16_and_a_stopped_run_resumes_to_the_same_files(sources, chec
         assert "already holds finished embeddings (embed.json); choose another --out, or remove the folder" in err
 
 
+def test_a_second_embed_into_a_folder_in_use_is_refused_and_the_first_is_unharmed(
+    sources, checkpoint, tmp_path, monkeypatch, capsys
+):
+    """Before: two embeds into one --out both reported success, one's rows in the other's embeddings.npy."""
+    import subprocess
+    import sys
+
+    base = ["embed", "--checkpoint", str(checkpoint), "--batch-size", "4", "--flush-every", "1"]
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    assert cli.main([*base, "--data", sources["folder"], "--out", str(alone)]) == 0
+    # Another process holds the folder (as an embed running there does) until told to let go.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(shared)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "held"
+    capsys.readouterr()
+    assert cli.main([*base, "--data", sources["folder"], "--out", str(shared)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"the run folder {shared} is in use by another run (pid {holder.pid}" in line
+    assert "embed --resume continues it" in line and not (shared / "embeddings.npy").exists()
+    holder.communicate("go\n", timeout=60)
+    assert cli.main([*base, "--data", sources["folder"], "--out", str(shared)]) == 0  # free again
+    assert np.array_equal(np.load(alone / "embeddings.npy"), np.load(shared / "embeddings.npy"))
+
+
+HOLD_LOCK = """
+import sys
+from byol_pytorch.app.runlock import RunFolderLock
+lock = RunFolderLock(sys.argv[1])
+lock.acquire(create=True)
+print("held", flush=True)
+sys.stdin.readline()
+lock.release()
+"""
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
