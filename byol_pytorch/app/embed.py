@@ -94,15 +94,19 @@ class NpyRows:
         self.file.truncate()
 
     def _check_resumed(self, rows: int) -> None:
-        """The file a stopped run left: our header and at least its ``rows`` rows, else a ``ValueError``."""
-        header = self._header(self.capacity, pad=self.header_len)
+        """The file a stopped run left: our header and at least its ``rows`` rows, else a ``ValueError``.
+
+        The header is the one for ``capacity`` rows, or the finished one for ``rows`` (a run stopped after
+        its last rows were written and before its summary was: a full disk at ``embed.json``).
+        """
+        headers = {self._header(n, pad=self.header_len) for n in (self.capacity, rows)}
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as handle:
-                found = handle.read(len(header))
+                found = handle.read(self.header_len)
         except FileNotFoundError:
             size, found = -1, b""
-        if found != header or size < self.header_len + rows * self.row_bytes:
+        if found not in headers or size < self.header_len + rows * self.row_bytes:
             raise ValueError(
                 f"{self.path} does not hold the {rows} rows the stopped run recorded (it was changed or removed)"
             )

@@ -417,6 +417,35 @@ def test_embed_counts_the_entries_that_are_not_regular_files(tmp_path, checkpoin
     assert "; 2 entries that are not regular files (FIFOs, sockets, broken links) passed over" in printed
 
 
+def test_a_full_disk_at_the_summary_of_an_embed_that_left_images_out_resumes(
+    tmp_path, checkpoint, make_messy_folder, monkeypatch, capsys
+):
+    """Before: the finished embeddings.npy's header (fewer rows than images: two broken ones) made --resume say
+    the file "was changed or removed", and a plain rerun said "pass --resume": only embedding all again helped."""
+    import errno
+
+    from byol_pytorch.app import embed as embed_module
+
+    data = make_messy_folder(tmp_path / "images", good=6)  # and a corrupt and an empty image
+    base = ["embed", "--data", str(data), "--checkpoint", str(checkpoint), "--batch-size", "4"]
+    assert cli.main([*base, "--out", str(tmp_path / "whole")]) == 0
+    real = embed_module._write_json
+
+    def full_at_the_summary(path, value):
+        if path.name == "embed.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, value)
+
+    monkeypatch.setattr(embed_module, "_write_json", full_at_the_summary)
+    assert cli.main([*base, "--out", str(tmp_path / "part")]) == 1
+    monkeypatch.setattr(embed_module, "_write_json", real)
+    capsys.readouterr()
+    assert cli.main([*base, "--out", str(tmp_path / "part"), "--resume"]) == 0, capsys.readouterr().err
+    for name in ("embeddings.npy", "ids.txt"):
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert json.loads((tmp_path / "part" / "embed.json").read_text())["broken"] == 2
+
+
 def test_a_stopped_embed_of_shards_with_escaped_keys_resumes_to_the_same_files(checkpoint, tmp_path, monkeypatch):
     """Before: the resumed run compared the escaped lines of ids.txt with raw keys, found none of a key holding a
     backslash done, embedded them again and stopped with 'embeddings.npy holds at most 8 rows'."""
