@@ -228,6 +228,11 @@ def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -
     if not isinstance(state, dict) or not all(isinstance(state.get(k), int) and state[k] >= 0 for k in counts):
         raise UserError(f"--resume: {path} is not the progress file an embed run writes (it was changed); {again}")
     differs = [k for k, v in identity.items() if state.get(k) != v]
+    if "samples" in differs:
+        raise UserError(
+            f"--resume: --data now holds {identity['samples']} samples, the stopped run's {state.get('samples')}: "
+            "its files changed since the stop; embed again into another --out"
+        )
     if differs:
         raise UserError(
             f"--resume: the stopped run in {out} embedded other {', '.join(differs)}; drop --resume and use "
@@ -259,6 +264,27 @@ def _remaining(items: Dataset, done: int, ids_done: _DoneIds | None) -> Dataset:
         items.skip = ids_done or _DoneIds(set())
         return items
     return Subset(items, range(done, len(items)))  # type: ignore[arg-type]
+
+
+def _check_same_samples(items: Dataset, out: Path, state: dict[str, Any] | None) -> None:
+    """A resumed map-style source goes on by position: the samples embedded before must be its first ones still.
+
+    (A file added to a folder sorts among the others: the rows would repeat one and miss another.)
+    """
+    if not state or not state["rows"] or isinstance(items, ShardSamples | RemoteShardSamples):
+        return  # shards skip the done samples by id
+    try:
+        lines, _ = _resumed_ids(out / "ids.txt", state["rows"])
+    except ValueError:
+        return  # _Outputs names what is wrong with the file
+    sample_id = items.dataset.sample_id  # type: ignore[attr-defined]
+    before = {id_line(sample_id(i)) for i in range(min(state["items"], len(items)))}  # type: ignore[arg-type]
+    moved = next((line.rstrip("\r\n") for line in lines if line.rstrip("\r\n") not in before), None)
+    if moved is not None:
+        raise UserError(
+            f"--resume: the data changed since the run stopped ({moved!r}, embedded then, is not among its first "
+            f"{state['items']} samples now), so its rows would repeat or miss samples; embed again into another --out"
+        )
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
@@ -395,8 +421,10 @@ def run_embed(args: argparse.Namespace) -> int:
     out = Path(args.out)
     identity = {"data": redact(args.data), "checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which}
     identity.update(dtype=args.dtype, step=int(checkpoint.get("step", 0)), bn_stats=args.bn_stats)
+    identity.update(samples=len(items))  # type: ignore[arg-type]
 
     def open_outputs(state: dict | None) -> _Outputs:
+        _check_same_samples(items, out, state)
         try:
             return _Outputs(out, len(items), learner.representation_size, args.dtype, labelled, state)  # type: ignore[arg-type]
         except ValueError as error:  # a resumed run's files changed since it stopped: nothing was written

@@ -417,6 +417,30 @@ def test_embed_counts_the_entries_that_are_not_regular_files(tmp_path, checkpoin
     assert "; 2 entries that are not regular files (FIFOs, sockets, broken links) passed over" in printed
 
 
+@pytest.mark.parametrize("change", ["one in, one out", "one more"])
+def test_a_folder_whose_files_changed_since_the_stop_is_refused_with_that_reason(
+    change, tmp_path, checkpoint, make_messy_folder, monkeypatch, capsys
+):
+    """Before: one file added (sorting first) and one removed: --resume wrote a row twice and missed the new file,
+    exit 0; one file more: "embeddings.npy does not hold the rows (it was changed or removed)"."""
+    import shutil
+
+    data = make_messy_folder(tmp_path / "images", good=12)
+    part = tmp_path / "part"
+    base = ["embed", "--data", str(data), "--checkpoint", str(checkpoint), "--batch-size", "4", "--flush-every", "1"]
+    _embed_stopped_after(monkeypatch, [*base, "--out", str(part)], 2)
+    shutil.copy(data / "a" / "0.jpg", data / "a" / "00_new.jpg")  # sorts before every file embedded
+    if change == "one in, one out":
+        (data / "b" / "11_rgba.png").unlink()  # the last file: not embedded yet
+    files = {path.name: path.read_bytes() for path in part.iterdir()}
+    capsys.readouterr()
+    assert cli.main([*base, "--out", str(part), "--resume"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("byol-pytorch: error: --resume: ") and "embed again into another --out" in line
+    assert ("is not among its first" if change == "one in, one out" else "now holds 15 samples, the stopped") in line
+    assert {path.name: path.read_bytes() for path in part.iterdir()} == files  # nothing written
+
+
 def test_a_full_disk_at_the_summary_of_an_embed_that_left_images_out_resumes(
     tmp_path, checkpoint, make_messy_folder, monkeypatch, capsys
 ):
