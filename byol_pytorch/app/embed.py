@@ -53,6 +53,7 @@ from ..data.remote_shards import RemoteShardSamples
 from ..data.shards import ShardSamples
 from ..training.models import learner_from_checkpoint
 from ..training.recipe import Recipe
+from ..training.validation import clean_input
 from .devices import resolve_device
 from .errors import UserError
 from .runlock import RunFolderLock
@@ -176,7 +177,7 @@ def _learner(args: argparse.Namespace, device: torch.device) -> tuple[Any, Recip
 def _clean_statistics(learner: Any, items: Dataset, device: torch.device) -> int:
     """An older checkpoint without clean statistics: re-estimate them on 512 of the images embedded; how many."""
     images = sample_images(items, 512)
-    return recalibrate_batchnorm(learner.net, images.to(device), transform=learner.augment1.normalize)
+    return recalibrate_batchnorm(learner.net, images.to(device), transform=clean_input(learner))
 
 
 def _has_labels(spec: str, kind: str, args: argparse.Namespace) -> bool:

@@ -43,7 +43,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .._discovery import infer_channels
-from ..augment import BYOLAugment
 from ..batchnorm import (
     batchnorm_layers,
     batchnorm_state,
@@ -91,7 +90,7 @@ from ..training.engine import (
 from ..training.models import build_backbone, build_learner
 from ..training.optim import build_recipe_optimizer, resync_lr, warmup_cosine_scheduler
 from ..training.recipe import Recipe
-from ..training.validation import BelowReference, KnnMonitor, UnreadableKnnData
+from ..training.validation import BelowReference, KnnMonitor, UnreadableKnnData, clean_input
 from .devices import resolve_device
 from .errors import PROG, UserError, last_line, one_line, warn
 from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
@@ -849,7 +848,7 @@ def clean_batchnorm(learner: BYOL, images: torch.Tensor | None) -> dict[str, dic
     """
     if images is None:
         return {}
-    normalize = learner.augment1.normalize if isinstance(learner.augment1, BYOLAugment) else _unit_float
+    normalize = clean_input(learner)  # the net's channels, normalised as the views are
     device = next(learner.parameters()).device
     out: dict[str, dict[str, torch.Tensor]] = {}
     nets = {"online": learner.net, "target": learner.target_encoder.net if learner.target_encoder else None}
@@ -858,10 +857,6 @@ def clean_batchnorm(learner: BYOL, images: torch.Tensor | None) -> dict[str, dic
             with clean_statistics(net, images.to(device), transform=normalize) as clean:
                 out[name] = {k: v.cpu() for k, v in batchnorm_state(clean).items()}
     return out
-
-
-def _unit_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255 if x.dtype == torch.uint8 else x
 
 
 # ---------------------------------------------------------------------- run

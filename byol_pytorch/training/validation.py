@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,12 +24,28 @@ from ..data import UNREADABLE, labelled_split, make_loader, match_channels
 from ..data.folder import NoReadableImagesError
 from .evaluate import extract_features, knn_accuracy
 
-__all__ = ["BelowReference", "KnnMonitor", "UnreadableKnnData", "knn_noise", "split_labelled"]
+__all__ = ["BelowReference", "KnnMonitor", "UnreadableKnnData", "clean_input", "knn_noise", "split_labelled"]
 
 
 class UnreadableKnnData(NoReadableImagesError):
     """Not one bank image, or not one held-out image, of a kNN evaluation could be read; or the
     readable bank images are of one class only (every query would score right)."""
+
+
+def clean_input(learner: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What makes loaded uint8 images (1 or 3 channels) the net's input for its clean BatchNorm statistics.
+
+    The channels the learner takes (``match_channels``: a 4-channel net gets the gray one repeated, as in
+    training), then the views' normalisation (``BYOLAugment.normalize``; other views: ``[0, 1]`` floats).
+    """
+    augment = getattr(learner, "augment1", None)
+    normalize = augment.normalize if isinstance(augment, BYOLAugment) else _unit_float
+    channels = getattr(learner, "channels", 3)
+    return lambda x: normalize(match_channels(x, channels))
+
+
+def _unit_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255 if x.dtype == torch.uint8 else x
 
 
 def split_labelled(root: str, load_size: int, channels: int) -> tuple[Any, Any]:
@@ -146,10 +163,8 @@ class KnnMonitor:
         net = getattr(learner, "net", None)
         if self.clean_images is None or net is None or not batchnorm_layers(net, frozen=False):
             return contextlib.nullcontext()
-        augment = getattr(learner, "augment1", None)
-        normalize = augment.normalize if isinstance(augment, BYOLAugment) else (lambda x: x.float() / 255)
         device = next(learner.parameters()).device
-        return clean_statistics(net, self.clean_images.to(device), transform=normalize)
+        return clean_statistics(net, self.clean_images.to(device), transform=clean_input(learner))
 
     def __call__(self, learner: nn.Module) -> float:
         """The kNN top-1 accuracy in [0, 1] of the queries against the bank."""

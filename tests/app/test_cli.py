@@ -360,6 +360,26 @@ def test_embed_re_estimates_the_statistics_of_a_checkpoint_without_clean_ones(tm
     assert summary["bn_stats"] == "clean (re-estimated on 8 of these images)"  # the readable ones, no blank
 
 
+@pytest.mark.parametrize("bn_stats", ["clean", "trained"])
+def test_a_four_channel_net_saves_and_evaluates_with_clean_statistics(
+    tmp_path, tiny_flags, make_messy_folder, make_labelled, bn_stats, capsys
+):
+    """Before: --in-chans 4 trained, then the clean statistics fed the 3-channel images as loaded (a traceback, no
+    last.pt); with --bn-stats trained, eval and embed (clean statistics re-estimated) failed the same way."""
+    data = make_messy_folder(tmp_path / "images", good=8)
+    out = tmp_path / "run"
+    flags = [*tiny_flags, "--max-steps", "2", "--in-chans", "4", "--bn-stats", bn_stats]
+    assert cli.main(["train", "--data", str(data), "--out", str(out), *flags]) == 0, capsys.readouterr().err
+    saved = load_checkpoint(out / "last.pt")
+    assert (bn_stats == "clean") == bool(saved.get("clean_bn"))
+    labelled = make_labelled(tmp_path / "labelled", classes=2, per_class=6)
+    checkpoint = str(out / "last.pt")
+    assert cli.main(["eval", "--data", str(labelled), "--checkpoint", checkpoint, "--knn"]) == 0
+    embed = ["embed", "--data", str(data), "--checkpoint", checkpoint, "--out", str(tmp_path / "e")]
+    assert cli.main(embed) == 0, capsys.readouterr().err
+    assert np.load(tmp_path / "e" / "embeddings.npy").shape[0] == 8
+
+
 @pytest.mark.parametrize(
     "command", [["embed", "--data", "d", "--checkpoint", "c.pt", "--out", "o"], ["export", "c.pt", "--out", "b.pt"]]
 )
