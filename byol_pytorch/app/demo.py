@@ -27,6 +27,7 @@ import argparse
 import functools
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -233,6 +234,16 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def _check_writable(out: Path) -> None:
+    """``out`` made and written to once (a file created and removed): an ``OSError`` naming it otherwise."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), str(out)) from error
+
+
 def _load(data_dir: str | None, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         return load_fashion_mnist(data_dir, split)
@@ -251,7 +262,7 @@ def _build_backbone(settings: dict[str, Any]) -> nn.Module:
     from ..training.models import build_backbone
 
     try:
-        return build_backbone(settings["model"], in_chans=1)
+        return build_backbone(settings["model"], in_chans=1, image_size=settings["image_size"])  # a ViT's grid
     except ValueError as error:
         raise UserError(str(error)) from None
 
@@ -409,6 +420,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(settings["threads"])
     try:
         pretrain, bank, bank_labels, queries, query_labels = _demo_data(settings)
+        _check_writable(Path(settings["out"]))  # now, not after minutes of training
         seconds["load"] = time.perf_counter() - start
 
         phase = time.perf_counter()
@@ -488,16 +500,19 @@ def _demo_learner(settings: dict[str, Any]) -> tuple[BYOL, BYOLAugment, BYOLAugm
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp_(0, 1)
         return view1.normalize(x)
 
-    learner = BYOL(
-        net,
-        size,
-        projection_size=settings["projection_size"],
-        projection_hidden_size=settings["projection_hidden_size"],
-        augment_fn=view1,
-        augment_fn2=view2,
-        moving_average_decay=settings["tau"],
-        moving_average_total_steps=settings["steps"] if settings["tau_schedule"] == "cosine" else None,
-    ).to(settings["device"])
+    try:
+        learner = BYOL(
+            net,
+            size,
+            projection_size=settings["projection_size"],
+            projection_hidden_size=settings["projection_hidden_size"],
+            augment_fn=view1,
+            augment_fn2=view2,
+            moving_average_decay=settings["tau"],
+            moving_average_total_steps=settings["steps"] if settings["tau_schedule"] == "cosine" else None,
+        ).to(settings["device"])
+    except (ValueError, TypeError) as error:  # a net that cannot take the demo's images (a ConvNeXt at 28 px)
+        raise UserError(f"--model {settings['model']}: {error}") from None
     return learner, view1, view2, prepare
 
 

@@ -127,6 +127,34 @@ def test_bad_flag_is_a_user_error(tmp_path):
         demo.run_demo(_args("--out", str(tmp_path / "afile" / "run"), "--data-dir", str(tmp_path)))
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch):
+    """Before: the whole demo trained, then stopped at its first write (a read-only --out): the run was lost."""
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(demo, "_pretrain", lambda *a, **k: pytest.fail("trained before the --out check"))
+    with pytest.raises(OSError) as caught:
+        demo.run_demo(_args("--quick", "--steps", "2", "--threads", "1", "--out", str(tmp_path / "run")))
+    assert caught.value.errno == errno.EROFS and caught.value.filename == str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("model", ["convnext_atto", "vit_tiny_patch16_224"])
+def test_a_timm_model_either_runs_or_is_refused_in_one_line(model, tmp_path, capsys):
+    """Before: a ViT (built for 224 px) and a ConvNeXt (too deep for 28 px) were tracebacks."""
+    argv = ["demo", "--quick", "--steps", "2", "--knn-points", "0", "--threads", "1", "--model", model]
+    code = cli_main([*argv, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if model == "convnext_atto":
+        assert code == 1 and err.strip().startswith("byol-pytorch: error: --model convnext_atto: could not run")
+    else:
+        assert code == 0, err  # the ViT is built for the demo's image size
+
+
 def test_knn_steps_are_evenly_spaced():
     assert demo._knn_steps(1200, 3) == [300, 600, 900]
     assert demo._knn_steps(20, 1) == [10]
