@@ -286,8 +286,7 @@ class BYOL(nn.Module):
         self._extra_ddp_ignore: list[str] = []
         # Buffers on the net's device from the start: BYOL(net.to(device)) needs no learner.to(device).
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long, device=device))
-        self._ema_count = 0  # host mirror of ema_step: reading a GPU buffer would sync
-        self._trained_since_update = False  # a training forward since the last EMA step
+        self._ema_count, self._trained_since_update = 0, False  # ema_step on the host (no sync); _warn_repeated_update
         # Deferred non-finite detection off the CPU: [loss finite, input finite] of the
         # last training step, read back without blocking (see _check_finite_deferred).
         self.register_buffer("_finite", torch.ones(2, dtype=torch.bool, device=device), persistent=False)
@@ -433,7 +432,10 @@ class BYOL(nn.Module):
         self.ema_step.fill_(self._ema_count)
 
     def _warn_repeated_update(self) -> None:
-        """An EMA step with no training forward since the last one (called twice per step) gets one warning."""
+        """An EMA step with no training forward since the last one (called twice per step) gets one warning.
+
+        ``_trained_since_update`` is set by each training forward and cleared here.
+        """
         if not getattr(self, "_trained_since_update", True) and not getattr(self, "_update_warned", False):
             self._update_warned = True
             warnings.warn(

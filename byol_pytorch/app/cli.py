@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import PROG, UserError, debug_enabled, describe_os_error, last_line, one_line, warn
+from .recipe import check_seed
 
 __all__ = ["UserError", "main", "build_parser"]
 
@@ -146,6 +147,7 @@ def _run_preview(args: argparse.Namespace) -> int:
         raise UserError(f"--image-size must be >= 8 and --count >= 1, got {args.image_size} and {args.count}")
     if os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a folder; name the picture to write in it, e.g. {args.out}/views.png")
+    check_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     try:
         dataset = open_unlabelled(

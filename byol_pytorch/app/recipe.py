@@ -41,6 +41,7 @@ __all__ = [
     "RECIPE_DEFAULTS",
     "SHUFFLE_BUFFER",
     "add_train_arguments",
+    "check_seed",
     "check_sizes",
     "family_lr",
     "family_of",
@@ -602,16 +603,33 @@ def check_sizes(recipe: Recipe, ctx: DistContext) -> int:
         )
     if not 0.0 < recipe.crop_scale_min <= 1.0:
         raise UserError(f"--crop-scale-min must be in (0, 1] (the paper: 0.08), got {recipe.crop_scale_min}")
-    if not recipe.lars_trust >= 0.0:
-        raise UserError(f"--lars-trust must be >= 0 (the paper: 1e-3), got {recipe.lars_trust}")
+    if not 0.0 <= recipe.lars_trust < math.inf:
+        raise UserError(f"--lars-trust must be a finite number >= 0 (the paper: 1e-3), got {recipe.lars_trust}")
+    check_seed(recipe.seed)
     # NaN fails every comparison: each test is written so that NaN (and inf where it says so) is refused.
-    if recipe.lr is not None and not 0.0 < recipe.lr < math.inf:
-        raise UserError(f"--lr must be a positive finite number (or left out for the model's default), got {recipe.lr}")
-    if recipe.weight_decay is not None and not 0.0 <= recipe.weight_decay < math.inf:
-        raise UserError(f"--weight-decay must be a finite number >= 0, got {recipe.weight_decay}")
+    # The optimisers hold these as float32: a larger one overflows inside torch.
+    if recipe.lr is not None and not 0.0 < recipe.lr < FLOAT32_MAX:
+        raise UserError(
+            f"--lr must be a positive finite number below {FLOAT32_MAX:.3g} (or left out for the model's default), "
+            f"got {recipe.lr}"
+        )
+    if recipe.weight_decay is not None and not 0.0 <= recipe.weight_decay < FLOAT32_MAX:
+        raise UserError(
+            f"--weight-decay must be a finite number >= 0 below {FLOAT32_MAX:.3g}, got {recipe.weight_decay}"
+        )
     if recipe.warmup_epochs is not None and not 0.0 <= recipe.warmup_epochs < math.inf:
         raise UserError(f"--warmup-epochs must be a finite number >= 0 (0: no warm-up), got {recipe.warmup_epochs}")
     return batch // (ctx.world_size * accumulate)
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+SEED_LIMIT = 2**62  # the seed plus a rank or a worker's offset stays a signed 64-bit integer
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """A ``UserError`` for a seed that torch's and numpy's generators cannot take once offset per rank or worker."""
+    if not -SEED_LIMIT < seed < SEED_LIMIT:
+        raise UserError(f"{flag} must be a whole number between -2**62 and 2**62, got {seed}")
 
 
 def run_length(

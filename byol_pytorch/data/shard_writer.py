@@ -157,11 +157,15 @@ def make_shards(
     the classes (``classes[i]`` is label i), so ``eval`` and ``embed`` read the labels.
 
     Raises:
-        ValueError: no image in the folder, ``labels`` without class sub-folders, or ``out``
-            already holds shards.
+        ValueError: no image in the folder, ``labels`` without class sub-folders, ``out``
+            already holds shards, or ``prefix`` is not a plain file-name part.
         OSError: ``out`` cannot be written.
     """
     root, target = Path(folder), Path(out)
+    if not prefix or prefix != Path(prefix).name or prefix.startswith("."):
+        raise ValueError(
+            f"--prefix {prefix!r}: give the start of the shards' file names (no '/', not empty, not hidden), e.g. train"
+        )
     with warnings.catch_warnings():  # its images outside the class folders are counted below (unlabelled)
         warnings.filterwarnings("ignore", message=r".* belong to no class and are left out")
         labelled = LabelledImageFolder(root, 8) if labels else None

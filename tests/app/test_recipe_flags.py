@@ -161,7 +161,13 @@ def test_a_checkpoint_from_before_the_recipes_resumes_with_the_papers_views():
     [
         (dict(blur_p2=1.5), r"--blur-p2 is a probability in \[0, 1\], got 1.5"),
         (dict(crop_scale_min=0.0), r"--crop-scale-min must be in \(0, 1\]"),
-        (dict(lars_trust=-1.0), "--lars-trust must be >= 0"),
+        (dict(lars_trust=-1.0), "--lars-trust must be a finite number >= 0"),
+        (dict(lars_trust=float("inf")), "--lars-trust must be a finite number >= 0"),  # before: "diverged"
+        # Before: tracebacks from inside torch ("cannot be converted to type float without overflow",
+        # "Overflow when unpacking long long").
+        (dict(lr=1e300), r"--lr must be a positive finite number below 3\.4e\+38"),
+        (dict(weight_decay=1e300), r"--weight-decay must be a finite number >= 0 below 3\.4e\+38"),
+        (dict(seed=2**62), r"--seed must be a whole number between -2\*\*62 and 2\*\*62, got 4611686018427387904"),
     ],
 )
 def test_check_sizes_rejects_bad_view_and_lars_values(changes, message):

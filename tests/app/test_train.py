@@ -114,6 +114,12 @@ def test_resume_keeps_the_runs_checkpoint_and_log_intervals_unless_given(messy, 
     assert load_checkpoint(out / "last.pt")["args"]["checkpoint_every"] == 5  # a flag given wins
 
 
+def test_the_largest_seed_trains(messy, tmp_path, tiny_flags):
+    """Before: --seed 2**63-1 (a 64-bit seed) overflowed the loader's generator (seed * 1000 + rank)."""
+    argv = ["--data", str(messy), *tiny_flags, "--out", str(tmp_path / "run"), "--max-steps", "1"]
+    assert run_train([*argv, "--seed", str(2**62 - 1)])["exit_code"] == 0
+
+
 def test_sigterm_in_a_subprocess_saves_and_exits_143(messy, tmp_path, tiny_flags):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

@@ -147,6 +147,16 @@ def test_make_with_labels_writes_each_class_index(tmp_path, make_labelled, capsy
     assert "has no class sub-folders" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("prefix", ["", "a/b", "..", ".hidden"])
+def test_a_prefix_that_is_no_file_name_part_is_one_line_and_writes_nothing(tmp_path, messy, capsys, prefix):
+    """Before: '' wrote OUT-000000.tar beside --out, 'a/b' failed on a temp path."""
+    out = tmp_path / "shards"
+    assert cli.main(["shards", "make", "--data", str(messy), "--out", str(out), "--prefix", prefix]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"byol-pytorch: error: --prefix {prefix!r}: give the start of the shards' file names")
+    assert not out.exists() and not list(tmp_path.rglob("*.tar"))
+
+
 def test_a_full_disk_at_the_index_names_it_and_leaves_no_temporary(tmp_path, messy, monkeypatch, capsys):
     """Before: 'no space left on the device holding 'a file'' and a .idx.json.tmp left behind."""
     import errno
