@@ -196,8 +196,24 @@ def check_folder(root: Path) -> None:
         raise ValueError(f"{str(root)!r} is not a folder; pass the folder that holds the images")
 
 
+def _cifar_hint(root: Path) -> str:
+    """``--data cifar10:ROOT`` (or cifar100) when a folder without images holds CIFAR's python batches."""
+    for kind, folder, marker in (
+        ("cifar10", "cifar-10-batches-py", "data_batch_1"),
+        ("cifar100", "cifar-100-python", "meta"),
+    ):
+        inside = (root / folder / marker).is_file() or (root.name == folder and (root / marker).is_file())
+        if inside or (kind == "cifar10" and (root / marker).is_file()):
+            return f"; it holds CIFAR's python batches: pass --data {kind}:{root}"
+    return ""
+
+
 def _archive_hint(root: Path) -> str:
-    """What to do when a folder without images holds tar files (compressed ones, or .tar beside other files)."""
+    """What to do when a folder without images holds tar files (compressed ones, or .tar beside other files), or
+    CIFAR's python batches."""
+    cifar = _cifar_hint(root)
+    if cifar:
+        return cifar
     try:
         names = [e.name.lower() for e in os.scandir(root) if not e.name.startswith(".") and e.is_file()]
     except OSError:

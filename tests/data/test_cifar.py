@@ -110,6 +110,20 @@ def test_a_file_that_is_not_a_batch(tmp_path, make_cifar10):
         load_cifar("cifar10", folder, "test")
 
 
+def test_a_cifar_root_given_as_a_folder_of_images_names_the_cifar_form(tmp_path, make_cifar10):
+    """Before: "no images found under 'ROOT'" and nothing more (torchvision users keep CIFAR there)."""
+    from byol_pytorch.data.file_index import index_images
+
+    root = make_cifar10(tmp_path / "data")
+    for given in (root, root / "cifar-10-batches-py"):
+        with pytest.raises(ValueError, match=f"it holds CIFAR's python batches: pass --data cifar10:{given}$"):
+            index_images(given)
+    (tmp_path / "c100" / "cifar-100-python").mkdir(parents=True)
+    (tmp_path / "c100" / "cifar-100-python" / "meta").write_bytes(b"")
+    with pytest.raises(ValueError, match="pass --data cifar100:"):
+        index_images(tmp_path / "c100")
+
+
 def test_parse_cifar_spec():
     assert parse_cifar_spec("cifar10:/data") == ("cifar10", "/data")
     assert parse_cifar_spec("CIFAR100:rel/dir") == ("cifar100", "rel/dir")
