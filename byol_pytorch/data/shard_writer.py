@@ -38,7 +38,7 @@ from .file_index import index_images
 from .folder import BrokenImageError, LabelledImageFolder, decode_image
 from .remote import is_remote
 from .remote_shards import count_shards, expand_remote, index_document
-from .shards import expand_shards, shard_samples
+from .shards import INCOMPLETE_NAME, expand_shards, shard_samples
 
 __all__ = ["CLASSES_NAME", "INDEX_NAME", "MadeShards", "make_shards", "parse_size", "sample_key", "write_index"]
 
@@ -173,15 +173,25 @@ def make_shards(
     targets = labelled.targets if labelled is not None else None
     left_out = len(index_images(root)) - len(files) if labelled is not None else 0  # images not in a class folder
     target.mkdir(parents=True, exist_ok=True)
+    marker = target / INCOMPLETE_NAME
+    if marker.exists():
+        raise ValueError(
+            f"--out {target} holds the shards of a `shards make` that was stopped before it ended: remove the folder "
+            "and run it again"
+        )
     if any(target.glob("*.tar")):
         raise ValueError(f"--out {target} already holds .tar files; choose an empty folder")
+    with names_the_file(marker):
+        marker.write_text("byol-pytorch shards make is writing this folder, or was stopped before it ended\n")
     made = MadeShards(unlabelled=left_out)
     _write_samples(root, files, targets, target / prefix, shard_size, made)
     if not made.shards:
+        marker.unlink()
         raise ValueError(f"{root} has no readable image ({len(made.broken)} broken files); no shard written")
     made.index = _write_json(target / INDEX_NAME, index_document([p.name for p in made.shards], made.counts))
     if labelled is not None:
         _write_json(target / CLASSES_NAME, {"classes": list(labelled.classes)})
+    marker.unlink()  # the set is whole
     return made
 
 

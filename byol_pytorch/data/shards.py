@@ -73,6 +73,7 @@ from .folder import IMAGE_EXTENSIONS, BrokenImageError, NoReadableImagesError, d
 from .loader import make_loader
 
 __all__ = [
+    "INCOMPLETE_NAME",
     "SHARDS_MISSING",
     "ShardDataset",
     "ShardSamples",
@@ -110,6 +111,21 @@ def _webdataset() -> Any:
     return braceexpand, webdataset.tariterators
 
 
+INCOMPLETE_NAME = ".shards-make-incomplete"
+"""Written by ``shards make`` into its --out first and removed once the index is written: a folder that still
+holds it was stopped mid-way (its shards hold part of the images)."""
+
+
+def _check_complete(paths: list[Path]) -> None:
+    """A ``ValueError`` when the shards lie in a folder an interrupted ``shards make`` left."""
+    for folder in dict.fromkeys(p.parent for p in paths):
+        if (folder / INCOMPLETE_NAME).exists():
+            raise ValueError(
+                f"{str(folder)!r} holds the shards of a `byol-pytorch shards make` that was stopped before it ended "
+                f"({INCOMPLETE_NAME} is there): they hold part of the images; run it again into an empty folder"
+            )
+
+
 def _is_tar_folder(path: Path) -> bool:
     try:
         names = [e for e in os.scandir(path) if not e.name.startswith(".") and not e.name.endswith(".json")]
@@ -143,7 +159,7 @@ def expand_shards(spec: str | Sequence[PathLike]) -> list[Path]:
 
     Raises:
         ImportError: webdataset is not installed (the message says how to install it).
-        ValueError: no shard, or a shard that is not a file.
+        ValueError: no shard, a shard that is not a file, or shards of an interrupted ``shards make``.
     """
     if isinstance(spec, str):
         braceexpand, _ = _webdataset()
@@ -156,6 +172,7 @@ def expand_shards(spec: str | Sequence[PathLike]) -> list[Path]:
     else:
         _webdataset()
         paths = [Path(p) for p in spec]
+    _check_complete(paths)
     missing = [p for p in paths if not p.is_file()]
     if not paths or missing:
         raise ValueError(

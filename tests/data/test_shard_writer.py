@@ -147,6 +147,50 @@ def test_make_with_labels_writes_each_class_index(tmp_path, make_labelled, capsy
     assert "has no class sub-folders" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
+def test_a_stopped_make_leaves_no_temporary_and_its_shards_are_refused_until_made_again(
+    tmp_path, messy, tiny_flags, monkeypatch, capsys, stop
+):
+    """Before: SIGTERM left the shard being written as a hidden .tmp, and train read the partial set (318 of 600
+    images) without a word; the rerun said only "already holds .tar files"."""
+    import os
+    import signal
+
+    from byol_pytorch.data import shard_writer
+    from byol_pytorch.data.shards import INCOMPLETE_NAME
+
+    real, calls = shard_writer._readable, []
+
+    def stopped_at_the_tenth(path):
+        calls.append(1)
+        if len(calls) == 10:
+            if stop == "SIGTERM":
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler raises in this thread, here
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(shard_writer, "_readable", stopped_at_the_tenth)
+    out = tmp_path / "shards"
+    argv = ["shards", "make", "--data", str(messy), "--out", str(out), "--shard-size", "10KB"]
+    if stop == "SIGTERM":
+        with pytest.raises(SystemExit) as caught:
+            cli.main(argv)
+        assert caught.value.code == 128 + signal.SIGTERM
+        assert "stopped by SIGTERM: the shards written so far hold part" in capsys.readouterr().err
+    else:
+        assert cli.main(argv) == 130
+    assert (out / INCOMPLETE_NAME).exists() and list(out.glob("*.tar")) and not list(out.glob("*.tmp"))
+    monkeypatch.setattr(shard_writer, "_readable", real)
+    capsys.readouterr()
+    assert cli.main(argv) == 1
+    assert "was stopped before it ended: remove the folder and run it again" in capsys.readouterr().err
+    run = ["train", "--data", str(out), "--out", str(tmp_path / "run"), *tiny_flags, "--max-steps", "1"]
+    assert cli.main(run) == 1
+    assert "holds the shards of a `byol-pytorch shards make` that was stopped" in capsys.readouterr().err
+    shutil.rmtree(out)
+    assert cli.main(argv) == 0 and not (out / INCOMPLETE_NAME).exists()  # a whole set: no marker
+
+
 @pytest.mark.parametrize("prefix", ["", "a/b", "..", ".hidden"])
 def test_a_prefix_that_is_no_file_name_part_is_one_line_and_writes_nothing(tmp_path, messy, capsys, prefix):
     """Before: '' wrote OUT-000000.tar beside --out, 'a/b' failed on a temp path."""
