@@ -444,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = debug_enabled(getattr(args, "debug", False))
     try:
         _one_process_unless_train(args.command)
+        if getattr(args, "out", None) == "":  # '' is the current folder to some calls, nothing to others
+            raise UserError("--out is empty; name the file or folder to write")
         with _package_warnings_as_lines():
             return COMMANDS[args.command](args)
     except Exception as error:
@@ -464,5 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         raise
     except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted\n")
+        kept = {
+            "train": " (the last checkpoint saved is kept; --resume continues from it)",
+            "embed": " (the rows written are kept; --resume continues)",
+        }
+        sys.stderr.write(f"{PROG}: interrupted{kept.get(args.command, '')}\n")
         return 130

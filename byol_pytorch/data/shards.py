@@ -167,6 +167,13 @@ def expand_shards(spec: str | Sequence[PathLike]) -> list[Path]:
             paths = [Path(p) for p in braceexpand.braceexpand(spec)]
         elif _is_tar_folder(Path(spec)):
             paths = sorted(p for p in Path(spec).iterdir() if not p.name.startswith(".") and p.suffix == ".tar")
+        elif Path(spec).is_dir():
+            if not any(not e.name.startswith(".") for e in os.scandir(spec)):
+                raise ValueError(f"no shards in {spec!r}: the folder is empty")
+            raise ValueError(
+                f"{spec!r} is a folder that holds other files than .tar shards (a folder of images? "
+                f"`byol-pytorch shards make --data {spec} --out SHARDS` packs one)"
+            )
         else:
             paths = [Path(spec)]
     else:

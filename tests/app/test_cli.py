@@ -360,6 +360,54 @@ def test_embed_re_estimates_the_statistics_of_a_checkpoint_without_clean_ones(tm
     assert summary["bn_stats"] == "clean (re-estimated on 8 of these images)"  # the readable ones, no blank
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["preview", "--data", "d"],
+        ["export", "c.pt"],
+        ["embed", "--data", "d", "--checkpoint", "c.pt"],
+        ["shards", "index", "d"],
+        ["demo", "--quick"],
+    ],
+)
+def test_an_empty_out_is_one_line_in_every_command(command, capsys, tmp_path, monkeypatch):
+    """Before: "PosixPath('.') has an empty name", "Device or resource busy ('.')", "'' does not exist", or (embed,
+    demo) files written into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*command, "--out", ""]) == 1
+    assert capsys.readouterr().err == "byol-pytorch: error: --out is empty; name the file or folder to write\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shards_index_of_an_image_folder_or_an_empty_one_says_what_it_is(capsys, tmp_path, make_messy_folder):
+    """Before: "1 of the 1 shards of 'imgs' are missing, e.g. 'imgs'"."""
+    images = make_messy_folder(tmp_path / "imgs", good=2)
+    assert cli.main(["shards", "index", str(images), "--out", str(tmp_path / "i.json")]) == 1
+    err = capsys.readouterr().err
+    assert "holds other files than .tar shards (a folder of images? `byol-pytorch shards make" in err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["shards", "index", str(tmp_path / "empty"), "--out", str(tmp_path / "i.json")]) == 1
+    assert "the folder is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, kept", [("embed", "--resume continues"), ("shards", "")])
+def test_a_second_ctrl_c_names_what_is_kept(command, kept, capsys, monkeypatch, tmp_path):
+    """Before: "interrupted" alone, also where --resume continues the work."""
+    from byol_pytorch.app import cli as cli_module
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli_module.COMMANDS, command, interrupted)
+    argv = {"embed": ["embed", "--data", "d", "--checkpoint", "c", "--out", "o"], "shards": ["shards", "index", "s"]}
+    assert cli.main(argv[command] + (["--out", "i.json"] if command == "shards" else [])) == 130
+    err = capsys.readouterr().err
+    if kept:
+        assert err.startswith("byol-pytorch: interrupted (") and kept in err
+    else:
+        assert err == "byol-pytorch: interrupted\n"
+
+
 @pytest.mark.parametrize("bn_stats", ["clean", "trained"])
 def test_a_four_channel_net_saves_and_evaluates_with_clean_statistics(
     tmp_path, tiny_flags, make_messy_folder, make_labelled, bn_stats, capsys
