@@ -307,6 +307,18 @@ class BYOL(nn.Module):
         """The user's backbone (trained in place)."""
         return self.online_encoder.net
 
+    def remove_hooks(self) -> None:
+        """Take BYOL's hidden-layer hook off the net (and off its copy, the target), once training is done.
+
+        The hook stays on the net otherwise: ``torch.save(net)`` then needs byol_pytorch to load, and
+        wrapping the same net again (a notebook cell run twice) adds a second one. Save the net's
+        ``state_dict()`` and nothing of this matters; this is for keeping the module itself. The
+        learner cannot train or embed afterwards (a ``RuntimeError`` says so).
+        """
+        for encoder in (self.online_encoder, self.target_encoder):
+            if encoder is not None:
+                encoder.remove_hook()
+
     @property
     def current_decay(self) -> float:
         """The tau the next ``update_moving_average()`` call will use."""

@@ -126,8 +126,23 @@ class BackboneEncoder(nn.Module):
             channels_last=probe.channels_last,
         )
 
+    def remove_hook(self) -> None:
+        """Take the capture hook off the net; the encoder cannot run afterwards (``embed`` raises)."""
+        if self._capture is None:
+            return
+        for module in self.net.modules():
+            for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                for key in [k for k, hook in hooks.items() if hook is self._capture]:
+                    del hooks[key]
+        self._capture, self._removed = None, True
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled hidden representation, (B, D)."""
+        if getattr(self, "_removed", False):
+            raise RuntimeError(
+                "this learner's hook was taken off its net (remove_hooks()): it cannot train or embed any more; "
+                "build BYOL(net, ...) again to go on"
+            )
         capture = self._capture
         if capture is None:
             hidden = select_output(call_net(self.net, x, self.input_name), self.output_key)

@@ -446,6 +446,24 @@ def test_a_compiled_learner_in_the_readme_loop_gets_no_repeated_update_warning()
     assert learner.ema_step.item() == 3
 
 
+def test_remove_hooks_leaves_a_net_that_pickles_without_the_package_and_a_learner_that_says_so():
+    from byol_pytorch.encoder import _Capture
+
+    net = small_cnn()
+    learner = BYOL(net, image_size=32, **SMALL)
+    train_steps(learner, torch.rand(4, 3, 32, 32), 1)  # the target exists: its copy of the net is hooked too
+    learner.remove_hooks()
+    for module in [*net.modules(), *learner.target_encoder.net.modules()]:
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        assert not any(isinstance(hook, _Capture) for hook in hooks)
+    buffer = io.BytesIO()
+    torch.save(net, buffer)  # the module itself
+    assert b"byol_pytorch" not in buffer.getvalue()
+    with pytest.raises(RuntimeError, match=r"hook was taken off its net \(remove_hooks\(\)\)"):
+        learner(torch.rand(4, 3, 32, 32))
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)  # the net itself runs as before
+
+
 def test_torch_compile_takes_a_batch_of_another_size():
     # An epoch's last, smaller batch recompiles with a symbolic batch size: the views' draws must trace.
     learner = BYOL(small_cnn(), image_size=32, **SMALL)
