@@ -250,7 +250,12 @@ def label_column(data: Any, name: str | None = None) -> str | None:
         )
 
     if name is not None:
-        if name not in features or not integer(features[name]):
+        if name in features and not integer(features[name]):  # class names, say: the fix is one call
+            raise ValueError(
+                f"label column {name!r} holds {features[name]}, not class indices; encode it first "
+                f"(datasets: data = data.class_encode_column({name!r}), then save_to_disk)"
+            )
+        if name not in features:
             raise ValueError(
                 f"no integer label column {name!r}; the columns: "
                 + ", ".join(f"{k} ({v})" for k, v in features.items())

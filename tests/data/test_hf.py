@@ -225,3 +225,15 @@ def test_an_empty_split_is_left_out_and_an_empty_dataset_is_one_error(tmp_path):
     datasets.DatasetDict({"train": train, "validation": held}).save_to_disk(str(tmp_path / "c_only_held"))
     with pytest.raises(ValueError, match="validation split has classes its train split has no rows of \\('c'\\)"):
         labelled_split(f"hf:{tmp_path / 'c_only_held'}", 16, 3)  # before: scored, every query wrong
+
+
+def test_a_label_column_of_class_names_says_how_to_encode_it():
+    """Before: "no integer label column 'label'" for a column that is there, holding names."""
+    from byol_pytorch.data.hf import label_column
+
+    data = datasets.Dataset.from_dict({"image": [b"x", b"y"], "label": ["cat", "dog"]})
+    with pytest.raises(ValueError, match=r"label column 'label' holds .*string.*class_encode_column\('label'\)"):
+        label_column(data, "label")
+    with pytest.raises(ValueError, match="no integer label column 'kind'; the columns: image"):
+        label_column(data, "kind")
+    assert label_column(data.class_encode_column("label"), "label") == "label"
