@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, SupportsIndex
 
@@ -244,8 +245,12 @@ def _check_counts(max_images: object, batch_size: object) -> None:
     for name, value, least in (("max_images", max_images, 1), ("batch_size", batch_size, 2)):
         if name == "max_images" and value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            value = operator.index(value)  # type: ignore[arg-type]  # a Python or NumPy integer
+        except TypeError:
+            raise TypeError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})") from None
         if value < least:
             why = " (a batch of one image has no variance)" if name == "batch_size" else " or None"
             raise ValueError(f"{name} must be at least {least}{why}, got {value!r}")

@@ -128,13 +128,14 @@ class BackboneEncoder(nn.Module):
 
     def remove_hook(self) -> None:
         """Take the capture hook off the net; the encoder cannot run afterwards (``embed`` raises)."""
+        self._removed = True  # also without a hook (the net's output): the learner refuses to run, as documented
         if self._capture is None:
             return
         for module in self.net.modules():
             for hooks in (module._forward_hooks, module._forward_pre_hooks):
                 for key in [k for k, hook in hooks.items() if hook is self._capture]:
                     del hooks[key]
-        self._capture, self._removed = None, True
+        self._capture = None
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled hidden representation, (B, D)."""

@@ -175,6 +175,15 @@ def test_counts_that_are_not_whole_numbers_are_a_type_error_naming_them(kwargs):
         recalibrate_batchnorm(_trained_net(), torch.rand(8, 3, 16, 16), **kwargs)
 
 
+def test_numpy_integer_counts_are_taken():
+    import numpy as np
+
+    assert (
+        recalibrate_batchnorm(_trained_net(), torch.rand(8, 3, 16, 16), max_images=np.int64(6), batch_size=np.int32(3))
+        == 6
+    )
+
+
 def test_the_byol_learner_is_refused_with_its_backbone_named_and_nothing_changes():
     from byol_pytorch import BYOL
 

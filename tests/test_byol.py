@@ -464,6 +464,14 @@ def test_remove_hooks_leaves_a_net_that_pickles_without_the_package_and_a_learne
     assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)  # the net itself runs as before
 
 
+def test_remove_hooks_on_a_learner_reading_the_nets_output_refuses_to_run_too():
+    net = nn.Sequential(small_cnn(), nn.Flatten())  # hidden_layer=-1: the output, no hook
+    learner = BYOL(net, image_size=32, hidden_layer=-1, **SMALL)
+    learner.remove_hooks()
+    with pytest.raises(RuntimeError, match=r"remove_hooks\(\)"):
+        learner(torch.rand(4, 3, 32, 32))
+
+
 def test_torch_compile_takes_a_batch_of_another_size():
     # An epoch's last, smaller batch recompiles with a symbolic batch size: the views' draws must trace.
     learner = BYOL(small_cnn(), image_size=32, **SMALL)

@@ -467,8 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     except KeyboardInterrupt:
         kept = {
-            "train": " (the last checkpoint saved is kept; --resume continues from it)",
-            "embed": " (the rows written are kept; --resume continues)",
+            "train": " (checkpoints saved before are kept; --resume continues from the last one)",
+            "embed": " (rows written before are kept; --resume continues once some were)",
         }
         sys.stderr.write(f"{PROG}: interrupted{kept.get(args.command, '')}\n")
         return 130

@@ -228,16 +228,17 @@ def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -
     counts = ("rows", "items", "broken")
     if not isinstance(state, dict) or not all(isinstance(state.get(k), int) and state[k] >= 0 for k in counts):
         raise UserError(f"--resume: {path} is not the progress file an embed run writes (it was changed); {again}")
-    differs = [k for k, v in identity.items() if state.get(k) != v]
-    if "samples" in differs:
+    # A state written before the count was kept has none: _check_same_samples still compares the ids.
+    differs = [k for k, v in identity.items() if state.get(k) != v and (k != "samples" or k in state)]
+    if differs == ["samples"]:  # the same data, other contents
         raise UserError(
             f"--resume: --data now holds {identity['samples']} samples, the stopped run's {state.get('samples')}: "
             "its files changed since the stop; embed again into another --out"
         )
     if differs:
         raise UserError(
-            f"--resume: the stopped run in {out} embedded other {', '.join(differs)}; drop --resume and use "
-            "another --out"
+            f"--resume: the stopped run in {out} embedded other {', '.join(k for k in differs if k != 'samples')}; "
+            "drop --resume and use another --out"
         )
     return state
 
@@ -396,7 +397,7 @@ def _locked(
 ) -> Iterator[tuple[dict[str, Any] | None, _Outputs]]:
     """``out`` locked for this run (as ``train`` locks its run folder); once it is, the stopped run's state is read
     and the outputs opened (a refusal there leaves the lock file as it was)."""
-    lock, found = RunFolderLock(out, stopped="embed --resume continues it"), dict[str, Any]()
+    lock, found = RunFolderLock(out), dict[str, Any]()
 
     def check() -> None:
         found["state"] = _read_state(out, args, identity)

@@ -68,7 +68,6 @@ class RunFolderLock:
 
     Args:
         folder: the run folder (``--out``).
-        stopped: what the refusal says becomes of the holder's work when it is stopped.
 
     ``acquire(create=False)`` takes the lock only if the lock file exists (it writes nothing:
     a start that is refused later leaves the folder as it was); ``acquire(create=True)``
@@ -76,9 +75,8 @@ class RunFolderLock:
     Both raise ``UserError`` naming the holder when another process has it.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], stopped: str = "its checkpoint is kept") -> None:
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
-        self.stopped = stopped  # what the refusal says of the holder when stopped
         self.path = self.folder / LOCK_NAME
         self.fd: int | None = None
         self.supported = True
@@ -94,7 +92,7 @@ class RunFolderLock:
     def _refuse(self, holder: str) -> UserError:
         return UserError(
             f"the run folder {self.folder} is in use by another run ({holder}); wait for it to end or stop it "
-            f"({self.stopped}), or choose another --out"
+            "(a stopped train or embed keeps what it saved and continues with --resume), or choose another --out"
         )
 
     def acquire(self, create: bool, check: Callable[[], object] | None = None) -> None:

@@ -577,7 +577,7 @@ def _build_data(
         workers,
         sampler=sampler,
         drop_last=True,
-        seed=(recipe.seed * 1000 + ctx.rank) % 2**63,  # a large --seed stays a 64-bit seed
+        seed=(recipe.seed * 1000 + ctx.rank) % 2**64,  # as torch takes it (a negative one too); a large one fits
         pin_memory=ctx.device.type == "cuda",
     )
     return dataset, sampler, loader

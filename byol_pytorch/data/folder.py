@@ -12,6 +12,7 @@ over. Worker processes do not share memory, so that count travels with each samp
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
@@ -33,6 +34,7 @@ __all__ = [
     "PIXEL_LIMIT_ENV",
     "BrokenImageError",
     "LargeImageWarning",
+    "apply_pixel_limit",
     "NoReadableImagesError",
     "FileIndex",
     "index_images",
@@ -101,10 +103,21 @@ class LargeImageWarning(UserWarning):
 _large_warned = False
 
 
-def _apply_pixel_limit() -> None:
-    """``PIXEL_LIMIT_ENV``, when set, becomes Pillow's limit (a module global; 0: none); a bad value is a ValueError."""
+_applied_limit: str | None = None  # the PIXEL_LIMIT_ENV text this process applied
+
+
+def apply_pixel_limit() -> None:
+    """``PIXEL_LIMIT_ENV``, when set, becomes Pillow's limit in this process (a module global; 0: none).
+
+    Every dataset calls it when it is built (so a bad value stops there, with the variable named, before
+    any loader worker starts); decoding applies a good value again in a process that did not build one.
+
+    Raises:
+        ValueError: the value is not a whole number >= 0.
+    """
+    global _applied_limit
     text = os.environ.get(PIXEL_LIMIT_ENV, "").strip()
-    if not text:
+    if not text or text == _applied_limit:
         return
     try:
         value = int(text.replace("_", ""))
@@ -113,6 +126,7 @@ def _apply_pixel_limit() -> None:
     if value < 0:
         raise ValueError(f"{PIXEL_LIMIT_ENV}={text!r}: give a whole number of pixels, or 0 for no limit")
     Image.MAX_IMAGE_PIXELS = (value + 1) // 2 or None  # Pillow refuses more than twice its global
+    _applied_limit = text
 
 
 def _warn_large(error: BrokenImageError) -> None:
@@ -137,7 +151,6 @@ def _is_hidden(name: str) -> bool:
 
 
 def _check_size(load_size: int, channels: int) -> None:
-    _apply_pixel_limit()  # a bad value stops the dataset's constructor, not a loader worker
     if load_size < 1:
         raise ValueError(f"load_size must be a positive number of pixels, got {load_size}")
     if channels not in (1, 3):
@@ -258,6 +271,8 @@ def decode_image(data: bytes, load_size: int, channels: int = 3, name: str = "<b
 def _decode(source: Path | io.BytesIO, path: Path, load_size: int, channels: int) -> torch.Tensor:
     """The decode, orientation, conversion, resize and crop of ``load_image`` / ``decode_image``."""
     mode = "L" if channels == 1 else "RGB"
+    with contextlib.suppress(ValueError):  # a bad value stops every dataset's construction, not a read
+        apply_pixel_limit()
     try:
         with warnings.catch_warnings():
             # Pillow warns from half its limit on; an image under the limit is read, so it is not news here.
@@ -282,7 +297,9 @@ def _decode(source: Path | io.BytesIO, path: Path, load_size: int, channels: int
             )
             pixels = np.array(im, dtype=np.uint8)  # (S, S) or (S, S, 3), a writable copy
     except Image.DecompressionBombError as error:
-        raise BrokenImageError(path, str(error).rstrip("."), too_large=True) from error
+        broken = BrokenImageError(path, str(error).rstrip("."), too_large=True)
+        _warn_large(broken)  # whatever reads it: training, embed, eval, shards make
+        raise broken from error
     except _DECODE_ERRORS as error:
         raise BrokenImageError(path, f"{type(error).__name__}: {error}") from error
     if pixels.ndim == 2:
@@ -321,8 +338,6 @@ def read_or_next(
         except BrokenImageError as error:
             broken.add(j)
             last_error = error
-            if error.too_large:
-                _warn_large(error)
     raise NoReadableImagesError(f"none of the {n} {what}" + (f"; the last error: {last_error}" if last_error else ""))
 
 
@@ -335,6 +350,7 @@ class _ImageFiles(Dataset):
 
     def __init__(self, root: PathLike, paths: FileIndex, load_size: int, channels: int) -> None:
         _check_size(load_size, channels)
+        apply_pixel_limit()
         self.root = Path(root)
         self.paths = paths
         self.load_size = load_size

@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._modules import PathLike
-from .folder import BrokenImageError, decode_image, load_image, read_or_next
+from .folder import BrokenImageError, apply_pixel_limit, decode_image, load_image, read_or_next
 
 __all__ = [
     "HF_MISSING",
@@ -314,6 +314,7 @@ class HFImageDataset(Dataset):
         labelled: bool = False,
         labels: str | None = None,
     ) -> None:
+        apply_pixel_limit()  # a bad BYOL_PYTORCH_MAX_IMAGE_PIXELS stops here, not as unreadable rows
         datasets = _datasets()
         self.source = str(data) if isinstance(data, (str, os.PathLike)) else "a datasets.Dataset"
         self.split = split or "train"

@@ -35,7 +35,7 @@ from typing import Any
 from .._atomic import atomic_write, names_the_file
 from .._modules import PathLike
 from .file_index import index_images
-from .folder import BrokenImageError, LabelledImageFolder, decode_image
+from .folder import BrokenImageError, LabelledImageFolder, apply_pixel_limit, decode_image
 from .remote import is_remote
 from .remote_shards import count_shards, expand_remote, index_document
 from .shards import INCOMPLETE_NAME, expand_shards, shard_samples
@@ -161,6 +161,7 @@ def make_shards(
             already holds shards, or ``prefix`` is not a plain file-name part.
         OSError: ``out`` cannot be written.
     """
+    apply_pixel_limit()
     root, target = Path(folder), Path(out)
     if not prefix or prefix != Path(prefix).name or prefix.startswith("."):
         raise ValueError(

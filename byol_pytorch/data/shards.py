@@ -69,7 +69,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .._modules import PathLike
-from .folder import IMAGE_EXTENSIONS, BrokenImageError, NoReadableImagesError, decode_image
+from .folder import IMAGE_EXTENSIONS, BrokenImageError, NoReadableImagesError, apply_pixel_limit, decode_image
 from .loader import make_loader
 
 __all__ = [
@@ -344,6 +344,7 @@ class ShardDataset(IterableDataset):
         shuffle_buffer: int = 1000,
         multiple_of: int = 1,
     ) -> None:
+        apply_pixel_limit()  # a bad BYOL_PYTORCH_MAX_IMAGE_PIXELS stops here, not in a loader worker
         self.paths, self.counts = self._locate(shards)
         self.load_size, self.channels, self.batch_size = load_size, channels, batch_size
         self.rank, self.world_size, self.multiple_of = rank, world_size, multiple_of
@@ -563,6 +564,7 @@ class ShardSamples(IterableDataset):
         labelled: bool = False,
         keep: Any = None,
     ) -> None:
+        apply_pixel_limit()  # a bad BYOL_PYTORCH_MAX_IMAGE_PIXELS stops here, not as unreadable samples
         self.paths = expand_shards(shards)
         self.names = shard_names(self.paths)  # the SHARD of each sample id
         self.load_size, self.channels, self.labelled, self.keep = load_size, channels, labelled, keep

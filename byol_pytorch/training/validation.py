@@ -35,8 +35,8 @@ class UnreadableKnnData(NoReadableImagesError):
 def clean_input(learner: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """What makes loaded uint8 images (1 or 3 channels) the net's input for its clean BatchNorm statistics.
 
-    The channels the learner takes (``match_channels``: a 4-channel net gets the gray one repeated, as in
-    training), then the views' normalisation (``BYOLAugment.normalize``; other views: ``[0, 1]`` floats).
+    The channels the learner takes (``match_channels``: a 4-channel net gets the first channel repeated, as
+    in training), then the views' normalisation (``BYOLAugment.normalize``; other views: ``[0, 1]`` floats).
     """
     augment = getattr(learner, "augment1", None)
     normalize = augment.normalize if isinstance(augment, BYOLAugment) else _unit_float

@@ -183,7 +183,7 @@ def test_a_second_embed_into_a_folder_in_use_is_refused_and_the_first_is_unharme
     assert cli.main([*base, "--data", sources["folder"], "--out", str(shared)]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"the run folder {shared} is in use by another run (pid {holder.pid}" in line
-    assert "embed --resume continues it" in line and not (shared / "embeddings.npy").exists()
+    assert "continues with --resume" in line and not (shared / "embeddings.npy").exists()
     holder.communicate("go\n", timeout=60)
     assert cli.main([*base, "--data", sources["folder"], "--out", str(shared)]) == 0  # free again
     assert np.array_equal(np.load(alone / "embeddings.npy"), np.load(shared / "embeddings.npy"))
@@ -415,6 +415,26 @@ def test_embed_counts_the_entries_that_are_not_regular_files(tmp_path, checkpoin
     assert json.loads((out / "embed.json").read_text())["passed_over"] == 2
     printed = capsys.readouterr().out
     assert "; 2 entries that are not regular files (FIFOs, sockets, broken links) passed over" in printed
+
+
+def test_a_resume_with_other_data_says_so_and_a_state_without_the_count_resumes(
+    tmp_path, checkpoint, make_messy_folder, monkeypatch, capsys
+):
+    """A review: other --data was reported as "its files changed", and a progress file of the version before
+    (no sample count) could not be resumed."""
+    data, other = make_messy_folder(tmp_path / "images", good=12), make_messy_folder(tmp_path / "other", good=4)
+    part = tmp_path / "part"
+    base = ["embed", "--checkpoint", str(checkpoint), "--batch-size", "4", "--flush-every", "1", "--out", str(part)]
+    _embed_stopped_after(monkeypatch, [*base, "--data", str(data)], 2)
+    capsys.readouterr()
+    assert cli.main([*base, "--data", str(other), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "embedded other data" in err and "files changed" not in err
+    state = json.loads((part / "embed_state.json").read_text())
+    del state["samples"]
+    (part / "embed_state.json").write_text(json.dumps(state))
+    assert cli.main([*base, "--data", str(data), "--resume"]) == 0, capsys.readouterr().err
+    assert len(np.load(part / "embeddings.npy")) == 12
 
 
 @pytest.mark.parametrize("change", ["one in, one out", "one more"])

@@ -319,6 +319,7 @@ def pixel_limit(monkeypatch):
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     monkeypatch.setattr(folder, "_large_warned", False)
+    monkeypatch.setattr(folder, "_applied_limit", None)
     return lambda value: monkeypatch.setenv(folder.PIXEL_LIMIT_ENV, value)
 
 
@@ -329,13 +330,13 @@ def test_an_image_over_the_pixel_limit_is_passed_over_with_one_warning_naming_it
     _smooth_rgb(40, 26, 1).save(tmp_path / "b_large.png")  # 1,040
     _smooth_rgb(40, 30, 2).save(tmp_path / "c_larger.png")
     pixel_limit("1_000")
-    with pytest.raises(BrokenImageError, match="exceeds limit") as caught:
-        load_image(tmp_path / "b_large.png", S)
-    assert caught.value.too_large
     dataset = ImageFolder(tmp_path, S)
     with pytest.warns(LargeImageWarning) as shown:
         image, skipped = dataset[1]  # b_large is passed over: a_fits (wrapping around) comes instead
         dataset[2]
+        with pytest.raises(BrokenImageError, match="exceeds limit") as caught:
+            load_image(tmp_path / "b_large.png", S)  # any reader: embed, eval, shards make
+    assert caught.value.too_large
     assert skipped == 1 and torch.equal(image, dataset[0][0])
     assert len(shown) == 1 and "b_large.png" in str(shown[0].message) and PIXEL_LIMIT_ENV in str(shown[0].message)
     pixel_limit("0")  # no limit
@@ -354,10 +355,18 @@ def test_an_image_under_the_pixel_limit_reads_without_pillows_warning(tmp_path, 
 
 @pytest.mark.parametrize("value", ["lots", "-5", "1.5"])
 def test_a_bad_pixel_limit_stops_the_dataset_with_the_variable_named(tmp_path, pixel_limit, value):
-    _smooth_rgb(40, 20, 0).save(tmp_path / "a.png")
+    from byol_pytorch.app import cli
+    from byol_pytorch.data.shards import ShardSamples
+
+    (tmp_path / "images").mkdir()
+    _smooth_rgb(40, 20, 0).save(tmp_path / "images" / "a.png")
+    assert cli.main(["shards", "make", "--data", str(tmp_path / "images"), "--out", str(tmp_path / "shards")]) == 0
     pixel_limit(value)
-    with pytest.raises(ValueError, match=f"BYOL_PYTORCH_MAX_IMAGE_PIXELS='{value}': give a whole number"):
-        ImageFolder(tmp_path, S)
+    message = f"BYOL_PYTORCH_MAX_IMAGE_PIXELS='{value}': give a whole number"
+    with pytest.raises(ValueError, match=message):
+        ImageFolder(tmp_path / "images", S)
+    with pytest.raises(ValueError, match=message):  # a review: shards read every sample as unreadable
+        ShardSamples(str(tmp_path / "shards"), S)
 
 
 def test_invalid_sizes_are_rejected(messy):
