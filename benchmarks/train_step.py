@@ -46,6 +46,7 @@ import contextlib
 import copy
 import json
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,6 +316,9 @@ def build_parts(cfg: Config, images: torch.Tensor) -> list[Contender]:
     with autocast(cfg):
         learner(images)  # creates the target network
     dim = learner.representation_size
+    # The "ema" part times update_moving_average() alone, again and again: its one warning about an EMA step
+    # with no training forward since the last is what this part does on purpose.
+    warnings.filterwarnings("ignore", message=r"update_moving_average\(\) was called again")
 
     @torch.no_grad()
     def views() -> None:

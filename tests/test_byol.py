@@ -136,6 +136,7 @@ def test_heads_are_parameters_before_first_forward_and_target_is_lazy():
     assert all(id(p) in ids for p in learner.parameters() if p.requires_grad)
 
 
+@pytest.mark.filterwarnings("ignore:update_moving_average\\(\\) was called again")  # EMA steps alone, on purpose
 def test_update_moving_average_equals_formula():
     learner = BYOL(small_cnn(), image_size=32, moving_average_decay=0.9, **SMALL)
     train_steps(learner, torch.rand(4, 3, 32, 32), 2)
