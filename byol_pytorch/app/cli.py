@@ -444,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = debug_enabled(getattr(args, "debug", False))
     try:
         _one_process_unless_train(args.command)
-        if getattr(args, "out", None) == "":  # '' is the current folder to some calls, nothing to others
+        if getattr(args, "out", None) == "" and args.command != "train":  # train names its default run folder
             raise UserError("--out is empty; name the file or folder to write")
         with _package_warnings_as_lines():
             return COMMANDS[args.command](args)
