@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-__all__ = ["PROG", "UserError", "debug_enabled", "describe_os_error", "last_line", "one_line", "warn"]
+__all__ = ["PROG", "UserError", "debug_enabled", "describe_os_error", "last_line", "one_line", "signals_raise", "warn"]
 
 PROG = "byol-pytorch"
 
@@ -89,3 +93,22 @@ def describe_os_error(error: OSError) -> str:
 def debug_enabled(flag: bool = False) -> bool:
     """Whether errors show their traceback: ``--debug`` or ``BYOL_PYTORCH_DEBUG=1``."""
     return bool(flag) or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@contextmanager
+def signals_raise(signals: tuple[int, ...], stop: Callable[[int], BaseException]) -> Iterator[None]:
+    """Inside the block, each of ``signals`` raises ``stop(signum)`` at once (in the main thread; elsewhere nothing
+    changes), so that the work in progress unwinds through its clean-up; the handlers are put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise stop(signum)
+
+    previous = [(sig, signal.signal(sig, handler)) for sig in signals]
+    try:
+        yield
+    finally:
+        for sig, old in previous:
+            signal.signal(sig, old)

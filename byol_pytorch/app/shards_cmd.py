@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from ..data.remote import RemoteReadError, redact
-from .errors import UserError, warn
+from .errors import UserError, signals_raise, warn
 
 __all__ = ["add_shards_arguments", "run_shards"]
 
@@ -48,22 +45,10 @@ def add_shards_arguments(parser: argparse.ArgumentParser, parser_class: type) ->
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-@contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM raises ``SystemExit(143)`` in the main thread, so that the writer's clean-up runs on the way out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        warn("stopped by SIGTERM: the shards written so far hold part of the images; run it again into an empty folder")
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _stopped(signum: int) -> SystemExit:
+    """SIGTERM in ``shards make``: the writer's clean-up runs on the way out (exit 143, as ``train``)."""
+    warn("stopped by SIGTERM: the shards written so far hold part of the images; run it again into an empty folder")
+    return SystemExit(128 + signum)
 
 
 def run_shards(args: argparse.Namespace) -> int:
@@ -72,7 +57,7 @@ def run_shards(args: argparse.Namespace) -> int:
 
     try:
         if args.shards_command == "make":
-            with _sigterm_as_exit():  # the shard being written is removed, as on Ctrl-C
+            with signals_raise((signal.SIGTERM,), _stopped):  # the shard being written is removed, as on Ctrl-C
                 made = make_shards(args.data, args.out, parse_size(args.shard_size), args.prefix, labels=args.labels)
             if made.unlabelled:
                 warn(

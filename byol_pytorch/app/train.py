@@ -28,7 +28,6 @@ import os
 import shlex
 import signal
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -92,7 +91,7 @@ from ..training.optim import build_recipe_optimizer, resync_lr, warmup_cosine_sc
 from ..training.recipe import Recipe
 from ..training.validation import BelowReference, KnnMonitor, UnreadableKnnData, clean_input
 from .devices import resolve_device
-from .errors import PROG, UserError, last_line, one_line, warn
+from .errors import PROG, UserError, last_line, one_line, signals_raise, warn
 from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
 from .recipe import (
     CHECKPOINT_EVERY,
@@ -1082,29 +1081,11 @@ def _out_of_memory_advice(prepared: Run, state: TrainState) -> str:
 
 
 class _Stopped(Exception):
-    """SIGTERM or SIGINT during the untouched net's evaluation (``_abandon_on_signal``)."""
+    """SIGTERM or SIGINT during the untouched net's evaluation (``errors.signals_raise``)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-@contextmanager
-def _abandon_on_signal() -> Iterator[None]:
-    """SIGTERM/SIGINT raise ``_Stopped`` at once (in the main thread): an evaluation is abandoned, not finished."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise _Stopped(signum)
-
-    previous = [(sig, signal.signal(sig, stop)) for sig in (signal.SIGTERM, signal.SIGINT)]
-    try:
-        yield
-    finally:
-        for sig, handler in previous:
-            signal.signal(sig, handler)
 
 
 def _stopped_while_measuring(prepared: Run, monitor: KnnMonitor | None, metrics: MetricsLog) -> bool:
@@ -1118,7 +1099,7 @@ def _stopped_while_measuring(prepared: Run, monitor: KnnMonitor | None, metrics:
     untouched = batchnorm_state(prepared.learner.net)  # what an evaluation cut short may leave half-restored
     with StopSignals() as held:  # a signal while the ranks wait for each other: noted, not fatal
         try:
-            with _abandon_on_signal():
+            with signals_raise((signal.SIGTERM, signal.SIGINT), _Stopped):  # abandoned, not finished
                 _measure_reference(prepared, monitor, metrics)
         except _Stopped as stopped:
             first = stopped.signum

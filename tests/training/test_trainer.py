@@ -97,7 +97,7 @@ def test_trainer_accepts_tuples_and_warns_on_accelerator_kwargs(tmp_path, make_c
     assert trainer()["steps"] == 2
 
 
-def _small_trainer(tmp_path, make_cnn, dataset, batch_size=4, steps=2) -> BYOLTrainer:
+def _small_trainer(tmp_path, make_cnn, dataset, batch_size=4, steps=2, **options) -> BYOLTrainer:
     return BYOLTrainer(
         make_cnn(),
         dataset=dataset,
@@ -107,6 +107,7 @@ def _small_trainer(tmp_path, make_cnn, dataset, batch_size=4, steps=2) -> BYOLTr
         num_train_steps=steps,
         batch_size=batch_size,
         checkpoint_folder=str(tmp_path),
+        **options,
     )
 
 
@@ -141,17 +142,7 @@ def test_trainer_rejects_a_batch_of_one(tmp_path, make_cnn):
 def test_trainer_rejects_a_val_every_below_one(tmp_path, make_cnn, val_every):
     """Before: 0 silently became checkpoint_every, and -5 was kept."""
     with pytest.raises(ValueError, match=f"val_every must be >= 1 .*got {val_every}"):
-        BYOLTrainer(
-            make_cnn(),
-            dataset=MockDataset(16, 8),
-            image_size=16,
-            hidden_layer=-2,
-            learning_rate=1e-3,
-            num_train_steps=2,
-            batch_size=4,
-            checkpoint_folder=str(tmp_path),
-            val_every=val_every,
-        )
+        _small_trainer(tmp_path, make_cnn, MockDataset(16, 8), val_every=val_every)
 
 
 class _Items(torch.utils.data.Dataset):
