@@ -207,6 +207,7 @@ def test_an_fp16_step_reads_nothing_back_besides_the_scalers_own_check(monkeypat
     assert stepped and step.steps == 1 and int(learner.ema_step) == 1
 
 
+@pytest.mark.filterwarnings("ignore:update_moving_average\\(\\) was called again")  # EMA steps alone, on purpose
 def test_the_ema_of_a_bfloat16_target_moves_like_a_float32_one():
     learner = BYOL(small_cnn(), image_size=16, moving_average_decay=0.996, **SMALL)
     learner.init_target()
