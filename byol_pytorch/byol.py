@@ -443,6 +443,19 @@ class BYOL(nn.Module):
         self._ema_count += 1
         self.ema_step.fill_(self._ema_count)
 
+    def _warn_net_in_eval(self, compiling: bool) -> None:
+        """Once: the learner trains while its net is in eval mode (its BatchNorm statistics would not train)."""
+        if not self.training or self.net.training or getattr(self, "_mode_warned", False) or compiling:
+            return
+        self._mode_warned = True
+        warnings.warn(
+            "the learner trains but its net is in eval mode (net.eval() was called, or it came from "
+            "from_pretrained(), which returns models in eval mode): its BatchNorm statistics and dropout do "
+            "not train; call learner.train() before training",
+            UserWarning,
+            stacklevel=5,  # this, forward, Module._call_impl, Module._wrapped_call_impl, the caller
+        )
+
     def _warn_repeated_update(self) -> None:
         """An EMA step with no training forward since the last one (called twice per step) gets one warning.
 
@@ -716,15 +729,7 @@ class BYOL(nn.Module):
                 "micro-batches of one image, use_batchnorm=False and a net without BatchNorm"
             )
         compiling = torch.compiler.is_compiling()
-        if self.training and not self.net.training and not getattr(self, "_mode_warned", False) and not compiling:
-            self._mode_warned = True
-            warnings.warn(
-                "the learner trains but its net is in eval mode (net.eval() was called, or it came from "
-                "from_pretrained(), which returns models in eval mode): its BatchNorm statistics and dropout do "
-                "not train; call learner.train() before training",
-                UserWarning,
-                stacklevel=4,  # forward, Module._call_impl, Module._wrapped_call_impl, the caller
-            )
+        self._warn_net_in_eval(compiling)
         if getattr(self, "_is_replica", False):
             raise TypeError(
                 "BYOL does not run under nn.DataParallel (its replicas share the hidden-layer hook and the "
@@ -738,8 +743,8 @@ class BYOL(nn.Module):
         if not compiling:
             self.resolve_sync_batchnorm(x.device)
 
-        # Read by the next EMA step (getattr: a learner pickled by an earlier version has no such attribute).
-        self._trained_since_update = getattr(self, "_trained_since_update", False) or self.training
+        if self.training:  # read by the next EMA step; written, never read here (a compiled graph guards on reads)
+            self._trained_since_update = True
         view_one = self._view(self.augment1, x)  # (B, C, h, w)
         view_two = self._view(self.augment2, x)
         if self.views_in_one_batch:

@@ -408,6 +408,8 @@ def _stdout_reader_gone() -> bool:
 def _package_warnings_as_lines() -> Iterator[None]:
     """The package's own ``UserWarning``s as one ``byol-pytorch: warning:`` line each, like the command's others
     (another library's warnings are shown as Python shows them)."""
+    from PIL import Image
+
     shown = warnings.showwarning
     package = str(Path(__file__).resolve().parents[1])
 
@@ -417,11 +419,12 @@ def _package_warnings_as_lines() -> Iterator[None]:
         else:
             shown(message, category, filename, *args, **kwargs)
 
-    warnings.showwarning = show
-    try:
+    with warnings.catch_warnings():  # the command's filters, and showwarning, are put back after it
+        # Pillow warns from half its pixel limit on, into the progress bar: an image under the limit is read (one
+        # over it is named by the package's own warning, with the fix).
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        warnings.showwarning = show
         yield
-    finally:
-        warnings.showwarning = shown
 
 
 def main(argv: Sequence[str] | None = None) -> int:

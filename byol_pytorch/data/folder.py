@@ -104,6 +104,7 @@ _large_warned = False
 
 
 _applied_limit: str | None = None  # the PIXEL_LIMIT_ENV text this process applied
+_pillow_limit = Image.MAX_IMAGE_PIXELS  # Pillow's own, put back when the variable is unset again
 
 
 def apply_pixel_limit() -> None:
@@ -117,6 +118,8 @@ def apply_pixel_limit() -> None:
     """
     global _applied_limit
     text = os.environ.get(PIXEL_LIMIT_ENV, "").strip()
+    if not text and _applied_limit is not None:  # unset again (a notebook, a test): Pillow's own limit
+        Image.MAX_IMAGE_PIXELS, _applied_limit = _pillow_limit, None
     if not text or text == _applied_limit:
         return
     try:
@@ -125,7 +128,8 @@ def apply_pixel_limit() -> None:
         value = -1
     if value < 0:
         raise ValueError(f"{PIXEL_LIMIT_ENV}={text!r}: give a whole number of pixels, or 0 for no limit")
-    Image.MAX_IMAGE_PIXELS = (value + 1) // 2 or None  # Pillow refuses more than twice its global
+    # Pillow refuses more than twice its global: half of N, exact (a float for an odd N), refuses N + 1.
+    Image.MAX_IMAGE_PIXELS = (value // 2 if value % 2 == 0 else value / 2) or None  # type: ignore[assignment]
     _applied_limit = text
 
 
@@ -274,11 +278,7 @@ def _decode(source: Path | io.BytesIO, path: Path, load_size: int, channels: int
     with contextlib.suppress(ValueError):  # a bad value stops every dataset's construction, not a read
         apply_pixel_limit()
     try:
-        with warnings.catch_warnings():
-            # Pillow warns from half its limit on; an image under the limit is read, so it is not news here.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im: Image.Image = Image.open(source)
-        with im:
+        with Image.open(source) as im:
             # Only JPEG acts on draft; the scale keeps both sides >= load_size.
             im.draft(mode, (load_size, load_size))
             im.load()  # decode now: a truncated file raises here

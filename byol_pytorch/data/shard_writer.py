@@ -177,8 +177,8 @@ def make_shards(
     marker = target / INCOMPLETE_NAME
     if marker.exists():
         raise ValueError(
-            f"--out {target} holds the shards of a `shards make` that was stopped before it ended: remove the folder "
-            "and run it again"
+            f"--out {target} holds what a `shards make` stopped before it ended wrote ({INCOMPLETE_NAME} is there): "
+            f"remove its .tar files and {INCOMPLETE_NAME} (or the folder), then run it again"
         )
     if any(target.glob("*.tar")):
         raise ValueError(f"--out {target} already holds .tar files; choose an empty folder")

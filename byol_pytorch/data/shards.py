@@ -168,6 +168,7 @@ def expand_shards(spec: str | Sequence[PathLike]) -> list[Path]:
         elif _is_tar_folder(Path(spec)):
             paths = sorted(p for p in Path(spec).iterdir() if not p.name.startswith(".") and p.suffix == ".tar")
         elif Path(spec).is_dir():
+            _check_complete([Path(spec) / "any.tar"])  # a make stopped before its first shard leaves the marker alone
             if not any(not e.name.startswith(".") for e in os.scandir(spec)):
                 raise ValueError(f"no shards in {spec!r}: the folder is empty")
             raise ValueError(

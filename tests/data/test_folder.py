@@ -338,19 +338,42 @@ def test_an_image_over_the_pixel_limit_is_passed_over_with_one_warning_naming_it
             load_image(tmp_path / "b_large.png", S)  # any reader: embed, eval, shards make
     assert caught.value.too_large
     assert skipped == 1 and torch.equal(image, dataset[0][0])
-    assert len(shown) == 1 and "b_large.png" in str(shown[0].message) and PIXEL_LIMIT_ENV in str(shown[0].message)
+    large = [w for w in shown if issubclass(w.category, LargeImageWarning)]  # (and Pillow's, from half the limit)
+    assert len(large) == 1 and "b_large.png" in str(large[0].message) and PIXEL_LIMIT_ENV in str(large[0].message)
     pixel_limit("0")  # no limit
     assert load_image(tmp_path / "c_larger.png", S).shape == (3, S, S)
 
 
-def test_an_image_under_the_pixel_limit_reads_without_pillows_warning(tmp_path, pixel_limit):
+def test_an_image_under_the_pixel_limit_reads_without_pillows_warning_in_a_command(tmp_path, pixel_limit):
     import warnings
+
+    from byol_pytorch.app import cli
 
     _smooth_rgb(40, 20, 0).save(tmp_path / "a.png")  # 800 pixels: over half the limit, where Pillow warns
     pixel_limit("1000")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with cli._package_warnings_as_lines():  # a command's warnings; the library leaves Pillow's filters alone
+        warnings.simplefilter("error", UserWarning)
         assert load_image(tmp_path / "a.png", S).shape == (3, S, S)
+    with pytest.warns(Image.DecompressionBombWarning):
+        load_image(tmp_path / "a.png", S)
+
+
+def test_the_pixel_limit_is_exact_for_an_odd_count_and_pillows_comes_back_when_unset(
+    tmp_path, pixel_limit, monkeypatch
+):
+    import byol_pytorch.data.folder as folder
+    from byol_pytorch.data.folder import PIXEL_LIMIT_ENV
+
+    _smooth_rgb(1001, 1, 0).save(tmp_path / "a.png")
+    _smooth_rgb(1002, 1, 0).save(tmp_path / "b.png")
+    pixel_limit("1001")
+    assert load_image(tmp_path / "a.png", S).shape == (3, S, S)
+    with pytest.raises(BrokenImageError, match="exceeds limit"):
+        load_image(tmp_path / "b.png", S)  # a review: (N + 1) // 2 let N + 1 pixels through
+    assert Image.MAX_IMAGE_PIXELS == 500.5
+    monkeypatch.delenv(PIXEL_LIMIT_ENV)
+    load_image(tmp_path / "b.png", S)  # read: Pillow's own limit again
+    assert Image.MAX_IMAGE_PIXELS == folder._pillow_limit
 
 
 @pytest.mark.parametrize("value", ["lots", "-5", "1.5"])

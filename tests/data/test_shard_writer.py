@@ -183,10 +183,15 @@ def test_a_stopped_make_leaves_no_temporary_and_its_shards_are_refused_until_mad
     monkeypatch.setattr(shard_writer, "_readable", real)
     capsys.readouterr()
     assert cli.main(argv) == 1
-    assert "was stopped before it ended: remove the folder and run it again" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stopped before it ended wrote (.shards-make-incomplete is there): remove its .tar files and" in err
     run = ["train", "--data", str(out), "--out", str(tmp_path / "run"), *tiny_flags, "--max-steps", "1"]
     assert cli.main(run) == 1
     assert "holds the shards of a `byol-pytorch shards make` that was stopped" in capsys.readouterr().err
+    for shard in out.glob("*.tar"):  # a make stopped before its first shard: the marker alone (a second review)
+        shard.unlink()
+    assert cli.main(["shards", "index", str(out), "--out", str(tmp_path / "i.json")]) == 1
+    assert "stopped before it ended" in capsys.readouterr().err
     shutil.rmtree(out)
     assert cli.main(argv) == 0 and not (out / INCOMPLETE_NAME).exists()  # a whole set: no marker
 
