@@ -391,6 +391,17 @@ def _embed_batches(learner: Any, loader: Any, device: torch.device, channels: in
             flush()
 
 
+def _check_all_read(outputs: _Outputs, total: int) -> None:
+    """A ``UserError`` when samples were never delivered (a remote shard that failed after its retries is skipped,
+    as training skips it): the run stays resumable instead of being written up as finished."""
+    if outputs.items < total:
+        raise UserError(
+            f"{total - outputs.items} of the {total} samples were not read (a shard failed after its retries, named "
+            f"above); the {outputs.vectors.rows} rows written are kept: run the same command with --resume once the "
+            "storage answers"
+        )
+
+
 @contextmanager
 def _locked(
     out: Path, args: argparse.Namespace, identity: dict[str, Any], open_outputs: Callable[[dict | None], _Outputs]
@@ -449,10 +460,11 @@ def run_embed(args: argparse.Namespace) -> int:
         finished = False
         try:
             _embed_batches(learner, loader, device, learner.channels, outputs, flush)
-            finished = True
+            finished = outputs.items >= len(items)  # type: ignore[arg-type]  # a failed remote shard: fewer
         finally:
             outputs.flush(identity)
             outputs.close(final=finished)
+        _check_all_read(outputs, len(items))  # type: ignore[arg-type]
         summary = {**identity, "model": recipe.model, "rows": outputs.vectors.rows, "dim": learner.representation_size}
         summary.update(broken=outputs.broken, labels=labelled, image_size=recipe.image_size, bn_stats=statistics)
         # A folder's FIFOs and dead links, passed over at the scan:

@@ -127,8 +127,8 @@ def count_shards(locations: Sequence[str], policy: ReadPolicy | None = None) -> 
             counts.append(sum(1 for _ in read_shard(location, None, _nothing, policy)))
         except ShardFailed as failure:
             raise RemoteReadError(
-                f"cannot count the samples of the shards: {failure}; check the network and the storage, or give "
-                "--shard-index (byol-pytorch shards index writes one)"
+                f"cannot count the samples of the shards: {failure}; check the network and the storage (train also "
+                "takes --shard-index, which byol-pytorch shards index writes, and then counts nothing)"
             ) from None
     return counts
 

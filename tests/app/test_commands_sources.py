@@ -461,6 +461,33 @@ def test_a_folder_whose_files_changed_since_the_stop_is_refused_with_that_reason
     assert {path.name: path.read_bytes() for path in part.iterdir()} == files  # nothing written
 
 
+def test_samples_never_delivered_leave_the_embed_resumable_not_finished(
+    tmp_path, checkpoint, make_messy_folder, monkeypatch, capsys
+):
+    """Before: a remote shard that failed after its retries was skipped, and embed wrote itself up as finished
+    (exit 0, 196 of 200 rows, the 4 counted nowhere); --resume then said "already holds finished embeddings"."""
+    from byol_pytorch.app import embed as embed_module
+
+    data = make_messy_folder(tmp_path / "images", good=12)
+    base = ["embed", "--data", str(data), "--checkpoint", str(checkpoint), "--batch-size", "4", "--flush-every", "1"]
+    assert cli.main([*base, "--out", str(tmp_path / "whole")]) == 0
+    real = embed_module._embed_batches
+
+    def last_batch_lost(learner, loader, *args):  # as a skipped shard's samples are: never handed out
+        return real(learner, list(loader)[:-1], *args)
+
+    monkeypatch.setattr(embed_module, "_embed_batches", last_batch_lost)
+    capsys.readouterr()
+    assert cli.main([*base, "--out", str(tmp_path / "part")]) == 1
+    (line,) = [x for x in capsys.readouterr().err.replace("\r", "\n").splitlines() if "byol-pytorch: error:" in x]
+    assert "2 of the 14 samples were not read" in line and "--resume once the storage answers" in line
+    assert (tmp_path / "part" / "embed_state.json").exists() and not (tmp_path / "part" / "embed.json").exists()
+    monkeypatch.setattr(embed_module, "_embed_batches", real)
+    assert cli.main([*base, "--out", str(tmp_path / "part"), "--resume"]) == 0
+    for name in ("embeddings.npy", "ids.txt"):
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
 def test_a_full_disk_at_the_summary_of_an_embed_that_left_images_out_resumes(
     tmp_path, checkpoint, make_messy_folder, monkeypatch, capsys
 ):
