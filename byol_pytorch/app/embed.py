@@ -24,6 +24,7 @@ the samples done before decoding them).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import struct
@@ -268,17 +269,12 @@ def _remaining(items: Dataset, done: int, ids_done: _DoneIds | None) -> Dataset:
     return Subset(items, range(done, len(items)))  # type: ignore[arg-type]
 
 
-def _check_same_samples(items: Dataset, out: Path, state: dict[str, Any] | None) -> None:
-    """A resumed map-style source goes on by position: the samples embedded before must be its first ones still.
-
-    (A file added to a folder sorts among the others: the rows would repeat one and miss another.)
-    """
-    if not state or not state["rows"] or isinstance(items, ShardSamples | RemoteShardSamples):
+def _check_same_samples(items: Dataset, state: dict[str, Any] | None, lines: list[str]) -> None:
+    """A resumed map-style source goes on by position: the samples embedded before (``lines`` of ``ids.txt``) must
+    be its first ones still. (A file added to a folder sorts among the others: the rows would repeat one and miss
+    another.)"""
+    if not state or not lines or isinstance(items, ShardSamples | RemoteShardSamples):
         return  # shards skip the done samples by id
-    try:
-        lines, _ = _resumed_ids(out / "ids.txt", state["rows"])
-    except ValueError:
-        return  # _Outputs names what is wrong with the file
     sample_id = items.dataset.sample_id  # type: ignore[attr-defined]
     before = {id_line(sample_id(i)) for i in range(min(state["items"], len(items)))}  # type: ignore[arg-type]
     moved = next((line.rstrip("\r\n") for line in lines if line.rstrip("\r\n") not in before), None)
@@ -330,11 +326,22 @@ def _resumed_ids(path: Path, rows: int) -> tuple[list[str], bool]:
 class _Outputs:
     """The files of an embed run, opened for a fresh start or a resume."""
 
-    def __init__(self, out: Path, capacity: int, dim: int, dtype: str, labelled: bool, state: dict | None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        capacity: int,
+        dim: int,
+        dtype: str,
+        labelled: bool,
+        state: dict | None,
+        check_ids: Callable[[list[str]], None] | None = None,
+    ) -> None:
         rows = 0 if state is None else int(state["rows"])
         self.out, self.labelled = out, labelled
         ids = out / "ids.txt"
         kept, cut = _resumed_ids(ids, rows) if state is not None else ([], False)  # checked before any write
+        if check_ids is not None:
+            check_ids(kept)  # the resumed lines, before any file is touched
         self.done_ids = _DoneIds({line.rstrip("\r\n") for line in kept})  # the samples a resumed run passes over
         self.vectors = NpyRows(out / "embeddings.npy", capacity, (dim,), np.dtype(dtype), rows)
         self.labels = NpyRows(out / "labels.npy", capacity, (), np.dtype(np.int64), rows) if labelled else None
@@ -437,9 +444,9 @@ def run_embed(args: argparse.Namespace) -> int:
     identity.update(samples=len(items))  # type: ignore[arg-type]
 
     def open_outputs(state: dict | None) -> _Outputs:
-        _check_same_samples(items, out, state)
+        check = functools.partial(_check_same_samples, items, state)
         try:
-            return _Outputs(out, len(items), learner.representation_size, args.dtype, labelled, state)  # type: ignore[arg-type]
+            return _Outputs(out, len(items), learner.representation_size, args.dtype, labelled, state, check)  # type: ignore[arg-type]
         except ValueError as error:  # a resumed run's files changed since it stopped: nothing was written
             raise UserError(f"--resume: {error}; embed again into another --out (or remove {out})") from None
 

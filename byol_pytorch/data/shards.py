@@ -116,9 +116,9 @@ INCOMPLETE_NAME = ".shards-make-incomplete"
 holds it was stopped mid-way (its shards hold part of the images)."""
 
 
-def _check_complete(paths: list[Path]) -> None:
-    """A ``ValueError`` when the shards lie in a folder an interrupted ``shards make`` left."""
-    for folder in dict.fromkeys(p.parent for p in paths):
+def _check_complete(folders: Iterable[Path]) -> None:
+    """A ``ValueError`` when one of ``folders`` is what an interrupted ``shards make`` left."""
+    for folder in folders:
         if (folder / INCOMPLETE_NAME).exists():
             raise ValueError(
                 f"{str(folder)!r} holds the shards of a `byol-pytorch shards make` that was stopped before it ended "
@@ -168,7 +168,7 @@ def expand_shards(spec: str | Sequence[PathLike]) -> list[Path]:
         elif _is_tar_folder(Path(spec)):
             paths = sorted(p for p in Path(spec).iterdir() if not p.name.startswith(".") and p.suffix == ".tar")
         elif Path(spec).is_dir():
-            _check_complete([Path(spec) / "any.tar"])  # a make stopped before its first shard leaves the marker alone
+            _check_complete([Path(spec)])  # a make stopped before its first shard leaves the marker alone
             if not any(not e.name.startswith(".") for e in os.scandir(spec)):
                 raise ValueError(f"no shards in {spec!r}: the folder is empty")
             raise ValueError(
@@ -180,7 +180,7 @@ def expand_shards(spec: str | Sequence[PathLike]) -> list[Path]:
     else:
         _webdataset()
         paths = [Path(p) for p in spec]
-    _check_complete(paths)
+    _check_complete(dict.fromkeys(p.parent for p in paths))
     missing = [p for p in paths if not p.is_file()]
     if not paths or missing:
         raise ValueError(
