@@ -65,6 +65,10 @@ STATE = "embed_state.json"
 _MAGIC = b"\x93NUMPY\x01\x00"
 
 
+class RowsOverflow(ValueError):
+    """More rows than an ``NpyRows`` was opened for."""
+
+
 class NpyRows:
     """An ``.npy`` file of (N, *shape) rows written one batch at a time, N fixed when it is closed.
 
@@ -121,9 +125,9 @@ class NpyRows:
         return _MAGIC + struct.pack("<H", length) + body
 
     def write(self, batch: np.ndarray) -> None:
-        """Append rows (their count first)."""
+        """Append rows (their count first; ``RowsOverflow`` past the capacity)."""
         if self.rows + len(batch) > self.capacity:
-            raise ValueError(f"{self.path} holds at most {self.capacity} rows")
+            raise RowsOverflow(f"{self.path} holds at most {self.capacity} rows")
         self.file.write(np.ascontiguousarray(batch, dtype=self.dtype).tobytes())
         self.rows += len(batch)
 
@@ -159,6 +163,12 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     a("--image-column", help="hf: data: the image column (default: the one datasets.Image column, else of image bytes)")
     a("--hf-split", help="hf: data with splits: the split (default: train, or the only split); CIFAR: train or test")
+    a(
+        "--shard-index",
+        metavar="INDEX",
+        help="remote tar shards: a shard index with each shard's sample count (as train's --shard-index), so "
+        "start-up reads no shard; without it the shards are read once to count them and the counts cached",
+    )
     a("--batch-size", type=int, default=256, help="images per forward (default: %(default)s)")
     a("--workers", type=int, default=0, help="loader processes (default: %(default)s)")
     a("--device", help="default: cuda when available, else cpu")
@@ -198,16 +208,19 @@ def _open(args: argparse.Namespace, size: int, channels: int) -> tuple[Dataset, 
     try:
         kind = data_kind(args.data)
         labelled = _has_labels(args.data, kind, args)
-        options = {"image_column": args.image_column, "split": args.hf_split}
+        options = {"image_column": args.image_column, "split": args.hf_split, "shard_index": args.shard_index}
         if labelled:
             dataset = open_labelled(args.data, size, channels, **options)
         else:
             dataset = open_unlabelled(args.data, size, channels, **options)
-        return embedding_items(dataset), labelled
+        items = embedding_items(dataset)
+        len(items)  # type: ignore[arg-type]  # remote shards: their counts (an index, the cache or a read) now
+        return items, labelled
     except ImportError as error:
         raise UserError(f"--data {redact(args.data)}: {error}") from None
     except (ValueError, RuntimeError) as error:
-        raise UserError(f"--data: {error}") from None
+        said = str(error)
+        raise UserError(said if said.startswith("--shard-index") else f"--data: {said}") from None
 
 
 def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -398,15 +411,33 @@ def _embed_batches(learner: Any, loader: Any, device: torch.device, channels: in
             flush()
 
 
-def _check_all_read(outputs: _Outputs, total: int) -> None:
+def _counted_by(items: Dataset) -> tuple[str, str] | None:
+    """Remote shards: where their sample counts came from and how to count again (``RemoteShardSamples.counted_by``);
+    None for data whose samples are counted as it is opened."""
+    return items.counted_by() if isinstance(items, RemoteShardSamples) else None
+
+
+def _check_all_read(outputs: _Outputs, items: Dataset) -> None:
     """A ``UserError`` when samples were never delivered (a remote shard that failed after its retries is skipped,
     as training skips it): the run stays resumable instead of being written up as finished."""
+    total = len(items)  # type: ignore[arg-type]
     if outputs.items < total:
+        counts = _counted_by(items)
+        stale = f"; if none did, the shards hold fewer samples than {counts[0]} says: {counts[1]}" if counts else ""
         raise UserError(
-            f"{total - outputs.items} of the {total} samples were not read (a shard failed after its retries, named "
-            f"above); the {outputs.vectors.rows} rows written are kept: run the same command with --resume once the "
-            "storage answers"
+            f"{total - outputs.items} of the {total} samples counted were not read; the {outputs.vectors.rows} rows "
+            "written are kept. If a shard failed after its retries (named above), run the same command with --resume "
+            f"once the storage answers{stale}" + (", then embed again into another --out" if counts else "")
         )
+
+
+def _more_than_counted(items: Dataset, out: Path) -> UserError:
+    """The error of samples past the count the outputs were opened for (remote shards changed since counted)."""
+    source, again = _counted_by(items) or ("their count at the start", "count them again")
+    return UserError(
+        f"--data: the shards hold more than the {len(items)} samples {source} says, so they changed since: "  # type: ignore[arg-type]
+        f"{again}, then embed again into another --out (or remove {out})"
+    )
 
 
 @contextmanager
@@ -468,10 +499,12 @@ def run_embed(args: argparse.Namespace) -> int:
         try:
             _embed_batches(learner, loader, device, learner.channels, outputs, flush)
             finished = outputs.items >= len(items)  # type: ignore[arg-type]  # a failed remote shard: fewer
+        except RowsOverflow:
+            raise _more_than_counted(items, out) from None
         finally:
             outputs.flush(identity)
             outputs.close(final=finished)
-        _check_all_read(outputs, len(items))  # type: ignore[arg-type]
+        _check_all_read(outputs, items)
         summary = {**identity, "model": recipe.model, "rows": outputs.vectors.rows, "dim": learner.representation_size}
         summary.update(broken=outputs.broken, labels=labelled, image_size=recipe.image_size, bn_stats=statistics)
         # A folder's FIFOs and dead links, passed over at the scan:

@@ -434,6 +434,13 @@ class RemoteShardSamples(IterableDataset):
             self._length = sum(remote_counts(self.paths, self.index, self.policy))
         return self._length
 
+    def counted_by(self) -> tuple[str, str]:
+        """Where ``len()``'s sample counts come from, and how to count again: for a message when the shards held
+        other counts (they changed since)."""
+        if self.index:
+            return f"--shard-index {redact(self.index)}", "write it again with byol-pytorch shards index"
+        return f"the counts cached in {_cache_file(self.paths)}", "remove that file to count the shards again"
+
     def _item(self, location: str, sample: Any) -> tuple[torch.Tensor, int, str, bool]:
         image, name = _decode_sample(sample, self.load_size, self.channels, self.names[location])
         label = -1

@@ -107,6 +107,7 @@ def open_unlabelled(
     index: FileIndex | None = None,
     index_cache: str | Path | None = None,
     shards: ShardReading | None = None,
+    shard_index: str | None = None,
 ) -> Dataset:
     """Pretraining data of any form, without labels.
 
@@ -121,6 +122,8 @@ def open_unlabelled(
         index_cache: an image folder's index cache file (see ``file_index.load_or_scan``).
         shards: tar shards for training: a ``ShardDataset`` read this way (whole batches, an
             order per epoch); None: every sample once, in order (``ShardSamples``).
+        shard_index: remote shards read once in order: a ``wids`` shard index with their sample
+            counts (see ``remote_shards.load_index``), so that ``len()`` reads no shard.
 
     Returns:
         A dataset whose items are ``(uint8 (C, S, S), skipped)`` (``make_loader`` batches them
@@ -130,7 +133,7 @@ def open_unlabelled(
         ValueError: the data is missing, empty or unreadable (the message names the spec).
         ImportError: the form needs an extra that is not installed (the message names it).
     """
-    kind = data_kind(spec)
+    kind = _check_shard_index(spec, shard_index)
     if kind == "cifar":
         name, root = parse_cifar_spec(spec) or ("", "")
         return CifarDataset(name, root, split or "train", size=load_size, channels=channels)
@@ -139,7 +142,7 @@ def open_unlabelled(
         return HFImageDataset(parse_hf_spec(spec) or "", size, channels, image_column, split)
     if kind == "shards" and is_remote(spec):
         if shards is None:
-            return RemoteShardSamples(spec, size, channels)
+            return RemoteShardSamples(spec, size, channels, index=shard_index)
         r = shards
         return RemoteShardDataset(
             spec,
@@ -167,6 +170,17 @@ def open_unlabelled(
     return ImageFolder(spec, size, channels, index=index)
 
 
+def _check_shard_index(spec: str, shard_index: str | None) -> str:
+    """``data_kind(spec)``; a ``ValueError`` for a shard index given with data other than remote shards."""
+    kind = data_kind(spec)
+    if shard_index is not None and not (kind == "shards" and is_remote(spec)):
+        raise ValueError(
+            f"--shard-index gives the sample counts of remote tar shards (http(s)://, s3://, gs://, pipe:), "
+            f"not of {spec!r}, whose samples are counted as it is opened; leave --shard-index out"
+        )
+    return kind
+
+
 def _size(load_size: int | None, spec: str) -> int:
     if load_size is None:
         raise ValueError(f"{spec!r} needs a load size (images are decoded and resized to it)")
@@ -181,6 +195,7 @@ def open_labelled(
     image_column: str | None = None,
     label_column: str | None = None,
     split: str | None = None,
+    shard_index: str | None = None,
 ) -> Dataset:
     """Evaluation data of any form: items ``(uint8 (C, S, S), label)``.
 
@@ -193,7 +208,7 @@ def open_labelled(
             see ``open_unlabelled``.
         ImportError: see ``open_unlabelled``.
     """
-    kind = data_kind(spec)
+    kind = _check_shard_index(spec, shard_index)
     if kind == "cifar":
         name, root = parse_cifar_spec(spec) or ("", "")
         return CifarDataset(name, root, split or "train", labelled=True, size=load_size, channels=channels)
@@ -202,7 +217,7 @@ def open_labelled(
         return HFImageDataset(path, load_size, channels, image_column, split, labelled=True, labels=label_column)
     if kind == "shards":
         if is_remote(spec):
-            return RemoteShardSamples(spec, load_size, channels, labelled=True)
+            return RemoteShardSamples(spec, load_size, channels, labelled=True, index=shard_index)
         return ShardSamples(spec, load_size, channels, labelled=True)
     try:
         return LabelledImageFolder(spec, load_size, channels)

@@ -480,7 +480,7 @@ def test_samples_never_delivered_leave_the_embed_resumable_not_finished(
     capsys.readouterr()
     assert cli.main([*base, "--out", str(tmp_path / "part")]) == 1
     (line,) = [x for x in capsys.readouterr().err.replace("\r", "\n").splitlines() if "byol-pytorch: error:" in x]
-    assert "2 of the 14 samples were not read" in line and "--resume once the storage answers" in line
+    assert "2 of the 14 samples counted were not read" in line and "--resume once the storage answers" in line
     assert (tmp_path / "part" / "embed_state.json").exists() and not (tmp_path / "part" / "embed.json").exists()
     monkeypatch.setattr(embed_module, "_embed_batches", real)
     assert cli.main([*base, "--out", str(tmp_path / "part"), "--resume"]) == 0

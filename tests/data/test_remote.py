@@ -11,6 +11,7 @@ import signal
 import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -275,6 +276,65 @@ def test_http_errors_are_one_line(tmp_path, make_shards, tiny_flags, serve, monk
     line = [text for text in err.splitlines() if text.strip() and not text.startswith("byol: ")]  # no progress bar
     assert code == 1 and len(line) == 1 and "Traceback" not in err, err
     assert line[0].startswith("byol-pytorch: error: --data: ") and "could not be read" in line[0]
+
+
+def test_embed_takes_a_shard_index_and_names_counts_that_no_longer_fit(
+    tmp_path, make_shards, tiny_flags, serve, capsys
+):
+    """Before: embed had no --shard-index (every shard read once more to count it), a bad index or a count it
+    could not make was a traceback, and shards rewritten with more samples than the cached count ended in
+    'embeddings.npy holds at most N rows' (a traceback); with fewer, the error blamed a shard failure only."""
+    make_shards(tmp_path / "shards", broken=False)
+    base, server = serve(tmp_path / "shards")
+    url = f"{base}/train-{{0000..0003}}.tar"
+    checkpoint = tmp_path / "run" / "last.pt"
+    train = ["train", "--data", f"{base}/train-0000.tar", "--out", str(checkpoint.parent), *tiny_flags]
+    assert cli.main([*train, "--max-steps", "1", "--bn-stats", "trained"]) == 0
+    names = [f"train-{k:04d}.tar" for k in range(4)]
+    (tmp_path / "index.json").write_text(json.dumps(index_document(names, [6] * 4)))
+    embed = ["embed", "--checkpoint", str(checkpoint), "--batch-size", "5", "--bn-stats", "trained"]
+
+    def run(out, *flags, data=url):
+        server.requests.clear()
+        capsys.readouterr()
+        code = cli.main([*embed, "--data", data, "--out", str(tmp_path / out), *flags])
+        return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("byol-pytorch")]
+
+    assert run("indexed", "--shard-index", str(tmp_path / "index.json"))[0] == 0
+    assert server.requests.count(("GET", "train-0003.tar")) == 1  # read to embed it, not to count it
+    assert run("counted")[0] == 0
+    assert server.requests.count(("GET", "train-0003.tar")) == 2  # counted (and cached), then embedded
+    indexed, counted = (np.load(tmp_path / out / "embeddings.npy") for out in ("indexed", "counted"))
+    assert indexed.shape == (24, indexed.shape[1]) and np.array_equal(indexed, counted)
+    for flags, message in [
+        (["--shard-index", str(tmp_path / "none.json")], f"--shard-index {tmp_path / 'none.json'}: cannot be read"),
+        (["--shard-index", f"{base}/none.json"], f"--shard-index {base}/none.json: cannot be read (HTTP status 404)"),
+    ]:
+        code, lines = run("bad", *flags)
+        assert code == 1 and len(lines) == 1 and lines[0].startswith(f"byol-pytorch: error: {message}"), lines
+    code, lines = run("local", "--shard-index", str(tmp_path / "index.json"), data=str(tmp_path / "shards"))
+    assert code == 1 and lines == [
+        "byol-pytorch: error: --shard-index gives the sample counts of remote tar shards (http(s)://, s3://, gs://, "
+        f"pipe:), not of {str(tmp_path / 'shards')!r}, whose samples are counted as it is opened; leave "
+        "--shard-index out"
+    ]
+    cache = remote_shards._cache_file(remote_shards.expand_remote(url))
+    assert cache.exists()
+    make_shards(tmp_path / "shards", per_shard=7, broken=False)  # rewritten where they were: the cache is stale
+    code, lines = run("more")
+    assert code == 1 and lines == [
+        f"byol-pytorch: error: --data: the shards hold more than the 24 samples the counts cached in {cache} says, "
+        "so they changed since: remove that file to count the shards again, then embed again into another --out "
+        f"(or remove {tmp_path / 'more'})"
+    ]
+    make_shards(tmp_path / "shards", per_shard=5, broken=False)
+    code, lines = run("fewer", "--shard-index", str(tmp_path / "index.json"))
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("byol-pytorch: error: 4 of the 24 samples counted were not read; the 20 rows")
+    assert lines[0].endswith(
+        f"if none did, the shards hold fewer samples than --shard-index {tmp_path / 'index.json'} says: write it "
+        "again with byol-pytorch shards index, then embed again into another --out"
+    )
 
 
 def test_a_shard_cut_short_on_the_server_is_named_after_three_reads(tmp_path, make_shards, tiny_flags, serve, capsys):
