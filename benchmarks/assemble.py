@@ -30,6 +30,7 @@ SECTIONS = (
     "embed",
     "train_step",
     "ema",
+    "construction",
     "quality",
     "quality_before_21",
     "robustness",

@@ -807,5 +807,41 @@ def probe_backbone(
             UserWarning,
             stacklevel=3,  # BYOL(...)'s caller
         )
+    if copied is not net:  # a net probed in place is not run again: its statistics would change
+        _check_training_forward(copied, x, call_name, image_size)
     original = None if module is None else net.get_submodule(trace.names[module])
     return BackboneProbe(name, original, use_input, int(dim), unused, key, call_name, channels_last)
+
+
+def _check_training_forward(copied: nn.Module, x: torch.Tensor, call_name: str | None, image_size: tuple) -> None:
+    """Run the probe's copy once in training mode, as BYOL trains it (no gradient; the RNG stream kept): a part
+    that runs only in training and fails at this image size (torchvision's Inception v3 auxiliary classifier below
+    299 px) is a ``ValueError`` naming that part now, instead of the first training step's error."""
+    started: list[nn.Module] = []
+    names = {m: n for n, m in copied.named_modules()}
+
+    def start(module: nn.Module, args: tuple) -> None:
+        started.append(module)
+
+    def end(module: nn.Module, args: tuple, output: object) -> None:
+        if started and started[-1] is module:
+            started.pop()
+
+    handles = [h for m in copied.modules() for h in (m.register_forward_pre_hook(start), m.register_forward_hook(end))]
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    try:
+        with saved_modes(copied, eval_mode=False), torch.no_grad(), torch.random.fork_rng(devices=devices):
+            copied.train()
+            call_net(copied, x, call_name)
+    except Exception as error:
+        inner = next((names[m] for m in reversed(started) if names.get(m)), None)
+        where = f" in {inner!r} ({type(started[-1]).__name__})" if inner else ""
+        raise ValueError(
+            f"{type(copied).__name__} runs in eval mode but fails in training mode, as BYOL trains it, on a probe "
+            f"batch of shape {tuple(x.shape)}{where}: {error}. A part that runs only in training (an auxiliary "
+            f"classifier, say) does not fit image_size {tuple(image_size)}: leave it out when building the net "
+            "(torchvision's inception_v3 and googlenet: aux_logits=False) or use a larger image_size"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -160,6 +160,16 @@ def test_ema_smoke(peer_available, tmp_path):
     assert rows["cpu/ours (foreach lerp)"][5] == "1.00x"
 
 
+def test_construction_smoke(tmp_path):
+    """The construction benchmark times the construction and the training-mode check's work, and writes its table."""
+    script = _load("construction")
+    out = tmp_path / "construction.md"
+    table = script.main(script.get_args_parser().parse_args(["--smoke", "--threads", "1", "--out", str(out)]))
+    row = _rows(table, "net")["resnet18 (torchvision), 32 px"]
+    assert float(row[1]) > float(row[2]) > 0 and row[3].endswith("%")  # the check is a part of the whole
+    assert out.read_text().startswith("# Construction")
+
+
 def test_ema_contenders_compute_the_same_average(peer_available):
     """The three timed updates are the same arithmetic (checked on a small net)."""
     script = _load("ema")

@@ -155,6 +155,27 @@ def test_a_hooked_layer_replaced_after_wrapping_is_named_at_the_next_step():
         learner(torch.rand(4, 3, 32, 32))
 
 
+def test_a_part_that_fails_only_in_training_is_named_at_construction():
+    """Before: torchvision's Inception v3 below 299 px (128 here; its auxiliary classifier runs only in training)
+    was built, then failed at the first training step with a bare convolution error; the probe's eval mode hid it."""
+    torch.manual_seed(0)
+    net = torchvision.models.inception_v3(weights=None, init_weights=False, aux_logits=True)
+    state, rng = copy.deepcopy(net.state_dict()), torch.get_rng_state()
+    with pytest.raises(ValueError) as err:
+        BYOL(net, 128, **SMALL)
+    message = str(err.value)
+    assert message.startswith("Inception3 runs in eval mode but fails in training mode, as BYOL trains it, on a probe")
+    assert "in 'AuxLogits.conv1.conv' (Conv2d): " in message and "aux_logits=False" in message
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())  # the user's net: not run
+    assert torch.equal(torch.get_rng_state(), rng) and net.training
+    torch.manual_seed(0)
+    net = torchvision.models.inception_v3(weights=None, init_weights=False, aux_logits=False)
+    learner = BYOL(net, 128, **SMALL)
+    loss = learner(torch.rand(2, 3, 128, 128))
+    loss.backward()
+    assert torch.isfinite(loss) and net.Mixed_5b.branch1x1.conv.weight.grad is not None
+
+
 def test_layer_not_found_lists_close_names():
     with pytest.raises(ValueError) as err:
         BYOL(torchvision.models.resnet18(weights=None), 32, hidden_layer="layer5")
