@@ -807,7 +807,8 @@ def probe_backbone(
             UserWarning,
             stacklevel=3,  # BYOL(...)'s caller
         )
-    if copied is not net:  # a net probed in place is not run again: its statistics would change
+    synced = any(isinstance(m, nn.SyncBatchNorm) for m in copied.modules())  # training mode: a GPU and collectives
+    if copied is not net and not synced:  # a net probed in place is not run again: its statistics would change
         _check_training_forward(copied, x, call_name, image_size)
     original = None if module is None else net.get_submodule(trace.names[module])
     return BackboneProbe(name, original, use_input, int(dim), unused, key, call_name, channels_last)

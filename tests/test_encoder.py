@@ -176,6 +176,20 @@ def test_a_part_that_fails_only_in_training_is_named_at_construction():
     assert torch.isfinite(loss) and net.Mixed_5b.branch1x1.conv.weight.grad is not None
 
 
+def test_a_sync_batchnorm_net_under_a_process_group_is_built_on_the_cpu(tmp_path):
+    """The training-mode check leaves SyncBatchNorm nets alone: their training forward needs a GPU and collectives
+    (BYOLTrainer and train --sync-bn-backbone convert on the CPU under torchrun; the check refused every start)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18(weights=None))
+        learner = BYOL(net, 32, **SMALL)
+    finally:
+        dist.destroy_process_group()
+    assert learner.representation_size == 512
+
+
 def test_layer_not_found_lists_close_names():
     with pytest.raises(ValueError) as err:
         BYOL(torchvision.models.resnet18(weights=None), 32, hidden_layer="layer5")
