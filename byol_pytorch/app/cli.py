@@ -34,7 +34,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import PROG, UserError, debug_enabled, describe_os_error, last_line, one_line, warn
+from .errors import (
+    PROG,
+    UserError,
+    before_the_group,
+    debug_enabled,
+    describe_os_error,
+    last_line,
+    one_line,
+    prints_node_errors,
+    warn,
+)
 from .recipe import check_seed
 
 __all__ = ["UserError", "main", "build_parser"]
@@ -44,7 +54,8 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (usage stays in ``--help``)."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+        if prints_node_errors():  # under torchrun every process parses the same flags: one line per node
+            sys.stderr.write(f"{PROG}: error: {message} (see '{self.prog} --help')\n")
         sys.exit(2)
 
 
@@ -367,11 +378,13 @@ def _one_process_unless_train(command: str) -> None:
     """Only ``train`` splits its work between torchrun's processes; the others would each do all of it."""
     world = os.environ.get("WORLD_SIZE", "1")
     if command != "train" and world.isdigit() and int(world) > 1:
-        raise UserError(
-            f"{command} runs in one process, and WORLD_SIZE={world} is set here (torchrun or another launcher "
-            f"started this process): each of the {world} would do the whole job, writing the same files; run "
-            f"byol-pytorch {command} without torchrun, or without the variable (env -u WORLD_SIZE byol-pytorch "
-            f"{command} ...)"
+        raise before_the_group(
+            UserError(
+                f"{command} runs in one process, and WORLD_SIZE={world} is set here (torchrun or another launcher "
+                f"started this process): each of the {world} would do the whole job, writing the same files; run "
+                f"byol-pytorch {command} without torchrun, or without the variable (env -u WORLD_SIZE byol-pytorch "
+                f"{command} ...)"
+            )
         )
 
 

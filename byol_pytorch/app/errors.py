@@ -14,13 +14,41 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["PROG", "UserError", "debug_enabled", "describe_os_error", "last_line", "one_line", "signals_raise", "warn"]
+__all__ = [
+    "PROG",
+    "UserError",
+    "before_the_group",
+    "debug_enabled",
+    "describe_os_error",
+    "last_line",
+    "one_line",
+    "prints_node_errors",
+    "signals_raise",
+    "warn",
+]
 
 PROG = "byol-pytorch"
 
 
 class UserError(Exception):
     """Bad input from the user: the command prints the message as one line and exits 1."""
+
+
+def prints_node_errors() -> bool:
+    """Whether this process prints an error that every process of its node meets alike, before the processes can
+    agree on who prints (bad flags, a command that runs in one process, a device the node lacks): outside a
+    launcher, yes; under torchrun, only the node's first process (``LOCAL_RANK`` 0), so that each node's log
+    has the line once."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return not (world.isdigit() and int(world) > 1) or os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def before_the_group(error: BaseException) -> BaseException:
+    """``error``, met before the process group exists: quiet (``cli.main`` exits 1 without the line) unless this
+    process ``prints_node_errors``."""
+    if not prints_node_errors():
+        error.byol_pytorch_quiet = True  # type: ignore[attr-defined]
+    return error
 
 
 def one_line(message: object) -> str:

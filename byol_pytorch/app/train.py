@@ -91,7 +91,7 @@ from ..training.optim import build_recipe_optimizer, resync_lr, warmup_cosine_sc
 from ..training.recipe import Recipe
 from ..training.validation import BelowReference, KnnMonitor, UnreadableKnnData, clean_input
 from .devices import resolve_device
-from .errors import PROG, UserError, last_line, one_line, signals_raise, warn
+from .errors import PROG, UserError, before_the_group, last_line, one_line, signals_raise, warn
 from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
 from .recipe import (
     CHECKPOINT_EVERY,
@@ -169,12 +169,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         UserError: bad input (missing data, unknown model, batch size, resume without a
             checkpoint, a file that is not our checkpoint) or a non-finite loss.
     """
-    if args.device not in (None, "auto"):
-        resolve_device(args.device)  # a name this machine has, or one error line
     try:
+        if args.device not in (None, "auto"):
+            resolve_device(args.device)  # a name this machine has, or one error line
         ctx = setup_distributed(args.device)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    except (ValueError, UserError) as error:
+        raise before_the_group(UserError(str(error))) from None  # under torchrun: one line per node
     try:
         try:
             return train(args, ctx)

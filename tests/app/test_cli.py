@@ -442,3 +442,26 @@ def test_commands_other_than_train_refuse_torchrun(command, monkeypatch, tmp_pat
     assert f"process 1 of 2: {command[0]} runs in one process, and WORLD_SIZE=2 is set here" in err
     assert f"(env -u WORLD_SIZE byol-pytorch {command[0]} ...)" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_errors_every_process_meets_before_the_group_are_printed_once_per_node(
+    local_rank, monkeypatch, tmp_path, capsys
+):
+    """Multi-process probe: under torchrun, bad flags, a command that runs in one process and a device the node lacks
+    were printed by every process (the same line twice on 2 processes); now by the node's first process only, the
+    others exiting with the same status quietly."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in {"WORLD_SIZE": "2", "RANK": local_rank, "LOCAL_RANK": local_rank}.items():
+        monkeypatch.setenv(name, value)
+    printed = local_rank == "0"
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--data", "d", "--no-such-flag"])
+    assert stop.value.code == 2
+    assert ("unrecognized arguments: --no-such-flag" in capsys.readouterr().err) is printed
+    assert cli.main(["embed", "--data", "d", "--checkpoint", "c.pt", "--out", "o"]) == 1
+    assert ("embed runs in one process" in capsys.readouterr().err) is printed
+    if not torch.cuda.is_available():
+        assert cli.main(["train", "--data", "d", "--out", "r", "--device", "cuda"]) == 1
+        assert ("--device cuda was given but CUDA is not available" in capsys.readouterr().err) is printed
+    assert list(tmp_path.iterdir()) == []
