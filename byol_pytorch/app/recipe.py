@@ -577,14 +577,23 @@ def _resolve_views(values: dict[str, Any], args: argparse.Namespace, from_preset
     values.update({key: value for key, value in derived.items() if key not in given})
 
 
-def check_sizes(recipe: Recipe, ctx: DistContext) -> int:
-    """Validate sizes, tau and the batch split; returns the per-process micro-batch."""
+def check_sizes(recipe: Recipe, ctx: DistContext, resumed: bool = False) -> int:
+    """Validate sizes, tau and the batch split (``resumed``: the batch and accumulation are the checkpoint's, which
+    a resumed run keeps); returns the per-process micro-batch."""
     batch, accumulate = recipe.batch_size, recipe.accumulate
     if recipe.image_size < 8:
         raise UserError(f"--image-size must be at least 8 pixels, got {recipe.image_size}")
     if accumulate < 1:
         raise UserError(f"--accumulate must be at least 1, got {accumulate}")
     parts = ctx.world_size * accumulate  # the batch first: a default lr is scaled by it (a batch of 0: an lr of 0)
+    if resumed and (batch % parts or batch // parts < 2):
+        fits = [n for n in range(1, batch // (2 * accumulate) + 1) if batch % (n * accumulate) == 0]
+        nearest = [max(n for n in fits if n <= ctx.world_size), *[n for n in fits if n > ctx.world_size][:1]]
+        raise UserError(
+            f"the resumed run's batch of {batch} (x {accumulate} accumulation step(s), from its checkpoint, which "
+            f"a resumed run keeps) cannot be split into {ctx.world_size} process(es) of at least 2 images each; "
+            f"resume it on {' or '.join(map(str, nearest))} process(es), or start a new run with another --out"
+        )
     if batch < 2 or batch % parts or batch // parts < 2:
         raise UserError(
             f"--batch-size {batch} cannot be split into {ctx.world_size} process(es) x {accumulate} "

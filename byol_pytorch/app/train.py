@@ -704,7 +704,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     _same_checkpoint_everywhere(args, out, ctx, checkpoint)
     saved_args = checkpoint["args"] if checkpoint else None
     recipe = resolve_recipe(args, _saved_settings(args, saved_args, resumed_from))
-    micro_batch = check_sizes(recipe, ctx)
+    micro_batch = check_sizes(recipe, ctx, resumed=saved_args is not None)
     data = args.data or (saved_args or {}).get("data")
     precision, workers = _runtime_options(args, ctx)
     net, recipe = _build_net(recipe, args, ctx)

@@ -89,6 +89,25 @@ def test_check_sizes_errors(changes, world, message):
         check_sizes(_recipe(**changes), DistContext(world_size=world))
 
 
+@pytest.mark.parametrize(
+    "batch, accumulate, world, fits",
+    [
+        (30, 1, 4, "resume it on 3 or 5 process(es)"),
+        (2, 1, 2, "resume it on 1 process(es)"),
+        (24, 2, 5, "on 4 or 6 process(es)"),
+    ],
+)
+def test_a_resumed_batch_that_does_not_split_names_the_process_counts_that_do(batch, accumulate, world, fits):
+    """Multi-process probe: a run of batch 30 resumed on 4 processes was told to use a multiple of 4 for --batch-size,
+    which the resumed run then refused as differing from its checkpoint's."""
+    with pytest.raises(UserError) as error:
+        check_sizes(_recipe(batch_size=batch, accumulate=accumulate), DistContext(world_size=world), resumed=True)
+    message = str(error.value)
+    assert message.startswith(f"the resumed run's batch of {batch} (x {accumulate} accumulation step(s), from its")
+    assert fits in message and "start a new run with another --out" in message and "--batch-size" not in message
+    assert check_sizes(_recipe(batch_size=30), DistContext(world_size=3), resumed=True) == 10
+
+
 def test_run_length_from_max_steps_epochs_the_saved_total_or_the_default():
     recipe = _recipe()
     assert run_length(parse("--max-steps", "50", "--epochs", "3"), recipe, 7, 400) == (50, 5)  # --max-steps wins
