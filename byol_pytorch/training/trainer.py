@@ -249,7 +249,8 @@ class BYOLTrainer(nn.Module):
 
         Returns:
             ``{"steps": ..., "loss": last logged mean loss}``; with ``val_data``, also ``"knn"``
-            (the last evaluation's accuracy) and ``"knn_reference"`` (the untouched net's).
+            (the last evaluation's accuracy) and ``"knn_reference"`` (the untouched net's), on every
+            process (rank 0 evaluates and sends them).
 
         Raises:
             FloatingPointError: the loss turned non-finite (lower the learning rate).
@@ -288,7 +289,8 @@ class BYOLTrainer(nn.Module):
         self.save("checkpoint.final.pt")
         self.print("training complete")
         result: dict[str, Any] = {"steps": state.step, "loss": state.loss}
-        if self.knn:
+        if self._validating:  # rank 0 evaluates: every rank gets its figures (and ``knn``), so code reads them anywhere
+            self.knn[:] = broadcast_from_main(ctx, lambda: list(self.knn))
             result.update(knn=self.knn[-1][1], knn_reference=self.knn[0][1])
         return result
 

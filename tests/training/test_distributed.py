@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -264,6 +265,37 @@ def test_trainer_ranks_split_each_epoch_without_a_seed(tmp_path):
     mp.spawn(_trainer_order_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     orders = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert sorted(orders[0] + orders[1]) == list(range(40))
+
+
+def _trainer_knn_worker(rank: int, port: int, out: str, val: str) -> None:
+    """A BYOLTrainer with a kNN monitor: what ``trainer()`` returns on this rank."""
+    from byol_pytorch.training.trainer import BYOLTrainer, MockDataset
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    trainer = BYOLTrainer(
+        net, image_size=16, hidden_layer=-1, learning_rate=1e-3, dataset=MockDataset(16, 16), num_train_steps=2,
+        batch_size=4, checkpoint_folder=f"{out}/ckpt", byol_kwargs={"projection_size": 8, "projection_hidden_size": 16},
+        device="cpu", seed=0, val_data=val, val_every=1,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a kNN below the untouched net's, on 2 steps
+        result = trainer()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"result": result, "knn": trainer.knn}))
+    trainer.ctx.close()
+
+
+def test_the_trainers_knn_figures_reach_every_rank(tmp_path, make_labelled):
+    """Multi-process probe: with val_data, rank 0's result had "knn" and "knn_reference" and rank 1's did not (its
+    docstring promised them): code reading them on every rank raised KeyError on rank 1."""
+    val = make_labelled(tmp_path / "val", classes=2, per_class=5)
+    mp.spawn(_trainer_knn_worker, args=(_free_port(), str(tmp_path), str(val)), nprocs=WORLD, join=True)
+    first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
+    assert first == second and [step for step, _ in first["knn"]] == [0, 1, 2]
+    assert first["result"]["knn"] == first["knn"][-1][1] and first["result"]["knn_reference"] == first["knn"][0][1]
 
 
 def _own_ddp_loop_worker(rank: int, port: int, out: str) -> None:
