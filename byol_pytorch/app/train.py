@@ -624,13 +624,26 @@ def _restore(checkpoint: dict[str, Any] | None, run: Run) -> None:
         raise UserError(f"--resume: {error}") from None
     resync_lr(run.scheduler)  # the lr of the current step under the (possibly new) total
     shards = isinstance(run.dataset, ShardDataset)
-    if (
-        checkpoint.get("dataset_size") != len(run.dataset)
-        or checkpoint.get("world_size") != ctx.world_size
-        or (shards and checkpoint["args"].get("shard_readers") != run.dataset.per_rank)
-        or (shards and checkpoint["args"].get("shuffle_buffer") != run.dataset.shuffle_buffer)
-    ):
-        _data_changed(run, shards)
+    changes = [
+        f"{name} {before} -> {now}"
+        for name, before, now in (
+            ("images", checkpoint.get("dataset_size"), len(run.dataset)),
+            ("processes", checkpoint.get("world_size"), ctx.world_size),
+            (
+                "readers per process (--workers)",
+                checkpoint["args"].get("shard_readers"),
+                getattr(run.dataset, "per_rank", None),
+            ),
+            (
+                "--shuffle-buffer",
+                checkpoint["args"].get("shuffle_buffer"),
+                getattr(run.dataset, "shuffle_buffer", None),
+            ),
+        )[: 4 if shards else 2]
+        if before != now
+    ]
+    if changes:
+        _data_changed(run, shards, changes)
     elif checkpoint.get("dataset_digest") not in (None, run.dataset_digest) and ctx.is_main:
         warn(
             f"the file list of the data changed since the checkpoint (still {len(run.dataset)} images, but other "
@@ -643,8 +656,9 @@ def _restore(checkpoint: dict[str, Any] | None, run: Run) -> None:
     run.saved_step = state.step
 
 
-def _data_changed(run: Run, shards: bool) -> None:
-    """The data, the process count or (shards) the workers changed since the checkpoint: go on, warn."""
+def _data_changed(run: Run, shards: bool, changes: list[str]) -> None:
+    """The data, the process count or (shards) the workers changed since the checkpoint (``changes``, each ``what
+    before -> now``): go on, warn."""
     state, accumulate = run.state, run.recipe.accumulate
     if shards and state.position:  # the readers' shards differ now: finish no shard twice, skip the epoch's rest
         state.epoch, state.position = state.epoch + 1, 0
@@ -653,10 +667,7 @@ def _data_changed(run: Run, shards: bool) -> None:
         state.position = min(state.position, run.sampler.batches_per_epoch) // accumulate * accumulate
         what = "training goes on, with a data order unlike an uninterrupted run's"
     if run.ctx.is_main:
-        warn(
-            f"the data ({len(run.dataset)} images), the process count ({run.ctx.world_size}), or for shards the "
-            f"readers per process (--workers) or --shuffle-buffer changed since the checkpoint; {what}"
-        )
+        warn(f"since the checkpoint: {', '.join(changes)}; {what}")
 
 
 def _saved_settings(args: argparse.Namespace, saved: dict[str, Any] | None, path: Path | None) -> Recipe | None:

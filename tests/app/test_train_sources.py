@@ -91,7 +91,7 @@ def test_uneven_shards_get_workers_that_read_them_and_a_short_epoch_is_named(tmp
     torch.save(checkpoint, tmp_path / "two" / "last.pt")
     assert cli.main(["train", "--out", str(tmp_path / "two"), "--resume", "--max-steps", "2"]) == 0
     err = capsys.readouterr().err
-    assert "changed since the checkpoint" not in err and load_checkpoint(tmp_path / "two" / "last.pt")["step"] == 2
+    assert "since the checkpoint:" not in err and load_checkpoint(tmp_path / "two" / "last.pt")["step"] == 2
 
 
 def test_a_resume_keeps_the_runs_workers_and_asks_again_for_credentials(tmp_path, make_shards, tiny_flags, capsys):
@@ -105,7 +105,7 @@ def test_a_resume_keeps_the_runs_workers_and_asks_again_for_credentials(tmp_path
     capsys.readouterr()
     assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "5"]) == 0  # no --workers: the run's 0
     err = capsys.readouterr().err
-    assert "changed since the checkpoint" not in err and load_checkpoint(out / "last.pt")["batch_in_epoch"] == 5
+    assert "since the checkpoint:" not in err and load_checkpoint(out / "last.pt")["batch_in_epoch"] == 5
 
     checkpoint = load_checkpoint(out / "last.pt")
     checkpoint["args"]["data"] = "https://***@data.example/train-{0000..0003}.tar"  # as redact() saved it
@@ -144,7 +144,9 @@ def test_shards_resume_with_other_workers_skips_the_rest_of_the_epoch(
         run_train([*common, "--out", str(tmp_path / "other")])
     capsys.readouterr()
     summary = run_train(["--out", str(tmp_path / "other"), "--resume", "--workers", "0", "--log-every", "1"])
-    assert "the rest of epoch 0 is skipped (no shard is read twice); epoch 1 starts" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the warning says what changed
+    assert "since the checkpoint: readers per process (--workers) 2 -> 1; the rest of epoch 0 is skipped" in err
+    assert "(no shard is read twice); epoch 1 starts" in err
     assert summary["step"] == 8 and rows_of(tmp_path / "other")[1]["epoch"] == pytest.approx(1 + 1 / 6)
 
 
