@@ -159,8 +159,23 @@ def make_loader(
         drop_last=drop_last if batch_size is not None else False,
         persistent_workers=(workers > 0 and not iterable) if persistent is None else (persistent and workers > 0),
         worker_init_fn=worker_init if workers > 0 else None,
-        generator=torch.Generator().manual_seed(seed),
+        generator=_PicklableGenerator().manual_seed(seed),
     )
+
+
+def _generator_from_state(state: bytes) -> _PicklableGenerator:
+    generator = _PicklableGenerator()
+    generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    return generator
+
+
+class _PicklableGenerator(torch.Generator):
+    """The loader's CPU generator, pickled as its state's bytes: a plain ``torch.Generator`` sent to processes
+    started by spawn (Lightning's ``ddp_spawn``, ``mp.spawn`` of a loader) fails in torch's shared-memory
+    reduction ('unable to resize file ... Invalid argument')."""
+
+    def __reduce__(self) -> Any:  # (rebuild, (state bytes,)): no tensor to share
+        return _generator_from_state, (self.get_state().numpy().tobytes(),)
 
 
 atexit.register(_kill_our_workers_at_exit)  # after multiprocessing.util's (imported above): runs before it

@@ -286,6 +286,26 @@ def test_loader_shuffle_is_seeded(messy):
     assert not torch.equal(order(0), order(1))
 
 
+def _batches_in_a_spawned_process(rank: int, loader, out: str) -> None:
+    torch.save([batch.tolist() for batch in loader], out)
+
+
+def test_a_loader_goes_to_spawned_processes_and_keeps_its_order(tmp_path):
+    """Multi-process probe: Lightning's ddp_spawn (and mp.spawn of a loader) failed in every child with 'unable to
+    resize file ... Invalid argument': torch's own pickling of the loader's torch.Generator shares its state tensor;
+    the loader's generator now travels as its state's bytes."""
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    loader = make_loader(torch.arange(12.0), batch_size=4, shuffle=True, seed=5)
+    expected = [batch.tolist() for batch in make_loader(torch.arange(12.0), batch_size=4, shuffle=True, seed=5)]
+    mp.spawn(_batches_in_a_spawned_process, args=(loader, str(tmp_path / "child.pt")), nprocs=1, join=True)
+    assert torch.load(tmp_path / "child.pt") == expected
+    copied = pickle.loads(pickle.dumps(loader.generator))
+    assert torch.equal(copied.get_state(), loader.generator.get_state()) and type(copied) is type(loader.generator)
+
+
 def test_loader_refuses_to_drop_every_batch(messy):
     with pytest.raises(ValueError, match="every batch would be dropped"):
         make_loader(ImageFolder(messy, 8), batch_size=64, workers=0)
