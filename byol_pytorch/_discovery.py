@@ -731,7 +731,10 @@ def probe_backbone(
     The forward runs on a deep copy of the net, in eval mode, with autograd on (the
     parameters the representation depends on are read off its graph), on a fixed image;
     no random number is drawn: the user's net, its buffers, caches and training flags
-    and the RNG stream are untouched.
+    and the RNG stream are untouched. The copy then runs once in training mode, as BYOL
+    trains it (torch's CPU and CUDA generators forked and given back), so that a part
+    that runs only in training and fails there is named now (not for a net with
+    SyncBatchNorm, whose training forward needs a GPU and collectives).
 
     Args:
         net: the backbone.
@@ -748,9 +751,9 @@ def probe_backbone(
         The :class:`BackboneProbe`; its ``module`` is the user's (not the copy's).
 
     Raises:
-        ValueError: the layer is not found, never runs, the probe forward fails, or
-            the representation has a shape that cannot be pooled (with the layers that
-            would work).
+        ValueError: the layer is not found, never runs, the probe forward fails (in eval
+            or in training mode), or the representation has a shape that cannot be pooled
+            (with the layers that would work).
         TypeError: the representation is not a tensor (with the layers that would work),
             ``input_name`` is not a str, or (``need_copy``) the net cannot be deep-copied.
     """
@@ -815,9 +818,10 @@ def probe_backbone(
 
 
 def _check_training_forward(copied: nn.Module, x: torch.Tensor, call_name: str | None, image_size: tuple) -> None:
-    """Run the probe's copy once in training mode, as BYOL trains it (no gradient; the RNG stream kept): a part
-    that runs only in training and fails at this image size (torchvision's Inception v3 auxiliary classifier below
-    299 px) is a ``ValueError`` naming that part now, instead of the first training step's error."""
+    """Run the probe's copy once in training mode, as BYOL's target pass runs it (no autograd; torch's CPU and CUDA
+    generators forked and given back): a part that runs only in training and fails there (torchvision's Inception v3
+    auxiliary classifier below 299 px) is a ``ValueError`` naming that part now, not the first training step's
+    error."""
     started: list[nn.Module] = []
     names = {m: n for n, m in copied.named_modules()}
 
@@ -832,16 +836,16 @@ def _check_training_forward(copied: nn.Module, x: torch.Tensor, call_name: str |
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     try:
         with saved_modes(copied, eval_mode=False), torch.no_grad(), torch.random.fork_rng(devices=devices):
-            copied.train()
+            copied.train(True)
             call_net(copied, x, call_name)
     except Exception as error:
         inner = next((names[m] for m in reversed(started) if names.get(m)), None)
         where = f" in {inner!r} ({type(started[-1]).__name__})" if inner else ""
         raise ValueError(
             f"{type(copied).__name__} runs in eval mode but fails in training mode, as BYOL trains it, on a probe "
-            f"batch of shape {tuple(x.shape)}{where}: {error}. A part that runs only in training (an auxiliary "
-            f"classifier, say) does not fit image_size {tuple(image_size)}: leave it out when building the net "
-            "(torchvision's inception_v3 and googlenet: aux_logits=False) or use a larger image_size"
+            f"batch of shape {tuple(x.shape)}{where}: {error}. If that part runs only in training (an auxiliary "
+            f"classifier, say), it may not fit image_size {tuple(image_size)}: leave it out when building the net "
+            "(torchvision's inception_v3: aux_logits=False) or use a larger image_size"
         ) from error
     finally:
         for handle in handles:

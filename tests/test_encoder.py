@@ -176,6 +176,34 @@ def test_a_part_that_fails_only_in_training_is_named_at_construction():
     assert torch.isfinite(loss) and net.Mixed_5b.branch1x1.conv.weight.grad is not None
 
 
+def test_the_training_mode_check_calls_train_with_its_mode():
+    """Review: the check called net.train(), so a root whose train(mode) has no default was refused, though BYOL's
+    learner.train() passes the mode down."""
+
+    class ModeWithoutDefault(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = small_cnn()
+
+        def train(self, mode):  # noqa: FBT001 (a user's signature)
+            return super().train(mode)
+
+        def forward(self, x):
+            return self.body(x)
+
+    learner = BYOL(ModeWithoutDefault(), 32, **SMALL)
+    loss = learner(torch.rand(4, 3, 32, 32))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_the_cli_builds_inception_v3_without_its_auxiliary_classifier_below_299_px():
+    from byol_pytorch.training.models import build_backbone
+
+    assert build_backbone("torchvision:inception_v3", image_size=128).AuxLogits is None
+    assert build_backbone("torchvision:inception_v3", image_size=299).AuxLogits is not None  # as runs made there
+
+
 def test_a_sync_batchnorm_net_under_a_process_group_is_built_on_the_cpu(tmp_path):
     """The training-mode check leaves SyncBatchNorm nets alone: their training forward needs a GPU and collectives
     (BYOLTrainer and train --sync-bn-backbone convert on the CPU under torchrun; the check refused every start)."""

@@ -588,11 +588,13 @@ def check_sizes(recipe: Recipe, ctx: DistContext, resumed: bool = False) -> int:
     parts = ctx.world_size * accumulate  # the batch first: a default lr is scaled by it (a batch of 0: an lr of 0)
     if resumed and (batch % parts or batch // parts < 2):
         fits = [n for n in range(1, batch // (2 * accumulate) + 1) if batch % (n * accumulate) == 0]
-        nearest = [max(n for n in fits if n <= ctx.world_size), *[n for n in fits if n > ctx.world_size][:1]]
+        below = [n for n in fits if n <= ctx.world_size][-1:]
+        nearest = [*below, *[n for n in fits if n > ctx.world_size][:1]]
+        where = f"resume it on {' or '.join(map(str, nearest))} process(es), or " if nearest else ""
         raise UserError(
-            f"the resumed run's batch of {batch} (x {accumulate} accumulation step(s), from its checkpoint, which "
-            f"a resumed run keeps) cannot be split into {ctx.world_size} process(es) of at least 2 images each; "
-            f"resume it on {' or '.join(map(str, nearest))} process(es), or start a new run with another --out"
+            f"the resumed run's batch of {batch} images in {accumulate} accumulation step(s) (its checkpoint's, which "
+            f"a resumed run keeps) cannot be split into {ctx.world_size} process(es) of at least 2 images per step; "
+            f"{where}start a new run with another --out"
         )
     if batch < 2 or batch % parts or batch // parts < 2:
         raise UserError(

@@ -169,12 +169,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         UserError: bad input (missing data, unknown model, batch size, resume without a
             checkpoint, a file that is not our checkpoint) or a non-finite loss.
     """
+    if args.device not in (None, "auto"):
+        try:
+            resolve_device(args.device)  # a name this machine has, or one error line (per node under torchrun)
+        except UserError as error:
+            raise before_the_group(error) from None
     try:
-        if args.device not in (None, "auto"):
-            resolve_device(args.device)  # a name this machine has, or one error line
         ctx = setup_distributed(args.device)
-    except (ValueError, UserError) as error:
-        raise before_the_group(UserError(str(error))) from None  # under torchrun: one line per node
+    except ValueError as error:  # this process's GPU: ranks differ, each says its own
+        raise UserError(str(error)) from None
     try:
         try:
             return train(args, ctx)

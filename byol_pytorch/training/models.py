@@ -80,6 +80,9 @@ def _cifar_resnet(name: str, in_chans: int | None) -> nn.Module:
     return net
 
 
+INCEPTION_AUX_SIDE = 299  # the smallest side torchvision's Inception v3 auxiliary classifier runs at
+
+
 def build_backbone(name: str, in_chans: int | None = None, image_size: int | None = None) -> nn.Module:
     """A randomly initialised backbone, with its classifier (BYOL ignores it).
 
@@ -111,7 +114,10 @@ def build_backbone(name: str, in_chans: int | None = None, image_size: int | Non
                 f"torchvision models take 3 input channels, got in_chans={in_chans}; "
                 "use a timm model (they take any in_chans) or 3 channels"
             )
-        return torchvision.models.get_model(arch, weights=None)
+        # Inception v3's auxiliary classifier runs only in training, where it fails under 299 px; BYOL never reads it
+        # (at 299 px and up it is kept, as in the checkpoints of runs made there).
+        small = arch == "inception_v3" and image_size is not None and image_size < INCEPTION_AUX_SIDE
+        return torchvision.models.get_model(arch, weights=None, **({"aux_logits": False} if small else {}))
 
     import timm
 

@@ -465,3 +465,15 @@ def test_errors_every_process_meets_before_the_group_are_printed_once_per_node(
         assert cli.main(["train", "--data", "d", "--out", "r", "--device", "cuda"]) == 1
         assert ("--device cuda was given but CUDA is not available" in capsys.readouterr().err) is printed
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_that_differs_by_local_rank_is_printed_by_the_rank_that_meets_it(monkeypatch, tmp_path, capsys):
+    """Review: a GPU error met by some local ranks only (LOCAL_RANK 2 of 4 on a 2-GPU machine) was marked quiet
+    off LOCAL_RANK 0 and printed by no process."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "2", "CUDA_VISIBLE_DEVICES": "0,1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cli.main(["train", "--data", "d", "--out", "r"]) == 1
+    assert "LOCAL_RANK is 2 but this process sees 2 GPU(s)" in capsys.readouterr().err

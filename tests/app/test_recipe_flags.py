@@ -103,9 +103,12 @@ def test_a_resumed_batch_that_does_not_split_names_the_process_counts_that_do(ba
     with pytest.raises(UserError) as error:
         check_sizes(_recipe(batch_size=batch, accumulate=accumulate), DistContext(world_size=world), resumed=True)
     message = str(error.value)
-    assert message.startswith(f"the resumed run's batch of {batch} (x {accumulate} accumulation step(s), from its")
+    assert message.startswith(f"the resumed run's batch of {batch} images in {accumulate} accumulation step(s) (its")
     assert fits in message and "start a new run with another --out" in message and "--batch-size" not in message
     assert check_sizes(_recipe(batch_size=30), DistContext(world_size=3), resumed=True) == 10
+    with pytest.raises(UserError) as error:  # review: a checkpoint no process count splits (edited): no traceback
+        check_sizes(_recipe(batch_size=2, accumulate=2), DistContext(world_size=1), resumed=True)
+    assert "resume it on" not in str(error.value) and str(error.value).endswith("start a new run with another --out")
 
 
 def test_run_length_from_max_steps_epochs_the_saved_total_or_the_default():
