@@ -10,12 +10,14 @@ flight), and page-locked batches when they go to a GPU.
 Workers that ignore SIGTERM cannot be stopped by the interpreter's own exit, which terminates
 its daemonic children with SIGTERM and then waits for them: a loop left by an exception (its
 iterator alive in the traceback) would hang the process for ever. An exit hook, run before
-multiprocessing's, kills the workers of these loaders that are still alive.
+multiprocessing's, kills the workers of these loaders that are still alive; a start-up that fails
+half-way (too many open files) kills the workers it had started at once.
 """
 
 from __future__ import annotations
 
 import atexit
+import multiprocessing
 import multiprocessing.util  # noqa: F401  (registers its exit hook now, so that ours, later, runs first)
 import random
 import signal
@@ -50,10 +52,27 @@ class _Loader(DataLoader):
     """A ``DataLoader`` whose multi-process iterators are known to the exit hook."""
 
     def _get_iterator(self) -> Any:
-        iterator = super()._get_iterator()
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        before = {child.pid for child in multiprocessing.active_children()}
+        try:
+            iterator = super()._get_iterator()
+        except BaseException:  # a start-up cut short (too many open files, Ctrl-C): no iterator holds its workers
+            _kill_started_since(before)
+            raise
         if getattr(iterator, "_workers", None):
             _LIVE_ITERATORS.add(iterator)
         return iterator
+
+
+def _kill_started_since(before: set[int | None]) -> None:
+    """Kill the child processes started since ``before`` (their pids): the workers of a loader whose start-up failed,
+    which ignore SIGTERM, so that the interpreter's exit (SIGTERM, then a wait) does not hang on them for ever."""
+    started = [child for child in multiprocessing.active_children() if child.pid not in before]
+    for child in started:
+        child.kill()
+    for child in started:
+        child.join(timeout=5)
 
 
 def _kill_our_workers_at_exit() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,31 @@ def test_a_loader_goes_to_spawned_processes_and_keeps_its_order(tmp_path):
     assert torch.load(tmp_path / "child.pt") == expected
     copied = pickle.loads(pickle.dumps(loader.generator))
     assert torch.equal(copied.get_state(), loader.generator.get_state()) and type(copied) is type(loader.generator)
+
+
+def test_a_worker_start_up_cut_short_does_not_hang_the_exit(tmp_path):
+    """Probe: eval --workers 200 under 'ulimit -n 256' printed 'too many open files' and then hung for ever at exit:
+    the workers started before the failure ignore SIGTERM, and no iterator held them for the exit hook to kill."""
+    import resource
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from byol_pytorch.data.loader import make_loader\n"
+        "loader = make_loader(torch.arange(400.0), batch_size=2, workers=60, shuffle=False)\n"
+        "next(iter(loader))\n"
+    )
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))
+
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, preexec_fn=few_files
+    )
+    assert done.returncode != 0 and "Too many open files" in done.stderr, done.stderr[-2000:]
+    assert time.monotonic() - started < 60  # before: killed by the timeout
 
 
 def test_loader_refuses_to_drop_every_batch(messy):
