@@ -243,10 +243,32 @@ def member_key(name: str) -> tuple[str, str] | None:
     return head + slash + key, suffix.lower()
 
 
+class CutShort(EOFError):
+    """A tar stream that ends without its end-of-archive block: the object was cut short."""
+
+
+class _Counted:
+    """A stream's ``read``, counting the bytes it delivered."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.delivered = file, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.delivered += len(data)
+        return data
+
+
 def _samples_from(file: Any, base: int, wanted: Wanted) -> Iterator[tuple[Sample, int]]:
-    """``(sample, offset of the next sample's first header)`` of a tar stream that starts at byte ``base``."""
+    """``(sample, offset of the next sample's first header)`` of a tar stream that starts at byte ``base``.
+
+    Raises:
+        CutShort: the stream ends without the tar's end-of-archive block, inside a header or at a member's end
+            (Python's tarfile reads either as the archive's end): the object was cut short.
+    """
     key: str | None = None
     members: dict[str, Any] = {}
+    file = _Counted(file)
     with tarfile.open(fileobj=file, mode="r|") as tar:
         for member in tar:
             tar.members = []  # type: ignore[attr-defined]  # stream mode keeps every header otherwise
@@ -259,6 +281,8 @@ def _samples_from(file: Any, base: int, wanted: Wanted) -> Iterator[tuple[Sample
                 key, members = parsed[0], {}
             reader = tar.extractfile(member) if wanted(parsed[1], members) else None
             members[parsed[1]] = reader.read() if reader is not None else None
+        if file.delivered < tar.offset + tarfile.BLOCKSIZE:  # the block after the last member was never read whole
+            raise CutShort(f"the object ends at byte {base + file.delivered}, without the tar's end-of-archive block")
     if key is not None:
         yield (key, members), -1
 
@@ -399,7 +423,7 @@ def read_shard(
                     f"{error} on {len(failures)} reads in a row: the count it was read with (--shard-index, the "
                     "count cache) is stale, or the object was cut short; write the index again (byol-pytorch shards "
                     "index), or upload the shard again"
-                    if isinstance(error, EOFError)
+                    if isinstance(error, EOFError) and not isinstance(error, CutShort)
                     else f"the object ends inside a sample at the same place on every read ({_reason(error)}, "
                     f"{len(failures)} reads from byte {offset}): it is truncated or corrupt; upload the shard again"
                 )

@@ -196,9 +196,12 @@ def _samples(path: Path) -> list[_Sample]:
     """The samples of one shard, from its headers only: members grouped by webdataset's key."""
     _, tariterators = _webdataset()
     samples: list[_Sample] = []
+    end = last = 0  # where the last member's data ends; where the block after the last member is
     try:
+        length = path.stat().st_size
         with tarfile.open(path, "r:") as tar:
             for member in tar:
+                end = max(end, member.offset_data + member.size)
                 if not member.isreg() or _META.match(member.name):
                     continue
                 key, suffix = tariterators.base_plus_ext(member.name)
@@ -207,11 +210,38 @@ def _samples(path: Path) -> list[_Sample]:
                 if not samples or samples[-1][0] != key:
                     samples.append((key, {}))
                 samples[-1][1][suffix.lower()] = (member.offset_data, member.size)
+            last = tar.offset
+        with open(path, "rb") as file:
+            file.seek(last)
+            block = file.read(tarfile.BLOCKSIZE)
     except tarfile.TarError as error:
+        if end and (length % tarfile.BLOCKSIZE or end > length):  # members were read, then the file stops
+            raise ValueError(_cut_short(path, length)) from None
+        if end:  # members were read: the tar breaks off after them
+            raise ValueError(
+                f"{str(path)!r} is damaged after byte {end} ({error}); copy or write the shard again"
+            ) from None
         raise ValueError(f"{str(path)!r} is not an uncompressed tar file ({error}); shards are plain .tar") from None
     except OSError as error:
         raise ValueError(f"cannot read the shard {str(path)!r}: {error.strerror or error}") from None
+    # Python's tarfile takes a header cut short, a missing one or one of garbage for the archive's end: a whole tar
+    # ends in a block of zeros.
+    if len(block) < tarfile.BLOCKSIZE:
+        raise ValueError(_cut_short(path, length))
+    if any(block):
+        raise ValueError(
+            f"{str(path)!r} is damaged at byte {last}: a block that is neither a tar header nor the archive's end; "
+            "copy or write the shard again"
+        )
     return samples
+
+
+def _cut_short(path: Path, length: int) -> str:
+    """The error of a shard that was cut short (a copy or an upload that stopped)."""
+    return (
+        f"{str(path)!r} is cut short: it stops at byte {length}, before the tar's end (a member or the "
+        "end-of-archive block is missing); copy or write the shard again"
+    )
 
 
 def shard_samples(path: PathLike) -> int:

@@ -357,6 +357,30 @@ def test_a_shard_cut_short_on_the_server_is_named_after_three_reads(tmp_path, ma
     assert server.requests.count(("GET", "train-0001.tar")) == 3
 
 
+def test_a_shard_cut_inside_a_header_on_the_server_is_named_not_read_as_shorter(
+    tmp_path, make_shards, tiny_flags, serve, capsys
+):
+    """Probe: an object cut inside a header (byte 15000 of 30720) was read as a whole tar of fewer samples: with no
+    count cached embed wrote 293 of 300 vectors and exit 0; with one it blamed a failed shard it never named."""
+    import tarfile
+
+    make_shards(tmp_path / "shards", broken=False)
+    shard = tmp_path / "shards" / "train-0001.tar"
+    third = tarfile.open(shard).getmembers()[2]
+    shard.write_bytes(shard.read_bytes()[: third.offset + 100])  # two whole members, then half a header
+    base, server = serve(tmp_path / "shards")
+    checkpoint = tmp_path / "run" / "last.pt"
+    train = ["train", "--data", f"{base}/train-0000.tar", "--out", str(checkpoint.parent), *tiny_flags]
+    assert cli.main([*train, "--max-steps", "1", "--bn-stats", "trained"]) == 0
+    capsys.readouterr()
+    argv = ["embed", "--data", f"{base}/train-{{0000..0003}}.tar", "--out", str(tmp_path / "emb")]
+    assert cli.main([*argv, "--checkpoint", str(checkpoint), "--bn-stats", "trained"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("byol-pytorch: error: --data: ") and "train-0001.tar" in line, line
+    assert "without the tar's end-of-archive block" in line and "upload the shard again" in line, line
+    assert not (tmp_path / "emb" / "embed.json").exists()
+
+
 def test_train_from_pipe_with_workers_and_resume(tmp_path, make_shards, tiny_flags, serve, monkeypatch):
     """``pipe:CMD`` shards in two loader workers; a run stopped and resumed ends with one run's weights."""
     pattern = make_shards(tmp_path / "shards")
