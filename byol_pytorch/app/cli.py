@@ -462,8 +462,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _one_process_unless_train(args.command)
         if getattr(args, "out", None) == "" and args.command != "train":  # train names its default run folder
             raise UserError("--out is empty; name the file or folder to write")
-        with _package_warnings_as_lines():
+        with _package_warnings_as_lines(), _sigterm_stops(args.command):
             return COMMANDS[args.command](args)
+    except _Terminated as stop:
+        sys.stderr.write(f"{PROG}: stopped by SIGTERM{_KEPT.get(args.command, '')}\n")
+        return 128 + stop.signum
     except Exception as error:
         if getattr(error, "byol_pytorch_quiet", False) and not debug:
             return 1  # under torchrun another process of the run prints the error line
@@ -482,9 +485,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         raise
     except KeyboardInterrupt:
-        kept = {
-            "train": " (checkpoints saved before are kept; --resume continues from the last one)",
-            "embed": " (rows written before are kept; --resume continues once some were)",
-        }
-        sys.stderr.write(f"{PROG}: interrupted{kept.get(args.command, '')}\n")
+        sys.stderr.write(f"{PROG}: interrupted{_KEPT.get(args.command, '')}\n")
         return 130
+
+
+_KEPT = {  # what a command stopped on the way keeps
+    "train": " (checkpoints saved before are kept; --resume continues from the last one)",
+    "embed": " (rows written before are kept; --resume continues once some were)",
+}
+
+
+class _Terminated(BaseException):
+    """SIGTERM in a command that does not handle it itself: the work unwinds through its clean-up (as on Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _sigterm_stops(command: str) -> Iterator[None]:
+    """SIGTERM (a scheduler's stop, ``kill``) stops ``embed``, ``eval``, ``export`` and ``preview`` as Ctrl-C does:
+    files closed, ``embed``'s state saved for ``--resume``, one line, exit 143 (before: killed without a word, the
+    rows since the last flush not counted). ``train`` and ``shards`` handle it themselves."""
+    if command in ("train", "shards"):
+        yield
+        return
+    import signal
+
+    from .errors import signals_raise
+
+    with signals_raise((signal.SIGTERM,), _Terminated):
+        yield

@@ -256,6 +256,41 @@ def test_a_run_stopped_inside_a_batch_resumes_without_losing_it(sources, checkpo
     assert np.array_equal(np.load(whole / "embeddings.npy"), np.load(part / "embeddings.npy"))
 
 
+def test_sigterm_stops_embed_as_ctrl_c_does_and_it_resumes(sources, checkpoint, tmp_path, monkeypatch, capsys):
+    """Probe: embed and eval died on SIGTERM (a scheduler's stop) without a word, exit -15; now one line, exit 143,
+    embed's state saved, and --resume ends with an uninterrupted run's files."""
+    import os
+    import signal
+
+    from byol_pytorch.app import embed as embed_module
+
+    spec = sources["folder"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    base = ["embed", "--data", spec, "--checkpoint", str(checkpoint), "--batch-size", "4", "--flush-every", "1"]
+    assert cli.main([*base, "--out", str(whole)]) == 0
+    original, calls = embed_module.match_channels, []
+
+    def terminated_in_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(embed_module, "match_channels", terminated_in_the_third_batch)
+    capsys.readouterr()
+    handler = signal.getsignal(signal.SIGTERM)
+    assert cli.main([*base, "--out", str(part)]) == 143
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("byol-pytorch")]
+    assert lines == [
+        "byol-pytorch: stopped by SIGTERM (rows written before are kept; --resume continues once some were)"
+    ]
+    assert signal.getsignal(signal.SIGTERM) == handler  # put back
+    monkeypatch.setattr(embed_module, "match_channels", original)
+    assert cli.main([*base, "--out", str(part), "--resume"]) == 0
+    assert (part / "ids.txt").read_text() == (whole / "ids.txt").read_text()
+    assert np.array_equal(np.load(whole / "embeddings.npy"), np.load(part / "embeddings.npy"))
+
+
 def test_ids_are_one_line_each_and_shards_of_one_name_in_two_folders_get_distinct_ids(tmp_path, checkpoint):
     import io
 
