@@ -119,9 +119,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         bank, bank_labels, queries, query_labels = data.features(learner)
     except (ValueError, NoReadableImagesError) as error:
         raise UserError(f"--data: {error}") from None
-    missing = data.missing_warning(args.data)
-    if missing:
-        warn(missing)
+    for line in (data.missing_warning(args.data), data.held_out_warning()):
+        if line:
+            warn(line)
     print(
         f"byol-pytorch eval: {args.checkpoint} (step {checkpoint.get('step')}, {recipe['model']}, {args.which} "
         f"network, BatchNorm statistics {statistics}), "

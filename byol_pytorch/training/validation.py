@@ -92,6 +92,8 @@ class KnnMonitor:
         self.device, self.batch_size, self.workers = device, batch_size, workers
         self.clean_images = clean_images
         self.num_classes: int | None = None
+        self.scored: list[int] = []  # the classes of the held-out images, and the bank's others (``features``)
+        self.unscored: list[int] = []
         self.queries_scored = 0  # held-out images of the last evaluation
         self.unreadable = 0  # images of the last evaluation that could not be read (left out)
         self.missing: list[str] = []  # declared classes with no readable image in the last evaluation
@@ -130,7 +132,30 @@ class KnnMonitor:
             )
         self.num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
         self.missing = self.missing_classes(torch.cat([bank_labels, query_labels]))
+        self.scored = sorted(set(query_labels.tolist()))
+        self.unscored = sorted(set(bank_labels.tolist()) - set(self.scored))
         return bank, bank_labels, queries, query_labels
+
+    def held_out_warning(self) -> str | None:
+        """The warning line when classes of the bank have no held-out image (None: every class is scored), from the
+        last ``features`` call: the accuracy says nothing of them (one class held out: nothing at all)."""
+        if not self.unscored:
+            return None
+        dataset: Any = self.bank
+        while isinstance(dataset, Subset):
+            dataset = dataset.dataset
+        classes = getattr(dataset, "classes", None)
+        named = [
+            str(classes[c]) if isinstance(classes, (list, tuple)) and c < len(classes) else str(c)
+            for c in self.unscored
+        ]
+        shown = ", ".join(named[:5]) + (", ..." if len(named) > 5 else "")
+        banked = len(self.unscored) + len(self.scored)
+        return (
+            f"the held-out images are of {len(self.scored)} of the {banked} classes ({shown}: none held out), so "
+            "the accuracy says nothing of those; give every class 5 images or more (every fifth is held out), or "
+            "a val/ folder with images of every class"
+        )
 
     def missing_warning(self, spec: str, once: bool = False) -> str | None:
         """The warning line for the classes of the last evaluation that had no readable image (None: none;

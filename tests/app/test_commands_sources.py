@@ -291,6 +291,27 @@ def test_sigterm_stops_embed_as_ctrl_c_does_and_it_resumes(sources, checkpoint, 
     assert np.array_equal(np.load(whole / "embeddings.npy"), np.load(part / "embeddings.npy"))
 
 
+def test_eval_names_the_classes_no_held_out_image_scores(checkpoint, tmp_path, capsys):
+    """Probe: 20 'bag' and 4 'boot' images (every fifth held out: bags only) gave 'kNN accuracy 1.0000' over 2
+    classes without a word; a val/ folder of one class likewise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, count in (("bag", 20), ("boot", 4), ("coat", 3)):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / name / f"{i}.png"
+            )
+    assert cli.main(["eval", "--data", str(tmp_path / "data"), "--checkpoint", str(checkpoint), "--knn"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "held-out" in line]
+    assert warned == [
+        "byol-pytorch: warning: the held-out images are of 1 of the 3 classes (boot, coat: none held out), so the "
+        "accuracy says nothing of those; give every class 5 images or more (every fifth is held out), or a val/ "
+        "folder with images of every class"
+    ]
+
+
 def test_ids_are_one_line_each_and_shards_of_one_name_in_two_folders_get_distinct_ids(tmp_path, checkpoint):
     import io
 
