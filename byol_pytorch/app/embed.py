@@ -199,7 +199,10 @@ def _has_labels(spec: str, kind: str, args: argparse.Namespace) -> bool:
     if kind == "hf":
         from ..data.hf import label_column, load_local_dataset, parse_hf_spec
 
-        return label_column(load_local_dataset(parse_hf_spec(spec) or "", args.hf_split)) is not None
+        try:
+            return label_column(load_local_dataset(parse_hf_spec(spec) or "", args.hf_split)) is not None
+        except ValueError:  # a label column of class names: no labels written (--labels names the fix)
+            return False
     return False
 
 

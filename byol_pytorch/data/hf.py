@@ -264,7 +264,10 @@ def label_column(data: Any, name: str | None = None) -> str | None:
     classes = [k for k, feature in features.items() if isinstance(feature, datasets.ClassLabel)]
     if len(classes) == 1:
         return classes[0]
-    return next((k for k in ("label", "labels") if k in features and integer(features[k])), None)
+    named = next((k for k in ("label", "labels") if k in features), None)
+    if named is not None and not integer(features[named]):  # class names, say: the fix is one call
+        return label_column(data, named)  # raises, naming the fix
+    return named
 
 
 def _split_name(names: list[str], split: str | None) -> str:
@@ -329,7 +332,7 @@ class HFImageDataset(Dataset):
             if found is None:
                 raise ValueError(
                     f"{self.source} has no label column (a ClassLabel feature, or integers named label/labels; "
-                    f"its columns: {', '.join(data.features)}); evaluation needs labelled data"
+                    f"its columns: {', '.join(data.features)}); labels are needed here (eval, embed --labels)"
                 )
             values = list(data[found])
             missing = sum(1 for v in values if v is None or int(v) < 0)

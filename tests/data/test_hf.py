@@ -237,3 +237,8 @@ def test_a_label_column_of_class_names_says_how_to_encode_it():
     with pytest.raises(ValueError, match="no integer label column 'kind'; the columns: image"):
         label_column(data, "kind")
     assert label_column(data.class_encode_column("label"), "label") == "label"
+    # Probe: found by its name alone (no --label-column), the column of names said 'has no label column (... its
+    # columns: image, label)'; it now names the fix as well.
+    with pytest.raises(ValueError, match=r"label column 'label' holds .*string.*class_encode_column\('label'\)"):
+        label_column(data)
+    assert label_column(data.class_encode_column("label")) == "label"
