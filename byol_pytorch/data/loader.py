@@ -19,8 +19,10 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import multiprocessing.util  # noqa: F401  (registers its exit hook now, so that ours, later, runs first)
+import os
 import random
 import signal
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -48,15 +50,49 @@ def collate_images(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor,
 _LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # multi-process iterators of our loaders
 
 
+_TORCH_WORKERS_WARNING = "This DataLoader will create"  # torch's three lines; make_loader says it in one, once
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+_MANY_WORKERS_SAID: list[int] = []
+
+
+def _warn_many_workers(workers: int) -> None:
+    """One warning per process for more loader workers than CPUs this process may use (torch's own, three lines
+    long, came again for every loader: twice per ``eval``)."""
+    cpus = _usable_cpus()
+    if workers > cpus and not _MANY_WORKERS_SAID:
+        _MANY_WORKERS_SAID.append(workers)
+        warnings.warn(
+            f"{workers} loader workers for the {cpus} CPUs this process may use: loading may slow down or stall; "
+            f"lower the worker count (more than the CPUs helps only slow remote reads)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 class _Loader(DataLoader):
     """A ``DataLoader`` whose multi-process iterators are known to the exit hook."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_TORCH_WORKERS_WARNING)
+            super().__init__(*args, **kwargs)
 
     def _get_iterator(self) -> Any:
         if self.num_workers == 0:
             return super()._get_iterator()
         before = {child.pid for child in multiprocessing.active_children()}
         try:
-            iterator = super()._get_iterator()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_TORCH_WORKERS_WARNING)
+                iterator = super()._get_iterator()
         except BaseException:  # a start-up cut short (too many open files, Ctrl-C): no iterator holds its workers
             _kill_started_since(before)
             raise
@@ -167,6 +203,7 @@ def make_loader(
             )
     if collate_fn is None and batch_size is not None:
         collate_fn = collate_images if getattr(dataset, "collate", None) == "images" else default_collate
+    _warn_many_workers(workers)
     return _Loader(
         dataset,
         batch_size=batch_size,

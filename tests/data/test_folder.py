@@ -332,6 +332,23 @@ def test_a_worker_start_up_cut_short_does_not_hang_the_exit(tmp_path):
     assert time.monotonic() - started < 60  # before: killed by the timeout
 
 
+def test_more_workers_than_cpus_is_one_warning_per_process(monkeypatch, recwarn):
+    """Probe: torch's three-line warning for more workers than CPUs came for every loader (twice per eval); the
+    package says it once, in one line."""
+    from byol_pytorch.data import loader as loader_module
+
+    monkeypatch.setattr(loader_module, "_usable_cpus", lambda: 1)
+    monkeypatch.setattr(loader_module, "_MANY_WORKERS_SAID", [])
+    for _ in range(2):
+        batches = [b.tolist() for b in make_loader(torch.arange(4.0), batch_size=2, workers=3, shuffle=False)]
+        assert batches == [[0.0, 1.0], [2.0, 3.0]]
+    said = [str(w.message) for w in recwarn if "worker" in str(w.message)]
+    assert said == [
+        "3 loader workers for the 1 CPUs this process may use: loading may slow down or stall; lower the worker "
+        "count (more than the CPUs helps only slow remote reads)"
+    ]
+
+
 def test_loader_refuses_to_drop_every_batch(messy):
     with pytest.raises(ValueError, match="every batch would be dropped"):
         make_loader(ImageFolder(messy, 8), batch_size=64, workers=0)
