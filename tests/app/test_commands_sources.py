@@ -229,36 +229,13 @@ def test_a_stopped_run_whose_files_were_changed_is_refused_unchanged(
     assert {path.name: path.read_bytes() for path in part.iterdir()} == files  # nothing written
 
 
-def test_a_run_stopped_inside_a_batch_resumes_without_losing_it(sources, checkpoint, tmp_path, monkeypatch):
-    # Ctrl-C while the third batch is in the net: its images are not counted as done, so the
-    # resumed run embeds them (the state used to count a batch before writing it: 4 images lost).
-    from byol_pytorch.app import embed as embed_module
-
-    spec = sources["folder"]
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    base = ["embed", "--data", spec, "--checkpoint", str(checkpoint), "--batch-size", "4", "--flush-every", "1"]
-    assert cli.main([*base, "--out", str(whole)]) == 0
-    original, calls = embed_module.match_channels, []
-
-    def stop_in_the_third_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(embed_module, "match_channels", stop_in_the_third_batch)
-    assert cli.main([*base, "--out", str(part)]) == 130
-    state = json.loads((part / "embed_state.json").read_text())
-    assert state["rows"] == state["items"] == 8
-    monkeypatch.setattr(embed_module, "match_channels", original)
-    assert cli.main([*base, "--out", str(part), "--resume"]) == 0
-    assert (part / "ids.txt").read_text() == (whole / "ids.txt").read_text()
-    assert np.array_equal(np.load(whole / "embeddings.npy"), np.load(part / "embeddings.npy"))
-
-
-def test_sigterm_stops_embed_as_ctrl_c_does_and_it_resumes(sources, checkpoint, tmp_path, monkeypatch, capsys):
-    """Probe: embed and eval died on SIGTERM (a scheduler's stop) without a word, exit -15; now one line, exit 143,
-    embed's state saved, and --resume ends with an uninterrupted run's files."""
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_a_run_stopped_inside_a_batch_resumes_without_losing_it(
+    stop, sources, checkpoint, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C while the third batch is in the net: its images are not counted as done, so the resumed run embeds
+    them (the state used to count a batch before writing it: 4 images lost). Probe: SIGTERM (a scheduler's stop)
+    killed embed without a word, exit -15; now it stops as Ctrl-C does, one line, exit 143."""
     import os
     import signal
 
@@ -270,21 +247,24 @@ def test_sigterm_stops_embed_as_ctrl_c_does_and_it_resumes(sources, checkpoint, 
     assert cli.main([*base, "--out", str(whole)]) == 0
     original, calls = embed_module.match_channels, []
 
-    def terminated_in_the_third_batch(*args, **kwargs):
+    def stop_in_the_third_batch(*args, **kwargs):
         calls.append(1)
+        if len(calls) == 3 and stop == "ctrl-c":
+            raise KeyboardInterrupt
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(embed_module, "match_channels", terminated_in_the_third_batch)
+    monkeypatch.setattr(embed_module, "match_channels", stop_in_the_third_batch)
     capsys.readouterr()
     handler = signal.getsignal(signal.SIGTERM)
-    assert cli.main([*base, "--out", str(part)]) == 143
+    assert cli.main([*base, "--out", str(part)]) == {"ctrl-c": 130, "sigterm": 143}[stop]
+    said = {"ctrl-c": "interrupted", "sigterm": "stopped by SIGTERM"}[stop]
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("byol-pytorch")]
-    assert lines == [
-        "byol-pytorch: stopped by SIGTERM (rows written before are kept; --resume continues once some were)"
-    ]
+    assert lines == [f"byol-pytorch: {said} (rows written before are kept; --resume continues once some were)"]
     assert signal.getsignal(signal.SIGTERM) == handler  # put back
+    state = json.loads((part / "embed_state.json").read_text())
+    assert state["rows"] == state["items"] == 8
     monkeypatch.setattr(embed_module, "match_channels", original)
     assert cli.main([*base, "--out", str(part), "--resume"]) == 0
     assert (part / "ids.txt").read_text() == (whole / "ids.txt").read_text()
