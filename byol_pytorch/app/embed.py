@@ -199,8 +199,9 @@ def _has_labels(spec: str, kind: str, args: argparse.Namespace) -> bool:
     if kind == "hf":
         from ..data.hf import label_column, load_local_dataset, parse_hf_spec
 
+        data = load_local_dataset(parse_hf_spec(spec) or "", args.hf_split)
         try:
-            return label_column(load_local_dataset(parse_hf_spec(spec) or "", args.hf_split)) is not None
+            return label_column(data) is not None
         except ValueError:  # a label column of class names: no labels written (--labels names the fix)
             return False
     return False

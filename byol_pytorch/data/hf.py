@@ -239,7 +239,8 @@ def label_column(data: Any, name: str | None = None) -> str | None:
     column named ``label`` or ``labels``; None when there is none.
 
     Raises:
-        ValueError: ``name`` is not a column of integers.
+        ValueError: ``name`` is not a column of integers; or, without ``name``, no such column but a ``label`` or
+            ``labels`` column of class names (the message names ``class_encode_column``).
     """
     datasets = _datasets()
     features = data.features
@@ -264,10 +265,12 @@ def label_column(data: Any, name: str | None = None) -> str | None:
     classes = [k for k, feature in features.items() if isinstance(feature, datasets.ClassLabel)]
     if len(classes) == 1:
         return classes[0]
-    named = next((k for k in ("label", "labels") if k in features), None)
-    if named is not None and not integer(features[named]):  # class names, say: the fix is one call
-        return label_column(data, named)  # raises, naming the fix
-    return named
+    candidates = [k for k in ("label", "labels") if k in features]
+    found = next((k for k in candidates if integer(features[k])), None)
+    names = [k for k in candidates if getattr(features[k], "dtype", None) in ("string", "large_string")]
+    if found is None and names:  # class names: the fix is one call
+        return label_column(data, names[0])  # raises, naming it
+    return found
 
 
 def _split_name(names: list[str], split: str | None) -> str:

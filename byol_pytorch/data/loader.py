@@ -50,9 +50,6 @@ def collate_images(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor,
 _LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # multi-process iterators of our loaders
 
 
-_TORCH_WORKERS_WARNING = "This DataLoader will create"  # torch's three lines; make_loader says it in one, once
-
-
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -80,19 +77,16 @@ def _warn_many_workers(workers: int) -> None:
 class _Loader(DataLoader):
     """A ``DataLoader`` whose multi-process iterators are known to the exit hook."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_TORCH_WORKERS_WARNING)
-            super().__init__(*args, **kwargs)
+    def check_worker_number_rationality(self) -> None:
+        """torch's three-line warning for more workers than CPUs, which came for every loader: ``make_loader`` says
+        it in one line, once per process (no ``catch_warnings`` here: it would reset the user's once-only warnings)."""
 
     def _get_iterator(self) -> Any:
         if self.num_workers == 0:
             return super()._get_iterator()
         before = {child.pid for child in multiprocessing.active_children()}
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_TORCH_WORKERS_WARNING)
-                iterator = super()._get_iterator()
+            iterator = super()._get_iterator()
         except BaseException:  # a start-up cut short (too many open files, Ctrl-C): no iterator holds its workers
             _kill_started_since(before)
             raise

@@ -248,15 +248,23 @@ class CutShort(EOFError):
 
 
 class _Counted:
-    """A stream's ``read``, counting the bytes it delivered."""
+    """A stream's ``read``, counting the bytes it delivered and keeping the last ones (``block``)."""
+
+    KEPT = 1 << 16  # bytes kept: more than tarfile's stream buffer, which reads 10240 at a time
 
     def __init__(self, file: Any) -> None:
-        self.file, self.delivered = file, 0
+        self.file, self.delivered, self.tail = file, 0, b""
 
     def read(self, size: int = -1) -> bytes:
         data = self.file.read(size)
         self.delivered += len(data)
+        self.tail = (self.tail + data)[-self.KEPT :]
         return data
+
+    def block(self, offset: int) -> bytes:
+        """The tar block at ``offset`` of the stream, from the bytes kept (b"" when they no longer hold it)."""
+        start = offset - (self.delivered - len(self.tail))
+        return self.tail[start : start + tarfile.BLOCKSIZE] if start >= 0 else b""
 
 
 def _samples_from(file: Any, base: int, wanted: Wanted) -> Iterator[tuple[Sample, int]]:
@@ -283,6 +291,11 @@ def _samples_from(file: Any, base: int, wanted: Wanted) -> Iterator[tuple[Sample
             members[parsed[1]] = reader.read() if reader is not None else None
         if file.delivered < tar.offset + tarfile.BLOCKSIZE:  # the block after the last member was never read whole
             raise CutShort(f"the object ends at byte {base + file.delivered}, without the tar's end-of-archive block")
+        if any(file.block(tar.offset)):  # tarfile takes a block of garbage for the archive's end too
+            raise CutShort(
+                f"the block at byte {base + tar.offset} is neither a tar header nor the archive's end: the object is "
+                "damaged"
+            )
     if key is not None:
         yield (key, members), -1
 
@@ -424,7 +437,7 @@ def read_shard(
                     "count cache) is stale, or the object was cut short; write the index again (byol-pytorch shards "
                     "index), or upload the shard again"
                     if isinstance(error, EOFError) and not isinstance(error, CutShort)
-                    else f"the object ends inside a sample at the same place on every read ({_reason(error)}, "
+                    else f"the object is cut short or damaged at the same place on every read ({_reason(error)}, "
                     f"{len(failures)} reads from byte {offset}): it is truncated or corrupt; upload the shard again"
                 )
             if reason is not None:

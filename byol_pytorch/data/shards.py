@@ -197,9 +197,11 @@ def _samples(path: Path) -> list[_Sample]:
     _, tariterators = _webdataset()
     samples: list[_Sample] = []
     end = last = 0  # where the last member's data ends; where the block after the last member is
+    opened: list[tarfile.TarFile] = []
     try:
         length = path.stat().st_size
         with tarfile.open(path, "r:") as tar:
+            opened.append(tar)
             for member in tar:
                 end = max(end, member.offset_data + member.size)
                 if not member.isreg() or _META.match(member.name):
@@ -215,8 +217,9 @@ def _samples(path: Path) -> list[_Sample]:
             file.seek(last)
             block = file.read(tarfile.BLOCKSIZE)
     except tarfile.TarError as error:
-        if end and (length % tarfile.BLOCKSIZE or end > length):  # members were read, then the file stops
-            raise ValueError(_cut_short(path, length)) from None
+        failed_at = opened[0].offset if opened else 0  # the header (group: a pax header, its data, the header) read
+        if end and (length % tarfile.BLOCKSIZE or end > length or length - failed_at <= _HEADER_GROUP):
+            raise ValueError(_cut_short(path, length)) from None  # members were read, then the file stops
         if end:  # members were read: the tar breaks off after them
             raise ValueError(
                 f"{str(path)!r} is damaged after byte {end} ({error}); copy or write the shard again"
@@ -234,6 +237,9 @@ def _samples(path: Path) -> list[_Sample]:
             "copy or write the shard again"
         )
     return samples
+
+
+_HEADER_GROUP = 4 * tarfile.BLOCKSIZE  # a header that fails this close to the file's end was cut, not garbled
 
 
 def _cut_short(path: Path, length: int) -> str:

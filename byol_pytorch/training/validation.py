@@ -92,7 +92,7 @@ class KnnMonitor:
         self.device, self.batch_size, self.workers = device, batch_size, workers
         self.clean_images = clean_images
         self.num_classes: int | None = None
-        self.scored: list[int] = []  # the classes of the held-out images, and the bank's others (``features``)
+        self.scored: list[int] = []  # the bank's classes with held-out images, and its others (``features``)
         self.unscored: list[int] = []
         self.queries_scored = 0  # held-out images of the last evaluation
         self.unreadable = 0  # images of the last evaluation that could not be read (left out)
@@ -132,8 +132,9 @@ class KnnMonitor:
             )
         self.num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
         self.missing = self.missing_classes(torch.cat([bank_labels, query_labels]))
-        self.scored = sorted(set(query_labels.tolist()))
-        self.unscored = sorted(set(bank_labels.tolist()) - set(self.scored))
+        banked = set(bank_labels.tolist())
+        self.scored = sorted(set(query_labels.tolist()) & banked)
+        self.unscored = sorted(banked - set(self.scored))
         return bank, bank_labels, queries, query_labels
 
     def held_out_warning(self) -> str | None:
@@ -153,8 +154,8 @@ class KnnMonitor:
         banked = len(self.unscored) + len(self.scored)
         return (
             f"the held-out images are of {len(self.scored)} of the {banked} classes ({shown}: none held out), so "
-            "the accuracy says nothing of those; give every class 5 images or more (every fifth is held out), or "
-            "a val/ folder with images of every class"
+            "the accuracy says nothing of those; give those classes more images (every fifth image of a class "
+            "sub-folder is held out, every fifth sample of shards), or a val/ folder with images of every class"
         )
 
     def missing_warning(self, spec: str, once: bool = False) -> str | None:

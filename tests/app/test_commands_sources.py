@@ -287,8 +287,8 @@ def test_eval_names_the_classes_no_held_out_image_scores(checkpoint, tmp_path, c
     warned = [line for line in capsys.readouterr().err.splitlines() if "held-out" in line]
     assert warned == [
         "byol-pytorch: warning: the held-out images are of 1 of the 3 classes (boot, coat: none held out), so the "
-        "accuracy says nothing of those; give every class 5 images or more (every fifth is held out), or a val/ "
-        "folder with images of every class"
+        "accuracy says nothing of those; give those classes more images (every fifth image of a class sub-folder is "
+        "held out, every fifth sample of shards), or a val/ folder with images of every class"
     ]
 
 

@@ -242,3 +242,7 @@ def test_a_label_column_of_class_names_says_how_to_encode_it():
     with pytest.raises(ValueError, match=r"label column 'label' holds .*string.*class_encode_column\('label'\)"):
         label_column(data)
     assert label_column(data.class_encode_column("label")) == "label"
+    both = datasets.Dataset.from_dict({"image": [b"x", b"y"], "label": ["cat", "dog"], "labels": [0, 1]})
+    assert label_column(both) == "labels"  # review: the integer one is taken, as before
+    listed = datasets.Dataset.from_dict({"image": [b"x", b"y"], "labels": [[0, 1], [1]]})
+    assert label_column(listed) is None  # multi-label lists: no fix to name

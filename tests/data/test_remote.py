@@ -353,7 +353,7 @@ def test_a_shard_cut_short_on_the_server_is_named_after_three_reads(tmp_path, ma
     assert cli.main([*argv, "--checkpoint", str(checkpoint)]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("byol-pytorch: error: --data: ") and "truncated or corrupt; upload the shard again" in line
-    assert "train-0001.tar: the object ends inside a sample at the same place on every read" in line
+    assert "train-0001.tar: the object is cut short or damaged at the same place on every read" in line
     assert server.requests.count(("GET", "train-0001.tar")) == 3
 
 
@@ -379,6 +379,29 @@ def test_a_shard_cut_inside_a_header_on_the_server_is_named_not_read_as_shorter(
     assert line.startswith("byol-pytorch: error: --data: ") and "train-0001.tar" in line, line
     assert "without the tar's end-of-archive block" in line and "upload the shard again" in line, line
     assert not (tmp_path / "emb" / "embed.json").exists()
+
+
+def test_a_remote_shard_with_a_garbage_block_is_named_not_read_as_shorter(tmp_path, make_shards):
+    """Review: Python's tarfile takes a block of garbage for the archive's end; a stream whose block after the last
+    member read is not zeros is damaged, named after three reads like a cut."""
+    import tarfile
+
+    from byol_pytorch.data.remote import read_shard
+
+    make_shards(tmp_path / "shards", broken=False)
+    shard = tmp_path / "shards" / "train-0001.tar"
+    third = tarfile.open(shard).getmembers()[2]
+    data = bytearray(shard.read_bytes())
+    data[third.offset : third.offset + 512] = b"x" * 512
+    shard.write_bytes(bytes(data))
+    policy = ReadPolicy(retries=3, backoff=0.01)
+    with pytest.raises(RemoteReadError) as error:
+        list(read_shard(f"pipe:cat {shard}", None, lambda suffix, members: False, policy))
+    message = str(error.value)
+    assert "is neither a tar header nor the archive's end: the object is damaged" in message, message
+    assert "upload the shard again" in message
+    whole = tmp_path / "shards" / "train-0002.tar"
+    assert len(list(read_shard(f"pipe:cat {whole}", None, lambda suffix, members: False, policy))) == 6
 
 
 def test_train_from_pipe_with_workers_and_resume(tmp_path, make_shards, tiny_flags, serve, monkeypatch):
