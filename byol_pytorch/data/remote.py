@@ -30,6 +30,7 @@ parameters that hold signatures or tokens.
 
 from __future__ import annotations
 
+import collections
 import re
 import subprocess
 import tarfile
@@ -250,21 +251,26 @@ class CutShort(EOFError):
 class _Counted:
     """A stream's ``read``, counting the bytes it delivered and keeping the last ones (``block``)."""
 
-    KEPT = 1 << 16  # bytes kept: more than tarfile's stream buffer, which reads 10240 at a time
+    KEPT = 1 << 16  # bytes kept at least: more than tarfile's stream buffer, which reads 10240 at a time
 
     def __init__(self, file: Any) -> None:
-        self.file, self.delivered, self.tail = file, 0, b""
+        self.file, self.delivered = file, 0
+        self.chunks: collections.deque[bytes] = collections.deque()  # the last reads (no copy of the stream)
+        self.kept = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self.file.read(size)
         self.delivered += len(data)
-        self.tail = (self.tail + data)[-self.KEPT :]
+        self.chunks.append(data)
+        self.kept += len(data)
+        while self.kept - len(self.chunks[0]) >= self.KEPT:
+            self.kept -= len(self.chunks.popleft())
         return data
 
     def block(self, offset: int) -> bytes:
         """The tar block at ``offset`` of the stream, from the bytes kept (b"" when they no longer hold it)."""
-        start = offset - (self.delivered - len(self.tail))
-        return self.tail[start : start + tarfile.BLOCKSIZE] if start >= 0 else b""
+        start = offset - (self.delivered - self.kept)
+        return b"".join(self.chunks)[start : start + tarfile.BLOCKSIZE] if start >= 0 else b""
 
 
 def _samples_from(file: Any, base: int, wanted: Wanted) -> Iterator[tuple[Sample, int]]:
