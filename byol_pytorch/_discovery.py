@@ -306,14 +306,20 @@ class _Trace:
         out = self.outputs.get(module)
         return isinstance(out, torch.Tensor) and out._version != self.versions.get(module)
 
-    def run(self, x: torch.Tensor, input_name: str | None) -> object:
-        """One forward in eval mode with autograd on; training flags restored, hooks removed."""
+    def run(self, x: torch.Tensor, input_name: str | None, training: bool = False) -> object:
+        """One forward in eval mode with autograd on (``training``: in training mode without autograd, as BYOL's
+        target pass, torch's CPU and CUDA generators forked and given back); training flags restored, hooks removed."""
         handles = []
         for m in self.net.modules():
             handles.append(m.register_forward_pre_hook(self._start, with_kwargs=True))
             handles.append(m.register_forward_hook(self._end))
         try:
-            with saved_modes(self.net), torch.enable_grad():
+            if not training:
+                with saved_modes(self.net), torch.enable_grad():
+                    return call_net(self.net, x, input_name)
+            devices = [x.device.index or 0] if x.device.type == "cuda" else []
+            with saved_modes(self.net, eval_mode=False), torch.no_grad(), torch.random.fork_rng(devices=devices):
+                self.net.train(True)
                 return call_net(self.net, x, input_name)
         finally:
             for h in handles:
@@ -321,6 +327,16 @@ class _Trace:
 
     def ran(self, module: nn.Module, kind: str) -> bool:
         return any(k == kind and m is module for k, m in self.events)
+
+    def unfinished(self) -> nn.Module | None:
+        """The innermost module that started and did not return (where a forward that raised failed)."""
+        open_modules: list[nn.Module] = []
+        for kind, m in self.events:
+            if kind == "start":
+                open_modules.append(m)
+            elif open_modules and open_modules[-1] is m:
+                open_modules.pop()
+        return next((m for m in reversed(open_modules) if self.names.get(m)), None)
 
     def candidates(self, batch: int, limit: int = _CANDIDATES) -> list[tuple[str, int]]:
         """(name, pooled width) of the modules whose output pool_hidden takes, last to run first."""
@@ -818,35 +834,18 @@ def probe_backbone(
 
 
 def _check_training_forward(copied: nn.Module, x: torch.Tensor, call_name: str | None, image_size: tuple) -> None:
-    """Run the probe's copy once in training mode, as BYOL's target pass runs it (no autograd; torch's CPU and CUDA
-    generators forked and given back): a part that runs only in training and fails there (torchvision's Inception v3
-    auxiliary classifier below 299 px) is a ``ValueError`` naming that part now, not the first training step's
-    error."""
-    started: list[nn.Module] = []
-    names = {m: n for n, m in copied.named_modules()}
-
-    def start(module: nn.Module, args: tuple) -> None:
-        started.append(module)
-
-    def end(module: nn.Module, args: tuple, output: object) -> None:
-        if started and started[-1] is module:
-            started.pop()
-
-    handles = [h for m in copied.modules() for h in (m.register_forward_pre_hook(start), m.register_forward_hook(end))]
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    """Run the probe's copy once in training mode, as BYOL's target pass runs it (``_Trace.run(training=True)``): a
+    part that runs only in training and fails there (torchvision's Inception v3 auxiliary classifier below 299 px)
+    is a ``ValueError`` naming that part now, not the first training step's error."""
+    trace = _Trace(copied)
     try:
-        with saved_modes(copied, eval_mode=False), torch.no_grad(), torch.random.fork_rng(devices=devices):
-            copied.train(True)
-            call_net(copied, x, call_name)
+        trace.run(x, call_name, training=True)
     except Exception as error:
-        inner = next((names[m] for m in reversed(started) if names.get(m)), None)
-        where = f" in {inner!r} ({type(started[-1]).__name__})" if inner else ""
+        inner = trace.unfinished()
+        where = f" in {trace.names[inner]!r} ({type(inner).__name__})" if inner is not None else ""
         raise ValueError(
             f"{type(copied).__name__} runs in eval mode but fails in training mode, as BYOL trains it, on a probe "
             f"batch of shape {tuple(x.shape)}{where}: {error}. If that part runs only in training (an auxiliary "
             f"classifier, say), it may not fit image_size {tuple(image_size)}: leave it out when building the net "
             "(torchvision's inception_v3: aux_logits=False) or use a larger image_size"
         ) from error
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -41,6 +41,7 @@ from .errors import (
     debug_enabled,
     describe_os_error,
     last_line,
+    launched_processes,
     one_line,
     prints_node_errors,
     warn,
@@ -376,8 +377,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def _one_process_unless_train(command: str) -> None:
     """Only ``train`` splits its work between torchrun's processes; the others would each do all of it."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if command != "train" and world.isdigit() and int(world) > 1:
+    world = launched_processes()
+    if command != "train" and world > 1:
         raise before_the_group(
             UserError(
                 f"{command} runs in one process, and WORLD_SIZE={world} is set here (torchrun or another launcher "
@@ -393,8 +394,8 @@ def _report(error: BaseException, message: str, debug: bool) -> None:
     if debug:
         error.__suppress_context__ = False
         traceback.print_exception(error)
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1:  # under torchrun: which rank, on a line of its own
+    world = launched_processes()
+    if world > 1:  # under torchrun: which rank, on a line of its own
         message = f"process {os.environ.get('RANK', '?')} of {world}: {message}"
         sys.stderr.write("\n")
     sys.stderr.write(f"{PROG}: error: {one_line(message)}\n")

@@ -41,7 +41,6 @@ from torch.utils.data import Dataset, Subset
 from .._atomic import atomic_write, names_the_file
 from ..batchnorm import recalibrate_batchnorm
 from ..data import (
-    data_kind,
     embedding_items,
     make_loader,
     match_channels,
@@ -52,6 +51,7 @@ from ..data import (
 from ..data.remote import is_remote, redact
 from ..data.remote_shards import RemoteShardSamples
 from ..data.shards import ShardSamples
+from ..data.sources import check_shard_index
 from ..training.models import learner_from_checkpoint
 from ..training.recipe import Recipe
 from ..training.validation import clean_input
@@ -210,7 +210,10 @@ def _has_labels(spec: str, kind: str, args: argparse.Namespace) -> bool:
 def _open(args: argparse.Namespace, size: int, channels: int) -> tuple[Dataset, bool]:
     """The source's embedding items (``data.embedding_items``) and whether they carry labels."""
     try:
-        kind = data_kind(args.data)
+        kind = check_shard_index(args.data, args.shard_index)
+    except ValueError as error:  # the flag's own message
+        raise UserError(str(error)) from None
+    try:
         labelled = _has_labels(args.data, kind, args)
         options = {"image_column": args.image_column, "split": args.hf_split, "shard_index": args.shard_index}
         if labelled:
@@ -218,13 +221,15 @@ def _open(args: argparse.Namespace, size: int, channels: int) -> tuple[Dataset, 
         else:
             dataset = open_unlabelled(args.data, size, channels, **options)
         items = embedding_items(dataset)
-        len(items)  # type: ignore[arg-type]  # remote shards: their counts (an index, the cache or a read) now
-        return items, labelled
     except ImportError as error:
         raise UserError(f"--data {redact(args.data)}: {error}") from None
     except (ValueError, RuntimeError) as error:
-        said = str(error)
-        raise UserError(said if said.startswith("--shard-index") else f"--data: {said}") from None
+        raise UserError(f"--data: {error}") from None
+    try:
+        len(items)  # type: ignore[arg-type]  # remote shards: their counts (an index, the cache or a read) now
+    except (ValueError, RuntimeError) as error:  # with --shard-index, the index's own message names it
+        raise UserError(str(error) if args.shard_index else f"--data: {error}") from None
+    return items, labelled
 
 
 def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -> dict[str, Any] | None:

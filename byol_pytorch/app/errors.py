@@ -21,6 +21,7 @@ __all__ = [
     "debug_enabled",
     "describe_os_error",
     "last_line",
+    "launched_processes",
     "one_line",
     "prints_node_errors",
     "signals_raise",
@@ -34,13 +35,18 @@ class UserError(Exception):
     """Bad input from the user: the command prints the message as one line and exits 1."""
 
 
+def launched_processes() -> int:
+    """The processes a launcher (torchrun) started for this job, from ``WORLD_SIZE``: 1 outside one."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return int(world) if world.isdigit() and int(world) > 1 else 1
+
+
 def prints_node_errors() -> bool:
     """Whether this process prints an error that every process of its node meets alike, before the processes can
     agree on who prints (bad flags, a command that runs in one process, a device the node lacks): outside a
     launcher, yes; under torchrun, only the node's first process (``LOCAL_RANK`` 0), so that each node's log
     has the line once."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    return not (world.isdigit() and int(world) > 1) or os.environ.get("LOCAL_RANK", "0") == "0"
+    return launched_processes() == 1 or os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def before_the_group(error: BaseException) -> BaseException:

@@ -196,12 +196,16 @@ def _samples(path: Path) -> list[_Sample]:
     """The samples of one shard, from its headers only: members grouped by webdataset's key."""
     _, tariterators = _webdataset()
     samples: list[_Sample] = []
-    end = last = 0  # where the last member's data ends; where the block after the last member is
-    opened: list[tarfile.TarFile] = []
+    end = 0  # where the last member's data ends
     try:
         length = path.stat().st_size
-        with tarfile.open(path, "r:") as tar:
-            opened.append(tar)
+        tar = tarfile.open(path, "r:")
+    except tarfile.TarError as error:
+        raise ValueError(f"{str(path)!r} is not an uncompressed tar file ({error}); shards are plain .tar") from None
+    except OSError as error:
+        raise ValueError(f"cannot read the shard {str(path)!r}: {error.strerror or error}") from None
+    with tar:
+        try:
             for member in tar:
                 end = max(end, member.offset_data + member.size)
                 if not member.isreg() or _META.match(member.name):
@@ -212,21 +216,17 @@ def _samples(path: Path) -> list[_Sample]:
                 if not samples or samples[-1][0] != key:
                     samples.append((key, {}))
                 samples[-1][1][suffix.lower()] = (member.offset_data, member.size)
-            last = tar.offset
-        with open(path, "rb") as file:
-            file.seek(last)
-            block = file.read(tarfile.BLOCKSIZE)
-    except tarfile.TarError as error:
-        failed_at = opened[0].offset if opened else 0  # the header (group: a pax header, its data, the header) read
-        if end and (length % tarfile.BLOCKSIZE or end > length or length - failed_at <= _HEADER_GROUP):
-            raise ValueError(_cut_short(path, length)) from None  # members were read, then the file stops
-        if end:  # members were read: the tar breaks off after them
+        except tarfile.TarError as error:  # members were read, then a header (group: pax header, its data, header)
+            if length % tarfile.BLOCKSIZE or end > length or length - tar.offset <= _HEADER_GROUP:
+                raise ValueError(_cut_short(path, length)) from None  # the file stops
             raise ValueError(
                 f"{str(path)!r} is damaged after byte {end} ({error}); copy or write the shard again"
             ) from None
-        raise ValueError(f"{str(path)!r} is not an uncompressed tar file ({error}); shards are plain .tar") from None
-    except OSError as error:
-        raise ValueError(f"cannot read the shard {str(path)!r}: {error.strerror or error}") from None
+        except OSError as error:
+            raise ValueError(f"cannot read the shard {str(path)!r}: {error.strerror or error}") from None
+        last = tar.offset  # the block after the last member
+        tar.fileobj.seek(last)
+        block = tar.fileobj.read(tarfile.BLOCKSIZE)
     # Python's tarfile takes a header cut short, a missing one or one of garbage for the archive's end: a whole tar
     # ends in a block of zeros.
     if len(block) < tarfile.BLOCKSIZE:

@@ -40,6 +40,7 @@ __all__ = [
     "DATA_FORMS",
     "ShardReading",
     "UNREADABLE",
+    "check_shard_index",
     "data_kind",
     "embedding_items",
     "first_items",
@@ -133,7 +134,7 @@ def open_unlabelled(
         ValueError: the data is missing, empty or unreadable (the message names the spec).
         ImportError: the form needs an extra that is not installed (the message names it).
     """
-    kind = _check_shard_index(spec, shard_index)
+    kind = check_shard_index(spec, shard_index)
     if kind == "cifar":
         name, root = parse_cifar_spec(spec) or ("", "")
         return CifarDataset(name, root, split or "train", size=load_size, channels=channels)
@@ -170,7 +171,7 @@ def open_unlabelled(
     return ImageFolder(spec, size, channels, index=index)
 
 
-def _check_shard_index(spec: str, shard_index: str | None) -> str:
+def check_shard_index(spec: str, shard_index: str | None) -> str:
     """``data_kind(spec)``; a ``ValueError`` for a shard index given with data other than remote shards."""
     kind = data_kind(spec)
     if shard_index is not None and not (kind == "shards" and is_remote(spec)):
@@ -208,7 +209,7 @@ def open_labelled(
             see ``open_unlabelled``.
         ImportError: see ``open_unlabelled``.
     """
-    kind = _check_shard_index(spec, shard_index)
+    kind = check_shard_index(spec, shard_index)
     if kind == "cifar":
         name, root = parse_cifar_spec(spec) or ("", "")
         return CifarDataset(name, root, split or "train", labelled=True, size=load_size, channels=channels)
