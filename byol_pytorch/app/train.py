@@ -66,6 +66,7 @@ from ..data.remote import RemoteReadError, ShardReadWarning, is_remote, redact
 from ..data.remote_shards import SHARD_COUNTS_NAME, counts_with_cache, expand_remote
 from ..data.sampling import DataOrder, EpochSampler, step_batches
 from ..data.shards import ShardDataset, epoch_batches, expand_shards, make_shard_loader, shard_workers
+from ..data.sources import check_shard_index
 from ..training.checkpoint import (
     TRAINING_KEYS,
     get_rng_state,
@@ -522,7 +523,10 @@ def _build_data(
         return index
 
     try:
-        kind = data_kind(data)
+        kind = check_shard_index(data, getattr(args, "shard_index", None))
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    try:
         index = None
         if kind == "folder":
             index = broadcast_from_main(ctx, scan)
@@ -688,9 +692,12 @@ def _saved_settings(args: argparse.Namespace, saved: dict[str, Any] | None, path
             f"the run's --data {data} held credentials, which checkpoints do not keep: pass --data again, with "
             "them, to resume it"
         )
+    index_given = getattr(args, "shard_index", None) is not None
     for key in ("shuffle_buffer", "image_column", "hf_split", "shard_index", "val_data", "workers", *_REPORTING):
         if getattr(args, key, None) is None:
             setattr(args, key, saved.get(key))
+    if not index_given and args.data and not (data_kind(args.data) == "shards" and is_remote(args.data)):
+        args.shard_index = None  # the run's remote shards moved to other data: their index no longer applies
     _reporting_defaults(args)
     return recipe
 

@@ -337,6 +337,32 @@ def test_embed_takes_a_shard_index_and_names_counts_that_no_longer_fit(
     )
 
 
+def test_train_refuses_a_shard_index_for_local_data_and_drops_a_saved_one_when_the_run_moves_off_remote_shards(
+    tmp_path, make_shards, tiny_flags, serve, capsys
+):
+    """Before: train --shard-index with local shards (even an index file that does not exist) was silently
+    ignored, while embed refused it; a resumed run keeps its saved index only while its data is remote shards."""
+    make_shards(tmp_path / "shards", broken=False)
+    local = str(tmp_path / "shards" / "train-{0000..0003}.tar")
+    missing = str(tmp_path / "none.json")
+    argv = ["train", "--data", local, "--shard-index", missing, "--out", str(tmp_path / "refused"), *tiny_flags]
+    assert cli.main([*argv, "--max-steps", "1"]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("byol-pytorch")]
+    assert lines == [
+        "byol-pytorch: error: --shard-index gives the sample counts of remote tar shards (http(s)://, s3://, gs://, "
+        f"pipe:), not of {local!r}, whose samples are counted as it is opened; leave --shard-index out"
+    ]
+    assert not (tmp_path / "refused").exists()
+    base, _ = serve(tmp_path / "shards")
+    (tmp_path / "index.json").write_text(json.dumps(index_document([f"train-{k:04d}.tar" for k in range(4)], [6] * 4)))
+    run = ["--out", str(tmp_path / "run"), *tiny_flags, "--bn-stats", "trained"]
+    remote = ["--data", f"{base}/train-{{0000..0003}}.tar", "--shard-index", str(tmp_path / "index.json")]
+    assert cli.main(["train", *remote, *run, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--data", local, *run, "--max-steps", "2"]) == 0, capsys.readouterr().err
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 2
+
+
 def test_a_shard_cut_short_on_the_server_is_named_after_three_reads(tmp_path, make_shards, tiny_flags, serve, capsys):
     """Before: an object truncated on the server was read 9 times (8 retries, about 100 s) and blamed on the
     network; it ends at the same place on every read, so after three reads it is named truncated."""
