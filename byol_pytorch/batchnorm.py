@@ -2,9 +2,9 @@
 
 BYOL trains the backbone in train mode on augmented views, so every BatchNorm layer's running
 mean and variance describe the views (crops, colour jitter, solarised pixels), not the images the
-features will be computed on. `recalibrate_batchnorm` replaces them with their average over a few
-hundred un-augmented images: a forward pass in train mode without gradients, nothing else
-changed. Where it helps is measured per backbone in benchmarks/results/robustness.md.
+features will be computed on. `recalibrate_batchnorm` replaces them with the mean and variance of
+each layer's inputs over a few hundred un-augmented images: a forward pass in train mode without
+gradients, nothing else changed. Where it helps is measured per backbone in benchmarks/results/robustness.md.
 
 `freeze_batchnorm_statistics` is the other way out: the backbone's BatchNorm layers stay in eval
 mode through training, normalising with the statistics they have (a freshly built net's: mean 0,
@@ -67,8 +67,15 @@ def _new_frozen(cls: type) -> nn.Module:
 
 
 def _frozen_class(cls: type) -> type:
+    """``FrozenStatistics`` + ``cls``, made once per class.
+
+    It reports ``cls``'s module as its own, so that tools which treat ``torch.nn`` layers as leaves
+    (``torch.fx``, torchvision's ``create_feature_extractor``) still do; pickling goes through
+    ``__reduce_ex__``, which names ``cls`` itself.
+    """
     if cls not in _FROZEN_CLASSES:
-        _FROZEN_CLASSES[cls] = type(f"FrozenStatistics{cls.__name__}", (FrozenStatistics, cls), {})
+        name = f"FrozenStatistics{cls.__name__}"
+        _FROZEN_CLASSES[cls] = type(name, (FrozenStatistics, cls), {"__module__": cls.__module__})
     return _FROZEN_CLASSES[cls]
 
 
@@ -127,15 +134,19 @@ def freeze_batchnorm_statistics(net: nn.Module) -> int:
         (True, ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight'])
     """
     layers = batchnorm_layers(net)
-    lazy = [m for m in layers if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
-    if lazy:
-        raise ValueError(
-            f"{len(lazy)} lazy BatchNorm layer(s) are not initialised yet (their first forward would replace the "
-            "frozen class): run one forward pass through the net before freeze_batchnorm_statistics"
-        )
+    _refuse_lazy(layers, "freeze_batchnorm_statistics", " (their first forward would replace the frozen class)")
     for m in layers:
         _freeze(m)
     return len(layers)
+
+
+def _refuse_lazy(layers: list[nn.modules.batchnorm._BatchNorm], caller: str, why: str = "") -> None:
+    lazy = [m for m in layers if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(
+            f"{len(lazy)} lazy BatchNorm layer(s) are not initialised yet{why}: run one forward pass through "
+            f"the net before {caller}"
+        )
 
 
 def convert_sync_batchnorm(net: nn.Module) -> nn.Module:
@@ -197,13 +208,65 @@ def _forward(net: nn.Module, x: Tensor, transform: Callable[[Tensor], Tensor] | 
     """One batch through the net; integer images that the net cannot take get a TypeError naming ``transform=``."""
     try:
         net(x)
-    except RuntimeError as error:
-        if x.is_floating_point() or transform is not None:
+    except (RuntimeError, ValueError) as error:  # torch's BatchNorm says a wrong rank in a ValueError
+        first = str(error).splitlines()[0]
+        if x.dim() == 3:  # one (C, H, W) image, or a list of them taken for a list of batches
+            raise ValueError(
+                f"recalibrate_batchnorm got a batch of shape {tuple(x.shape)}, which the net did not take ({first}): "
+                "images come as (N, C, H, W) batches; stack single images first, torch.stack(images)"
+            ) from error
+        if x.is_floating_point() or transform is not None or not isinstance(error, RuntimeError):
             raise
         raise TypeError(
-            f"the net did not take {x.dtype} images ({str(error).splitlines()[0]}); pass transform=: "
+            f"the net did not take {x.dtype} images ({first}); pass transform=: "
             "BYOLAugment(image_size).normalize scales uint8 to [0, 1] and normalises them as the views were"
         ) from error
+
+
+class _Pooled:
+    """A forward pre-hook pooling one BatchNorm layer's input statistics over every batch.
+
+    Per channel: the count, the mean and the sum of squared deviations, merged batch by batch
+    (Chan, Golub and LeVeque's pairwise update) in float32 or wider, so that batches of unequal
+    size weigh by their size and the spread between batch means counts in the variance.
+    """
+
+    def __init__(self) -> None:
+        self.count, self.batches = 0, 0
+        self.mean: Tensor | None = None
+        self.squares: Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        if x.numel() == 0:
+            return
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        dims = [0, *range(2, x.dim())]
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        count = x.numel() // max(1, x.shape[1])
+        if self.mean is None or self.squares is None:
+            self.mean, self.squares = mean, var * count
+        else:
+            total = self.count + count
+            delta = mean - self.mean
+            self.mean = self.mean + delta * (count / total)
+            self.squares = self.squares + var * count + delta.square() * (self.count * count / total)
+        self.count += count
+        self.batches += 1
+
+    def store(self, m: nn.modules.batchnorm._BatchNorm) -> None:
+        """The pooled mean and unbiased variance (as BatchNorm keeps it) into ``m``'s running statistics."""
+        assert m.running_mean is not None and m.running_var is not None and m.num_batches_tracked is not None
+        assert self.mean is not None and self.squares is not None
+        var = self.squares / max(1, self.count - 1)
+        if not (torch.isfinite(self.mean).all() and torch.isfinite(var).all()):
+            raise ValueError(
+                "the images gave non-finite BatchNorm statistics (the net's activations overflow in "
+                f"{m.running_mean.dtype}): recalibrate in float32"
+            )
+        m.running_mean.copy_(self.mean)
+        m.running_var.copy_(var)
+        m.num_batches_tracked.fill_(self.batches)
 
 
 def _forward_batches(
@@ -217,6 +280,8 @@ def _forward_batches(
         cut = max_images is not None and len(x) > max_images - seen
         if cut:
             x = x[: max_images - seen]  # type: ignore[operator]
+        if len(x) == 0:
+            continue
         if len(x) == 1:  # no variance to estimate: left out (a DataLoader's last batch, a cut)
             single = True
             if cut:
@@ -224,6 +289,11 @@ def _forward_batches(
             continue
         x = x.to(device)
         x = transform(x) if transform is not None else x
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"recalibrate_batchnorm got images holding NaN or infinite values (in the batch from image {seen}): "
+                "the statistics would all be NaN; pass finite images"
+            )
         _forward(net, x.to(dtype) if x.is_floating_point() else x, transform)
         seen += len(x)
         if max_images is not None and seen >= max_images:
@@ -264,13 +334,16 @@ def recalibrate_batchnorm(
     max_images: int | None = 512,
     batch_size: int = 256,
 ) -> int:
-    """Set every BatchNorm layer's running statistics to their average over clean `images`.
+    """Set every BatchNorm layer's running statistics to those of its inputs over clean `images`.
 
-    Each BatchNorm's running mean and variance are reset and re-estimated as the plain average
-    (``momentum=None``) of its batch statistics over the images, forwarded under ``torch.no_grad()``
-    with the BatchNorm layers in train mode and every other module in eval mode (the forward the
-    features will come from: no dropout, no random draw). Weights, biases, other buffers and every
-    submodule's train/eval flag are left as they were; the momenta come back too. A net without
+    The images are forwarded under ``torch.no_grad()`` with the BatchNorm layers in train mode and
+    every other module in eval mode (the forward the features will come from: no dropout, no random
+    draw). Each layer's running mean and variance become the mean and (unbiased) variance of its
+    inputs over all the images, pooled per channel: batches weigh by their size, and the spread
+    between batch means counts, so the order and the batching of the images do not bias them.
+    ``num_batches_tracked`` becomes the number of batches. A layer the pass never runs (an
+    auxiliary head used in training only) keeps its statistics. Weights, biases, other buffers,
+    momenta and every submodule's train/eval flag are left as they were. A net without
     BatchNorm is not run at all.
 
     Args:
@@ -286,13 +359,14 @@ def recalibrate_batchnorm(
             one-image remainder of a tensor joins the batch before it.
 
     Returns:
-        The number of images the statistics were averaged over (0 for a net without BatchNorm, or
+        The number of images the statistics were computed over (0 for a net without BatchNorm, or
         whose BatchNorm layers are all frozen).
 
     Raises:
         ValueError: `images` holds no image, or only batches of one image (no variance to
-            estimate; a one-image batch among larger ones is left out), or `max_images` below 1
-            or `batch_size` below 2.
+            estimate; a one-image batch among larger ones is left out), a NaN or infinite pixel,
+            a batch of one (C, H, W) image that the net does not take, an uninitialised lazy
+            BatchNorm layer, or `max_images` below 1 or `batch_size` below 2.
         TypeError: a batch that is no tensor (nor a tuple / list starting with one), integer
             images that the net cannot take without a ``transform``, `max_images` or
             `batch_size` not a whole number, or a BYOL learner given as `net` (pass
@@ -310,28 +384,31 @@ def recalibrate_batchnorm(
     _refuse_learner(net)
     if not layers:
         return 0
-    momenta = [m.momentum for m in layers]
+    _refuse_lazy(layers, "recalibrate_batchnorm")
     saved = [_stats(m) for m in layers]
-    seen = 0
+    pooled = [_Pooled() for _ in layers]
+    hooks = [m.register_forward_pre_hook(p) for m, p in zip(layers, pooled)]
     try:
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the batches
         with torch.no_grad(), saved_modes(net):  # eval mode: no dropout, no drop-path, no random draw
             for m in layers:
-                m.train()  # only the BatchNorm layers estimate statistics
+                m.train()  # only the BatchNorm layers normalise with their batch's statistics
             seen, single = _forward_batches(net, _batches(images, batch_size, max_images), transform, max_images)
         if seen == 0 and single:
             raise ValueError("a batch of one image has no variance: use batches of two or more images")
         if seen == 0:
             raise ValueError("recalibrate_batchnorm got no images: pass a non-empty tensor or iterable of batches")
+        with torch.no_grad():
+            for m, p, before in zip(layers, pooled, saved):
+                _restore_stats(m, before)  # the pass's own updates undone; a layer it never ran keeps its own
+                if p.batches:
+                    p.store(m)
     except BaseException:
         for m, before in zip(layers, saved):  # a failed pass leaves the statistics as they were
             _restore_stats(m, before)
         raise
     finally:
-        for m, momentum in zip(layers, momenta):
-            m.momentum = momentum
+        for hook in hooks:
+            hook.remove()
     return seen
 
 

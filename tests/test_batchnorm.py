@@ -52,20 +52,67 @@ def test_only_running_statistics_change_and_modes_and_momenta_come_back():
     assert [m.training for m in net.modules()] == modes and net[4].momentum == 0.3 and net[1].momentum == 0.1
 
 
-def test_the_statistics_are_the_average_over_the_batches_of_the_clean_images():
+@pytest.mark.parametrize("batch_size", [10, 7, 256])
+def test_the_statistics_are_those_of_the_clean_images_whatever_their_batches(batch_size):
+    """Before: the plain average of per-batch statistics (momentum=None): 30 images in batches of 7 (7, 7, 7, 9)
+    weighed the last ones less, and the spread between batch means was missing from the variance; images in class
+    order (a labelled loader that does not shuffle) gave a variance a tenth of the true one."""
     net = _trained_net()
-    images = torch.rand(30, 3, 16, 16)
-    recalibrate_batchnorm(net, images, batch_size=10)
-    conv = net[0]
-    with torch.no_grad():  # the reference: the first BatchNorm's input, batch by batch
-        means, variances = [], []
-        for batch in images.split(10):
-            h = conv(batch)  # (10, 16, 16, 16)
-            means.append(h.mean((0, 2, 3)))
-            variances.append(h.var((0, 2, 3), unbiased=True))
-    torch.testing.assert_close(net[1].running_mean, torch.stack(means).mean(0), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(net[1].running_var, torch.stack(variances).mean(0), rtol=1e-5, atol=1e-6)
-    assert int(net[1].num_batches_tracked) == 3
+    images = torch.cat([torch.rand(20, 3, 16, 16) * 0.2, torch.rand(10, 3, 16, 16) * 0.2 + 0.8])  # two "classes"
+    recalibrate_batchnorm(net, images, batch_size=batch_size)
+    with torch.no_grad():  # the reference: the first BatchNorm's input over all the images at once
+        h = net[0](images)
+    torch.testing.assert_close(net[1].running_mean, h.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net[1].running_var, h.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    assert int(net[1].num_batches_tracked) == -(-30 // batch_size) - (30 % batch_size == 1)
+
+
+def test_a_layer_the_pass_never_runs_keeps_its_statistics():
+    """Before: every layer was reset first, so a BatchNorm the eval-mode forward never reaches (an auxiliary head
+    used in training only, as Inception's) came back with mean 0, variance 1 and no batch counted."""
+
+    class WithAux(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+            self.aux = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            h = self.body(x)
+            return (h, self.aux(h)) if self.training else h
+
+    torch.manual_seed(0)
+    net = WithAux().train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.rand(8, 3, 8, 8) * 5 + 3)
+    aux = {k: v.clone() for k, v in net.aux[1].state_dict().items()}
+    body = net.body[1].running_mean.clone()
+    assert recalibrate_batchnorm(net, torch.rand(16, 3, 8, 8)) == 16
+    assert all(torch.equal(aux[k], v) for k, v in net.aux[1].state_dict().items())
+    assert not torch.allclose(net.body[1].running_mean, body)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_images_are_refused_and_leave_the_statistics(bad):
+    """Before: one NaN pixel gave NaN running statistics in every layer, and the image count as if it had worked."""
+    net = _trained_net()
+    before = batchnorm_state(net)
+    images = torch.rand(16, 3, 16, 16)
+    images[11, 0, 3, 3] = bad
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(in the batch from image 8\)"):
+        recalibrate_batchnorm(net, images, batch_size=8)
+    assert all(torch.equal(before[k], v) for k, v in batchnorm_state(net).items())
+
+
+def test_single_images_and_uninitialised_lazy_layers_are_errors_naming_the_fix():
+    """Before: torch's 'expected 4D input (got 3D input)' for a list of (C, H, W) images, and 'Attempted to use an
+    uninitialized parameter in clone' for a lazy BatchNorm that never ran."""
+    with pytest.raises(ValueError, match=r"batch of shape \(3, 16, 16\).*stack single images first, torch\.stack"):
+        recalibrate_batchnorm(_trained_net(), [torch.rand(3, 16, 16), torch.rand(3, 16, 16)])
+    lazy = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match="run one forward pass through the net before recalibrate_batchnorm"):
+        recalibrate_batchnorm(lazy, torch.rand(4, 3, 8, 8))
 
 
 def test_a_net_without_batchnorm_is_not_run():
@@ -96,8 +143,8 @@ def test_a_one_image_remainder_joins_the_batch_before_it_or_is_left_out():
     images = torch.rand(9, 3, 16, 16)
     assert recalibrate_batchnorm(net, images, batch_size=4) == 9
     with torch.no_grad():
-        means = torch.stack([net[0](b).mean((0, 2, 3)) for b in (images[:4], images[4:])])
-    torch.testing.assert_close(net[1].running_mean, means.mean(0), rtol=1e-5, atol=1e-6)
+        mean = net[0](images).mean((0, 2, 3))
+    torch.testing.assert_close(net[1].running_mean, mean, rtol=1e-5, atol=1e-6)
     assert int(net[1].num_batches_tracked) == 2
     # max_images cuts first: 17 of 20 images in batches of 8 are 8 + 9.
     assert recalibrate_batchnorm(net, torch.rand(20, 3, 16, 16), batch_size=8, max_images=17) == 17
@@ -105,6 +152,8 @@ def test_a_one_image_remainder_joins_the_batch_before_it_or_is_left_out():
     # A loader's one-image last batch is left out.
     loader = [torch.rand(4, 3, 16, 16), torch.rand(1, 3, 16, 16)]
     assert recalibrate_batchnorm(net, loader) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(net[1].running_mean, net[0](loader[0]).mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
 
 
 def test_max_images_one_past_whole_batches_stops_instead_of_reading_the_rest():
@@ -369,3 +418,22 @@ def test_what_is_not_a_module_is_a_type_error_naming_it():
     for call in (lambda: recalibrate_batchnorm("x", torch.rand(4, 3, 8, 8)), lambda: freeze_batchnorm_statistics("x")):
         with pytest.raises(TypeError, match="expected the net as a torch.nn.Module, got str"):
             call()
+
+
+def test_frozen_layers_stay_leaves_for_fx_and_feature_extraction():
+    """Before: the frozen class named byol_pytorch.batchnorm as its module, so torch.fx traced into it
+    ('symbolically traced variables cannot be used as inputs to control flow') and torchvision's
+    create_feature_extractor failed on a frozen net."""
+    from torchvision.models import resnet18
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    net = _trained_net()
+    freeze_batchnorm_statistics(net)
+    traced = torch.fx.symbolic_trace(net)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"][:2] == ["0", "1"]
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(traced(x), net(x))
+    backbone = resnet18(weights=None)
+    freeze_batchnorm_statistics(backbone)
+    features = create_feature_extractor(backbone, {"layer4": "out"})(torch.rand(2, 3, 64, 64))["out"]
+    assert features.shape == (2, 512, 2, 2)
