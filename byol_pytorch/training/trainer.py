@@ -17,6 +17,8 @@ with a warning (use ``precision=`` and ``device=`` instead).
 
 from __future__ import annotations
 
+import operator
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -69,10 +71,33 @@ def _images_only(batch: list) -> torch.Tensor:
     first = batch[0]
     if isinstance(first, (tuple, list)):
         batch = [item[0] for item in batch]
+    shapes = [tuple(getattr(image, "shape", ())) for image in batch]
+    odd = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
+    if odd is not None:
+        raise ValueError(
+            f"the dataset's images differ in size ({shapes[0]} and {shapes[odd]} in one batch): a batch stacks "
+            "images of one size; resize them in your dataset's __getitem__ (for example "
+            "torchvision.transforms.v2.Resize((S, S))), or pass the folder's path as dataset=, which is resized"
+        )
     return default_collate(batch)
 
 
-def _check_items(dataset: object) -> None:
+def _whole(name: str, value: object, least: int, none: bool = False) -> int | None:
+    """``value`` as an int of at least ``least`` (None where ``none``); a TypeError / ValueError naming ``name``."""
+    if value is None and none:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)  # type: ignore[arg-type]  # a Python or NumPy integer
+    except TypeError:
+        raise TypeError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})") from None
+    if number < least:
+        raise ValueError(f"{name} must be at least {least}, got {number}")
+    return number
+
+
+def _check_items(dataset: object, channels: int) -> None:
     """A ``TypeError`` now, naming what is accepted, for a dataset whose items no batch can be made of."""
     accepted = "a map-style Dataset whose items are (C, H, W) images (tensors or arrays) or (image, label, ...) tuples"
     if isinstance(dataset, DataLoader):
@@ -87,7 +112,7 @@ def _check_items(dataset: object) -> None:
     first = dataset[0]
     image = first[0] if isinstance(first, (tuple, list)) and first else first
     shape = tuple(getattr(image, "shape", ()))
-    if isinstance(image, (torch.Tensor, np.ndarray)) and len(shape) == 3 and shape[0] in (1, 2, 3, 4):
+    if isinstance(image, (torch.Tensor, np.ndarray)) and len(shape) == 3 and shape[0] in (1, 2, 3, 4, channels):
         return  # (C, H, W): a tensor, or an array the loader's collate turns into one
     what = type(image).__name__ + (f" of shape {shape}" if shape else "")
     hint = ""
@@ -159,13 +184,16 @@ class BYOLTrainer(nn.Module):
         val_every: int | None = None,
     ):
         super().__init__()
-        if num_train_steps < 1 or checkpoint_every < 1 or batch_size < 2:
-            raise ValueError(
-                f"num_train_steps and checkpoint_every must be >= 1 and batch_size >= 2, got "
-                f"{num_train_steps}, {checkpoint_every} and {batch_size}"
-            )
-        if val_every is not None and val_every < 1:
-            raise ValueError(f"val_every must be >= 1 (or None: every checkpoint_every steps), got {val_every}")
+        num_train_steps = _whole("num_train_steps", num_train_steps, 1)  # type: ignore[assignment]
+        checkpoint_every = _whole("checkpoint_every", checkpoint_every, 1)  # type: ignore[assignment]
+        batch_size = _whole("batch_size", batch_size, 2)  # type: ignore[assignment]
+        num_workers = _whole("num_workers", num_workers, 0)  # type: ignore[assignment]
+        val_every = _whole("val_every (or None: every checkpoint_every steps)", val_every, 1, none=True)
+        seed = _whole("seed (or None)", seed, 0, none=True)
+        if seed is not None and seed >= 2**62:
+            raise ValueError(f"seed must be below 2**62, got {seed}")
+        dataset = os.fspath(dataset) if isinstance(dataset, os.PathLike) else dataset
+        val_data = os.fspath(val_data) if isinstance(val_data, os.PathLike) else val_data
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
         if accelerator_kwargs:
@@ -203,6 +231,7 @@ class BYOLTrainer(nn.Module):
         self.knn: list[tuple[int, float]] = []  # (step, kNN accuracy); step 0 is the untouched net
         self._validating = val_data is not None  # every rank: the monitor runs on rank 0, the others wait
         self._below: BelowReference | None = None
+        self._called = False  # the views' generator is seeded at the first call (``_seed_once``)
         self.register_buffer("step", torch.tensor(0))
 
     def _data(
@@ -216,7 +245,7 @@ class BYOLTrainer(nn.Module):
             dataset = open_unlabelled(dataset, load_size_for(image_size), channels, shards=reading)
             if isinstance(dataset, ShardDataset):
                 return dataset, make_shard_loader(dataset, pin_memory=pin)
-        _check_items(dataset)
+        _check_items(dataset, self.byol.channels)
         sampler = EpochSampler(len(dataset), batch_size, ctx.rank, ctx.world_size, seed)  # type: ignore[arg-type]
         loader = make_loader(
             dataset,
@@ -245,26 +274,35 @@ class BYOLTrainer(nn.Module):
         return path
 
     def forward(self) -> dict[str, float]:
-        """Train for ``num_train_steps`` steps.
+        """Train for ``num_train_steps`` steps, after those already taken.
+
+        A second call trains ``num_train_steps`` more, continuing the step count (and the
+        ``checkpoint.{n}.pt`` numbering), the data order, the EMA schedule and the random draws.
+        ``state_dict()`` holds all of it but the draws (the learner with its target network and
+        EMA step, the step count, the optimiser's state, the kNN figures): a trainer built the same
+        way in another process continues after ``load_state_dict(torch.load(path))``, its views
+        drawn from a seed that holds the step.
 
         Returns:
-            ``{"steps": ..., "loss": last logged mean loss}``; with ``val_data``, also ``"knn"``
-            (the last evaluation's accuracy) and ``"knn_reference"`` (the untouched net's), on every
-            process (rank 0 evaluates and sends them).
+            ``{"steps": steps taken in all (``trainer.step``), "loss": last logged mean loss}``;
+            with ``val_data``, also ``"knn"`` (the last evaluation's accuracy) and
+            ``"knn_reference"`` (the untouched net's), on every process (rank 0 evaluates and
+            sends them).
 
         Raises:
             FloatingPointError: the loss turned non-finite (lower the learning rate).
         """
         ctx = self.ctx
-        if self.seed is not None:
-            torch.manual_seed(self.seed + ctx.rank)
-        elif ctx.distributed:
-            torch.manual_seed(torch.initial_seed() + ctx.rank)
+        start = int(self.step)
+        self._seed_once(start)
         model = prepare_model(self.byol, ctx)
         scaler = torch.amp.GradScaler(ctx.device.type) if self.precision == "fp16" else None
         step = OptimizerStep(self.byol, model, self.optimizer, None, self.precision, ctx.device, scaler)
         engine = Engine(step, ctx, catch_signals=False)  # Ctrl-C interrupts, as in the incumbent
-        state = TrainState(total=self.num_train_steps)
+        per_epoch = self.sampler.batches_per_epoch
+        state = TrainState(  # from the steps taken so far: one data order, continued
+            step=start, total=start + self.num_train_steps, epoch=start // per_epoch, position=start % per_epoch
+        )
         every = self.checkpoint_every
 
         def checkpoint(s: TrainState) -> None:
@@ -279,7 +317,7 @@ class BYOLTrainer(nn.Module):
             Periodic(checkpoint, when=lambda s: s.stepped and (s.step - 1) % every == 0),
         ]
         hooks += self._monitor_hooks()
-        batches = step_batches(self.dataloader, self.sampler, 0, 0, 1)
+        batches = step_batches(self.dataloader, self.sampler, state.epoch, state.position, 1)
         try:
             engine.run(batches, state, hooks)
         except DivergedError as error:
@@ -293,6 +331,31 @@ class BYOLTrainer(nn.Module):
             self.knn[:] = broadcast_from_main(ctx, lambda: list(self.knn))
             result.update(knn=self.knn[-1][1], knn_reference=self.knn[0][1])
         return result
+
+    def _seed_once(self, start: int) -> None:
+        """Seed the views' random draws at this trainer's first call; a later call continues them.
+
+        A trainer that starts after steps taken elsewhere (``load_state_dict``) draws from a seed that
+        also holds the step, so it does not repeat the first run's draws.
+        """
+        if self._called:
+            return
+        self._called = True
+        rank = self.ctx.rank
+        if self.seed is not None:
+            torch.manual_seed(self.seed + rank + start * 1_000_003)
+        elif self.ctx.distributed:
+            torch.manual_seed((torch.initial_seed() + rank) % 2**63)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """What ``state_dict()`` holds beside the modules' tensors: the optimiser's state and the kNN figures."""
+        return {"optimizer": self.optimizer.state_dict(), "knn": [list(pair) for pair in self.knn]}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise ValueError("this state was not saved by BYOLTrainer.state_dict(): it holds no optimiser state")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.knn[:] = [(int(step), float(accuracy)) for step, accuracy in state.get("knn", [])]
 
     def _evaluate(self, step: int) -> None:
         if self.monitor is not None:
@@ -323,7 +386,6 @@ class BYOLTrainer(nn.Module):
         """The kNN monitor: the untouched net now (the reference), then every ``val_every`` steps and at the end."""
         if not self._validating:
             return []
-        self._below = None
-        self.knn.clear()
-        self._evaluate(0)
+        if not self.knn:  # the reference, once: a later call (or a loaded state) keeps the untouched net's
+            self._evaluate(0)
         return [Periodic(lambda s: self._evaluate(s.step), every=self.val_every, at_end=True)]

@@ -1,6 +1,7 @@
 """The drop-in BYOLTrainer / MockDataset of lucidrains/byol-pytorch's "Distributed Training" section."""
 
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,7 +142,9 @@ def test_trainer_rejects_a_batch_of_one(tmp_path, make_cnn):
 @pytest.mark.parametrize("val_every", [0, -5])
 def test_trainer_rejects_a_val_every_below_one(tmp_path, make_cnn, val_every):
     """Before: 0 silently became checkpoint_every, and -5 was kept."""
-    with pytest.raises(ValueError, match=f"val_every must be >= 1 .*got {val_every}"):
+    with pytest.raises(
+        ValueError, match=rf"val_every \(or None: every checkpoint_every steps\) must be at least 1, got {val_every}"
+    ):
         _small_trainer(tmp_path, make_cnn, MockDataset(16, 8), val_every=val_every)
 
 
@@ -185,3 +188,113 @@ def test_nan_input_is_not_blamed_on_the_learning_rate(tmp_path, make_cnn):
     with pytest.raises(FloatingPointError, match="contained NaN or Inf values") as info:
         trainer()
     assert "learning_rate" not in str(info.value)
+
+
+def _trainer(make_cnn, tmp_path, steps, folder="ckpt", **kwargs):
+    torch.manual_seed(3)  # the same initial weights for every trainer of a test
+    return BYOLTrainer(
+        make_cnn(),
+        dataset=MockDataset(16, 12),  # 3 batches per epoch: 4 steps cross an epoch
+        image_size=16,
+        hidden_layer=-2,
+        learning_rate=1e-2,
+        num_train_steps=steps,
+        batch_size=4,
+        checkpoint_every=2,
+        checkpoint_folder=str(tmp_path / folder),
+        byol_kwargs=dict(projection_size=16, projection_hidden_size=32),
+        seed=0,
+        **kwargs,
+    )
+
+
+def test_a_second_call_continues_the_run_as_one_longer_call_would(tmp_path, make_cnn):
+    """Before: a second call started again at step 0 (the same data order, the same draws, checkpoint.0.pt
+    written again) while the EMA went on counting, and returned steps 4 for 8 steps taken."""
+    whole = _trainer(make_cnn, tmp_path, 8, "whole")
+    assert whole()["steps"] == 8
+    halves = _trainer(make_cnn, tmp_path, 4, "halves")
+    assert halves()["steps"] == 4
+    assert halves()["steps"] == 8 and int(halves.step) == 8 and int(halves.byol.ema_step) == 8
+    for name, value in whole.byol.state_dict().items():
+        torch.testing.assert_close(halves.byol.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert (
+        sorted(p.name for p in (tmp_path / "halves").iterdir())
+        == sorted(p.name for p in (tmp_path / "whole").iterdir())
+        == ["checkpoint.0.pt", "checkpoint.1.pt", "checkpoint.2.pt", "checkpoint.3.pt", "checkpoint.final.pt"]
+    )
+
+
+def test_state_dict_carries_a_run_to_another_trainer(tmp_path, make_cnn):
+    """The trainer's state_dict holds the learner (target network, EMA step), the step count and the optimiser,
+    so a trainer built the same way goes on: the data order continues, only the views' draws differ."""
+    first = _trainer(make_cnn, tmp_path, 4, "first")
+    first()
+    path = tmp_path / "trainer.pt"
+    torch.save(first.state_dict(), path)
+    second = _trainer(make_cnn, tmp_path, 4, "second")
+    second.load_state_dict(torch.load(path, weights_only=True))
+    assert second.byol.target_encoder is not None and int(second.byol.ema_step) == 4
+    assert second.optimizer.state_dict()["state"].keys() == first.optimizer.state_dict()["state"].keys()
+    exp_avg = first.optimizer.state_dict()["state"][0]["exp_avg"]
+    torch.testing.assert_close(second.optimizer.state_dict()["state"][0]["exp_avg"], exp_avg)
+    order = []
+    second.sampler.set_epoch = lambda epoch, position=0, _set=second.sampler.set_epoch: (
+        order.append((epoch, position)),
+        _set(epoch, position),
+    )
+    assert second()["steps"] == 8 and int(second.byol.ema_step) == 8
+    assert order[0] == (1, 1)  # step 4 of 3 batches per epoch: epoch 1, one batch in
+    assert "checkpoint.2.pt" in {p.name for p in (tmp_path / "second").iterdir()}
+    assert "checkpoint.0.pt" not in {p.name for p in (tmp_path / "second").iterdir()}
+    with pytest.raises(ValueError, match="not saved by BYOLTrainer.state_dict"):
+        second.set_extra_state({"knn": []})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_train_steps": 2.5}, TypeError, "num_train_steps must be a whole number, got 2.5"),
+        ({"batch_size": 4.0}, TypeError, "batch_size must be a whole number, got 4.0"),
+        ({"checkpoint_every": None}, TypeError, "checkpoint_every must be a whole number, got None"),
+        ({"num_workers": 1.5}, TypeError, "num_workers must be a whole number"),
+        ({"val_every": 0}, ValueError, r"val_every \(or None: every checkpoint_every steps\) must be at least 1"),
+        ({"seed": "0"}, TypeError, r"seed \(or None\) must be a whole number, got '0'"),
+        ({"seed": 2**70}, ValueError, r"seed must be below 2\*\*62"),
+        ({"batch_size": 1}, ValueError, "batch_size must be at least 2, got 1"),
+    ],
+)
+def test_counts_that_are_not_whole_numbers_are_errors_naming_them(tmp_path, make_cnn, kwargs, error, message):
+    """Before: 2.5 steps were silently cut to 2, and None, '0', 4.0 or 2**70 failed inside torch or the loader."""
+    base = dict(
+        dataset=MockDataset(16, 12),
+        image_size=16,
+        hidden_layer=-2,
+        learning_rate=1e-2,
+        num_train_steps=2,
+        batch_size=4,
+        checkpoint_folder=str(tmp_path),
+    )
+    with pytest.raises(error, match=message):
+        BYOLTrainer(make_cnn(), **{**base, **kwargs})
+
+
+def test_images_of_several_sizes_more_channels_and_path_specs(tmp_path, make_cnn, make_labelled):
+    """Before: images of two sizes failed in torch's collate ('stack expects each tensor to be equal size') mid-run;
+    5-channel images, which BYOL takes, were refused; a pathlib.Path folder was 'not a data spec'."""
+
+    class TwoSizes(MockDataset):
+        def __getitem__(self, index):
+            image = super().__getitem__(index)
+            return image[:, :-1] if index % 2 else image
+
+    base = dict(image_size=16, hidden_layer=-2, learning_rate=1e-2, num_train_steps=1, batch_size=4)
+    trainer = BYOLTrainer(make_cnn(), dataset=TwoSizes(16, 12), checkpoint_folder=str(tmp_path / "a"), **base)
+    with pytest.raises(ValueError, match=r"images differ in size \(\(3, 16, 16\) and \(3, 15, 16\) in one batch\)"):
+        trainer()
+    data = torch.utils.data.TensorDataset(torch.rand(8, 5, 16, 16))
+    trainer = BYOLTrainer(make_cnn(channels=5), dataset=data, checkpoint_folder=str(tmp_path / "b"), **base)
+    assert trainer()["steps"] == 1
+    folder = make_labelled(tmp_path / "images", classes=2, per_class=4)
+    trainer = BYOLTrainer(make_cnn(), dataset=Path(folder), checkpoint_folder=str(tmp_path / "c"), **base)
+    assert trainer()["steps"] == 1
