@@ -400,21 +400,44 @@ class AugmentParams:
     solarize: Tensor  # (B,) bool
 
 
+def _real(value: object) -> bool:
+    """A finite real number (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _pair(name: str, value, low: float, high: float, center: float | None = None) -> tuple[float, float]:
-    if isinstance(value, (int, float)):  # a strength s -> [center - s, center + s]; else a fixed value
-        value = (
-            (value, value) if center is None else (max(center - value, low) if value >= 0 else math.nan, center + value)
-        )
-    if not (isinstance(value, (tuple, list)) and len(value) == 2 and low <= value[0] <= value[1] <= high):
-        raise ValueError(
-            f"{name}={value!r} must be a (low, high) pair with {low} <= low <= high <= {high}"
-            + ("" if center is None else " or a strength >= 0")
-        )
+    """A (low, high) range within [low, high], from a pair, a fixed value, or a strength s about ``center``."""
+    wanted = f"a (low, high) pair of finite numbers with {low} <= low <= high <= {high}" + (
+        "" if center is None else ", or a strength >= 0"
+    )
+    if _real(value):  # a strength s -> [center - s, center + s]; else a fixed value
+        if center is not None and value < 0:
+            raise ValueError(f"{name}={value!r} must be {wanted}")
+        value = (value, value) if center is None else (max(center - value, low), center + value)
+    elif isinstance(value, (tuple, list)) or (hasattr(value, "tolist") and getattr(value, "ndim", 0) == 1):
+        value = tuple(value.tolist() if hasattr(value, "tolist") else value)
+    if not (
+        isinstance(value, tuple) and len(value) == 2 and all(map(_real, value)) and low <= value[0] <= value[1] <= high
+    ):
+        raise ValueError(f"{name}={value!r} must be {wanted}")
     return float(value[0]), float(value[1])
 
 
 def _as_tuple(v) -> tuple[float, ...]:
     return (float(v),) if isinstance(v, (int, float)) else tuple(float(e) for e in v)
+
+
+def _mean_std(name: str, value: object) -> None:
+    """A ``mean`` / ``std`` override: None, a finite number, or a sequence of them (``std`` positive)."""
+    if value is None:
+        return
+    values = [value] if not isinstance(value, (tuple, list)) and not hasattr(value, "tolist") else value
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+        values = values if isinstance(values, list) else [values]
+    if not values or not all(map(_real, values)) or (name == "std" and min(values) <= 0):
+        sign = "positive " if name == "std" else ""
+        raise ValueError(f"{name} must be a {sign}finite number or a sequence of them (one per channel), got {value!r}")
 
 
 def _as_int(value: object) -> int | None:
@@ -425,6 +448,14 @@ def _as_int(value: object) -> int | None:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}; for a seed, pass "
+            f"torch.Generator().manual_seed({generator!r})"
+        )
 
 
 def _image_size(image_size: object) -> tuple[int, int]:
@@ -447,6 +478,14 @@ def _image_size(image_size: object) -> tuple[int, int]:
     if min(size) <= 0:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
     return size
+
+
+def _strength(pair: tuple[float, float], center: float, low: float) -> str:
+    """A jitter range as its strength where it is one (``center`` -/+ s, cut at ``low``), else as the range."""
+    s = pair[1] - center
+    if s >= 0 and math.isclose(pair[0], max(center - s, low), abs_tol=1e-9):
+        return f"{s:g}"
+    return f"{pair[0]:g} to {pair[1]:g}"
 
 
 class BYOLAugment(nn.Module):
@@ -507,6 +546,7 @@ class BYOLAugment(nn.Module):
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise TypeError(f"unknown override {name!r}.{hint} Valid names: {', '.join(sorted(settings))}")
         settings.update(overrides)
+        _check_generator(generator)
         self.size, self.view, self.generator = (size[0], size[1]), view, generator
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "blur_kernel_frac"):
             if isinstance(settings[name], bool) or not isinstance(settings[name], numbers.Real):
@@ -529,10 +569,10 @@ class BYOLAugment(nn.Module):
                 f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {settings['interpolation']!r}"
             )
         self.interpolation, self.preset = str(settings["interpolation"]), preset
+        _mean_std("mean", settings["mean"])
+        _mean_std("std", settings["std"])
         self.mean, self.std = settings["mean"], settings["std"]
         self.blur_kernel = (self._kernel(size[0]), self._kernel(size[1]))  # 23 at 224
-        if self.std is not None and min(_as_tuple(self.std)) <= 0:
-            raise ValueError(f"std must be positive, got {self.std!r}")
 
     def _kernel(self, side: int) -> int:
         """Odd Gaussian kernel size of ``blur_kernel_frac`` of the side (the paper: 10%, 23 px at 224)."""
@@ -568,13 +608,14 @@ class BYOLAugment(nn.Module):
         return (
             f"view {self.view} at {self.size[0]}x{self.size[1]} ({self.preset}): crop area {self.crop_scale[0]:g}-"
             f"{self.crop_scale[1]:g} {self.interpolation}, flip {self.flip_p:g}, jitter {self.jitter_p:g} "
-            f"(brightness {self.brightness[1] - 1:g}, contrast {self.contrast[1] - 1:g}, saturation "
-            f"{self.saturation[1] - 1:g}, hue {self.hue[1]:g}), grayscale {self.grayscale_p:g}, {blur}, "
-            f"solarize {self.solarize_p:g}"
+            f"(brightness {_strength(self.brightness, 1.0, 0.0)}, contrast {_strength(self.contrast, 1.0, 0.0)}, "
+            f"saturation {_strength(self.saturation, 1.0, 0.0)}, hue {_strength(self.hue, 0.0, -0.5)}), "
+            f"grayscale {self.grayscale_p:g}, {blur}, solarize {self.solarize_p:g}"
         )
 
     def extra_repr(self) -> str:
-        return f"image_size={self.size}, view={self.view}, blur_p={self.blur_p}, solarize_p={self.solarize_p}"
+        blur_p = self.settings["blur_p"]  # 0 where the kernel is one pixel: no blur
+        return f"image_size={self.size}, view={self.view}, blur_p={blur_p}, solarize_p={self.solarize_p}"
 
     def resolve_mean_std(self, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The (mean, std) used for `channels`: given values, else ImageNet's for 3 channels, else 0.5 / 0.5.
@@ -706,6 +747,7 @@ class BYOLAugment(nn.Module):
                 generator on another device. TypeError: not a tensor, or an integer dtype other than uint8.
         """
         self._check_input(x)
+        _check_generator(generator)
         gen = self.generator if generator is None else generator
         if gen is not None and gen.device.type != x.device.type:
             raise ValueError(

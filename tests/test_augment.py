@@ -427,6 +427,50 @@ def test_bad_settings_raise(args, kwargs, error, match):
         BYOLAugment(*args, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(brightness=math.inf), ValueError, r"brightness=inf must be .* finite numbers"),
+        (dict(contrast=(0.5, math.nan)), ValueError, r"contrast=\(0\.5, nan\) must be"),
+        (dict(brightness=-0.1), ValueError, r"brightness=-0\.1 must be .*or a strength >= 0"),
+        (dict(hue=-0.1), ValueError, r"hue=-0\.1 must be"),
+        (dict(brightness=True), ValueError, r"brightness=True must be"),
+        (dict(std=math.nan), ValueError, "std must be a positive finite number"),
+        (dict(std=math.inf), ValueError, "std must be a positive finite number"),
+        (dict(mean=(math.nan,) * 3), ValueError, "mean must be a finite number or a sequence"),
+        (dict(mean="abc"), ValueError, "mean must be a finite number or a sequence of them .* got 'abc'"),
+        (
+            dict(generator=5),
+            TypeError,
+            r"generator must be a torch\.Generator .*torch\.Generator\(\)\.manual_seed\(5\)",
+        ),
+    ],
+)
+def test_settings_that_would_give_nan_or_zero_views_are_refused(kwargs, error, match):
+    """Before: brightness=inf, std=nan or mean=nan gave NaN views, std=inf all-zero views; a negative strength was
+    shown as a pair never passed, '(nan, 0.9)'; generator=5 failed at the first call with an AttributeError."""
+    with pytest.raises(error, match=match):
+        BYOLAugment(8, **kwargs)
+
+
+def test_numpy_floats_and_arrays_are_settings_as_python_numbers_are():
+    np = pytest.importorskip("numpy")
+    augment = BYOLAugment(8, brightness=np.float32(0.4), crop_scale=np.array([0.2, 1.0]))
+    assert augment.settings["brightness"] == pytest.approx((0.6, 1.4))
+    assert augment.settings["crop_scale"] == (0.2, 1.0)
+
+
+def test_describe_and_repr_say_what_the_view_does():
+    """Before: describe() printed (low, high) jitter ranges as 'brightness 0.1 ... hue 0.05' for (0.2, 1.1) and
+    (-0.3, 0.05); repr() said blur_p=1.0 for a view whose one-pixel kernel blurs nothing (settings: 0.0)."""
+    line = BYOLAugment(32, brightness=(0.2, 1.1), hue=(-0.3, 0.05), contrast=0.8).describe()
+    assert "brightness 0.2 to 1.1, contrast 0.8, saturation 0.2, hue -0.3 to 0.05" in line
+    assert "(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1)" in BYOLAugment(224).describe()
+    assert "brightness 1.5," in BYOLAugment(32, brightness=1.5).describe()  # cut at 0: still a strength
+    tiny = BYOLAugment(8, preset="paper")
+    assert tiny.settings["blur_p"] == 0.0 and "blur_p=0.0" in repr(tiny) and "no blur" in tiny.describe()
+
+
 def test_numpy_integer_sizes_are_sizes():
     np = pytest.importorskip("numpy")
     assert BYOLAugment(np.int64(8)).size == (8, 8)
