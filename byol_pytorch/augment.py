@@ -424,17 +424,15 @@ def _pair(name: str, value, low: float, high: float, center: float | None = None
 
 
 def _as_tuple(v) -> tuple[float, ...]:
-    return (float(v),) if isinstance(v, (int, float)) else tuple(float(e) for e in v)
+    return (float(v),) if isinstance(v, numbers.Real) else tuple(float(e) for e in v)
 
 
 def _mean_std(name: str, value: object) -> None:
     """A ``mean`` / ``std`` override: None, a finite number, or a sequence of them (``std`` positive)."""
     if value is None:
         return
-    values = [value] if not isinstance(value, (tuple, list)) and not hasattr(value, "tolist") else value
-    if hasattr(values, "tolist"):
-        values = values.tolist()
-        values = values if isinstance(values, list) else [values]
+    listed = value.tolist() if hasattr(value, "tolist") else value  # a NumPy array or scalar
+    values: list[Any] = list(listed) if isinstance(listed, (tuple, list)) else [listed]
     if not values or not all(map(_real, values)) or (name == "std" and min(values) <= 0):
         sign = "positive " if name == "std" else ""
         raise ValueError(f"{name} must be a {sign}finite number or a sequence of them (one per channel), got {value!r}")
