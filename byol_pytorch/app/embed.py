@@ -48,6 +48,7 @@ from ..data import (
     open_unlabelled,
     sample_images,
 )
+from ..data.hf import UnlabelledRowsError
 from ..data.remote import is_remote, redact
 from ..data.remote_shards import RemoteShardSamples
 from ..data.shards import ShardSamples
@@ -161,6 +162,11 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="BatchNorm statistics: clean = re-estimated on un-augmented training images (the checkpoint's; "
         "re-estimated on 512 of the images for an older checkpoint), trained = those of the views (default: clean)",
     )
+    a(
+        "--label-column",
+        help="hf: data: the column of class indices written to labels.npy (default: the one ClassLabel column, "
+        "else integers named label/labels); implies --labels",
+    )
     a("--image-column", help="hf: data: the image column (default: the one datasets.Image column, else of image bytes)")
     a("--hf-split", help="hf: data with splits: the split (default: train, or the only split); CIFAR: train or test")
     a(
@@ -192,7 +198,7 @@ def _clean_statistics(learner: Any, items: Dataset, device: torch.device) -> int
 
 
 def _has_labels(spec: str, kind: str, args: argparse.Namespace) -> bool:
-    if kind == "cifar" or args.labels:
+    if kind == "cifar" or args.labels or args.label_column is not None:
         return True
     if kind == "shards":
         return (RemoteShardSamples if is_remote(spec) else ShardSamples)(spec, 8).labelled_available()
@@ -213,12 +219,20 @@ def _open(args: argparse.Namespace, size: int, channels: int) -> tuple[Dataset, 
         kind = check_shard_index(args.data, args.shard_index)
     except ValueError as error:  # the flag's own message
         raise UserError(str(error)) from None
+    if args.label_column is not None and kind != "hf":
+        raise UserError(f"--label-column names a column of hf: data, not of {redact(args.data)}; leave it out")
     try:
         labelled = _has_labels(args.data, kind, args)
         options = {"image_column": args.image_column, "split": args.hf_split, "shard_index": args.shard_index}
+        dataset = None
         if labelled:
-            dataset = open_labelled(args.data, size, channels, **options)
-        else:
+            try:
+                dataset = open_labelled(args.data, size, channels, label_column=args.label_column, **options)
+            except UnlabelledRowsError:  # rows labelled -1 (a benchmark's test split): none asked for, none written
+                if args.labels or args.label_column is not None:
+                    raise
+                labelled = False
+        if dataset is None:
             dataset = open_unlabelled(args.data, size, channels, **options)
         items = embedding_items(dataset)
     except ImportError as error:

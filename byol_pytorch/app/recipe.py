@@ -357,6 +357,11 @@ def _add_runtime_flags(a: Any) -> None:
         "accuracy monitor; it measures the untouched net first, as the run's reference (--resume keeps the run's)",
     )
     a(
+        "--label-column",
+        help="hf: --val-data: the column of class indices (default: the one ClassLabel column, else integers "
+        "named label/labels; the run's on --resume)",
+    )
+    a(
         "--val-every",
         type=int,
         default=None,

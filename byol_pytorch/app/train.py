@@ -693,7 +693,8 @@ def _saved_settings(args: argparse.Namespace, saved: dict[str, Any] | None, path
             "them, to resume it"
         )
     index_given = getattr(args, "shard_index", None) is not None
-    for key in ("shuffle_buffer", "image_column", "hf_split", "shard_index", "val_data", "workers", *_REPORTING):
+    keys = ("shuffle_buffer", "image_column", "hf_split", "shard_index", "val_data", "label_column", "workers")
+    for key in (*keys, *_REPORTING):
         if getattr(args, key, None) is None:
             setattr(args, key, saved.get(key))
     if not index_given and args.data and not (data_kind(args.data) == "shards" and is_remote(args.data)):
@@ -799,6 +800,8 @@ def _open_monitor(prepared: Run) -> None:
         UserError: on every rank, when rank 0 cannot open the data (one line naming the flag).
     """
 
+    label = getattr(prepared.args, "label_column", None)
+
     def open_on_main() -> str | None:
         try:
             prepared.monitor = KnnMonitor(
@@ -808,6 +811,7 @@ def _open_monitor(prepared: Run) -> None:
                 prepared.ctx.device,
                 workers=min(prepared.workers, 4),
                 clean_images=prepared.clean_images,
+                data_options={"label_column": label} if label else None,
             )
         except (ValueError, OSError) as error:
             return f"--val-data: {error}"

@@ -69,25 +69,27 @@ CIFAR_LAYOUTS: dict[str, dict[str, Any]] = {
     },
 }
 
-# (module, name) pairs a pickled numpy array refers to: numpy < 2 writes numpy.core, numpy 2 numpy._core.
+# (module, name) pairs a pickled numpy array or scalar refers to: numpy < 2 writes numpy.core, numpy 2
+# numpy._core; _frombuffer is how protocol 5 writes an array, scalar how any protocol writes a numpy int.
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
+    *((f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
 }
 
 
-def _numpy_global(name: str) -> Any:
+def _numpy_global(module: str, name: str) -> Any:
+    import importlib
+
     import numpy as np
 
-    if name == "_reconstruct":
-        try:
-            from numpy._core.multiarray import _reconstruct  # numpy >= 2 (no deprecation warning)
-        except ImportError:  # numpy < 2
-            from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-        return _reconstruct
-    return np.ndarray if name == "ndarray" else np.dtype
+    if module == "numpy":
+        return np.ndarray if name == "ndarray" else np.dtype
+    try:  # numpy >= 2 (no deprecation warning), then numpy < 2
+        return getattr(importlib.import_module(module.replace("numpy.core.", "numpy._core.")), name)
+    except ImportError:
+        return getattr(importlib.import_module(module.replace("numpy._core.", "numpy.core.")), name)
 
 
 class _Refused(pickle.UnpicklingError):
@@ -113,7 +115,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
-            return _numpy_global(name)
+            return _numpy_global(module, name)
         if (module, name) == ("_codecs", "encode"):  # bytes in a protocol-2 pickle written by Python 3
             return _latin1_encode
         raise _Refused(
@@ -208,7 +210,14 @@ def _read_batch(path: Path, label_key: bytes) -> tuple[torch.Tensor, list[int]]:
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         raise ValueError(f"{str(path)!r} is not a CIFAR batch: expected a dict with b'data' and {label_key!r}")
     data = np.asarray(batch[b"data"])
-    labels = [int(v) for v in batch[label_key]]
+    given = batch[label_key]
+    found = np.asarray(given) if isinstance(given, (list, tuple, np.ndarray)) else None
+    if found is None or found.ndim != 1 or not (found.dtype.kind in "iu" or found.size == 0):
+        what = type(given).__name__ if found is None else f"{found.dtype} {tuple(found.shape)}"
+        raise ValueError(
+            f"{str(path)!r}: {label_key!r} must be N whole-number labels (a list or 1-D array), got {what}"
+        )
+    labels = [int(v) for v in found]
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise ValueError(
             f"{str(path)!r}: expected b'data' as (N, 3072) uint8 and N labels, "

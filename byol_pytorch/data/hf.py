@@ -4,8 +4,9 @@
 
 * a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``
   (``datasets.load_from_disk``);
-* a ``.parquet`` file, or a folder whose files are ``.parquet`` files
-  (``load_dataset("parquet", data_files=...)``);
+* a ``.parquet`` file, or a folder of ``.parquet`` files and no image, at any depth (the Hub's
+  ``data/train-00000-of-00001.parquet``), split by their names as ``datasets`` splits them
+  (``load_dataset("parquet", data_files={split: files})``);
 * any other folder: an image folder read by ``load_dataset("imagefolder", data_dir=...)``.
 
 Of a ``DatasetDict`` the split ``"train"`` (or its only split) is used unless another is named. Loading sets
@@ -40,6 +41,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._modules import PathLike
+from .file_index import IMAGE_EXTENSIONS
 from .folder import BrokenImageError, apply_pixel_limit, decode_image, load_image, read_or_next
 
 __all__ = [
@@ -102,11 +104,35 @@ def _datasets() -> Any:
     return datasets
 
 
-def _parquet_files(path: Path) -> list[str]:
+def _parquet_files(path: Path) -> list[str] | dict[str, list[str]]:
+    """A ``.parquet`` file, or a folder's parquet files by split ([] where it is no parquet dataset).
+
+    A folder is a parquet dataset when it holds ``.parquet`` files (at any depth: the Hub's
+    ``data/train-00000-of-00001.parquet`` layout) and no image (an image folder may keep its
+    metadata in parquet). The splits come from the file names as ``datasets`` infers them
+    (``train-*``, ``test-*``, ``data/validation-*``...; every file in ``train`` when none says).
+    """
     if path.is_file():
         return [str(path)] if path.suffix == ".parquet" else []
-    files = [p for p in sorted(path.iterdir()) if not p.name.startswith(".") and p.is_file()]
-    return [str(p) for p in files] if files and all(p.suffix == ".parquet" for p in files) else []
+    parquet = []
+    for root, folders, files in os.walk(path):
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        for name in sorted(files):
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                return []
+            if name.endswith(".parquet") and not name.startswith("."):
+                parquet.append(os.path.join(root, name))
+    if not parquet:
+        return []
+    try:
+        from datasets.data_files import DataFilesDict, get_data_patterns
+
+        found = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
+        splits = {str(k): sorted(f for f in v if f.endswith(".parquet")) for k, v in found.items()}
+        splits = {k: v for k, v in splits.items() if v}
+    except Exception:  # datasets' inference moved or failed: every file in one split
+        splits = {}
+    return splits if sum(map(len, splits.values())) == len(parquet) else {"train": parquet}
 
 
 def load_local_dataset(path: PathLike, split: str | None = None) -> Any:
@@ -129,6 +155,8 @@ def _load_split(path: PathLike, split: str | None) -> tuple[Any, str]:
     data = _load(_local_path(path))
     if isinstance(data, datasets.DatasetDict):
         name = _split_name(list(data), split)
+        if name in _declared_splits(_local_path(path)) and name not in data:  # left out by _load_splits_apart
+            raise ValueError(f"hf:{path} split {name!r} holds no rows; its splits with rows: {', '.join(data)}")
         if name not in data:
             raise ValueError(
                 f"hf:{path} has no split {name!r}; its splits: {', '.join(data)} (choose one with --hf-split NAME)"
@@ -166,15 +194,20 @@ def _load(path: Path) -> Any:
     return data
 
 
+def _declared_splits(path: Path) -> list[str]:
+    """The split names a saved dataset dict's ``dataset_dict.json`` lists ([] where there is none)."""
+    try:
+        names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        return [str(name) for name in names]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def _load_splits_apart(path: Path) -> Any:
     """A saved dataset dict without its empty splits (``load_from_disk`` fails on one: an IndexError)."""
     datasets = _datasets()
-    try:
-        names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
-    except (OSError, ValueError, KeyError, TypeError):
-        names = []
     loaded = {}
-    for name in names:
+    for name in _declared_splits(path):
         try:
             loaded[str(name)] = datasets.load_from_disk(str(path / str(name)))
         except IndexError:
@@ -218,6 +251,13 @@ def image_column(data: Any, name: str | None = None) -> str:
         if name not in features:
             raise ValueError(f"no column {name!r}; the columns: {', '.join(features)}")
         if name not in images and not (_encoded_images(features[name], paths=True) and _holds_images(data, name)):
+            first = next((v for v in data[name][:20] if v), None) if len(data) else None
+            if first is not None and Path(str(first)).suffix.lower() in IMAGE_EXTENSIONS:  # a path, not text
+                raise ValueError(
+                    f"column {name!r} holds strings, and its first, {str(first)!r}, is no file from here (paths "
+                    f"are read relative to the current folder, {os.getcwd()}): run from the folder they are "
+                    "relative to, or store absolute paths"
+                )
             raise ValueError(
                 f"column {name!r} is not an image column (its feature: {features[name]}); image columns: "
                 f"{', '.join(images) or 'none'} (datasets.Image, or image bytes, {{bytes, path}} or file paths)"
@@ -239,8 +279,9 @@ def label_column(data: Any, name: str | None = None) -> str | None:
     column named ``label`` or ``labels``; None when there is none.
 
     Raises:
-        ValueError: ``name`` is not a column of integers; or, without ``name``, no such column but a ``label`` or
-            ``labels`` column of class names (the message names ``class_encode_column``).
+        ValueError: ``name`` is not a column of integers; or, without ``name``, several ``ClassLabel`` columns
+            (the message lists them), or no such column but a ``label`` or ``labels`` column of class names
+            (the message names ``class_encode_column``).
     """
     datasets = _datasets()
     features = data.features
@@ -265,6 +306,8 @@ def label_column(data: Any, name: str | None = None) -> str | None:
     classes = [k for k, feature in features.items() if isinstance(feature, datasets.ClassLabel)]
     if len(classes) == 1:
         return classes[0]
+    if len(classes) > 1:  # CIFAR-100's fine_label and coarse_label
+        raise ValueError(f"several label columns (ClassLabel): {', '.join(classes)}; choose one (--label-column NAME)")
     candidates = [k for k in ("label", "labels") if k in features]
     found = next((k for k in candidates if integer(features[k])), None)
     names = [k for k in candidates if getattr(features[k], "dtype", None) in ("string", "large_string")]
@@ -292,7 +335,7 @@ class HFImageDataset(Dataset):
     """The images of a local Hugging Face dataset, for pretraining (see the module doc).
 
     Args:
-        data: ``hf:``'s PATH, or a ``datasets.Dataset``.
+        data: ``hf:``'s PATH, a ``datasets.Dataset``, or a ``DatasetDict`` (its ``split``).
         load_size: side ``S`` of the square images handed out.
         channels: 1 or 3.
         column: the image column (default: see ``image_column``).
@@ -302,7 +345,8 @@ class HFImageDataset(Dataset):
 
     Raises:
         ImportError: ``datasets`` is not installed.
-        ValueError: see ``load_local_dataset`` and ``image_column``.
+        ValueError: see ``load_local_dataset`` and ``image_column``; a DatasetDict without the split.
+        TypeError: ``data`` is none of the above (a streaming ``IterableDataset``, say).
 
     ``dataset[i]`` returns ``(image, skipped)`` as ``ImageFolder`` does: row ``i``, or
     when it is broken, row ``i+1``, ``i+2``, ... wrapping around, and 1 when row ``i`` is
@@ -326,6 +370,15 @@ class HFImageDataset(Dataset):
         self.split = split or "train"
         if isinstance(data, (str, os.PathLike)):
             data, self.split = _load_split(data, split)  # a lone split names its rows, not "train"
+        elif isinstance(data, datasets.DatasetDict):  # load_from_disk of a dataset with splits
+            name = _split_name(list(data), split)
+            if name not in data:
+                raise ValueError(f"the DatasetDict has no split {name!r}; its splits: {', '.join(data)} (split=NAME)")
+            data, self.split, self.source = data[name], name, "a datasets.DatasetDict"
+        elif not isinstance(data, datasets.Dataset):
+            raise TypeError(
+                f"HFImageDataset takes hf:'s PATH, a datasets.Dataset or a DatasetDict, got {type(data).__name__}"
+            )
         self.column = image_column(data, column)
         self.labelled = labelled
         self.targets: list[int] = []
@@ -335,7 +388,8 @@ class HFImageDataset(Dataset):
             if found is None:
                 raise ValueError(
                     f"{self.source} has no label column (a ClassLabel feature, or integers named label/labels; "
-                    f"its columns: {', '.join(data.features)}); labels are needed here (eval, embed --labels)"
+                    f"its columns: {', '.join(data.features)}); labels are needed here (eval, embed --labels): "
+                    "name a column of class indices with --label-column NAME"
                 )
             values = list(data[found])
             missing = sum(1 for v in values if v is None or int(v) < 0)

@@ -299,7 +299,7 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
     if options and kind != "hf":
         flags = {"split": "--hf-split", "image_column": "--image-column", "label_column": "--label-column"}
         named = ", ".join(flags.get(k, k) for k in sorted(options))
-        raise ValueError(f"{named} apply to hf: data only, not to {spec!r}")
+        raise ValueError(f"{named} {'applies' if len(options) == 1 else 'apply'} to hf: data only, not to {spec!r}")
     if kind == "cifar":
         return tuple(open_labelled(spec, load_size, channels, split=s) for s in ("train", "test"))  # type: ignore[return-value]
     if kind == "shards" and is_remote(spec):

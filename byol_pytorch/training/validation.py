@@ -53,6 +53,13 @@ def split_labelled(root: str, load_size: int, channels: int) -> tuple[Any, Any]:
     return labelled_split(root, load_size, channels)
 
 
+def _base(dataset: Any) -> Any:
+    """The dataset under any ``Subset`` of it."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
 class KnnMonitor:
     """Weighted kNN accuracy of the online backbone on labelled data (``--val-data``, ``eval``).
 
@@ -142,10 +149,7 @@ class KnnMonitor:
         last ``features`` call: the accuracy says nothing of them (one class held out: nothing at all)."""
         if not self.unscored:
             return None
-        dataset: Any = self.bank
-        while isinstance(dataset, Subset):
-            dataset = dataset.dataset
-        classes = getattr(dataset, "classes", None)
+        classes = getattr(_base(self.bank), "classes", None)
         named = [
             str(classes[c]) if isinstance(classes, (list, tuple)) and c < len(classes) else str(c)
             for c in self.unscored
@@ -164,10 +168,32 @@ class KnnMonitor:
         if not self.missing or (once and self._missing_named):
             return None
         self._missing_named = self._missing_named or once
-        return (
-            f"{len(self.missing)} class(es) of {spec} have no readable image ({', '.join(self.missing[:5])}): "
-            "their files were passed over, and the accuracy is over the other classes"
-        )
+        rowless = self._rowless(self.missing)
+        unreadable = [name for name in self.missing if name not in rowless]
+        parts = []
+        if unreadable:
+            shown = ", ".join(unreadable[:5])
+            parts.append(
+                f"{len(unreadable)} class(es) of {spec} have no readable image ({shown}): their files were passed over"
+            )
+        if rowless:
+            shown = ", ".join(rowless[:5])
+            parts.append(
+                f"{len(rowless)} class(es) of {spec} have no image at all ({shown}): the data names them among its "
+                "classes but holds none of them (a filtered dataset, a subset of the classes)"
+            )
+        return "; ".join(parts) + ", and the accuracy is over the other classes"
+
+    def _rowless(self, names: list[str]) -> list[str]:
+        """Of the classes ``names``, those no item of the data carries (where the data lists its items' labels)."""
+        declared: set[int] = set()
+        for part in (self.bank, self.queries):
+            targets = getattr(_base(part), "targets", None)
+            if targets is None:
+                return []
+            declared.update(int(t) for t in targets)
+        classes = list(getattr(_base(self.bank), "classes", None) or [])
+        return [name for name in names if name in classes and classes.index(name) not in declared]
 
     def missing_classes(self, labels: torch.Tensor) -> list[str]:
         """The declared classes (a folder's class sub-folders) that no image of ``labels`` carries.
@@ -175,10 +201,7 @@ class KnnMonitor:
         A class whose every file is unreadable drops out of the evaluation (unreadable images
         are left out, not replaced).
         """
-        dataset: Any = self.bank
-        while isinstance(dataset, Subset):
-            dataset = dataset.dataset
-        classes = getattr(dataset, "classes", None)
+        classes = getattr(_base(self.bank), "classes", None)
         if not isinstance(classes, (list, tuple)):
             return []
         seen = set(labels.tolist())

@@ -419,7 +419,72 @@ def test_eval_of_hf_data_that_needs_a_split_or_a_column(checkpoint, tmp_path, ca
     folder = tmp_path / "folder" / "a"
     folder.mkdir(parents=True)
     assert cli.main(["eval", "--checkpoint", str(checkpoint), "--data", str(folder.parent), "--hf-split", "x"]) == 1
-    assert "split apply to hf: data only" in capsys.readouterr().err
+    assert "--hf-split applies to hf: data only" in capsys.readouterr().err
+
+
+def test_hub_parquet_layouts_unlabelled_splits_and_two_label_columns(checkpoint, tmp_path, tiny_flags, capsys):
+    """Probe: the Hub's data/train-*.parquet and data/test-*.parquet were read as one 'train' split (test rows
+    trained on, embed ids naming test rows train:0..9), a parquet folder beside a README.md fell to imagefolder
+    ('Instruction "train" corresponds to no data!'), embed without --labels refused a split labelled -1, and two
+    ClassLabel columns (HF's CIFAR-100) were 'no label column', with no --label-column in embed or train."""
+    import datasets
+    from PIL import Image
+
+    def rows(n, shade):
+        images = [Image.new("RGB", (12, 12), (shade + 40 * (i % 2), 30 + i, 90)) for i in range(n)]
+        return {"img": images, "fine": [i % 2 for i in range(n)], "coarse": [0] * n}
+
+    features = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "fine": datasets.ClassLabel(names=["a", "b"]),
+            "coarse": datasets.ClassLabel(names=["c"]),
+        }
+    )
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(rows(20, 0), features=features).to_parquet(hub / "data" / "train-00000-of-00001.parquet")
+    datasets.Dataset.from_dict(rows(10, 150), features=features).to_parquet(
+        hub / "data" / "test-00000-of-00001.parquet"
+    )
+    (hub / "README.md").write_text("---\nlicense: mit\n---\n")
+    embed = ["embed", "--checkpoint", str(checkpoint), "--bn-stats", "trained"]
+
+    def run(argv):
+        capsys.readouterr()
+        code = cli.main(argv)
+        return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("byol-pytorch: error")]
+
+    for spec, split, count in [(hub, "train", 20), (hub / "data", "test", 10)]:
+        out = tmp_path / f"emb-{split}"
+        assert run(
+            [*embed, "--data", f"hf:{spec}", "--hf-split", split, "--out", str(out), "--label-column", "fine"]
+        ) == (
+            0,
+            [],
+        )
+        assert (out / "ids.txt").read_text().split() == [f"{split}:{i}" for i in range(count)]
+        assert np.load(out / "labels.npy").tolist() == [i % 2 for i in range(count)]
+    code, errors = run([*embed, "--data", f"hf:{hub}", "--labels", "--out", str(tmp_path / "two")])
+    assert code == 1 and errors == [
+        "byol-pytorch: error: --data: several label columns (ClassLabel): fine, coarse; choose one "
+        "(--label-column NAME)"
+    ]
+    assert run([*embed, "--data", f"hf:{hub}", "--out", str(tmp_path / "nolabels")]) == (0, [])  # none asked for
+    assert not (tmp_path / "nolabels" / "labels.npy").exists()
+    train = ["train", "--data", f"hf:{hub}", "--val-data", f"hf:{hub}", *tiny_flags, "--max-steps", "1"]
+    code, errors = run([*train, "--out", str(tmp_path / "run-two")])
+    assert code == 1 and errors[0].startswith("byol-pytorch: error: --val-data: several label columns")
+    assert run([*train, "--out", str(tmp_path / "run"), "--label-column", "fine"]) == (0, [])
+    unlabelled = datasets.Dataset.from_dict({**rows(10, 0), "fine": [-1] * 10}, features=features)
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(rows(20, 0), features=features), "test": unlabelled}
+    ).save_to_disk(str(tmp_path / "unlab"))
+    spec = ["--data", f"hf:{tmp_path / 'unlab'}", "--hf-split", "test", "--label-column", "fine"]
+    code, errors = run([*embed, *spec, "--out", str(tmp_path / "asked")])
+    assert code == 1 and "none of its 10 rows has a label in 'fine'" in errors[0]
+    assert run([*embed, *spec[:4], "--out", str(tmp_path / "unasked")]) == (0, [])
+    assert len((tmp_path / "unasked" / "ids.txt").read_text().split()) == 10
 
 
 def test_one_bad_label_first_leaves_the_other_labels_and_small_shards_hold_some_out(checkpoint, tmp_path):

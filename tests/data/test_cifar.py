@@ -152,3 +152,40 @@ def test_a_set_missing_one_batch_names_that_batch(tmp_path, make_cifar10):
     (root / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(ValueError, match="holds cifar10 batches but not data_batch_3: the download or the unpack"):
         find_cifar_folder("cifar10", root)
+
+
+def _rewrite_labels(folder, make, protocol):
+    """Every batch of ``folder`` written again at ``protocol`` with its labels given as ``make(labels)``."""
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = load_pickle(folder / name)
+        entry[b"labels"] = make(np.asarray(entry[b"labels"]))
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=protocol))
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize("make", [list, lambda a: a, lambda a: a.astype(np.uint8)], ids=["np-ints", "array", "uint8"])
+def test_numpy_labels_and_protocol_5_pickles_load(tmp_path, make_cifar10, make, protocol):
+    """Probe: a batch written at protocol 5 (numpy's _frombuffer) and labels as a list of numpy ints (numpy's
+    scalar) were refused as unsafe globals."""
+    folder = make_cifar10(tmp_path) / "cifar-10-batches-py"
+    expected = load_cifar("cifar10", tmp_path, "train")[1]
+    _rewrite_labels(folder, make, protocol)
+    assert torch.equal(load_cifar("cifar10", tmp_path, "train")[1], expected)
+
+
+@pytest.mark.parametrize(
+    "make, got",
+    [
+        (lambda a: a[:, None], r"int64 \(8, 1\)"),
+        (lambda a: None, "NoneType"),
+        (lambda a: [str(v) for v in a], r"<U1 \(8,\)"),
+        (lambda a: a + 0.7, r"float64 \(8,\)"),
+    ],
+)
+def test_labels_that_are_not_n_whole_numbers_are_one_error_naming_the_file(tmp_path, make_cifar10, make, got):
+    """Probe: (N, 1) labels were 'only 0-dimensional arrays can be converted to Python scalars' (a traceback through
+    every command), None a TypeError, strings an error that named no file, floats silently cut to ints."""
+    folder = make_cifar10(tmp_path) / "cifar-10-batches-py"
+    _rewrite_labels(folder, make, 3)
+    with pytest.raises(ValueError, match=rf"data_batch_1': b'labels' must be N whole-number labels .*got {got}"):
+        load_cifar("cifar10", tmp_path, "train")

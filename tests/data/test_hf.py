@@ -246,3 +246,61 @@ def test_a_label_column_of_class_names_says_how_to_encode_it():
     assert label_column(both) == "labels"  # review: the integer one is taken, as before
     listed = datasets.Dataset.from_dict({"image": [b"x", b"y"], "labels": [[0, 1], [1]]})
     assert label_column(listed) is None  # multi-label lists: no fix to name
+
+
+def test_a_dataset_dict_object_an_empty_split_named_and_relative_paths_say_what_is_wrong(tmp_path, monkeypatch):
+    """Probe: HFImageDataset(load_from_disk(...)) of a dataset with splits was "'DatasetDict' object has no
+    attribute 'features'"; --hf-split naming a saved empty split said the split did not exist; a column of paths
+    relative to another folder was 'not an image column'."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), "red").save(buffer, "PNG")
+    rows = datasets.Dataset.from_dict(
+        {"image": [{"bytes": buffer.getvalue(), "path": None}] * 6, "label": [0, 1] * 3},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}),
+    )
+    both = datasets.DatasetDict({"train": rows, "test": rows.select(range(2)), "extra": rows.select([])})
+    assert len(HFImageDataset(both, 16)) == 6
+    test = HFImageDataset(both, 16, split="test")
+    assert (len(test), test.split) == (2, "test")
+    with pytest.raises(ValueError, match="the DatasetDict has no split 'val'; its splits: train, test, extra"):
+        HFImageDataset(both, 16, split="val")
+    with pytest.raises(TypeError, match="takes hf:'s PATH, a datasets.Dataset or a DatasetDict, got list"):
+        HFImageDataset([rows], 16)
+    both.save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match="split 'extra' holds no rows; its splits with rows: train, test"):
+        load_local_dataset(tmp_path / "dd", "extra")
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "imgs" / "0.png")
+    datasets.Dataset.from_dict({"file": ["imgs/0.png"] * 4}).save_to_disk(str(tmp_path / "paths"))
+    monkeypatch.chdir(tmp_path)
+    assert len(HFImageDataset(tmp_path / "paths", 16, column="file")) == 4
+    monkeypatch.chdir(tmp_path / "imgs")
+    with pytest.raises(ValueError, match=r"'imgs/0.png', is no file from here .*run from the folder they are"):
+        HFImageDataset(tmp_path / "paths", 16, column="file")
+
+
+def test_classes_with_no_rows_are_told_apart_from_unreadable_ones(tmp_path):
+    """Probe: classes a ClassLabel names but no row carries (a filtered dataset) were warned of as 'no readable
+    image: their files were passed over', though nothing was passed over."""
+    from byol_pytorch.training.validation import KnnMonitor
+
+    images = [Image.new("RGB", (12, 12), (40 * i, 90, 30)) for i in range(20)]
+    rows = datasets.Dataset.from_dict(
+        {"image": images, "label": [i % 2 for i in range(20)]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])}),
+    )
+    rows.save_to_disk(str(tmp_path / "two_of_three"))
+    monitor = KnnMonitor(f"hf:{tmp_path / 'two_of_three'}", 12, 3, torch.device("cpu"))
+    monitor.missing = monitor.missing_classes(torch.tensor([0, 1]))
+    assert monitor.missing == ["c"]
+    assert monitor.missing_warning("hf:x") == (
+        "1 class(es) of hf:x have no image at all (c): the data names them among its classes but holds none of them "
+        "(a filtered dataset, a subset of the classes), and the accuracy is over the other classes"
+    )
+    monitor.missing = monitor.missing_classes(torch.tensor([0]))  # b has rows: unreadable ones
+    assert monitor.missing_warning("hf:x").startswith(
+        "1 class(es) of hf:x have no readable image (b): their files were passed over; 1 class(es) of hf:x have no "
+        "image at all (c)"
+    )
