@@ -7,8 +7,10 @@ Shared by the data layer (the folder index cache) and the training runtime (chec
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -89,6 +91,21 @@ def remove_stale_temps(path: PathLike) -> list[Path]:
     return removed
 
 
+def _writable_target(path: Path) -> Path:
+    """The file a write to ``path`` replaces: a symbolic link's target (written through, as a shell's ``>``
+    does, not the link replaced by a file); a device, FIFO or socket there is an ``OSError`` (a rename would
+    put a file in place of ``/dev/null`` when run as root)."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return path  # nothing there yet (or nothing we may look at: the write will say)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder: the rename's own error names it
+        raise OSError(errno.EINVAL, "not a file but a device, FIFO or socket, which a write would replace", str(path))
+    return path
+
+
 def atomic_write(path: PathLike, write: Callable[[str], object]) -> Path:
     """Call ``write(temp_path)``, fsync the file, then rename it to ``path``.
 
@@ -101,13 +118,16 @@ def atomic_write(path: PathLike, write: Callable[[str], object]) -> Path:
         write: writes the content to the temporary path it is given.
 
     Returns:
-        ``path`` as a ``Path``.
+        The file written, as a ``Path``: ``path``, or the target of a link there.
+
+    A symbolic link at ``path`` is written through: its target is replaced, the link kept.
 
     Raises:
         OSError: the folder cannot be created or written (full disk, read-only file
-            system, permissions); ``path`` is then left as it was.
+            system, permissions), or ``path`` is a device, FIFO or socket; ``path`` is then
+            left as it was.
     """
-    path = Path(path)
+    path = _writable_target(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     try:

@@ -50,6 +50,8 @@ from .recipe import check_seed
 
 __all__ = ["UserError", "main", "build_parser"]
 
+PREVIEW_MOST = 64  # images in one preview: the figure's layout time grows faster than the count (160: 69 s)
+
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (usage stays in ``--help``)."""
@@ -68,8 +70,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from ..training.models import export_backbone
+    from ..training.models import TORCH_SUFFIXES, export_backbone
 
+    _refuse_folder_out(args.out, "backbone.safetensors")
+    if not os.path.isdir(args.out) and Path(args.out).suffix.lower() not in (".safetensors", *TORCH_SUFFIXES):
+        raise UserError(
+            f"--out {args.out}: name a .safetensors file (or {', '.join(TORCH_SUFFIXES)} for a torch.save state "
+            "dict), e.g. backbone.safetensors"
+        )
     try:
         path = export_backbone(args.checkpoint, args.out, which=args.which, bn_stats=args.bn_stats)
     except OSError as error:
@@ -78,15 +86,23 @@ def _run_export(args: argparse.Namespace) -> int:
         raise UserError(f"--out: {describe_os_error(error)}") from None  # the write (atomic: nothing half-written)
     except ValueError as error:
         raise UserError(str(error)) from error
-    statistics = ""
+    statistics, into = "", "the backbone without its classifier"
     if path.suffix.lower() == ".safetensors":  # the statistics it holds, from its metadata (a header read)
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as written:
-            held = (written.metadata() or {}).get("bn_stats", "?")
+            metadata = written.metadata() or {}
+        held = metadata.get("bn_stats", "?")
         statistics = "no BatchNorm; " if held == "none" else f"BatchNorm statistics {held}; "
-    print(f"byol-pytorch: wrote {path} ({statistics}load it with strict=True into the backbone without its classifier)")
+        into = metadata.get("load") or into
+    print(f"byol-pytorch: wrote {path} ({statistics}load it with strict=True into {into})")
     return 0
+
+
+def _refuse_folder_out(out: str, example: str) -> None:
+    """A ``--out`` ending in a path separator names a folder: a file was wanted (writing one beside it misleads)."""
+    if out.endswith(("/", os.sep)):
+        raise UserError(f"--out {out} names a folder; name the file to write in it, e.g. {out}{example}")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -155,8 +171,12 @@ def _run_preview(args: argparse.Namespace) -> int:
     from ..data import first_items, load_size_for, open_unlabelled
     from ..data.remote import redact
 
-    if args.image_size < 8 or args.count < 1:
-        raise UserError(f"--image-size must be >= 8 and --count >= 1, got {args.image_size} and {args.count}")
+    if args.image_size < 8 or not 1 <= args.count <= PREVIEW_MOST:
+        raise UserError(
+            f"--image-size must be >= 8 and --count between 1 and {PREVIEW_MOST}, got {args.image_size} and "
+            f"{args.count}"
+        )
+    _refuse_folder_out(args.out, "views.png")
     if os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a folder; name the picture to write in it, e.g. {args.out}/views.png")
     check_seed(args.seed)
@@ -231,14 +251,18 @@ def _add_demo(sub) -> None:
     add_demo_arguments(parser)
 
 
-def _add_bn_stats(parser: argparse.ArgumentParser) -> None:
+def _add_bn_stats(parser: argparse.ArgumentParser, data: bool = True) -> None:
+    older = (
+        "re-estimated on the data for an older checkpoint"
+        if data
+        else "an older checkpoint without them gives the trained ones, with a warning"
+    )
     parser.add_argument(
         "--bn-stats",
         choices=["clean", "trained"],
         default="clean",
         help="BatchNorm statistics: clean = re-estimated on un-augmented training images (saved in the checkpoint "
-        "by train; re-estimated on the data for an older checkpoint), trained = those of the augmented views "
-        "(default: %(default)s)",
+        f"by train; {older}), trained = those of the augmented views (default: %(default)s)",
     )
 
 
@@ -255,7 +279,9 @@ def _add_preview(sub) -> None:
     preview.add_argument("--image-column", help="hf: data with several image columns: the one to show")
     preview.add_argument("--out", default="views.png", help="the PNG to write (default: %(default)s)")
     preview.add_argument("--image-size", type=int, default=224, help="view side (default: %(default)s)")
-    preview.add_argument("--count", type=int, default=8, help="images shown (default: %(default)s)")
+    preview.add_argument(
+        "--count", type=int, default=8, help=f"images shown, at most {PREVIEW_MOST} (default: %(default)s)"
+    )
     preview.add_argument("--seed", type=int, default=0, help="seed of the views (default: %(default)s)")
     preview.add_argument(
         "--views",
@@ -319,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="write the trained backbone as safetensors",
         description="Write the backbone of a checkpoint, without its classifier, as "
-        "safetensors: timm.create_model(NAME, num_classes=0) loads it with strict=True.",
+        "safetensors: timm.create_model(NAME, num_classes=0) loads it with strict=True (with the image size, "
+        "img_size=S, for models that take one; the closing line gives the exact call, and the file's metadata "
+        "holds it as 'load').",
     )
     export.add_argument("checkpoint", help="RUNDIR/last.pt")
     export.add_argument(
@@ -333,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="online",
         help="the online network (default; the paper keeps it) or the EMA target",
     )
-    _add_bn_stats(export)
+    _add_bn_stats(export, data=False)
 
     _add_eval(sub)
 

@@ -47,6 +47,7 @@ from ..training.optim import build_optimizer, warmup_cosine_scheduler
 from .devices import resolve_device
 from .errors import UserError, one_line
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from .recipe import check_seed
 
 __all__ = ["DEMO_DEFAULTS", "QUICK_SETTINGS", "demo_cnn", "add_demo_arguments", "run_demo", "main"]
 
@@ -219,6 +220,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
                 f"--{key.replace('_', '-')} must be at least 2 (BatchNorm and the loss need a "
                 f"batch), got {settings[key]}"
             )
+    check_seed(settings["seed"])
     if settings["knn_points"] < 0:
         raise UserError(f"--knn-points must be 0 or more, got {settings['knn_points']}")
     if not 0.0 <= settings["tau"] <= 1.0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import warnings
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,20 @@ def build_backbone(name: str, in_chans: int | None = None, image_size: int | Non
         ValueError: an unknown name (with close names), or channels a torchvision model
             cannot take.
     """
+    net, call = _build(name, in_chans, image_size)
+    _BUILT_WITH[net] = call
+    return net
+
+
+# How each net build_backbone made was made: the call that builds it again, for an export's load line.
+_BUILT_WITH: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def _build(name: str, in_chans: int | None, image_size: int | None) -> tuple[nn.Module, str]:
+    """``build_backbone``'s net and the Python call that builds it again (timm: without ``num_classes``)."""
     if name in CIFAR_MODELS:
-        return _cifar_resnet(name, in_chans)
+        chans = "" if in_chans is None else f", in_chans={in_chans}"
+        return _cifar_resnet(name, in_chans), f"byol_pytorch.training.models.build_backbone({name!r}{chans})"
     if name.startswith(TORCHVISION_PREFIX):
         import torchvision
 
@@ -117,21 +130,24 @@ def build_backbone(name: str, in_chans: int | None = None, image_size: int | Non
         # Inception v3's auxiliary classifier runs only in training, where it fails under 299 px; BYOL never reads it
         # (at 299 px and up it is kept, as in the checkpoints of runs made there).
         small = arch == "inception_v3" and image_size is not None and image_size < INCEPTION_AUX_SIDE
-        return torchvision.models.get_model(arch, weights=None, **({"aux_logits": False} if small else {}))
+        net = torchvision.models.get_model(arch, weights=None, **({"aux_logits": False} if small else {}))
+        return net, f"torchvision.models.get_model({arch!r}, weights=None{', aux_logits=False' if small else ''})"
 
     import timm
 
     if not timm.is_model(name):
         raise _unknown_model(name)
     kwargs: dict[str, Any] = {"pretrained": False}
+    chans = ""
     if in_chans is not None:
-        kwargs["in_chans"] = in_chans
+        kwargs["in_chans"], chans = in_chans, f", in_chans={in_chans}"
     if image_size is not None:
         try:
-            return timm.create_model(name, img_size=image_size, **kwargs)
+            net = timm.create_model(name, img_size=image_size, **kwargs)
+            return net, f"timm.create_model({name!r}{chans}, img_size={image_size})"
         except TypeError:
             pass  # a model without an img_size argument (convnets): any size works
-    return timm.create_model(name, **kwargs)
+    return timm.create_model(name, **kwargs), f"timm.create_model({name!r}{chans})"
 
 
 def classifier_name(net: nn.Module, image_size: int, channels: int | None = None) -> str | None:
@@ -165,15 +181,33 @@ def strip_classifier(net: nn.Module, name: str, image_size: int) -> nn.Module:
     Returns:
         ``net``, without classifier.
     """
+    _strip(net, name, image_size)
+    return net
+
+
+def _strip(net: nn.Module, name: str, image_size: int) -> str | None:
+    """``strip_classifier``'s work; what it did: ``"num_classes=0"`` (timm), the layer replaced, or None."""
     if not name.startswith(TORCHVISION_PREFIX) and hasattr(net, "reset_classifier"):
         net.reset_classifier(0)  # type: ignore[operator]
-        return net
+        return "num_classes=0"
     layer = classifier_name(net, image_size)
     if layer is not None:
         parent_name, _, child = layer.rpartition(".")
         parent = net.get_submodule(parent_name) if parent_name else net
         setattr(parent, child, nn.Identity())
-    return net
+    return layer
+
+
+def _load_line(call: str | None, stripped: str | None) -> str | None:
+    """The Python that builds the headless backbone an export loads into, from ``build_backbone``'s call."""
+    if call is None:
+        return None
+    if stripped == "num_classes=0":  # timm: the headless model's own keys
+        return call[:-1] + ", num_classes=0)"
+    if stripped is None:
+        return call
+    where = "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in stripped.split("."))  # classifier[3]
+    return f"model = {call}; model{where} = torch.nn.Identity()"
 
 
 def build_learner(recipe: Recipe | Mapping[str, Any], net: nn.Module | None = None) -> BYOL:
@@ -311,10 +345,14 @@ def export_backbone(
     """Write the trained backbone, without its classifier, as a safetensors file (or ``torch.save``'s, for ``.pt``).
 
     The file loads with ``strict=True`` into ``timm.create_model(NAME, num_classes=0)``
-    (add ``in_chans=`` if you trained with other channels), or with
-    ``pretrained=True, pretrained_cfg_overlay=dict(file=PATH), num_classes=0``. For
-    ``torchvision:NAME`` the final classifier Linear is replaced by ``nn.Identity()``
-    (``model.fc = nn.Identity()`` for a ResNet); the file's metadata names it.
+    (with ``in_chans=`` if you trained with other channels, ``img_size=`` for a model that
+    takes the image size, a ViT), or with ``pretrained=True,
+    pretrained_cfg_overlay=dict(file=PATH), num_classes=0``. For ``torchvision:NAME`` the final
+    classifier Linear is replaced by ``nn.Identity()`` (``model.fc = nn.Identity()`` for a
+    ResNet). The safetensors metadata holds the exact Python call as ``load`` (for example
+    ``timm.create_model('vit_tiny_patch16_224', in_chans=3, img_size=32, num_classes=0)``, or
+    ``model = torchvision.models.get_model('mobilenet_v3_small', weights=None);
+    model.classifier[3] = torch.nn.Identity()``), beside ``image_size`` and ``in_chans``.
 
     Args:
         checkpoint_path: a checkpoint written by ``byol-pytorch train``.
@@ -371,7 +409,7 @@ def export_backbone(
     # The checkpoint (both networks, the heads, the optimiser's state) is freed before the copies below are made.
     del checkpoint, learner_state, state
     net.eval()
-    strip_classifier(net, args["model"], int(args["image_size"]))
+    load = _load_line(_BUILT_WITH.get(net), _strip(net, args["model"], int(args["image_size"])))
     tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
     del net
     metadata = {
@@ -379,8 +417,10 @@ def export_backbone(
         "byol_pytorch_model": str(args["model"]),
         "step": str(step),
         "in_chans": str(args.get("in_chans")),
+        "image_size": str(args["image_size"]),
         "which": which,
         "bn_stats": used,
+        **({"load": load} if load else {}),
     }
     if Path(out_path).suffix.lower() in TORCH_SUFFIXES:  # torch.load(path, weights_only=True) reads it
         return atomic_write(out_path, lambda temp: _torch_save(tensors, temp))  # a full disk: an OSError

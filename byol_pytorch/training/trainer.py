@@ -189,9 +189,9 @@ class BYOLTrainer(nn.Module):
         batch_size = _whole("batch_size", batch_size, 2)  # type: ignore[assignment]
         num_workers = _whole("num_workers", num_workers, 0)  # type: ignore[assignment]
         val_every = _whole("val_every (or None: every checkpoint_every steps)", val_every, 1, none=True)
-        seed = _whole("seed (or None)", seed, 0, none=True)
-        if seed is not None and seed >= 2**62:
-            raise ValueError(f"seed must be below 2**62, got {seed}")
+        seed = _whole("seed (or None)", seed, 1 - 2**62, none=True)
+        if seed is not None and seed >= 2**62:  # offset per rank, worker and step, it stays a 64-bit integer
+            raise ValueError(f"seed must be between -2**62 and 2**62, got {seed}")
         dataset = os.fspath(dataset) if isinstance(dataset, os.PathLike) else dataset
         val_data = os.fspath(val_data) if isinstance(val_data, os.PathLike) else val_data
         if precision not in ("fp32", "bf16", "fp16"):

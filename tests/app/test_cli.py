@@ -167,6 +167,39 @@ def test_export_and_preview_outputs_that_cannot_be_written_are_one_line(capsys, 
     assert not (tmp_path / "pictures.png").exists()
 
 
+def test_export_and_preview_refuse_outputs_that_would_mislead_and_write_through_links(capsys, tmp_path, trained):
+    """Probe: export over a device node or a FIFO replaced it with a file (as root, --out /dev/null would replace
+    the system's), a symbolic link was replaced by a file, --out DIR/ wrote a file named DIR beside the folder
+    meant, --out x.txt silently held safetensors, and preview --count 400 ran for 25 minutes."""
+    import os
+
+    data, out = trained
+    checkpoint = str(out / "last.pt")
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    line = one_error_line(capsys, cli.main(["export", checkpoint, "--out", str(tmp_path / "fifo.safetensors")]))
+    assert "not a file but a device, FIFO or socket, which a write would replace" in line
+    assert (tmp_path / "fifo.safetensors").is_fifo()
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "real.safetensors")
+    assert cli.main(["export", checkpoint, "--out", str(tmp_path / "link.safetensors")]) == 0
+    assert (tmp_path / "link.safetensors").is_symlink() and (tmp_path / "real.safetensors").stat().st_size > 0
+    for bad, message in [
+        (f"{tmp_path / 'backbones'}/", f"names a folder; name the file to write in it, e.g. {tmp_path}/backbones/"),
+        (f"{tmp_path / 'b.safetensors'}/", "names a folder"),
+        (str(tmp_path / "b.txt"), "name a .safetensors file (or .pt, .pth, .bin for a torch.save state dict)"),
+        (str(tmp_path / "b"), "name a .safetensors file"),
+    ]:
+        line = one_error_line(capsys, cli.main(["export", checkpoint, "--out", bad]))
+        assert message in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.safetensors", "link.safetensors", "real.safetensors"]
+    pytest.importorskip("matplotlib")
+    preview = ["preview", "--data", str(data), "--image-size", "32"]
+    line = one_error_line(capsys, cli.main([*preview, "--count", "65", "--out", str(tmp_path / "v.png")]))
+    assert "--count between 1 and 64, got 32 and 65" in line
+    line = one_error_line(capsys, cli.main([*preview, "--out", f"{tmp_path / 'pics'}/"]))
+    assert f"names a folder; name the file to write in it, e.g. {tmp_path}/pics/views.png" in line
+    assert not (tmp_path / "pics.png").exists()
+
+
 def test_eval_says_when_a_class_has_no_readable_image(capsys, tmp_path, trained, make_labelled):
     _, out = trained
     labelled = make_labelled(tmp_path / "lab", classes=3, per_class=10)

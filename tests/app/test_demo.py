@@ -122,6 +122,8 @@ def test_bad_flag_is_a_user_error(tmp_path):
         demo.run_demo(_args("--pool", "0", "--data-dir", str(tmp_path)))
     with pytest.raises(UserError, match="--lr must be a positive finite number, got nan"):
         demo.run_demo(_args("--lr", "nan", "--data-dir", str(tmp_path)))
+    with pytest.raises(UserError, match=r"--seed must be a whole number between -2\*\*62 and 2\*\*62"):
+        demo.run_demo(_args("--seed", str(2**64), "--data-dir", str(tmp_path)))  # before: torch's overflow traceback
     (tmp_path / "afile").write_text("x")  # found before training, not when the figures are written
     with pytest.raises(UserError, match="afile is a file, not a folder"):
         demo.run_demo(_args("--out", str(tmp_path / "afile" / "run"), "--data-dir", str(tmp_path)))

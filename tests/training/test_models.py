@@ -287,3 +287,49 @@ def test_build_learner_views_from_the_recipe_keys():
     one, two = cifar.augment1, cifar.augment2
     assert (one.blur_p, two.blur_p, one.solarize_p, two.solarize_p) == (0.0, 0.0, 0.0, 0.3)
     assert one.crop_scale == two.crop_scale == (0.2, 1.0) and one.size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "model, in_chans, load",
+    [
+        (
+            "vit_tiny_patch16_224",
+            3,
+            "timm.create_model('vit_tiny_patch16_224', in_chans=3, img_size=32, num_classes=0)",
+        ),
+        ("resnet10t", 1, "timm.create_model('resnet10t', in_chans=1, num_classes=0)"),
+        (
+            "torchvision:mobilenet_v3_small",
+            None,
+            "model = torchvision.models.get_model('mobilenet_v3_small', weights=None); "
+            "model.classifier[3] = torch.nn.Identity()",
+        ),
+    ],
+)
+def test_the_export_metadata_holds_the_call_that_loads_it(tmp_path, model, in_chans, load):
+    """Probe: a ViT trained at 32 px did not load into timm.create_model(NAME, num_classes=0) as the help said
+    (pos_embed 5 against 197 tokens; img_size was nowhere), and the docstring said the metadata named a torchvision
+    net's replaced classifier, which it did not (mobilenet_v3_small: classifier.3, to be guessed)."""
+    import timm
+    import torchvision
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    recipe = dict(RECIPE, model=model, in_chans=in_chans)
+    torch.manual_seed(0)
+    learner = build_learner(recipe)
+    learner(torch.randint(0, 256, (4, in_chans or 3, 36, 36), dtype=torch.uint8)).backward()
+    learner.update_moving_average()
+    path = save_checkpoint(tmp_path / "last.pt", {"step": 1, "learner": learner.state_dict(), "args": recipe})
+    out = export_backbone(path, tmp_path / "b.safetensors", bn_stats="trained")
+    with safe_open(str(out), "pt") as written:
+        metadata = written.metadata()
+    assert metadata["load"] == load and metadata["image_size"] == "32"
+    scope = {"torch": torch, "timm": timm, "torchvision": torchvision}
+    exec(load if load.startswith("model = ") else f"model = {load}", scope)
+    net = scope["model"].eval()
+    net.load_state_dict(load_file(out), strict=True)
+    x = torch.rand(2, in_chans or 3, 32, 32)
+    learner.eval()
+    with torch.no_grad():  # the representation BYOL trained
+        torch.testing.assert_close(net(x), learner(x, return_embedding=True, return_projection=False))

@@ -260,7 +260,7 @@ def test_state_dict_carries_a_run_to_another_trainer(tmp_path, make_cnn):
         ({"num_workers": 1.5}, TypeError, "num_workers must be a whole number"),
         ({"val_every": 0}, ValueError, r"val_every \(or None: every checkpoint_every steps\) must be at least 1"),
         ({"seed": "0"}, TypeError, r"seed \(or None\) must be a whole number, got '0'"),
-        ({"seed": 2**70}, ValueError, r"seed must be below 2\*\*62"),
+        ({"seed": 2**70}, ValueError, r"seed must be between -2\*\*62 and 2\*\*62"),
         ({"batch_size": 1}, ValueError, "batch_size must be at least 2, got 1"),
     ],
 )
