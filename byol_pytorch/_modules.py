@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 from collections.abc import Iterator
 
@@ -85,3 +86,21 @@ def saved_modes(module: nn.Module | None, eval_mode: bool = True) -> Iterator[No
         for m, mode in modes:  # train() runs a module's own override; children are set after parents
             if m.training != mode:
                 m.train(mode)
+
+
+def whole_number(name: str, value: object, least: int, why: str = "") -> int:
+    """``value`` as an int of at least ``least`` (Python and NumPy integers, not bools).
+
+    Raises:
+        TypeError: not a whole number (``4.0``, ``"4"``, ``None``, ``True``), naming ``name``.
+        ValueError: below ``least``, naming ``name`` (and ``why``, a parenthesis after the bound).
+    """
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})") from None
+    if number < least:
+        raise ValueError(f"{name} must be at least {least}{why}, got {number}")
+    return number

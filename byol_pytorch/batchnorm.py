@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import operator
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, SupportsIndex
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ._modules import module_device_dtype, saved_modes
+from ._modules import module_device_dtype, saved_modes, whole_number
 
 __all__ = [
     "FrozenStatistics",
@@ -312,18 +311,9 @@ def _refuse_learner(net: nn.Module) -> None:
 
 
 def _check_counts(max_images: object, batch_size: object) -> None:
-    for name, value, least in (("max_images", max_images, 1), ("batch_size", batch_size, 2)):
-        if name == "max_images" and value is None:
-            continue
-        try:
-            if isinstance(value, bool):
-                raise TypeError
-            value = operator.index(value)  # type: ignore[arg-type]  # a Python or NumPy integer
-        except TypeError:
-            raise TypeError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})") from None
-        if value < least:
-            why = " (a batch of one image has no variance)" if name == "batch_size" else " or None"
-            raise ValueError(f"{name} must be at least {least}{why}, got {value!r}")
+    if max_images is not None:
+        whole_number("max_images", max_images, 1, " or None")
+    whole_number("batch_size", batch_size, 2, " (a batch of one image has no variance)")
 
 
 def recalibrate_batchnorm(

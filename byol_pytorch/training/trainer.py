@@ -17,7 +17,6 @@ with a warning (use ``precision=`` and ``device=`` instead).
 
 from __future__ import annotations
 
-import operator
 import os
 import warnings
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from .._atomic import atomic_write
+from .._modules import whole_number
 from ..batchnorm import convert_sync_batchnorm
 from ..byol import BYOL
 from ..data import ShardReading, load_size_for, make_loader, open_unlabelled
@@ -80,21 +80,6 @@ def _images_only(batch: list) -> torch.Tensor:
             "torchvision.transforms.v2.Resize((S, S))), or pass the folder's path as dataset=, which is resized"
         )
     return default_collate(batch)
-
-
-def _whole(name: str, value: object, least: int, none: bool = False) -> int | None:
-    """``value`` as an int of at least ``least`` (None where ``none``); a TypeError / ValueError naming ``name``."""
-    if value is None and none:
-        return None
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)  # type: ignore[arg-type]  # a Python or NumPy integer
-    except TypeError:
-        raise TypeError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})") from None
-    if number < least:
-        raise ValueError(f"{name} must be at least {least}, got {number}")
-    return number
 
 
 def _check_items(dataset: object, channels: int) -> None:
@@ -184,12 +169,14 @@ class BYOLTrainer(nn.Module):
         val_every: int | None = None,
     ):
         super().__init__()
-        num_train_steps = _whole("num_train_steps", num_train_steps, 1)  # type: ignore[assignment]
-        checkpoint_every = _whole("checkpoint_every", checkpoint_every, 1)  # type: ignore[assignment]
-        batch_size = _whole("batch_size", batch_size, 2)  # type: ignore[assignment]
-        num_workers = _whole("num_workers", num_workers, 0)  # type: ignore[assignment]
-        val_every = _whole("val_every (or None: every checkpoint_every steps)", val_every, 1, none=True)
-        seed = _whole("seed (or None)", seed, 1 - 2**62, none=True)
+        num_train_steps = whole_number("num_train_steps", num_train_steps, 1)
+        checkpoint_every = whole_number("checkpoint_every", checkpoint_every, 1)
+        batch_size = whole_number("batch_size", batch_size, 2)
+        num_workers = whole_number("num_workers", num_workers, 0)
+        if val_every is not None:
+            val_every = whole_number("val_every (or None: every checkpoint_every steps)", val_every, 1)
+        if seed is not None:
+            seed = whole_number("seed (or None)", seed, 1 - 2**62)
         if seed is not None and seed >= 2**62:  # offset per rank, worker and step, it stays a 64-bit integer
             raise ValueError(f"seed must be between -2**62 and 2**62, got {seed}")
         dataset = os.fspath(dataset) if isinstance(dataset, os.PathLike) else dataset
