@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import warnings
 import weakref
@@ -352,7 +353,8 @@ def export_backbone(
     ResNet). The safetensors metadata holds the exact Python call as ``load`` (for example
     ``timm.create_model('vit_tiny_patch16_224', in_chans=3, img_size=32, num_classes=0)``, or
     ``model = torchvision.models.get_model('mobilenet_v3_small', weights=None);
-    model.classifier[3] = torch.nn.Identity()``), beside ``image_size`` and ``in_chans``.
+    model.classifier[3] = torch.nn.Identity()``), beside ``image_size``, ``in_chans``, and
+    the ``mean`` and ``std`` (JSON lists) the images were normalised with in training.
 
     Args:
         checkpoint_path: a checkpoint written by ``byol-pytorch train``.
@@ -409,6 +411,8 @@ def export_backbone(
     # The checkpoint (both networks, the heads, the optimiser's state) is freed before the copies below are made.
     del checkpoint, learner_state, state
     net.eval()
+    view, _ = _recipe_views(Recipe.from_dict(args), net)
+    mean, std = view.resolve_mean_std(infer_channels(net))  # the input normalisation the backbone trained with
     load = _load_line(_BUILT_WITH.get(net), _strip(net, args["model"], int(args["image_size"])))
     tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
     del net
@@ -418,6 +422,8 @@ def export_backbone(
         "step": str(step),
         "in_chans": str(args.get("in_chans")),
         "image_size": str(args["image_size"]),
+        "mean": json.dumps([round(m, 6) for m in mean]),
+        "std": json.dumps([round(v, 6) for v in std]),
         "which": which,
         "bn_stats": used,
         **({"load": load} if load else {}),

@@ -1,5 +1,7 @@
 """models.py: backbones by name, their classifier removed, the learner of a recipe, and the export."""
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -325,6 +327,8 @@ def test_the_export_metadata_holds_the_call_that_loads_it(tmp_path, model, in_ch
     with safe_open(str(out), "pt") as written:
         metadata = written.metadata()
     assert metadata["load"] == load and metadata["image_size"] == "32"
+    mean, std = ([0.5], [0.5]) if in_chans == 1 else ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert json.loads(metadata["mean"]) == mean and json.loads(metadata["std"]) == std  # ImageNet's; one channel 0.5
     scope = {"torch": torch, "timm": timm, "torchvision": torchvision}
     exec(load if load.startswith("model = ") else f"model = {load}", scope)
     net = scope["model"].eval()
