@@ -91,19 +91,15 @@ def remove_stale_temps(path: PathLike) -> list[Path]:
     return removed
 
 
-def _writable_target(path: Path) -> Path:
-    """The file a write to ``path`` replaces: a symbolic link's target (written through, as a shell's ``>``
-    does, not the link replaced by a file); a device, FIFO or socket there is an ``OSError`` (a rename would
-    put a file in place of ``/dev/null`` when run as root)."""
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
+def _refuse_special(path: Path) -> None:
+    """An ``OSError`` for a device, FIFO or socket at ``path`` itself (a rename would put a file in place of
+    ``/dev/null`` when run as root); a symbolic link is replaced, as ever, never its target."""
     try:
-        mode = os.stat(path).st_mode
+        mode = os.lstat(path).st_mode
     except OSError:
-        return path  # nothing there yet (or nothing we may look at: the write will say)
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder: the rename's own error names it
+        return  # nothing there yet (or nothing we may look at: the write will say)
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
         raise OSError(errno.EINVAL, "not a file but a device, FIFO or socket, which a write would replace", str(path))
-    return path
 
 
 def atomic_write(path: PathLike, write: Callable[[str], object]) -> Path:
@@ -118,16 +114,17 @@ def atomic_write(path: PathLike, write: Callable[[str], object]) -> Path:
         write: writes the content to the temporary path it is given.
 
     Returns:
-        The file written, as a ``Path``: ``path``, or the target of a link there.
+        ``path`` as a ``Path``.
 
-    A symbolic link at ``path`` is written through: its target is replaced, the link kept.
+    A symbolic link at ``path`` is replaced by the file (its target is left as it was).
 
     Raises:
         OSError: the folder cannot be created or written (full disk, read-only file
             system, permissions), or ``path`` is a device, FIFO or socket; ``path`` is then
             left as it was.
     """
-    path = _writable_target(Path(path))
+    path = Path(path)
+    _refuse_special(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     try:

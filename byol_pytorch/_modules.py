@@ -88,16 +88,20 @@ def saved_modes(module: nn.Module | None, eval_mode: bool = True) -> Iterator[No
                 m.train(mode)
 
 
-def whole_number(name: str, value: object, least: int, why: str = "") -> int:
-    """``value`` as an int of at least ``least`` (Python and NumPy integers, not bools).
+def whole_number(name: str, value: object, least: int, why: str = "", floats: bool = False) -> int:
+    """``value`` as an int of at least ``least`` (Python and NumPy integers, not bools; with ``floats``, also
+    floats that are whole numbers, as ``1e5`` is).
 
     Raises:
-        TypeError: not a whole number (``4.0``, ``"4"``, ``None``, ``True``), naming ``name``.
+        TypeError: not a whole number (``2.5``, ``"4"``, ``None``, ``True``; ``4.0`` unless ``floats``), naming
+            ``name``.
         ValueError: below ``least``, naming ``name`` (and ``why``, a parenthesis after the bound).
     """
     try:
         if isinstance(value, bool):
             raise TypeError
+        if floats and isinstance(value, float) and value.is_integer():
+            value = int(value)
         number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})") from None

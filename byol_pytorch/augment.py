@@ -427,15 +427,17 @@ def _as_tuple(v) -> tuple[float, ...]:
     return (float(v),) if isinstance(v, numbers.Real) else tuple(float(e) for e in v)
 
 
-def _mean_std(name: str, value: object) -> None:
-    """A ``mean`` / ``std`` override: None, a finite number, or a sequence of them (``std`` positive)."""
+def _mean_std(name: str, value: object) -> float | tuple[float, ...] | None:
+    """A ``mean`` / ``std`` override as None, a float or a tuple of floats (from a number, a sequence or an
+    array of finite numbers; ``std`` positive)."""
     if value is None:
-        return
-    listed = value.tolist() if hasattr(value, "tolist") else value  # a NumPy array or scalar
+        return None
+    listed = value.tolist() if hasattr(value, "tolist") else value  # a NumPy array or scalar, a tensor
     values: list[Any] = list(listed) if isinstance(listed, (tuple, list)) else [listed]
     if not values or not all(map(_real, values)) or (name == "std" and min(values) <= 0):
         sign = "positive " if name == "std" else ""
         raise ValueError(f"{name} must be a {sign}finite number or a sequence of them (one per channel), got {value!r}")
+    return tuple(float(v) for v in values) if isinstance(listed, (tuple, list)) else float(values[0])
 
 
 def _as_int(value: object) -> int | None:
@@ -567,9 +569,7 @@ class BYOLAugment(nn.Module):
                 f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {settings['interpolation']!r}"
             )
         self.interpolation, self.preset = str(settings["interpolation"]), preset
-        _mean_std("mean", settings["mean"])
-        _mean_std("std", settings["std"])
-        self.mean, self.std = settings["mean"], settings["std"]
+        self.mean, self.std = _mean_std("mean", settings["mean"]), _mean_std("std", settings["std"])
         self.blur_kernel = (self._kernel(size[0]), self._kernel(size[1]))  # 23 at 224
 
     def _kernel(self, side: int) -> int:

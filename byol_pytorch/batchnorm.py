@@ -235,10 +235,11 @@ class _Pooled:
         self.mean: Tensor | None = None
         self.squares: Tensor | None = None
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach()
-        if x.numel() == 0:
-            return
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.numel() == 0:
+            return  # the layer's own check says what is wrong with it
+        x = x.detach()
         x = x if x.dtype in (torch.float32, torch.float64) else x.float()
         dims = [0, *range(2, x.dim())]
         var, mean = torch.var_mean(x, dim=dims, correction=0)
@@ -258,7 +259,8 @@ class _Pooled:
         assert m.running_mean is not None and m.running_var is not None and m.num_batches_tracked is not None
         assert self.mean is not None and self.squares is not None
         var = self.squares / max(1, self.count - 1)
-        if not (torch.isfinite(self.mean).all() and torch.isfinite(var).all()):
+        most = torch.finfo(m.running_var.dtype).max  # a float16 buffer holds no variance above 65504
+        if not (torch.isfinite(self.mean).all() and torch.isfinite(var).all() and var.max() <= most):
             raise ValueError(
                 "the images gave non-finite BatchNorm statistics (the net's activations overflow in "
                 f"{m.running_mean.dtype}): recalibrate in float32"
@@ -332,9 +334,10 @@ def recalibrate_batchnorm(
     inputs over all the images, pooled per channel: batches weigh by their size, and the spread
     between batch means counts, so the order and the batching of the images do not bias them.
     ``num_batches_tracked`` becomes the number of batches. A layer the pass never runs (an
-    auxiliary head used in training only) keeps its statistics. Weights, biases, other buffers,
-    momenta and every submodule's train/eval flag are left as they were. A net without
-    BatchNorm is not run at all.
+    auxiliary head used in training only) keeps its statistics. Each process pools its own
+    images: under DDP, give every rank the same images (or broadcast rank 0's statistics
+    after). Weights, biases, other buffers, momenta and every submodule's train/eval flag are
+    left as they were. A net without BatchNorm is not run at all.
 
     Args:
         net: the trained backbone (or any module holding BatchNorm layers).
@@ -377,7 +380,7 @@ def recalibrate_batchnorm(
     _refuse_lazy(layers, "recalibrate_batchnorm")
     saved = [_stats(m) for m in layers]
     pooled = [_Pooled() for _ in layers]
-    hooks = [m.register_forward_pre_hook(p) for m, p in zip(layers, pooled)]
+    hooks = [m.register_forward_pre_hook(p, with_kwargs=True) for m, p in zip(layers, pooled)]
     try:
         with torch.no_grad(), saved_modes(net):  # eval mode: no dropout, no drop-path, no random draw
             for m in layers:

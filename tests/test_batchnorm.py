@@ -437,3 +437,26 @@ def test_frozen_layers_stay_leaves_for_fx_and_feature_extraction():
     freeze_batchnorm_statistics(backbone)
     features = create_feature_extractor(backbone, {"layer4": "out"})(torch.rand(2, 3, 64, 64))["out"]
     assert features.shape == (2, 512, 2, 2)
+
+
+def test_a_half_net_whose_variance_overflows_and_a_layer_called_by_keyword():
+    """A review: a variance above float16's 65504 was stored as inf with no error (the check ran on the float32
+    value), and a BatchNorm called as bn(input=x) failed in the pooling hook (args[0])."""
+    net = nn.Sequential(nn.BatchNorm2d(2)).half()
+    before = batchnorm_state(net)
+    with pytest.raises(ValueError, match=r"overflow in torch\.float16\): recalibrate in float32"):
+        recalibrate_batchnorm(net, torch.rand(4, 2, 3, 3).half() * 1000)
+    assert all(torch.equal(before[k], v) for k, v in batchnorm_state(net).items())
+
+    class ByKeyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(input=x)
+
+    keyword = ByKeyword()
+    images = torch.rand(6, 2, 3, 3)
+    assert recalibrate_batchnorm(keyword, images) == 6
+    torch.testing.assert_close(keyword.bn.running_mean, images.mean((0, 2, 3)))

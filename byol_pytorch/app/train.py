@@ -693,12 +693,15 @@ def _saved_settings(args: argparse.Namespace, saved: dict[str, Any] | None, path
             "them, to resume it"
         )
     index_given = getattr(args, "shard_index", None) is not None
+    new_val_data = getattr(args, "val_data", None) is not None and getattr(args, "label_column", None) is None
     keys = ("shuffle_buffer", "image_column", "hf_split", "shard_index", "val_data", "label_column", "workers")
     for key in (*keys, *_REPORTING):
         if getattr(args, key, None) is None:
             setattr(args, key, saved.get(key))
     if not index_given and args.data and not (data_kind(args.data) == "shards" and is_remote(args.data)):
         args.shard_index = None  # the run's remote shards moved to other data: their index no longer applies
+    if new_val_data:
+        args.label_column = None  # the run's --label-column named a column of its old --val-data
     _reporting_defaults(args)
     return recipe
 

@@ -306,6 +306,9 @@ def label_column(data: Any, name: str | None = None) -> str | None:
     classes = [k for k, feature in features.items() if isinstance(feature, datasets.ClassLabel)]
     if len(classes) == 1:
         return classes[0]
+    named = [k for k in ("label", "labels") if k in classes]
+    if len(classes) > 1 and named:  # a label column among others, by its name
+        return named[0]
     if len(classes) > 1:  # CIFAR-100's fine_label and coarse_label
         raise ValueError(f"several label columns (ClassLabel): {', '.join(classes)}; choose one (--label-column NAME)")
     candidates = [k for k in ("label", "labels") if k in features]

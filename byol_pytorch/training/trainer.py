@@ -169,16 +169,16 @@ class BYOLTrainer(nn.Module):
         val_every: int | None = None,
     ):
         super().__init__()
-        num_train_steps = whole_number("num_train_steps", num_train_steps, 1)
-        checkpoint_every = whole_number("checkpoint_every", checkpoint_every, 1)
-        batch_size = whole_number("batch_size", batch_size, 2)
+        num_train_steps = whole_number("num_train_steps", num_train_steps, 1, floats=True)  # 1e5 as the incumbent
+        checkpoint_every = whole_number("checkpoint_every", checkpoint_every, 1, floats=True)
+        batch_size = whole_number("batch_size", batch_size, 2, floats=True)
         num_workers = whole_number("num_workers", num_workers, 0)
         if val_every is not None:
-            val_every = whole_number("val_every (or None: every checkpoint_every steps)", val_every, 1)
+            val_every = whole_number("val_every (or None: every checkpoint_every steps)", val_every, 1, floats=True)
         if seed is not None:
-            seed = whole_number("seed (or None)", seed, 1 - 2**62)
-        if seed is not None and seed >= 2**62:  # offset per rank, worker and step, it stays a 64-bit integer
-            raise ValueError(f"seed must be between -2**62 and 2**62, got {seed}")
+            seed = whole_number("seed (or None)", seed, -(2**63))
+            if not -(2**62) < seed < 2**62:  # offset per rank, worker and step, it stays a 64-bit integer
+                raise ValueError(f"seed must be between -2**62 and 2**62, got {seed}")
         dataset = os.fspath(dataset) if isinstance(dataset, os.PathLike) else dataset
         val_data = os.fspath(val_data) if isinstance(val_data, os.PathLike) else val_data
         if precision not in ("fp32", "bf16", "fp16"):
@@ -268,7 +268,8 @@ class BYOLTrainer(nn.Module):
         ``state_dict()`` holds all of it but the draws (the learner with its target network and
         EMA step, the step count, the optimiser's state, the kNN figures): a trainer built the same
         way in another process continues after ``load_state_dict(torch.load(path))``, its views
-        drawn from a seed that holds the step.
+        drawn from a seed that holds the step (the data order continues only when both were
+        given the same ``seed=``; None draws another order).
 
         Returns:
             ``{"steps": steps taken in all (``trainer.step``), "loss": last logged mean loss}``;
@@ -337,6 +338,18 @@ class BYOLTrainer(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         """What ``state_dict()`` holds beside the modules' tensors: the optimiser's state and the kNN figures."""
         return {"optimizer": self.optimizer.state_dict(), "knn": [list(pair) for pair in self.knn]}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
+        """A state saved before 1.2.0 holds no optimiser state (``_extra_state``): it loads, with a warning."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
+        key = prefix + "_extra_state"
+        if key in missing_keys:
+            missing_keys.remove(key)
+            warnings.warn(
+                "this BYOLTrainer state holds no optimiser state (saved before 1.2.0): the optimiser starts afresh",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or "optimizer" not in state:

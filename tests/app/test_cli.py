@@ -169,8 +169,9 @@ def test_export_and_preview_outputs_that_cannot_be_written_are_one_line(capsys, 
 
 def test_export_and_preview_refuse_outputs_that_would_mislead_and_write_through_links(capsys, tmp_path, trained):
     """Probe: export over a device node or a FIFO replaced it with a file (as root, --out /dev/null would replace
-    the system's), a symbolic link was replaced by a file, --out DIR/ wrote a file named DIR beside the folder
-    meant, --out x.txt silently held safetensors, and preview --count 400 ran for 25 minutes."""
+    the system's), --out DIR/ wrote a file named DIR beside the folder meant, --out x.txt silently held
+    safetensors, and preview --count 400 ran for 25 minutes. A link is replaced, its target kept (a review: writing
+    through would let a linked last.pt overwrite another run's checkpoint)."""
     import os
 
     data, out = trained
@@ -179,9 +180,11 @@ def test_export_and_preview_refuse_outputs_that_would_mislead_and_write_through_
     line = one_error_line(capsys, cli.main(["export", checkpoint, "--out", str(tmp_path / "fifo.safetensors")]))
     assert "not a file but a device, FIFO or socket, which a write would replace" in line
     assert (tmp_path / "fifo.safetensors").is_fifo()
+    (tmp_path / "real.safetensors").write_bytes(b"another run's file")
     (tmp_path / "link.safetensors").symlink_to(tmp_path / "real.safetensors")
     assert cli.main(["export", checkpoint, "--out", str(tmp_path / "link.safetensors")]) == 0
-    assert (tmp_path / "link.safetensors").is_symlink() and (tmp_path / "real.safetensors").stat().st_size > 0
+    assert not (tmp_path / "link.safetensors").is_symlink()  # the link is replaced, never what it points at
+    assert (tmp_path / "real.safetensors").read_bytes() == b"another run's file"
     for bad, message in [
         (f"{tmp_path / 'backbones'}/", f"names a folder; name the file to write in it, e.g. {tmp_path}/backbones/"),
         (f"{tmp_path / 'b.safetensors'}/", "names a folder"),

@@ -422,7 +422,7 @@ def test_eval_of_hf_data_that_needs_a_split_or_a_column(checkpoint, tmp_path, ca
     assert "--hf-split applies to hf: data only" in capsys.readouterr().err
 
 
-def test_hub_parquet_layouts_unlabelled_splits_and_two_label_columns(checkpoint, tmp_path, tiny_flags, capsys):
+def test_hub_parquet_layouts_unlabelled_splits_and_two_label_columns(checkpoint, tmp_path, tiny_flags, capsys, sources):
     """Probe: the Hub's data/train-*.parquet and data/test-*.parquet were read as one 'train' split (test rows
     trained on, embed ids naming test rows train:0..9), a parquet folder beside a README.md fell to imagefolder
     ('Instruction "train" corresponds to no data!'), embed without --labels refused a split labelled -1, and two
@@ -476,6 +476,8 @@ def test_hub_parquet_layouts_unlabelled_splits_and_two_label_columns(checkpoint,
     code, errors = run([*train, "--out", str(tmp_path / "run-two")])
     assert code == 1 and errors[0].startswith("byol-pytorch: error: --val-data: several label columns")
     assert run([*train, "--out", str(tmp_path / "run"), "--label-column", "fine"]) == (0, [])
+    resume = ["train", "--resume", "--out", str(tmp_path / "run"), "--max-steps", "2", "--val-data", sources["folder"]]
+    assert run(resume) == (0, [])  # review: the run's --label-column was of its old --val-data, not of a folder
     unlabelled = datasets.Dataset.from_dict({**rows(10, 0), "fine": [-1] * 10}, features=features)
     datasets.DatasetDict(
         {"train": datasets.Dataset.from_dict(rows(20, 0), features=features), "test": unlabelled}

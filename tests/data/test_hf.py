@@ -246,6 +246,19 @@ def test_a_label_column_of_class_names_says_how_to_encode_it():
     assert label_column(both) == "labels"  # review: the integer one is taken, as before
     listed = datasets.Dataset.from_dict({"image": [b"x", b"y"], "labels": [[0, 1], [1]]})
     assert label_column(listed) is None  # multi-label lists: no fix to name
+    two = datasets.Dataset.from_dict(
+        {"image": [b"x", b"y"], "label": [0, 1], "coarse": [0, 0]},
+        features=datasets.Features(
+            {
+                "image": datasets.Value("binary"),
+                "label": datasets.ClassLabel(names=["a", "b"]),
+                "coarse": datasets.ClassLabel(names=["c"]),
+            }
+        ),
+    )
+    assert label_column(two) == "label"  # review: among several ClassLabel columns, 'label' by its name, as before
+    with pytest.raises(ValueError, match=r"several label columns \(ClassLabel\): fine, coarse; choose one"):
+        label_column(two.rename_column("label", "fine"))
 
 
 def test_a_dataset_dict_object_an_empty_split_named_and_relative_paths_say_what_is_wrong(tmp_path, monkeypatch):
