@@ -241,7 +241,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     command = [script] if script else [sys.executable, "-m", "byol_pytorch"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [*command, "export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")],
+        [*command, "export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.safetensors")],
         capture_output=True,
         text=True,
         env=env,
