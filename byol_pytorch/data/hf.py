@@ -131,8 +131,17 @@ def _parquet_files(path: Path) -> list[str] | dict[str, list[str]]:
         splits = {str(k): sorted(f for f in v if f.endswith(".parquet")) for k, v in found.items()}
         splits = {k: v for k, v in splits.items() if v}
     except Exception:  # datasets' inference moved or failed: every file in one split
-        splits = {}
-    return splits if sum(map(len, splits.values())) == len(parquet) else {"train": parquet}
+        return {"train": parquet}
+    placed = {os.path.realpath(f) for files in splits.values() for f in files}
+    unplaced = [f for f in parquet if os.path.realpath(f) not in placed]
+    if unplaced:  # some files name a split and these name none: training on all of them would mix the splits
+        shown = ", ".join(os.path.relpath(f, path) for f in unplaced[:3]) + (", ..." if len(unplaced) > 3 else "")
+        raise ValueError(
+            f"hf:{path}: {len(unplaced)} parquet file(s) name no split ({shown}) beside files of the splits "
+            f"{', '.join(splits)}: rename them (train-*, validation-*, test-*) or move them out, or pass one "
+            "file as hf:FILE"
+        )
+    return splits
 
 
 def load_local_dataset(path: PathLike, split: str | None = None) -> Any:

@@ -317,3 +317,21 @@ def test_classes_with_no_rows_are_told_apart_from_unreadable_ones(tmp_path):
         "1 class(es) of hf:x have no readable image (b): their files were passed over; 1 class(es) of hf:x have no "
         "image at all (c)"
     )
+
+
+def test_parquet_files_split_by_name_and_files_of_no_split_beside_them_are_named(tmp_path):
+    """Probe and review: the Hub's data/train-*.parquet and data/test-*.parquet were one 'train' split; and with
+    train.parquet, validation.parquet and extra.parquet together every row, the validation ones too, was trained on."""
+    rows = datasets.Dataset.from_dict({"image": [b"x"] * 4, "label": [0, 1, 0, 1]})
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    rows.to_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    rows.select(range(2)).to_parquet(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet")
+    (tmp_path / "hub" / "README.md").write_text("a dataset card")
+    assert len(load_local_dataset(tmp_path / "hub")) == 4 and len(load_local_dataset(tmp_path / "hub", "test")) == 2
+    (tmp_path / "mixed").mkdir()
+    for name in ("train", "validation", "extra"):
+        rows.to_parquet(tmp_path / "mixed" / f"{name}.parquet")
+    with pytest.raises(ValueError, match=r"1 parquet file\(s\) name no split \(extra\.parquet\) beside files of"):
+        load_local_dataset(tmp_path / "mixed")
+    (tmp_path / "mixed" / "extra.parquet").unlink()
+    assert len(load_local_dataset(tmp_path / "mixed", "validation")) == 4
