@@ -53,7 +53,6 @@ from ..byol import BYOL
 from ..data import (
     DATA_FORMS,
     ShardReading,
-    data_kind,
     load_size_for,
     make_loader,
     match_channels,
@@ -66,7 +65,7 @@ from ..data.remote import RemoteReadError, ShardReadWarning, is_remote, redact
 from ..data.remote_shards import SHARD_COUNTS_NAME, counts_with_cache, expand_remote
 from ..data.sampling import DataOrder, EpochSampler, step_batches
 from ..data.shards import ShardDataset, epoch_batches, expand_shards, make_shard_loader, shard_workers
-from ..data.sources import check_shard_index
+from ..data.sources import check_shard_index, is_remote_shards
 from ..training.checkpoint import (
     TRAINING_KEYS,
     get_rng_state,
@@ -698,7 +697,7 @@ def _saved_settings(args: argparse.Namespace, saved: dict[str, Any] | None, path
     for key in (*keys, *_REPORTING):
         if getattr(args, key, None) is None:
             setattr(args, key, saved.get(key))
-    if not index_given and args.data and not (data_kind(args.data) == "shards" and is_remote(args.data)):
+    if not index_given and args.data and not is_remote_shards(args.data):
         args.shard_index = None  # the run's remote shards moved to other data: their index no longer applies
     if new_val_data:
         args.label_column = None  # the run's --label-column named a column of its old --val-data

@@ -241,8 +241,13 @@ def _holds_images(data: Any, name: str) -> bool:
     folder, as ``datasets`` reads them), not text; bytes and struct columns are taken as images."""
     if getattr(data.features[name], "dtype", None) not in ("string", "large_string"):
         return True
-    first = next((v for v in data[name][:20] if v), None) if len(data) else None
+    first = _first_value(data, name)
     return first is not None and os.path.isfile(os.path.expanduser(str(first)))
+
+
+def _first_value(data: Any, name: str) -> Any:
+    """The first of the first 20 values of column ``name`` that is set (None: none is)."""
+    return next((v for v in data[name][:20] if v), None) if len(data) else None
 
 
 def image_column(data: Any, name: str | None = None) -> str:
@@ -260,7 +265,7 @@ def image_column(data: Any, name: str | None = None) -> str:
         if name not in features:
             raise ValueError(f"no column {name!r}; the columns: {', '.join(features)}")
         if name not in images and not (_encoded_images(features[name], paths=True) and _holds_images(data, name)):
-            first = next((v for v in data[name][:20] if v), None) if len(data) else None
+            first = _first_value(data, name)
             if first is not None and Path(str(first)).suffix.lower() in IMAGE_EXTENSIONS:  # a path, not text
                 raise ValueError(
                     f"column {name!r} holds strings, and its first, {str(first)!r}, is no file from here (paths "

@@ -41,6 +41,7 @@ __all__ = [
     "ShardReading",
     "UNREADABLE",
     "check_shard_index",
+    "is_remote_shards",
     "data_kind",
     "embedding_items",
     "first_items",
@@ -171,10 +172,15 @@ def open_unlabelled(
     return ImageFolder(spec, size, channels, index=index)
 
 
+def is_remote_shards(spec: str) -> bool:
+    """Whether ``spec`` names tar shards on a server (what a shard index counts)."""
+    return data_kind(spec) == "shards" and is_remote(spec)
+
+
 def check_shard_index(spec: str, shard_index: str | None) -> str:
     """``data_kind(spec)``; a ``ValueError`` for a shard index given with data other than remote shards."""
     kind = data_kind(spec)
-    if shard_index is not None and not (kind == "shards" and is_remote(spec)):
+    if shard_index is not None and not is_remote_shards(spec):
         raise ValueError(
             f"--shard-index gives the sample counts of remote tar shards (http(s)://, s3://, gs://, pipe:), "
             f"not of {spec!r}, whose samples are counted as it is opened; leave --shard-index out"

@@ -386,7 +386,7 @@ def export_backbone(
     if not isinstance(args, dict) or not isinstance(learner_state, dict) or "model" not in args:
         raise ValueError(f"{str(checkpoint_path)!r} holds no trained network ('learner' and 'args' are missing)")
     try:
-        Recipe.from_dict(args)  # the values the backbone is built from, checked
+        recipe = Recipe.from_dict(args)  # the values the backbone is built from, checked
     except (TypeError, ValueError) as error:
         raise ValueError(f"{str(checkpoint_path)!r}: {error}") from None
     if which not in ("online", "target"):
@@ -411,7 +411,7 @@ def export_backbone(
     # The checkpoint (both networks, the heads, the optimiser's state) is freed before the copies below are made.
     del checkpoint, learner_state, state
     net.eval()
-    view, _ = _recipe_views(Recipe.from_dict(args), net)
+    view, _ = _recipe_views(recipe, net)
     mean, std = view.resolve_mean_std(infer_channels(net))  # the input normalisation the backbone trained with
     load = _load_line(_BUILT_WITH.get(net), _strip(net, args["model"], int(args["image_size"])))
     tensors = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}

@@ -71,15 +71,18 @@ def _images_only(batch: list) -> torch.Tensor:
     first = batch[0]
     if isinstance(first, (tuple, list)):
         batch = [item[0] for item in batch]
-    shapes = [tuple(getattr(image, "shape", ())) for image in batch]
-    odd = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
-    if odd is not None:
+    try:
+        return default_collate(batch)
+    except RuntimeError as error:  # the sizes are looked at only when torch could not stack the batch
+        shapes = [tuple(getattr(image, "shape", ())) for image in batch]
+        odd = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
+        if odd is None:
+            raise
         raise ValueError(
             f"the dataset's images differ in size ({shapes[0]} and {shapes[odd]} in one batch): a batch stacks "
             "images of one size; resize them in your dataset's __getitem__ (for example "
             "torchvision.transforms.v2.Resize((S, S))), or pass the folder's path as dataset=, which is resized"
-        )
-    return default_collate(batch)
+        ) from error
 
 
 def _check_items(dataset: object, channels: int) -> None:
