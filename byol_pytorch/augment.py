@@ -410,6 +410,8 @@ def _pair(name: str, value, low: float, high: float, center: float | None = None
     wanted = f"a (low, high) pair of finite numbers with {low} <= low <= high <= {high}" + (
         "" if center is None else ", or a strength >= 0"
     )
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "tolist"):  # a 0-d tensor or array: its number
+        value = value.tolist()
     if _real(value):  # a strength s -> [center - s, center + s]; else a fixed value
         if center is not None and value < 0:
             raise ValueError(f"{name}={value!r} must be {wanted}")

@@ -460,6 +460,18 @@ def test_numpy_floats_and_arrays_are_settings_as_python_numbers_are():
     assert augment.settings["crop_scale"] == (0.2, 1.0)
 
 
+def test_zero_dimensional_tensors_and_arrays_are_their_number():
+    """Before: brightness=torch.tensor(0.4) was refused ('must be a (low, high) pair') while a 1-d tensor pair was
+    taken; a 0-d bool tensor stays refused as True is."""
+    np = pytest.importorskip("numpy")
+    augment = BYOLAugment(8, brightness=torch.tensor(0.4), hue=np.array(0.1), crop_scale=torch.tensor([0.2, 1.0]))
+    assert augment.settings["brightness"] == pytest.approx((0.6, 1.4))
+    assert augment.settings["hue"] == pytest.approx((-0.1, 0.1))
+    assert augment.settings["crop_scale"] == pytest.approx((0.2, 1.0))
+    with pytest.raises(ValueError, match=r"contrast=True must be"):
+        BYOLAugment(8, contrast=torch.tensor(True))
+
+
 def test_describe_and_repr_say_what_the_view_does():
     """Before: describe() printed (low, high) jitter ranges as 'brightness 0.1 ... hue 0.05' for (0.2, 1.1) and
     (-0.3, 0.05); repr() said blur_p=1.0 for a view whose one-pixel kernel blurs nothing (settings: 0.0)."""

@@ -40,6 +40,7 @@ from .errors import (
     before_the_group,
     debug_enabled,
     describe_os_error,
+    is_out_of_memory,
     last_line,
     launched_processes,
     one_line,
@@ -417,6 +418,17 @@ def _one_process_unless_train(command: str) -> None:
         )
 
 
+def _out_of_memory_line(args: argparse.Namespace, error: BaseException) -> str:
+    """Out of memory: what ran out, and the command's own flags that ask for less."""
+    sizes = [flag for flag in ("--image-size", "--batch-size", "--count") if hasattr(args, flag[2:].replace("-", "_"))]
+    said = last_line(error)
+    return (
+        f"out of memory in {args.command}"
+        + (f" ({said})" if said != type(error).__name__ else "")
+        + (f"; ask for less: a smaller {' or '.join(sizes)}" if sizes else "")
+    )
+
+
 def _report(error: BaseException, message: str, debug: bool) -> None:
     """The one error line; with debugging, the traceback (and its cause) first."""
     if debug:
@@ -511,6 +523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         if isinstance(error, OSError):
             _report(error, describe_os_error(error), debug)
+            return 1
+        if is_out_of_memory(error):  # train says its own line; here preview, eval, embed, export, demo
+            _report(error, _out_of_memory_line(args, error), debug)
             return 1
         raise
     except KeyboardInterrupt:

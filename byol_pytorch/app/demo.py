@@ -125,6 +125,13 @@ def demo_cnn(width: int = 16, in_chans: int = 1, num_classes: int = 10, pool: in
     return nn.Sequential(*layers)
 
 
+def _last_map_side(image_size: int) -> int:
+    """Side of ``demo_cnn``'s last map: each stride-2 block (3x3, padding 1) makes a side ``s`` into ``ceil(s / 2)``."""
+    for _ in range(3):
+        image_size = -(-image_size // 2)
+    return image_size
+
+
 # The integer flags that set one of DEMO_DEFAULTS, with their help ("{}": the default).
 _COUNT_FLAGS: tuple[tuple[str, str], ...] = (
     ("steps", "optimizer steps (default: {}; fewer is faster, more is better)"),
@@ -221,6 +228,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
                 f"batch), got {settings[key]}"
             )
     check_seed(settings["seed"])
+    side = _last_map_side(settings["image_size"])
+    if settings["model"] == "cnn" and settings["pool"] > side:
+        raise UserError(
+            f"--pool {settings['pool']} is larger than the cnn's last map ({side}x{side} at --image-size "
+            f"{settings['image_size']}): the grid would repeat its cells; use --pool {side} or less"
+        )
     if settings["knn_points"] < 0:
         raise UserError(f"--knn-points must be 0 or more, got {settings['knn_points']}")
     if not 0.0 <= settings["tau"] <= 1.0:

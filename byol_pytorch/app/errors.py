@@ -20,6 +20,7 @@ __all__ = [
     "before_the_group",
     "debug_enabled",
     "describe_os_error",
+    "is_out_of_memory",
     "last_line",
     "launched_processes",
     "one_line",
@@ -60,6 +61,16 @@ def before_the_group(error: BaseException) -> BaseException:
 def one_line(message: object) -> str:
     """The message with every run of whitespace (newlines included) made one space."""
     return " ".join(str(message).split())
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Python's ``MemoryError``, CUDA's ``torch.OutOfMemoryError`` or the CPU allocator's out-of-memory error."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    text = str(error)
+    return "out of memory" in text.lower() or "can't allocate memory" in text or "DefaultCPUAllocator" in text
 
 
 def last_line(error: BaseException) -> str:

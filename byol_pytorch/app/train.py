@@ -91,7 +91,7 @@ from ..training.optim import build_recipe_optimizer, resync_lr, warmup_cosine_sc
 from ..training.recipe import Recipe
 from ..training.validation import BelowReference, KnnMonitor, UnreadableKnnData, clean_input
 from .devices import resolve_device
-from .errors import PROG, UserError, before_the_group, last_line, one_line, signals_raise, warn
+from .errors import PROG, UserError, before_the_group, is_out_of_memory, last_line, one_line, signals_raise, warn
 from .metrics import MetricsLog, draw_views_or_warn, plot_curves_or_warn, wandb_options
 from .recipe import (
     CHECKPOINT_EVERY,
@@ -1023,8 +1023,8 @@ def run(prepared: Run) -> TrainState:
             f"{flag}: {last_line(error)} (was the folder moved or removed during the run?); restore it and continue "
             f"with --resume: {'the last checkpoint is kept' if prepared.saved_step >= 0 else 'no checkpoint yet'}"
         ) from error
-    except (torch.OutOfMemoryError, RuntimeError) as error:
-        if not _out_of_memory(error):
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error):
             raise
         raise UserError(_out_of_memory_advice(prepared, state)) from error
     except DivergedError as error:
@@ -1063,14 +1063,6 @@ def _open_metrics(prepared: Run) -> MetricsLog:
         )
     except ValueError as error:
         raise UserError(str(error)) from None
-
-
-def _out_of_memory(error: BaseException) -> bool:
-    """A CUDA (``torch.OutOfMemoryError``) or CPU allocator out-of-memory error."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    text = str(error)
-    return "out of memory" in text.lower() or "can't allocate memory" in text or "DefaultCPUAllocator" in text
 
 
 def _out_of_memory_advice(prepared: Run, state: TrainState) -> str:

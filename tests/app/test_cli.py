@@ -275,6 +275,36 @@ def test_preview_writes_a_picture(tmp_path, trained):
         assert np.asarray(image.convert("L")).std() > 5  # not blank
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the address-space limit (RLIMIT_AS) is Linux's")
+def test_a_command_out_of_memory_is_one_line_naming_its_size_flags(tmp_path):
+    """Before: preview --image-size 30000 ended in PIL's MemoryError traceback; run under a 6 GB address-space
+    limit, the real allocation fails as it does on a machine without the memory."""
+    import resource
+
+    data = tmp_path / "images" / "a"
+    data.mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(data / "0.png")
+    limit = 6 * 1024**3
+
+    def cap_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    command = [sys.executable, "-m", "byol_pytorch", "preview", "--data", str(data.parent), "--image-size", "30000"]
+    proc = subprocess.run(
+        [*command, "--count", "1", "--out", str(tmp_path / "v.png")],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+        timeout=300,
+        preexec_fn=cap_memory,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "byol-pytorch: error: out of memory in preview; ask for less: a smaller --image-size or --count"
+    ]
+    assert not (tmp_path / "v.png").exists()
+
+
 def test_python_dash_m_and_help():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(

@@ -196,3 +196,18 @@ def test_pool_setting_reaches_the_demo_net():
     assert last_layer_inputs("--quick") == 8 * demo.QUICK_SETTINGS["width"]
     assert last_layer_inputs("--pool", "3") == 8 * width * 9
     assert last_layer_inputs("--quick", "--pool", "2") == 8 * demo.QUICK_SETTINGS["width"] * 4
+
+
+@pytest.mark.parametrize("image_size", [28, 9, 64])
+def test_a_pool_larger_than_the_last_map_is_refused(image_size):
+    """Before: --pool 100 on the 4x4 map of 28 px images was taken (a 1.28M-dim representation of repeated cells).
+    The side the message names is the net's own last map, measured here."""
+    side = demo.demo_cnn(4).eval()[:-3](torch.zeros(1, 1, image_size, image_size)).shape[-1]
+    assert last_layer_inputs_at(image_size, side) == 8 * demo.DEMO_DEFAULTS["width"] * side**2
+    with pytest.raises(UserError, match=rf"--pool {side + 1} is larger than the cnn's last map \({side}x{side} at "):
+        demo._settings(_args("--pool", str(side + 1), "--image-size", str(image_size)))
+
+
+def last_layer_inputs_at(image_size, pool):
+    settings = demo._settings(_args("--pool", str(pool), "--image-size", str(image_size)))
+    return demo._build_backbone(settings)[-1].in_features
