@@ -92,6 +92,12 @@ def _check_net(net: object, **switches: object) -> None:
     """``net`` is a module whose layers all exist, and the switches are booleans (TypeError / ValueError)."""
     if not isinstance(net, nn.Module):
         raise TypeError(f"net must be a torch.nn.Module (the backbone to train), got {type(net).__name__}")
+    if isinstance(getattr(net, "_orig_mod", None), nn.Module):  # torch.compile(net): an OptimizedModule
+        raise TypeError(
+            f"net is torch.compile()'d ({type(net).__name__}), and BYOL hooks a layer inside it, which the compiled "
+            "wrapper cannot trace: pass the net itself (net._orig_mod) and compile the learner, "
+            "torch.compile(learner) after learner.init_target(), or compile the net in place with net.compile()"
+        )
     for flag, value in switches.items():
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be True or False, got {value!r}")
@@ -264,6 +270,8 @@ class BYOL(nn.Module):
         self.online_encoder = BackboneEncoder.from_probe(net, probe, projector.to(device, dtype), token_pool)
         self.online_predictor = predictor.to(device, dtype)
         self.register_module("target_encoder", None)
+        # A checkpoint's target, loaded before this learner made its own: copied in by init_target().
+        self._saved_target: dict[str, torch.Tensor] | None = None
 
         if augment_fn is None:
             colour: dict[str, Any] = (
@@ -347,12 +355,15 @@ class BYOL(nn.Module):
     ) -> Iterator[tuple[str, nn.Parameter]]:
         """The online network's parameters (backbone, projector, predictor), never the target's.
 
-        The target network is created at the first training step (or by ``load_state_dict``
-        of a checkpoint that holds one), and it is trained by ``update_moving_average``, not
-        by an optimiser: leaving it out keeps ``learner.parameters()`` the same list before
-        and after it exists, so an optimiser state saved before it existed loads into an
-        optimiser built after a resume. Its tensors are still in ``state_dict()`` and move
-        with ``.to()``; ``learner.target_encoder.parameters()`` lists them.
+        The target network is created at the first training step (after ``load_state_dict``
+        of a checkpoint that holds one, too: the checkpoint's target waits for that step), and
+        it is trained by ``update_moving_average``, not by an optimiser: leaving it out keeps
+        ``learner.parameters()`` the same list before and after it exists, so an optimiser
+        state saved before it existed loads into an optimiser built after a resume. A module
+        that holds the learner (a ``LightningModule``) lists the target's parameters once it
+        exists, which is after its optimiser was built in a run and in its resume alike. The
+        target's tensors are in ``state_dict()`` and move with ``.to()``;
+        ``learner.target_encoder.parameters()`` lists them.
         """
         skip = prefix + ("." if prefix else "") + "target_encoder."
         for name, param in super().named_parameters(prefix, recurse, remove_duplicate):
@@ -374,33 +385,46 @@ class BYOL(nn.Module):
 
     # ------------------------------------------------------------------ target
     @torch.compiler.disable
-    def init_target(self) -> BackboneEncoder:
+    def init_target(self) -> BackboneEncoder | None:
         """Create the target network now (a deep copy of the online encoder) if absent.
 
         The first training forward does this by itself; call it first when you wrap the
         learner in DDP or ``torch.compile`` so that the copy happens outside both. Under DDP,
         call ``broadcast_target()`` on every rank once DDP has wrapped the learner: DDP gives
         every rank rank 0's online network but leaves the target alone, so targets copied
-        from nets initialised with other seeds stay different.
+        from nets initialised with other seeds stay different. After ``load_state_dict`` of a
+        checkpoint that holds a target, the copy takes that target's weights.
 
         Returns:
-            The target encoder (no gradients, the learner's training mode).
+            The target encoder (no gradients, the learner's training mode); None with
+            ``use_momentum=False`` (SimSiam has no target, and no copy is made).
         """
-        if self.target_encoder is None:
+        if self.target_encoder is None and self.use_momentum:
             # Outside inference mode: a copy made inside it (a validation loss under torch.inference_mode()
             # before the first step) holds inference tensors, which the EMA and BatchNorm cannot update later.
             with torch.inference_mode(False), torch.no_grad():
                 target = copy.deepcopy(self.online_encoder)
+                saved = getattr(self, "_saved_target", None)  # absent in a learner pickled by 1.1
+                if saved is not None:
+                    target.load_state_dict(saved, strict=False)  # checked when it was loaded
             for p in target.parameters():
                 p.requires_grad_(False)
                 p.grad = None
-            self.target_encoder = target
+            self.target_encoder, self._saved_target = target, None
         return self.target_encoder
+
+    @property
+    def has_target(self) -> bool:
+        """A target network exists, or a loaded checkpoint's target waits for the first step (``init_target``)."""
+        return self.target_encoder is not None or getattr(self, "_saved_target", None) is not None
 
     def _get_target_encoder(self) -> BackboneEncoder:
         # The attribute check keeps compiled graphs free of the (disabled) copy after step 1.
         target = self.target_encoder
-        return target if target is not None else self.init_target()
+        if target is None:
+            target = self.init_target()
+            assert target is not None, "SimSiam (use_momentum=False) has no target network"
+        return target
 
     def reset_moving_average(self) -> None:
         """Drop the target network; the next training step copies it from the online one.
@@ -408,6 +432,7 @@ class BYOL(nn.Module):
         The schedule's step count is kept: it measures training progress.
         """
         self.target_encoder = None
+        self._saved_target = None
         self._ema_master = None
 
     @torch.no_grad()
@@ -792,20 +817,62 @@ class BYOL(nn.Module):
         return loss
 
     # ------------------------------------------------------------------ state
+    def _check_saved_target(
+        self,
+        saved: dict[str, torch.Tensor],
+        key: str,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """A checkpoint's target checked now, as loading it into a copy of the online encoder would check it.
+
+        Returns the entries that fit (a non-strict load keeps the rest of the copy as it is).
+        """
+        expected = self.online_encoder.state_dict()
+        missing_keys += [key + name for name in expected if name not in saved]
+        unexpected_keys += [key + name for name in saved if name not in expected]
+        fits = {}
+        for name, value in saved.items():
+            if name not in expected:
+                continue
+            if isinstance(value, torch.Tensor) and value.shape == expected[name].shape:
+                fits[name] = value
+            else:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                error_msgs.append(
+                    f"size mismatch for {key}{name}: copying a param with shape {shape} from checkpoint, "
+                    f"the shape in current model is {tuple(expected[name].shape)}."
+                )
+        return fits
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        saved = getattr(self, "_saved_target", None)
+        if self.target_encoder is None and saved is not None:  # saved again before the first step
+            for name, value in saved.items():
+                destination[prefix + "target_encoder." + name] = value if keep_vars else value.detach()
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        # A checkpoint taken after the first step holds a target network: create ours
-        # so that its tensors load (the children are loaded after this method returns).
-        has_target = any(k.startswith(prefix + "target_encoder.") for k in state_dict)
-        if has_target and self.target_encoder is None and self.use_momentum:
-            self._get_target_encoder()
-        elif not has_target and self.target_encoder is not None:
+        # A checkpoint taken after the first step holds a target network. With no target of ours
+        # yet, its tensors wait for the first step (init_target) instead of making one now: a
+        # module holding the learner then lists the same parameters after a resume as before the
+        # first step, so its optimiser state loads (Lightning restores the weights first).
+        key = prefix + "target_encoder."
+        saved = {k[len(key) :]: v for k, v in state_dict.items() if k.startswith(key)}
+        waits = bool(saved) and self.target_encoder is None and self.use_momentum
+        if not saved:
             self.target_encoder = None  # the checkpoint predates the target: copy it again
+            self._saved_target = None
         self._ema_master = None  # rebuilt from the loaded target at the next update
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if waits:
+            unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(key)]
+            self._saved_target = self._check_saved_target(saved, key, missing_keys, unexpected_keys, error_msgs)
         step = state_dict.get(prefix + "ema_step")
         if step is not None:
             self._ema_count = int(step)

@@ -137,7 +137,8 @@ class BYOLModule(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if scaler is not None and scaler.get_scale() < scale:
             return  # GradScaler lowers its scale exactly when it skipped the step
-        self.learner.update_moving_average()
+        if self.learner.use_momentum:  # SimSiam (use_momentum=False) has no target to move
+            self.learner.update_moving_average()
 
     def on_train_end(self) -> None:
         if self.skipped_files:

@@ -295,7 +295,7 @@ def test_state_dict_round_trip_with_and_without_target():
     sd = a.state_dict()
     assert any(k.startswith("target_encoder.") for k in sd)
     fresh = BYOL(small_cnn(), image_size=32, **SMALL)
-    fresh.load_state_dict(sd)  # strict: the target is created to receive its tensors
+    fresh.load_state_dict(sd)  # strict: the target's tensors wait for the first step, and are saved meanwhile
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, sd[k]), k
     # A checkpoint without a target drops the stale one, so the next step copies it again.
@@ -338,6 +338,86 @@ def test_an_optimizer_saved_before_the_target_existed_loads_after_a_resume():
         assert torch.equal(a, b), name
     # The target's tensors still move with the learner and are listed by the target itself.
     assert len(list(learner.target_encoder.parameters())) > 0
+
+
+class _Holder(nn.Module):
+    """A module holding the learner as a child, as a LightningModule does."""
+
+    def __init__(self, learner: BYOL) -> None:
+        super().__init__()
+        self.learner = learner
+
+
+def test_a_module_holding_the_learner_resumes_its_optimizer_built_from_its_own_parameters():
+    """Before: load_state_dict made the target at once, so a LightningModule's Adam(self.parameters()) built after
+    a resume held 2x the tensors of the one saved (built before the first step): 'loaded state dict contains a
+    parameter group that doesn't match the size of optimizer's group'. The resumed steps equal the original's."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32)
+
+    def step(holder: _Holder, opt: torch.optim.Optimizer) -> None:
+        torch.manual_seed(7)
+        loss = holder.learner(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        holder.learner.update_moving_average()
+
+    holder = _Holder(BYOL(small_cnn(), image_size=32, **SMALL))
+    opt = torch.optim.Adam(holder.parameters(), lr=1e-3)
+    count = len(list(holder.parameters()))
+    for _ in range(2):
+        step(holder, opt)
+    saved = copy.deepcopy((holder.state_dict(), opt.state_dict()))
+    resumed = _Holder(BYOL(small_cnn(), image_size=32, **SMALL))
+    resumed.load_state_dict(saved[0])
+    assert len(list(resumed.parameters())) == count and resumed.learner.has_target
+    resumed_opt = torch.optim.Adam(resumed.parameters(), lr=1e-3)
+    resumed_opt.load_state_dict(saved[1])
+    assert resumed.state_dict().keys() == saved[0].keys()  # saved again before its first step: the target kept
+    for run, run_opt in ((holder, opt), (resumed, resumed_opt)):
+        step(run, run_opt)
+    assert resumed.learner.target_encoder is not None
+    for (name, a), b in zip(holder.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_saved_target_that_does_not_fit_is_refused_when_it_is_loaded():
+    """The target's tensors wait for the first step, but are checked as a load into the target would check them."""
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    train_steps(learner, torch.rand(4, 3, 32, 32), 1)
+    sd = learner.state_dict()
+    name = next(k for k in sd if k.startswith("target_encoder.") and sd[k].dim() == 4)
+    bad = dict(sd, **{name: torch.zeros(1, 1, 1, 1)})
+    with pytest.raises(RuntimeError, match=rf"size mismatch for {name}: copying a param with shape \(1, 1, 1, 1\)"):
+        BYOL(small_cnn(), image_size=32, **SMALL).load_state_dict(bad)
+    short = {k: v for k, v in sd.items() if k != name}
+    with pytest.raises(RuntimeError, match=rf"Missing key\(s\) in state_dict: \"{name}\""):
+        BYOL(small_cnn(), image_size=32, **SMALL).load_state_dict(short)
+    loose = BYOL(small_cnn(), image_size=32, **SMALL)
+    missing, unexpected = loose.load_state_dict(dict(short, **{"target_encoder.extra": torch.zeros(1)}), strict=False)
+    assert missing == [name] and unexpected == ["target_encoder.extra"]
+    target = loose.init_target()  # what fits is loaded; the missing tensor is the online net's, as torch leaves it
+    assert target is not None
+    for key, value in target.state_dict().items():
+        expected = sd["target_encoder." + key] if "target_encoder." + key != name else sd["online_encoder." + key]
+        assert torch.equal(value, expected) or "target_encoder." + key == name, key
+
+
+def test_a_compiled_net_is_refused_with_the_ways_that_work():
+    """Before: BYOL(torch.compile(net)) failed in the probe with a dynamo internal ('... is already tracked for
+    mutation') and advice about image_size and channels."""
+    with pytest.raises(TypeError, match=r"net is torch.compile\(\)'d \(OptimizedModule\).*torch.compile\(learner\)"):
+        BYOL(torch.compile(small_cnn()), image_size=32, **SMALL)
+
+
+def test_simsiam_init_target_makes_no_copy():
+    """Before: init_target() (the README's step before torch.compile) deep-copied the encoder for SimSiam too: a
+    second net in memory and in every checkpoint, never used."""
+    learner = BYOL(small_cnn(), image_size=32, use_momentum=False, **SMALL)
+    assert learner.init_target() is None and learner.target_encoder is None and not learner.has_target
+    train_steps(learner, torch.rand(4, 3, 32, 32), 1)
+    assert not any(k.startswith("target_encoder.") for k in learner.state_dict())
 
 
 def test_deepcopy_and_pickle_keep_working_hooks():

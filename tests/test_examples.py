@@ -171,6 +171,50 @@ def test_lightning_module(image_folder, tmp_path, forward_calls, accumulate):
     assert {n for n in names if n.startswith("learner.target_encoder.")} <= ignored
 
 
+def test_lightning_resumes_a_module_whose_optimizer_takes_its_own_parameters(tmp_path):
+    """A LightningModule as users write one: Adam(self.parameters()), built before the first step and, on a resume,
+    after Lightning loaded the weights. Before: the target made by that load doubled the list and the optimiser
+    state failed to load. The example's module with use_momentum=False (SimSiam) trains: before, its
+    optimizer_step called update_moving_average(), an error without a target."""
+    lightning = pytest.importorskip("lightning")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.learner = BYOL(timm.create_model(MODEL, pretrained=False), 32, projection_hidden_size=64)
+            self.counts: list[int] = []
+
+        def training_step(self, batch, batch_idx):
+            return self.learner(batch[0])
+
+        def on_train_batch_end(self, *args) -> None:
+            self.learner.update_moving_average()
+
+        def configure_optimizers(self):
+            self.counts.append(len(list(self.parameters())))
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    data = DataLoader(TensorDataset(torch.rand(16, 3, 32, 32)), batch_size=8)
+    quiet = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    first = Module()
+    lightning.Trainer(max_steps=2, default_root_dir=tmp_path, **quiet).fit(first, data)
+    checkpoint = next(tmp_path.rglob("*.ckpt"))
+    resumed = Module()
+    lightning.Trainer(max_steps=4, default_root_dir=tmp_path / "resumed", **quiet).fit(
+        resumed, data, ckpt_path=checkpoint
+    )
+    assert resumed.counts == first.counts and int(resumed.learner.ema_step) == 4
+
+    example = _load_example("lightning_module")
+    simsiam = example.BYOLModule(timm.create_model(MODEL, pretrained=False), 32, lr=1e-3, use_momentum=False)
+    images = TensorDataset(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8))
+    batches = DataLoader(images, batch_size=8, collate_fn=lambda items: (torch.stack([i[0] for i in items]), 0))
+    trainer = lightning.Trainer(max_steps=2, enable_checkpointing=False, **quiet)
+    trainer.fit(simsiam, batches)
+    assert trainer.global_step == 2 and simsiam.learner.target_encoder is None
+
+
 def test_lightning_module_ddp_two_processes(image_folder, tmp_path):
     # Without the forwarded ignore list, DDP (find_unused_parameters=False) stops at the
     # second step: the classifier got no gradient.

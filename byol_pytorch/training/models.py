@@ -320,9 +320,10 @@ def learner_from_checkpoint(
     learner = build_learner(Recipe.from_dict(saved)).to(device)
     load_state(learner, checkpoint, "learner", path)
     if which == "target":
-        if learner.target_encoder is None:
+        target = learner.init_target() if learner.has_target else None
+        if target is None:
             raise ValueError(f"{path} has no target network yet (no step was taken)")
-        learner.online_encoder.load_state_dict(learner.target_encoder.state_dict())
+        learner.online_encoder.load_state_dict(target.state_dict())
     elif which != "online":
         raise ValueError(f"which must be 'online' or 'target', got {which!r}")
     statistics = "trained"

@@ -63,7 +63,11 @@ def test_fixture_checkpoints_read_into_a_recipe_and_a_learner(fixture):
     assert recipe.model == "byol_fixture_cnn" and recipe.image_size == 8 and recipe.projection_size == 4
     learner = build_learner(recipe)
     learner.load_state_dict(checkpoint["learner"])
-    assert learner.representation_size == 4 and learner.target_encoder is not None
+    assert learner.representation_size == 4 and learner.has_target
+    target = learner.init_target()
+    assert target is not None
+    saved = {k[len("target_encoder.") :]: v for k, v in checkpoint["learner"].items() if k.startswith("target_enc")}
+    assert saved and all(torch.equal(target.state_dict()[k], v) for k, v in saved.items())
 
 
 def _images(root: Path) -> Path:

@@ -234,7 +234,11 @@ def test_state_dict_carries_a_run_to_another_trainer(tmp_path, make_cnn):
     torch.save(first.state_dict(), path)
     second = _trainer(make_cnn, tmp_path, 4, "second")
     second.load_state_dict(torch.load(path, weights_only=True))
-    assert second.byol.target_encoder is not None and int(second.byol.ema_step) == 4
+    assert second.byol.has_target and int(second.byol.ema_step) == 4
+    target = second.byol.init_target()  # the saved target, copied in at the next step
+    assert target is not None and first.byol.target_encoder is not None
+    for name, value in first.byol.target_encoder.state_dict().items():
+        torch.testing.assert_close(target.state_dict()[name], value, rtol=0, atol=0, msg=name)
     assert second.optimizer.state_dict()["state"].keys() == first.optimizer.state_dict()["state"].keys()
     exp_avg = first.optimizer.state_dict()["state"][0]["exp_avg"]
     torch.testing.assert_close(second.optimizer.state_dict()["state"][0]["exp_avg"], exp_avg)
