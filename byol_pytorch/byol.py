@@ -270,8 +270,7 @@ class BYOL(nn.Module):
         self.online_encoder = BackboneEncoder.from_probe(net, probe, projector.to(device, dtype), token_pool)
         self.online_predictor = predictor.to(device, dtype)
         self.register_module("target_encoder", None)
-        # A checkpoint's target, loaded before this learner made its own: copied in by init_target().
-        self._saved_target: dict[str, torch.Tensor] | None = None
+        self._saved_target: dict[str, torch.Tensor] | None = None  # a checkpoint's, for init_target() to copy in
 
         if augment_fn is None:
             colour: dict[str, Any] = (
@@ -302,8 +301,7 @@ class BYOL(nn.Module):
         weights = [p for p in net.parameters() if p.dim() == 4]
         self._layout_probe = tuple(weights[:1])  # a conv weight: is the net channels_last?
         self._finite_reader = DeferredRead()
-        self._range_checked = False  # the float input's range: read once on an accelerator, each step on the CPU
-        self._range_warned = False  # until it warns, once
+        self._range_checked, self._range_warned = False, False  # input range: once on accelerators, each CPU step
         self._mode_warned = False  # a net left in eval mode while the learner trains: said once
         self.finite_check = True  # update_moving_average() raises on an earlier non-finite step
         monitor = CollapseMonitor(projection_size).to(device) if collapse_alarm else None

@@ -148,11 +148,15 @@ def _run_eval(args: argparse.Namespace) -> int:
     )
     if args.knn or not args.linear:
         accuracy = knn_accuracy(bank, bank_labels, queries, query_labels, data.num_classes)
-        print(f"kNN accuracy (k=20, T=0.07): {accuracy:.4f}")
+        k = min(20, len(bank))  # knn_predict clips k to the bank
+        print(f"kNN accuracy (k={k}{'' if k == 20 else ', every labelled image'}, T=0.07): {accuracy:.4f}")
     if args.linear or not args.knn:
         accuracy = linear_probe(bank, bank_labels, queries, query_labels, data.num_classes)
         print(f"linear probe accuracy: {accuracy:.4f}")
-    report = collapse_report(torch.cat([bank, queries]), warn=False)
+    features = torch.cat([bank, queries])
+    report = collapse_report(features, warn=False)
+    ceiling = min(len(features), report["dim"])  # a rank is at most the number of images
+    most = f"{report['dim']}" + (f" (at most {ceiling} for {len(features)} images)" if ceiling < report["dim"] else "")
     verdict = (
         "COLLAPSED: the images map to nearly one vector; lower --lr, lengthen the warm-up, or raise --tau-base"
         if report["collapsed"]
@@ -160,7 +164,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     )
     print(
         f"collapse report: std {report['std']:.4g} (1/sqrt(D) = {report['dim'] ** -0.5:.4g}), "
-        f"effective rank {report['effective_rank']:.2f} of {report['dim']}: {verdict}"
+        f"effective rank {report['effective_rank']:.2f} of {most}: {verdict}"
     )
     return 0
 

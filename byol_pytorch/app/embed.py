@@ -12,7 +12,8 @@ writes into DIR:
   ``SPLIT:INDEX`` for CIFAR and ``hf:`` rows, ``SHARD:KEY`` for tar shards);
 * ``labels.npy``: (N,) int64 labels, where the source has them (CIFAR, an ``hf:`` label column,
   shards with ``.cls`` files, a folder of class sub-folders with ``--labels``);
-* ``embed.json``: what was embedded (data, checkpoint, step, model, rows, broken images left out).
+* ``embed.json``: what was embedded (data, checkpoint, step, model, rows, broken images left out; with
+  labels, the class names where the source has them: label i is ``classes[i]``).
 
 Rows are written as they are computed, through a plain file (no memory map, no list of
 vectors): memory stays flat whatever the dataset's size. Every ``--flush-every`` batches the
@@ -52,7 +53,7 @@ from ..data.hf import UnlabelledRowsError
 from ..data.remote import is_remote, redact
 from ..data.remote_shards import RemoteShardSamples
 from ..data.shards import ShardSamples
-from ..data.sources import check_shard_index
+from ..data.sources import check_shard_index, held_out_split
 from ..training.models import learner_from_checkpoint
 from ..training.recipe import Recipe
 from ..training.validation import clean_input
@@ -221,6 +222,13 @@ def _open(args: argparse.Namespace, size: int, channels: int) -> tuple[Dataset, 
         raise UserError(str(error)) from None
     if args.label_column is not None and kind != "hf":
         raise UserError(f"--label-column names a column of hf: data, not of {redact(args.data)}; leave it out")
+    held = held_out_split(args.data, kind) if kind == "folder" and args.labels else None
+    if held is not None:  # its sub-folders are splits, not classes
+        spec = str(args.data).rstrip("/")
+        raise UserError(
+            f"--data {spec} is split into train/ and {held}/, so --labels would label the images by split: embed "
+            f"each split on its own, --data {spec}/train --labels and --data {spec}/{held} --labels"
+        )
     try:
         labelled = _has_labels(args.data, kind, args)
         options = {"image_column": args.image_column, "split": args.hf_split, "shard_index": args.shard_index}
@@ -530,6 +538,9 @@ def run_embed(args: argparse.Namespace) -> int:
         _check_all_read(outputs, items)
         summary = {**identity, "model": recipe.model, "rows": outputs.vectors.rows, "dim": learner.representation_size}
         summary.update(broken=outputs.broken, labels=labelled, image_size=recipe.image_size, bn_stats=statistics)
+        classes = getattr(getattr(items, "dataset", None), "classes", None) if labelled else None
+        if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
+            summary.update(classes=list(classes))  # label i is classes[i]
         # A folder's FIFOs and dead links, passed over at the scan:
         passed_over = int(getattr(getattr(items, "dataset", None), "passed_over", 0) or 0)
         summary.update(passed_over=passed_over)

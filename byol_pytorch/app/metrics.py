@@ -152,7 +152,8 @@ class MetricsLog:
         run_dir: the run folder.
         resume_step: keep the existing rows with ``step <= resume_step`` (None: start
             a new file).
-        tensorboard: also write TensorBoard scalars under ``RUNDIR/tensorboard``.
+        tensorboard: also write TensorBoard scalars under ``RUNDIR/tensorboard``; what a
+            crashed run logged after ``resume_step`` (all of it, for a new start) is purged.
         enabled: False on ranks other than 0 (nothing is written).
         wandb: W&B settings from ``wandb_options`` (``project``, ``name``, ``config``), or
             None for no W&B run.
@@ -172,6 +173,7 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
+        self.last_step = resume_step or 0  # the pictures' step at close(): the last row's
         self.wandb_run: _WandbSink | None = None
         if not enabled:
             return
@@ -206,7 +208,9 @@ class MetricsLog:
         if old != text.encode("utf-8"):
             atomic_write(self.path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))  # never half-written
         if summary_writer is not None:
-            self.writer = summary_writer(log_dir=str(self.path.parent / "tensorboard"))
+            # Events a crashed run logged past the kept rows (or a run started again) are hidden from TensorBoard.
+            purge = resume_step + 1 if resume_step is not None else 0
+            self.writer = summary_writer(log_dir=str(self.path.parent / "tensorboard"), purge_step=purge)
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one row (numbers rounded for reading; non-finite values as strings)."""
@@ -218,6 +222,8 @@ class MetricsLog:
         }
         with names_the_file(self.path), self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(clean) + "\n")
+        if isinstance(row.get("step"), int):
+            self.last_step = max(self.last_step, row["step"])
         if self.writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -231,7 +237,8 @@ class MetricsLog:
         if self.writer is not None:
             for picture in pictures:
                 if Path(picture).is_file():
-                    self.writer.add_image(Path(picture).stem, _image_array(Path(picture)), dataformats="HWC")
+                    image = _image_array(Path(picture))
+                    self.writer.add_image(Path(picture).stem, image, global_step=self.last_step, dataformats="HWC")
             self.writer.close()
             self.writer = None
         if self.wandb_run is not None:

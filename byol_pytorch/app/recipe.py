@@ -375,14 +375,19 @@ def _add_runtime_flags(a: Any) -> None:
         "checkpoint, which export/eval/embed use): clean = re-estimated on 512 un-augmented training images; "
         "trained = the running statistics of the augmented views (default: %(default)s)",
     )
-    a("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
+    a(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        help="also log to OUT/tensorboard (a resumed run keeps the run's choice; --no-tensorboard stops it)",
+    )
     a(
         "--wandb",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="also log to Weights & Biases (pip install 'byol-pytorch[wandb]'): the metrics, the recipe, curves "
-        "and views at the end; a resumed run continues its W&B run; WANDB_MODE=offline works without network",
+        "and views at the end; a resumed run continues its W&B run (--no-wandb stops it); WANDB_MODE=offline "
+        "works without network",
     )
-    a("--wandb-project", default="byol-pytorch", help="W&B project (default: %(default)s)")
+    a("--wandb-project", help="W&B project (default: byol-pytorch; a resumed run keeps its own)")
     a("--channels-last", action="store_true", help="channels_last memory format (faster convnets on GPUs)")
     a("--compile", action="store_true", help="torch.compile the learner (slow first steps, faster after)")
     a(

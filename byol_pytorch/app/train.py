@@ -150,10 +150,12 @@ class Run:
     resumed_from: Path | None
     saved_step: int = -1  # step of the last checkpoint written or resumed from; -1: none yet
     skip_warned: bool = False  # the skipped-files warning was given
+    held_out_said: bool = False  # --val-data classes with no held-out image were named
     metrics: MetricsLog | None = None  # open from the lock until ``finish`` (W&B gets the pictures there)
     dataset_digest: str | None = None  # an image folder's file list (``FileIndex.digest``), in checkpoints
     clean_images: torch.Tensor | None = None  # rank 0, --bn-stats clean: 512 un-augmented training images
     knn_reference: float | None = None  # the untouched net's kNN accuracy (step 0), kept in checkpoints
+    untouched: dict[str, torch.Tensor] | None = None  # a resume's untouched net, for a --val-data new to the run
     below: BelowReference | None = None  # rank 0: says when the kNN falls below the reference
     started: float = 0.0  # time.perf_counter() when this invocation started
     start_step: int = 0  # the step this invocation started at
@@ -705,7 +707,15 @@ def _saved_settings(args: argparse.Namespace, saved: dict[str, Any] | None, path
     return recipe
 
 
-_REPORTING = {"val_every": 5, "checkpoint_every": CHECKPOINT_EVERY, "log_every": LOG_EVERY}
+# What a run reports and where; a resumed run keeps its own unless this start gives another.
+_REPORTING: dict[str, object] = {
+    "val_every": 5,
+    "checkpoint_every": CHECKPOINT_EVERY,
+    "log_every": LOG_EVERY,
+    "tensorboard": False,
+    "wandb": False,
+    "wandb_project": "byol-pytorch",
+}
 
 
 def _reporting_defaults(args: argparse.Namespace) -> None:
@@ -727,6 +737,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         raise
     _same_checkpoint_everywhere(args, out, ctx, checkpoint)
     saved_args = checkpoint["args"] if checkpoint else None
+    given_val_data = getattr(args, "val_data", None)
     recipe = resolve_recipe(args, _saved_settings(args, saved_args, resumed_from))
     micro_batch = check_sizes(recipe, ctx, resumed=saved_args is not None)
     data = args.data or (saved_args or {}).get("data")
@@ -768,8 +779,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     )
     prepared.dataset_digest = dataset.paths.digest() if isinstance(dataset, ImageFolder) else None
     prepared.started = started
-    reference = (checkpoint or {}).get("knn_reference")
-    prepared.knn_reference = float(reference) if isinstance(reference, (int, float)) else None
+    _keep_reference(prepared, checkpoint, given_val_data)
     if getattr(args, "bn_stats", "trained") == "clean" and batchnorm_layers(learner.net, frozen=False):
         _sample_clean_images(prepared, str(data), dataset)
     _restore(checkpoint, prepared)
@@ -1029,6 +1039,8 @@ def run(prepared: Run) -> TrainState:
         raise UserError(_out_of_memory_advice(prepared, state)) from error
     except DivergedError as error:
         _closing_line(prepared, state, f"diverged at step {error.step}")
+        if prepared.ctx.is_main:  # the curves up to the divergence: where they help most
+            plot_curves_or_warn(prepared.out / "metrics.jsonl", prepared.out / "curves.png")
         kept = (
             f"the last good checkpoint {prepared.out / 'last.pt'} (step {prepared.saved_step}) is left as it was"
             if prepared.saved_step >= 0
@@ -1133,27 +1145,57 @@ def _stopped_while_measuring(prepared: Run, monitor: KnnMonitor | None, metrics:
     return True
 
 
+def _keep_reference(prepared: Run, checkpoint: dict[str, Any] | None, given_val_data: str | None) -> None:
+    """A resumed run's untouched-net figure, or, for a ``--val-data`` new to the run, the untouched net to measure.
+
+    The saved figure is the untouched net's on the run's old ``--val-data``: on another, the net as
+    ``prepare_run`` built it (seeded, before the checkpoint is loaded) is kept for ``_measure_reference``.
+    """
+    reference = (checkpoint or {}).get("knn_reference")
+    saved_args = (checkpoint or {}).get("args") or {}
+    if checkpoint is not None and given_val_data is not None and given_val_data != saved_args.get("val_data"):
+        reference = None
+        prepared.untouched = {k: v.detach().clone() for k, v in prepared.learner.net.state_dict().items()}
+    prepared.knn_reference = float(reference) if isinstance(reference, (int, float)) else None
+
+
 def _measure_reference(prepared: Run, monitor: KnnMonitor | None, metrics: MetricsLog) -> None:
     """The untouched net's kNN accuracy, once, before the first step: the run's reference (a row at step 0).
 
-    A resumed run keeps the figure of its checkpoint (the net is no longer untouched); the
-    other ranks wait for rank 0's evaluation (the caller's ``wait_for_main``).
+    A resumed run keeps the figure of its checkpoint (the net is no longer untouched), unless its
+    ``--val-data`` is new to the run: the untouched net kept by ``prepare_run`` is measured on it
+    then, and the trained weights put back (a row at the resumed step). The other ranks wait for
+    rank 0's evaluation (the caller's ``wait_for_main``).
     """
     args = prepared.args
-    if not args.val_data or prepared.state.step > 0 or prepared.knn_reference is not None:
+    untouched, prepared.untouched = prepared.untouched, None
+    if not args.val_data or prepared.knn_reference is not None or monitor is None:
         return
-    if monitor is not None:
-        reference = monitor(prepared.learner)
-        prepared.knn_reference = reference
-        _warn_missing_classes(prepared, monitor)
-        metrics.write({"step": 0, "epoch": 0.0, "knn_acc": reference, "knn_reference": reference})
+    if untouched is None:
+        if prepared.state.step == 0:
+            reference = prepared.knn_reference = monitor(prepared.learner)
+            _warn_missing_classes(prepared, monitor)
+            metrics.write({"step": 0, "epoch": 0.0, "knn_acc": reference, "knn_reference": reference})
+        return
+    net = prepared.learner.net
+    trained = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(untouched)
+    try:
+        reference = prepared.knn_reference = monitor(prepared.learner)
+    finally:
+        net.load_state_dict(trained)
+    _warn_missing_classes(prepared, monitor)
+    metrics.write({"step": prepared.state.step, "knn_reference": reference})
 
 
 def _warn_missing_classes(prepared: Run, monitor: KnnMonitor) -> None:
-    """Once a run: --val-data's classes that had no readable image (the accuracy is over the others)."""
-    line = monitor.missing_warning(prepared.args.val_data, once=True)
-    if line:
-        warn(line)
+    """Once a run: --val-data's classes that had no readable image (the accuracy is over the others), and those
+    with no held-out image (the accuracy says nothing of them), as ``eval`` says."""
+    held_out = None if prepared.held_out_said else monitor.held_out_warning()
+    prepared.held_out_said = prepared.held_out_said or held_out is not None
+    for line in (monitor.missing_warning(prepared.args.val_data, once=True), held_out):
+        if line:
+            warn(line)
 
 
 def _warn_below_reference(prepared: Run, s: TrainState, monitor: KnnMonitor) -> None:

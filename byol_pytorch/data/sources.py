@@ -45,6 +45,7 @@ __all__ = [
     "data_kind",
     "embedding_items",
     "first_items",
+    "held_out_split",
     "sample_images",
     "labelled_split",
     "open_labelled",
@@ -315,7 +316,7 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
         if sum(samples.counts) < 5:
             raise ValueError(f"{spec!r} has too few samples for a kNN check (at least 5)")
         return tuple(_Readable(samples.with_keep(_EveryFifth(q, samples.counts))) for q in (False, True))  # type: ignore[return-value]
-    held_out = None if options.get("split") else _held_out_split(spec, kind)  # a split named: within it
+    held_out = None if options.get("split") else held_out_split(spec, kind)  # a split named: within it
     if held_out is not None and kind != "hf":
         base = Path(spec)
         train = LabelledImageFolder(base / "train", load_size, channels)
@@ -367,7 +368,7 @@ def _check_held_out_classes(
         )
 
 
-def _held_out_split(spec: str, kind: str) -> str | None:
+def held_out_split(spec: str, kind: str) -> str | None:
     """The held-out split's name when the data comes split in two (train + val/validation/test)."""
     if kind == "hf":
         names = set(dataset_splits(parse_hf_spec(spec) or ""))

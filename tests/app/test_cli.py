@@ -1,6 +1,8 @@
 """The byol-pytorch command: every bad input is one line and a non-zero exit; eval and preview work."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -263,6 +265,15 @@ def test_eval_prints_accuracies_and_collapse_report(capsys, tmp_path, trained, m
     assert 0.5 <= float(knn.split()[-1]) <= 1.0  # three colours: easy even for a barely trained net
     assert 0.5 <= float(linear.split()[-1]) <= 1.0
     assert any(line.startswith("collapse report:") and "not collapsed" in line for line in lines)
+    # A rank is at most the number of images (a probe: "of 512" for 12 images, whose ceiling is 12).
+    text = "\n".join(lines)
+    fit, held = map(int, re.search(r"(\d+) labelled images to fit, (\d+) held out", text).groups())
+    rank, dim, most = re.search(
+        r"effective rank ([0-9.]+) of (\d+)(?: \(at most (\d+) for \d+ images\))?", text
+    ).groups()
+    assert float(rank) <= min(fit + held, int(dim))
+    assert most == (str(fit + held) if fit + held < int(dim) else None)
+    assert knn.startswith(f"kNN accuracy (k={min(20, fit)}")
 
 
 def test_preview_writes_a_picture(tmp_path, trained):
@@ -354,6 +365,59 @@ def test_a_finished_run_resumes_to_nothing_even_without_its_validation_data(
     shutil.rmtree(labelled)  # the run is done: its --val-data is not needed to say so
     assert cli.main(["train", "--out", str(out), "--resume", "--workers", "0"]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_a_resume_on_new_validation_data_measures_the_untouched_net_on_it(
+    tmp_path, tiny_flags, make_messy_folder, make_labelled
+):
+    """Probe: a resume with another --val-data compared the kNN with the untouched net's figure on the old data
+    (0.575 where it scored 0.64 on the new: +0.04 printed for a run 0.025 below). The figure now is the one a new
+    run on that data measures at step 0 (same seed, same untouched net), and the training goes on unchanged."""
+    data = make_messy_folder(tmp_path / "images", good=8)
+    old = make_labelled(tmp_path / "old", classes=2, per_class=6)  # plain colours: every net scores 1.0
+    new = tmp_path / "new"  # noise in three classes: a figure far from 1.0
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        (new / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(new / f"c{i % 3}" / f"{i}.png")
+    flags = ["--data", str(data), *tiny_flags, "--val-every", "1", "--seed", "3"]
+
+    def references(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(row["step"], row["knn_reference"]) for row in rows if "knn_reference" in row]
+
+    fresh = ["train", *flags, "--out", str(tmp_path / "fresh"), "--max-steps", "1", "--val-data", str(new)]
+    assert cli.main(fresh) == 0
+    (step, expected), *_ = references(tmp_path / "fresh")
+    assert step == 0
+    for name in ("changed", "kept"):
+        argv = ["train", *flags, "--out", str(tmp_path / name), "--max-steps", "1", "--val-data", str(old)]
+        assert cli.main(argv) == 0
+    assert references(tmp_path / "changed")[0][1] != expected  # the old data's figure differs
+    resume = ["train", "--resume", "--max-steps", "2", "--workers", "0"]
+    assert cli.main([*resume, "--out", str(tmp_path / "changed"), "--val-data", str(new)]) == 0
+    assert cli.main([*resume, "--out", str(tmp_path / "kept")]) == 0
+    assert references(tmp_path / "changed")[-1] == (1, pytest.approx(expected, abs=1e-6))
+    assert load_checkpoint(tmp_path / "changed" / "last.pt")["knn_reference"] == pytest.approx(expected, abs=1e-6)
+    changed, kept = (load_checkpoint(tmp_path / n / "last.pt")["learner"] for n in ("changed", "kept"))
+    for key, value in kept.items():
+        if key.startswith("online_encoder.") and value.is_floating_point():
+            torch.testing.assert_close(changed[key], value, msg=key)
+
+
+def test_train_warns_of_validation_classes_with_no_held_out_image(
+    tmp_path, tiny_flags, make_messy_folder, make_labelled, capsys
+):
+    """Probe: eval warned that a class with no held-out image is not scored; train's monitor on the same data said
+    nothing and logged its figure as if every class counted."""
+    labelled = make_labelled(tmp_path / "val")
+    for extra in sorted((labelled / "class_2").iterdir())[3:]:
+        extra.unlink()  # three images: every fifth is held out, so none of class_2
+    data = make_messy_folder(tmp_path / "images", good=8)
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), *tiny_flags, "--max-steps", "1"]
+    assert cli.main([*argv, "--val-data", str(labelled)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "none held out" in line]
+    assert len(warnings) == 1 and "of 2 of the 3 classes (class_2: none held out)" in warnings[0]
 
 
 def test_a_copy_of_the_runs_own_checkpoint_rolls_it_back(tmp_path, tiny_flags, make_messy_folder, capsys):

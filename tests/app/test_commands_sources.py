@@ -9,6 +9,7 @@ embedding of the same images.
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -62,8 +63,10 @@ def test_train_with_val_data_on_every_form(form, sources, tmp_path, tiny_flags):
 def test_eval_on_every_form(form, sources, checkpoint, capsys):
     assert cli.main(["eval", "--data", sources[form], "--checkpoint", str(checkpoint), "--knn"]) == 0
     out = capsys.readouterr().out
-    accuracy = float(out.split("kNN accuracy (k=20, T=0.07): ")[1].split()[0])
-    assert 0.0 <= accuracy <= 1.0 and "held out" in out
+    bank = int(re.search(r"(\d+) labelled images to fit", out).group(1))
+    k, accuracy = re.search(r"kNN accuracy \(k=(\d+)[^)]*, T=0\.07\): ([0-9.]+)", out).groups()
+    assert int(k) == min(20, bank)  # k as the kNN used it: clipped to the bank (a probe: 20 printed for 10)
+    assert 0.0 <= float(accuracy) <= 1.0 and "held out" in out
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -122,6 +125,26 @@ def test_embedded_vectors_are_the_learners_embedding(form, sources, checkpoint, 
     for row, sample in enumerate(ids):
         np.testing.assert_allclose(vectors[row], expected[sample], rtol=1e-4, atol=1e-5)
         assert labels[row] == expected_labels[sample]
+    if form == "folder":  # label i is classes[i] (a probe: embed.json named no class)
+        assert json.loads((out / "embed.json").read_text())["classes"] == ["class_0", "class_1", "class_2"]
+
+
+def test_embed_labels_of_a_split_folder_are_refused_naming_each_split(sources, checkpoint, tmp_path, capsys):
+    """Probe: embed --labels of ROOT/train + ROOT/test wrote labels 0 for test and 1 for train, the splits."""
+    import shutil
+
+    root = tmp_path / "split"
+    shutil.copytree(sources["folder"], root / "train")
+    shutil.copytree(sources["folder"], root / "test")
+    argv = ["embed", "--data", str(root), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "e"), "--labels"]
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"byol-pytorch: error: --data {root} is split into train/ and test/, so --labels would label the images by "
+        f"split: embed each split on its own, --data {root}/train --labels and --data {root}/test --labels"
+    )
+    assert not (tmp_path / "e").exists()
+    argv[2] = str(root / "test")
+    assert cli.main(argv) == 0 and json.loads((tmp_path / "e" / "embed.json").read_text())["classes"][0] == "class_0"
 
 
 def _embed_stopped_after(monkeypatch, argv: list[str], writes: int) -> None:

@@ -132,3 +132,39 @@ def test_train_gives_tensorboard_the_curves_and_the_views_as_images(tmp_path, ma
     events.Reload()
     assert sorted(events.Tags()["images"]) == ["curves", "views"]
     assert (out / "views.png").is_file()
+
+
+def test_a_resumed_run_keeps_tensorboard_and_hides_what_a_crash_logged_after_its_checkpoint(
+    tmp_path, make_messy_folder, tiny_flags
+):
+    """Probe: --resume without --tensorboard stopped TensorBoard (the README's resume gives no flags again); a run
+    resumed from a checkpoint older than its last rows (a crash) logged steps 3 and 4 twice in TensorBoard, while
+    metrics.jsonl dropped them; the pictures sat at step 0 in every session."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from byol_pytorch.app import cli
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(make_messy_folder(tmp_path / "images")), "--out", str(out), *tiny_flags]
+    assert cli.main([*argv, "--max-steps", "2", "--log-every", "1", "--tensorboard"]) == 0
+    shutil.copy(out / "last.pt", tmp_path / "step2.pt")
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "4"]) == 0
+    shutil.copy(tmp_path / "step2.pt", out / "last.pt")  # as if the run died after logging steps 3 and 4
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "5"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    jsonl = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(
+        [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line],
+        abs=1e-5,
+    )
+    assert jsonl[-1] == 5
+    assert sorted(e.step for e in events.Images("curves")) == [2, 5]  # each at its session's end; step 4's purged
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "6", "--no-tensorboard"]) == 0
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]  # stopped when asked

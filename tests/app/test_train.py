@@ -1,5 +1,6 @@
 """`byol-pytorch train`: end to end on a messy folder, resume, equivalence, signals, divergence, accumulation flag."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -164,6 +165,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(messy, tmp_pat
     out = tmp_path / "run"
     assert run_train(["--data", str(messy), "--out", str(out), *tiny_flags, "--max-steps", "2"])["step"] == 2
     before = (out / "last.pt").read_bytes()
+    (out / "curves.png").unlink()  # drawn again when the run diverges (a probe: a diverged run left none)
     original = BYOL.forward
 
     def exploding(self, x, *args, **kwargs):
@@ -178,6 +180,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(messy, tmp_pat
     assert err[-1].startswith("byol-pytorch: error: training diverged at step 3: the loss is nan")
     assert "last good checkpoint" in err[-1] and "(step 2)" in err[-1]
     assert (out / "last.pt").read_bytes() == before
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "curves.png").stat().st_size > 0
 
 
 def test_accumulate_flag_counts_optimizer_steps(messy, tmp_path, tiny_flags):

@@ -136,10 +136,11 @@ def test_other_ranks_log_nothing(offline, tmp_path):
 def test_train_with_wandb_resumes_into_the_same_run(offline, tmp_path, make_cifar10, tiny_flags):
     root = make_cifar10(tmp_path / "data", per_batch=4, test=4)
     out = tmp_path / "run"
-    common = ["--out", str(out), *tiny_flags, "--log-every", "1", "--wandb", "--wandb-project", "byol-test"]
-    assert cli.main(["train", "--data", f"cifar10:{root}", "--max-steps", "2", *common]) == 0
+    common = ["--out", str(out), *tiny_flags, "--log-every", "1"]
+    logging = ["--wandb", "--wandb-project", "byol-test"]
+    assert cli.main(["train", "--data", f"cifar10:{root}", "--max-steps", "2", *common, *logging]) == 0
     run_id = (out / WANDB_ID_FILE).read_text().strip()
-    assert cli.main(["train", "--resume", "--max-steps", "3", *common]) == 0
+    assert cli.main(["train", "--resume", "--max-steps", "3", *common]) == 0  # the run's --wandb kept (was dropped)
     assert (out / WANDB_ID_FILE).read_text().strip() == run_id
     files, history, config = _offline_run(offline, run_id)
     assert len(files) == 2 and [h["_step"] for h in history if "loss" in h] == [1, 2, 3]
@@ -193,7 +194,7 @@ def test_a_sink_that_fails_after_wandb_started_finishes_its_run_and_keeps_no_id(
     import torch.utils.tensorboard
     import wandb
 
-    def refuse(log_dir):
+    def refuse(log_dir, **kwargs):
         raise PermissionError(13, "Permission denied", log_dir)
 
     monkeypatch.setattr(torch.utils.tensorboard, "SummaryWriter", refuse)
