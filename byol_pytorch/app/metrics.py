@@ -2,7 +2,9 @@
 
 ``RUNDIR/metrics.jsonl`` gets one JSON object per logged step (``step``, ``epoch``,
 ``loss``, ``lr``, ``tau``, ``img_per_s``, ``time_s``, ``skipped_files``, and ``knn_acc``
-when the monitor ran). Only rank 0 writes. A resumed run keeps the rows up to the
+when the monitor ran). ``time_s`` counts from this invocation's start (a resumed run starts
+again at 0); ``img_per_s`` is over the interval since the last row, a kNN evaluation in it
+included. Only rank 0 writes. A resumed run keeps the rows up to the
 checkpoint's step and appends after them.
 
 With ``--wandb`` the same rows go to a W&B run (its config: the run's recipe and flags);
