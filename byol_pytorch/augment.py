@@ -405,13 +405,17 @@ def _real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _scalar(value: object) -> object:
+    """A 0-d tensor or array as its Python number (a 0-d bool as a bool); anything else as it is."""
+    return value.tolist() if getattr(value, "ndim", None) == 0 and hasattr(value, "tolist") else value
+
+
 def _pair(name: str, value, low: float, high: float, center: float | None = None) -> tuple[float, float]:
     """A (low, high) range within [low, high], from a pair, a fixed value, or a strength s about ``center``."""
     wanted = f"a (low, high) pair of finite numbers with {low} <= low <= high <= {high}" + (
         "" if center is None else ", or a strength >= 0"
     )
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "tolist"):  # a 0-d tensor or array: its number
-        value = value.tolist()
+    value = _scalar(value)
     if _real(value):  # a strength s -> [center - s, center + s]; else a fixed value
         if center is not None and value < 0:
             raise ValueError(f"{name}={value!r} must be {wanted}")
@@ -551,6 +555,7 @@ class BYOLAugment(nn.Module):
         _check_generator(generator)
         self.size, self.view, self.generator = (size[0], size[1]), view, generator
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "blur_kernel_frac"):
+            settings[name] = _scalar(settings[name])
             if isinstance(settings[name], bool) or not isinstance(settings[name], numbers.Real):
                 raise TypeError(f"{name} must be a number in [0, 1], got {settings[name]!r}")
             if not 0.0 <= settings[name] <= 1.0:  # probabilities, and the kernel's fraction of the side

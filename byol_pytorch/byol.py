@@ -109,6 +109,15 @@ def _check_net(net: object, **switches: object) -> None:
         )
 
 
+def _save_waiting_target(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """A state-dict post hook: a checkpoint's target that waits for the first step is saved again, last, where
+    the target network's tensors would be."""
+    saved = getattr(module, "_saved_target", None)
+    if getattr(module, "target_encoder", None) is None and saved is not None:
+        for name, value in saved.items():
+            state_dict[prefix + "target_encoder." + name] = value
+
+
 def _storage_marks(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     """Each tensor's storage address and in-place version: they change when anything but our copy writes it."""
     return [(t.data_ptr(), t._version) for t in tensors]
@@ -271,6 +280,7 @@ class BYOL(nn.Module):
         self.online_predictor = predictor.to(device, dtype)
         self.register_module("target_encoder", None)
         self._saved_target: dict[str, torch.Tensor] | None = None  # a checkpoint's, for init_target() to copy in
+        self.register_state_dict_post_hook(_save_waiting_target)
 
         if augment_fn is None:
             colour: dict[str, Any] = (
@@ -294,8 +304,7 @@ class BYOL(nn.Module):
         # Buffers on the net's device from the start: BYOL(net.to(device)) needs no learner.to(device).
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long, device=device))
         self._ema_count, self._trained_since_update = 0, False  # ema_step on the host (no sync); _warn_repeated_update
-        # Deferred non-finite detection off the CPU: [loss finite, input finite] of the
-        # last training step, read back without blocking (see _check_finite_deferred).
+        # Deferred non-finite detection: [loss finite, input finite] of the last step, read without blocking.
         self.register_buffer("_finite", torch.ones(2, dtype=torch.bool, device=device), persistent=False)
         self._ema_master: list[torch.Tensor] | None = None  # float32 copy of a low-precision target
         weights = [p for p in net.parameters() if p.dim() == 4]
@@ -404,7 +413,7 @@ class BYOL(nn.Module):
                 target = copy.deepcopy(self.online_encoder)
                 saved = getattr(self, "_saved_target", None)  # absent in a learner pickled by 1.1
                 if saved is not None:
-                    target.load_state_dict(saved, strict=False)  # checked when it was loaded
+                    target.load_state_dict(saved)  # checked and completed when it was loaded
             for p in target.parameters():
                 p.requires_grad_(False)
                 p.grad = None
@@ -825,31 +834,31 @@ class BYOL(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """A checkpoint's target checked now, as loading it into a copy of the online encoder would check it.
 
-        Returns the entries that fit (a non-strict load keeps the rest of the copy as it is).
+        Returns the whole target's state as a copy of the online encoder would hold it after that load,
+        copied now (in the online encoder's dtype and on its device): what fits from ``saved``, the online
+        encoder's own tensors for the rest (a non-strict load).
         """
         expected = self.online_encoder.state_dict()
         missing_keys += [key + name for name in expected if name not in saved]
         unexpected_keys += [key + name for name in saved if name not in expected]
-        fits = {}
-        for name, value in saved.items():
-            if name not in expected:
-                continue
-            if isinstance(value, torch.Tensor) and value.shape == expected[name].shape:
-                fits[name] = value
-            else:
+        target = {}
+        for name, mine in expected.items():
+            value = saved.get(name, mine)
+            if not isinstance(value, torch.Tensor) or value.shape != mine.shape:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 error_msgs.append(
                     f"size mismatch for {key}{name}: copying a param with shape {shape} from checkpoint, "
-                    f"the shape in current model is {tuple(expected[name].shape)}."
+                    f"the shape in current model is {tuple(mine.shape)}."
                 )
-        return fits
+                value = mine
+            target[name] = value.detach().to(device=mine.device, dtype=mine.dtype, copy=True)
+        return target
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    def _apply(self, fn, recurse=True):
         saved = getattr(self, "_saved_target", None)
-        if self.target_encoder is None and saved is not None:  # saved again before the first step
-            for name, value in saved.items():
-                destination[prefix + "target_encoder." + name] = value if keep_vars else value.detach()
+        if saved is not None:  # a waiting target moves and casts with the learner (.to, .half, .cuda)
+            self._saved_target = {name: fn(value) for name, value in saved.items()}
+        return super()._apply(fn, recurse)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -470,6 +470,10 @@ def test_zero_dimensional_tensors_and_arrays_are_their_number():
     assert augment.settings["crop_scale"] == pytest.approx((0.2, 1.0))
     with pytest.raises(ValueError, match=r"contrast=True must be"):
         BYOLAugment(8, contrast=torch.tensor(True))
+    probabilities = BYOLAugment(8, flip_p=torch.tensor(0.25), blur_p=np.array(0.5))  # review: refused before
+    assert (probabilities.flip_p, probabilities.blur_p) == (0.25, 0.5)
+    with pytest.raises(TypeError, match=r"flip_p must be a number in \[0, 1\], got True"):
+        BYOLAugment(8, flip_p=torch.tensor(True))
 
 
 def test_describe_and_repr_say_what_the_view_does():

@@ -404,6 +404,29 @@ def test_a_saved_target_that_does_not_fit_is_refused_when_it_is_loaded():
         assert torch.equal(value, expected) or "target_encoder." + key == name, key
 
 
+def test_a_waiting_target_is_a_copy_that_casts_with_the_learner_and_saves_in_order():
+    """Review: the waiting target held the caller's own tensors (a learner training on changed it), stayed float32
+    through .double(), came first in state_dict(), and a non-strict load saved a target a strict load refused."""
+    learner = BYOL(small_cnn(), image_size=32, **SMALL)
+    train_steps(learner, torch.rand(4, 3, 32, 32), 1)
+    sd = learner.state_dict()
+    snapshot = {k: v.clone() for k, v in sd.items()}
+    waiting = BYOL(small_cnn(), image_size=32, **SMALL)
+    waiting.load_state_dict(sd)
+    train_steps(learner, torch.rand(4, 3, 32, 32), 1)  # moves the tensors sd holds
+    assert list(waiting.state_dict()) == list(sd)  # the same keys in the same order
+    for key, value in waiting.state_dict().items():
+        assert torch.equal(value, snapshot[key]), key
+    doubled = waiting.double().state_dict()
+    assert {v.dtype for k, v in doubled.items() if k.startswith("target_encoder.") and v.is_floating_point()} == {
+        torch.float64
+    }
+    name = next(k for k in snapshot if k.startswith("target_encoder.") and snapshot[k].dim() == 4)
+    loose = BYOL(small_cnn(), image_size=32, **SMALL)
+    loose.load_state_dict({k: v for k, v in snapshot.items() if k != name}, strict=False)
+    BYOL(small_cnn(), image_size=32, **SMALL).load_state_dict(loose.state_dict())  # strict: the whole target
+
+
 def test_a_compiled_net_is_refused_with_the_ways_that_work():
     """Before: BYOL(torch.compile(net)) failed in the probe with a dynamo internal ('... is already tracked for
     mutation') and advice about image_size and channels."""

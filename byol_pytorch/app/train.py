@@ -1148,13 +1148,16 @@ def _stopped_while_measuring(prepared: Run, monitor: KnnMonitor | None, metrics:
 def _keep_reference(prepared: Run, checkpoint: dict[str, Any] | None, given_val_data: str | None) -> None:
     """A resumed run's untouched-net figure, or, for a ``--val-data`` new to the run, the untouched net to measure.
 
-    The saved figure is the untouched net's on the run's old ``--val-data``: on another, the net as
-    ``prepare_run`` built it (seeded, before the checkpoint is loaded) is kept for ``_measure_reference``.
+    The saved figure is the untouched net's on the run's old ``--val-data``: on another, or when a
+    checkpoint after step 0 has none (its measurement was stopped, or the run had no ``--val-data``),
+    the net as ``prepare_run`` built it (seeded, before the checkpoint is loaded) is kept for
+    ``_measure_reference``. At step 0 the checkpoint's net is the untouched one.
     """
     reference = (checkpoint or {}).get("knn_reference")
     saved_args = (checkpoint or {}).get("args") or {}
-    if checkpoint is not None and given_val_data is not None and given_val_data != saved_args.get("val_data"):
+    if given_val_data is not None and given_val_data != saved_args.get("val_data"):
         reference = None
+    if checkpoint is not None and prepared.args.val_data and int(checkpoint.get("step") or 0) > 0 and reference is None:
         prepared.untouched = {k: v.detach().clone() for k, v in prepared.learner.net.state_dict().items()}
     prepared.knn_reference = float(reference) if isinstance(reference, (int, float)) else None
 
@@ -1179,8 +1182,8 @@ def _measure_reference(prepared: Run, monitor: KnnMonitor | None, metrics: Metri
         return
     net = prepared.learner.net
     trained = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    net.load_state_dict(untouched)
-    try:
+    try:  # a stop even inside the first load puts the trained weights back
+        net.load_state_dict(untouched)
         reference = prepared.knn_reference = monitor(prepared.learner)
     finally:
         net.load_state_dict(trained)

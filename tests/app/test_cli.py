@@ -405,6 +405,36 @@ def test_a_resume_on_new_validation_data_measures_the_untouched_net_on_it(
             torch.testing.assert_close(changed[key], value, msg=key)
 
 
+def test_a_stop_while_measuring_the_reference_on_new_validation_data_measures_it_on_the_requeue(
+    tmp_path, tiny_flags, make_messy_folder, make_labelled, monkeypatch
+):
+    """Review: SIGTERM in that measurement saved a checkpoint with the new --val-data and no figure; the requeued
+    run, seeing the same --val-data, measured nothing, and no comparison was made again."""
+    import signal
+
+    from byol_pytorch.training import validation
+
+    data = make_messy_folder(tmp_path / "images", good=8)
+    old, new = make_labelled(tmp_path / "old", classes=2, per_class=6), make_labelled(tmp_path / "new", per_class=6)
+    out = tmp_path / "run"
+    flags = ["--data", str(data), *tiny_flags, "--val-every", "1", "--seed", "3", "--out", str(out)]
+    assert cli.main(["train", *flags, "--max-steps", "1", "--val-data", str(old)]) == 0
+    measure = validation.KnnMonitor.__call__
+
+    def stopped(self, learner):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return measure(self, learner)
+
+    monkeypatch.setattr(validation.KnnMonitor, "__call__", stopped)
+    resume = ["train", "--resume", "--out", str(out), "--max-steps", "2", "--workers", "0", "--val-data", str(new)]
+    assert cli.main(resume) == 128 + signal.SIGTERM
+    assert load_checkpoint(out / "last.pt")["knn_reference"] is None
+    monkeypatch.setattr(validation.KnnMonitor, "__call__", measure)
+    assert cli.main(resume) == 0
+    checkpoint = load_checkpoint(out / "last.pt")
+    assert checkpoint["step"] == 2 and checkpoint["knn_reference"] is not None
+
+
 def test_train_warns_of_validation_classes_with_no_held_out_image(
     tmp_path, tiny_flags, make_messy_folder, make_labelled, capsys
 ):
