@@ -18,6 +18,7 @@ setup(
         "torchvision>=0.19",
         "timm>=0.9",
         "einops>=0.6",
+        "numpy>=1.22",
         "safetensors>=0.4",
         "pillow>=9.1",
         "tqdm>=4.60",
@@ -56,7 +57,6 @@ setup(
     },
     entry_points={"console_scripts": ["byol-pytorch=byol_pytorch.app.cli:main"]},
     classifiers=[
-        "License :: OSI Approved :: MIT License",
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],

@@ -190,7 +190,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a(
         "--quick",
         action="store_true",
-        help=f"a reduced demo of a few seconds (the test suite's): {quick}; explicit flags win",
+        help=f"a reduced demo (the test suite's; about half a minute on an idle 2-core machine, minutes on a busy "
+        f"one): {quick}; explicit flags win",
     )
     return parser
 

@@ -14,11 +14,13 @@ import re
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 from conftest import small_cnn
+from PIL import Image
 
 from byol_pytorch import BYOL
 from byol_pytorch import _host_read as host_read
@@ -298,11 +300,19 @@ def test_the_readme_snippet_runs_as_written(tmp_path, monkeypatch):
     text = (REPO / "README.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     assert "epochs = 100\n" in snippet
-    snippet = snippet.replace("epochs = 100\n", "epochs = 1\n")  # one pass over the test's loader
+    snippet = snippet.replace("epochs = 100\n", "epochs = 1\n")  # one pass over the test's folder
+    assert "batch_size=64, workers=4)" in snippet  # a probe: the snippet used a loader it never made
+    snippet = snippet.replace("batch_size=64, workers=4)", "batch_size=2, workers=0)")  # two steps of 2 images
     assert 'device = "cuda" if torch.cuda.is_available() else "cpu"' in snippet
     monkeypatch.chdir(tmp_path)
-    loader = [torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8) for _ in range(2)]
-    scope = {"loader": loader}
+    (tmp_path / "photos" / "trip").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (240, 260, 3), dtype=np.uint8)).save(
+            tmp_path / "photos" / "trip" / f"{i}.png"
+        )
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    scope: dict = {}
     exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102 - the documentation's own code
     learner, net = scope["learner"], scope["net"]
     assert int(learner.ema_step) == 2 and (tmp_path / "improved.pt").stat().st_size > 10_000_000
