@@ -106,12 +106,21 @@ def main(args: argparse.Namespace) -> BYOL:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if args.batch_size < 2:
         raise ValueError(f"--batch-size must be at least 2 for BYOL's BatchNorm heads, got {args.batch_size}")
+    for flag, value in (
+        ("--log-every", args.log_every),
+        ("--gradient-accumulation-steps", args.gradient_accumulation_steps),
+    ):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    out = Path(args.out)  # checked before training, not after it: a bad --out would throw the run away
+    if out.is_dir() or any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        raise ValueError(f"--out {out} is a folder or lies under a file; name a file to write, e.g. a folder/net.pt")
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision
     )
-    set_seed(args.seed, device_specific=True)  # distinct augmentations on every process
-
+    set_seed(args.seed)  # the same net on every process: DDP broadcasts the trained part, not the ignored classifier
     net = timm.create_model(args.model, pretrained=False)
+    set_seed(args.seed, device_specific=True)  # distinct augmentations on every process
     learner = BYOL(
         net,
         image_size=args.image_size,
@@ -159,11 +168,13 @@ def main(args: argparse.Namespace) -> BYOL:
         print(f"warning: {skipped_files} unreadable image files were skipped on process {accelerator.process_index}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        torch.save({k: v.cpu() for k, v in byol.net.state_dict().items()}, tmp)  # CPU tensors: loads anywhere
-        os.replace(tmp, out)  # atomic: never a half-written file under the final name
+        try:
+            torch.save({k: v.cpu() for k, v in byol.net.state_dict().items()}, tmp)  # CPU tensors: loads anywhere
+            os.replace(tmp, out)  # atomic: never a half-written file under the final name
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed save leaves no temporary file
         accelerator.print(f"saved the trained {args.model} to {out}")
     return byol
 

@@ -192,6 +192,11 @@ def main(args: argparse.Namespace, **trainer_overrides: Any) -> tuple[BYOLModule
     """
     if args.batch_size < 2:
         raise ValueError(f"--batch-size must be at least 2 for BYOL's BatchNorm heads, got {args.batch_size}")
+    if args.steps < 1:  # Lightning reads 0 as "stop at once" and -1 as "no limit" (1000 epochs)
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    out = Path(args.out)  # checked before training, not after it: a bad --out would throw the run away
+    if out.is_dir() or any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        raise ValueError(f"--out {out} is a folder or lies under a file; name a file to write, e.g. a folder/net.pt")
     L.seed_everything(args.seed, workers=True, verbose=False)
     net = timm.create_model(args.model, pretrained=False)
     lr, decay = optimizer_settings(args, images_per_step=args.batch_size * args.accumulate_grad_batches)
@@ -226,11 +231,13 @@ def main(args: argparse.Namespace, **trainer_overrides: Any) -> tuple[BYOLModule
     trainer.fit(module, train_dataloaders=loader)
 
     if trainer.is_global_zero:
-        out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        torch.save({k: v.cpu() for k, v in module.net.state_dict().items()}, tmp)  # CPU tensors: loads anywhere
-        os.replace(tmp, out)  # atomic: never a half-written file under the final name
+        try:
+            torch.save({k: v.cpu() for k, v in module.net.state_dict().items()}, tmp)  # CPU tensors: loads anywhere
+            os.replace(tmp, out)  # atomic: never a half-written file under the final name
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed save leaves no temporary file
         print(f"saved the trained {args.model} to {out}")
     return module, trainer
 

@@ -119,6 +119,11 @@ def main(args: argparse.Namespace) -> BYOL:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if args.batch_size < 2:
         raise ValueError(f"--batch-size must be at least 2 for BYOL's BatchNorm heads, got {args.batch_size}")
+    if args.log_every < 1:
+        raise ValueError(f"--log-every must be at least 1, got {args.log_every}")
+    out = Path(args.out)  # checked before training, not after it: a bad --out would throw the run away
+    if out.is_dir() or any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        raise ValueError(f"--out {out} is a folder or lies under a file; name a file to write, e.g. a folder/net.pt")
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is not None:
@@ -173,7 +178,6 @@ def main(args: argparse.Namespace) -> BYOL:
         print(f"warning: {skipped_files} unreadable image files were skipped (and replaced by readable ones)")
 
     # 5. The backbone alone, classifier included, loadable into timm.create_model(args.model).
-    out = Path(args.out)
     save_atomically({k: v.cpu() for k, v in net.state_dict().items()}, out)  # CPU tensors: loads anywhere
     print(f"saved the trained {args.model} to {out}")
     return learner
