@@ -150,7 +150,6 @@ class Run:
     resumed_from: Path | None
     saved_step: int = -1  # step of the last checkpoint written or resumed from; -1: none yet
     skip_warned: bool = False  # the skipped-files warning was given
-    held_out_said: bool = False  # --val-data classes with no held-out image were named
     metrics: MetricsLog | None = None  # open from the lock until ``finish`` (W&B gets the pictures there)
     dataset_digest: str | None = None  # an image folder's file list (``FileIndex.digest``), in checkpoints
     clean_images: torch.Tensor | None = None  # rank 0, --bn-stats clean: 512 un-augmented training images
@@ -1194,9 +1193,7 @@ def _measure_reference(prepared: Run, monitor: KnnMonitor | None, metrics: Metri
 def _warn_missing_classes(prepared: Run, monitor: KnnMonitor) -> None:
     """Once a run: --val-data's classes that had no readable image (the accuracy is over the others), and those
     with no held-out image (the accuracy says nothing of them), as ``eval`` says."""
-    held_out = None if prepared.held_out_said else monitor.held_out_warning()
-    prepared.held_out_said = prepared.held_out_said or held_out is not None
-    for line in (monitor.missing_warning(prepared.args.val_data, once=True), held_out):
+    for line in (monitor.missing_warning(prepared.args.val_data, once=True), monitor.held_out_warning(once=True)):
         if line:
             warn(line)
 

@@ -105,6 +105,7 @@ class KnnMonitor:
         self.unreadable = 0  # images of the last evaluation that could not be read (left out)
         self.missing: list[str] = []  # declared classes with no readable image in the last evaluation
         self._missing_named = False  # missing_warning(once=True) has given its line
+        self._held_out_named = False  # held_out_warning(once=True) has
 
     def _features(self, learner: nn.Module, dataset: Dataset, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The readable images' features and labels (``UNREADABLE`` ones left out and counted)."""
@@ -144,11 +145,13 @@ class KnnMonitor:
         self.unscored = sorted(banked - set(self.scored))
         return bank, bank_labels, queries, query_labels
 
-    def held_out_warning(self) -> str | None:
+    def held_out_warning(self, once: bool = False) -> str | None:
         """The warning line when classes of the bank have no held-out image (None: every class is scored), from the
-        last ``features`` call: the accuracy says nothing of them (one class held out: nothing at all)."""
-        if not self.unscored:
+        last ``features`` call: the accuracy says nothing of them (one class held out: nothing at all). With
+        ``once``, also None after it has been given once (a run's periodic evaluations name them once)."""
+        if not self.unscored or (once and self._held_out_named):
             return None
+        self._held_out_named = self._held_out_named or once
         classes = getattr(_base(self.bank), "classes", None)
         named = [
             str(classes[c]) if isinstance(classes, (list, tuple)) and c < len(classes) else str(c)
