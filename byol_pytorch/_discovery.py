@@ -74,7 +74,7 @@ import torch
 import torch.nn as nn
 
 from ._hidden import OUTPUT as _OUTPUT
-from ._hidden import HiddenLayer, OutputKey, call_net, pool_hidden, select_output
+from ._hidden import HiddenLayer, OutputKey, call_net, checkpointing_hint, pool_hidden, select_output
 from ._modules import module_device_dtype, saved_modes
 
 __all__ = ["BackboneProbe", "detect_input_name", "infer_channels", "probe_backbone"]
@@ -800,7 +800,7 @@ def probe_backbone(
     else:
         raise ValueError(
             f"hidden layer {name!r} exists but never ran during the forward pass of "
-            f"{type(net).__name__}; pick a layer on the forward path"
+            f"{type(net).__name__}{checkpointing_hint(net)}; pick a layer on the forward path"
         )
     if isinstance(hidden, torch.Tensor) and hidden.ndim in (3, 4) and hidden.shape[0] != _PROBE_BATCH:
         problem = (

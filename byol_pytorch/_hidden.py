@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-__all__ = ["HiddenLayer", "OUTPUT", "OutputKey", "call_net", "pool_hidden", "select_output"]
+__all__ = ["HiddenLayer", "OUTPUT", "OutputKey", "call_net", "checkpointing_hint", "pool_hidden", "select_output"]
 
 HiddenLayer = str | int | None
 OutputKey = str | int | tuple[str, int] | None  # a tuple: an entry's item (``feature_maps``' last)
@@ -76,3 +76,18 @@ def select_output(out: object, key: OutputKey) -> object:
     if isinstance(out, (tuple, list)):
         return out[key]
     return out.to_tuple()[key]  # type: ignore[attr-defined]
+
+
+def checkpointing_hint(net: nn.Module) -> str:
+    """A clause for "this layer never ran" when the net checkpoints its blocks the timm way.
+
+    timm's ``checkpoint_seq`` runs a stage's blocks one by one without calling the stage (``layer4``), so a
+    hook on the stage never fires while ``grad_checkpointing`` is on; its blocks (``layer4.1``) still run.
+    Returns "" when no module of ``net`` has it on.
+    """
+    if not any(getattr(m, "grad_checkpointing", False) is True for m in net.modules()):
+        return ""
+    return (
+        " (gradient checkpointing is on, and timm's runs a stage's blocks without calling the stage: "
+        "hook a block such as its last, or hidden_layer='auto', or turn checkpointing off)"
+    )

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ._discovery import BackboneProbe, detect_input_name, infer_channels, probe_backbone
-from ._hidden import HiddenLayer, OutputKey, call_net, pool_hidden, select_output
+from ._hidden import HiddenLayer, OutputKey, call_net, checkpointing_hint, pool_hidden, select_output
 
 __all__ = [
     "BackboneEncoder",
@@ -156,9 +156,9 @@ class BackboneEncoder(nn.Module):
             hidden, capture.value = capture.value, None
             if hidden is _NOT_RUN:
                 raise RuntimeError(
-                    f"hidden layer {self.layer_name!r} did not run in this forward of {type(self.net).__name__}: "
-                    "the module hooked when the learner was built was replaced or is skipped (net.fc = "
-                    "nn.Identity() after wrapping, say); change the net first, then build BYOL"
+                    f"hidden layer {self.layer_name!r} did not run in this forward of {type(self.net).__name__}"
+                    f"{checkpointing_hint(self.net)}: the module hooked when the learner was built was replaced "
+                    "or is skipped (net.fc = nn.Identity() after wrapping, say); change the net first, then build BYOL"
                 )
         layer = f"hidden layer {self.layer_name!r}"
         return pool_hidden(hidden, self.token_pool, layer=layer, channels_last=self.channels_last)

@@ -225,18 +225,39 @@ def test_layer_not_found_lists_close_names():
     assert "'layer5' not found" in message and "'layer4'" in message and "named_modules" in message
 
 
+class WithSpare(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = small_cnn()
+        self.spare = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
 def test_layer_that_never_runs_is_an_error():
-    class WithSpare(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = small_cnn()
-            self.spare = nn.Linear(3, 3)
-
-        def forward(self, x):
-            return self.body(x)
-
     with pytest.raises(ValueError, match="never ran"):
         BYOL(WithSpare(), 32, hidden_layer="spare", **SMALL)
+
+
+def test_a_stage_that_timm_checkpointing_skips_is_named_with_the_cause():
+    """timm's gradient checkpointing runs a stage's blocks without calling the stage: the message said only that
+    'layer4' never ran. It now names checkpointing and the way round it; a block of the stage trains."""
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    net.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match=r"never ran .*gradient checkpointing is on.*hook a block"):
+        BYOL(net, 32, hidden_layer="layer4", **SMALL)
+    loss = BYOL(net, 32, hidden_layer="layer4.0", **SMALL)(torch.rand(4, 3, 32, 32))
+    loss.backward()
+    assert net.layer4[0].conv1.weight.grad is not None
+
+    other = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    learner = BYOL(other, 32, hidden_layer="layer4", **SMALL)
+    other.set_grad_checkpointing(True)  # after wrapping: caught at the step
+    with pytest.raises(RuntimeError, match=r"did not run in this forward of ResNet \(gradient checkpointing is on"):
+        learner(torch.rand(4, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"never ran during the forward pass of WithSpare; pick"):
+        BYOL(WithSpare(), 32, hidden_layer="spare", **SMALL)  # no checkpointing: no clause
 
 
 # ----------------------------------------------------------------------------- structured outputs, keywords, heads
