@@ -63,6 +63,7 @@ def _check_arguments(
     views_in_one_batch: object,
     sync_batchnorm: object,
     augments: dict[str, object],
+    image_size: tuple[int, int],
 ) -> None:
     """The constructor's argument checks that need no network (see ``BYOL`` for the errors)."""
     _check_int("projection_size", projection_size, MAX_HEAD_WIDTH)
@@ -86,6 +87,12 @@ def _check_arguments(
     for arg, fn in augments.items():
         if fn is not None and not callable(fn):
             raise TypeError(f"{arg} must be callable (e.g. an nn.Module), got {type(fn).__name__}")
+        if isinstance(fn, BYOLAugment) and tuple(fn.size) != tuple(image_size):
+            raise ValueError(
+                f"{arg} makes {fn.size[0]}x{fn.size[1]} views but image_size is {image_size[0]}x{image_size[1]}, the "
+                f"size the net is probed at and trained on: build BYOLAugment({image_size[0]}, ...), or pass "
+                f"image_size={fn.size[0] if fn.size[0] == fn.size[1] else tuple(fn.size)}"
+            )
 
 
 def _check_net(net: object, **switches: object) -> None:
@@ -206,7 +213,9 @@ class BYOL(nn.Module):
         TypeError: ``net`` is not an ``nn.Module``, or an argument has the wrong type.
         ValueError: a bad size or decay, a size above its sane bound (``MAX_IMAGE_SIDE``,
             ``MAX_CHANNELS``, ``MAX_PROBE_ELEMENTS``, ``MAX_HEAD_WIDTH``,
-            ``MAX_HEAD_PARAMETERS``), or a hidden layer that cannot be found.
+            ``MAX_HEAD_PARAMETERS``), a hidden layer that cannot be found, or a
+            ``BYOLAugment`` given as ``augment_fn`` / ``augment_fn2`` whose size is not
+            ``image_size``.
     """
 
     target_encoder: BackboneEncoder | None
@@ -247,6 +256,7 @@ class BYOL(nn.Module):
             views_in_one_batch,
             sync_batchnorm,
             {"augment_fn": augment_fn, "augment_fn2": augment_fn2},
+            self.image_size,
         )
         self.channels = _check_int("channels", channels, MAX_CHANNELS) if channels is not None else infer_channels(net)
         if self.channels * self.image_size[0] * self.image_size[1] > MAX_PROBE_ELEMENTS:
@@ -288,8 +298,7 @@ class BYOL(nn.Module):
             )
             augment_fn = BYOLAugment(self.image_size, view=1, **colour)
             augment_fn2 = augment_fn2 if augment_fn2 is not None else BYOLAugment(self.image_size, view=2, **colour)
-        self.augment1 = augment_fn
-        self.augment2 = augment_fn2 if augment_fn2 is not None else augment_fn
+        self.augment1, self.augment2 = augment_fn, (augment_fn2 if augment_fn2 is not None else augment_fn)
 
         self.use_momentum = bool(use_momentum)
         self.moving_average_decay = float(moving_average_decay)

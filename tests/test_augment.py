@@ -123,6 +123,14 @@ def test_view_presets_are_checked_and_described():
     assert "blur 1 (sigma 0.1-2 px, kernel 23)" in BYOLAugment(224).describe()
 
 
+@pytest.mark.parametrize("view", [True, 1.0, "1", 3])
+def test_a_view_that_is_not_the_int_1_or_2_is_refused(view):
+    """Before: view=True and view=1.0 passed the check (True == 1.0 == 1) and were described as "view True"."""
+    with pytest.raises(ValueError, match=r"view must be the int 1 or 2"):
+        BYOLAugment(32, view=view)
+    assert BYOLAugment(32, view=2).view == 2
+
+
 def test_resized_crop_uint8_is_scaled_then_clamped():
     # torchvision's CPU uint8 resize rounds and clips between its two passes (like PIL), so the
     # reference is its float path on x / 255, clamped to [0, 1] as the uint8 output range implies.

@@ -751,12 +751,24 @@ def test_views_of_two_sizes_in_one_batch_are_a_value_error():
         small_cnn(),
         image_size=32,
         augment_fn=BYOLAugment(32),
-        augment_fn2=BYOLAugment(24),
+        augment_fn2=lambda x: torch.nn.functional.interpolate(BYOLAugment(32)(x), size=24),
         views_in_one_batch=True,
         **SMALL,
     )
     with pytest.raises(ValueError, match=r"need one size; the views are \(4, 3, 32, 32\) and \(4, 3, 24, 24\)"):
         learner(torch.rand(4, 3, 40, 40))
+
+
+@pytest.mark.parametrize("arg", ["augment_fn", "augment_fn2"])
+def test_a_byolaugment_of_another_size_than_image_size_is_a_value_error(arg):
+    """Before: BYOL(vit_at_32, 32, augment_fn=BYOLAugment(48)) was built and failed at the first step inside the
+    net (timm: "Input height (48) doesn't match model (32)"); a conv net trained at 48 px, probed at 32."""
+    with pytest.raises(ValueError, match=rf"{arg} makes 48x48 views but image_size is 32x32.*image_size=48"):
+        BYOL(small_cnn(), image_size=32, **{arg: BYOLAugment(48)}, **SMALL)
+    with pytest.raises(ValueError, match=r"makes 48x40 views .* image_size=\(48, 40\)"):
+        BYOL(small_cnn(), image_size=32, augment_fn=BYOLAugment((48, 40)), **SMALL)
+    learner = BYOL(small_cnn(), image_size=(48, 40), augment_fn=BYOLAugment((48, 40)), **SMALL)  # the same size
+    assert learner(torch.rand(4, 3, 56, 56)).isfinite()
 
 
 def test_float_input_outside_0_1_warns_once_for_the_default_views_only():

@@ -67,6 +67,11 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".webp",
     ".ppm",
     ".pgm",
+    ".pbm",
+    ".pnm",
+    ".jfif",  # JPEG as Windows browsers save it
+    ".jpe",
+    ".avif",  # decoded where PIL.features.check("avif"); elsewhere passed over (counted) as unreadable
 )
 
 INDEX_CACHE_NAME = "file_index.npz"

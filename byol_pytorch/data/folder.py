@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import numbers
 import os
 import stat
 import struct
@@ -154,7 +155,16 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name in ("__MACOSX", "lost+found")
 
 
-def _check_size(load_size: int, channels: int) -> None:
+def check_load_size(load_size: int, channels: int) -> None:
+    """Every dataset's check of its size and channels, at construction (not at the first read, in a worker).
+
+    Raises:
+        TypeError: ``load_size`` or ``channels`` is not an int (a float, a str, a bool).
+        ValueError: ``load_size`` below 1, or ``channels`` neither 1 nor 3.
+    """
+    for name, value in (("load_size", load_size), ("channels", channels)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be a whole number (an int), got {value!r} ({type(value).__name__})")
     if load_size < 1:
         raise ValueError(f"load_size must be a positive number of pixels, got {load_size}")
     if channels not in (1, 3):
@@ -237,7 +247,7 @@ def load_image(path: PathLike, load_size: int, channels: int = 3) -> torch.Tenso
         ValueError: ``load_size`` or ``channels`` is invalid.
         BrokenImageError: the file is empty, truncated, corrupt or not an image.
     """
-    _check_size(load_size, channels)
+    check_load_size(load_size, channels)
     path = Path(path)
     if not _is_regular(str(path)):  # a FIFO would block open() forever; a device never ends
         raise BrokenImageError(path, "not a regular file (missing, a FIFO, socket, device or broken link)")
@@ -268,7 +278,7 @@ def decode_image(data: bytes, load_size: int, channels: int = 3, name: str = "<b
         >>> decode_image(buffer.getvalue(), 8).shape
         torch.Size([3, 8, 8])
     """
-    _check_size(load_size, channels)
+    check_load_size(load_size, channels)
     return _decode(io.BytesIO(data), Path(name), load_size, channels)
 
 
@@ -349,7 +359,7 @@ class _ImageFiles(Dataset):
     """
 
     def __init__(self, root: PathLike, paths: FileIndex, load_size: int, channels: int) -> None:
-        _check_size(load_size, channels)
+        check_load_size(load_size, channels)
         apply_pixel_limit()
         self.root = Path(root)
         self.paths = paths
@@ -392,7 +402,9 @@ class ImageFolder(_ImageFiles):
             sent by another rank); None scans ``root``.
 
     Raises:
-        ValueError: see ``index_images``; or an invalid ``load_size``/``channels``.
+        ValueError: see ``index_images``; or an invalid ``load_size``/``channels``, or an
+            ``index`` of another folder than ``root``.
+        TypeError: ``load_size`` or ``channels`` not an int, or ``index`` not a ``FileIndex``.
 
     ``dataset[i]`` returns ``(image, skipped)``: a ``uint8`` tensor ``(C, S, S)``, and 1 when
     file ``i`` is broken, else 0 (a broken file ``i`` is replaced by file ``i+1``, ``i+2``,
@@ -412,6 +424,11 @@ class ImageFolder(_ImageFiles):
             raise TypeError(
                 f"index must be a FileIndex (from index_images or load_or_scan), got {type(index).__name__}"
             )
+        elif not _same_folder(index.root, root):  # the index's own root is what is read
+            raise ValueError(
+                f"index is of the folder {str(index.root)!r}, not of root {os.fspath(root)!r}: pass "
+                "index_images(root) (or load_or_scan's index of it)"
+            )
         super().__init__(root, index, load_size, channels)
         self.passed_over = index.passed_over
 
@@ -420,6 +437,13 @@ class ImageFolder(_ImageFiles):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, _, skipped = self._load(index)
         return image, skipped
+
+
+def _same_folder(one: PathLike, other: PathLike) -> bool:
+    try:
+        return os.path.samefile(one, other)  # through links
+    except (OSError, ValueError):
+        return os.path.abspath(one) == os.path.abspath(other)
 
 
 def _warn_loose_images(root: Path) -> None:
@@ -513,13 +537,25 @@ def load_size_for(image_size: int) -> int:
     return max(image_size, round(image_size * LOAD_RATIO))
 
 
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert("L")
+
+
 def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
-    """(B, C, H, W) images with ``channels`` channels: the first (gray) replicated when C differs.
+    """(B, C, H, W) images with ``channels`` channels.
+
+    RGB to one channel is the luma Pillow's ``convert("L")`` gives (ITU-R 601: 0.299 R + 0.587 G +
+    0.114 B; uint8 stays uint8, rounded); otherwise the first channel (gray) is replicated.
 
     Examples:
         >>> match_channels(torch.zeros(2, 1, 4, 4), 3).shape
         torch.Size([2, 3, 4, 4])
+        >>> match_channels(torch.tensor([255, 0, 0], dtype=torch.uint8).view(1, 3, 1, 1), 1).item()
+        76
     """
     if images.shape[1] == channels:
         return images
+    if images.shape[1] == 3 and channels == 1:
+        weights = torch.tensor(_LUMA, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+        gray = (images.float() * weights).sum(dim=1, keepdim=True)
+        return gray.round().clamp(0, 255).to(torch.uint8) if images.dtype == torch.uint8 else gray.to(images.dtype)
     return images[:, :1].expand(-1, channels, -1, -1)

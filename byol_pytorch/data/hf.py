@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from .._modules import PathLike
 from .file_index import IMAGE_EXTENSIONS
-from .folder import BrokenImageError, apply_pixel_limit, decode_image, load_image, read_or_next
+from .folder import BrokenImageError, apply_pixel_limit, check_load_size, decode_image, load_image, read_or_next
 
 __all__ = [
     "HF_MISSING",
@@ -381,6 +381,7 @@ class HFImageDataset(Dataset):
         labelled: bool = False,
         labels: str | None = None,
     ) -> None:
+        check_load_size(load_size, channels)
         apply_pixel_limit()  # a bad BYOL_PYTORCH_MAX_IMAGE_PIXELS stops here, not as unreadable rows
         datasets = _datasets()
         self.source = str(data) if isinstance(data, (str, os.PathLike)) else "a datasets.Dataset"
@@ -396,6 +397,10 @@ class HFImageDataset(Dataset):
             raise TypeError(
                 f"HFImageDataset takes hf:'s PATH, a datasets.Dataset or a DatasetDict, got {type(data).__name__}"
             )
+        if (
+            data.format.get("type") is not None
+        ):  # set_format("pandas" / "arrow" / "torch"): rows as the loader reads them
+            data = data.with_format(None)
         self.column = image_column(data, column)
         self.labelled = labelled
         self.targets: list[int] = []

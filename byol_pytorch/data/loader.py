@@ -157,7 +157,8 @@ def make_loader(
         dataset: a map-style dataset, or an ``IterableDataset`` (tar shards).
         batch_size: samples per batch; None for a dataset that yields whole batches itself.
         workers: worker processes; 0 loads in the calling process.
-        shuffle: reshuffle every epoch (map-style datasets without a ``sampler`` only).
+        shuffle: reshuffle every epoch (map-style datasets without a ``sampler`` only; an
+            ``IterableDataset`` orders itself, as ``ShardDataset``'s shuffle buffer does, and ignores it).
         drop_last: drop the last incomplete batch.
         sampler: e.g. an ``EpochSampler`` (it orders and splits the data itself).
         seed: the loader's own generator (shuffle order, workers' base seed): starting an epoch
@@ -173,8 +174,8 @@ def make_loader(
         The loader.
 
     Raises:
-        ValueError: a negative worker count, a batch size below 1, shuffling an iterable
-            dataset, or ``drop_last`` leaving no batch at all.
+        ValueError: a negative worker count, a batch size below 1, or ``drop_last`` leaving
+            no batch at all.
 
     Examples:
         >>> loader = make_loader(torch.arange(10.0), batch_size=4, shuffle=False)

@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .._atomic import atomic_write
-from .folder import BrokenImageError, apply_pixel_limit, decode_image
+from .folder import BrokenImageError, apply_pixel_limit, check_load_size, decode_image
 from .remote import FaultBudget, Prefetcher, ReadPolicy, RemoteReadError, ShardFailed, is_remote, read_shard, redact
 from .shards import (
     IMAGE_SUFFIXES,
@@ -395,6 +395,7 @@ class RemoteShardSamples(IterableDataset):
         index: str | None = None,
         policy: ReadPolicy | None = None,
     ) -> None:
+        check_load_size(load_size, channels)
         apply_pixel_limit()  # a bad BYOL_PYTORCH_MAX_IMAGE_PIXELS stops here, not as unreadable samples
         self.spec, self.paths = shards, expand_remote(shards)
         self.names = dict(zip(self.paths, shard_names([_shard_label(location) for location in self.paths])))

@@ -69,7 +69,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .._modules import PathLike
-from .folder import IMAGE_EXTENSIONS, BrokenImageError, NoReadableImagesError, apply_pixel_limit, decode_image
+from .folder import (
+    IMAGE_EXTENSIONS,
+    BrokenImageError,
+    NoReadableImagesError,
+    apply_pixel_limit,
+    check_load_size,
+    decode_image,
+)
 from .loader import make_loader
 
 __all__ = [
@@ -381,6 +388,7 @@ class ShardDataset(IterableDataset):
         shuffle_buffer: int = 1000,
         multiple_of: int = 1,
     ) -> None:
+        check_load_size(load_size, channels)
         apply_pixel_limit()  # a bad BYOL_PYTORCH_MAX_IMAGE_PIXELS stops here, not in a loader worker
         self.paths, self.counts = self._locate(shards)
         self.load_size, self.channels, self.batch_size = load_size, channels, batch_size
@@ -601,6 +609,7 @@ class ShardSamples(IterableDataset):
         labelled: bool = False,
         keep: Any = None,
     ) -> None:
+        check_load_size(load_size, channels)
         apply_pixel_limit()  # a bad BYOL_PYTORCH_MAX_IMAGE_PIXELS stops here, not as unreadable samples
         self.paths = expand_shards(shards)
         self.names = shard_names(self.paths)  # the SHARD of each sample id

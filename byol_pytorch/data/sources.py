@@ -19,6 +19,7 @@ held-out queries of a kNN evaluation. ``embedding_items`` turns any source into 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,15 +65,27 @@ _NEEDS_LABELS = (
 )
 
 
-def data_kind(spec: str) -> str:
+def as_spec(spec: str | os.PathLike) -> str:
+    """A data spec as text: a ``pathlib.Path`` (any ``os.PathLike``) becomes its ``str``.
+
+    Raises:
+        ValueError: anything else that is not a non-empty str.
+    """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a data spec must be a non-empty string or path ({DATA_FORMS}), got {spec!r}")
+    return spec
+
+
+def data_kind(spec: str | os.PathLike) -> str:
     """``"cifar"``, ``"hf"``, ``"shards"`` or ``"folder"``: the form of a data spec (module doc).
 
     Examples:
         >>> data_kind("cifar10:data"), data_kind("hf:pets"), data_kind("s/{0..3}.tar"), data_kind("photos")
         ('cifar', 'hf', 'shards', 'folder')
     """
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"a data spec must be a non-empty string ({DATA_FORMS}), got {spec!r}")
+    spec = as_spec(spec)
     if is_cifar_spec(spec):
         return "cifar"
     if is_hf_spec(spec):
@@ -101,7 +114,7 @@ class ShardReading:
 
 
 def open_unlabelled(
-    spec: str,
+    spec: str | os.PathLike,
     load_size: int | None,
     channels: int = 3,
     *,
@@ -136,6 +149,7 @@ def open_unlabelled(
         ValueError: the data is missing, empty or unreadable (the message names the spec).
         ImportError: the form needs an extra that is not installed (the message names it).
     """
+    spec = as_spec(spec)
     kind = check_shard_index(spec, shard_index)
     if kind == "cifar":
         name, root = parse_cifar_spec(spec) or ("", "")
@@ -196,7 +210,7 @@ def _size(load_size: int | None, spec: str) -> int:
 
 
 def open_labelled(
-    spec: str,
+    spec: str | os.PathLike,
     load_size: int,
     channels: int = 3,
     *,
@@ -216,6 +230,7 @@ def open_labelled(
             see ``open_unlabelled``.
         ImportError: see ``open_unlabelled``.
     """
+    spec = as_spec(spec)
     kind = check_shard_index(spec, shard_index)
     if kind == "cifar":
         name, root = parse_cifar_spec(spec) or ("", "")
@@ -271,7 +286,9 @@ def _every_fifth(labels: list[int]) -> tuple[list[int], list[int]]:
     return bank, queries
 
 
-def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any) -> tuple[Dataset, Dataset]:
+def labelled_split(
+    spec: str | os.PathLike, load_size: int, channels: int = 3, **options: Any
+) -> tuple[Dataset, Dataset]:
     """The bank and the held-out queries of a kNN evaluation on labelled data of any form.
 
     * a folder with ``train`` and ``val`` (or ``test``) sub-folders, each with class sub-folders:
@@ -301,6 +318,7 @@ def labelled_split(spec: str, load_size: int, channels: int = 3, **options: Any)
         ValueError: no labels (see ``open_labelled``), one class only, or too few images per class
             to hold some out.
     """
+    spec = as_spec(spec)
     kind = data_kind(spec)
     options = {k: v for k, v in options.items() if v not in (None, "")}
     if options and kind != "hf":
@@ -368,8 +386,9 @@ def _check_held_out_classes(
         )
 
 
-def held_out_split(spec: str, kind: str) -> str | None:
+def held_out_split(spec: str | os.PathLike, kind: str) -> str | None:
     """The held-out split's name when the data comes split in two (train + val/validation/test)."""
+    spec = as_spec(spec)
     if kind == "hf":
         names = set(dataset_splits(parse_hf_spec(spec) or ""))
         candidates: tuple[str, ...] = ("validation", "val", "test")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 from pathlib import Path
 
@@ -376,6 +377,87 @@ def test_folder_errors_name_the_path(tmp_path):
         index_images(empty)
 
 
+@pytest.mark.parametrize("size", [8.5, "8", True, np.float32(8)])
+def test_a_load_size_that_is_not_an_int_is_refused_when_the_dataset_is_built(tmp_path, size):
+    """Before: ImageFolder(root, 8.5) was built and failed at the first read, inside PIL's resize (in a loader
+    worker, mid-run); HFImageDataset and the shard datasets the same."""
+    import datasets
+
+    from byol_pytorch.data.hf import HFImageDataset
+    from byol_pytorch.data.shards import ShardDataset, ShardSamples
+
+    _smooth_rgb(20, 20, 0).save(_write(tmp_path / "c" / "a.png", b""))
+    rows = datasets.Dataset.from_dict({"image": [_smooth_rgb(20, 20, 0)]})
+    builds = [
+        lambda: ImageFolder(tmp_path, size),
+        lambda: LabelledImageFolder(tmp_path, size),
+        lambda: HFImageDataset(rows, size),
+        lambda: ShardDataset([tmp_path / "s.tar"], size, batch_size=2),
+        lambda: ShardSamples([tmp_path / "s.tar"], size),
+        lambda: load_image(tmp_path / "c" / "a.png", size),
+    ]
+    for build in builds:
+        with pytest.raises(
+            TypeError, match=rf"load_size must be a whole number \(an int\), got {re.escape(repr(size))}"
+        ):
+            build()
+    assert ImageFolder(tmp_path, np.int64(8))[0][0].shape == (3, 8, 8)  # numpy's ints are ints
+    with pytest.raises(TypeError, match=r"channels must be a whole number \(an int\), got 3.0"):
+        ImageFolder(tmp_path, 8, channels=3.0)
+
+
+def test_the_image_suffixes_browsers_and_cameras_save_are_indexed(tmp_path):
+    """Before: .jfif (JPEG as Windows browsers save it), .jpe and .avif files were left out without a word."""
+    picture = _smooth_rgb(20, 20, 0)
+    for name in ("one.png", "two.jfif", "three.jpe", "four.pnm"):
+        picture.save(tmp_path / name, format="PNG" if name.endswith(".png") else "PPM" if "pnm" in name else "JPEG")
+    dataset = ImageFolder(tmp_path, 8)
+    assert sorted(p.name for p in dataset.paths) == ["four.pnm", "one.png", "three.jpe", "two.jfif"]
+    assert all(skipped == 0 for _, skipped in (dataset[i] for i in range(len(dataset))))
+    assert ".avif" in IMAGE_EXTENSIONS
+
+
+def test_rgb_to_one_channel_is_pillows_luma_and_gray_to_three_is_replicated():
+    """Before: match_channels(rgb, 1) kept the red channel (a pure red picture came out white)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    reference = np.stack([np.asarray(Image.fromarray(a).convert("L")) for a in rgb])[:, None]
+    got = match_channels(torch.from_numpy(rgb).permute(0, 3, 1, 2), 1)
+    assert got.dtype == torch.uint8 and got.shape == (2, 1, 16, 16)
+    assert np.abs(got.numpy().astype(int) - reference.astype(int)).max() <= 1  # Pillow rounds in fixed point
+    red = torch.zeros(1, 3, 2, 2)
+    red[:, 0] = 1.0
+    torch.testing.assert_close(match_channels(red, 1), torch.full((1, 1, 2, 2), 0.299))
+    gray = torch.rand(1, 1, 4, 4)
+    assert torch.equal(match_channels(gray, 3), gray.expand(1, 3, 4, 4))
+
+
+def test_an_index_of_another_folder_is_refused(tmp_path):
+    """Before: ImageFolder("A", index=index_images("B")) served B's files under A's name."""
+    for name in ("a", "b"):
+        _smooth_rgb(20, 20, 0).save(_write(tmp_path / name / "x.png", b"").with_name("x.png"))
+    with pytest.raises(ValueError, match=r"index is of the folder .*b', not of root .*a'"):
+        ImageFolder(tmp_path / "a", 8, index=index_images(tmp_path / "b"))
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    assert len(ImageFolder(tmp_path / "link", 8, index=index_images(tmp_path / "a"))) == 1  # the same folder
+
+
+def test_a_pathlib_path_is_a_data_spec_like_its_str(tmp_path):
+    """Before: open_unlabelled(Path(...)) said "a data spec must be a non-empty string" where ImageFolder and
+    BYOLTrainer take a Path."""
+    from byol_pytorch.data import data_kind, labelled_split, open_labelled, open_unlabelled
+
+    for i in range(5):
+        _smooth_rgb(20, 20, i).save(_write(tmp_path / "cls" / f"{i}.png", b""))
+        _smooth_rgb(20, 20, i).save(_write(tmp_path / "other" / f"{i}.png", b""))
+    assert data_kind(tmp_path) == data_kind(str(tmp_path)) == "folder"
+    assert len(open_unlabelled(tmp_path, 8)) == len(open_unlabelled(str(tmp_path), 8)) == 10
+    assert open_labelled(tmp_path, 8).targets == open_labelled(str(tmp_path), 8).targets
+    assert [len(part) for part in labelled_split(tmp_path, 8)] == [8, 2]
+    with pytest.raises(ValueError, match="a data spec must be a non-empty string or path"):
+        open_unlabelled(3, 8)
+
+
 @pytest.fixture
 def pixel_limit(monkeypatch):
     """Sets BYOL_PYTORCH_MAX_IMAGE_PIXELS; Pillow's global and the once-per-process warning are restored after."""
@@ -504,7 +586,8 @@ def test_match_channels_replicates_gray_and_keeps_matching_batches():
         assert torch.equal(rgb[:, c], gray[:, 0])
     colour = torch.rand(2, 3, 4, 4)
     assert match_channels(colour, 3) is colour  # nothing to do: the same tensor
-    assert torch.equal(match_channels(colour, 1), colour[:, :1])  # the first channel stands for gray
+    luma = 0.299 * colour[:, :1] + 0.587 * colour[:, 1:2] + 0.114 * colour[:, 2:]
+    torch.testing.assert_close(match_channels(colour, 1), luma)  # gray as Pillow's convert("L") makes it
 
 
 def test_a_loop_left_by_an_error_in_a_worker_does_not_hang_the_exit(tmp_path):
