@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 from ..augment import INTERPOLATIONS, view_settings
 from ..augment import PRESETS as PRESETS_OF_VIEWS
+from ..byol import MAX_CHANNELS
 from ..data.cifar import is_cifar_spec
 from ..training.distributed import DistContext
 from ..training.models import BACKBONE_BN
@@ -593,6 +594,10 @@ def check_sizes(recipe: Recipe, ctx: DistContext, resumed: bool = False) -> int:
     batch, accumulate = recipe.batch_size, recipe.accumulate
     if recipe.image_size < 8:
         raise UserError(f"--image-size must be at least 8 pixels, got {recipe.image_size}")
+    if recipe.in_chans is not None and not 1 <= recipe.in_chans <= MAX_CHANNELS:
+        raise UserError(
+            f"--in-chans must be between 1 and {MAX_CHANNELS} (1: grayscale, 3: RGB), got {recipe.in_chans}"
+        )
     if accumulate < 1:
         raise UserError(f"--accumulate must be at least 1, got {accumulate}")
     parts = ctx.world_size * accumulate  # the batch first: a default lr is scaled by it (a batch of 0: an lr of 0)

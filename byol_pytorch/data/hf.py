@@ -410,7 +410,8 @@ class HFImageDataset(Dataset):
             if found is None:
                 raise ValueError(
                     f"{self.source} has no label column (a ClassLabel feature, or integers named label/labels; "
-                    f"its columns: {', '.join(data.features)}); labels are needed here (eval, embed --labels): "
+                    f"its columns: {', '.join(data.features)}); labels are needed here (eval, embed --labels, "
+                    "train --val-data): "
                     "name a column of class indices with --label-column NAME"
                 )
             values = list(data[found])

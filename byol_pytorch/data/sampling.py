@@ -61,8 +61,8 @@ class EpochSampler(Sampler[int]):
         if self.batches_per_epoch == 0:
             need = batch_size * world_size * multiple_of
             raise ValueError(
-                f"{size} images are fewer than one optimizer step needs ({need} = batch {batch_size} "
-                f"x {world_size} process(es) x {multiple_of} accumulation step(s)); lower the batch size "
+                f"{size} images are fewer than one optimizer step needs ({need} = {batch_size} images per process "
+                f"and step x {world_size} process(es) x {multiple_of} accumulation step(s)); lower the batch size "
                 "(--batch-size, batch_size=) or add images"
             )
         self.epoch, self.start_batch = 0, 0

@@ -574,7 +574,8 @@ def label_problem(key: str, data: bytes | None) -> str | None:
 def no_labels_error(source: str, problem: str) -> ValueError:
     """The one-line error of labelled shards (evaluation) whose first sample has no usable label."""
     return ValueError(
-        f"the shards of {source!r} have no labels ({problem}); labels are needed here (eval, embed --labels): "
+        f"the shards of {source!r} have no labels ({problem}); labels are needed here (eval, embed --labels, "
+        "train --val-data): "
         "shards whose samples hold a .cls file with the class index, a folder with one sub-folder per class, "
         "cifar10:ROOT or an hf: dataset with a label column"
     )

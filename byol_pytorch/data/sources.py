@@ -60,8 +60,8 @@ DATA_FORMS = (
     "('https://host/train-{000000..000099}.tar', s3://, gs://, pipe:CMD)"
 )
 _NEEDS_LABELS = (
-    "labels are needed here (eval, embed --labels): a folder with one sub-folder per class, cifar10:ROOT, an hf: "
-    "dataset with a label column, or shards whose samples hold a .cls file"
+    "labels are needed here (eval, embed --labels, train --val-data): a folder with one sub-folder per class, "
+    "cifar10:ROOT, an hf: dataset with a label column, or shards whose samples hold a .cls file"
 )
 
 

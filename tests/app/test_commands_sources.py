@@ -363,7 +363,7 @@ def test_a_source_without_labels_for_eval_is_one_line(tmp_path, checkpoint, caps
     assert cli.main(["eval", "--data", plain, "--checkpoint", str(checkpoint)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("byol-pytorch: error: --data:") and "no labels" in err[0]
-    assert "labels are needed here (eval, embed --labels)" in err[0]
+    assert "labels are needed here (eval, embed --labels, train --val-data)" in err[0]
 
 
 def test_preview_takes_an_image_column_and_says_when_nothing_is_readable(tmp_path, make_hf_saved, capsys):

@@ -66,6 +66,7 @@ def _recipe(**kwargs):
 
 def test_check_sizes_returns_the_micro_batch_of_one_process():
     assert check_sizes(_recipe(), DistContext()) == 8
+    assert check_sizes(_recipe(in_chans=1), DistContext()) == check_sizes(_recipe(in_chans=4096), DistContext()) == 8
     assert check_sizes(_recipe(accumulate=2), DistContext(world_size=2)) == 2
 
 
@@ -74,6 +75,10 @@ def test_check_sizes_returns_the_micro_batch_of_one_process():
     [
         (dict(image_size=7), 1, "--image-size must be at least 8 pixels, got 7"),
         (dict(accumulate=0), 1, "--accumulate must be at least 1, got 0"),
+        # a torchrun probe: a negative count was a traceback from the net's first convolution, 0 a probe failure
+        (dict(in_chans=-1), 1, r"--in-chans must be between 1 and 4096 \(1: grayscale, 3: RGB\), got -1"),
+        (dict(in_chans=0), 1, "--in-chans must be between 1 and 4096 .*got 0"),
+        (dict(in_chans=5000), 1, "--in-chans must be between 1 and 4096 .*got 5000"),
         (dict(tau_base=1.5), 1, r"--tau-base must be in \[0, 1\] \(the paper: 0.996\), got 1.5"),
         (dict(batch_size=1), 1, "--batch-size 1 cannot be split into 1 process"),
         (

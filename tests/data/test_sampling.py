@@ -58,10 +58,13 @@ def test_too_few_images_is_an_error_naming_what_one_step_needs():
     with pytest.raises(ValueError) as info:
         EpochSampler(7, 4, rank=0, world_size=2)
     assert str(info.value).startswith(
-        "7 images are fewer than one optimizer step needs (8 = batch 4 x 2 process(es) x 1 accumulation step(s))"
+        "7 images are fewer than one optimizer step needs (8 = 4 images per process and step x 2 process(es) x 1 "
+        "accumulation step(s))"
     )
     assert "lower the batch size (--batch-size, batch_size=) or add images" in str(info.value)
-    with pytest.raises(ValueError, match=r"\(12 = batch 4 x 1 process\(es\) x 3 accumulation step\(s\)\)"):
+    with pytest.raises(
+        ValueError, match=r"\(12 = 4 images per process and step x 1 process\(es\) x 3 accumulation step\(s\)\)"
+    ):
         EpochSampler(11, 4, multiple_of=3)
 
 
