@@ -20,13 +20,25 @@ def add_shards_arguments(parser: argparse.ArgumentParser, parser_class: type) ->
         "make",
         help="pack a folder of images into webdataset tar shards, plus their index",
         description="Pack every readable image of --data (searched recursively) into tar shards OUT/train-000000.tar, "
-        "... in webdataset's layout (original encoded bytes; keys from the relative paths; broken files skipped and "
-        "counted; each shard written atomically), and OUT/index.json with each shard's sample count.",
+        "... in webdataset's layout (original encoded bytes; keys from the relative paths; in a shuffled order; broken "
+        "files skipped and counted; each shard written atomically), and OUT/index.json with each shard's sample "
+        "count. An error or a stop removes what it wrote.",
     )
     make.add_argument("--data", required=True, help="the folder of images")
     make.add_argument("--out", required=True, help="the folder to write the shards to (without .tar files yet)")
     make.add_argument("--shard-size", default="1GB", help="most bytes per shard: 1GB, 500MB, 64MiB (default: 1GB)")
     make.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar (default: %(default)s)")
+    make.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the order of the samples, shuffled so that each shard mixes the folder's classes (default: 0)",
+    )
+    make.add_argument(
+        "--no-shuffle",
+        action="store_true",
+        help="keep the sorted order of the paths (each class then sits in one run of samples)",
+    )
     make.add_argument(
         "--labels",
         action="store_true",
@@ -47,7 +59,7 @@ def add_shards_arguments(parser: argparse.ArgumentParser, parser_class: type) ->
 
 def _stopped(signum: int) -> SystemExit:
     """SIGTERM in ``shards make``: the writer's clean-up runs on the way out (exit 143, as ``train``)."""
-    warn("stopped by SIGTERM: the shards written so far hold part of the images; run it again into an empty folder")
+    warn("stopped by SIGTERM: the shards it had written are removed; run it again (into the same --out)")
     return SystemExit(128 + signum)
 
 
@@ -58,7 +70,15 @@ def run_shards(args: argparse.Namespace) -> int:
     try:
         if args.shards_command == "make":
             with signals_raise((signal.SIGTERM,), _stopped):  # the shard being written is removed, as on Ctrl-C
-                made = make_shards(args.data, args.out, parse_size(args.shard_size), args.prefix, labels=args.labels)
+                made = make_shards(
+                    args.data,
+                    args.out,
+                    parse_size(args.shard_size),
+                    args.prefix,
+                    labels=args.labels,
+                    shuffle=not args.no_shuffle,
+                    seed=args.seed,
+                )
             if made.unlabelled:
                 warn(
                     f"{made.unlabelled} images under {args.data} lie outside its class sub-folders and were left out "
@@ -67,9 +87,14 @@ def run_shards(args: argparse.Namespace) -> int:
             if made.broken:
                 shown = ", ".join(made.broken[:3]) + (", ..." if len(made.broken) > 3 else "")
                 warn(f"{len(made.broken)} files under {args.data} do not decode as images and were skipped: {shown}")
+            last = len(made.shards) - 1
+            pattern = (
+                made.shards[0] if last == 0 else made.shards[0].with_name(f"{args.prefix}-{{000000..{last:06d}}}.tar")
+            )
+            order = "sorted" if args.no_shuffle else "shuffled"
             print(
-                f"byol-pytorch: wrote {len(made.shards)} shards ({sum(made.counts)} images, {made.bytes} bytes) to "
-                f"{args.out}, index {made.index}"
+                f"byol-pytorch: wrote {len(made.shards)} shards ({sum(made.counts)} images, {made.bytes} bytes, in a "
+                f"{order} order) to {args.out}, index {made.index}; --data '{pattern}' (or --data {args.out})"
             )
             return 0
         path, counts = write_index(args.spec, args.out)

@@ -7,7 +7,11 @@ bytes each (tar rounds files up to 10240 bytes; a single larger image gets a sha
 * the members hold the original encoded bytes (no re-encoding);
 * each sample's key is its file's path relative to the folder, ``%`` and ``.`` written
   ``%25`` and ``%2E`` (webdataset's key ends at the first dot of the name): the member of
-  ``cats/a.b.jpg`` is ``cats/a%2Eb%2Ejpg.jpg``, one sample per file, never two merged;
+  ``cats/a.b.jpg`` is ``cats/a%2Eb%2Ejpg.jpg``, one sample per file, never two merged; a key
+  that starts with ``__`` (a class ``__background__``) starts ``%5F_``, as webdataset skips a
+  first part ``__NAME__`` as metadata;
+* the samples go in an order shuffled by ``seed`` (``shuffle=False``: the sorted paths), so that
+  a shard and a shuffle buffer hold a mix of the folder's classes, not one class each;
 * files that do not decode as images are skipped and counted (not written);
 * each shard is written to a hidden temporary file and renamed into place once complete,
   so a shard that exists is whole; ``OUT/index.json`` (webdataset's ``wids`` index, see
@@ -21,22 +25,25 @@ by reading them once) and writes such an index.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import tarfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .._atomic import atomic_write, names_the_file
 from .._modules import PathLike
 from .file_index import index_images
 from .folder import BrokenImageError, LabelledImageFolder, apply_pixel_limit, decode_image
-from .remote import is_remote
+from .remote import is_remote, redact
 from .remote_shards import count_shards, expand_remote, index_document
 from .shards import INCOMPLETE_NAME, expand_shards, shard_samples
 
@@ -66,10 +73,11 @@ def sample_key(relative: str) -> str:
     """The webdataset key of a file: its relative path, ``%`` and ``.`` escaped (module doc).
 
     Examples:
-        >>> sample_key("cats/a.b.jpg")
-        'cats/a%2Eb%2Ejpg'
+        >>> sample_key("cats/a.b.jpg"), sample_key("__background__/c.png")
+        ('cats/a%2Eb%2Ejpg', '%5F_background__/c%2Epng')
     """
-    return relative.replace("%", "%25").replace(".", "%2E")
+    key = relative.replace("%", "%25").replace(".", "%2E")
+    return "%5F" + key[1:] if key.startswith("__") else key  # webdataset skips "__NAME__/..." as metadata
 
 
 @dataclass
@@ -148,7 +156,14 @@ def _readable(path: Path) -> bytes | None:
 
 
 def make_shards(
-    folder: PathLike, out: PathLike, shard_size: int, prefix: str = "train", labels: bool = False
+    folder: PathLike,
+    out: PathLike,
+    shard_size: int,
+    prefix: str = "train",
+    labels: bool = False,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
 ) -> MadeShards:
     """Pack the readable images of ``folder`` into shards of at most ``shard_size`` bytes under ``out``.
 
@@ -156,17 +171,20 @@ def make_shards(
     it): each sample gets a ``.cls`` member with its class index, and ``OUT/classes.json`` names
     the classes (``classes[i]`` is label i), so ``eval`` and ``embed`` read the labels.
 
+    The samples go in an order shuffled by ``seed`` (the same folder and seed give the same
+    shards); ``shuffle=False`` keeps the sorted paths, each class in one run of samples. An
+    error or a stop removes what the call wrote (a killed process leaves the incomplete marker).
+
     Raises:
         ValueError: no image in the folder, ``labels`` without class sub-folders, ``out``
-            already holds shards, or ``prefix`` is not a plain file-name part.
+            already holds shards (or is ``folder``), ``shard_size`` below 1, or ``prefix`` is
+            not a plain file-name part.
+        TypeError: ``shard_size`` or ``seed`` is not an int (``parse_size("1GB")`` makes one).
         OSError: ``out`` cannot be written.
     """
     apply_pixel_limit()
+    _check_make_arguments(folder, out, shard_size, prefix, seed)
     root, target = Path(folder), Path(out)
-    if not prefix or prefix != Path(prefix).name or prefix.startswith("."):
-        raise ValueError(
-            f"--prefix {prefix!r}: give the start of the shards' file names (no '/', not empty, not hidden), e.g. train"
-        )
     with warnings.catch_warnings():  # its images outside the class folders are counted below (unlabelled)
         warnings.filterwarnings("ignore", message=r".* belong to no class and are left out")
         labelled = LabelledImageFolder(root, 8) if labels else None
@@ -177,33 +195,70 @@ def make_shards(
     marker = target / INCOMPLETE_NAME
     if marker.exists():
         raise ValueError(
-            f"--out {target} holds what a `shards make` stopped before it ended wrote ({INCOMPLETE_NAME} is there): "
-            f"remove its .tar files and {INCOMPLETE_NAME} (or the folder), then run it again"
+            f"--out {target} holds what a `shards make` killed before it ended wrote ({INCOMPLETE_NAME} is there): "
+            f"remove the folder (or its .tar files, its hidden .tar.tmp files and {INCOMPLETE_NAME}), then run it again"
         )
-    if any(target.glob("*.tar")):
-        raise ValueError(f"--out {target} already holds .tar files; choose an empty folder")
+    held = [".tar files"] if any(target.glob("*.tar")) else []
+    held += [name for name in (INDEX_NAME, CLASSES_NAME) if (target / name).exists()]
+    if held:
+        raise ValueError(f"--out {target} already holds {' and '.join(held)} of shards; choose an empty folder")
     with names_the_file(marker):
         marker.write_text("byol-pytorch shards make is writing this folder, or was stopped before it ended\n")
     made = MadeShards(unlabelled=left_out)
-    _write_samples(root, files, targets, target / prefix, shard_size, made)
-    if not made.shards:
-        marker.unlink()
-        raise ValueError(f"{root} has no readable image ({len(made.broken)} broken files); no shard written")
-    made.index = _write_json(target / INDEX_NAME, index_document([p.name for p in made.shards], made.counts))
-    if labelled is not None:
-        _write_json(target / CLASSES_NAME, {"classes": list(labelled.classes)})
+    order = np.random.default_rng(seed).permutation(len(files)) if shuffle else range(len(files))
+    try:
+        _write_samples(root, files, order, targets, target / prefix, shard_size, made)
+        if not made.shards:
+            raise ValueError(f"{root} has no readable image ({len(made.broken)} broken files); no shard written")
+        made.index = _write_json(target / INDEX_NAME, index_document([p.name for p in made.shards], made.counts))
+        if labelled is not None:
+            _write_json(target / CLASSES_NAME, {"classes": list(labelled.classes)})
+    except BaseException:  # an error, Ctrl-C, SIGTERM: what this call wrote goes, so that it can run again
+        for path in [*made.shards, target / INDEX_NAME, target / CLASSES_NAME, marker]:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise
     marker.unlink()  # the set is whole
     return made
 
 
+def _check_make_arguments(folder: PathLike, out: PathLike, shard_size: object, prefix: str, seed: object) -> None:
+    """``make_shards``' checks before it writes anything (see its Raises)."""
+    text = os.fspath(folder) if isinstance(folder, (str, os.PathLike)) else ""
+    if is_remote(text):
+        raise ValueError(
+            f"--data {redact(text)}: shards make packs a local folder of images; copy the images here first"
+        )
+    if not text.strip():
+        raise ValueError("--data is empty: name the folder of images to pack")
+    for name, value in (("shard_size", shard_size), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int (bytes: parse_size('1GB')), got {value!r}")
+    if shard_size < 1:  # type: ignore[operator]
+        raise ValueError(f"--shard-size must be a positive number of bytes (e.g. 64MB, 1GB), got {shard_size}")
+    if not prefix or prefix != Path(prefix).name or prefix.startswith("."):
+        raise ValueError(
+            f"--prefix {prefix!r}: give the start of the shards' file names (no '/', not empty, not hidden), e.g. train"
+        )
+    if Path(out).exists() and Path(folder).exists() and os.path.samefile(out, folder):
+        raise ValueError(f"--out {os.fspath(out)} is --data: write the shards to a folder of their own")
+
+
 def _write_samples(
-    root: Path, files: Any, targets: Sequence[int] | None, stem: Path, shard_size: int, made: MadeShards
+    root: Path,
+    files: Any,
+    order: Iterable[int],
+    targets: Sequence[int] | None,
+    stem: Path,
+    shard_size: int,
+    made: MadeShards,
 ) -> None:
-    """The readable files as samples of shards ``STEM-000000.tar``, ...; a shard being written when an error or
-    a stop comes is discarded (no temporary file left)."""
+    """The readable files, in ``order``, as samples of shards ``STEM-000000.tar``, ...; a shard being written
+    when an error or a stop comes is discarded (no temporary file left)."""
     sink = None
     try:
-        for number in range(len(files)):
+        for number in order:
+            number = int(number)
             relative = files.relative(number)
             data = _readable(root / relative)
             if data is None:
@@ -247,6 +302,8 @@ def write_index(spec: str, out: PathLike) -> tuple[Path, Sequence[int]]:
     otherwise); remote ones by their (redacted) URL. Returns ``(index path, counts)``.
     """
     target = Path(out)
+    if target.suffix.lower() == ".tar" or (target.exists() and tarfile.is_tarfile(target)):
+        raise ValueError(f"--out {out} is a tar file (a shard?): name the index a .json file, e.g. index.json")
     if is_remote(spec):
         locations = expand_remote(spec)
         counts = count_shards(locations)

@@ -41,7 +41,7 @@ as the shards, the process count and the worker count are the same.
 
 Python use (``pip install "byol-pytorch[shards]"``)::
 
-    from byol_pytorch.shards import ShardDataset, make_shard_loader
+    from byol_pytorch.data.shards import ShardDataset, make_shard_loader
 
     data = ShardDataset("shards/train-{0000..0099}.tar", load_size=256, batch_size=64, workers=4)
     loader = make_shard_loader(data)

@@ -147,17 +147,95 @@ def test_make_with_labels_writes_each_class_index(tmp_path, make_labelled, capsy
     assert "has no class sub-folders" in capsys.readouterr().err
 
 
+def test_a_class_named_like_webdatasets_metadata_is_written_and_read_back(tmp_path, make_labelled, capsys):
+    """Before: the images of a class folder `__background__` were written and counted (index.json: 15) but every
+    reader skipped them as webdataset metadata (`__NAME__/...`): `shards index` counted 10, eval saw 2 classes."""
+    folder = make_labelled(tmp_path / "lab", classes=2, per_class=5)
+    (folder / "class_0").rename(folder / "__background__")
+    out = tmp_path / "shards"
+    assert cli.main(["shards", "make", "--data", str(folder), "--out", str(out), "--labels"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["shardlist"][0]["nsamples"] == 10
+    read = [(label, key) for _, label, key, ok in ShardSamples(str(out), 8, labelled=True) if ok]
+    assert len(read) == 10 and sorted(label for label, _ in read) == [0] * 5 + [1] * 5
+    assert sum(key.split(":", 1)[1].startswith("%5F_background__/") for _, key in read) == 5
+    assert cli.main(["shards", "index", str(out), "--out", str(tmp_path / "i.json")]) == 0
+    assert "1 shards, 10 samples" in capsys.readouterr().out
+
+
+def test_the_samples_are_shuffled_by_the_seed_so_a_shard_mixes_the_classes(tmp_path, make_labelled, capsys):
+    """Before: samples went in sorted path order, each class in one run: with a shuffle buffer smaller than a class
+    (the default 1000 against ImageNet's 1300 a class), a batch held one or two classes (a probe: 1 to 4 of 10)."""
+    folder = make_labelled(tmp_path / "lab", classes=4, per_class=8)
+
+    def order(out, *flags):
+        argv = ["shards", "make", "--data", str(folder), "--out", str(tmp_path / out), "--labels", *flags]
+        assert cli.main(argv) == 0
+        return [label for _, label, _, _ in ShardSamples(str(tmp_path / out), 8, labelled=True)]
+
+    shuffled = order("a")
+    assert sorted(shuffled) == sorted(order("sorted", "--no-shuffle")) and order("sorted2", "--no-shuffle") == sorted(
+        shuffled
+    )  # the paths' order: each class in one run
+    assert order("b") == shuffled and order("c", "--seed", "1") != shuffled  # the seed decides the order
+    assert all(len(set(shuffled[i : i + 8])) >= 2 for i in range(0, 32, 8))  # every run of 8 mixes classes
+    assert "in a shuffled order" in capsys.readouterr().out
+
+
+def test_the_summary_names_the_brace_pattern_to_pass(tmp_path, messy, capsys):
+    out = tmp_path / "shards"
+    assert cli.main(["shards", "make", "--data", str(messy), "--out", str(out), "--shard-size", "40KB"]) == 0
+    last = len(list(out.glob("*.tar"))) - 1
+    assert f"--data '{out}/train-{{000000..{last:06d}}}.tar' (or --data {out})" in capsys.readouterr().out
+
+
+def test_make_refuses_what_would_write_a_wrong_set_before_writing(tmp_path, messy, capsys, monkeypatch):
+    """A probe: --data "" packed the current folder; a URL was mangled into "image folder 'http:/...' does not
+    exist"; --out equal to --data mixed the shards into the images (then read as a folder of images); an --out
+    holding an earlier make's index.json or classes.json kept the stale file beside new shards; shards index
+    --out on one of the shards overwrote it with JSON; make_shards(..., "1GB") failed deep inside and left the
+    incomplete marker, refusing the next call."""
+    from byol_pytorch.data.shard_writer import make_shards
+    from byol_pytorch.data.shards import INCOMPLETE_NAME
+
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (["--data", "", "--out", "o1"], "--data is empty: name the folder of images to pack"),
+        (["--data", "http://127.0.0.1:9/images", "--out", "o2"], "shards make packs a local folder of images"),
+        (["--data", str(messy), "--out", str(messy)], f"--out {messy} is --data: write the shards to a folder"),
+    ]
+    for flags, message in cases:
+        assert cli.main(["shards", "make", *flags]) == 1
+        assert message in capsys.readouterr().err
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "classes.json").write_text("{}")
+    assert cli.main(["shards", "make", "--data", str(messy), "--out", str(stale)]) == 1
+    assert f"--out {stale} already holds classes.json of shards; choose an empty folder" in capsys.readouterr().err
+    assert sorted(p.name for p in stale.iterdir()) == ["classes.json"]
+    out = tmp_path / "shards"
+    assert cli.main(["shards", "make", "--data", str(messy), "--out", str(out), "--shard-size", "40KB"]) == 0
+    shard = out / "train-000000.tar"
+    before = shard.read_bytes()
+    for target in (shard, tmp_path / "new.tar"):
+        assert cli.main(["shards", "index", str(out), "--out", str(target)]) == 1
+        assert "is a tar file (a shard?): name the index a .json file" in capsys.readouterr().err
+    assert shard.read_bytes() == before
+    with pytest.raises(TypeError, match=r"shard_size must be an int \(bytes: parse_size\('1GB'\)\), got '1GB'"):
+        make_shards(messy, tmp_path / "api", "1GB")
+    assert not (tmp_path / "api" / INCOMPLETE_NAME).exists()
+    assert len(make_shards(messy, tmp_path / "api", parse_size("1GB")).shards) == 1  # the next call runs
+
+
 @pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
-def test_a_stopped_make_leaves_no_temporary_and_its_shards_are_refused_until_made_again(
-    tmp_path, messy, tiny_flags, monkeypatch, capsys, stop
-):
+def test_a_stopped_make_removes_what_it_wrote_and_can_run_again(tmp_path, messy, tiny_flags, monkeypatch, capsys, stop):
     """Before: SIGTERM left the shard being written as a hidden .tmp, and train read the partial set (318 of 600
-    images) without a word; the rerun said only "already holds .tar files"."""
+    images) without a word; then (a probe) the finished shards and the marker stayed, refused by every reader, and
+    the rerun into the same --out was refused until they were removed by hand."""
     import os
     import signal
 
     from byol_pytorch.data import shard_writer
-    from byol_pytorch.data.shards import INCOMPLETE_NAME
 
     real, calls = shard_writer._readable, []
 
@@ -176,15 +254,30 @@ def test_a_stopped_make_leaves_no_temporary_and_its_shards_are_refused_until_mad
         with pytest.raises(SystemExit) as caught:
             cli.main(argv)
         assert caught.value.code == 128 + signal.SIGTERM
-        assert "stopped by SIGTERM: the shards written so far hold part" in capsys.readouterr().err
+        assert "stopped by SIGTERM: the shards it had written are removed; run it again" in capsys.readouterr().err
     else:
         assert cli.main(argv) == 130
-    assert (out / INCOMPLETE_NAME).exists() and list(out.glob("*.tar")) and not list(out.glob("*.tmp"))
+    assert len(calls) == 10 and out.is_dir() and not list(out.iterdir())  # no shard, .tmp, index or marker
     monkeypatch.setattr(shard_writer, "_readable", real)
+    assert cli.main(argv) == 0
+
+
+def test_the_shards_of_a_killed_make_are_refused_until_made_again(tmp_path, messy, tiny_flags, capsys):
+    """A make killed (SIGKILL: no clean-up) leaves its marker: every reader refuses the partial set, and the rerun
+    says what to remove, the hidden temporary files included (a probe: they survived the advice)."""
+    from byol_pytorch.data.shards import INCOMPLETE_NAME
+
+    out = tmp_path / "shards"
+    argv = ["shards", "make", "--data", str(messy), "--out", str(out), "--shard-size", "10KB"]
+    assert cli.main(argv) == 0
+    (out / "index.json").unlink()
+    (out / INCOMPLETE_NAME).write_text("killed\n")  # as a killed make leaves it: shards, no index, the marker
+    (out / ".train-000009.tar.tmp").write_bytes(b"partial")
     capsys.readouterr()
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
-    assert "stopped before it ended wrote (.shards-make-incomplete is there): remove its .tar files and" in err
+    assert "killed before it ended wrote (.shards-make-incomplete is there): remove the folder (or its .tar" in err
+    assert "hidden .tar.tmp files" in err
     run = ["train", "--data", str(out), "--out", str(tmp_path / "run"), *tiny_flags, "--max-steps", "1"]
     assert cli.main(run) == 1
     assert "holds the shards of a `byol-pytorch shards make` that was stopped" in capsys.readouterr().err
@@ -246,5 +339,7 @@ def test_a_full_disk_while_packing_names_the_shard_and_leaves_no_temporary(tmp_p
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("byol-pytorch: error: no space left on the device holding ") and "a file" not in line
     assert f"{out}/train-0000" in line and ".tar'" in line
-    assert not list(out.glob(".*.tmp"))  # the shard being written is gone; the finished ones stay
-    assert all(tarfile.open(path).getnames() for path in out.glob("*.tar"))
+    assert not list(out.glob(".*.tmp"))  # the shard being written is gone
+    assert not list(out.iterdir())  # and the finished ones and the marker: the make can run again (a probe)
+    monkeypatch.setattr(tarfile.TarFile, "addfile", real)
+    assert cli.main(["shards", "make", "--data", str(messy), "--out", str(out), "--shard-size", "4KB"]) == 0
