@@ -25,6 +25,7 @@ schedulers see it did not finish.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -485,6 +486,20 @@ def _package_warnings_as_lines() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _quiet_storage_logs(debug: bool) -> Iterator[None]:
+    """gcsfs logs a traceback for each of its own failed retries (a probe: 26 of them, and no line of ours within
+    300 s): our retries and our one error line say it, so its log shows only with ``--debug``."""
+    logger = logging.getLogger("gcsfs")
+    level = logger.level
+    if not debug:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``byol-pytorch``; returns the exit status.
 
@@ -507,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _one_process_unless_train(args.command)
         if getattr(args, "out", None) == "" and args.command != "train":  # train names its default run folder
             raise UserError("--out is empty; name the file or folder to write")
-        with _package_warnings_as_lines(), _sigterm_stops(args.command):
+        with _package_warnings_as_lines(), _sigterm_stops(args.command), _quiet_storage_logs(debug):
             return COMMANDS[args.command](args)
     except _Terminated as stop:
         sys.stderr.write(f"{PROG}: stopped by SIGTERM{_KEPT.get(args.command, '')}\n")

@@ -686,11 +686,18 @@ def _saved_settings(args: argparse.Namespace, saved: dict[str, Any] | None, path
         recipe = Recipe.from_dict(saved)
     except (TypeError, ValueError) as error:
         raise UserError(f"--resume: {path}: {error}") from None
-    data = str(saved.get("data") or "")
-    if not args.data and ("://***@" in data or "=***" in data):  # saved without its secrets (redact)
+    held = [  # saved without their secrets (redact): a probe gave --data again and met the index's 403
+        (flag, value)
+        for flag, value, given in (
+            ("--data", str(saved.get("data") or ""), args.data),
+            ("--shard-index", str(saved.get("shard_index") or ""), getattr(args, "shard_index", None)),
+        )
+        if not given and ("://***@" in value or "=***" in value)
+    ]
+    if held:
         raise UserError(
-            f"the run's --data {data} held credentials, which checkpoints do not keep: pass --data again, with "
-            "them, to resume it"
+            f"the run's {' and '.join(f'{flag} {value}' for flag, value in held)} held credentials, which "
+            f"checkpoints do not keep: pass {' and '.join(flag for flag, _ in held)} again, with them, to resume it"
         )
     index_given = getattr(args, "shard_index", None) is not None
     new_val_data = getattr(args, "val_data", None) is not None and getattr(args, "label_column", None) is None

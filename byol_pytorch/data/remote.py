@@ -31,6 +31,9 @@ parameters that hold signatures or tokens.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import math
+import os
 import re
 import subprocess
 import tarfile
@@ -38,7 +41,7 @@ import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 __all__ = [
@@ -48,6 +51,7 @@ __all__ = [
     "FaultBudget",
     "Prefetcher",
     "ReadPolicy",
+    "RemoteRetryWarning",
     "RemoteReadError",
     "ShardFailed",
     "ShardReadWarning",
@@ -106,23 +110,52 @@ class ShardFailed(Exception):
         self.delivered = delivered
 
 
+AGAIN = "train: --resume, from its last checkpoint; embed: --resume"
+"""How each command goes on after a storage outage, for the messages the readers cannot tailor."""
+TIMEOUT_ENV = "BYOL_PYTORCH_REMOTE_TIMEOUT"
+RETRIES_ENV = "BYOL_PYTORCH_REMOTE_RETRIES"
+
+
+def _env_number(name: str, default: float, kind: type) -> Any:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = -1
+    if value < 0 or (kind is float and not math.isfinite(value)):
+        raise ValueError(f"{name}={text!r}: give a {'whole ' if kind is int else ''}number >= 0")
+    return value
+
+
+def _default_timeout() -> float:
+    return _env_number(TIMEOUT_ENV, 30.0, float) or 30.0
+
+
+def _default_retries() -> int:
+    return _env_number(RETRIES_ENV, 8, int)
+
+
 @dataclass(frozen=True)
 class ReadPolicy:
     """How remote shards are read: retries of a failed read, the wait between them, the stall timeout.
 
     Args:
-        retries: tries after the first failure of a shard's read (a try that delivers a sample resets the count).
+        retries: tries after the first failure of a shard's read (a try that delivers a sample resets the count);
+            default 8, or ``BYOL_PYTORCH_REMOTE_RETRIES``.
         backoff: seconds before the first retry; each next waits twice as long, at most 30 s.
-        timeout: seconds a connection or a read may stall before it counts as failed.
+        timeout: seconds a connection or a read may stall before it counts as failed (opening a shard may take
+            two requests); default 30, or ``BYOL_PYTORCH_REMOTE_TIMEOUT``.
 
     Examples:
         >>> [ReadPolicy(retries=8).wait(k) for k in range(1, 9)]
         [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     """
 
-    retries: int = 8
+    retries: int = field(default_factory=_default_retries)
     backoff: float = 0.5
-    timeout: float = 60.0
+    timeout: float = field(default_factory=_default_timeout)
 
     def wait(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (1, 2, ...)."""
@@ -169,6 +202,8 @@ def _storage_options(scheme: str, policy: ReadPolicy) -> dict[str, Any]:
     if scheme == "s3":
         config = {"connect_timeout": policy.timeout, "read_timeout": policy.timeout}
         return {"config_kwargs": {**config, "retries": {"total_max_attempts": 1}}}
+    if scheme == "gs":  # gcsfs retries 6 times inside each of our tries (not configurable); its timeout is ours
+        return {"requests_timeout": policy.timeout}
     return {}
 
 
@@ -410,7 +445,7 @@ def read_shard(
         RemoteReadError: an error no retry heals (module doc), with the URL redacted.
         ImportError: the URL's fsspec back-end is missing.
     """
-    policy = policy or ReadPolicy()
+    policy = for_scheme(policy or ReadPolicy(), location)
     stop = stop or threading.Event()
     delivered = offset = attempt = 0
     failures: list[tuple[int, str]] = []  # (offset, error) of the tries since the last sample
@@ -452,7 +487,42 @@ def read_shard(
             if attempt > policy.retries:
                 message = f"{location}: {_reason(error)} (after {policy.retries} retries)"
                 raise ShardFailed(redact(message), delivered) from None
+            _warn_retrying(location, error, policy)
             stop.wait(policy.wait(attempt))
+
+
+def for_scheme(policy: ReadPolicy, location: str) -> ReadPolicy:
+    """``policy`` for ``location``: gs:// tries at most 2 more times, as gcsfs retries each of our tries 6 times
+    (with waits up to 32 s: about half a minute a try) and cannot be told not to."""
+    if _scheme(location) == "gs" and policy.retries > 2:
+        return dataclasses.replace(policy, retries=2)
+    return policy
+
+
+class RemoteRetryWarning(UserWarning):
+    """A remote read failed and is retried (given once per process)."""
+
+
+_retry_warned = False
+
+
+def _warn_retrying(location: str, error: BaseException, policy: ReadPolicy) -> None:
+    """The first failed read of this process gets a warning: retries of a stalled server can take minutes."""
+    global _retry_warned
+    if _retry_warned:
+        return
+    _retry_warned = True
+    most = sum(policy.wait(k) for k in range(1, policy.retries + 1)) + (policy.retries + 1) * 2 * policy.timeout
+    warnings.warn(
+        redact(
+            f"{location}: {_reason(error)}; retrying up to {policy.retries} times (a server that does not answer "
+            f"takes up to {f'{most:.0f} s' if most < 120 else f'{most / 60:.0f} min'} a shard to give up: "
+            f"{RETRIES_ENV} and {TIMEOUT_ENV}, now "
+            f"{policy.timeout:g} s, set how long)"
+        ),
+        RemoteRetryWarning,
+        stacklevel=2,
+    )
 
 
 class _ByteQueue:
@@ -575,8 +645,8 @@ class FaultBudget:
         if self.streak >= self.in_a_row or (self.failed >= self.in_a_row and self.failed > self.fraction * self.opened):
             raise RemoteReadError(
                 f"{self.failed} of the {self.opened} shards this loader worker opened could not be read "
-                f"({self.streak} in a row), the last {failure}; check the network and the storage, then continue "
-                "with --resume"
+                f"({self.streak} in a row), the last {failure}; check the network and the storage, then run it "
+                f"again ({AGAIN})"
             )
         rest = "its remaining samples are" if remaining is None else f"its {remaining} remaining samples are"
         counted = " (counted in skipped_files)" if remaining is not None else ""

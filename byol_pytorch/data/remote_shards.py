@@ -41,7 +41,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .._atomic import atomic_write
 from .folder import BrokenImageError, apply_pixel_limit, check_load_size, decode_image
-from .remote import FaultBudget, Prefetcher, ReadPolicy, RemoteReadError, ShardFailed, is_remote, read_shard, redact
+from .remote import (
+    AGAIN,
+    FaultBudget,
+    Prefetcher,
+    ReadPolicy,
+    RemoteReadError,
+    ShardFailed,
+    is_remote,
+    read_shard,
+    redact,
+)
 from .shards import (
     IMAGE_SUFFIXES,
     ShardDataset,
@@ -151,9 +161,9 @@ def _read_bytes(location: str) -> bytes:
     """A local or remote file; a remote read that may heal (a 5xx, a dropped connection) is retried."""
     if not is_remote(location) or location.startswith("pipe:"):
         return Path(location).read_bytes()
-    from .remote import _filesystem, _permanent
+    from .remote import _filesystem, _permanent, for_scheme
 
-    policy, attempt = ReadPolicy(), 0
+    policy, attempt = for_scheme(ReadPolicy(), location), 0
     while True:
         try:
             fs, path = _filesystem(location, policy)
@@ -370,7 +380,7 @@ class RemoteShardDataset(ShardDataset):
             if budget.opened and budget.failed == budget.opened:
                 raise RemoteReadError(
                     f"none of the {budget.opened} shards this loader worker opened could be read, the last "
-                    f"{budget.last}; check the network and the storage, then continue with --resume"
+                    f"{budget.last}; check the network and the storage, then run it again ({AGAIN})"
                 )
         finally:
             prefetcher.close()

@@ -637,3 +637,28 @@ def test_an_error_that_differs_by_local_rank_is_printed_by_the_rank_that_meets_i
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert cli.main(["train", "--data", "d", "--out", "r"]) == 1
     assert "LOCAL_RANK is 2 but this process sees 2 GPU(s)" in capsys.readouterr().err
+
+
+def test_gcsfs_logs_of_its_own_retries_show_only_with_debug(monkeypatch, capsys, caplog):
+    """A remote probe: gs:// with the endpoint unreachable printed 26 gcsfs tracebacks ("_request out of retries")
+    around our own warning and error line."""
+    import logging
+
+    from byol_pytorch.app import cli
+
+    def command(args):
+        try:
+            raise ConnectionError("Cannot connect to host")
+        except ConnectionError:
+            logging.getLogger("gcsfs").exception("_request out of retries on exception")
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "export", command)
+    before = logging.getLogger("gcsfs").level
+    caplog.set_level(logging.WARNING)  # (pytest's handler stands for the stderr one Python gives such logs)
+    assert cli.main(["export", "x.pt", "--out", "y.safetensors"]) == 0
+    assert not [r for r in caplog.records if r.name == "gcsfs"] and "out of retries" not in capsys.readouterr().err
+    assert logging.getLogger("gcsfs").level == before  # put back after the command
+    assert cli.main(["export", "x.pt", "--out", "y.safetensors", "--debug"]) == 0
+    shown = [r for r in caplog.records if r.name == "gcsfs"]
+    assert len(shown) == 1 and shown[0].exc_info is not None and "out of retries" in shown[0].getMessage()

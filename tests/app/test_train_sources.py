@@ -118,6 +118,14 @@ def test_a_resume_keeps_the_runs_workers_and_asks_again_for_credentials(tmp_path
         "which checkpoints do not keep: pass --data again, with them, to resume it"
     )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    checkpoint["args"]["shard_index"] = "https://data.example/index.json?token=***"  # a remote probe: unnamed
+    save_checkpoint(out / "last.pt", checkpoint)
+    assert cli.main(["train", "--out", str(out), "--resume", "--data", pattern, "--max-steps", "6"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (
+        "byol-pytorch: error: the run's --shard-index https://data.example/index.json?token=*** held credentials, "
+        "which checkpoints do not keep: pass --shard-index again, with them, to resume it"
+    )
 
 
 def test_shards_resume_is_bitwise_with_workers(tmp_path, make_shards, tiny_flags, monkeypatch, capsys):

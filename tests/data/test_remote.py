@@ -218,6 +218,50 @@ def test_counts_are_kept_in_the_run_folder_and_a_resume_counts_nothing(
     assert not (elsewhere / "shard_counts.json").exists()
 
 
+def test_the_read_policy_comes_from_the_environment_and_gs_tries_fewer_times(monkeypatch):
+    """A remote probe: a server that never answered held a run silent for 19 min a shard (8 retries of 2 x 60 s),
+    with nothing to shorten it; gs:// multiplied our 8 tries by gcsfs's own 6."""
+    from byol_pytorch.data.remote import RETRIES_ENV, TIMEOUT_ENV, for_scheme
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    monkeypatch.delenv(RETRIES_ENV, raising=False)
+    assert (ReadPolicy().timeout, ReadPolicy().retries) == (30.0, 8)
+    monkeypatch.setenv(TIMEOUT_ENV, "2.5")
+    monkeypatch.setenv(RETRIES_ENV, "1")
+    assert (ReadPolicy().timeout, ReadPolicy().retries) == (2.5, 1)
+    assert ReadPolicy(retries=5).retries == 5  # an explicit value wins
+    for name, value in ((TIMEOUT_ENV, "soon"), (TIMEOUT_ENV, "nan"), (RETRIES_ENV, "-1"), (RETRIES_ENV, "1.5")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=rf"{name}='{value}': give a .*number >= 0"):
+            ReadPolicy()
+        monkeypatch.delenv(name)
+    assert for_scheme(ReadPolicy(retries=8), "gs://b/a.tar").retries == 2
+    assert for_scheme(ReadPolicy(retries=1), "gs://b/a.tar").retries == 1
+    assert for_scheme(ReadPolicy(retries=8), "s3://b/a.tar").retries == 8
+
+
+def test_the_first_retry_of_a_process_is_a_warning_naming_the_settings(tmp_path, make_shards, serve, monkeypatch):
+    """A remote probe: retries were silent (minutes with no output)."""
+    from byol_pytorch.data import remote
+    from byol_pytorch.data.remote import RemoteRetryWarning, read_shard
+
+    pattern = make_shards(tmp_path / "shards", broken=False)
+    base, server = serve(tmp_path / "shards")
+    url = f"{base}/{pattern.rsplit('/', 1)[-1].replace('{0000..0003}', '0001')}"
+    monkeypatch.setattr(remote, "_retry_warned", False)
+    server.fail.update({"train-0001.tar": 2})  # heals at the third try
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = list(read_shard(url, 6, lambda *_: True, ReadPolicy(retries=3, backoff=0.01, timeout=5)))
+        server.fail.update({"train-0001.tar": 1})
+        list(read_shard(url, 6, lambda *_: True, ReadPolicy(retries=3, backoff=0.01, timeout=5)))
+    assert len(samples) == 6
+    retries = [str(w.message) for w in caught if issubclass(w.category, RemoteRetryWarning)]
+    assert len(retries) == 1  # once a process, however many shards retry
+    assert "train-0001.tar: HTTP status 503; retrying up to 3 times" in retries[0]
+    assert "BYOL_PYTORCH_REMOTE_RETRIES and BYOL_PYTORCH_REMOTE_TIMEOUT, now 5 s" in retries[0]
+
+
 def test_flaky_shard_is_retried_and_a_dead_one_skipped(tmp_path, make_shards, serve):
     pattern = make_shards(tmp_path / "shards", broken=False)
     base, server = serve(tmp_path / "shards")
@@ -232,7 +276,8 @@ def test_flaky_shard_is_retried_and_a_dead_one_skipped(tmp_path, make_shards, se
     messages = [str(w.message) for w in caught if issubclass(w.category, ShardReadWarning)]
     assert len(messages) == 1 and "train-0002.tar" in messages[0] and "6 remaining samples are skipped" in messages[0]
     server.fail.update(dict.fromkeys(("train-0000.tar", "train-0001.tar", "train-0003.tar"), -1))
-    with pytest.raises(RemoteReadError, match="could not be read"), warnings.catch_warnings():
+    again = r"could not be read .*run it again \(train: --resume, from its last"
+    with pytest.raises(RemoteReadError, match=again), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         list(data.reader_batches(0, 0))
     split = RemoteShardDataset(url, 32, 4, workers=2, policy=policy, counts=data.counts)  # 2 shards per reader
