@@ -328,7 +328,10 @@ def labelled_split(
     if kind == "cifar":
         return tuple(open_labelled(spec, load_size, channels, split=s) for s in ("train", "test"))  # type: ignore[return-value]
     if kind == "shards" and is_remote(spec):
-        raise ValueError("a kNN split of remote shards is not supported; give local labelled data")
+        raise ValueError(
+            "remote shards cannot be split into the training and held-out images that eval (kNN and --linear) "
+            "and train --val-data measure on; give local labelled data (the shards downloaded, say)"
+        )
     if kind == "shards":
         samples = ShardSamples(spec, load_size, channels, labelled=True)  # the headers, read once
         if sum(samples.counts) < 5:
@@ -496,7 +499,11 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
         items = [dataset[int(i)] for i in indices]
         images = [item[0] for item in items if _item_readable(item)]
     if not images:
-        raise ValueError("no readable image to estimate BatchNorm statistics from")
+        where = f"the first {count} samples" if isinstance(dataset, IterableDataset) else f"{len(indices)} samples"
+        raise ValueError(
+            f"no readable image in {where} to estimate BatchNorm statistics from: the files do not decode as "
+            "images (shards: no .jpg/.png/... member in a sample); check the data"
+        )
     return torch.stack(images)
 
 

@@ -742,3 +742,11 @@ def test_a_pipe_that_prints_an_error_page_for_a_while_is_retried_not_called_trun
     )
     got = [key for key, _ in read_shard(f"pipe:sh {script}", 6, lambda s, m: True, ReadPolicy(backoff=0.01))]
     assert got == [f"{i:04d}" for i in range(6)] and (tmp_path / "n").read_text().strip() == "5"
+
+
+def test_a_split_of_remote_shards_is_refused_naming_what_needs_it():
+    """A remote probe: `eval --linear` on remote shards was told "a kNN split ... is not supported"."""
+    from byol_pytorch.data import labelled_split
+
+    with pytest.raises(ValueError, match=r"remote shards cannot be split .* eval \(kNN and --linear\) and train --val"):
+        labelled_split("http://127.0.0.1:9/val-{0000..0001}.tar", 8)

@@ -231,3 +231,25 @@ def test_fewer_shards_than_processes_names_the_fix_that_applies(tmp_path, make_s
     pattern = make_shards(tmp_path / "shards", shards=1, broken=False)
     with pytest.raises(ValueError, match=r"1 shards cannot be split .*split the data into more shards or start fewer"):
         ShardDataset(pattern, 9, batch_size=2, world_size=2, workers=1)
+
+
+def test_shards_without_an_image_member_name_the_data_for_the_clean_statistics(tmp_path):
+    """A remote probe: shards of .txt/.json members only said "--bn-stats clean: no readable image to estimate
+    BatchNorm statistics from", naming neither the data nor what is wrong with it."""
+    import io
+
+    from byol_pytorch.data.shards import ShardSamples
+    from byol_pytorch.data.sources import sample_images
+
+    shard = tmp_path / "t-0000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(3):
+            data = b'{"caption": "no image"}'
+            info = tarfile.TarInfo(f"s{i}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r"no readable image in the first 512 samples to estimate BatchNorm .*no "):
+        sample_images(ShardSamples(str(shard), 8), 512)
+    broken = [(torch.zeros(3, 8, 8, dtype=torch.uint8), 0, "a", False)] * 5
+    with pytest.raises(ValueError, match=r"no readable image in 5 samples .*check the data"):
+        sample_images(broken, 512)
