@@ -538,7 +538,7 @@ def run_embed(args: argparse.Namespace) -> int:
         _check_all_read(outputs, items)
         summary = {**identity, "model": recipe.model, "rows": outputs.vectors.rows, "dim": learner.representation_size}
         summary.update(broken=outputs.broken, labels=labelled, image_size=recipe.image_size, bn_stats=statistics)
-        classes = getattr(getattr(items, "dataset", None), "classes", None) if labelled else None
+        classes = getattr(getattr(items, "dataset", items), "classes", None) if labelled else None
         if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
             summary.update(classes=list(classes))  # label i is classes[i]
         # A folder's FIFOs and dead links, passed over at the scan:

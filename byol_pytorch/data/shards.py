@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import os
 import random
 import re
@@ -581,6 +582,18 @@ def no_labels_error(source: str, problem: str) -> ValueError:
     )
 
 
+def _class_names(paths: Sequence[Path]) -> list[str] | None:
+    """``classes.json`` beside the shards (``shards make --labels`` writes it), when they all lie in one folder."""
+    folders = {Path(p).parent for p in paths}
+    if len(folders) != 1:
+        return None
+    try:
+        names = json.loads((folders.pop() / "classes.json").read_text())["classes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [str(name) for name in names] if isinstance(names, list) else None
+
+
 class ShardSamples(IterableDataset):
     """Every sample of tar shards once, in order, with its key and label: for evaluation and ``embed``.
 
@@ -622,6 +635,7 @@ class ShardSamples(IterableDataset):
         problem = self._label_problem() if labelled else None
         if problem is not None:
             raise no_labels_error(self.source, problem)
+        self.classes = _class_names(self.paths) if labelled else None  # names of labels 0, 1, ...; None: unknown
 
     def _label_problem(self) -> str | None:
         """Why none of the first samples' ``.cls`` holds a class index (None: one does; ``first_label_problem``)."""

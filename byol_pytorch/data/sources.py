@@ -265,6 +265,7 @@ class _Readable(IterableDataset):
 
     def __init__(self, samples: ShardSamples) -> None:
         self.samples = samples
+        self.classes = samples.classes  # classes.json beside the shards: the names of labels 0, 1, ...
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -163,6 +163,28 @@ def test_a_class_named_like_webdatasets_metadata_is_written_and_read_back(tmp_pa
     assert "1 shards, 10 samples" in capsys.readouterr().out
 
 
+def test_the_class_names_written_beside_the_shards_are_read_back(tmp_path, make_labelled, tiny_flags, capsys):
+    """A probe: classes.json was written and never read: eval named the classes of shards by index and embed wrote
+    no class names, where a folder gives both."""
+    from byol_pytorch.data import labelled_split
+
+    folder = make_labelled(tmp_path / "lab", classes=2, per_class=5)
+    (folder / "class_0").rename(folder / "dog")
+    (folder / "class_1").rename(folder / "cat")
+    out = tmp_path / "shards"
+    assert cli.main(["shards", "make", "--data", str(folder), "--out", str(out), "--labels"]) == 0
+    assert ShardSamples(str(out), 8, labelled=True).classes == ["cat", "dog"]
+    assert ShardSamples(str(out), 8).classes is None  # unlabelled reading names none
+    bank, _ = labelled_split(str(out), 8)
+    assert bank.classes == ["cat", "dog"]  # what the kNN monitor names the classes by
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(out), "--out", str(run), *tiny_flags, "--max-steps", "1"]) == 0
+    embedded = tmp_path / "emb"
+    argv = ["embed", "--data", str(out), "--checkpoint", str(run / "last.pt"), "--out", str(embedded), "--labels"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert json.loads((embedded / "embed.json").read_text())["classes"] == ["cat", "dog"]
+
+
 def test_the_samples_are_shuffled_by_the_seed_so_a_shard_mixes_the_classes(tmp_path, make_labelled, capsys):
     """Before: samples went in sorted path order, each class in one run: with a shuffle buffer smaller than a class
     (the default 1000 against ImageNet's 1300 a class), a batch held one or two classes (a probe: 1 to 4 of 10)."""
