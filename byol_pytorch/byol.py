@@ -567,7 +567,7 @@ class BYOL(nn.Module):
             if self.channels == 3 and x.shape[1] == 1:
                 fix = "x.expand(-1, 3, -1, -1) turns grayscale into the 3 channels the net takes"
             elif self.channels == 1 and x.shape[1] == 3:
-                fix = "x.mean(1, keepdim=True) turns colour into the 1 channel the net takes"
+                fix = "byol_pytorch.data.match_channels(x, 1) turns colour into the luma channel the net takes"
             else:
                 fix = f"convert the images to {self.channels} channels"
             raise ValueError(

@@ -7,6 +7,7 @@ import math
 import pathlib
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2 as T
@@ -129,6 +130,7 @@ def test_a_view_that_is_not_the_int_1_or_2_is_refused(view):
     with pytest.raises(ValueError, match=r"view must be the int 1 or 2"):
         BYOLAugment(32, view=view)
     assert BYOLAugment(32, view=2).view == 2
+    assert BYOLAugment(32, view=np.int64(2)).settings == BYOLAugment(32, view=2).settings  # numpy's ints are ints
 
 
 def test_resized_crop_uint8_is_scaled_then_clamped():

@@ -116,7 +116,7 @@ TIMEOUT_ENV = "BYOL_PYTORCH_REMOTE_TIMEOUT"
 RETRIES_ENV = "BYOL_PYTORCH_REMOTE_RETRIES"
 
 
-def _env_number(name: str, default: float, kind: type) -> Any:
+def _env_number(name: str, default: float, kind: type, least: float) -> Any:
     text = os.environ.get(name, "").strip()
     if not text:
         return default
@@ -124,17 +124,17 @@ def _env_number(name: str, default: float, kind: type) -> Any:
         value = kind(text)
     except ValueError:
         value = -1
-    if value < 0 or (kind is float and not math.isfinite(value)):
-        raise ValueError(f"{name}={text!r}: give a {'whole ' if kind is int else ''}number >= 0")
+    if not least <= value < math.inf:
+        raise ValueError(f"{name}={text!r}: give a {'whole ' if kind is int else ''}number >= {least:g}")
     return value
 
 
 def _default_timeout() -> float:
-    return _env_number(TIMEOUT_ENV, 30.0, float) or 30.0
+    return _env_number(TIMEOUT_ENV, 30.0, float, 0.1)
 
 
 def _default_retries() -> int:
-    return _env_number(RETRIES_ENV, 8, int)
+    return _env_number(RETRIES_ENV, 8, int, 0)
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,10 @@ def _storage_options(scheme: str, policy: ReadPolicy) -> dict[str, Any]:
         config = {"connect_timeout": policy.timeout, "read_timeout": policy.timeout}
         return {"config_kwargs": {**config, "retries": {"total_max_attempts": 1}}}
     if scheme == "gs":  # gcsfs retries 6 times inside each of our tries (not configurable); its timeout is ours
-        return {"requests_timeout": policy.timeout}
+        import aiohttp
+
+        stall = aiohttp.ClientTimeout(total=None, sock_connect=policy.timeout, sock_read=policy.timeout)
+        return {"requests_timeout": stall}  # a float would be aiohttp's total: a slow link's 8 MB block would fail
     return {}
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import numbers
 import os
 import re
 import tarfile
@@ -180,6 +181,7 @@ def make_shards(
             already holds shards (or is ``folder``), ``shard_size`` below 1, or ``prefix`` is
             not a plain file-name part.
         TypeError: ``shard_size`` or ``seed`` is not an int (``parse_size("1GB")`` makes one).
+            A negative ``seed`` is a ValueError.
         OSError: ``out`` cannot be written.
     """
     apply_pixel_limit()
@@ -196,16 +198,16 @@ def make_shards(
     if marker.exists():
         raise ValueError(
             f"--out {target} holds what a `shards make` killed before it ended wrote ({INCOMPLETE_NAME} is there): "
-            f"remove the folder (or its .tar files, its hidden .tar.tmp files and {INCOMPLETE_NAME}), then run it again"
+            f"remove its .tar files, its hidden .tar.tmp files and {INCOMPLETE_NAME}, then run it again"
         )
     held = [".tar files"] if any(target.glob("*.tar")) else []
     held += [name for name in (INDEX_NAME, CLASSES_NAME) if (target / name).exists()]
     if held:
         raise ValueError(f"--out {target} already holds {' and '.join(held)} of shards; choose an empty folder")
+    order = np.random.default_rng(seed).permutation(len(files)) if shuffle else range(len(files))
     with names_the_file(marker):
         marker.write_text("byol-pytorch shards make is writing this folder, or was stopped before it ended\n")
     made = MadeShards(unlabelled=left_out)
-    order = np.random.default_rng(seed).permutation(len(files)) if shuffle else range(len(files))
     try:
         _write_samples(root, files, order, targets, target / prefix, shard_size, made)
         if not made.shards:
@@ -232,8 +234,10 @@ def _check_make_arguments(folder: PathLike, out: PathLike, shard_size: object, p
     if not text.strip():
         raise ValueError("--data is empty: name the folder of images to pack")
     for name, value in (("shard_size", shard_size), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an int (bytes: parse_size('1GB')), got {value!r}")
+    if seed < 0:  # type: ignore[operator]
+        raise ValueError(f"--seed must be 0 or more, got {seed}")
     if shard_size < 1:  # type: ignore[operator]
         raise ValueError(f"--shard-size must be a positive number of bytes (e.g. 64MB, 1GB), got {shard_size}")
     if not prefix or prefix != Path(prefix).name or prefix.startswith("."):

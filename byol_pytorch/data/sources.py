@@ -488,8 +488,10 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
     clean images (``recalibrate_batchnorm``).
     """
     images: list[torch.Tensor] = []
+    read = 0
     if isinstance(dataset, IterableDataset):
         for item in dataset:
+            read += 1
             if len(item) < 4 or item[3]:  # ShardSamples' (image, label, key, readable)
                 images.append(item[0])
             if len(images) >= count:
@@ -499,10 +501,10 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
         indices = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
         items = [dataset[int(i)] for i in indices]
         images = [item[0] for item in items if _item_readable(item)]
+        read = len(items)
     if not images:
-        where = f"the first {count} samples" if isinstance(dataset, IterableDataset) else f"{len(indices)} samples"
         raise ValueError(
-            f"no readable image in {where} to estimate BatchNorm statistics from: the files do not decode as "
+            f"no readable image in {read} samples to estimate BatchNorm statistics from: the files do not decode as "
             "images (shards: no .jpg/.png/... member in a sample); check the data"
         )
     return torch.stack(images)

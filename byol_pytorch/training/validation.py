@@ -205,8 +205,8 @@ class KnnMonitor:
         are left out, not replaced).
         """
         classes = getattr(_base(self.bank), "classes", None)
-        if not isinstance(classes, (list, tuple)):
-            return []
+        if not isinstance(classes, (list, tuple)) or getattr(_base(self.bank), "targets", None) is None:
+            return []  # names without the items' labels (shards' classes.json): a class may just be elsewhere
         seen = set(labels.tolist())
         return [str(name) for index, name in enumerate(classes) if index not in seen]
 

@@ -230,14 +230,34 @@ def test_the_read_policy_comes_from_the_environment_and_gs_tries_fewer_times(mon
     monkeypatch.setenv(RETRIES_ENV, "1")
     assert (ReadPolicy().timeout, ReadPolicy().retries) == (2.5, 1)
     assert ReadPolicy(retries=5).retries == 5  # an explicit value wins
-    for name, value in ((TIMEOUT_ENV, "soon"), (TIMEOUT_ENV, "nan"), (RETRIES_ENV, "-1"), (RETRIES_ENV, "1.5")):
+    bad = [(TIMEOUT_ENV, "soon", "0.1"), (TIMEOUT_ENV, "nan", "0.1"), (TIMEOUT_ENV, "0", "0.1")]
+    bad += [(RETRIES_ENV, "-1", "0"), (RETRIES_ENV, "1.5", "0")]
+    for name, value, least in bad:
         monkeypatch.setenv(name, value)
-        with pytest.raises(ValueError, match=rf"{name}='{value}': give a .*number >= 0"):
+        with pytest.raises(ValueError, match=rf"{name}='{value}': give a .*number >= {least}"):
             ReadPolicy()
         monkeypatch.delenv(name)
+    monkeypatch.setenv(RETRIES_ENV, "0")
+    assert ReadPolicy().retries == 0
     assert for_scheme(ReadPolicy(retries=8), "gs://b/a.tar").retries == 2
     assert for_scheme(ReadPolicy(retries=1), "gs://b/a.tar").retries == 1
     assert for_scheme(ReadPolicy(retries=8), "s3://b/a.tar").retries == 8
+
+
+def test_gs_and_http_time_out_a_stall_not_a_slow_transfer():
+    """A review: gs:// was given the timeout as a float, which aiohttp takes as the total of a request: an 8 MB
+    block on a link below about 280 kB/s failed every read, where http and s3 time out a stall only."""
+    import aiohttp
+
+    from byol_pytorch.data.remote import _storage_options
+
+    policy = ReadPolicy(timeout=7)
+    for scheme, options in (
+        ("gs", _storage_options("gs", policy)["requests_timeout"]),
+        ("http", _storage_options("http", policy)["client_kwargs"]["timeout"]),
+    ):
+        assert isinstance(options, aiohttp.ClientTimeout), scheme
+        assert (options.total, options.sock_connect, options.sock_read) == (None, 7, 7)
 
 
 def test_the_first_retry_of_a_process_is_a_warning_naming_the_settings(tmp_path, make_shards, serve, monkeypatch):

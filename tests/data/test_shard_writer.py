@@ -5,7 +5,9 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from byol_pytorch.app import cli
@@ -177,6 +179,10 @@ def test_the_class_names_written_beside_the_shards_are_read_back(tmp_path, make_
     assert ShardSamples(str(out), 8).classes is None  # unlabelled reading names none
     bank, _ = labelled_split(str(out), 8)
     assert bank.classes == ["cat", "dog"]  # what the kNN monitor names the classes by
+    from byol_pytorch.training.validation import KnnMonitor
+
+    monitor = KnnMonitor(str(out), 8, 3, torch.device("cpu"))  # names only: shards do not list their labels
+    assert monitor.missing_classes(torch.tensor([0, 0, 0])) == []  # a review: "dog has no readable image"
     run = tmp_path / "run"
     assert cli.main(["train", "--data", str(out), "--out", str(run), *tiny_flags, "--max-steps", "1"]) == 0
     embedded = tmp_path / "emb"
@@ -246,7 +252,11 @@ def test_make_refuses_what_would_write_a_wrong_set_before_writing(tmp_path, mess
     with pytest.raises(TypeError, match=r"shard_size must be an int \(bytes: parse_size\('1GB'\)\), got '1GB'"):
         make_shards(messy, tmp_path / "api", "1GB")
     assert not (tmp_path / "api" / INCOMPLETE_NAME).exists()
-    assert len(make_shards(messy, tmp_path / "api", parse_size("1GB")).shards) == 1  # the next call runs
+    assert cli.main(["shards", "make", "--data", str(messy), "--out", str(tmp_path / "neg"), "--seed", "-1"]) == 1
+    assert "--seed must be 0 or more, got -1" in capsys.readouterr().err  # a review: numpy's error, and the marker
+    assert not (tmp_path / "neg" / INCOMPLETE_NAME).exists()
+    made = make_shards(messy, tmp_path / "api", parse_size("1GB"), seed=np.int64(3))  # numpy's ints are ints
+    assert len(made.shards) == 1  # the next call runs
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
@@ -298,7 +308,7 @@ def test_the_shards_of_a_killed_make_are_refused_until_made_again(tmp_path, mess
     capsys.readouterr()
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
-    assert "killed before it ended wrote (.shards-make-incomplete is there): remove the folder (or its .tar" in err
+    assert "killed before it ended wrote (.shards-make-incomplete is there): remove its .tar files, its hidden" in err
     assert "hidden .tar.tmp files" in err
     run = ["train", "--data", str(out), "--out", str(tmp_path / "run"), *tiny_flags, "--max-steps", "1"]
     assert cli.main(run) == 1
