@@ -233,9 +233,9 @@ def _check_make_arguments(folder: PathLike, out: PathLike, shard_size: object, p
         )
     if not text.strip():
         raise ValueError("--data is empty: name the folder of images to pack")
-    for name, value in (("shard_size", shard_size), ("seed", seed)):
+    for name, value, hint in (("shard_size", shard_size, " (bytes: parse_size('1GB'))"), ("seed", seed, "")):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int (bytes: parse_size('1GB')), got {value!r}")
+            raise TypeError(f"{name} must be an int{hint}, got {value!r}")
     if seed < 0:  # type: ignore[operator]
         raise ValueError(f"--seed must be 0 or more, got {seed}")
     if shard_size < 1:  # type: ignore[operator]

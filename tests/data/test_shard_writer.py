@@ -252,6 +252,8 @@ def test_make_refuses_what_would_write_a_wrong_set_before_writing(tmp_path, mess
     with pytest.raises(TypeError, match=r"shard_size must be an int \(bytes: parse_size\('1GB'\)\), got '1GB'"):
         make_shards(messy, tmp_path / "api", "1GB")
     assert not (tmp_path / "api" / INCOMPLETE_NAME).exists()
+    with pytest.raises(TypeError, match=r"^seed must be an int, got 1.5$"):
+        make_shards(messy, tmp_path / "api", 10**6, seed=1.5)
     assert cli.main(["shards", "make", "--data", str(messy), "--out", str(tmp_path / "neg"), "--seed", "-1"]) == 1
     assert "--seed must be 0 or more, got -1" in capsys.readouterr().err  # a review: numpy's error, and the marker
     assert not (tmp_path / "neg" / INCOMPLETE_NAME).exists()
