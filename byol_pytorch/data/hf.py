@@ -397,9 +397,8 @@ class HFImageDataset(Dataset):
             raise TypeError(
                 f"HFImageDataset takes hf:'s PATH, a datasets.Dataset or a DatasetDict, got {type(data).__name__}"
             )
-        if (
-            data.format.get("type") is not None
-        ):  # set_format("pandas" / "arrow" / "torch"): rows as the loader reads them
+        # set_format("pandas" / "arrow" / "torch") changes what a row is: read the rows as the loader does
+        if data.format.get("type") is not None:
             data = data.with_format(None)
         self.column = image_column(data, column)
         self.labelled = labelled
