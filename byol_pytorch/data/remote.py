@@ -55,6 +55,7 @@ __all__ = [
     "RemoteReadError",
     "ShardFailed",
     "ShardReadWarning",
+    "for_scheme",
     "is_remote",
     "member_key",
     "open_remote",
