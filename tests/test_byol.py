@@ -918,8 +918,12 @@ def test_channel_and_single_image_messages_name_the_fix_that_works():
     """Before: colour into a 1-channel net was told to expand grayscale to 3 channels; one image's embedding
     in train mode was told return_projection=False, which then failed in a BatchNorm over a 1x1 map."""
     gray = BYOL(small_cnn(channels=1), 16, **SMALL)
-    with pytest.raises(ValueError, match=r"expects 1 channels .*: x.mean\(1, keepdim=True\) turns colour"):
-        gray(torch.rand(4, 3, 16, 16))
+    colour = torch.rand(4, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"expects 1 channels .*: byol_pytorch.data.match_channels\(x, 1\) turns"):
+        gray(colour)
+    from byol_pytorch.data import match_channels
+
+    assert gray(match_channels(colour, 1)).isfinite()  # the fix it names works
     one_by_one = nn.Sequential(
         nn.Conv2d(3, 8, 3, stride=8), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 5)
     )
