@@ -107,7 +107,7 @@ def view_settings(image_size: int | tuple[int, int], view: int = 1, preset: str 
         >>> view_settings(32, preset="paper")["blur_p"]
         1.0
     """
-    if isinstance(view, bool) or not isinstance(view, numbers.Integral) or view not in _VIEW_DEFAULTS:  # True == 1.0
+    if _as_int(view) not in _VIEW_DEFAULTS:  # not True or 1.0, which equal 1
         raise ValueError(f"view must be the int 1 or 2 (the paper's two views), got {view!r}")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
