@@ -397,8 +397,13 @@ class HFImageDataset(Dataset):
             raise TypeError(
                 f"HFImageDataset takes hf:'s PATH, a datasets.Dataset or a DatasetDict, got {type(data).__name__}"
             )
-        # set_format("pandas" / "arrow" / "torch") changes what a row is: read the rows as the loader does
-        if data.format.get("type") is not None:
+        # set_format("pandas" / "arrow" / "torch") changes what a row is, set_format(columns=[...]) what it
+        # holds: read every column's rows as the loader does
+        shown = data.format.get("columns")
+        hidden = (
+            shown is not None and not data.format.get("output_all_columns") and set(shown) != set(data.column_names)
+        )
+        if data.format.get("type") is not None or hidden:
             data = data.with_format(None)
         self.column = image_column(data, column)
         self.labelled = labelled

@@ -128,23 +128,25 @@ def test_a_dataset_without_rows_is_a_value_error():
         HFImageDataset(empty, 32, 3)
 
 
-@pytest.mark.parametrize("form", ["pandas", "arrow", "torch", "numpy"])
+@pytest.mark.parametrize("form", ["pandas", "arrow", "torch", "numpy", "columns"])
 def test_a_dataset_in_any_output_format_reads_as_the_unformatted_one(form):
     """Before: a Dataset set to pandas failed at construction ("truth value of a Series is ambiguous") and one
-    set to arrow at the first item ("'ChunkedArray' object has no attribute 'get'")."""
+    set to arrow at the first item ("'ChunkedArray' object has no attribute 'get'"); one whose format shows
+    only some columns (``set_format(None, columns=["label"])``) was "no image column"."""
     rng = np.random.default_rng(0)
     pictures = [Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)) for _ in range(3)]
     plain = datasets.Dataset.from_dict(
         {"image": pictures, "label": [0, 1, 0]},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}),
     )
-    formatted = plain.with_format(form)
+    formatted = plain.with_format(None, columns=["label"]) if form == "columns" else plain.with_format(form)
     for labelled in (False, True):
         got, want = HFImageDataset(formatted, 8, labelled=labelled), HFImageDataset(plain, 8, labelled=labelled)
         assert got.targets == want.targets and got.classes == want.classes
         for i in range(3):
             torch.testing.assert_close(got[i][0], want[i][0], rtol=0, atol=0)
-    assert formatted.format["type"] == form  # the user's dataset is left as it was
+    kept = (formatted.format["type"], formatted.format["columns"])  # the user's dataset is left as it was
+    assert kept == ((None, ["label"]) if form == "columns" else (form, ["image", "label"]))
 
 
 def test_rows_without_labels_and_an_unlabelled_test_split(tmp_path, make_hf_saved):
