@@ -222,6 +222,18 @@ def _filesystem(location: str, policy: ReadPolicy) -> tuple[Any, str]:
         raise ImportError(_EXTRAS.get(scheme, f"reading {scheme}:// needs fsspec ({error})")) from None
 
 
+class CommandFailed(ConnectionError):
+    """A ``pipe:`` command exited with a non-zero status (``returncode``); retried unless the shell could not run it."""
+
+    def __init__(self, returncode: int) -> None:
+        super().__init__(f"the command exited with status {returncode}")
+        self.returncode = returncode
+
+
+# The shell's own statuses: the command was not found (127) or is not executable (126); no retry runs it
+_SHELL_COULD_NOT_RUN = {126: "is not executable", 127: "was not found"}
+
+
 class _PipeFile:
     """The standard output of ``pipe:CMD`` (webdataset's form), from byte ``offset`` on (read past)."""
 
@@ -240,7 +252,7 @@ class _PipeFile:
     def read(self, size: int = -1) -> bytes:
         data = self.stdout.read(size)
         if (size < 0 or len(data) < size) and self.process.wait() != 0:
-            raise ConnectionError(f"the command exited with status {self.process.returncode}")
+            raise CommandFailed(self.process.returncode)
         return data
 
     def close(self) -> None:
@@ -374,6 +386,11 @@ def _credentials_missing(error: BaseException | None) -> bool:
 def _permanent(error: BaseException, location: str, at_start: bool) -> str | None:
     """Why a failed read will fail again (a one-line reason), or None when a retry may heal it."""
     scheme = _scheme(location)
+    if isinstance(error, CommandFailed) and error.returncode in _SHELL_COULD_NOT_RUN:
+        return (
+            f"the command {_SHELL_COULD_NOT_RUN[error.returncode]} (exit status {error.returncode}; the shell's "
+            "message is above); check the command after pipe: and that it is installed"
+        )
     if _credentials_missing(error):
         where = _CREDENTIALS.get(scheme, "the storage's credentials")
         return f"no credentials found ({_reason(error)}); give them ({where})"

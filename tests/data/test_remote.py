@@ -770,3 +770,32 @@ def test_a_split_of_remote_shards_is_refused_naming_what_needs_it():
 
     with pytest.raises(ValueError, match=r"remote shards cannot be split .* eval \(kNN and --linear\) and train --val"):
         labelled_split("http://127.0.0.1:9/val-{0000..0001}.tar", 8)
+
+
+@pytest.mark.parametrize("command", ["no-such-command-byol-probe", "./not-executable.sh"])
+def test_a_pipe_command_the_shell_cannot_run_fails_at_once_not_after_retries(tmp_path, command, monkeypatch):
+    """Before: 'pipe:' of a missing or non-executable command was retried as a network fault (8 tries, about
+    100 s a shard) and ended 'ConnectionError: the command exited with status 127 (after 8 retries)'."""
+    from byol_pytorch.data import remote
+    from byol_pytorch.data.remote import ShardFailed, read_shard
+
+    (tmp_path / "not-executable.sh").write_text("cat a.tar\n")  # no x bit: the shell exits 126
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    real = remote._PipeFile
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(remote, "_PipeFile", counted)
+    with pytest.raises(RemoteReadError) as caught:
+        list(read_shard(f"pipe:{command} a.tar", None, lambda suffix, members: True, ReadPolicy(backoff=0.01)))
+    word = "was not found (exit status 127" if "no-such" in command else "is not executable (exit status 126"
+    assert f"the command {word}" in str(caught.value) and "check the command after pipe:" in str(caught.value)
+    assert len(runs) == 1
+    # a command that ran and failed (a server's outage under curl -f) is still retried
+    with warnings.catch_warnings(), pytest.raises(ShardFailed, match=r"status 3 \(after 2 retries"):
+        warnings.simplefilter("ignore", remote.RemoteRetryWarning)
+        list(read_shard("pipe:exit 3", None, lambda suffix, members: True, ReadPolicy(retries=2, backoff=0.01)))
+    assert len(runs) == 4
