@@ -289,6 +289,8 @@ def cli_recipe(
     from byol_pytorch.training.models import build_learner
     from byol_pytorch.training.optim import build_recipe_optimizer, warmup_cosine_scheduler
 
+    kwargs = dict(kwargs)
+    predictor_scale = kwargs.pop("predictor_lr_scale", None)  # a probe: the predictor's lr times this
     flags = ["--data", "unused", "--model", model, "--image-size", str(size), "--batch-size", "256"]
     flags += ["--max-steps", str(steps)]
     for key, value in kwargs.items():
@@ -300,7 +302,40 @@ def cli_recipe(
     learner = build_learner(recipe, net)
     learner.moving_average_total_steps = total  # the CLI's cosine EMA decay over the run
     optimizer = build_recipe_optimizer(recipe, learner)
+    if predictor_scale is not None:
+        scale_predictor_lr(optimizer, learner, float(predictor_scale))
     return learner, optimizer, warmup_cosine_scheduler(optimizer, total, warmup)
+
+
+def scale_predictor_lr(optimizer: torch.optim.Optimizer, learner: nn.Module, scale: float) -> None:
+    """Move the predictor's parameters into groups of their own at ``scale`` times their group's lr.
+
+    The probe ``ours:predictor_lr_scale=S`` (SimSiam's and DirectPred's observation that the predictor
+    wants to learn faster than the encoder); each new group keeps its old group's other settings, so
+    the scheduler built next scales it as it scales the rest.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    >>> from byol_pytorch import BYOL
+    >>> learner = BYOL(net, 32, hidden_layer=-1, projection_size=8, projection_hidden_size=16)
+    >>> _ = learner(torch.rand(2, 3, 32, 32))
+    >>> opt = torch.optim.SGD([{"params": [p for p in learner.parameters() if p.requires_grad]}], lr=0.1)
+    >>> scale_predictor_lr(opt, learner, 10.0)
+    >>> [round(g["lr"], 6) for g in opt.param_groups]
+    [0.1, 1.0]
+    >>> {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in learner.online_predictor.parameters()}
+    True
+    """
+    mine = {id(p) for p in learner.online_predictor.parameters()}
+    moved = []
+    for group in list(optimizer.param_groups):
+        kept = [p for p in group["params"] if id(p) not in mine]
+        theirs = [p for p in group["params"] if id(p) in mine]
+        group["params"] = kept
+        if theirs:
+            options = {key: value for key, value in group.items() if key != "params"}
+            moved.append({**options, "params": theirs, "lr": group["lr"] * scale})
+    for group in moved:
+        optimizer.add_param_group(group)
 
 
 def _byol_learner(name: str, kwargs: dict[str, Any], net: nn.Module, data: Data, args: argparse.Namespace):
