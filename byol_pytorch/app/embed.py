@@ -30,6 +30,7 @@ import json
 import os
 import struct
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -236,9 +237,17 @@ def _open(args: argparse.Namespace, size: int, channels: int) -> tuple[Dataset, 
         if labelled:
             try:
                 dataset = open_labelled(args.data, size, channels, label_column=args.label_column, **options)
-            except UnlabelledRowsError:  # rows labelled -1 (a benchmark's test split): none asked for, none written
+            except UnlabelledRowsError as error:  # rows labelled -1 (a benchmark's test split): none asked for
                 if args.labels or args.label_column is not None:
                     raise
+                if error.missing < error.rows:  # some rows have labels: not writing them is said, not silent
+                    warnings.warn(
+                        f"no labels.npy: {error.missing} of the {error.rows} rows of --data {redact(args.data)} have "
+                        "no label (None or -1), and labels.npy holds one for every row; embed a fully labelled split "
+                        "(--hf-split), or label every row",
+                        UserWarning,
+                        stacklevel=2,
+                    )
                 labelled = False
         if dataset is None:
             dataset = open_unlabelled(args.data, size, channels, **options)

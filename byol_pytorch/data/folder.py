@@ -372,6 +372,11 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def passed_over(self) -> int:
+        """Entries the scan did not keep because they are not regular files (``FileIndex.passed_over``)."""
+        return self.paths.passed_over
+
     def sample_id(self, index: int) -> str:
         """The file's path relative to the root."""
         return self.paths.relative(index)
@@ -430,7 +435,6 @@ class ImageFolder(_ImageFiles):
                 "index_images(root) (or load_or_scan's index of it)"
             )
         super().__init__(root, index, load_size, channels)
-        self.passed_over = index.passed_over
 
     collate = "images"  # items are (image, skipped): make_loader batches them with collate_images
 
@@ -487,6 +491,8 @@ class LabelledImageFolder(_ImageFiles):
     Attributes:
         classes: class names; ``classes[label]`` names a label.
         targets: the label of every file, in ``paths`` order.
+        passed_over: entries of the class sub-folders that are not regular files (FIFOs,
+            sockets, devices, broken links), as in ``ImageFolder``.
 
     ``dataset[i]`` returns ``(image, label)``: a ``uint8`` tensor ``(C, S, S)`` and an int.
     """

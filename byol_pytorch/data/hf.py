@@ -428,7 +428,7 @@ class HFImageDataset(Dataset):
                 )
                 raise UnlabelledRowsError(
                     f"{self.source} split {self.split!r}: {what} in {found!r} (None or -1, as an unlabelled "
-                    "test split has them); evaluate on a labelled split (--hf-split)",
+                    "test split has them); use a labelled split (--hf-split)",
                     missing,
                     len(values),
                 )

@@ -510,6 +510,17 @@ def test_hub_parquet_layouts_unlabelled_splits_and_two_label_columns(checkpoint,
     assert code == 1 and "none of its 10 rows has a label in 'fine'" in errors[0]
     assert run([*embed, *spec[:4], "--out", str(tmp_path / "unasked")]) == (0, [])
     assert len((tmp_path / "unasked" / "ids.txt").read_text().split()) == 10
+    assert "no labels.npy" not in capsys.readouterr().err  # a split with no label at all: nothing to say
+    # a probe: a split with some rows unlabelled wrote no labels without a word
+    partly = datasets.Dataset.from_dict(
+        {**rows(10, 0), "fine": [0, 1, -1, 1, 0, 1, 0, None, 0, 1]}, features=features
+    ).remove_columns("coarse")  # one label column: labels are written where a dataset has one
+    partly.save_to_disk(str(tmp_path / "partly"))
+    code = cli.main([*embed, "--data", f"hf:{tmp_path / 'partly'}", "--out", str(tmp_path / "some")])
+    assert code == 0 and not (tmp_path / "some" / "labels.npy").exists()
+    warned = [line for line in capsys.readouterr().err.splitlines() if "no labels.npy" in line]
+    assert len(warned) == 1 and warned[0].startswith("byol-pytorch: warning: no labels.npy: 2 of the 10 rows of --data")
+    assert warned[0].endswith("embed a fully labelled split (--hf-split), or label every row")
 
 
 def test_one_bad_label_first_leaves_the_other_labels_and_small_shards_hold_some_out(checkpoint, tmp_path):
@@ -529,7 +540,9 @@ def test_one_bad_label_first_leaves_the_other_labels_and_small_shards_hold_some_
     assert cli.main(["eval", "--data", small, "--checkpoint", str(checkpoint), "--knn"]) == 0
 
 
-def test_embed_counts_the_entries_that_are_not_regular_files(tmp_path, checkpoint, make_messy_folder, capsys):
+def test_embed_counts_the_entries_that_are_not_regular_files(
+    tmp_path, checkpoint, make_messy_folder, make_labelled, capsys
+):
     """Before: train warned about broken links and FIFOs, embed passed them over without a word or a count."""
     import os
 
@@ -541,6 +554,18 @@ def test_embed_counts_the_entries_that_are_not_regular_files(tmp_path, checkpoin
     assert json.loads((out / "embed.json").read_text())["passed_over"] == 2
     printed = capsys.readouterr().out
     assert "; 2 entries that are not regular files (FIFOs, sockets, broken links) passed over" in printed
+    # a probe: with --labels (class sub-folders) they were counted 0
+    classes = make_labelled(tmp_path / "classes", classes=2, per_class=3)
+    first, second = sorted(entry for entry in classes.iterdir() if entry.is_dir())
+    (first / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(second / "pipe.png")
+    out = tmp_path / "labelled"
+    argv = ["embed", "--data", str(classes), "--labels", "--checkpoint", str(checkpoint), "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert json.loads((out / "embed.json").read_text())["passed_over"] == 2
+    assert (
+        "; 2 entries that are not regular files (FIFOs, sockets, broken links) passed over" in capsys.readouterr().out
+    )
 
 
 def test_a_resume_with_other_data_says_so_and_a_state_without_the_count_resumes(
