@@ -224,7 +224,7 @@ def color_jitter(
     pos = torch.cat([before - 3 + slot, before + slot], 1)  # (B, 6) index into `linear`
     valid = on[:, None] & (pos >= 0) & (pos < 3)
     op = linear.gather(1, pos.clamp(0, 2))  # (B, 6)
-    alpha = torch.ones(batch, 6, device=x.device)
+    alpha = torch.ones(batch, 6, device=x.device, dtype=torch.float32)
     for k, factor in enumerate(factors):
         if factor is None:
             valid = valid & (op != k)
@@ -305,7 +305,7 @@ def _resize_matrix(
     inside = (j >= start[:, None, None]) & (j < (start + length)[:, None, None])
     w = _KERNELS[interpolation]((j + 0.5 - center) / stretch) * inside.to(torch.float32)
     w = w / w.sum(-1, keepdim=True)
-    return torch.zeros(len(start), n_out, n_in, device=start.device).scatter_(2, j.long(), w)
+    return torch.zeros(len(start), n_out, n_in, device=start.device, dtype=w.dtype).scatter_(2, j.long(), w)
 
 
 def resized_crop(
@@ -342,8 +342,8 @@ def _rand(shape: tuple[int, ...], device: torch.device | None, generator: torch.
     """``torch.rand``, given ``generator`` only when there is one: under ``torch.compile`` a batch of symbolic
     size fails with ``generator=None`` (an epoch's last, smaller batch recompiles with a symbolic size)."""
     if generator is None:
-        return torch.rand(shape, device=device)
-    return torch.rand(shape, device=device, generator=generator)
+        return torch.rand(shape, device=device, dtype=torch.float32)
+    return torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
 
 
 def sample_crop_boxes(
@@ -652,8 +652,8 @@ class BYOLAugment(nn.Module):
             return x
         mean, std = self.resolve_mean_std(x.shape[1])
         # Per-channel constants made by fill kernels: torch.tensor(..., device="cuda") would sync.
-        scale = torch.stack([torch.full((), 1 / s, device=x.device) for s in std]).view(1, -1, 1, 1)
-        shift = torch.stack([torch.full((), -m / s, device=x.device) for m, s in zip(mean, std)])
+        scale = torch.stack([torch.full((), 1 / s, device=x.device, dtype=x.dtype) for s in std]).view(1, -1, 1, 1)
+        shift = torch.stack([torch.full((), -m / s, device=x.device, dtype=x.dtype) for m, s in zip(mean, std)])
         return torch.addcmul(shift.view(1, -1, 1, 1), x, scale)  # (x - mean) / std in one pass
 
     def _check_input(self, x: Tensor) -> None:

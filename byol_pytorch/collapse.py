@@ -126,8 +126,8 @@ class CollapseMonitor(nn.Module):
         self.window = int(window)
         # [std of the last step, steps in a row below the bound, highest std over those
         # steps, training steps observed, rows in ``sample``]
-        self.register_buffer("stats", torch.zeros(5), persistent=False)
-        self.register_buffer("sample", torch.zeros(SAMPLE_ROWS, self.dim), persistent=False)
+        self.register_buffer("stats", torch.zeros(5, dtype=torch.float32), persistent=False)
+        self.register_buffer("sample", torch.zeros(SAMPLE_ROWS, self.dim, dtype=torch.float32), persistent=False)
         self._reader = DeferredRead()
         self._alarmed = False
         self.last: dict[str, float] | None = None  # the figures last read by ``poll``

@@ -509,3 +509,22 @@ def test_mean_std_length_must_match_channels():
 
 
 # ---------------------------------------------------------------- benchmark script
+
+
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16])
+def test_views_are_the_same_under_another_default_dtype(default):
+    """A probe: under torch.set_default_dtype (what Lightning's and Fabric's "64-true" / "bf16-true" do around
+    the forward) the default views failed at the resize ("scatter(): Expected self.dtype to be equal to
+    src.dtype"). They work in float32 whatever the default, so they are the views float32 makes."""
+    aug, x = BYOLAugment(16), images(8, seed=62)
+    x8 = (x * 255).round().to(torch.uint8)
+    want = [aug(x, generator=gen(5)), aug(x8, generator=gen(6)), BYOLAugment(16, view=2)(x, generator=gen(7))]
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        got = [aug(x, generator=gen(5)), aug(x8, generator=gen(6)), BYOLAugment(16, view=2)(x, generator=gen(7))]
+    finally:
+        torch.set_default_dtype(before)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

@@ -849,6 +849,24 @@ def test_a_net_in_another_dtype_trains_and_embeds(dtype):
     assert embedding.shape == (2, 32) and embedding.dtype == dtype and projection.shape == (2, 32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_learner_built_and_run_under_another_default_dtype_trains(dtype):
+    """A probe: Lightning's and Fabric's "bf16-true" / "64-true" build the module and run the forward under
+    torch.set_default_dtype; the first step failed inside the default views."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        net = small_cnn()
+        learner = BYOL(net, image_size=16, **SMALL)
+        learner(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)).backward()
+        learner.update_moving_average()
+        _, embedding = learner(torch.rand(2, 3, 16, 16), return_embedding=True)
+    finally:
+        torch.set_default_dtype(before)
+    assert net[0].weight.dtype == dtype and net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0
+    assert embedding.dtype == dtype and embedding.isfinite().all()
+
+
 def test_numpy_and_tensor_integers_are_sizes():
     import numpy as np
 
