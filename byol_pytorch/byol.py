@@ -475,6 +475,7 @@ class BYOL(nn.Module):
         if self.target_encoder is None:
             return
         self._warn_repeated_update()
+        self._warn_past_total()
         tau = self.current_decay
         target, online = list(self.target_encoder.parameters()), list(self.online_encoder.parameters())
         if any(p.dtype in (torch.float16, torch.bfloat16) for p in target):
@@ -512,6 +513,21 @@ class BYOL(nn.Module):
                 stacklevel=4,  # this, update_moving_average, torch.no_grad's wrapper, the caller
             )
         self._trained_since_update = False
+
+    def _warn_past_total(self) -> None:
+        """One warning per schedule: an update past ``moving_average_total_steps`` has tau 1, the target stays."""
+        total = self.moving_average_total_steps
+        if total is None or self._ema_count < total or getattr(self, "_past_total_warned", None) == total:
+            return
+        self._past_total_warned = total
+        warnings.warn(
+            f"update_moving_average() call {self._ema_count + 1} is past moving_average_total_steps={total}: tau "
+            "is 1, so the target network no longer moves and BYOL trains against a fixed target; set "
+            "learner.moving_average_total_steps to the updates of the whole run (training on, or a second fit: "
+            f"the {self._ema_count} done plus those to come)",
+            UserWarning,
+            stacklevel=4,  # this, update_moving_average, torch.no_grad's wrapper, the caller
+        )
 
     def _ema_low_precision(self, target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], tau: float) -> None:
         """The EMA of a bfloat16/float16 target in float32: a 0.004 step is below bfloat16's resolution.

@@ -9,7 +9,9 @@ What it shows:
   average too often). A step that fp16's GradScaler skipped (Inf/NaN gradients) does not
   move the target either.
 * Tau follows the cosine schedule over ``trainer.estimated_stepping_batches``, the
-  number of optimizer steps of the fit, accumulation included.
+  number of optimizer steps of the fit, accumulation included. A second ``fit`` of the
+  same module (training on in a notebook) extends the schedule by its own steps: kept at
+  the first fit's end, tau would stay 1 and the target would not move again.
 * Several devices (DDP): Lightning wraps this module, not the learner, in
   ``DistributedDataParallel``, so the learner's own ``_ddp_params_and_buffers_to_ignore``
   would go unread. The module forwards it, prefixed with ``learner.``: the classifier
@@ -108,10 +110,13 @@ class BYOLModule(L.LightningModule):
         return self.learner.ddp_ignored_names(prefix="learner.")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.learner.moving_average_total_steps is None:
-            # Known here: max_steps or epochs x batches, divided by the accumulation.
-            total = self.trainer.estimated_stepping_batches
-            self.learner.moving_average_total_steps = int(total) if math.isfinite(total) else None
+        # Known here: max_steps or epochs x batches, divided by the accumulation.
+        steps = self.trainer.estimated_stepping_batches
+        total, done = self.learner.moving_average_total_steps, int(self.learner.ema_step)
+        if total is None:
+            self.learner.moving_average_total_steps = int(steps) if math.isfinite(steps) else None
+        elif done >= total and math.isfinite(steps):  # a second fit of this module: its schedule had ended
+            self.learner.moving_average_total_steps = done + int(steps)  # tau at 1 would leave the target still
         hp = self.hparams
         return build_optimizer(hp.optimizer, self.learner, lr=hp.lr, weight_decay=hp.weight_decay)
 

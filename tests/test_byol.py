@@ -161,12 +161,19 @@ def test_cosine_schedule_over_update_calls_and_state_dict():
     x = torch.rand(4, 3, 32, 32)
     taus = []
     opt = torch.optim.SGD(learner.parameters(), lr=0.01)
-    for _ in range(K + 1):
+    for k in range(K + 1):
         learner(x).backward()
         opt.step()
         opt.zero_grad()
         taus.append(learner.current_decay)
-        learner.update_moving_average()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            learner.update_moving_average()
+        past = [str(w.message) for w in caught if "past moving_average_total_steps" in str(w.message)]
+        # a probe: a second Lightning fit kept the first fit's K, and every update past it froze the target silently
+        assert past == ([] if k < K else [past[0]]) and (
+            k < K or past[0].startswith(f"update_moving_average() call {K + 1} is")
+        )
     for k in (0, K // 2, K):
         assert taus[k] == pytest.approx(base + (1 - base) * (1 - math.cos(math.pi * k / K)) / 2, abs=1e-12)
     assert taus[K] == pytest.approx(1.0)
@@ -174,6 +181,14 @@ def test_cosine_schedule_over_update_calls_and_state_dict():
     fresh = BYOL(small_cnn(), image_size=32, moving_average_decay=base, moving_average_total_steps=K, **SMALL)
     fresh.load_state_dict(learner.state_dict())
     assert fresh.current_decay == learner.current_decay == pytest.approx(1.0)
+    learner.moving_average_total_steps = 2 * K  # training on: the schedule extended, no warning, the target moves
+    before = [t.clone() for t in learner.target_encoder.parameters()]
+    learner(x).backward()
+    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner.update_moving_average()
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.target_encoder.parameters()))
 
 
 # ---------------------------------------------------------------- the loss

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -161,6 +162,19 @@ def test_lightning_module(image_folder, tmp_path, forward_calls, accumulate):
     assert int(learner.ema_step) == 2, "the target must move once per optimizer step, not per batch"
     assert learner.moving_average_total_steps == 2  # trainer.estimated_stepping_batches
     _assert_trained_backbone(out)
+    if accumulate == 1:  # a probe: a second fit kept the first fit's total, so tau stayed 1 and the target still
+        import lightning
+
+        target = [t.clone() for t in learner.target_encoder.parameters()]
+        again = lightning.Trainer(
+            max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            again.fit(module, trainer.train_dataloader)
+        assert not [w for w in caught if "past moving_average_total_steps" in str(w.message)]
+        assert int(learner.ema_step) == 5 and learner.moving_average_total_steps == 2 + 3
+        assert any(not torch.equal(a, b) for a, b in zip(target, learner.target_encoder.parameters()))
 
     # DDP wraps the LightningModule: the learner's ignore list is forwarded with its prefix,
     # and names the classifier and every target tensor that exists.
