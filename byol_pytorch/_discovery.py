@@ -588,11 +588,39 @@ def _run_probe(trace: _Trace, x: torch.Tensor, input_name: str | None) -> object
             if isinstance(err, TypeError) and input_name is None
             else ""
         )
+        built = _declared_size(trace.net)
+        if built is not None and built != tuple(x.shape[-2:]):  # a ViT's fixed grid of patches
+            fix = (
+                f" {type(trace.net).__name__} is built for {built[0]}x{built[1]} images and the views are "
+                f"{x.shape[-2]}x{x.shape[-1]}: pass image_size={built[0] if built[0] == built[1] else built} to "
+                "BYOL, or build the net for the views' size ("
+                + ("its config's image_size" if hasattr(trace.net, "config") else "timm.create_model(..., img_size=)")
+                + ")"
+            )
+        else:
+            fix = (
+                " Check image_size and the channel count (pass channels=... if the net does not start with a "
+                "convolution)"
+            )
         raise ValueError(
             f"could not run {type(trace.net).__name__} as {call} on a probe batch of shape {tuple(x.shape)}: "
-            f"{err}. Check image_size and the channel count (pass channels=... if the net does not start "
-            f"with a convolution).{hint}"
+            f"{str(err).rstrip('.')}.{fix}.{hint}"
         ) from err
+
+
+def _declared_size(net: nn.Module) -> tuple[int, int] | None:
+    """(H, W) a net says it is built for and holds to: a transformers config's ``image_size``, or timm's patch
+    embedding with a fixed grid (``strict_img_size``); None when it declares none or takes any size."""
+    embed = getattr(net, "patch_embed", None)
+    size = getattr(embed, "img_size", None) if getattr(embed, "strict_img_size", False) else None
+    if size is None and not getattr(embed, "dynamic_img_size", False):
+        config = getattr(net, "config", None)
+        size = getattr(config, "image_size", None) if config is not None else None
+    if isinstance(size, int) and not isinstance(size, bool):
+        return (size, size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return (int(size[0]), int(size[1]))
+    return None
 
 
 def _auto_choice(

@@ -317,3 +317,23 @@ def test_a_net_random_in_eval_mode_is_named_and_a_shuffle_alone_is_not():
         said = [str(w.message) for w in caught if "on a second call in eval mode" in str(w.message)]
         assert bool(said) == named, said
         assert not said or "configure it not to (ViTMAE: mask_ratio=0.0)" in said[0]
+
+
+def test_a_fixed_size_transformer_at_another_size_names_its_size_and_the_fix():
+    """A probe: a ViT built for 32 px wrapped at 64 relayed the model's own words and told the user to check
+    the channel count; the message names the size the net is built for and what to pass."""
+    import timm
+
+    vit = transformers.ViTModel(transformers.ViTConfig(**VIT))
+    for size, views in ((64, "64x64"), ((32, 48), "32x48")):
+        with pytest.raises(ValueError) as caught:
+            BYOL(vit, size, **SMALL)
+        message = str(caught.value)
+        assert f"ViTModel is built for 32x32 images and the views are {views}: pass image_size=32 to BYOL" in message
+        assert "its config's image_size" in message and "channel" not in message and ".." not in message
+    tvit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1)
+    with pytest.raises(ValueError, match=r"built for 32x32 images .*\(timm.create_model\(\.\.\., img_size=\)\)"):
+        BYOL(tvit, 64, **SMALL)
+    # a net that takes any size keeps the general advice
+    with pytest.raises(ValueError, match="Check image_size and the channel count"):
+        BYOL(nn.Sequential(nn.Flatten(), nn.Linear(10, 4)), image_size=32)
