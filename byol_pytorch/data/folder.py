@@ -482,7 +482,8 @@ class LabelledImageFolder(_ImageFiles):
         channels: 1 or 3.
         classes: the class names to number by (a held-out split's labels must mean its
             training split's classes, ``classes=train.classes``); None: the sub-folders here.
-            Every sub-folder must be one of them; a class without a sub-folder has no images.
+            Every sub-folder must be one of them; a class without a sub-folder, or with an
+            empty one, has no images.
 
     Raises:
         ValueError: ``root`` is missing, has no class sub-folders, or a class sub-folder
@@ -516,7 +517,12 @@ class LabelledImageFolder(_ImageFiles):
             try:
                 parts.append((name, index_images(root_path / name)))
             except ValueError as error:
-                raise ValueError(f"class {name!r} is empty: {error}") from None
+                if classes is not None and "no images found under" in str(error):
+                    continue  # a held-out split's empty class folder: the class has no images, as without one
+                raise ValueError(f"class {name!r} is empty: {error}; put its images in it, or remove it") from None
+        if not parts:
+            raise ValueError(f"{str(root_path)!r} has class sub-folders but no images in any of them")
+        found = [name for name, _ in parts]
         super().__init__(root_path, FileIndex.concat(root_path, parts), load_size, channels)
         self.classes = names
         # int32 labels in one array (not a list of ints: workers would copy it, see FileIndex)

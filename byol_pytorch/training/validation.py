@@ -12,6 +12,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -159,10 +160,16 @@ class KnnMonitor:
         ]
         shown = ", ".join(named[:5]) + (", ..." if len(named) > 5 else "")
         banked = len(self.unscored) + len(self.scored)
+        held = _base(self.queries)
+        fix = (
+            f"add images of those classes to the held-out split ({held.root})"
+            if held is not _base(self.bank) and isinstance(getattr(held, "root", None), Path)
+            else "give those classes more images (every fifth image of a class sub-folder is held out, every fifth "
+            "sample of shards), or a val/ folder with images of every class"
+        )
         return (
             f"the held-out images are of {len(self.scored)} of the {banked} classes ({shown}: none held out), so "
-            "the accuracy says nothing of those; give those classes more images (every fifth image of a class "
-            "sub-folder is held out, every fifth sample of shards), or a val/ folder with images of every class"
+            f"the accuracy says nothing of those; {fix}"
         )
 
     def missing_warning(self, spec: str, once: bool = False) -> str | None:

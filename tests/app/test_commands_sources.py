@@ -313,6 +313,27 @@ def test_eval_names_the_classes_no_held_out_image_scores(checkpoint, tmp_path, c
         "accuracy says nothing of those; give those classes more images (every fifth image of a class sub-folder is "
         "held out, every fifth sample of shards), or a val/ folder with images of every class"
     ]
+    # ROOT/train + ROOT/val: the advice is the val/ folder's, and an empty class folder there is one without images
+    # (a probe: the advice named the other layout, and an empty val/coat stopped eval)
+    (tmp_path / "split" / "val").mkdir(parents=True)
+    (tmp_path / "data").rename(tmp_path / "split" / "train")
+    for name in ("bag", "boot"):
+        (tmp_path / "split" / "val" / name).mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                tmp_path / "split" / "val" / name / f"{i}.png"
+            )
+    for layout in ("absent", "empty"):
+        if layout == "empty":
+            (tmp_path / "split" / "val" / "coat").mkdir()
+        argv = ["eval", "--data", str(tmp_path / "split"), "--checkpoint", str(checkpoint), "--knn"]
+        assert cli.main(argv) == 0, layout
+        warned = [line for line in capsys.readouterr().err.splitlines() if "held-out" in line]
+        assert warned == [
+            "byol-pytorch: warning: the held-out images are of 2 of the 3 classes (coat: none held out), so the "
+            f"accuracy says nothing of those; add images of those classes to the held-out split "
+            f"({tmp_path / 'split' / 'val'})"
+        ], layout
 
 
 def test_ids_are_one_line_each_and_shards_of_one_name_in_two_folders_get_distinct_ids(tmp_path, checkpoint):

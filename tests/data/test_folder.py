@@ -566,8 +566,15 @@ def test_labelled_folder_layout_errors(tmp_path):
     with pytest.raises(ValueError, match="has no class sub-folders; expected ROOT/CLASS_NAME/image.jpg"):
         LabelledImageFolder(tmp_path, 8)
     (tmp_path / "empty_class").mkdir()
-    with pytest.raises(ValueError, match="class 'empty_class' is empty"):
+    with pytest.raises(ValueError, match="class 'empty_class' is empty: .*; put its images in it, or remove it$"):
         LabelledImageFolder(tmp_path, 8)
+    # a held-out split's empty class folder is a class with no images, as without the folder (a probe: fatal)
+    _write(tmp_path / "full_class" / "a.jpg", _jpeg_bytes(Image.new("RGB", (8, 8))))
+    held = LabelledImageFolder(tmp_path, 8, classes=["empty_class", "full_class", "third"])
+    assert held.targets == [1] and held.classes == ["empty_class", "full_class", "third"]
+    (tmp_path / "full_class" / "a.jpg").unlink()
+    with pytest.raises(ValueError, match="has class sub-folders but no images in any of them"):
+        LabelledImageFolder(tmp_path, 8, classes=["empty_class", "full_class"])
     with pytest.raises(ValueError, match="does not exist"):
         LabelledImageFolder(tmp_path / "missing", 8)
 
