@@ -77,7 +77,9 @@ class NpyRows:
 
     The header is written first for the largest N and rewritten, at the same length, when the
     file is finished with fewer rows; the file is then cut to them. ``np.load`` reads it like any
-    ``.npy``.
+    ``.npy``. A write that stops (``close(final=False)``) leaves the header of the rows written,
+    so a stopped run's file reads as those rows; its resume writes the largest N's header again
+    (a run killed outright leaves that one, and more bytes than it says).
 
     Args:
         path: the file.
@@ -95,8 +97,8 @@ class NpyRows:
         if not fresh:
             self._check_resumed(rows)
         self.file: BinaryIO = open(path, "w+b" if fresh else "r+b")  # noqa: SIM115 (closed by close())
+        self.file.write(self._header(capacity, pad=self.header_len))  # a resumed one's said the rows it had
         if fresh:
-            self.file.write(self._header(capacity, pad=self.header_len))
             rows = 0
         self.rows = rows
         self.file.seek(self.header_len + rows * self.row_bytes)
@@ -138,12 +140,13 @@ class NpyRows:
         self.file.flush()
         os.fsync(self.file.fileno())
 
-    def close(self, final: bool) -> None:
-        """Close the file; ``final``: its header now says the rows it holds."""
-        if final:
-            self.file.seek(0)
-            self.file.write(self._header(self.rows, pad=self.header_len))
-            self.file.truncate(self.header_len + self.rows * self.row_bytes)
+    def close(self, final: bool, rows: int | None = None) -> None:
+        """Close the file holding its first ``rows`` rows (default: all written), its header saying so
+        (``final``: for good; else a stopped write's, which a resume appends to)."""
+        self.rows = self.rows if rows is None else min(rows, self.rows)
+        self.file.seek(0)
+        self.file.write(self._header(self.rows, pad=self.header_len))
+        self.file.truncate(self.header_len + self.rows * self.row_bytes)
         self.flush()
         self.file.close()
 
@@ -429,10 +432,10 @@ class _Outputs:
         _write_json(self.out / STATE, state)
 
     def close(self, final: bool) -> None:
-        with names_the_file(self.out):
-            self.vectors.close(final)
+        with names_the_file(self.out):  # the rows of whole batches: a batch cut short by a stop is left out
+            self.vectors.close(final, self.rows)
             if self.labels is not None:
-                self.labels.close(final)
+                self.labels.close(final, self.rows)
             self.ids.close()
 
 

@@ -171,7 +171,12 @@ def test_embed_float16_and_a_stopped_run_resumes_to_the_same_files(sources, chec
     base = ["embed", "--data", spec, "--checkpoint", str(checkpoint), "--batch-size", "4", "--flush-every", "1"]
     assert cli.main([*base, "--out", str(whole)]) == 0
     _embed_stopped_after(monkeypatch, [*base, "--out", str(part)], 3)  # 12 rows flushed, the state records them
-    assert json.loads((part / "embed_state.json").read_text())["rows"] in (8, 12)
+    rows = json.loads((part / "embed_state.json").read_text())["rows"]
+    assert rows in (8, 12)
+    # the rows a stopped run kept read as they are (a probe: np.load failed, the header counting every sample)
+    kept, done = np.load(part / "embeddings.npy"), np.load(whole / "embeddings.npy")
+    assert kept.shape == (rows, done.shape[1]) and np.array_equal(kept, done[:rows])
+    assert np.load(part / "embeddings.npy", mmap_mode="r").shape == (rows, done.shape[1])
     capsys.readouterr()
     assert cli.main([*base, "--out", str(part)]) == 1  # a second start without --resume refuses
     assert "holds a stopped embed run; pass --resume to continue it" in capsys.readouterr().err
@@ -744,3 +749,29 @@ def test_knn_data_of_one_class_is_refused_and_loose_images_are_named(checkpoint,
     for i in range(6):
         Image.new("RGB", (12, 12), (0, 0, 20 * i)).save(photos / "more" / f"{i}.png")
     assert cli.main(["eval", "--data", str(photos), "--checkpoint", str(checkpoint), "--knn"]) == 0
+
+
+def test_npy_rows_read_as_written_after_a_stop_and_resume_after_a_stop_or_a_kill(tmp_path):
+    """A stopped write's file reads as its rows; a resumed one writes the largest header again, so that a kill
+    (no close) leaves a file the next resume accepts; a batch cut short by a stop is left out of the rows."""
+    from byol_pytorch.app.embed import NpyRows
+
+    path, rows = tmp_path / "x.npy", np.arange(40, dtype=np.float32).reshape(10, 4)
+    first = NpyRows(path, 10, (4,), np.dtype(np.float32))
+    first.write(rows[:3])
+    first.close(final=False)
+    assert np.array_equal(np.load(path), rows[:3])
+    second = NpyRows(path, 10, (4,), np.dtype(np.float32), rows=3)
+    second.write(rows[3:6])
+    second.flush()  # then killed: no close, the header is the largest's
+    second.file.close()
+    with pytest.raises(ValueError, match="Expected \\(10, 4\\) = 40 elements, could only read 24"):
+        np.load(path)  # the largest header, 6 rows: a killed write's file is for its resume to read
+    third = NpyRows(path, 10, (4,), np.dtype(np.float32), rows=6)
+    third.write(rows[6:9])
+    third.close(final=False, rows=8)  # the last batch's labels were not written: its rows are dropped
+    assert np.array_equal(np.load(path), rows[:8])
+    last = NpyRows(path, 10, (4,), np.dtype(np.float32), rows=8)
+    last.write(rows[8:])
+    last.close(final=True)
+    assert np.array_equal(np.load(path), rows)
