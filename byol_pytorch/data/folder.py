@@ -232,7 +232,8 @@ def load_image(path: PathLike, load_size: int, channels: int = 3) -> torch.Tenso
     Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (``Image.draft``) while
     the shorter side stays at least ``load_size``, so a 4000x3000 photo costs a fraction
     of a full decode. The EXIF orientation is applied. Grayscale, palette, CMYK and
-    16-bit images are converted (16-bit values scaled by 255/65535, not clipped);
+    16-bit images are converted (16-bit grayscale values scaled by 255/65535, not clipped;
+    Pillow decodes a 16-bit colour PNG to 8 bits itself, keeping each sample's high byte);
     transparency is composited over white. The resize is antialiased bilinear.
 
     Args:
