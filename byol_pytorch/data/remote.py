@@ -48,6 +48,7 @@ __all__ = [
     "BLOCK",
     "READ_AHEAD",
     "REMOTE_SCHEMES",
+    "CommandFailed",
     "FaultBudget",
     "Prefetcher",
     "ReadPolicy",
