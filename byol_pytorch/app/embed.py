@@ -90,9 +90,7 @@ class NpyRows:
     """
 
     def __init__(self, path: Path, capacity: int, shape: tuple[int, ...], dtype: np.dtype, rows: int = 0) -> None:
-        self.path, self.shape, self.dtype, self.capacity = path, tuple(shape), np.dtype(dtype), capacity
-        self.header_len = len(self._header(capacity, pad=0))
-        self.row_bytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self._describe(path, capacity, shape, dtype)
         fresh = rows == 0
         if not fresh:
             self._check_resumed(rows)
@@ -103,6 +101,19 @@ class NpyRows:
         self.rows = rows
         self.file.seek(self.header_len + rows * self.row_bytes)
         self.file.truncate()
+
+    def _describe(self, path: Path, capacity: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.shape, self.dtype, self.capacity = path, tuple(shape), np.dtype(dtype), capacity
+        self.header_len = len(self._header(capacity, pad=0))
+        self.row_bytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @classmethod
+    def check(cls, path: Path, capacity: int, shape: tuple[int, ...], dtype: np.dtype, rows: int) -> None:
+        """The ``ValueError`` opening the stopped run's file for ``rows`` rows would raise, without opening it
+        (a resume checks every file before it touches one)."""
+        probe = cls.__new__(cls)
+        probe._describe(path, capacity, shape, dtype)
+        probe._check_resumed(rows)
 
     def _check_resumed(self, rows: int) -> None:
         """The file a stopped run left: our header and at least its ``rows`` rows, else a ``ValueError``.
@@ -285,8 +296,9 @@ def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -
     counts = ("rows", "items", "broken")
     if not isinstance(state, dict) or not all(isinstance(state.get(k), int) and state[k] >= 0 for k in counts):
         raise UserError(f"--resume: {path} is not the progress file an embed run writes (it was changed); {again}")
-    # A state written before the count was kept has none: _check_same_samples still compares the ids.
-    differs = [k for k, v in identity.items() if state.get(k) != v and (k != "samples" or k in state)]
+    # A state written before the count (or the labels) was kept has none: _check_same_samples still compares the
+    # ids, and the files their rows
+    differs = [k for k, v in identity.items() if state.get(k) != v and (k not in ("samples", "labels") or k in state)]
     if differs == ["samples"]:  # the same data, other contents
         raise UserError(
             f"--resume: --data now holds {identity['samples']} samples, the stopped run's {state.get('samples')}: "
@@ -399,8 +411,13 @@ class _Outputs:
         if check_ids is not None:
             check_ids(kept)  # the resumed lines, before any file is touched
         self.done_ids = _DoneIds({line.rstrip("\r\n") for line in kept})  # the samples a resumed run passes over
-        self.vectors = NpyRows(out / "embeddings.npy", capacity, (dim,), np.dtype(dtype), rows)
-        self.labels = NpyRows(out / "labels.npy", capacity, (), np.dtype(np.int64), rows) if labelled else None
+        vectors: tuple[Path, tuple[int, ...], np.dtype] = (out / "embeddings.npy", (dim,), np.dtype(dtype))
+        labels: tuple[Path, tuple[int, ...], np.dtype] = (out / "labels.npy", (), np.dtype(np.int64))
+        if rows:  # every file checked before one is opened (opening one rewrites its header)
+            for path, shape, kind in [vectors, labels] if labelled else [vectors]:
+                NpyRows.check(path, capacity, shape, kind, rows)
+        self.vectors = NpyRows(vectors[0], capacity, vectors[1], vectors[2], rows)
+        self.labels = NpyRows(labels[0], capacity, labels[1], labels[2], rows) if labelled else None
         if cut:  # drop ids written after the last recorded flush
             atomic_write(ids, lambda temp: Path(temp).write_bytes("".join(kept).encode("utf-8")))
         self.ids = open(ids, "a" if state is not None else "w", encoding="utf-8")  # noqa: SIM115
@@ -515,7 +532,7 @@ def run_embed(args: argparse.Namespace) -> int:
     out = Path(args.out)
     identity = {"data": redact(args.data), "checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which}
     identity.update(dtype=args.dtype, step=int(checkpoint.get("step", 0)), bn_stats=args.bn_stats)
-    identity.update(samples=len(items))  # type: ignore[arg-type]
+    identity.update(samples=len(items), labels=labelled)  # type: ignore[arg-type]
 
     def open_outputs(state: dict | None) -> _Outputs:
         check = functools.partial(_check_same_samples, items, state)

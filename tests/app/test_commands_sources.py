@@ -178,6 +178,15 @@ def test_embed_float16_and_a_stopped_run_resumes_to_the_same_files(sources, chec
     assert kept.shape == (rows, done.shape[1]) and np.array_equal(kept, done[:rows])
     assert np.load(part / "embeddings.npy", mmap_mode="r").shape == (rows, done.shape[1])
     capsys.readouterr()
+    # a resume refused leaves them so (the review: --labels on the resume rewrote the vectors' header first)
+    assert cli.main([*base, "--out", str(part), "--resume", "--labels"]) == 1
+    assert "embedded other labels; drop --resume and use another --out" in capsys.readouterr().err
+    state = json.loads((part / "embed_state.json").read_text())
+    del state["labels"]  # a progress file of the version before: the files' own check refuses, touching none
+    (part / "embed_state.json").write_text(json.dumps(state))
+    assert cli.main([*base, "--out", str(part), "--resume", "--labels"]) == 1
+    assert "labels.npy does not hold the" in capsys.readouterr().err
+    assert np.array_equal(np.load(part / "embeddings.npy"), done[:rows])
     assert cli.main([*base, "--out", str(part)]) == 1  # a second start without --resume refuses
     assert "holds a stopped embed run; pass --resume to continue it" in capsys.readouterr().err
     assert cli.main([*base, "--out", str(part), "--resume"]) == 0
