@@ -589,7 +589,7 @@ def _run_probe(trace: _Trace, x: torch.Tensor, input_name: str | None) -> object
             else ""
         )
         built = _declared_size(trace.net)
-        if built is not None and built != tuple(x.shape[-2:]):  # a ViT's fixed grid of patches
+        if built is not None and built != tuple(x.shape[-2:]) and _runs_at(trace.net, x, built, input_name):
             fix = (
                 f" {type(trace.net).__name__} is built for {built[0]}x{built[1]} images and the views are "
                 f"{x.shape[-2]}x{x.shape[-1]}: pass image_size={built[0] if built[0] == built[1] else built} to "
@@ -606,6 +606,17 @@ def _run_probe(trace: _Trace, x: torch.Tensor, input_name: str | None) -> object
             f"could not run {type(trace.net).__name__} as {call} on a probe batch of shape {tuple(x.shape)}: "
             f"{str(err).rstrip('.')}.{fix}.{hint}"
         ) from err
+
+
+def _runs_at(net: nn.Module, x: torch.Tensor, size: tuple[int, int], input_name: str | None) -> bool:
+    """Whether ``net`` runs on ``x``'s batch at ``size``: the size, not the channels, is what failed (a ViT's
+    fixed grid of patches; a ConvNeXt config's ``image_size`` is a default it does not hold to)."""
+    try:
+        with saved_modes(net), torch.no_grad():
+            call_net(net, x.new_zeros((*x.shape[:-2], *size)), input_name)
+        return True
+    except Exception:
+        return False
 
 
 def _declared_size(net: nn.Module) -> tuple[int, int] | None:

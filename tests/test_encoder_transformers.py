@@ -334,6 +334,12 @@ def test_a_fixed_size_transformer_at_another_size_names_its_size_and_the_fix():
     tvit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1)
     with pytest.raises(ValueError, match=r"built for 32x32 images .*\(timm.create_model\(\.\.\., img_size=\)\)"):
         BYOL(tvit, 64, **SMALL)
-    # a net that takes any size keeps the general advice
+    # a net that takes any size keeps the general advice, also when its config names a size (the review: a
+    # ConvNeXt config's image_size 224 is a default, and its failure here is the channel count)
     with pytest.raises(ValueError, match="Check image_size and the channel count"):
         BYOL(nn.Sequential(nn.Flatten(), nn.Linear(10, 4)), image_size=32)
+    convnext = transformers.ConvNextModel(transformers.ConvNextConfig(**CONVNEXT))
+    assert convnext.config.image_size == 224
+    with pytest.raises(ValueError, match="Check image_size and the channel count") as caught:
+        BYOL(convnext, 32, channels=1, **SMALL)
+    assert "built for" not in str(caught.value)
