@@ -241,6 +241,8 @@ def estimate(names: list[str], data: Data, args: argparse.Namespace, budget: Bud
         if name == "random":
             continue
         _, learner, feed, opt = _learner(name, args, budget, peer)
+        if getattr(learner, "moving_average_total_steps", None) is not None:  # ours: more steps than a tiny budget
+            learner.moving_average_total_steps = max(budget.total, args.estimate + 1)  # (its tau: no cost)
         batch = data.train_x[: args.batch_size].to(budget.device)
         times = []
         for i in range(args.estimate + 1):  # the first step is a warm-up

@@ -522,8 +522,8 @@ class BYOL(nn.Module):
         self._past_total_warned = total
         warnings.warn(
             f"update_moving_average() call {self._ema_count + 1} is past moving_average_total_steps={total}: tau "
-            "is 1, so the target network no longer moves and BYOL trains against a fixed target; set "
-            "learner.moving_average_total_steps to the updates of the whole run (training on, or a second fit: "
+            "is 1, so the target network no longer moves and BYOL trains against a fixed target; set the "
+            "learner's moving_average_total_steps to the updates of the whole run (training on, or a second fit: "
             f"the {self._ema_count} done plus those to come)",
             UserWarning,
             stacklevel=4,  # this, update_moving_average, torch.no_grad's wrapper, the caller

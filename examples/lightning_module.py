@@ -9,9 +9,10 @@ What it shows:
   average too often). A step that fp16's GradScaler skipped (Inf/NaN gradients) does not
   move the target either.
 * Tau follows the cosine schedule over ``trainer.estimated_stepping_batches``, the
-  number of optimizer steps of the fit, accumulation included. A second ``fit`` of the
-  same module (training on in a notebook) extends the schedule by its own steps: kept at
-  the first fit's end, tau would stay 1 and the target would not move again.
+  number of optimizer steps of the fit, accumulation included (constant when Lightning
+  cannot tell: an iterable loader with ``max_epochs``). A second ``fit`` of the same
+  module (training on in a notebook) extends the schedule by its own steps: kept, tau
+  would reach 1 and the target stop moving.
 * Several devices (DDP): Lightning wraps this module, not the learner, in
   ``DistributedDataParallel``, so the learner's own ``_ddp_params_and_buffers_to_ignore``
   would go unread. The module forwards it, prefixed with ``learner.``: the classifier
@@ -110,13 +111,18 @@ class BYOLModule(L.LightningModule):
         return self.learner.ddp_ignored_names(prefix="learner.")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        # Known here: max_steps or epochs x batches, divided by the accumulation.
+        # Known here: max_steps or epochs x batches, divided by the accumulation (-1 or inf: not known, an
+        # iterable loader with max_epochs, and tau stays constant).
         steps = self.trainer.estimated_stepping_batches
-        total, done = self.learner.moving_average_total_steps, int(self.learner.ema_step)
-        if total is None:
-            self.learner.moving_average_total_steps = int(steps) if math.isfinite(steps) else None
-        elif done >= total and math.isfinite(steps):  # a second fit of this module: its schedule had ended
-            self.learner.moving_average_total_steps = done + int(steps)  # tau at 1 would leave the target still
+        known = int(steps) if math.isfinite(steps) and steps >= 1 else None
+        chosen = self.hparams.moving_average_total_steps  # the constructor's K, when one was given
+        done = int(self.learner.ema_step)  # updates so far: a checkpoint's after fit(ckpt_path=...)
+        if self.trainer.ckpt_path is not None or done == 0:  # a resume's estimate is the whole run's
+            self.learner.moving_average_total_steps = chosen if chosen is not None else known
+        elif known is not None:
+            # a second fit of this trained module: the schedule goes on over its steps (kept, tau would reach 1
+            # and the target stop, where the first fit ended or stopped early)
+            self.learner.moving_average_total_steps = done + known
         hp = self.hparams
         return build_optimizer(hp.optimizer, self.learner, lr=hp.lr, weight_decay=hp.weight_decay)
 

@@ -175,6 +175,35 @@ def test_lightning_module(image_folder, tmp_path, forward_calls, accumulate):
         assert not [w for w in caught if "past moving_average_total_steps" in str(w.message)]
         assert int(learner.ema_step) == 5 and learner.moving_average_total_steps == 2 + 3
         assert any(not torch.equal(a, b) for a, b in zip(target, learner.target_encoder.parameters()))
+        # the review: a first fit that ended before its K (early stopping) kept it for the second fit too
+        learner.moving_average_total_steps = 50
+        again = lightning.Trainer(
+            max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path / "f3"
+        )
+        again.fit(module, trainer.train_dataloader)
+        assert int(learner.ema_step) == 7 and learner.moving_average_total_steps == 5 + 2
+        # a resume of a checkpoint asking for more steps: its estimate is the whole run's (the module in memory)
+        checkpoint = next((tmp_path / "f3").rglob("*.ckpt"))
+        longer = lightning.Trainer(
+            max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path / "f4"
+        )
+        longer.fit(module, trainer.train_dataloader, ckpt_path=checkpoint)
+        assert longer.global_step == 4 and learner.moving_average_total_steps == 4 and int(learner.ema_step) == 9
+        # an iterable loader with max_epochs: Lightning estimates -1 steps, which left K -1 (tau 1 from the start)
+        stream = example.BYOLModule(timm.create_model(MODEL, pretrained=False), 32, lr=1e-3, projection_hidden_size=64)
+
+        class Stream(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                for _ in range(2):
+                    yield torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), 0
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lightning.Trainer(
+                max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False
+            ).fit(stream, torch.utils.data.DataLoader(Stream(), batch_size=None))
+        assert not [w for w in caught if "past moving_average_total_steps" in str(w.message)]
+        assert stream.learner.moving_average_total_steps is None and int(stream.learner.ema_step) == 2
 
     # DDP wraps the LightningModule: the learner's ignore list is forwarded with its prefix,
     # and names the classifier and every target tensor that exists.

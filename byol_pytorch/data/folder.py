@@ -522,7 +522,10 @@ class LabelledImageFolder(_ImageFiles):
                     continue  # a held-out split's empty class folder: the class has no images, as without one
                 raise ValueError(f"class {name!r} is empty: {error}; put its images in it, or remove it") from None
         if not parts:
-            raise ValueError(f"{str(root_path)!r} has class sub-folders but no images in any of them")
+            raise ValueError(
+                f"{str(root_path)!r} has class sub-folders but no images in any of them; put each class's images "
+                "in its sub-folder (ROOT/CLASS_NAME/image.jpg)"
+            )
         found = [name for name, _ in parts]
         super().__init__(root_path, FileIndex.concat(root_path, parts), load_size, channels)
         self.classes = names

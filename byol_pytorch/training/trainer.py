@@ -267,7 +267,9 @@ class BYOLTrainer(nn.Module):
         """Train for ``num_train_steps`` steps, after those already taken.
 
         A second call trains ``num_train_steps`` more, continuing the step count (and the
-        ``checkpoint.{n}.pt`` numbering), the data order, the EMA schedule and the random draws.
+        ``checkpoint.{n}.pt`` numbering), the data order, the EMA schedule and the random draws
+        (a cosine schedule, ``byol_kwargs={"moving_average_total_steps": K}``, that the call would
+        run past is extended to its end: past K, tau would be 1 and the target would stop).
         ``state_dict()`` holds all of it but the draws (the learner with its target network and
         EMA step, the step count, the optimiser's state, the kNN figures): a trainer built the same
         way in another process continues after ``load_state_dict(torch.load(path))``, its views
@@ -286,6 +288,9 @@ class BYOLTrainer(nn.Module):
         ctx = self.ctx
         start = int(self.step)
         self._seed_once(start)
+        total, done = self.byol.moving_average_total_steps, int(self.byol.ema_step)
+        if total is not None and done + self.num_train_steps > total:  # a second call past the EMA's K
+            self.byol.moving_average_total_steps = done + self.num_train_steps  # tau at 1 would stop the target
         model = prepare_model(self.byol, ctx)
         scaler = torch.amp.GradScaler(ctx.device.type) if self.precision == "fp16" else None
         step = OptimizerStep(self.byol, model, self.optimizer, None, self.precision, ctx.device, scaler)

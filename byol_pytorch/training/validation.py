@@ -161,9 +161,12 @@ class KnnMonitor:
         shown = ", ".join(named[:5]) + (", ..." if len(named) > 5 else "")
         banked = len(self.unscored) + len(self.scored)
         held = _base(self.queries)
+        where = getattr(held, "root", None) if isinstance(getattr(held, "root", None), Path) else None
+        if where is None and isinstance(getattr(held, "split", None), str):
+            where = f"split {held.split!r}"  # an hf: dataset's own validation or test split
         fix = (
-            f"add images of those classes to the held-out split ({held.root})"
-            if held is not _base(self.bank) and isinstance(getattr(held, "root", None), Path)
+            f"add images of those classes to the held-out split ({where})"
+            if held is not _base(self.bank) and where is not None
             else "give those classes more images (every fifth image of a class sub-folder is held out, every fifth "
             "sample of shards), or a val/ folder with images of every class"
         )

@@ -1,6 +1,7 @@
 """The drop-in BYOLTrainer / MockDataset of lucidrains/byol-pytorch's "Distributed Training" section."""
 
 import inspect
+import warnings
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,26 @@ def test_a_second_call_continues_the_run_as_one_longer_call_would(tmp_path, make
         == sorted(p.name for p in (tmp_path / "whole").iterdir())
         == ["checkpoint.0.pt", "checkpoint.1.pt", "checkpoint.2.pt", "checkpoint.3.pt", "checkpoint.final.pt"]
     )
+
+
+def test_a_second_call_extends_a_cosine_schedule_it_would_run_past(tmp_path, make_cnn):
+    """The review: with a K of one call's steps, a second call's updates were all past it (tau 1, the target still);
+    a K both calls fit in is kept, and two halves still make the whole run."""
+    whole, halves, short = (_trainer(make_cnn, tmp_path, n, name) for n, name in ((8, "w"), (4, "h"), (4, "s")))
+    whole.byol.moving_average_total_steps = halves.byol.moving_average_total_steps = 8
+    short.byol.moving_average_total_steps = 4
+    whole()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        halves(), halves()
+        short()
+        before = [t.clone() for t in short.byol.target_encoder.parameters()]
+        short()
+    assert not [w for w in caught if "past moving_average_total_steps" in str(w.message)]
+    assert halves.byol.moving_average_total_steps == 8 and short.byol.moving_average_total_steps == 8
+    for name, value in whole.byol.state_dict().items():
+        torch.testing.assert_close(halves.byol.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(a, b) for a, b in zip(before, short.byol.target_encoder.parameters()))
 
 
 def test_state_dict_carries_a_run_to_another_trainer(tmp_path, make_cnn):
