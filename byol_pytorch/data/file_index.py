@@ -318,9 +318,13 @@ def _walk(root: str) -> _Scan:
     return scan
 
 
-def _no_images(root: Path, passed_over: int) -> ValueError:
+class NoImagesError(ValueError):
+    """``index_images`` of a folder with no image in it (a held-out split's class folder may be one)."""
+
+
+def _no_images(root: Path, passed_over: int) -> NoImagesError:
     special = f"; {passed_over} entries were not regular files (FIFOs, sockets, broken links)"
-    return ValueError(
+    return NoImagesError(
         f"no images found under {str(root)!r} (searched recursively for "
         f"{', '.join(IMAGE_EXTENSIONS)} in any case; hidden files and folders are skipped"
         f"{special if passed_over else ''}){_archive_hint(root)}"

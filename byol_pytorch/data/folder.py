@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from .._modules import PathLike
-from .file_index import IMAGE_EXTENSIONS, FileIndex, check_folder, index_images
+from .file_index import IMAGE_EXTENSIONS, FileIndex, NoImagesError, check_folder, index_images
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -518,7 +518,7 @@ class LabelledImageFolder(_ImageFiles):
             try:
                 parts.append((name, index_images(root_path / name)))
             except ValueError as error:
-                if classes is not None and "no images found under" in str(error):
+                if classes is not None and isinstance(error, NoImagesError):
                     continue  # a held-out split's empty class folder: the class has no images, as without one
                 raise ValueError(f"class {name!r} is empty: {error}; put its images in it, or remove it") from None
         if not parts:

@@ -161,9 +161,8 @@ class KnnMonitor:
         shown = ", ".join(named[:5]) + (", ..." if len(named) > 5 else "")
         banked = len(self.unscored) + len(self.scored)
         held = _base(self.queries)
-        where = getattr(held, "root", None) if isinstance(getattr(held, "root", None), Path) else None
-        if where is None and isinstance(getattr(held, "split", None), str):
-            where = f"split {held.split!r}"  # an hf: dataset's own validation or test split
+        root, split = getattr(held, "root", None), getattr(held, "split", None)  # a folder's, an hf: dataset's
+        where = root if isinstance(root, Path) else f"split {split!r}" if isinstance(split, str) else None
         fix = (
             f"add images of those classes to the held-out split ({where})"
             if held is not _base(self.bank) and where is not None
