@@ -87,6 +87,12 @@ def run_shards(args: argparse.Namespace) -> int:
             if made.broken:
                 shown = ", ".join(made.broken[:3]) + (", ..." if len(made.broken) > 3 else "")
                 warn(f"{len(made.broken)} files under {args.data} do not decode as images and were skipped: {shown}")
+            if len(made.shards) > 1 and max(made.counts) == 1:
+                warn(
+                    f"each of the {len(made.shards)} shards holds a single image: --shard-size {args.shard_size} is "
+                    "smaller than two images in a tar file (tar rounds a file up to 10240 bytes); shards of 64MB to "
+                    "1GB read best"
+                )
             last = len(made.shards) - 1
             pattern = (
                 made.shards[0] if last == 0 else made.shards[0].with_name(f"{args.prefix}-{{000000..{last:06d}}}.tar")

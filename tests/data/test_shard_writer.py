@@ -124,6 +124,22 @@ def test_shard_size_is_a_bound_for_non_ascii_and_long_names(tmp_path):
     assert sum(made.counts) == 40
 
 
+@pytest.mark.parametrize("size, lone", [("5000", True), ("10KB", True), ("40KB", False)])
+def test_a_size_that_gives_each_image_a_shard_is_told(tmp_path, size, lone, capsys):
+    """Before: --shard-size 5000 (tar rounds every file up to 10240 bytes) wrote one shard per image without a word."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    out = tmp_path / "shards"
+    assert cli.main(["shards", "make", "--data", str(folder), "--out", str(out), "--shard-size", size]) == 0
+    err = capsys.readouterr().err
+    counts = [sum(1 for m in tarfile.open(shard) if m.name.endswith(".png")) for shard in sorted(out.glob("*.tar"))]
+    assert (counts == [1] * 6) is lone, counts
+    told = f"each of the 6 shards holds a single image: --shard-size {size} is smaller than two images"
+    assert (told in err) is lone, err
+
+
 def test_make_with_labels_writes_each_class_index(tmp_path, make_labelled, capsys):
     """Before: shards made from a labelled folder had no labels, and eval on them refused ('have no labels')."""
     from byol_pytorch.data.folder import LabelledImageFolder
