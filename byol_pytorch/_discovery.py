@@ -60,7 +60,6 @@ ignore exactly those.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import functools
@@ -75,7 +74,7 @@ import torch.nn as nn
 
 from ._hidden import OUTPUT as _OUTPUT
 from ._hidden import HiddenLayer, OutputKey, call_net, checkpointing_hint, pool_hidden, select_output
-from ._modules import module_device_dtype, saved_modes
+from ._modules import deepcopy_module, module_device_dtype, saved_modes
 
 __all__ = ["BackboneProbe", "detect_input_name", "infer_channels", "probe_backbone"]
 
@@ -746,7 +745,7 @@ def _probe_copy(net: nn.Module, need_copy: bool) -> nn.Module:
     target network is a deep copy): then a ``TypeError`` naming the fix, before anything ran.
     """
     try:
-        return copy.deepcopy(net)
+        return deepcopy_module(net)
     except Exception as error:
         if need_copy:
             raise TypeError(

@@ -2,23 +2,70 @@
 
 * ``module_device``: where a module's tensors live;
 * ``saved_modes``: a context that gives every submodule its own ``training`` flag back;
+* ``deepcopy_module``: a deep copy of a module that holds computed tensors as plain attributes;
+* ``kept_through_apply``: a buffer of run state that ``.to`` moves and ``to_empty`` does not wipe;
 * ``PathLike``: what the package accepts as a file or folder name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import operator
 import os
 from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
 import torch.nn as nn
 
-__all__ = ["PathLike", "module_device", "module_device_dtype", "saved_modes"]
+__all__ = ["PathLike", "deepcopy_module", "kept_through_apply", "module_device", "module_device_dtype", "saved_modes"]
 
 PathLike = str | os.PathLike
 """A file or folder name: ``str`` or ``pathlib.Path``."""
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def deepcopy_module(module: _M) -> _M:
+    """``copy.deepcopy(module)``, where a tensor a forward computed and left as a plain attribute is copied detached.
+
+    ``torch.nn.utils.weight_norm`` and ``spectral_norm`` (the hook forms) keep the weight they
+    compute as an attribute; while it carries its graph, ``copy.deepcopy`` refuses the module
+    ("Only Tensors created explicitly by the user (graph leaves) support the deepcopy
+    protocol"). Their hook computes it again from the copied parameters at every forward, so a
+    detached copy of its value is what the copy needs.
+
+    Examples:
+        >>> layer = torch.nn.utils.weight_norm(nn.Linear(2, 2))
+        >>> layer.weight.is_leaf, deepcopy_module(layer).weight.is_leaf
+        (False, True)
+    """
+    memo: dict[int, object] = {}
+    for sub in module.modules():
+        for value in vars(sub).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
+def kept_through_apply(before: torch.Tensor, after: torch.Tensor, initial: float) -> torch.Tensor:
+    """A non-persistent buffer of run state (a flag, a counter) after ``Module._apply``: its own values on
+    ``after``'s device, in its own dtype.
+
+    ``_apply`` gives buffers ``fn(buffer)``; ``to_empty`` (models built on the meta device)
+    makes that uninitialised memory, and no ``load_state_dict`` fills a buffer that is not
+    saved. A buffer that held no values (on the meta device) starts at ``initial``.
+
+    Examples:
+        >>> kept_through_apply(torch.tensor([1.0, 2.0]), torch.empty(2), 0.0)
+        tensor([1., 2.])
+        >>> kept_through_apply(torch.ones(2, device="meta"), torch.empty(2), 0.0)
+        tensor([0., 0.])
+    """
+    if before.is_meta:
+        return torch.full_like(before, initial, device=after.device)
+    return before.to(after.device)
 
 
 def module_device(module: nn.Module | None) -> torch.device | None:

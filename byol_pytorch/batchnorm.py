@@ -16,7 +16,6 @@ loses is measured in the README ("A recipe for the backbone").
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, SupportsIndex
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ._modules import module_device_dtype, saved_modes, whole_number
+from ._modules import deepcopy_module, module_device_dtype, saved_modes, whole_number
 
 __all__ = [
     "FrozenStatistics",
@@ -451,7 +450,7 @@ class _AnyBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def _plain_copy(net: nn.Module) -> nn.Module:
     """A deep copy whose SyncBatchNorm layers are plain BatchNorm: recalibrating them on one rank needs no peers."""
-    clone = copy.deepcopy(net)
+    clone = deepcopy_module(net)
     for name, module in list(clone.named_modules()):
         if isinstance(module, nn.SyncBatchNorm) and not isinstance(module, FrozenStatistics):
             like = module.running_mean if module.running_mean is not None else module.weight

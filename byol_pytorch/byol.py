@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -14,7 +13,7 @@ import torch.nn as nn
 from ._discovery import infer_channels, probe_backbone
 from ._hidden import HiddenLayer
 from ._host_read import DeferredRead
-from ._modules import module_device_dtype
+from ._modules import deepcopy_module, kept_through_apply, module_device_dtype
 from .augment import BYOLAugment, _as_int, _image_size
 from .collapse import CollapseMonitor
 from .ema import cosine_tau, ema_update_
@@ -419,7 +418,7 @@ class BYOL(nn.Module):
             # Outside inference mode: a copy made inside it (a validation loss under torch.inference_mode()
             # before the first step) holds inference tensors, which the EMA and BatchNorm cannot update later.
             with torch.inference_mode(False), torch.no_grad():
-                target = copy.deepcopy(self.online_encoder)
+                target = deepcopy_module(self.online_encoder)
                 saved = getattr(self, "_saved_target", None)  # absent in a learner pickled by 1.1
                 if saved is not None:
                     target.load_state_dict(saved)  # checked and completed when it was loaded
@@ -883,7 +882,10 @@ class BYOL(nn.Module):
         saved = getattr(self, "_saved_target", None)
         if saved is not None:  # a waiting target moves and casts with the learner (.to, .half, .cuda)
             self._saved_target = {name: fn(value) for name, value in saved.items()}
-        return super()._apply(fn, recurse)
+        finite = self._finite
+        super()._apply(fn, recurse)
+        self._finite = kept_through_apply(finite, self._finite, True)  # to_empty leaves no stale False
+        return self
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

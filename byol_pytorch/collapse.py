@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._host_read import DeferredRead
+from ._modules import kept_through_apply
 
 __all__ = ["CollapseWarning", "CollapseMonitor", "embedding_std", "effective_rank"]
 
@@ -204,7 +205,9 @@ class CollapseMonitor(nn.Module):
         }
 
     def _apply(self, fn: Any, recurse: bool = True) -> CollapseMonitor:
+        stats, sample = self.stats.float(), self.sample.float()
         super()._apply(fn, recurse)
-        # The figures stay float32 whatever the learner is cast to (a bfloat16 step counter stops at 256).
-        self.stats, self.sample = self.stats.float(), self.sample.float()
+        # The figures keep their values and stay float32 whatever the learner is cast to (a bfloat16 step
+        # counter stops at 256), and to_empty (a net built on the meta device) does not fill them with garbage.
+        self.stats, self.sample = kept_through_apply(stats, self.stats, 0), kept_through_apply(sample, self.sample, 0)
         return self

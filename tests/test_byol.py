@@ -931,6 +931,61 @@ def test_a_net_that_cannot_be_deep_copied_is_refused_before_it_runs():
     assert simsiam.hidden_layer == "fc" and torch.isfinite(simsiam(torch.rand(4, 3, 16, 16)))
 
 
+@pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning")
+@pytest.mark.parametrize("norm", ["spectral_norm", "weight_norm"])
+def test_the_hook_forms_of_weight_and_spectral_norm_train_and_copy_their_target(norm):
+    """Before: the hook forms keep the weight they compute as a plain attribute, which deepcopy refuses while it
+    holds its graph: weight_norm was refused at construction ("cannot be deep-copied"), spectral_norm at the
+    first step (a bare RuntimeError), and both at the step after reset_moving_average()."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net.append(nn.Linear(8, 5))
+    net[0] = getattr(torch.nn.utils, norm)(net[0])
+    learner = BYOL(net, 16, hidden_layer=-2, moving_average_decay=0.5, **SMALL)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.1)
+    for step in range(3):
+        before = {n: p.clone() for n, p in learner.online_encoder.named_parameters()}
+        loss = learner(torch.rand(4, 3, 16, 16))
+        if step == 0:  # the copy is the online net as it was
+            for name, p in learner.target_encoder.named_parameters():
+                assert torch.equal(p, before[name]) and not p.requires_grad, name
+        target = {n: p.clone() for n, p in learner.target_encoder.named_parameters()}
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.update_moving_average()
+        online = dict(learner.online_encoder.named_parameters())
+        for name, p in learner.target_encoder.named_parameters():  # the EMA moves the hook's own parameters
+            assert torch.allclose(p, 0.5 * target[name] + 0.5 * online[name].detach(), atol=1e-6), name
+    assert torch.isfinite(loss)
+    learner.reset_moving_average()
+    assert torch.isfinite(learner(torch.rand(4, 3, 16, 16)))  # copied again from a net that has run
+    assert learner.target_encoder.net[0].weight.grad_fn is None  # the target computes no graph
+
+
+@pytest.mark.parametrize("garbage", [0.0, 1.0])
+def test_a_learner_built_on_the_meta_device_keeps_its_run_state_through_to_empty(monkeypatch, garbage):
+    """Before: to_empty left the unsaved run state (the non-finite flag, the collapse monitor's figures) as
+    uninitialised memory, which no load_state_dict fills: a finite step raised FloatingPointError (a False
+    read as "the loss turned non-finite") or the monitor counted steps that never ran. The memory's content
+    is made deterministic here (0 or 1 everywhere)."""
+    torch.manual_seed(0)
+    saved = BYOL(small_cnn(), 16, **SMALL).state_dict()
+    with torch.device("meta"):
+        net = small_cnn()
+    learner = BYOL(net, 16, **SMALL)
+    real = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real(t, **kw).fill_(garbage))
+    learner.to_empty(device="cpu")
+    monkeypatch.setattr(torch, "empty_like", real)
+    learner.load_state_dict(saved, strict=True)
+    assert learner.collapse_monitor.status()["steps"] == 0
+    loss = learner(torch.rand(4, 3, 16, 16))
+    loss.backward()
+    learner.update_moving_average()  # reads the flag: no FloatingPointError for a finite step
+    assert torch.isfinite(loss) and learner.collapse_monitor.status()["steps"] == 1
+
+
 def test_lazy_layers_not_yet_built_are_a_value_error_naming_the_fix():
     """Before: 'MLP widths must be >= 2 positive integers, got [0, ...]' (a lazy conv's in_channels read as 0)."""
     net = nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(5))
