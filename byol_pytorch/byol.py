@@ -461,7 +461,11 @@ class BYOL(nn.Module):
         Raises:
             ValueError: with ``use_momentum=False`` (SimSiam has no target network).
             FloatingPointError: when an earlier training step on an accelerator produced
-                a non-finite loss (detected without a per-step host sync).
+                a non-finite loss (detected without a per-step host sync). The optimiser
+                step before this call has applied that step's gradients; a loop that wants
+                to skip a bad step with its weights intact checks ``torch.isfinite(loss)``
+                before ``optimizer.step()`` (a host sync on accelerators; a GradScaler
+                already skips fp16's overflowing steps).
         """
         if not self.use_momentum:
             raise ValueError(
