@@ -183,7 +183,9 @@ class BYOL(nn.Module):
         moving_average_decay: tau of the target EMA (tau_base with a schedule).
         use_momentum: False gives SimSiam (Chen & He 2020): no target network, the
             stop-gradient projections of the online network are the targets, a
-            three-layer projector and a bottleneck predictor.
+            three-layer projector and a bottleneck predictor (``projection_size // 4``
+            wide). The loss stays BYOL's (``2 - 2 cos``, both directions summed), four
+            times SimSiam's ``-cos / 2`` pair: a quarter of SimSiam's SGD rate matches it.
         sync_batchnorm: BatchNorm of the heads synchronised across processes. None:
             automatically, at the first training step, when a process group of more
             than one CUDA process is initialised (also when Lightning or accelerate
