@@ -151,6 +151,25 @@ def detect_input_name(net: nn.Module) -> str | None:
     return keyword[0] if keyword else None
 
 
+def _check_keyword(net: nn.Module, input_name: str) -> None:
+    """A ``ValueError`` naming the keywords ``net.forward`` takes when ``input_name`` is none of them
+    (nothing when its signature cannot be read or it takes ``**kwargs``)."""
+    try:
+        params = list(inspect.signature(net.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    kinds = inspect.Parameter
+    if any(p.kind is kinds.VAR_KEYWORD for p in params):
+        return
+    names = [p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)]
+    if input_name not in names:
+        takes = ", ".join(names) if names else "no keyword argument"
+        raise ValueError(
+            f"input_name={input_name!r}: {type(net).__name__}.forward takes no argument of that name (it takes: "
+            f"{takes}); pass the name of the argument that takes the images, or leave input_name out to call net(x)"
+        )
+
+
 def _entries(out: object) -> list[tuple[str | int, object]] | None:
     """The (key, value) entries of a structured output; None for anything else (a tensor)."""
     if isinstance(out, Mapping):
@@ -815,6 +834,8 @@ def probe_backbone(
         raise TypeError(f"input_name must be None or a str such as 'pixel_values', got {type(input_name).__name__}")
     if input_name is not None and not input_name.isidentifier():
         raise ValueError(f"input_name must be a keyword name such as 'pixel_values', got {input_name!r}")
+    if input_name is not None:
+        _check_keyword(net, input_name)
     name, module = _resolve_layer(net, hidden_layer)
     call_name = input_name if input_name is not None else detect_input_name(net)
     device, dtype = module_device_dtype(net)

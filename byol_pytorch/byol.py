@@ -574,7 +574,10 @@ class BYOL(nn.Module):
                 "add a batch dimension with x.unsqueeze(0) or stack your images"
             )
         if x.shape[0] == 0:
-            raise ValueError("BYOL got an empty batch (B = 0); pass at least 2 images")
+            raise ValueError(
+                "BYOL got an empty batch (B = 0); pass at least 2 images to train on (the heads' BatchNorm), or "
+                "at least 1 to embed (return_embedding=True)"
+            )
         device = next(self.online_predictor.parameters()).device
         if x.device != device:
             raise ValueError(

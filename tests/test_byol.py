@@ -702,7 +702,11 @@ def test_probe_failure_names_the_shape():
     "x, exc, match",
     [
         (torch.rand(1, 3, 32, 32), ValueError, "at least 2 images"),
-        (torch.rand(0, 3, 32, 32), ValueError, "empty batch"),
+        (
+            torch.rand(0, 3, 32, 32),
+            ValueError,
+            r"empty batch \(B = 0\); pass at least 2 images to train on .* at least 1 to embed",
+        ),
         (torch.rand(4, 1, 32, 32), ValueError, "expects 3 channels"),
         (torch.rand(3, 32, 32), ValueError, "4D batch"),
         (torch.zeros(4, 3, 32, 32, dtype=torch.int32), TypeError, "uint8"),

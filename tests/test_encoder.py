@@ -486,7 +486,12 @@ def test_keyword_only_net_detected_and_forced():
     assert detect_input_name(DictNet()) is None
     learner = BYOL(KeywordNet(), image_size=16, input_name="pixel_values", **SMALL)
     assert learner.online_encoder.input_name == "pixel_values"
-    with pytest.raises(ValueError, match=r"could not run DictNet as net\(pixel_values=x\).*pixel_values"):
+    # Before: "could not run DictNet as net(pixel_values=x) ... Check image_size and the channel count".
+    with pytest.raises(
+        ValueError,
+        match=r"input_name='pixel_values': DictNet.forward takes no argument of that name "
+        r"\(it takes: x\); pass the name of the argument that takes the images, or leave input_name",
+    ):
         BYOL(DictNet(), image_size=16, input_name="pixel_values", **SMALL)
 
 
