@@ -950,11 +950,27 @@ def _hooks(prepared: Run, metrics: MetricsLog, monitor: KnnMonitor | None) -> li
             prepared.skip_warned = True
 
     def validate(s: TrainState) -> None:
+        # A stop during the evaluation (a large --val-data takes minutes; a scheduler's grace period is
+        # shorter) gives it up at once, and the log and checkpoint hooks after this one run on the stop.
+        # Before, it was noted for a next step that never came at the end, and a kill after the grace
+        # period lost every step since the last periodic checkpoint.
+        stopped = None
         if monitor is not None:
-            s.pending["knn_acc"] = prepared.last_knn = monitor(prepared.learner)
-            _warn_missing_classes(prepared, monitor)
-            _warn_below_reference(prepared, s, monitor)
+            untouched = batchnorm_state(prepared.learner.net)
+            try:
+                with signals_raise((signal.SIGTERM, signal.SIGINT), _Stopped):
+                    accuracy = monitor(prepared.learner)
+            except _Stopped as stop:
+                stopped = stop.signum
+                load_batchnorm_state(prepared.learner.net, untouched)  # what a cut evaluation may leave half-put-back
+            else:
+                s.pending["knn_acc"] = prepared.last_knn = accuracy
+                _warn_missing_classes(prepared, monitor)
+                _warn_below_reference(prepared, s, monitor)
         ctx.wait_for_main()  # the other ranks wait on a gloo group with a long timeout, not under NCCL's watchdog
+        stops = [signum for signum in gather_objects(ctx, stopped) if signum is not None]
+        if stops and s.stop_signal is None:
+            s.stop_signal = stops[0]  # every rank alike: the on_stop hooks after this one are collectives
 
     def log(s: TrainState) -> None:
         row = {
@@ -1314,9 +1330,13 @@ def finish(prepared: Run, state: TrainState) -> dict[str, Any]:
             pictures.append(draw_views_or_warn(prepared.dataset, prepared.learner, out / "views.png"))
         prepared.metrics.close(pictures)
     if stopped is not None and ctx.is_main:
+        name, saved = signal.Signals(stopped).name, out / "last.pt"
         print(
-            f"byol-pytorch: stopped by {signal.Signals(stopped).name} at step {state.step}; checkpoint saved to "
-            f"{out / 'last.pt'}; continue with --resume",
+            f"byol-pytorch: stopped by {name} after the run's last step ({state.step}); checkpoint saved to {saved}: "
+            "the training is complete, what follows it (the last kNN evaluation, the curves) was cut short"
+            if state.step >= state.total
+            else f"byol-pytorch: stopped by {name} at step {state.step}; checkpoint saved to {saved}; continue with "
+            "--resume",
             file=sys.stderr,
             flush=True,
         )

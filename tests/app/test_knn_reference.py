@@ -146,6 +146,47 @@ def test_a_stop_during_the_untouched_nets_evaluation_saves_a_checkpoint_to_resum
     assert load_checkpoint(out / "last.pt")["step"] == 4 and [r["step"] for r in rows(out)][0] == 0
 
 
+@pytest.mark.parametrize("signum, at", [(15, 6), (2, 6), (15, 12)])  # in an epoch's evaluation, in the last one
+def test_a_stop_during_a_later_evaluation_gives_it_up_and_saves_at_once(
+    signum, at, messy, tmp_path, tiny_flags, make_labelled, monkeypatch, capsys
+):
+    """Probe: a stop in the evaluation after the last step was noted for a step that never came; the evaluation
+    ran to its end, and a kill after a scheduler's grace period lost every step since the last periodic
+    checkpoint (1,000 by default). In an epoch's evaluation the run went on for one more step before saving."""
+    import os
+    import signal
+    import time
+
+    from byol_pytorch.training.validation import KnnMonitor
+
+    labelled = make_labelled(tmp_path / "labelled", per_class=5)
+    out = tmp_path / "run"
+    original, calls = KnnMonitor.__call__, []
+
+    def signalled(self, learner):
+        calls.append(int(learner.ema_step))
+        if calls[-1] == at and calls.count(at) == 1:
+            os.kill(os.getpid(), signum)  # the scheduler's stop, in the middle of the evaluation
+            time.sleep(5)  # not reached: the evaluation is given up at once
+            raise AssertionError("the evaluation went on after the signal")
+        return original(self, learner)
+
+    monkeypatch.setattr(KnnMonitor, "__call__", signalled)
+    argv = ["train", "--data", str(messy), "--out", str(out), *tiny_flags, "--val-data", str(labelled)]
+    assert cli.main([*argv, "--max-steps", "12", "--val-every", "1"]) == 128 + signum
+    err = capsys.readouterr().err
+    name = signal.Signals(signum).name
+    if at < 12:
+        assert f"stopped by {name} at step {at}; checkpoint saved to {out / 'last.pt'}; continue with --resume" in err
+    else:
+        assert f"stopped by {name} after the run's last step (12); checkpoint saved to {out / 'last.pt'}: the " in err
+    assert load_checkpoint(out / "last.pt")["step"] == at and calls == [0, 6, 12][: calls.index(at) + 1]
+    last = rows(out)[-1]
+    assert last["step"] == at and "loss" in last and "knn_acc" not in last  # the stopped step's row, no kNN
+    assert cli.main(["train", "--out", str(out), "--resume", "--workers", "0"]) == 0
+    assert calls[-1] == 12 and load_checkpoint(out / "last.pt")["step"] == 12
+
+
 def test_val_data_with_no_readable_image_is_one_line_naming_the_flag(
     messy, tmp_path, capsys, tiny_flags, make_labelled
 ):
