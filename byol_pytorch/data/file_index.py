@@ -34,7 +34,7 @@ import os
 import stat
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,6 +266,25 @@ class _Scan:
     mtimes: list[int] = field(default_factory=list)
     inodes: list[int] = field(default_factory=list)
     unlisted: list[tuple[str, str]] = field(default_factory=list)  # folders that could not be listed, and why
+    runs: list[str] = field(default_factory=list)  # run folders left out (``is_run_folder``)
+
+
+RUN_FOLDER_FILES = ("metrics.jsonl", ".lock", "last.pt")
+"""What a ``byol-pytorch train`` run folder holds: its metrics log, and its lock file or checkpoint."""
+
+
+def is_run_folder(names: Iterable[str]) -> bool:
+    """Whether a folder holding the files ``names`` is a ``byol-pytorch train`` run folder.
+
+    Its ``curves.png`` and ``views.png`` are no training images: a run folder under ``--data``
+    (``train --data . --out runs/byol``) is left out of every scan.
+
+    Examples:
+        >>> is_run_folder(["metrics.jsonl", ".lock", "curves.png"]), is_run_folder(["cat.png", "metrics.jsonl"])
+        (True, False)
+    """
+    present = set(names)
+    return RUN_FOLDER_FILES[0] in present and any(name in present for name in RUN_FOLDER_FILES[1:])
 
 
 def _walk(root: str) -> _Scan:
@@ -291,6 +310,9 @@ def _walk(root: str) -> _Scan:
                 entries = sorted(listing, key=lambda entry: entry.name)
         except OSError as error:
             scan.unlisted.append((relative or ".", error.strerror or type(error).__name__))
+            return
+        if relative and is_run_folder(entry.name for entry in entries):
+            scan.runs.append(relative)
             return
         scan.folders.append(relative)
         scan.mtimes.append(status.st_mtime_ns)
@@ -341,6 +363,16 @@ def _warn_unlisted(root: Path, unlisted: list[tuple[str, str]]) -> None:
     )
 
 
+def warn_run_folders(root: Path, runs: list[str]) -> None:
+    """One warning for the run folders a scan left out."""
+    shown = ", ".join(repr(name) for name in runs[:3]) + (", ..." if len(runs) > 3 else "")
+    warnings.warn(
+        f"{len(runs)} byol-pytorch run folder(s) under {str(root)!r} are left out of the images: {shown} (their "
+        "curves and views are no training data); keep --out outside --data to silence this",
+        stacklevel=4,
+    )
+
+
 def _scan(root: Path) -> tuple[FileIndex, _Scan]:
     check_folder(root)
     scan = _walk(str(root))
@@ -348,6 +380,8 @@ def _scan(root: Path) -> tuple[FileIndex, _Scan]:
         raise ValueError(f"image folder {str(root)!r} cannot be listed ({scan.unlisted[0][1]}); check its permissions")
     if scan.unlisted:
         _warn_unlisted(root, scan.unlisted)
+    if scan.runs:
+        warn_run_folders(root, scan.runs)
     if not scan.names:
         raise _no_images(root, scan.passed_over)
     index = FileIndex.from_relative(root, scan.names, scan.passed_over)
@@ -364,8 +398,8 @@ def index_images(root: PathLike) -> FileIndex:
     first in sorted order is walked). Only regular files (after following links) are
     kept: FIFOs, sockets, devices and broken links are passed over and counted in
     ``passed_over``. A sub-folder that cannot be listed (no read permission) is left out with
-    a warning naming it (``lost+found``, a file system's own, is skipped). Contents are not
-    opened. The order
+    a warning naming it (``lost+found``, a file system's own, is skipped), and so is a
+    ``byol-pytorch train`` run folder (``is_run_folder``). Contents are not opened. The order
     is that of the sorted ``Path`` objects: component by component (``a/b.png`` before
     ``a-b.png``).
 

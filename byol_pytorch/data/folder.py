@@ -28,7 +28,15 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from .._modules import PathLike
-from .file_index import IMAGE_EXTENSIONS, FileIndex, NoImagesError, check_folder, index_images
+from .file_index import (
+    IMAGE_EXTENSIONS,
+    FileIndex,
+    NoImagesError,
+    check_folder,
+    index_images,
+    is_run_folder,
+    warn_run_folders,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -147,6 +155,14 @@ def _warn_large(error: BrokenImageError) -> None:
         LargeImageWarning,
         stacklevel=3,
     )
+
+
+def _holds_a_run(folder: Path) -> bool:
+    """Whether ``folder`` is a ``byol-pytorch train`` run folder (``file_index.is_run_folder``)."""
+    try:
+        return is_run_folder(os.listdir(folder))
+    except OSError:
+        return False
 
 
 def _is_hidden(name: str) -> bool:
@@ -503,6 +519,10 @@ class LabelledImageFolder(_ImageFiles):
         root_path = Path(root)
         check_folder(root_path)
         found = sorted(entry.name for entry in root_path.iterdir() if entry.is_dir() and not _is_hidden(entry.name))
+        runs = [name for name in found if _holds_a_run(root_path / name)]  # its curves are no class
+        if runs:
+            warn_run_folders(root_path, runs)
+            found = [name for name in found if name not in runs]
         if not found:
             raise ValueError(f"{str(root_path)!r} has no class sub-folders; expected ROOT/CLASS_NAME/image.jpg")
         _warn_loose_images(root_path)

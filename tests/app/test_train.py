@@ -115,6 +115,31 @@ def test_resume_keeps_the_runs_checkpoint_and_log_intervals_unless_given(messy, 
     assert load_checkpoint(out / "last.pt")["args"]["checkpoint_every"] == 5  # a flag given wins
 
 
+def test_a_run_folder_inside_the_data_is_left_out_of_its_images(tmp_path, tiny_flags, make_labelled, capsys):
+    """Probe: `train --data DIR --out DIR/run` trained on its own curves.png after a resume ("images 24 -> 25"),
+    and eval and embed --labels counted the run folder as a class (`cd photos; byol-pytorch train --data .`
+    puts the default runs/byol there)."""
+    data = make_labelled(tmp_path / "photos", classes=2, per_class=12)
+    out = data / "run"
+    argv = ["train", "--data", str(data), "--out", str(out), *tiny_flags]
+    assert cli.main([*argv, "--max-steps", "2"]) == 0
+    assert (out / "curves.png").is_file()
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--max-steps", "4", "--workers", "0"]) == 0
+    resumed = capsys.readouterr()
+    err = resumed.err
+    assert "images 24 ->" not in err and "on 24 images" in resumed.out + err
+    assert f"1 byol-pytorch run folder(s) under {str(data)!r} are left out of the images: 'run'" in err
+    assert cli.main(["eval", "--data", str(data), "--checkpoint", str(out / "last.pt")]) == 0
+    captured = capsys.readouterr()
+    assert "2 classes" in captured.out and "keep --out outside --data" in captured.err
+    embedded = tmp_path / "embedded"
+    argv = ["embed", "--data", str(data), "--checkpoint", str(out / "last.pt"), "--out", str(embedded), "--labels"]
+    assert cli.main(argv) == 0
+    ids = (embedded / "ids.txt").read_text().splitlines()
+    assert len(ids) == 24 and not any("run" in line for line in ids)
+
+
 def test_the_largest_seed_trains(messy, tmp_path, tiny_flags):
     """Before: --seed 2**63-1 (a 64-bit seed) overflowed the loader's generator (seed * 1000 + rank)."""
     argv = ["--data", str(messy), *tiny_flags, "--out", str(tmp_path / "run"), "--max-steps", "1"]
