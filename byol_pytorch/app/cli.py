@@ -500,6 +500,24 @@ def _quiet_storage_logs(debug: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
+_PATH_FLAGS = ("data", "val_data", "out", "checkpoint", "resume", "shard_index", "spec", "data_dir")
+"""The flags (argparse dests) that name a file, a folder or a local data spec."""
+
+
+def _home_expanded(args: argparse.Namespace) -> argparse.Namespace:
+    """``~`` and ``~user`` at the start of a path flag expanded, as the shell does for a bare word.
+
+    The shell leaves ``--out=~/run`` and a quoted ``'~/photos/{000..009}.tar'`` alone: without
+    this, a folder named ``~`` appeared in the working directory, or ``--data`` did not exist.
+    (``hf:~/x`` and ``cifar10:~/x`` are expanded by their readers.)
+    """
+    for name in _PATH_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``byol-pytorch``; returns the exit status.
 
@@ -516,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         128 + signal for a run stopped by a signal, 141 (128 + SIGPIPE) with no line when
         stdout's reader closed it (``| head``); argparse's own errors exit 2.
     """
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    args = _home_expanded(build_parser().parse_args(list(argv) if argv is not None else None))
     debug = debug_enabled(getattr(args, "debug", False))
     try:
         _one_process_unless_train(args.command)

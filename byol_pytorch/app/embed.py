@@ -277,6 +277,26 @@ def _open(args: argparse.Namespace, size: int, channels: int) -> tuple[Dataset, 
     return items, labelled
 
 
+def data_identity(spec: str) -> str:
+    """``--data`` as a progress file records it: a local path made absolute, so that a resume from
+    another working directory, or with the folder spelled otherwise (``./photos/``), is the same
+    data; a URL or ``pipe:`` command as given, without credentials.
+
+    Examples:
+        >>> data_identity("s3://key:secret@bucket/train-{0..9}.tar")
+        's3://***@bucket/train-{0..9}.tar'
+        >>> data_identity("photos/") == data_identity("./photos") == os.path.abspath("photos")
+        True
+    """
+    if is_remote(spec):
+        return redact(spec)
+    for prefix in ("hf:", "cifar10:", "cifar100:"):
+        if spec.startswith(prefix):
+            path = os.path.expanduser(spec[len(prefix) :])
+            return prefix + os.path.abspath(path) if os.path.exists(path) else spec
+    return os.path.abspath(os.path.expanduser(spec))
+
+
 def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -> dict[str, Any] | None:
     """The stopped run's progress (``--resume``), checked against this one; None for a new run."""
     path, finished = out / STATE, not (out / STATE).exists() and (out / "embed.json").exists()
@@ -298,16 +318,24 @@ def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -
         raise UserError(f"--resume: {path} is not the progress file an embed run writes (it was changed); {again}")
     # A state written before the count (or the labels) was kept has none: _check_same_samples still compares the
     # ids, and the files their rows
-    differs = [k for k, v in identity.items() if state.get(k) != v and (k not in ("samples", "labels") or k in state)]
+    typed = {identity["data"], redact(args.data)}  # a progress file written before 1.2.0 holds --data as typed
+    differs = [
+        k
+        for k, v in identity.items()
+        if (state.get(k) not in typed if k == "data" else state.get(k) != v)
+        and (k not in ("samples", "labels") or k in state)
+    ]
     if differs == ["samples"]:  # the same data, other contents
         raise UserError(
             f"--resume: --data now holds {identity['samples']} samples, the stopped run's {state.get('samples')}: "
             "its files changed since the stop; embed again into another --out"
         )
     if differs:
+        was = {k: state.get(k) for k in differs if k in ("data", "checkpoint")}
+        shown = "".join(f"; its --{k} was {v}" for k, v in was.items())
         raise UserError(
-            f"--resume: the stopped run in {out} embedded other {', '.join(k for k in differs if k != 'samples')}; "
-            "drop --resume and use another --out"
+            f"--resume: the stopped run in {out} embedded other {', '.join(k for k in differs if k != 'samples')}"
+            f"{shown}; drop --resume and use another --out"
         )
     return state
 
@@ -530,7 +558,8 @@ def run_embed(args: argparse.Namespace) -> int:
         used = _clean_statistics(learner, items, device)
         statistics = f"clean (re-estimated on {used} of these images)"
     out = Path(args.out)
-    identity = {"data": redact(args.data), "checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which}
+    identity: dict[str, Any] = {"data": data_identity(args.data), "checkpoint": str(Path(args.checkpoint).resolve())}
+    identity.update(which=args.which)
     identity.update(dtype=args.dtype, step=int(checkpoint.get("step", 0)), bn_stats=args.bn_stats)
     identity.update(samples=len(items), labels=labelled)  # type: ignore[arg-type]
 

@@ -662,3 +662,21 @@ def test_gcsfs_logs_of_its_own_retries_show_only_with_debug(monkeypatch, capsys,
     assert cli.main(["export", "x.pt", "--out", "y.safetensors", "--debug"]) == 0
     shown = [r for r in caplog.records if r.name == "gcsfs"]
     assert len(shown) == 1 and shown[0].exc_info is not None and "out of retries" in shown[0].getMessage()
+
+
+def test_a_tilde_in_any_path_flag_is_the_home_folder(tmp_path, messy, tiny_flags, monkeypatch, capsys):
+    """Probe: `--data '~/photos'` did not exist, a quoted shard pattern under ~ was missing, and `--out=~/run`
+    (which the shell leaves alone) made a folder named '~' in the working directory."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    shutil.move(messy, home / "photos")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert cli.main(["train", "--data", "~/photos", "--out=~/run", *tiny_flags, "--max-steps", "1"]) == 0
+    assert (home / "run" / "last.pt").is_file() and not (work / "~").exists()
+    assert cli.main(["shards", "make", "--data", "~/photos", "--out", "~/shards"]) == 0
+    pattern = "~/shards/train-000000.tar"
+    assert cli.main(["train", "--data", pattern, "--out", "~/run2", *tiny_flags, "--max-steps", "1"]) == 0
+    assert cli.main(["export", "~/run/last.pt", "--out", "~/net.safetensors"]) == 0
+    assert (home / "net.safetensors").is_file() and not (work / "~").exists()

@@ -642,6 +642,26 @@ def test_a_resume_with_other_data_says_so_and_a_state_without_the_count_resumes(
     assert len(np.load(part / "embeddings.npy")) == 12
 
 
+def test_a_stopped_embed_resumes_from_another_directory_with_the_folder_spelled_otherwise(
+    tmp_path, checkpoint, make_messy_folder, monkeypatch, capsys
+):
+    """Probe: the progress file kept --data as typed, so `--data data/big` stopped in one directory could not be
+    resumed from any other, nor as `./data/big/` ("embedded other data; drop --resume"): only a fresh start."""
+    make_messy_folder(tmp_path / "data" / "big", good=12)
+    other = make_messy_folder(tmp_path / "other", good=4)
+    part = tmp_path / "part"
+    base = ["embed", "--checkpoint", str(checkpoint), "--batch-size", "4", "--flush-every", "1", "--out", str(part)]
+    monkeypatch.chdir(tmp_path)
+    _embed_stopped_after(monkeypatch, [*base, "--data", "data/big"], 2)
+    monkeypatch.chdir(tmp_path / "data")
+    capsys.readouterr()
+    assert cli.main([*base, "--data", str(other), "--resume"]) == 1  # other data is still other data, and named
+    err = capsys.readouterr().err
+    assert f"embedded other data; its --data was {tmp_path / 'data' / 'big'}; drop --resume" in err
+    assert cli.main([*base, "--data", "./big/", "--resume"]) == 0, capsys.readouterr().err
+    assert len(np.load(part / "embeddings.npy")) == 12
+
+
 @pytest.mark.parametrize("change", ["one in, one out", "one more"])
 def test_a_folder_whose_files_changed_since_the_stop_is_refused_with_that_reason(
     change, tmp_path, checkpoint, make_messy_folder, monkeypatch, capsys
