@@ -24,6 +24,7 @@ The folder's index is scanned by rank 0 only, cached in the run folder
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shlex
 import signal
@@ -649,9 +650,10 @@ def _restore(checkpoint: dict[str, Any] | None, run: Run) -> None:
         )[: 4 if shards else 2]
         if before != now
     ]
-    if changes:
-        _data_changed(run, shards, changes)
-    elif checkpoint.get("dataset_digest") not in (None, run.dataset_digest) and ctx.is_main:
+    other = checkpoint.get("dataset_digest") not in (None, run.dataset_digest)
+    if changes or (other and shards):  # other shards, even as many samples: the saved position is in the old ones
+        _data_changed(run, shards, changes or ["the shards (other names or sample counts)"])
+    elif other and ctx.is_main:
         warn(
             f"the file list of the data changed since the checkpoint (still {len(run.dataset)} images, but other "
             "names); training goes on, with a data order unlike an uninterrupted run's"
@@ -661,6 +663,21 @@ def _restore(checkpoint: dict[str, Any] | None, run: Run) -> None:
     if len(rng) != ctx.world_size:
         torch.manual_seed(run.recipe.seed + ctx.rank + state.step)
     run.saved_step = state.step
+
+
+def _data_digest(dataset: Any) -> str | None:
+    """What a checkpoint records of the data to tell other data on a resume: an image folder's file list
+    (``FileIndex.digest``), or the shards' file names and sample counts (the shards may move); None otherwise.
+
+    The shards' names are their last path or URL parts: a set copied to another disk or bucket is the same data.
+    """
+    if isinstance(dataset, ImageFolder):
+        return dataset.paths.digest()
+    if isinstance(dataset, ShardDataset):
+        names = [str(path).rstrip("/").rsplit("/", 1)[-1] for path in dataset.paths]
+        listing = "\n".join(f"{name}\t{count}" for name, count in zip(names, dataset.counts))
+        return "shards:" + hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()
+    return None
 
 
 def _data_changed(run: Run, shards: bool, changes: list[str]) -> None:
@@ -783,7 +800,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
         resumed_from=resumed_from,
         deferred=deferred,
     )
-    prepared.dataset_digest = dataset.paths.digest() if isinstance(dataset, ImageFolder) else None
+    prepared.dataset_digest = _data_digest(dataset)
     prepared.started = started
     _keep_reference(prepared, checkpoint, given_val_data)
     if getattr(args, "bn_stats", "trained") == "clean" and batchnorm_layers(learner.net, frozen=False):

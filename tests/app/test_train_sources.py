@@ -128,6 +128,31 @@ def test_a_resume_keeps_the_runs_workers_and_asks_again_for_credentials(tmp_path
     )
 
 
+def test_a_resume_on_other_shards_of_as_many_samples_is_told_and_moved_shards_are_not(
+    tmp_path, make_shards, tiny_flags, capsys
+):
+    """Probe: a shard run resumed on another set of shards (as many samples) went on without a word, its saved
+    position read in shards it never saw; a folder run is told ("other names")."""
+    import shutil
+
+    pattern = make_shards(tmp_path / "shards", broken=False)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", pattern, "--out", str(out), *tiny_flags, "--max-steps", "3"]) == 0
+    shutil.copytree(tmp_path / "shards", tmp_path / "moved")  # the same set on another disk
+    capsys.readouterr()
+    moved = pattern.replace(str(tmp_path / "shards"), str(tmp_path / "moved"))
+    assert cli.main(["train", "--out", str(out), "--resume", "--data", moved, "--max-steps", "4"]) == 0
+    assert "since the checkpoint:" not in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    for shard in sorted((tmp_path / "shards").glob("*.tar")):  # as many samples, other shards
+        shutil.copy(shard, other / shard.name.replace("train", "more"))
+    again = ["train", "--out", str(out), "--resume", "--data", str(other / "more-{0000..0003}.tar"), "--max-steps", "5"]
+    assert cli.main(again) == 0
+    err = capsys.readouterr().err
+    assert "since the checkpoint: the shards (other names or sample counts); the rest of epoch 0 is skipped" in err
+
+
 def test_shards_resume_is_bitwise_with_workers(tmp_path, make_shards, tiny_flags, monkeypatch, capsys):
     pattern = make_shards(tmp_path / "shards")
     common = ["--data", pattern, *tiny_flags[:-1], "2", "--max-steps", "8", "--log-every", "4", "--shuffle-buffer", "3"]
