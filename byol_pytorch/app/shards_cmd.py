@@ -99,7 +99,8 @@ def run_shards(args: argparse.Namespace) -> int:
             )
             order = "sorted" if args.no_shuffle else "shuffled"
             print(
-                f"byol-pytorch: wrote {len(made.shards)} shards ({sum(made.counts)} images, {made.bytes} bytes, in a "
+                f"byol-pytorch: wrote {len(made.shards)} shard{'' if len(made.shards) == 1 else 's'} "
+                f"({sum(made.counts)} images, {made.bytes} bytes, in a "
                 f"{order} order) to {args.out}, index {made.index}; --data '{pattern}' (or --data {args.out})"
             )
             return 0

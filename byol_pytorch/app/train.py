@@ -162,6 +162,7 @@ class Run:
     last_knn: float | None = None
     deferred: list[Callable[[], None]] = field(default_factory=list)  # writes made once the run folder is locked
     monitor: KnnMonitor | None = None  # rank 0, --val-data: opened before the first write (a bad spec refuses)
+    val_data_saved: bool = False  # --val-data came from the checkpoint (a resume that did not give it)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -803,6 +804,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     prepared.dataset_digest = _data_digest(dataset)
     prepared.started = started
     _keep_reference(prepared, checkpoint, given_val_data)
+    prepared.val_data_saved = given_val_data is None and bool(args.val_data)
     if getattr(args, "bn_stats", "trained") == "clean" and batchnorm_layers(learner.net, frozen=False):
         _sample_clean_images(prepared, str(data), dataset)
     _restore(checkpoint, prepared)
@@ -849,7 +851,14 @@ def _open_monitor(prepared: Run) -> None:
                 data_options={"label_column": label} if label else None,
             )
         except (ValueError, OSError) as error:
-            return f"--val-data: {error}"
+            spec = prepared.args.val_data
+            if not prepared.val_data_saved:
+                return f"--val-data: {error}"
+            where = "" if "://" in spec or Path(spec).is_absolute() else ", relative to where the run started"
+            return (
+                f"--val-data (the run's, from its checkpoint: {redact(spec)}{where}): {error}; pass --val-data to say "
+                "where the labelled images are now"
+            )
         return None
 
     refused = broadcast_from_main(prepared.ctx, open_on_main) if prepared.args.val_data else None

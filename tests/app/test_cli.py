@@ -680,3 +680,26 @@ def test_a_tilde_in_any_path_flag_is_the_home_folder(tmp_path, messy, tiny_flags
     assert cli.main(["train", "--data", pattern, "--out", "~/run2", *tiny_flags, "--max-steps", "1"]) == 0
     assert cli.main(["export", "~/run/last.pt", "--out", "~/net.safetensors"]) == 0
     assert (home / "net.safetensors").is_file() and not (work / "~").exists()
+
+
+def test_a_saved_val_data_that_is_not_found_on_a_resume_says_where_it_came_from(
+    tmp_path, messy, tiny_flags, make_labelled, monkeypatch, capsys
+):
+    """Probe: a run started with a relative --val-data and resumed from another directory said only
+    "--val-data: image folder 'val' does not exist", a flag the resume had not given."""
+    make_labelled(tmp_path / "start" / "val", per_class=5)
+    (tmp_path / "elsewhere").mkdir()
+    out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path / "start")
+    argv = ["train", "--data", str(messy), "--out", str(out), *tiny_flags, "--val-data", "val", "--max-steps", "2"]
+    assert cli.main(argv) == 0
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    resume = ["train", "--out", str(out), "--resume", "--max-steps", "4", "--workers", "0"]
+    assert cli.main(resume) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(
+        "byol-pytorch: error: --val-data (the run's, from its checkpoint: val, relative to where the run started): "
+    )
+    assert line.endswith("; pass --val-data to say where the labelled images are now")
+    assert cli.main([*resume, "--val-data", str(tmp_path / "start" / "val")]) == 0
