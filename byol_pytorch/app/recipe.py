@@ -540,8 +540,9 @@ def resolve_recipe(args: argparse.Namespace, saved: Recipe | Mapping[str, Any] |
                 given = float(sigma[0] if key == "blur_sigma_min" else sigma[1])
             if given is not None and given != value:
                 flag = "--" + key.replace("_", "-")
+                kept = "default (the flag was not given)" if value is None else value
                 raise UserError(
-                    f"{flag} {given} differs from the checkpoint's {value}: a resumed run keeps its "
+                    f"{flag} {given} differs from the checkpoint's {kept}: a resumed run keeps its "
                     f"recipe; drop {flag}, or start a new run with another --out"
                 )
         return saved

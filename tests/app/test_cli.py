@@ -96,6 +96,9 @@ def test_resume_keeps_the_recipe(capsys, trained):
     _, out = trained
     line = one_error_line(capsys, cli.main(["train", "--out", str(out), "--resume", "--optimizer", "adamw"]))
     assert "--optimizer adamw differs from the checkpoint's sgd" in line
+    # a probe: "--warmup-epochs 1.0 differs from the checkpoint's None" (the run took the default)
+    line = one_error_line(capsys, cli.main(["train", "--out", str(out), "--resume", "--warmup-epochs", "1"]))
+    assert "--warmup-epochs 1.0 differs from the checkpoint's default (the flag was not given): a resumed" in line
 
 
 @pytest.mark.parametrize("command", ["resume", "export", "eval"])
