@@ -33,7 +33,7 @@ from .cifar import CifarDataset, is_cifar_spec, parse_cifar_spec
 from .file_index import FileIndex, load_or_scan
 from .folder import BrokenImageError, ImageFolder, LabelledImageFolder
 from .hf import HFImageDataset, UnlabelledRowsError, dataset_splits, is_hf_spec, parse_hf_spec
-from .remote import is_remote
+from .remote import is_remote, redact
 from .remote_shards import RemoteShardDataset, RemoteShardSamples
 from .shards import ShardDataset, ShardSamples, is_shard_spec
 
@@ -113,6 +113,21 @@ class ShardReading:
     counts: tuple[int, ...] | None = None  # remote shards: the sample counts, already known (sent by rank 0)
 
 
+def _check_options(spec: str, kind: str, image_column: str | None, split: str | None) -> None:
+    """A ``ValueError`` for an image column or a split given for a form that has none (ignored before, a probe)."""
+    misplaced = [
+        flag
+        for flag, value, kinds in (("--image-column", image_column, ("hf",)), ("--hf-split", split, ("hf", "cifar")))
+        if value not in (None, "") and kind not in kinds
+    ]
+    if misplaced:
+        forms = "hf: data" if len(misplaced) > 1 or misplaced[0] == "--image-column" else "hf: and CIFAR data"
+        raise ValueError(
+            f"{' and '.join(misplaced)} {'apply' if len(misplaced) > 1 else 'applies'} to {forms} only, not to "
+            f"{redact(spec)!r}; drop {'them' if len(misplaced) > 1 else 'it'}"
+        )
+
+
 def open_unlabelled(
     spec: str | os.PathLike,
     load_size: int | None,
@@ -151,6 +166,7 @@ def open_unlabelled(
     """
     spec = as_spec(spec)
     kind = check_shard_index(spec, shard_index)
+    _check_options(spec, kind, image_column, split)
     if kind == "cifar":
         name, root = parse_cifar_spec(spec) or ("", "")
         return CifarDataset(name, root, split or "train", size=load_size, channels=channels)
@@ -232,6 +248,7 @@ def open_labelled(
     """
     spec = as_spec(spec)
     kind = check_shard_index(spec, shard_index)
+    _check_options(spec, kind, image_column, split)
     if kind == "cifar":
         name, root = parse_cifar_spec(spec) or ("", "")
         return CifarDataset(name, root, split or "train", labelled=True, size=load_size, channels=channels)

@@ -706,3 +706,22 @@ def test_a_saved_val_data_that_is_not_found_on_a_resume_says_where_it_came_from(
     )
     assert line.endswith("; pass --val-data to say where the labelled images are now")
     assert cli.main([*resume, "--val-data", str(tmp_path / "start" / "val")]) == 0
+
+
+@pytest.mark.parametrize("command", ["train", "preview", "embed"])
+def test_hf_flags_with_a_folder_are_refused_not_ignored(command, tmp_path, messy, trained, tiny_flags, capsys):
+    """Probe: --image-column and --hf-split with folder data were silently ignored."""
+    _, run = trained
+    argv = {
+        "train": ["train", "--data", str(messy), "--out", str(tmp_path / "r"), *tiny_flags, "--max-steps", "1"],
+        "preview": ["preview", "--data", str(messy), "--out", str(tmp_path / "v.png")],
+        "embed": ["embed", "--data", str(messy), "--checkpoint", str(run / "last.pt"), "--out", str(tmp_path / "e")],
+    }[command]
+    for flags, said in (
+        (["--image-column", "img"], "--image-column applies to hf: data only"),
+        (["--hf-split", "test"], "--hf-split applies to hf: and CIFAR data only"),
+        (["--image-column", "img", "--hf-split", "test"], "--image-column and --hf-split apply to hf: data only"),
+    ):
+        line = one_error_line(capsys, cli.main([*argv, *flags]))
+        assert said in line and f"not to {str(messy)!r}; drop" in line, line
+    assert not list(tmp_path.glob("[rve]*"))
