@@ -161,6 +161,14 @@ def nonfinite_error(loss_finite: bool, input_finite: bool = True) -> FloatingPoi
 _RANGE_SLACK = 0.25
 
 
+def _copy_outside_compiled_graphs() -> None:
+    """``BYOL.init_target`` under ``torch.compiler.disable`` (the deep copy is no graph), applied when the first
+    learner is made or unpickled rather than at import: the decorator imports ``torch._dynamo``, about 2 s
+    that ``import byol_pytorch`` and every ``byol-pytorch`` command (``--help`` too) paid before."""
+    if not getattr(BYOL.init_target, "_torchdynamo_disable", False):
+        BYOL.init_target = torch.compiler.disable(BYOL.init_target)  # type: ignore[method-assign]
+
+
 class BYOL(nn.Module):
     """Wrap a backbone into a BYOL learner; ``learner(images)`` returns the loss.
 
@@ -246,6 +254,7 @@ class BYOL(nn.Module):
         collapse_alarm: bool = True,
     ):
         super().__init__()
+        _copy_outside_compiled_graphs()
         _check_net(net, use_momentum=use_momentum, use_batchnorm=use_batchnorm, collapse_alarm=collapse_alarm)
         self.image_size = _pair(image_size)
         _check_arguments(
@@ -401,7 +410,6 @@ class BYOL(nn.Module):
         return [prefix + name for name in self._ddp_params_and_buffers_to_ignore]
 
     # ------------------------------------------------------------------ target
-    @torch.compiler.disable
     def init_target(self) -> BackboneEncoder | None:
         """Create the target network now (a deep copy of the online encoder) if absent.
 
@@ -886,6 +894,10 @@ class BYOL(nn.Module):
                 value = mine
             target[name] = value.detach().to(device=mine.device, dtype=mine.dtype, copy=True)
         return target
+
+    def __setstate__(self, state: dict) -> None:
+        _copy_outside_compiled_graphs()  # a learner unpickled in a process that made none
+        super().__setstate__(state)
 
     def _apply(self, fn, recurse=True):
         saved = getattr(self, "_saved_target", None)

@@ -337,3 +337,32 @@ def test_the_sdist_carries_the_whole_test_suite(tmp_path):
     assert wanted and wanted <= names, sorted(wanted - names)[:5]
     assert {"LICENSE", "README.md", "BENCHMARKS.md", "MANIFEST.in", ".ci/run"} <= names
     assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
+
+
+def test_importing_the_package_leaves_the_compiler_unloaded_until_a_learner_is_made():
+    """A probe: `@torch.compiler.disable` on a method imported torch._dynamo with the package, about 2 s of every
+    `byol-pytorch` command (`--help` too). The copy of the target stays outside compiled graphs: the decorator is
+    applied when the first learner is made, or unpickled in a process that made none."""
+    import subprocess
+    import sys
+
+    script = (
+        "import io, pickle, sys, torch, torch.nn as nn\n"
+        "import byol_pytorch\n"
+        "from byol_pytorch import BYOL\n"
+        "print('torch._dynamo' in sys.modules, getattr(BYOL.init_target, '_torchdynamo_disable', False))\n"
+        "if sys.argv[1] == 'make':\n"
+        "    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+        "    learner = BYOL(net, 16, hidden_layer=-1, projection_hidden_size=16)\n"
+        "    print(pickle.dumps(learner).hex())\n"
+        "else:\n"
+        "    pickle.loads(bytes.fromhex(sys.stdin.read()))\n"
+        "    print(getattr(BYOL.init_target, '_torchdynamo_disable', False))\n"
+    )
+    made = subprocess.run([sys.executable, "-c", script, "make"], capture_output=True, text=True, check=True)
+    first, pickled = made.stdout.splitlines()
+    assert first == "False False"
+    loaded = subprocess.run(
+        [sys.executable, "-c", script, "load"], input=pickled, capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.split() == ["False", "False", "True"]
