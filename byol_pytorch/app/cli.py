@@ -25,6 +25,7 @@ schedulers see it did not finish.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -62,6 +63,30 @@ class _Parser(argparse.ArgumentParser):
         if prints_node_errors():  # under torchrun every process parses the same flags: one line per node
             sys.stderr.write(f"{PROG}: error: {message} (see '{self.prog} --help')\n")
         sys.exit(2)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """argparse's, with an unknown flag named by the command it was given to, and the closest flag it has."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._chosen(parsed)
+            flags = [flag for action in command._actions for flag in action.option_strings if flag.startswith("--")]
+            close = [
+                difflib.get_close_matches(extra.split("=")[0], flags, n=1) for extra in extras if extra[:2] == "--"
+            ]
+            hints = sorted({match[0] for match in close if match})
+            meant = f" (did you mean {' or '.join(hints)}?)" if hints else ""
+            command.error(f"unrecognized arguments: {' '.join(extras)}{meant}")
+        return parsed
+
+    def _chosen(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The parser of the sub-command ``parsed`` ran (``train``, ``shards make``), else this one."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                name = getattr(parsed, action.dest, None)
+                chosen = action.choices.get(name) if name else None
+                if isinstance(chosen, _Parser):
+                    return chosen._chosen(parsed)
+        return self
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -725,3 +725,21 @@ def test_hf_flags_with_a_folder_are_refused_not_ignored(command, tmp_path, messy
         line = one_error_line(capsys, cli.main([*argv, *flags]))
         assert said in line and f"not to {str(messy)!r}; drop" in line, line
     assert not list(tmp_path.glob("[rve]*"))
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["train", "--data", "x", "--step", "5"], "--step 5 (did you mean --max-steps?) (see 'byol-pytorch train "
+         "--help')"),
+        (["shards", "make", "--data", "x", "--out", "y", "--shard-sise=5MB"], "(did you mean --shard-size?) (see "
+         "'byol-pytorch shards make --help')"),
+        (["eval", "--data", "x", "--checkpoint", "y", "--frobnicate"], "--frobnicate (see 'byol-pytorch eval --help')"),
+    ],
+)  # fmt: skip
+def test_an_unknown_flag_is_named_with_its_command_and_the_closest_flag(argv, said, capsys):
+    """Probe: `unrecognized arguments: --step 5 (see 'byol-pytorch --help')` named the top-level help, no flag."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and line.startswith("byol-pytorch: error: unrecognized arguments: ") and said in line
