@@ -20,6 +20,7 @@ held-out queries of a kNN evaluation. ``embedding_items`` turns any source into 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,12 @@ def data_kind(spec: str | os.PathLike) -> str:
         ('cifar', 'hf', 'shards', 'folder')
     """
     spec = as_spec(spec)
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", spec)
+    if scheme and not is_remote(spec):  # a probe: ftp://host/x.tar was looked for as the local file 'ftp:/host/x.tar'
+        raise ValueError(
+            f"{redact(spec)!r}: {scheme.group(1)}:// is not a scheme byol-pytorch reads; give http(s)://, s3://, "
+            "gs:// or a local path, or read it through a command: 'pipe:curl -s URL' (webdataset's form)"
+        )
     if is_cifar_spec(spec):
         return "cifar"
     if is_hf_spec(spec):

@@ -743,3 +743,18 @@ def test_an_unknown_flag_is_named_with_its_command_and_the_closest_flag(argv, sa
         cli.main(argv)
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and line.startswith("byol-pytorch: error: unrecognized arguments: ") and said in line
+
+
+@pytest.mark.parametrize("command", ["train", "preview"])
+def test_a_url_of_a_scheme_not_read_is_named_not_looked_for_as_a_file(command, tmp_path, capsys):
+    """Probe: --data ftp://host/x.tar was looked for as the local file 'ftp:/host/x.tar' ("1 of the 1 shards are
+    missing")."""
+    argv = [
+        "--data",
+        "ftp://user:pw@host/x-{0..3}.tar",
+        "--out",
+        str(tmp_path / ("v.png" if command == "preview" else "r")),
+    ]
+    line = one_error_line(capsys, cli.main([command, *argv]))
+    assert "'ftp://***@host/x-{0..3}.tar': ftp:// is not a scheme byol-pytorch reads; give http(s)://" in line
+    assert "'pipe:curl -s URL'" in line and "missing" not in line and not list(tmp_path.iterdir())
