@@ -28,22 +28,28 @@ _M = TypeVar("_M", bound=nn.Module)
 
 
 def deepcopy_module(module: _M) -> _M:
-    """``copy.deepcopy(module)``, where a tensor a forward computed and left as a plain attribute is copied detached.
+    """``copy.deepcopy(module)``, the weight a ``weight_norm`` / ``spectral_norm`` hook computed copied detached.
 
-    ``torch.nn.utils.weight_norm`` and ``spectral_norm`` (the hook forms) keep the weight they
-    compute as an attribute; while it carries its graph, ``copy.deepcopy`` refuses the module
-    ("Only Tensors created explicitly by the user (graph leaves) support the deepcopy
+    The hook forms of ``torch.nn.utils.weight_norm`` and ``spectral_norm`` keep the weight they
+    compute as a plain attribute; while it carries its graph, ``copy.deepcopy`` refuses the
+    module ("Only Tensors created explicitly by the user (graph leaves) support the deepcopy
     protocol"). Their hook computes it again from the copied parameters at every forward, so a
-    detached copy of its value is what the copy needs.
+    detached copy of its value is what the copy needs. Any other computed attribute (a tied
+    view, ``self.wt = self.fc.weight.t()``) is refused as before: a detached copy of it would
+    stop following its parameter.
 
     Examples:
         >>> layer = torch.nn.utils.weight_norm(nn.Linear(2, 2))
         >>> layer.weight.is_leaf, deepcopy_module(layer).weight.is_leaf
         (False, True)
     """
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
     memo: dict[int, object] = {}
     for sub in module.modules():
-        for value in vars(sub).values():
+        for hook in sub._forward_pre_hooks.values():
+            value = vars(sub).get(hook.name) if isinstance(hook, (WeightNorm, SpectralNorm)) else None
             if isinstance(value, torch.Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
     return copy.deepcopy(module, memo)

@@ -192,8 +192,9 @@ class BYOL(nn.Module):
         use_momentum: False gives SimSiam (Chen & He 2020): no target network, the
             stop-gradient projections of the online network are the targets, a
             three-layer projector and a bottleneck predictor (``projection_size // 4``
-            wide). The loss stays BYOL's (``2 - 2 cos``, both directions summed), four
-            times SimSiam's ``-cos / 2`` pair: a quarter of SimSiam's SGD rate matches it.
+            wide, at least 8). The loss stays BYOL's (``2 - 2 cos``, both directions
+            summed), four times SimSiam's ``-cos / 2`` pair: SimSiam's SGD recipe is a
+            quarter of its rate with four times its weight decay.
         sync_batchnorm: BatchNorm of the heads synchronised across processes. None:
             automatically, at the first training step, when a process group of more
             than one CUDA process is initialised (also when Lightning or accelerate
@@ -582,9 +583,15 @@ class BYOL(nn.Module):
                 "add a batch dimension with x.unsqueeze(0) or stack your images"
             )
         if x.shape[0] == 0:
+            pairs = self._batch_statistics()  # BatchNorm takes batch statistics: a training batch needs 2 images
             raise ValueError(
-                "BYOL got an empty batch (B = 0); pass at least 2 images to train on (the heads' BatchNorm), or "
-                "at least 1 to embed (return_embedding=True)"
+                "BYOL got an empty batch (B = 0); pass "
+                + (
+                    "at least 2 images to train on (BatchNorm takes batch statistics), or at least 1 to embed "
+                    "(return_embedding=True)"
+                    if pairs
+                    else "at least 1 image"
+                )
             )
         device = next(self.online_predictor.parameters()).device
         if x.device != device:

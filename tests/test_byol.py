@@ -967,6 +967,23 @@ def test_the_hook_forms_of_weight_and_spectral_norm_train_and_copy_their_target(
     assert learner.target_encoder.net[0].weight.grad_fn is None  # the target computes no graph
 
 
+def test_a_computed_attribute_other_than_a_norm_hooks_weight_is_still_refused():
+    """Review: detaching every computed attribute would freeze a tied view in the target (it would no longer follow
+    the parameter the EMA moves): it is refused, as before, with the way out."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 8)
+            self.tied = self.fc.weight.t()
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)).mean((2, 3)) @ self.tied
+
+    with pytest.raises(TypeError, match=r"the net cannot be deep-copied \(RuntimeError: Only Tensors created"):
+        BYOL(Tied(), 16, hidden_layer=-1, **SMALL)
+
+
 @pytest.mark.parametrize("garbage", [0.0, 1.0])
 def test_a_learner_built_on_the_meta_device_keeps_its_run_state_through_to_empty(monkeypatch, garbage):
     """Before: to_empty left the unsaved run state (the non-finite flag, the collapse monitor's figures) as

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -155,10 +156,16 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a = parser.add_argument
     a(
         "--data-dir",
+        type=os.path.expanduser,  # python -m byol_pytorch.app.demo parses without the command's expansion
         help="folder with the four Fashion-MNIST IDX files (.gz or not); default: "
         "$BYOL_FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist (apt-get install -y dataset-fashion-mnist)",
     )
-    a("--out", default=d["out"], help="run folder for curves.png, views.png, metrics.jsonl (default: %(default)s)")
+    a(
+        "--out",
+        default=d["out"],
+        type=os.path.expanduser,
+        help="run folder for curves.png, views.png, metrics.jsonl (default: %(default)s)",
+    )
     for name, text in _COUNT_FLAGS:
         a("--" + name.replace("_", "-"), type=int, help=text.format(d[name]))
     a(

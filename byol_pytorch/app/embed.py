@@ -50,7 +50,8 @@ from ..data import (
     open_unlabelled,
     sample_images,
 )
-from ..data.hf import UnlabelledRowsError
+from ..data.cifar import parse_cifar_spec
+from ..data.hf import UnlabelledRowsError, parse_hf_spec
 from ..data.remote import is_remote, redact
 from ..data.remote_shards import RemoteShardSamples
 from ..data.shards import ShardSamples
@@ -287,13 +288,18 @@ def data_identity(spec: str) -> str:
         's3://***@bucket/train-{0..9}.tar'
         >>> data_identity("photos/") == data_identity("./photos") == os.path.abspath("photos")
         True
+        >>> data_identity("CIFAR10:") == "cifar10:" + os.path.abspath(".")
+        True
     """
     if is_remote(spec):
         return redact(spec)
-    for prefix in ("hf:", "cifar10:", "cifar100:"):
-        if spec.startswith(prefix):
-            path = os.path.expanduser(spec[len(prefix) :])
-            return prefix + os.path.abspath(path) if os.path.exists(path) else spec
+    cifar = parse_cifar_spec(spec)
+    if cifar is not None:
+        return f"{cifar[0]}:{os.path.abspath(os.path.expanduser(cifar[1]))}"
+    hf = parse_hf_spec(spec)
+    if hf is not None:  # a local dataset's folder or file; a pattern of files stays as given
+        path = os.path.expanduser(hf)
+        return "hf:" + os.path.abspath(path) if os.path.exists(path) else spec
     return os.path.abspath(os.path.expanduser(spec))
 
 

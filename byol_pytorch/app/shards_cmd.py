@@ -90,8 +90,8 @@ def run_shards(args: argparse.Namespace) -> int:
             if len(made.shards) > 1 and max(made.counts) == 1:
                 warn(
                     f"each of the {len(made.shards)} shards holds a single image: --shard-size {args.shard_size} is "
-                    "smaller than two images in a tar file (tar rounds a file up to 10240 bytes); shards of 64MB to "
-                    "1GB read best"
+                    "smaller than two of these images in a tar file (tar rounds a file up to 10240 bytes); give a "
+                    "size that holds many (shards of 64MB to 1GB read best)"
                 )
             last = len(made.shards) - 1
             pattern = (

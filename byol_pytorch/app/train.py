@@ -30,11 +30,12 @@ import shlex
 import signal
 import sys
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -60,8 +61,10 @@ from ..data import (
     open_unlabelled,
     sample_images,
 )
+from ..data.cifar import parse_cifar_spec
 from ..data.file_index import INDEX_CACHE_NAME, scan_with_cache
 from ..data.folder import ImageFolder, NoReadableImagesError
+from ..data.hf import parse_hf_spec
 from ..data.remote import RemoteReadError, ShardReadWarning, is_remote, redact
 from ..data.remote_shards import SHARD_COUNTS_NAME, counts_with_cache, expand_remote
 from ..data.sampling import DataOrder, EpochSampler, step_batches
@@ -160,6 +163,7 @@ class Run:
     started: float = 0.0  # time.perf_counter() when this invocation started
     start_step: int = 0  # the step this invocation started at
     last_knn: float | None = None
+    last_knn_step: int | None = None  # the step last_knn was measured at
     deferred: list[Callable[[], None]] = field(default_factory=list)  # writes made once the run folder is locked
     monitor: KnnMonitor | None = None  # rank 0, --val-data: opened before the first write (a bad spec refuses)
     val_data_saved: bool = False  # --val-data came from the checkpoint (a resume that did not give it)
@@ -675,10 +679,24 @@ def _data_digest(dataset: Any) -> str | None:
     if isinstance(dataset, ImageFolder):
         return dataset.paths.digest()
     if isinstance(dataset, ShardDataset):
-        names = [str(path).rstrip("/").rsplit("/", 1)[-1] for path in dataset.paths]
+        names = [_shard_name(str(path)) for path in dataset.paths]
         listing = "\n".join(f"{name}\t{count}" for name, count in zip(names, dataset.counts))
         return "shards:" + hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()
     return None
+
+
+def _shard_name(location: str) -> str:
+    """A shard's file name, wherever it lies: a URL's without its query (a signed URL's token rotates), a
+    ``pipe:`` command's last URL or path in it, a local path's last part.
+
+    Examples:
+        >>> [_shard_name(s) for s in ("https://h/d/a-01.tar?sig=x", "pipe:aws s3 cp s3://b/a-01.tar -", "/d/a-01.tar")]
+        ['a-01.tar', 'a-01.tar', 'a-01.tar']
+    """
+    if location.startswith("pipe:"):
+        words = [word for word in location[5:].split() if ".tar" in word]
+        location = words[-1] if words else location
+    return PurePosixPath(urllib.parse.urlsplit(location).path if "://" in location else location).name
 
 
 def _data_changed(run: Run, shards: bool, changes: list[str]) -> None:
@@ -830,6 +848,15 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     return prepared
 
 
+def _local_part(spec: str) -> str | None:
+    """The local path in a data spec (a folder, a shard pattern, ``cifar10:ROOT``'s ROOT, ``hf:PATH``'s PATH), or
+    None for remote data."""
+    if is_remote(spec):
+        return None
+    cifar = parse_cifar_spec(spec)
+    return os.path.expanduser(cifar[1] if cifar else parse_hf_spec(spec) or spec)
+
+
 def _open_monitor(prepared: Run) -> None:
     """Open ``--val-data``'s kNN monitor into ``prepared.monitor`` on rank 0 (its figure is sent to the others).
 
@@ -854,10 +881,11 @@ def _open_monitor(prepared: Run) -> None:
             spec = prepared.args.val_data
             if not prepared.val_data_saved:
                 return f"--val-data: {error}"
-            where = "" if "://" in spec or Path(spec).is_absolute() else ", relative to where the run started"
-            return (
-                f"--val-data (the run's, from its checkpoint: {redact(spec)}{where}): {error}; pass --val-data to say "
-                "where the labelled images are now"
+            path = _local_part(spec)
+            where = "" if path is None or os.path.isabs(path) else ", relative to where the run started"
+            gone = path is not None and not os.path.exists(path.split("{")[0] or ".")
+            return f"--val-data (the run's, from its checkpoint: {redact(spec)}{where}): {error}" + (
+                "; pass --val-data to say where the labelled images are now" if gone else ""
             )
         return None
 
@@ -981,7 +1009,7 @@ def _hooks(prepared: Run, metrics: MetricsLog, monitor: KnnMonitor | None) -> li
         # Before, it was noted for a next step that never came at the end, and a kill after the grace
         # period lost every step since the last periodic checkpoint.
         stopped = None
-        if monitor is not None:
+        if monitor is not None and s.stop_signal is None:  # a stop already seen (all-reduced): no evaluation
             untouched = batchnorm_state(prepared.learner.net)
             try:
                 with signals_raise((signal.SIGTERM, signal.SIGINT), _Stopped):
@@ -991,6 +1019,7 @@ def _hooks(prepared: Run, metrics: MetricsLog, monitor: KnnMonitor | None) -> li
                 load_batchnorm_state(prepared.learner.net, untouched)  # what a cut evaluation may leave half-put-back
             else:
                 s.pending["knn_acc"] = prepared.last_knn = accuracy
+                prepared.last_knn_step = s.step
                 _warn_missing_classes(prepared, monitor)
                 _warn_below_reference(prepared, s, monitor)
         ctx.wait_for_main()  # the other ranks wait on a gloo group with a long timeout, not under NCCL's watchdog
@@ -1357,9 +1386,12 @@ def finish(prepared: Run, state: TrainState) -> dict[str, Any]:
         prepared.metrics.close(pictures)
     if stopped is not None and ctx.is_main:
         name, saved = signal.Signals(stopped).name, out / "last.pt"
+        skipped = ["curves.png"]
+        if prepared.args.val_data and prepared.last_knn_step != state.step:
+            skipped.insert(0, "the last kNN evaluation")
         print(
             f"byol-pytorch: stopped by {name} after the run's last step ({state.step}); checkpoint saved to {saved}: "
-            "the training is complete, what follows it (the last kNN evaluation, the curves) was cut short"
+            f"the training is complete; not made: {' and '.join(skipped)}"
             if state.step >= state.total
             else f"byol-pytorch: stopped by {name} at step {state.step}; checkpoint saved to {saved}; continue with "
             "--resume",

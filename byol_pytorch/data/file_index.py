@@ -81,7 +81,7 @@ RACY_NS = 2_000_000_000
 """Folders modified less than 2 s before the scan began are not trusted in a cache (FAT's
 time resolution is 2 s; ext4, XFS, btrfs and APFS record nanoseconds)."""
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: run folders under the root left out (a cache of version 1 may list their pictures)
 _EXTENSIONS = frozenset(IMAGE_EXTENSIONS)
 
 
@@ -269,12 +269,12 @@ class _Scan:
     runs: list[str] = field(default_factory=list)  # run folders left out (``is_run_folder``)
 
 
-RUN_FOLDER_FILES = ("metrics.jsonl", ".lock", "last.pt")
-"""What a ``byol-pytorch train`` run folder holds: its metrics log, and its lock file or checkpoint."""
+RUN_FOLDER_FILES = ("metrics.jsonl", ".lock", "last.pt", "curves.png")
+"""What a ``byol-pytorch`` run folder holds: its metrics log, and its lock file, checkpoint or curves (a demo's)."""
 
 
 def is_run_folder(names: Iterable[str]) -> bool:
-    """Whether a folder holding the files ``names`` is a ``byol-pytorch train`` run folder.
+    """Whether a folder holding the files ``names`` is a ``byol-pytorch`` run folder (``train`` or ``demo``).
 
     Its ``curves.png`` and ``views.png`` are no training images: a run folder under ``--data``
     (``train --data . --out runs/byol``) is left out of every scan.

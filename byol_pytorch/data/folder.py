@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from .._modules import PathLike
 from .file_index import (
     IMAGE_EXTENSIONS,
+    RUN_FOLDER_FILES,
     FileIndex,
     NoImagesError,
     check_folder,
@@ -158,11 +159,8 @@ def _warn_large(error: BrokenImageError) -> None:
 
 
 def _holds_a_run(folder: Path) -> bool:
-    """Whether ``folder`` is a ``byol-pytorch train`` run folder (``file_index.is_run_folder``)."""
-    try:
-        return is_run_folder(os.listdir(folder))
-    except OSError:
-        return False
+    """Whether ``folder`` is a ``byol-pytorch`` run folder (``file_index.is_run_folder``; a few stats, no listing)."""
+    return is_run_folder(name for name in RUN_FOLDER_FILES if (folder / name).is_file())
 
 
 def _is_hidden(name: str) -> bool:

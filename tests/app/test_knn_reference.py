@@ -179,12 +179,53 @@ def test_a_stop_during_a_later_evaluation_gives_it_up_and_saves_at_once(
     if at < 12:
         assert f"stopped by {name} at step {at}; checkpoint saved to {out / 'last.pt'}; continue with --resume" in err
     else:
-        assert f"stopped by {name} after the run's last step (12); checkpoint saved to {out / 'last.pt'}: the " in err
+        assert (
+            f"stopped by {name} after the run's last step (12); checkpoint saved to {out / 'last.pt'}: the training is "
+            "complete; not made: the last kNN evaluation and curves.png"
+        ) in err
     assert load_checkpoint(out / "last.pt")["step"] == at and calls == [0, 6, 12][: calls.index(at) + 1]
     last = rows(out)[-1]
     assert last["step"] == at and "loss" in last and "knn_acc" not in last  # the stopped step's row, no kNN
     assert cli.main(["train", "--out", str(out), "--resume", "--workers", "0"]) == 0
     assert calls[-1] == 12 and load_checkpoint(out / "last.pt")["step"] == 12
+
+
+@pytest.mark.parametrize("val", [True, False])
+def test_a_stop_in_the_last_step_makes_no_evaluation_and_says_what_was_not_made(
+    val, messy, tmp_path, tiny_flags, make_labelled, monkeypatch, capsys
+):
+    """Review: a stop seen in the last step (or the steps before an epoch's end) still ran the whole evaluation,
+    and the line then named an evaluation cut short that had run, or, without --val-data, none at all."""
+    import os
+    import signal
+
+    from byol_pytorch.training.engine import Engine
+    from byol_pytorch.training.validation import KnnMonitor
+
+    calls, original_call, original_step = [], KnnMonitor.__call__, Engine._step
+
+    def counted(self, learner):
+        calls.append(int(learner.ema_step))
+        return original_call(self, learner)
+
+    def step(self, batch, state):
+        loss = original_step(self, batch, state)
+        if state.step == 12:
+            os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's stop, during the last step
+        return loss
+
+    monkeypatch.setattr(KnnMonitor, "__call__", counted)
+    monkeypatch.setattr(Engine, "_step", step)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(messy), "--out", str(out), *tiny_flags, "--max-steps", "12"]
+    if val:
+        argv += ["--val-data", str(make_labelled(tmp_path / "labelled", per_class=5)), "--val-every", "1"]
+    assert cli.main(argv) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert calls == ([0, 6] if val else [])  # not at 12: the stop came first
+    not_made = "the last kNN evaluation and curves.png" if val else "curves.png"
+    assert f"the training is complete; not made: {not_made}\n" in err
+    assert load_checkpoint(out / "last.pt")["step"] == 12 and "knn_acc" not in rows(out)[-1]
 
 
 def test_val_data_with_no_readable_image_is_one_line_naming_the_flag(

@@ -153,6 +153,23 @@ def test_a_resume_on_other_shards_of_as_many_samples_is_told_and_moved_shards_ar
     assert "since the checkpoint: the shards (other names or sample counts); the rest of epoch 0 is skipped" in err
 
 
+def test_a_shards_name_ignores_where_it_lies_and_a_signed_urls_rotating_token():
+    """Review: the digest took a URL's last part with its query, so a requeue with a fresh signed URL token was
+    told "other shards" and skipped the rest of its epoch."""
+    from byol_pytorch.app.train import _shard_name
+
+    same = [
+        "https://data.example/d/train-0001.tar?sv=1&sig=abc",
+        "https://data.example/d/train-0001.tar?sv=1&sig=xyz",
+        "s3://bucket/prefix/train-0001.tar",
+        "pipe:aws s3 cp s3://bucket/train-0001.tar -",
+        "pipe:curl -s -f https://data.example/train-0001.tar?token=1",
+        "/mnt/disk/shards/train-0001.tar",
+    ]
+    assert {_shard_name(location) for location in same} == {"train-0001.tar"}
+    assert _shard_name("https://data.example/d/train-0002.tar?sig=abc") == "train-0002.tar"
+
+
 def test_shards_resume_is_bitwise_with_workers(tmp_path, make_shards, tiny_flags, monkeypatch, capsys):
     pattern = make_shards(tmp_path / "shards")
     common = ["--data", pattern, *tiny_flags[:-1], "2", "--max-steps", "8", "--log-every", "4", "--shuffle-buffer", "3"]

@@ -299,10 +299,10 @@ def _corrupt(kind: str, cache: Path, aged: Path, tmp_path: Path) -> None:
             arrays = dict(z)
         arrays["blob"] = np.array([_Trap(tmp_path / "trap_sprung")], dtype=object)
         _npz(cache, **arrays)
-    elif kind == "other format version":
+    elif kind in ("other format version", "version 1 (run folders listed)"):  # review: 1 may list a run's curves
         with np.load(cache) as z:
             arrays = dict(z)
-        arrays["version"] = np.array([99], dtype=np.int64)
+        arrays["version"] = np.array([99 if kind == "other format version" else 1], dtype=np.int64)
         _npz(cache, **arrays)
 
 
@@ -316,6 +316,7 @@ CORRUPTIONS = [
     "offsets past the blob",
     "pickled objects",
     "other format version",
+    "version 1 (run folders listed)",
 ]
 
 
@@ -421,3 +422,26 @@ def test_a_folder_that_cannot_be_listed_is_named_and_its_scan_not_cached(aged, t
     locked.add(str(aged))
     with pytest.raises(ValueError, match=r"cannot be listed \(Permission denied\); check its permissions"):
         index_images(aged)
+
+
+def test_run_folders_of_train_and_demo_are_left_out_with_a_warning(tmp_path):
+    """Probe and review: a run folder under the data (`--out` inside `--data`; a demo's runs/demo, which has no lock
+    or checkpoint) gave its curves.png and views.png to training as images."""
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    for folder, files in {
+        "cats": ["a.png", "metrics.jsonl"],  # a metrics file alone is no run
+        "runs/byol": ["curves.png", "views.png", "metrics.jsonl", ".lock"],
+        "runs/demo": ["curves.png", "views.png", "metrics.jsonl"],
+        "runs/old": ["curves.png", "metrics.jsonl", "last.pt"],
+    }.items():
+        (root / folder).mkdir(parents=True)
+        for name in files:
+            if name.endswith(".png"):
+                Image.new("RGB", (4, 4)).save(root / folder / name)
+            else:
+                (root / folder / name).write_text("{}\n")
+    with pytest.warns(UserWarning, match=r"3 byol-pytorch run folder\(s\) under .* are left out of the images: "):
+        index = index_images(root)
+    assert [index.relative(i) for i in range(len(index))] == ["cats/a.png"]

@@ -136,7 +136,7 @@ def test_a_size_that_gives_each_image_a_shard_is_told(tmp_path, size, lone, caps
     err = capsys.readouterr().err
     counts = [sum(1 for m in tarfile.open(shard) if m.name.endswith(".png")) for shard in sorted(out.glob("*.tar"))]
     assert (counts == [1] * 6) is lone, counts
-    told = f"each of the 6 shards holds a single image: --shard-size {size} is smaller than two images"
+    told = f"each of the 6 shards holds a single image: --shard-size {size} is smaller than two of these images"
     assert (told in err) is lone, err
 
 
