@@ -327,8 +327,7 @@ class BYOL(nn.Module):
         # Deferred non-finite detection: [loss finite, input finite] of the last step, read without blocking.
         self.register_buffer("_finite", torch.ones(2, dtype=torch.bool, device=device), persistent=False)
         self._ema_master: list[torch.Tensor] | None = None  # float32 copy of a low-precision target
-        weights = [p for p in net.parameters() if p.dim() == 4]
-        self._layout_probe = tuple(weights[:1])  # a conv weight: is the net channels_last?
+        self._layout_probe = tuple([p for p in net.parameters() if p.dim() == 4][:1])  # a conv weight: channels_last?
         self._finite_reader = DeferredRead()
         self._range_checked, self._range_warned = False, False  # input range: once on accelerators, each CPU step
         self._mode_warned = False  # a net left in eval mode while the learner trains: said once

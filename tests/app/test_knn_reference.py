@@ -109,30 +109,37 @@ def test_the_reference_is_logged_once_and_survives_a_resume(messy, tmp_path, tin
     assert load_checkpoint(out / "last.pt")["knn_reference"] == first[0]["knn_reference"]
 
 
+def _stop_in_evaluation(monkeypatch, signum: int, at: int) -> list[int]:
+    """The kNN monitor, given ``signum`` in the middle of its first evaluation at step ``at`` (the scheduler's stop);
+    returns the list of the steps it is called at, filled as the run goes."""
+    import os
+    import time
+
+    from byol_pytorch.training.validation import KnnMonitor
+
+    original, calls = KnnMonitor.__call__, []
+
+    def signalled(self, learner):
+        calls.append(int(learner.ema_step))
+        if calls[-1] == at and calls.count(at) == 1:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # not reached: the evaluation is given up at once
+            raise AssertionError("the evaluation went on after the signal")
+        return original(self, learner)
+
+    monkeypatch.setattr(KnnMonitor, "__call__", signalled)
+    return calls
+
+
 @pytest.mark.parametrize("signum", [15, 2])  # SIGTERM, SIGINT
 def test_a_stop_during_the_untouched_nets_evaluation_saves_a_checkpoint_to_resume(
     signum, messy, tmp_path, tiny_flags, make_labelled, monkeypatch, capsys
 ):
     """Before: the signal killed the process in the first evaluation, with no checkpoint and no line (exit 143),
     and a requeued --resume found nothing to resume."""
-    import os
-    import time
-
-    from byol_pytorch.training.validation import KnnMonitor
-
     labelled = make_labelled(tmp_path / "labelled", per_class=5)
     out = tmp_path / "run"
-    original, calls = KnnMonitor.__call__, []
-
-    def signalled(self, learner):
-        calls.append(int(learner.ema_step))
-        if len(calls) == 1:
-            os.kill(os.getpid(), signum)  # the scheduler's stop, in the middle of the evaluation
-            time.sleep(5)  # not reached: the evaluation is given up at once
-            raise AssertionError("the evaluation went on after the signal")
-        return original(self, learner)
-
-    monkeypatch.setattr(KnnMonitor, "__call__", signalled)
+    calls = _stop_in_evaluation(monkeypatch, signum, at=0)
     argv = ["train", "--data", str(messy), "--out", str(out), *tiny_flags, "--val-data", str(labelled)]
     assert cli.main([*argv, "--max-steps", "4"]) == 128 + signum
     captured = capsys.readouterr()
@@ -153,25 +160,11 @@ def test_a_stop_during_a_later_evaluation_gives_it_up_and_saves_at_once(
     """Probe: a stop in the evaluation after the last step was noted for a step that never came; the evaluation
     ran to its end, and a kill after a scheduler's grace period lost every step since the last periodic
     checkpoint (1,000 by default). In an epoch's evaluation the run went on for one more step before saving."""
-    import os
     import signal
-    import time
-
-    from byol_pytorch.training.validation import KnnMonitor
 
     labelled = make_labelled(tmp_path / "labelled", per_class=5)
     out = tmp_path / "run"
-    original, calls = KnnMonitor.__call__, []
-
-    def signalled(self, learner):
-        calls.append(int(learner.ema_step))
-        if calls[-1] == at and calls.count(at) == 1:
-            os.kill(os.getpid(), signum)  # the scheduler's stop, in the middle of the evaluation
-            time.sleep(5)  # not reached: the evaluation is given up at once
-            raise AssertionError("the evaluation went on after the signal")
-        return original(self, learner)
-
-    monkeypatch.setattr(KnnMonitor, "__call__", signalled)
+    calls = _stop_in_evaluation(monkeypatch, signum, at)
     argv = ["train", "--data", str(messy), "--out", str(out), *tiny_flags, "--val-data", str(labelled)]
     assert cli.main([*argv, "--max-steps", "12", "--val-every", "1"]) == 128 + signum
     err = capsys.readouterr().err
