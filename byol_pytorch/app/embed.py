@@ -324,7 +324,7 @@ def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -
         raise UserError(f"--resume: {path} is not the progress file an embed run writes (it was changed); {again}")
     # A state written before the count (or the labels) was kept has none: _check_same_samples still compares the
     # ids, and the files their rows
-    typed = {identity["data"], redact(args.data)}  # a progress file written before 1.2.0 holds --data as typed
+    typed = {identity["data"], redact(args.data)}  # a progress file of the version before holds --data as typed
     differs = [
         k
         for k, v in identity.items()

@@ -399,7 +399,8 @@ def index_images(root: PathLike) -> FileIndex:
     kept: FIFOs, sockets, devices and broken links are passed over and counted in
     ``passed_over``. A sub-folder that cannot be listed (no read permission) is left out with
     a warning naming it (``lost+found``, a file system's own, is skipped), and so is a
-    ``byol-pytorch train`` run folder (``is_run_folder``). Contents are not opened. The order
+    ``byol-pytorch`` run folder of ``train`` or ``demo`` (``is_run_folder``). Contents are not
+    opened. The order
     is that of the sorted ``Path`` objects: component by component (``a/b.png`` before
     ``a-b.png``).
 
