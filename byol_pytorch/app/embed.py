@@ -55,7 +55,7 @@ from ..data.hf import UnlabelledRowsError, parse_hf_spec
 from ..data.remote import is_remote, redact
 from ..data.remote_shards import RemoteShardSamples
 from ..data.shards import ShardSamples
-from ..data.sources import check_shard_index, held_out_split
+from ..data.sources import check_shard_index, held_out_split, local_path
 from ..training.models import learner_from_checkpoint
 from ..training.recipe import Recipe
 from ..training.validation import clean_input
@@ -291,16 +291,15 @@ def data_identity(spec: str) -> str:
         >>> data_identity("CIFAR10:") == "cifar10:" + os.path.abspath(".")
         True
     """
-    if is_remote(spec):
+    path = local_path(spec)
+    if path is None:
         return redact(spec)
     cifar = parse_cifar_spec(spec)
     if cifar is not None:
-        return f"{cifar[0]}:{os.path.abspath(os.path.expanduser(cifar[1]))}"
-    hf = parse_hf_spec(spec)
-    if hf is not None:  # a local dataset's folder or file; a pattern of files stays as given
-        path = os.path.expanduser(hf)
+        return f"{cifar[0]}:{os.path.abspath(path)}"
+    if parse_hf_spec(spec) is not None:  # a local dataset's folder or file; a pattern of files stays as given
         return "hf:" + os.path.abspath(path) if os.path.exists(path) else spec
-    return os.path.abspath(os.path.expanduser(spec))
+    return os.path.abspath(path)
 
 
 def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -> dict[str, Any] | None:

@@ -61,15 +61,13 @@ from ..data import (
     open_unlabelled,
     sample_images,
 )
-from ..data.cifar import parse_cifar_spec
 from ..data.file_index import INDEX_CACHE_NAME, scan_with_cache
 from ..data.folder import ImageFolder, NoReadableImagesError
-from ..data.hf import parse_hf_spec
 from ..data.remote import RemoteReadError, ShardReadWarning, is_remote, redact
 from ..data.remote_shards import SHARD_COUNTS_NAME, counts_with_cache, expand_remote
 from ..data.sampling import DataOrder, EpochSampler, step_batches
 from ..data.shards import ShardDataset, epoch_batches, expand_shards, make_shard_loader, shard_workers
-from ..data.sources import check_shard_index, is_remote_shards
+from ..data.sources import check_shard_index, is_remote_shards, local_path
 from ..training.checkpoint import (
     TRAINING_KEYS,
     get_rng_state,
@@ -848,15 +846,6 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
     return prepared
 
 
-def _local_part(spec: str) -> str | None:
-    """The local path in a data spec (a folder, a shard pattern, ``cifar10:ROOT``'s ROOT, ``hf:PATH``'s PATH), or
-    None for remote data."""
-    if is_remote(spec):
-        return None
-    cifar = parse_cifar_spec(spec)
-    return os.path.expanduser(cifar[1] if cifar else parse_hf_spec(spec) or spec)
-
-
 def _open_monitor(prepared: Run) -> None:
     """Open ``--val-data``'s kNN monitor into ``prepared.monitor`` on rank 0 (its figure is sent to the others).
 
@@ -881,7 +870,7 @@ def _open_monitor(prepared: Run) -> None:
             spec = prepared.args.val_data
             if not prepared.val_data_saved:
                 return f"--val-data: {error}"
-            path = _local_part(spec)
+            path = local_path(spec)
             where = "" if path is None or os.path.isabs(path) else ", relative to where the run started"
             gone = path is not None and not os.path.exists(path.split("{")[0] or ".")
             return f"--val-data (the run's, from its checkpoint: {redact(spec)}{where}): {error}" + (
@@ -1010,15 +999,10 @@ def _hooks(prepared: Run, metrics: MetricsLog, monitor: KnnMonitor | None) -> li
         # period lost every step since the last periodic checkpoint.
         stopped = None
         if monitor is not None and s.stop_signal is None:  # a stop already seen (all-reduced): no evaluation
-            untouched = batchnorm_state(prepared.learner.net)
-            try:
-                with signals_raise((signal.SIGTERM, signal.SIGINT), _Stopped):
-                    accuracy = monitor(prepared.learner)
-            except _Stopped as stop:
-                stopped = stop.signum
-                load_batchnorm_state(prepared.learner.net, untouched)  # what a cut evaluation may leave half-put-back
-            else:
-                s.pending["knn_acc"] = prepared.last_knn = accuracy
+            measured: list[float] = []
+            stopped = _given_up_on_stop(prepared, lambda: measured.append(monitor(prepared.learner)))
+            if stopped is None:
+                s.pending["knn_acc"] = prepared.last_knn = measured[0]
                 prepared.last_knn_step = s.step
                 _warn_missing_classes(prepared, monitor)
                 _warn_below_reference(prepared, s, monitor)
@@ -1196,6 +1180,19 @@ class _Stopped(Exception):
         self.signum = signum
 
 
+def _given_up_on_stop(prepared: Run, evaluation: Callable[[], object]) -> int | None:
+    """Run ``evaluation`` (rank 0's kNN), given up at once on SIGTERM/SIGINT with the net's BatchNorm statistics
+    put back (an evaluation cut short may leave them half-restored); returns that signal, or None."""
+    untouched = batchnorm_state(prepared.learner.net)
+    try:
+        with signals_raise((signal.SIGTERM, signal.SIGINT), _Stopped):
+            evaluation()
+    except _Stopped as stopped:
+        load_batchnorm_state(prepared.learner.net, untouched)
+        return stopped.signum
+    return None
+
+
 def _stopped_while_measuring(prepared: Run, monitor: KnnMonitor | None, metrics: MetricsLog) -> bool:
     """``_measure_reference``, abandoned on SIGTERM/SIGINT; a stop then saves a checkpoint at this step.
 
@@ -1203,15 +1200,9 @@ def _stopped_while_measuring(prepared: Run, monitor: KnnMonitor | None, metrics:
     with nothing saved, so a requeued ``--resume`` found no checkpoint. The evaluation is given
     up at once (the resumed run measures it again); every rank stops when one was signalled.
     """
-    first = None
-    untouched = batchnorm_state(prepared.learner.net)  # what an evaluation cut short may leave half-restored
     with StopSignals() as held:  # a signal while the ranks wait for each other: noted, not fatal
-        try:
-            with signals_raise((signal.SIGTERM, signal.SIGINT), _Stopped):  # abandoned, not finished
-                _measure_reference(prepared, monitor, metrics)
-        except _Stopped as stopped:
-            first = stopped.signum
-            load_batchnorm_state(prepared.learner.net, untouched)  # the checkpoint holds the untouched net
+        first = _given_up_on_stop(prepared, lambda: _measure_reference(prepared, monitor, metrics))
+        if first is not None:  # the checkpoint holds the untouched net
             prepared.knn_reference = None  # measured again by the resumed run (its row may not be written)
         prepared.ctx.wait_for_main()
         stops = [signum for signum in gather_objects(prepared.ctx, first or held.signum) if signum is not None]

@@ -50,6 +50,7 @@ __all__ = [
     "held_out_split",
     "sample_images",
     "labelled_split",
+    "local_path",
     "open_labelled",
     "open_unlabelled",
 ]
@@ -77,6 +78,20 @@ def as_spec(spec: str | os.PathLike) -> str:
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"a data spec must be a non-empty string or path ({DATA_FORMS}), got {spec!r}")
     return spec
+
+
+def local_path(spec: str) -> str | None:
+    """The local path in a data spec, ``~`` expanded: a folder's or shard pattern's, ``cifar10:ROOT``'s ROOT,
+    ``hf:PATH``'s PATH; None for remote data.
+
+    Examples:
+        >>> local_path("cifar10:/data"), local_path("hf:pets"), local_path("s3://b/x.tar"), local_path("photos")
+        ('/data', 'pets', None, 'photos')
+    """
+    if is_remote(spec):
+        return None
+    cifar = parse_cifar_spec(spec)
+    return os.path.expanduser(cifar[1] if cifar else parse_hf_spec(spec) or spec)
 
 
 def data_kind(spec: str | os.PathLike) -> str:
