@@ -1,9 +1,11 @@
 """Finding the hidden layer of an arbitrary backbone: the one-time probe and its heuristics.
 
-The hidden layer can be named three ways, as in lucidrains/byol-pytorch:
+The hidden layer can be named three ways, as in lucidrains/byol-pytorch, and a fourth:
 
 * a module name from ``net.named_modules()`` (``"avgpool"``, ``"head.global_pool"``):
   its output is captured with a forward hook; it must be a tensor;
+* the module itself (``net.layer4``), which stands for its name (the first, when the net
+  reaches it by two); the net itself stands for ``-1``;
 * an integer: an index into ``list(net.children())`` (``-2`` is resnet's avgpool), and
   ``-1`` for the net's own output;
 * ``"auto"`` (the default): the representation a practitioner would take, found from
@@ -708,16 +710,32 @@ def infer_channels(net: nn.Module) -> int:
     return 3
 
 
+def _named_module(net: nn.Module, module: nn.Module) -> tuple[str, nn.Module | None]:
+    """(name, module) of a submodule given as an object; the net itself stands for its output."""
+    if module is net:
+        return _OUTPUT, None
+    for name, candidate in net.named_modules(remove_duplicate=False):
+        if candidate is module and name:
+            return name, module  # a module reached by two names: the first, as named_modules lists it
+    raise ValueError(
+        f"the {type(module).__name__} given as hidden_layer is not a submodule of the {type(net).__name__} "
+        "wrapped (a copy of the net, or a module of another one?); pass one of net's own modules "
+        "(e.g. net.layer4), its name from net.named_modules(), or 'auto'"
+    )
+
+
 def _resolve_layer(net: nn.Module, hidden_layer: HiddenLayer) -> tuple[str, nn.Module | None]:
     """Map a user's hidden_layer to (name, module); module None means the net's output."""
     if hidden_layer is None or (isinstance(hidden_layer, str) and hidden_layer == "auto"):
         return "auto", None
+    if isinstance(hidden_layer, nn.Module):
+        return _named_module(net, hidden_layer)
     if not isinstance(hidden_layer, (bool, int, str)) and hasattr(type(hidden_layer), "__index__"):
         hidden_layer = operator.index(hidden_layer)  # a numpy integer
     if isinstance(hidden_layer, bool) or not isinstance(hidden_layer, (int, str)):
         raise TypeError(
-            f"hidden_layer must be a module name (str), a child index (int) or 'auto', "
-            f"got {type(hidden_layer).__name__}"
+            f"hidden_layer must be a module name (str), a child index (int), a submodule of the net "
+            f"or 'auto', got {type(hidden_layer).__name__}"
         )
     if isinstance(hidden_layer, int):
         if hidden_layer == -1:

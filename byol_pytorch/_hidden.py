@@ -14,7 +14,7 @@ import torch.nn as nn
 
 __all__ = ["HiddenLayer", "OUTPUT", "OutputKey", "call_net", "checkpointing_hint", "pool_hidden", "select_output"]
 
-HiddenLayer = str | int | None
+HiddenLayer = str | int | nn.Module | None
 OutputKey = str | int | tuple[str, int] | None  # a tuple: an entry's item (``feature_maps``' last)
 OUTPUT = "<output>"
 """The name of the net's own output as a hidden layer."""

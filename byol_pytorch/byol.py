@@ -177,8 +177,9 @@ class BYOL(nn.Module):
     Args:
         net: any image backbone (timm, torchvision, or a plain ``nn.Module``).
         image_size: side (or (height, width)) of the augmented views fed to the net.
-        hidden_layer: the representation: a module name (``"avgpool"``), an index
-            into the net's direct children (``-2``), ``-1`` for the net's output, or
+        hidden_layer: the representation: a module name (``"avgpool"``) or the module
+            itself (``net.avgpool``), an index into the net's direct children (``-2``),
+            ``-1`` for the net's output, or
             ``"auto"``: the input of the final classifier Linear(s), else the net's output
             (of a mapping / ``transformers`` output: ``pooler_output``, else
             ``last_hidden_state``, else its first tensor); see ``byol_pytorch.encoder``.

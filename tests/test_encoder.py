@@ -218,6 +218,27 @@ def test_a_sync_batchnorm_net_under_a_process_group_is_built_on_the_cpu(tmp_path
     assert learner.representation_size == 512
 
 
+def test_a_module_object_stands_for_its_name():
+    net = torchvision.models.resnet18(weights=None).eval()
+    x = torch.rand(2, 3, 32, 32)
+    by_name = BYOL(net, 32, hidden_layer="layer4.1", **SMALL).eval()
+    by_module = BYOL(net, 32, hidden_layer=net.layer4[1], **SMALL).eval()
+    assert by_module.hidden_layer == "layer4.1"
+    reference = by_name(x, return_embedding=True, return_projection=False)
+    assert torch.equal(by_module(x, return_embedding=True, return_projection=False), reference)
+    whole = BYOL(net, 32, hidden_layer=net, **SMALL).eval()  # the net itself: its output, as -1
+    assert torch.allclose(whole(x, return_embedding=True, return_projection=False), net(x), atol=1e-5)
+
+
+def test_a_module_of_another_net_is_refused_with_the_fix():
+    net = torchvision.models.resnet18(weights=None)
+    other = torchvision.models.resnet18(weights=None)
+    with pytest.raises(ValueError, match="BasicBlock given as hidden_layer is not a submodule of the ResNet"):
+        BYOL(net, 32, hidden_layer=other.layer4[1], **SMALL)
+    with pytest.raises(TypeError, match="a submodule of the net"):
+        BYOL(net, 32, hidden_layer=4.0, **SMALL)
+
+
 def test_layer_not_found_lists_close_names():
     with pytest.raises(ValueError) as err:
         BYOL(torchvision.models.resnet18(weights=None), 32, hidden_layer="layer5")

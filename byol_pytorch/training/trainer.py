@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from .._atomic import atomic_write
+from .._hidden import HiddenLayer
 from .._modules import whole_number
 from ..batchnorm import convert_sync_batchnorm
 from ..byol import BYOL
@@ -119,7 +120,7 @@ class BYOLTrainer(nn.Module):
     Args:
         net: the backbone, trained in place.
         image_size: side of the augmented views.
-        hidden_layer: the representation layer (name, child index, or ``"auto"``).
+        hidden_layer: the representation layer (name, module, child index, or ``"auto"``).
         learning_rate: the optimiser's constant learning rate.
         dataset: items are images (C, H, W), float or uint8, or tuples starting with one; or a
             data spec as ``byol-pytorch train --data`` takes it (a folder of images,
@@ -153,7 +154,7 @@ class BYOLTrainer(nn.Module):
         net: nn.Module,
         *,
         image_size: int,
-        hidden_layer: str | int,
+        hidden_layer: HiddenLayer,
         learning_rate: float,
         dataset: Dataset | str,
         num_train_steps: int,
