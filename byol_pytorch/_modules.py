@@ -4,7 +4,7 @@
 * ``saved_modes``: a context that gives every submodule its own ``training`` flag back;
 * ``deepcopy_module``: a deep copy of a module that holds computed tensors as plain attributes;
 * ``kept_through_apply``: a buffer of run state that ``.to`` moves and ``to_empty`` does not wipe;
-* ``PathLike``: what the package accepts as a file or folder name.
+* ``PathLike``: what the package accepts as a file or folder name; ``user_path``: one as a ``Path``.
 """
 
 from __future__ import annotations
@@ -14,15 +14,30 @@ import copy
 import operator
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 import torch.nn as nn
 
-__all__ = ["PathLike", "deepcopy_module", "kept_through_apply", "module_device", "module_device_dtype", "saved_modes"]
+__all__ = [
+    "PathLike",
+    "deepcopy_module",
+    "kept_through_apply",
+    "module_device",
+    "module_device_dtype",
+    "saved_modes",
+    "user_path",
+]
 
 PathLike = str | os.PathLike
 """A file or folder name: ``str`` or ``pathlib.Path``."""
+
+
+def user_path(path: PathLike) -> Path:
+    """``path`` as a ``Path``, a leading ``~`` expanded (as torchvision's datasets and the shell do)."""
+    return Path(os.path.expanduser(os.fspath(path)))
+
 
 _M = TypeVar("_M", bound=nn.Module)
 

@@ -679,6 +679,11 @@ class BYOLAugment(nn.Module):
             )
             if on
         ]
+        if channels not in (1, 3) and x.shape[3] in (1, 3):  # a width of 1 or 3 pixels: the channels
+            raise ValueError(
+                f"the views take (B, C, H, W) images, got shape {tuple(x.shape)}: {channels} channels, which "
+                "looks like a batch with its channels last (B, H, W, C); put them first: x.permute(0, 3, 1, 2)"
+            )
         if channels not in (1, 3) and active:
             raise ValueError(
                 f"{', '.join(active)} need 1 or 3 channels, got {channels}; set saturation=0, "

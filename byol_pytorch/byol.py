@@ -607,6 +607,8 @@ class BYOL(nn.Module):
                 fix = "x.expand(-1, 3, -1, -1) turns grayscale into the 3 channels the net takes"
             elif self.channels == 1 and x.shape[1] == 3:
                 fix = "byol_pytorch.data.match_channels(x, 1) turns colour into the luma channel the net takes"
+            elif x.ndim == 4 and x.shape[3] == self.channels:
+                fix = "a batch with its channels last (B, H, W, C) needs them first: x.permute(0, 3, 1, 2)"
             else:
                 fix = f"convert the images to {self.channels} channels"
             raise ValueError(

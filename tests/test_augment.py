@@ -368,6 +368,16 @@ def test_one_channel_and_four_channel_inputs():
     assert four(images(4, c=4)).shape == (4, 4, 8, 8)
 
 
+def test_a_channels_last_batch_is_named_with_the_permute():
+    """A data-API probe: a (B, H, W, 3) batch was told to turn saturation, hue and grayscale off, and with them
+    off made 40-channel views without a word."""
+    last = images(4, c=3, h=40, w=40).permute(0, 2, 3, 1)
+    for aug in (BYOLAugment(32), BYOLAugment(32, saturation=0, hue=0, grayscale_p=0)):
+        with pytest.raises(ValueError, match=r"channels last \(B, H, W, C\); put them first: x.permute\(0, 3, 1, 2\)"):
+            aug(last)
+    assert BYOLAugment(32)(last.permute(0, 3, 1, 2)).shape == (4, 3, 32, 32)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu_and_draws_on_device():
     aug, x = BYOLAugment(16, view=2), images(32, seed=70)

@@ -708,6 +708,7 @@ def test_probe_failure_names_the_shape():
             r"empty batch \(B = 0\); pass at least 2 images to train on .* at least 1 to embed",
         ),
         (torch.rand(4, 1, 32, 32), ValueError, "expects 3 channels"),
+        (torch.rand(4, 32, 32, 3), ValueError, r"channels last \(B, H, W, C\) needs them first: x.permute"),
         (torch.rand(3, 32, 32), ValueError, "4D batch"),
         (torch.zeros(4, 3, 32, 32, dtype=torch.int32), TypeError, "uint8"),
         ([1, 2, 3], TypeError, "tensor"),

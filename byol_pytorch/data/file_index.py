@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from .._atomic import atomic_write
-from .._modules import PathLike
+from .._modules import PathLike, user_path
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -423,7 +423,7 @@ def index_images(root: PathLike) -> FileIndex:
         >>> [index_images(folder).relative(i) for i in range(2)]
         ['a/b.png', 'a-b.png']
     """
-    return _scan(Path(root))[0]
+    return _scan(user_path(root))[0]
 
 
 def _strings(values: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -578,9 +578,10 @@ def scan_with_cache(root: PathLike, cache: PathLike | None) -> tuple[FileIndex, 
     Returns:
         ``(index, save)``; ``save`` is None when the cache was valid (or there is none).
     """
-    root = Path(root)
+    root = user_path(root)
     if cache is None:
         return index_images(root), None
+    cache = user_path(cache)
     check_folder(root)
     cached = load_cached_index(cache, root)
     if cached is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import numbers
+import operator
 import os
 import stat
 import struct
@@ -27,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from .._modules import PathLike
+from .._modules import PathLike, user_path
 from .file_index import (
     IMAGE_EXTENSIONS,
     RUN_FOLDER_FILES,
@@ -53,6 +54,7 @@ __all__ = [
     "read_or_next",
     "ImageFolder",
     "LabelledImageFolder",
+    "loose_images",
     "load_size_for",
     "match_channels",
 ]
@@ -438,6 +440,7 @@ class ImageFolder(_ImageFiles):
     """
 
     def __init__(self, root: PathLike, load_size: int, channels: int = 3, index: FileIndex | None = None) -> None:
+        root = user_path(root)
         if index is None:
             index = index_images(root)
         elif not isinstance(index, FileIndex):
@@ -465,16 +468,21 @@ def _same_folder(one: PathLike, other: PathLike) -> bool:
         return os.path.abspath(one) == os.path.abspath(other)
 
 
-def _warn_loose_images(root: Path) -> None:
-    """Images beside the class sub-folders belong to no class: one warning says they are left out."""
-    with os.scandir(root) as entries:
-        loose = sorted(
+def loose_images(root: PathLike) -> list[str]:
+    """The names of the images directly in a labelled folder, beside its class sub-folders: no class's."""
+    with os.scandir(user_path(root)) as entries:
+        return sorted(
             entry.name
             for entry in entries
             if not _is_hidden(entry.name)
             and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
             and entry.is_file()
         )
+
+
+def _warn_loose_images(root: Path) -> None:
+    """Images beside the class sub-folders belong to no class: one warning says they are left out."""
+    loose = loose_images(root)
     if loose:
         shown = ", ".join(map(repr, loose[:3])) + (", ..." if len(loose) > 3 else "")
         warnings.warn(
@@ -514,7 +522,7 @@ class LabelledImageFolder(_ImageFiles):
     """
 
     def __init__(self, root: PathLike, load_size: int, channels: int = 3, classes: Sequence[str] | None = None) -> None:
-        root_path = Path(root)
+        root_path = user_path(root)
         check_folder(root_path)
         found = sorted(entry.name for entry in root_path.iterdir() if entry.is_dir() and not _is_hidden(entry.name))
         runs = [name for name in found if _holds_a_run(root_path / name)]  # its curves are no class
@@ -561,14 +569,26 @@ class LabelledImageFolder(_ImageFiles):
         return image, int(self._labels[used])
 
 
-def load_size_for(image_size: int) -> int:
+def load_size_for(image_size: int | tuple[int, int]) -> int:
     """The side images are loaded at for views of ``image_size``: ``image_size * 256 / 224``, rounded.
 
+    Images load as squares: for views of (height, width) the longer side counts.
+
     Examples:
-        >>> load_size_for(224), load_size_for(32), load_size_for(8)
-        (256, 37, 9)
+        >>> load_size_for(224), load_size_for(32), load_size_for(8), load_size_for((32, 48))
+        (256, 37, 9, 55)
     """
-    return max(image_size, round(image_size * LOAD_RATIO))
+    given = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size,)
+    try:
+        if not 1 <= len(given) <= 2 or any(isinstance(s, bool) for s in given):
+            raise TypeError
+        sides = [operator.index(s) for s in given]  # an int, or a numpy integer
+    except TypeError:
+        raise TypeError(f"image_size must be a side (int) or (height, width) of ints, got {image_size!r}") from None
+    if min(sides) < 1:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    side = max(sides)
+    return max(side, round(side * LOAD_RATIO))
 
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert("L")
@@ -578,7 +598,12 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     """(B, C, H, W) images with ``channels`` channels.
 
     RGB to one channel is the luma Pillow's ``convert("L")`` gives (ITU-R 601: 0.299 R + 0.587 G +
-    0.114 B; uint8 stays uint8, rounded); otherwise the first channel (gray) is replicated.
+    0.114 B; uint8 stays uint8, rounded); to more channels, the first (gray) is replicated, as a
+    view (``expand``: clone it before an in-place edit), the input a net of more channels than
+    the data's trains on.
+
+    Raises:
+        ValueError: any other conversion to fewer channels (RGBA to RGB, RGB to 2), which has no one meaning.
 
     Examples:
         >>> match_channels(torch.zeros(2, 1, 4, 4), 3).shape
@@ -592,4 +617,9 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
         weights = torch.tensor(_LUMA, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
         gray = (images.float() * weights).sum(dim=1, keepdim=True)
         return gray.round().clamp(0, 255).to(torch.uint8) if images.dtype == torch.uint8 else gray.to(images.dtype)
+    if images.shape[1] > channels:  # a probe: RGBA became its red channel three times over, RGB to 2 was taken
+        raise ValueError(
+            f"match_channels makes more channels of the first, or 1 of 3, not {channels} of {images.shape[1]}: "
+            "convert the images first (RGBA to RGB: composite the alpha, or drop it with x[:, :3])"
+        )
     return images[:, :1].expand(-1, channels, -1, -1)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, default_collate
 
 __all__ = ["collate_images", "ignore_signals_in_worker", "make_loader", "worker_init"]
 
@@ -161,7 +161,7 @@ def make_loader(
             ``IterableDataset`` orders itself, as ``ShardDataset``'s shuffle buffer does, and ignores it).
         drop_last: drop the last incomplete batch.
         sampler: e.g. an ``EpochSampler`` (it orders and splits the data itself).
-        seed: the loader's own generator (shuffle order, workers' base seed): starting an epoch
+        seed: the shuffle order (the same whatever the workers) and the workers' base seed: starting an epoch
             never draws from torch's global generator, which the augmentations use.
         pin_memory: page-locked batches for faster host-to-GPU copies; None: when CUDA is available.
         collate_fn: how samples become a batch; None: ``collate_images`` for datasets whose
@@ -198,11 +198,14 @@ def make_loader(
             )
     if collate_fn is None and batch_size is not None:
         collate_fn = collate_images if getattr(dataset, "collate", None) == "images" else default_collate
+    if shuffle and sampler is None:  # its own generator: the order of every epoch is the seed's, whatever
+        # the workers (the loader's generator gives each new iterator its workers' base seed: a draw
+        # per epoch without persistent workers, one only with them)
+        sampler = RandomSampler(dataset, generator=_PicklableGenerator().manual_seed(seed))  # type: ignore[arg-type]
     _warn_many_workers(workers)
     return _Loader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=workers,
         collate_fn=collate_fn,

@@ -43,7 +43,7 @@ import numpy as np
 from .._atomic import atomic_write, names_the_file
 from .._modules import PathLike
 from .file_index import index_images
-from .folder import BrokenImageError, LabelledImageFolder, apply_pixel_limit, decode_image
+from .folder import BrokenImageError, LabelledImageFolder, apply_pixel_limit, decode_image, loose_images
 from .remote import is_remote, redact
 from .remote_shards import count_shards, expand_remote, index_document
 from .shards import INCOMPLETE_NAME, expand_shards, shard_samples
@@ -192,7 +192,9 @@ def make_shards(
         labelled = LabelledImageFolder(root, 8) if labels else None
     files = labelled.paths if labelled is not None else index_images(root)
     targets = labelled.targets if labelled is not None else None
-    left_out = len(index_images(root)) - len(files) if labelled is not None else 0  # images not in a class folder
+    # images not in a class folder (a count of the whole tree would differ: a folder linked as two classes is
+    # read once by index_images and once per class by LabelledImageFolder)
+    left_out = len(loose_images(root)) if labelled is not None else 0
     target.mkdir(parents=True, exist_ok=True)
     marker = target / INCOMPLETE_NAME
     if marker.exists():

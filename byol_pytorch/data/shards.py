@@ -56,6 +56,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import numbers
 import os
 import random
 import re
@@ -69,7 +70,7 @@ from typing import IO, Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .._modules import PathLike
+from .._modules import PathLike, user_path
 from .folder import (
     IMAGE_EXTENSIONS,
     BrokenImageError,
@@ -170,6 +171,7 @@ def expand_shards(spec: str | Sequence[PathLike]) -> list[Path]:
         ValueError: no shard, a shard that is not a file, or shards of an interrupted ``shards make``.
     """
     if isinstance(spec, str):
+        spec = os.path.expanduser(spec)
         braceexpand, _ = _webdataset()
         if _brace_pattern(spec):
             paths = [Path(p) for p in braceexpand.braceexpand(spec)]
@@ -187,7 +189,7 @@ def expand_shards(spec: str | Sequence[PathLike]) -> list[Path]:
             paths = [Path(spec)]
     else:
         _webdataset()
-        paths = [Path(p) for p in spec]
+        paths = [user_path(p) for p in spec]
     _check_complete(dict.fromkeys(p.parent for p in paths))
     missing = [p for p in paths if not p.is_file()]
     if not paths or missing:
@@ -390,6 +392,7 @@ class ShardDataset(IterableDataset):
         multiple_of: int = 1,
     ) -> None:
         check_load_size(load_size, channels)
+        _check_reading(batch_size, rank, world_size, workers, multiple_of)
         apply_pixel_limit()  # a bad BYOL_PYTORCH_MAX_IMAGE_PIXELS stops here, not in a loader worker
         self.paths, self.counts = self._locate(shards)
         self.load_size, self.channels, self.batch_size = load_size, channels, batch_size
@@ -538,6 +541,20 @@ class ShardDataset(IterableDataset):
         local = (worker + self.start_batch) % self.per_rank
         done = (self.start_batch - local + self.per_rank - 1) // self.per_rank  # its batches already used
         yield from self.reader_batches(self.epoch, self.rank * self.per_rank + local, done)
+
+
+def _check_reading(batch_size: int, rank: int, world_size: int, workers: int, multiple_of: int) -> None:
+    """A ``TypeError`` / ``ValueError`` for a ``ShardDataset`` argument out of range (a probe: ``batch_size=0`` was a
+    ZeroDivisionError, ``rank=5`` of 2 blamed shards changed during the run)."""
+    least = {"batch_size": 1, "world_size": 1, "workers": 0, "multiple_of": 1, "rank": 0}
+    given = {"batch_size": batch_size, "world_size": world_size, "workers": workers, "multiple_of": multiple_of}
+    for name, value in {**given, "rank": rank}.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < least[name]:
+            raise ValueError(f"{name} must be at least {least[name]}, got {value}")
+    if rank >= world_size:
+        raise ValueError(f"rank {rank} is out of range for world_size {world_size}: ranks are 0 to {world_size - 1}")
 
 
 def _label(data: bytes) -> int:

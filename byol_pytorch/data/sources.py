@@ -68,7 +68,7 @@ _NEEDS_LABELS = (
 
 
 def as_spec(spec: str | os.PathLike) -> str:
-    """A data spec as text: a ``pathlib.Path`` (any ``os.PathLike``) becomes its ``str``.
+    """A data spec as text: a ``pathlib.Path`` (any ``os.PathLike``) becomes its ``str``, a leading ``~`` expanded.
 
     Raises:
         ValueError: anything else that is not a non-empty str.
@@ -77,7 +77,7 @@ def as_spec(spec: str | os.PathLike) -> str:
         spec = os.fspath(spec)
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"a data spec must be a non-empty string or path ({DATA_FORMS}), got {spec!r}")
-    return spec
+    return os.path.expanduser(spec)  # a local path's; cifar10:~/x and hf:~/x expand their own
 
 
 def local_path(spec: str) -> str | None:
@@ -523,12 +523,18 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
     Map-style data (items whose first entry is the image): ``count`` indices evenly spaced over
     the whole dataset (a folder sorted by class gives every class its share), broken ones
     replaced as the dataset replaces them (or left out, in a kNN's data: ``UNREADABLE``). A
-    stream (tar shards): its first ``count`` readable images. For the BatchNorm statistics of
-    clean images (``recalibrate_batchnorm``).
+    stream (tar shards, also the training reader's batches): its first ``count`` readable images.
+    For the BatchNorm statistics of clean images (``recalibrate_batchnorm``).
     """
     images: list[torch.Tensor] = []
     read = 0
-    if isinstance(dataset, IterableDataset):
+    if isinstance(dataset, (ShardDataset, RemoteShardDataset)):  # training batches: (images, skipped)
+        for batch, _ in dataset:
+            read += len(batch)
+            images.extend(batch.unbind(0)[: count - len(images)])  # unreadable ones are already replaced
+            if len(images) >= count:
+                break
+    elif isinstance(dataset, IterableDataset):
         for item in dataset:
             read += 1
             if len(item) < 4 or item[3]:  # ShardSamples' (image, label, key, readable)

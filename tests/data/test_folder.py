@@ -309,6 +309,19 @@ def test_a_loader_goes_to_spawned_processes_and_keeps_its_order(tmp_path):
     assert torch.equal(copied.get_state(), loader.generator.get_state()) and type(copied) is type(loader.generator)
 
 
+def test_the_shuffle_order_of_every_epoch_is_the_seeds_whatever_the_workers():
+    """A data-API probe: from the second epoch on, workers=2 (persistent) gave another order than workers=0 for
+    one seed: each new iterator drew its workers' base seed from the generator the shuffle used too."""
+    data = torch.arange(12.0)
+    orders = {}
+    for workers in (0, 2):
+        loader = make_loader(data, batch_size=3, workers=workers, seed=3, pin_memory=False)
+        orders[workers] = [torch.cat(list(loader)).tolist() for _ in range(3)]
+    assert orders[0] == orders[2]
+    assert len({tuple(epoch) for epoch in orders[0]}) == 3  # each epoch reshuffled
+    assert all(sorted(epoch) == data.tolist() for epoch in orders[0])
+
+
 def test_a_worker_start_up_cut_short_does_not_hang_the_exit(tmp_path):
     """Probe: eval --workers 200 under 'ulimit -n 256' printed 'too many open files' and then hung for ever at exit:
     the workers started before the failure ignore SIGTERM, and no iterator held them for the exit hook to kill."""
@@ -585,6 +598,17 @@ def test_load_size_for_is_the_imagenet_ratio_rounded(image_size, expected):
     assert load_size_for(image_size) == expected == max(image_size, int(image_size * 8 / 7 + 0.5))
 
 
+def test_load_size_for_a_height_and_width_loads_the_longer_side():
+    # Images load as squares, so views of (h, w) need the longer side; BYOL takes (h, w) too.
+    assert load_size_for((32, 48)) == load_size_for(48) == load_size_for([48, 32]) == 55
+    assert load_size_for(np.int64(32)) == 37
+    for bad in (32.0, True, "32", (1, 2, 3), ()):
+        with pytest.raises(TypeError, match=r"image_size must be a side \(int\) or \(height, width\)"):
+            load_size_for(bad)
+    with pytest.raises(ValueError, match="image_size must be positive"):
+        load_size_for((0, 32))
+
+
 def test_match_channels_replicates_gray_and_keeps_matching_batches():
     gray = torch.arange(2 * 4 * 4, dtype=torch.uint8).reshape(2, 1, 4, 4)
     rgb = match_channels(gray, 3)
@@ -595,6 +619,10 @@ def test_match_channels_replicates_gray_and_keeps_matching_batches():
     assert match_channels(colour, 3) is colour  # nothing to do: the same tensor
     luma = 0.299 * colour[:, :1] + 0.587 * colour[:, 1:2] + 0.114 * colour[:, 2:]
     torch.testing.assert_close(match_channels(colour, 1), luma)  # gray as Pillow's convert("L") makes it
+    assert torch.equal(match_channels(colour, 4), colour[:, :1].expand(-1, 4, -1, -1))  # a 4-channel net's input
+    for given, channels in ((4, 3), (3, 2), (4, 1)):  # a probe: RGBA became its red channel three times over
+        with pytest.raises(ValueError, match=rf"not {channels} of {given}: convert the images first .*x\[:, :3\]"):
+            match_channels(torch.rand(2, given, 4, 4), channels)
 
 
 def test_a_loop_left_by_an_error_in_a_worker_does_not_hang_the_exit(tmp_path):
@@ -667,3 +695,22 @@ def test_a_macos_archive_folder_is_no_class(tmp_path, make_labelled):
     (root / "__MACOSX" / "class_0" / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble, not a PNG
     (root / "lost+found").mkdir()  # final read: a volume's root holds it, and it was refused as an empty class
     assert LabelledImageFolder(root, 8).classes == ["class_0", "class_1"]
+
+
+def test_a_leading_tilde_is_the_home_folder_in_every_python_data_entry(tmp_path, monkeypatch, make_shards):
+    """A data-API probe: open_unlabelled("~/imgs") said the folder does not exist, where cifar10:~/... and
+    hf:~/... specs and every CLI flag expand it (so does torchvision's ImageFolder)."""
+    from byol_pytorch.data import load_or_scan, open_labelled, open_unlabelled
+    from byol_pytorch.data.shards import ShardSamples
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for label in ("a", "b"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / "imgs" / label / f"{i}.png")
+    make_shards(tmp_path / "shards", shards=2, per_shard=3, broken=False)
+    assert len(index_images("~/imgs")) == len(load_or_scan("~/imgs", "~/index.npz")) == 4
+    assert (tmp_path / "index.npz").is_file()
+    assert len(ImageFolder("~/imgs", 8)) == len(open_unlabelled("~/imgs", 8)) == 4
+    assert LabelledImageFolder("~/imgs", 8).classes == ["a", "b"] and len(open_labelled("~/imgs", 8)) == 4
+    assert len(open_unlabelled("~/shards", 8)) == len(ShardSamples("~/shards/train-{0000..0001}.tar", 8)) == 6

@@ -393,3 +393,20 @@ def test_a_full_disk_while_packing_names_the_shard_and_leaves_no_temporary(tmp_p
     assert not list(out.iterdir())  # and the finished ones and the marker: the make can run again (a probe)
     monkeypatch.setattr(tarfile.TarFile, "addfile", real)
     assert cli.main(["shards", "make", "--data", str(messy), "--out", str(out), "--shard-size", "4KB"]) == 0
+
+
+def test_labelled_shards_count_the_images_left_out_beside_the_classes(tmp_path):
+    """A data-API probe: the images left out were counted as the whole tree's images minus the labelled ones, so one
+    folder linked as two classes (read once by the tree's scan, once per class) gave -3 and hid 3 loose images."""
+    from byol_pytorch.data.shard_writer import make_shards
+
+    (tmp_path / "store" / "cats").mkdir(parents=True)
+    (tmp_path / "root" / "dog").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "store" / "cats" / f"{i}.png")
+        Image.new("RGB", (8, 8), (0, 40 * i, 0)).save(tmp_path / "root" / f"loose{i}.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "root" / "dog" / "d.png")
+    for name in ("cat", "kitten"):
+        (tmp_path / "root" / name).symlink_to(tmp_path / "store" / "cats")
+    made = make_shards(tmp_path / "root", tmp_path / "shards", 10**9, labels=True)
+    assert made.unlabelled == 3 and sum(made.counts) == 7  # 3 cats twice (two classes) and a dog

@@ -233,6 +233,37 @@ def test_fewer_shards_than_processes_names_the_fix_that_applies(tmp_path, make_s
         ShardDataset(pattern, 9, batch_size=2, world_size=2, workers=1)
 
 
+@pytest.mark.parametrize(
+    "given, error, match",
+    [
+        ({"batch_size": 0}, ValueError, "batch_size must be at least 1, got 0"),
+        ({"batch_size": 2.0}, TypeError, "batch_size must be an int, got float"),
+        ({"world_size": 2, "rank": 5}, ValueError, "rank 5 is out of range for world_size 2: ranks are 0 to 1"),
+        ({"rank": -1}, ValueError, "rank must be at least 0"),
+        ({"workers": -1}, ValueError, "workers must be at least 0"),
+        ({"multiple_of": 0}, ValueError, "multiple_of must be at least 1"),
+    ],
+)
+def test_shard_reading_arguments_out_of_range_are_named(tmp_path, make_shards, given, error, match):
+    """A data-API probe: batch_size=0 was a ZeroDivisionError; rank 5 of 2 said the shards changed during the run."""
+    pattern = make_shards(tmp_path / "shards", shards=2, per_shard=4, broken=False)
+    with pytest.raises(error, match=match):
+        ShardDataset(pattern, 8, **{"batch_size": 2, **given})
+
+
+def test_sample_images_of_the_training_reader_gives_images_not_batches(tmp_path, make_shards):
+    """A data-API probe: the training reader's (batch, skipped) items were stacked whole, a 5-D tensor
+    counted in batches, which recalibrate_batchnorm then failed on with a bare conv2d error."""
+    from byol_pytorch.data.shards import ShardSamples
+    from byol_pytorch.data.sources import sample_images
+
+    pattern = make_shards(tmp_path / "shards", shards=2, per_shard=4, broken=False)
+    batched = sample_images(ShardDataset(pattern, 8, batch_size=3, seed=0), 5)
+    assert batched.shape == (5, 3, 8, 8) and batched.dtype == torch.uint8
+    every = {bytes(image.numpy()) for image, *_ in ShardSamples(pattern, 8)}  # each image is one of the data's
+    assert {bytes(image.numpy()) for image in batched} <= every
+
+
 def test_shards_without_an_image_member_name_the_data_for_the_clean_statistics(tmp_path):
     """A remote probe: shards of .txt/.json members only said "--bn-stats clean: no readable image to estimate
     BatchNorm statistics from", naming neither the data nor what is wrong with it."""
