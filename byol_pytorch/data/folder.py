@@ -492,6 +492,21 @@ def _warn_loose_images(root: Path) -> None:
         )
 
 
+def _warn_shared_class_folders(root: Path, names: Sequence[str]) -> None:
+    """Class sub-folders that are one folder (links to it): its images count once per class, under each label."""
+    by_folder: dict[str, list[str]] = {}
+    for name in names:
+        by_folder.setdefault(os.path.realpath(root / name), []).append(name)
+    shared = [group for group in by_folder.values() if len(group) > 1]
+    if shared:
+        named = "; ".join(" and ".join(map(repr, group)) for group in shared[:3])
+        warnings.warn(
+            f"class sub-folders of {str(root)!r} are one folder through links ({named}): its images count in each "
+            "of those classes, under each label; link each class to its own folder",
+            stacklevel=3,
+        )
+
+
 class LabelledImageFolder(_ImageFiles):
     """Images in one sub-folder per class (``ROOT/CLASS_NAME/.../image.jpg``), for evaluation.
 
@@ -532,6 +547,7 @@ class LabelledImageFolder(_ImageFiles):
         if not found:
             raise ValueError(f"{str(root_path)!r} has no class sub-folders; expected ROOT/CLASS_NAME/image.jpg")
         _warn_loose_images(root_path)
+        _warn_shared_class_folders(root_path, found)
         names = list(found) if classes is None else list(classes)
         unknown = [name for name in found if name not in names]
         if unknown:
