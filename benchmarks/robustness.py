@@ -589,8 +589,18 @@ def fill_ranks(args: argparse.Namespace) -> None:
 
 
 def planned(args: argparse.Namespace) -> list[list[str]]:
-    """Argument lists of the cells not yet in the folder ``--results``."""
+    """Argument lists of the cells not yet in the folder ``--results``.
+
+    A cli cell of ``ours`` that a probe of the family's default recipe fills (``cli_defaults``: the one the
+    table shows) is not planned again.
+    """
     cells = []
+    found = [
+        c
+        for c in load_cells(args.results)
+        if c.get("image_size", 32) == args.image_size and c["steps"] == args.steps and ":" in c["contender"]
+    ]
+    by_probe = {(c["backbone"], c["seed"]) for c in cli_defaults(found, [])}
     wanted = args.contenders or CONTENDERS
     for seed in args.seeds:
         for backbone in args.backbones:
@@ -601,6 +611,8 @@ def planned(args: argparse.Namespace) -> list[list[str]]:
             for loop in args.loops:
                 for contender in args.contenders or PLAN_CONTENDERS[loop]:
                     if contender in BASELINES or (contender == "lightly" and loop != "adam" and not args.contenders):
+                        continue
+                    if (loop, contender) == ("cli", "ours") and (backbone, seed) in by_probe:
                         continue
                     if not cell_path(
                         args.results, backbone, loop, contender, seed, args.steps, args.image_size

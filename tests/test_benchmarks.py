@@ -649,6 +649,26 @@ def test_robustness_plan_prints_module_commands(tmp_path, capsys):
     ]
 
 
+def test_robustness_plan_counts_a_probe_of_the_cli_default_as_its_cell(tmp_path, capsys):
+    """A docs probe: --plan listed 6 cli cells that the table fills from probes of the family's default recipe
+    (``cli_defaults``), and --run would have run them again, 17 minutes each."""
+    import json
+
+    from byol_pytorch.app.recipe import family_lr, optimizer_for
+
+    script = _load("robustness")
+    per_256 = family_lr("mobilenetv3_small_100")  # the cell's batch is 256
+    default = f"ours:optimizer={optimizer_for('mobilenetv3_small_100')[0]}" + (f",lr={per_256:g}" if per_256 else "")
+    cell = {"backbone": "mobilenetv3_small_100", "loop": "cli", "seed": 0, "steps": 200, "batch_size": 256}
+    (tmp_path / "probe.json").write_text(json.dumps({**cell, "contender": default, "knn": 60.0}))
+    plan = ["--plan", "--results", str(tmp_path), "--backbones", "mobilenetv3_small_100", "--loops", "cli"]
+    args = script.get_args_parser().parse_args([*plan, "--seeds", "0", "1"])
+    assert [c for c in script.planned(args) if c[1:3] == ["cli", "ours"]] == [
+        ["mobilenetv3_small_100", "cli", "ours", "1"]
+    ]
+    assert script.cli_defaults([{**cell, "contender": default, "knn": 60.0}], [])  # the table takes it as the cell
+
+
 def test_robustness_view_probes_feed_ours_the_contenders_views(peer_available):
     """``ours:views=peer|lightly``: our learner, their views; ``draw=batch``, ``loss_scale``: one part of theirs."""
     import argparse
@@ -840,6 +860,11 @@ def test_demo_step_smoke(tmp_path):
     assert out.read_text().startswith("# The demo's step under two settings\n\nMachine: ")
     with pytest.raises(SystemExit, match="'poll' is not a demo setting"):
         script.main(script.get_args_parser().parse_args(["--smoke", "--b", "poll=2"]))
+    # the defaults time two settings (a docs probe: the demo against itself); the same two are refused
+    defaults = script.get_args_parser().parse_args(["--smoke"])
+    assert script._settings(defaults.a, True) != script._settings(defaults.b, True)
+    with pytest.raises(SystemExit, match="settings A and B are the same"):
+        script.main(script.get_args_parser().parse_args(["--smoke", "--a", "pool=2", "--b", "pool=2"]))
     with pytest.raises(SystemExit, match="--pool must be positive, got 0"):  # the demo's own checks
         script.main(script.get_args_parser().parse_args(["--smoke", "--b", "pool=0"]))
 

@@ -102,6 +102,7 @@ class KnnMonitor:
         self.num_classes: int | None = None
         self.scored: list[int] = []  # the bank's classes with held-out images, and its others (``features``)
         self.unscored: list[int] = []
+        self.unbanked: list[int] = []  # classes with held-out images and none in the bank: never matched
         self.queries_scored = 0  # held-out images of the last evaluation
         self.unreadable = 0  # images of the last evaluation that could not be read (left out)
         self.missing: list[str] = []  # declared classes with no readable image in the last evaluation
@@ -142,37 +143,53 @@ class KnnMonitor:
         self.num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
         self.missing = self.missing_classes(torch.cat([bank_labels, query_labels]))
         banked = set(bank_labels.tolist())
-        self.scored = sorted(set(query_labels.tolist()) & banked)
-        self.unscored = sorted(banked - set(self.scored))
+        queried = set(query_labels.tolist())
+        self.scored = sorted(queried & banked)
+        self.unscored = sorted(banked - queried)
+        self.unbanked = sorted(queried - banked)
         return bank, bank_labels, queries, query_labels
 
     def held_out_warning(self, once: bool = False) -> str | None:
-        """The warning line when classes of the bank have no held-out image (None: every class is scored), from the
-        last ``features`` call: the accuracy says nothing of them (one class held out: nothing at all). With
+        """The warning line when classes of the bank have no held-out image, or held-out images have no class in the
+        bank (None: every class is scored and can be matched), from the last ``features`` call: the accuracy says
+        nothing of the first (one class held out: nothing at all), and the second's queries are never right. With
         ``once``, also None after it has been given once (a run's periodic evaluations name them once)."""
-        if not self.unscored or (once and self._held_out_named):
+        if not (self.unscored or self.unbanked) or (once and self._held_out_named):
             return None
         self._held_out_named = self._held_out_named or once
         classes = getattr(_base(self.bank), "classes", None)
-        named = [
-            str(classes[c]) if isinstance(classes, (list, tuple)) and c < len(classes) else str(c)
-            for c in self.unscored
-        ]
-        shown = ", ".join(named[:5]) + (", ..." if len(named) > 5 else "")
-        banked = len(self.unscored) + len(self.scored)
+
+        def shown(indices: list[int]) -> str:
+            named = [
+                str(classes[c]) if isinstance(classes, (list, tuple)) and c < len(classes) else str(c) for c in indices
+            ]
+            return ", ".join(named[:5]) + (", ..." if len(named) > 5 else "")
+
+        every = len(self.unscored) + len(self.scored) + len(self.unbanked)
         held = _base(self.queries)
         root, split = getattr(held, "root", None), getattr(held, "split", None)  # a folder's, an hf: dataset's
         where = root if isinstance(root, Path) else f"split {split!r}" if isinstance(split, str) else None
-        fix = (
-            f"add images of those classes to the held-out split ({where})"
-            if held is not _base(self.bank) and where is not None
-            else "give those classes more images (every fifth image of a class sub-folder is held out, every fifth "
-            "sample of shards), or a val/ folder with images of every class"
-        )
-        return (
-            f"the held-out images are of {len(self.scored)} of the {banked} classes ({shown}: none held out), so "
-            f"the accuracy says nothing of those; {fix}"
-        )
+        if held is not _base(self.bank) and where is not None:  # a split of its own
+            fixes = [f"add images of those classes to the held-out split ({where})"] if self.unscored else []
+            fixes += ["add images of the classes with none to fit to the training split"] if self.unbanked else []
+            fix = "; ".join(fixes)
+        else:
+            fix = (
+                "give those classes more images (every fifth image of a class sub-folder is held out, every fifth "
+                "sample of shards), or a val/ folder with images of every class"
+            )
+        parts = []
+        if self.unscored:
+            parts.append(
+                f"the held-out images are of {len(self.scored) + len(self.unbanked)} of the {every} classes "
+                f"({shown(self.unscored)}: none held out), so the accuracy says nothing of those"
+            )
+        if self.unbanked:  # a probe: a one-sample class of shards went to the held-out images, named nowhere
+            parts.append(
+                f"{len(self.unbanked)} of the {every} classes have held-out images and none to fit "
+                f"({shown(self.unbanked)}), so their held-out images are never matched"
+            )
+        return f"{'; '.join(parts)}; {fix}"
 
     def missing_warning(self, spec: str, once: bool = False) -> str | None:
         """The warning line for the classes of the last evaluation that had no readable image (None: none;

@@ -8,6 +8,7 @@ embedding of the same images.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import tarfile
@@ -367,6 +368,24 @@ def test_eval_names_the_classes_no_held_out_image_scores(checkpoint, tmp_path, c
         "(c: none held out), so the accuracy says nothing of those; add images of those classes to the held-out "
         "split (split 'validation')"
     )
+    # held-out images of a class the bank lacks (a probe: a one-sample class of shards went to the held-out images,
+    # named in neither count, its queries never right). Shards: every fifth sample (positions 4, 9) is held out.
+    webdataset = pytest.importorskip("webdataset")
+    (tmp_path / "shards").mkdir()
+    with webdataset.TarWriter(str(tmp_path / "shards" / "val-0000.tar")) as sink:
+        for i, label in enumerate([0, 1, 0, 1, 2, 0, 1, 0, 1, 0]):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(png, format="PNG")
+            sink.write({"__key__": f"s{i:02d}", "png": png.getvalue(), "cls": label})
+    argv = ["eval", "--data", str(tmp_path / "shards" / "val-0000.tar"), "--checkpoint", str(checkpoint), "--knn"]
+    assert cli.main(argv) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "held-out" in line]
+    assert warned == [
+        "byol-pytorch: warning: the held-out images are of 2 of the 3 classes (1: none held out), so the accuracy "
+        "says nothing of those; 1 of the 3 classes have held-out images and none to fit (2), so their held-out "
+        "images are never matched; give those classes more images (every fifth image of a class sub-folder is held "
+        "out, every fifth sample of shards), or a val/ folder with images of every class"
+    ]
 
 
 def test_ids_are_one_line_each_and_shards_of_one_name_in_two_folders_get_distinct_ids(tmp_path, checkpoint):
