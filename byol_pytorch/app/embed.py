@@ -302,12 +302,33 @@ def data_identity(spec: str) -> str:
     return os.path.abspath(path)
 
 
+def _finished_as_this(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -> bool:
+    """``embed.json`` in ``out`` records this run's data, checkpoint, step, samples and settings (and no stopped
+    run's progress file is beside it)."""
+    if (out / STATE).exists():
+        return False
+    try:
+        summary = json.loads((out / "embed.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    typed = {identity["data"], redact(args.data)}  # a summary of the version before holds --data as typed
+    return isinstance(summary, dict) and all(
+        summary.get(k) in typed if k == "data" else summary.get(k) == v
+        for k, v in identity.items()
+        if k != "bn_stats"  # the summary says how the statistics came (re-estimated on N images), not the flag
+    )
+
+
 def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -> dict[str, Any] | None:
     """The stopped run's progress (``--resume``), checked against this one; None for a new run."""
     path, finished = out / STATE, not (out / STATE).exists() and (out / "embed.json").exists()
     again = "choose another --out, or remove the folder to embed again"
-    if finished:  # nothing to continue, whether --resume was given or not
-        raise UserError(f"{out} already holds finished embeddings (embed.json); {again}")
+    if finished:  # nothing to continue
+        raise UserError(
+            f"{out} already holds finished embeddings (embed.json) of other data, checkpoint or settings; {again}"
+            if args.resume
+            else f"{out} already holds finished embeddings (embed.json); {again}"
+        )
     if not args.resume:
         if path.exists():
             raise UserError(f"{out} holds a stopped embed run; pass --resume to continue it, or {again}")
@@ -575,6 +596,12 @@ def run_embed(args: argparse.Namespace) -> int:
         except ValueError as error:  # a resumed run's files changed since it stopped: nothing was written
             raise UserError(f"--resume: {error}; embed again into another --out (or remove {out})") from None
 
+    if args.resume and _finished_as_this(out, args, identity):  # a requeued job's: as train --resume of a finished run
+        print(
+            f"byol-pytorch: the embed run in {out} is finished ({out / 'embed.json'}), of this data, checkpoint and "
+            "settings: nothing to do (remove the folder or choose another --out to embed again)"
+        )
+        return 0
     with _locked(out, args, identity, open_outputs) as (state, outputs):  # one embed per --out at a time
         done_ids = outputs.done_ids if state and outputs.vectors.rows else None
         rest = _remaining(items, outputs.items, done_ids)

@@ -194,12 +194,19 @@ def test_embed_float16_and_a_stopped_run_resumes_to_the_same_files(sources, chec
     assert (part / "ids.txt").read_text() == (whole / "ids.txt").read_text()
     a, b = np.load(whole / "embeddings.npy"), np.load(part / "embeddings.npy")
     assert a.dtype == np.float16 and np.array_equal(a, b) and not (part / "embed_state.json").exists()
-    # A finished folder: with or without --resume, one line that says so and names the way out (before: the
-    # first said "pass --resume", the second "drop --resume").
-    for again in ([], ["--resume"]):
-        assert cli.main([*base, "--out", str(whole), *again]) == 1
-        err = capsys.readouterr().err
-        assert "already holds finished embeddings (embed.json); choose another --out, or remove the folder" in err
+    # A finished folder: without --resume, one line that says so and names the way out (before: it said "pass
+    # --resume"); --resume of the same run has nothing to do and exits 0, as train --resume of a finished run (a
+    # requeued job's; before: exit 1), and of another run says so.
+    assert cli.main([*base, "--out", str(whole)]) == 1
+    err = capsys.readouterr().err
+    assert "already holds finished embeddings (embed.json); choose another --out, or remove the folder" in err
+    finished = (whole / "embeddings.npy").read_bytes()
+    assert cli.main([*base, "--out", str(whole), "--resume"]) == 0
+    assert f"the embed run in {whole} is finished" in capsys.readouterr().out
+    assert (whole / "embeddings.npy").read_bytes() == finished
+    assert cli.main([*base, "--out", str(whole), "--resume", "--labels"]) == 1
+    err = capsys.readouterr().err
+    assert "already holds finished embeddings (embed.json) of other data, checkpoint or settings; choose" in err
 
 
 def test_a_second_embed_into_a_folder_in_use_is_refused_and_the_first_is_unharmed(
