@@ -78,7 +78,7 @@ from ._hidden import OUTPUT as _OUTPUT
 from ._hidden import HiddenLayer, OutputKey, call_net, checkpointing_hint, pool_hidden, select_output
 from ._modules import deepcopy_module, module_device_dtype, saved_modes
 
-__all__ = ["BackboneProbe", "detect_input_name", "infer_channels", "probe_backbone"]
+__all__ = ["BackboneProbe", "detect_input_name", "infer_channels", "layer_by_name", "probe_backbone"]
 
 _PROBE_BATCH = 2
 _CANDIDATES = 5
@@ -722,6 +722,18 @@ def _named_module(net: nn.Module, module: nn.Module) -> tuple[str, nn.Module | N
         "wrapped (a copy of the net, or a module of another one?); pass one of net's own modules "
         "(e.g. net.layer4), its name from net.named_modules(), or 'auto'"
     )
+
+
+def layer_by_name(net: nn.Module, hidden_layer: HiddenLayer) -> HiddenLayer:
+    """A ``hidden_layer`` given as a module, as its name in ``net`` (-1 for the net itself); any other form as is.
+
+    For code that changes the net's modules before ``BYOL`` sees it (``convert_sync_batchnorm`` replaces
+    every BatchNorm): the name still finds the layer.
+    """
+    if not isinstance(hidden_layer, nn.Module):
+        return hidden_layer
+    name, _ = _named_module(net, hidden_layer)
+    return -1 if name == _OUTPUT else name
 
 
 def _resolve_layer(net: nn.Module, hidden_layer: HiddenLayer) -> tuple[str, nn.Module | None]:

@@ -679,7 +679,7 @@ class BYOLAugment(nn.Module):
             )
             if on
         ]
-        if channels not in (1, 3) and x.shape[3] in (1, 3):  # a width of 1 or 3 pixels: the channels
+        if channels > 4 and x.shape[3] in (1, 3):  # a width of 1 or 3 pixels and many "channels": the channels
             raise ValueError(
                 f"the views take (B, C, H, W) images, got shape {tuple(x.shape)}: {channels} channels, which "
                 "looks like a batch with its channels last (B, H, W, C); put them first: x.permute(0, 3, 1, 2)"

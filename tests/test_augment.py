@@ -376,6 +376,8 @@ def test_a_channels_last_batch_is_named_with_the_permute():
         with pytest.raises(ValueError, match=r"channels last \(B, H, W, C\); put them first: x.permute\(0, 3, 1, 2\)"):
             aug(last)
     assert BYOLAugment(32)(last.permute(0, 3, 1, 2)).shape == (4, 3, 32, 32)
+    four = BYOLAugment(8, saturation=0, hue=0, grayscale_p=0)  # 4 channels 3 pixels wide: images, as before
+    assert four(images(2, c=4, h=8, w=3)).shape == (2, 4, 8, 8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

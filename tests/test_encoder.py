@@ -230,6 +230,23 @@ def test_a_module_object_stands_for_its_name():
     assert torch.allclose(whole(x, return_embedding=True, return_projection=False), net(x), atol=1e-5)
 
 
+def test_a_module_as_the_layer_survives_the_sync_batchnorm_conversion_by_name():
+    """A review: BYOLTrainer converts BatchNorm to SyncBatchNorm under CUDA DDP before BYOL sees the net, which
+    replaced a BatchNorm given as the layer; its name (``layer_by_name``, taken first) still finds it."""
+    from byol_pytorch._discovery import layer_by_name
+    from byol_pytorch.batchnorm import convert_sync_batchnorm
+
+    net = torchvision.models.resnet18(weights=None)
+    layer = net.layer4[1].bn2
+    name = layer_by_name(net, layer)
+    assert name == "layer4.1.bn2" and layer_by_name(net, net) == -1 and layer_by_name(net, "avgpool") == "avgpool"
+    converted = convert_sync_batchnorm(net)
+    with pytest.raises(ValueError, match="not a submodule"):
+        BYOL(converted, 32, hidden_layer=layer, **SMALL)
+    learner = BYOL(converted, 32, hidden_layer=name, **SMALL)
+    assert learner.hidden_layer == "layer4.1.bn2" and learner.representation_size == 512
+
+
 def test_a_module_of_another_net_is_refused_with_the_fix():
     net = torchvision.models.resnet18(weights=None)
     other = torchvision.models.resnet18(weights=None)

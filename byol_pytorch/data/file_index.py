@@ -494,9 +494,9 @@ def load_cached_index(path: PathLike, root: PathLike) -> FileIndex | None:
     missing, truncated, corrupt or foreign file (another root, another format or
     extension list) gives None, never an error.
     """
-    root = Path(root)
+    root = user_path(root)
     try:
-        with np.load(path, allow_pickle=False) as arrays:
+        with np.load(user_path(path), allow_pickle=False) as arrays:
             version = _array(arrays, "version", np.int64, 1)
             extensions = _array(arrays, "extensions", np.uint8).tobytes()
             if int(version[0]) != _FORMAT_VERSION or extensions != " ".join(IMAGE_EXTENSIONS).encode():
@@ -558,7 +558,7 @@ def load_or_scan(root: PathLike, cache: PathLike | None = None) -> FileIndex:
         cache: the cache file (``.npz``); None scans without a cache.
 
     Returns:
-        The index, with ``root`` as given.
+        The index, with ``root`` as given (a leading ``~`` expanded).
 
     Raises:
         ValueError: see ``index_images``.

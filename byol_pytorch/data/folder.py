@@ -493,16 +493,26 @@ def _warn_loose_images(root: Path) -> None:
 
 
 def _warn_shared_class_folders(root: Path, names: Sequence[str]) -> None:
-    """Class sub-folders that are one folder (links to it): its images count once per class, under each label."""
-    by_folder: dict[str, list[str]] = {}
-    for name in names:
-        by_folder.setdefault(os.path.realpath(root / name), []).append(name)
-    shared = [group for group in by_folder.values() if len(group) > 1]
-    if shared:
-        named = "; ".join(" and ".join(map(repr, group)) for group in shared[:3])
+    """Class sub-folders that hold the same images through links (one folder linked twice, a link to the root or
+    into another class): those images count once per class, under each label."""
+
+    def within(inner: str, outer: str) -> bool:
+        return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+    real = {name: os.path.realpath(root / name) for name in names}
+    top = os.path.realpath(root)
+    overlaps = [
+        f"{a!r} and {b!r}"
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if within(real[a], real[b]) or within(real[b], real[a])
+    ]
+    overlaps += [f"{name!r} and the root" for name in names if within(top, real[name])]
+    if overlaps:
+        named = "; ".join(overlaps[:3]) + ("; ..." if len(overlaps) > 3 else "")
         warnings.warn(
-            f"class sub-folders of {str(root)!r} are one folder through links ({named}): its images count in each "
-            "of those classes, under each label; link each class to its own folder",
+            f"class sub-folders of {str(root)!r} hold the same images through links ({named}): those images count "
+            "in each of those classes, under each label; link each class to a folder of its own",
             stacklevel=3,
         )
 
@@ -614,12 +624,12 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     """(B, C, H, W) images with ``channels`` channels.
 
     RGB to one channel is the luma Pillow's ``convert("L")`` gives (ITU-R 601: 0.299 R + 0.587 G +
-    0.114 B; uint8 stays uint8, rounded); to more channels, the first (gray) is replicated, as a
-    view (``expand``: clone it before an in-place edit), the input a net of more channels than
-    the data's trains on.
+    0.114 B; uint8 stays uint8, rounded), and to two that luma twice; to more channels, the first
+    (gray) is replicated, as a view (``expand``: clone it before an in-place edit), the input a net
+    of more channels than the data's trains on.
 
     Raises:
-        ValueError: any other conversion to fewer channels (RGBA to RGB, RGB to 2), which has no one meaning.
+        ValueError: any other conversion to fewer channels (RGBA to RGB), which has no one meaning.
 
     Examples:
         >>> match_channels(torch.zeros(2, 1, 4, 4), 3).shape
@@ -629,13 +639,14 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     """
     if images.shape[1] == channels:
         return images
-    if images.shape[1] == 3 and channels == 1:
+    if images.shape[1] == 3 and channels < 3:  # images load with 3 channels for a net of 2 (--in-chans 2)
         weights = torch.tensor(_LUMA, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
         gray = (images.float() * weights).sum(dim=1, keepdim=True)
-        return gray.round().clamp(0, 255).to(torch.uint8) if images.dtype == torch.uint8 else gray.to(images.dtype)
-    if images.shape[1] > channels:  # a probe: RGBA became its red channel three times over, RGB to 2 was taken
+        gray = gray.round().clamp(0, 255).to(torch.uint8) if images.dtype == torch.uint8 else gray.to(images.dtype)
+        return gray.expand(-1, channels, -1, -1)
+    if images.shape[1] > channels:  # a probe: RGBA became its red channel three times over
         raise ValueError(
-            f"match_channels makes more channels of the first, or 1 of 3, not {channels} of {images.shape[1]}: "
-            "convert the images first (RGBA to RGB: composite the alpha, or drop it with x[:, :3])"
+            f"match_channels makes more channels of the first, or fewer of RGB, not {channels} of "
+            f"{images.shape[1]}: convert the images first (RGBA to RGB: composite the alpha, or drop it with x[:, :3])"
         )
     return images[:, :1].expand(-1, channels, -1, -1)

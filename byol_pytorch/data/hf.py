@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .._modules import PathLike
+from .._modules import PathLike, user_path
 from .file_index import IMAGE_EXTENSIONS
 from .folder import BrokenImageError, apply_pixel_limit, check_load_size, decode_image, load_image, read_or_next
 
@@ -180,7 +180,7 @@ def _local_path(path: PathLike) -> Path:
     """``hf:``'s PATH as a path (``~`` expanded, as for ``cifar10:``); an empty one is an error, not the cwd."""
     if not str(path).strip():
         raise ValueError(f"hf: needs a path after the colon (hf:PATH); {_LOCAL_ONLY}")
-    return Path(path).expanduser()
+    return user_path(path)
 
 
 def _load(path: Path) -> Any:

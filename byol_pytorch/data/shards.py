@@ -171,7 +171,7 @@ def expand_shards(spec: str | Sequence[PathLike]) -> list[Path]:
         ValueError: no shard, a shard that is not a file, or shards of an interrupted ``shards make``.
     """
     if isinstance(spec, str):
-        spec = os.path.expanduser(spec)
+        spec = os.fspath(user_path(spec)) if spec.startswith("~") else spec  # a pattern otherwise as given
         braceexpand, _ = _webdataset()
         if _brace_pattern(spec):
             paths = [Path(p) for p in braceexpand.braceexpand(spec)]
@@ -424,6 +424,7 @@ class ShardDataset(IterableDataset):
 
     def with_workers(self, workers: int) -> ShardDataset:
         """This dataset read by ``workers`` loader workers per process (the counts are not read again)."""
+        _check_reading(self.batch_size, self.rank, self.world_size, workers, self.multiple_of)
         view = copy.copy(self)
         view._plan(workers)
         return view

@@ -528,8 +528,8 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
     """
     images: list[torch.Tensor] = []
     read = 0
-    if isinstance(dataset, (ShardDataset, RemoteShardDataset)):  # training batches: (images, skipped)
-        for batch, _ in dataset:
+    if isinstance(dataset, ShardDataset):  # training batches (remote ones too): (images, skipped)
+        for batch, _ in dataset.with_workers(0):  # read here, whatever the loader workers it was built for
             read += len(batch)
             images.extend(batch.unbind(0)[: count - len(images)])  # unreadable ones are already replaced
             if len(images) >= count:

@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from .._atomic import atomic_write
+from .._discovery import layer_by_name
 from .._hidden import HiddenLayer
 from .._modules import whole_number
 from ..batchnorm import convert_sync_batchnorm
@@ -195,6 +196,7 @@ class BYOLTrainer(nn.Module):
             )
         self.ctx = setup_distributed(device)
         if self.ctx.distributed and self.ctx.device.type == "cuda":
+            hidden_layer = layer_by_name(net, hidden_layer)  # a BatchNorm given as the layer is replaced next
             net = convert_sync_batchnorm(net)  # a frozen BatchNorm stays frozen
         self.net = net
         self.byol = BYOL(net, image_size=image_size, hidden_layer=hidden_layer, **(byol_kwargs or {}))

@@ -170,8 +170,8 @@ class KnnMonitor:
         root, split = getattr(held, "root", None), getattr(held, "split", None)  # a folder's, an hf: dataset's
         where = root if isinstance(root, Path) else f"split {split!r}" if isinstance(split, str) else None
         if held is not _base(self.bank) and where is not None:  # a split of its own
-            fixes = [f"add images of those classes to the held-out split ({where})"] if self.unscored else []
-            fixes += ["add images of the classes with none to fit to the training split"] if self.unbanked else []
+            fixes = [f"add images of {shown(self.unscored)} to the held-out split ({where})"] if self.unscored else []
+            fixes += [f"add images of {shown(self.unbanked)} to the training split"] if self.unbanked else []
             fix = "; ".join(fixes)
         else:
             fix = (
@@ -186,8 +186,8 @@ class KnnMonitor:
             )
         if self.unbanked:  # a probe: a one-sample class of shards went to the held-out images, named nowhere
             parts.append(
-                f"{len(self.unbanked)} of the {every} classes have held-out images and none to fit "
-                f"({shown(self.unbanked)}), so their held-out images are never matched"
+                f"{len(self.unbanked)} of the {every} classes {'has' if len(self.unbanked) == 1 else 'have'} "
+                f"held-out images and none to fit ({shown(self.unbanked)}), so those are never matched"
             )
         return f"{'; '.join(parts)}; {fix}"
 

@@ -353,7 +353,7 @@ def test_eval_names_the_classes_no_held_out_image_scores(checkpoint, tmp_path, c
         warned = [line for line in capsys.readouterr().err.splitlines() if "held-out" in line]
         assert warned == [
             "byol-pytorch: warning: the held-out images are of 2 of the 3 classes (coat: none held out), so the "
-            f"accuracy says nothing of those; add images of those classes to the held-out split "
+            f"accuracy says nothing of those; add images of coat to the held-out split "
             f"({tmp_path / 'split' / 'val'})"
         ], layout
     datasets = pytest.importorskip("datasets")  # an hf: dataset's own validation split: named as such
@@ -372,7 +372,7 @@ def test_eval_names_the_classes_no_held_out_image_scores(checkpoint, tmp_path, c
     assert cli.main(["eval", "--data", f"hf:{tmp_path / 'hf'}", "--checkpoint", str(checkpoint), "--knn"]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "held-out" in line]
     assert len(warned) == 1 and warned[0].endswith(
-        "(c: none held out), so the accuracy says nothing of those; add images of those classes to the held-out "
+        "(c: none held out), so the accuracy says nothing of those; add images of c to the held-out "
         "split (split 'validation')"
     )
     # held-out images of a class the bank lacks (a probe: a one-sample class of shards went to the held-out images,
@@ -389,9 +389,35 @@ def test_eval_names_the_classes_no_held_out_image_scores(checkpoint, tmp_path, c
     warned = [line for line in capsys.readouterr().err.splitlines() if "held-out" in line]
     assert warned == [
         "byol-pytorch: warning: the held-out images are of 2 of the 3 classes (1: none held out), so the accuracy "
-        "says nothing of those; 1 of the 3 classes have held-out images and none to fit (2), so their held-out "
-        "images are never matched; give those classes more images (every fifth image of a class sub-folder is held "
-        "out, every fifth sample of shards), or a val/ folder with images of every class"
+        "says nothing of those; 1 of the 3 classes has held-out images and none to fit (2), so those are never "
+        "matched; give those classes more images (every fifth image of a class sub-folder is held out, every fifth "
+        "sample of shards), or a val/ folder with images of every class"
+    ]
+
+
+def test_eval_names_both_kinds_of_unmatched_classes_each_with_its_fix(checkpoint, tmp_path, capsys):
+    """A review: with a split of its own, "add images of those classes to the held-out split" followed the clause
+    on the classes with none to fit, so it named the wrong ones. Here boot has no held-out image and coat's only
+    training files are unreadable."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split, counts in (("train", {"bag": 5, "boot": 5, "coat": 0}), ("val", {"bag": 2, "coat": 2})):
+        for name, count in counts.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                    tmp_path / split / name / f"{i}.png"
+                )
+    for i in range(2):
+        (tmp_path / "train" / "coat" / f"{i}.png").write_bytes(b"not a png")
+    assert cli.main(["eval", "--data", str(tmp_path), "--checkpoint", str(checkpoint), "--knn"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "held-out" in line]
+    assert warned == [
+        "byol-pytorch: warning: the held-out images are of 2 of the 3 classes (boot: none held out), so the accuracy "
+        "says nothing of those; 1 of the 3 classes has held-out images and none to fit (coat), so those are never "
+        f"matched; add images of boot to the held-out split ({tmp_path / 'val'}); add images of coat to the "
+        "training split"
     ]
 
 

@@ -620,7 +620,9 @@ def test_match_channels_replicates_gray_and_keeps_matching_batches():
     luma = 0.299 * colour[:, :1] + 0.587 * colour[:, 1:2] + 0.114 * colour[:, 2:]
     torch.testing.assert_close(match_channels(colour, 1), luma)  # gray as Pillow's convert("L") makes it
     assert torch.equal(match_channels(colour, 4), colour[:, :1].expand(-1, 4, -1, -1))  # a 4-channel net's input
-    for given, channels in ((4, 3), (3, 2), (4, 1)):  # a probe: RGBA became its red channel three times over
+    # a 2-channel net (--in-chans 2; images load with 3): the luma twice (a review: the refusal broke such runs)
+    torch.testing.assert_close(match_channels(colour, 2), luma.expand(-1, 2, -1, -1))
+    for given, channels in ((4, 3), (4, 1), (5, 2)):  # a probe: RGBA became its red channel three times over
         with pytest.raises(ValueError, match=rf"not {channels} of {given}: convert the images first .*x\[:, :3\]"):
             match_channels(torch.rand(2, given, 4, 4), channels)
 
@@ -714,3 +716,28 @@ def test_a_leading_tilde_is_the_home_folder_in_every_python_data_entry(tmp_path,
     assert len(ImageFolder("~/imgs", 8)) == len(open_unlabelled("~/imgs", 8)) == 4
     assert LabelledImageFolder("~/imgs", 8).classes == ["a", "b"] and len(open_labelled("~/imgs", 8)) == 4
     assert len(open_unlabelled("~/shards", 8)) == len(ShardSamples("~/shards/train-{0000..0001}.tar", 8)) == 6
+
+
+def test_class_folders_holding_the_same_images_through_links_are_named(tmp_path):
+    """A review: one folder linked as two classes was named, but not a class linked to the root (every image again
+    under its label) or into another class."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("RGB", (8, 8), (90 * i, 0, 0)).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "all").symlink_to(tmp_path)
+    (tmp_path / "inner").symlink_to(tmp_path / "a")
+    with pytest.warns(
+        UserWarning, match=r"through links \('a' and 'all'; 'a' and 'inner'; 'all' and 'b'; \.\.\.\): those images"
+    ):
+        data = LabelledImageFolder(tmp_path, 8)
+    assert data.classes == ["a", "all", "b", "inner"]
+    (tmp_path / "all").unlink()
+    (tmp_path / "inner").unlink()
+    (tmp_path / "b").rename(tmp_path.parent / f"{tmp_path.name}_b")  # a class linked to a folder of its own
+    (tmp_path / "b").symlink_to(tmp_path.parent / f"{tmp_path.name}_b")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning
+        assert len(LabelledImageFolder(tmp_path, 8).targets) == 4

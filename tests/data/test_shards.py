@@ -249,6 +249,8 @@ def test_shard_reading_arguments_out_of_range_are_named(tmp_path, make_shards, g
     pattern = make_shards(tmp_path / "shards", shards=2, per_shard=4, broken=False)
     with pytest.raises(error, match=match):
         ShardDataset(pattern, 8, **{"batch_size": 2, **given})
+    with pytest.raises(ValueError, match="workers must be at least 0, got -1"):
+        ShardDataset(pattern, 8, batch_size=2).with_workers(-1)
 
 
 def test_sample_images_of_the_training_reader_gives_images_not_batches(tmp_path, make_shards):
@@ -260,6 +262,8 @@ def test_sample_images_of_the_training_reader_gives_images_not_batches(tmp_path,
     pattern = make_shards(tmp_path / "shards", shards=2, per_shard=4, broken=False)
     batched = sample_images(ShardDataset(pattern, 8, batch_size=3, seed=0), 5)
     assert batched.shape == (5, 3, 8, 8) and batched.dtype == torch.uint8
+    # a reader built for loader workers (train's, BYOLTrainer's) is read here all the same (a review)
+    assert sample_images(ShardDataset(pattern, 8, batch_size=1, workers=2, seed=0), 5).shape == (5, 3, 8, 8)
     every = {bytes(image.numpy()) for image, *_ in ShardSamples(pattern, 8)}  # each image is one of the data's
     assert {bytes(image.numpy()) for image in batched} <= every
 
