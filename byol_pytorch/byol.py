@@ -827,6 +827,9 @@ class BYOL(nn.Module):
 
         if self.training:  # read by the next EMA step; written, never read here (a compiled graph guards on reads)
             self._trained_since_update = True
+        # The lazy copy is made before the online net runs: the target starts from the online net's state as it was,
+        # BatchNorm running statistics included, as the paper's target is initialised (not after the first updates).
+        target = self._get_target_encoder() if self.use_momentum else None
         view_one = self._view(self.augment1, x)  # (B, C, h, w)
         view_two = self._view(self.augment2, x)
         if self.views_in_one_batch:
@@ -850,9 +853,8 @@ class BYOL(nn.Module):
             if not self.use_momentum and not compiling:
                 self.collapse_monitor.poll()  # SimSiam: no update_moving_average() to read it
 
-        if self.use_momentum:
+        if target is not None:
             with torch.no_grad():
-                target = self._get_target_encoder()
                 if self.views_in_one_batch:
                     target_one, target_two = target(views)[0].chunk(2)
                 else:

@@ -136,6 +136,27 @@ def test_heads_are_parameters_before_first_forward_and_target_is_lazy():
     assert all(id(p) in ids for p in learner.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("one_batch", [False, True])
+def test_the_target_starts_from_the_online_nets_batchnorm_state_as_it_was(one_batch):
+    """A method probe: the lazy copy was made after the online net's first forward, so the target's BatchNorm running
+    statistics began with the online net's first updates (num_batches_tracked 4 against 2 after a step); the paper's
+    target is initialised as the online net is. Each net's statistics are now its own forwards' alone."""
+    net = small_cnn()
+    same = nn.Identity()  # one view twice: the two nets' statistics can be compared
+    learner = BYOL(net, 32, views_in_one_batch=one_batch, augment_fn=same, augment_fn2=same, **SMALL)
+    bns = [name for name, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    before = {name: net.get_submodule(name).running_mean.clone() for name in bns}
+    x = torch.rand(4, 3, 32, 32)
+    learner(x)
+    target = learner.target_encoder.net
+    forwards = 1 if one_batch else 2
+    for name in bns:
+        online_bn, target_bn = net.get_submodule(name), target.get_submodule(name)
+        assert int(online_bn.num_batches_tracked) == int(target_bn.num_batches_tracked) == forwards
+        assert not torch.equal(online_bn.running_mean, before[name])
+        torch.testing.assert_close(target_bn.running_mean, online_bn.running_mean)  # equal weights, same input
+
+
 @pytest.mark.filterwarnings("ignore:update_moving_average\\(\\) was called again")  # EMA steps alone, on purpose
 def test_update_moving_average_equals_formula():
     learner = BYOL(small_cnn(), image_size=32, moving_average_decay=0.9, **SMALL)
