@@ -499,15 +499,16 @@ def _warn_shared_class_folders(root: Path, names: Sequence[str]) -> None:
     def within(inner: str, outer: str) -> bool:
         return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
-    real = {name: os.path.realpath(root / name) for name in names}
-    top = os.path.realpath(root)
-    overlaps = [
-        f"{a!r} and {b!r}"
-        for i, a in enumerate(names)
-        for b in names[i + 1 :]
-        if within(real[a], real[b]) or within(real[b], real[a])
-    ]
-    overlaps += [f"{name!r} and the root" for name in names if within(top, real[name])]
+    top, real = os.path.realpath(root), [(os.path.realpath(root / name), name) for name in names]
+    overlaps: list[str] = []
+    enclosing: list[tuple[str, str]] = []  # the folders (real path, name) that hold the one looked at, innermost last
+    for path, name in sorted(real):  # a holder before its insides
+        while enclosing and not within(path, enclosing[-1][0]):
+            enclosing.pop()
+        if enclosing:  # the innermost one that holds it (sorted: n log n for 21k classes, not every pair)
+            overlaps.append(f"{enclosing[-1][1]!r} and {name!r}")
+        enclosing.append((path, name))
+    overlaps += [f"{name!r} and the root" for path, name in real if within(top, path)]
     if overlaps:
         named = "; ".join(overlaps[:3]) + ("; ..." if len(overlaps) > 3 else "")
         warnings.warn(

@@ -728,7 +728,7 @@ def test_class_folders_holding_the_same_images_through_links_are_named(tmp_path)
     (tmp_path / "all").symlink_to(tmp_path)
     (tmp_path / "inner").symlink_to(tmp_path / "a")
     with pytest.warns(
-        UserWarning, match=r"through links \('a' and 'all'; 'a' and 'inner'; 'all' and 'b'; \.\.\.\): those images"
+        UserWarning, match=r"through links \('all' and 'a'; 'a' and 'inner'; 'all' and 'b'; \.\.\.\): those images"
     ):
         data = LabelledImageFolder(tmp_path, 8)
     assert data.classes == ["a", "all", "b", "inner"]
