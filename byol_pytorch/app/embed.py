@@ -302,6 +302,12 @@ def data_identity(spec: str) -> str:
     return os.path.abspath(path)
 
 
+def _differing(record: dict[str, Any], args: argparse.Namespace, identity: dict[str, Any]) -> list[str]:
+    """The keys of ``identity`` (this run's) that a progress file or summary ``record`` holds otherwise."""
+    typed = {identity["data"], redact(args.data)}  # a record of the version before holds --data as typed
+    return [k for k, v in identity.items() if (record.get(k) not in typed if k == "data" else record.get(k) != v)]
+
+
 def _finished_as_this(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -> bool:
     """``embed.json`` in ``out`` records this run's data, checkpoint, step, samples and settings (and no stopped
     run's progress file is beside it)."""
@@ -311,12 +317,8 @@ def _finished_as_this(out: Path, args: argparse.Namespace, identity: dict[str, A
         summary = json.loads((out / "embed.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         return False
-    typed = {identity["data"], redact(args.data)}  # a summary of the version before holds --data as typed
-    return isinstance(summary, dict) and all(
-        summary.get(k) in typed if k == "data" else summary.get(k) == v
-        for k, v in identity.items()
-        if k != "bn_stats"  # the summary says how the statistics came (re-estimated on N images), not the flag
-    )
+    # the summary says how the statistics came (re-estimated on N images), not the flag
+    return isinstance(summary, dict) and _differing(summary, args, identity) in ([], ["bn_stats"])
 
 
 def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -344,13 +346,7 @@ def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -
         raise UserError(f"--resume: {path} is not the progress file an embed run writes (it was changed); {again}")
     # A state written before the count (or the labels) was kept has none: _check_same_samples still compares the
     # ids, and the files their rows
-    typed = {identity["data"], redact(args.data)}  # a progress file of the version before holds --data as typed
-    differs = [
-        k
-        for k, v in identity.items()
-        if (state.get(k) not in typed if k == "data" else state.get(k) != v)
-        and (k not in ("samples", "labels") or k in state)
-    ]
+    differs = [k for k in _differing(state, args, identity) if k not in ("samples", "labels") or k in state]
     if differs == ["samples"]:  # the same data, other contents
         raise UserError(
             f"--resume: --data now holds {identity['samples']} samples, the stopped run's {state.get('samples')}: "

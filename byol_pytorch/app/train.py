@@ -30,12 +30,11 @@ import shlex
 import signal
 import sys
 import time
-import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,7 +63,7 @@ from ..data import (
 from ..data.file_index import INDEX_CACHE_NAME, scan_with_cache
 from ..data.folder import ImageFolder, NoReadableImagesError
 from ..data.remote import RemoteReadError, ShardReadWarning, is_remote, redact
-from ..data.remote_shards import SHARD_COUNTS_NAME, counts_with_cache, expand_remote
+from ..data.remote_shards import SHARD_COUNTS_NAME, counts_with_cache, expand_remote, shard_file_name
 from ..data.sampling import DataOrder, EpochSampler, step_batches
 from ..data.shards import ShardDataset, epoch_batches, expand_shards, make_shard_loader, shard_workers
 from ..data.sources import check_shard_index, is_remote_shards, local_path
@@ -684,8 +683,8 @@ def _data_digest(dataset: Any) -> str | None:
 
 
 def _shard_name(location: str) -> str:
-    """A shard's file name, wherever it lies: a URL's without its query (a signed URL's token rotates), a
-    ``pipe:`` command's last URL or path in it, a local path's last part.
+    """A shard's file name, wherever it lies (``remote_shards.shard_file_name``: a URL's without its query, a
+    signed URL's token rotates), of a ``pipe:`` command its last URL or path.
 
     Examples:
         >>> [_shard_name(s) for s in ("https://h/d/a-01.tar?sig=x", "pipe:aws s3 cp s3://b/a-01.tar -", "/d/a-01.tar")]
@@ -694,7 +693,7 @@ def _shard_name(location: str) -> str:
     if location.startswith("pipe:"):
         words = [word for word in location[5:].split() if ".tar" in word]
         location = words[-1] if words else location
-    return PurePosixPath(urllib.parse.urlsplit(location).path if "://" in location else location).name
+    return shard_file_name(location)
 
 
 def _data_changed(run: Run, shards: bool, changes: list[str]) -> None:

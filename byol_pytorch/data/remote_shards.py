@@ -74,6 +74,7 @@ __all__ = [
     "index_document",
     "load_index",
     "remote_counts",
+    "shard_file_name",
     "write_index",
 ]
 
@@ -178,7 +179,7 @@ def _read_bytes(location: str) -> bytes:
             time.sleep(policy.wait(attempt))
 
 
-def _shard_name(location: str) -> str:
+def shard_file_name(location: str) -> str:
     """The part of a shard's location after the last ``/``: of an http(s) URL its path's, without the query or
     fragment (an object store's key may hold ``?`` or ``#``: ``s3://`` and ``gs://`` keys are taken whole)."""
     if location.lower().startswith(("http://", "https://")):
@@ -218,10 +219,10 @@ def load_index(index: str, locations: Sequence[str]) -> list[int]:
             'expected {"wids_version": 1, "shardlist": [{"url": ..., "nsamples": ...}]} '
             "(byol-pytorch shards index writes one)"
         ) from None
-    by_name = {_shard_name(url): n for url, n in by_url.items()}
+    by_name = {shard_file_name(url): n for url, n in by_url.items()}
     counts, missing = [], []
     for location in locations:
-        count = by_url.get(redact(location), by_name.get(_shard_name(location)))
+        count = by_url.get(redact(location), by_name.get(shard_file_name(location)))
         if count is None:
             missing.append(location)
         counts.append(count or 0)
