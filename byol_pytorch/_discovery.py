@@ -12,7 +12,8 @@ The hidden layer can be named three ways, as in lucidrains/byol-pytorch, and a f
   what the net returns:
 
   - a tensor: the input of the final classifier ``nn.Linear`` (a forward pre-hook) when
-    the output is that Linear's output; else the output itself (``num_classes=0``);
+    the output is that Linear's output (unless that Linear is the net's first layer: its input
+    is the images); else the output itself (``num_classes=0``);
   - a mapping or a ``transformers`` ``ModelOutput`` (duck-typed: a ``Mapping``, a
     dataclass, or anything with ``.to_tuple()``): with a classifier (its ``logits``
     entry is a Linear's output), the input of that classifier; else ``pooler_output``
@@ -39,7 +40,8 @@ The hidden layer can be named three ways, as in lucidrains/byol-pytorch, and a f
     norm's tokens; a module whose output is one head's input, PiT's dropout, is passed over).
 
   A net whose output has none of these gets an error listing the layers that would
-  work, last first, with a ``hidden_layer="..."`` call.
+  work, last first, with a ``hidden_layer="..."`` call. A layer, chosen or named, that no
+  trainable parameter of the net reaches is an error: BYOL would train its heads only.
 
 Whatever is captured is reduced to (B, D) by :func:`pool_hidden`: 4D maps (B, C, H, W)
 are average-pooled over H and W (a (B, H, W, C) map, told apart by which of its dims fit
@@ -876,6 +878,9 @@ def probe_backbone(
     use_input, key = False, None
     if name == "auto":
         name, module, use_input, key = _auto_choice(trace, out, image_size)
+        if module is not None and use_input and _first_layer(trace, module, copied):  # the classifier's input: x
+            module, use_input, key = None, False, _representation_key(out, image_size)
+            name = _key_name(key)
     elif module is None:  # -1: the net's output, or its representation entry
         key = _representation_key(out, image_size)
         name = _key_name(key)
@@ -904,6 +909,13 @@ def probe_backbone(
     except (TypeError, ValueError) as err:
         message = _with_candidates(trace, str(err).rstrip(". ;"), image_size, input_name)
         raise type(err)(message) from None
+    if not _trains_net(copied, hidden):
+        where = f"the input of {name!r}" if use_input else f"hidden layer {name!r}"
+        raise ValueError(
+            f"{where} of {type(net).__name__} depends on none of its trainable parameters (the layers before it "
+            "are frozen, requires_grad=False, or there are none): BYOL would train its own heads only and leave "
+            "the net as it is; unfreeze the layers before it (requires_grad_(True)) or pick a later hidden_layer"
+        )
     used = _graph_leaves(hidden)
     unused = tuple(n for n, p in copied.named_parameters() if p.requires_grad and id(p) not in used)
     pool = functools.partial(pool_hidden, token_pool=token_pool, layer="", advice="", channels_last=channels_last)
@@ -920,6 +932,23 @@ def probe_backbone(
         _check_training_forward(copied, x, call_name, image_size)
     original = None if module is None else net.get_submodule(trace.names[module])
     return BackboneProbe(name, original, use_input, int(dim), unused, key, call_name, channels_last)
+
+
+def _trains_net(net: nn.Module, hidden: object) -> bool:
+    """Whether ``hidden`` depends on a trainable parameter of ``net`` (True for a net with none: a frozen net)."""
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    return not trainable or bool(trainable & _graph_leaves(hidden))
+
+
+def _first_layer(trace: _Trace, module: nn.Module, net: nn.Module) -> bool:
+    """Whether ``module`` takes the images themselves: no module with parameters returned before it started, and its
+    input depends on no trainable parameter (``nn.Sequential(nn.Flatten(), nn.Linear(...))``)."""
+    for kind, other in trace.events:
+        if kind == "start" and other is module:
+            break
+        if kind == "end" and next(other.parameters(recurse=False), None) is not None:
+            return False
+    return not _trains_net(net, trace.inputs[module]) or not any(p.requires_grad for p in net.parameters())
 
 
 def _check_training_forward(copied: nn.Module, x: torch.Tensor, call_name: str | None, image_size: tuple) -> None:

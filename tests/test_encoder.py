@@ -537,10 +537,10 @@ def test_a_keyword_net_called_positionally_gets_the_input_name_advice():
     class Kw(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc = nn.Linear(3, 2)
+            self.conv, self.fc = nn.Conv2d(3, 3, 1), nn.Linear(3, 2)
 
         def forward(self, **inputs):  # no signature to read the keyword from
-            return self.fc(inputs["images"].mean((2, 3)))
+            return self.fc(self.conv(inputs["images"]).mean((2, 3)))
 
     with pytest.raises(ValueError, match="input_name="):
         BYOL(Kw(), image_size=8, channels=3, **SMALL)
@@ -905,3 +905,23 @@ def test_a_classifier_written_as_an_averaged_convolution_gives_its_input(make, l
         embedding = learner(x, return_embedding=True, return_projection=False)
         expected = net(x) if layer == "<output>" else net.features(x).mean((2, 3))
     assert torch.allclose(embedding, expected, atol=1e-5)
+
+
+def test_auto_takes_the_output_of_a_net_whose_classifier_is_its_first_layer():
+    # the input of the only Linear is the images themselves: BYOL would train nothing of the net
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6))
+    learner = BYOL(net, image_size=8, **SMALL)
+    assert learner.representation_size == 6 and learner.unused_parameter_names == []
+    learner(torch.rand(4, 3, 8, 8)).backward()
+    assert net[1].weight.grad is not None and net[1].weight.grad.abs().sum() > 0
+
+
+def test_a_hidden_layer_that_no_trainable_parameter_reaches_is_refused():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    net[0].requires_grad_(False)  # frozen before the classifier: "auto" (its input) would train nothing
+    with pytest.raises(ValueError, match=r"the input of '3' of Sequential depends on none of its trainable .*unfreeze"):
+        BYOL(net, image_size=8, **SMALL)
+    with pytest.raises(ValueError, match=r"hidden layer '1' of Sequential depends on none of its trainable"):
+        BYOL(nn.Sequential(nn.Flatten(), nn.Identity(), nn.Linear(3 * 8 * 8, 6)), image_size=8, hidden_layer=1, **SMALL)
+    net.requires_grad_(False)  # a frozen net trains nothing by the user's choice: accepted
+    assert BYOL(net, image_size=8, **SMALL).representation_size == 4
