@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import multiprocessing.util  # noqa: F401  (registers its exit hook now, so that ours, later, runs first)
+import numbers
 import os
 import random
 import signal
@@ -139,6 +140,18 @@ def worker_init(worker_id: int) -> None:
     ignore_signals_in_worker(worker_id)
 
 
+def _check_loader_args(workers: Any, batch_size: Any, seed: Any, shuffle: Any, drop_last: Any) -> None:
+    """``TypeError`` for arguments of ``make_loader`` of the wrong type (torch's own errors do not name them)."""
+    for name, value, none_ok in (("workers", workers, False), ("batch_size", batch_size, True), ("seed", seed, False)):
+        if not (value is None and none_ok) and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name} must be an int{' or None' if none_ok else ''}, got {value!r}")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must fit in 64 bits (as torch.manual_seed takes it), got {seed}")
+    for name, value in (("shuffle", shuffle), ("drop_last", drop_last)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int | None,
@@ -174,24 +187,35 @@ def make_loader(
         The loader.
 
     Raises:
-        ValueError: a negative worker count, a batch size below 1, or ``drop_last`` leaving
+        ValueError: a negative worker count, a batch size below 1, a batch size for a dataset that
+            batches itself (``ShardDataset``), an empty dataset to shuffle, or ``drop_last`` leaving
             no batch at all.
+        TypeError: an argument of the wrong type (``workers=1.5``, ``shuffle="no"``).
 
     Examples:
         >>> loader = make_loader(torch.arange(10.0), batch_size=4, shuffle=False)
         >>> [batch.tolist() for batch in loader]
         [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
     """
+    _check_loader_args(workers, batch_size, seed, shuffle, drop_last)
+    workers, seed, batch_size = int(workers), int(seed), None if batch_size is None else int(batch_size)
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, got {workers}")
     iterable = isinstance(dataset, IterableDataset)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1 (or None for a dataset that batches itself), got {batch_size}")
+    if batch_size is not None and getattr(dataset, "yields_batches", False):
+        raise ValueError(
+            f"{type(dataset).__name__} yields whole batches itself: pass batch_size=None (make_shard_loader does), "
+            f"not batch_size={batch_size}, which would batch its batches"
+        )
     if iterable:
         shuffle = False
-    elif batch_size is not None and drop_last:
+    elif batch_size is not None:
         samples = len(sampler) if sampler is not None else len(dataset)  # type: ignore[arg-type]
-        if samples < batch_size:
+        if samples == 0 and shuffle and sampler is None:  # (torch's RandomSampler refuses it in its own words)
+            raise ValueError("the dataset holds no samples to shuffle: add images")
+        if drop_last and samples < batch_size:
             raise ValueError(
                 f"{samples} images but a batch size of {batch_size}: every batch would be "
                 "dropped; lower the batch size or add images"

@@ -378,6 +378,8 @@ class ShardDataset(IterableDataset):
         ValueError: 4 of the 4 shards of 'no/such-{0..3}.tar' are missing, e.g. 'no/such-0.tar'; ...
     """
 
+    yields_batches = True  # make_loader: batch_size=None
+
     def __init__(
         self,
         shards: str | Sequence[PathLike],

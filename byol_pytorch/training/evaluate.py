@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -67,7 +68,7 @@ def _check_label_range(y: torch.Tensor, num_classes: int, name: str) -> None:
 
 
 def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:  # numpy's ints too
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -180,6 +181,12 @@ def extract_features(
             f"the model is on {model_device} but device={device}; move it first with model.to({str(device)!r})"
         )
 
+    dataset = getattr(data, "dataset", None)  # a DataLoader's
+    if return_labels and getattr(dataset, "collate", None) == "images":
+        raise TypeError(
+            f"return_labels=True, but the loader's {type(dataset).__name__} yields (images, skipped count) "
+            "batches, not labels: read labelled images (LabelledImageFolder, open_labelled) or leave return_labels"
+        )
     chunks, label_chunks = [], []
     with saved_modes(owner), torch.no_grad():
         for batch, labels in _iter_batches(data, batch_size):
@@ -187,6 +194,11 @@ def extract_features(
                 if labels is None:
                     raise TypeError("return_labels=True needs data that yields (images, labels) pairs")
                 label_chunks.append(torch.as_tensor(labels, dtype=torch.long).reshape(-1))
+                if label_chunks[-1].numel() != batch.shape[0]:
+                    raise ValueError(
+                        f"data yielded {label_chunks[-1].numel()} labels for a batch of {batch.shape[0]} images; "
+                        "return_labels=True needs (images, labels) batches with one label per image"
+                    )
             x = batch.to(device, non_blocking=True)
             if transform is not None:
                 x = transform(x)
@@ -274,7 +286,7 @@ def knn_predict(
     _check_positive_int(num_classes, "num_classes")
     _check_positive_int(k, "k")
     _check_positive_int(batch_size, "batch_size")
-    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+    if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool) and 0 < temperature < math.inf):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     _check_label_range(train_labels, num_classes, "train_labels")
 
@@ -326,6 +338,9 @@ def knn_accuracy(
     _check_labels(test_labels, test_features.shape[0], "test_labels")
     if num_classes is None:
         num_classes = _infer_num_classes(train_labels, test_labels)
+    else:
+        _check_positive_int(num_classes, "num_classes")
+    _check_label_range(test_labels, num_classes, "test_labels")  # a query's class no prediction can be
     predictions = knn_predict(train_features, train_labels, test_features, num_classes, k=k, temperature=temperature)
     return (predictions == test_labels.to(predictions.device)).float().mean().item()
 

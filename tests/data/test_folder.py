@@ -741,3 +741,27 @@ def test_class_folders_holding_the_same_images_through_links_are_named(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning
         assert len(LabelledImageFolder(tmp_path, 8).targets) == 4
+
+
+@pytest.mark.parametrize(
+    "given, error, match",
+    [
+        (dict(workers=1.5), TypeError, "workers must be an int, got 1.5"),
+        (dict(workers="2"), TypeError, "workers must be an int, got '2'"),
+        (dict(batch_size="4"), TypeError, r"batch_size must be an int or None, got '4'"),
+        (dict(seed=1.5), TypeError, "seed must be an int, got 1.5"),
+        (dict(seed=2**70), ValueError, "seed must fit in 64 bits"),
+        (dict(shuffle="no"), TypeError, "shuffle must be True or False, got 'no'"),
+        (dict(drop_last=None), TypeError, "drop_last must be True or False, got None"),
+    ],
+)
+def test_loader_arguments_of_the_wrong_type_are_named(messy, given, error, match):
+    with pytest.raises(error, match=match):
+        make_loader(ImageFolder(messy, 8), **{"batch_size": 2, **given})
+
+
+def test_loader_of_an_empty_dataset_to_shuffle_says_so():
+    with pytest.raises(ValueError, match="the dataset holds no samples to shuffle"):
+        make_loader(torch.zeros(0, 3), batch_size=2, drop_last=False)
+    assert list(make_loader(torch.zeros(0, 3), batch_size=2, shuffle=False, drop_last=False)) == []
+    assert len(list(make_loader(torch.zeros(3, 2), 2, seed=np.int64(3)))) == 1  # numpy's int is an int

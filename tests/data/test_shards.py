@@ -8,6 +8,7 @@ import torch
 
 from byol_pytorch.data import shards as shards_module
 from byol_pytorch.data.folder import load_size_for
+from byol_pytorch.data.loader import make_loader
 from byol_pytorch.data.shards import ShardDataset, expand_shards, is_shard_spec, make_shard_loader, shard_samples
 
 pytest.importorskip("webdataset")
@@ -288,3 +289,11 @@ def test_shards_without_an_image_member_name_the_data_for_the_clean_statistics(t
     broken = [(torch.zeros(3, 8, 8, dtype=torch.uint8), 0, "a", False)] * 5
     with pytest.raises(ValueError, match=r"no readable image in 5 samples .*check the data"):
         sample_images(broken, 512)
+
+
+def test_make_loader_of_a_shard_dataset_with_a_batch_size_names_batch_size_none(tmp_path, make_shards):
+    data = ShardDataset(make_shards(tmp_path / "shards"), 9, batch_size=4, shuffle_buffer=0)
+    with pytest.raises(ValueError, match=r"ShardDataset yields whole batches itself: pass batch_size=None"):
+        make_loader(data, batch_size=2)
+    first = next(iter(make_loader(data, None)))
+    assert first[0].shape == (4, 3, 9, 9)  # a batch of images, as make_shard_loader gives it

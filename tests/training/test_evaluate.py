@@ -401,3 +401,31 @@ def test_extract_features_errors():
         extract_features(model, [{"image": images}])
     with pytest.raises(RuntimeError, match="Hint.*uint8"):
         extract_features(model, torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
+
+
+def test_knn_accuracy_refuses_query_labels_outside_the_classes():
+    features, labels = torch.eye(4), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"test_labels must lie in \[0, num_classes=2\), found values in \[-1, 1\]"):
+        knn_accuracy(features, labels, features, torch.tensor([-1, 0, 1, 0]), k=2)
+    with pytest.raises(ValueError, match=r"test_labels must lie in \[0, num_classes=2\).*\[0, 5\]"):
+        knn_accuracy(features, labels, features, torch.tensor([5, 0, 1, 0]), num_classes=2, k=2)
+    # numpy's integers count as integers (as elsewhere in the package)
+    assert knn_accuracy(features, labels, features, labels, num_classes=np.int64(2), k=np.int64(1)) == 1.0
+    assert knn_predict(features, labels, features, 2, k=1, temperature=np.float32(0.1)).tolist() == [0, 1, 0, 1]
+
+
+def test_extract_features_refuses_labels_that_are_not_one_per_image(tmp_path):
+    from PIL import Image
+
+    from byol_pytorch.data import ImageFolder, make_loader
+
+    for i in range(5):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    loader = make_loader(ImageFolder(tmp_path, 8), 2, shuffle=False, drop_last=False)
+    model = ModeProbe(pool_output=True)
+    with pytest.raises(TypeError, match=r"ImageFolder yields \(images, skipped count\).*LabelledImageFolder"):
+        extract_features(model, loader, transform=lambda x: x.float(), return_labels=True)
+    assert extract_features(model, loader, transform=lambda x: x.float()).shape[0] == 5  # its images are fine
+    pairs = [(torch.rand(3, 3, 4, 4), torch.tensor([0, 1]))]
+    with pytest.raises(ValueError, match="2 labels for a batch of 3 images"):
+        extract_features(model, pairs, return_labels=True)
