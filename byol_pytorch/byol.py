@@ -594,6 +594,12 @@ class BYOL(nn.Module):
                 )
             )
         device = next(self.online_predictor.parameters()).device
+        if device.type == "meta":  # .to() cannot copy out of meta, and the heads would have no values
+            raise ValueError(
+                "the learner's parameters are on the meta device (shapes without values; .to() cannot copy them "
+                f"out): give them memory and values with learner.to_empty(device={str(x.device)!r}) and "
+                "learner.load_state_dict(a saved learner's state), or build the net on a real device"
+            )
         if x.device != device:
             raise ValueError(
                 f"the images are on {x.device} but the learner is on {device}: move them with "

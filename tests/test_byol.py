@@ -1063,3 +1063,12 @@ def test_channel_and_single_image_messages_name_the_fix_that_works():
         learner(torch.rand(1, 3, 16, 16), return_embedding=True, return_projection=False)
     learner.eval()
     assert learner(torch.rand(1, 3, 16, 16), return_embedding=True, return_projection=False).shape == (1, 8)
+
+
+def test_a_meta_learner_called_on_images_names_to_empty_not_to():
+    """Before: 'move ... the learner with learner.to('cpu')', which raises 'Cannot copy out of meta tensor'."""
+    with torch.device("meta"):
+        net = small_cnn()
+    learner = BYOL(net, 16, **SMALL)
+    with pytest.raises(ValueError, match=r"meta device.*learner.to_empty\(device='cpu'\) and learner.load_state_dict"):
+        learner(torch.rand(4, 3, 16, 16))

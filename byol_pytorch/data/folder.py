@@ -630,7 +630,8 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     of more channels than the data's trains on.
 
     Raises:
-        ValueError: any other conversion to fewer channels (RGBA to RGB), which has no one meaning.
+        ValueError: any other conversion to fewer channels (RGBA to RGB), which has no one meaning;
+            images not (B, C, H, W); channels not a positive int.
 
     Examples:
         >>> match_channels(torch.zeros(2, 1, 4, 4), 3).shape
@@ -638,6 +639,11 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
         >>> match_channels(torch.tensor([255, 0, 0], dtype=torch.uint8).view(1, 3, 1, 1), 1).item()
         76
     """
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"match_channels expects images (B, C, H, W), got {shape}: add a batch dimension (x[None])")
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"channels must be a positive int (the net's input channels), got {channels!r}")
     if images.shape[1] == channels:
         return images
     if images.shape[1] == 3 and channels < 3:  # images load with 3 channels for a net of 2 (--in-chans 2)

@@ -19,6 +19,7 @@ held-out queries of a kNN evaluation. ``embedding_items`` turns any source into 
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -517,15 +518,23 @@ def _item_readable(item: Any) -> bool:
     return not (isinstance(item, (tuple, list)) and len(item) == 2 and item[1] == UNREADABLE)
 
 
+def _check_count(count: object) -> None:
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+        raise TypeError(f"count must be an int (how many images), got {count!r}")
+    if count < 1:
+        raise ValueError(f"count must be at least 1 (how many images), got {count}")
+
+
 def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
     """Up to ``count`` readable images of a source, spread over it: ``uint8 (n, C, S, S)``.
 
-    Map-style data (items whose first entry is the image): ``count`` indices evenly spaced over
+    Map-style data (items that are images, or whose first entry is the image): ``count`` indices evenly spaced over
     the whole dataset (a folder sorted by class gives every class its share), broken ones
     replaced as the dataset replaces them (or left out, in a kNN's data: ``UNREADABLE``). A
     stream (tar shards, also the training reader's batches): its first ``count`` readable images.
     For the BatchNorm statistics of clean images (``recalibrate_batchnorm``).
     """
+    _check_count(count)
     images: list[torch.Tensor] = []
     read = 0
     if isinstance(dataset, ShardDataset):  # training batches (remote ones too): (images, skipped)
@@ -545,7 +554,7 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
         n = len(dataset)  # type: ignore[arg-type]
         indices = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
         items = [dataset[int(i)] for i in indices]
-        images = [item[0] for item in items if _item_readable(item)]
+        images = [item[0] if isinstance(item, (tuple, list)) else item for item in items if _item_readable(item)]
         read = len(items)
     if not images:
         raise ValueError(
@@ -557,6 +566,7 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
 
 def first_items(dataset: Dataset, count: int, pick: Callable[[int], list[int]] | None = None) -> list[Any]:
     """Up to ``count`` items of a dataset: ``pick(len)`` indices of a map-style one, the first of a stream."""
+    _check_count(count)
     if isinstance(dataset, IterableDataset):
         items: list[Any] = []
         for item in dataset:

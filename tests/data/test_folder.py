@@ -765,3 +765,23 @@ def test_loader_of_an_empty_dataset_to_shuffle_says_so():
         make_loader(torch.zeros(0, 3), batch_size=2, drop_last=False)
     assert list(make_loader(torch.zeros(0, 3), batch_size=2, shuffle=False, drop_last=False)) == []
     assert len(list(make_loader(torch.zeros(3, 2), 2, seed=np.int64(3)))) == 1  # numpy's int is an int
+
+
+def test_match_channels_refuses_what_is_not_a_batch_or_a_channel_count():
+    with pytest.raises(ValueError, match=r"expects images \(B, C, H, W\), got \(3, 4, 4\): add a batch dimension"):
+        match_channels(torch.rand(3, 4, 4), 1)  # its H is not a channel count
+    with pytest.raises(ValueError, match="channels must be a positive int.*got 0"):
+        match_channels(torch.rand(2, 3, 4, 4), 0)  # was an empty (2, 0, 4, 4) batch
+
+
+def test_sample_images_of_a_tensor_dataset_and_its_count_checked():
+    from byol_pytorch.data.sources import first_items, sample_images
+
+    images = torch.arange(5 * 3 * 2 * 2, dtype=torch.float32).view(5, 3, 2, 2)
+    got = sample_images(images, 2)  # items are images: was channel 0 of each, (2, 2, 2)
+    assert torch.equal(got, images[[0, 4]])
+    for count, error in ((0, ValueError), (-3, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match="count must be"):
+            sample_images(images, count)
+    with pytest.raises(ValueError, match="count must be at least 1"):
+        first_items(images, -1)  # was [] without a word
