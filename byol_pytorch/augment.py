@@ -511,7 +511,8 @@ class BYOLAugment(nn.Module):
         generator: default torch.Generator for the draws (on the input's device).
         **overrides: any of crop_scale, crop_ratio, flip_p, jitter_p, brightness, contrast, saturation,
             hue, grayscale_p, blur_p, blur_sigma, blur_kernel_frac, interpolation, solarize_p, mean, std,
-            normalize; they win over the preset.
+            normalize; they win over the preset. ``crop_scale`` is the crop's area as a (low, high)
+            pair, as torchvision's ``scale`` (one number is refused: a minimum or a fixed area?).
 
     Attributes:
         settings: every resolved setting by name (what the view does; ``preview`` prints it and
@@ -561,6 +562,12 @@ class BYOLAugment(nn.Module):
             if not 0.0 <= settings[name] <= 1.0:  # probabilities, and the kernel's fraction of the side
                 raise ValueError(f"{name} must lie in [0, 1], got {settings[name]!r}")
             setattr(self, name, float(settings[name]))
+        if _real(_scalar(settings["crop_scale"])):  # torchvision's scale=(min, max): one number is ambiguous
+            raise ValueError(
+                f"crop_scale={settings['crop_scale']!r}: pass the crop's area as a (low, high) pair, "
+                f"({settings['crop_scale']}, 1.0) for a minimum area (the CLI's --crop-scale-min), or "
+                f"({settings['crop_scale']}, {settings['crop_scale']}) for a fixed one"
+            )
         self.crop_scale = _pair("crop_scale", settings["crop_scale"], 1e-12, 1.0)
         self.crop_ratio = _pair("crop_ratio", settings["crop_ratio"], 1e-12, math.inf)
         self.blur_sigma = _pair("blur_sigma", settings["blur_sigma"], 1e-12, math.inf)

@@ -81,7 +81,7 @@ def _check_arguments(
         raise ValueError(f"token_pool must be 'mean' or 'cls', got {token_pool!r}")
     if not isinstance(views_in_one_batch, bool):
         raise TypeError(f"views_in_one_batch must be True or False, got {views_in_one_batch!r}")
-    if sync_batchnorm not in (None, True, False):
+    if not (sync_batchnorm is None or isinstance(sync_batchnorm, bool)):  # (1 == True: not a membership test)
         raise TypeError(f"sync_batchnorm must be None, True or False, got {sync_batchnorm!r}")
     for arg, fn in augments.items():
         if fn is not None and not callable(fn):

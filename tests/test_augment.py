@@ -540,3 +540,10 @@ def test_views_are_the_same_under_another_default_dtype(default):
     for g, w in zip(got, want):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_one_number_for_the_crop_area_is_refused_with_both_meanings():
+    with pytest.raises(ValueError, match=r"crop_scale=0.2: .*\(0.2, 1.0\) for a minimum.*\(0.2, 0.2\) for a fixed"):
+        BYOLAugment(16, crop_scale=0.2)  # was a fixed area of 0.2 without a word
+    assert BYOLAugment(16, crop_scale=(0.2, 0.2)).crop_scale == (0.2, 0.2)
+    assert BYOLAugment(16, crop_scale=[0.2, 1]).crop_scale == (0.2, 1.0)

@@ -1072,3 +1072,8 @@ def test_a_meta_learner_called_on_images_names_to_empty_not_to():
     learner = BYOL(net, 16, **SMALL)
     with pytest.raises(ValueError, match=r"meta device.*learner.to_empty\(device='cpu'\) and learner.load_state_dict"):
         learner(torch.rand(4, 3, 16, 16))
+
+
+def test_sync_batchnorm_takes_a_boolean_or_none_not_one():
+    with pytest.raises(TypeError, match="sync_batchnorm must be None, True or False, got 1"):
+        BYOL(small_cnn(), 16, **SMALL, sync_batchnorm=1)
