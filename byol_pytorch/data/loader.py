@@ -19,7 +19,6 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import multiprocessing.util  # noqa: F401  (registers its exit hook now, so that ours, later, runs first)
-import numbers
 import os
 import random
 import signal
@@ -31,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, default_collate
+
+from .._modules import whole_number
 
 __all__ = ["collate_images", "ignore_signals_in_worker", "make_loader", "worker_init"]
 
@@ -140,18 +141,6 @@ def worker_init(worker_id: int) -> None:
     ignore_signals_in_worker(worker_id)
 
 
-def _check_loader_args(workers: Any, batch_size: Any, seed: Any, shuffle: Any, drop_last: Any) -> None:
-    """``TypeError`` for arguments of ``make_loader`` of the wrong type (torch's own errors do not name them)."""
-    for name, value, none_ok in (("workers", workers, False), ("batch_size", batch_size, True), ("seed", seed, False)):
-        if not (value is None and none_ok) and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-            raise TypeError(f"{name} must be an int{' or None' if none_ok else ''}, got {value!r}")
-    if not -(2**63) <= seed < 2**64:
-        raise ValueError(f"seed must fit in 64 bits (as torch.manual_seed takes it), got {seed}")
-    for name, value in (("shuffle", shuffle), ("drop_last", drop_last)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
 def make_loader(
     dataset: Dataset,
     batch_size: int | None,
@@ -197,13 +186,15 @@ def make_loader(
         >>> [batch.tolist() for batch in loader]
         [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
     """
-    _check_loader_args(workers, batch_size, seed, shuffle, drop_last)
-    workers, seed, batch_size = int(workers), int(seed), None if batch_size is None else int(batch_size)
-    if workers < 0:
-        raise ValueError(f"workers must be 0 or more, got {workers}")
+    workers, seed = whole_number("workers", workers, 0), whole_number("seed", seed, -(2**63))
+    if batch_size is not None:
+        batch_size = whole_number("batch_size", batch_size, 1, " (or None for a dataset that batches itself)")
+    if seed >= 2**64:
+        raise ValueError(f"seed must fit in 64 bits (as torch.manual_seed takes it), got {seed}")
+    for name, value in (("shuffle", shuffle), ("drop_last", drop_last)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
     iterable = isinstance(dataset, IterableDataset)
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1 (or None for a dataset that batches itself), got {batch_size}")
     if batch_size is not None and getattr(dataset, "yields_batches", False):
         raise ValueError(
             f"{type(dataset).__name__} yields whole batches itself: pass batch_size=None (make_shard_loader does), "

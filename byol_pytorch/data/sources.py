@@ -19,7 +19,6 @@ held-out queries of a kNN evaluation. ``embedding_items`` turns any source into 
 
 from __future__ import annotations
 
-import numbers
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
+from .._modules import whole_number
 from .cifar import CifarDataset, is_cifar_spec, parse_cifar_spec
 from .file_index import FileIndex, load_or_scan
 from .folder import BrokenImageError, ImageFolder, LabelledImageFolder
@@ -518,13 +518,6 @@ def _item_readable(item: Any) -> bool:
     return not (isinstance(item, (tuple, list)) and len(item) == 2 and item[1] == UNREADABLE)
 
 
-def _check_count(count: object) -> None:
-    if isinstance(count, bool) or not isinstance(count, numbers.Integral):
-        raise TypeError(f"count must be an int (how many images), got {count!r}")
-    if count < 1:
-        raise ValueError(f"count must be at least 1 (how many images), got {count}")
-
-
 def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
     """Up to ``count`` readable images of a source, spread over it: ``uint8 (n, C, S, S)``.
 
@@ -534,7 +527,7 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
     stream (tar shards, also the training reader's batches): its first ``count`` readable images.
     For the BatchNorm statistics of clean images (``recalibrate_batchnorm``).
     """
-    _check_count(count)
+    count = whole_number("count", count, 1, " (how many images)")
     images: list[torch.Tensor] = []
     read = 0
     if isinstance(dataset, ShardDataset):  # training batches (remote ones too): (images, skipped)
@@ -566,7 +559,7 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
 
 def first_items(dataset: Dataset, count: int, pick: Callable[[int], list[int]] | None = None) -> list[Any]:
     """Up to ``count`` items of a dataset: ``pick(len)`` indices of a map-style one, the first of a stream."""
-    _check_count(count)
+    count = whole_number("count", count, 1, " (how many images)")
     if isinstance(dataset, IterableDataset):
         items: list[Any] = []
         for item in dataset:

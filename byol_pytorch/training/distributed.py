@@ -121,7 +121,12 @@ def setup_distributed(device: str | None = None) -> DistContext:
         gpus = torch.cuda.is_available()
         resolved = local_gpu(local_rank, torch.cuda.device_count(), local_world) if gpus else torch.device("cpu")
     else:
-        resolved = torch.device(device)
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, TypeError):  # torch's message lists every device type it knows
+            raise ValueError(
+                f"device {device!r} is not a device; pass 'cpu', 'cuda', 'cuda:1', 'mps' or None"
+            ) from None
         if resolved.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {device} was given but CUDA is not available; use --device cpu")
         if resolved.type == "cuda" and resolved.index is None:

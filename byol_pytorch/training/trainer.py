@@ -17,6 +17,7 @@ with a warning (use ``precision=`` and ``device=`` instead).
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -54,14 +55,15 @@ class MockDataset(Dataset):
     """
 
     def __init__(self, image_size: int, length: int):
-        if image_size < 1 or length < 1:
-            raise ValueError(f"image_size and length must be positive, got {image_size} and {length}")
-        self.image_size, self.length = int(image_size), int(length)
+        self.image_size = whole_number("image_size", image_size, 1)
+        self.length = whole_number("length", length, 1)
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise TypeError(f"MockDataset indices are ints, got {index!r}")
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} images")
         generator = torch.Generator().manual_seed(index % self.length)
@@ -188,6 +190,12 @@ class BYOLTrainer(nn.Module):
         val_data = os.fspath(val_data) if isinstance(val_data, os.PathLike) else val_data
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+        given: object = learning_rate  # (mypy does not count float as a numbers.Real)
+        if isinstance(given, bool) or not isinstance(given, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"learning_rate must be a number, got {learning_rate!r}")
+        folder = Path(checkpoint_folder)
+        if folder.exists() and not folder.is_dir():  # found now, not once the net and the data are built
+            raise ValueError(f"checkpoint_folder {str(folder)!r} is a file, not a folder; choose another")
         if accelerator_kwargs:
             warnings.warn(
                 "BYOLTrainer runs on byol_pytorch's own loop: accelerator_kwargs is ignored; "
@@ -208,7 +216,7 @@ class BYOLTrainer(nn.Module):
         base_seed = seed if seed is not None else broadcast_from_main(self.ctx, torch.initial_seed)
         self.sampler, self.dataloader = self._data(dataset, image_size, batch_size, num_workers, base_seed)
         self.num_train_steps, self.checkpoint_every = int(num_train_steps), int(checkpoint_every)
-        self.checkpoint_folder = Path(checkpoint_folder)
+        self.checkpoint_folder = folder
         self.checkpoint_folder.mkdir(parents=True, exist_ok=True)
         self.precision, self.seed = precision, seed
         self.val_every = int(val_every if val_every is not None else checkpoint_every)

@@ -288,6 +288,9 @@ def test_state_dict_carries_a_run_to_another_trainer(tmp_path, make_cnn):
         ({"seed": "0"}, TypeError, r"seed \(or None\) must be a whole number, got '0'"),
         ({"seed": 2**70}, ValueError, r"seed must be between -2\*\*62 and 2\*\*62"),
         ({"batch_size": 1}, ValueError, "batch_size must be at least 2, got 1"),
+        ({"learning_rate": "a"}, TypeError, "learning_rate must be a number, got 'a'"),
+        ({"device": "banana"}, ValueError, r"device 'banana' is not a device; pass 'cpu', 'cuda'"),
+        ({"checkpoint_folder": __file__}, ValueError, r"checkpoint_folder '.*test_trainer.py' is a file, not a folder"),
     ],
 )
 def test_counts_that_are_not_whole_numbers_are_errors_naming_them(tmp_path, make_cnn, kwargs, error, message):
@@ -335,3 +338,12 @@ def test_whole_floats_and_states_saved_before_the_optimiser_was_kept_still_load(
     again = _trainer(make_cnn, tmp_path, 2)
     with pytest.warns(UserWarning, match=r"holds no optimiser state \(saved before 1\.2\.0\)"):
         again.load_state_dict(old)
+
+
+def test_mock_dataset_sizes_and_indices_are_whole_numbers():
+    with pytest.raises(TypeError, match="image_size must be a whole number, got 32.5"):
+        MockDataset(32.5, 4)  # was 32 without a word
+    with pytest.raises(TypeError, match="image_size must be a whole number, got '32'"):
+        MockDataset("32", 4)
+    with pytest.raises(TypeError, match="MockDataset indices are ints, got 1.0"):
+        MockDataset(8, 4)[1.0]
