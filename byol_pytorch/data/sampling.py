@@ -19,7 +19,17 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import Sampler
 
+from .._modules import whole_number
+
 __all__ = ["DataOrder", "EpochSampler", "StepBatch", "step_batches", "ignore_signals_in_worker"]
+
+
+def checked_epoch(epoch: object, start_batch: object, batches_per_epoch: int) -> tuple[int, int]:
+    """``set_epoch``'s ``(epoch, start_batch)`` as whole numbers in range (``set_epoch(1.7)`` was epoch 1)."""
+    epoch, start_batch = whole_number("epoch", epoch, 0), whole_number("start_batch", start_batch, 0)
+    if start_batch > batches_per_epoch:
+        raise ValueError(f"start_batch must be in [0, {batches_per_epoch}], got {start_batch}")
+    return epoch, start_batch
 
 
 class DataOrder(Protocol):
@@ -69,9 +79,7 @@ class EpochSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch and the first batch of it to hand out (0 unless resuming)."""
-        if not 0 <= start_batch <= self.batches_per_epoch:
-            raise ValueError(f"start_batch must be in [0, {self.batches_per_epoch}], got {start_batch}")
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
+        self.epoch, self.start_batch = checked_epoch(epoch, start_batch, self.batches_per_epoch)
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """The whole dataset's order in ``epoch`` (identical on every rank)."""

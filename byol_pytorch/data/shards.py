@@ -70,7 +70,7 @@ from typing import IO, Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .._modules import PathLike, user_path
+from .._modules import PathLike, user_path, whole_number
 from .folder import (
     IMAGE_EXTENSIONS,
     BrokenImageError,
@@ -80,6 +80,7 @@ from .folder import (
     decode_image,
 )
 from .loader import make_loader
+from .sampling import checked_epoch
 
 __all__ = [
     "INCOMPLETE_NAME",
@@ -399,7 +400,8 @@ class ShardDataset(IterableDataset):
         self.paths, self.counts = self._locate(shards)
         self.load_size, self.channels, self.batch_size = load_size, channels, batch_size
         self.rank, self.world_size, self.multiple_of = rank, world_size, multiple_of
-        self.seed, self.shuffle_buffer = int(seed), shuffle_buffer
+        self.seed = whole_number("seed", seed, -(2**63))  # 1.5 was cut to 1
+        self.shuffle_buffer = whole_number("shuffle_buffer", shuffle_buffer, 0, " (below 2: tar order)")
         self._plan(workers)
         self.epoch, self.start_batch = 0, 0
 
@@ -449,9 +451,7 @@ class ShardDataset(IterableDataset):
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch and this process's first batch of it (0 unless resuming)."""
-        if not 0 <= start_batch <= self.batches_per_epoch:
-            raise ValueError(f"start_batch must be in [0, {self.batches_per_epoch}], got {start_batch}")
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
+        self.epoch, self.start_batch = checked_epoch(epoch, start_batch, self.batches_per_epoch)
 
     def shard_order(self, epoch: int) -> list[int]:
         """The epoch's permutation of shard indices (identical on every rank)."""

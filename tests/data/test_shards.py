@@ -3,6 +3,7 @@
 import sys
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -297,3 +298,18 @@ def test_make_loader_of_a_shard_dataset_with_a_batch_size_names_batch_size_none(
         make_loader(data, batch_size=2)
     first = next(iter(make_loader(data, None)))
     assert first[0].shape == (4, 3, 9, 9)  # a batch of images, as make_shard_loader gives it
+
+
+def test_seed_shuffle_buffer_and_epoch_are_whole_numbers(tmp_path, make_shards):
+    pattern = make_shards(tmp_path / "shards")
+    with pytest.raises(TypeError, match="seed must be a whole number, got 1.5"):
+        ShardDataset(pattern, 9, batch_size=2, seed=1.5)  # was seed 1
+    with pytest.raises(ValueError, match=r"shuffle_buffer must be at least 0 \(below 2: tar order\), got -1"):
+        ShardDataset(pattern, 9, batch_size=2, shuffle_buffer=-1)
+    with pytest.raises(TypeError, match="shuffle_buffer must be a whole number, got 1.5"):
+        ShardDataset(pattern, 9, batch_size=2, shuffle_buffer=1.5)
+    data = ShardDataset(pattern, 9, batch_size=2, seed=np.int64(3))
+    with pytest.raises(TypeError, match="epoch must be a whole number, got 1.7"):
+        data.set_epoch(1.7)  # was epoch 1
+    data.set_epoch(np.int64(2), 1)
+    assert (data.epoch, data.start_batch, data.seed) == (2, 1, 3)
