@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ._discovery import infer_channels
 from ._modules import deepcopy_module, module_device_dtype, saved_modes, whole_number
 
 __all__ = [
@@ -181,6 +182,10 @@ def _restore_stats(m: nn.modules.batchnorm._BatchNorm, saved: tuple[Tensor, Tens
 
 def _batches(images: Tensor | Iterable, batch_size: int, max_images: int | None) -> Iterable:
     """A tensor's batches (cut to ``max_images``; a one-image remainder joins the batch before it), or the iterable."""
+    if type(images).__module__ == "numpy":  # its rows would be taken for batches
+        raise TypeError(
+            "recalibrate_batchnorm takes torch tensors: convert a numpy array with torch.from_numpy(images)"
+        )
     if not isinstance(images, Tensor):
         return images
     images = images if max_images is None else images[:max_images]
@@ -211,7 +216,14 @@ def _forward(net: nn.Module, x: Tensor, transform: Callable[[Tensor], Tensor] | 
         if x.dim() == 3:  # one (C, H, W) image, or a list of them taken for a list of batches
             raise ValueError(
                 f"recalibrate_batchnorm got a batch of shape {tuple(x.shape)}, which the net did not take ({first}): "
-                "images come as (N, C, H, W) batches; stack single images first, torch.stack(images)"
+                "images come as (N, C, H, W) batches; stack single images first, torch.stack(images), or batch a "
+                "dataset, make_loader(dataset, batch_size=64, shuffle=False)"
+            ) from error
+        channels = infer_channels(net)
+        if x.dim() == 4 and x.shape[1] != channels and transform is None:
+            raise ValueError(
+                f"the images have {x.shape[1]} channels and the net takes {channels} ({first}); pass "
+                f"transform=lambda x: byol_pytorch.data.match_channels(x, {channels}) (normalised as the views were)"
             ) from error
         if x.is_floating_point() or transform is not None or not isinstance(error, RuntimeError):
             raise

@@ -460,3 +460,15 @@ def test_a_half_net_whose_variance_overflows_and_a_layer_called_by_keyword():
     images = torch.rand(6, 2, 3, 3)
     assert recalibrate_batchnorm(keyword, images) == 6
     torch.testing.assert_close(keyword.bn.running_mean, images.mean((0, 2, 3)))
+
+
+def test_numpy_images_and_a_wrong_channel_count_are_named_and_nothing_changes():
+    import numpy as np
+
+    net = small_cnn()
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(TypeError, match=r"takes torch tensors: convert a numpy array with torch.from_numpy"):
+        recalibrate_batchnorm(net, np.random.rand(4, 3, 16, 16).astype("float32"))  # was pixel_values advice
+    with pytest.raises(ValueError, match=r"the images have 1 channels and the net takes 3 .*match_channels\(x, 3\)"):
+        recalibrate_batchnorm(net, torch.rand(4, 1, 16, 16))  # was the convolution's bare RuntimeError
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -356,11 +356,18 @@ def labelled_split(
         data it is a blank image labelled ``UNREADABLE`` (-2), for the kNN to leave out.
 
     Raises:
-        ValueError: no labels (see ``open_labelled``), one class only, or too few images per class
-            to hold some out.
+        ValueError: no labels (see ``open_labelled``), one class only, a ``train`` folder without a
+            held-out one beside it, or too few images per class to hold some out.
+        TypeError: an option other than those above.
     """
     spec = as_spec(spec)
     kind = data_kind(spec)
+    unknown = sorted(set(options) - {"split", "image_column", "label_column"})
+    if unknown:
+        raise TypeError(
+            f"labelled_split got the unknown option(s) {', '.join(unknown)}; it takes image_column, label_column and "
+            "split (for hf: data)"
+        )
     options = {k: v for k, v in options.items() if v not in (None, "")}
     if options and kind != "hf":
         flags = {"split": "--hf-split", "image_column": "--image-column", "label_column": "--label-column"}
@@ -401,6 +408,11 @@ def labelled_split(
     else:
         full = open_labelled(spec, load_size, channels, **options)
     targets = full.targets  # type: ignore[attr-defined]  # read once: a folder's builds a new list
+    if kind == "folder" and getattr(full, "classes", None) == ["train"]:  # its held-out split is missing
+        raise ValueError(
+            f"{spec!r} holds a train/ folder and no val/ or test/ beside it to hold out: add one (with the same class "
+            f"sub-folders), or give {str(Path(spec) / 'train')!r} itself (every fifth image of each class held out)"
+        )
     _check_two_classes(spec, targets)
     bank, queries = _every_fifth(targets)
     if not queries:

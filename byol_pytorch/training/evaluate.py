@@ -123,6 +123,11 @@ def _pool_output(out: Any, batch: int) -> torch.Tensor:
         )
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the model returned a {type(out).__name__}; expected a tensor")
+    if out.ndim == 0:  # a BYOL learner called as it trains: its loss
+        raise ValueError(
+            "the model returned one number (a BYOL learner's loss?), not (B, D) features; pass "
+            "functools.partial(learner, return_embedding=True, return_projection=False) for a BYOL learner"
+        )
     # (B, C, H, W) average-pooled over H, W; (B, T, D) averaged over all tokens.
     out = pool_hidden(out, "mean", layer="the model", advice="Return (B, D) features")
     if out.shape[0] != batch:

@@ -785,3 +785,17 @@ def test_sample_images_of_a_tensor_dataset_and_its_count_checked():
             sample_images(images, count)
     with pytest.raises(ValueError, match="count must be at least 1"):
         first_items(images, -1)  # was [] without a word
+
+
+def test_labelled_split_names_a_missing_held_out_folder_and_unknown_options(tmp_path):
+    from byol_pytorch.data.sources import labelled_split
+
+    for label, name in enumerate(("cat", "dog")):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (8, 8), (60 * label, 10 * i, 0)).save(tmp_path / "train" / name / f"{i}.png")
+    with pytest.raises(ValueError, match=r"holds a train/ folder and no val/ or test/ beside it.*every fifth image"):
+        labelled_split(str(tmp_path), 8)  # was "holds images of one class only"
+    assert [len(part) for part in labelled_split(str(tmp_path / "train"), 8)] == [8, 2]  # the way out works
+    with pytest.raises(TypeError, match=r"unknown option\(s\) foo; it takes image_column, label_column and split"):
+        labelled_split(str(tmp_path / "train"), 8, foo=1)  # was "foo applies to hf: data only"

@@ -389,6 +389,8 @@ def test_extract_features_errors():
         extract_features(lambda x: (x.flatten(1), x), images)
     with pytest.raises(ValueError, match="expected \\(B, D\\)"):
         extract_features(lambda x: x[:, 0, 0, 0], images)
+    with pytest.raises(ValueError, match=r"returned one number \(a BYOL learner's loss\?\).*functools.partial"):
+        extract_features(lambda x: x.sum(), images)
     with pytest.raises(ValueError, match="no images"):
         extract_features(model, images[:0])
     with pytest.raises(ValueError, match="no batches"):
