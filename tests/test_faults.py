@@ -211,6 +211,9 @@ def test_stop_signal_saves_and_exits_128_plus_signal(tmp_path, images, signum):
     seconds = time.time() - sent
     assert proc.returncode == 128 + signum, err
     assert f"stopped by {signal.Signals(signum).name}" in err and "Traceback" not in err
+    said = f"{signal.Signals(signum).name}: stopping after this step and saving {out / 'last.pt'} for --resume"
+    assert said in err  # at once, not only when the save is done (before: nothing until the end)
+    assert ("Ctrl-C again quits at once" in err) == (signum == signal.SIGINT)
     assert load_checkpoint(out / "last.pt")["step"] >= 2
     record(f"{signal.Signals(signum).name} mid-run", 1, f"checkpoint saved, exit {128 + signum}", seconds)
 

@@ -568,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _package_warnings_as_lines(), _sigterm_stops(args.command), _quiet_storage_logs(debug):
             return COMMANDS[args.command](args)
     except _Terminated as stop:
-        sys.stderr.write(f"{PROG}: stopped by SIGTERM{_KEPT.get(args.command, '')}\n")
+        sys.stderr.write(f"{PROG}: stopped by SIGTERM{_kept(args)}\n")
         return 128 + stop.signum
     except Exception as error:
         if getattr(error, "byol_pytorch_quiet", False) and not debug:
@@ -591,12 +591,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         raise
     except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted{_KEPT.get(args.command, '')}\n")
+        sys.stderr.write(f"{PROG}: interrupted{_kept(args)}\n")
         return 130
 
 
+def _kept(args: argparse.Namespace) -> str:
+    """What a command stopped on the way keeps (train: whether its run folder holds a checkpoint to resume)."""
+    if args.command == "train" and not args.resume and args.out and not (Path(args.out) / "last.pt").is_file():
+        return " before its first checkpoint: nothing to resume; the next run starts over"
+    return _KEPT.get(args.command, "")
+
+
 _KEPT = {  # what a command stopped on the way keeps
-    "train": " (checkpoints saved before are kept; --resume continues from the last one)",
+    "train": " (the checkpoint saved before, last.pt, is kept; --resume continues from it)",
     "embed": " (rows written before are kept; --resume continues once some were)",
 }
 

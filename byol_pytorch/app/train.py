@@ -1070,6 +1070,7 @@ def run(prepared: Run) -> TrainState:
         ctx,
         prepare=lambda x: match_channels(x, channels),
         check_every=None if ctx.device.type == "cpu" else min(10, args.log_every),
+        stop_note=f" and saving {prepared.out / 'last.pt'} for --resume",
     )
     batches = None
     completed = False

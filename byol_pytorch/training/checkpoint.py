@@ -94,9 +94,9 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a byol_pytorch checkpoint (not a torch file, holds
-            objects a weights-only load refuses, or a dict without our ``format``), or
-            comes from a newer version.
+        ValueError: the file is not a byol_pytorch checkpoint (not a torch file, a damaged or
+            truncated one, holds objects a weights-only load refuses, or a dict without our
+            ``format``), or comes from a newer version.
     """
     path = Path(path)
     if path.is_dir():
@@ -105,10 +105,24 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
             f"checkpoint {str(path)!r} is a folder{inside}; pass RUNDIR/last.pt written by 'byol-pytorch train'"
         )
     if not path.is_file():
+        run = path.parent / "metrics.jsonl"
+        if path.name == "last.pt" and run.is_file():  # a run folder whose run has not saved yet
+            raise FileNotFoundError(
+                f"checkpoint {str(path)!r} does not exist: the run in {str(path.parent)!r} has saved none yet "
+                "(train saves every --checkpoint-every steps, at its end, and when stopped by SIGTERM or Ctrl-C)"
+            )
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception:  # junk bytes reach the weights-only unpickler's KeyError, IndexError, struct.error, ...
+        with open(path, "rb") as handle:
+            zipped = handle.read(4) == b"PK\x03\x04"  # what torch.save writes
+        if zipped:
+            raise ValueError(
+                f"{str(path)!r} is a PyTorch file that is damaged or cut short (a copy or a save that did not "
+                "finish?); restore it, or move it aside and start the run again (train refuses to write over a "
+                "last.pt) or --resume from an earlier copy"
+            ) from None
         raise ValueError(
             f"{str(path)!r} is not a byol_pytorch checkpoint (not a PyTorch file that loads with "
             "weights_only=True); pass RUNDIR/last.pt written by 'byol-pytorch train'"

@@ -330,6 +330,8 @@ class Engine:
         catch_signals: SIGTERM/SIGINT end the run after the current step, with the
             ``on_stop`` hooks (a checkpoint); False leaves them to the caller (Ctrl-C
             raises ``KeyboardInterrupt`` at once).
+        stop_note: what a stop does, said on rank 0 (stderr, above the bar) as soon as the signal
+            is seen after a step: ``"SIGINT: stopping after this step{stop_note}"``.
     """
 
     def __init__(
@@ -340,8 +342,10 @@ class Engine:
         check_every: int | None = None,
         progress: bool = True,
         catch_signals: bool = True,
+        stop_note: str = "",
     ):
         self.step_fn, self.ctx, self.prepare, self.catch_signals = step, ctx, prepare, catch_signals
+        self.stop_note = stop_note
         self.check_every = check_every or (1 if ctx.device.type == "cpu" else 10)
         self.progress = progress and ctx.is_main
         self._copy_stream: Any = None  # CUDA: the stream batches are copied on
@@ -374,12 +378,15 @@ class Engine:
         if own_check is not None:
             learner.finite_check = False  # the engine reads the flags itself, with the loss, on every rank
             learner.take_finite_flags()  # forget what happened before this run
+        said = False  # the stop announced
         try:
             with StopSignals(self.catch_signals) as signals:
                 for batch in batches:
                     skipped += batch.skipped
                     loss_sum += self._step(batch, state)
                     bar.update(int(state.stepped))
+                    if signals.requested and not said:  # said once, here: not in the signal handler
+                        said = self._announce(signals.signum)
                     if not self._sync_due(state, hooks):
                         continue
                     self._sync(state, loss_sum, signals, skipped)
@@ -396,6 +403,16 @@ class Engine:
             if own_check is not None:
                 learner.finite_check = own_check
         return state
+
+    def _announce(self, signum: int | None) -> bool:
+        """Say on rank 0, above the bar, that a signal stops the run after this step (and what it keeps)."""
+        if self.ctx.is_main and signum is not None:
+            from tqdm import tqdm
+
+            again = " (Ctrl-C again quits at once, without that)" if signum == signal.SIGINT else ""
+            line = f"byol-pytorch: {signal.Signals(signum).name}: stopping after this step{self.stop_note}{again}"
+            tqdm.write(line, file=sys.stderr)
+        return True
 
     def _step(self, batch: StepBatch, state: TrainState) -> torch.Tensor:
         """One optimizer step on ``batch``; the state advances. Returns the detached loss."""

@@ -121,7 +121,14 @@ def test_junk_bytes_and_a_run_folder_as_checkpoint_are_one_line(capsys, tmp_path
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"hello\n")  # the weights-only unpickler raises a KeyError on it
     labelled = str(make_labelled(tmp_path / "lab"))
-    for checkpoint, expected in ((junk, "is not a byol_pytorch checkpoint"), (out, "is a folder (it holds last.pt")):
+    whole = (out / "last.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole[: len(whole) // 2])  # a copy cut short: was "not a byol_pytorch checkpoint", in circles
+    for checkpoint, expected in (
+        (junk, "is not a byol_pytorch checkpoint"),
+        (out, "is a folder (it holds last.pt"),
+        (cut, "is a PyTorch file that is damaged or cut short"),
+    ):
         argv = {
             "resume": ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--resume", str(checkpoint)],
             "export": ["export", str(checkpoint), "--out", str(tmp_path / "x.safetensors")],
@@ -129,6 +136,14 @@ def test_junk_bytes_and_a_run_folder_as_checkpoint_are_one_line(capsys, tmp_path
             "embed": ["embed", "--data", labelled, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "e")],
         }[command]
         assert expected in one_error_line(capsys, cli.main(argv))
+
+
+def test_a_run_that_has_not_saved_yet_is_named_by_export(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")  # a run under way, before its first checkpoint
+    line = one_error_line(capsys, cli.main(["export", str(run / "last.pt"), "--out", str(tmp_path / "x.safetensors")]))
+    assert "the run in" in line and "has saved none yet (train saves every --checkpoint-every steps" in line
 
 
 def test_bad_devices_are_one_line_in_every_command(capsys, tmp_path, trained, make_labelled):
@@ -759,3 +774,19 @@ def test_a_url_of_a_scheme_not_read_is_named_not_looked_for_as_a_file(command, t
     line = one_error_line(capsys, cli.main([command, *argv]))
     assert "'ftp://***@host/x-{0..3}.tar': ftp:// is not a scheme byol-pytorch reads; give http(s)://" in line
     assert "'pipe:curl -s URL'" in line and "missing" not in line and not list(tmp_path.iterdir())
+
+
+def test_an_interrupted_train_says_whether_it_left_a_checkpoint(capsys, tmp_path, monkeypatch):
+    """Before: 'checkpoints saved before are kept' also when none was (a second Ctrl-C before the first save)."""
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "train", interrupted)
+    argv = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 130
+    assert "interrupted before its first checkpoint: nothing to resume" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"saved")
+    assert cli.main(argv) == 130
+    assert "interrupted (the checkpoint saved before, last.pt, is kept; --resume" in capsys.readouterr().err
