@@ -515,6 +515,15 @@ def optimizer_for(model: str) -> tuple[str, str]:
     return optimizer, f"{family}: {evidence}"
 
 
+def _same_setting(given: object, kept: object) -> bool:
+    """A flag given on ``--resume`` agrees with the checkpoint's value: numbers to the 6 digits the start-up line
+    prints them with (``--lr 0.0015625`` and ``0.00156250001`` are one rate), anything else exactly."""
+    numbers_ = (int, float)
+    if isinstance(given, numbers_) and isinstance(kept, numbers_) and not isinstance(given, bool):
+        return math.isclose(float(given), float(kept), rel_tol=1e-5, abs_tol=0.0)
+    return given == kept
+
+
 def resolve_recipe(args: argparse.Namespace, saved: Recipe | Mapping[str, Any] | None) -> Recipe:
     """The run's recipe: the flags, else the ``--recipe`` preset's, else the defaults; the checkpoint's when resuming.
 
@@ -538,7 +547,7 @@ def resolve_recipe(args: argparse.Namespace, saved: Recipe | Mapping[str, Any] |
             given = getattr(args, key, None)
             if sigma is not None and key in ("blur_sigma_min", "blur_sigma_max"):
                 given = float(sigma[0] if key == "blur_sigma_min" else sigma[1])
-            if given is not None and given != value:
+            if given is not None and not _same_setting(given, value):
                 flag = "--" + key.replace("_", "-")
                 kept = "default (the flag was not given)" if value is None else value
                 raise UserError(

@@ -831,7 +831,7 @@ def prepare_run(args: argparse.Namespace, ctx: DistContext) -> Run:
             print(
                 f"byol-pytorch: {recipe.model} on {len(dataset)} images ({recipe.in_chans} channels) in "
                 f"{redact(data)}, {ctx.world_size} process(es) on {ctx.device.type}, batch {recipe.batch_size}, "
-                f"{recipe.optimizer}{_chosen(args, recipe, checkpoint)} lr {recipe.lr:.4g}, warm-up {warmup} steps, "
+                f"{recipe.optimizer}{_chosen(args, recipe, checkpoint)} lr {recipe.lr:.6g}, warm-up {warmup} steps, "
                 f"{steps_per_epoch} steps/epoch, steps {prepared.state.step} -> {total}, {precision}, run folder {out}"
                 f" (recipe {recipe.recipe})",
                 flush=True,
@@ -1126,10 +1126,12 @@ def run(prepared: Run) -> TrainState:
 def _open_metrics(prepared: Run) -> MetricsLog:
     """The run's metrics.jsonl with TensorBoard and W&B when asked for; a sink that cannot start refuses the run."""
     prepared.out.mkdir(parents=True, exist_ok=True)
+    came = prepared.resumed_from
+    foreign = came is not None and came.resolve().parent != prepared.out.resolve()  # another folder's run
     try:
         return MetricsLog(
             prepared.out,
-            prepared.state.step if prepared.saved_step >= 0 else None,
+            prepared.state.step if prepared.saved_step >= 0 and not foreign else None,  # its rows: none here
             prepared.args.tensorboard,
             enabled=prepared.ctx.is_main,
             wandb=wandb_options(prepared.args, prepared.run_args),

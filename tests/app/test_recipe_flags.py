@@ -54,6 +54,12 @@ def test_a_resumed_run_keeps_its_recipe_and_a_contradicting_flag_is_an_error():
     )
     with pytest.raises(UserError, match="--tau-base 0.9 differs from the checkpoint's 0.996"):
         resolve(parse("--tau-base", "0.9"), saved)
+    # a rate as the start-up line prints it (6 digits) is the run's rate: a probe's "--lr 0.001563 differs from
+    # the checkpoint's 0.0015625" when the line said 0.001563
+    odd = resolve(parse("--lr", "0.00156253125", "--batch-size", "64"), None).to_dict()  # 12 digits
+    assert resolve(parse("--lr", f"{odd['lr']:.6g}"), odd).lr == odd["lr"]
+    with pytest.raises(UserError, match="--lr 0.0016 differs from the checkpoint.s 0.00156253125"):
+        resolve(parse("--lr", "0.0016"), odd)
     older = {k: v for k, v in saved.items() if k != "views_in_one_batch"}  # a checkpoint from before the flag
     assert resolve(parse(), older).views_in_one_batch is False  # it ran without: the flag cannot change that
     with pytest.raises(UserError, match="--views-in-one-batch True differs from the checkpoint's False"):

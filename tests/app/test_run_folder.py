@@ -484,3 +484,18 @@ def test_out_of_memory_ends_in_one_line_with_the_fix(
         1,
         "one line: batch and image size, the fixes; the last checkpoint kept",
     )
+
+
+def test_another_folders_checkpoint_resumed_here_does_not_keep_this_folders_stale_rows(finished_run, messy, tmp_path):
+    """A probe: a folder left by a run killed before its first checkpoint (rows of steps 1-5, no last.pt), then
+    --resume OTHER/last.pt into it, logged [1, 2, 3, 4, 5, 61, 62]: two runs in one metrics.jsonl."""
+    import json
+
+    out = tmp_path / "stale"
+    out.mkdir()
+    stale = [{"step": s, "loss": 9.0} for s in range(1, 6)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in stale))
+    argv = ["train", "--out", str(out), "--resume", str(finished_run / "last.pt"), "--max-steps", "4"]
+    assert cli.main([*argv, "--data", str(messy), "--workers", "0", "--log-every", "1"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 4] and load_checkpoint(out / "last.pt")["step"] == 4  # this run's rows only
