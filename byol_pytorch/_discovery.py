@@ -878,7 +878,7 @@ def probe_backbone(
     use_input, key = False, None
     if name == "auto":
         name, module, use_input, key = _auto_choice(trace, out, image_size)
-        if module is not None and use_input and _first_layer(trace, module, copied):  # the classifier's input: x
+        if module is not None and use_input and _first_layer(trace, module, (copied, net)):  # the classifier's input: x
             module, use_input, key = None, False, _representation_key(out, image_size)
             name = _key_name(key)
     elif module is None:  # -1: the net's output, or its representation entry
@@ -909,7 +909,7 @@ def probe_backbone(
     except (TypeError, ValueError) as err:
         message = _with_candidates(trace, str(err).rstrip(". ;"), image_size, input_name)
         raise type(err)(message) from None
-    if not _trains_net(copied, hidden):
+    if not _trains_net((copied, net), hidden):
         where = f"the input of {name!r}" if use_input else f"hidden layer {name!r}"
         raise ValueError(
             f"{where} of {type(net).__name__} depends on none of its trainable parameters (the layers before it "
@@ -934,13 +934,17 @@ def probe_backbone(
     return BackboneProbe(name, original, use_input, int(dim), unused, key, call_name, channels_last)
 
 
-def _trains_net(net: nn.Module, hidden: object) -> bool:
-    """Whether ``hidden`` depends on a trainable parameter of ``net`` (True for a net with none: a frozen net)."""
-    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+def _trains_net(nets: tuple[nn.Module, ...], hidden: object) -> bool:
+    """Whether ``hidden`` depends on a trainable parameter of the net (True for a net with none: a frozen net).
+
+    ``nets``: the probe's copy and the user's net: a hook copied with the net may still close over the
+    original's parameters (``lambda m, a: a[0] @ net.A``), which the probe's graph then reaches instead.
+    """
+    trainable = {id(p) for net in nets for p in net.parameters() if p.requires_grad}
     return not trainable or bool(trainable & _graph_leaves(hidden))
 
 
-def _first_layer(trace: _Trace, module: nn.Module, net: nn.Module) -> bool:
+def _first_layer(trace: _Trace, module: nn.Module, nets: tuple[nn.Module, ...]) -> bool:
     """Whether ``module`` takes the images themselves: no module with parameters returned before it started, and its
     input depends on no trainable parameter (``nn.Sequential(nn.Flatten(), nn.Linear(...))``)."""
     for kind, other in trace.events:
@@ -948,7 +952,7 @@ def _first_layer(trace: _Trace, module: nn.Module, net: nn.Module) -> bool:
             break
         if kind == "end" and next(other.parameters(recurse=False), None) is not None:
             return False
-    return not _trains_net(net, trace.inputs[module]) or not any(p.requires_grad for p in net.parameters())
+    return not _trains_net(nets, trace.inputs[module]) or not any(p.requires_grad for p in nets[0].parameters())
 
 
 def _check_training_forward(copied: nn.Module, x: torch.Tensor, call_name: str | None, image_size: tuple) -> None:

@@ -219,18 +219,18 @@ def _forward(net: nn.Module, x: Tensor, transform: Callable[[Tensor], Tensor] | 
                 "images come as (N, C, H, W) batches; stack single images first, torch.stack(images), or batch a "
                 "dataset, make_loader(dataset, batch_size=64, shuffle=False)"
             ) from error
-        channels = infer_channels(net)
-        if x.dim() == 4 and x.shape[1] != channels and transform is None:
+        if transform is None and not x.is_floating_point() and isinstance(error, RuntimeError):
+            raise TypeError(
+                f"the net did not take {x.dtype} images ({first}); pass transform=: "
+                "BYOLAugment(image_size).normalize scales uint8 to [0, 1] and normalises them as the views were"
+            ) from error
+        channels = infer_channels(net)  # a convolution's complaint about the channels: the count it takes
+        if transform is None and x.dim() == 4 and x.shape[1] != channels and "channels" in first:
             raise ValueError(
                 f"the images have {x.shape[1]} channels and the net takes {channels} ({first}); pass "
                 f"transform=lambda x: byol_pytorch.data.match_channels(x, {channels}) (normalised as the views were)"
             ) from error
-        if x.is_floating_point() or transform is not None or not isinstance(error, RuntimeError):
-            raise
-        raise TypeError(
-            f"the net did not take {x.dtype} images ({first}); pass transform=: "
-            "BYOLAugment(image_size).normalize scales uint8 to [0, 1] and normalises them as the views were"
-        ) from error
+        raise
 
 
 class _Pooled:

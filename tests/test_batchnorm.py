@@ -472,3 +472,10 @@ def test_numpy_images_and_a_wrong_channel_count_are_named_and_nothing_changes():
     with pytest.raises(ValueError, match=r"the images have 1 channels and the net takes 3 .*match_channels\(x, 3\)"):
         recalibrate_batchnorm(net, torch.rand(4, 1, 16, 16))  # was the convolution's bare RuntimeError
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_a_net_without_convolutions_keeps_the_dtype_advice():
+    """The review: a Linear net given uint8 images was told about channels (infer_channels' default of 3)."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.BatchNorm1d(8))
+    with pytest.raises(TypeError, match=r"did not take torch.uint8 images .*pass transform="):
+        recalibrate_batchnorm(net, torch.zeros(8, 1, 28, 28, dtype=torch.uint8))

@@ -925,3 +925,14 @@ def test_a_hidden_layer_that_no_trainable_parameter_reaches_is_refused():
         BYOL(nn.Sequential(nn.Flatten(), nn.Identity(), nn.Linear(3 * 8 * 8, 6)), image_size=8, hidden_layer=1, **SMALL)
     net.requires_grad_(False)  # a frozen net trains nothing by the user's choice: accepted
     assert BYOL(net, image_size=8, **SMALL).representation_size == 4
+
+
+def test_a_hook_that_closes_over_the_users_net_still_counts_as_training_it():
+    """The review: the probe runs a deep copy, whose copied hook still reaches the original's parameters."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    net.requires_grad_(False)
+    net.A = nn.Parameter(torch.zeros(4, 4))  # trained through the hook alone (a low-rank adapter, say)
+    net[3].register_forward_pre_hook(lambda m, args: (args[0] + args[0] @ net.A,))
+    learner = BYOL(net, image_size=8, **SMALL)
+    learner(torch.rand(4, 3, 8, 8)).backward()
+    assert net.A.grad is not None

@@ -597,7 +597,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _kept(args: argparse.Namespace) -> str:
     """What a command stopped on the way keeps (train: whether its run folder holds a checkpoint to resume)."""
-    if args.command == "train" and not args.resume and args.out and not (Path(args.out) / "last.pt").is_file():
+    if args.command == "train" and args.out and not (Path(args.out) / "last.pt").is_file():
+        if isinstance(args.resume, str):  # --resume OTHER/last.pt: that file is where this run stands
+            return f" before its first checkpoint in {args.out}: --resume {args.resume} again starts where it did"
         return " before its first checkpoint: nothing to resume; the next run starts over"
     return _KEPT.get(args.command, "")
 

@@ -355,9 +355,11 @@ def _read_state(out: Path, args: argparse.Namespace, identity: dict[str, Any]) -
     if differs:
         was = {k: state.get(k) for k in differs if k in ("data", "checkpoint")}
         shown = "".join(f"; its --{k} was {v}" for k, v in was.items())
+        named = {"step": "checkpoint step", "labels": "labelling (labelled or not)"}
+        other = [named.get(k, "--" + k.replace("_", "-")) for k in differs if k != "samples"]
         raise UserError(
-            f"--resume: the stopped run in {out} embedded other {', '.join(k for k in differs if k != 'samples')}"
-            f"{shown}; drop --resume and use another --out"
+            f"--resume: the stopped run in {out} ran with another {', '.join(other)}{shown}; drop --resume and use "
+            "another --out"
         )
     return state
 

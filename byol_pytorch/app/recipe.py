@@ -516,11 +516,10 @@ def optimizer_for(model: str) -> tuple[str, str]:
 
 
 def _same_setting(given: object, kept: object) -> bool:
-    """A flag given on ``--resume`` agrees with the checkpoint's value: numbers to the 6 digits the start-up line
-    prints them with (``--lr 0.0015625`` and ``0.00156250001`` are one rate), anything else exactly."""
-    numbers_ = (int, float)
-    if isinstance(given, numbers_) and isinstance(kept, numbers_) and not isinstance(given, bool):
-        return math.isclose(float(given), float(kept), rel_tol=1e-5, abs_tol=0.0)
+    """A flag given on ``--resume`` agrees with the checkpoint's value: a float to the 6 digits the start-up line
+    prints it with (``--lr 0.0015625`` and ``0.00156250001`` are one rate), anything else exactly."""
+    if isinstance(given, float) and isinstance(kept, (int, float)) and not isinstance(kept, bool):
+        return math.isclose(given, float(kept), rel_tol=1e-5, abs_tol=0.0)  # (an int flag, a seed, stays exact)
     return given == kept
 
 

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from .._modules import PathLike, user_path
+from .._modules import PathLike, user_path, whole_number
 from .file_index import (
     IMAGE_EXTENSIONS,
     RUN_FOLDER_FILES,
@@ -631,7 +631,8 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
 
     Raises:
         ValueError: any other conversion to fewer channels (RGBA to RGB), which has no one meaning;
-            images not (B, C, H, W); channels not a positive int.
+            images not (B, C, H, W); channels below 1.
+        TypeError: images not a tensor, channels not a whole number.
 
     Examples:
         >>> match_channels(torch.zeros(2, 1, 4, 4), 3).shape
@@ -639,11 +640,13 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
         >>> match_channels(torch.tensor([255, 0, 0], dtype=torch.uint8).view(1, 3, 1, 1), 1).item()
         76
     """
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"match_channels expects images (B, C, H, W), got {shape}: add a batch dimension (x[None])")
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"channels must be a positive int (the net's input channels), got {channels!r}")
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"match_channels takes a torch tensor, got {type(images).__name__} (numpy: torch.from_numpy)")
+    if images.ndim != 4:
+        raise ValueError(
+            f"match_channels expects images (B, C, H, W), got {tuple(images.shape)}: add a batch dimension (x[None])"
+        )
+    channels = whole_number("channels", channels, 1, " (the net's input channels)")
     if images.shape[1] == channels:
         return images
     if images.shape[1] == 3 and channels < 3:  # images load with 3 channels for a net of 2 (--in-chans 2)

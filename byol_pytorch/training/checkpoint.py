@@ -108,8 +108,9 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
         run = path.parent / "metrics.jsonl"
         if path.name == "last.pt" and run.is_file():  # a run folder whose run has not saved yet
             raise FileNotFoundError(
-                f"checkpoint {str(path)!r} does not exist: the run in {str(path.parent)!r} has saved none yet "
-                "(train saves every --checkpoint-every steps, at its end, and when stopped by SIGTERM or Ctrl-C)"
+                f"checkpoint {str(path)!r} does not exist: the run in {str(path.parent)!r} has saved none yet, or "
+                "it was moved (train saves every --checkpoint-every steps, at its end, and when stopped by SIGTERM "
+                "or Ctrl-C)"
             )
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:

@@ -331,7 +331,8 @@ class Engine:
             ``on_stop`` hooks (a checkpoint); False leaves them to the caller (Ctrl-C
             raises ``KeyboardInterrupt`` at once).
         stop_note: what a stop does, said on rank 0 (stderr, above the bar) as soon as the signal
-            is seen after a step: ``"SIGINT: stopping after this step{stop_note}"``.
+            is seen after a step: ``"SIGINT: stopping after this step{stop_note}"`` (within ``check_every``
+            steps where the loss is read back less often).
     """
 
     def __init__(
@@ -410,7 +411,8 @@ class Engine:
             from tqdm import tqdm
 
             again = " (Ctrl-C again quits at once, without that)" if signum == signal.SIGINT else ""
-            line = f"byol-pytorch: {signal.Signals(signum).name}: stopping after this step{self.stop_note}{again}"
+            when = "after this step" if self.check_every == 1 else f"within {self.check_every} steps (at a loss check)"
+            line = f"byol-pytorch: {signal.Signals(signum).name}: stopping {when}{self.stop_note}{again}"
             tqdm.write(line, file=sys.stderr)
         return True
 

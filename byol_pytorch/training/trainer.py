@@ -64,6 +64,7 @@ class MockDataset(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         if isinstance(index, bool) or not isinstance(index, numbers.Integral):
             raise TypeError(f"MockDataset indices are ints, got {index!r}")
+        index = int(index)  # numpy's too (a sampler's)
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} images")
         generator = torch.Generator().manual_seed(index % self.length)

@@ -790,3 +790,24 @@ def test_an_interrupted_train_says_whether_it_left_a_checkpoint(capsys, tmp_path
     (tmp_path / "run" / "last.pt").write_bytes(b"saved")
     assert cli.main(argv) == 130
     assert "interrupted (the checkpoint saved before, last.pt, is kept; --resume" in capsys.readouterr().err
+    other = [
+        "train",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "new"),
+        "--resume",
+        str(tmp_path / "run/last.pt"),
+    ]
+    assert cli.main(other) == 130  # the review: "last.pt is kept" where new/ held none
+    assert f"before its first checkpoint in {tmp_path / 'new'}: --resume {tmp_path / 'run/last.pt'} again" in (
+        capsys.readouterr().err
+    )
+
+
+def test_fp16_on_the_cpu_is_warned_about(capsys, tmp_path, trained, tiny_flags):
+    """A probe: --precision fp16 on the CPU ran 20 times slower than fp32 without a word."""
+    data, _ = trained
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), *tiny_flags, "--max-steps", "1"]
+    assert cli.main([*argv, "--precision", "fp16", "--device", "cpu"]) == 0
+    assert "warning: --precision fp16 on the CPU: float16 arithmetic is slow there" in capsys.readouterr().err

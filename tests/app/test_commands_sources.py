@@ -181,7 +181,9 @@ def test_embed_float16_and_a_stopped_run_resumes_to_the_same_files(sources, chec
     capsys.readouterr()
     # a resume refused leaves them so (the review: --labels on the resume rewrote the vectors' header first)
     assert cli.main([*base, "--out", str(part), "--resume", "--labels"]) == 1
-    assert "embedded other labels; drop --resume and use another --out" in capsys.readouterr().err
+    assert "ran with another labelling (labelled or not); drop --resume and use another --out" in (
+        capsys.readouterr().err
+    )
     state = json.loads((part / "embed_state.json").read_text())
     del state["labels"]  # a progress file of the version before: the files' own check refuses, touching none
     (part / "embed_state.json").write_text(json.dumps(state))
@@ -686,7 +688,7 @@ def test_a_resume_with_other_data_says_so_and_a_state_without_the_count_resumes(
     capsys.readouterr()
     assert cli.main([*base, "--data", str(other), "--resume"]) == 1
     err = capsys.readouterr().err
-    assert "embedded other data" in err and "files changed" not in err
+    assert "ran with another --data" in err and "files changed" not in err
     state = json.loads((part / "embed_state.json").read_text())
     del state["samples"]
     (part / "embed_state.json").write_text(json.dumps(state))
@@ -709,7 +711,7 @@ def test_a_stopped_embed_resumes_from_another_directory_with_the_folder_spelled_
     capsys.readouterr()
     assert cli.main([*base, "--data", str(other), "--resume"]) == 1  # other data is still other data, and named
     err = capsys.readouterr().err
-    assert f"embedded other data; its --data was {tmp_path / 'data' / 'big'}; drop --resume" in err
+    assert f"ran with another --data; its --data was {tmp_path / 'data' / 'big'}; drop --resume" in err
     assert cli.main([*base, "--data", "./big/", "--resume"]) == 0, capsys.readouterr().err
     assert len(np.load(part / "embeddings.npy")) == 12
 

@@ -60,6 +60,9 @@ def test_a_resumed_run_keeps_its_recipe_and_a_contradicting_flag_is_an_error():
     assert resolve(parse("--lr", f"{odd['lr']:.6g}"), odd).lr == odd["lr"]
     with pytest.raises(UserError, match="--lr 0.0016 differs from the checkpoint.s 0.00156253125"):
         resolve(parse("--lr", "0.0016"), odd)
+    seeded = resolve(parse("--seed", "123456"), None).to_dict()
+    with pytest.raises(UserError, match="--seed 123457 differs from the checkpoint's 123456"):
+        resolve(parse("--seed", "123457"), seeded)  # whole numbers stay exact (the review)
     older = {k: v for k, v in saved.items() if k != "views_in_one_batch"}  # a checkpoint from before the flag
     assert resolve(parse(), older).views_in_one_batch is False  # it ran without: the flag cannot change that
     with pytest.raises(UserError, match="--views-in-one-batch True differs from the checkpoint's False"):

@@ -486,9 +486,10 @@ def test_out_of_memory_ends_in_one_line_with_the_fix(
     )
 
 
-def test_another_folders_checkpoint_resumed_here_does_not_keep_this_folders_stale_rows(finished_run, messy, tmp_path):
+def test_another_folders_checkpoint_resumed_here_names_this_folders_older_rows(finished_run, messy, tmp_path, capsys):
     """A probe: a folder left by a run killed before its first checkpoint (rows of steps 1-5, no last.pt), then
-    --resume OTHER/last.pt into it, logged [1, 2, 3, 4, 5, 61, 62]: two runs in one metrics.jsonl."""
+    --resume OTHER/last.pt into it, logged [1, 2, 3, 4, 5, 61, 62] without a word. The rows up to the checkpoint's
+    step stay (they may be this run's own history, its last.pt moved aside), and the run says so."""
     import json
 
     out = tmp_path / "stale"
@@ -497,5 +498,9 @@ def test_another_folders_checkpoint_resumed_here_does_not_keep_this_folders_stal
     (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in stale))
     argv = ["train", "--out", str(out), "--resume", str(finished_run / "last.pt"), "--max-steps", "4"]
     assert cli.main([*argv, "--data", str(messy), "--workers", "0", "--log-every", "1"]) == 0
+    assert f"holds rows from before this run, which resumes {finished_run / 'last.pt'}" in capsys.readouterr().err
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [3, 4] and load_checkpoint(out / "last.pt")["step"] == 4  # this run's rows only
+    assert steps == [1, 2, 3, 4] and load_checkpoint(out / "last.pt")["step"] == 4
+    capsys.readouterr()
+    again = ["train", "--out", str(out), "--resume", "--max-steps", "5", "--workers", "0", "--log-every", "1"]
+    assert cli.main(again) == 0 and "holds rows from before" not in capsys.readouterr().err  # its own rows now

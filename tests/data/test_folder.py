@@ -770,8 +770,11 @@ def test_loader_of_an_empty_dataset_to_shuffle_says_so():
 def test_match_channels_refuses_what_is_not_a_batch_or_a_channel_count():
     with pytest.raises(ValueError, match=r"expects images \(B, C, H, W\), got \(3, 4, 4\): add a batch dimension"):
         match_channels(torch.rand(3, 4, 4), 1)  # its H is not a channel count
-    with pytest.raises(ValueError, match="channels must be a positive int.*got 0"):
+    with pytest.raises(ValueError, match=r"channels must be at least 1 \(the net's input channels\), got 0"):
         match_channels(torch.rand(2, 3, 4, 4), 0)  # was an empty (2, 0, 4, 4) batch
+    with pytest.raises(TypeError, match=r"takes a torch tensor, got ndarray \(numpy: torch.from_numpy\)"):
+        match_channels(np.zeros((2, 3, 4, 4)), 1)
+    assert match_channels(torch.rand(2, 1, 4, 4), np.int64(3)).shape == (2, 3, 4, 4)  # numpy's int, as before
 
 
 def test_sample_images_of_a_tensor_dataset_and_its_count_checked():
