@@ -351,8 +351,9 @@ def test_malicious_and_truncated_checkpoints_at_every_entry_point(tmp_path, trai
     truncated.write_bytes(whole[: len(whole) // 2])
     for path in (evil, truncated):
         _run_everywhere(path, tmp_path, labelled, capsys, "is not a byol_pytorch checkpoint")
-        with pytest.raises(ValueError, match="not a byol_pytorch checkpoint"):
+        with pytest.raises(ValueError, match="not a byol_pytorch checkpoint") as info:
             load_checkpoint(path)
+        assert ("damaged or cut short" in str(info.value)) == (path == truncated)  # a refused pickle is whole
     assert not marker.exists(), "loading a checkpoint ran code"
     record(
         "malicious pickle / truncated checkpoint (resume, export, eval, load_checkpoint)", 8, "one line; no code ran"

@@ -20,6 +20,7 @@ kill while saving leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import random
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,11 +119,11 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
     except Exception:  # junk bytes reach the weights-only unpickler's KeyError, IndexError, struct.error, ...
         with open(path, "rb") as handle:
             zipped = handle.read(4) == b"PK\x03\x04"  # what torch.save writes
-        if zipped:
+        if zipped and not zipfile.is_zipfile(path):  # its end (the zip's directory) is missing: cut short
             raise ValueError(
-                f"{str(path)!r} is a PyTorch file that is damaged or cut short (a copy or a save that did not "
-                "finish?); restore it, or move it aside and start the run again (train refuses to write over a "
-                "last.pt) or --resume from an earlier copy"
+                f"{str(path)!r} is not a byol_pytorch checkpoint that loads: a PyTorch file damaged or cut short "
+                "(a copy or a save that did not finish?); restore it, or move it aside and start the run again "
+                "(train refuses to write over a last.pt) or --resume from an earlier copy"
             ) from None
         raise ValueError(
             f"{str(path)!r} is not a byol_pytorch checkpoint (not a PyTorch file that loads with "

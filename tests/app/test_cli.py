@@ -127,7 +127,7 @@ def test_junk_bytes_and_a_run_folder_as_checkpoint_are_one_line(capsys, tmp_path
     for checkpoint, expected in (
         (junk, "is not a byol_pytorch checkpoint"),
         (out, "is a folder (it holds last.pt"),
-        (cut, "is a PyTorch file that is damaged or cut short"),
+        (cut, "is not a byol_pytorch checkpoint that loads: a PyTorch file damaged or cut short"),
     ):
         argv = {
             "resume": ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--resume", str(checkpoint)],
@@ -143,7 +143,7 @@ def test_a_run_that_has_not_saved_yet_is_named_by_export(capsys, tmp_path):
     run.mkdir()
     (run / "metrics.jsonl").write_text("")  # a run under way, before its first checkpoint
     line = one_error_line(capsys, cli.main(["export", str(run / "last.pt"), "--out", str(tmp_path / "x.safetensors")]))
-    assert "the run in" in line and "has saved none yet (train saves every --checkpoint-every steps" in line
+    assert "the run in" in line and "has saved none yet, or it was moved (train saves every --checkpoint-every" in line
 
 
 def test_bad_devices_are_one_line_in_every_command(capsys, tmp_path, trained, make_labelled):
