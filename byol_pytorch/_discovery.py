@@ -913,8 +913,9 @@ def probe_backbone(
         where = f"the input of {name!r}" if use_input else f"hidden layer {name!r}"
         raise ValueError(
             f"{where} of {type(net).__name__} depends on none of its trainable parameters (the layers before it "
-            "are frozen, requires_grad=False, or there are none): BYOL would train its own heads only and leave "
-            "the net as it is; unfreeze the layers before it (requires_grad_(True)) or pick a later hidden_layer"
+            "are frozen, requires_grad=False, run under torch.no_grad() or detached, or there are none): BYOL would "
+            "train its own heads only and leave the net as it is; unfreeze the layers before it "
+            "(requires_grad_(True)) or pick a later hidden_layer"
         )
     used = _graph_leaves(hidden)
     unused = tuple(n for n, p in copied.named_parameters() if p.requires_grad and id(p) not in used)
