@@ -936,3 +936,18 @@ def test_a_hook_that_closes_over_the_users_net_still_counts_as_training_it():
     learner = BYOL(net, image_size=8, **SMALL)
     learner(torch.rand(4, 3, 8, 8)).backward()
     assert net.A.grad is not None
+
+
+def test_a_keyword_net_whose_only_layer_is_its_classifier_takes_its_output():
+    """The review: the keyword-net test above gained a conv; this one keeps a Linear as the first layer."""
+
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, **inputs):
+            return self.fc(inputs["images"].mean((2, 3)))
+
+    learner = BYOL(Kw(), image_size=8, channels=3, input_name="images", **SMALL)
+    assert learner.hidden_layer == "<output>" and learner.representation_size == 2  # the images' mean is no layer
