@@ -23,6 +23,7 @@ import torch.nn as nn
 __all__ = [
     "PathLike",
     "deepcopy_module",
+    "inside_folder",
     "kept_through_apply",
     "module_device",
     "module_device_dtype",
@@ -37,6 +38,14 @@ PathLike = str | os.PathLike
 def user_path(path: PathLike) -> Path:
     """``path`` as a ``Path``, a leading ``~`` expanded (as torchvision's datasets and the shell do)."""
     return Path(os.path.expanduser(os.fspath(path)))
+
+
+def inside_folder(path: PathLike, folder: PathLike) -> bool:
+    """Whether ``path`` (written yet or not) is ``folder`` or lies under it, links resolved."""
+    try:
+        return user_path(path).resolve().is_relative_to(user_path(folder).resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return False
 
 
 _M = TypeVar("_M", bound=nn.Module)

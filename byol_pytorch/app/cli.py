@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .._modules import inside_folder
 from .errors import (
     PROG,
     UserError,
@@ -210,6 +211,11 @@ def _run_preview(args: argparse.Namespace) -> int:
     _refuse_folder_out(args.out, "views.png")
     if os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a folder; name the picture to write in it, e.g. {args.out}/views.png")
+    if os.path.isdir(os.path.expanduser(args.data)) and inside_folder(args.out, args.data):  # a probe: it wrote over
+        raise UserError(  # one of the images, and a new picture there is read as one from then on
+            f"--out {args.out} is inside --data {args.data}: the picture would become one of its images (or write "
+            "over one); write it elsewhere, e.g. --out views.png"
+        )
     check_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     try:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .._atomic import atomic_write, names_the_file
-from .._modules import PathLike
+from .._modules import PathLike, inside_folder
 from .file_index import index_images
 from .folder import BrokenImageError, LabelledImageFolder, apply_pixel_limit, decode_image, loose_images
 from .remote import is_remote, redact
@@ -187,6 +187,11 @@ def make_shards(
     apply_pixel_limit()
     _check_make_arguments(folder, out, shard_size, prefix, seed)
     root, target = Path(folder), Path(out)
+    if labels and inside_folder(target, root):  # a probe: the shards' folder then read as a class of the data
+        raise ValueError(
+            f"--out {target} is inside --data {root}: with --labels, its folder would be read as a class of the data "
+            "from then on (eval, embed --labels, shards make); write the shards outside --data"
+        )
     with warnings.catch_warnings():  # its images outside the class folders are counted below (unlabelled)
         warnings.filterwarnings("ignore", message=r".* belong to no class and are left out")
         labelled = LabelledImageFolder(root, 8) if labels else None

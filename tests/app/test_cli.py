@@ -304,6 +304,17 @@ def test_preview_writes_a_picture(tmp_path, trained):
         assert np.asarray(image.convert("L")).std() > 5  # not blank
 
 
+def test_preview_refuses_a_picture_inside_its_data(capsys, tmp_path, trained):
+    """A probe: preview --out DATA/some/image.png wrote over the user's image (and a new picture there became data)."""
+    data, _ = trained
+    target = next(p for p in sorted(Path(data).rglob("*.png")) if p.is_file())
+    before = target.read_bytes()
+    argv = ["preview", "--data", str(data), "--out", str(target), "--image-size", "32", "--count", "2"]
+    line = one_error_line(capsys, cli.main(argv))
+    assert "is inside --data" in line and "write it elsewhere" in line
+    assert target.read_bytes() == before
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the address-space limit (RLIMIT_AS) is Linux's")
 def test_a_command_out_of_memory_is_one_line_naming_its_size_flags(tmp_path):
     """Before: preview --image-size 30000 ended in PIL's MemoryError traceback; run under a 6 GB address-space

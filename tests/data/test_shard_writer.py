@@ -411,3 +411,17 @@ def test_labelled_shards_count_the_images_left_out_beside_the_classes(tmp_path):
     with pytest.warns(UserWarning, match=r"hold the same images through links \('cat' and 'kitten'\): those images"):
         made = make_shards(tmp_path / "root", tmp_path / "shards", 10**9, labels=True)
     assert made.unlabelled == 3 and sum(made.counts) == 7  # 3 cats twice (two classes) and a dog
+
+
+def test_labelled_shards_inside_their_data_folder_are_refused(tmp_path):
+    """A probe: shards make --labels --out DATA/shards succeeded, then every labelled use of DATA failed on a class
+    'shards' holding .tar files."""
+    from byol_pytorch.data.shard_writer import make_shards
+
+    for name in ("cat", "dog"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / name / "0.png")
+    with pytest.raises(ValueError, match=r"--out .*shards is inside --data .*data: with --labels, its folder would"):
+        make_shards(tmp_path / "data", tmp_path / "data" / "shards", 10**9, labels=True)
+    assert not (tmp_path / "data" / "shards").exists()  # nothing written
+    assert sum(make_shards(tmp_path / "data", tmp_path / "data" / "shards", 10**9).counts) == 2  # unlabelled: allowed
