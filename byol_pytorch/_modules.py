@@ -28,6 +28,7 @@ __all__ = [
     "module_device",
     "module_device_dtype",
     "saved_modes",
+    "switch",
     "user_path",
 ]
 
@@ -163,6 +164,13 @@ def saved_modes(module: nn.Module | None, eval_mode: bool = True) -> Iterator[No
         for m, mode in modes:  # train() runs a module's own override; children are set after parents
             if m.training != mode:
                 m.train(mode)
+
+
+def switch(name: str, value: object) -> bool:
+    """``value`` if it is True or False; else a ``TypeError`` naming ``name`` (1, "no" and None are not switches)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def whole_number(name: str, value: object, least: int, why: str = "", floats: bool = False) -> int:

@@ -13,7 +13,7 @@ import torch.nn as nn
 from ._discovery import infer_channels, probe_backbone
 from ._hidden import HiddenLayer
 from ._host_read import DeferredRead
-from ._modules import deepcopy_module, kept_through_apply, module_device_dtype
+from ._modules import deepcopy_module, kept_through_apply, module_device_dtype, switch
 from .augment import BYOLAugment, _as_int, _image_size
 from .collapse import CollapseMonitor
 from .ema import cosine_tau, ema_update_
@@ -79,8 +79,7 @@ def _check_arguments(
         _check_int("moving_average_total_steps", moving_average_total_steps, 2**62)
     if not isinstance(token_pool, str) or token_pool not in ("mean", "cls"):
         raise ValueError(f"token_pool must be 'mean' or 'cls', got {token_pool!r}")
-    if not isinstance(views_in_one_batch, bool):
-        raise TypeError(f"views_in_one_batch must be True or False, got {views_in_one_batch!r}")
+    switch("views_in_one_batch", views_in_one_batch)
     if not (sync_batchnorm is None or isinstance(sync_batchnorm, bool)):  # (1 == True: not a membership test)
         raise TypeError(f"sync_batchnorm must be None, True or False, got {sync_batchnorm!r}")
     for arg, fn in augments.items():
@@ -105,8 +104,7 @@ def _check_net(net: object, **switches: object) -> None:
             "torch.compile(learner) after learner.init_target(), or compile the net in place with net.compile()"
         )
     for flag, value in switches.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag} must be True or False, got {value!r}")
+        switch(flag, value)
     lazy = [name for name, p in net.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
     if lazy:
         raise ValueError(

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, default_collate
 
-from .._modules import whole_number
+from .._modules import switch, whole_number
 
 __all__ = ["collate_images", "ignore_signals_in_worker", "make_loader", "worker_init"]
 
@@ -191,9 +191,7 @@ def make_loader(
         batch_size = whole_number("batch_size", batch_size, 1, " (or None for a dataset that batches itself)")
     if seed >= 2**64:
         raise ValueError(f"seed must fit in 64 bits (as torch.manual_seed takes it), got {seed}")
-    for name, value in (("shuffle", shuffle), ("drop_last", drop_last)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
+    shuffle, drop_last = switch("shuffle", shuffle), switch("drop_last", drop_last)
     iterable = isinstance(dataset, IterableDataset)
     if batch_size is not None and getattr(dataset, "yields_batches", False):
         raise ValueError(

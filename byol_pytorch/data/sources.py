@@ -327,6 +327,10 @@ def _every_fifth(labels: list[int]) -> tuple[list[int], list[int]]:
     return bank, queries
 
 
+_HF_FLAGS = {"split": "--hf-split", "image_column": "--image-column", "label_column": "--label-column"}
+"""``labelled_split``'s options (for ``hf:`` data) and the CLI flags that set them."""
+
+
 def labelled_split(
     spec: str | os.PathLike, load_size: int, channels: int = 3, **options: Any
 ) -> tuple[Dataset, Dataset]:
@@ -362,7 +366,7 @@ def labelled_split(
     """
     spec = as_spec(spec)
     kind = data_kind(spec)
-    unknown = sorted(set(options) - {"split", "image_column", "label_column"})
+    unknown = sorted(set(options) - set(_HF_FLAGS))
     if unknown:
         raise TypeError(
             f"labelled_split got the unknown option(s) {', '.join(unknown)}; it takes image_column, label_column and "
@@ -370,8 +374,7 @@ def labelled_split(
         )
     options = {k: v for k, v in options.items() if v not in (None, "")}
     if options and kind != "hf":
-        flags = {"split": "--hf-split", "image_column": "--image-column", "label_column": "--label-column"}
-        named = ", ".join(flags.get(k, k) for k in sorted(options))
+        named = ", ".join(_HF_FLAGS[k] for k in sorted(options))
         raise ValueError(f"{named} {'applies' if len(options) == 1 else 'apply'} to hf: data only, not to {spec!r}")
     if kind == "cifar":
         return tuple(open_labelled(spec, load_size, channels, split=s) for s in ("train", "test"))  # type: ignore[return-value]

@@ -387,7 +387,8 @@ class Engine:
                     loss_sum += self._step(batch, state)
                     bar.update(int(state.stepped))
                     if signals.requested and not said:  # said once, here: not in the signal handler
-                        said = self._announce(signals.signum)
+                        self._announce(signals.signum)
+                        said = True
                     if not self._sync_due(state, hooks):
                         continue
                     self._sync(state, loss_sum, signals, skipped)
@@ -405,7 +406,7 @@ class Engine:
                 learner.finite_check = own_check
         return state
 
-    def _announce(self, signum: int | None) -> bool:
+    def _announce(self, signum: int | None) -> None:
         """Say on rank 0, above the bar, that a signal stops the run after this step (and what it keeps)."""
         if self.ctx.is_main and signum is not None:
             from tqdm import tqdm
@@ -414,7 +415,6 @@ class Engine:
             when = "after this step" if self.check_every == 1 else f"within {self.check_every} steps (at a loss check)"
             line = f"byol-pytorch: {signal.Signals(signum).name}: stopping {when}{self.stop_note}{again}"
             tqdm.write(line, file=sys.stderr)
-        return True
 
     def _step(self, batch: StepBatch, state: TrainState) -> torch.Tensor:
         """One optimizer step on ``batch``; the state advances. Returns the detached loss."""
