@@ -7,12 +7,15 @@ module of the package, and checked against the layers of docs/DESIGN.md: the met
 the training runtime (``byol_pytorch.training``) nor the application (``byol_pytorch.app``);
 the data layer imports neither the runtime nor the application; nothing below the
 application imports it; and no import circle exists. Functions fit on a screen (at
-most 80 lines without their docstring), and every module declares ``__all__``.
+most 80 lines without their docstring), every module declares ``__all__``, and every
+docstring example runs and prints what it shows.
 """
 
 from __future__ import annotations
 
 import ast
+import doctest
+import importlib
 from pathlib import Path
 
 import pytest
@@ -366,3 +369,28 @@ def test_importing_the_package_leaves_the_compiler_unloaded_until_a_learner_is_m
         [sys.executable, "-c", script, "load"], input=pickled, capture_output=True, text=True, check=True
     )
     assert loaded.stdout.split() == ["False", "False", "True"]
+
+
+def _docstring_examples(module) -> doctest.TestResults:
+    """Runs the ``Examples:`` of ``module``'s docstrings; ``...`` stands for any text."""
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS, verbose=False)
+    for test in doctest.DocTestFinder().find(module):
+        runner.run(test, out=lambda text: None)
+    return runner.summarize(verbose=False)
+
+
+_WITH_EXAMPLES = [name for name, path in _modules().items() if ">>> " in path.read_text(encoding="utf-8")]
+
+
+@pytest.mark.parametrize("name", _WITH_EXAMPLES)
+def test_every_docstring_example_gives_what_it_shows(name):
+    """The docstrings' examples are documentation users copy: each one runs and prints what it says."""
+    results = _docstring_examples(importlib.import_module(name))
+    assert results.attempted > 0 and results.failed == 0, f"{results.failed} example(s) of {name} do not hold"
+
+
+def test_a_wrong_docstring_example_is_caught(tmp_path, monkeypatch):
+    (tmp_path / "shown.py").write_text('def two():\n    """\n    >>> two()\n    3\n    """\n    return 2\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    results = _docstring_examples(importlib.import_module("shown"))
+    assert (results.attempted, results.failed) == (1, 1)

@@ -287,21 +287,39 @@ def is_run_folder(names: Iterable[str]) -> bool:
     return RUN_FOLDER_FILES[0] in present and any(name in present for name in RUN_FOLDER_FILES[1:])
 
 
+def _folders_above(real: str) -> set[str]:
+    """The folders that hold ``real`` (a resolved path), up to the file system's root.
+
+    Examples:
+        >>> sorted(_folders_above("/data/images/cat")) == sorted(["/", "/data", "/data/images"])
+        True
+    """
+    above = set()
+    parent = os.path.dirname(real)
+    while parent != real:
+        above.add(parent)
+        real, parent = parent, os.path.dirname(parent)
+    return above
+
+
 def _walk(root: str) -> _Scan:
     """Depth first, each folder's entries sorted by name: the component-by-component order.
 
     Hidden entries are skipped; a folder reached twice (a link cycle, two links to one
-    folder) is walked the first time only; a folder that cannot be listed is skipped (as
-    ``os.walk``) and recorded in ``unlisted``.
+    folder) is walked the first time only, and a link to a folder above ``root`` is not walked
+    (it leads back into ``root``, and into its siblings: a class folder's scan would take the
+    other classes' images); a folder that cannot be listed is skipped (as ``os.walk``) and
+    recorded in ``unlisted``.
     """
     scan = _Scan()
     seen: set[str] = set()
+    above = _folders_above(os.path.realpath(root))
     stack: list[tuple[str, Iterator[os.DirEntry]]] = []
 
     def enter(relative: str) -> None:
         path = os.path.join(root, relative) if relative else root
         real = os.path.realpath(path)
-        if real in seen:
+        if real in seen or real in above:
             return
         seen.add(real)
         try:
@@ -395,14 +413,13 @@ def index_images(root: PathLike) -> FileIndex:
     Suffixes are matched case-insensitively against ``IMAGE_EXTENSIONS``. Files and
     folders whose name starts with a dot are skipped. Symbolic links to folders are
     followed once (a link cycle is not walked twice; of two links to one folder, the
-    first in sorted order is walked). Only regular files (after following links) are
-    kept: FIFOs, sockets, devices and broken links are passed over and counted in
-    ``passed_over``. A sub-folder that cannot be listed (no read permission) is left out with
-    a warning naming it (``lost+found``, a file system's own, is skipped), and so is a
-    ``byol-pytorch`` run folder of ``train`` or ``demo`` (``is_run_folder``). Contents are not
-    opened. The order
-    is that of the sorted ``Path`` objects: component by component (``a/b.png`` before
-    ``a-b.png``).
+    first in sorted order is walked; a link to a folder above ``root`` is not walked).
+    Only regular files (after following links) are kept: FIFOs, sockets, devices and
+    broken links are passed over and counted in ``passed_over``. A sub-folder that cannot
+    be listed (no read permission) is left out with a warning naming it (``lost+found``, a
+    file system's own, is skipped), and so is a ``byol-pytorch`` run folder of ``train``
+    or ``demo`` (``is_run_folder``). Contents are not opened. The order is that of the
+    sorted ``Path`` objects: component by component (``a/b.png`` before ``a-b.png``).
 
     Args:
         root: the folder to search.

@@ -743,6 +743,26 @@ def test_class_folders_holding_the_same_images_through_links_are_named(tmp_path)
         assert len(LabelledImageFolder(tmp_path, 8).targets) == 4
 
 
+def test_a_link_inside_a_class_to_a_folder_above_it_is_not_walked(tmp_path):
+    """A probe: ``cat/up -> ..`` made the scan of ``cat`` enter the data root again, so every image of ``dog`` was
+    also a ``cat`` (9 samples of 6). A link above the scanned folder is not walked; a link beside it still is."""
+    data = tmp_path / "data"
+    for name in ("cat", "dog"):
+        (data / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(data / name / f"{i}.png")
+    (data / "cat" / "up").symlink_to("..")
+    (data / "cat" / "top").symlink_to(tmp_path)  # two levels up
+    labelled = LabelledImageFolder(data, 8)
+    assert list(labelled.targets) == [0, 0, 0, 1, 1, 1]
+    assert [labelled.sample_id(i) for i in range(3)] == ["cat/0.png", "cat/1.png", "cat/2.png"]
+    assert len(index_images(data / "cat")) == 3 and len(index_images(data)) == 6
+    (tmp_path / "more").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "more" / "x.png")
+    (data / "cat" / "beside").symlink_to(tmp_path / "more")  # not above: walked
+    assert [index_images(data / "cat").relative(i) for i in range(4)] == ["0.png", "1.png", "2.png", "beside/x.png"]
+
+
 @pytest.mark.parametrize(
     "given, error, match",
     [
