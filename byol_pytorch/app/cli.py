@@ -340,7 +340,9 @@ def _add_eval(sub: Any) -> None:
     evaluate.add_argument(
         "--data",
         required=True,
-        help="labelled folder: one sub-folder per class; or cifar10:ROOT / cifar100:ROOT (train batches -> test batch)",
+        help="labelled folder: one sub-folder per class; or cifar10:ROOT / cifar100:ROOT (train batches -> test "
+        "batch); or hf:PATH with a label column; or tar shards of byol-pytorch shards make --labels (every fifth "
+        "sample in the shards' order held out, not per class, so the figure differs a little from the folder's)",
     )
     evaluate.add_argument("--checkpoint", required=True, help="RUNDIR/last.pt")
     evaluate.add_argument(
