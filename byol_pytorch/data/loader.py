@@ -198,10 +198,10 @@ def make_loader(
             f"{type(dataset).__name__} yields whole batches itself: pass batch_size=None (make_shard_loader does), "
             f"not batch_size={batch_size}, which would batch its batches"
         )
+    samples = _known_length(dataset, sampler, iterable)
     if iterable:
         shuffle = False
-    elif batch_size is not None:
-        samples = len(sampler) if sampler is not None else len(dataset)  # type: ignore[arg-type]
+    if samples is not None and batch_size is not None:
         if samples == 0 and shuffle and sampler is None:  # (torch's RandomSampler refuses it in its own words)
             raise ValueError("the dataset holds no samples to shuffle: add images")
         if drop_last and samples < batch_size:
@@ -228,6 +228,19 @@ def make_loader(
         worker_init_fn=worker_init if workers > 0 else None,
         generator=_PicklableGenerator().manual_seed(seed),
     )
+
+
+def _known_length(dataset: Dataset, sampler: Sampler | None, iterable: bool) -> int | None:
+    """The samples an epoch holds: the sampler's or the dataset's length; None for an ``IterableDataset``
+    without ``__len__`` (one with it, a user's stream of known length, is checked as a map-style one)."""
+    if sampler is not None:
+        return len(sampler)  # type: ignore[arg-type]
+    if iterable:
+        try:
+            return len(dataset)  # type: ignore[arg-type]
+        except TypeError:  # no __len__: a stream of unknown length
+            return None
+    return len(dataset)  # type: ignore[arg-type]
 
 
 def _generator_from_state(state: bytes) -> _PicklableGenerator:

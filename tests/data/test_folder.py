@@ -369,6 +369,25 @@ def test_loader_refuses_to_drop_every_batch(messy):
         make_loader(ImageFolder(messy, 8), batch_size=64, workers=0)
 
 
+def test_a_stream_of_known_length_shorter_than_a_batch_is_refused_and_one_of_unknown_length_is_taken():
+    """A probe: an ``IterableDataset`` of 5 images with ``len()`` gave a loader of no batch at all, so a loop
+    over it trained nothing without a word; a map-style dataset of 5 was refused."""
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(torch.zeros(5, 3, 8, 8))
+
+    class Counted(Stream):
+        def __len__(self):
+            return 5
+
+    with pytest.raises(ValueError, match="5 images but a batch size of 8: every batch would be dropped"):
+        make_loader(Counted(), batch_size=8)
+    assert [len(batch) for batch in make_loader(Counted(), batch_size=4)] == [4]
+    assert [len(batch) for batch in make_loader(Counted(), batch_size=8, drop_last=False)] == [5]
+    assert list(make_loader(Stream(), batch_size=8)) == []  # its length is unknown: nothing to check
+
+
 def test_no_readable_file_raises_runtime_error(tmp_path):
     _write(tmp_path / "a.jpg", b"")
     _write(tmp_path / "b.png", b"not a png")
