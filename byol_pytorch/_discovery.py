@@ -72,6 +72,7 @@ import operator
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -219,8 +220,8 @@ def _classifier_target(out: object) -> torch.Tensor | None:
 
 
 def _representation_key(out: object, image_size: tuple[int, int]) -> OutputKey:
-    """Without a classifier: ``pooler_output``, ``last_hidden_state``, a pyramid's last map (a tuple's, or a
-    Hugging Face backbone's ``feature_maps``), the first tensor."""
+    """Without a classifier: ``pooler_output``, ``last_hidden_state``, a pyramid's last map (a tuple's, a
+    mapping's of shrinking grids, or a Hugging Face backbone's ``feature_maps``), the first tensor."""
     entries = _entries(out)
     if entries is None:
         return None
@@ -230,11 +231,19 @@ def _representation_key(out: object, image_size: tuple[int, int]) -> OutputKey:
     for key in ("pooler_output", "last_hidden_state"):
         if isinstance(values.get(key), torch.Tensor):
             return key
+    if isinstance(out, Mapping) and _shrinking(list(values.values()), image_size):
+        return entries[-1][0]  # a dict of stages' maps (torchvision's IntermediateLayerGetter, timm's
+        # features_only with feature_cls="dict", create_feature_extractor): the deepest, as of a tuple
     maps = values.get("feature_maps")  # a Hugging Face backbone (AutoBackbone): its stages' maps, the deepest last
     if isinstance(maps, (tuple, list)) and maps and (len(maps) == 1 or _pyramid(maps, image_size)):
         if isinstance(maps[-1], torch.Tensor) and maps[-1].is_floating_point():
             return ("feature_maps", len(maps) - 1)
     return _first_tensor(entries)
+
+
+def _shrinking(maps: list[Any], image_size: tuple[int, int]) -> bool:
+    """A pyramid whose grids shrink: not entries of one shape (a dict's ``features`` and ``features_normed``)."""
+    return _pyramid(maps, image_size) and len({tuple(v.shape) for v in maps}) > 1
 
 
 def _pyramid(out: tuple | list, image_size: tuple[int, int]) -> bool:
@@ -333,6 +342,8 @@ class _Trace:
         target pass, torch's CPU and CUDA generators forked and given back); training flags restored, hooks removed."""
         handles = []
         for m in self.net.modules():
+            if isinstance(m, torch.jit.ScriptModule):  # takes no hooks: a scripted part of the net is not traced
+                continue
             handles.append(m.register_forward_pre_hook(self._start, with_kwargs=True))
             handles.append(m.register_forward_hook(self._end))
         try:
@@ -761,11 +772,10 @@ def _resolve_layer(net: nn.Module, hidden_layer: HiddenLayer) -> tuple[str, nn.M
                 f"hidden_layer={hidden_layer} is out of range: the net has {len(children)} "
                 f"direct children ({names}); use an index in range, a module name, or -1 for the output"
             )
-        name, module = children[hidden_layer]
-        return name, module
+        return _hookable(*children[hidden_layer])
     modules = dict(net.named_modules())
     if hidden_layer in modules and hidden_layer != "":
-        return hidden_layer, modules[hidden_layer]
+        return _hookable(hidden_layer, modules[hidden_layer])
     module_names = [n for n in modules if n]
     close = difflib.get_close_matches(hidden_layer, module_names, n=5, cutoff=0.5)
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
@@ -775,6 +785,16 @@ def _resolve_layer(net: nn.Module, hidden_layer: HiddenLayer) -> tuple[str, nn.M
         f"top-level modules: {top}. Pass a name from net.named_modules(), a child index, "
         "-1 for the net's output, or 'auto'"
     )
+
+
+def _hookable(name: str, module: nn.Module) -> tuple[str, nn.Module]:
+    """A named hidden layer that can take BYOL's hook: not a TorchScript module (ValueError)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise ValueError(
+            f"hidden layer {name!r} is a TorchScript module ({type(module).__name__}), which takes no hooks: name an "
+            "eager layer of the net, or build the net without torch.jit.script and script it after training"
+        )
+    return name, module
 
 
 def _probe_image(channels: int, image_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:

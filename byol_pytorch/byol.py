@@ -103,6 +103,11 @@ def _check_net(net: object, **switches: object) -> None:
             "wrapper cannot trace: pass the net itself (net._orig_mod) and compile the learner, "
             "torch.compile(learner) after learner.init_target(), or compile the net in place with net.compile()"
         )
+    if isinstance(net, torch.jit.ScriptModule):
+        raise TypeError(
+            f"net is a TorchScript module ({type(net).__name__}), and BYOL hooks a layer inside it, which TorchScript "
+            "does not allow: pass the eager nn.Module (before torch.jit.script) and script it after training"
+        )
     for flag, value in switches.items():
         switch(flag, value)
     lazy = [name for name, p in net.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
@@ -703,13 +708,19 @@ class BYOL(nn.Module):
     def _to_float(self, x: torch.Tensor) -> torch.Tensor:
         return x if x.is_floating_point() else x.float().div_(255)
 
+    def _in_net_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the dtype of a net cast to float64, float16 or bfloat16; under autocast, left to autocast,
+        except for a float64 net, whose weights autocast leaves alone (a float32 input would meet them in bf16)."""
+        dtype = next(self.online_predictor.parameters()).dtype
+        if x.dtype == dtype or (torch.is_autocast_enabled(x.device.type) and dtype != torch.float64):
+            return x
+        return x.to(dtype)
+
     def _view(self, augment: Augment, x: torch.Tensor) -> torch.Tensor:
         # Our own augmentation reads uint8 directly (cheaper: crop before converting).
         view = augment(x) if isinstance(augment, BYOLAugment) else augment(self._to_float(x))
         self._check_view(augment, view, x)
-        dtype = next(self.online_predictor.parameters()).dtype
-        # Views come out in float32; a net cast to float64 or bfloat16 wants its own dtype.
-        view = view if view.dtype == dtype or torch.is_autocast_enabled(view.device.type) else view.to(dtype)
+        view = self._in_net_dtype(view)  # views come out in float32
         if self._net_is_channels_last():
             view = view.contiguous(
                 memory_format=torch.channels_last
@@ -756,9 +767,7 @@ class BYOL(nn.Module):
             x = self._to_float(x)
             if isinstance(self.augment1, BYOLAugment):
                 x = self.augment1.normalize(x)
-        dtype = next(self.online_predictor.parameters()).dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(dtype)  # float64/16/bfloat16 input into the net's own dtype
+        x = self._in_net_dtype(x)
         try:
             return self.online_encoder(x, return_projection=return_projection)
         except ValueError as error:

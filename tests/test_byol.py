@@ -470,6 +470,25 @@ def test_a_compiled_net_is_refused_with_the_ways_that_work():
         BYOL(torch.compile(small_cnn()), image_size=32, **SMALL)
 
 
+def test_a_torchscript_net_is_named_and_a_scripted_part_of_an_eager_net_trains(recwarn):
+    """A probe: a scripted net, or an eager one holding a scripted layer, failed with 'could not run ... check
+    image_size and the channel count', though the net ran: TorchScript modules take no hooks."""
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), torch.jit.script(nn.ReLU()), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    with pytest.raises(TypeError, match=r"net is a TorchScript module \(RecursiveScriptModule\).*before torch.jit"):
+        BYOL(torch.jit.script(net()), image_size=32, **SMALL)
+    for layer in ("1", 1):
+        with pytest.raises(ValueError, match=r"hidden layer '1' is a TorchScript module .*name an eager layer"):
+            BYOL(net(), image_size=32, hidden_layer=layer, **SMALL)
+    eager = net()
+    learner = BYOL(eager, image_size=32, **SMALL)
+    assert learner.hidden_layer == "<output>" and learner.representation_size == 8
+    learner(torch.rand(4, 3, 32, 32)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in eager.parameters())
+
+
 def test_simsiam_init_target_makes_no_copy():
     """Before: init_target() (the README's step before torch.compile) deep-copied the encoder for SimSiam too: a
     second net in memory and in every checkpoint, never used."""
@@ -518,6 +537,22 @@ def test_autocast_bf16_on_cpu():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert learner.net[0].weight.grad is not None
+
+
+def test_a_float64_learner_runs_in_float64_under_autocast_as_its_net_does():
+    """A probe: the float32 views were left to autocast, which cast them to bf16 while it leaves the float64
+    weights alone: 'Input type (c10::BFloat16) and bias type (double) should be the same'."""
+    learner = BYOL(small_cnn(), image_size=32, **SMALL).double()
+    torch.manual_seed(0)
+    plain = learner(torch.rand(4, 3, 32, 32, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        loss = learner(torch.rand(4, 3, 32, 32, dtype=torch.float64))
+        embedding = learner(torch.rand(4, 3, 32, 32), return_embedding=True, return_projection=False)
+    assert embedding.dtype == torch.float64
+    torch.testing.assert_close(loss, plain)  # autocast leaves a float64 net alone: the same loss
+    loss.backward()
+    assert learner.net[0].weight.grad.dtype == torch.float64
 
 
 def test_uint8_input_trains_and_embeds():

@@ -721,6 +721,38 @@ def test_features_only_nets_give_their_deepest_map():
         assert learner.unused_parameter_names == []  # the deepest map uses every stage
 
 
+def test_a_dict_of_stages_maps_gives_its_deepest_map_and_trains_every_stage():
+    """A probe: a dict of shrinking maps gave its first, shallowest map, so 45 of resnet18's 60 parameters (57 of
+    timm's dict features) never trained, without a word; a tuple of the same maps gave the deepest."""
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+    getter = IntermediateLayerGetter(torchvision.models.resnet18(weights=None), return_layers=layers)
+    timm_dict = timm.create_model("resnet18", pretrained=False, features_only=True, feature_cls="dict")
+    extractor = create_feature_extractor(torchvision.models.resnet18(weights=None), {"layer2": "mid", "layer4": "out"})
+    images = torch.rand(4, 3, 32, 32)
+    for net, key in ((getter, "3"), (timm_dict, "4"), (extractor, "out")):
+        learner = BYOL(net, 32, **SMALL)
+        assert learner.hidden_layer == f"<output>.{key}" and learner.representation_size == 512
+        learner.eval()
+        deepest = net(images)[key].mean(dim=(2, 3))  # the spatial mean of the deepest map, computed here
+        torch.testing.assert_close(learner(images, return_embedding=True, return_projection=False), deepest)
+        learner.train()(images).backward()
+        assert [name for name, p in net.named_parameters() if p.grad is None] == []
+
+    class TwoOnOneGrid(nn.Module):  # a dict of maps on one grid is no pyramid: its first tensor, as before
+        def __init__(self):
+            super().__init__()
+            self.conv, self.mask = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 1, 1)
+
+        def forward(self, x):
+            features = torch.relu(self.conv(x))
+            return {"features": features, "mask": self.mask(features)}
+
+    assert BYOL(TwoOnOneGrid(), 32, **SMALL).hidden_layer == "<output>.features"
+
+
 def test_pairs_of_outputs_on_one_grid_are_not_a_pyramid():
     # (features, mask logits) on one grid and (tokens, attention weights) keep the first entry.
     class Segmenter(nn.Module):
