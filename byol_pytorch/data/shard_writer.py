@@ -47,6 +47,7 @@ from .folder import BrokenImageError, LabelledImageFolder, apply_pixel_limit, de
 from .remote import is_remote, redact
 from .remote_shards import count_shards, expand_remote, index_document
 from .shards import INCOMPLETE_NAME, expand_shards, shard_samples
+from .sources import held_out_split
 
 __all__ = ["CLASSES_NAME", "INDEX_NAME", "MadeShards", "make_shards", "parse_size", "sample_key", "write_index"]
 
@@ -177,7 +178,8 @@ def make_shards(
     error or a stop removes what the call wrote (a killed process leaves the incomplete marker).
 
     Raises:
-        ValueError: no image in the folder, ``labels`` without class sub-folders, ``out``
+        ValueError: no image in the folder, ``labels`` without class sub-folders or of a folder split
+            into ``train/`` and ``val/`` (or ``test/``), ``out``
             already holds shards (or is ``folder``), ``shard_size`` below 1, or ``prefix`` is
             not a plain file-name part.
         TypeError: ``shard_size`` or ``seed`` is not an int (``parse_size("1GB")`` makes one).
@@ -191,6 +193,13 @@ def make_shards(
         raise ValueError(
             f"--out {target} is inside --data {root}: with --labels, its folder would be read as a class of the data "
             "from then on (eval, embed --labels, shards make); write the shards outside --data"
+        )
+    split = held_out_split(root, "folder") if labels else None
+    if split is not None:  # a probe: classes.json was ["train", "val"], every label a split
+        raise ValueError(
+            f"--data {root} is split into train/ and {split}/, so --labels would label the images by split: make the "
+            f"shards of each split on its own, --data {root / 'train'} --labels and --data {root / split} --labels, "
+            "each with its own --out"
         )
     with warnings.catch_warnings():  # its images outside the class folders are counted below (unlabelled)
         warnings.filterwarnings("ignore", message=r".* belong to no class and are left out")

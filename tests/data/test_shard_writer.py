@@ -425,3 +425,24 @@ def test_labelled_shards_inside_their_data_folder_are_refused(tmp_path):
         make_shards(tmp_path / "data", tmp_path / "data" / "shards", 10**9, labels=True)
     assert not (tmp_path / "data" / "shards").exists()  # nothing written
     assert sum(make_shards(tmp_path / "data", tmp_path / "data" / "shards", 10**9).counts) == 2  # unlabelled: allowed
+
+
+def test_labelled_shards_of_a_folder_split_into_train_and_val_are_refused(tmp_path, capsys):
+    """A probe: shards make --labels of ROOT/{train,val}/CLASS wrote classes.json ["train", "val"], every label a
+    split, where embed --labels refuses that folder; unlabelled shards of it, and of each split, are made."""
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "data" / split / name / "0.png")
+    out = tmp_path / "shards"
+    assert cli.main(["shards", "make", "--data", str(tmp_path / "data"), "--out", str(out), "--labels"]) == 1
+    data = tmp_path / "data"
+    assert capsys.readouterr().err.strip() == (
+        f"byol-pytorch: error: --data {data} is split into train/ and val/, so --labels would label the images by "
+        f"split: make the shards of each split on its own, --data {data / 'train'} --labels and --data "
+        f"{data / 'val'} --labels, each with its own --out"
+    )
+    assert not out.exists()
+    assert cli.main(["shards", "make", "--data", str(data / "train"), "--out", str(out), "--labels"]) == 0
+    assert json.loads((out / "classes.json").read_text())["classes"] == ["cat", "dog"]
+    assert cli.main(["shards", "make", "--data", str(data), "--out", str(tmp_path / "all")]) == 0  # no labels: taken
