@@ -170,7 +170,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     print(
         f"byol-pytorch eval: {args.checkpoint} (step {checkpoint.get('step')}, {recipe['model']}, {args.which} "
         f"network, BatchNorm statistics {statistics}), "
-        f"{len(bank)} labelled images to fit, {len(queries)} held out, {data.num_classes} classes"
+        f"{len(bank)} labelled images to fit, {len(queries)} held out, {data.classes_present} classes"
         + (f" ({data.unreadable} unreadable images left out)" if data.unreadable else "")
     )
     if args.knn or not args.linear:

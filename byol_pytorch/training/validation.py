@@ -100,6 +100,7 @@ class KnnMonitor:
         self.device, self.batch_size, self.workers = device, batch_size, workers
         self.clean_images = clean_images
         self.num_classes: int | None = None
+        self.classes_present = 0
         self.scored: list[int] = []  # the bank's classes with held-out images, and its others (``features``)
         self.unscored: list[int] = []
         self.unbanked: list[int] = []  # classes with held-out images and none in the bank: never matched
@@ -140,7 +141,8 @@ class KnnMonitor:
                 "the readable images of the kNN data are of one class only (of the labels read, or the others' "
                 "images could not be read); a kNN check needs two classes or more"
             )
-        self.num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+        self.num_classes = int(max(bank_labels.max(), query_labels.max())) + 1  # the scores' width: labels 0..max
+        self.classes_present = len(torch.unique(torch.cat([bank_labels, query_labels])))  # of them, with an image
         self.missing = self.missing_classes(torch.cat([bank_labels, query_labels]))
         banked = set(bank_labels.tolist())
         queried = set(query_labels.tolist())
@@ -201,12 +203,12 @@ class KnnMonitor:
         unreadable = [name for name in self.missing if name not in rowless]
         parts = []
         if unreadable:
-            shown = ", ".join(unreadable[:5])
+            shown = ", ".join(unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
             parts.append(
                 f"{len(unreadable)} class(es) of {spec} have no readable image ({shown}): their files were passed over"
             )
         if rowless:
-            shown = ", ".join(rowless[:5])
+            shown = ", ".join(rowless[:5]) + (", ..." if len(rowless) > 5 else "")
             parts.append(
                 f"{len(rowless)} class(es) of {spec} have no image at all ({shown}): the data names them among its "
                 "classes but holds none of them (a filtered dataset, a subset of the classes)"

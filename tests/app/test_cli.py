@@ -232,7 +232,7 @@ def test_eval_says_when_a_class_has_no_readable_image(capsys, tmp_path, trained,
     assert cli.main(["eval", "--data", str(labelled), "--checkpoint", str(out / "last.pt"), "--knn"]) == 0
     captured = capsys.readouterr()
     assert "1 class(es) of" in captured.err and "no readable image (class_1)" in captured.err
-    assert "16 labelled images to fit, 4 held out, 3 classes (10 unreadable images left out)" in captured.out
+    assert "16 labelled images to fit, 4 held out, 2 classes (10 unreadable images left out)" in captured.out
     for c in (0, 2):
         for name in ("4.png", "9.png"):
             (labelled / f"class_{c}" / name).write_bytes(b"")  # every held-out image now

@@ -340,6 +340,27 @@ def test_classes_with_no_rows_are_told_apart_from_unreadable_ones(tmp_path):
     )
 
 
+def test_the_classes_counted_are_those_with_images_and_every_missing_one_is_shown_or_elided(tmp_path):
+    """A probe: eval's header said '6 classes' for labels 0, 1 and 5 of ten named (the largest label + 1), and the
+    warning named 5 of the 7 missing classes with no sign of the other two."""
+    from conftest import small_cnn
+
+    from byol_pytorch import BYOL
+    from byol_pytorch.training.validation import KnnMonitor
+
+    labels = [(0, 1, 5)[i % 3] for i in range(30)]
+    images = [Image.new("RGB", (12, 12), (8 * i, 90, 30)) for i in range(30)]
+    names = [f"n{i}" for i in range(10)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(tmp_path / "d"))
+    monitor = KnnMonitor(f"hf:{tmp_path / 'd'}", 12, 3, torch.device("cpu"))
+    monitor.features(BYOL(small_cnn(), 12, projection_size=8, projection_hidden_size=16).eval())
+    assert (monitor.classes_present, monitor.num_classes) == (3, 6)  # 3 with images; scores over labels 0..5
+    assert monitor.missing_warning("hf:d").startswith(
+        "7 class(es) of hf:d have no image at all (n2, n3, n4, n6, n7, ...): the data names them"
+    )
+
+
 def test_parquet_files_split_by_name_and_files_of_no_split_beside_them_are_named(tmp_path):
     """Probe and review: the Hub's data/train-*.parquet and data/test-*.parquet were one 'train' split; and with
     train.parquet, validation.parquet and extra.parquet together every row, the validation ones too, was trained on."""
