@@ -200,7 +200,7 @@ def _run_preview(args: argparse.Namespace) -> int:
     import torch
 
     from ..augment import BYOLAugment
-    from ..data import first_items, load_size_for, open_unlabelled
+    from ..data import load_size_for, open_unlabelled, readable_images
     from ..data.remote import redact
 
     if args.image_size < 8 or not 1 <= args.count <= PREVIEW_MOST:
@@ -222,12 +222,11 @@ def _run_preview(args: argparse.Namespace) -> int:
         dataset = open_unlabelled(
             args.data, load_size_for(args.image_size), 3, split=args.hf_split, image_column=args.image_column
         )
-        items = first_items(
-            dataset, args.count, pick=lambda n: torch.randperm(n, generator=generator)[: args.count].tolist()
+        originals, unreadable = readable_images(  # (N, 3, S, S) uint8
+            dataset, args.count, order=lambda n: torch.randperm(n, generator=generator).tolist()
         )
-        if not items:
-            raise ValueError(f"no readable image in {redact(args.data)}")
-        originals = torch.stack([item[0] for item in items])  # (N, 3, S, S) uint8
+        if not len(originals):
+            raise ValueError(f"no readable image in {redact(args.data)} ({unreadable} unreadable files)")
     except ImportError as error:
         raise UserError(f"--data {args.data}: {error}") from None
     except (ValueError, RuntimeError) as error:
@@ -240,7 +239,7 @@ def _run_preview(args: argparse.Namespace) -> int:
         from .plots import plot_views
 
         written = plot_views(
-            originals, view_one(originals), view_two(originals), args.out, mean, std, max_images=len(items)
+            originals, view_one(originals), view_two(originals), args.out, mean, std, max_images=len(originals)
         )
     except ImportError as error:
         hint = "pip install matplotlib" if "matplotlib" in str(error) else "the plots module is missing"
@@ -249,7 +248,11 @@ def _run_preview(args: argparse.Namespace) -> int:
         raise UserError(f"--out: {describe_os_error(error)}") from None
     except ValueError as error:
         raise UserError(f"--out: {error}") from None
-    print(f"byol-pytorch: wrote {written}: {len(items)} images from {redact(args.data)}, each beside view 1 and view 2")
+    left_out = f" ({unreadable} unreadable files passed over)" if unreadable else ""
+    print(
+        f"byol-pytorch: wrote {written}: {len(originals)} images from {redact(args.data)}{left_out}, each beside "
+        "view 1 and view 2"
+    )
     print(f"  {view_one.describe()}\n  {view_two.describe()}")
     return 0
 

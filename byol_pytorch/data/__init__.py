@@ -42,6 +42,7 @@ from .sources import (
     labelled_split,
     open_labelled,
     open_unlabelled,
+    readable_images,
     sample_images,
 )
 
@@ -71,6 +72,7 @@ __all__ = [
     "match_channels",
     "open_labelled",
     "open_unlabelled",
+    "readable_images",
     "read_or_next",
     "sample_images",
 ]

@@ -48,6 +48,7 @@ __all__ = [
     "data_kind",
     "embedding_items",
     "first_items",
+    "readable_images",
     "held_out_split",
     "sample_images",
     "labelled_split",
@@ -570,6 +571,48 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
             "images (shards: no .jpg/.png/... member in a sample); check the data"
         )
     return torch.stack(images)
+
+
+def readable_images(
+    dataset: Dataset, count: int, order: Callable[[int], list[int]] | None = None
+) -> tuple[torch.Tensor, int]:
+    """Up to ``count`` images that decode, each once, and how many unreadable ones were passed over on the way.
+
+    A map-style source that can read one item without substituting another (``read(i)``: a folder, CIFAR,
+    ``hf:``) is read in ``order(len)`` (default: from the start) until ``count`` decode; other map-style
+    items are taken as they come. A stream (tar shards: ``(image, label, key, readable)``) gives its first
+    ``count`` readable samples. For ``preview``: an unreadable file is neither shown (as its substitute, a
+    second time) nor counted among the images.
+
+    Returns:
+        ``(uint8 (n, C, S, S), unreadable)``; ``n`` is 0 when nothing decodes.
+    """
+    count = whole_number("count", count, 1, " (how many images)")
+    images: list[torch.Tensor] = []
+    unreadable = 0
+    if isinstance(dataset, IterableDataset):
+        for item in dataset:
+            if _item_readable(item):
+                images.append(item[0] if isinstance(item, (tuple, list)) else item)
+            else:
+                unreadable += 1
+            if len(images) >= count:
+                break
+    else:
+        n = len(dataset)  # type: ignore[arg-type]
+        read = getattr(dataset, "read", None)
+        for i in order(n) if order is not None else range(n):
+            if read is None:
+                item = dataset[i]
+                images.append(item[0] if isinstance(item, (tuple, list)) else item)
+            else:
+                try:
+                    images.append(read(i))
+                except BrokenImageError:
+                    unreadable += 1
+            if len(images) >= count:
+                break
+    return (torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)), unreadable
 
 
 def first_items(dataset: Dataset, count: int, pick: Callable[[int], list[int]] | None = None) -> list[Any]:

@@ -304,6 +304,37 @@ def test_preview_writes_a_picture(tmp_path, trained):
         assert np.asarray(image.convert("L")).std() > 5  # not blank
 
 
+def test_preview_shows_each_readable_image_once_and_counts_the_unreadable_apart(capsys, tmp_path):
+    """A probe: of 2 readable files and 2 unreadable, preview drew 4 rows (one image three times, the substitute of
+    each broken one) and said '4 images'; tar shards with broken samples did the same."""
+    import io
+    import tarfile
+
+    pytest.importorskip("matplotlib")
+    from byol_pytorch.data import ImageFolder, open_unlabelled, readable_images
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("L", (28, 28), 200).save(data / "a_good.png")
+    Image.new("L", (28, 28), 0).save(data / "b_good.png")
+    (data / "c_bad.jpg").write_text("not an image")
+    (data / "d_zero.png").touch()
+    argv = ["preview", "--data", str(data), "--out", str(tmp_path / "v.png"), "--image-size", "32", "--count", "8"]
+    assert cli.main(argv) == 0
+    assert f": 2 images from {data} (2 unreadable files passed over), each beside" in capsys.readouterr().out
+    images, unreadable = readable_images(ImageFolder(data, 16), 8)
+    assert unreadable == 2 and sorted(images.float().mean(dim=(1, 2, 3)).tolist()) == [0.0, 200.0]  # each once
+    assert len(readable_images(ImageFolder(data, 16), 1, order=lambda n: [3, 2, 1, 0])[0]) == 1  # stops at count
+    shard = tmp_path / "mix.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, payload in (("a.png", (data / "a_good.png").read_bytes()), ("b.png", b"broken"), ("c.txt", b"x")):
+            member = tarfile.TarInfo(key)
+            member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    images, unreadable = readable_images(open_unlabelled(str(shard), 16, 3), 8)
+    assert (len(images), unreadable) == (1, 2)  # a broken image and a sample with no image file
+
+
 def test_preview_refuses_a_picture_inside_its_data(capsys, tmp_path, trained):
     """A probe: preview --out DATA/some/image.png wrote over the user's image (and a new picture there became data)."""
     data, _ = trained
