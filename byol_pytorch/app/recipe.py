@@ -150,7 +150,7 @@ def _add_run_flags(a: Any) -> None:
         help="folder of images, searched recursively (unreadable files are skipped and counted); "
         "cifar10:ROOT / cifar100:ROOT for the official CIFAR python batches (ROOT holds cifar-10-batches-py "
         "or is it; never downloaded); tar shards in webdataset's layout: a brace pattern "
-        "'shards/train-{0000..0099}.tar', one .tar, or a folder holding only .tar files (pip install "
+        "'shards/train-{000000..000099}.tar', one .tar, or a folder holding only .tar files (pip install "
         "'byol-pytorch[shards]'); remote tar shards: http(s)://, s3://, gs:// URLs with the same brace "
         "patterns, or pipe:CMD, streamed (pip install 'byol-pytorch[remote]'); hf:PATH for a local Hugging Face "
         "dataset: a save_to_disk folder, parquet file(s) or an imagefolder folder (pip install "

@@ -232,7 +232,7 @@ def _archive_hint(root: Path) -> str:
         return (
             f"; it holds {plain} .tar file(s) beside {others} other file(s): a folder is read as shards only when "
             "it holds nothing else (.json files and hidden ones aside); move the others out, or pass a brace "
-            "pattern (train-{0000..0099}.tar)"
+            "pattern (train-{000000..000099}.tar)"
         )
     if plain:
         return f"; it holds {plain} .tar file(s): shards, not images (commands that read data take them as --data)"

@@ -43,7 +43,7 @@ Python use (``pip install "byol-pytorch[shards]"``)::
 
     from byol_pytorch.data.shards import ShardDataset, make_shard_loader
 
-    data = ShardDataset("shards/train-{0000..0099}.tar", load_size=256, batch_size=64, workers=4)
+    data = ShardDataset("shards/train-{000000..000099}.tar", load_size=256, batch_size=64, workers=4)
     loader = make_shard_loader(data)
     for epoch in range(10):
         data.set_epoch(epoch)
@@ -147,13 +147,13 @@ def _is_tar_folder(path: Path) -> bool:
 def is_shard_spec(spec: str | None) -> bool:
     """Whether a data argument names tar shards.
 
-    Shards are: a brace pattern (``train-{0000..0099}.tar``, ``{a,b}.tar``; a path that
+    Shards are: a brace pattern (``train-{000000..000099}.tar``, ``{a,b}.tar``; a path that
     exists as written, braces and all, is not one), a path
     ending in ``.tar`` that is not a folder, or a folder whose entries (hidden ones
     and ``.json`` files such as a shard index aside) are all ``.tar`` files. Any other folder is an image folder.
 
     Examples:
-        >>> is_shard_spec("shards/train-{0000..0099}.tar"), is_shard_spec("photos/")
+        >>> is_shard_spec("shards/train-{000000..000099}.tar"), is_shard_spec("photos/")
         (True, False)
     """
     if not spec:
@@ -196,7 +196,7 @@ def expand_shards(spec: str | Sequence[PathLike]) -> list[Path]:
     if not paths or missing:
         raise ValueError(
             f"{len(missing)} of the {len(paths)} shards of {str(spec)!r} are missing, e.g. {str(missing[0])!r}; "
-            "check the pattern (train-{0000..0099}.tar) or the folder of .tar files"
+            "check the pattern (train-{000000..000099}.tar) or the folder of .tar files"
             if missing
             else f"no shards in {str(spec)!r}"
         )
@@ -351,7 +351,7 @@ class ShardDataset(IterableDataset):
     """Batches of decoded images from tar shards, split between processes and workers (module doc).
 
     Args:
-        shards: a spec (``"train-{0000..0099}.tar"``, a folder of ``.tar`` files, one
+        shards: a spec (``"train-{000000..000099}.tar"``, a folder of ``.tar`` files, one
             ``.tar``) or a list of shard paths.
         load_size: side ``S`` of the square images (``load_size_for(image_size)``).
         batch_size: images per batch (of one process).

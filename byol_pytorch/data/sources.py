@@ -60,7 +60,7 @@ __all__ = [
 T = TypeVar("T")
 DATA_FORMS = (
     "a folder of images; cifar10:ROOT / cifar100:ROOT; hf:PATH (a local Hugging Face dataset); "
-    "tar shards ('train-{0000..0099}.tar', one .tar, or a folder of .tar files); remote tar shards "
+    "tar shards ('train-{000000..000099}.tar', one .tar, or a folder of .tar files); remote tar shards "
     "('https://host/train-{000000..000099}.tar', s3://, gs://, pipe:CMD)"
 )
 _NEEDS_LABELS = (
