@@ -106,23 +106,18 @@ def _run_export(args: argparse.Namespace) -> int:
             f"--out {args.out}: name a .safetensors file (or {', '.join(TORCH_SUFFIXES)} for a torch.save state "
             "dict), e.g. backbone.safetensors"
         )
+    metadata: dict[str, str] = {}  # what the safetensors metadata holds, for a .pt file too
     try:
-        path = export_backbone(args.checkpoint, args.out, which=args.which, bn_stats=args.bn_stats)
+        path = export_backbone(args.checkpoint, args.out, which=args.which, bn_stats=args.bn_stats, details=metadata)
     except OSError as error:
         if error.errno is None:  # a checkpoint that is not there: load_checkpoint's own message
             raise UserError(str(error)) from None
         raise UserError(f"--out: {describe_os_error(error)}") from None  # the write (atomic: nothing half-written)
     except ValueError as error:
         raise UserError(str(error)) from error
-    statistics, into = "", "the backbone without its classifier"
-    if path.suffix.lower() == ".safetensors":  # the statistics it holds, from its metadata (a header read)
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as written:
-            metadata = written.metadata() or {}
-        held = metadata.get("bn_stats", "?")
-        statistics = "no BatchNorm; " if held == "none" else f"BatchNorm statistics {held}; "
-        into = metadata.get("load") or into
+    held = metadata.get("bn_stats", "?")
+    statistics = "no BatchNorm; " if held == "none" else f"BatchNorm statistics {held}; "
+    into = metadata.get("load") or "the backbone without its classifier"
     print(f"byol-pytorch: wrote {path} ({statistics}load it with strict=True into {into})")
     return 0
 

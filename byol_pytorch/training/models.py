@@ -342,7 +342,11 @@ def learner_from_checkpoint(
 
 
 def export_backbone(
-    checkpoint_path: PathLike, out_path: PathLike, which: str = "online", bn_stats: str = "clean"
+    checkpoint_path: PathLike,
+    out_path: PathLike,
+    which: str = "online",
+    bn_stats: str = "clean",
+    details: dict[str, str] | None = None,
 ) -> Path:
     """Write the trained backbone, without its classifier, as a safetensors file (or ``torch.save``'s, for ``.pt``).
 
@@ -366,6 +370,8 @@ def export_backbone(
         bn_stats: ``"clean"``: the BatchNorm statistics re-estimated on clean training images that
             ``byol-pytorch train`` saves in each checkpoint (``clean_bn``), where it holds them (else
             the trained ones, with a warning); ``"trained"``: the running statistics of the views.
+        details: a dict to receive the metadata described above, whichever format is written (a ``.pt``
+            file holds none): ``details["load"]``, the call that builds the backbone the file loads into.
 
     Returns:
         The path written.
@@ -429,6 +435,8 @@ def export_backbone(
         "bn_stats": used,
         **({"load": load} if load else {}),
     }
+    if details is not None:
+        details.update(metadata)
     if Path(out_path).suffix.lower() in TORCH_SUFFIXES:  # torch.load(path, weights_only=True) reads it
         return atomic_write(out_path, lambda temp: _torch_save(tensors, temp))  # a full disk: an OSError
     data = save(tensors, metadata=metadata)  # bytes: a full disk is an OSError naming the file, as for torch.save

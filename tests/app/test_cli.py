@@ -304,6 +304,22 @@ def test_preview_writes_a_picture(tmp_path, trained):
         assert np.asarray(image.convert("L")).std() > 5  # not blank
 
 
+def test_export_to_either_format_ends_with_the_call_that_builds_its_backbone(capsys, tmp_path, trained):
+    """A README probe: 'export ends with the call that builds the headless backbone', but a .pt export said only
+    'the backbone without its classifier' (the call was read back from the safetensors metadata alone)."""
+    import timm
+
+    _, run = trained
+    for name in ("b.safetensors", "b.pt"):
+        assert cli.main(["export", str(run / "last.pt"), "--out", str(tmp_path / name)]) == 0
+        line = capsys.readouterr().out.strip()
+        call = line.split("load it with strict=True into ")[1][:-1]  # the parenthesis the line closes
+        assert call.startswith("timm.create_model('resnet10t'") and call.endswith("num_classes=0)"), line
+        net = eval(call, {"timm": timm})  # the printed call itself builds the net the file loads into
+        if name.endswith(".pt"):
+            net.load_state_dict(torch.load(tmp_path / name, weights_only=True), strict=True)
+
+
 def test_preview_shows_each_readable_image_once_and_counts_the_unreadable_apart(capsys, tmp_path):
     """A probe: of 2 readable files and 2 unreadable, preview drew 4 rows (one image three times, the substitute of
     each broken one) and said '4 images'; tar shards with broken samples did the same."""
