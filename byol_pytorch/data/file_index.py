@@ -267,6 +267,7 @@ class _Scan:
     inodes: list[int] = field(default_factory=list)
     unlisted: list[tuple[str, str]] = field(default_factory=list)  # folders that could not be listed, and why
     runs: list[str] = field(default_factory=list)  # run folders left out (``is_run_folder``)
+    tars: list[str] = field(default_factory=list)  # tar files met (shards beside images are not read)
 
 
 RUN_FOLDER_FILES = ("metrics.jsonl", ".lock", "last.pt", "curves.png")
@@ -355,6 +356,8 @@ def _walk(root: str) -> _Scan:
                 scan.names.append(child)
             else:
                 scan.passed_over += 1
+        elif name.lower().endswith((".tar", *_COMPRESSED_TARS)):
+            scan.tars.append(child)
     return scan
 
 
@@ -381,6 +384,18 @@ def _warn_unlisted(root: Path, unlisted: list[tuple[str, str]]) -> None:
     )
 
 
+def _warn_tars(root: Path, tars: list[str], images: int) -> None:
+    """One warning for tar files beside a folder's images: the folder is read as images, the tar files not at all
+    (a probe: one picture put beside a folder of shards made every command read that one image)."""
+    shown = ", ".join(repr(name) for name in tars[:3]) + (", ..." if len(tars) > 3 else "")
+    warnings.warn(
+        f"{str(root)!r} holds {len(tars)} tar file(s) ({shown}) beside its {images} image(s): it is read as a folder "
+        "of images and the tar files are not read; to read shards, pass them alone (a folder holding only .tar "
+        "files, or a brace pattern such as train-{000000..000099}.tar)",
+        stacklevel=4,
+    )
+
+
 def warn_run_folders(root: Path, runs: list[str]) -> None:
     """One warning for the run folders a scan left out."""
     shown = ", ".join(repr(name) for name in runs[:3]) + (", ..." if len(runs) > 3 else "")
@@ -402,6 +417,8 @@ def _scan(root: Path) -> tuple[FileIndex, _Scan]:
         warn_run_folders(root, scan.runs)
     if not scan.names:
         raise _no_images(root, scan.passed_over)
+    if scan.tars:
+        _warn_tars(root, scan.tars, len(scan.names))
     index = FileIndex.from_relative(root, scan.names, scan.passed_over)
     scan.names = []  # the index holds them now
     return index, scan

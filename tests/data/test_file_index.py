@@ -445,3 +445,26 @@ def test_run_folders_of_train_and_demo_are_left_out_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"3 byol-pytorch run folder\(s\) under .* are left out of the images: "):
         index = index_images(root)
     assert [index.relative(i) for i in range(len(index))] == ["cats/a.png"]
+
+
+def test_tar_files_beside_images_are_named_as_not_read(tmp_path):
+    """A probe: a picture put beside a folder of shards made every command read that one image, and the shards not
+    at all, without a word; the folder's own rule (shards only when it holds nothing else) stays."""
+    (tmp_path / "a").mkdir()
+    for name in ("train-000000.tar", "train-000001.tar", "a/old.tar.gz", "cover.png"):
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.warns(UserWarning) as caught:
+        index = index_images(tmp_path)
+    assert [index.relative(i) for i in range(len(index))] == ["cover.png"]
+    assert [str(w.message) for w in caught] == [
+        f"{str(tmp_path)!r} holds 3 tar file(s) ('a/old.tar.gz', 'train-000000.tar', 'train-000001.tar') beside its "
+        "1 image(s): it is read as a folder of images and the tar files are not read; to read shards, pass them "
+        "alone (a folder holding only .tar files, or a brace pattern such as train-{000000..000099}.tar)"
+    ]
+    for name in ("train-000000.tar", "train-000001.tar", "a/old.tar.gz"):
+        (tmp_path / name).unlink()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # images alone: no warning
+        assert len(index_images(tmp_path)) == 1
