@@ -251,7 +251,14 @@ def _open(args: argparse.Namespace, size: int, channels: int) -> tuple[Dataset, 
         dataset = None
         if labelled:
             try:
-                dataset = open_labelled(args.data, size, channels, label_column=args.label_column, **options)
+                dataset = open_labelled(  # shards: a sample without .cls is still embedded (label -1) unless asked
+                    args.data,
+                    size,
+                    channels,
+                    label_column=args.label_column,
+                    labels_optional=not args.labels,
+                    **options,
+                )
             except UnlabelledRowsError as error:  # rows labelled -1 (a benchmark's test split): none asked for
                 if args.labels or args.label_column is not None:
                     raise
@@ -276,6 +283,12 @@ def _open(args: argparse.Namespace, size: int, channels: int) -> tuple[Dataset, 
     except (ValueError, RuntimeError) as error:  # with --shard-index, the index's own message names it
         raise UserError(str(error) if args.shard_index else f"--data: {error}") from None
     return items, labelled
+
+
+def _unlabelled_rows(out: Path) -> int:
+    """Rows of a finished ``labels.npy`` labelled -1: shards' samples without a ``.cls`` (read memory-mapped)."""
+    labels, chunk = np.load(out / "labels.npy", mmap_mode="r"), 1 << 20
+    return sum(int((labels[i : i + chunk] == -1).sum()) for i in range(0, len(labels), chunk))
 
 
 def data_identity(spec: str) -> str:
@@ -631,10 +644,12 @@ def run_embed(args: argparse.Namespace) -> int:
             summary.update(classes=list(classes))  # label i is classes[i]
         # A folder's FIFOs and dead links, passed over at the scan:
         passed_over = int(getattr(getattr(items, "dataset", None), "passed_over", 0) or 0)
-        summary.update(passed_over=passed_over)
+        unlabelled = _unlabelled_rows(out) if labelled else 0
+        summary.update(passed_over=passed_over, unlabelled=unlabelled)
         _write_json(out / "embed.json", summary)
         (out / STATE).unlink(missing_ok=True)
         left = f"; {outputs.broken} unreadable images left out" if outputs.broken else ""
+        left += f"; {unlabelled} samples without a class index (.cls): -1 in labels.npy" if unlabelled else ""
         if passed_over:
             left += f"; {passed_over} entries that are not regular files (FIFOs, sockets, broken links) passed over"
         print(

@@ -405,12 +405,14 @@ class RemoteShardSamples(IterableDataset):
         labelled: bool = False,
         index: str | None = None,
         policy: ReadPolicy | None = None,
+        labels_optional: bool = False,
     ) -> None:
         check_load_size(load_size, channels)
         apply_pixel_limit()  # a bad BYOL_PYTORCH_MAX_IMAGE_PIXELS stops here, not as unreadable samples
         self.spec, self.paths = shards, expand_remote(shards)
         self.names = dict(zip(self.paths, shard_names([_shard_label(location) for location in self.paths])))
         self.load_size, self.channels, self.labelled = load_size, channels, labelled
+        self.labels_optional = labels_optional  # a sample without a class index: label -1, still read (embed)
         self.index, self.policy = index, policy or ReadPolicy()
         self.source = redact(shards)
         self.skip: Container[str] = frozenset()
@@ -458,10 +460,10 @@ class RemoteShardSamples(IterableDataset):
         label = -1
         if image is not None and self.labelled:
             data = sample[1].get("cls")
-            if data is None or label_problem(name, data) is not None:
-                image = None  # no class index: left out, as a broken sample
-            else:
+            if data is not None and label_problem(name, data) is None:
                 label = _label(data)
+            elif not self.labels_optional:
+                image = None  # no class index: left out, as a broken sample
         if image is None:
             return torch.zeros(self.channels, self.load_size, self.load_size, dtype=torch.uint8), -1, name, False
         return image, label, name, True

@@ -626,7 +626,9 @@ class ShardSamples(IterableDataset):
         shards: a spec or a list of shard paths (see ``expand_shards``).
         load_size: side ``S`` of the images.
         channels: 1 or 3.
-        labelled: read the ``.cls`` member as the label; the first sample without one is an error.
+        labelled: read the ``.cls`` member as the label; a sample without one (or with one that is no class
+            index) is left out as broken, unless ``labels_optional``: then its label is -1 (``embed`` without
+            ``--labels``, whose vectors are wanted whether labelled or not).
         keep: ``keep(shard_index, position_in_shard)`` selects samples (None: all); a deterministic
             split that does not depend on the worker count.
 
@@ -642,12 +644,14 @@ class ShardSamples(IterableDataset):
         channels: int = 3,
         labelled: bool = False,
         keep: Any = None,
+        labels_optional: bool = False,
     ) -> None:
         check_load_size(load_size, channels)
         apply_pixel_limit()  # a bad BYOL_PYTORCH_MAX_IMAGE_PIXELS stops here, not as unreadable samples
         self.paths = expand_shards(shards)
         self.names = shard_names(self.paths)  # the SHARD of each sample id
         self.load_size, self.channels, self.labelled, self.keep = load_size, channels, labelled, keep
+        self.labels_optional = labels_optional
         self.skip: Container[str] = frozenset()  # ``SHARD:KEY`` ids to pass over unread (a resumed embed)
         self.source = str(shards) if isinstance(shards, str) else f"{len(self.paths)} shards"
         self.counts = _counted(self.paths)
@@ -699,15 +703,25 @@ class ShardSamples(IterableDataset):
                 raise BrokenImageError(Path(name), "no image file")
             label = -1
             if self.labelled:
-                if "cls" not in members:
-                    raise ValueError(f"sample {name} has no .cls member (a label)")
-                label = _label(files.read(path, *members["cls"]))
-                if label < 0:
-                    raise ValueError(f"sample {name}'s .cls holds {label}, not a class index")
+                label = self._label(files, path, name, members)
             pixels = decode_image(files.read(path, *members[image]), self.load_size, self.channels, name=name)
             return pixels, label, name, True
         except (BrokenImageError, ValueError, UnicodeDecodeError):
             return torch.zeros(self.channels, self.load_size, self.load_size, dtype=torch.uint8), -1, name, False
+
+    def _label(self, files: _Files, path: Path, name: str, members: dict[str, tuple[int, int]]) -> int:
+        """The sample's class index; ValueError (a broken sample) without one, or -1 when ``labels_optional``."""
+        try:
+            if "cls" not in members:
+                raise ValueError(f"sample {name} has no .cls member (a label)")
+            label = _label(files.read(path, *members["cls"]))
+            if label < 0:
+                raise ValueError(f"sample {name}'s .cls holds {label}, not a class index")
+            return label
+        except (ValueError, UnicodeDecodeError):
+            if self.labels_optional:
+                return -1
+            raise
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str, bool]]:
         info = get_worker_info()

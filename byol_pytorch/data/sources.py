@@ -258,12 +258,14 @@ def open_labelled(
     label_column: str | None = None,
     split: str | None = None,
     shard_index: str | None = None,
+    labels_optional: bool = False,
 ) -> Dataset:
     """Evaluation data of any form: items ``(uint8 (C, S, S), label)``.
 
     A folder: one sub-folder per class. CIFAR: the split's labels. ``hf:``: the label column
     (a ``ClassLabel`` feature, or integers named ``label``/``labels``). Shards: each sample's
-    ``.cls`` file (items from ``ShardSamples``: ``(image, label, key, readable)``).
+    ``.cls`` file (items from ``ShardSamples``: ``(image, label, key, readable)``); a sample
+    without one is left out as unreadable, or with ``labels_optional`` read with label -1.
 
     Raises:
         ValueError: the source has no labels (one line naming the spec and what would work), or
@@ -281,8 +283,10 @@ def open_labelled(
         return HFImageDataset(path, load_size, channels, image_column, split, labelled=True, labels=label_column)
     if kind == "shards":
         if is_remote(spec):
-            return RemoteShardSamples(spec, load_size, channels, labelled=True, index=shard_index)
-        return ShardSamples(spec, load_size, channels, labelled=True)
+            return RemoteShardSamples(
+                spec, load_size, channels, labelled=True, index=shard_index, labels_optional=labels_optional
+            )
+        return ShardSamples(spec, load_size, channels, labelled=True, labels_optional=labels_optional)
     try:
         return LabelledImageFolder(spec, load_size, channels)
     except ValueError as error:

@@ -505,6 +505,33 @@ def _shards_labelled_by_name(root, shards=2, per_shard=5, label=lambda k, i: b"c
     return str(root / f"names-{{0..{shards - 1}}}.tar")
 
 
+def test_embed_of_labelled_shards_embeds_a_sample_without_a_label_as_minus_one(checkpoint, tmp_path, capsys):
+    """A probe: in shards whose samples hold .cls, one sample without it was left out of embed's vectors and said to
+    be an 'unreadable image', though it decodes; embed writes every image's vector, labels or not."""
+    spec = _shards_labelled_by_name(tmp_path / "some", 1, 6, lambda k, i: b"%d" % (i % 2))
+    path = spec.replace("{0..0}", "0")
+    with tarfile.open(path) as tar:
+        image = tar.extractfile("s0_0.png").read()
+    with tarfile.open(path, "a") as tar:  # a sample with an image and no .cls
+        info = tarfile.TarInfo("bare.png")
+        info.size = len(image)
+        tar.addfile(info, io.BytesIO(image))
+    out = tmp_path / "emb"
+    assert cli.main(["embed", "--data", spec, "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("byol-pytorch: wrote 7 vectors") and "unreadable" not in line
+    assert line.endswith("; 1 samples without a class index (.cls): -1 in labels.npy")
+    ids = (out / "ids.txt").read_text().splitlines()
+    labels = np.load(out / "labels.npy")
+    assert len(ids) == len(labels) == 7 and labels[ids.index("names-0.tar:bare")] == -1
+    assert sorted(labels.tolist()) == [-1, 0, 0, 0, 1, 1, 1]
+    summary = json.loads((out / "embed.json").read_text())
+    assert (summary["broken"], summary["unlabelled"]) == (0, 1)
+    labelled = tmp_path / "labelled"  # --labels: labels are the point, so the sample is left out (as eval does)
+    assert cli.main(["embed", "--data", spec, "--checkpoint", str(checkpoint), "--out", str(labelled), "--labels"]) == 0
+    assert len(np.load(labelled / "labels.npy")) == 6
+
+
 def test_shards_labelled_by_class_name(checkpoint, tmp_path, capsys):
     """Before: eval and --val-data gave a traceback ('data yielded no batches'), and embed left every image out."""
     spec = _shards_labelled_by_name(tmp_path / "names")
@@ -641,7 +668,8 @@ def test_one_bad_label_first_leaves_the_other_labels_and_small_shards_hold_some_
     assert sorted(label for _, label in queries) == [0, 0, 1, 1]  # the bad sample alone is left out
     out = tmp_path / "emb"
     assert cli.main(["embed", "--data", spec, "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
-    assert len(np.load(out / "labels.npy")) == 19  # labelled: the 19 good samples
+    labels = np.load(out / "labels.npy")  # every image embedded, the one without a class index labelled -1
+    assert len(labels) == len(np.load(out / "embeddings.npy")) == 20 and (labels == -1).sum() == 1
     small = _shards_labelled_by_name(tmp_path / "small", 6, 3, lambda k, i: b"%d" % ((k + i) % 2))
     bank, queries = labelled_split(small, 8)
     assert len(list(bank)) == 15 and len(list(queries)) == 3  # every fifth of the 18, across the shards

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import tarfile
 import threading
 import warnings
 
@@ -799,3 +800,26 @@ def test_a_pipe_command_the_shell_cannot_run_fails_at_once_not_after_retries(tmp
         warnings.simplefilter("ignore", remote.RemoteRetryWarning)
         list(read_shard("pipe:exit 3", None, lambda suffix, members: True, ReadPolicy(retries=2, backoff=0.01)))
     assert len(runs) == 4
+
+
+def test_remote_samples_without_a_label_are_left_out_or_read_as_minus_one(tmp_path, serve):
+    """A probe (local shards): embed left out a sample with no .cls as 'unreadable'; remote shards read the same."""
+    import io
+
+    from PIL import Image
+
+    (tmp_path / "s").mkdir()
+    with tarfile.open(tmp_path / "s" / "lab-0.tar", "w") as tar:
+        for key, label in (("a", b"0"), ("b", b"1"), ("c", None)):
+            buffer = io.BytesIO()
+            Image.new("RGB", (12, 12), (80, 20, 5)).save(buffer, "PNG")
+            for suffix, data in (("png", buffer.getvalue()), ("cls", label)):
+                if data is not None:
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    base, _ = serve(tmp_path / "s")
+    strict = [(label, key, ok) for _, label, key, ok in RemoteShardSamples(f"{base}/lab-0.tar", 16, labelled=True)]
+    assert strict == [(0, "lab-0.tar:a", True), (1, "lab-0.tar:b", True), (-1, "lab-0.tar:c", False)]
+    optional = RemoteShardSamples(f"{base}/lab-0.tar", 16, labelled=True, labels_optional=True)
+    assert [(label, ok) for _, label, _, ok in optional] == [(0, True), (1, True), (-1, True)]
