@@ -226,19 +226,27 @@ def _representation_key(out: object, image_size: tuple[int, int]) -> OutputKey:
     if entries is None:
         return None
     if isinstance(out, (tuple, list)) and _pyramid(out, image_size):
-        return len(out) - 1
+        return _deepest(entries)
     values = dict(entries)
     for key in ("pooler_output", "last_hidden_state"):
         if isinstance(values.get(key), torch.Tensor):
             return key
     if isinstance(out, Mapping) and _shrinking(list(values.values()), image_size):
-        return entries[-1][0]  # a dict of stages' maps (torchvision's IntermediateLayerGetter, timm's
+        return _deepest(entries)  # a dict of stages' maps (torchvision's IntermediateLayerGetter, timm's
         # features_only with feature_cls="dict", create_feature_extractor): the deepest, as of a tuple
     maps = values.get("feature_maps")  # a Hugging Face backbone (AutoBackbone): its stages' maps, the deepest last
     if isinstance(maps, (tuple, list)) and maps and (len(maps) == 1 or _pyramid(maps, image_size)):
         if isinstance(maps[-1], torch.Tensor) and maps[-1].is_floating_point():
             return ("feature_maps", len(maps) - 1)
     return _first_tensor(entries)
+
+
+def _deepest(entries: list[tuple[str | int, object]]) -> str | int:
+    """The pyramid entry that the most trainable parameters reach, the last of equals: the deepest stage, not a
+    parameter-free level after it (an FPN's ``pool``, a max-pool of its last map) nor a shallow one."""
+    reached = [len(_graph_leaves(value)) for _, value in entries]
+    most = max(reached)
+    return next(key for (key, _), count in zip(reversed(entries), reversed(reached)) if count == most)
 
 
 def _shrinking(maps: list[Any], image_size: tuple[int, int]) -> bool:
@@ -680,8 +688,26 @@ def _auto_choice(
     if found is not None:
         module, use_input = found
         return trace.names[module], module, use_input, None
+    _no_scripted_classifier(trace.net)
     key = _representation_key(out, image_size)
     return _key_name(key), None, False, key
+
+
+def _no_scripted_classifier(net: nn.Module) -> None:
+    """No classifier was found: one the probe cannot see into (a TorchScript ``Linear``) would make "auto" take
+    the class scores as the representation (the review), so such a net names its hidden layer (ValueError)."""
+    scripted = [
+        name
+        for name, m in net.named_modules()
+        if isinstance(m, torch.jit.ScriptModule) and getattr(m, "original_name", "") == "Linear"
+    ]
+    if scripted:
+        raise ValueError(
+            f"the net holds TorchScript Linear layers ({', '.join(map(repr, scripted[:3]))}), which take no hooks, "
+            "so 'auto' cannot tell whether one is the classifier: pass hidden_layer= naming the eager layer whose "
+            "output is the representation (e.g. the pooling before the classifier), or build the net without "
+            "torch.jit.script"
+        )
 
 
 def _with_candidates(trace: _Trace, problem: str, image_size: tuple[int, int], input_name: str | None) -> str:
@@ -729,7 +755,7 @@ def _named_module(net: nn.Module, module: nn.Module) -> tuple[str, nn.Module | N
         return _OUTPUT, None
     for name, candidate in net.named_modules(remove_duplicate=False):
         if candidate is module and name:
-            return name, module  # a module reached by two names: the first, as named_modules lists it
+            return _hookable(name, module)  # a module reached by two names: the first, as named_modules lists it
     raise ValueError(
         f"the {type(module).__name__} given as hidden_layer is not a submodule of the {type(net).__name__} "
         "wrapped (a copy of the net, or a module of another one?); pass one of net's own modules "

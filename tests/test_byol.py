@@ -479,9 +479,14 @@ def test_a_torchscript_net_is_named_and_a_scripted_part_of_an_eager_net_trains(r
 
     with pytest.raises(TypeError, match=r"net is a TorchScript module \(RecursiveScriptModule\).*before torch.jit"):
         BYOL(torch.jit.script(net()), image_size=32, **SMALL)
-    for layer in ("1", 1):
+    scripted_relu = net()
+    for layer in ("1", 1, scripted_relu[1]):  # a name, an index, the module itself (the review)
         with pytest.raises(ValueError, match=r"hidden layer '1' is a TorchScript module .*name an eager layer"):
-            BYOL(net(), image_size=32, hidden_layer=layer, **SMALL)
+            BYOL(scripted_relu, image_size=32, hidden_layer=layer, **SMALL)
+    classified = nn.Sequential(*net(), torch.jit.script(nn.Linear(8, 10)))  # a classifier the probe cannot see
+    with pytest.raises(ValueError, match=r"TorchScript Linear layers \('4'\).*cannot tell whether one is the"):
+        BYOL(classified, image_size=32, **SMALL)  # the review: 'auto' took its class scores
+    assert BYOL(classified, image_size=32, hidden_layer="3", **SMALL).representation_size == 8
     eager = net()
     learner = BYOL(eager, image_size=32, **SMALL)
     assert learner.hidden_layer == "<output>" and learner.representation_size == 8

@@ -751,6 +751,12 @@ def test_a_dict_of_stages_maps_gives_its_deepest_map_and_trains_every_stage():
             return {"features": features, "mask": self.mask(features)}
 
     assert BYOL(TwoOnOneGrid(), 32, **SMALL).hidden_layer == "<output>.features"
+    # An FPN's levels shrink to a parameter-free 'pool' (a max-pool of P5): the level most parameters reach, P2.
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    fpn = BYOL(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5), 64, **SMALL)
+    assert fpn.hidden_layer == "<output>.0" and fpn.representation_size == 256
+    assert not any(".body." in name or "inner_blocks" in name for name in fpn.unused_parameter_names)
 
 
 def test_pairs_of_outputs_on_one_grid_are_not_a_pyramid():

@@ -218,10 +218,10 @@ def _run_preview(args: argparse.Namespace) -> int:
             args.data, load_size_for(args.image_size), 3, split=args.hf_split, image_column=args.image_column
         )
         originals, unreadable = readable_images(  # (N, 3, S, S) uint8
-            dataset, args.count, order=lambda n: torch.randperm(n, generator=generator).tolist()
+            dataset, args.count, order=lambda n: torch.randperm(n, generator=generator)
         )
         if not len(originals):
-            raise ValueError(f"no readable image in {redact(args.data)} ({unreadable} unreadable files)")
+            raise ValueError(f"no readable image in {redact(args.data)} ({unreadable} unreadable)")
     except ImportError as error:
         raise UserError(f"--data {args.data}: {error}") from None
     except (ValueError, RuntimeError) as error:
@@ -243,7 +243,7 @@ def _run_preview(args: argparse.Namespace) -> int:
         raise UserError(f"--out: {describe_os_error(error)}") from None
     except ValueError as error:
         raise UserError(f"--out: {error}") from None
-    left_out = f" ({unreadable} unreadable files passed over)" if unreadable else ""
+    left_out = f" ({unreadable} unreadable images passed over)" if unreadable else ""
     print(
         f"byol-pytorch: wrote {written}: {len(originals)} images from {redact(args.data)}{left_out}, each beside "
         "view 1 and view 2"

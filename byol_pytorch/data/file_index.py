@@ -49,6 +49,7 @@ __all__ = [
     "INDEX_CACHE_NAME",
     "RACY_NS",
     "FileIndex",
+    "TarsBesideImagesWarning",
     "check_folder",
     "index_images",
     "load_cached_index",
@@ -81,7 +82,8 @@ RACY_NS = 2_000_000_000
 """Folders modified less than 2 s before the scan began are not trusted in a cache (FAT's
 time resolution is 2 s; ext4, XFS, btrfs and APFS record nanoseconds)."""
 
-_FORMAT_VERSION = 2  # 2: run folders under the root left out (a cache of version 1 may list their pictures)
+_FORMAT_VERSION = 3  # 2: run folders under the root left out (a cache of version 1 may list their pictures);
+# 3: links to folders above the root not walked (a cache of version 2 may list images reached through one)
 _EXTENSIONS = frozenset(IMAGE_EXTENSIONS)
 
 
@@ -267,7 +269,7 @@ class _Scan:
     inodes: list[int] = field(default_factory=list)
     unlisted: list[tuple[str, str]] = field(default_factory=list)  # folders that could not be listed, and why
     runs: list[str] = field(default_factory=list)  # run folders left out (``is_run_folder``)
-    tars: list[str] = field(default_factory=list)  # tar files met (shards beside images are not read)
+    tars: list[str] = field(default_factory=list)  # the root's .tar files (shards beside images are not read)
 
 
 RUN_FOLDER_FILES = ("metrics.jsonl", ".lock", "last.pt", "curves.png")
@@ -356,7 +358,7 @@ def _walk(root: str) -> _Scan:
                 scan.names.append(child)
             else:
                 scan.passed_over += 1
-        elif name.lower().endswith((".tar", *_COMPRESSED_TARS)):
+        elif not relative and name.lower().endswith(".tar"):  # the root's own: shards beside images
             scan.tars.append(child)
     return scan
 
@@ -384,14 +386,20 @@ def _warn_unlisted(root: Path, unlisted: list[tuple[str, str]]) -> None:
     )
 
 
+class TarsBesideImagesWarning(UserWarning):
+    """``index_images`` of a folder whose own ``.tar`` files (shards, perhaps) are not read: it holds images too."""
+
+
 def _warn_tars(root: Path, tars: list[str], images: int) -> None:
-    """One warning for tar files beside a folder's images: the folder is read as images, the tar files not at all
-    (a probe: one picture put beside a folder of shards made every command read that one image)."""
+    """One warning for .tar files in the root beside images: the folder is read as images, the tar files not at all
+    (a probe: one picture put beside a folder of shards made every command read that one image). Archives in
+    sub-folders, and compressed ones, are no shards a user meant to pass: not named."""
     shown = ", ".join(repr(name) for name in tars[:3]) + (", ..." if len(tars) > 3 else "")
     warnings.warn(
-        f"{str(root)!r} holds {len(tars)} tar file(s) ({shown}) beside its {images} image(s): it is read as a folder "
-        "of images and the tar files are not read; to read shards, pass them alone (a folder holding only .tar "
-        "files, or a brace pattern such as train-{000000..000099}.tar)",
+        f"{str(root)!r} holds {len(tars)} .tar file(s) ({shown}) beside {images} image(s): it is read as a folder "
+        "of images and the .tar files are not read; to read them as shards, pass them alone (a folder holding only "
+        ".tar files, or a brace pattern such as train-{000000..000099}.tar)",
+        TarsBesideImagesWarning,
         stacklevel=4,
     )
 

@@ -34,6 +34,7 @@ from .file_index import (
     RUN_FOLDER_FILES,
     FileIndex,
     NoImagesError,
+    TarsBesideImagesWarning,
     check_folder,
     index_images,
     is_run_folder,
@@ -569,7 +570,9 @@ class LabelledImageFolder(_ImageFiles):
         parts: list[tuple[str, FileIndex]] = []
         for name in found:
             try:
-                parts.append((name, index_images(root_path / name)))
+                with warnings.catch_warnings():  # a class folder's archives are no shards a user meant to pass
+                    warnings.simplefilter("ignore", TarsBesideImagesWarning)
+                    parts.append((name, index_images(root_path / name)))
             except ValueError as error:
                 if classes is not None and isinstance(error, NoImagesError):
                     continue  # a held-out split's empty class folder: the class has no images, as without one

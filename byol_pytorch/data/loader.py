@@ -198,9 +198,9 @@ def make_loader(
             f"{type(dataset).__name__} yields whole batches itself: pass batch_size=None (make_shard_loader does), "
             f"not batch_size={batch_size}, which would batch its batches"
         )
-    samples = _known_length(dataset, sampler, iterable)
     if iterable:
         shuffle = False
+    samples = _known_length(dataset, sampler, iterable) if batch_size is not None and (drop_last or shuffle) else None
     if samples is not None and batch_size is not None:
         if samples == 0 and shuffle and sampler is None:  # (torch's RandomSampler refuses it in its own words)
             raise ValueError("the dataset holds no samples to shuffle: add images")
@@ -231,14 +231,17 @@ def make_loader(
 
 
 def _known_length(dataset: Dataset, sampler: Sampler | None, iterable: bool) -> int | None:
-    """The samples an epoch holds: the sampler's or the dataset's length; None for an ``IterableDataset``
-    without ``__len__`` (one with it, a user's stream of known length, is checked as a map-style one)."""
+    """The samples an epoch holds: the sampler's or the dataset's length; None where it is not known cheaply: an
+    ``IterableDataset`` without ``__len__`` (one with it, a user's stream of known length, is checked as a map-style
+    one), or one that says its length reads the data (``counts_lazily``: remote shards without an index)."""
     if sampler is not None:
-        return len(sampler)  # type: ignore[arg-type]
+        return len(sampler) if hasattr(sampler, "__len__") else None
     if iterable:
+        if getattr(dataset, "yields_batches", False) or getattr(dataset, "counts_lazily", False):
+            return None  # batches already; or a length that reads the data (remote shards): not the loader's to pay
         try:
             return len(dataset)  # type: ignore[arg-type]
-        except TypeError:  # no __len__: a stream of unknown length
+        except TypeError:  # no __len__
             return None
     return len(dataset)  # type: ignore[arg-type]
 

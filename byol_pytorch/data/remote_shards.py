@@ -443,6 +443,8 @@ class RemoteShardSamples(IterableDataset):
         """Whether the first sample's ``.cls`` holds a class index (reads the first shard's first sample)."""
         return self._label_problem() is None
 
+    counts_lazily = True  # ``len()`` may read every shard (no index, no cache): ``make_loader`` does not ask
+
     def __len__(self) -> int:
         if self._length is None:
             self._length = sum(remote_counts(self.paths, self.index, self.policy))

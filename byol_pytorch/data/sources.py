@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -578,12 +578,13 @@ def sample_images(dataset: Dataset, count: int = 512) -> torch.Tensor:
 
 
 def readable_images(
-    dataset: Dataset, count: int, order: Callable[[int], list[int]] | None = None
+    dataset: Dataset, count: int, order: Callable[[int], Iterable[int] | torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, int]:
     """Up to ``count`` images that decode, each once, and how many unreadable ones were passed over on the way.
 
     A map-style source that can read one item without substituting another (``read(i)``: a folder, CIFAR,
-    ``hf:``) is read in ``order(len)`` (default: from the start) until ``count`` decode; other map-style
+    ``hf:``) is read in ``order(len)`` (indices, or a tensor of them such as ``torch.randperm(len)``, read a few
+    at a time; default: from the start) until ``count`` decode; other map-style
     items are taken as they come. A stream (tar shards: ``(image, label, key, readable)``) gives its first
     ``count`` readable samples. For ``preview``: an unreadable file is neither shown (as its substitute, a
     second time) nor counted among the images.
@@ -605,7 +606,7 @@ def readable_images(
     else:
         n = len(dataset)  # type: ignore[arg-type]
         read = getattr(dataset, "read", None)
-        for i in order(n) if order is not None else range(n):
+        for i in _indices(order(n)) if order is not None else range(n):
             if read is None:
                 item = dataset[i]
                 images.append(item[0] if isinstance(item, (tuple, list)) else item)
@@ -617,6 +618,15 @@ def readable_images(
             if len(images) >= count:
                 break
     return (torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)), unreadable
+
+
+def _indices(order: Iterable[int] | torch.Tensor) -> Iterator[int]:
+    """Python ints of ``order``; a tensor's converted 256 at a time (a permutation of millions is no list of ints)."""
+    if not isinstance(order, torch.Tensor):
+        yield from order
+        return
+    for start in range(0, len(order), 256):
+        yield from order[start : start + 256].tolist()
 
 
 def first_items(dataset: Dataset, count: int, pick: Callable[[int], list[int]] | None = None) -> list[Any]:

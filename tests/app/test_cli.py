@@ -337,7 +337,7 @@ def test_preview_shows_each_readable_image_once_and_counts_the_unreadable_apart(
     (data / "d_zero.png").touch()
     argv = ["preview", "--data", str(data), "--out", str(tmp_path / "v.png"), "--image-size", "32", "--count", "8"]
     assert cli.main(argv) == 0
-    assert f": 2 images from {data} (2 unreadable files passed over), each beside" in capsys.readouterr().out
+    assert f": 2 images from {data} (2 unreadable images passed over), each beside" in capsys.readouterr().out
     images, unreadable = readable_images(ImageFolder(data, 16), 8)
     assert unreadable == 2 and sorted(images.float().mean(dim=(1, 2, 3)).tolist()) == [0.0, 200.0]  # each once
     assert len(readable_images(ImageFolder(data, 16), 1, order=lambda n: [3, 2, 1, 0])[0]) == 1  # stops at count

@@ -449,22 +449,33 @@ def test_run_folders_of_train_and_demo_are_left_out_with_a_warning(tmp_path):
 
 def test_tar_files_beside_images_are_named_as_not_read(tmp_path):
     """A probe: a picture put beside a folder of shards made every command read that one image, and the shards not
-    at all, without a word; the folder's own rule (shards only when it holds nothing else) stays."""
-    (tmp_path / "a").mkdir()
-    for name in ("train-000000.tar", "train-000001.tar", "a/old.tar.gz", "cover.png"):
+    at all, without a word; the folder's own rule (shards only when it holds nothing else) stays. Archives in
+    sub-folders and compressed ones are no shards to pass (the review): not named, nor per class folder."""
+    from byol_pytorch.data.file_index import TarsBesideImagesWarning
+    from byol_pytorch.data.folder import LabelledImageFolder
+
+    for name in ("train-000000.tar", "train-000001.tar", "backup.tar.gz", "cat/old.tar", "cat/0.png", "cover.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    with pytest.warns(UserWarning) as caught:
+    with pytest.warns(TarsBesideImagesWarning) as caught:
         index = index_images(tmp_path)
-    assert [index.relative(i) for i in range(len(index))] == ["cover.png"]
+    assert [index.relative(i) for i in range(len(index))] == ["cat/0.png", "cover.png"]
     assert [str(w.message) for w in caught] == [
-        f"{str(tmp_path)!r} holds 3 tar file(s) ('a/old.tar.gz', 'train-000000.tar', 'train-000001.tar') beside its "
-        "1 image(s): it is read as a folder of images and the tar files are not read; to read shards, pass them "
-        "alone (a folder holding only .tar files, or a brace pattern such as train-{000000..000099}.tar)"
+        f"{str(tmp_path)!r} holds 2 .tar file(s) ('train-000000.tar', 'train-000001.tar') beside 2 image(s): it is "
+        "read as a folder of images and the .tar files are not read; to read them as shards, pass them alone (a "
+        "folder holding only .tar files, or a brace pattern such as train-{000000..000099}.tar)"
     ]
-    for name in ("train-000000.tar", "train-000001.tar", "a/old.tar.gz"):
-        (tmp_path / name).unlink()
     import warnings
 
+    for name in ("train-000000.tar", "train-000001.tar"):
+        (tmp_path / name).unlink()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # images alone: no warning
-        assert len(index_images(tmp_path)) == 1
+        warnings.simplefilter("error")  # images, an archive in a sub-folder and a compressed one: no warning
+        assert len(index_images(tmp_path)) == 2
+    (tmp_path / "cat" / "more.tar").write_bytes(b"x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the loose cover.png is named, as before
+        warnings.simplefilter("error", TarsBesideImagesWarning)  # checked first: a class folder's .tar is not named
+        assert LabelledImageFolder(tmp_path, 8).classes == ["cat"]
+    with pytest.warns(TarsBesideImagesWarning, match=r"holds 2 \.tar file\(s\) \('more.tar', 'old.tar'\) beside 1"):
+        index_images(tmp_path / "cat")  # passed itself: named
