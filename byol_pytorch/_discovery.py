@@ -521,6 +521,16 @@ def _find_classifier(trace: _Trace, target: torch.Tensor) -> tuple[nn.Module, bo
     inputs = [trace.inputs.get(h) for h in heads]
     if all(_same_tensor(inputs[0], other) for other in inputs[1:]):
         return heads[0], True
+    widths = [getattr(h, "in_features", None) for h in heads]
+    if len(set(widths)) > 1:  # a sweep: CrossViT's two branches, EfficientViM's head per stage; the layer of the
+        # first head's width was one branch alone (94% of EfficientViM got no gradient)
+        names = ", ".join(repr(trace.names[h]) for h in heads[:4]) + (", ..." if len(heads) > 4 else "")
+        raise ValueError(
+            f"the net combines {len(heads)} classifier heads ({names}) whose inputs differ in width "
+            f"({', '.join(map(str, widths[:4]))}): no one layer holds the representation they share; build the net "
+            "without its classifiers (timm: num_classes=0), whose output BYOL then takes, or pass hidden_layer= "
+            "naming the layer to train on"
+        )
     return _before_heads(trace, heads)
 
 

@@ -759,6 +759,32 @@ def test_a_dict_of_stages_maps_gives_its_deepest_map_and_trains_every_stage():
     assert not any(".body." in name or "inner_blocks" in name for name in fpn.unused_parameter_names)
 
 
+def test_heads_of_different_widths_averaged_are_refused_naming_the_ways_that_work():
+    """A sweep of timm's families: CrossViT (heads of 96 and 192) and EfficientViM (a head per stage) took the
+    first branch's layer, so 94% of EfficientViM got no gradient, without a word."""
+
+    class TwoBranches(nn.Module):
+        def __init__(self, heads=True):
+            super().__init__()
+            self.small, self.large = nn.Conv2d(3, 8, 3, stride=2), nn.Conv2d(3, 16, 3, stride=4)
+            self.head = nn.ModuleList([nn.Linear(8, 10), nn.Linear(16, 10)] if heads else [nn.Identity()] * 2)
+
+        def forward(self, x):
+            features = [branch(x).mean(dim=(2, 3)) for branch in (self.small, self.large)]
+            if isinstance(self.head[0], nn.Identity):
+                return torch.cat(features, dim=1)  # headless: both branches, as timm's num_classes=0 gives them
+            return torch.stack([head(f) for head, f in zip(self.head, features)]).mean(dim=0)
+
+    with pytest.raises(
+        ValueError,
+        match=r"combines 2 classifier heads \('head.0', 'head.1'\) whose inputs differ in "
+        r"width \(8, 16\).*without its classifiers \(timm: num_classes=0\)",
+    ):
+        BYOL(TwoBranches(), 32, **SMALL)
+    headless = BYOL(TwoBranches(heads=False), 32, **SMALL)
+    assert headless.hidden_layer == "<output>" and headless.representation_size == 24
+
+
 def test_pairs_of_outputs_on_one_grid_are_not_a_pyramid():
     # (features, mask logits) on one grid and (tokens, attention weights) keep the first entry.
     class Segmenter(nn.Module):
