@@ -376,9 +376,14 @@ def _no_images(root: Path, passed_over: int) -> NoImagesError:
     )
 
 
+def _few(named: list[str]) -> str:
+    """The first three of ``named``, joined, with ", ..." when there are more (a warning's list of folders)."""
+    return ", ".join(named[:3]) + (", ..." if len(named) > 3 else "")
+
+
 def _warn_unlisted(root: Path, unlisted: list[tuple[str, str]]) -> None:
     """One warning for the folders a scan could not list: their images are not in the index."""
-    shown = ", ".join(f"{name!r} ({why})" for name, why in unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
+    shown = _few([f"{name!r} ({why})" for name, why in unlisted])
     warnings.warn(
         f"{len(unlisted)} folder(s) under {str(root)!r} could not be listed and their images are left out: "
         f"{shown}; give this user read and execute permission on them to include them",
@@ -394,7 +399,7 @@ def _warn_tars(root: Path, tars: list[str], images: int) -> None:
     """One warning for .tar files in the root beside images: the folder is read as images, the tar files not at all
     (a probe: one picture put beside a folder of shards made every command read that one image). Archives in
     sub-folders, and compressed ones, are no shards a user meant to pass: not named."""
-    shown = ", ".join(repr(name) for name in tars[:3]) + (", ..." if len(tars) > 3 else "")
+    shown = _few([repr(name) for name in tars])
     warnings.warn(
         f"{str(root)!r} holds {len(tars)} .tar file(s) ({shown}) beside {images} image(s): it is read as a folder "
         "of images and the .tar files are not read; to read them as shards, pass them alone (a folder holding only "
@@ -406,7 +411,7 @@ def _warn_tars(root: Path, tars: list[str], images: int) -> None:
 
 def warn_run_folders(root: Path, runs: list[str]) -> None:
     """One warning for the run folders a scan left out."""
-    shown = ", ".join(repr(name) for name in runs[:3]) + (", ..." if len(runs) > 3 else "")
+    shown = _few([repr(name) for name in runs])
     warnings.warn(
         f"{len(runs)} byol-pytorch run folder(s) under {str(root)!r} are left out of the images: {shown} (their "
         "curves and views are no training data); keep --out outside --data to silence this",

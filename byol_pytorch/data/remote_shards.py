@@ -55,12 +55,11 @@ from .remote import (
 from .shards import (
     IMAGE_SUFFIXES,
     ShardDataset,
-    _label,
     _shuffled,
     _webdataset,
     first_label_problem,
-    label_problem,
     no_labels_error,
+    sample_label,
     shard_names,
 )
 
@@ -461,10 +460,9 @@ class RemoteShardSamples(IterableDataset):
         image, name = _decode_sample(sample, self.load_size, self.channels, self.names[location])
         label = -1
         if image is not None and self.labelled:
-            data = sample[1].get("cls")
-            if data is not None and label_problem(name, data) is None:
-                label = _label(data)
-            elif not self.labels_optional:
+            try:
+                label = sample_label(name, sample[1].get("cls"), self.labels_optional)
+            except ValueError:
                 image = None  # no class index: left out, as a broken sample
         if image is None:
             return torch.zeros(self.channels, self.load_size, self.load_size, dtype=torch.uint8), -1, name, False

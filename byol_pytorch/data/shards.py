@@ -592,6 +592,17 @@ def label_problem(key: str, data: bytes | None) -> str | None:
     return f"sample {key}'s .cls holds {data[:40]!r}, not a class index (0, 1, 2, ...)"
 
 
+def sample_label(key: str, data: bytes | None, optional: bool = False) -> int:
+    """The class index in sample ``key``'s ``.cls`` member (``data``; None: it has none): a ``ValueError`` naming
+    why there is none (``label_problem``), or -1 when labels are ``optional`` (``embed`` without ``--labels``)."""
+    problem = label_problem(key, data)
+    if problem is None:
+        return _label(data)  # type: ignore[arg-type]  # not None: label_problem names a missing member
+    if optional:
+        return -1
+    raise ValueError(problem)
+
+
 def no_labels_error(source: str, problem: str) -> ValueError:
     """The one-line error of labelled shards (evaluation) whose first sample has no usable label."""
     return ValueError(
@@ -703,25 +714,12 @@ class ShardSamples(IterableDataset):
                 raise BrokenImageError(Path(name), "no image file")
             label = -1
             if self.labelled:
-                label = self._label(files, path, name, members)
+                data = files.read(path, *members["cls"]) if "cls" in members else None
+                label = sample_label(name, data, self.labels_optional)
             pixels = decode_image(files.read(path, *members[image]), self.load_size, self.channels, name=name)
             return pixels, label, name, True
         except (BrokenImageError, ValueError, UnicodeDecodeError):
             return torch.zeros(self.channels, self.load_size, self.load_size, dtype=torch.uint8), -1, name, False
-
-    def _label(self, files: _Files, path: Path, name: str, members: dict[str, tuple[int, int]]) -> int:
-        """The sample's class index; ValueError (a broken sample) without one, or -1 when ``labels_optional``."""
-        try:
-            if "cls" not in members:
-                raise ValueError(f"sample {name} has no .cls member (a label)")
-            label = _label(files.read(path, *members["cls"]))
-            if label < 0:
-                raise ValueError(f"sample {name}'s .cls holds {label}, not a class index")
-            return label
-        except (ValueError, UnicodeDecodeError):
-            if self.labels_optional:
-                return -1
-            raise
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str, bool]]:
         info = get_worker_info()
